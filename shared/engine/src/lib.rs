@@ -1,0 +1,1 @@
+//! The fedsb engine (work in progress).

@@ -1,0 +1,1 @@
+//! fedsb wire protocol (being written).

@@ -1,0 +1,1 @@
+//! Helpers for fedsb end-to-end tests.

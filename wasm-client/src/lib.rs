@@ -1,0 +1,1 @@
+//! Browser bindings of fedsb (being written).
