@@ -1,1 +1,66 @@
-//! fedsb wire protocol (being written).
+//! The fedsb wire protocol, version [`PROTOCOL_VERSION`].
+//!
+//! Participants (browser tabs and native `fedsb join` processes) talk to the
+//! aggregator over one WebSocket per participant. Every protocol message is a
+//! single **binary** WebSocket frame; text frames are not part of the protocol.
+//! This crate holds every message type, the encoding and the limits. It does no
+//! I/O and knows nothing of GPUs, so it builds for native targets and wasm32.
+//!
+//! # Ordering guarantees
+//! * The first message a participant sends is always [`ClientMessage::Hello`].
+//!   Anything else first is answered with [`ErrorCode::NotHandshaken`].
+//! * The server answers a compatible `Hello` with [`ServerMessage::Welcome`],
+//!   then the current [`ServerMessage::GlobalModel`] (round 0 is the initial
+//!   model), then [`ServerMessage::RoundOpen`] if a round is collecting updates.
+//!   An incompatible version is answered with [`ErrorCode::VersionMismatch`] and
+//!   the connection is closed.
+//! * For each committed round the server broadcasts `GlobalModel` to every
+//!   connected participant, then `RoundOpen` for the next round, in that order.
+//! * A participant sends at most one [`ClientMessage::Update`] per round; the
+//!   server answers each update with [`ServerMessage::UpdateAccepted`] or an
+//!   [`ServerMessage::Error`].
+//! * After the last round the server sends [`ServerMessage::TaskFinished`].
+//!
+//! The byte layout is documented in `docs/protocol.md` and in [`codec`].
+//!
+//! ```
+//! use fedsb_protocol::{ClientMessage, PROTOCOL_VERSION};
+//! let hello = ClientMessage::Hello { protocol_version: PROTOCOL_VERSION, client: "docs".into() };
+//! let bytes = hello.encode();
+//! assert_eq!(ClientMessage::decode(&bytes).unwrap(), hello);
+//! ```
+
+pub mod codec;
+mod messages;
+
+pub use codec::DecodeError;
+pub use messages::*;
+
+/// The protocol version spoken by this build. Checked at the handshake: the
+/// server accepts only participants whose `Hello` carries exactly this value.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Four bytes that open every frame: `b"FSB"` and the frame format revision.
+pub const MAGIC: [u8; 4] = *b"FSB\x01";
+
+/// Largest frame (WebSocket message payload) either side may send, in bytes.
+pub const MAX_FRAME_BYTES: usize = 32 * 1024 * 1024;
+
+/// Largest LoRA-SB rank r (R is r×r).
+pub const MAX_RANK: u32 = 512;
+
+/// Largest number of adapted modules (R matrices) in one update.
+pub const MAX_MODULES: u32 = 1024;
+
+/// Largest number of elements of any single tensor.
+pub const MAX_TENSOR_ELEMENTS: u64 = (MAX_FRAME_BYTES / 4) as u64;
+
+/// Largest number of dimensions of a tensor.
+pub const MAX_TENSOR_DIMS: usize = 4;
+
+/// Longest string field, in bytes of UTF-8.
+pub const MAX_STRING_BYTES: usize = 4096;
+
+/// Largest number of entries in a list field other than tensors
+/// (module names, files).
+pub const MAX_LIST_LEN: usize = 4096;

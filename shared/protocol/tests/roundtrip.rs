@@ -1,0 +1,301 @@
+//! Every message variant survives encode → decode unchanged, and no input
+//! makes the decoders panic.
+
+use fedsb_protocol::*;
+use proptest::prelude::*;
+
+fn shape() -> AdapterShape {
+    AdapterShape {
+        rank: 3,
+        modules: 2,
+        head_classes: 2,
+        head_hidden: 5,
+    }
+}
+
+fn adapter(seed: f32) -> AdapterState {
+    let mut a = AdapterState::zeros(&shape());
+    for (i, t) in a.tensors_mut().enumerate() {
+        for (j, x) in t.data.iter_mut().enumerate() {
+            *x = seed + i as f32 * 0.5 - j as f32 * 0.125;
+        }
+    }
+    a
+}
+
+fn task() -> TaskInfo {
+    TaskInfo {
+        task_id: "sst2-demo".into(),
+        model_id: "sentence-transformers/all-MiniLM-L6-v2".into(),
+        model_sha256: "ab".repeat(32),
+        module_names: vec!["layer.0.query".into(), "layer.0.key".into()],
+        shape: shape(),
+        labels: vec!["negative".into(), "positive".into()],
+        local_steps: 10,
+        batch_size: 32,
+        learning_rate: 1e-3,
+        max_seq_len: 128,
+        total_rounds: 5,
+        files: vec![FileRef {
+            name: "model.safetensors".into(),
+            sha256: "cd".repeat(32),
+            size: 90_000_000,
+            url: "/files/cdcd".into(),
+        }],
+        privacy: Some(PrivacyPolicy {
+            epsilon: 3.0,
+            delta: 1e-5,
+            clip_norm: 0.1,
+        }),
+    }
+}
+
+fn all_client_messages() -> Vec<ClientMessage> {
+    vec![
+        ClientMessage::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            client: "test ✓ ünïcode".into(),
+        },
+        ClientMessage::Update(ClientUpdate {
+            round: RoundId(7),
+            num_samples: 200,
+            train_loss: Some(0.25),
+            privacy: Some(PrivacyReport {
+                noise_multiplier: 1.1,
+                sample_rate: 0.01,
+                steps: 100,
+                clip_norm: 0.1,
+                delta: 1e-5,
+                epsilon_spent: 2.5,
+            }),
+            adapter: adapter(1.0),
+        }),
+        ClientMessage::Update(ClientUpdate {
+            round: RoundId(1),
+            num_samples: 1,
+            train_loss: None,
+            privacy: None,
+            adapter: adapter(-3.0),
+        }),
+        ClientMessage::Leave {
+            reason: "tab closed".into(),
+        },
+    ]
+}
+
+fn all_server_messages() -> Vec<ServerMessage> {
+    let mut no_privacy = task();
+    no_privacy.privacy = None;
+    vec![
+        ServerMessage::Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            participant: ParticipantId(42),
+            task: task(),
+        },
+        ServerMessage::Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            participant: ParticipantId(0),
+            task: no_privacy,
+        },
+        ServerMessage::GlobalModel {
+            round: RoundId(3),
+            participants: 50,
+            total_samples: 12_345,
+            adapter: adapter(0.5),
+        },
+        ServerMessage::RoundOpen {
+            round: RoundId(4),
+            deadline_unix_ms: 1_790_000_000_000,
+            local_steps: 20,
+        },
+        ServerMessage::UpdateAccepted { round: RoundId(4) },
+        ServerMessage::Error {
+            code: ErrorCode::ShapeMismatch,
+            message: "tensor r.1 has shape [2, 2], expected [3, 3]".into(),
+        },
+        ServerMessage::Error {
+            code: ErrorCode::Other(999),
+            message: String::new(),
+        },
+        ServerMessage::TaskFinished {
+            rounds_committed: 5,
+        },
+    ]
+}
+
+#[test]
+fn every_client_message_round_trips() {
+    for m in all_client_messages() {
+        let bytes = m.encode();
+        assert_eq!(ClientMessage::decode(&bytes).unwrap(), m);
+    }
+}
+
+#[test]
+fn every_server_message_round_trips() {
+    for m in all_server_messages() {
+        let bytes = m.encode();
+        assert_eq!(ServerMessage::decode(&bytes).unwrap(), m);
+    }
+}
+
+#[test]
+fn every_error_code_round_trips_through_its_number() {
+    for c in 0..=20u16 {
+        assert_eq!(ErrorCode::from_code(c).code(), c);
+    }
+}
+
+#[test]
+fn tensors_are_little_endian_f32_after_a_shape_header() {
+    let m = ServerMessage::GlobalModel {
+        round: RoundId(1),
+        participants: 1,
+        total_samples: 1,
+        adapter: adapter(2.0),
+    };
+    let bytes = m.encode();
+    // magic, kind, round u64, participants u32, total u64, r count u32,
+    // then the first tensor: ndim u8 = 2, dims 3 and 3, then 9 f32 values.
+    let mut off = 4 + 1 + 8 + 4 + 8;
+    assert_eq!(&bytes[..4], &MAGIC);
+    assert_eq!(bytes[4], 0x82);
+    assert_eq!(
+        u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap()),
+        2
+    );
+    off += 4;
+    assert_eq!(bytes[off], 2);
+    assert_eq!(
+        u32::from_le_bytes(bytes[off + 1..off + 5].try_into().unwrap()),
+        3
+    );
+    let first = f32::from_le_bytes(bytes[off + 9..off + 13].try_into().unwrap());
+    assert_eq!(first, 2.0);
+}
+
+#[test]
+fn decode_errors_name_the_problem() {
+    let err = ClientMessage::decode(b"nope").unwrap_err();
+    assert!(matches!(err, DecodeError::BadMagic { .. }), "{err}");
+
+    let mut hello = ClientMessage::Hello {
+        protocol_version: 1,
+        client: "x".into(),
+    }
+    .encode();
+    hello.push(0);
+    let err = ClientMessage::decode(&hello).unwrap_err();
+    assert_eq!(err, DecodeError::TrailingBytes { count: 1 });
+
+    let update = all_client_messages()[1].encode();
+    let err = ClientMessage::decode(&update[..update.len() - 3]).unwrap_err();
+    assert!(err.to_string().contains("truncated"), "{err}");
+
+    let mut frame = MAGIC.to_vec();
+    frame.push(0x7f);
+    let err = ClientMessage::decode(&frame).unwrap_err();
+    assert_eq!(err.to_string(), "unknown participant message kind 0x7f");
+
+    let big = vec![0u8; MAX_FRAME_BYTES + 1];
+    let err = ClientMessage::decode(&big).unwrap_err();
+    assert!(matches!(err, DecodeError::FrameTooLarge { .. }));
+}
+
+#[test]
+fn a_huge_declared_tensor_is_rejected_without_allocating() {
+    // An update whose first R claims 2^31 × 2^31 elements in a tiny frame.
+    let mut w = MAGIC.to_vec();
+    w.push(0x02);
+    w.extend_from_slice(&1u64.to_le_bytes()); // round
+    w.extend_from_slice(&1u64.to_le_bytes()); // samples
+    w.extend_from_slice(&[0, 0]); // no loss, no privacy
+    w.extend_from_slice(&1u32.to_le_bytes()); // one R
+    w.push(2);
+    w.extend_from_slice(&(1u32 << 31).to_le_bytes());
+    w.extend_from_slice(&(1u32 << 31).to_le_bytes());
+    let err = ClientMessage::decode(&w).unwrap_err();
+    assert!(matches!(err, DecodeError::LimitExceeded { .. }), "{err}");
+}
+
+#[test]
+fn hello_version_can_be_read_from_an_otherwise_undecodable_hello() {
+    let mut frame = ClientMessage::Hello {
+        protocol_version: 9,
+        client: "future".into(),
+    }
+    .encode();
+    frame.extend_from_slice(b"new fields of v9");
+    assert!(ClientMessage::decode(&frame).is_err());
+    assert_eq!(ClientMessage::peek_hello_version(&frame), Some(9));
+}
+
+#[test]
+fn validate_reports_count_shape_and_non_finite_values() {
+    let s = shape();
+    let mut a = adapter(0.0);
+    assert!(a.validate(&s).is_ok());
+    a.r.pop();
+    assert_eq!(
+        a.validate(&s).unwrap_err(),
+        ContentError::ModuleCount {
+            expected: 2,
+            found: 1
+        }
+    );
+    let mut a = adapter(0.0);
+    a.r[1] = Tensor::zeros(&[3, 2]);
+    let e = a.validate(&s).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "tensor r.1 has shape [3, 2], expected [3, 3]"
+    );
+    let mut a = adapter(0.0);
+    a.head_bias.data[1] = f32::NAN;
+    let e = a.validate(&s).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("tensor head.bias holds a non-finite value"),
+        "{e}"
+    );
+    let mut a = adapter(0.0);
+    a.r[0].data[4] = f32::INFINITY;
+    assert!(matches!(
+        a.validate(&s),
+        Err(ContentError::NonFinite { index: 4, .. })
+    ));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn random_bytes_never_panic_the_decoders(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let _ = ClientMessage::decode(&bytes);
+        let _ = ServerMessage::decode(&bytes);
+        let _ = ClientMessage::peek_hello_version(&bytes);
+    }
+
+    #[test]
+    fn random_bytes_after_the_magic_never_panic(kind in any::<u8>(), body in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let mut frame = MAGIC.to_vec();
+        frame.push(kind);
+        frame.extend_from_slice(&body);
+        let _ = ClientMessage::decode(&frame);
+        let _ = ServerMessage::decode(&frame);
+    }
+
+    #[test]
+    fn corrupted_valid_frames_never_panic(which in 0usize..12, pos in any::<usize>(), byte in any::<u8>(), cut in any::<usize>()) {
+        let frames: Vec<Vec<u8>> = all_client_messages().iter().map(|m| m.encode())
+            .chain(all_server_messages().iter().map(|m| m.encode())).collect();
+        let mut f = frames[which % frames.len()].clone();
+        let p = pos % f.len();
+        f[p] = byte;
+        let c = cut % (f.len() + 1);
+        let _ = ClientMessage::decode(&f[..c]);
+        let _ = ServerMessage::decode(&f[..c]);
+        let _ = ClientMessage::decode(&f);
+        let _ = ServerMessage::decode(&f);
+    }
+}
