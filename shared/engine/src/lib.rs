@@ -1,1 +1,4 @@
 //! The fedsb engine (work in progress).
+pub mod data;
+pub mod model;
+pub mod reference;
