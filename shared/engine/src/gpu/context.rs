@@ -1,0 +1,404 @@
+//! Device set-up, buffers, asynchronous read-back and the pipeline cache.
+//!
+//! [`GpuContext`] owns the wgpu instance, adapter, device and queue. Every kernel
+//! launcher takes a `&GpuContext` and records into a caller-owned
+//! [`wgpu::CommandEncoder`], so a whole forward/backward pass can be submitted at
+//! once. Compute pipelines are compiled on first use and cached by kernel id
+//! ([`GpuContext::pipeline`]), so repeated launches only create a bind group and a
+//! small uniform buffer.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use wgpu::util::DeviceExt;
+
+use super::GpuError;
+
+/// A storage buffer of `f32` or `u32` elements with its element count.
+///
+/// The wgpu buffer is at least 4 bytes long even when `len == 0`, because
+/// zero-sized bindings are not allowed.
+#[derive(Debug, Clone)]
+pub struct GpuBuffer {
+    /// The underlying storage buffer (usage STORAGE | COPY_SRC | COPY_DST).
+    pub buffer: wgpu::Buffer,
+    /// Number of 4-byte elements.
+    pub len: usize,
+}
+
+impl GpuBuffer {
+    /// The whole buffer as a bind-group resource.
+    pub fn binding(&self) -> wgpu::BindingResource<'_> {
+        self.buffer.as_entire_binding()
+    }
+}
+
+/// Options for [`GpuContext::new`].
+#[derive(Debug, Clone, Default)]
+pub struct GpuOptions<'a> {
+    /// Pick the first adapter whose name contains this substring
+    /// (case-insensitive). Natively all adapters are enumerated; in the browser
+    /// the single WebGPU adapter must match. `None` takes the default adapter
+    /// (high performance preference).
+    pub adapter: Option<&'a str>,
+}
+
+/// One compute pipeline with its first bind-group layout.
+#[derive(Debug, Clone)]
+pub(crate) struct Kernel {
+    pub(crate) pipeline: wgpu::ComputePipeline,
+    pub(crate) layout: wgpu::BindGroupLayout,
+}
+
+/// The wgpu device and everything the kernels share.
+pub struct GpuContext {
+    /// The wgpu instance the adapter came from.
+    pub instance: wgpu::Instance,
+    /// The adapter in use.
+    pub adapter: wgpu::Adapter,
+    /// The logical device.
+    pub device: wgpu::Device,
+    /// The device's queue.
+    pub queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    kernels: Mutex<HashMap<String, Kernel>>,
+    /// 4-byte placeholder bound where a kernel's optional input is absent.
+    pub(crate) dummy: GpuBuffer,
+}
+
+impl std::fmt::Debug for GpuContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuContext")
+            .field("adapter", &self.info.name)
+            .field("backend", &self.info.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Names of all adapters wgpu can see natively (for `--adapter` help texts).
+#[cfg(not(target_arch = "wasm32"))]
+pub async fn adapter_names() -> Vec<String> {
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    instance
+        .enumerate_adapters(wgpu::Backends::all())
+        .await
+        .iter()
+        .map(|a| {
+            let info = a.get_info();
+            format!("{} ({:?})", info.name, info.backend)
+        })
+        .collect()
+}
+
+impl GpuContext {
+    /// Creates instance, adapter and device.
+    ///
+    /// Limits: starts from the WebGPU defaults (or the downlevel defaults when the
+    /// adapter cannot meet them) and raises the three limits the kernels need
+    /// (`max_storage_buffer_binding_size`, `max_buffer_size`,
+    /// `max_compute_workgroup_storage_size`) to what the adapter supports.
+    pub async fn new(options: &GpuOptions<'_>) -> Result<Self, GpuError> {
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let adapter = Self::pick_adapter(&instance, options.adapter).await?;
+        let info = adapter.get_info();
+        let supported = adapter.limits();
+        let mut limits = if wgpu::Limits::default().check_limits(&supported) {
+            wgpu::Limits::default()
+        } else {
+            wgpu::Limits::downlevel_defaults()
+        };
+        limits.max_storage_buffer_binding_size = supported.max_storage_buffer_binding_size;
+        limits.max_buffer_size = supported.max_buffer_size;
+        limits.max_compute_workgroup_storage_size = supported.max_compute_workgroup_storage_size;
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("fedsb-engine"),
+                required_features: wgpu::Features::empty(),
+                required_limits: limits,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| GpuError::Device(e.to_string()))?;
+        let dummy = GpuBuffer {
+            buffer: device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("dummy"),
+                size: 4,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            }),
+            len: 1,
+        };
+        tracing::info!(adapter = %info.name, backend = ?info.backend, "gpu device ready");
+        Ok(Self {
+            instance,
+            adapter,
+            device,
+            queue,
+            info,
+            kernels: Mutex::new(HashMap::new()),
+            dummy,
+        })
+    }
+
+    async fn pick_adapter(
+        instance: &wgpu::Instance,
+        name: Option<&str>,
+    ) -> Result<wgpu::Adapter, GpuError> {
+        let matches = |a: &wgpu::Adapter, n: &str| {
+            a.get_info()
+                .name
+                .to_lowercase()
+                .contains(&n.to_lowercase())
+        };
+        #[cfg(not(target_arch = "wasm32"))]
+        if let Some(n) = name {
+            let all = instance.enumerate_adapters(wgpu::Backends::all()).await;
+            let seen: Vec<String> = all.iter().map(|a| a.get_info().name).collect();
+            return all
+                .into_iter()
+                .find(|a| matches(a, n))
+                .ok_or_else(|| GpuError::NoAdapter(format!("no adapter matches {n:?}; seen {seen:?}")));
+        }
+        let adapter = instance
+            .request_adapter(&wgpu::RequestAdapterOptions {
+                power_preference: wgpu::PowerPreference::HighPerformance,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| GpuError::NoAdapter(e.to_string()))?;
+        if let Some(n) = name {
+            if !matches(&adapter, n) {
+                return Err(GpuError::NoAdapter(format!(
+                    "adapter {:?} does not match {n:?}",
+                    adapter.get_info().name
+                )));
+            }
+        }
+        Ok(adapter)
+    }
+
+    /// The adapter's name, e.g. `"llvmpipe (LLVM 15.0.6, 256 bits)"`.
+    pub fn adapter_name(&self) -> &str {
+        &self.info.name
+    }
+
+    /// Full adapter information.
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.info
+    }
+
+    fn storage(&self, label: &str, bytes: &[u8], len: usize) -> GpuBuffer {
+        let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+        let buffer = if bytes.is_empty() {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: 4,
+                usage,
+                mapped_at_creation: false,
+            })
+        } else {
+            self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents: bytes,
+                usage,
+            })
+        };
+        GpuBuffer { buffer, len }
+    }
+
+    /// A storage buffer holding `data`.
+    pub fn buffer_f32(&self, label: &str, data: &[f32]) -> GpuBuffer {
+        self.storage(label, bytemuck::cast_slice(data), data.len())
+    }
+
+    /// A storage buffer holding `data`.
+    pub fn buffer_u32(&self, label: &str, data: &[u32]) -> GpuBuffer {
+        self.storage(label, bytemuck::cast_slice(data), data.len())
+    }
+
+    /// A zero-filled storage buffer of `len` 4-byte elements.
+    pub fn buffer_zeros(&self, label: &str, len: usize) -> GpuBuffer {
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: (len.max(1) * 4) as u64,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        GpuBuffer { buffer, len }
+    }
+
+    /// Overwrites the start of `buffer` with `data` (queued; happens before the next submit).
+    pub fn write_f32(&self, buffer: &GpuBuffer, data: &[f32]) -> Result<(), GpuError> {
+        if data.len() > buffer.len {
+            return Err(GpuError::Shape(format!(
+                "write of {} elements into a buffer of {}",
+                data.len(),
+                buffer.len
+            )));
+        }
+        if !data.is_empty() {
+            self.queue.write_buffer(&buffer.buffer, 0, bytemuck::cast_slice(data));
+        }
+        Ok(())
+    }
+
+    /// A uniform buffer from 4-byte words (kernel parameters).
+    pub(crate) fn uniform(&self, words: &[u32]) -> wgpu::Buffer {
+        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("params"),
+            contents: bytemuck::cast_slice(words),
+            usage: wgpu::BufferUsages::UNIFORM,
+        })
+    }
+
+    /// A new command encoder.
+    pub fn encoder(&self) -> wgpu::CommandEncoder {
+        self.device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("fedsb") })
+    }
+
+    /// Submits the encoder's commands.
+    pub fn submit(&self, encoder: wgpu::CommandEncoder) -> wgpu::SubmissionIndex {
+        self.queue.submit(Some(encoder.finish()))
+    }
+
+    /// Blocks (natively) until all submitted work is done. A no-op in the browser.
+    pub fn wait_idle(&self) -> Result<(), GpuError> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(|e| GpuError::Device(e.to_string()))
+    }
+
+    /// Copies `buffer` back to the CPU.
+    ///
+    /// Asynchronous because the browser cannot block: the map callback sends on a
+    /// oneshot channel. Natively the device is polled to completion first, so
+    /// `pollster::block_on(ctx.read_f32(&b))` works; in the browser the callback
+    /// fires from the event loop.
+    pub async fn read_f32(&self, buffer: &GpuBuffer) -> Result<Vec<f32>, GpuError> {
+        let bytes = self.read_bytes(buffer).await?;
+        Ok(bytemuck::cast_slice::<u8, f32>(&bytes).to_vec())
+    }
+
+    /// Like [`Self::read_f32`] for `u32` buffers.
+    pub async fn read_u32(&self, buffer: &GpuBuffer) -> Result<Vec<u32>, GpuError> {
+        let bytes = self.read_bytes(buffer).await?;
+        Ok(bytemuck::cast_slice::<u8, u32>(&bytes).to_vec())
+    }
+
+    async fn read_bytes(&self, buffer: &GpuBuffer) -> Result<Vec<u8>, GpuError> {
+        if buffer.len == 0 {
+            return Ok(Vec::new());
+        }
+        let size = (buffer.len * 4) as u64;
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("read-back"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut encoder = self.encoder();
+        encoder.copy_buffer_to_buffer(&buffer.buffer, 0, &staging, 0, size);
+        self.submit(encoder);
+        let (tx, rx) = futures_channel::oneshot::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |result| {
+            // The receiver only disappears if the future was dropped; nothing to report then.
+            let _ = tx.send(result);
+        });
+        self.wait_idle()?;
+        rx.await
+            .map_err(|_| GpuError::Map("map callback dropped".into()))?
+            .map_err(|e| GpuError::Map(e.to_string()))?;
+        let bytes = staging
+            .get_mapped_range(..)
+            .map_err(|e| GpuError::Map(e.to_string()))?
+            .to_vec();
+        staging.unmap();
+        Ok(bytes)
+    }
+
+    /// The compute pipeline `entry` of `source`, specialised with the override
+    /// `constants`, compiled once and cached under `id` (which must identify
+    /// source, entry point and constants).
+    pub(crate) fn pipeline(
+        &self,
+        id: &str,
+        source: &'static str,
+        entry: &str,
+        constants: &[(&str, f64)],
+    ) -> Kernel {
+        let mut cache = self.kernels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(k) = cache.get(id) {
+            return k.clone();
+        }
+        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(id),
+            source: wgpu::ShaderSource::Wgsl(Cow::Borrowed(source)),
+        });
+        let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(id),
+            layout: None,
+            module: &module,
+            entry_point: Some(entry),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants,
+                // Every kernel writes its workgroup memory before reading it.
+                zero_initialize_workgroup_memory: false,
+            },
+            cache: None,
+        });
+        let layout = pipeline.get_bind_group_layout(0);
+        let kernel = Kernel { pipeline, layout };
+        cache.insert(id.to_string(), kernel.clone());
+        kernel
+    }
+
+    /// Records one dispatch of `kernel` with `resources` bound in order at
+    /// bindings 0, 1, 2, ... of group 0.
+    pub(crate) fn dispatch(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        kernel: &Kernel,
+        resources: &[wgpu::BindingResource<'_>],
+        workgroups: [u32; 3],
+    ) {
+        if workgroups.contains(&0) {
+            return;
+        }
+        let entries: Vec<wgpu::BindGroupEntry<'_>> = resources
+            .iter()
+            .enumerate()
+            .map(|(i, r)| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: r.clone(),
+            })
+            .collect();
+        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &kernel.layout,
+            entries: &entries,
+        });
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: None,
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(&kernel.pipeline);
+        pass.set_bind_group(0, &bind_group, &[]);
+        pass.dispatch_workgroups(workgroups[0], workgroups[1], workgroups[2]);
+    }
+}
+
+/// Workgroup counts covering `n` items with `per_group` items each, spread over x
+/// and y when more than 65 535 groups are needed. Kernels recover the linear
+/// group index as `wid.x + wid.y * nwg.x`.
+pub(crate) fn groups_1d(n: usize, per_group: usize) -> [u32; 3] {
+    let groups = n.div_ceil(per_group).max(1);
+    if groups <= 65_535 {
+        [groups as u32, 1, 1]
+    } else {
+        let y = groups.div_ceil(65_535);
+        [65_535, y as u32, 1]
+    }
+}
