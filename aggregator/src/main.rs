@@ -1,10 +1,22 @@
-//! The `fedsb` command-line tool.
+//! The `fedsb` command-line tool: `fedsb serve` runs the aggregator,
+//! `fedsb privacy` does privacy accounting. `fedsb --help` lists everything.
 mod privacy_cmd;
 
-use clap::{Parser, Subcommand};
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use fedsb_aggregator::config::Config;
+use fedsb_aggregator::server::Server;
+use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
-#[command(name = "fedsb", version, about = "Federated LoRA-SB fine-tuning: aggregator and tools")]
+#[command(
+    name = "fedsb",
+    version,
+    about = "Federated LoRA-SB fine-tuning: aggregator and tools"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -12,14 +24,96 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the aggregator for one task: HTTP, WebSocket, rounds, persistence.
+    Serve(ServeArgs),
     /// Differential-privacy accounting: epsilon from sigma, sigma from epsilon.
     #[command(subcommand)]
     Privacy(privacy_cmd::PrivacyCommand),
 }
 
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Task configuration (TOML); see configs/sst2-demo.toml.
+    #[arg(long)]
+    config: PathBuf,
+    /// TCP port (0 picks a free one); overrides [server] port.
+    #[arg(long)]
+    port: Option<u16>,
+    /// Address to listen on; overrides [server] bind.
+    #[arg(long)]
+    bind: Option<IpAddr>,
+    /// Directory of the SQLite state; overrides [server] state_dir.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Directory of the web page; overrides [server] www_dir.
+    #[arg(long)]
+    www_dir: Option<PathBuf>,
+}
+
 fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Serve(args) => serve(args),
         Command::Privacy(cmd) => privacy_cmd::run(cmd),
     }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = Config::load(&args.config)?;
+    if let Some(p) = args.port {
+        config.server.port = p;
+    }
+    if let Some(b) = args.bind {
+        config.server.bind = b;
+    }
+    if let Some(d) = args.state_dir {
+        config.server.state_dir = d;
+    }
+    if let Some(w) = args.www_dir {
+        config.server.www_dir = w;
+    }
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let server = Server::start(config).await?;
+        let status = server.app.status.borrow().clone();
+        // The first line on stdout is the URL; scripts and tests read it.
+        println!("fedsb listening on http://{}/", server.addr);
+        println!(
+            "task {} round {} of {} (state in {})",
+            status.task_id,
+            status
+                .round
+                .map_or("finished".to_string(), |r| r.to_string()),
+            status.total_rounds,
+            server.app.store.path().display()
+        );
+        server.run(shutdown_signal()).await?;
+        anyhow::Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutting down");
 }

@@ -1,1 +1,358 @@
-//! Helpers for fedsb end-to-end tests.
+//! Helpers for fedsb end-to-end tests: start the real `fedsb` binary on a free
+//! port with a throw-away state directory, and talk to it as participants do.
+//!
+//! The binary is `$FEDSB_BIN`, or `fedsb` next to the test executable's
+//! `deps/` folder (`cargo xtask test` builds it first; by hand:
+//! `cargo build -p fedsb-aggregator`).
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use fedsb_protocol::{
+    AdapterShape, AdapterState, ClientMessage, ClientUpdate, ErrorCode, RoundId, ServerMessage,
+    PROTOCOL_VERSION,
+};
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long any single expected event may take before a test fails.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The `fedsb` binary under test.
+pub fn fedsb_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("FEDSB_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps");
+    let bin = dir.join(format!("fedsb{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.is_file(),
+        "{} does not exist: run `cargo build -p fedsb-aggregator` first (cargo xtask test does), or set FEDSB_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// A task config for tests: `layers` × 6 modules of rank `rank`, a 2-class
+/// head on a hidden size of 8, plus `extra` lines appended to `[task]`.
+pub fn test_config(rounds: u64, min: u32, max: u32, deadline_secs: u64, extra: &str) -> String {
+    format!(
+        r#"[task]
+id = "e2e"
+rounds = {rounds}
+min_participants = {min}
+max_participants = {max}
+round_deadline_secs = {deadline_secs}
+labels = ["negative", "positive"]
+{extra}
+[model]
+id = "tiny-test-model"
+hidden_size = 8
+num_layers = 2
+[adapter]
+rank = 4
+[server]
+ping_interval_secs = 1
+idle_timeout_secs = 5
+"#
+    )
+}
+
+/// The adapter shape of [`test_config`].
+pub const TEST_SHAPE: AdapterShape = AdapterShape {
+    rank: 4,
+    modules: 12,
+    head_classes: 2,
+    head_hidden: 8,
+};
+
+/// A running `fedsb serve` process; killed when dropped.
+pub struct Aggregator {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub dir: PathBuf,
+    _keep: Option<tempfile::TempDir>,
+}
+
+impl Aggregator {
+    /// Starts the aggregator with this config in a fresh temporary directory.
+    pub fn start(config_toml: &str) -> anyhow::Result<Self> {
+        let tmp = tempfile::tempdir()?;
+        let dir = tmp.path().to_owned();
+        std::fs::write(dir.join("task.toml"), config_toml)?;
+        let mut a = Self::start_in(&dir)?;
+        a._keep = Some(tmp);
+        Ok(a)
+    }
+
+    /// Starts (or restarts) the aggregator on `dir/task.toml` with its state
+    /// in `dir/state`.
+    pub fn start_in(dir: &Path) -> anyhow::Result<Self> {
+        let mut child = Command::new(fedsb_bin())
+            .arg("serve")
+            .arg("--config")
+            .arg(dir.join("task.toml"))
+            .args(["--port", "0", "--bind", "127.0.0.1", "--state-dir"])
+            .arg(dir.join("state"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("spawning fedsb serve")?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let url = line
+            .trim()
+            .strip_prefix("fedsb listening on http://")
+            .ok_or_else(|| anyhow!("unexpected first line from fedsb serve: {line:?}"))?;
+        let addr: SocketAddr = url.trim_end_matches('/').parse()?;
+        Ok(Self {
+            child,
+            addr,
+            dir: dir.to_owned(),
+            _keep: None,
+        })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// GET a JSON API path.
+    pub async fn json(&self, path: &str) -> anyhow::Result<serde_json::Value> {
+        let r = reqwest::get(self.url(path)).await?;
+        if !r.status().is_success() {
+            bail!("GET {path}: {}", r.status());
+        }
+        Ok(r.json().await?)
+    }
+
+    /// GET `/metrics` as text.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        Ok(reqwest::get(self.url("/metrics")).await?.text().await?)
+    }
+
+    /// The value of one metric line (`name{labels}` exactly as exposed), 0 if absent.
+    pub async fn metric(&self, series: &str) -> anyhow::Result<f64> {
+        let text = self.metrics().await?;
+        Ok(text
+            .lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+            .map(|v| v.trim().parse().unwrap_or(f64::NAN))
+            .unwrap_or(0.0))
+    }
+
+    /// Kills the process with SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Aggregator {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// One participant connection speaking the real protocol.
+pub struct Participant {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl Participant {
+    /// Opens the WebSocket without sending anything.
+    pub async fn connect_raw(addr: SocketAddr) -> anyhow::Result<Self> {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws")).await?;
+        Ok(Self { ws })
+    }
+
+    /// Connects and completes the handshake; returns the participant and
+    /// the messages that followed `Welcome` (GlobalModel, RoundOpen…).
+    pub async fn join(addr: SocketAddr, name: &str) -> anyhow::Result<(Self, ServerMessage)> {
+        let mut p = Self::connect_raw(addr).await?;
+        p.send(&ClientMessage::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            client: name.to_owned(),
+        })
+        .await?;
+        let welcome = p.recv().await?;
+        if !matches!(welcome, ServerMessage::Welcome { .. }) {
+            bail!("expected Welcome, got {welcome:?}");
+        }
+        Ok((p, welcome))
+    }
+
+    pub async fn send(&mut self, m: &ClientMessage) -> anyhow::Result<()> {
+        self.send_raw(m.encode()).await
+    }
+
+    pub async fn send_raw(&mut self, bytes: Vec<u8>) -> anyhow::Result<()> {
+        self.ws.send(Message::Binary(bytes.into())).await?;
+        Ok(())
+    }
+
+    pub async fn send_text(&mut self, text: &str) -> anyhow::Result<()> {
+        self.ws.send(Message::Text(text.into())).await?;
+        Ok(())
+    }
+
+    /// The next protocol message (pings are answered and skipped).
+    pub async fn recv(&mut self) -> anyhow::Result<ServerMessage> {
+        loop {
+            let m = tokio::time::timeout(STEP_TIMEOUT, self.ws.next())
+                .await
+                .context("timed out waiting for a server message")?
+                .ok_or_else(|| anyhow!("connection closed"))??;
+            match m {
+                Message::Binary(b) => return Ok(ServerMessage::decode(&b)?),
+                Message::Close(c) => bail!("connection closed by server: {c:?}"),
+                Message::Text(t) => bail!("unexpected text frame {t}"),
+                _ => continue,
+            }
+        }
+    }
+
+    /// Whether the server closes the connection within `wait`.
+    pub async fn closed_within(&mut self, wait: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => return false,
+                Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(Message::Close(_)))) => return true,
+                Ok(Some(Ok(_))) => continue,
+            }
+        }
+    }
+
+    /// Receives until a message matches `f`, failing on `Error` frames.
+    pub async fn recv_until<T>(
+        &mut self,
+        mut f: impl FnMut(&ServerMessage) -> Option<T>,
+    ) -> anyhow::Result<T> {
+        loop {
+            let m = self.recv().await?;
+            if let Some(t) = f(&m) {
+                return Ok(t);
+            }
+            if let ServerMessage::Error { code, message } = &m {
+                bail!("unexpected error {code:?}: {message}");
+            }
+        }
+    }
+
+    /// Waits for `RoundOpen` and returns its round.
+    pub async fn wait_round_open(&mut self) -> anyhow::Result<RoundId> {
+        self.recv_until(|m| match m {
+            ServerMessage::RoundOpen { round, .. } => Some(*round),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Waits for the `GlobalModel` of `round`.
+    pub async fn wait_global(&mut self, round: RoundId) -> anyhow::Result<AdapterState> {
+        self.recv_until(|m| match m {
+            ServerMessage::GlobalModel {
+                round: r, adapter, ..
+            } if *r == round => Some(adapter.clone()),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Sends an update and returns the server's answer.
+    pub async fn submit(&mut self, update: ClientUpdate) -> anyhow::Result<ServerMessage> {
+        self.send(&ClientMessage::Update(update)).await?;
+        self.recv_until(|m| match m {
+            ServerMessage::UpdateAccepted { .. } | ServerMessage::Error { .. } => Some(m.clone()),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Sends raw bytes and expects an `Error` with `code`; returns its message.
+    pub async fn expect_error(&mut self, code: ErrorCode) -> anyhow::Result<String> {
+        let m = self
+            .recv_until(|m| match m {
+                ServerMessage::Error { .. } | ServerMessage::UpdateAccepted { .. } => {
+                    Some(m.clone())
+                }
+                _ => None,
+            })
+            .await?;
+        match m {
+            ServerMessage::Error { code: c, message } if c == code => Ok(message),
+            other => bail!("expected error {code:?}, got {other:?}"),
+        }
+    }
+}
+
+/// A deterministic adapter state: value depends on (seed, tensor, index).
+pub fn known_state(shape: &AdapterShape, seed: u64) -> AdapterState {
+    let mut s = AdapterState::zeros(shape);
+    for (t_i, t) in s.tensors_mut().enumerate() {
+        for (i, x) in t.data.iter_mut().enumerate() {
+            // A cheap hash to spread values over [-1, 1).
+            let mut h = seed
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                .wrapping_add((t_i as u64) << 32 | i as u64);
+            h ^= h >> 31;
+            h = h.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            h ^= h >> 29;
+            *x = (h % 2_000_001) as f32 / 1_000_000.0 - 1.0;
+        }
+    }
+    s
+}
+
+/// The update a test participant sends.
+pub fn update(round: RoundId, samples: u64, adapter: AdapterState) -> ClientUpdate {
+    ClientUpdate {
+        round,
+        num_samples: samples,
+        train_loss: Some(0.69),
+        privacy: None,
+        adapter,
+    }
+}
+
+/// Σ wᵢ·xᵢ / Σ wᵢ computed independently of the aggregator, in f64.
+pub fn weighted_mean(states: &[(f64, &AdapterState)]) -> Vec<f64> {
+    let n = states[0].1.num_floats();
+    let mut sum = vec![0.0f64; n];
+    let mut total = 0.0;
+    for (w, s) in states {
+        total += w;
+        let flat = s.named_tensors().flat_map(|(_, t)| t.data.iter());
+        for (acc, &x) in sum.iter_mut().zip(flat) {
+            *acc += w * f64::from(x);
+        }
+    }
+    sum.iter().map(|s| s / total).collect()
+}
+
+/// Largest |a − b| / max(|b|, 1e-3) over all values.
+pub fn max_rel_error(got: &AdapterState, want: &[f64]) -> f64 {
+    got.named_tensors()
+        .flat_map(|(_, t)| t.data.iter())
+        .zip(want)
+        .map(|(&g, &w)| (f64::from(g) - w).abs() / w.abs().max(1e-3))
+        .fold(0.0, f64::max)
+}

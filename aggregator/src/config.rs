@@ -1,0 +1,540 @@
+//! Task configuration: a TOML file, overridden by `FEDSB_<SECTION>__<KEY>`
+//! environment variables and then by command-line flags.
+//!
+//! `configs/sst2-demo.toml` is the commented reference of every key.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use fedsb_protocol::{AdapterShape, PrivacyPolicy, MAX_MODULES, MAX_RANK};
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration {path}: {source}")]
+    Load {
+        path: PathBuf,
+        #[source]
+        source: Box<figment::Error>,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    #[error("cannot read model config {path}: {message}")]
+    ModelConfig { path: PathBuf, message: String },
+}
+
+/// How the updates of one round are weighted in the average.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Weighting {
+    /// Weight each update by the number of samples it was trained on.
+    Samples,
+    /// Every update counts the same.
+    Uniform,
+}
+
+/// What happens when a round's deadline passes with fewer than
+/// `min_participants` updates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuorumPolicy {
+    /// Keep the updates already accepted and extend the deadline by another
+    /// `round_deadline_secs` (announced with a new `RoundOpen`).
+    Extend,
+    /// Commit with the updates that arrived if there is at least one;
+    /// otherwise extend.
+    AggregateAvailable,
+}
+
+/// The whole configuration file.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub task: TaskSection,
+    pub model: ModelSection,
+    pub adapter: AdapterSection,
+    #[serde(default)]
+    pub privacy: PrivacySection,
+    #[serde(default)]
+    pub server: ServerSection,
+}
+
+/// `[task]`: the federated training schedule.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSection {
+    /// Name of the task; also the key of the state directory's database.
+    pub id: String,
+    /// Number of training rounds.
+    pub rounds: u64,
+    /// Quorum: updates needed before a round may be committed.
+    #[serde(default = "one")]
+    pub min_participants: u32,
+    /// Most updates accepted in one round; the round commits when reached.
+    #[serde(default = "default_max_participants")]
+    pub max_participants: u32,
+    /// Seconds a round collects updates before its deadline.
+    #[serde(default = "default_deadline")]
+    pub round_deadline_secs: u64,
+    /// What happens when the deadline passes without a quorum.
+    #[serde(default = "default_quorum_policy")]
+    pub on_quorum_missed: QuorumPolicy,
+    /// Local optimizer steps each participant takes per round.
+    #[serde(default = "default_local_steps")]
+    pub local_steps: u32,
+    #[serde(default = "default_batch")]
+    pub batch_size: u32,
+    #[serde(default = "default_lr")]
+    pub learning_rate: f32,
+    #[serde(default = "default_seq")]
+    pub max_seq_len: u32,
+    /// Aggregation weights.
+    #[serde(default = "default_weighting")]
+    pub weighting: Weighting,
+    /// Class names in head order; their count is the head's output size.
+    pub labels: Vec<String>,
+}
+
+/// `[model]`: the frozen base model.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// Model name shown to participants.
+    pub id: String,
+    /// Hugging Face directory with config.json, model.safetensors and
+    /// tokenizer.json, served to participants. Optional for tests.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// Expected SHA-256 of model.safetensors; checked at start when set.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// Hidden size; read from `dir/config.json` when `dir` is set.
+    #[serde(default)]
+    pub hidden_size: Option<u32>,
+    /// Number of encoder layers; read from `dir/config.json` when `dir` is set.
+    #[serde(default)]
+    pub num_layers: Option<u32>,
+}
+
+/// `[adapter]`: LoRA-SB adapters.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterSection {
+    /// Rank r of every adapter (R is r×r).
+    pub rank: u32,
+    /// Adapted linear layers inside each encoder layer.
+    #[serde(default = "default_modules")]
+    pub modules: Vec<String>,
+    /// Optional safetensors file with the frozen A and B (and initial R and
+    /// head) produced by LoRA-SB initialization; served to participants.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+}
+
+/// `[privacy]`: sample-level DP-SGD at each participant.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacySection {
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default = "default_epsilon")]
+    pub epsilon: f64,
+    #[serde(default = "default_delta")]
+    pub delta: f64,
+    #[serde(default = "default_clip")]
+    pub clip_norm: f64,
+}
+
+/// `[server]`: where and how the aggregator runs. Not part of the task
+/// identity: changing it between restarts is fine.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    #[serde(default = "default_bind")]
+    pub bind: IpAddr,
+    /// TCP port; 0 picks a free one (printed at start).
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// Directory of the SQLite database.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Directory of the web page.
+    #[serde(default = "default_www")]
+    pub www_dir: PathBuf,
+    /// Seconds between WebSocket pings to each participant.
+    #[serde(default = "default_ping")]
+    pub ping_interval_secs: u64,
+    /// A participant that sends nothing (not even a pong) for this long is
+    /// disconnected.
+    #[serde(default = "default_idle")]
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self {
+            bind: default_bind(),
+            port: default_port(),
+            state_dir: default_state_dir(),
+            www_dir: default_www(),
+            ping_interval_secs: default_ping(),
+            idle_timeout_secs: default_idle(),
+        }
+    }
+}
+
+fn one() -> u32 {
+    1
+}
+fn default_max_participants() -> u32 {
+    100
+}
+fn default_deadline() -> u64 {
+    300
+}
+fn default_quorum_policy() -> QuorumPolicy {
+    QuorumPolicy::Extend
+}
+fn default_local_steps() -> u32 {
+    20
+}
+fn default_batch() -> u32 {
+    32
+}
+fn default_lr() -> f32 {
+    1e-3
+}
+fn default_seq() -> u32 {
+    128
+}
+fn default_weighting() -> Weighting {
+    Weighting::Samples
+}
+fn default_modules() -> Vec<String> {
+    [
+        "attention.self.query",
+        "attention.self.key",
+        "attention.self.value",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+fn default_epsilon() -> f64 {
+    3.0
+}
+fn default_delta() -> f64 {
+    1e-5
+}
+fn default_clip() -> f64 {
+    0.1
+}
+fn default_bind() -> IpAddr {
+    IpAddr::from([127, 0, 0, 1])
+}
+fn default_port() -> u16 {
+    8080
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("state")
+}
+fn default_www() -> PathBuf {
+    PathBuf::from("www")
+}
+fn default_ping() -> u64 {
+    10
+}
+fn default_idle() -> u64 {
+    45
+}
+
+/// The parts of a Hugging Face config.json the aggregator needs.
+#[derive(Deserialize)]
+struct HfConfig {
+    hidden_size: u32,
+    num_hidden_layers: u32,
+}
+
+impl Config {
+    /// Reads `path`, applies `FEDSB_<SECTION>__<KEY>` environment overrides
+    /// (e.g. `FEDSB_SERVER__PORT=9000`), resolves relative paths against the
+    /// file's directory and validates the result.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let mut config: Config = Figment::new()
+            .merge(Toml::file_exact(path))
+            .merge(Env::prefixed("FEDSB_").split("__"))
+            .extract()
+            .map_err(|e| ConfigError::Load {
+                path: path.to_owned(),
+                source: Box::new(e),
+            })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(dir) = config.model.dir.as_mut() {
+            resolve(dir);
+        }
+        if let Some(file) = config.adapter.file.as_mut() {
+            resolve(file);
+        }
+        resolve(&mut config.server.state_dir);
+        resolve(&mut config.server.www_dir);
+        config.fill_from_model_dir()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn fill_from_model_dir(&mut self) -> Result<(), ConfigError> {
+        let Some(dir) = &self.model.dir else {
+            return Ok(());
+        };
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| ConfigError::ModelConfig {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        let hf: HfConfig = serde_json::from_str(&text).map_err(|e| ConfigError::ModelConfig {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        for (name, given, found) in [
+            ("hidden_size", &mut self.model.hidden_size, hf.hidden_size),
+            (
+                "num_layers",
+                &mut self.model.num_layers,
+                hf.num_hidden_layers,
+            ),
+        ] {
+            match given {
+                Some(g) if *g != found => {
+                    return Err(ConfigError::Invalid(format!(
+                        "model.{name} = {g} but {} says {found}",
+                        path.display()
+                    )))
+                }
+                _ => *given = Some(found),
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks every value against its allowed range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let t = &self.task;
+        if t.id.is_empty()
+            || !t
+                .id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return bad(format!(
+                "task.id {:?} must be non-empty and use only letters, digits, '-', '_' and '.'",
+                t.id
+            ));
+        }
+        if t.rounds == 0 {
+            return bad("task.rounds must be at least 1".into());
+        }
+        if t.min_participants == 0 {
+            return bad("task.min_participants must be at least 1".into());
+        }
+        if t.max_participants < t.min_participants {
+            return bad(format!(
+                "task.max_participants ({}) is below task.min_participants ({})",
+                t.max_participants, t.min_participants
+            ));
+        }
+        if t.round_deadline_secs == 0 {
+            return bad("task.round_deadline_secs must be at least 1".into());
+        }
+        if t.labels.len() < 2 {
+            return bad("task.labels must name at least two classes".into());
+        }
+        if !(t.learning_rate.is_finite() && t.learning_rate > 0.0) {
+            return bad(format!(
+                "task.learning_rate {} must be positive",
+                t.learning_rate
+            ));
+        }
+        if t.batch_size == 0 || t.max_seq_len == 0 || t.local_steps == 0 {
+            return bad(
+                "task.batch_size, task.max_seq_len and task.local_steps must be at least 1".into(),
+            );
+        }
+        let a = &self.adapter;
+        if a.rank == 0 || a.rank > MAX_RANK {
+            return bad(format!("adapter.rank {} must be in 1..={MAX_RANK}", a.rank));
+        }
+        if a.modules.is_empty() {
+            return bad("adapter.modules must name at least one module".into());
+        }
+        let Some(hidden) = self.model.hidden_size else {
+            return bad("model.hidden_size is required when model.dir is not set".into());
+        };
+        let Some(layers) = self.model.num_layers else {
+            return bad("model.num_layers is required when model.dir is not set".into());
+        };
+        if hidden == 0 || layers == 0 {
+            return bad("model.hidden_size and model.num_layers must be at least 1".into());
+        }
+        if u64::from(layers) * a.modules.len() as u64 > u64::from(MAX_MODULES) {
+            return bad(format!(
+                "{} adapted modules exceed the protocol limit of {MAX_MODULES}",
+                u64::from(layers) * a.modules.len() as u64
+            ));
+        }
+        if let Some(h) = &self.model.sha256 {
+            if h.len() != 64 || !h.chars().all(|c| c.is_ascii_hexdigit()) {
+                return bad(format!("model.sha256 {h:?} is not 64 hex digits"));
+            }
+        }
+        let p = &self.privacy;
+        if p.enabled
+            && !(p.epsilon > 0.0
+                && p.epsilon.is_finite()
+                && p.delta > 0.0
+                && p.delta < 1.0
+                && p.clip_norm > 0.0
+                && p.clip_norm.is_finite())
+        {
+            return bad(format!(
+                "privacy needs epsilon > 0, 0 < delta < 1 and clip_norm > 0 (got {}, {}, {})",
+                p.epsilon, p.delta, p.clip_norm
+            ));
+        }
+        Ok(())
+    }
+
+    /// Names of the adapted modules, in the order of `AdapterState::r`:
+    /// `encoder.layer.<i>.<module>` for each layer, then each module.
+    pub fn module_names(&self) -> Vec<String> {
+        let layers = self.model.num_layers.unwrap_or(0);
+        (0..layers)
+            .flat_map(|l| {
+                self.adapter
+                    .modules
+                    .iter()
+                    .map(move |m| format!("encoder.layer.{l}.{m}"))
+            })
+            .collect()
+    }
+
+    /// Shape of the state participants train and send.
+    pub fn adapter_shape(&self) -> AdapterShape {
+        AdapterShape {
+            rank: self.adapter.rank,
+            modules: self.module_names().len() as u32,
+            head_classes: self.task.labels.len() as u32,
+            head_hidden: self.model.hidden_size.unwrap_or(0),
+        }
+    }
+
+    /// The privacy policy sent to participants, if DP is on.
+    pub fn privacy_policy(&self) -> Option<PrivacyPolicy> {
+        self.privacy.enabled.then(|| PrivacyPolicy {
+            epsilon: self.privacy.epsilon,
+            delta: self.privacy.delta,
+            clip_norm: self.privacy.clip_norm,
+        })
+    }
+
+    /// The task's identity: everything but `[server]`, as canonical JSON. A
+    /// state directory refuses to resume under a different identity.
+    pub fn identity_json(&self) -> String {
+        serde_json::json!({
+            "task": self.task,
+            "model": {
+                "id": self.model.id,
+                "sha256": self.model.sha256,
+                "hidden_size": self.model.hidden_size,
+                "num_layers": self.model.num_layers,
+            },
+            "adapter": { "rank": self.adapter.rank, "modules": self.adapter.modules },
+            "privacy": self.privacy,
+        })
+        .to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let p = dir.join("task.toml");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    const MINIMAL: &str = r#"
+[task]
+id = "t1"
+rounds = 3
+labels = ["neg", "pos"]
+[model]
+id = "tiny"
+hidden_size = 8
+num_layers = 2
+[adapter]
+rank = 4
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults_and_shapes() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Config::load(&write(dir.path(), MINIMAL)).unwrap();
+        assert_eq!(c.module_names().len(), 12);
+        assert_eq!(c.module_names()[7], "encoder.layer.1.attention.self.key");
+        assert_eq!(
+            c.adapter_shape(),
+            AdapterShape {
+                rank: 4,
+                modules: 12,
+                head_classes: 2,
+                head_hidden: 8
+            }
+        );
+        assert_eq!(c.task.weighting, Weighting::Samples);
+        assert_eq!(c.server.state_dir, dir.path().join("state"));
+    }
+
+    #[test]
+    fn invalid_values_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = MINIMAL.replace("rank = 4", "rank = 0");
+        let e = Config::load(&write(dir.path(), &text)).unwrap_err();
+        assert!(e.to_string().contains("adapter.rank 0"), "{e}");
+        let text = MINIMAL.replace(
+            "rounds = 3",
+            "rounds = 3\nmin_participants = 5\nmax_participants = 2",
+        );
+        let e = Config::load(&write(dir.path(), &text)).unwrap_err();
+        assert!(e.to_string().contains("max_participants (2)"), "{e}");
+        let text = MINIMAL.replace("rounds = 3", "rounds = 3\nbogus = 1");
+        let e = Config::load(&write(dir.path(), &text)).unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn identity_ignores_the_server_section() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Config::load(&write(dir.path(), MINIMAL)).unwrap();
+        let b = Config::load(&write(
+            dir.path(),
+            &format!("{MINIMAL}[server]\nport = 1234\n"),
+        ))
+        .unwrap();
+        assert_eq!(a.identity_json(), b.identity_json());
+        let c = Config::load(&write(dir.path(), &MINIMAL.replace("rank = 4", "rank = 5"))).unwrap();
+        assert_ne!(a.identity_json(), c.identity_json());
+    }
+}

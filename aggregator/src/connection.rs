@@ -1,0 +1,191 @@
+//! One participant's WebSocket: handshake, decoding, validation of what can be
+//! checked without the round, pings and idle timeout.
+//!
+//! Every rejected message is answered with a typed `Error` frame and counted
+//! in `fedsb_messages_rejected_total{reason}`; only an unsupported protocol
+//! version also closes the connection.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket};
+use bytes::Bytes;
+use fedsb_protocol::{
+    ClientMessage, ErrorCode, ParticipantId, ServerMessage, MAX_FRAME_BYTES, PROTOCOL_VERSION,
+};
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, Notify};
+use tokio::time::{timeout_at, Instant};
+use tracing::{debug, info};
+
+use crate::coordinator::{Outbox, OUTBOX_FRAMES};
+use crate::server::App;
+
+enum Flow {
+    Continue,
+    Close,
+}
+
+struct Connection {
+    app: Arc<App>,
+    socket: WebSocket,
+    participant: Option<ParticipantId>,
+}
+
+/// Serves one upgraded WebSocket until it closes.
+pub async fn serve_socket(socket: WebSocket, app: Arc<App>) {
+    let (frames_tx, mut frames_rx) = mpsc::channel::<Bytes>(OUTBOX_FRAMES);
+    let kick = Arc::new(Notify::new());
+    let outbox = Outbox {
+        frames: frames_tx,
+        kick: kick.clone(),
+    };
+    let ping_every = Duration::from_secs(app.config.server.ping_interval_secs.max(1));
+    let idle = Duration::from_secs(app.config.server.idle_timeout_secs.max(1));
+    let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
+    let mut last_seen = Instant::now();
+    let mut conn = Connection {
+        app,
+        socket,
+        participant: None,
+    };
+    let mut outbox = Some(outbox);
+
+    loop {
+        tokio::select! {
+            biased;
+            () = kick.notified() => break,
+            Some(frame) = frames_rx.recv() => {
+                if conn.send_bytes(frame).await.is_err() {
+                    break;
+                }
+            }
+            received = timeout_at(last_seen + idle, conn.socket.next()) => {
+                let msg = match received {
+                    Err(_) => {
+                        info!(participant = ?conn.participant, "no frame within the idle timeout; disconnecting");
+                        break;
+                    }
+                    Ok(None) => break,
+                    Ok(Some(Err(e))) => {
+                        debug!(error = %e, "websocket error");
+                        break;
+                    }
+                    Ok(Some(Ok(m))) => m,
+                };
+                last_seen = Instant::now();
+                let flow = match msg {
+                    Message::Binary(bytes) => conn.on_frame(bytes, &mut outbox).await,
+                    Message::Text(_) => {
+                        conn.reject(ErrorCode::Malformed,
+                            "text frames are not part of the fedsb protocol; send binary frames".into()).await
+                    }
+                    Message::Ping(_) | Message::Pong(_) => Flow::Continue,
+                    Message::Close(_) => Flow::Close,
+                };
+                if matches!(flow, Flow::Close) {
+                    break;
+                }
+            }
+            _ = ping.tick() => {
+                if conn.socket.send(Message::Ping(Bytes::new())).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    if let Some(p) = conn.participant {
+        conn.app.coordinator.leave(p).await;
+    }
+    let _ = conn.socket.send(Message::Close(None)).await;
+}
+
+impl Connection {
+    async fn send_bytes(&mut self, frame: Bytes) -> Result<(), axum::Error> {
+        self.app.metrics.bytes_sent.inc_by(frame.len() as u64);
+        self.socket.send(Message::Binary(frame)).await
+    }
+
+    async fn send(&mut self, msg: &ServerMessage) -> Flow {
+        match self.send_bytes(Bytes::from(msg.encode())).await {
+            Ok(()) => Flow::Continue,
+            Err(_) => Flow::Close,
+        }
+    }
+
+    async fn reject(&mut self, code: ErrorCode, message: String) -> Flow {
+        self.app.metrics.reject(code);
+        debug!(participant = ?self.participant, code = code.as_str(), %message, "rejected");
+        self.send(&ServerMessage::Error { code, message }).await
+    }
+
+    async fn on_frame(&mut self, bytes: Bytes, outbox: &mut Option<Outbox>) -> Flow {
+        let len = bytes.len();
+        self.app.metrics.bytes_received.inc_by(len as u64);
+        if len > MAX_FRAME_BYTES {
+            return self
+                .reject(
+                    ErrorCode::FrameTooLarge,
+                    format!("frame of {len} bytes exceeds the limit of {MAX_FRAME_BYTES} bytes"),
+                )
+                .await;
+        }
+        if self.participant.is_none() {
+            if let Some(v) = ClientMessage::peek_hello_version(&bytes) {
+                if v != PROTOCOL_VERSION {
+                    self.reject(
+                        ErrorCode::VersionMismatch,
+                        format!("protocol version {v} is not supported; this aggregator speaks version {PROTOCOL_VERSION}"),
+                    )
+                    .await;
+                    return Flow::Close;
+                }
+            }
+        }
+        let msg = match ClientMessage::decode(&bytes) {
+            Ok(m) => m,
+            Err(e) => return self.reject(ErrorCode::Malformed, e.to_string()).await,
+        };
+        match (self.participant, msg) {
+            (None, ClientMessage::Hello { client, .. }) => {
+                let Some(outbox) = outbox.take() else {
+                    return Flow::Close;
+                };
+                match self.app.coordinator.join(client, outbox).await {
+                    Some(id) => {
+                        self.participant = Some(id);
+                        Flow::Continue
+                    }
+                    None => Flow::Close,
+                }
+            }
+            (None, _) => {
+                self.reject(
+                    ErrorCode::NotHandshaken,
+                    "the first message must be Hello".into(),
+                )
+                .await
+            }
+            (Some(_), ClientMessage::Hello { .. }) => {
+                self.reject(
+                    ErrorCode::DuplicateHello,
+                    "Hello was already received on this connection".into(),
+                )
+                .await
+            }
+            (Some(_), ClientMessage::Leave { reason }) => {
+                info!(participant = ?self.participant, %reason, "participant leaves");
+                Flow::Close
+            }
+            (Some(p), ClientMessage::Update(update)) => {
+                match self.app.coordinator.update(p, update, len as u64).await {
+                    Ok(round) => {
+                        self.app.metrics.updates_accepted.inc();
+                        self.send(&ServerMessage::UpdateAccepted { round }).await
+                    }
+                    Err(r) => self.reject(r.code, r.message).await,
+                }
+            }
+        }
+    }
+}

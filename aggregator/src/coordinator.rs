@@ -1,0 +1,537 @@
+//! The round state machine, run as one task that owns all round state.
+//!
+//! Connections talk to it through [`CoordinatorHandle`]; it answers each
+//! command in order, so no lock guards the round. A round goes
+//! open → collecting → aggregating → committed:
+//!
+//! * **collecting**: updates are checked ([`Round::accept`]) and summed.
+//! * The round is **aggregated** as soon as it holds `max_participants`
+//!   updates, or holds at least `min_participants` and every connected
+//!   participant has sent one, or its deadline passes with at least
+//!   `min_participants` (see [`QuorumPolicy`] for fewer).
+//! * **committed**: the mean is written to SQLite; only after the write
+//!   returned is it broadcast as `GlobalModel`, followed by the next
+//!   `RoundOpen` (or `TaskFinished`).
+//!
+//! A participant that disconnects simply stops being waited for; one that
+//! stalls is waited for until the deadline only.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use fedsb_protocol::{
+    AdapterState, ClientUpdate, ErrorCode, ParticipantId, RoundId, ServerMessage, TaskInfo,
+    PROTOCOL_VERSION,
+};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tracing::{error, info, warn};
+
+use crate::config::{Config, QuorumPolicy};
+use crate::metrics::Metrics;
+use crate::round::{Rejection, Round};
+use crate::store::{sha256_hex, CommittedRound, RoundMeta, Store};
+
+/// Milliseconds since the Unix epoch.
+pub fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Frames queued for one connection, at most this many; a participant that
+/// falls further behind is disconnected.
+pub const OUTBOX_FRAMES: usize = 64;
+
+/// Where the coordinator sends one participant's frames.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    pub frames: mpsc::Sender<Bytes>,
+    /// Notified when the coordinator drops the participant.
+    pub kick: Arc<Notify>,
+}
+
+enum Command {
+    Join {
+        client: String,
+        outbox: Outbox,
+        reply: oneshot::Sender<ParticipantId>,
+    },
+    Update {
+        participant: ParticipantId,
+        update: Box<ClientUpdate>,
+        frame_bytes: u64,
+        reply: oneshot::Sender<Result<RoundId, Rejection>>,
+    },
+    Leave {
+        participant: ParticipantId,
+    },
+}
+
+/// Cheap handle to the coordinator task.
+#[derive(Clone, Debug)]
+pub struct CoordinatorHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl CoordinatorHandle {
+    /// Registers a participant after a valid `Hello`. The coordinator queues
+    /// `Welcome`, the current `GlobalModel` and, if a round is collecting,
+    /// `RoundOpen` on the outbox before answering.
+    pub async fn join(&self, client: String, outbox: Outbox) -> Option<ParticipantId> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Join {
+                client,
+                outbox,
+                reply,
+            })
+            .await
+            .ok()?;
+        rx.await.ok()
+    }
+
+    /// Offers an update; returns the round it was accepted into.
+    pub async fn update(
+        &self,
+        participant: ParticipantId,
+        update: ClientUpdate,
+        frame_bytes: u64,
+    ) -> Result<RoundId, Rejection> {
+        let (reply, rx) = oneshot::channel();
+        let internal = || Rejection::new(ErrorCode::Internal, "the aggregator is shutting down");
+        self.tx
+            .send(Command::Update {
+                participant,
+                update: Box::new(update),
+                frame_bytes,
+                reply,
+            })
+            .await
+            .map_err(|_| internal())?;
+        rx.await.map_err(|_| internal())?
+    }
+
+    /// The participant is gone.
+    pub async fn leave(&self, participant: ParticipantId) {
+        let _ = self.tx.send(Command::Leave { participant }).await;
+    }
+}
+
+/// Snapshot served by `/api/status`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Status {
+    pub task_id: String,
+    pub protocol_version: u16,
+    /// `collecting` or `finished`.
+    pub state: &'static str,
+    /// The round collecting updates (absent when finished).
+    pub round: Option<u64>,
+    pub last_committed_round: u64,
+    pub total_rounds: u64,
+    pub participants_connected: usize,
+    pub updates_in_round: usize,
+    pub min_participants: u32,
+    pub max_participants: u32,
+    pub deadline_unix_ms: Option<u64>,
+}
+
+struct Peer {
+    client: String,
+    outbox: Outbox,
+}
+
+enum Phase {
+    Collecting { round: Round, deadline: Instant },
+    Finished,
+}
+
+/// Owns the task's round state. Create with [`Coordinator::start`].
+pub struct Coordinator {
+    config: Arc<Config>,
+    task: Arc<TaskInfo>,
+    store: Store,
+    metrics: Arc<Metrics>,
+    peers: HashMap<ParticipantId, Peer>,
+    next_participant: u64,
+    global_round: RoundId,
+    global_frame: Bytes,
+    phase: Phase,
+    status: watch::Sender<Status>,
+}
+
+impl Coordinator {
+    /// Starts the coordinator from the last committed round and returns its
+    /// handle and a status feed.
+    pub fn start(
+        config: Arc<Config>,
+        task: Arc<TaskInfo>,
+        store: Store,
+        metrics: Arc<Metrics>,
+        last: CommittedRound,
+    ) -> (CoordinatorHandle, watch::Receiver<Status>) {
+        let (tx, rx) = mpsc::channel(1024);
+        let global_round = RoundId(last.meta.round);
+        let placeholder = Status {
+            task_id: task.task_id.clone(),
+            protocol_version: PROTOCOL_VERSION,
+            state: "collecting",
+            round: None,
+            last_committed_round: global_round.0,
+            total_rounds: config.task.rounds,
+            participants_connected: 0,
+            updates_in_round: 0,
+            min_participants: config.task.min_participants,
+            max_participants: config.task.max_participants,
+            deadline_unix_ms: None,
+        };
+        let (status, status_rx) = watch::channel(placeholder);
+        let mut c = Self {
+            config,
+            task,
+            store,
+            metrics,
+            peers: HashMap::new(),
+            // Ids stay unique across restarts of the same task.
+            next_participant: now_unix_ms() * 1000,
+            global_round,
+            global_frame: Bytes::from(last.frame),
+            phase: Phase::Finished,
+            status,
+        };
+        c.open_next_round();
+        c.publish_status();
+        tokio::spawn(c.run(rx));
+        (CoordinatorHandle { tx }, status_rx)
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        loop {
+            let deadline = match &self.phase {
+                Phase::Collecting { deadline, .. } => Some(*deadline),
+                Phase::Finished => None,
+            };
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => self.handle(cmd).await,
+                    None => break,
+                },
+                () = sleep_until(deadline), if deadline.is_some() => self.on_deadline().await,
+            }
+            self.publish_status();
+        }
+    }
+
+    async fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Join {
+                client,
+                outbox,
+                reply,
+            } => {
+                let id = ParticipantId(self.next_participant);
+                self.next_participant += 1;
+                let welcome = ServerMessage::Welcome {
+                    protocol_version: PROTOCOL_VERSION,
+                    participant: id,
+                    task: (*self.task).clone(),
+                };
+                let mut frames = vec![Bytes::from(welcome.encode()), self.global_frame.clone()];
+                frames.push(Bytes::from(self.round_announcement().encode()));
+                info!(participant = %id, %client, "participant joined");
+                self.peers.insert(id, Peer { client, outbox });
+                for f in frames {
+                    self.send_to(id, f);
+                }
+                self.metrics
+                    .participants_connected
+                    .set(self.peers.len() as i64);
+                let _ = reply.send(id);
+            }
+            Command::Update {
+                participant,
+                update,
+                frame_bytes,
+                reply,
+            } => {
+                let result = self.accept(participant, *update, frame_bytes);
+                let accepted = result.is_ok();
+                let _ = reply.send(result);
+                if accepted {
+                    self.maybe_commit().await;
+                }
+            }
+            Command::Leave { participant } => {
+                if let Some(p) = self.peers.remove(&participant) {
+                    info!(participant = %participant, client = %p.client, "participant left");
+                }
+                self.metrics
+                    .participants_connected
+                    .set(self.peers.len() as i64);
+                self.maybe_commit().await;
+            }
+        }
+    }
+
+    fn accept(
+        &mut self,
+        participant: ParticipantId,
+        update: ClientUpdate,
+        frame_bytes: u64,
+    ) -> Result<RoundId, Rejection> {
+        let client = self
+            .peers
+            .get(&participant)
+            .map(|p| p.client.clone())
+            .unwrap_or_default();
+        match &mut self.phase {
+            Phase::Finished => Err(Rejection::new(
+                ErrorCode::TaskFinished,
+                format!(
+                    "the task finished after round {}; no round accepts updates",
+                    self.global_round
+                ),
+            )),
+            Phase::Collecting { round, .. } => {
+                round.accept(participant, &client, update, frame_bytes, now_unix_ms())?;
+                Ok(round.id)
+            }
+        }
+    }
+
+    /// Commits when the round is full, or has its quorum and nobody
+    /// connected is still expected.
+    async fn maybe_commit(&mut self) {
+        let Phase::Collecting { round, .. } = &self.phase else {
+            return;
+        };
+        let quorum = round.len() >= self.config.task.min_participants as usize;
+        let nobody_pending = self.peers.keys().all(|p| round.has(*p));
+        if round.is_full() || (quorum && nobody_pending) {
+            self.commit().await;
+        }
+    }
+
+    async fn on_deadline(&mut self) {
+        let Phase::Collecting { round, .. } = &self.phase else {
+            return;
+        };
+        let quorum = round.len() >= self.config.task.min_participants as usize;
+        let take_available = self.config.task.on_quorum_missed == QuorumPolicy::AggregateAvailable
+            && !round.is_empty();
+        if quorum || take_available {
+            self.commit().await;
+            return;
+        }
+        warn!(round = %round.id, updates = round.len(), needed = self.config.task.min_participants,
+            "deadline passed without a quorum; extending the round");
+        let length = self.round_length();
+        if let Phase::Collecting { deadline, .. } = &mut self.phase {
+            *deadline = Instant::now() + length;
+        }
+        let open = Bytes::from(self.round_announcement().encode());
+        self.broadcast(open);
+    }
+
+    async fn commit(&mut self) {
+        let Phase::Collecting { round, .. } = std::mem::replace(&mut self.phase, Phase::Finished)
+        else {
+            return;
+        };
+        let started = Instant::now();
+        let id = round.id;
+        let opened = round.opened_unix_ms;
+        // Keep the round until the write succeeded: no accepted update is lost.
+        let Some((state, contributions)) = round.aggregate() else {
+            self.phase = Phase::Collecting {
+                round,
+                deadline: Instant::now() + self.round_length(),
+            };
+            return;
+        };
+        let total_samples: u64 = contributions.iter().map(|c| c.num_samples).sum();
+        let frame = ServerMessage::GlobalModel {
+            round: id,
+            participants: contributions.len() as u32,
+            total_samples,
+            adapter: state,
+        }
+        .encode();
+        let loss_weight: f64 = contributions
+            .iter()
+            .filter(|c| c.train_loss.is_some())
+            .map(|c| c.num_samples as f64)
+            .sum();
+        let mean_train_loss = (loss_weight > 0.0).then(|| {
+            contributions
+                .iter()
+                .filter_map(|c| c.train_loss.map(|l| f64::from(l) * c.num_samples as f64))
+                .sum::<f64>()
+                / loss_weight
+        });
+        let committed = now_unix_ms();
+        let meta = RoundMeta {
+            round: id.0,
+            opened_unix_ms: opened,
+            committed_unix_ms: committed,
+            duration_ms: committed.saturating_sub(opened),
+            aggregation_ms: started.elapsed().as_millis() as u64,
+            participants: contributions.len() as u32,
+            total_samples,
+            bytes_in: contributions.iter().map(|c| c.frame_bytes).sum(),
+            bytes_out: frame.len() as u64 * self.peers.len() as u64,
+            mean_train_loss,
+            global_sha256: sha256_hex(&frame),
+        };
+        if let Err(e) = self
+            .store
+            .commit_round(meta.clone(), frame.clone(), contributions)
+            .await
+        {
+            error!(round = %id, error = %e, "cannot persist the round; keeping its updates and retrying at the next deadline");
+            self.phase = Phase::Collecting {
+                round,
+                deadline: Instant::now() + Duration::from_secs(5),
+            };
+            return;
+        }
+        self.metrics
+            .aggregation_duration
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .round_duration
+            .observe(meta.duration_ms as f64 / 1000.0);
+        self.metrics.rounds_committed.inc();
+        info!(round = %id, participants = meta.participants, samples = total_samples,
+            sha256 = %meta.global_sha256, "round committed");
+        self.global_round = id;
+        self.global_frame = Bytes::from(frame);
+        self.broadcast(self.global_frame.clone());
+        self.open_next_round();
+        let next = Bytes::from(self.round_announcement().encode());
+        self.broadcast(next);
+    }
+
+    /// Opens the round after the last committed one, or finishes the task.
+    fn open_next_round(&mut self) {
+        if self.global_round.0 >= self.config.task.rounds {
+            self.phase = Phase::Finished;
+            self.metrics.current_round.set(0);
+            info!(rounds = self.global_round.0, "task finished");
+            return;
+        }
+        let id = self.global_round.next();
+        self.phase = Phase::Collecting {
+            round: Round::new(
+                id,
+                self.task.shape,
+                self.config.task.weighting,
+                self.config.task.max_participants,
+                now_unix_ms(),
+            ),
+            deadline: Instant::now() + self.round_length(),
+        };
+        self.metrics.current_round.set(id.0 as i64);
+    }
+
+    fn round_length(&self) -> Duration {
+        Duration::from_secs(self.config.task.round_deadline_secs)
+    }
+
+    /// `RoundOpen` for the collecting round, or `TaskFinished`.
+    fn round_announcement(&self) -> ServerMessage {
+        match &self.phase {
+            Phase::Collecting { round, deadline } => ServerMessage::RoundOpen {
+                round: round.id,
+                deadline_unix_ms: unix_ms_at(*deadline),
+                local_steps: self.config.task.local_steps,
+            },
+            Phase::Finished => ServerMessage::TaskFinished {
+                rounds_committed: self.global_round.0,
+            },
+        }
+    }
+
+    fn broadcast(&mut self, frame: Bytes) {
+        let ids: Vec<ParticipantId> = self.peers.keys().copied().collect();
+        for id in ids {
+            self.send_to(id, frame.clone());
+        }
+    }
+
+    /// Queues a frame; a participant whose queue is full is dropped.
+    fn send_to(&mut self, id: ParticipantId, frame: Bytes) {
+        let Some(peer) = self.peers.get(&id) else {
+            return;
+        };
+        if peer.outbox.frames.try_send(frame).is_err() {
+            warn!(participant = %id, "participant is not reading its frames; disconnecting it");
+            peer.outbox.kick.notify_one();
+            self.peers.remove(&id);
+            self.metrics
+                .participants_connected
+                .set(self.peers.len() as i64);
+        }
+    }
+
+    fn publish_status(&self) {
+        let (state, round, updates, deadline) = match &self.phase {
+            Phase::Collecting { round, deadline } => (
+                "collecting",
+                Some(round.id.0),
+                round.len(),
+                Some(unix_ms_at(*deadline)),
+            ),
+            Phase::Finished => ("finished", None, 0, None),
+        };
+        let s = Status {
+            task_id: self.task.task_id.clone(),
+            protocol_version: PROTOCOL_VERSION,
+            state,
+            round,
+            last_committed_round: self.global_round.0,
+            total_rounds: self.config.task.rounds,
+            participants_connected: self.peers.len(),
+            updates_in_round: updates,
+            min_participants: self.config.task.min_participants,
+            max_participants: self.config.task.max_participants,
+            deadline_unix_ms: deadline,
+        };
+        self.status.send_if_modified(|old| {
+            let changed = *old != s;
+            *old = s;
+            changed
+        });
+    }
+}
+
+fn unix_ms_at(t: Instant) -> u64 {
+    let now = Instant::now();
+    let now_ms = now_unix_ms();
+    if t >= now {
+        now_ms + (t - now).as_millis() as u64
+    } else {
+        now_ms.saturating_sub((now - t).as_millis() as u64)
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The initial global state (round 0) when none is stored.
+pub fn initial_frame(adapter: AdapterState) -> Vec<u8> {
+    ServerMessage::GlobalModel {
+        round: RoundId(0),
+        participants: 0,
+        total_samples: 0,
+        adapter,
+    }
+    .encode()
+}

@@ -1,0 +1,20 @@
+//! The fedsb aggregator: runs federated LoRA-SB rounds for browser tabs and
+//! native participants.
+//!
+//! * [`config`]: the task configuration (TOML + `FEDSB_*` environment).
+//! * [`round`]: one round's rules and its exact f64 weighted mean.
+//! * [`coordinator`]: the round state machine (open → collecting →
+//!   aggregating → committed) as a single task.
+//! * [`store`]: SQLite persistence; restart resumes at the last committed round.
+//! * [`server`] and [`connection`]: HTTP, WebSocket, JSON API, files, metrics.
+//!
+//! Run it with `fedsb serve --config configs/sst2-demo.toml`.
+
+pub mod config;
+pub mod connection;
+pub mod coordinator;
+pub mod files;
+pub mod metrics;
+pub mod round;
+pub mod server;
+pub mod store;

@@ -1,0 +1,116 @@
+//! Prometheus metrics served at `/metrics` (text exposition format).
+
+use fedsb_protocol::ErrorCode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+/// Every metric of the aggregator.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub participants_connected: Gauge,
+    pub current_round: Gauge,
+    pub rounds_committed: Counter,
+    pub updates_accepted: Counter,
+    pub rejected: Family<ReasonLabel, Counter>,
+    pub bytes_received: Counter,
+    pub bytes_sent: Counter,
+    pub round_duration: Histogram,
+    pub aggregation_duration: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("fedsb");
+        let m = Self {
+            participants_connected: Gauge::default(),
+            current_round: Gauge::default(),
+            rounds_committed: Counter::default(),
+            updates_accepted: Counter::default(),
+            rejected: Family::default(),
+            bytes_received: Counter::default(),
+            bytes_sent: Counter::default(),
+            round_duration: Histogram::new(exponential_buckets(0.05, 2.0, 16)),
+            aggregation_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "participants_connected",
+            "Participants connected and past the handshake",
+            m.participants_connected.clone(),
+        );
+        registry.register(
+            "current_round",
+            "Round that is collecting updates (0 once the task has finished)",
+            m.current_round.clone(),
+        );
+        registry.register(
+            "rounds_committed",
+            "Rounds committed by this process",
+            m.rounds_committed.clone(),
+        );
+        registry.register(
+            "updates_accepted",
+            "Participant updates accepted into a round",
+            m.updates_accepted.clone(),
+        );
+        registry.register(
+            "messages_rejected",
+            "Participant messages rejected, by reason (the error code sent back)",
+            m.rejected.clone(),
+        );
+        registry.register(
+            "bytes_received",
+            "WebSocket payload bytes received from participants",
+            m.bytes_received.clone(),
+        );
+        registry.register(
+            "bytes_sent",
+            "WebSocket payload bytes sent to participants",
+            m.bytes_sent.clone(),
+        );
+        registry.register(
+            "round_duration_seconds",
+            "Time from a round opening to its commit",
+            m.round_duration.clone(),
+        );
+        registry.register(
+            "aggregation_duration_seconds",
+            "Time to average a round's updates and write them to disk",
+            m.aggregation_duration.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// Counts one rejected message.
+    pub fn reject(&self, code: ErrorCode) {
+        self.rejected
+            .get_or_create(&ReasonLabel {
+                reason: code.as_str(),
+            })
+            .inc();
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

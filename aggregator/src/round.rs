@@ -1,0 +1,395 @@
+//! One federated round: which updates were accepted and their exact weighted
+//! mean. Pure logic, no I/O, so every rule is unit-tested here.
+//!
+//! Fed-SB averages R exactly: because A and B are frozen and shared,
+//! mean(B·Rᵢ·A) = B·mean(Rᵢ)·A. The sum Σ wᵢ·Rᵢ is accumulated in f64 as
+//! updates arrive, so memory does not grow with the number of participants
+//! and rounding does not grow with it either. Only the current round's
+//! updates are averaged (the Fed-SB authors' code averaged all past rounds
+//! by mistake).
+
+use std::collections::BTreeMap;
+
+use fedsb_protocol::{
+    AdapterShape, AdapterState, ClientUpdate, ErrorCode, ParticipantId, PrivacyReport, RoundId,
+};
+
+use crate::config::Weighting;
+
+/// An update was refused; nothing of it reached the round.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct Rejection {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl Rejection {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// What is kept of an accepted update after it is added to the sum: metadata
+/// only, never the participant's R.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Contribution {
+    pub participant: ParticipantId,
+    pub client: String,
+    pub num_samples: u64,
+    pub weight: f64,
+    pub frame_bytes: u64,
+    pub received_unix_ms: u64,
+    pub train_loss: Option<f32>,
+    pub privacy: Option<PrivacyReport>,
+}
+
+/// The round that is collecting updates.
+#[derive(Debug)]
+pub struct Round {
+    pub id: RoundId,
+    pub opened_unix_ms: u64,
+    shape: AdapterShape,
+    weighting: Weighting,
+    max_participants: u32,
+    sum: Vec<f64>,
+    total_weight: f64,
+    contributions: BTreeMap<ParticipantId, Contribution>,
+}
+
+impl Round {
+    pub fn new(
+        id: RoundId,
+        shape: AdapterShape,
+        weighting: Weighting,
+        max_participants: u32,
+        opened_unix_ms: u64,
+    ) -> Self {
+        Self {
+            id,
+            opened_unix_ms,
+            shape,
+            weighting,
+            max_participants,
+            sum: vec![0.0; shape.num_floats()],
+            total_weight: 0.0,
+            contributions: BTreeMap::new(),
+        }
+    }
+
+    /// Number of accepted updates.
+    pub fn len(&self) -> usize {
+        self.contributions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.contributions.is_empty()
+    }
+
+    /// Whether `p` has an accepted update in this round.
+    pub fn has(&self, p: ParticipantId) -> bool {
+        self.contributions.contains_key(&p)
+    }
+
+    /// Whether the round holds `max_participants` updates.
+    pub fn is_full(&self) -> bool {
+        self.contributions.len() >= self.max_participants as usize
+    }
+
+    /// Checks an update against every rule and, if it passes all of them,
+    /// adds it to the weighted sum. A rejected update leaves the round as it
+    /// was.
+    pub fn accept(
+        &mut self,
+        participant: ParticipantId,
+        client: &str,
+        update: ClientUpdate,
+        frame_bytes: u64,
+        now_unix_ms: u64,
+    ) -> Result<(), Rejection> {
+        if update.round < self.id {
+            return Err(Rejection::new(
+                ErrorCode::StaleRound,
+                format!(
+                    "update is for round {}, which is closed; round {} is collecting",
+                    update.round, self.id
+                ),
+            ));
+        }
+        if update.round > self.id {
+            return Err(Rejection::new(
+                ErrorCode::FutureRound,
+                format!(
+                    "update is for round {}, which is not open; round {} is collecting",
+                    update.round, self.id
+                ),
+            ));
+        }
+        if self.has(participant) {
+            return Err(Rejection::new(
+                ErrorCode::DuplicateUpdate,
+                format!(
+                    "participant {participant} already sent an update for round {}",
+                    self.id
+                ),
+            ));
+        }
+        if self.is_full() {
+            return Err(Rejection::new(
+                ErrorCode::RoundFull,
+                format!(
+                    "round {} already has its maximum of {} updates",
+                    self.id, self.max_participants
+                ),
+            ));
+        }
+        if update.num_samples == 0 {
+            return Err(Rejection::new(
+                ErrorCode::InvalidSampleCount,
+                "num_samples must be positive, got 0",
+            ));
+        }
+        if let Some(p) = &update.privacy {
+            check_privacy(p)?;
+        }
+        if let Some(l) = update.train_loss {
+            if !l.is_finite() {
+                return Err(Rejection::new(
+                    ErrorCode::NonFinite,
+                    format!("train_loss is not finite ({l})"),
+                ));
+            }
+        }
+        update.adapter.validate(&self.shape).map_err(|e| {
+            let code = match e {
+                fedsb_protocol::ContentError::NonFinite { .. } => ErrorCode::NonFinite,
+                _ => ErrorCode::ShapeMismatch,
+            };
+            Rejection::new(code, e.to_string())
+        })?;
+
+        let weight = match self.weighting {
+            Weighting::Samples => update.num_samples as f64,
+            Weighting::Uniform => 1.0,
+        };
+        let values = update
+            .adapter
+            .named_tensors()
+            .flat_map(|(_, t)| t.data.iter());
+        for (acc, &x) in self.sum.iter_mut().zip(values) {
+            *acc += weight * f64::from(x);
+        }
+        self.total_weight += weight;
+        self.contributions.insert(
+            participant,
+            Contribution {
+                participant,
+                client: client.to_owned(),
+                num_samples: update.num_samples,
+                weight,
+                frame_bytes,
+                received_unix_ms: now_unix_ms,
+                train_loss: update.train_loss,
+                privacy: update.privacy,
+            },
+        );
+        Ok(())
+    }
+
+    /// The weighted mean of the accepted updates, rounded once to f32, and
+    /// the contributions. `None` when no update was accepted.
+    pub fn aggregate(&self) -> Option<(AdapterState, Vec<Contribution>)> {
+        if self.contributions.is_empty() {
+            return None;
+        }
+        let mut state = AdapterState::zeros(&self.shape);
+        let mut sums = self.sum.iter();
+        for t in state.tensors_mut() {
+            for (x, s) in t.data.iter_mut().zip(&mut sums) {
+                *x = (s / self.total_weight) as f32;
+            }
+        }
+        Some((state, self.contributions.values().cloned().collect()))
+    }
+}
+
+fn check_privacy(p: &PrivacyReport) -> Result<(), Rejection> {
+    let ok = p.noise_multiplier.is_finite()
+        && p.noise_multiplier >= 0.0
+        && p.sample_rate > 0.0
+        && p.sample_rate <= 1.0
+        && p.clip_norm.is_finite()
+        && p.clip_norm > 0.0
+        && p.delta > 0.0
+        && p.delta < 1.0
+        && p.epsilon_spent >= 0.0
+        && !p.epsilon_spent.is_nan();
+    if ok {
+        Ok(())
+    } else {
+        Err(Rejection::new(
+            ErrorCode::InvalidPrivacyReport,
+            format!("privacy report out of range: {p:?}"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedsb_protocol::Tensor;
+
+    const SHAPE: AdapterShape = AdapterShape {
+        rank: 2,
+        modules: 3,
+        head_classes: 2,
+        head_hidden: 3,
+    };
+
+    fn state(f: impl Fn(usize) -> f32) -> AdapterState {
+        let mut s = AdapterState::zeros(&SHAPE);
+        let mut i = 0;
+        for t in s.tensors_mut() {
+            for x in &mut t.data {
+                *x = f(i);
+                i += 1;
+            }
+        }
+        s
+    }
+
+    fn update(round: u64, n: u64, s: AdapterState) -> ClientUpdate {
+        ClientUpdate {
+            round: RoundId(round),
+            num_samples: n,
+            train_loss: Some(0.5),
+            privacy: None,
+            adapter: s,
+        }
+    }
+
+    fn round(w: Weighting, max: u32) -> Round {
+        Round::new(RoundId(2), SHAPE, w, max, 0)
+    }
+
+    #[test]
+    fn mean_is_sample_weighted() {
+        let mut r = round(Weighting::Samples, 10);
+        r.accept(
+            ParticipantId(1),
+            "a",
+            update(2, 1, state(|i| i as f32)),
+            10,
+            0,
+        )
+        .unwrap();
+        r.accept(ParticipantId(2), "b", update(2, 3, state(|_| 4.0)), 10, 0)
+            .unwrap();
+        let (s, c) = r.aggregate().unwrap();
+        assert_eq!(c.len(), 2);
+        let flat: Vec<f32> = s
+            .named_tensors()
+            .flat_map(|(_, t)| t.data.clone())
+            .collect();
+        for (i, x) in flat.iter().enumerate() {
+            let want = (i as f64 * 1.0 + 4.0 * 3.0) / 4.0;
+            assert!((f64::from(*x) - want).abs() < 1e-6, "{i}: {x} vs {want}");
+        }
+    }
+
+    #[test]
+    fn uniform_weighting_ignores_sample_counts() {
+        let mut r = round(Weighting::Uniform, 10);
+        r.accept(ParticipantId(1), "a", update(2, 1, state(|_| 1.0)), 10, 0)
+            .unwrap();
+        r.accept(ParticipantId(2), "b", update(2, 99, state(|_| 3.0)), 10, 0)
+            .unwrap();
+        let (s, _) = r.aggregate().unwrap();
+        assert!(s
+            .named_tensors()
+            .all(|(_, t)| t.data.iter().all(|&x| x == 2.0)));
+    }
+
+    #[test]
+    fn every_bad_update_is_rejected_and_leaves_the_sum_unchanged() {
+        let mut r = round(Weighting::Samples, 2);
+        r.accept(ParticipantId(1), "a", update(2, 2, state(|_| 1.0)), 10, 0)
+            .unwrap();
+        let mut nan = state(|_| 1.0);
+        nan.r[1].data[0] = f32::NAN;
+        let mut wrong_count = state(|_| 1.0);
+        wrong_count.r.pop();
+        let mut wrong_shape = state(|_| 1.0);
+        wrong_shape.head_weight = Tensor::zeros(&[3, 2]);
+        let mut bad_privacy = update(2, 1, state(|_| 9.0));
+        bad_privacy.privacy = Some(PrivacyReport {
+            noise_multiplier: 1.0,
+            sample_rate: 2.0,
+            steps: 1,
+            clip_norm: 0.1,
+            delta: 1e-5,
+            epsilon_spent: 1.0,
+        });
+        let cases = [
+            (
+                ParticipantId(2),
+                update(1, 1, state(|_| 9.0)),
+                ErrorCode::StaleRound,
+            ),
+            (
+                ParticipantId(2),
+                update(3, 1, state(|_| 9.0)),
+                ErrorCode::FutureRound,
+            ),
+            (
+                ParticipantId(1),
+                update(2, 1, state(|_| 9.0)),
+                ErrorCode::DuplicateUpdate,
+            ),
+            (
+                ParticipantId(2),
+                update(2, 0, state(|_| 9.0)),
+                ErrorCode::InvalidSampleCount,
+            ),
+            (ParticipantId(2), update(2, 1, nan), ErrorCode::NonFinite),
+            (
+                ParticipantId(2),
+                update(2, 1, wrong_count),
+                ErrorCode::ShapeMismatch,
+            ),
+            (
+                ParticipantId(2),
+                update(2, 1, wrong_shape),
+                ErrorCode::ShapeMismatch,
+            ),
+            (
+                ParticipantId(2),
+                bad_privacy,
+                ErrorCode::InvalidPrivacyReport,
+            ),
+        ];
+        for (p, u, code) in cases {
+            let e = r.accept(p, "x", u, 10, 0).unwrap_err();
+            assert_eq!(e.code, code, "{}", e.message);
+        }
+        r.accept(ParticipantId(2), "b", update(2, 2, state(|_| 3.0)), 10, 0)
+            .unwrap();
+        let e = r
+            .accept(ParticipantId(3), "c", update(2, 1, state(|_| 9.0)), 10, 0)
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::RoundFull);
+        let (s, c) = r.aggregate().unwrap();
+        assert_eq!(c.len(), 2);
+        assert!(s
+            .named_tensors()
+            .all(|(_, t)| t.data.iter().all(|&x| x == 2.0)));
+    }
+
+    #[test]
+    fn an_empty_round_has_no_aggregate() {
+        assert!(round(Weighting::Samples, 2).aggregate().is_none());
+    }
+}

@@ -1,0 +1,329 @@
+//! `fedsb serve`: the HTTP and WebSocket server.
+//!
+//! | path | what |
+//! |---|---|
+//! | `/` | the `www/` page |
+//! | `/ws` | the participant WebSocket (protocol in `docs/protocol.md`) |
+//! | `/api/status` | JSON: round, state, participants, deadline |
+//! | `/api/task` | JSON: the task as participants see it (`TaskInfo`) |
+//! | `/api/rounds` | JSON: metadata of every committed round |
+//! | `/api/rounds/{n}/global` | the committed `GlobalModel` frame of round n |
+//! | `/files/{sha256}` | model and adapter files, immutable, cached by hash |
+//! | `/metrics` | Prometheus text format |
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Request, State, WebSocketUpgrade};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use fedsb_protocol::{FileRef, RoundId, TaskInfo, MAX_FRAME_BYTES};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tower::ServiceExt;
+use tower_http::services::{ServeDir, ServeFile};
+use tower_http::set_header::SetResponseHeaderLayer;
+use tracing::{error, info};
+
+use crate::config::Config;
+use crate::coordinator::{initial_frame, now_unix_ms, Coordinator, CoordinatorHandle, Status};
+use crate::files::{collect_files, initial_adapter, FileError, ServedFile};
+use crate::metrics::Metrics;
+use crate::store::{sha256_hex, CommittedRound, RoundMeta, Store, StoreError};
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Files(#[from] FileError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("server failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Shared state of every request handler.
+#[derive(Debug)]
+pub struct App {
+    pub config: Arc<Config>,
+    pub task: Arc<TaskInfo>,
+    pub coordinator: CoordinatorHandle,
+    pub status: watch::Receiver<Status>,
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    files: HashMap<String, ServedFile>,
+}
+
+/// A started server: its address, and a future that runs it.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub app: Arc<App>,
+    listener: TcpListener,
+    router: Router,
+}
+
+impl Server {
+    /// Opens the state, restores the last committed round (or writes round 0)
+    /// and binds the listener.
+    pub async fn start(config: Config) -> Result<Self, ServeError> {
+        let config = Arc::new(config);
+        let files = {
+            let c = config.clone();
+            tokio::task::spawn_blocking(move || collect_files(&c))
+                .await
+                .map_err(|_| FileError::Join)??
+        };
+        let shape = config.adapter_shape();
+        let model_sha256 = files
+            .iter()
+            .find(|f| f.name == "model.safetensors")
+            .map(|f| f.sha256.clone())
+            .or_else(|| config.model.sha256.clone())
+            .unwrap_or_default();
+        let task = Arc::new(TaskInfo {
+            task_id: config.task.id.clone(),
+            model_id: config.model.id.clone(),
+            model_sha256,
+            module_names: config.module_names(),
+            shape,
+            labels: config.task.labels.clone(),
+            local_steps: config.task.local_steps,
+            batch_size: config.task.batch_size,
+            learning_rate: config.task.learning_rate,
+            max_seq_len: config.task.max_seq_len,
+            total_rounds: config.task.rounds,
+            files: files
+                .iter()
+                .map(|f| FileRef {
+                    name: f.name.clone(),
+                    sha256: f.sha256.clone(),
+                    size: f.size,
+                    url: format!("/files/{}", f.sha256),
+                })
+                .collect(),
+            privacy: config.privacy_policy(),
+        });
+
+        let store = Store::open(
+            &config.server.state_dir,
+            &config.task.id,
+            &config.identity_json(),
+            now_unix_ms(),
+        )?;
+        let last = match store.last_round().await? {
+            Some(last) => {
+                info!(round = last.meta.round, sha256 = %last.meta.global_sha256,
+                    "resuming from the last committed round");
+                last
+            }
+            None => {
+                let adapter = initial_adapter(&config)?;
+                let frame = initial_frame(adapter.clone());
+                let now = now_unix_ms();
+                let meta = RoundMeta {
+                    round: 0,
+                    opened_unix_ms: now,
+                    committed_unix_ms: now,
+                    duration_ms: 0,
+                    aggregation_ms: 0,
+                    participants: 0,
+                    total_samples: 0,
+                    bytes_in: 0,
+                    bytes_out: 0,
+                    mean_train_loss: None,
+                    global_sha256: sha256_hex(&frame),
+                };
+                store
+                    .commit_round(meta.clone(), frame.clone(), Vec::new())
+                    .await?;
+                info!(sha256 = %meta.global_sha256, "initial state written as round 0");
+                CommittedRound {
+                    meta,
+                    frame,
+                    adapter,
+                }
+            }
+        };
+
+        let metrics = Arc::new(Metrics::new());
+        let (coordinator, status) = Coordinator::start(
+            config.clone(),
+            task.clone(),
+            store.clone(),
+            metrics.clone(),
+            last,
+        );
+        let app = Arc::new(App {
+            config: config.clone(),
+            task,
+            coordinator,
+            status,
+            store,
+            metrics,
+            files: files.into_iter().map(|f| (f.sha256.clone(), f)).collect(),
+        });
+        let addr = SocketAddr::new(config.server.bind, config.server.port);
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServeError::Bind { addr, source })?;
+        let addr = listener.local_addr()?;
+        let router = router(app.clone());
+        Ok(Self {
+            addr,
+            app,
+            listener,
+            router,
+        })
+    }
+
+    /// Serves until `shutdown` resolves.
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown)
+            .await?;
+        Ok(())
+    }
+}
+
+fn router(app: Arc<App>) -> Router {
+    let www = ServeDir::new(&app.config.server.www_dir).append_index_html_on_directories(true);
+    Router::new()
+        .route("/ws", get(ws))
+        .route("/api/status", get(status))
+        .route("/api/task", get(task))
+        .route("/api/rounds", get(rounds))
+        .route("/api/rounds/{round}/global", get(global))
+        .route("/files/{sha256}", get(file))
+        .route("/metrics", get(metrics))
+        .fallback_service(
+            tower::ServiceBuilder::new()
+                .layer(SetResponseHeaderLayer::if_not_present(
+                    header::CACHE_CONTROL,
+                    HeaderValue::from_static("no-cache"),
+                ))
+                .service(www),
+        )
+        .with_state(app)
+}
+
+/// An error answered as JSON `{"error": ...}`. Internal causes are logged,
+/// not shown.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        error!(error = %e, "database error while serving a request");
+        Self(StatusCode::INTERNAL_SERVER_ERROR, "internal error".into())
+    }
+}
+
+async fn ws(upgrade: WebSocketUpgrade, State(app): State<Arc<App>>) -> Response {
+    // Frames up to 1 MiB above the protocol limit still arrive, so that the
+    // sender gets a typed FrameTooLarge error; anything larger closes the
+    // connection (WebSocket close code 1009).
+    upgrade
+        .max_message_size(MAX_FRAME_BYTES + (1 << 20))
+        .max_frame_size(MAX_FRAME_BYTES + (1 << 20))
+        .on_upgrade(move |socket| crate::connection::serve_socket(socket, app))
+}
+
+async fn status(State(app): State<Arc<App>>) -> Json<Status> {
+    Json(app.status.borrow().clone())
+}
+
+async fn task(State(app): State<Arc<App>>) -> Json<TaskInfo> {
+    Json((*app.task).clone())
+}
+
+async fn rounds(State(app): State<Arc<App>>) -> Result<Json<Vec<RoundMeta>>, ApiError> {
+    Ok(Json(app.store.rounds().await?))
+}
+
+async fn global(
+    State(app): State<Arc<App>>,
+    Path(round): Path<String>,
+) -> Result<Response, ApiError> {
+    let n: u64 = round.parse().map_err(|_| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("round {round:?} is not a number"),
+        )
+    })?;
+    let frame =
+        app.store.global_frame(RoundId(n)).await?.ok_or_else(|| {
+            ApiError(StatusCode::NOT_FOUND, format!("round {n} is not committed"))
+        })?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream"),
+            (header::CACHE_CONTROL, "public, max-age=31536000, immutable"),
+        ],
+        frame,
+    )
+        .into_response())
+}
+
+async fn file(
+    State(app): State<Arc<App>>,
+    Path(sha256): Path<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let f = app.files.get(&sha256).ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no file with content hash {sha256}"),
+        )
+    })?;
+    let etag = format!("\"{sha256}\"");
+    let cache = HeaderValue::from_static("public, max-age=31536000, immutable");
+    let matches = req
+        .headers()
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+    let mut resp = if matches {
+        let mut r = Response::new(Body::empty());
+        *r.status_mut() = StatusCode::NOT_MODIFIED;
+        r
+    } else {
+        match ServeFile::new(&f.path).oneshot(req).await {
+            Ok(r) => r.map(Body::new),
+            Err(e) => match e {},
+        }
+    };
+    let h = resp.headers_mut();
+    h.insert(header::CACHE_CONTROL, cache);
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        h.insert(header::ETAG, v);
+    }
+    Ok(resp)
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        app.metrics.encode(),
+    )
+}

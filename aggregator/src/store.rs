@@ -1,0 +1,325 @@
+//! Durable state in SQLite (WAL mode, `synchronous = FULL`): the task, every
+//! committed round's global state and per-round metadata. A participant's own
+//! R is never written.
+//!
+//! A round is committed by one transaction; the server broadcasts it only
+//! after that transaction returned, so whatever a participant has seen
+//! survives `kill -9` and power loss.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use fedsb_protocol::{AdapterState, RoundId, ServerMessage};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::round::Contribution;
+
+/// Why the state directory could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create state directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error(
+        "state directory {path} holds task {stored_id:?} with a different configuration; \
+         use another --state-dir or restore the original configuration"
+    )]
+    TaskMismatch { path: PathBuf, stored_id: String },
+    #[error("stored global state of round {round} is corrupt: {message}")]
+    Corrupt { round: u64, message: String },
+    #[error("database task panicked")]
+    Join,
+}
+
+/// A committed round as stored.
+#[derive(Debug, Clone)]
+pub struct CommittedRound {
+    pub meta: RoundMeta,
+    /// The `GlobalModel` frame exactly as broadcast.
+    pub frame: Vec<u8>,
+    pub adapter: AdapterState,
+}
+
+/// Per-round metadata, as listed by `/api/rounds`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RoundMeta {
+    pub round: u64,
+    pub opened_unix_ms: u64,
+    pub committed_unix_ms: u64,
+    pub duration_ms: u64,
+    pub aggregation_ms: u64,
+    pub participants: u32,
+    pub total_samples: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub mean_train_loss: Option<f64>,
+    pub global_sha256: String,
+}
+
+/// Handle to the database; cheap to clone. Every call runs on a blocking
+/// thread so the async runtime never waits on disk.
+#[derive(Clone, Debug)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+    path: PathBuf,
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS task (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    task_id TEXT NOT NULL,
+    identity_json TEXT NOT NULL,
+    created_unix_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round INTEGER PRIMARY KEY,
+    opened_unix_ms INTEGER NOT NULL,
+    committed_unix_ms INTEGER NOT NULL,
+    aggregation_ms INTEGER NOT NULL,
+    participants INTEGER NOT NULL,
+    total_samples INTEGER NOT NULL,
+    bytes_in INTEGER NOT NULL,
+    bytes_out INTEGER NOT NULL,
+    mean_train_loss REAL,
+    global_sha256 TEXT NOT NULL,
+    global_frame BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS round_participants (
+    round INTEGER NOT NULL REFERENCES rounds(round),
+    participant_id INTEGER NOT NULL,
+    client TEXT NOT NULL,
+    num_samples INTEGER NOT NULL,
+    weight REAL NOT NULL,
+    frame_bytes INTEGER NOT NULL,
+    received_unix_ms INTEGER NOT NULL,
+    train_loss REAL,
+    noise_multiplier REAL,
+    sample_rate REAL,
+    dp_steps INTEGER,
+    epsilon_spent REAL,
+    PRIMARY KEY (round, participant_id)
+);
+"#;
+
+impl Store {
+    /// Opens (or creates) `<state_dir>/<task_id>.sqlite3` for a task. A
+    /// database made for a different task identity is refused.
+    pub fn open(
+        state_dir: &Path,
+        task_id: &str,
+        identity_json: &str,
+        now_unix_ms: u64,
+    ) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(state_dir).map_err(|source| StoreError::CreateDir {
+            path: state_dir.to_owned(),
+            source,
+        })?;
+        let path = state_dir.join(format!("{task_id}.sqlite3"));
+        let conn = Connection::open(&path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.execute_batch(SCHEMA)?;
+        let stored: Option<(String, String)> = conn
+            .query_row(
+                "SELECT task_id, identity_json FROM task WHERE id = 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        match stored {
+            Some((id, identity)) if id != task_id || identity != identity_json => {
+                return Err(StoreError::TaskMismatch {
+                    path,
+                    stored_id: id,
+                })
+            }
+            Some(_) => {}
+            None => {
+                conn.execute(
+                    "INSERT INTO task (id, task_id, identity_json, created_unix_ms) VALUES (1, ?1, ?2, ?3)",
+                    params![task_id, identity_json, now_unix_ms as i64],
+                )?;
+            }
+        }
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+            path,
+        })
+    }
+
+    /// Path of the database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn.lock().unwrap_or_else(|e| e.into_inner());
+            f(&mut guard)
+        })
+        .await
+        .map_err(|_| StoreError::Join)?
+    }
+
+    /// Writes a committed round in one transaction.
+    pub async fn commit_round(
+        &self,
+        meta: RoundMeta,
+        frame: Vec<u8>,
+        contributions: Vec<Contribution>,
+    ) -> Result<(), StoreError> {
+        self.run(move |conn| {
+            let tx = conn.transaction()?;
+            tx.execute(
+                "INSERT INTO rounds (round, opened_unix_ms, committed_unix_ms, aggregation_ms, participants,
+                     total_samples, bytes_in, bytes_out, mean_train_loss, global_sha256, global_frame)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                params![
+                    meta.round as i64,
+                    meta.opened_unix_ms as i64,
+                    meta.committed_unix_ms as i64,
+                    meta.aggregation_ms as i64,
+                    meta.participants,
+                    meta.total_samples as i64,
+                    meta.bytes_in as i64,
+                    meta.bytes_out as i64,
+                    meta.mean_train_loss,
+                    meta.global_sha256,
+                    frame,
+                ],
+            )?;
+            for c in &contributions {
+                let p = c.privacy.as_ref();
+                tx.execute(
+                    "INSERT INTO round_participants (round, participant_id, client, num_samples, weight,
+                         frame_bytes, received_unix_ms, train_loss, noise_multiplier, sample_rate, dp_steps, epsilon_spent)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                    params![
+                        meta.round as i64,
+                        c.participant.0 as i64,
+                        c.client,
+                        c.num_samples as i64,
+                        c.weight,
+                        c.frame_bytes as i64,
+                        c.received_unix_ms as i64,
+                        c.train_loss.map(f64::from),
+                        p.map(|p| p.noise_multiplier),
+                        p.map(|p| p.sample_rate),
+                        p.map(|p| p.steps as i64),
+                        p.map(|p| p.epsilon_spent),
+                    ],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The last committed round, if any.
+    pub async fn last_round(&self) -> Result<Option<CommittedRound>, StoreError> {
+        self.run(|conn| {
+            let row = conn
+                .query_row(
+                    &format!("SELECT {META_COLUMNS}, global_frame FROM rounds ORDER BY round DESC LIMIT 1"),
+                    [],
+                    |r| Ok((meta_from_row(r)?, r.get::<_, Vec<u8>>(10)?)),
+                )
+                .optional()?;
+            row.map(|(meta, frame)| {
+                let adapter = match ServerMessage::decode(&frame) {
+                    Ok(ServerMessage::GlobalModel { adapter, .. }) => adapter,
+                    Ok(_) => {
+                        return Err(StoreError::Corrupt {
+                            round: meta.round,
+                            message: "stored frame is not a GlobalModel".into(),
+                        })
+                    }
+                    Err(e) => {
+                        return Err(StoreError::Corrupt {
+                            round: meta.round,
+                            message: e.to_string(),
+                        })
+                    }
+                };
+                if sha256_hex(&frame) != meta.global_sha256 {
+                    return Err(StoreError::Corrupt {
+                        round: meta.round,
+                        message: "checksum mismatch".into(),
+                    });
+                }
+                Ok(CommittedRound {
+                    meta,
+                    frame,
+                    adapter,
+                })
+            })
+            .transpose()
+        })
+        .await
+    }
+
+    /// Metadata of every committed round, oldest first.
+    pub async fn rounds(&self) -> Result<Vec<RoundMeta>, StoreError> {
+        self.run(|conn| {
+            let mut stmt =
+                conn.prepare(&format!("SELECT {META_COLUMNS} FROM rounds ORDER BY round"))?;
+            let rows = stmt.query_map([], meta_from_row)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    /// The `GlobalModel` frame of one committed round.
+    pub async fn global_frame(&self, round: RoundId) -> Result<Option<Vec<u8>>, StoreError> {
+        self.run(move |conn| {
+            Ok(conn
+                .query_row(
+                    "SELECT global_frame FROM rounds WHERE round = ?1",
+                    [round.0 as i64],
+                    |r| r.get(0),
+                )
+                .optional()?)
+        })
+        .await
+    }
+}
+
+const META_COLUMNS: &str =
+    "round, opened_unix_ms, committed_unix_ms, aggregation_ms, participants, \
+     total_samples, bytes_in, bytes_out, mean_train_loss, global_sha256";
+
+fn meta_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RoundMeta> {
+    let opened: i64 = r.get(1)?;
+    let committed: i64 = r.get(2)?;
+    Ok(RoundMeta {
+        round: r.get::<_, i64>(0)? as u64,
+        opened_unix_ms: opened as u64,
+        committed_unix_ms: committed as u64,
+        duration_ms: committed.saturating_sub(opened).max(0) as u64,
+        aggregation_ms: r.get::<_, i64>(3)? as u64,
+        participants: r.get(4)?,
+        total_samples: r.get::<_, i64>(5)? as u64,
+        bytes_in: r.get::<_, i64>(6)? as u64,
+        bytes_out: r.get::<_, i64>(7)? as u64,
+        mean_train_loss: r.get(8)?,
+        global_sha256: r.get(9)?,
+    })
+}
+
+/// Lowercase hex SHA-256.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
