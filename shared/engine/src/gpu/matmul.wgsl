@@ -11,11 +11,21 @@
 // off + outer * bs0 + inner * bs1 (elements). Attention uses outer = sequence,
 // inner = head.
 //
-// Each workgroup computes a BM×BN tile of C; each of its 16×16 invocations a TM×TN
-// block held in registers (register blocking). A and B tiles of depth BK are staged
-// in workgroup memory, stored k-major as vec4 so the inner loop reads one vec4 of A
-// and one of B per k and does TM vec4 FMAs. Out-of-range elements load as 0 and
-// out-of-range outputs are not written, so any shape works.
+// Each workgroup of 8×8 invocations computes a 64×64 tile of C; each invocation an
+// 8×8 block held in 16 vec4 registers (register blocking). A and B tiles of depth
+// BK = 16 are staged in workgroup memory in their stored orientation, as vec4
+// along the contiguous dimension, and the inner loop consumes 4 k at a time: 16
+// vec4 reads of workgroup memory feed 256 FMAs.
+//
+// Why this shape: on lavapipe (Mesa 22.3 llvmpipe) every load from storage or
+// workgroup memory is a per-lane scalar loop, so the cost is the number of load
+// instructions, and a vec4 load moves four values for about the price of one.
+// Array-typed locals are also lowered to memory there, so the accumulators are a
+// struct of named vec4 fields, never an array. The same code is an ordinary
+// shared-memory tiled GEMM on real GPUs.
+//
+// Out-of-range elements load as 0 and out-of-range outputs are not written, so
+// any shape works.
 
 struct Params {
     m: u32,
@@ -46,8 +56,7 @@ override TRANS_B: bool = false;
 const BM: u32 = 64u;
 const BN: u32 = 64u;
 const BK: u32 = 16u;
-const TM: u32 = 4u;
-const THREADS: u32 = 256u;
+const THREADS: u32 = 64u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<f32>;
@@ -55,116 +64,171 @@ const THREADS: u32 = 256u;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> c: array<f32>;
 
-// a_tile[k * BM/4 + m/4][m % 4] = op(A)[m0 + m, k0 + k]
-var<workgroup> a_tile: array<vec4<f32>, 256>;
-// b_tile[k * BN/4 + n/4][n % 4] = op(B)[k0 + k, n0 + n]
-var<workgroup> b_tile: array<vec4<f32>, 256>;
+// Tiles in the stored orientation, vec4 along the contiguous dimension:
+// A: [BM][BK/4] (k contiguous) or, TRANS_A, [BK][BM/4] (m contiguous).
+// B: [BK][BN/4] (n contiguous) or, TRANS_B, [BN][BK/4] (k contiguous).
+var<workgroup> a_tile: array<vec4<f32>, BM * BK / 4u>;
+var<workgroup> b_tile: array<vec4<f32>, BN * BK / 4u>;
 
-// op(A)[row, col], 0 outside the matrix.
-fn load_a(base: u32, row: u32, col: u32) -> f32 {
-    if row >= p.m || col >= p.k {
-        return 0.0;
-    }
-    if TRANS_A {
-        return a[base + col * p.lda + row];
-    }
-    return a[base + row * p.lda + col];
+// 4 consecutive elements of row `row` of a stored rows×cols matrix starting at
+// column `col`, zero outside.
+fn ld4_a(base: u32, row: u32, col: u32, rows: u32, cols: u32) -> vec4<f32> {
+    if row >= rows { return vec4<f32>(0.0); }
+    let i = base + row * p.lda + col;
+    var v = vec4<f32>(0.0);
+    if col < cols { v.x = a[i]; }
+    if col + 1u < cols { v.y = a[i + 1u]; }
+    if col + 2u < cols { v.z = a[i + 2u]; }
+    if col + 3u < cols { v.w = a[i + 3u]; }
+    return v;
+}
+// Same for B.
+fn ld4_b(base: u32, row: u32, col: u32, rows: u32, cols: u32) -> vec4<f32> {
+    if row >= rows { return vec4<f32>(0.0); }
+    let i = base + row * p.ldb + col;
+    var v = vec4<f32>(0.0);
+    if col < cols { v.x = b[i]; }
+    if col + 1u < cols { v.y = b[i + 1u]; }
+    if col + 2u < cols { v.z = b[i + 2u]; }
+    if col + 3u < cols { v.w = b[i + 3u]; }
+    return v;
 }
 
-// op(B)[row, col], 0 outside the matrix.
-fn load_b(base: u32, row: u32, col: u32) -> f32 {
-    if row >= p.k || col >= p.n {
-        return 0.0;
+// Writes 4 consecutive outputs of row `row` from column `col` with scale, bias
+// and accumulate, skipping those outside C.
+fn store4(c_base: u32, row: u32, col: u32, v: vec4<f32>) {
+    if row >= p.m { return; }
+    for (var j = 0u; j < 4u; j++) {
+        if col + j < p.n {
+            var x = p.alpha * v[j];
+            if p.has_bias != 0u { x += bias[col + j]; }
+            let idx = c_base + row * p.ldc + col + j;
+            if p.accumulate != 0u { x += c[idx]; }
+            c[idx] = x;
+        }
     }
-    if TRANS_B {
-        return b[base + col * p.ldb + row];
-    }
-    return b[base + row * p.ldb + col];
 }
 
-@compute @workgroup_size(16, 16, 1)
+// The 8×8 accumulator block of one invocation: rN = row N, l/h = columns 0-3 / 4-7.
+struct Acc {
+    r0l: vec4<f32>, r0h: vec4<f32>, r1l: vec4<f32>, r1h: vec4<f32>,
+    r2l: vec4<f32>, r2h: vec4<f32>, r3l: vec4<f32>, r3h: vec4<f32>,
+    r4l: vec4<f32>, r4h: vec4<f32>, r5l: vec4<f32>, r5h: vec4<f32>,
+    r6l: vec4<f32>, r6h: vec4<f32>, r7l: vec4<f32>, r7h: vec4<f32>,
+}
+
+// acc += a_col ⊗ b_row for one k: a_col = rows 0-3 (al) and 4-7 (ah), b_row = columns.
+fn outer(acc: ptr<function, Acc>, al: vec4<f32>, ah: vec4<f32>, bl: vec4<f32>, bh: vec4<f32>) {
+    (*acc).r0l = fma(vec4<f32>(al.x), bl, (*acc).r0l); (*acc).r0h = fma(vec4<f32>(al.x), bh, (*acc).r0h);
+    (*acc).r1l = fma(vec4<f32>(al.y), bl, (*acc).r1l); (*acc).r1h = fma(vec4<f32>(al.y), bh, (*acc).r1h);
+    (*acc).r2l = fma(vec4<f32>(al.z), bl, (*acc).r2l); (*acc).r2h = fma(vec4<f32>(al.z), bh, (*acc).r2h);
+    (*acc).r3l = fma(vec4<f32>(al.w), bl, (*acc).r3l); (*acc).r3h = fma(vec4<f32>(al.w), bh, (*acc).r3h);
+    (*acc).r4l = fma(vec4<f32>(ah.x), bl, (*acc).r4l); (*acc).r4h = fma(vec4<f32>(ah.x), bh, (*acc).r4h);
+    (*acc).r5l = fma(vec4<f32>(ah.y), bl, (*acc).r5l); (*acc).r5h = fma(vec4<f32>(ah.y), bh, (*acc).r5h);
+    (*acc).r6l = fma(vec4<f32>(ah.z), bl, (*acc).r6l); (*acc).r6h = fma(vec4<f32>(ah.z), bh, (*acc).r6h);
+    (*acc).r7l = fma(vec4<f32>(ah.w), bl, (*acc).r7l); (*acc).r7h = fma(vec4<f32>(ah.w), bh, (*acc).r7h);
+}
+
+@compute @workgroup_size(8, 8, 1)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_id) lid: vec3<u32>,
     @builtin(local_invocation_index) tid: u32,
 ) {
-    let outer = wid.z / p.batch_inner;
-    let inner = wid.z % p.batch_inner;
-    let a_base = p.a_off + outer * p.a_bs0 + inner * p.a_bs1;
-    let b_base = p.b_off + outer * p.b_bs0 + inner * p.b_bs1;
-    let c_base = p.c_off + outer * p.c_bs0 + inner * p.c_bs1;
+    let outer_b = wid.z / p.batch_inner;
+    let inner_b = wid.z % p.batch_inner;
+    let a_base = p.a_off + outer_b * p.a_bs0 + inner_b * p.a_bs1;
+    let b_base = p.b_off + outer_b * p.b_bs0 + inner_b * p.b_bs1;
+    let c_base = p.c_off + outer_b * p.c_bs0 + inner_b * p.c_bs1;
     let m0 = wid.y * BM;
     let n0 = wid.x * BN;
+    let tm = 8u * lid.y; // first row of this invocation's block within the tile
+    let tn = 8u * lid.x; // first column
 
-    // acc[i] holds C[m0 + 4*lid.y + i, n0 + 4*lid.x .. +4].
-    var acc: array<vec4<f32>, TM>;
-    for (var i = 0u; i < TM; i++) {
-        acc[i] = vec4<f32>(0.0);
-    }
-
+    var acc: Acc;
     for (var k0 = 0u; k0 < p.k; k0 += BK) {
-        // Stage the tiles: BM*BK = BN*BK = 1024 elements, 4 per invocation. The
-        // index order follows the storage order so neighbouring invocations read
-        // neighbouring addresses.
-        for (var i = 0u; i < BM * BK / THREADS; i++) {
-            let idx = tid + i * THREADS;
-            var mm: u32;
-            var kk: u32;
+        // Stage the tiles with vec4 reads: BM*BK/4 = BN*BK/4 vec4 each.
+        for (var i = tid; i < BM * BK / 4u; i += THREADS) {
             if TRANS_A {
-                kk = idx / BM;
-                mm = idx % BM;
+                let kk = i / (BM / 4u);
+                let mq = i % (BM / 4u);
+                a_tile[i] = ld4_a(a_base, k0 + kk, m0 + 4u * mq, p.k, p.m);
             } else {
-                mm = idx / BK;
-                kk = idx % BK;
+                let mm = i / (BK / 4u);
+                let kq = i % (BK / 4u);
+                a_tile[i] = ld4_a(a_base, m0 + mm, k0 + 4u * kq, p.m, p.k);
             }
-            a_tile[kk * (BM / 4u) + mm / 4u][mm % 4u] = load_a(a_base, m0 + mm, k0 + kk);
         }
-        for (var i = 0u; i < BN * BK / THREADS; i++) {
-            let idx = tid + i * THREADS;
-            var nn: u32;
-            var kk: u32;
+        for (var i = tid; i < BN * BK / 4u; i += THREADS) {
             if TRANS_B {
-                nn = idx / BK;
-                kk = idx % BK;
+                let nn = i / (BK / 4u);
+                let kq = i % (BK / 4u);
+                b_tile[i] = ld4_b(b_base, n0 + nn, k0 + 4u * kq, p.n, p.k);
             } else {
-                kk = idx / BN;
-                nn = idx % BN;
+                let kk = i / (BN / 4u);
+                let nq = i % (BN / 4u);
+                b_tile[i] = ld4_b(b_base, k0 + kk, n0 + 4u * nq, p.k, p.n);
             }
-            b_tile[kk * (BN / 4u) + nn / 4u][nn % 4u] = load_b(b_base, k0 + kk, n0 + nn);
         }
         workgroupBarrier();
 
-        for (var kk = 0u; kk < BK; kk++) {
-            let av = a_tile[kk * (BM / 4u) + lid.y];
-            let bv = b_tile[kk * (BN / 4u) + lid.x];
-            acc[0] = fma(vec4<f32>(av.x), bv, acc[0]);
-            acc[1] = fma(vec4<f32>(av.y), bv, acc[1]);
-            acc[2] = fma(vec4<f32>(av.z), bv, acc[2]);
-            acc[3] = fma(vec4<f32>(av.w), bv, acc[3]);
+        for (var kq = 0u; kq < BK / 4u; kq++) {
+            // Columns of op(A) for k = 4kq .. 4kq+3: al_k rows 0-3, ah_k rows 4-7.
+            var al0: vec4<f32>; var ah0: vec4<f32>; var al1: vec4<f32>; var ah1: vec4<f32>;
+            var al2: vec4<f32>; var ah2: vec4<f32>; var al3: vec4<f32>; var ah3: vec4<f32>;
+            if TRANS_A {
+                let r = (4u * kq) * (BM / 4u) + tm / 4u;
+                al0 = a_tile[r]; ah0 = a_tile[r + 1u];
+                al1 = a_tile[r + BM / 4u]; ah1 = a_tile[r + BM / 4u + 1u];
+                al2 = a_tile[r + BM / 2u]; ah2 = a_tile[r + BM / 2u + 1u];
+                al3 = a_tile[r + 3u * BM / 4u]; ah3 = a_tile[r + 3u * BM / 4u + 1u];
+            } else {
+                let r = tm * (BK / 4u) + kq;
+                let x0 = a_tile[r]; let x1 = a_tile[r + BK / 4u];
+                let x2 = a_tile[r + 2u * BK / 4u]; let x3 = a_tile[r + 3u * BK / 4u];
+                let x4 = a_tile[r + 4u * BK / 4u]; let x5 = a_tile[r + 5u * BK / 4u];
+                let x6 = a_tile[r + 6u * BK / 4u]; let x7 = a_tile[r + 7u * BK / 4u];
+                al0 = vec4<f32>(x0.x, x1.x, x2.x, x3.x); ah0 = vec4<f32>(x4.x, x5.x, x6.x, x7.x);
+                al1 = vec4<f32>(x0.y, x1.y, x2.y, x3.y); ah1 = vec4<f32>(x4.y, x5.y, x6.y, x7.y);
+                al2 = vec4<f32>(x0.z, x1.z, x2.z, x3.z); ah2 = vec4<f32>(x4.z, x5.z, x6.z, x7.z);
+                al3 = vec4<f32>(x0.w, x1.w, x2.w, x3.w); ah3 = vec4<f32>(x4.w, x5.w, x6.w, x7.w);
+            }
+            // Rows of op(B) for the same k: bl_k columns 0-3, bh_k columns 4-7.
+            var bl0: vec4<f32>; var bh0: vec4<f32>; var bl1: vec4<f32>; var bh1: vec4<f32>;
+            var bl2: vec4<f32>; var bh2: vec4<f32>; var bl3: vec4<f32>; var bh3: vec4<f32>;
+            if TRANS_B {
+                let r = tn * (BK / 4u) + kq;
+                let y0 = b_tile[r]; let y1 = b_tile[r + BK / 4u];
+                let y2 = b_tile[r + 2u * BK / 4u]; let y3 = b_tile[r + 3u * BK / 4u];
+                let y4 = b_tile[r + 4u * BK / 4u]; let y5 = b_tile[r + 5u * BK / 4u];
+                let y6 = b_tile[r + 6u * BK / 4u]; let y7 = b_tile[r + 7u * BK / 4u];
+                bl0 = vec4<f32>(y0.x, y1.x, y2.x, y3.x); bh0 = vec4<f32>(y4.x, y5.x, y6.x, y7.x);
+                bl1 = vec4<f32>(y0.y, y1.y, y2.y, y3.y); bh1 = vec4<f32>(y4.y, y5.y, y6.y, y7.y);
+                bl2 = vec4<f32>(y0.z, y1.z, y2.z, y3.z); bh2 = vec4<f32>(y4.z, y5.z, y6.z, y7.z);
+                bl3 = vec4<f32>(y0.w, y1.w, y2.w, y3.w); bh3 = vec4<f32>(y4.w, y5.w, y6.w, y7.w);
+            } else {
+                let r = (4u * kq) * (BN / 4u) + tn / 4u;
+                bl0 = b_tile[r]; bh0 = b_tile[r + 1u];
+                bl1 = b_tile[r + BN / 4u]; bh1 = b_tile[r + BN / 4u + 1u];
+                bl2 = b_tile[r + BN / 2u]; bh2 = b_tile[r + BN / 2u + 1u];
+                bl3 = b_tile[r + 3u * BN / 4u]; bh3 = b_tile[r + 3u * BN / 4u + 1u];
+            }
+            outer(&acc, al0, ah0, bl0, bh0);
+            outer(&acc, al1, ah1, bl1, bh1);
+            outer(&acc, al2, ah2, bl2, bh2);
+            outer(&acc, al3, ah3, bl3, bh3);
         }
         workgroupBarrier();
     }
 
-    // Epilogue: scale, bias, optional accumulate, bounds-checked store.
-    for (var i = 0u; i < TM; i++) {
-        let row = m0 + 4u * lid.y + i;
-        if row >= p.m {
-            break;
-        }
-        for (var j = 0u; j < 4u; j++) {
-            let col = n0 + 4u * lid.x + j;
-            if col >= p.n {
-                break;
-            }
-            var v = p.alpha * acc[i][j];
-            if p.has_bias != 0u {
-                v += bias[col];
-            }
-            let idx = c_base + row * p.ldc + col;
-            if p.accumulate != 0u {
-                v += c[idx];
-            }
-            c[idx] = v;
-        }
-    }
+    let r = m0 + tm;
+    let q = n0 + tn;
+    store4(c_base, r, q, acc.r0l); store4(c_base, r, q + 4u, acc.r0h);
+    store4(c_base, r + 1u, q, acc.r1l); store4(c_base, r + 1u, q + 4u, acc.r1h);
+    store4(c_base, r + 2u, q, acc.r2l); store4(c_base, r + 2u, q + 4u, acc.r2h);
+    store4(c_base, r + 3u, q, acc.r3l); store4(c_base, r + 3u, q + 4u, acc.r3h);
+    store4(c_base, r + 4u, q, acc.r4l); store4(c_base, r + 4u, q + 4u, acc.r4h);
+    store4(c_base, r + 5u, q, acc.r5l); store4(c_base, r + 5u, q + 4u, acc.r5h);
+    store4(c_base, r + 6u, q, acc.r6l); store4(c_base, r + 6u, q + 4u, acc.r6h);
+    store4(c_base, r + 7u, q, acc.r7l); store4(c_base, r + 7u, q + 4u, acc.r7h);
 }

@@ -6,7 +6,7 @@
 //! [`GpuContext::read_f32`]. All matrices are row-major `f32`.
 //!
 //! Kernel families, one `.wgsl` file next to each launcher:
-//! - [`matmul`]: `C = alpha·op(A)·op(B) (+ bias) (+ C)`, tiled 64×64 with 4×4
+//! - [`matmul`]: `C = alpha·op(A)·op(B) (+ bias) (+ C)`, tiled 64×64 with 8×8
 //!   register blocking; transposes for `X·Wᵀ + b`, `dY·W`, `dYᵀ·X`; batched and
 //!   strided (attention heads).
 //!
