@@ -2,6 +2,7 @@
 //! `fedsb privacy` does privacy accounting. `fedsb --help` lists everything.
 mod privacy_cmd;
 
+use std::io::Write as _;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
@@ -82,9 +83,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     runtime.block_on(async {
         let server = Server::start(config).await?;
         let status = server.app.status.borrow().clone();
-        // The first line on stdout is the URL; scripts and tests read it.
-        println!("fedsb listening on http://{}/", server.addr);
-        println!(
+        // The first line on stdout is the URL; scripts and tests read it. A
+        // closed stdout must not stop the server, so write errors are ignored.
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "fedsb listening on http://{}/", server.addr);
+        let _ = writeln!(
+            out,
             "task {} round {} of {} (state in {})",
             status.task_id,
             status
@@ -93,6 +97,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             status.total_rounds,
             server.app.store.path().display()
         );
+        let _ = out.flush();
+        drop(out);
         server.run(shutdown_signal()).await?;
         anyhow::Ok(())
     })

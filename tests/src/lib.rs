@@ -110,8 +110,11 @@ impl Aggregator {
             .spawn()
             .context("spawning fedsb serve")?;
         let stdout = child.stdout.take().context("stdout")?;
+        let mut reader = BufReader::new(stdout);
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
+        reader.read_line(&mut line)?;
+        // Keep draining stdout so the server never writes into a closed pipe.
+        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
         let url = line
             .trim()
             .strip_prefix("fedsb listening on http://")

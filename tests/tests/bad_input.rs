@@ -1,0 +1,274 @@
+//! Bad input of every kind is answered with a typed error, counted in
+//! `/metrics`, and never changes a round's result: in each test one honest
+//! participant submits, the bad input arrives, a second honest participant
+//! submits, and the committed mean must be that of the two honest updates.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use fedsb_e2e::*;
+use fedsb_protocol::*;
+
+struct Honest {
+    a: Participant,
+    b: Participant,
+}
+
+async fn honest_round(
+    h: &mut Honest,
+    round: RoundId,
+    between: impl AsyncFnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let sa = known_state(&TEST_SHAPE, 10 + round.0);
+    let sb = known_state(&TEST_SHAPE, 20 + round.0);
+    assert_eq!(h.a.wait_round_open().await?, round);
+    assert_eq!(h.b.wait_round_open().await?, round);
+    let ans = h.a.submit(update(round, 30, sa.clone())).await?;
+    assert_eq!(ans, ServerMessage::UpdateAccepted { round });
+    between().await?;
+    let ans = h.b.submit(update(round, 10, sb.clone())).await?;
+    assert_eq!(ans, ServerMessage::UpdateAccepted { round });
+    let want = weighted_mean(&[(30.0, &sa), (10.0, &sb)]);
+    for p in [&mut h.a, &mut h.b] {
+        let global = p.wait_global(round).await?;
+        let err = max_rel_error(&global, &want);
+        assert!(
+            err <= 1e-6,
+            "round {round} changed by bad input: relative error {err}"
+        );
+    }
+    Ok(())
+}
+
+/// Runs round 1 cleanly, then round 2 with `attack` between the two honest
+/// updates; checks the error counter for `code` went up by `expected_count`.
+async fn scenario(
+    code: ErrorCode,
+    expected_count: f64,
+    attack: impl AsyncFnOnce(SocketAddr, &mut Participant) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mut agg = Aggregator::start(&test_config(2, 2, 2, 60, ""))?;
+    let (a, _) = Participant::join(agg.addr, "honest-a").await?;
+    let (b, _) = Participant::join(agg.addr, "honest-b").await?;
+    let (mut evil, _) = Participant::join(agg.addr, "attacker").await?;
+    let mut h = Honest { a, b };
+    honest_round(&mut h, RoundId(1), async || Ok(())).await?;
+    evil.wait_global(RoundId(1)).await?;
+    assert_eq!(evil.wait_round_open().await?, RoundId(2));
+    let addr = agg.addr;
+    honest_round(&mut h, RoundId(2), async || attack(addr, &mut evil).await).await?;
+    let series = format!(
+        "fedsb_messages_rejected_total{{reason=\"{}\"}}",
+        code.as_str()
+    );
+    assert_eq!(agg.metric(&series).await?, expected_count, "{series}");
+    assert_eq!(agg.metric("fedsb_updates_accepted_total").await?, 4.0);
+    assert!(agg.is_running(), "the aggregator must survive bad input");
+    let status = agg.json("/api/status").await?;
+    assert_eq!(status["state"], "finished");
+    Ok(())
+}
+
+fn good(round: u64) -> ClientUpdate {
+    update(RoundId(round), 5, known_state(&TEST_SHAPE, 99))
+}
+
+#[tokio::test]
+async fn unknown_protocol_version_is_refused_and_closed() -> anyhow::Result<()> {
+    scenario(ErrorCode::VersionMismatch, 1.0, async |addr, _| {
+        let mut p = Participant::connect_raw(addr).await?;
+        p.send(&ClientMessage::Hello {
+            protocol_version: PROTOCOL_VERSION + 1,
+            client: "from the future".into(),
+        })
+        .await?;
+        let msg = p.expect_error(ErrorCode::VersionMismatch).await?;
+        assert!(
+            msg.contains(&format!("version {}", PROTOCOL_VERSION + 1)),
+            "{msg}"
+        );
+        assert!(p.closed_within(Duration::from_secs(10)).await);
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn undecodable_frames_are_rejected() -> anyhow::Result<()> {
+    scenario(ErrorCode::Malformed, 4.0, async |_, evil| {
+        evil.send_raw(b"definitely not fedsb".to_vec()).await?;
+        let msg = evil.expect_error(ErrorCode::Malformed).await?;
+        assert!(msg.contains("magic"), "{msg}");
+        let mut truncated = ClientMessage::Update(good(2)).encode();
+        truncated.truncate(truncated.len() - 7);
+        evil.send_raw(truncated).await?;
+        let msg = evil.expect_error(ErrorCode::Malformed).await?;
+        assert!(msg.contains("truncated"), "{msg}");
+        let mut unknown = MAGIC.to_vec();
+        unknown.push(0x55);
+        evil.send_raw(unknown).await?;
+        let msg = evil.expect_error(ErrorCode::Malformed).await?;
+        assert!(msg.contains("kind 0x55"), "{msg}");
+        evil.send_text("{\"type\":\"update\"}").await?;
+        let msg = evil.expect_error(ErrorCode::Malformed).await?;
+        assert!(msg.contains("text frames"), "{msg}");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn frames_above_the_limit_are_rejected() -> anyhow::Result<()> {
+    scenario(ErrorCode::FrameTooLarge, 1.0, async |_, evil| {
+        let mut frame = ClientMessage::Update(good(2)).encode();
+        frame.resize(MAX_FRAME_BYTES + 1, 0);
+        evil.send_raw(frame).await?;
+        let msg = evil.expect_error(ErrorCode::FrameTooLarge).await?;
+        assert!(msg.contains(&MAX_FRAME_BYTES.to_string()), "{msg}");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn wrong_module_count_or_shape_is_rejected() -> anyhow::Result<()> {
+    scenario(ErrorCode::ShapeMismatch, 3.0, async |_, evil| {
+        let mut u = good(2);
+        u.adapter.r.pop();
+        let msg = match evil.submit(u).await? {
+            ServerMessage::Error {
+                code: ErrorCode::ShapeMismatch,
+                message,
+            } => message,
+            other => anyhow::bail!("{other:?}"),
+        };
+        assert_eq!(
+            msg,
+            "expected 12 R matrices (one per adapted module), found 11"
+        );
+        let mut u = good(2);
+        u.adapter.r[3] = Tensor::zeros(&[4, 5]);
+        evil.send(&ClientMessage::Update(u)).await?;
+        let msg = evil.expect_error(ErrorCode::ShapeMismatch).await?;
+        assert_eq!(msg, "tensor r.3 has shape [4, 5], expected [4, 4]");
+        let mut u = good(2);
+        u.adapter.head_weight = Tensor::zeros(&[3, 8]);
+        evil.send(&ClientMessage::Update(u)).await?;
+        let msg = evil.expect_error(ErrorCode::ShapeMismatch).await?;
+        assert!(msg.contains("head.weight"), "{msg}");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn nan_or_infinite_values_are_rejected() -> anyhow::Result<()> {
+    scenario(ErrorCode::NonFinite, 3.0, async |_, evil| {
+        for (t, i, v) in [
+            (0usize, 5usize, f32::NAN),
+            (11, 0, f32::INFINITY),
+            (12, 3, f32::NEG_INFINITY),
+        ] {
+            let mut u = good(2);
+            let tensor = u.adapter.tensors_mut().nth(t).unwrap();
+            tensor.data[i] = v;
+            evil.send(&ClientMessage::Update(u)).await?;
+            let msg = evil.expect_error(ErrorCode::NonFinite).await?;
+            assert!(msg.contains(&format!("at index {i}")), "{msg}");
+        }
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn stale_and_future_rounds_are_rejected() -> anyhow::Result<()> {
+    scenario(ErrorCode::StaleRound, 1.0, async |_, evil| {
+        evil.send(&ClientMessage::Update(good(1))).await?;
+        let msg = evil.expect_error(ErrorCode::StaleRound).await?;
+        assert!(msg.contains("round 1"), "{msg}");
+        evil.send(&ClientMessage::Update(good(3))).await?;
+        let msg = evil.expect_error(ErrorCode::FutureRound).await?;
+        assert!(msg.contains("round 3"), "{msg}");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_second_update_in_one_round_is_rejected() -> anyhow::Result<()> {
+    // The attacker's first update is valid and accepted, so this round has
+    // three contributors... which would change the mean. Use a dedicated
+    // aggregator where the attacker is one of the honest pair instead.
+    let agg = Aggregator::start(&test_config(1, 2, 2, 60, ""))?;
+    let (mut a, _) = Participant::join(agg.addr, "a").await?;
+    let (mut b, _) = Participant::join(agg.addr, "b").await?;
+    let round = a.wait_round_open().await?;
+    b.wait_round_open().await?;
+    let sa = known_state(&TEST_SHAPE, 1);
+    let sb = known_state(&TEST_SHAPE, 2);
+    assert_eq!(
+        a.submit(update(round, 4, sa.clone())).await?,
+        ServerMessage::UpdateAccepted { round }
+    );
+    let again = a
+        .submit(update(round, 1000, known_state(&TEST_SHAPE, 3)))
+        .await?;
+    match again {
+        ServerMessage::Error {
+            code: ErrorCode::DuplicateUpdate,
+            message,
+        } => {
+            assert!(
+                message.contains("already sent an update for round 1"),
+                "{message}"
+            )
+        }
+        other => panic!("expected DuplicateUpdate, got {other:?}"),
+    }
+    assert_eq!(
+        b.submit(update(round, 6, sb.clone())).await?,
+        ServerMessage::UpdateAccepted { round }
+    );
+    let global = a.wait_global(round).await?;
+    let want = weighted_mean(&[(4.0, &sa), (6.0, &sb)]);
+    assert!(max_rel_error(&global, &want) <= 1e-6);
+    assert_eq!(
+        agg.metric("fedsb_messages_rejected_total{reason=\"duplicate_update\"}")
+            .await?,
+        1.0
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn updates_before_the_handshake_are_rejected() -> anyhow::Result<()> {
+    scenario(ErrorCode::NotHandshaken, 1.0, async |addr, evil| {
+        let mut p = Participant::connect_raw(addr).await?;
+        p.send(&ClientMessage::Update(good(2))).await?;
+        let msg = p.expect_error(ErrorCode::NotHandshaken).await?;
+        assert!(msg.contains("Hello"), "{msg}");
+        // A second Hello on an established connection is refused too.
+        evil.send(&ClientMessage::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            client: "again".into(),
+        })
+        .await?;
+        evil.expect_error(ErrorCode::DuplicateHello).await?;
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn non_positive_sample_counts_are_rejected() -> anyhow::Result<()> {
+    scenario(ErrorCode::InvalidSampleCount, 1.0, async |_, evil| {
+        let mut u = good(2);
+        u.num_samples = 0;
+        evil.send(&ClientMessage::Update(u)).await?;
+        let msg = evil.expect_error(ErrorCode::InvalidSampleCount).await?;
+        assert!(msg.contains("positive"), "{msg}");
+        Ok(())
+    })
+    .await
+}
