@@ -11,7 +11,9 @@
 
 use std::sync::OnceLock;
 
+use fedsb_engine::gpu::layernorm::{self, LayerNormShape};
 use fedsb_engine::gpu::matmul::{self, Gemm};
+use fedsb_engine::gpu::gelu;
 use fedsb_engine::gpu::{cpu_ref, GpuBuffer, GpuContext, GpuOptions};
 
 /// One device for the whole test binary (pipelines are cached on it).
@@ -206,7 +208,75 @@ fn matmul_rejects_short_buffers() {
     assert!(err.is_err(), "a 4x4x4 product on 10-element buffers must be rejected");
 }
 
-#[allow(dead_code)]
-fn unused(rng: &mut Rng) -> u64 {
-    rng.below(2)
+
+// ---------------------------------------------------------------- gelu
+
+#[test]
+fn gelu_matches_reference() {
+    let ctx = ctx();
+    let mut rng = Rng(4);
+    // 1000 values over [-6, 6] (the erf approximation's whole range of interest),
+    // plus exact points; 1003 is not a multiple of the 256-wide workgroup.
+    let mut x: Vec<f32> = (0..1000).map(|_| 6.0 * rng.uniform()).collect();
+    x.extend([0.0, -10.0, 10.0]);
+    let dy = rng.vec(x.len());
+    let n = x.len();
+    let (gx, gdy, gy, gdx) = (ctx.buffer_f32("x", &x), ctx.buffer_f32("dy", &dy), ctx.buffer_zeros("y", n), ctx.buffer_zeros("dx", n));
+    let mut enc = ctx.encoder();
+    gelu::gelu_forward(ctx, &mut enc, &gx, &gy, n).unwrap();
+    gelu::gelu_backward(ctx, &mut enc, &gx, &gdy, &gdx, n).unwrap();
+    ctx.submit(enc);
+    let y: Vec<f32> = x.iter().map(|&v| cpu_ref::gelu(v)).collect();
+    let dx: Vec<f32> = x.iter().zip(&dy).map(|(&v, &d)| d * cpu_ref::gelu_grad(v)).collect();
+    // erf approximation error 1.5e-7, times |x|/2 <= 5 for the forward.
+    assert_close("gelu forward", &read(&gy), &y, 1e-6, 1e-5);
+    assert_close("gelu backward", &read(&gdx), &dx, 1e-6, 1e-5);
+}
+
+#[test]
+fn gelu_reference_is_exact() {
+    // The f64 erf behind the reference, against tabulated values.
+    for (x, e) in [(0.5, 0.520_499_877_813_046_5), (1.0, 0.842_700_792_949_714_9), (2.0, 0.995_322_265_018_952_7), (3.0, 0.999_977_909_503_001_4)] {
+        assert!((cpu_ref::erf(x) - e).abs() < 1e-14, "erf({x}) = {} != {e}", cpu_ref::erf(x));
+        assert!((cpu_ref::erf(-x) + e).abs() < 1e-14);
+    }
+}
+
+// ---------------------------------------------------------------- layernorm
+
+#[test]
+fn layernorm_matches_reference() {
+    let ctx = ctx();
+    let mut rng = Rng(5);
+    // h = 61 (< 64 invocations) and 389 (several per invocation).
+    for (rows, h, with_residual) in [(37, 61, false), (37, 61, true), (5, 389, true)] {
+        let shape = LayerNormShape { rows, h, eps: 1e-12 };
+        let n = rows * h;
+        // Offset the inputs so the mean matters.
+        let x: Vec<f32> = rng.vec(n).iter().map(|v| 3.0 * v + 0.5).collect();
+        let res = rng.vec(n);
+        let gamma: Vec<f32> = rng.vec(h).iter().map(|v| 1.0 + 0.5 * v).collect();
+        let beta = rng.vec(h);
+        let dy = rng.vec(n);
+        let (gx, gres, gg, gb, gdy) = (
+            ctx.buffer_f32("x", &x),
+            ctx.buffer_f32("res", &res),
+            ctx.buffer_f32("gamma", &gamma),
+            ctx.buffer_f32("beta", &beta),
+            ctx.buffer_f32("dy", &dy),
+        );
+        let (gy, gstats, gdx) = (ctx.buffer_zeros("y", n), ctx.buffer_zeros("stats", 2 * rows), ctx.buffer_zeros("dx", n));
+        let r = with_residual.then_some(&gres);
+        let mut enc = ctx.encoder();
+        layernorm::layernorm_forward(ctx, &mut enc, &shape, &gx, r, &gg, &gb, &gy, &gstats).unwrap();
+        layernorm::layernorm_backward(ctx, &mut enc, &shape, &gx, r, &gg, &gstats, &gdy, &gdx).unwrap();
+        ctx.submit(enc);
+        let rr = with_residual.then_some(&res[..]);
+        let (y, stats) = cpu_ref::layernorm_forward(&x, rr, &gamma, &beta, h, 1e-12);
+        let dx = cpu_ref::layernorm_backward(&x, rr, &gamma, &dy, h, 1e-12);
+        let what = format!("layernorm rows={rows} h={h} residual={with_residual}");
+        assert_close(&format!("{what} y"), &read(&gy), &y, 1e-5, 1e-5);
+        assert_close(&format!("{what} stats"), &read(&gstats), &stats, 1e-5, 1e-5);
+        assert_close(&format!("{what} dx"), &read(&gdx), &dx, 1e-5, 1e-4);
+    }
 }

@@ -364,14 +364,30 @@ impl GpuContext {
         resources: &[wgpu::BindingResource<'_>],
         workgroups: [u32; 3],
     ) {
+        let numbered: Vec<(u32, wgpu::BindingResource<'_>)> = resources
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (i as u32, r.clone()))
+            .collect();
+        self.dispatch_at(encoder, kernel, &numbered, workgroups);
+    }
+
+    /// Like [`Self::dispatch`] with explicit binding numbers, for entry points
+    /// that use only some of their file's bindings.
+    pub(crate) fn dispatch_at(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        kernel: &Kernel,
+        resources: &[(u32, wgpu::BindingResource<'_>)],
+        workgroups: [u32; 3],
+    ) {
         if workgroups.contains(&0) {
             return;
         }
         let entries: Vec<wgpu::BindGroupEntry<'_>> = resources
             .iter()
-            .enumerate()
             .map(|(i, r)| wgpu::BindGroupEntry {
-                binding: i as u32,
+                binding: *i,
                 resource: r.clone(),
             })
             .collect();

@@ -9,6 +9,9 @@
 //! - [`matmul`]: `C = alpha·op(A)·op(B) (+ bias) (+ C)`, tiled 64×64 with 8×8
 //!   register blocking; transposes for `X·Wᵀ + b`, `dY·W`, `dYᵀ·X`; batched and
 //!   strided (attention heads).
+//! - [`gelu`]: exact erf-based GELU forward and backward.
+//! - [`layernorm`]: LayerNorm of `x (+ residual)` forward (saving mean and
+//!   1/std per row) and input gradient.
 //!
 //! Every kernel has a plain-Rust reference in [`cpu_ref`] and a test
 //! `<kernel>_matches_reference` in `tests/gpu_kernels.rs`:
@@ -21,6 +24,8 @@
 
 pub mod context;
 pub mod cpu_ref;
+pub mod gelu;
+pub mod layernorm;
 pub mod matmul;
 
 pub use context::{GpuBuffer, GpuContext, GpuOptions};

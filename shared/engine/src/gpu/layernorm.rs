@@ -1,0 +1,113 @@
+//! LayerNorm with optional residual add (`layernorm.wgsl`), forward and input
+//! gradient (gamma and beta are frozen).
+//!
+//! Test: `cargo test -p fedsb-engine --test gpu_kernels layernorm`.
+
+use super::context::{groups_1d, GpuBuffer, GpuContext};
+use super::GpuError;
+
+const SOURCE: &str = include_str!("layernorm.wgsl");
+
+/// Shape of one LayerNorm launch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LayerNormShape {
+    /// Number of rows (tokens).
+    pub rows: usize,
+    /// Row length (hidden size).
+    pub h: usize,
+    /// Added to the variance (BERT: 1e-12).
+    pub eps: f32,
+}
+
+fn check(shape: &LayerNormShape, bufs: &[(&str, &GpuBuffer, usize)]) -> Result<(), GpuError> {
+    for (name, b, need) in bufs {
+        if b.len < *need {
+            return Err(GpuError::Shape(format!(
+                "layernorm {shape:?}: {name} has {} < {need} elements",
+                b.len
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn params(ctx: &GpuContext, s: &LayerNormShape, residual: bool) -> wgpu::Buffer {
+    ctx.uniform(&[s.rows as u32, s.h as u32, s.eps.to_bits(), residual as u32])
+}
+
+/// `y = LayerNorm(x (+ residual)) · gamma + beta`; writes `stats` = (mean, rstd)
+/// per row (`2·rows` elements) for [`layernorm_backward`].
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_forward(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    shape: &LayerNormShape,
+    x: &GpuBuffer,
+    residual: Option<&GpuBuffer>,
+    gamma: &GpuBuffer,
+    beta: &GpuBuffer,
+    y: &GpuBuffer,
+    stats: &GpuBuffer,
+) -> Result<(), GpuError> {
+    let n = shape.rows * shape.h;
+    check(shape, &[("x", x, n), ("gamma", gamma, shape.h), ("beta", beta, shape.h), ("y", y, n), ("stats", stats, 2 * shape.rows)])?;
+    if let Some(r) = residual {
+        check(shape, &[("residual", r, n)])?;
+    }
+    let kernel = ctx.pipeline("layernorm/forward", SOURCE, "forward", &[]);
+    let params = params(ctx, shape, residual.is_some());
+    let residual = residual.unwrap_or(&ctx.dummy);
+    ctx.dispatch_at(
+        encoder,
+        &kernel,
+        &[
+            (0, params.as_entire_binding()),
+            (1, x.binding()),
+            (2, residual.binding()),
+            (3, gamma.binding()),
+            (4, beta.binding()),
+            (5, y.binding()),
+            (6, stats.binding()),
+        ],
+        groups_1d(shape.rows, 1),
+    );
+    Ok(())
+}
+
+/// `dx = ∂L/∂(x + residual)` from `dy`, the same inputs and the forward's `stats`.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_backward(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    shape: &LayerNormShape,
+    x: &GpuBuffer,
+    residual: Option<&GpuBuffer>,
+    gamma: &GpuBuffer,
+    stats: &GpuBuffer,
+    dy: &GpuBuffer,
+    dx: &GpuBuffer,
+) -> Result<(), GpuError> {
+    let n = shape.rows * shape.h;
+    check(shape, &[("x", x, n), ("gamma", gamma, shape.h), ("stats", stats, 2 * shape.rows), ("dy", dy, n), ("dx", dx, n)])?;
+    if let Some(r) = residual {
+        check(shape, &[("residual", r, n)])?;
+    }
+    let kernel = ctx.pipeline("layernorm/backward", SOURCE, "backward", &[]);
+    let params = params(ctx, shape, residual.is_some());
+    let residual = residual.unwrap_or(&ctx.dummy);
+    ctx.dispatch_at(
+        encoder,
+        &kernel,
+        &[
+            (0, params.as_entire_binding()),
+            (1, x.binding()),
+            (2, residual.binding()),
+            (3, gamma.binding()),
+            (6, stats.binding()),
+            (7, dy.binding()),
+            (8, dx.binding()),
+        ],
+        groups_1d(shape.rows, 1),
+    );
+    Ok(())
+}
