@@ -281,6 +281,62 @@ impl BertWeights<f32> {
         })
     }
 
+    /// Serializes to safetensors (f32, keys without prefix, as
+    /// all-MiniLM-L6-v2 names them); [`BertWeights::from_safetensors`] reads it back.
+    pub fn to_safetensors(&self) -> Vec<u8> {
+        let mut named: Vec<(String, &Tensor<f32>)> = vec![
+            (
+                "embeddings.word_embeddings.weight".into(),
+                &self.embeddings.word,
+            ),
+            (
+                "embeddings.position_embeddings.weight".into(),
+                &self.embeddings.position,
+            ),
+            (
+                "embeddings.token_type_embeddings.weight".into(),
+                &self.embeddings.token_type,
+            ),
+            (
+                "embeddings.LayerNorm.weight".into(),
+                &self.embeddings.layer_norm.weight,
+            ),
+            (
+                "embeddings.LayerNorm.bias".into(),
+                &self.embeddings.layer_norm.bias,
+            ),
+        ];
+        for (i, layer) in self.layers.iter().enumerate() {
+            let p = format!("encoder.layer.{i}");
+            for which in AdaptedLinear::ALL {
+                let lin = layer.linear(which);
+                let name = which.checkpoint_name();
+                named.push((format!("{p}.{name}.weight"), &lin.weight));
+                named.push((format!("{p}.{name}.bias"), &lin.bias));
+            }
+            for (name, ln) in [
+                ("attention.output.LayerNorm", &layer.attention_layer_norm),
+                ("output.LayerNorm", &layer.output_layer_norm),
+            ] {
+                named.push((format!("{p}.{name}.weight"), &ln.weight));
+                named.push((format!("{p}.{name}.bias"), &ln.bias));
+            }
+        }
+        let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = named
+            .into_iter()
+            .map(|(name, t)| {
+                let data = t.data.iter().flat_map(|x| x.to_le_bytes()).collect();
+                (name, t.shape.clone(), data)
+            })
+            .collect();
+        let views = bytes.iter().map(|(name, shape, data)| {
+            let view = safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), data)
+                .expect("shape matches data");
+            (name.as_str(), view)
+        });
+        safetensors::tensor::serialize(views, None).expect("serializing in memory cannot fail")
+    }
+
     /// Random weights for tests and benchmarks: a deterministic function of
     /// `seed`; matrices uniform in ±`scale`, LayerNorm γ near 1 and β near 0.
     pub fn random(config: &BertConfig, seed: u64, scale: f32) -> Self {
