@@ -13,7 +13,12 @@ use std::sync::OnceLock;
 
 use fedsb_engine::gpu::layernorm::{self, LayerNormShape};
 use fedsb_engine::gpu::matmul::{self, Gemm};
+use fedsb_engine::gpu::adamw::{self, AdamW};
+use fedsb_engine::gpu::attention::{self, AttentionShape};
+use fedsb_engine::gpu::embeddings::{self, EmbeddingTables};
 use fedsb_engine::gpu::gelu;
+use fedsb_engine::gpu::head::{self, HeadShape};
+use fedsb_engine::gpu::lora_sb::{self, LoraSbDims};
 use fedsb_engine::gpu::{cpu_ref, GpuBuffer, GpuContext, GpuOptions};
 
 /// One device for the whole test binary (pipelines are cached on it).
@@ -279,4 +284,174 @@ fn layernorm_matches_reference() {
         assert_close(&format!("{what} stats"), &read(&gstats), &stats, 1e-5, 1e-5);
         assert_close(&format!("{what} dx"), &read(&gdx), &dx, 1e-5, 1e-4);
     }
+}
+
+// ---------------------------------------------------------------- lora_sb
+
+#[test]
+fn lora_sb_matches_reference() {
+    let ctx = ctx();
+    let mut rng = Rng(6);
+    // 3 sequences of 13 tokens (rows 39); the last tokens of each are padding.
+    let (batch, seq) = (3, 13);
+    let d = LoraSbDims { rows: batch * seq, in_features: 61, out_features: 53, rank: 11 };
+    let lengths = [13, 7, 1];
+    let sample_of: Vec<u32> = (0..d.rows)
+        .map(|t| if t % seq < lengths[t / seq] { (t / seq) as u32 } else { u32::MAX })
+        .collect();
+    let x = rng.vec(d.rows * d.in_features);
+    let a = rng.vec(d.rank * d.in_features);
+    let r = rng.vec(d.rank * d.rank);
+    let b = rng.vec(d.out_features * d.rank);
+    let y0 = rng.vec(d.rows * d.out_features);
+    let mut dy = rng.vec(d.rows * d.out_features);
+    // Padding tokens carry a gradient here on purpose: G must still ignore them.
+    dy[d.rows * d.out_features - 1] = 5.0;
+    let dx0 = rng.vec(d.rows * d.in_features);
+    let g = |name: &str, v: &[f32]| ctx.buffer_f32(name, v);
+    let (gx, ga, gr, gb, gy, gdy, gdx) = (g("x", &x), g("a", &a), g("r", &r), g("b", &b), g("y", &y0), g("dy", &dy), g("dx", &dx0));
+    let gsample = ctx.buffer_u32("sample_of", &sample_of);
+    let rr = d.rows * d.rank;
+    let (gxa, gtmp, gu, ggrad) = (ctx.buffer_zeros("xa", rr), ctx.buffer_zeros("tmp", rr), ctx.buffer_zeros("u", rr), ctx.buffer_zeros("grad", batch * d.rank * d.rank));
+    let mut enc = ctx.encoder();
+    lora_sb::lora_sb_forward(ctx, &mut enc, &d, &gx, &ga, &gr, &gb, &gxa, &gtmp, &gy).unwrap();
+    lora_sb::lora_sb_backward_input(ctx, &mut enc, &d, &gdy, &ga, &gr, &gb, &gu, &gtmp, &gdx).unwrap();
+    lora_sb::lora_sb_grad_r(ctx, &mut enc, &d, &gu, &gxa, &gsample, batch, seq, &ggrad).unwrap();
+    ctx.submit(enc);
+    let (xa, y) = cpu_ref::lora_sb_forward(&x, &a, &r, &b, &y0, &d);
+    let (dx, grads) = cpu_ref::lora_sb_backward(&x, &dy, &a, &r, &b, &dx0, &sample_of, batch, &d);
+    // Sums of up to 61·11·11 products of values in [-1, 1].
+    assert_close("lora_sb xa", &read(&gxa), &xa, 1e-4, 1e-4);
+    assert_close("lora_sb y", &read(&gy), &y, 1e-3, 1e-4);
+    assert_close("lora_sb dx", &read(&gdx), &dx, 1e-3, 1e-4);
+    assert_close("lora_sb per-sample grad R", &read(&ggrad), &grads, 1e-3, 1e-4);
+    // The one-token sample: G_2 = u_t ⊗ xa_t of its single valid token only.
+    assert!(read(&ggrad)[2 * d.rank * d.rank..].iter().any(|&v| v != 0.0));
+}
+
+// ---------------------------------------------------------------- attention
+
+#[test]
+fn attention_matches_reference() {
+    let ctx = ctx();
+    let mut rng = Rng(7);
+    // 3 sequences of 37 tokens, 3 heads of 13; padding at the ends.
+    let s = AttentionShape { batch: 3, seq: 37, heads: 3, head_dim: 13 };
+    let lengths = [37, 20, 1];
+    let mask: Vec<u32> = (0..s.batch * s.seq).map(|i| u32::from(i % s.seq < lengths[i / s.seq])).collect();
+    let n = s.batch * s.seq * s.heads * s.head_dim;
+    let (q, k, v, dctx) = (rng.vec(n), rng.vec(n), rng.vec(n), rng.vec(n));
+    let g = |name: &str, x: &[f32]| ctx.buffer_f32(name, x);
+    let (gq, gk, gv, gdctx) = (g("q", &q), g("k", &k), g("v", &v), g("dctx", &dctx));
+    let gmask = ctx.buffer_u32("mask", &mask);
+    let (gp, gdp, gc) = (ctx.buffer_zeros("probs", s.probs_len()), ctx.buffer_zeros("dprobs", s.probs_len()), ctx.buffer_zeros("ctx", n));
+    let (gdq, gdk, gdv) = (ctx.buffer_zeros("dq", n), ctx.buffer_zeros("dk", n), ctx.buffer_zeros("dv", n));
+    let mut enc = ctx.encoder();
+    attention::attention_forward(ctx, &mut enc, &s, &gq, &gk, &gv, &gmask, &gp, &gc).unwrap();
+    attention::attention_backward(ctx, &mut enc, &s, &gq, &gk, &gv, &gp, &gdctx, &gdp, &gdq, &gdk, &gdv).unwrap();
+    ctx.submit(enc);
+    let (probs, context) = cpu_ref::attention_forward(&q, &k, &v, &mask, &s);
+    let (dq, dk, dv) = cpu_ref::attention_backward(&q, &k, &v, &mask, &dctx, &s);
+    assert_close("attention probs", &read(&gp), &probs, 1e-6, 1e-4);
+    assert_close("attention context", &read(&gc), &context, 1e-5, 1e-4);
+    assert_close("attention dq", &read(&gdq), &dq, 1e-5, 1e-4);
+    assert_close("attention dk", &read(&gdk), &dk, 1e-5, 1e-4);
+    assert_close("attention dv", &read(&gdv), &dv, 1e-5, 1e-4);
+    // Padding keys get exactly zero probability and zero gradient.
+    let p = read(&gp);
+    assert!(p[((2 * s.heads) * s.seq) * s.seq + 1..((2 * s.heads) * s.seq) * s.seq + s.seq].iter().all(|&x| x == 0.0));
+}
+
+// ---------------------------------------------------------------- adamw
+
+#[test]
+fn adamw_matches_reference() {
+    let ctx = ctx();
+    let mut rng = Rng(8);
+    let n = 1037;
+    let param = rng.vec(n);
+    let opt = AdamW { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
+    let grads: Vec<Vec<f32>> = (0..3).map(|_| rng.vec(n)).collect();
+    let (gp, gm, gv) = (ctx.buffer_f32("param", &param), ctx.buffer_zeros("m", n), ctx.buffer_zeros("v", n));
+    for (step, g) in grads.iter().enumerate() {
+        let gg = ctx.buffer_f32("grad", g);
+        let mut enc = ctx.encoder();
+        adamw::adamw_step(ctx, &mut enc, &opt, step as u32 + 1, n, &gg, &gp, &gm, &gv).unwrap();
+        ctx.submit(enc);
+    }
+    let expected = cpu_ref::adamw(&param, &grads, &opt);
+    assert_close("adamw 3 steps", &read(&gp), &expected, 1e-6, 1e-5);
+}
+
+// ---------------------------------------------------------------- head
+
+#[test]
+fn head_matches_reference() {
+    let ctx = ctx();
+    let mut rng = Rng(9);
+    let s = HeadShape { batch: 5, seq: 13, hidden: 71, classes: 3 };
+    let lengths = [13, 4, 1, 0, 9]; // sample 3 has no valid token: pooled must be 0, not NaN
+    let mask: Vec<u32> = (0..s.batch * s.seq).map(|i| u32::from(i % s.seq < lengths[i / s.seq])).collect();
+    let labels: Vec<u32> = (0..s.batch).map(|_| rng.below(s.classes as u64) as u32).collect();
+    let x = rng.vec(s.batch * s.seq * s.hidden);
+    let w = rng.vec(s.classes * s.hidden);
+    let bias = rng.vec(s.classes);
+    let dpooled = rng.vec(s.batch * s.hidden);
+    let g = |name: &str, v: &[f32]| ctx.buffer_f32(name, v);
+    let (gx, gw, gbias, gdpooled) = (g("x", &x), g("w", &w), g("b", &bias), g("dpooled", &dpooled));
+    let (gmask, glabels) = (ctx.buffer_u32("mask", &mask), ctx.buffer_u32("labels", &labels));
+    let nc = s.batch * s.classes;
+    let (gpooled, glogits, gloss, gdlogits) = (ctx.buffer_zeros("pooled", s.batch * s.hidden), ctx.buffer_zeros("logits", nc), ctx.buffer_zeros("loss", s.batch), ctx.buffer_zeros("dlogits", nc));
+    let (gdx, gdw, gdb) = (ctx.buffer_zeros("dx", x.len()), ctx.buffer_zeros("dw", nc * s.hidden), ctx.buffer_zeros("db", nc));
+    let scale = 1.0 / s.batch as f32;
+    let mut enc = ctx.encoder();
+    head::mean_pool_forward(ctx, &mut enc, &s, &gmask, &gx, &gpooled).unwrap();
+    head::head_logits(ctx, &mut enc, &s, &gpooled, &gw, &gbias, &glogits).unwrap();
+    head::softmax_cross_entropy(ctx, &mut enc, &s, &glogits, &glabels, scale, &gloss, &gdlogits).unwrap();
+    head::head_grad_per_sample(ctx, &mut enc, &s, &gpooled, &gdlogits, &gdw, &gdb).unwrap();
+    head::mean_pool_backward(ctx, &mut enc, &s, &gmask, &gdpooled, &gdx).unwrap();
+    ctx.submit(enc);
+
+    let pooled = cpu_ref::mean_pool(&x, &mask, &s);
+    let mut logits = vec![0.0; nc];
+    let gemm = Gemm::new(s.batch, s.classes, s.hidden).trans_b();
+    cpu_ref::gemm(&gemm, &pooled, &w, Some(&bias), &mut logits);
+    let (loss, dlogits) = cpu_ref::softmax_cross_entropy(&logits, &labels, s.classes, scale);
+    let mut dw = vec![0.0; nc * s.hidden];
+    for n in 0..s.batch {
+        for c in 0..s.classes {
+            for k in 0..s.hidden {
+                dw[(n * s.classes + c) * s.hidden + k] = dlogits[n * s.classes + c] * pooled[n * s.hidden + k];
+            }
+        }
+    }
+    let dx = cpu_ref::mean_pool_backward(&dpooled, &mask, &s);
+    assert_close("mean pool", &read(&gpooled), &pooled, 1e-6, 1e-5);
+    assert_close("logits", &read(&glogits), &logits, 1e-5, 1e-5);
+    assert_close("cross-entropy loss", &read(&gloss), &loss, 1e-5, 1e-5);
+    assert_close("dlogits", &read(&gdlogits), &dlogits, 1e-6, 1e-5);
+    assert_close("per-sample head dW", &read(&gdw), &dw, 1e-6, 1e-5);
+    assert_close("per-sample head db", &read(&gdb), &dlogits, 1e-6, 1e-5);
+    assert_close("mean pool backward", &read(&gdx), &dx, 1e-6, 1e-5);
+}
+
+// ---------------------------------------------------------------- embeddings
+
+#[test]
+fn embeddings_matches_reference() {
+    let ctx = ctx();
+    let mut rng = Rng(10);
+    let (vocab, positions, types, hidden, batch, seq) = (101, 40, 2, 67, 3, 37);
+    let rows = batch * seq;
+    let ids: Vec<u32> = (0..rows).map(|_| rng.below(vocab as u64) as u32).collect();
+    let type_ids: Vec<u32> = (0..rows).map(|_| rng.below(types as u64) as u32).collect();
+    let (word, position, token_type) = (rng.vec(vocab * hidden), rng.vec(positions * hidden), rng.vec(types * hidden));
+    let (gw, gp, gt) = (ctx.buffer_f32("word", &word), ctx.buffer_f32("pos", &position), ctx.buffer_f32("type", &token_type));
+    let (gids, gtypes, gout) = (ctx.buffer_u32("ids", &ids), ctx.buffer_u32("type_ids", &type_ids), ctx.buffer_zeros("out", rows * hidden));
+    let tables = EmbeddingTables { word: &gw, position: &gp, token_type: &gt, vocab, positions, types, hidden };
+    let mut enc = ctx.encoder();
+    embeddings::embeddings_forward(ctx, &mut enc, &tables, &gids, &gtypes, rows, seq, &gout).unwrap();
+    ctx.submit(enc);
+    let expected = cpu_ref::embeddings(&ids, &type_ids, &word, &position, &token_type, seq, hidden);
+    assert_close("embeddings", &read(&gout), &expected, 1e-6, 1e-6);
 }

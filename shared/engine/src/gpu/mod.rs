@@ -12,6 +12,13 @@
 //! - [`gelu`]: exact erf-based GELU forward and backward.
 //! - [`layernorm`]: LayerNorm of `x (+ residual)` forward (saving mean and
 //!   1/std per row) and input gradient.
+//! - [`lora_sb`]: the LoRA-SB branch `Y += ((X·Aᵀ)·Rᵀ)·Bᵀ`, its input gradient
+//!   and per-sample `G_n = (dY_n·B)ᵀ·(X_n·Aᵀ)`.
+//! - [`attention`]: masked multi-head self-attention forward and backward.
+//! - [`adamw`]: AdamW step on a flat buffer.
+//! - [`head`]: mean pooling (and backward), logits, softmax cross-entropy with
+//!   `dlogits`, per-sample head gradients.
+//! - [`embeddings`]: word + position + token-type gather.
 //!
 //! Every kernel has a plain-Rust reference in [`cpu_ref`] and a test
 //! `<kernel>_matches_reference` in `tests/gpu_kernels.rs`:
@@ -22,10 +29,15 @@
 //! cargo run --release -p fedsb-engine --example bench_matmul
 //! ```
 
+pub mod adamw;
+pub mod attention;
 pub mod context;
 pub mod cpu_ref;
+pub mod embeddings;
 pub mod gelu;
+pub mod head;
 pub mod layernorm;
+pub mod lora_sb;
 pub mod matmul;
 
 pub use context::{GpuBuffer, GpuContext, GpuOptions};

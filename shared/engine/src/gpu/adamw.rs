@@ -1,0 +1,73 @@
+//! AdamW step on a flat parameter buffer (`adamw.wgsl`), as `torch.optim.AdamW`.
+//!
+//! Test: `cargo test -p fedsb-engine --test gpu_kernels adamw`.
+
+use super::context::{groups_1d, GpuBuffer, GpuContext};
+use super::GpuError;
+
+const SOURCE: &str = include_str!("adamw.wgsl");
+
+/// AdamW hyper-parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamW {
+    /// Learning rate.
+    pub lr: f32,
+    /// First-moment decay.
+    pub beta1: f32,
+    /// Second-moment decay.
+    pub beta2: f32,
+    /// Added to the denominator.
+    pub eps: f32,
+    /// Decoupled weight decay (fedsb default 0.01).
+    pub weight_decay: f32,
+}
+
+impl Default for AdamW {
+    fn default() -> Self {
+        Self { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }
+    }
+}
+
+/// One AdamW step number `step` (1-based) on `n` parameters; updates `param`,
+/// `m` and `v` in place.
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_step(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    opt: &AdamW,
+    step: u32,
+    n: usize,
+    grad: &GpuBuffer,
+    param: &GpuBuffer,
+    m: &GpuBuffer,
+    v: &GpuBuffer,
+) -> Result<(), GpuError> {
+    for (name, b) in [("grad", grad), ("param", param), ("m", m), ("v", v)] {
+        if b.len < n {
+            return Err(GpuError::Shape(format!("adamw: {name} has {} < {n} elements", b.len)));
+        }
+    }
+    if step == 0 {
+        return Err(GpuError::Shape("adamw: step numbers start at 1".into()));
+    }
+    let bc1 = 1.0 - (opt.beta1 as f64).powi(step as i32);
+    let bc2 = 1.0 - (opt.beta2 as f64).powi(step as i32);
+    let kernel = ctx.pipeline("adamw/step", SOURCE, "step", &[]);
+    let params = ctx.uniform(&[
+        n as u32,
+        opt.lr.to_bits(),
+        opt.beta1.to_bits(),
+        opt.beta2.to_bits(),
+        opt.eps.to_bits(),
+        opt.weight_decay.to_bits(),
+        (bc1 as f32).to_bits(),
+        (bc2 as f32).to_bits(),
+    ]);
+    ctx.dispatch(
+        encoder,
+        &kernel,
+        &[params.as_entire_binding(), grad.binding(), param.binding(), m.binding(), v.binding()],
+        groups_1d(n, 256),
+    );
+    Ok(())
+}
