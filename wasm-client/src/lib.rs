@@ -1,1 +1,55 @@
-//! Browser bindings of fedsb (being written).
+//! Browser bindings of fedsb, built with wasm-bindgen and loaded in a Web
+//! Worker. For now they expose the wire protocol, so the page speaks exactly
+//! the bytes the aggregator decodes (one implementation, in
+//! `shared/protocol`); the engine bindings join them as the engine lands.
+//!
+//! Build: `cargo build -p fedsb-wasm-client --target wasm32-unknown-unknown
+//! --release`, then `wasm-bindgen --target web` on the `.wasm`.
+
+use fedsb_protocol::{ClientMessage, ClientUpdate, ServerMessage, PROTOCOL_VERSION};
+use wasm_bindgen::prelude::*;
+
+/// The protocol version this build speaks.
+#[wasm_bindgen(js_name = protocolVersion)]
+pub fn protocol_version() -> u16 {
+    PROTOCOL_VERSION
+}
+
+/// The `Hello` frame that opens every connection.
+#[wasm_bindgen(js_name = encodeHello)]
+pub fn encode_hello(client: &str) -> Vec<u8> {
+    ClientMessage::Hello {
+        protocol_version: PROTOCOL_VERSION,
+        client: client.to_owned(),
+    }
+    .encode()
+}
+
+/// The `Leave` frame.
+#[wasm_bindgen(js_name = encodeLeave)]
+pub fn encode_leave(reason: &str) -> Vec<u8> {
+    ClientMessage::Leave {
+        reason: reason.to_owned(),
+    }
+    .encode()
+}
+
+/// Encodes an update given as a JS object shaped like `ClientUpdate`
+/// (`{round, num_samples, train_loss, privacy, adapter: {r, head_weight,
+/// head_bias}}`, tensors as `{shape, data}`).
+#[wasm_bindgen(js_name = encodeUpdate)]
+pub fn encode_update(update: JsValue) -> Result<Vec<u8>, JsError> {
+    let update: ClientUpdate = serde_wasm_bindgen::from_value(update)
+        .map_err(|e| JsError::new(&format!("invalid update object: {e}")))?;
+    Ok(ClientMessage::Update(update).encode())
+}
+
+/// Decodes a frame from the aggregator into a JS object tagged by `type`
+/// (`welcome`, `global_model`, `round_open`, `update_accepted`, `error`,
+/// `task_finished`).
+#[wasm_bindgen(js_name = decodeServerMessage)]
+pub fn decode_server_message(frame: &[u8]) -> Result<JsValue, JsError> {
+    let msg = ServerMessage::decode(frame)
+        .map_err(|e| JsError::new(&format!("cannot decode server frame: {e}")))?;
+    serde_wasm_bindgen::to_value(&msg).map_err(|e| JsError::new(&e.to_string()))
+}

