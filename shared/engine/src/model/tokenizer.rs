@@ -155,10 +155,18 @@ impl BertTokenizer {
         if batch_size == 0 {
             return Ok(EncodedBatch::default());
         }
-        let encodings = self
-            .inner
-            .encode_batch(inputs, true)
-            .map_err(|e| ModelLoadError::Tokenizer(e.to_string()))?;
+        // One input at a time, then batch padding: `Tokenizer::encode_batch` would
+        // go through rayon, which has no threads in a browser tab.
+        let tokenizer_error = |e: tokenizers::Error| ModelLoadError::Tokenizer(e.to_string());
+        let mut encodings = inputs
+            .into_iter()
+            .map(|input| self.inner.encode(input, true))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(tokenizer_error)?;
+        if let Some(padding) = self.inner.get_padding() {
+            tokenizers::utils::padding::pad_encodings(&mut encodings, padding)
+                .map_err(tokenizer_error)?;
+        }
         let seq_len = encodings[0].get_ids().len();
         let mut batch = EncodedBatch {
             input_ids: Vec::with_capacity(batch_size * seq_len),
