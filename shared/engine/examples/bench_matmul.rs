@@ -14,16 +14,34 @@ use std::time::Instant;
 use fedsb_engine::gpu::matmul::{self, Gemm};
 use fedsb_engine::gpu::{GpuContext, GpuOptions};
 
-const SHAPES: [(usize, usize, usize); 4] = [(2048, 384, 384), (2048, 384, 1536), (2048, 1536, 384), (1024, 1024, 1024)];
+const SHAPES: [(usize, usize, usize); 4] = [
+    (2048, 384, 384),
+    (2048, 384, 1536),
+    (2048, 1536, 384),
+    (1024, 1024, 1024),
+];
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let arg = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let arg = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
     let adapter = arg("--adapter");
-    let seconds: f64 = arg("--seconds").map(|s| s.parse().expect("--seconds N")).unwrap_or(2.0);
-    let options = GpuOptions { adapter: adapter.as_deref() };
+    let seconds: f64 = arg("--seconds")
+        .map(|s| s.parse().expect("--seconds N"))
+        .unwrap_or(2.0);
+    let options = GpuOptions {
+        adapter: adapter.as_deref(),
+    };
     let ctx = pollster::block_on(GpuContext::new(&options)).expect("a wgpu adapter");
-    println!("adapter: {} ({:?})", ctx.adapter_name(), ctx.adapter_info().backend);
+    println!(
+        "adapter: {} ({:?})",
+        ctx.adapter_name(),
+        ctx.adapter_info().backend
+    );
 
     let mut seed = 12345u64;
     let mut rand = move || {
@@ -36,8 +54,16 @@ fn main() {
         for trans_b in [false, true] {
             let a: Vec<f32> = (0..m * k).map(|_| rand()).collect();
             let b: Vec<f32> = (0..k * n).map(|_| rand()).collect();
-            let (ga, gb, gc) = (ctx.buffer_f32("a", &a), ctx.buffer_f32("b", &b), ctx.buffer_zeros("c", m * n));
-            let g = if trans_b { Gemm::new(m, n, k).trans_b() } else { Gemm::new(m, n, k) };
+            let (ga, gb, gc) = (
+                ctx.buffer_f32("a", &a),
+                ctx.buffer_f32("b", &b),
+                ctx.buffer_zeros("c", m * n),
+            );
+            let g = if trans_b {
+                Gemm::new(m, n, k).trans_b()
+            } else {
+                Gemm::new(m, n, k)
+            };
             let run = |reps: usize| {
                 let mut enc = ctx.encoder();
                 for _ in 0..reps {

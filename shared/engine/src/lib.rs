@@ -1,5 +1,5 @@
 //! The fedsb engine (work in progress).
 pub mod data;
+pub mod gpu;
 pub mod model;
 pub mod reference;
-pub mod gpu;

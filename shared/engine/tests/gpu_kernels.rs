@@ -11,14 +11,14 @@
 
 use std::sync::OnceLock;
 
-use fedsb_engine::gpu::layernorm::{self, LayerNormShape};
-use fedsb_engine::gpu::matmul::{self, Gemm};
 use fedsb_engine::gpu::adamw::{self, AdamW};
 use fedsb_engine::gpu::attention::{self, AttentionShape};
 use fedsb_engine::gpu::embeddings::{self, EmbeddingTables};
 use fedsb_engine::gpu::gelu;
 use fedsb_engine::gpu::head::{self, HeadShape};
+use fedsb_engine::gpu::layernorm::{self, LayerNormShape};
 use fedsb_engine::gpu::lora_sb::{self, LoraSbDims};
+use fedsb_engine::gpu::matmul::{self, Gemm};
 use fedsb_engine::gpu::{cpu_ref, GpuBuffer, GpuContext, GpuOptions};
 
 /// One device for the whole test binary (pipelines are cached on it).
@@ -26,9 +26,12 @@ fn ctx() -> &'static GpuContext {
     static CTX: OnceLock<GpuContext> = OnceLock::new();
     CTX.get_or_init(|| {
         let name = std::env::var("FEDSB_ADAPTER").ok();
-        let options = GpuOptions { adapter: name.as_deref() };
-        let ctx = pollster::block_on(GpuContext::new(&options))
-            .unwrap_or_else(|e| panic!("GPU kernel tests need a wgpu adapter (lavapipe is enough): {e}"));
+        let options = GpuOptions {
+            adapter: name.as_deref(),
+        };
+        let ctx = pollster::block_on(GpuContext::new(&options)).unwrap_or_else(|e| {
+            panic!("GPU kernel tests need a wgpu adapter (lavapipe is enough): {e}")
+        });
         eprintln!("gpu tests on adapter: {}", ctx.adapter_name());
         ctx
     })
@@ -74,7 +77,8 @@ fn assert_close(what: &str, actual: &[f32], expected: &[f32], atol: f32, rtol: f
     for (i, (&a, &e)) in actual.iter().zip(expected).enumerate() {
         let diff = (a - e).abs();
         worst = worst.max(diff);
-        if !(diff <= atol + rtol * e.abs()) {
+        // NaN anywhere counts as a mismatch.
+        if diff.is_nan() || diff > atol + rtol * e.abs() {
             bad.push((i, a, e, diff));
         }
     }
@@ -91,7 +95,10 @@ fn assert_close(what: &str, actual: &[f32], expected: &[f32], atol: f32, rtol: f
             lines.join("\n")
         );
     }
-    eprintln!("{what}: {} values, max abs difference {worst:e}", actual.len());
+    eprintln!(
+        "{what}: {} values, max abs difference {worst:e}",
+        actual.len()
+    );
 }
 
 // ---------------------------------------------------------------- matmul
@@ -109,7 +116,16 @@ fn check_gemm(rng: &mut Rng, g: Gemm, with_bias: bool, a_len: usize, b_len: usiz
         ctx.buffer_f32("c", &c0),
     );
     let mut enc = ctx.encoder();
-    matmul::gemm(ctx, &mut enc, &g, &ga, &gb, with_bias.then_some(&gbias), &gc).expect("gemm launch");
+    matmul::gemm(
+        ctx,
+        &mut enc,
+        &g,
+        &ga,
+        &gb,
+        with_bias.then_some(&gbias),
+        &gc,
+    )
+    .expect("gemm launch");
     ctx.submit(enc);
     let mut expected = c0.clone();
     cpu_ref::gemm(&g, &a, &b, with_bias.then_some(&bias[..]), &mut expected);
@@ -124,7 +140,13 @@ fn check_gemm(rng: &mut Rng, g: Gemm, with_bias: bool, a_len: usize, b_len: usiz
 #[test]
 fn matmul_matches_reference() {
     let mut rng = Rng(1);
-    for (m, k, n) in [(37, 61, 53), (1, 1, 1), (130, 200, 70), (64, 16, 64), (5, 300, 3)] {
+    for (m, k, n) in [
+        (37, 61, 53),
+        (1, 1, 1),
+        (130, 200, 70),
+        (64, 16, 64),
+        (5, 300, 3),
+    ] {
         for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
             let mut g = Gemm::new(m, n, k);
             if ta {
@@ -134,7 +156,14 @@ fn matmul_matches_reference() {
                 g = g.trans_b();
             }
             check_gemm(&mut rng, g, false, m * k, k * n, m * n);
-            check_gemm(&mut rng, g.alpha(0.5).accumulate(), true, m * k, k * n, m * n);
+            check_gemm(
+                &mut rng,
+                g.alpha(0.5).accumulate(),
+                true,
+                m * k,
+                k * n,
+                m * n,
+            );
         }
     }
 }
@@ -169,7 +198,10 @@ fn matmul_linear_layer_matches_reference() {
     let mut dw = vec![0.0; outf * inf];
     for r in 0..rows {
         for o in 0..outf {
-            y[r * outf + o] = bias[o] + (0..inf).map(|i| x[r * inf + i] * w[o * inf + i]).sum::<f32>();
+            y[r * outf + o] = bias[o]
+                + (0..inf)
+                    .map(|i| x[r * inf + i] * w[o * inf + i])
+                    .sum::<f32>();
         }
         for i in 0..inf {
             dx[r * inf + i] = (0..outf).map(|o| dy[r * outf + o] * w[o * inf + i]).sum();
@@ -196,10 +228,27 @@ fn matmul_batched_strided_matches_reference() {
         .ld(hidden, hidden, t)
         .alpha(0.25)
         .batched(bsz, h, [t * hidden, d], [t * hidden, d], [h * t * t, t * t]);
-    check_gemm(&mut rng, g, false, bsz * t * hidden, bsz * t * hidden, bsz * h * t * t);
+    check_gemm(
+        &mut rng,
+        g,
+        false,
+        bsz * t * hidden,
+        bsz * t * hidden,
+        bsz * h * t * t,
+    );
     // With offsets (B starts one row in).
-    let g2 = Gemm::new(t - 1, 7, d).ld(hidden, hidden, 9).offsets(d, hidden, 2).batched(bsz, h, [t * hidden, d], [t * hidden, d], [h * 9 * t, 9 * t]);
-    check_gemm(&mut rng, g2, true, bsz * t * hidden, bsz * t * hidden, bsz * h * 9 * t);
+    let g2 = Gemm::new(t - 1, 7, d)
+        .ld(hidden, hidden, 9)
+        .offsets(d, hidden, 2)
+        .batched(bsz, h, [t * hidden, d], [t * hidden, d], [h * 9 * t, 9 * t]);
+    check_gemm(
+        &mut rng,
+        g2,
+        true,
+        bsz * t * hidden,
+        bsz * t * hidden,
+        bsz * h * 9 * t,
+    );
 }
 
 #[test]
@@ -210,9 +259,11 @@ fn matmul_rejects_short_buffers() {
     let c = ctx.buffer_zeros("c", 10);
     let mut enc = ctx.encoder();
     let err = matmul::gemm(ctx, &mut enc, &Gemm::new(4, 4, 4), &a, &b, None, &c);
-    assert!(err.is_err(), "a 4x4x4 product on 10-element buffers must be rejected");
+    assert!(
+        err.is_err(),
+        "a 4x4x4 product on 10-element buffers must be rejected"
+    );
 }
-
 
 // ---------------------------------------------------------------- gelu
 
@@ -226,13 +277,22 @@ fn gelu_matches_reference() {
     x.extend([0.0, -10.0, 10.0]);
     let dy = rng.vec(x.len());
     let n = x.len();
-    let (gx, gdy, gy, gdx) = (ctx.buffer_f32("x", &x), ctx.buffer_f32("dy", &dy), ctx.buffer_zeros("y", n), ctx.buffer_zeros("dx", n));
+    let (gx, gdy, gy, gdx) = (
+        ctx.buffer_f32("x", &x),
+        ctx.buffer_f32("dy", &dy),
+        ctx.buffer_zeros("y", n),
+        ctx.buffer_zeros("dx", n),
+    );
     let mut enc = ctx.encoder();
     gelu::gelu_forward(ctx, &mut enc, &gx, &gy, n).unwrap();
     gelu::gelu_backward(ctx, &mut enc, &gx, &gdy, &gdx, n).unwrap();
     ctx.submit(enc);
     let y: Vec<f32> = x.iter().map(|&v| cpu_ref::gelu(v)).collect();
-    let dx: Vec<f32> = x.iter().zip(&dy).map(|(&v, &d)| d * cpu_ref::gelu_grad(v)).collect();
+    let dx: Vec<f32> = x
+        .iter()
+        .zip(&dy)
+        .map(|(&v, &d)| d * cpu_ref::gelu_grad(v))
+        .collect();
     // erf approximation error 1.5e-7, times |x|/2 <= 5 for the forward.
     assert_close("gelu forward", &read(&gy), &y, 1e-6, 1e-5);
     assert_close("gelu backward", &read(&gdx), &dx, 1e-6, 1e-5);
@@ -241,8 +301,17 @@ fn gelu_matches_reference() {
 #[test]
 fn gelu_reference_is_exact() {
     // The f64 erf behind the reference, against tabulated values.
-    for (x, e) in [(0.5, 0.520_499_877_813_046_5), (1.0, 0.842_700_792_949_714_9), (2.0, 0.995_322_265_018_952_7), (3.0, 0.999_977_909_503_001_4)] {
-        assert!((cpu_ref::erf(x) - e).abs() < 1e-14, "erf({x}) = {} != {e}", cpu_ref::erf(x));
+    for (x, e) in [
+        (0.5, 0.520_499_877_813_046_5),
+        (1.0, 0.842_700_792_949_714_9),
+        (2.0, 0.995_322_265_018_952_7),
+        (3.0, 0.999_977_909_503_001_4),
+    ] {
+        assert!(
+            (cpu_ref::erf(x) - e).abs() < 1e-14,
+            "erf({x}) = {} != {e}",
+            cpu_ref::erf(x)
+        );
         assert!((cpu_ref::erf(-x) + e).abs() < 1e-14);
     }
 }
@@ -255,7 +324,11 @@ fn layernorm_matches_reference() {
     let mut rng = Rng(5);
     // h = 61 (< 64 invocations) and 389 (several per invocation).
     for (rows, h, with_residual) in [(37, 61, false), (37, 61, true), (5, 389, true)] {
-        let shape = LayerNormShape { rows, h, eps: 1e-12 };
+        let shape = LayerNormShape {
+            rows,
+            h,
+            eps: 1e-12,
+        };
         let n = rows * h;
         // Offset the inputs so the mean matters.
         let x: Vec<f32> = rng.vec(n).iter().map(|v| 3.0 * v + 0.5).collect();
@@ -270,11 +343,17 @@ fn layernorm_matches_reference() {
             ctx.buffer_f32("beta", &beta),
             ctx.buffer_f32("dy", &dy),
         );
-        let (gy, gstats, gdx) = (ctx.buffer_zeros("y", n), ctx.buffer_zeros("stats", 2 * rows), ctx.buffer_zeros("dx", n));
+        let (gy, gstats, gdx) = (
+            ctx.buffer_zeros("y", n),
+            ctx.buffer_zeros("stats", 2 * rows),
+            ctx.buffer_zeros("dx", n),
+        );
         let r = with_residual.then_some(&gres);
         let mut enc = ctx.encoder();
-        layernorm::layernorm_forward(ctx, &mut enc, &shape, &gx, r, &gg, &gb, &gy, &gstats).unwrap();
-        layernorm::layernorm_backward(ctx, &mut enc, &shape, &gx, r, &gg, &gstats, &gdy, &gdx).unwrap();
+        layernorm::layernorm_forward(ctx, &mut enc, &shape, &gx, r, &gg, &gb, &gy, &gstats)
+            .unwrap();
+        layernorm::layernorm_backward(ctx, &mut enc, &shape, &gx, r, &gg, &gstats, &gdy, &gdx)
+            .unwrap();
         ctx.submit(enc);
         let rr = with_residual.then_some(&res[..]);
         let (y, stats) = cpu_ref::layernorm_forward(&x, rr, &gamma, &beta, h, 1e-12);
@@ -294,10 +373,21 @@ fn lora_sb_matches_reference() {
     let mut rng = Rng(6);
     // 3 sequences of 13 tokens (rows 39); the last tokens of each are padding.
     let (batch, seq) = (3, 13);
-    let d = LoraSbDims { rows: batch * seq, in_features: 61, out_features: 53, rank: 11 };
+    let d = LoraSbDims {
+        rows: batch * seq,
+        in_features: 61,
+        out_features: 53,
+        rank: 11,
+    };
     let lengths = [13, 7, 1];
     let sample_of: Vec<u32> = (0..d.rows)
-        .map(|t| if t % seq < lengths[t / seq] { (t / seq) as u32 } else { u32::MAX })
+        .map(|t| {
+            if t % seq < lengths[t / seq] {
+                (t / seq) as u32
+            } else {
+                u32::MAX
+            }
+        })
         .collect();
     let x = rng.vec(d.rows * d.in_features);
     let a = rng.vec(d.rank * d.in_features);
@@ -309,13 +399,27 @@ fn lora_sb_matches_reference() {
     dy[d.rows * d.out_features - 1] = 5.0;
     let dx0 = rng.vec(d.rows * d.in_features);
     let g = |name: &str, v: &[f32]| ctx.buffer_f32(name, v);
-    let (gx, ga, gr, gb, gy, gdy, gdx) = (g("x", &x), g("a", &a), g("r", &r), g("b", &b), g("y", &y0), g("dy", &dy), g("dx", &dx0));
+    let (gx, ga, gr, gb, gy, gdy, gdx) = (
+        g("x", &x),
+        g("a", &a),
+        g("r", &r),
+        g("b", &b),
+        g("y", &y0),
+        g("dy", &dy),
+        g("dx", &dx0),
+    );
     let gsample = ctx.buffer_u32("sample_of", &sample_of);
     let rr = d.rows * d.rank;
-    let (gxa, gtmp, gu, ggrad) = (ctx.buffer_zeros("xa", rr), ctx.buffer_zeros("tmp", rr), ctx.buffer_zeros("u", rr), ctx.buffer_zeros("grad", batch * d.rank * d.rank));
+    let (gxa, gtmp, gu, ggrad) = (
+        ctx.buffer_zeros("xa", rr),
+        ctx.buffer_zeros("tmp", rr),
+        ctx.buffer_zeros("u", rr),
+        ctx.buffer_zeros("grad", batch * d.rank * d.rank),
+    );
     let mut enc = ctx.encoder();
     lora_sb::lora_sb_forward(ctx, &mut enc, &d, &gx, &ga, &gr, &gb, &gxa, &gtmp, &gy).unwrap();
-    lora_sb::lora_sb_backward_input(ctx, &mut enc, &d, &gdy, &ga, &gr, &gb, &gu, &gtmp, &gdx).unwrap();
+    lora_sb::lora_sb_backward_input(ctx, &mut enc, &d, &gdy, &ga, &gr, &gb, &gu, &gtmp, &gdx)
+        .unwrap();
     lora_sb::lora_sb_grad_r(ctx, &mut enc, &d, &gu, &gxa, &gsample, batch, seq, &ggrad).unwrap();
     ctx.submit(enc);
     let (xa, y) = cpu_ref::lora_sb_forward(&x, &a, &r, &b, &y0, &d);
@@ -324,9 +428,17 @@ fn lora_sb_matches_reference() {
     assert_close("lora_sb xa", &read(&gxa), &xa, 1e-4, 1e-4);
     assert_close("lora_sb y", &read(&gy), &y, 1e-3, 1e-4);
     assert_close("lora_sb dx", &read(&gdx), &dx, 1e-3, 1e-4);
-    assert_close("lora_sb per-sample grad R", &read(&ggrad), &grads, 1e-3, 1e-4);
+    assert_close(
+        "lora_sb per-sample grad R",
+        &read(&ggrad),
+        &grads,
+        1e-3,
+        1e-4,
+    );
     // The one-token sample: G_2 = u_t ⊗ xa_t of its single valid token only.
-    assert!(read(&ggrad)[2 * d.rank * d.rank..].iter().any(|&v| v != 0.0));
+    assert!(read(&ggrad)[2 * d.rank * d.rank..]
+        .iter()
+        .any(|&v| v != 0.0));
 }
 
 // ---------------------------------------------------------------- attention
@@ -336,19 +448,37 @@ fn attention_matches_reference() {
     let ctx = ctx();
     let mut rng = Rng(7);
     // 3 sequences of 37 tokens, 3 heads of 13; padding at the ends.
-    let s = AttentionShape { batch: 3, seq: 37, heads: 3, head_dim: 13 };
+    let s = AttentionShape {
+        batch: 3,
+        seq: 37,
+        heads: 3,
+        head_dim: 13,
+    };
     let lengths = [37, 20, 1];
-    let mask: Vec<u32> = (0..s.batch * s.seq).map(|i| u32::from(i % s.seq < lengths[i / s.seq])).collect();
+    let mask: Vec<u32> = (0..s.batch * s.seq)
+        .map(|i| u32::from(i % s.seq < lengths[i / s.seq]))
+        .collect();
     let n = s.batch * s.seq * s.heads * s.head_dim;
     let (q, k, v, dctx) = (rng.vec(n), rng.vec(n), rng.vec(n), rng.vec(n));
     let g = |name: &str, x: &[f32]| ctx.buffer_f32(name, x);
     let (gq, gk, gv, gdctx) = (g("q", &q), g("k", &k), g("v", &v), g("dctx", &dctx));
     let gmask = ctx.buffer_u32("mask", &mask);
-    let (gp, gdp, gc) = (ctx.buffer_zeros("probs", s.probs_len()), ctx.buffer_zeros("dprobs", s.probs_len()), ctx.buffer_zeros("ctx", n));
-    let (gdq, gdk, gdv) = (ctx.buffer_zeros("dq", n), ctx.buffer_zeros("dk", n), ctx.buffer_zeros("dv", n));
+    let (gp, gdp, gc) = (
+        ctx.buffer_zeros("probs", s.probs_len()),
+        ctx.buffer_zeros("dprobs", s.probs_len()),
+        ctx.buffer_zeros("ctx", n),
+    );
+    let (gdq, gdk, gdv) = (
+        ctx.buffer_zeros("dq", n),
+        ctx.buffer_zeros("dk", n),
+        ctx.buffer_zeros("dv", n),
+    );
     let mut enc = ctx.encoder();
     attention::attention_forward(ctx, &mut enc, &s, &gq, &gk, &gv, &gmask, &gp, &gc).unwrap();
-    attention::attention_backward(ctx, &mut enc, &s, &gq, &gk, &gv, &gp, &gdctx, &gdp, &gdq, &gdk, &gdv).unwrap();
+    attention::attention_backward(
+        ctx, &mut enc, &s, &gq, &gk, &gv, &gp, &gdctx, &gdp, &gdq, &gdk, &gdv,
+    )
+    .unwrap();
     ctx.submit(enc);
     let (probs, context) = cpu_ref::attention_forward(&q, &k, &v, &mask, &s);
     let (dq, dk, dv) = cpu_ref::attention_backward(&q, &k, &v, &mask, &dctx, &s);
@@ -359,7 +489,11 @@ fn attention_matches_reference() {
     assert_close("attention dv", &read(&gdv), &dv, 1e-5, 1e-4);
     // Padding keys get exactly zero probability and zero gradient.
     let p = read(&gp);
-    assert!(p[((2 * s.heads) * s.seq) * s.seq + 1..((2 * s.heads) * s.seq) * s.seq + s.seq].iter().all(|&x| x == 0.0));
+    assert!(
+        p[((2 * s.heads) * s.seq) * s.seq + 1..((2 * s.heads) * s.seq) * s.seq + s.seq]
+            .iter()
+            .all(|&x| x == 0.0)
+    );
 }
 
 // ---------------------------------------------------------------- adamw
@@ -370,9 +504,19 @@ fn adamw_matches_reference() {
     let mut rng = Rng(8);
     let n = 1037;
     let param = rng.vec(n);
-    let opt = AdamW { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
+    let opt = AdamW {
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+    };
     let grads: Vec<Vec<f32>> = (0..3).map(|_| rng.vec(n)).collect();
-    let (gp, gm, gv) = (ctx.buffer_f32("param", &param), ctx.buffer_zeros("m", n), ctx.buffer_zeros("v", n));
+    let (gp, gm, gv) = (
+        ctx.buffer_f32("param", &param),
+        ctx.buffer_zeros("m", n),
+        ctx.buffer_zeros("v", n),
+    );
     for (step, g) in grads.iter().enumerate() {
         let gg = ctx.buffer_f32("grad", g);
         let mut enc = ctx.encoder();
@@ -389,25 +533,54 @@ fn adamw_matches_reference() {
 fn head_matches_reference() {
     let ctx = ctx();
     let mut rng = Rng(9);
-    let s = HeadShape { batch: 5, seq: 13, hidden: 71, classes: 3 };
+    let s = HeadShape {
+        batch: 5,
+        seq: 13,
+        hidden: 71,
+        classes: 3,
+    };
     let lengths = [13, 4, 1, 0, 9]; // sample 3 has no valid token: pooled must be 0, not NaN
-    let mask: Vec<u32> = (0..s.batch * s.seq).map(|i| u32::from(i % s.seq < lengths[i / s.seq])).collect();
-    let labels: Vec<u32> = (0..s.batch).map(|_| rng.below(s.classes as u64) as u32).collect();
+    let mask: Vec<u32> = (0..s.batch * s.seq)
+        .map(|i| u32::from(i % s.seq < lengths[i / s.seq]))
+        .collect();
+    let labels: Vec<u32> = (0..s.batch)
+        .map(|_| rng.below(s.classes as u64) as u32)
+        .collect();
     let x = rng.vec(s.batch * s.seq * s.hidden);
     let w = rng.vec(s.classes * s.hidden);
     let bias = rng.vec(s.classes);
     let dpooled = rng.vec(s.batch * s.hidden);
     let g = |name: &str, v: &[f32]| ctx.buffer_f32(name, v);
-    let (gx, gw, gbias, gdpooled) = (g("x", &x), g("w", &w), g("b", &bias), g("dpooled", &dpooled));
-    let (gmask, glabels) = (ctx.buffer_u32("mask", &mask), ctx.buffer_u32("labels", &labels));
+    let (gx, gw, gbias, gdpooled) = (
+        g("x", &x),
+        g("w", &w),
+        g("b", &bias),
+        g("dpooled", &dpooled),
+    );
+    let (gmask, glabels) = (
+        ctx.buffer_u32("mask", &mask),
+        ctx.buffer_u32("labels", &labels),
+    );
     let nc = s.batch * s.classes;
-    let (gpooled, glogits, gloss, gdlogits) = (ctx.buffer_zeros("pooled", s.batch * s.hidden), ctx.buffer_zeros("logits", nc), ctx.buffer_zeros("loss", s.batch), ctx.buffer_zeros("dlogits", nc));
-    let (gdx, gdw, gdb) = (ctx.buffer_zeros("dx", x.len()), ctx.buffer_zeros("dw", nc * s.hidden), ctx.buffer_zeros("db", nc));
+    let (gpooled, glogits, gloss, gdlogits) = (
+        ctx.buffer_zeros("pooled", s.batch * s.hidden),
+        ctx.buffer_zeros("logits", nc),
+        ctx.buffer_zeros("loss", s.batch),
+        ctx.buffer_zeros("dlogits", nc),
+    );
+    let (gdx, gdw, gdb) = (
+        ctx.buffer_zeros("dx", x.len()),
+        ctx.buffer_zeros("dw", nc * s.hidden),
+        ctx.buffer_zeros("db", nc),
+    );
     let scale = 1.0 / s.batch as f32;
     let mut enc = ctx.encoder();
     head::mean_pool_forward(ctx, &mut enc, &s, &gmask, &gx, &gpooled).unwrap();
     head::head_logits(ctx, &mut enc, &s, &gpooled, &gw, &gbias, &glogits).unwrap();
-    head::softmax_cross_entropy(ctx, &mut enc, &s, &glogits, &glabels, scale, &gloss, &gdlogits).unwrap();
+    head::softmax_cross_entropy(
+        ctx, &mut enc, &s, &glogits, &glabels, scale, &gloss, &gdlogits,
+    )
+    .unwrap();
     head::head_grad_per_sample(ctx, &mut enc, &s, &gpooled, &gdlogits, &gdw, &gdb).unwrap();
     head::mean_pool_backward(ctx, &mut enc, &s, &gmask, &gdpooled, &gdx).unwrap();
     ctx.submit(enc);
@@ -421,7 +594,8 @@ fn head_matches_reference() {
     for n in 0..s.batch {
         for c in 0..s.classes {
             for k in 0..s.hidden {
-                dw[(n * s.classes + c) * s.hidden + k] = dlogits[n * s.classes + c] * pooled[n * s.hidden + k];
+                dw[(n * s.classes + c) * s.hidden + k] =
+                    dlogits[n * s.classes + c] * pooled[n * s.hidden + k];
             }
         }
     }
@@ -445,12 +619,33 @@ fn embeddings_matches_reference() {
     let rows = batch * seq;
     let ids: Vec<u32> = (0..rows).map(|_| rng.below(vocab as u64) as u32).collect();
     let type_ids: Vec<u32> = (0..rows).map(|_| rng.below(types as u64) as u32).collect();
-    let (word, position, token_type) = (rng.vec(vocab * hidden), rng.vec(positions * hidden), rng.vec(types * hidden));
-    let (gw, gp, gt) = (ctx.buffer_f32("word", &word), ctx.buffer_f32("pos", &position), ctx.buffer_f32("type", &token_type));
-    let (gids, gtypes, gout) = (ctx.buffer_u32("ids", &ids), ctx.buffer_u32("type_ids", &type_ids), ctx.buffer_zeros("out", rows * hidden));
-    let tables = EmbeddingTables { word: &gw, position: &gp, token_type: &gt, vocab, positions, types, hidden };
+    let (word, position, token_type) = (
+        rng.vec(vocab * hidden),
+        rng.vec(positions * hidden),
+        rng.vec(types * hidden),
+    );
+    let (gw, gp, gt) = (
+        ctx.buffer_f32("word", &word),
+        ctx.buffer_f32("pos", &position),
+        ctx.buffer_f32("type", &token_type),
+    );
+    let (gids, gtypes, gout) = (
+        ctx.buffer_u32("ids", &ids),
+        ctx.buffer_u32("type_ids", &type_ids),
+        ctx.buffer_zeros("out", rows * hidden),
+    );
+    let tables = EmbeddingTables {
+        word: &gw,
+        position: &gp,
+        token_type: &gt,
+        vocab,
+        positions,
+        types,
+        hidden,
+    };
     let mut enc = ctx.encoder();
-    embeddings::embeddings_forward(ctx, &mut enc, &tables, &gids, &gtypes, rows, seq, &gout).unwrap();
+    embeddings::embeddings_forward(ctx, &mut enc, &tables, &gids, &gtypes, rows, seq, &gout)
+        .unwrap();
     ctx.submit(enc);
     let expected = cpu_ref::embeddings(&ids, &type_ids, &word, &position, &token_type, seq, hidden);
     assert_close("embeddings", &read(&gout), &expected, 1e-6, 1e-6);

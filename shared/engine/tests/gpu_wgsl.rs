@@ -16,7 +16,11 @@ fn every_wgsl_file_validates_with_naga() {
         .filter(|p| p.extension().is_some_and(|e| e == "wgsl"))
         .collect();
     files.sort();
-    assert!(!files.is_empty(), "no .wgsl files found in {}", dir.display());
+    assert!(
+        !files.is_empty(),
+        "no .wgsl files found in {}",
+        dir.display()
+    );
     let mut failures = Vec::new();
     for path in &files {
         let source = std::fs::read_to_string(path).expect("readable wgsl");
@@ -24,15 +28,23 @@ fn every_wgsl_file_validates_with_naga() {
         let module = match naga::front::wgsl::parse_str(&source) {
             Ok(m) => m,
             Err(e) => {
-                failures.push(format!("{name}: parse error:\n{}", e.emit_to_string(&source)));
+                failures.push(format!(
+                    "{name}: parse error:\n{}",
+                    e.emit_to_string(&source)
+                ));
                 continue;
             }
         };
-        let mut validator =
-            naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::empty());
+        let mut validator = naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::empty(),
+        );
         match validator.validate(&module) {
             Ok(_) => eprintln!("{name}: ok ({} entry points)", module.entry_points.len()),
-            Err(e) => failures.push(format!("{name}: validation error:\n{}", e.emit_to_string(&source))),
+            Err(e) => failures.push(format!(
+                "{name}: validation error:\n{}",
+                e.emit_to_string(&source)
+            )),
         }
         assert!(!module.entry_points.is_empty(), "{name} has no entry point");
     }

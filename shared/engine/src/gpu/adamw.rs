@@ -24,7 +24,13 @@ pub struct AdamW {
 
 impl Default for AdamW {
     fn default() -> Self {
-        Self { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }
+        Self {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
     }
 }
 
@@ -44,7 +50,10 @@ pub fn adamw_step(
 ) -> Result<(), GpuError> {
     for (name, b) in [("grad", grad), ("param", param), ("m", m), ("v", v)] {
         if b.len < n {
-            return Err(GpuError::Shape(format!("adamw: {name} has {} < {n} elements", b.len)));
+            return Err(GpuError::Shape(format!(
+                "adamw: {name} has {} < {n} elements",
+                b.len
+            )));
         }
     }
     if step == 0 {
@@ -66,7 +75,13 @@ pub fn adamw_step(
     ctx.dispatch(
         encoder,
         &kernel,
-        &[params.as_entire_binding(), grad.binding(), param.binding(), m.binding(), v.binding()],
+        &[
+            params.as_entire_binding(),
+            grad.binding(),
+            param.binding(),
+            m.binding(),
+            v.binding(),
+        ],
         groups_1d(n, 256),
     );
     Ok(())

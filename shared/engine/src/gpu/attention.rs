@@ -48,21 +48,29 @@ impl AttentionShape {
     fn scores_gemm(&self) -> Gemm {
         let (t, d, hd) = (self.seq, self.head_dim, self.hidden());
         // S = Q·Kᵀ: Q (T×D, ld H·D), K stored T×D (ld H·D) used transposed.
-        Gemm::new(t, t, d)
-            .trans_b()
-            .ld(hd, hd, t)
-            .batched(self.batch, self.heads, [t * hd, d], [t * hd, d], [self.heads * t * t, t * t])
+        Gemm::new(t, t, d).trans_b().ld(hd, hd, t).batched(
+            self.batch,
+            self.heads,
+            [t * hd, d],
+            [t * hd, d],
+            [self.heads * t * t, t * t],
+        )
     }
 }
 
 fn check(shape: &AttentionShape, bufs: &[(&str, &GpuBuffer, usize)]) -> Result<(), GpuError> {
     for (name, b, need) in bufs {
         if b.len < *need {
-            return Err(GpuError::Shape(format!("attention {shape:?}: {name} has {} < {need} elements", b.len)));
+            return Err(GpuError::Shape(format!(
+                "attention {shape:?}: {name} has {} < {need} elements",
+                b.len
+            )));
         }
     }
     if shape.batch * shape.heads > 65_535 {
-        return Err(GpuError::Shape(format!("attention {shape:?}: batch·heads above 65535")));
+        return Err(GpuError::Shape(format!(
+            "attention {shape:?}: batch·heads above 65535"
+        )));
     }
     Ok(())
 }
@@ -78,7 +86,12 @@ fn softmax(
 ) {
     let rows = shape.batch * shape.heads * shape.seq;
     let kernel = ctx.pipeline(&format!("attention/{entry}"), SOURCE, entry, &[]);
-    let params = ctx.uniform(&[rows as u32, shape.seq as u32, shape.heads as u32, shape.scale().to_bits()]);
+    let params = ctx.uniform(&[
+        rows as u32,
+        shape.seq as u32,
+        shape.heads as u32,
+        shape.scale().to_bits(),
+    ]);
     let mut bindings = vec![(0, params.as_entire_binding()), (2, probs.binding())];
     match grad {
         Some(g) => bindings.push((3, g.binding())),
@@ -101,14 +114,44 @@ pub fn attention_forward(
     context: &GpuBuffer,
 ) -> Result<(), GpuError> {
     let n = shape.batch * shape.seq * shape.hidden();
-    check(shape, &[("q", q, n), ("k", k, n), ("v", v, n), ("key_mask", key_mask, shape.batch * shape.seq), ("probs", probs, shape.probs_len()), ("context", context, n)])?;
+    check(
+        shape,
+        &[
+            ("q", q, n),
+            ("k", k, n),
+            ("v", v, n),
+            ("key_mask", key_mask, shape.batch * shape.seq),
+            ("probs", probs, shape.probs_len()),
+            ("context", context, n),
+        ],
+    )?;
     let (t, d, hd) = (shape.seq, shape.head_dim, shape.hidden());
-    gemm(ctx, encoder, &shape.scores_gemm().alpha(shape.scale()), q, k, None, probs)?;
-    softmax(ctx, encoder, shape, "softmax_forward", key_mask, probs, None);
+    gemm(
+        ctx,
+        encoder,
+        &shape.scores_gemm().alpha(shape.scale()),
+        q,
+        k,
+        None,
+        probs,
+    )?;
+    softmax(
+        ctx,
+        encoder,
+        shape,
+        "softmax_forward",
+        key_mask,
+        probs,
+        None,
+    );
     // context(b, h) = P(b, h) [T×T] · V(b, h) [T×D].
-    let pv = Gemm::new(t, d, t)
-        .ld(t, hd, hd)
-        .batched(shape.batch, shape.heads, [shape.heads * t * t, t * t], [t * hd, d], [t * hd, d]);
+    let pv = Gemm::new(t, d, t).ld(t, hd, hd).batched(
+        shape.batch,
+        shape.heads,
+        [shape.heads * t * t, t * t],
+        [t * hd, d],
+        [t * hd, d],
+    );
     gemm(ctx, encoder, &pv, probs, v, None, context)
 }
 
@@ -130,17 +173,87 @@ pub fn attention_backward(
     dv: &GpuBuffer,
 ) -> Result<(), GpuError> {
     let n = shape.batch * shape.seq * shape.hidden();
-    check(shape, &[("q", q, n), ("k", k, n), ("v", v, n), ("probs", probs, shape.probs_len()), ("dcontext", dcontext, n), ("dprobs", dprobs, shape.probs_len()), ("dq", dq, n), ("dk", dk, n), ("dv", dv, n)])?;
-    let (t, d, hd, hh, b) = (shape.seq, shape.head_dim, shape.hidden(), shape.heads, shape.batch);
+    check(
+        shape,
+        &[
+            ("q", q, n),
+            ("k", k, n),
+            ("v", v, n),
+            ("probs", probs, shape.probs_len()),
+            ("dcontext", dcontext, n),
+            ("dprobs", dprobs, shape.probs_len()),
+            ("dq", dq, n),
+            ("dk", dk, n),
+            ("dv", dv, n),
+        ],
+    )?;
+    let (t, d, hd, hh, b) = (
+        shape.seq,
+        shape.head_dim,
+        shape.hidden(),
+        shape.heads,
+        shape.batch,
+    );
     let tok = [t * hd, d]; // strides of a head's T×D slice in token-major storage
     let sq = [hh * t * t, t * t]; // strides of a head's T×T slice
-    // dP = dctx·Vᵀ (T×D · (T×D)ᵀ).
-    gemm(ctx, encoder, &Gemm::new(t, t, d).trans_b().ld(hd, hd, t).batched(b, hh, tok, tok, sq), dcontext, v, None, dprobs)?;
+                                  // dP = dctx·Vᵀ (T×D · (T×D)ᵀ).
+    gemm(
+        ctx,
+        encoder,
+        &Gemm::new(t, t, d)
+            .trans_b()
+            .ld(hd, hd, t)
+            .batched(b, hh, tok, tok, sq),
+        dcontext,
+        v,
+        None,
+        dprobs,
+    )?;
     // dV = Pᵀ·dctx (P stored T×T used transposed).
-    gemm(ctx, encoder, &Gemm::new(t, d, t).trans_a().ld(t, hd, hd).batched(b, hh, sq, tok, tok), probs, dcontext, None, dv)?;
+    gemm(
+        ctx,
+        encoder,
+        &Gemm::new(t, d, t)
+            .trans_a()
+            .ld(t, hd, hd)
+            .batched(b, hh, sq, tok, tok),
+        probs,
+        dcontext,
+        None,
+        dv,
+    )?;
     // dS (scaled) in place of dP.
-    softmax(ctx, encoder, shape, "softmax_backward", probs, probs, Some(dprobs));
+    softmax(
+        ctx,
+        encoder,
+        shape,
+        "softmax_backward",
+        probs,
+        probs,
+        Some(dprobs),
+    );
     // dQ = dS·K, dK = dSᵀ·Q.
-    gemm(ctx, encoder, &Gemm::new(t, d, t).ld(t, hd, hd).batched(b, hh, sq, tok, tok), dprobs, k, None, dq)?;
-    gemm(ctx, encoder, &Gemm::new(t, d, t).trans_a().ld(t, hd, hd).batched(b, hh, sq, tok, tok), dprobs, q, None, dk)
+    gemm(
+        ctx,
+        encoder,
+        &Gemm::new(t, d, t)
+            .ld(t, hd, hd)
+            .batched(b, hh, sq, tok, tok),
+        dprobs,
+        k,
+        None,
+        dq,
+    )?;
+    gemm(
+        ctx,
+        encoder,
+        &Gemm::new(t, d, t)
+            .trans_a()
+            .ld(t, hd, hd)
+            .batched(b, hh, sq, tok, tok),
+        dprobs,
+        q,
+        None,
+        dk,
+    )
 }

@@ -79,7 +79,8 @@ impl std::fmt::Debug for GpuContext {
 /// Names of all adapters wgpu can see natively (for `--adapter` help texts).
 #[cfg(not(target_arch = "wasm32"))]
 pub async fn adapter_names() -> Vec<String> {
-    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
     instance
         .enumerate_adapters(wgpu::Backends::all())
         .await
@@ -99,7 +100,8 @@ impl GpuContext {
     /// (`max_storage_buffer_binding_size`, `max_buffer_size`,
     /// `max_compute_workgroup_storage_size`) to what the adapter supports.
     pub async fn new(options: &GpuOptions<'_>) -> Result<Self, GpuError> {
-        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let instance =
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
         let adapter = Self::pick_adapter(&instance, options.adapter).await?;
         let info = adapter.get_info();
         let supported = adapter.limits();
@@ -146,19 +148,15 @@ impl GpuContext {
         name: Option<&str>,
     ) -> Result<wgpu::Adapter, GpuError> {
         let matches = |a: &wgpu::Adapter, n: &str| {
-            a.get_info()
-                .name
-                .to_lowercase()
-                .contains(&n.to_lowercase())
+            a.get_info().name.to_lowercase().contains(&n.to_lowercase())
         };
         #[cfg(not(target_arch = "wasm32"))]
         if let Some(n) = name {
             let all = instance.enumerate_adapters(wgpu::Backends::all()).await;
             let seen: Vec<String> = all.iter().map(|a| a.get_info().name).collect();
-            return all
-                .into_iter()
-                .find(|a| matches(a, n))
-                .ok_or_else(|| GpuError::NoAdapter(format!("no adapter matches {n:?}; seen {seen:?}")));
+            return all.into_iter().find(|a| matches(a, n)).ok_or_else(|| {
+                GpuError::NoAdapter(format!("no adapter matches {n:?}; seen {seen:?}"))
+            });
         }
         let adapter = instance
             .request_adapter(&wgpu::RequestAdapterOptions {
@@ -189,7 +187,9 @@ impl GpuContext {
     }
 
     fn storage(&self, label: &str, bytes: &[u8], len: usize) -> GpuBuffer {
-        let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+        let usage = wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_SRC
+            | wgpu::BufferUsages::COPY_DST;
         let buffer = if bytes.is_empty() {
             self.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
@@ -198,11 +198,12 @@ impl GpuContext {
                 mapped_at_creation: false,
             })
         } else {
-            self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some(label),
-                contents: bytes,
-                usage,
-            })
+            self.device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some(label),
+                    contents: bytes,
+                    usage,
+                })
         };
         GpuBuffer { buffer, len }
     }
@@ -222,7 +223,9 @@ impl GpuContext {
         let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size: (len.max(1) * 4) as u64,
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
         GpuBuffer { buffer, len }
@@ -238,24 +241,28 @@ impl GpuContext {
             )));
         }
         if !data.is_empty() {
-            self.queue.write_buffer(&buffer.buffer, 0, bytemuck::cast_slice(data));
+            self.queue
+                .write_buffer(&buffer.buffer, 0, bytemuck::cast_slice(data));
         }
         Ok(())
     }
 
     /// A uniform buffer from 4-byte words (kernel parameters).
     pub(crate) fn uniform(&self, words: &[u32]) -> wgpu::Buffer {
-        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("params"),
-            contents: bytemuck::cast_slice(words),
-            usage: wgpu::BufferUsages::UNIFORM,
-        })
+        self.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("params"),
+                contents: bytemuck::cast_slice(words),
+                usage: wgpu::BufferUsages::UNIFORM,
+            })
     }
 
     /// A new command encoder.
     pub fn encoder(&self) -> wgpu::CommandEncoder {
         self.device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("fedsb") })
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("fedsb"),
+            })
     }
 
     /// Submits the encoder's commands.
@@ -333,22 +340,26 @@ impl GpuContext {
         if let Some(k) = cache.get(id) {
             return k.clone();
         }
-        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some(id),
-            source: wgpu::ShaderSource::Wgsl(Cow::Borrowed(source)),
-        });
-        let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(id),
-            layout: None,
-            module: &module,
-            entry_point: Some(entry),
-            compilation_options: wgpu::PipelineCompilationOptions {
-                constants,
-                // Every kernel writes its workgroup memory before reading it.
-                zero_initialize_workgroup_memory: false,
-            },
-            cache: None,
-        });
+        let module = self
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(id),
+                source: wgpu::ShaderSource::Wgsl(Cow::Borrowed(source)),
+            });
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(id),
+                layout: None,
+                module: &module,
+                entry_point: Some(entry),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants,
+                    // Every kernel writes its workgroup memory before reading it.
+                    zero_initialize_workgroup_memory: false,
+                },
+                cache: None,
+            });
         let layout = pipeline.get_bind_group_layout(0);
         let kernel = Kernel { pipeline, layout };
         cache.insert(id.to_string(), kernel.clone());

@@ -9,14 +9,24 @@ use super::matmul::Gemm;
 pub fn gemm(g: &Gemm, a: &[f32], b: &[f32], bias: Option<&[f32]>, c: &mut [f32]) {
     for outer in 0..g.batch[0] {
         for inner in 0..g.batch[1] {
-            let base = |w: usize| g.offsets[w] + outer * g.batch_strides[w][0] + inner * g.batch_strides[w][1];
+            let base = |w: usize| {
+                g.offsets[w] + outer * g.batch_strides[w][0] + inner * g.batch_strides[w][1]
+            };
             let (ab, bb, cb) = (base(0), base(1), base(2));
             for i in 0..g.m {
                 for j in 0..g.n {
                     let mut s = 0.0f64;
                     for l in 0..g.k {
-                        let av = if g.trans_a { a[ab + l * g.ld[0] + i] } else { a[ab + i * g.ld[0] + l] };
-                        let bv = if g.trans_b { b[bb + j * g.ld[1] + l] } else { b[bb + l * g.ld[1] + j] };
+                        let av = if g.trans_a {
+                            a[ab + l * g.ld[0] + i]
+                        } else {
+                            a[ab + i * g.ld[0] + l]
+                        };
+                        let bv = if g.trans_b {
+                            b[bb + j * g.ld[1] + l]
+                        } else {
+                            b[bb + l * g.ld[1] + j]
+                        };
                         s += av as f64 * bv as f64;
                     }
                     let mut v = g.alpha as f64 * s;
@@ -121,7 +131,9 @@ pub fn layernorm_backward(
         let var = s.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / h as f64;
         let rstd = 1.0 / (var + eps as f64).sqrt();
         let xhat: Vec<f64> = s.iter().map(|v| (v - mean) * rstd).collect();
-        let g: Vec<f64> = (0..h).map(|j| dy[r * h + j] as f64 * gamma[j] as f64).collect();
+        let g: Vec<f64> = (0..h)
+            .map(|j| dy[r * h + j] as f64 * gamma[j] as f64)
+            .collect();
         let mg = g.iter().sum::<f64>() / h as f64;
         let mgx = g.iter().zip(&xhat).map(|(a, b)| a * b).sum::<f64>() / h as f64;
         for j in 0..h {
@@ -136,7 +148,9 @@ fn matmul_nt(x: &[f32], w: &[f32], rows: usize, inner: usize, out: usize) -> Vec
     let mut y = vec![0.0; rows * out];
     for t in 0..rows {
         for o in 0..out {
-            y[t * out + o] = (0..inner).map(|k| x[t * inner + k] as f64 * w[o * inner + k] as f64).sum();
+            y[t * out + o] = (0..inner)
+                .map(|k| x[t * inner + k] as f64 * w[o * inner + k] as f64)
+                .sum();
         }
     }
     y
@@ -155,7 +169,13 @@ pub fn lora_sb_forward(
     let mut out = y.to_vec();
     for t in 0..d.rows {
         // (R·(A·x))_i
-        let rax: Vec<f64> = (0..d.rank).map(|i| (0..d.rank).map(|j| r[i * d.rank + j] as f64 * xa[t * d.rank + j]).sum()).collect();
+        let rax: Vec<f64> = (0..d.rank)
+            .map(|i| {
+                (0..d.rank)
+                    .map(|j| r[i * d.rank + j] as f64 * xa[t * d.rank + j])
+                    .sum()
+            })
+            .collect();
         for o in 0..d.out_features {
             let add: f64 = (0..d.rank).map(|i| b[o * d.rank + i] as f64 * rax[i]).sum();
             out[t * d.out_features + o] = (out[t * d.out_features + o] as f64 + add) as f32;
@@ -184,15 +204,27 @@ pub fn lora_sb_backward(
     for t in 0..d.rows {
         // u = Bᵀ·dy_t, ax = A·x_t
         let u: Vec<f64> = (0..rk)
-            .map(|i| (0..d.out_features).map(|o| dy[t * d.out_features + o] as f64 * b[o * rk + i] as f64).sum())
+            .map(|i| {
+                (0..d.out_features)
+                    .map(|o| dy[t * d.out_features + o] as f64 * b[o * rk + i] as f64)
+                    .sum()
+            })
             .collect();
         let ax: Vec<f64> = (0..rk)
-            .map(|j| (0..d.in_features).map(|k| a[j * d.in_features + k] as f64 * x[t * d.in_features + k] as f64).sum())
+            .map(|j| {
+                (0..d.in_features)
+                    .map(|k| a[j * d.in_features + k] as f64 * x[t * d.in_features + k] as f64)
+                    .sum()
+            })
             .collect();
         // dx_t += Aᵀ·Rᵀ·u
-        let ru: Vec<f64> = (0..rk).map(|j| (0..rk).map(|i| r[i * rk + j] as f64 * u[i]).sum()).collect();
+        let ru: Vec<f64> = (0..rk)
+            .map(|j| (0..rk).map(|i| r[i * rk + j] as f64 * u[i]).sum())
+            .collect();
         for k in 0..d.in_features {
-            let add: f64 = (0..rk).map(|j| ru[j] * a[j * d.in_features + k] as f64).sum();
+            let add: f64 = (0..rk)
+                .map(|j| ru[j] * a[j * d.in_features + k] as f64)
+                .sum();
             dx_out[t * d.in_features + k] = (dx_out[t * d.in_features + k] as f64 + add) as f32;
         }
         let n = sample_of[t] as usize;
@@ -224,17 +256,42 @@ pub fn attention_forward(
         for hh in 0..h {
             for i in 0..t {
                 let scores: Vec<f64> = (0..t)
-                    .map(|j| (0..d).map(|e| q[(b * t + i) * hd + hh * d + e] as f64 * k[(b * t + j) * hd + hh * d + e] as f64).sum::<f64>() * scale)
+                    .map(|j| {
+                        (0..d)
+                            .map(|e| {
+                                q[(b * t + i) * hd + hh * d + e] as f64
+                                    * k[(b * t + j) * hd + hh * d + e] as f64
+                            })
+                            .sum::<f64>()
+                            * scale
+                    })
                     .collect();
                 let valid = |j: usize| key_mask[b * t + j] != 0;
-                let m = (0..t).filter(|&j| valid(j)).map(|j| scores[j]).fold(f64::NEG_INFINITY, f64::max);
-                let z: f64 = (0..t).filter(|&j| valid(j)).map(|j| (scores[j] - m).exp()).sum();
-                let row: Vec<f64> = (0..t).map(|j| if valid(j) { (scores[j] - m).exp() / z } else { 0.0 }).collect();
+                let m = (0..t)
+                    .filter(|&j| valid(j))
+                    .map(|j| scores[j])
+                    .fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = (0..t)
+                    .filter(|&j| valid(j))
+                    .map(|j| (scores[j] - m).exp())
+                    .sum();
+                let row: Vec<f64> = (0..t)
+                    .map(|j| {
+                        if valid(j) {
+                            (scores[j] - m).exp() / z
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
                 for j in 0..t {
                     probs[((b * h + hh) * t + i) * t + j] = row[j] as f32;
                 }
                 for e in 0..d {
-                    ctx[(b * t + i) * hd + hh * d + e] = (0..t).map(|j| row[j] * v[(b * t + j) * hd + hh * d + e] as f64).sum::<f64>() as f32;
+                    ctx[(b * t + i) * hd + hh * d + e] = (0..t)
+                        .map(|j| row[j] * v[(b * t + j) * hd + hh * d + e] as f64)
+                        .sum::<f64>()
+                        as f32;
                 }
             }
         }
@@ -258,12 +315,22 @@ pub fn attention_backward(
     let mut dq = vec![0.0f64; q.len()];
     let mut dk = vec![0.0f64; k.len()];
     let mut dv = vec![0.0f64; v.len()];
-    let at = |buf: &[f32], b: usize, i: usize, hh: usize, e: usize| buf[(b * t + i) * hd + hh * d + e] as f64;
+    let at = |buf: &[f32], b: usize, i: usize, hh: usize, e: usize| {
+        buf[(b * t + i) * hd + hh * d + e] as f64
+    };
     for b in 0..bsz {
         for hh in 0..h {
             for i in 0..t {
-                let p: Vec<f64> = (0..t).map(|j| probs[((b * h + hh) * t + i) * t + j] as f64).collect();
-                let dp: Vec<f64> = (0..t).map(|j| (0..d).map(|e| at(dctx, b, i, hh, e) * at(v, b, j, hh, e)).sum()).collect();
+                let p: Vec<f64> = (0..t)
+                    .map(|j| probs[((b * h + hh) * t + i) * t + j] as f64)
+                    .collect();
+                let dp: Vec<f64> = (0..t)
+                    .map(|j| {
+                        (0..d)
+                            .map(|e| at(dctx, b, i, hh, e) * at(v, b, j, hh, e))
+                            .sum()
+                    })
+                    .collect();
                 let dot: f64 = (0..t).map(|j| p[j] * dp[j]).sum();
                 for j in 0..t {
                     let ds = p[j] * (dp[j] - dot) * scale;
@@ -309,7 +376,11 @@ pub fn mean_pool(x: &[f32], mask: &[u32], s: &super::head::HeadShape) -> Vec<f32
         let valid: Vec<usize> = (0..s.seq).filter(|&t| mask[n * s.seq + t] != 0).collect();
         let count = valid.len().max(1) as f64;
         for k in 0..s.hidden {
-            out[n * s.hidden + k] = (valid.iter().map(|&t| x[(n * s.seq + t) * s.hidden + k] as f64).sum::<f64>() / count) as f32;
+            out[n * s.hidden + k] = (valid
+                .iter()
+                .map(|&t| x[(n * s.seq + t) * s.hidden + k] as f64)
+                .sum::<f64>()
+                / count) as f32;
         }
     }
     out
@@ -319,7 +390,10 @@ pub fn mean_pool(x: &[f32], mask: &[u32], s: &super::head::HeadShape) -> Vec<f32
 pub fn mean_pool_backward(dpooled: &[f32], mask: &[u32], s: &super::head::HeadShape) -> Vec<f32> {
     let mut dx = vec![0.0; s.batch * s.seq * s.hidden];
     for n in 0..s.batch {
-        let count = (0..s.seq).filter(|&t| mask[n * s.seq + t] != 0).count().max(1) as f32;
+        let count = (0..s.seq)
+            .filter(|&t| mask[n * s.seq + t] != 0)
+            .count()
+            .max(1) as f32;
         for t in 0..s.seq {
             if mask[n * s.seq + t] != 0 {
                 for k in 0..s.hidden {
@@ -332,12 +406,20 @@ pub fn mean_pool_backward(dpooled: &[f32], mask: &[u32], s: &super::head::HeadSh
 }
 
 /// Per-sample softmax cross-entropy: (loss, `scale·(softmax - onehot)`).
-pub fn softmax_cross_entropy(logits: &[f32], labels: &[u32], classes: usize, scale: f32) -> (Vec<f32>, Vec<f32>) {
+pub fn softmax_cross_entropy(
+    logits: &[f32],
+    labels: &[u32],
+    classes: usize,
+    scale: f32,
+) -> (Vec<f32>, Vec<f32>) {
     let batch = labels.len();
     let mut loss = vec![0.0; batch];
     let mut dlogits = vec![0.0; batch * classes];
     for n in 0..batch {
-        let row: Vec<f64> = logits[n * classes..(n + 1) * classes].iter().map(|&v| v as f64).collect();
+        let row: Vec<f64> = logits[n * classes..(n + 1) * classes]
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
         let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let lse = m + row.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
         loss[n] = (lse - row[labels[n] as usize]) as f32;
@@ -363,7 +445,8 @@ pub fn embeddings(
     for row in 0..ids.len() {
         let (w, p, ty) = (ids[row] as usize, row % seq, type_ids[row] as usize);
         for k in 0..hidden {
-            out[row * hidden + k] = word[w * hidden + k] + position[p * hidden + k] + token_type[ty * hidden + k];
+            out[row * hidden + k] =
+                word[w * hidden + k] + position[p * hidden + k] + token_type[ty * hidden + k];
         }
     }
     out

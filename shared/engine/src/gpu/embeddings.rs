@@ -30,6 +30,7 @@ pub struct EmbeddingTables<'a> {
 /// `out[row] = word[ids[row]] + position[row % seq] + token_type[type_ids[row]]`
 /// for `rows = batch·seq` tokens. Ids must be below their table's size (larger
 /// ones are clamped to the last row).
+#[allow(clippy::too_many_arguments)]
 pub fn embeddings_forward(
     ctx: &GpuContext,
     encoder: &mut wgpu::CommandEncoder,
@@ -51,14 +52,26 @@ pub fn embeddings_forward(
     ];
     for (name, b, n) in need {
         if b.len < n {
-            return Err(GpuError::Shape(format!("embeddings: {name} has {} < {n} elements", b.len)));
+            return Err(GpuError::Shape(format!(
+                "embeddings: {name} has {} < {n} elements",
+                b.len
+            )));
         }
     }
     if t.vocab == 0 || t.positions == 0 || t.types == 0 || seq == 0 {
         return Err(GpuError::Shape("embeddings: empty table or seq = 0".into()));
     }
     let kernel = ctx.pipeline("embeddings/gather", SOURCE, "gather", &[]);
-    let params = ctx.uniform(&[rows as u32, seq as u32, h as u32, t.vocab as u32, t.positions as u32, t.types as u32, 0, 0]);
+    let params = ctx.uniform(&[
+        rows as u32,
+        seq as u32,
+        h as u32,
+        t.vocab as u32,
+        t.positions as u32,
+        t.types as u32,
+        0,
+        0,
+    ]);
     ctx.dispatch(
         encoder,
         &kernel,
@@ -71,7 +84,11 @@ pub fn embeddings_forward(
             t.token_type.binding(),
             out.binding(),
         ],
-        [h.div_ceil(64) as u32, rows.min(65_535) as u32, rows.div_ceil(65_535) as u32],
+        [
+            h.div_ceil(64) as u32,
+            rows.min(65_535) as u32,
+            rows.div_ceil(65_535) as u32,
+        ],
     );
     Ok(())
 }

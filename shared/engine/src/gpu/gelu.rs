@@ -10,7 +10,10 @@ const SOURCE: &str = include_str!("gelu.wgsl");
 fn check(n: usize, bufs: &[(&str, &GpuBuffer)]) -> Result<(), GpuError> {
     for (name, b) in bufs {
         if b.len < n {
-            return Err(GpuError::Shape(format!("gelu: {name} has {} < {n} elements", b.len)));
+            return Err(GpuError::Shape(format!(
+                "gelu: {name} has {} < {n} elements",
+                b.len
+            )));
         }
     }
     Ok(())
@@ -30,7 +33,11 @@ pub fn gelu_forward(
     ctx.dispatch_at(
         encoder,
         &kernel,
-        &[(0, params.as_entire_binding()), (1, x.binding()), (3, y.binding())],
+        &[
+            (0, params.as_entire_binding()),
+            (1, x.binding()),
+            (3, y.binding()),
+        ],
         groups_1d(n, 256),
     );
     Ok(())
@@ -51,7 +58,12 @@ pub fn gelu_backward(
     ctx.dispatch(
         encoder,
         &kernel,
-        &[params.as_entire_binding(), x.binding(), dy.binding(), dx.binding()],
+        &[
+            params.as_entire_binding(),
+            x.binding(),
+            dy.binding(),
+            dx.binding(),
+        ],
         groups_1d(n, 256),
     );
     Ok(())

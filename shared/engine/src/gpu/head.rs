@@ -26,17 +26,31 @@ pub struct HeadShape {
 fn check(s: &HeadShape, bufs: &[(&str, &GpuBuffer, usize)]) -> Result<(), GpuError> {
     for (name, b, need) in bufs {
         if b.len < *need {
-            return Err(GpuError::Shape(format!("head {s:?}: {name} has {} < {need} elements", b.len)));
+            return Err(GpuError::Shape(format!(
+                "head {s:?}: {name} has {} < {need} elements",
+                b.len
+            )));
         }
     }
     if s.batch * s.seq > 65_535 || s.batch * s.classes > 65_535 || s.classes == 0 {
-        return Err(GpuError::Shape(format!("head {s:?}: batch·seq or batch·classes above 65535, or no class")));
+        return Err(GpuError::Shape(format!(
+            "head {s:?}: batch·seq or batch·classes above 65535, or no class"
+        )));
     }
     Ok(())
 }
 
 fn params(ctx: &GpuContext, s: &HeadShape, scale: f32) -> wgpu::Buffer {
-    ctx.uniform(&[s.batch as u32, s.seq as u32, s.hidden as u32, s.classes as u32, scale.to_bits(), 0, 0, 0])
+    ctx.uniform(&[
+        s.batch as u32,
+        s.seq as u32,
+        s.hidden as u32,
+        s.classes as u32,
+        scale.to_bits(),
+        0,
+        0,
+        0,
+    ])
 }
 
 /// `pooled[n] = mean of x[n, t] over tokens with mask[n·seq + t] != 0`
@@ -49,13 +63,25 @@ pub fn mean_pool_forward(
     x: &GpuBuffer,
     pooled: &GpuBuffer,
 ) -> Result<(), GpuError> {
-    check(s, &[("mask", mask, s.batch * s.seq), ("x", x, s.batch * s.seq * s.hidden), ("pooled", pooled, s.batch * s.hidden)])?;
+    check(
+        s,
+        &[
+            ("mask", mask, s.batch * s.seq),
+            ("x", x, s.batch * s.seq * s.hidden),
+            ("pooled", pooled, s.batch * s.hidden),
+        ],
+    )?;
     let kernel = ctx.pipeline("head/mean_pool_forward", SOURCE, "mean_pool_forward", &[]);
     let p = params(ctx, s, 1.0);
     ctx.dispatch_at(
         encoder,
         &kernel,
-        &[(0, p.as_entire_binding()), (1, mask.binding()), (2, x.binding()), (3, pooled.binding())],
+        &[
+            (0, p.as_entire_binding()),
+            (1, mask.binding()),
+            (2, x.binding()),
+            (3, pooled.binding()),
+        ],
         [s.hidden.div_ceil(64) as u32, s.batch as u32, 1],
     );
     Ok(())
@@ -70,13 +96,25 @@ pub fn mean_pool_backward(
     dpooled: &GpuBuffer,
     dx: &GpuBuffer,
 ) -> Result<(), GpuError> {
-    check(s, &[("mask", mask, s.batch * s.seq), ("dpooled", dpooled, s.batch * s.hidden), ("dx", dx, s.batch * s.seq * s.hidden)])?;
+    check(
+        s,
+        &[
+            ("mask", mask, s.batch * s.seq),
+            ("dpooled", dpooled, s.batch * s.hidden),
+            ("dx", dx, s.batch * s.seq * s.hidden),
+        ],
+    )?;
     let kernel = ctx.pipeline("head/mean_pool_backward", SOURCE, "mean_pool_backward", &[]);
     let p = params(ctx, s, 1.0);
     ctx.dispatch_at(
         encoder,
         &kernel,
-        &[(0, p.as_entire_binding()), (1, mask.binding()), (4, dpooled.binding()), (5, dx.binding())],
+        &[
+            (0, p.as_entire_binding()),
+            (1, mask.binding()),
+            (4, dpooled.binding()),
+            (5, dx.binding()),
+        ],
         [s.hidden.div_ceil(64) as u32, (s.batch * s.seq) as u32, 1],
     );
     Ok(())
@@ -92,7 +130,17 @@ pub fn head_logits(
     b: &GpuBuffer,
     logits: &GpuBuffer,
 ) -> Result<(), GpuError> {
-    linear_forward(ctx, encoder, pooled, w, Some(b), logits, s.batch, s.hidden, s.classes)
+    linear_forward(
+        ctx,
+        encoder,
+        pooled,
+        w,
+        Some(b),
+        logits,
+        s.batch,
+        s.hidden,
+        s.classes,
+    )
 }
 
 /// Per-sample `loss[n] = -log softmax(logits[n])[label_n]` and
@@ -111,13 +159,27 @@ pub fn softmax_cross_entropy(
     dlogits: &GpuBuffer,
 ) -> Result<(), GpuError> {
     let nc = s.batch * s.classes;
-    check(s, &[("logits", logits, nc), ("labels", labels, s.batch), ("loss", loss, s.batch), ("dlogits", dlogits, nc)])?;
+    check(
+        s,
+        &[
+            ("logits", logits, nc),
+            ("labels", labels, s.batch),
+            ("loss", loss, s.batch),
+            ("dlogits", dlogits, nc),
+        ],
+    )?;
     let kernel = ctx.pipeline("head/softmax_xent", SOURCE, "softmax_xent", &[]);
     let p = params(ctx, s, scale);
     ctx.dispatch_at(
         encoder,
         &kernel,
-        &[(0, p.as_entire_binding()), (6, logits.binding()), (7, labels.binding()), (8, loss.binding()), (9, dlogits.binding())],
+        &[
+            (0, p.as_entire_binding()),
+            (6, logits.binding()),
+            (7, labels.binding()),
+            (8, loss.binding()),
+            (9, dlogits.binding()),
+        ],
         [s.batch.div_ceil(64) as u32, 1, 1],
     );
     Ok(())
@@ -136,13 +198,27 @@ pub fn head_grad_per_sample(
     db: &GpuBuffer,
 ) -> Result<(), GpuError> {
     let nc = s.batch * s.classes;
-    check(s, &[("pooled", pooled, s.batch * s.hidden), ("dlogits", dlogits, nc), ("dw", dw, nc * s.hidden), ("db", db, nc)])?;
+    check(
+        s,
+        &[
+            ("pooled", pooled, s.batch * s.hidden),
+            ("dlogits", dlogits, nc),
+            ("dw", dw, nc * s.hidden),
+            ("db", db, nc),
+        ],
+    )?;
     let kernel = ctx.pipeline("head/head_grad", SOURCE, "head_grad", &[]);
     let p = params(ctx, s, 1.0);
     ctx.dispatch_at(
         encoder,
         &kernel,
-        &[(0, p.as_entire_binding()), (3, pooled.binding()), (9, dlogits.binding()), (10, dw.binding()), (11, db.binding())],
+        &[
+            (0, p.as_entire_binding()),
+            (3, pooled.binding()),
+            (9, dlogits.binding()),
+            (10, dw.binding()),
+            (11, db.binding()),
+        ],
         [s.hidden.div_ceil(64) as u32, nc as u32, 1],
     );
     Ok(())

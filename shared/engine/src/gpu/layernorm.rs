@@ -50,7 +50,16 @@ pub fn layernorm_forward(
     stats: &GpuBuffer,
 ) -> Result<(), GpuError> {
     let n = shape.rows * shape.h;
-    check(shape, &[("x", x, n), ("gamma", gamma, shape.h), ("beta", beta, shape.h), ("y", y, n), ("stats", stats, 2 * shape.rows)])?;
+    check(
+        shape,
+        &[
+            ("x", x, n),
+            ("gamma", gamma, shape.h),
+            ("beta", beta, shape.h),
+            ("y", y, n),
+            ("stats", stats, 2 * shape.rows),
+        ],
+    )?;
     if let Some(r) = residual {
         check(shape, &[("residual", r, n)])?;
     }
@@ -88,7 +97,16 @@ pub fn layernorm_backward(
     dx: &GpuBuffer,
 ) -> Result<(), GpuError> {
     let n = shape.rows * shape.h;
-    check(shape, &[("x", x, n), ("gamma", gamma, shape.h), ("stats", stats, 2 * shape.rows), ("dy", dy, n), ("dx", dx, n)])?;
+    check(
+        shape,
+        &[
+            ("x", x, n),
+            ("gamma", gamma, shape.h),
+            ("stats", stats, 2 * shape.rows),
+            ("dy", dy, n),
+            ("dx", dx, n),
+        ],
+    )?;
     if let Some(r) = residual {
         check(shape, &[("residual", r, n)])?;
     }

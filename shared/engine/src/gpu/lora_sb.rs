@@ -41,9 +41,35 @@ pub fn lora_sb_forward(
     tmp: &GpuBuffer,
     y: &GpuBuffer,
 ) -> Result<(), GpuError> {
-    gemm(ctx, encoder, &Gemm::new(d.rows, d.rank, d.in_features).trans_b(), x, a, None, xa)?;
-    gemm(ctx, encoder, &Gemm::new(d.rows, d.rank, d.rank).trans_b(), xa, r, None, tmp)?;
-    gemm(ctx, encoder, &Gemm::new(d.rows, d.out_features, d.rank).trans_b().accumulate(), tmp, b, None, y)
+    gemm(
+        ctx,
+        encoder,
+        &Gemm::new(d.rows, d.rank, d.in_features).trans_b(),
+        x,
+        a,
+        None,
+        xa,
+    )?;
+    gemm(
+        ctx,
+        encoder,
+        &Gemm::new(d.rows, d.rank, d.rank).trans_b(),
+        xa,
+        r,
+        None,
+        tmp,
+    )?;
+    gemm(
+        ctx,
+        encoder,
+        &Gemm::new(d.rows, d.out_features, d.rank)
+            .trans_b()
+            .accumulate(),
+        tmp,
+        b,
+        None,
+        y,
+    )
 }
 
 /// `u = dY·B`, `tmp = u·R`, `dx += tmp·A`. Keep `u` for [`lora_sb_grad_r`].
@@ -60,9 +86,33 @@ pub fn lora_sb_backward_input(
     tmp: &GpuBuffer,
     dx: &GpuBuffer,
 ) -> Result<(), GpuError> {
-    gemm(ctx, encoder, &Gemm::new(d.rows, d.rank, d.out_features), dy, b, None, u)?;
-    gemm(ctx, encoder, &Gemm::new(d.rows, d.rank, d.rank), u, r, None, tmp)?;
-    gemm(ctx, encoder, &Gemm::new(d.rows, d.in_features, d.rank).accumulate(), tmp, a, None, dx)
+    gemm(
+        ctx,
+        encoder,
+        &Gemm::new(d.rows, d.rank, d.out_features),
+        dy,
+        b,
+        None,
+        u,
+    )?;
+    gemm(
+        ctx,
+        encoder,
+        &Gemm::new(d.rows, d.rank, d.rank),
+        u,
+        r,
+        None,
+        tmp,
+    )?;
+    gemm(
+        ctx,
+        encoder,
+        &Gemm::new(d.rows, d.in_features, d.rank).accumulate(),
+        tmp,
+        a,
+        None,
+        dx,
+    )
 }
 
 /// Per-sample R gradients `grad[n] = Σ_{t: sample_of[t] = n} u[t]ᵀ·xa[t]`
@@ -83,14 +133,24 @@ pub fn lora_sb_grad_r(
     window: usize,
     grad: &GpuBuffer,
 ) -> Result<(), GpuError> {
-    let need = [("u", u, d.rows * d.rank), ("xa", xa, d.rows * d.rank), ("sample_of", sample_of, d.rows), ("grad", grad, batch * d.rank * d.rank)];
+    let need = [
+        ("u", u, d.rows * d.rank),
+        ("xa", xa, d.rows * d.rank),
+        ("sample_of", sample_of, d.rows),
+        ("grad", grad, batch * d.rank * d.rank),
+    ];
     for (name, buf, n) in need {
         if buf.len < n {
-            return Err(GpuError::Shape(format!("lora_sb_grad_r {d:?}: {name} has {} < {n} elements", buf.len)));
+            return Err(GpuError::Shape(format!(
+                "lora_sb_grad_r {d:?}: {name} has {} < {n} elements",
+                buf.len
+            )));
         }
     }
     if batch > 65_535 || window == 0 {
-        return Err(GpuError::Shape(format!("lora_sb_grad_r: batch {batch} or window {window} out of range")));
+        return Err(GpuError::Shape(format!(
+            "lora_sb_grad_r: batch {batch} or window {window} out of range"
+        )));
     }
     let kernel = ctx.pipeline("lora_sb/grad_r", SOURCE, "grad_r", &[]);
     let params = ctx.uniform(&[d.rows as u32, d.rank as u32, batch as u32, window as u32]);
@@ -98,7 +158,13 @@ pub fn lora_sb_grad_r(
     ctx.dispatch(
         encoder,
         &kernel,
-        &[params.as_entire_binding(), u.binding(), xa.binding(), sample_of.binding(), grad.binding()],
+        &[
+            params.as_entire_binding(),
+            u.binding(),
+            xa.binding(),
+            sample_of.binding(),
+            grad.binding(),
+        ],
         [g, g, batch as u32],
     );
     Ok(())

@@ -139,13 +139,33 @@ impl Gemm {
         )
     }
 
-    fn check(&self, a: &GpuBuffer, b: &GpuBuffer, bias: Option<&GpuBuffer>, c: &GpuBuffer) -> Result<(), GpuError> {
-        let (ar, ac) = if self.trans_a { (self.k, self.m) } else { (self.m, self.k) };
-        let (br, bc) = if self.trans_b { (self.n, self.k) } else { (self.k, self.n) };
+    fn check(
+        &self,
+        a: &GpuBuffer,
+        b: &GpuBuffer,
+        bias: Option<&GpuBuffer>,
+        c: &GpuBuffer,
+    ) -> Result<(), GpuError> {
+        let (ar, ac) = if self.trans_a {
+            (self.k, self.m)
+        } else {
+            (self.m, self.k)
+        };
+        let (br, bc) = if self.trans_b {
+            (self.n, self.k)
+        } else {
+            (self.k, self.n)
+        };
         if self.ld[0] < ac || self.ld[1] < bc || self.ld[2] < self.n {
-            return Err(GpuError::Shape(format!("gemm {self:?}: row stride below row length")));
+            return Err(GpuError::Shape(format!(
+                "gemm {self:?}: row stride below row length"
+            )));
         }
-        for (name, which, rows, cols, buf) in [("A", 0, ar, ac, a), ("B", 1, br, bc, b), ("C", 2, self.m, self.n, c)] {
+        for (name, which, rows, cols, buf) in [
+            ("A", 0, ar, ac, a),
+            ("B", 1, br, bc, b),
+            ("C", 2, self.m, self.n, c),
+        ] {
             if let Some(last) = self.last_index(which, rows, cols) {
                 if last >= buf.len || last > u32::MAX as usize {
                     return Err(GpuError::Shape(format!(
@@ -157,11 +177,17 @@ impl Gemm {
         }
         if let Some(bias) = bias {
             if bias.len < self.n {
-                return Err(GpuError::Shape(format!("gemm: bias has {} < N = {} elements", bias.len, self.n)));
+                return Err(GpuError::Shape(format!(
+                    "gemm: bias has {} < N = {} elements",
+                    bias.len, self.n
+                )));
             }
         }
         if self.batch[0] * self.batch[1] > 65_535 {
-            return Err(GpuError::Shape(format!("gemm: {} batches exceed 65535", self.batch[0] * self.batch[1])));
+            return Err(GpuError::Shape(format!(
+                "gemm: {} batches exceed 65535",
+                self.batch[0] * self.batch[1]
+            )));
         }
         Ok(())
     }

@@ -34,6 +34,7 @@ pub mod attention;
 pub mod context;
 pub mod cpu_ref;
 pub mod embeddings;
+pub mod encoder;
 pub mod gelu;
 pub mod head;
 pub mod layernorm;

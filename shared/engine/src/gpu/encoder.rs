@@ -1,0 +1,1252 @@
+//! The whole LoRA-SB encoder on the GPU, assembled from the kernels of this
+//! module: forward (embeddings, encoder layers with LoRA-SB-adapted linears,
+//! mean pooling, classification head, softmax cross-entropy), backward to every
+//! `R` and the head (per batch and per sample), the gradients of every adapted
+//! `W0` for LoRA-SB initialization, and AdamW.
+//!
+//! Mirrors [`crate::reference::ReferenceEncoder`] operation by operation; the
+//! tests `tests/encoder_gpu.rs` compare the two.
+//!
+//! Layout on the device:
+//! - frozen weights (`W0`, biases, LayerNorms, embedding tables, `A`, `B`) are
+//!   uploaded once by [`GpuEncoder::new`];
+//! - everything trained lives in one flat `params` buffer — every `R` layer by
+//!   layer in [`AdaptedLinear::ALL`] order, row-major, then the head weight
+//!   (`labels × hidden`) and bias — the order of
+//!   [`TrainableGradients::flatten`]. The gradient and both AdamW moments have
+//!   the same layout, so one AdamW dispatch updates everything;
+//! - activations and scratch buffers are allocated for a capacity of
+//!   `batch × seq` tokens and reused by every later batch that fits.
+//!
+//! Only what is asked for is read back: losses after a step, logits or
+//! embeddings, and `params` (the `R`s and the head) at the end of a round.
+
+use crate::model::{AdaptedLinear, BertConfig, BertWeights, EncodedBatch};
+use crate::reference::{ClassifierHead, LoraSbAdapters, Matrix, TrainableGradients};
+
+use super::adamw::{adamw_step, AdamW};
+use super::attention::{attention_backward, attention_forward, AttentionShape};
+use super::context::{GpuBuffer, GpuContext};
+use super::embeddings::{embeddings_forward, EmbeddingTables};
+use super::gelu::{gelu_backward, gelu_forward};
+use super::head::{
+    head_grad_per_sample, mean_pool_backward, mean_pool_forward, softmax_cross_entropy,
+    HeadShape,
+};
+use super::layernorm::{layernorm_backward, layernorm_forward, LayerNormShape};
+use super::lora_sb::{lora_sb_grad_r, LoraSbDims};
+use super::matmul::{gemm, linear_backward_weight, Gemm};
+use super::GpuError;
+
+/// How [`GpuEncoder::record_backward`] scales and splits the gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GradientMode {
+    /// Gradients of the mean loss of the batch (ordinary training).
+    BatchMean,
+    /// Gradients of each sample's own loss, kept per sample (for DP-SGD
+    /// clipping); the batch gradient buffer then holds their sum.
+    PerSample,
+}
+
+/// A frozen linear layer `y = x·Wᵀ + b`.
+struct LinearGpu {
+    weight: GpuBuffer,
+    bias: GpuBuffer,
+    out_features: usize,
+    in_features: usize,
+}
+
+/// The frozen adapter matrices of one linear and where its `R` lives in `params`.
+struct AdapterGpu {
+    a: GpuBuffer,
+    b: GpuBuffer,
+    offset: usize,
+}
+
+struct LayerGpu {
+    linears: [LinearGpu; 6],
+    ln1: (GpuBuffer, GpuBuffer),
+    ln2: (GpuBuffer, GpuBuffer),
+    adapters: [Option<AdapterGpu>; 6],
+}
+
+/// Activations of one encoder layer kept for the backward pass. Its input is
+/// the previous layer's `h2` (or the embeddings).
+struct LayerActivations {
+    xa: [Option<GpuBuffer>; 6],
+    q: GpuBuffer,
+    k: GpuBuffer,
+    v: GpuBuffer,
+    probs: GpuBuffer,
+    context: GpuBuffer,
+    ao: GpuBuffer,
+    stats1: GpuBuffer,
+    h1: GpuBuffer,
+    inter_pre: GpuBuffer,
+    inter_act: GpuBuffer,
+    out: GpuBuffer,
+    stats2: GpuBuffer,
+    h2: GpuBuffer,
+}
+
+/// Per-step inputs, activations and backward scratch for up to `batch × seq` tokens.
+struct Workspace {
+    batch: usize,
+    seq: usize,
+    ids: GpuBuffer,
+    type_ids: GpuBuffer,
+    mask: GpuBuffer,
+    sample_of: GpuBuffer,
+    labels: GpuBuffer,
+    ones: GpuBuffer,
+    emb_sum: GpuBuffer,
+    emb_stats: GpuBuffer,
+    emb_out: GpuBuffer,
+    layers: Vec<LayerActivations>,
+    pooled: GpuBuffer,
+    logits: GpuBuffer,
+    losses: GpuBuffer,
+    dlogits: GpuBuffer,
+    dpooled: GpuBuffer,
+    dh: GpuBuffer,
+    dsum2: GpuBuffer,
+    d_inter: GpuBuffer,
+    d_pre: GpuBuffer,
+    dh1: GpuBuffer,
+    dsum1: GpuBuffer,
+    dctx: GpuBuffer,
+    dprobs: GpuBuffer,
+    dq: GpuBuffer,
+    dk: GpuBuffer,
+    dv: GpuBuffer,
+    u: GpuBuffer,
+    tmp: GpuBuffer,
+}
+
+/// Per-sample gradients, allocated on the first [`GradientMode::PerSample`] pass.
+struct PerSampleBuffers {
+    batch: usize,
+    /// Per layer, per adapted linear: `batch × r × r`.
+    r: Vec<[Option<GpuBuffer>; 6]>,
+    head_weight: GpuBuffer,
+    head_bias: GpuBuffer,
+}
+
+/// Shape of the batch currently in the workspace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct BatchShape {
+    batch: usize,
+    seq: usize,
+}
+
+impl BatchShape {
+    fn rows(&self) -> usize {
+        self.batch * self.seq
+    }
+}
+
+/// The encoder, its adapters and head, and its optimizer state on one device.
+pub struct GpuEncoder<'c> {
+    ctx: &'c GpuContext,
+    config: BertConfig,
+    word: GpuBuffer,
+    position: GpuBuffer,
+    token_type: GpuBuffer,
+    emb_ln: (GpuBuffer, GpuBuffer),
+    layers: Vec<LayerGpu>,
+    rank: usize,
+    num_labels: usize,
+    head_weight_offset: usize,
+    head_bias_offset: usize,
+    params: GpuBuffer,
+    grads: GpuBuffer,
+    adam_m: GpuBuffer,
+    adam_v: GpuBuffer,
+    adam_steps: u32,
+    workspace: Option<Workspace>,
+    per_sample: Option<PerSampleBuffers>,
+    /// Per layer, per linear: `Σ ∂L/∂W0` (for LoRA-SB initialization).
+    weight_grads: Option<Vec<[GpuBuffer; 6]>>,
+    current: Option<BatchShape>,
+}
+
+impl std::fmt::Debug for GpuEncoder<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuEncoder")
+            .field("layers", &self.layers.len())
+            .field("hidden", &self.config.hidden_size)
+            .field("rank", &self.rank)
+            .field("num_labels", &self.num_labels)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'c> GpuEncoder<'c> {
+    /// Uploads the frozen weights, the adapters (`None`: plain encoder) and the
+    /// head (`None`: embeddings only). All adapted linears must share one rank.
+    pub fn new(
+        ctx: &'c GpuContext,
+        weights: &BertWeights<f32>,
+        adapters: Option<&LoraSbAdapters<f32>>,
+        head: Option<&ClassifierHead<f32>>,
+    ) -> Result<Self, GpuError> {
+        let config = weights.config.clone();
+        let mut rank = 0;
+        if let Some(a) = adapters {
+            if a.layers.len() != weights.layers.len() {
+                return Err(GpuError::Shape(format!(
+                    "{} adapter layers for {} encoder layers",
+                    a.layers.len(),
+                    weights.layers.len()
+                )));
+            }
+            for m in a.layers.iter().flat_map(|l| l.iter().flatten()) {
+                if rank != 0 && m.rank() != rank {
+                    return Err(GpuError::Shape(format!(
+                        "adapters of ranks {rank} and {} (one rank expected)",
+                        m.rank()
+                    )));
+                }
+                rank = m.rank();
+            }
+        }
+        let mut offset = 0;
+        let mut initial = Vec::new();
+        let mut layers = Vec::with_capacity(weights.layers.len());
+        for (l, lw) in weights.layers.iter().enumerate() {
+            let linears = AdaptedLinear::ALL.map(|which| {
+                let lin = lw.linear(which);
+                let name = which.checkpoint_name();
+                LinearGpu {
+                    weight: ctx.buffer_f32(&format!("{l}.{name}.weight"), &lin.weight.data),
+                    bias: ctx.buffer_f32(&format!("{l}.{name}.bias"), &lin.bias.data),
+                    out_features: lin.out_features(),
+                    in_features: lin.in_features(),
+                }
+            });
+            let mut adapter_gpu: [Option<AdapterGpu>; 6] = Default::default();
+            if let Some(a) = adapters {
+                for which in AdaptedLinear::ALL {
+                    if let Some(m) = a.module(l, which) {
+                        let (out, inp) = which.shape(&config);
+                        if m.a.cols != inp || m.b.rows != out || m.a.rows != rank {
+                            return Err(GpuError::Shape(format!(
+                                "adapter {l}.{}: A {}×{}, B {}×{} for a {out}×{inp} layer",
+                                which.checkpoint_name(),
+                                m.a.rows,
+                                m.a.cols,
+                                m.b.rows,
+                                m.b.cols
+                            )));
+                        }
+                        adapter_gpu[which.index()] = Some(AdapterGpu {
+                            a: ctx.buffer_f32("lora_sb.A", &m.a.data),
+                            b: ctx.buffer_f32("lora_sb.B", &m.b.data),
+                            offset,
+                        });
+                        initial.extend_from_slice(&m.r.data);
+                        offset += rank * rank;
+                    }
+                }
+            }
+            layers.push(LayerGpu {
+                linears,
+                ln1: (
+                    ctx.buffer_f32("ln1.weight", &lw.attention_layer_norm.weight.data),
+                    ctx.buffer_f32("ln1.bias", &lw.attention_layer_norm.bias.data),
+                ),
+                ln2: (
+                    ctx.buffer_f32("ln2.weight", &lw.output_layer_norm.weight.data),
+                    ctx.buffer_f32("ln2.bias", &lw.output_layer_norm.bias.data),
+                ),
+                adapters: adapter_gpu,
+            });
+        }
+        let head_weight_offset = offset;
+        let num_labels = head.map_or(0, |h| h.num_labels());
+        if let Some(h) = head {
+            if h.weight.cols != config.hidden_size || h.bias.len() != num_labels {
+                return Err(GpuError::Shape(format!(
+                    "head {}×{} with {} biases for hidden size {}",
+                    h.weight.rows,
+                    h.weight.cols,
+                    h.bias.len(),
+                    config.hidden_size
+                )));
+            }
+            initial.extend_from_slice(&h.weight.data);
+            initial.extend_from_slice(&h.bias);
+        }
+        let head_bias_offset = head_weight_offset + num_labels * config.hidden_size;
+        let n = initial.len();
+        let e = &weights.embeddings;
+        Ok(Self {
+            ctx,
+            word: ctx.buffer_f32("word_embeddings", &e.word.data),
+            position: ctx.buffer_f32("position_embeddings", &e.position.data),
+            token_type: ctx.buffer_f32("token_type_embeddings", &e.token_type.data),
+            emb_ln: (
+                ctx.buffer_f32("embeddings.ln.weight", &e.layer_norm.weight.data),
+                ctx.buffer_f32("embeddings.ln.bias", &e.layer_norm.bias.data),
+            ),
+            config,
+            layers,
+            rank,
+            num_labels,
+            head_weight_offset,
+            head_bias_offset,
+            params: ctx.buffer_f32("trainable", &initial),
+            grads: ctx.buffer_zeros("trainable.grad", n),
+            adam_m: ctx.buffer_zeros("adamw.m", n),
+            adam_v: ctx.buffer_zeros("adamw.v", n),
+            adam_steps: 0,
+            workspace: None,
+            per_sample: None,
+            weight_grads: None,
+            current: None,
+        })
+    }
+
+    /// The model configuration.
+    pub fn config(&self) -> &BertConfig {
+        &self.config
+    }
+
+    /// Adapter rank (0 without adapters).
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Classes of the head (0 without a head).
+    pub fn num_labels(&self) -> usize {
+        self.num_labels
+    }
+
+    /// Number of trained parameters (every `R` and the head).
+    pub fn num_trainable(&self) -> usize {
+        self.params.len
+    }
+
+    /// Reserves activations for batches of up to `batch × seq` tokens (done
+    /// automatically, growing as needed, by every pass).
+    pub fn reserve(&mut self, batch: usize, seq: usize) {
+        if let Some(w) = &self.workspace {
+            if w.batch >= batch && w.seq >= seq {
+                return;
+            }
+        }
+        let (batch, seq) = match &self.workspace {
+            Some(w) => (w.batch.max(batch), w.seq.max(seq)),
+            None => (batch, seq),
+        };
+        self.workspace = None; // free the old one first
+        self.workspace = Some(self.allocate(batch, seq));
+    }
+
+    fn allocate(&self, batch: usize, seq: usize) -> Workspace {
+        let ctx = self.ctx;
+        let c = &self.config;
+        let (h, i, r) = (c.hidden_size, c.intermediate_size, self.rank);
+        let rows = batch * seq;
+        let z = |label: &str, n: usize| ctx.buffer_zeros(label, n);
+        let probs = batch * c.num_attention_heads * seq * seq;
+        let labels_or_one = self.num_labels.max(1);
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| LayerActivations {
+                xa: l
+                    .adapters
+                    .each_ref()
+                    .map(|a| a.as_ref().map(|_| z("xa", rows * r))),
+                q: z("q", rows * h),
+                k: z("k", rows * h),
+                v: z("v", rows * h),
+                probs: z("probs", probs),
+                context: z("context", rows * h),
+                ao: z("attention_output", rows * h),
+                stats1: z("ln1.stats", 2 * rows),
+                h1: z("h1", rows * h),
+                inter_pre: z("intermediate", rows * i),
+                inter_act: z("intermediate.gelu", rows * i),
+                out: z("output", rows * h),
+                stats2: z("ln2.stats", 2 * rows),
+                h2: z("h2", rows * h),
+            })
+            .collect();
+        Workspace {
+            batch,
+            seq,
+            ids: z("input_ids", rows),
+            type_ids: z("token_type_ids", rows),
+            mask: z("attention_mask", rows),
+            sample_of: z("sample_of", rows),
+            labels: z("labels", batch),
+            ones: ctx.buffer_f32("ones", &vec![1.0; batch]),
+            emb_sum: z("embeddings.sum", rows * h),
+            emb_stats: z("embeddings.ln.stats", 2 * rows),
+            emb_out: z("embeddings", rows * h),
+            layers,
+            pooled: z("pooled", batch * h),
+            logits: z("logits", batch * labels_or_one),
+            losses: z("losses", batch),
+            dlogits: z("dlogits", batch * labels_or_one),
+            dpooled: z("dpooled", batch * h),
+            dh: z("dh", rows * h),
+            dsum2: z("dsum2", rows * h),
+            d_inter: z("d_intermediate", rows * i),
+            d_pre: z("d_intermediate_pre", rows * i),
+            dh1: z("dh1", rows * h),
+            dsum1: z("dsum1", rows * h),
+            dctx: z("dcontext", rows * h),
+            dprobs: z("dprobs", probs),
+            dq: z("dq", rows * h),
+            dk: z("dk", rows * h),
+            dv: z("dv", rows * h),
+            u: z("lora_sb.u", rows * r.max(1)),
+            tmp: z("lora_sb.tmp", rows * r.max(1)),
+        }
+    }
+
+    /// Writes a tokenized batch (and its labels, if any) to the device.
+    fn upload(&mut self, batch: &EncodedBatch, labels: Option<&[u32]>) -> Result<(), GpuError> {
+        let (n, t) = (batch.batch_size, batch.seq_len);
+        if n == 0 || t == 0 {
+            return Err(GpuError::Shape("empty batch".into()));
+        }
+        if t > self.config.max_position_embeddings {
+            return Err(GpuError::Shape(format!(
+                "sequence length {t} exceeds max_position_embeddings {}",
+                self.config.max_position_embeddings
+            )));
+        }
+        let rows = n * t;
+        if batch.input_ids.len() != rows
+            || batch.token_type_ids.len() != rows
+            || batch.attention_mask.len() != rows
+        {
+            return Err(GpuError::Shape(format!(
+                "batch {n}×{t}: ids, type ids and mask must hold {rows} entries"
+            )));
+        }
+        if let Some(&id) = batch
+            .input_ids
+            .iter()
+            .find(|&&id| id as usize >= self.config.vocab_size)
+        {
+            return Err(GpuError::Shape(format!(
+                "token id {id} outside the vocabulary ({})",
+                self.config.vocab_size
+            )));
+        }
+        self.reserve(n, t);
+        let w = self.workspace.as_ref().expect("reserved");
+        let q = &self.ctx.queue;
+        q.write_buffer(&w.ids.buffer, 0, bytemuck::cast_slice(&batch.input_ids));
+        q.write_buffer(
+            &w.type_ids.buffer,
+            0,
+            bytemuck::cast_slice(&batch.token_type_ids),
+        );
+        q.write_buffer(
+            &w.mask.buffer,
+            0,
+            bytemuck::cast_slice(&batch.attention_mask),
+        );
+        let sample_of: Vec<u32> = (0..rows)
+            .map(|row| {
+                if batch.attention_mask[row] != 0 {
+                    (row / t) as u32
+                } else {
+                    u32::MAX
+                }
+            })
+            .collect();
+        q.write_buffer(&w.sample_of.buffer, 0, bytemuck::cast_slice(&sample_of));
+        if let Some(labels) = labels {
+            if labels.len() != n {
+                return Err(GpuError::Shape(format!(
+                    "{} labels for a batch of {n}",
+                    labels.len()
+                )));
+            }
+            if let Some(&l) = labels.iter().find(|&&l| l as usize >= self.num_labels) {
+                return Err(GpuError::Shape(format!(
+                    "label {l} outside the head's {} classes",
+                    self.num_labels
+                )));
+            }
+            q.write_buffer(&w.labels.buffer, 0, bytemuck::cast_slice(labels));
+        }
+        self.current = Some(BatchShape { batch: n, seq: t });
+        Ok(())
+    }
+
+    fn shape(&self) -> Result<BatchShape, GpuError> {
+        self.current
+            .ok_or_else(|| GpuError::Shape("no batch uploaded".into()))
+    }
+
+    fn head_shape(&self, s: BatchShape) -> HeadShape {
+        HeadShape {
+            batch: s.batch,
+            seq: s.seq,
+            hidden: self.config.hidden_size,
+            classes: self.num_labels.max(1),
+        }
+    }
+
+    /// `y = x·W0ᵀ + b (+ ((x·Aᵀ)·Rᵀ)·Bᵀ)`, keeping `x·Aᵀ` in `xa`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_forward(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        lin: &LinearGpu,
+        adapter: Option<&AdapterGpu>,
+        xa: Option<&GpuBuffer>,
+        tmp: &GpuBuffer,
+        x: &GpuBuffer,
+        y: &GpuBuffer,
+        rows: usize,
+    ) -> Result<(), GpuError> {
+        let (out, inp, r) = (lin.out_features, lin.in_features, self.rank);
+        let ctx = self.ctx;
+        gemm(
+            ctx,
+            enc,
+            &Gemm::new(rows, out, inp).trans_b(),
+            x,
+            &lin.weight,
+            Some(&lin.bias),
+            y,
+        )?;
+        if let (Some(ad), Some(xa)) = (adapter, xa) {
+            gemm(ctx, enc, &Gemm::new(rows, r, inp).trans_b(), x, &ad.a, None, xa)?;
+            gemm(
+                ctx,
+                enc,
+                &Gemm::new(rows, r, r).trans_b().offsets(0, ad.offset, 0),
+                xa,
+                &self.params,
+                None,
+                tmp,
+            )?;
+            gemm(
+                ctx,
+                enc,
+                &Gemm::new(rows, out, r).trans_b().accumulate(),
+                tmp,
+                &ad.b,
+                None,
+                y,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Records the forward pass of the uploaded batch up to the pooled
+    /// embedding (and the logits when there is a head).
+    fn record_forward(&self, enc: &mut wgpu::CommandEncoder) -> Result<(), GpuError> {
+        let s = self.shape()?;
+        let w = self.workspace.as_ref().expect("uploaded");
+        let c = &self.config;
+        let ctx = self.ctx;
+        let rows = s.rows();
+        let h = c.hidden_size;
+        let eps = c.layer_norm_eps as f32;
+        let tables = EmbeddingTables {
+            word: &self.word,
+            position: &self.position,
+            token_type: &self.token_type,
+            vocab: c.vocab_size,
+            positions: c.max_position_embeddings,
+            types: c.type_vocab_size,
+            hidden: h,
+        };
+        embeddings_forward(ctx, enc, &tables, &w.ids, &w.type_ids, rows, s.seq, &w.emb_sum)?;
+        let ln_shape = LayerNormShape { rows, h, eps };
+        layernorm_forward(
+            ctx,
+            enc,
+            &ln_shape,
+            &w.emb_sum,
+            None,
+            &self.emb_ln.0,
+            &self.emb_ln.1,
+            &w.emb_out,
+            &w.emb_stats,
+        )?;
+        let attn = AttentionShape {
+            batch: s.batch,
+            seq: s.seq,
+            heads: c.num_attention_heads,
+            head_dim: c.head_dim(),
+        };
+        for (l, (lg, a)) in self.layers.iter().zip(&w.layers).enumerate() {
+            let x = if l == 0 { &w.emb_out } else { &w.layers[l - 1].h2 };
+            let lin = |enc: &mut wgpu::CommandEncoder,
+                       which: AdaptedLinear,
+                       input: &GpuBuffer,
+                       y: &GpuBuffer| {
+                let i = which.index();
+                self.linear_forward(
+                    enc,
+                    &lg.linears[i],
+                    lg.adapters[i].as_ref(),
+                    a.xa[i].as_ref(),
+                    &w.tmp,
+                    input,
+                    y,
+                    rows,
+                )
+            };
+            lin(enc, AdaptedLinear::Query, x, &a.q)?;
+            lin(enc, AdaptedLinear::Key, x, &a.k)?;
+            lin(enc, AdaptedLinear::Value, x, &a.v)?;
+            attention_forward(
+                ctx, enc, &attn, &a.q, &a.k, &a.v, &w.mask, &a.probs, &a.context,
+            )?;
+            lin(enc, AdaptedLinear::AttentionOutput, &a.context, &a.ao)?;
+            layernorm_forward(
+                ctx,
+                enc,
+                &ln_shape,
+                &a.ao,
+                Some(x),
+                &lg.ln1.0,
+                &lg.ln1.1,
+                &a.h1,
+                &a.stats1,
+            )?;
+            lin(enc, AdaptedLinear::Intermediate, &a.h1, &a.inter_pre)?;
+            gelu_forward(
+                ctx,
+                enc,
+                &a.inter_pre,
+                &a.inter_act,
+                rows * c.intermediate_size,
+            )?;
+            lin(enc, AdaptedLinear::Output, &a.inter_act, &a.out)?;
+            layernorm_forward(
+                ctx,
+                enc,
+                &ln_shape,
+                &a.out,
+                Some(&a.h1),
+                &lg.ln2.0,
+                &lg.ln2.1,
+                &a.h2,
+                &a.stats2,
+            )?;
+        }
+        let last = self.last_hidden(w);
+        let hs = self.head_shape(s);
+        mean_pool_forward(ctx, enc, &hs, &w.mask, last, &w.pooled)?;
+        if self.num_labels > 0 {
+            let nl = self.num_labels;
+            gemm(
+                ctx,
+                enc,
+                &Gemm::new(s.batch, nl, h)
+                    .trans_b()
+                    .offsets(0, self.head_weight_offset, 0),
+                &w.pooled,
+                &self.params,
+                None,
+                &w.logits,
+            )?;
+            // + bias: ones[batch×1] · b[1×labels].
+            gemm(
+                ctx,
+                enc,
+                &Gemm::new(s.batch, nl, 1)
+                    .offsets(0, self.head_bias_offset, 0)
+                    .accumulate(),
+                &w.ones,
+                &self.params,
+                None,
+                &w.logits,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn last_hidden<'w>(&self, w: &'w Workspace) -> &'w GpuBuffer {
+        w.layers.last().map_or(&w.emb_out, |a| &a.h2)
+    }
+
+    /// Backward of one adapted linear: `dx (+)= dy·W0 + ((dy·B)·R)·A` (when
+    /// `dx` is given), the `R` gradient into `grads` (batch) and, per sample,
+    /// into `per_sample`, and `Σ dyᵀ·x` into `dw`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        w: &Workspace,
+        s: BatchShape,
+        lin: &LinearGpu,
+        adapter: Option<&AdapterGpu>,
+        xa: Option<&GpuBuffer>,
+        per_sample: Option<&GpuBuffer>,
+        dw: Option<&GpuBuffer>,
+        x: &GpuBuffer,
+        dy: &GpuBuffer,
+        dx: Option<(&GpuBuffer, bool)>,
+    ) -> Result<(), GpuError> {
+        let ctx = self.ctx;
+        let rows = s.rows();
+        let (out, inp, r) = (lin.out_features, lin.in_features, self.rank);
+        if let Some((dx, accumulate)) = dx {
+            let mut g = Gemm::new(rows, inp, out);
+            g.accumulate = accumulate;
+            gemm(ctx, enc, &g, dy, &lin.weight, None, dx)?;
+        }
+        if let (Some(ad), Some(xa)) = (adapter, xa) {
+            gemm(ctx, enc, &Gemm::new(rows, r, out), dy, &ad.b, None, &w.u)?;
+            // ∂L/∂R = (dY·B)ᵀ·(X·Aᵀ) over all tokens (padding rows carry zero gradient).
+            gemm(
+                ctx,
+                enc,
+                &Gemm::new(r, r, rows).trans_a().offsets(0, 0, ad.offset),
+                &w.u,
+                xa,
+                None,
+                &self.grads,
+            )?;
+            if let Some(ps) = per_sample {
+                let d = LoraSbDims {
+                    rows,
+                    in_features: inp,
+                    out_features: out,
+                    rank: r,
+                };
+                lora_sb_grad_r(ctx, enc, &d, &w.u, xa, &w.sample_of, s.batch, s.seq, ps)?;
+            }
+            if let Some((dx, _)) = dx {
+                gemm(
+                    ctx,
+                    enc,
+                    &Gemm::new(rows, r, r).offsets(0, ad.offset, 0),
+                    &w.u,
+                    &self.params,
+                    None,
+                    &w.tmp,
+                )?;
+                gemm(
+                    ctx,
+                    enc,
+                    &Gemm::new(rows, inp, r).accumulate(),
+                    &w.tmp,
+                    &ad.a,
+                    None,
+                    dx,
+                )?;
+            }
+        }
+        if let Some(dw) = dw {
+            linear_backward_weight(ctx, enc, dy, x, dw, rows, inp, out, true)?;
+        }
+        Ok(())
+    }
+
+    fn ensure_per_sample(&mut self, batch: usize) {
+        if self.per_sample.as_ref().is_some_and(|p| p.batch >= batch) {
+            return;
+        }
+        let ctx = self.ctx;
+        let rr = self.rank * self.rank;
+        let nl = self.num_labels.max(1);
+        self.per_sample = Some(PerSampleBuffers {
+            batch,
+            r: self
+                .layers
+                .iter()
+                .map(|l| {
+                    l.adapters
+                        .each_ref()
+                        .map(|a| a.as_ref().map(|_| ctx.buffer_zeros("grad_r.per_sample", batch * rr)))
+                })
+                .collect(),
+            head_weight: ctx.buffer_zeros(
+                "grad_head_weight.per_sample",
+                batch * nl * self.config.hidden_size,
+            ),
+            head_bias: ctx.buffer_zeros("grad_head_bias.per_sample", batch * nl),
+        });
+    }
+
+    /// Records loss, `dlogits` and the backward pass of the uploaded batch
+    /// (after [`Self::record_forward`]): gradients of every `R` and the head
+    /// into the gradient buffer (overwritten) and, as asked, per sample and
+    /// of every adapted `W0` (accumulated).
+    fn record_backward(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        mode: GradientMode,
+    ) -> Result<(), GpuError> {
+        let s = self.shape()?;
+        if self.num_labels == 0 {
+            return Err(GpuError::Shape("training needs a classification head".into()));
+        }
+        let w = self.workspace.as_ref().expect("uploaded");
+        let ps = match mode {
+            GradientMode::PerSample => Some(self.per_sample.as_ref().expect("allocated")),
+            GradientMode::BatchMean => None,
+        };
+        let ctx = self.ctx;
+        let c = &self.config;
+        let (rows, h, nl) = (s.rows(), c.hidden_size, self.num_labels);
+        let hs = self.head_shape(s);
+        let scale = match mode {
+            GradientMode::BatchMean => 1.0 / s.batch as f32,
+            GradientMode::PerSample => 1.0,
+        };
+        softmax_cross_entropy(ctx, enc, &hs, &w.logits, &w.labels, scale, &w.losses, &w.dlogits)?;
+        // Head: dW = dlogitsᵀ·pooled, db = dlogitsᵀ·ones.
+        gemm(
+            ctx,
+            enc,
+            &Gemm::new(nl, h, s.batch)
+                .trans_a()
+                .offsets(0, 0, self.head_weight_offset),
+            &w.dlogits,
+            &w.pooled,
+            None,
+            &self.grads,
+        )?;
+        gemm(
+            ctx,
+            enc,
+            &Gemm::new(nl, 1, s.batch)
+                .trans_a()
+                .offsets(0, 0, self.head_bias_offset),
+            &w.dlogits,
+            &w.ones,
+            None,
+            &self.grads,
+        )?;
+        if let Some(ps) = ps {
+            head_grad_per_sample(
+                ctx,
+                enc,
+                &hs,
+                &w.pooled,
+                &w.dlogits,
+                &ps.head_weight,
+                &ps.head_bias,
+            )?;
+        }
+        gemm(
+            ctx,
+            enc,
+            &Gemm::new(s.batch, h, nl).offsets(0, self.head_weight_offset, 0),
+            &w.dlogits,
+            &self.params,
+            None,
+            &w.dpooled,
+        )?;
+        mean_pool_backward(ctx, enc, &hs, &w.mask, &w.dpooled, &w.dh)?;
+
+        let ln_shape = LayerNormShape {
+            rows,
+            h,
+            eps: c.layer_norm_eps as f32,
+        };
+        let attn = AttentionShape {
+            batch: s.batch,
+            seq: s.seq,
+            heads: c.num_attention_heads,
+            head_dim: c.head_dim(),
+        };
+        let bytes_h = (rows * h * 4) as u64;
+        for l in (0..self.layers.len()).rev() {
+            let lg = &self.layers[l];
+            let a = &w.layers[l];
+            let x = if l == 0 { &w.emb_out } else { &w.layers[l - 1].h2 };
+            let back = |enc: &mut wgpu::CommandEncoder,
+                        which: AdaptedLinear,
+                        input: &GpuBuffer,
+                        dy: &GpuBuffer,
+                        dx: Option<(&GpuBuffer, bool)>| {
+                let i = which.index();
+                self.linear_backward(
+                    enc,
+                    w,
+                    s,
+                    &lg.linears[i],
+                    lg.adapters[i].as_ref(),
+                    a.xa[i].as_ref(),
+                    ps.and_then(|p| p.r[l][i].as_ref()),
+                    self.weight_grads.as_ref().map(|g| &g[l][i]),
+                    input,
+                    dy,
+                    dx,
+                )
+            };
+            // h2 = LN2(out + h1)
+            layernorm_backward(
+                ctx, enc, &ln_shape, &a.out, Some(&a.h1), &lg.ln2.0, &a.stats2, &w.dh, &w.dsum2,
+            )?;
+            back(
+                enc,
+                AdaptedLinear::Output,
+                &a.inter_act,
+                &w.dsum2,
+                Some((&w.d_inter, false)),
+            )?;
+            gelu_backward(
+                ctx,
+                enc,
+                &a.inter_pre,
+                &w.d_inter,
+                &w.d_pre,
+                rows * c.intermediate_size,
+            )?;
+            enc.copy_buffer_to_buffer(&w.dsum2.buffer, 0, &w.dh1.buffer, 0, bytes_h);
+            back(
+                enc,
+                AdaptedLinear::Intermediate,
+                &a.h1,
+                &w.d_pre,
+                Some((&w.dh1, true)),
+            )?;
+            // h1 = LN1(ao + x)
+            layernorm_backward(
+                ctx, enc, &ln_shape, &a.ao, Some(x), &lg.ln1.0, &a.stats1, &w.dh1, &w.dsum1,
+            )?;
+            back(
+                enc,
+                AdaptedLinear::AttentionOutput,
+                &a.context,
+                &w.dsum1,
+                Some((&w.dctx, false)),
+            )?;
+            attention_backward(
+                ctx, enc, &attn, &a.q, &a.k, &a.v, &a.probs, &w.dctx, &w.dprobs, &w.dq, &w.dk,
+                &w.dv,
+            )?;
+            // The embeddings are frozen: layer 0 needs no input gradient.
+            let need_dx = l > 0;
+            if need_dx {
+                enc.copy_buffer_to_buffer(&w.dsum1.buffer, 0, &w.dh.buffer, 0, bytes_h);
+            }
+            for (which, d) in [
+                (AdaptedLinear::Query, &w.dq),
+                (AdaptedLinear::Key, &w.dk),
+                (AdaptedLinear::Value, &w.dv),
+            ] {
+                back(enc, which, x, d, need_dx.then_some((&w.dh, true)))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Mean-pooled last hidden states (`batch × hidden`, attention-masked mean,
+    /// not normalized).
+    pub async fn embed(&mut self, batch: &EncodedBatch) -> Result<Vec<f32>, GpuError> {
+        self.upload(batch, None)?;
+        let mut enc = self.ctx.encoder();
+        self.record_forward(&mut enc)?;
+        self.ctx.submit(enc);
+        let w = self.workspace.as_ref().expect("uploaded");
+        let mut v = self.ctx.read_f32(&w.pooled).await?;
+        v.truncate(batch.batch_size * self.config.hidden_size);
+        Ok(v)
+    }
+
+    /// Logits of the head (`batch × labels`).
+    pub async fn logits(&mut self, batch: &EncodedBatch) -> Result<Vec<f32>, GpuError> {
+        if self.num_labels == 0 {
+            return Err(GpuError::Shape("no classification head".into()));
+        }
+        self.upload(batch, None)?;
+        let mut enc = self.ctx.encoder();
+        self.record_forward(&mut enc)?;
+        self.ctx.submit(enc);
+        let w = self.workspace.as_ref().expect("uploaded");
+        let mut v = self.ctx.read_f32(&w.logits).await?;
+        v.truncate(batch.batch_size * self.num_labels);
+        Ok(v)
+    }
+
+    /// Logits and per-sample losses of a labelled batch (evaluation).
+    pub async fn evaluate(
+        &mut self,
+        batch: &EncodedBatch,
+        labels: &[u32],
+    ) -> Result<(Vec<f32>, Vec<f32>), GpuError> {
+        self.upload(batch, Some(labels))?;
+        let s = self.shape()?;
+        let mut enc = self.ctx.encoder();
+        self.record_forward(&mut enc)?;
+        let w = self.workspace.as_ref().expect("uploaded");
+        softmax_cross_entropy(
+            self.ctx,
+            &mut enc,
+            &self.head_shape(s),
+            &w.logits,
+            &w.labels,
+            1.0,
+            &w.losses,
+            &w.dlogits,
+        )?;
+        self.ctx.submit(enc);
+        let mut logits = self.ctx.read_f32(&w.logits).await?;
+        logits.truncate(s.batch * self.num_labels);
+        let mut losses = self.ctx.read_f32(&w.losses).await?;
+        losses.truncate(s.batch);
+        Ok((logits, losses))
+    }
+
+    /// Forward and backward of a labelled batch; returns the per-sample losses.
+    /// Gradients stay on the device: [`Self::read_gradients`],
+    /// [`Self::read_per_sample_gradients`].
+    pub async fn loss_and_gradients(
+        &mut self,
+        batch: &EncodedBatch,
+        labels: &[u32],
+        mode: GradientMode,
+    ) -> Result<Vec<f32>, GpuError> {
+        self.upload(batch, Some(labels))?;
+        if mode == GradientMode::PerSample {
+            self.ensure_per_sample(batch.batch_size);
+        }
+        let mut enc = self.ctx.encoder();
+        self.record_forward(&mut enc)?;
+        self.record_backward(&mut enc, mode)?;
+        self.ctx.submit(enc);
+        self.read_losses().await
+    }
+
+    async fn read_losses(&self) -> Result<Vec<f32>, GpuError> {
+        let s = self.shape()?;
+        let w = self.workspace.as_ref().expect("uploaded");
+        let mut v = self.ctx.read_f32(&w.losses).await?;
+        v.truncate(s.batch);
+        Ok(v)
+    }
+
+    /// One training step on the mean loss of the batch: forward, backward and
+    /// AdamW on every `R` and the head, in one submission. Returns the mean loss.
+    pub async fn train_step(
+        &mut self,
+        batch: &EncodedBatch,
+        labels: &[u32],
+        opt: &AdamW,
+    ) -> Result<f32, GpuError> {
+        self.upload(batch, Some(labels))?;
+        let mut enc = self.ctx.encoder();
+        self.record_forward(&mut enc)?;
+        self.record_backward(&mut enc, GradientMode::BatchMean)?;
+        self.adam_steps += 1;
+        adamw_step(
+            self.ctx,
+            &mut enc,
+            opt,
+            self.adam_steps,
+            self.params.len,
+            &self.grads,
+            &self.params,
+            &self.adam_m,
+            &self.adam_v,
+        )?;
+        self.ctx.submit(enc);
+        let losses = self.read_losses().await?;
+        Ok(losses.iter().sum::<f32>() / losses.len() as f32)
+    }
+
+    /// Applies one AdamW step with the gradient currently in the gradient
+    /// buffer (e.g. after [`Self::loss_and_gradients`]).
+    pub fn apply_adamw(&mut self, opt: &AdamW) -> Result<(), GpuError> {
+        let mut enc = self.ctx.encoder();
+        self.adam_steps += 1;
+        adamw_step(
+            self.ctx,
+            &mut enc,
+            opt,
+            self.adam_steps,
+            self.params.len,
+            &self.grads,
+            &self.params,
+            &self.adam_m,
+            &self.adam_v,
+        )?;
+        self.ctx.submit(enc);
+        Ok(())
+    }
+
+    /// Replaces every `R` and the head (e.g. with the global ones of a new
+    /// round) and resets the optimizer state.
+    pub fn set_trainable(
+        &mut self,
+        adapters: &LoraSbAdapters<f32>,
+        head: &ClassifierHead<f32>,
+    ) -> Result<(), GpuError> {
+        let mut flat = Vec::with_capacity(self.params.len);
+        for (l, layer) in self.layers.iter().enumerate() {
+            for which in AdaptedLinear::ALL {
+                if layer.adapters[which.index()].is_some() {
+                    let m = adapters.module(l, which).ok_or_else(|| {
+                        GpuError::Shape(format!("adapter {l}.{} missing", which.checkpoint_name()))
+                    })?;
+                    flat.extend_from_slice(&m.r.data);
+                }
+            }
+        }
+        flat.extend_from_slice(&head.weight.data);
+        flat.extend_from_slice(&head.bias);
+        if flat.len() != self.params.len {
+            return Err(GpuError::Shape(format!(
+                "{} trainable values for {} parameters",
+                flat.len(),
+                self.params.len
+            )));
+        }
+        self.ctx.write_f32(&self.params, &flat)?;
+        let zeros = vec![0.0; self.params.len];
+        self.ctx.write_f32(&self.adam_m, &zeros)?;
+        self.ctx.write_f32(&self.adam_v, &zeros)?;
+        self.adam_steps = 0;
+        Ok(())
+    }
+
+    /// Splits a flat trainable vector into `R`s and head.
+    fn unflatten(&self, flat: &[f32]) -> TrainableGradients<f32> {
+        let r = self.rank;
+        let rr = r * r;
+        let h = self.config.hidden_size;
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.adapters.each_ref().map(|a| {
+                    a.as_ref()
+                        .map(|a| Matrix::from_vec(r, r, flat[a.offset..a.offset + rr].to_vec()))
+                })
+            })
+            .collect();
+        let hw = self.head_weight_offset;
+        let hb = self.head_bias_offset;
+        TrainableGradients {
+            r: layers,
+            head_weight: Matrix::from_vec(self.num_labels, h, flat[hw..hb].to_vec()),
+            head_bias: flat[hb..hb + self.num_labels].to_vec(),
+        }
+    }
+
+    /// Reads every `R` and the head back (end of a round). The structure is
+    /// that of the gradients: `r[layer][linear]` and the head.
+    pub async fn read_trainable(&self) -> Result<TrainableGradients<f32>, GpuError> {
+        let flat = self.ctx.read_f32(&self.params).await?;
+        Ok(self.unflatten(&flat))
+    }
+
+    /// The current `R`s and head as adapters (with the frozen `A`, `B` given
+    /// by `frozen`) and a head.
+    pub async fn read_adapters(
+        &self,
+        frozen: &LoraSbAdapters<f32>,
+    ) -> Result<(LoraSbAdapters<f32>, ClassifierHead<f32>), GpuError> {
+        let t = self.read_trainable().await?;
+        let mut adapters = frozen.clone();
+        for (l, layer) in t.r.iter().enumerate() {
+            for (i, r) in layer.iter().enumerate() {
+                if let (Some(r), Some(m)) = (r, adapters.layers[l][i].as_mut()) {
+                    m.r = r.clone();
+                }
+            }
+        }
+        Ok((
+            adapters,
+            ClassifierHead {
+                weight: t.head_weight,
+                bias: t.head_bias,
+            },
+        ))
+    }
+
+    /// The gradient of the last [`Self::loss_and_gradients`]: of the mean loss
+    /// ([`GradientMode::BatchMean`]) or the sum of per-sample gradients
+    /// ([`GradientMode::PerSample`]).
+    pub async fn read_gradients(&self) -> Result<TrainableGradients<f32>, GpuError> {
+        let flat = self.ctx.read_f32(&self.grads).await?;
+        Ok(self.unflatten(&flat))
+    }
+
+    /// Per-sample gradients of the last [`GradientMode::PerSample`] pass.
+    pub async fn read_per_sample_gradients(
+        &self,
+    ) -> Result<Vec<TrainableGradients<f32>>, GpuError> {
+        let s = self.shape()?;
+        let ps = self
+            .per_sample
+            .as_ref()
+            .ok_or_else(|| GpuError::Shape("no per-sample pass yet".into()))?;
+        let (r, h, nl) = (self.rank, self.config.hidden_size, self.num_labels);
+        let rr = r * r;
+        let mut r_all: Vec<[Option<Vec<f32>>; 6]> = Vec::new();
+        for layer in &ps.r {
+            let mut out: [Option<Vec<f32>>; 6] = Default::default();
+            for (i, b) in layer.iter().enumerate() {
+                if let Some(b) = b {
+                    out[i] = Some(self.ctx.read_f32(b).await?);
+                }
+            }
+            r_all.push(out);
+        }
+        let hw = self.ctx.read_f32(&ps.head_weight).await?;
+        let hb = self.ctx.read_f32(&ps.head_bias).await?;
+        Ok((0..s.batch)
+            .map(|n| TrainableGradients {
+                r: r_all
+                    .iter()
+                    .map(|l| {
+                        l.each_ref().map(|g| {
+                            g.as_ref().map(|g| {
+                                Matrix::from_vec(r, r, g[n * rr..(n + 1) * rr].to_vec())
+                            })
+                        })
+                    })
+                    .collect(),
+                head_weight: Matrix::from_vec(nl, h, hw[n * nl * h..(n + 1) * nl * h].to_vec()),
+                head_bias: hb[n * nl..(n + 1) * nl].to_vec(),
+            })
+            .collect())
+    }
+
+    /// Starts accumulating `Σ ∂L_batch/∂W0` of every linear (LoRA-SB
+    /// initialization) from zero; every later backward pass adds to it.
+    pub fn start_weight_gradients(&mut self) {
+        let ctx = self.ctx;
+        self.weight_grads = Some(
+            self.layers
+                .iter()
+                .map(|l| {
+                    l.linears.each_ref().map(|lin| {
+                        ctx.buffer_zeros("grad_w0", lin.out_features * lin.in_features)
+                    })
+                })
+                .collect(),
+        );
+    }
+
+    /// Reads the accumulated weight gradients: per layer, per
+    /// [`AdaptedLinear`], `out × in`.
+    pub async fn read_weight_gradients(&self) -> Result<Vec<[Matrix<f32>; 6]>, GpuError> {
+        let grads = self
+            .weight_grads
+            .as_ref()
+            .ok_or_else(|| GpuError::Shape("weight gradients were not started".into()))?;
+        let mut out = Vec::with_capacity(grads.len());
+        for (layer, lg) in grads.iter().zip(&self.layers) {
+            let mut mats = Vec::with_capacity(6);
+            for (b, lin) in layer.iter().zip(&lg.linears) {
+                let data = self.ctx.read_f32(b).await?;
+                mats.push(Matrix::from_vec(lin.out_features, lin.in_features, data));
+            }
+            let arr: [Matrix<f32>; 6] = mats.try_into().expect("six linears");
+            out.push(arr);
+        }
+        Ok(out)
+    }
+}
