@@ -3,3 +3,4 @@ pub mod data;
 pub mod gpu;
 pub mod model;
 pub mod reference;
+pub mod train;

@@ -30,8 +30,7 @@ use super::context::{GpuBuffer, GpuContext};
 use super::embeddings::{embeddings_forward, EmbeddingTables};
 use super::gelu::{gelu_backward, gelu_forward};
 use super::head::{
-    head_grad_per_sample, mean_pool_backward, mean_pool_forward, softmax_cross_entropy,
-    HeadShape,
+    head_grad_per_sample, mean_pool_backward, mean_pool_forward, softmax_cross_entropy, HeadShape,
 };
 use super::layernorm::{layernorm_backward, layernorm_forward, LayerNormShape};
 use super::lora_sb::{lora_sb_grad_r, LoraSbDims};
@@ -521,7 +520,15 @@ impl<'c> GpuEncoder<'c> {
             y,
         )?;
         if let (Some(ad), Some(xa)) = (adapter, xa) {
-            gemm(ctx, enc, &Gemm::new(rows, r, inp).trans_b(), x, &ad.a, None, xa)?;
+            gemm(
+                ctx,
+                enc,
+                &Gemm::new(rows, r, inp).trans_b(),
+                x,
+                &ad.a,
+                None,
+                xa,
+            )?;
             gemm(
                 ctx,
                 enc,
@@ -563,7 +570,16 @@ impl<'c> GpuEncoder<'c> {
             types: c.type_vocab_size,
             hidden: h,
         };
-        embeddings_forward(ctx, enc, &tables, &w.ids, &w.type_ids, rows, s.seq, &w.emb_sum)?;
+        embeddings_forward(
+            ctx,
+            enc,
+            &tables,
+            &w.ids,
+            &w.type_ids,
+            rows,
+            s.seq,
+            &w.emb_sum,
+        )?;
         let ln_shape = LayerNormShape { rows, h, eps };
         layernorm_forward(
             ctx,
@@ -583,7 +599,11 @@ impl<'c> GpuEncoder<'c> {
             head_dim: c.head_dim(),
         };
         for (l, (lg, a)) in self.layers.iter().zip(&w.layers).enumerate() {
-            let x = if l == 0 { &w.emb_out } else { &w.layers[l - 1].h2 };
+            let x = if l == 0 {
+                &w.emb_out
+            } else {
+                &w.layers[l - 1].h2
+            };
             let lin = |enc: &mut wgpu::CommandEncoder,
                        which: AdaptedLinear,
                        input: &GpuBuffer,
@@ -762,9 +782,10 @@ impl<'c> GpuEncoder<'c> {
                 .layers
                 .iter()
                 .map(|l| {
-                    l.adapters
-                        .each_ref()
-                        .map(|a| a.as_ref().map(|_| ctx.buffer_zeros("grad_r.per_sample", batch * rr)))
+                    l.adapters.each_ref().map(|a| {
+                        a.as_ref()
+                            .map(|_| ctx.buffer_zeros("grad_r.per_sample", batch * rr))
+                    })
                 })
                 .collect(),
             head_weight: ctx.buffer_zeros(
@@ -786,7 +807,9 @@ impl<'c> GpuEncoder<'c> {
     ) -> Result<(), GpuError> {
         let s = self.shape()?;
         if self.num_labels == 0 {
-            return Err(GpuError::Shape("training needs a classification head".into()));
+            return Err(GpuError::Shape(
+                "training needs a classification head".into(),
+            ));
         }
         let w = self.workspace.as_ref().expect("uploaded");
         let ps = match mode {
@@ -801,7 +824,9 @@ impl<'c> GpuEncoder<'c> {
             GradientMode::BatchMean => 1.0 / s.batch as f32,
             GradientMode::PerSample => 1.0,
         };
-        softmax_cross_entropy(ctx, enc, &hs, &w.logits, &w.labels, scale, &w.losses, &w.dlogits)?;
+        softmax_cross_entropy(
+            ctx, enc, &hs, &w.logits, &w.labels, scale, &w.losses, &w.dlogits,
+        )?;
         // Head: dW = dlogitsᵀ·pooled, db = dlogitsᵀ·ones.
         gemm(
             ctx,
@@ -862,7 +887,11 @@ impl<'c> GpuEncoder<'c> {
         for l in (0..self.layers.len()).rev() {
             let lg = &self.layers[l];
             let a = &w.layers[l];
-            let x = if l == 0 { &w.emb_out } else { &w.layers[l - 1].h2 };
+            let x = if l == 0 {
+                &w.emb_out
+            } else {
+                &w.layers[l - 1].h2
+            };
             let back = |enc: &mut wgpu::CommandEncoder,
                         which: AdaptedLinear,
                         input: &GpuBuffer,
@@ -885,7 +914,15 @@ impl<'c> GpuEncoder<'c> {
             };
             // h2 = LN2(out + h1)
             layernorm_backward(
-                ctx, enc, &ln_shape, &a.out, Some(&a.h1), &lg.ln2.0, &a.stats2, &w.dh, &w.dsum2,
+                ctx,
+                enc,
+                &ln_shape,
+                &a.out,
+                Some(&a.h1),
+                &lg.ln2.0,
+                &a.stats2,
+                &w.dh,
+                &w.dsum2,
             )?;
             back(
                 enc,
@@ -912,7 +949,15 @@ impl<'c> GpuEncoder<'c> {
             )?;
             // h1 = LN1(ao + x)
             layernorm_backward(
-                ctx, enc, &ln_shape, &a.ao, Some(x), &lg.ln1.0, &a.stats1, &w.dh1, &w.dsum1,
+                ctx,
+                enc,
+                &ln_shape,
+                &a.ao,
+                Some(x),
+                &lg.ln1.0,
+                &a.stats1,
+                &w.dh1,
+                &w.dsum1,
             )?;
             back(
                 enc,
@@ -1202,9 +1247,8 @@ impl<'c> GpuEncoder<'c> {
                     .iter()
                     .map(|l| {
                         l.each_ref().map(|g| {
-                            g.as_ref().map(|g| {
-                                Matrix::from_vec(r, r, g[n * rr..(n + 1) * rr].to_vec())
-                            })
+                            g.as_ref()
+                                .map(|g| Matrix::from_vec(r, r, g[n * rr..(n + 1) * rr].to_vec()))
                         })
                     })
                     .collect(),
@@ -1222,9 +1266,9 @@ impl<'c> GpuEncoder<'c> {
             self.layers
                 .iter()
                 .map(|l| {
-                    l.linears.each_ref().map(|lin| {
-                        ctx.buffer_zeros("grad_w0", lin.out_features * lin.in_features)
-                    })
+                    l.linears
+                        .each_ref()
+                        .map(|lin| ctx.buffer_zeros("grad_w0", lin.out_features * lin.in_features))
                 })
                 .collect(),
         );

@@ -1,0 +1,209 @@
+//! Centralized LoRA-SB training on the GPU: LoRA-SB initialization from the
+//! gradients of the base model, a shuffled batch sampler, training steps and
+//! evaluation, on top of [`GpuEncoder`].
+//!
+//! Everything here is `async` and never blocks, so the same code runs in a
+//! browser tab; natively, wrap calls in `pollster::block_on` (as `fedsb train`
+//! does).
+
+use crate::data::Example;
+use crate::gpu::encoder::{GpuEncoder, GradientMode};
+use crate::gpu::{GpuContext, GpuError};
+use crate::model::SplitMix64;
+use crate::model::{AdaptedLinear, BertTokenizer, BertWeights, EncodedBatch, ModelLoadError};
+use crate::reference::{
+    adapter_from_update, ClassifierHead, LoraSbAdapters, LoraSbInitOptions, Matrix,
+};
+
+/// Why training could not proceed.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+    #[error(transparent)]
+    Tokenizer(#[from] ModelLoadError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// LoRA-SB initialization on the GPU (the authors' update approximation):
+/// `G = Σ_batches ∂L_batch/∂W0` for every adapted linear with the mean
+/// cross-entropy of each batch, computed by the GPU backward pass of the plain
+/// encoder with `head`; then, on the CPU, `ΔW = −η·sign(G)` and the truncated
+/// SVD of [`adapter_from_update`] (`A = Uᵀ`, `B = V`, `R₀ = diag(S)` of `ΔWᵀ`).
+pub async fn gpu_lora_sb_init(
+    ctx: &GpuContext,
+    weights: &BertWeights<f32>,
+    head: &ClassifierHead<f32>,
+    batches: &[(EncodedBatch, Vec<u32>)],
+    options: &LoraSbInitOptions,
+) -> Result<LoraSbAdapters<f32>, TrainError> {
+    if batches.is_empty() {
+        return Err(TrainError::Invalid(
+            "LoRA-SB initialization needs at least one batch".into(),
+        ));
+    }
+    let mut encoder = GpuEncoder::new(ctx, weights, None, Some(head))?;
+    encoder.start_weight_gradients();
+    for (batch, labels) in batches {
+        encoder
+            .loss_and_gradients(batch, labels, GradientMode::BatchMean)
+            .await?;
+    }
+    let grads = encoder.read_weight_gradients().await?;
+    drop(encoder);
+    let eta = options.learning_rate as f32;
+    let config = &weights.config;
+    for which in &options.modules {
+        let (out, inp) = which.shape(config);
+        if options.rank == 0 || options.rank > out.min(inp) {
+            return Err(TrainError::Invalid(format!(
+                "rank {} must be in 1..={} for {}",
+                options.rank,
+                out.min(inp),
+                which.checkpoint_name()
+            )));
+        }
+    }
+    let layers = grads
+        .iter()
+        .map(|layer| {
+            AdaptedLinear::ALL.map(|which| {
+                options.modules.contains(&which).then(|| {
+                    let g: &Matrix<f32> = &layer[which.index()];
+                    let delta_w = g.map(|x| {
+                        if x > 0.0 {
+                            -eta
+                        } else if x < 0.0 {
+                            eta
+                        } else {
+                            0.0
+                        }
+                    });
+                    adapter_from_update(&delta_w, options.rank)
+                })
+            })
+        })
+        .collect();
+    Ok(LoraSbAdapters { layers })
+}
+
+/// Tokenizes examples (single sentences or pairs) into one padded batch and
+/// their labels (examples without a label get an error).
+pub fn encode_examples(
+    tokenizer: &BertTokenizer,
+    examples: &[&Example],
+) -> Result<(EncodedBatch, Vec<u32>), TrainError> {
+    let inputs: Vec<(&str, Option<&str>)> = examples
+        .iter()
+        .map(|e| (e.text.as_str(), e.text_pair.as_deref()))
+        .collect();
+    let batch = tokenizer.encode_mixed_batch(&inputs)?;
+    let labels = examples
+        .iter()
+        .map(|e| {
+            e.label.ok_or_else(|| {
+                TrainError::Invalid(format!("example without a label: {:?}", e.text))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((batch, labels))
+}
+
+/// Draws batches from a dataset: a seeded shuffle per epoch, every example
+/// once per epoch, as `torch.utils.data.DataLoader(shuffle=True)`.
+#[derive(Debug, Clone)]
+pub struct BatchSampler {
+    len: usize,
+    batch: usize,
+    order: Vec<usize>,
+    next: usize,
+    rng: SplitMix64,
+    /// Completed epochs.
+    pub epochs: usize,
+}
+
+impl BatchSampler {
+    /// A sampler over `len` examples in batches of `batch`.
+    pub fn new(len: usize, batch: usize, seed: u64) -> Self {
+        let mut s = Self {
+            len,
+            batch: batch.max(1),
+            order: (0..len).collect(),
+            next: 0,
+            rng: SplitMix64(seed),
+            epochs: 0,
+        };
+        s.shuffle();
+        s
+    }
+
+    fn shuffle(&mut self) {
+        for i in (1..self.order.len()).rev() {
+            let j = (self.rng.next_u64() % (i as u64 + 1)) as usize;
+            self.order.swap(i, j);
+        }
+        self.next = 0;
+    }
+
+    /// Indices of the next batch (a short last batch ends an epoch).
+    pub fn next_batch(&mut self) -> Vec<usize> {
+        if self.len == 0 {
+            return Vec::new();
+        }
+        if self.next >= self.len {
+            self.epochs += 1;
+            self.shuffle();
+        }
+        let end = (self.next + self.batch).min(self.len);
+        let out = self.order[self.next..end].to_vec();
+        self.next = end;
+        out
+    }
+}
+
+/// Accuracy and mean cross-entropy on a labelled set.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Evaluation {
+    pub accuracy: f64,
+    pub loss: f64,
+    pub samples: usize,
+}
+
+/// Evaluates the encoder's head on `examples` in batches of `batch`.
+pub async fn evaluate(
+    encoder: &mut GpuEncoder<'_>,
+    tokenizer: &BertTokenizer,
+    examples: &[Example],
+    batch: usize,
+) -> Result<Evaluation, TrainError> {
+    let nl = encoder.num_labels();
+    let (mut correct, mut loss_sum) = (0usize, 0f64);
+    for chunk in examples.chunks(batch.max(1)) {
+        let refs: Vec<&Example> = chunk.iter().collect();
+        let (b, labels) = encode_examples(tokenizer, &refs)?;
+        let (logits, losses) = encoder.evaluate(&b, &labels).await?;
+        for (n, &label) in labels.iter().enumerate() {
+            let row = &logits[n * nl..(n + 1) * nl];
+            let argmax = row
+                .iter()
+                .enumerate()
+                .fold((0, f32::NEG_INFINITY), |best, (j, &z)| {
+                    if z > best.1 {
+                        (j, z)
+                    } else {
+                        best
+                    }
+                })
+                .0;
+            correct += usize::from(argmax == label as usize);
+        }
+        loss_sum += losses.iter().map(|&l| l as f64).sum::<f64>();
+    }
+    let samples = examples.len();
+    Ok(Evaluation {
+        accuracy: correct as f64 / samples.max(1) as f64,
+        loss: loss_sum / samples.max(1) as f64,
+        samples,
+    })
+}
