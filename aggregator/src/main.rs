@@ -1,6 +1,8 @@
 //! The `fedsb` command-line tool: `fedsb serve` runs the aggregator,
 //! `fedsb privacy` does privacy accounting. `fedsb --help` lists everything.
+mod embed_cmd;
 mod privacy_cmd;
+mod train_cmd;
 
 use std::io::Write as _;
 use std::net::IpAddr;
@@ -30,6 +32,10 @@ enum Command {
     /// Differential-privacy accounting: epsilon from sigma, sigma from epsilon.
     #[command(subcommand)]
     Privacy(privacy_cmd::PrivacyCommand),
+    /// Mean-pooled sentence embeddings on the GPU, one JSON line per text.
+    Embed(embed_cmd::EmbedArgs),
+    /// Centralized LoRA-SB training on the GPU, with evaluation.
+    Train(train_cmd::TrainArgs),
 }
 
 #[derive(Debug, Args)]
@@ -62,6 +68,8 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Privacy(cmd) => privacy_cmd::run(cmd),
+        Command::Embed(args) => embed_cmd::run(args),
+        Command::Train(args) => train_cmd::run(args),
     }
 }
 

@@ -1,0 +1,108 @@
+//! `fedsb embed`: mean-pooled sentence embeddings of a BERT-family model,
+//! computed on the GPU, one JSON line per text on stdout:
+//!
+//! ```text
+//! fedsb embed --model models/all-MiniLM-L6-v2 --text "A sentence." --text "Another one."
+//! fedsb embed --model models/all-MiniLM-L6-v2 --input texts.txt      # one text per line
+//! fedsb embed --model models/all-MiniLM-L6-v2 --input dev.tsv        # CSV/TSV/JSONL: the text column
+//! ```
+//!
+//! The embedding is the attention-masked mean of the last hidden state, not
+//! normalized (sentence-transformers' pooling without its Normalize module).
+
+use std::io::Write as _;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use fedsb_engine::data::{read_dataset_file, ColumnSpec, DataFormat};
+use fedsb_engine::gpu::encoder::GpuEncoder;
+use fedsb_engine::gpu::{GpuContext, GpuOptions};
+use fedsb_engine::model::{BertTokenizer, BertWeights};
+use serde::Serialize;
+
+#[derive(Debug, Args)]
+pub struct EmbedArgs {
+    /// Hugging Face model directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// A text to embed (repeatable).
+    #[arg(long = "text")]
+    texts: Vec<String>,
+    /// A file of texts: one per line, or the text column of a .csv/.tsv/.jsonl dataset.
+    #[arg(long)]
+    input: Option<PathBuf>,
+    /// Text column of a dataset --input (detected when not given).
+    #[arg(long)]
+    text_column: Option<String>,
+    /// Use the GPU adapter whose name contains this (case-insensitive).
+    #[arg(long)]
+    adapter: Option<String>,
+    /// Truncate texts to this many tokens (special tokens included).
+    #[arg(long, default_value_t = 128)]
+    max_seq_len: usize,
+    /// Texts per GPU batch.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+}
+
+fn read_texts(args: &EmbedArgs) -> anyhow::Result<Vec<String>> {
+    let mut texts = args.texts.clone();
+    if let Some(path) = &args.input {
+        let name = path.display().to_string();
+        if DataFormat::from_file_name(&name).is_some() {
+            let spec = ColumnSpec {
+                text: args.text_column.clone(),
+                ..ColumnSpec::default()
+            };
+            let data = read_dataset_file(path, &spec)?;
+            texts.extend(data.examples.into_iter().map(|e| e.text));
+        } else {
+            let content =
+                std::fs::read_to_string(path).with_context(|| format!("cannot read {name}"))?;
+            texts.extend(
+                content
+                    .lines()
+                    .filter(|l| !l.trim().is_empty())
+                    .map(str::to_owned),
+            );
+        }
+    }
+    if texts.is_empty() {
+        bail!("nothing to embed: give --text T (repeatable) or --input FILE");
+    }
+    Ok(texts)
+}
+
+/// One output line; `text` first, the embedding as shortest-round-trip f32s.
+#[derive(Serialize)]
+struct EmbeddingLine<'a> {
+    text: &'a str,
+    embedding: &'a [f32],
+}
+
+pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
+    let texts = read_texts(&args)?;
+    let weights = BertWeights::from_dir(&args.model)
+        .with_context(|| format!("loading the model from {}", args.model.display()))?;
+    let tokenizer = BertTokenizer::from_file(args.model.join("tokenizer.json"))?
+        .with_max_length(args.max_seq_len)?;
+    let ctx = pollster::block_on(GpuContext::new(&GpuOptions {
+        adapter: args.adapter.as_deref(),
+    }))?;
+    eprintln!("adapter: {}", ctx.adapter_name());
+    let mut encoder = GpuEncoder::new(&ctx, &weights, None, None)?;
+    let hidden = weights.config.hidden_size;
+    let mut out = std::io::stdout().lock();
+    for chunk in texts.chunks(args.batch.max(1)) {
+        let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        let batch = tokenizer.encode_batch(&refs)?;
+        let pooled = pollster::block_on(encoder.embed(&batch))?;
+        for (text, embedding) in chunk.iter().zip(pooled.chunks(hidden)) {
+            let line = serde_json::to_string(&EmbeddingLine { text, embedding })?;
+            writeln!(out, "{line}")?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
