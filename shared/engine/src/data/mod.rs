@@ -60,6 +60,13 @@ pub struct Example {
     pub label: Option<u32>,
 }
 
+impl Example {
+    /// `(text, text_pair)`, as [`crate::model::BertTokenizer::encode_mixed_batch`] takes it.
+    pub fn as_input(&self) -> (&str, Option<&str>) {
+        (&self.text, self.text_pair.as_deref())
+    }
+}
+
 /// A dataset read into memory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dataset {
