@@ -440,7 +440,7 @@ impl Config {
 
     /// The privacy policy sent to participants, if DP is on.
     pub fn privacy_policy(&self) -> Option<PrivacyPolicy> {
-        self.privacy.enabled.then(|| PrivacyPolicy {
+        self.privacy.enabled.then_some(PrivacyPolicy {
             epsilon: self.privacy.epsilon,
             delta: self.privacy.delta,
             clip_norm: self.privacy.clip_norm,
