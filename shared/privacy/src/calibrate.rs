@@ -96,7 +96,15 @@ pub fn calibrate_noise_multiplier_within(
         epsilon_spent(accountant, &[segment], target.delta)
     };
     // f(σ) = ε(σ) − target, decreasing; we want the root, from above.
-    let excess = |sigma: f64| -> Result<f64> { Ok(eps_at(sigma)? - target.epsilon) };
+    // A σ so small that the PLD grid would be too large counts as "too much
+    // ε": the grid only explodes for tiny σ, far below any useful answer.
+    let excess = |sigma: f64| -> Result<f64> {
+        match eps_at(sigma) {
+            Ok(eps) => Ok(eps - target.epsilon),
+            Err(PrivacyError::PldTooLarge { .. }) => Ok(f64::INFINITY),
+            Err(e) => Err(e),
+        }
+    };
 
     // Bracket. For PLD, start from the cheap RDP answer, which is an upper
     // bound on the PLD one in practice.

@@ -3,8 +3,11 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{PrivacyError, Result};
-use crate::rdp::check_delta;
-use crate::{epsilon_spent, AccountantKind, TrainingSegment};
+use crate::rdp::{check_delta, epsilon_from_rdp, poisson_subsampled_gaussian_rdp};
+use crate::{
+    epsilon_spent, AccountantKind, PldAccountant, RdpAccountant, SubsampledGaussianStep,
+    TrainingSegment, DEFAULT_VALUE_DISCRETIZATION_INTERVAL,
+};
 
 /// A target (ε, δ) that a participant must not exceed.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -155,45 +158,133 @@ impl PrivacyLedger {
 
     /// The largest number of further steps at (q, σ) that stays within
     /// budget (0 if none does), searched up to `limit` steps.
+    ///
+    /// The recorded segments and the one-step PLD are accounted once; the
+    /// search then needs a few compositions (PLD) or a few additions (RDP).
+    /// For PLD it starts from the RDP answer, which is nearly always a lower
+    /// bound on it.
     pub fn max_additional_steps(
         &self,
         sample_rate: f64,
         noise_multiplier: f64,
         limit: u64,
     ) -> Result<u64> {
-        let at = |steps: u64| TrainingSegment {
-            sample_rate,
-            noise_multiplier,
-            steps,
-        };
-        at(1).validate()?;
-        if limit == 0 || !self.can_take(&at(1))? {
+        TrainingSegment::new(sample_rate, noise_multiplier, 1)?;
+        if limit == 0 {
             return Ok(0);
         }
-        // Exponential search for an upper end, then bisection. ε grows with
-        // the number of steps.
-        let mut good = 1u64;
-        let mut bad = None;
-        while bad.is_none() {
-            let next = good.saturating_mul(2).min(limit);
-            if next == good {
-                return Ok(good);
-            }
-            if self.can_take(&at(next))? {
-                good = next;
-            } else {
-                bad = Some(next);
-            }
+        let budget = self.budget.epsilon;
+        let delta = self.budget.delta;
+
+        let mut rdp_base = RdpAccountant::new();
+        for s in &self.segments {
+            rdp_base.compose(s)?;
         }
-        let mut bad = bad.unwrap_or(limit);
-        while bad - good > 1 {
-            let mid = good + (bad - good) / 2;
-            if self.can_take(&at(mid))? {
-                good = mid;
-            } else {
-                bad = mid;
-            }
+        let rdp_step =
+            poisson_subsampled_gaussian_rdp(sample_rate, noise_multiplier, rdp_base.orders())?;
+        let rdp_after = |steps: u64| -> Result<f64> {
+            let total: Vec<f64> = rdp_base
+                .rdp()
+                .iter()
+                .zip(&rdp_step)
+                .map(|(base, step)| base + steps as f64 * step)
+                .collect();
+            Ok(epsilon_from_rdp(rdp_base.orders(), &total, delta)?.0)
+        };
+        let rdp_answer = search_max_steps(rdp_after, budget, 1, limit)?;
+        if self.accountant == AccountantKind::Rdp {
+            return Ok(rdp_answer);
         }
-        Ok(good)
+
+        let mut pld_base = PldAccountant::new();
+        for s in &self.segments {
+            pld_base.compose(s)?;
+        }
+        let step = SubsampledGaussianStep::new(
+            sample_rate,
+            noise_multiplier,
+            DEFAULT_VALUE_DISCRETIZATION_INTERVAL,
+        )?;
+        let pld_after = |steps: u64| -> Result<f64> {
+            let next = step.repeated(steps)?;
+            if pld_base.is_identity() {
+                next.epsilon(delta)
+            } else {
+                pld_base.distribution().compose(&next)?.epsilon(delta)
+            }
+        };
+        search_max_steps(pld_after, budget, rdp_answer.max(1), limit)
     }
+}
+
+/// The largest k in [0, limit] with `epsilon_after(k) <= budget`, for
+/// `epsilon_after` non-decreasing in k, starting the search at `start`:
+/// exponential search for a bracket, then alternating interpolation and
+/// bisection steps.
+fn search_max_steps(
+    mut epsilon_after: impl FnMut(u64) -> Result<f64>,
+    budget: f64,
+    start: u64,
+    limit: u64,
+) -> Result<u64> {
+    let start = start.clamp(1, limit);
+    let e = epsilon_after(start)?;
+    let (mut good, mut e_good, mut bad, mut e_bad);
+    if e <= budget {
+        good = start;
+        e_good = e;
+        loop {
+            if good == limit {
+                return Ok(limit);
+            }
+            let next = good.saturating_mul(2).min(limit);
+            let e = epsilon_after(next)?;
+            if e <= budget {
+                good = next;
+                e_good = e;
+            } else {
+                bad = next;
+                e_bad = e;
+                break;
+            }
+        }
+    } else {
+        bad = start;
+        e_bad = e;
+        loop {
+            if bad == 1 {
+                return Ok(0);
+            }
+            let next = bad / 2;
+            let e = epsilon_after(next)?;
+            if e <= budget {
+                good = next;
+                e_good = e;
+                break;
+            }
+            bad = next;
+            e_bad = e;
+        }
+    }
+    // Invariant: good fits, bad does not, good < bad.
+    let mut interpolate = true;
+    while bad - good > 1 {
+        let mid = if interpolate && e_bad.is_finite() && e_bad > e_good {
+            let frac = (budget - e_good) / (e_bad - e_good);
+            let k = good as f64 + frac * (bad - good) as f64;
+            (k.round() as u64).clamp(good + 1, bad - 1)
+        } else {
+            good + (bad - good) / 2
+        };
+        interpolate = !interpolate;
+        let e = epsilon_after(mid)?;
+        if e <= budget {
+            good = mid;
+            e_good = e;
+        } else {
+            bad = mid;
+            e_bad = e;
+        }
+    }
+    Ok(good)
 }

@@ -69,7 +69,10 @@ pub use calibrate::{
 };
 pub use error::{PrivacyError, Result};
 pub use ledger::{BudgetCheck, PrivacyBudget, PrivacyLedger};
-pub use pld::{PldAccountant, PrivacyLossDistribution, DEFAULT_VALUE_DISCRETIZATION_INTERVAL};
+pub use pld::{
+    PldAccountant, PrivacyLossDistribution, SubsampledGaussianStep,
+    DEFAULT_VALUE_DISCRETIZATION_INTERVAL,
+};
 pub use rdp::{default_rdp_orders, RdpAccountant};
 
 /// `steps` consecutive DP-SGD steps with the same Poisson sampling rate and

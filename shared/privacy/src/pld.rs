@@ -43,9 +43,10 @@ const LOG_MASS_TRUNCATION_BOUND: f64 = -50.0;
 /// (dp-accounting's `tail_mass_truncation`); counted as infinite loss.
 const TAIL_MASS_TRUNCATION: f64 = 1e-15;
 
-/// The most grid points (or FFT length) this module allocates: 2²⁶ doubles
-/// is 512 MiB as complex numbers, already a lot for a browser tab.
-const MAX_GRID_POINTS: usize = 1 << 26;
+/// The most grid points (or FFT length) this module allocates: 2²³ complex
+/// doubles are 128 MiB, already a lot for a browser tab. Realistic DP-SGD
+/// settings (σ ≳ 0.3) stay far below it.
+const MAX_GRID_POINTS: usize = 1 << 23;
 
 /// Which of the two neighbouring directions a PLD describes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -393,27 +394,13 @@ fn self_convolve_bounds(probs: &[f64], num_times: u64, tail_mass: f64) -> (i128,
     let mut upper = (len as i128 - 1) * i128::from(num_times);
     let mut lower = 0i128;
     let n = num_times as f64;
-    let log_probs: Vec<f64> = probs
-        .iter()
-        .map(|&p| if p > 0.0 { p.ln() } else { f64::NEG_INFINITY })
-        .collect();
     let orders = (-20..0).chain(1..21).map(|o| f64::from(o) / len as f64);
     for order in orders {
-        // ln Σ_k p_k e^{k·order}
-        let max = log_probs
-            .iter()
-            .enumerate()
-            .map(|(k, &lp)| lp + k as f64 * order)
-            .fold(f64::NEG_INFINITY, f64::max);
-        if !max.is_finite() {
-            continue;
-        }
-        let sum: f64 = log_probs
-            .iter()
-            .enumerate()
-            .map(|(k, &lp)| (lp + k as f64 * order - max).exp())
-            .sum();
-        let log_mgf = max + sum.ln();
+        // ln Σ_k p_k e^{k·order} by Horner's rule in r = e^order: with
+        // |order|·len ≤ 20 nothing overflows, and no exp per term is needed.
+        let r = order.exp();
+        let sum = probs.iter().rev().fold(0.0, |acc, &p| acc * r + p.max(0.0));
+        let log_mgf = sum.ln();
         let bound = (n * log_mgf + (2.0 / tail_mass).ln()) / order;
         if !bound.is_finite() {
             continue;
@@ -588,26 +575,12 @@ impl PrivacyLossDistribution {
         if segment.steps == 0 {
             return Self::identity(value_discretization_interval);
         }
-        let mut fft = FftCache::new();
-        let single = |adjacency| {
-            SubsampledGaussianLoss {
-                sigma: segment.noise_multiplier,
-                q: segment.sample_rate,
-                adjacency,
-            }
-            .discretise(value_discretization_interval)
-        };
-        let remove = single(Adjacency::Remove)?.self_compose(segment.steps, &mut fft)?;
-        let add = if segment.sample_rate == 1.0 {
-            None
-        } else {
-            Some(single(Adjacency::Add)?.self_compose(segment.steps, &mut fft)?)
-        };
-        Ok(Self {
-            interval: value_discretization_interval,
-            remove,
-            add,
-        })
+        SubsampledGaussianStep::new(
+            segment.sample_rate,
+            segment.noise_multiplier,
+            value_discretization_interval,
+        )?
+        .repeated(segment.steps)
     }
 
     /// The PLD of running the mechanisms of `self` and then of `other`.
@@ -657,6 +630,66 @@ impl PrivacyLossDistribution {
     /// The grid spacing of the privacy loss.
     pub fn value_discretization_interval(&self) -> f64 {
         self.interval
+    }
+}
+
+/// One step of the Poisson-subsampled Gaussian mechanism, discretised once,
+/// so that PLDs of any number of such steps can be built without redoing the
+/// discretisation (used when searching over step counts).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubsampledGaussianStep {
+    interval: f64,
+    remove: DensePmf,
+    add: Option<DensePmf>,
+}
+
+impl SubsampledGaussianStep {
+    /// Discretises one step at rate q and noise multiplier σ.
+    pub fn new(
+        sample_rate: f64,
+        noise_multiplier: f64,
+        value_discretization_interval: f64,
+    ) -> Result<Self> {
+        TrainingSegment {
+            sample_rate,
+            noise_multiplier,
+            steps: 1,
+        }
+        .validate()?;
+        check_interval(value_discretization_interval)?;
+        let single = |adjacency| {
+            SubsampledGaussianLoss {
+                sigma: noise_multiplier,
+                q: sample_rate,
+                adjacency,
+            }
+            .discretise(value_discretization_interval)
+        };
+        Ok(Self {
+            interval: value_discretization_interval,
+            remove: single(Adjacency::Remove)?,
+            add: if sample_rate == 1.0 {
+                None
+            } else {
+                Some(single(Adjacency::Add)?)
+            },
+        })
+    }
+
+    /// The PLD of `steps` such steps (identity for 0).
+    pub fn repeated(&self, steps: u64) -> Result<PrivacyLossDistribution> {
+        if steps == 0 {
+            return PrivacyLossDistribution::identity(self.interval);
+        }
+        let mut fft = FftCache::new();
+        Ok(PrivacyLossDistribution {
+            interval: self.interval,
+            remove: self.remove.self_compose(steps, &mut fft)?,
+            add: match &self.add {
+                None => None,
+                Some(add) => Some(add.self_compose(steps, &mut fft)?),
+            },
+        })
     }
 }
 
@@ -715,7 +748,8 @@ impl PldAccountant {
         Ok(())
     }
 
-    fn is_identity(&self) -> bool {
+    /// Whether nothing has been composed yet.
+    pub fn is_identity(&self) -> bool {
         self.pld.add.is_none() && self.pld.remove == DensePmf::identity()
     }
 

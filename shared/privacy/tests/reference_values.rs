@@ -127,6 +127,9 @@ struct EpsilonCase {
     delta: f64,
     rdp_epsilon: f64,
     pld_epsilon: f64,
+    /// dp-accounting's optimistic (round-down) PLD: a lower bound on the
+    /// true ε, loose for many steps.
+    pld_optimistic_epsilon: f64,
 }
 
 #[derive(Deserialize)]
@@ -163,6 +166,11 @@ fn generated_epsilon_references() {
         );
         assert_rdp_close(rdp, case.rdp_epsilon, 0.0, &what);
         assert_pld_close(pld, case.pld_epsilon, &what);
+        assert!(
+            pld >= case.pld_optimistic_epsilon,
+            "{what}: PLD epsilon {pld} below the lower bound {}",
+            case.pld_optimistic_epsilon
+        );
     }
 }
 
