@@ -650,3 +650,43 @@ fn embeddings_matches_reference() {
     let expected = cpu_ref::embeddings(&ids, &type_ids, &word, &position, &token_type, seq, hidden);
     assert_close("embeddings", &read(&gout), &expected, 1e-6, 1e-6);
 }
+
+// ---------------------------------------------------------------- context
+
+#[test]
+fn context_picks_adapter_by_name() {
+    let name = ctx().adapter_name().to_string();
+    let prefix: String = name.chars().take(5).collect::<String>().to_uppercase();
+    let picked = pollster::block_on(GpuContext::new(&GpuOptions {
+        adapter: Some(&prefix),
+    }))
+    .expect("an adapter matching the current one's name prefix (case-insensitive)");
+    assert_eq!(picked.adapter_name(), name);
+    let missing = pollster::block_on(GpuContext::new(&GpuOptions {
+        adapter: Some("no-such-adapter-7f3a"),
+    }));
+    assert!(
+        missing.is_err(),
+        "a name that matches nothing must be an error"
+    );
+}
+
+#[test]
+fn context_buffers_round_trip() {
+    let ctx = ctx();
+    let f = [1.5f32, -2.0, 3.25, f32::MAX, 0.0];
+    let u = [0u32, 7, u32::MAX];
+    assert_eq!(read(&ctx.buffer_f32("f", &f)), f);
+    assert_eq!(
+        pollster::block_on(ctx.read_u32(&ctx.buffer_u32("u", &u))).unwrap(),
+        u
+    );
+    assert!(read(&ctx.buffer_f32("empty", &[])).is_empty());
+    let z = ctx.buffer_zeros("z", 3);
+    ctx.write_f32(&z, &[4.0, 5.0]).unwrap();
+    assert_eq!(read(&z), [4.0, 5.0, 0.0]);
+    assert!(
+        ctx.write_f32(&z, &[0.0; 4]).is_err(),
+        "writes past the end are rejected"
+    );
+}

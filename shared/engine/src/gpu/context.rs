@@ -285,17 +285,16 @@ impl GpuContext {
     /// `pollster::block_on(ctx.read_f32(&b))` works; in the browser the callback
     /// fires from the event loop.
     pub async fn read_f32(&self, buffer: &GpuBuffer) -> Result<Vec<f32>, GpuError> {
-        let bytes = self.read_bytes(buffer).await?;
-        Ok(bytemuck::cast_slice::<u8, f32>(&bytes).to_vec())
+        let words = self.read_words(buffer).await?;
+        Ok(words.into_iter().map(f32::from_bits).collect())
     }
 
     /// Like [`Self::read_f32`] for `u32` buffers.
     pub async fn read_u32(&self, buffer: &GpuBuffer) -> Result<Vec<u32>, GpuError> {
-        let bytes = self.read_bytes(buffer).await?;
-        Ok(bytemuck::cast_slice::<u8, u32>(&bytes).to_vec())
+        self.read_words(buffer).await
     }
 
-    async fn read_bytes(&self, buffer: &GpuBuffer) -> Result<Vec<u8>, GpuError> {
+    async fn read_words(&self, buffer: &GpuBuffer) -> Result<Vec<u32>, GpuError> {
         if buffer.len == 0 {
             return Ok(Vec::new());
         }
@@ -318,12 +317,14 @@ impl GpuContext {
         rx.await
             .map_err(|_| GpuError::Map("map callback dropped".into()))?
             .map_err(|e| GpuError::Map(e.to_string()))?;
-        let bytes = staging
+        let view = staging
             .get_mapped_range(..)
-            .map_err(|e| GpuError::Map(e.to_string()))?
-            .to_vec();
+            .map_err(|e| GpuError::Map(e.to_string()))?;
+        // Copies, so it does not rely on the mapping's alignment.
+        let words = bytemuck::pod_collect_to_vec::<u8, u32>(&view);
+        drop(view);
         staging.unmap();
-        Ok(bytes)
+        Ok(words)
     }
 
     /// The compute pipeline `entry` of `source`, specialised with the override
