@@ -1,0 +1,81 @@
+//! Throughput of the whole GPU encoder on all-MiniLM-L6-v2: forward-only
+//! (embeddings) and LoRA-SB training steps (forward, backward, AdamW), on
+//! synthetic batches of `BATCH` full sequences of `SEQ` tokens.
+//!
+//! ```text
+//! cargo run --release -p fedsb-engine --example bench_encoder [-- BATCH SEQ RANK ITERS]
+//! ```
+//! Defaults: 32 64 32 3. Needs `models/all-MiniLM-L6-v2` (`cargo xtask fetch-model`).
+
+use std::time::Instant;
+
+use fedsb_engine::gpu::adamw::AdamW;
+use fedsb_engine::gpu::encoder::GpuEncoder;
+use fedsb_engine::gpu::{GpuContext, GpuOptions};
+use fedsb_engine::model::{BertWeights, EncodedBatch};
+use fedsb_engine::reference::{ClassifierHead, LoraSbAdapters};
+
+fn main() {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse().expect("numbers: BATCH SEQ RANK ITERS"))
+        .collect();
+    let arg = |i: usize, d: usize| args.get(i).copied().unwrap_or(d);
+    let (batch, seq, rank, iters) = (arg(0, 32), arg(1, 64), arg(2, 32), arg(3, 3));
+    let dir = std::env::var("FEDSB_MODEL_DIR").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/all-MiniLM-L6-v2").to_owned()
+    });
+    let weights = BertWeights::from_dir(&dir).expect("model (cargo xtask fetch-model)");
+    let name = std::env::var("FEDSB_ADAPTER").ok();
+    let ctx = pollster::block_on(GpuContext::new(&GpuOptions {
+        adapter: name.as_deref(),
+    }))
+    .expect("a wgpu adapter");
+    let c = &weights.config;
+    // Synthetic input: [CLS] w... [SEP], all tokens valid.
+    let rows = batch * seq;
+    let encoded = EncodedBatch {
+        input_ids: (0..rows)
+            .map(|i| match i % seq {
+                0 => 101,
+                t if t == seq - 1 => 102,
+                t => 1000 + ((i * 7919 + t * 31) % 20000) as u32,
+            })
+            .collect(),
+        token_type_ids: vec![0; rows],
+        attention_mask: vec![1; rows],
+        batch_size: batch,
+        seq_len: seq,
+    };
+    let labels: Vec<u32> = (0..batch as u32).map(|n| n % 2).collect();
+    let adapters = LoraSbAdapters::random(c, rank, 1, 0.05);
+    let head = ClassifierHead::init(2, c.hidden_size, 0.02, 2);
+    let mut encoder = GpuEncoder::new(&ctx, &weights, Some(&adapters), Some(&head)).unwrap();
+    println!(
+        "adapter {}, batch {batch}, seq {seq}, rank {rank}, {iters} timed iterations after one warm-up",
+        ctx.adapter_name()
+    );
+    pollster::block_on(encoder.embed(&encoded)).unwrap();
+    let t = Instant::now();
+    for _ in 0..iters {
+        pollster::block_on(encoder.embed(&encoded)).unwrap();
+    }
+    let s = t.elapsed().as_secs_f64() / iters as f64;
+    println!(
+        "forward only: {:.3} s/batch, {:.2} samples/s",
+        s,
+        batch as f64 / s
+    );
+    let opt = AdamW::default();
+    pollster::block_on(encoder.train_step(&encoded, &labels, &opt)).unwrap();
+    let t = Instant::now();
+    for _ in 0..iters {
+        pollster::block_on(encoder.train_step(&encoded, &labels, &opt)).unwrap();
+    }
+    let s = t.elapsed().as_secs_f64() / iters as f64;
+    println!(
+        "training step (forward, backward, AdamW): {:.3} s/batch, {:.2} samples/s",
+        s,
+        batch as f64 / s
+    );
+}
