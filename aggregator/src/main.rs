@@ -1,6 +1,9 @@
 //! The `fedsb` command-line tool: `fedsb serve` runs the aggregator,
 //! `fedsb privacy` does privacy accounting. `fedsb --help` lists everything.
 mod embed_cmd;
+mod init_cmd;
+mod join_cmd;
+mod participant;
 mod privacy_cmd;
 mod train_cmd;
 
@@ -36,6 +39,10 @@ enum Command {
     Embed(embed_cmd::EmbedArgs),
     /// Centralized LoRA-SB training on the GPU, with evaluation.
     Train(train_cmd::TrainArgs),
+    /// LoRA-SB initialization from seed data: writes the task's adapter file.
+    Init(init_cmd::InitArgs),
+    /// Join a task as a native participant: train on local data, send R.
+    Join(join_cmd::JoinArgs),
 }
 
 #[derive(Debug, Args)]
@@ -70,6 +77,8 @@ fn main() -> anyhow::Result<()> {
         Command::Privacy(cmd) => privacy_cmd::run(cmd),
         Command::Embed(args) => embed_cmd::run(args),
         Command::Train(args) => train_cmd::run(args),
+        Command::Init(args) => init_cmd::run(args),
+        Command::Join(args) => join_cmd::run(args),
     }
 }
 

@@ -21,6 +21,8 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+pub mod tiny_model;
+
 /// How long any single expected event may take before a test fails.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 

@@ -1,0 +1,213 @@
+//! `fedsb init`: LoRA-SB initialization on the aggregator's side, from a seed
+//! (public) data file, written as the adapter file a task serves.
+//!
+//! ```text
+//! fedsb init --model models/all-MiniLM-L6-v2 --train data/seed.tsv \
+//!     --labels negative,positive --rank 32 --out adapter.safetensors
+//! ```
+//!
+//! 1. The head starts as `fedsb train` starts it: weight uniform with the
+//!    model's `initializer_range` as standard deviation (seeded by `--seed`),
+//!    bias zero. That head is used for the initialization's gradients and is
+//!    written as the round-0 head.
+//! 2. `G = Σ ∂L/∂W0` over `--init-samples` shuffled seed examples (GPU),
+//!    `ΔW = −η·sign(G)` with η = `--lr`, truncated SVD of `ΔWᵀ` (CPU):
+//!    `A = Uᵀ`, `B = V`, `R₀ = diag(S)`.
+//! 3. The file holds `encoder.layer.<i>.<module>.lora_{A,B,R}` for every
+//!    adapted module and `classifier.{weight,bias}` (see `participant.rs`).
+//!
+//! Point the task at it with `[adapter] file = "adapter.safetensors"` (and
+//! the same `rank`, `modules` and `[task] labels`); the aggregator serves it by
+//! hash and starts round 0 from its `R₀` and head. The last line on stdout is
+//! one JSON object describing the file.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use fedsb_engine::data::{read_dataset_file, ColumnSpec, Example};
+use fedsb_engine::gpu::{GpuContext, GpuOptions};
+use fedsb_engine::model::{BertTokenizer, BertWeights};
+use fedsb_engine::reference::{ClassifierHead, LoraSbInitOptions};
+use fedsb_engine::train::{encode_examples, gpu_lora_sb_init, BatchSampler};
+use sha2::{Digest, Sha256};
+
+use crate::participant::{parse_linear, write_adapter_file, ModuleRef};
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Hugging Face model directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Seed (public) training data (.csv, .tsv or .jsonl) whose gradients set A, B and R₀.
+    #[arg(long)]
+    train: PathBuf,
+    /// Text column (detected when not given).
+    #[arg(long)]
+    text_column: Option<String>,
+    /// Second text column of sentence pairs.
+    #[arg(long)]
+    text_pair_column: Option<String>,
+    /// Label column (detected when not given).
+    #[arg(long)]
+    label_column: Option<String>,
+    /// Class names in head order, comma-separated: the task's `[task] labels`.
+    /// Without it the classes are those of the seed data, in its order.
+    #[arg(long, value_delimiter = ',')]
+    labels: Option<Vec<String>>,
+    /// LoRA-SB rank r (the task's `[adapter] rank`).
+    #[arg(long, default_value_t = 32)]
+    rank: usize,
+    /// Seed examples whose gradients initialize A, B and R₀.
+    #[arg(long, default_value_t = 256)]
+    init_samples: usize,
+    /// Adapted linears in each layer (the task's `[adapter] modules`),
+    /// comma-separated; default all six.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "attention.self.query,attention.self.key,attention.self.value,attention.output.dense,intermediate.dense,output.dense"
+    )]
+    modules: Vec<String>,
+    /// η of ΔW = −η·sign(G), which scales R₀ (use the task's learning rate).
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Examples per gradient batch.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Truncate sequences to this many tokens (special tokens included).
+    #[arg(long, default_value_t = 128)]
+    max_seq_len: usize,
+    /// Output adapter file (safetensors).
+    #[arg(long)]
+    out: PathBuf,
+    /// Seed of the head initialization and of the choice of seed examples.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Use the GPU adapter whose name contains this (case-insensitive).
+    #[arg(long)]
+    adapter: Option<String>,
+}
+
+pub fn run(args: InitArgs) -> anyhow::Result<()> {
+    if args.batch == 0 || args.rank == 0 || args.init_samples == 0 {
+        bail!("--batch, --rank and --init-samples must be positive");
+    }
+    let weights = BertWeights::from_dir(&args.model)
+        .with_context(|| format!("loading the model from {}", args.model.display()))?;
+    let config = weights.config.clone();
+    let tokenizer = BertTokenizer::from_file(args.model.join("tokenizer.json"))?
+        .with_max_length(args.max_seq_len)?;
+    let spec = ColumnSpec {
+        text: args.text_column.clone(),
+        text_pair: args.text_pair_column.clone(),
+        label: args.label_column.clone(),
+        label_names: args.labels.clone(),
+        skip_rows_without_label: true,
+    };
+    let data = read_dataset_file(&args.train, &spec)?;
+    if data.label_column.is_none() {
+        bail!(
+            "{}: no label column found (name it with --label-column)",
+            args.train.display()
+        );
+    }
+    let labels = data.label_names.clone();
+    if labels.len() < 2 {
+        bail!(
+            "{}: the head needs at least two classes, found {labels:?} (give the task's classes with --labels)",
+            args.train.display()
+        );
+    }
+
+    let mut linears = Vec::new();
+    for m in &args.modules {
+        let which = parse_linear(m)?;
+        if linears.contains(&which) {
+            bail!("--modules lists {m} twice");
+        }
+        linears.push(which);
+    }
+    // The aggregator's order: layer by layer, then the modules as listed.
+    let mut names = Vec::new();
+    let mut modules: Vec<ModuleRef> = Vec::new();
+    for layer in 0..config.num_hidden_layers {
+        for (m, &which) in args.modules.iter().zip(&linears) {
+            names.push(format!("encoder.layer.{layer}.{m}"));
+            modules.push((layer, which));
+        }
+    }
+
+    let ctx = pollster::block_on(GpuContext::new(&GpuOptions {
+        adapter: args.adapter.as_deref(),
+    }))?;
+    eprintln!("adapter: {}", ctx.adapter_name());
+    let head = ClassifierHead::<f32>::init(
+        labels.len(),
+        config.hidden_size,
+        config.initializer_range,
+        args.seed ^ 0x5eed,
+    );
+
+    let started = Instant::now();
+    let wanted = args.init_samples.min(data.len());
+    let mut sampler = BatchSampler::new(data.len(), args.batch, args.seed ^ 0x1417);
+    let mut batches = Vec::new();
+    let mut taken = 0;
+    while taken < wanted {
+        let idx = sampler.next_batch();
+        let idx = &idx[..idx.len().min(wanted - taken)];
+        taken += idx.len();
+        let refs: Vec<&Example> = idx.iter().map(|&i| &data.examples[i]).collect();
+        batches.push(encode_examples(&tokenizer, &refs)?);
+    }
+    let mut options = LoraSbInitOptions::new(args.rank, args.lr);
+    options.modules = linears;
+    let adapters = pollster::block_on(gpu_lora_sb_init(&ctx, &weights, &head, &batches, &options))?;
+    let seconds = started.elapsed().as_secs_f64();
+    eprintln!(
+        "LoRA-SB init on {taken} seed samples, rank {}, {} modules: {seconds:.1} s",
+        args.rank,
+        names.len()
+    );
+
+    let metadata = HashMap::from([
+        ("format".to_owned(), "fedsb-lora-sb".to_owned()),
+        ("rank".to_owned(), args.rank.to_string()),
+        ("modules".to_owned(), args.modules.join(",")),
+        ("labels".to_owned(), serde_json::to_string(&labels)?),
+        ("init_samples".to_owned(), taken.to_string()),
+        ("learning_rate".to_owned(), args.lr.to_string()),
+        ("seed".to_owned(), args.seed.to_string()),
+        (
+            "head".to_owned(),
+            "uniform(std = initializer_range) weight, zero bias".to_owned(),
+        ),
+    ]);
+    write_adapter_file(&args.out, &names, &modules, &adapters, &head, metadata)?;
+    let bytes = std::fs::read(&args.out)?;
+    let sha256 = hex::encode(Sha256::digest(&bytes));
+    eprintln!(
+        "wrote {} ({} bytes, sha256 {sha256}); use it with [adapter] file = \"...\", rank = {}, and [task] labels = {labels:?}",
+        args.out.display(),
+        bytes.len(),
+        args.rank
+    );
+    println!(
+        "{}",
+        serde_json::json!({
+            "out": args.out.display().to_string(),
+            "sha256": sha256,
+            "bytes": bytes.len(),
+            "rank": args.rank,
+            "modules": names.len(),
+            "labels": labels,
+            "init_samples": taken,
+            "init_seconds": seconds,
+            "adapter": ctx.adapter_name(),
+        })
+    );
+    Ok(())
+}

@@ -1,0 +1,748 @@
+//! `fedsb join`: a native participant. It speaks the same protocol as a
+//! browser tab, trains on the GPU (Vulkan, Metal, DX12; lavapipe without a
+//! GPU) and never sends its data anywhere.
+//!
+//! ```text
+//! fedsb join --server http://127.0.0.1:8080 --data my-data.tsv
+//! ```
+//!
+//! 1. Connects to `ws://HOST:PORT/ws`, sends `Hello`, reads `Welcome` (the
+//!    task) and the round-0 or latest `GlobalModel`.
+//! 2. Downloads the task's files (config.json, model.safetensors,
+//!    tokenizer.json, adapter.safetensors) into `--cache-dir`, one file per
+//!    SHA-256; a cached file whose hash still matches is not downloaded again,
+//!    and a download whose hash differs from the announced one is refused.
+//! 3. For every `RoundOpen` of a round it has not sent an update for: sets
+//!    every `R` and the head to the latest global state, trains `local_steps`
+//!    AdamW steps (weight decay 0.01) on batches of `batch_size` drawn from
+//!    its data (shuffled, epoch after epoch across rounds), and sends
+//!    `Update { round, num_samples, train_loss, adapter }`.
+//! 4. Exits 0 at `TaskFinished` (or after `--max-rounds` answered updates),
+//!    printing one JSON line on stdout; progress goes to stderr.
+//!
+//! The WebSocket is read by a task of its own while the GPU trains, so pings
+//! are answered and the aggregator never takes a long local round for a
+//! dead participant.
+//!
+//! Not yet: tasks with differential privacy (the engine has no DP-SGD step
+//! yet; joining one is refused rather than sending un-noised updates), and
+//! `https://`/`wss://` servers (no TLS stack is built in).
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use fedsb_engine::data::{read_dataset_file, ColumnSpec, Dataset, Example};
+use fedsb_engine::gpu::adamw::AdamW;
+use fedsb_engine::gpu::encoder::GpuEncoder;
+use fedsb_engine::gpu::{GpuContext, GpuOptions};
+use fedsb_engine::model::{BertTokenizer, BertWeights};
+use fedsb_engine::reference::{ClassifierHead, LoraSbAdapters, Matrix};
+use fedsb_engine::train::{encode_examples, BatchSampler};
+use fedsb_protocol::{
+    AdapterState, ClientMessage, ClientUpdate, ErrorCode, FileRef, RoundId, ServerMessage,
+    TaskInfo, PROTOCOL_VERSION,
+};
+use futures_util::{SinkExt, StreamExt};
+use sha2::{Digest, Sha256};
+use tokio_tungstenite::tungstenite::Message;
+use tracing::{info, warn};
+
+use crate::participant::{
+    engine_to_state, parse_module_names, read_adapter_file, state_to_engine, ModuleRef,
+};
+
+/// The files a participant needs, by their names in `TaskInfo.files`.
+const MODEL_FILES: [&str; 3] = ["config.json", "model.safetensors", "tokenizer.json"];
+const ADAPTER_FILE: &str = "adapter.safetensors";
+
+#[derive(Debug, Args)]
+pub struct JoinArgs {
+    /// The aggregator, e.g. http://127.0.0.1:8080 (the WebSocket is /ws there).
+    #[arg(long)]
+    server: String,
+    /// Local training data (.csv, .tsv or .jsonl); it never leaves this machine.
+    #[arg(long)]
+    data: PathBuf,
+    /// Text column (detected when not given).
+    #[arg(long)]
+    text_column: Option<String>,
+    /// Second text column of sentence pairs.
+    #[arg(long)]
+    text_pair_column: Option<String>,
+    /// Label column (detected when not given). Its values must be the task's
+    /// class names or class ids.
+    #[arg(long)]
+    label_column: Option<String>,
+    /// Where downloaded files are kept, one per SHA-256 (default:
+    /// $XDG_CACHE_HOME/fedsb or ~/.cache/fedsb).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Use the GPU adapter whose name contains this (case-insensitive).
+    #[arg(long)]
+    adapter: Option<String>,
+    /// A name for this participant, shown in the aggregator's logs.
+    #[arg(long)]
+    name: Option<String>,
+    /// Leave after this many updates have been answered (accepted or rejected).
+    #[arg(long)]
+    max_rounds: Option<u64>,
+    /// Seed of the batch shuffling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// What the WebSocket reader hands to the training loop.
+enum Event {
+    Message(Box<ServerMessage>),
+    /// The connection ended (with why).
+    Closed(String),
+}
+
+/// What the training loop hands to the WebSocket writer.
+enum Outgoing {
+    Frame(Vec<u8>),
+    Close,
+}
+
+/// Tallies for the final JSON line.
+#[derive(Default)]
+struct Summary {
+    accepted_rounds: Vec<u64>,
+    rejected_rounds: Vec<u64>,
+    samples_accepted: u64,
+    samples_trained: u64,
+    steps: u64,
+    finished: bool,
+}
+
+/// `http://h:p` → (`http://h:p`, `ws://h:p/ws`); `ws://` URLs are accepted too.
+fn server_urls(server: &str) -> anyhow::Result<(String, String)> {
+    let s = server.trim().trim_end_matches('/');
+    let s = s.strip_suffix("/ws").unwrap_or(s);
+    let rest = if let Some(r) = s.strip_prefix("http://") {
+        r
+    } else if let Some(r) = s.strip_prefix("ws://") {
+        r
+    } else if s.starts_with("https://") || s.starts_with("wss://") {
+        bail!("--server {server}: TLS (https/wss) is not supported by fedsb join yet; use http:// (e.g. through an SSH tunnel)");
+    } else {
+        bail!("--server {server}: expected http://HOST:PORT");
+    };
+    if rest.is_empty() {
+        bail!("--server {server}: no host");
+    }
+    Ok((format!("http://{rest}"), format!("ws://{rest}/ws")))
+}
+
+fn default_cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("fedsb");
+    }
+    if let Some(h) = std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(h).join(".cache").join("fedsb");
+    }
+    PathBuf::from(".fedsb-cache")
+}
+
+fn sha256_of_file(path: &Path) -> anyhow::Result<String> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// Downloads `file` into `cache` unless a file with its hash is there already;
+/// returns its path. The hash of what arrives must be the announced one.
+async fn fetch_file(
+    client: &reqwest::Client,
+    base: &str,
+    file: &FileRef,
+    cache: &Path,
+) -> anyhow::Result<PathBuf> {
+    let expected = file.sha256.to_ascii_lowercase();
+    if expected.len() != 64 || !expected.chars().all(|c| c.is_ascii_hexdigit()) {
+        bail!(
+            "the server announced {} with an invalid SHA-256 {:?}",
+            file.name,
+            file.sha256
+        );
+    }
+    let path = cache.join(&expected);
+    if path.is_file() {
+        let found = sha256_of_file(&path)?;
+        if found == expected {
+            info!(file = %file.name, sha256 = %expected, "cached");
+            return Ok(path);
+        }
+        warn!(file = %file.name, "cached copy is corrupt (SHA-256 {found}); downloading again");
+    }
+    let url = if file.url.starts_with("http://") || file.url.starts_with("https://") {
+        file.url.clone()
+    } else {
+        format!("{base}/{}", file.url.trim_start_matches('/'))
+    };
+    let started = Instant::now();
+    let mut response = client
+        .get(&url)
+        .send()
+        .await
+        .with_context(|| format!("downloading {} from {url}", file.name))?;
+    if !response.status().is_success() {
+        bail!(
+            "downloading {} from {url}: HTTP {}",
+            file.name,
+            response.status()
+        );
+    }
+    // One partial file per process: participants may share a cache.
+    let part = cache.join(format!("{expected}.{}.part", std::process::id()));
+    let mut out =
+        std::fs::File::create(&part).with_context(|| format!("writing {}", part.display()))?;
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .with_context(|| format!("downloading {} from {url}", file.name))?
+    {
+        hasher.update(&chunk);
+        size += chunk.len() as u64;
+        std::io::Write::write_all(&mut out, &chunk)
+            .with_context(|| format!("writing {}", part.display()))?;
+    }
+    out.sync_all()?;
+    drop(out);
+    let found = hex::encode(hasher.finalize());
+    if found != expected {
+        let _ = std::fs::remove_file(&part);
+        bail!(
+            "{} from {url} has SHA-256 {found} ({size} bytes), but the server announced {expected} ({} bytes): refusing it",
+            file.name,
+            file.size
+        );
+    }
+    std::fs::rename(&part, &path).with_context(|| format!("writing {}", path.display()))?;
+    info!(file = %file.name, bytes = size, seconds = started.elapsed().as_secs_f64(), "downloaded");
+    Ok(path)
+}
+
+/// Everything needed to train, loaded from the downloaded files.
+struct Loaded {
+    weights: BertWeights<f32>,
+    tokenizer: BertTokenizer,
+    frozen: LoraSbAdapters<f32>,
+    modules: Vec<ModuleRef>,
+}
+
+fn load_task_files(task: &TaskInfo, paths: &HashMap<String, PathBuf>) -> anyhow::Result<Loaded> {
+    let read = |name: &str| -> anyhow::Result<Vec<u8>> {
+        let p = &paths[name];
+        std::fs::read(p).with_context(|| format!("reading {name} ({})", p.display()))
+    };
+    let weights = BertWeights::from_bytes(&read("config.json")?, &read("model.safetensors")?)
+        .context("loading the task's model")?;
+    let tokenizer = BertTokenizer::from_bytes(&read("tokenizer.json")?)
+        .context("loading the task's tokenizer")?
+        .with_max_length(task.max_seq_len as usize)?;
+    let config = &weights.config;
+    let shape = &task.shape;
+    if shape.head_hidden as usize != config.hidden_size {
+        bail!(
+            "the task's head expects hidden size {}, the model has {}",
+            shape.head_hidden,
+            config.hidden_size
+        );
+    }
+    if shape.modules as usize != task.module_names.len() {
+        bail!(
+            "the task announces {} modules but names {}",
+            shape.modules,
+            task.module_names.len()
+        );
+    }
+    if shape.head_classes as usize != task.labels.len() {
+        bail!(
+            "the task's head has {} classes but {} labels",
+            shape.head_classes,
+            task.labels.len()
+        );
+    }
+    let modules = parse_module_names(&task.module_names, config.num_hidden_layers)?;
+    let frozen = read_adapter_file(
+        &read(ADAPTER_FILE)?,
+        &task.module_names,
+        &modules,
+        config,
+        shape.rank as usize,
+    )
+    .context("loading the task's adapter file")?;
+    Ok(Loaded {
+        weights,
+        tokenizer,
+        frozen,
+        modules,
+    })
+}
+
+fn read_local_data(args: &JoinArgs, task: &TaskInfo) -> anyhow::Result<Dataset> {
+    let spec = ColumnSpec {
+        text: args.text_column.clone(),
+        text_pair: args.text_pair_column.clone(),
+        label: args.label_column.clone(),
+        label_names: Some(task.labels.clone()),
+        skip_rows_without_label: true,
+    };
+    let data = read_dataset_file(&args.data, &spec).with_context(|| {
+        format!(
+            "reading {}: its labels must be the task's classes {:?} (names, or class ids 0..{})",
+            args.data.display(),
+            task.labels,
+            task.labels.len()
+        )
+    })?;
+    if data.label_column.is_none() {
+        bail!(
+            "{}: no label column found (name it with --label-column)",
+            args.data.display()
+        );
+    }
+    if data.label_names != task.labels {
+        bail!(
+            "{}: classes {:?} do not match the task's {:?}",
+            args.data.display(),
+            data.label_names,
+            task.labels
+        );
+    }
+    Ok(data)
+}
+
+/// The result of one local round.
+struct LocalRound {
+    state: AdapterState,
+    samples: u64,
+    mean_loss: f32,
+}
+
+/// Trains `steps` steps from `global` and reads the result back.
+///
+/// The AdamW moments are reset at the start of every round (`set_trainable`
+/// does so): the moments describe the loss surface around this participant's
+/// previous local `R`, which the global average has replaced; carrying them
+/// over would scale the first steps of the new round by stale statistics.
+/// It is also what the browser participant does (it keeps nothing between
+/// rounds), so native and browser updates come from the same procedure, and
+/// a participant that skipped rounds behaves like one that did not.
+#[allow(clippy::too_many_arguments)]
+fn train_round(
+    encoder: &mut GpuEncoder<'_>,
+    loaded: &Loaded,
+    data: &Dataset,
+    sampler: &mut BatchSampler,
+    global: &AdapterState,
+    steps: u32,
+    opt: &AdamW,
+    round: RoundId,
+) -> anyhow::Result<LocalRound> {
+    let (adapters, head) = state_to_engine(&loaded.frozen, &loaded.modules, global)?;
+    encoder.set_trainable(&adapters, &head)?;
+    let started = Instant::now();
+    let mut samples = 0u64;
+    let mut loss_sum = 0f64;
+    for step in 1..=steps {
+        let idx = sampler.next_batch();
+        let refs: Vec<&Example> = idx.iter().map(|&i| &data.examples[i]).collect();
+        let (batch, labels) = encode_examples(&loaded.tokenizer, &refs)?;
+        let loss = pollster::block_on(encoder.train_step(&batch, &labels, opt))?;
+        if !loss.is_finite() {
+            bail!("round {round}: training diverged at step {step} (loss {loss})");
+        }
+        samples += idx.len() as u64;
+        loss_sum += f64::from(loss) * idx.len() as f64;
+        tracing::debug!(%round, step, loss, "local step");
+    }
+    let trained = pollster::block_on(encoder.read_trainable())?;
+    let state = engine_to_state(&trained, &loaded.modules)?;
+    let mean_loss = (loss_sum / samples.max(1) as f64) as f32;
+    let seconds = started.elapsed().as_secs_f64();
+    info!(
+        %round,
+        steps,
+        samples,
+        train_loss = mean_loss,
+        seconds,
+        samples_per_second = samples as f64 / seconds.max(1e-9),
+        "local round trained"
+    );
+    Ok(LocalRound {
+        state,
+        samples,
+        mean_loss,
+    })
+}
+
+pub fn run(args: JoinArgs) -> anyhow::Result<()> {
+    let (http_base, ws_url) = server_urls(&args.server)?;
+    let cache = args.cache_dir.clone().unwrap_or_else(default_cache_dir);
+    std::fs::create_dir_all(&cache)
+        .with_context(|| format!("creating the cache directory {}", cache.display()))?;
+    // The network runs on the runtime's threads; the GPU work on this one.
+    let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+
+    let (ws, _) = rt
+        .block_on(tokio_tungstenite::connect_async(ws_url.as_str()))
+        .with_context(|| format!("connecting to {ws_url}"))?;
+    info!(url = %ws_url, "connected");
+    let (mut sink, mut stream) = ws.split();
+    let client = format!(
+        "fedsb-join/{}{}",
+        env!("CARGO_PKG_VERSION"),
+        args.name
+            .as_deref()
+            .map_or(String::new(), |n| format!(" {n}"))
+    );
+    rt.block_on(
+        sink.send(Message::Binary(
+            ClientMessage::Hello {
+                protocol_version: PROTOCOL_VERSION,
+                client,
+            }
+            .encode()
+            .into(),
+        )),
+    )
+    .context("sending Hello")?;
+
+    let (event_tx, events) = mpsc::channel::<Event>();
+    let reader = rt.spawn(async move {
+        loop {
+            let why = match stream.next().await {
+                None => "connection closed".to_owned(),
+                Some(Err(e)) => format!("connection failed: {e}"),
+                Some(Ok(Message::Binary(b))) => match ServerMessage::decode(&b) {
+                    Ok(m) => {
+                        if event_tx.send(Event::Message(Box::new(m))).is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    Err(e) => format!("undecodable frame from the server: {e}"),
+                },
+                Some(Ok(Message::Close(c))) => format!("closed by the server: {c:?}"),
+                // Pings are answered by tungstenite while reading.
+                Some(Ok(_)) => continue,
+            };
+            let _ = event_tx.send(Event::Closed(why));
+            return;
+        }
+    });
+    let (out_tx, mut out_rx) = tokio::sync::mpsc::unbounded_channel::<Outgoing>();
+    let writer = rt.spawn(async move {
+        while let Some(o) = out_rx.recv().await {
+            match o {
+                Outgoing::Frame(f) => {
+                    if let Err(e) = sink.send(Message::Binary(f.into())).await {
+                        warn!("sending failed: {e}");
+                        return;
+                    }
+                }
+                Outgoing::Close => {
+                    let _ = sink.send(Message::Close(None)).await;
+                    let _ = sink.flush().await;
+                    return;
+                }
+            }
+        }
+    });
+    let send = |m: &ClientMessage| {
+        out_tx
+            .send(Outgoing::Frame(m.encode()))
+            .map_err(|_| anyhow::anyhow!("the connection is gone"))
+    };
+    let next = |wait: Option<Duration>| -> anyhow::Result<Event> {
+        match wait {
+            Some(w) => events
+                .recv_timeout(w)
+                .map_err(|_| anyhow::anyhow!("no message from the server within {w:?}")),
+            None => events.recv().context("the connection reader stopped"),
+        }
+    };
+
+    // Handshake.
+    let first = match next(Some(Duration::from_secs(60)))? {
+        Event::Message(m) => Ok(*m),
+        Event::Closed(why) => Err(why),
+    };
+    let (participant, task) = match first {
+        Ok(ServerMessage::Welcome {
+            protocol_version,
+            participant,
+            task,
+        }) => {
+            if protocol_version != PROTOCOL_VERSION {
+                bail!(
+                    "the server speaks protocol {protocol_version}, this fedsb {PROTOCOL_VERSION}"
+                );
+            }
+            (participant, task)
+        }
+        Ok(ServerMessage::Error { code, message }) => {
+            bail!("the server refused the handshake: {code:?}: {message}")
+        }
+        Ok(other) => bail!("expected Welcome, got {other:?}"),
+        Err(why) => bail!("{why} before Welcome"),
+    };
+    info!(
+        %participant,
+        task = %task.task_id,
+        model = %task.model_id,
+        rank = task.shape.rank,
+        modules = task.shape.modules,
+        labels = ?task.labels,
+        total_rounds = task.total_rounds,
+        "joined"
+    );
+    if task.privacy.is_some() {
+        bail!(
+            "task {} uses differential privacy, which fedsb join does not implement yet (no DP-SGD step); \
+             join it from the browser page instead",
+            task.task_id
+        );
+    }
+    let by_name: HashMap<&str, &FileRef> =
+        task.files.iter().map(|f| (f.name.as_str(), f)).collect();
+    if !by_name.contains_key(ADAPTER_FILE) {
+        bail!(
+            "task {} serves no LoRA-SB adapter file (A and B), so participants cannot train it: \
+             the operator must run `fedsb init --model <dir> --train <seed data> --out adapter.safetensors` \
+             and set `[adapter] file = \"adapter.safetensors\"` in the task configuration",
+            task.task_id
+        );
+    }
+    for name in MODEL_FILES {
+        if !by_name.contains_key(name) {
+            bail!(
+                "task {} serves no {name}: the operator must set `[model] dir` to a Hugging Face model directory",
+                task.task_id
+            );
+        }
+    }
+    let data = read_local_data(&args, &task)?;
+    info!(
+        examples = data.len(),
+        file = %args.data.display(),
+        "local data (it stays here)"
+    );
+
+    // Files, by hash.
+    let http = reqwest::Client::new();
+    let mut paths = HashMap::new();
+    for name in MODEL_FILES.into_iter().chain([ADAPTER_FILE]) {
+        let f = by_name[name];
+        let p = rt.block_on(fetch_file(&http, &http_base, f, &cache))?;
+        paths.insert(name.to_owned(), p);
+    }
+    let loaded = load_task_files(&task, &paths)?;
+
+    let ctx = pollster::block_on(GpuContext::new(&GpuOptions {
+        adapter: args.adapter.as_deref(),
+    }))?;
+    info!(adapter = %ctx.adapter_name(), "GPU");
+    let zero_head = ClassifierHead {
+        weight: Matrix::zeros(task.labels.len(), loaded.weights.config.hidden_size),
+        bias: vec![0.0; task.labels.len()],
+    };
+    let mut encoder = GpuEncoder::new(
+        &ctx,
+        &loaded.weights,
+        Some(&loaded.frozen),
+        Some(&zero_head),
+    )?;
+    let opt = AdamW {
+        lr: task.learning_rate,
+        weight_decay: 0.01,
+        ..AdamW::default()
+    };
+    let mut sampler = BatchSampler::new(data.len(), task.batch_size as usize, args.seed);
+
+    let mut summary = Summary::default();
+    let mut global: Option<(RoundId, AdapterState)> = None;
+    let mut submitted: BTreeSet<RoundId> = BTreeSet::new();
+    // Rounds whose update awaits an answer, with its sample count.
+    let mut awaiting: Vec<(RoundId, u64)> = Vec::new();
+    let mut leave = false;
+    let outcome: anyhow::Result<()> = loop {
+        let event = match next(None) {
+            Ok(e) => e,
+            Err(e) => break Err(e),
+        };
+        let msg = match event {
+            Event::Message(m) => *m,
+            Event::Closed(why) => {
+                break Err(anyhow::anyhow!("{why} before the task finished"));
+            }
+        };
+        match msg {
+            ServerMessage::GlobalModel {
+                round,
+                participants,
+                adapter,
+                ..
+            } => {
+                if let Err(e) = adapter.validate(&task.shape) {
+                    break Err(anyhow::anyhow!(
+                        "the global state of round {round} does not fit the task: {e}"
+                    ));
+                }
+                info!(%round, participants, "global state");
+                global = Some((round, adapter));
+            }
+            ServerMessage::RoundOpen {
+                round, local_steps, ..
+            } => {
+                if submitted.contains(&round) {
+                    info!(%round, "round extended; our update is already in");
+                    continue;
+                }
+                let Some((from, state)) = &global else {
+                    warn!(%round, "round opened before any global state; waiting");
+                    continue;
+                };
+                info!(%round, from = %from, local_steps, "training");
+                let steps = if local_steps > 0 {
+                    local_steps
+                } else {
+                    task.local_steps
+                };
+                let local = match train_round(
+                    &mut encoder,
+                    &loaded,
+                    &data,
+                    &mut sampler,
+                    state,
+                    steps,
+                    &opt,
+                    round,
+                ) {
+                    Ok(l) => l,
+                    Err(e) => break Err(e),
+                };
+                summary.samples_trained += local.samples;
+                summary.steps += u64::from(steps);
+                let update = ClientMessage::Update(ClientUpdate {
+                    round,
+                    num_samples: local.samples,
+                    train_loss: Some(local.mean_loss),
+                    privacy: None,
+                    adapter: local.state,
+                });
+                if let Err(e) = send(&update) {
+                    break Err(e);
+                }
+                submitted.insert(round);
+                awaiting.push((round, local.samples));
+            }
+            ServerMessage::UpdateAccepted { round } => {
+                info!(%round, "update accepted");
+                if let Some(i) = awaiting.iter().position(|(r, _)| *r == round) {
+                    let (_, samples) = awaiting.remove(i);
+                    summary.accepted_rounds.push(round.0);
+                    summary.samples_accepted += samples;
+                }
+                leave = args
+                    .max_rounds
+                    .is_some_and(|m| submitted.len() as u64 >= m && awaiting.is_empty());
+            }
+            ServerMessage::Error { code, message } => {
+                if code == ErrorCode::VersionMismatch {
+                    break Err(anyhow::anyhow!("the server refused us: {message}"));
+                }
+                warn!(code = code.as_str(), %message, "the server rejected a message");
+                // Errors answer our messages in order: this one is about the
+                // oldest update still awaiting an answer, if any.
+                if !awaiting.is_empty() {
+                    let (round, _) = awaiting.remove(0);
+                    summary.rejected_rounds.push(round.0);
+                }
+                leave = args
+                    .max_rounds
+                    .is_some_and(|m| submitted.len() as u64 >= m && awaiting.is_empty());
+            }
+            ServerMessage::TaskFinished { rounds_committed } => {
+                info!(rounds_committed, "task finished");
+                summary.finished = true;
+                break Ok(());
+            }
+            ServerMessage::Welcome { .. } => {
+                warn!("ignoring a second Welcome");
+            }
+        }
+        if leave {
+            info!("leaving after --max-rounds updates");
+            let _ = send(&ClientMessage::Leave {
+                reason: "max rounds reached".into(),
+            });
+            break Ok(());
+        }
+    };
+
+    // Close the connection politely, then report.
+    let _ = out_tx.send(Outgoing::Close);
+    drop(out_tx);
+    let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), writer).await });
+    reader.abort();
+    rt.shutdown_timeout(Duration::from_secs(1));
+    outcome?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "participant": participant.0,
+            "task_id": task.task_id,
+            "finished": summary.finished,
+            "rounds_participated": summary.accepted_rounds.len(),
+            "rounds": summary.accepted_rounds,
+            "rounds_rejected": summary.rejected_rounds,
+            "samples": summary.samples_accepted,
+            "samples_trained": summary.samples_trained,
+            "steps": summary.steps,
+        })
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_urls_accept_http_and_ws() {
+        assert_eq!(
+            server_urls("http://127.0.0.1:8080/").unwrap(),
+            (
+                "http://127.0.0.1:8080".to_owned(),
+                "ws://127.0.0.1:8080/ws".to_owned()
+            )
+        );
+        assert_eq!(
+            server_urls("ws://h:1/ws").unwrap().0,
+            "http://h:1".to_owned()
+        );
+        assert!(server_urls("https://h")
+            .unwrap_err()
+            .to_string()
+            .contains("TLS"));
+        assert!(server_urls("h:1").is_err());
+    }
+}

@@ -1,0 +1,141 @@
+//! A tiny random BERT model directory (config.json, model.safetensors,
+//! tokenizer.json with a WordPiece vocabulary of a few dozen words) and tiny
+//! labelled datasets of two separable classes, for tests that run the real
+//! GPU engine through `fedsb init` and `fedsb join` in seconds on lavapipe.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use fedsb_engine::model::{BertConfig, BertWeights};
+use serde_json::json;
+
+/// Words that only occur in class 1 (`positive`).
+pub const POSITIVE_WORDS: [&str; 6] = ["good", "great", "happy", "nice", "fine", "love"];
+/// Words that only occur in class 0 (`negative`).
+pub const NEGATIVE_WORDS: [&str; 6] = ["bad", "awful", "sad", "poor", "ugly", "hate"];
+/// Words of both classes.
+pub const NEUTRAL_WORDS: [&str; 8] = ["the", "a", "movie", "was", "very", "it", "is", "food"];
+/// The task's class names, in head order.
+pub const LABELS: [&str; 2] = ["negative", "positive"];
+
+/// The vocabulary: special tokens first (`[PAD]` = 0), then every word.
+pub fn vocabulary() -> Vec<&'static str> {
+    let mut v = vec!["[PAD]", "[UNK]", "[CLS]", "[SEP]", "."];
+    v.extend(NEUTRAL_WORDS);
+    v.extend(POSITIVE_WORDS);
+    v.extend(NEGATIVE_WORDS);
+    v
+}
+
+/// The model's configuration: hidden 16, 2 layers of 2 heads, intermediate 32.
+pub fn tiny_config() -> BertConfig {
+    BertConfig {
+        vocab_size: vocabulary().len(),
+        hidden_size: 16,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        intermediate_size: 32,
+        max_position_embeddings: 32,
+        type_vocab_size: 2,
+        ..BertConfig::default()
+    }
+}
+
+/// A BERT-style `tokenizer.json` (BertNormalizer, BertPreTokenizer, WordPiece,
+/// `[CLS] … [SEP]` template) over [`vocabulary`].
+pub fn tokenizer_json() -> Vec<u8> {
+    let words = vocabulary();
+    let vocab: serde_json::Map<String, serde_json::Value> = words
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.to_string(), json!(i)))
+        .collect();
+    let added: Vec<_> = words[..4]
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                   "normalized": false, "special": true})
+        })
+        .collect();
+    let special =
+        |name: &str, type_id: u32| json!({"SpecialToken": {"id": name, "type_id": type_id}});
+    let seq = |id: &str, type_id: u32| json!({"Sequence": {"id": id, "type_id": type_id}});
+    serde_json::to_vec(&json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": {"type": "BertNormalizer", "clean_text": true, "handle_chinese_chars": true,
+                       "strip_accents": null, "lowercase": true},
+        "pre_tokenizer": {"type": "BertPreTokenizer"},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [special("[CLS]", 0), seq("A", 0), special("[SEP]", 0)],
+            "pair": [special("[CLS]", 0), seq("A", 0), special("[SEP]", 0), seq("B", 1), special("[SEP]", 1)],
+            "special_tokens": {
+                "[CLS]": {"id": "[CLS]", "ids": [2], "tokens": ["[CLS]"]},
+                "[SEP]": {"id": "[SEP]", "ids": [3], "tokens": ["[SEP]"]}
+            }
+        },
+        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": true},
+        "model": {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##",
+                  "max_input_chars_per_word": 100, "vocab": vocab}
+    }))
+    .expect("serializing JSON in memory")
+}
+
+/// Writes `config.json`, `model.safetensors` (random weights, a deterministic
+/// function of `seed`) and `tokenizer.json` into `dir` (created if needed).
+pub fn write_tiny_model(dir: &Path, seed: u64) -> anyhow::Result<BertConfig> {
+    std::fs::create_dir_all(dir)?;
+    let config = tiny_config();
+    let mut json = serde_json::to_value(&config)?;
+    json["architectures"] = json!(["BertModel"]);
+    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&json)?)?;
+    let weights = BertWeights::random(&config, seed, 0.3);
+    std::fs::write(dir.join("model.safetensors"), weights.to_safetensors())?;
+    std::fs::write(dir.join("tokenizer.json"), tokenizer_json())?;
+    Ok(config)
+}
+
+/// A cheap deterministic generator for the datasets.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self, n: usize) -> usize {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        ((self.0 >> 33) % n as u64) as usize
+    }
+}
+
+/// `rows` labelled sentences as TSV (`sentence<TAB>label`, labels by name):
+/// each sentence mixes neutral words with two or three words of its class
+/// only, so the classes are separable. `positive_share` of the rows are
+/// positive (0.5 for balanced data).
+pub fn labelled_tsv(rows: usize, seed: u64, positive_share: f64) -> String {
+    let mut rng = Lcg(seed ^ 0xda7a);
+    let mut out = String::from("sentence\tlabel\n");
+    for i in 0..rows {
+        let positive = (i as f64 + 0.5) / rows as f64 <= positive_share;
+        let class_words: &[&str] = if positive {
+            &POSITIVE_WORDS
+        } else {
+            &NEGATIVE_WORDS
+        };
+        let mut words = Vec::new();
+        for _ in 0..2 + rng.next(3) {
+            words.push(NEUTRAL_WORDS[rng.next(NEUTRAL_WORDS.len())]);
+        }
+        for _ in 0..2 + rng.next(2) {
+            let at = rng.next(words.len() + 1);
+            words.insert(at, class_words[rng.next(class_words.len())]);
+        }
+        let label = LABELS[usize::from(positive)];
+        let _ = writeln!(out, "{} .\t{label}", words.join(" "));
+    }
+    out
+}

@@ -1,0 +1,374 @@
+//! Native participants end to end: `fedsb init` makes the adapter file from
+//! seed data on a tiny random BERT, `fedsb serve` serves it, and `fedsb join`
+//! processes download the files, train on the GPU (lavapipe here) and send
+//! their R's for every round. A missing GPU adapter fails these tests.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use fedsb_e2e::tiny_model::{labelled_tsv, write_tiny_model, LABELS};
+use fedsb_e2e::*;
+use fedsb_protocol::{AdapterState, RoundId, ServerMessage};
+
+const ROUNDS: u64 = 3;
+const RANK: u32 = 4;
+/// Whole-process limit for one `fedsb join` run.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A task directory: tiny model, seed data, two participants' data, adapter
+/// file made by `fedsb init`.
+struct TaskDir {
+    tmp: tempfile::TempDir,
+}
+
+impl TaskDir {
+    fn path(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    fn new(with_adapter: bool) -> anyhow::Result<Self> {
+        let tmp = tempfile::tempdir()?;
+        let dir = tmp.path();
+        write_tiny_model(&dir.join("model"), 11)?;
+        std::fs::write(dir.join("seed.tsv"), labelled_tsv(48, 1, 0.5))?;
+        // Different data, and different class balance, per participant.
+        std::fs::write(dir.join("a.tsv"), labelled_tsv(40, 2, 0.3))?;
+        std::fs::write(dir.join("b.tsv"), labelled_tsv(56, 3, 0.7))?;
+        let me = Self { tmp };
+        if with_adapter {
+            me.run_init()?;
+        }
+        Ok(me)
+    }
+
+    fn run_init(&self) -> anyhow::Result<()> {
+        let dir = self.path();
+        let out = Command::new(fedsb_bin())
+            .arg("init")
+            .arg("--model")
+            .arg(dir.join("model"))
+            .arg("--train")
+            .arg(dir.join("seed.tsv"))
+            .args(["--labels", &LABELS.join(",")])
+            .args(["--rank", &RANK.to_string()])
+            .args(["--init-samples", "32", "--batch", "8", "--lr", "0.01"])
+            .arg("--out")
+            .arg(dir.join("adapter.safetensors"))
+            .env("RUST_LOG", "info")
+            .output()
+            .context("running fedsb init")?;
+        check_success("fedsb init", &out)?;
+        let report = last_json_line(&out)?;
+        assert_eq!(report["rank"], RANK);
+        assert_eq!(report["modules"], 12, "2 layers × 6 modules");
+        assert_eq!(report["labels"], serde_json::json!(LABELS));
+        assert_eq!(report["init_samples"], 32);
+        Ok(())
+    }
+
+    /// Writes task.toml: 2 participants per round, `ROUNDS` rounds.
+    fn write_config(&self, with_adapter: bool) -> anyhow::Result<()> {
+        let adapter = if with_adapter {
+            "file = \"adapter.safetensors\"\n"
+        } else {
+            ""
+        };
+        let config = format!(
+            r#"[task]
+id = "native-join"
+rounds = {ROUNDS}
+min_participants = 2
+max_participants = 2
+round_deadline_secs = 600
+labels = ["{}", "{}"]
+local_steps = 4
+batch_size = 8
+learning_rate = 0.01
+max_seq_len = 16
+[model]
+id = "tiny-random-bert"
+dir = "model"
+[adapter]
+rank = {RANK}
+{adapter}[server]
+ping_interval_secs = 1
+idle_timeout_secs = 60
+"#,
+            LABELS[0], LABELS[1]
+        );
+        std::fs::write(self.path().join("task.toml"), config)?;
+        Ok(())
+    }
+
+    /// Starts `fedsb join` on one data file with its own cache directory.
+    fn spawn_join(&self, agg: &Aggregator, data: &str, name: &str) -> anyhow::Result<Child> {
+        let dir = self.path();
+        Command::new(fedsb_bin())
+            .arg("join")
+            .args(["--server", &agg.url("")])
+            .arg("--data")
+            .arg(dir.join(data))
+            .arg("--cache-dir")
+            .arg(dir.join(format!("cache-{name}")))
+            .args(["--name", name])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawning fedsb join")
+    }
+}
+
+fn check_success(what: &str, out: &Output) -> anyhow::Result<()> {
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}):\n--- stdout\n{}\n--- stderr\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+fn last_json_line(out: &Output) -> anyhow::Result<serde_json::Value> {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .with_context(|| {
+            format!(
+                "no output on stdout; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+    serde_json::from_str(line).with_context(|| format!("last stdout line is not JSON: {line}"))
+}
+
+/// Waits for a child without blocking the async runtime, killing it after `limit`.
+async fn wait_child(mut child: Child, limit: Duration) -> anyhow::Result<Output> {
+    let started = Instant::now();
+    loop {
+        if child.try_wait()?.is_some() {
+            return Ok(tokio::task::spawn_blocking(move || child.wait_with_output()).await??);
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let out = tokio::task::spawn_blocking(move || child.wait_with_output()).await??;
+            bail!(
+                "process still running after {limit:?}; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The committed global state of `round`, decoded from the stored frame.
+async fn global_of(agg: &Aggregator, round: u64) -> anyhow::Result<(u32, AdapterState)> {
+    let r = reqwest::get(agg.url(&format!("/api/rounds/{round}/global"))).await?;
+    if !r.status().is_success() {
+        bail!("GET /api/rounds/{round}/global: {}", r.status());
+    }
+    match ServerMessage::decode(&r.bytes().await?)? {
+        ServerMessage::GlobalModel {
+            round: got,
+            participants,
+            adapter,
+            ..
+        } => {
+            assert_eq!(got, RoundId(round));
+            Ok((participants, adapter))
+        }
+        other => bail!("round {round}: expected a GlobalModel frame, got {other:?}"),
+    }
+}
+
+fn flat(s: &AdapterState) -> Vec<f32> {
+    s.named_tensors()
+        .flat_map(|(_, t)| t.data.iter().copied())
+        .collect()
+}
+
+/// Round 0 is `fedsb init`'s state: every R₀ = diag(S) (diagonal,
+/// non-negative, not all zero) and a non-zero head.
+fn assert_is_lora_sb_init(state: &AdapterState) {
+    let r = RANK as usize;
+    for (m, t) in state.r.iter().enumerate() {
+        assert_eq!(t.shape, vec![RANK, RANK]);
+        for i in 0..r {
+            for j in 0..r {
+                let x = t.data[i * r + j];
+                if i == j {
+                    assert!(x >= 0.0, "R₀ of module {m}: negative singular value {x}");
+                } else {
+                    assert_eq!(x, 0.0, "R₀ of module {m} is not diagonal at ({i}, {j})");
+                }
+            }
+        }
+        assert!(t.data[0] > 0.0, "R₀ of module {m} is zero");
+    }
+    assert!(state.head_weight.data.iter().any(|&x| x != 0.0));
+}
+
+/// Checks the committed rounds: `ROUNDS` rounds of 2 participants, each
+/// global state finite and different from round 0 (and from the round before).
+async fn assert_rounds(agg: &Aggregator) -> anyhow::Result<()> {
+    let rounds = agg.json("/api/rounds").await?;
+    let rounds = rounds.as_array().context("/api/rounds is not an array")?;
+    assert_eq!(
+        rounds.len(),
+        ROUNDS as usize + 1,
+        "round 0 plus {ROUNDS}: {rounds:?}"
+    );
+    for r in &rounds[1..] {
+        assert_eq!(r["participants"], 2, "{r}");
+    }
+    let (_, round0) = global_of(agg, 0).await?;
+    assert_is_lora_sb_init(&round0);
+    let mut previous = flat(&round0);
+    for n in 1..=ROUNDS {
+        let (participants, state) = global_of(agg, n).await?;
+        assert_eq!(participants, 2, "round {n}");
+        let values = flat(&state);
+        assert!(
+            values.iter().all(|x| x.is_finite()),
+            "round {n}: non-finite values"
+        );
+        assert_ne!(values, flat(&round0), "round {n} equals round 0");
+        assert_ne!(values, previous, "round {n} equals round {}", n - 1);
+        let moved = state
+            .r
+            .iter()
+            .zip(&round0.r)
+            .filter(|(a, b)| a.data != b.data)
+            .count();
+        assert!(moved > 0, "round {n}: no R changed");
+        previous = values;
+    }
+    assert_eq!(agg.json("/api/status").await?["state"], "finished");
+    Ok(())
+}
+
+fn assert_join_report(name: &str, out: &Output, rounds: u64) -> anyhow::Result<()> {
+    check_success(&format!("fedsb join ({name})"), out)?;
+    let report = last_json_line(out)?;
+    assert_eq!(report["finished"], true, "{name}: {report}");
+    assert_eq!(report["rounds_participated"], rounds, "{name}: {report}");
+    assert_eq!(
+        report["rounds_rejected"],
+        serde_json::json!([]),
+        "{name}: {report}"
+    );
+    // 4 local steps of 8 samples per round.
+    assert_eq!(report["samples"], rounds * 4 * 8, "{name}: {report}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_native_participants_train_three_rounds() -> anyhow::Result<()> {
+    let task = TaskDir::new(true)?;
+    task.write_config(true)?;
+    let agg = Aggregator::start_in(task.path())?;
+
+    let a = task.spawn_join(&agg, "a.tsv", "a")?;
+    let b = task.spawn_join(&agg, "b.tsv", "b")?;
+    let (a, b) = tokio::join!(wait_child(a, JOIN_TIMEOUT), wait_child(b, JOIN_TIMEOUT));
+    let (a, b) = (a?, b?);
+    assert_join_report("a", &a, ROUNDS)?;
+    assert_join_report("b", &b, ROUNDS)?;
+    assert_rounds(&agg).await?;
+
+    // Files were downloaded once into each cache, verified by hash.
+    let cached: Vec<PathBuf> = std::fs::read_dir(task.path().join("cache-a"))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(
+        cached.len(),
+        4,
+        "config, weights, tokenizer, adapter: {cached:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_and_scripted_participants_share_a_task() -> anyhow::Result<()> {
+    let task = TaskDir::new(true)?;
+    task.write_config(true)?;
+    let agg = Aggregator::start_in(task.path())?;
+
+    let native = task.spawn_join(&agg, "a.tsv", "native")?;
+    let (mut scripted, welcome) = Participant::join(agg.addr, "scripted").await?;
+    let ServerMessage::Welcome { task: info, .. } = welcome else {
+        unreachable!("join returns Welcome");
+    };
+    let global0 = scripted.wait_global(RoundId(0)).await?;
+    let mut global = global0.clone();
+    for n in 1..=ROUNDS {
+        let round = scripted.wait_round_open().await?;
+        assert_eq!(round, RoundId(n));
+        // The scripted participant sends the global state nudged by a known amount.
+        let mut mine = global.clone();
+        for t in mine.tensors_mut() {
+            for x in &mut t.data {
+                *x += 0.01;
+            }
+        }
+        let answer = scripted.submit(update(round, 10, mine)).await?;
+        assert!(
+            matches!(answer, ServerMessage::UpdateAccepted { .. }),
+            "round {n}: {answer:?}"
+        );
+        global = scripted.wait_global(round).await?;
+        global.validate(&info.shape)?;
+    }
+    let out = wait_child(native, JOIN_TIMEOUT).await?;
+    assert_join_report("native", &out, ROUNDS)?;
+    assert_rounds(&agg).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_refuses_a_task_without_an_adapter_file() -> anyhow::Result<()> {
+    let task = TaskDir::new(false)?;
+    task.write_config(false)?;
+    let agg = Aggregator::start_in(task.path())?;
+    let child = task.spawn_join(&agg, "a.tsv", "a")?;
+    let out = wait_child(child, Duration::from_secs(60)).await?;
+    assert!(
+        !out.status.success(),
+        "fedsb join must fail without an adapter file"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("fedsb init") && stderr.contains("[adapter] file"),
+        "the error must tell the operator to run fedsb init: {stderr}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_refuses_data_whose_labels_are_not_the_tasks() -> anyhow::Result<()> {
+    let task = TaskDir::new(true)?;
+    task.write_config(true)?;
+    std::fs::write(
+        task.path().join("bad.tsv"),
+        "sentence\tlabel\ngood movie .\tpositive\nbad movie .\tneutral\n",
+    )?;
+    let agg = Aggregator::start_in(task.path())?;
+    let child = task.spawn_join(&agg, "bad.tsv", "bad")?;
+    let out = wait_child(child, Duration::from_secs(60)).await?;
+    assert!(
+        !out.status.success(),
+        "fedsb join must refuse unknown labels"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("neutral") && stderr.contains("negative"),
+        "the error must name the bad label and the task's classes: {stderr}"
+    );
+    Ok(())
+}
