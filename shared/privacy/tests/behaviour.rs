@@ -481,16 +481,16 @@ fn extreme_pld_parameters_error_or_answer_but_never_panic() {
 #[test]
 fn ledger_tracks_spending_and_refuses_past_the_budget() {
     for kind in BOTH {
-        let budget = PrivacyBudget::new(2.0, 1e-5).unwrap();
+        let budget = PrivacyBudget::new(1.0, 1e-5).unwrap();
         let mut ledger = PrivacyLedger::new(budget, kind).unwrap();
         assert_eq!(ledger.epsilon_spent().unwrap(), 0.0);
-        let round = seg(0.02, 1.2, 100);
+        let round = seg(0.02, 2.0, 100);
         ledger.record(round).unwrap();
         ledger.record(round).unwrap();
-        ledger.record(seg(0.02, 1.2, 0)).unwrap();
+        ledger.record(seg(0.02, 2.0, 0)).unwrap();
         assert_eq!(
             ledger.segments(),
-            &[seg(0.02, 1.2, 200)],
+            &[seg(0.02, 2.0, 200)],
             "equal consecutive segments merge"
         );
         ledger.record(seg(0.01, 1.5, 50)).unwrap();
@@ -499,26 +499,26 @@ fn ledger_tracks_spending_and_refuses_past_the_budget() {
 
         let spent = ledger.epsilon_spent().unwrap();
         assert_eq!(spent, eps(kind, ledger.segments(), 1e-5));
-        assert!(spent > 0.0 && spent < 2.0);
+        assert!(spent > 0.0 && spent < 1.0);
 
         let check = ledger.check(&round).unwrap();
         assert_eq!(check.epsilon_spent, spent);
         assert!(check.epsilon_after > spent);
-        assert_eq!(check.within_budget, check.epsilon_after <= 2.0);
+        assert_eq!(check.within_budget, check.epsilon_after <= 1.0);
 
-        let n = ledger.max_additional_steps(0.02, 1.2, 1_000_000).unwrap();
+        let n = ledger.max_additional_steps(0.02, 2.0, 1_000_000).unwrap();
         assert!(n > 0);
-        assert!(ledger.can_take(&seg(0.02, 1.2, n)).unwrap());
-        assert!(!ledger.can_take(&seg(0.02, 1.2, n + 1)).unwrap());
-        let capped = ledger.max_additional_steps(0.02, 1.2, 7).unwrap();
+        assert!(ledger.can_take(&seg(0.02, 2.0, n)).unwrap());
+        assert!(!ledger.can_take(&seg(0.02, 2.0, n + 1)).unwrap());
+        let capped = ledger.max_additional_steps(0.02, 2.0, 7).unwrap();
         assert_eq!(capped, n.min(7));
 
         // Recording past the budget is allowed (the steps happened), and
         // then nothing more fits.
-        ledger.record(seg(0.02, 1.2, n + 1)).unwrap();
-        assert!(ledger.epsilon_spent().unwrap() > 2.0);
-        assert_eq!(ledger.max_additional_steps(0.02, 1.2, 1000).unwrap(), 0);
-        assert!(!ledger.check(&seg(0.02, 1.2, 1)).unwrap().within_budget);
+        ledger.record(seg(0.02, 2.0, n + 1)).unwrap();
+        assert!(ledger.epsilon_spent().unwrap() > 1.0);
+        assert_eq!(ledger.max_additional_steps(0.02, 2.0, 1000).unwrap(), 0);
+        assert!(!ledger.check(&seg(0.02, 2.0, 1)).unwrap().within_budget);
 
         assert!(matches!(
             ledger.record(TrainingSegment {
