@@ -183,7 +183,6 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let mut train_seconds = 0.0;
     let mut samples = 0usize;
     let mut loss_window = Vec::new();
-    let mut last_eval = None;
     for step in 1..=args.steps {
         let idx = sampler.next_batch();
         let refs: Vec<&Example> = idx.iter().map(|&i| &train.examples[i]).collect();
@@ -223,10 +222,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
                     serde_json::json!({"step": step, "eval_accuracy": e.accuracy, "eval_loss": e.loss})
                 );
             }
-            last_eval = Some(e);
         }
     }
-    let _ = last_eval;
     let t0 = Instant::now();
     let e = pollster::block_on(evaluate(
         &mut encoder,
