@@ -726,6 +726,73 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
+    /// Serves `body` at `/files/x` on a free port; returns the base URL.
+    async fn serve_once(body: &'static [u8]) -> String {
+        let app =
+            axum::Router::new().route("/files/x", axum::routing::get(move || async move { body }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}")
+    }
+
+    fn file_ref(sha256: String, size: u64) -> FileRef {
+        FileRef {
+            name: "model.safetensors".into(),
+            sha256,
+            size,
+            url: "/files/x".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn downloads_are_verified_cached_and_mismatches_refused() {
+        let cache = tempfile::tempdir().unwrap();
+        let base = serve_once(b"the real bytes").await;
+        let client = reqwest::Client::new();
+
+        let right = hex::encode(Sha256::digest(b"the real bytes"));
+        let path = fetch_file(&client, &base, &file_ref(right.clone(), 14), cache.path())
+            .await
+            .unwrap();
+        assert_eq!(path, cache.path().join(&right));
+        assert_eq!(std::fs::read(&path).unwrap(), b"the real bytes");
+        // Cached: served from disk even when the server is unreachable.
+        let again = fetch_file(
+            &client,
+            "http://127.0.0.1:9",
+            &file_ref(right.clone(), 14),
+            cache.path(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(again, path);
+        // A corrupt cached copy is fetched again.
+        std::fs::write(&path, b"bit rot").unwrap();
+        fetch_file(&client, &base, &file_ref(right.clone(), 14), cache.path())
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"the real bytes");
+
+        // The server's bytes do not have the announced hash: refused, nothing kept.
+        let other = hex::encode(Sha256::digest(b"other bytes"));
+        let e = fetch_file(&client, &base, &file_ref(other.clone(), 11), cache.path())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("refusing") && e.contains(&right) && e.contains(&other),
+            "{e}"
+        );
+        assert!(!cache.path().join(&other).exists());
+        let leftovers = std::fs::read_dir(cache.path()).unwrap().count();
+        assert_eq!(leftovers, 1, "only the verified file stays in the cache");
+        let e = fetch_file(&client, &base, &file_ref("abc".into(), 1), cache.path())
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("invalid SHA-256"), "{e}");
+    }
+
     #[test]
     fn server_urls_accept_http_and_ws() {
         assert_eq!(

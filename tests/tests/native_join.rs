@@ -70,6 +70,11 @@ impl TaskDir {
 
     /// Writes task.toml: 2 participants per round, `ROUNDS` rounds.
     fn write_config(&self, with_adapter: bool) -> anyhow::Result<()> {
+        self.write_config_with(with_adapter, "")
+    }
+
+    /// Writes task.toml with `extra` (whole sections) appended.
+    fn write_config_with(&self, with_adapter: bool, extra: &str) -> anyhow::Result<()> {
         let adapter = if with_adapter {
             "file = \"adapter.safetensors\"\n"
         } else {
@@ -95,7 +100,7 @@ rank = {RANK}
 {adapter}[server]
 ping_interval_secs = 1
 idle_timeout_secs = 60
-"#,
+{extra}"#,
             LABELS[0], LABELS[1]
         );
         std::fs::write(self.path().join("task.toml"), config)?;
@@ -255,6 +260,11 @@ async fn assert_rounds(agg: &Aggregator) -> anyhow::Result<()> {
 
 fn assert_join_report(name: &str, out: &Output, rounds: u64) -> anyhow::Result<()> {
     check_success(&format!("fedsb join ({name})"), out)?;
+    // Shown with --nocapture: the participant's progress log.
+    eprintln!(
+        "--- fedsb join ({name}) stderr\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report = last_json_line(out)?;
     assert_eq!(report["finished"], true, "{name}: {report}");
     assert_eq!(report["rounds_participated"], rounds, "{name}: {report}");
@@ -370,5 +380,20 @@ async fn join_refuses_data_whose_labels_are_not_the_tasks() -> anyhow::Result<()
         stderr.contains("neutral") && stderr.contains("negative"),
         "the error must name the bad label and the task's classes: {stderr}"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_refuses_a_task_with_differential_privacy() -> anyhow::Result<()> {
+    // fedsb join has no DP-SGD yet: un-noised updates would break the task's promise.
+    let task = TaskDir::new(true)?;
+    task.write_config_with(true, "[privacy]\nenabled = true\nepsilon = 3.0\n")?;
+    let agg = Aggregator::start_in(task.path())?;
+    let child = task.spawn_join(&agg, "a.tsv", "a")?;
+    let out = wait_child(child, Duration::from_secs(60)).await?;
+    assert!(!out.status.success(), "fedsb join must refuse a DP task");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("differential privacy"), "{stderr}");
+    assert_eq!(agg.metric("fedsb_updates_accepted_total").await?, 0.0);
     Ok(())
 }
