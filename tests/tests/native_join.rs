@@ -397,3 +397,35 @@ async fn join_refuses_a_task_with_differential_privacy() -> anyhow::Result<()> {
     assert_eq!(agg.metric("fedsb_updates_accepted_total").await?, 0.0);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_leaves_after_max_rounds() -> anyhow::Result<()> {
+    let task = TaskDir::new(true)?;
+    task.write_config(true)?;
+    let path = task.path().join("task.toml");
+    let text =
+        std::fs::read_to_string(&path)?.replace("min_participants = 2", "min_participants = 1");
+    std::fs::write(&path, text)?;
+    let agg = Aggregator::start_in(task.path())?;
+    let child = Command::new(fedsb_bin())
+        .arg("join")
+        .args(["--server", &agg.url(""), "--max-rounds", "1"])
+        .arg("--data")
+        .arg(task.path().join("a.tsv"))
+        .arg("--cache-dir")
+        .arg(task.path().join("cache"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let out = wait_child(child, JOIN_TIMEOUT).await?;
+    check_success("fedsb join --max-rounds 1", &out)?;
+    let report = last_json_line(&out)?;
+    assert_eq!(report["finished"], false, "{report}");
+    assert_eq!(report["rounds"], serde_json::json!([1]), "{report}");
+    assert_eq!(report["samples"], 4 * 8, "{report}");
+    // Round 1 committed with it alone; round 2 is open, waiting for others.
+    let rounds = agg.json("/api/rounds").await?;
+    assert_eq!(rounds.as_array().map(Vec::len), Some(2), "{rounds}");
+    assert_eq!(rounds[1]["participants"], 1);
+    Ok(())
+}
