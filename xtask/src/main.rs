@@ -37,7 +37,8 @@ enum Task {
     FetchData,
     /// Put all-MiniLM-L6-v2 (Hugging Face layout) in models/all-MiniLM-L6-v2/.
     FetchModel,
-    /// Run benchmarks: `engine` (matmul GFLOP/s on the wgpu adapter).
+    /// Run benchmarks: `engine` (matmul GFLOP/s on the wgpu adapter) or
+    /// `encoder` (all-MiniLM-L6-v2 forward and training samples/s).
     Bench {
         #[arg(default_value = "engine")]
         what: String,
@@ -52,7 +53,7 @@ fn main() -> Result<()> {
         Task::Demo { port } => demo(&root, port),
         Task::FetchData => fetch_data(&root),
         Task::FetchModel => fetch_model(&root),
-        Task::Bench { what } => bench(&what),
+        Task::Bench { what } => bench(&root, &what),
     }
 }
 
@@ -245,16 +246,14 @@ fn fetch_model(root: &Path) -> Result<()> {
     Ok(())
 }
 
-fn bench(what: &str) -> Result<()> {
-    match what {
-        "engine" => run(cargo().args([
-            "run",
-            "--release",
-            "-p",
-            "fedsb-engine",
-            "--example",
-            "bench_matmul",
-        ])),
-        other => bail!("unknown benchmark {other:?}; known: engine"),
-    }
+fn bench(root: &Path, what: &str) -> Result<()> {
+    let example = match what {
+        "engine" => "bench_matmul",
+        "encoder" => {
+            fetch_model(root)?;
+            "bench_encoder"
+        }
+        other => bail!("unknown benchmark {other:?}; known: engine, encoder"),
+    };
+    run(cargo().args(["run", "--release", "-p", "fedsb-engine", "--example", example]))
 }
