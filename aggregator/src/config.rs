@@ -267,7 +267,13 @@ impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let mut config: Config = Figment::new()
             .merge(Toml::file_exact(path))
-            .merge(Env::prefixed("FEDSB_").split("__"))
+            // Only `FEDSB_<SECTION>__<KEY>` variables: other FEDSB_* variables
+            // (FEDSB_MODEL_DIR, FEDSB_BIN of the tests…) are not config keys.
+            .merge(
+                Env::prefixed("FEDSB_")
+                    .filter(|key| key.as_str().contains("__"))
+                    .split("__"),
+            )
             .extract()
             .map_err(|e| ConfigError::Load {
                 path: path.to_owned(),
@@ -522,6 +528,28 @@ rank = 4
         let text = MINIMAL.replace("rounds = 3", "rounds = 3\nbogus = 1");
         let e = Config::load(&write(dir.path(), &text)).unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn section_variables_override_and_other_fedsb_variables_are_ignored() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("task.toml", MINIMAL)?;
+            jail.set_env("FEDSB_SERVER__PORT", "9123");
+            jail.set_env("FEDSB_TASK__MIN_PARTICIPANTS", "1");
+            jail.set_env("FEDSB_MODEL_DIR", "/somewhere/else");
+            let c = Config::load(&jail.directory().join("task.toml")).map_err(|e| e.to_string())?;
+            assert_eq!(c.server.port, 9123);
+            assert_eq!(c.task.min_participants, 1);
+            assert_eq!(c.model.dir, None);
+            jail.set_env("FEDSB_TASK__ROUNDS", "zero");
+            let e = Config::load(&jail.directory().join("task.toml")).unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                msg.to_lowercase().contains("task.rounds") && msg.contains("FEDSB_"),
+                "{msg}"
+            );
+            Ok(())
+        });
     }
 
     #[test]

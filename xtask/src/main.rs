@@ -255,5 +255,12 @@ fn bench(root: &Path, what: &str) -> Result<()> {
         }
         other => bail!("unknown benchmark {other:?}; known: engine, encoder"),
     };
-    run(cargo().args(["run", "--release", "-p", "fedsb-engine", "--example", example]))
+    run(cargo().args([
+        "run",
+        "--release",
+        "-p",
+        "fedsb-engine",
+        "--example",
+        example,
+    ]))
 }
