@@ -118,7 +118,7 @@ fn test(root: &Path) -> Result<()> {
     // The end-to-end tests start the real binary.
     run(cargo().args(["build", "-p", "fedsb-aggregator", "--bin", "fedsb"]))?;
     run(cargo()
-        .args(["test", "--workspace", "--all-features"])
+        .args(["test", "--workspace", "--all-features", "--no-fail-fast"])
         .env("FEDSB_MODEL_DIR", root.join("models/all-MiniLM-L6-v2")))?;
     eprintln!("\nxtask test: all checks passed");
     Ok(())
