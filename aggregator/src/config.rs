@@ -531,6 +531,8 @@ rank = 4
     }
 
     #[test]
+    // figment's Jail API fixes the closure's error type to figment::Error.
+    #[allow(clippy::result_large_err)]
     fn section_variables_override_and_other_fedsb_variables_are_ignored() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("task.toml", MINIMAL)?;
