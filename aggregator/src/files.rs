@@ -103,6 +103,33 @@ pub fn collect_files(config: &Config) -> Result<Vec<ServedFile>, FileError> {
     Ok(out)
 }
 
+/// The values of the F32 tensor `name` of an adapter file, checked to have
+/// `shape`; the error says what is missing or wrong. Shared by the
+/// aggregator's round-0 state and the participants' reading of A and B.
+pub fn read_f32_tensor(
+    st: &SafeTensors<'_>,
+    name: &str,
+    shape: &[usize],
+) -> Result<Vec<f32>, String> {
+    let view = st
+        .tensor(name)
+        .map_err(|_| format!("tensor {name} is missing"))?;
+    if view.shape() != shape {
+        return Err(format!(
+            "tensor {name} has shape {:?}, expected {shape:?}",
+            view.shape()
+        ));
+    }
+    if view.dtype() != safetensors::Dtype::F32 {
+        return Err(format!("tensor {name} is {:?}, expected F32", view.dtype()));
+    }
+    Ok(view
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
 /// The round-0 state: `<module>.lora_R` and `classifier.{weight,bias}` from
 /// the adapter file when one is configured, otherwise zeros (R = 0 makes
 /// every adapter a no-op until the first round).
@@ -122,29 +149,11 @@ pub fn initial_adapter(config: &Config) -> Result<AdapterState, FileError> {
     };
     let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
     let load = |name: &str, target: &mut Tensor, required: bool| -> Result<(), FileError> {
-        let view = match st.tensor(name) {
-            Ok(v) => v,
-            Err(_) if !required => return Ok(()),
-            Err(_) => return Err(bad(format!("tensor {name} is missing"))),
-        };
-        let found: Vec<u32> = view.shape().iter().map(|&d| d as u32).collect();
-        if found != target.shape {
-            return Err(bad(format!(
-                "tensor {name} has shape {found:?}, expected {:?}",
-                target.shape
-            )));
+        if !required && st.tensor(name).is_err() {
+            return Ok(());
         }
-        if view.dtype() != safetensors::Dtype::F32 {
-            return Err(bad(format!(
-                "tensor {name} is {:?}, expected F32",
-                view.dtype()
-            )));
-        }
-        target.data = view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let shape: Vec<usize> = target.shape.iter().map(|&d| d as usize).collect();
+        target.data = read_f32_tensor(&st, name, &shape).map_err(bad)?;
         Ok(())
     };
     for (name, r) in config.module_names().iter().zip(state.r.iter_mut()) {

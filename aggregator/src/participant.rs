@@ -138,23 +138,8 @@ fn read_matrix(
     rows: usize,
     cols: usize,
 ) -> anyhow::Result<Matrix<f32>> {
-    let view = st
-        .tensor(name)
-        .map_err(|_| anyhow::anyhow!("the adapter file has no tensor {name}"))?;
-    if view.dtype() != Dtype::F32 {
-        bail!("adapter tensor {name} is {:?}, expected F32", view.dtype());
-    }
-    if view.shape() != [rows, cols] {
-        bail!(
-            "adapter tensor {name} has shape {:?}, expected [{rows}, {cols}]",
-            view.shape()
-        );
-    }
-    let data: Vec<f32> = view
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
+    let data = fedsb_aggregator::files::read_f32_tensor(st, name, &[rows, cols])
+        .map_err(|e| anyhow::anyhow!("adapter file: {e}"))?;
     if let Some(i) = data.iter().position(|x| !x.is_finite()) {
         bail!("adapter tensor {name} holds a non-finite value at index {i}");
     }
