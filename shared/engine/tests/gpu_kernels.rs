@@ -690,3 +690,85 @@ fn context_buffers_round_trip() {
         "writes past the end are rejected"
     );
 }
+
+#[test]
+fn dp_clip_matches_reference() {
+    use fedsb_engine::gpu::dp;
+    let mut rng = Rng(0xD9);
+    // Segments of odd lengths (not multiples of 64 or 256), 7 samples, one of
+    // them all zero (factor 1), some with large norms (clipped), some small.
+    let batch = 7;
+    let lens = [9usize, 300, 1, 70];
+    let total: usize = lens.iter().sum();
+    let clip = 2.5f32;
+    let scale = 1.0 / 5.3f32;
+    let mut segments = Vec::new();
+    for (s, &len) in lens.iter().enumerate() {
+        let mut data = rng.vec(batch * len);
+        for n in 0..batch {
+            let gain = match n {
+                3 => 0.0,
+                1 | 5 => 0.01,
+                _ => 1.0 + s as f32,
+            };
+            for x in &mut data[n * len..(n + 1) * len] {
+                *x *= gain;
+            }
+        }
+        segments.push(data);
+    }
+    let noise = rng.vec(total);
+    let ctx = ctx();
+    let norms_gpu = ctx.buffer_zeros("norms", batch);
+    let noise_gpu = ctx.buffer_f32("noise", &noise);
+    let out_gpu = ctx.buffer_zeros("out", total);
+    let bufs: Vec<_> = segments.iter().map(|d| ctx.buffer_f32("g", d)).collect();
+    let mut enc = ctx.encoder();
+    for (buf, &len) in bufs.iter().zip(&lens) {
+        dp::dp_sq_norms(ctx, &mut enc, buf, batch, len, &norms_gpu).unwrap();
+    }
+    let mut offset = 0;
+    for (buf, &len) in bufs.iter().zip(&lens) {
+        dp::dp_clip_sum(
+            ctx, &mut enc, buf, batch, len, &norms_gpu, clip, &noise_gpu, scale, &out_gpu, offset,
+        )
+        .unwrap();
+        offset += len;
+    }
+    ctx.submit(enc);
+
+    let mut norms = vec![0.0f32; batch];
+    for (d, &len) in segments.iter().zip(&lens) {
+        dp::sq_norms_reference(d, batch, len, &mut norms);
+    }
+    assert_close("dp norms", &read(&norms_gpu), &norms, 1e-5, 1e-5);
+    let mut out = vec![0.0f32; total];
+    let mut offset = 0;
+    for (d, &len) in segments.iter().zip(&lens) {
+        dp::clip_sum_reference(d, batch, len, &norms, clip, &noise, scale, &mut out, offset);
+        offset += len;
+    }
+    assert_close("dp clipped sum", &read(&out_gpu), &out, 1e-5, 1e-4);
+    // The reference really clipped something and left small samples alone.
+    assert!(norms.iter().any(|&s| s.sqrt() > clip));
+    assert!(norms.iter().any(|&s| s > 0.0 && s.sqrt() < clip));
+
+    // An empty batch writes noise · scale.
+    let out0 = ctx.buffer_zeros("out0", total);
+    let mut enc = ctx.encoder();
+    dp::dp_clip_sum(
+        ctx, &mut enc, &noise_gpu, 0, total, &norms_gpu, clip, &noise_gpu, scale, &out0, 0,
+    )
+    .unwrap();
+    ctx.submit(enc);
+    let expected: Vec<f32> = noise.iter().map(|&x| x * scale).collect();
+    assert_close("dp empty batch", &read(&out0), &expected, 1e-6, 1e-6);
+
+    // Bad arguments are refused.
+    let mut enc = ctx.encoder();
+    assert!(dp::dp_sq_norms(ctx, &mut enc, &bufs[0], batch + 1, lens[0], &norms_gpu).is_err());
+    assert!(dp::dp_clip_sum(
+        ctx, &mut enc, &bufs[0], batch, lens[0], &norms_gpu, 0.0, &noise_gpu, scale, &out_gpu, 0
+    )
+    .is_err());
+}

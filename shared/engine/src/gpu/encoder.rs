@@ -27,6 +27,7 @@ use crate::reference::{ClassifierHead, LoraSbAdapters, Matrix, TrainableGradient
 use super::adamw::{adamw_step, AdamW};
 use super::attention::{attention_backward, attention_forward, AttentionShape};
 use super::context::{GpuBuffer, GpuContext};
+use super::dp::{dp_clip_sum, dp_sq_norms};
 use super::embeddings::{embeddings_forward, EmbeddingTables};
 use super::gelu::{gelu_backward, gelu_forward};
 use super::head::{
@@ -1098,6 +1099,94 @@ impl<'c> GpuEncoder<'c> {
         self.ctx.submit(enc);
         let losses = self.read_losses().await?;
         Ok(losses.iter().sum::<f32>() / losses.len() as f32)
+    }
+
+    /// The DP-SGD gradient of one Poisson-sampled batch, left in the gradient
+    /// buffer (read it with [`Self::read_gradients`]; step with
+    /// [`Self::apply_adamw`]): per-sample gradients of every `R` and the head,
+    /// each sample's joint L2 norm over all of them, clipped to `clip`, summed,
+    /// plus `noise` (one value per trained parameter, in the layout of
+    /// [`Self::read_trainable`], already scaled by σ·C), all times `scale`
+    /// (1 / expected batch size). Everything stays on the device; `None` (an
+    /// empty batch) gives `noise · scale`. Returns the per-sample losses.
+    pub async fn dp_gradients(
+        &mut self,
+        batch: Option<(&EncodedBatch, &[u32])>,
+        noise: &[f32],
+        clip: f32,
+        scale: f32,
+    ) -> Result<Vec<f32>, GpuError> {
+        if noise.len() != self.params.len {
+            return Err(GpuError::Shape(format!(
+                "dp: {} noise values for {} trained parameters",
+                noise.len(),
+                self.params.len
+            )));
+        }
+        let ctx = self.ctx;
+        let noise_buf = ctx.buffer_f32("dp.noise", noise);
+        let Some((batch, labels)) = batch.filter(|(b, _)| b.batch_size > 0) else {
+            let mut enc = ctx.encoder();
+            dp_clip_sum(
+                ctx,
+                &mut enc,
+                &ctx.dummy,
+                0,
+                self.params.len,
+                &ctx.dummy,
+                clip,
+                &noise_buf,
+                scale,
+                &self.grads,
+                0,
+            )?;
+            ctx.submit(enc);
+            return Ok(Vec::new());
+        };
+        self.upload(batch, Some(labels))?;
+        self.ensure_per_sample(batch.batch_size);
+        let s = self.shape()?;
+        let mut enc = ctx.encoder();
+        self.record_forward(&mut enc)?;
+        self.record_backward(&mut enc, GradientMode::PerSample)?;
+        let ps = self.per_sample.as_ref().expect("allocated");
+        let rr = self.rank * self.rank;
+        let mut segments: Vec<(&GpuBuffer, usize, usize)> = Vec::new();
+        for (lg, pl) in self.layers.iter().zip(&ps.r) {
+            for (ad, buf) in lg.adapters.iter().zip(pl) {
+                if let (Some(ad), Some(buf)) = (ad, buf) {
+                    segments.push((buf, rr, ad.offset));
+                }
+            }
+        }
+        let nl = self.num_labels;
+        segments.push((
+            &ps.head_weight,
+            nl * self.config.hidden_size,
+            self.head_weight_offset,
+        ));
+        segments.push((&ps.head_bias, nl, self.head_bias_offset));
+        let norms = ctx.buffer_zeros("dp.norms", s.batch);
+        for &(buf, len, _) in &segments {
+            dp_sq_norms(ctx, &mut enc, buf, s.batch, len, &norms)?;
+        }
+        for &(buf, len, offset) in &segments {
+            dp_clip_sum(
+                ctx,
+                &mut enc,
+                buf,
+                s.batch,
+                len,
+                &norms,
+                clip,
+                &noise_buf,
+                scale,
+                &self.grads,
+                offset,
+            )?;
+        }
+        ctx.submit(enc);
+        self.read_losses().await
     }
 
     /// Applies one AdamW step with the gradient currently in the gradient

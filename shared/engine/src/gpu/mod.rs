@@ -19,6 +19,7 @@
 //! - [`head`]: mean pooling (and backward), logits, softmax cross-entropy with
 //!   `dlogits`, per-sample head gradients.
 //! - [`embeddings`]: word + position + token-type gather.
+//! - [`dp`]: DP-SGD per-sample joint norms and the clipped, noised sum.
 //!
 //! Every kernel has a plain-Rust reference in [`cpu_ref`] and a test
 //! `<kernel>_matches_reference` in `tests/gpu_kernels.rs`:
@@ -50,6 +51,7 @@ pub mod adamw;
 pub mod attention;
 pub mod context;
 pub mod cpu_ref;
+pub mod dp;
 pub mod embeddings;
 pub mod encoder;
 pub mod gelu;
