@@ -1,6 +1,8 @@
 //! The fedsb aggregator: runs federated LoRA-SB rounds for browser tabs and
 //! native participants.
 //!
+//! * [`adapter_file`]: the LoRA-SB adapter file (A, B, R₀, head) and the
+//!   conversions between wire states and the engine's adapters.
 //! * [`config`]: the task configuration (TOML + `FEDSB_*` environment).
 //! * [`round`]: one round's rules and its exact f64 weighted mean.
 //! * [`coordinator`]: the round state machine (open → collecting →
@@ -10,6 +12,7 @@
 //!
 //! Run it with `fedsb serve --config configs/sst2-demo.toml`.
 
+pub mod adapter_file;
 pub mod config;
 pub mod connection;
 pub mod coordinator;
