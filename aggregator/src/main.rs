@@ -1,10 +1,12 @@
 //! The `fedsb` command-line tool: `fedsb serve` runs the aggregator,
 //! `fedsb privacy` does privacy accounting. `fedsb --help` lists everything.
+mod dp_training;
 mod embed_cmd;
 mod init_cmd;
 mod join_cmd;
 mod participant;
 mod privacy_cmd;
+mod sim_cmd;
 mod train_cmd;
 
 use std::io::Write as _;
@@ -43,6 +45,8 @@ enum Command {
     Init(init_cmd::InitArgs),
     /// Join a task as a native participant: train on local data, send R.
     Join(join_cmd::JoinArgs),
+    /// Simulate a federated run (N participants and the aggregator) on one GPU.
+    Sim(sim_cmd::SimArgs),
 }
 
 #[derive(Debug, Args)]
@@ -79,6 +83,7 @@ fn main() -> anyhow::Result<()> {
         Command::Train(args) => train_cmd::run(args),
         Command::Init(args) => init_cmd::run(args),
         Command::Join(args) => join_cmd::run(args),
+        Command::Sim(args) => sim_cmd::run(args),
     }
 }
 

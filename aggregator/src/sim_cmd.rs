@@ -1,0 +1,1099 @@
+//! `fedsb sim`: a whole federated Fed-SB run in one process on one GPU.
+//!
+//! ```text
+//! fedsb sim --model models/all-MiniLM-L6-v2 --train data/sst2/train.tsv \
+//!     --eval data/sst2/dev.tsv --clients 3 --rounds 5 --split dirichlet:0.5 --json
+//! ```
+//!
+//! N simulated participants share one [`GpuContext`] and one [`GpuEncoder`];
+//! each client's turn sets the encoder's trainable state to the global `R`s
+//! and head ([`GpuEncoder::set_trainable`], which also resets the AdamW
+//! moments), trains, and reads the result back. The aggregation is the
+//! aggregator's own [`Round`] (`accept` + `aggregate`: the f64 weighted mean,
+//! weights = samples), fed with updates that went through the wire encoding.
+//!
+//! Every client round is exactly what `fedsb join` does for a round: the same
+//! AdamW (weight decay 0.01, moments reset every round), `local_steps` batches
+//! of `batch` from a [`BatchSampler`] over its own shard that keeps its state
+//! across rounds (seeded with the client's batch seed, see [`client_seed`]),
+//! `num_samples` = samples used, `train_loss` = their mean loss. So a
+//! simulation equals the same run over WebSockets when the joiners get the
+//! shard files and seeds that `--write-shards` writes (`tests/tests/sim.rs`
+//! checks that).
+//!
+//! Splits ([`split_iid`], [`split_dirichlet`]) are seeded and documented on
+//! the functions. Byte counts are the sizes of the real protocol frames: per
+//! round, `bytes_up` = Σ of the clients' encoded `Update` frames and
+//! `bytes_down` = clients × the encoded `GlobalModel` frame they started the
+//! round from.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use fedsb_aggregator::config::Weighting;
+use fedsb_aggregator::round::Round;
+use fedsb_engine::data::{read_dataset_file, ColumnSpec, Dataset, Example};
+use fedsb_engine::gpu::adamw::AdamW;
+use fedsb_engine::gpu::encoder::{GpuEncoder, GradientMode};
+use fedsb_engine::gpu::{GpuContext, GpuOptions};
+use fedsb_engine::model::{BertTokenizer, BertWeights};
+use fedsb_engine::reference::{
+    ClassifierHead, LoraSbAdapters, LoraSbInitOptions, Matrix, TrainableGradients,
+};
+use fedsb_engine::train::{encode_examples, evaluate, gpu_lora_sb_init, BatchSampler};
+use fedsb_protocol::{
+    AdapterShape, ClientMessage, ClientUpdate, ParticipantId, RoundId, ServerMessage,
+};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use safetensors::SafeTensors;
+
+use crate::participant::{
+    engine_to_state, parse_linear, read_adapter_file, state_to_engine, ModuleRef,
+};
+
+#[derive(Debug, Args)]
+pub struct SimArgs {
+    /// Hugging Face model directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Training data (.csv, .tsv or .jsonl), split among the clients.
+    #[arg(long)]
+    train: PathBuf,
+    /// Evaluation data (same columns as --train); the global model is
+    /// evaluated on it after every round.
+    #[arg(long)]
+    eval: PathBuf,
+    /// Number of simulated participants.
+    #[arg(long)]
+    clients: usize,
+    /// Number of federated rounds.
+    #[arg(long)]
+    rounds: u64,
+    /// How the training data is split: `iid` or `dirichlet:ALPHA` (label skew,
+    /// smaller ALPHA = more skew).
+    #[arg(long, default_value = "iid")]
+    split: String,
+    /// Seed of the split, the clients' batch order and the LoRA-SB init.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// AdamW steps per client per round (default: one epoch of an average
+    /// shard, ⌈train rows / clients / batch⌉, the same for every client).
+    #[arg(long)]
+    local_steps: Option<u32>,
+    /// LoRA-SB rank r.
+    #[arg(long, default_value_t = 32)]
+    rank: usize,
+    /// Batch size (training, LoRA-SB init and evaluation).
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// AdamW learning rate (also η of the LoRA-SB initialization).
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f32,
+    /// Truncate sequences to this many tokens (special tokens included).
+    #[arg(long, default_value_t = 128)]
+    max_seq_len: usize,
+    /// Training samples (a seeded choice from all of --train) whose gradients
+    /// initialize A, B and R₀, as `fedsb init` does. Ignored with --init.
+    #[arg(long, default_value_t = 256)]
+    init_samples: usize,
+    /// Start from this adapter file (written by `fedsb init`) instead of
+    /// initializing: its A, B, R₀ and head.
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Adapted linears in each layer, comma-separated; default all six.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "attention.self.query,attention.self.key,attention.self.value,attention.output.dense,intermediate.dense,output.dense"
+    )]
+    modules: Vec<String>,
+    /// Class names in head order, comma-separated (the task's `[task]
+    /// labels`); default: the classes of --train.
+    #[arg(long, value_delimiter = ',')]
+    labels: Option<Vec<String>>,
+    /// Train only the head; every R stays at its initial value (a baseline
+    /// that shows what the adapters add).
+    #[arg(long)]
+    head_only: bool,
+    /// Evaluate on the first N evaluation examples only (0: all).
+    #[arg(long, default_value_t = 0)]
+    eval_limit: usize,
+    /// Write one CSV row per round here.
+    #[arg(long)]
+    csv: Option<PathBuf>,
+    /// Draw the evaluation accuracy per round as a PNG here.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Write every client's shard (`client-<i>.jsonl`) and `shards.json`
+    /// (sizes, label counts, batch seeds and the `fedsb join` flags that
+    /// reproduce this run over WebSockets) into this directory.
+    #[arg(long)]
+    write_shards: Option<PathBuf>,
+    /// Write the global state of every round as the exact `GlobalModel`
+    /// frame the aggregator would store (`round-<n>.bin`) into this directory.
+    #[arg(long)]
+    write_globals: Option<PathBuf>,
+    /// One JSON line per round on stdout (the summary table then goes to stderr).
+    #[arg(long)]
+    json: bool,
+    /// Text column (detected when not given).
+    #[arg(long)]
+    text_column: Option<String>,
+    /// Second text column of sentence pairs.
+    #[arg(long)]
+    text_pair_column: Option<String>,
+    /// Label column (detected when not given).
+    #[arg(long)]
+    label_column: Option<String>,
+    /// Use the GPU adapter whose name contains this (case-insensitive).
+    #[arg(long)]
+    adapter: Option<String>,
+}
+
+/// How the training data is divided among the clients.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Split {
+    Iid,
+    Dirichlet(f64),
+}
+
+impl std::str::FromStr for Split {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s.eq_ignore_ascii_case("iid") {
+            return Ok(Self::Iid);
+        }
+        if let Some(a) = s.strip_prefix("dirichlet:") {
+            let alpha: f64 = a
+                .trim()
+                .parse()
+                .map_err(|_| format!("--split {s}: ALPHA {a:?} is not a number"))?;
+            if !(alpha > 0.0 && alpha.is_finite()) {
+                return Err(format!("--split {s}: ALPHA must be positive and finite"));
+            }
+            return Ok(Self::Dirichlet(alpha));
+        }
+        Err(format!(
+            "unknown --split {s:?}: expected `iid` or `dirichlet:ALPHA` (e.g. dirichlet:0.5)"
+        ))
+    }
+}
+
+/// SplitMix64, the seeded generator of the splits.
+#[derive(Debug, Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in (0, 1).
+    fn uniform(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
+    fn normal(&mut self) -> f64 {
+        let (u, v) = (self.uniform(), self.uniform());
+        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+    }
+
+    /// Gamma(shape, 1) by Marsaglia and Tsang (2000); shape < 1 through
+    /// Gamma(shape + 1)·U^(1/shape).
+    fn gamma(&mut self, shape: f64) -> f64 {
+        if shape < 1.0 {
+            let u = self.uniform();
+            return self.gamma(shape + 1.0) * u.powf(1.0 / shape);
+        }
+        let d = shape - 1.0 / 3.0;
+        let c = 1.0 / (9.0 * d).sqrt();
+        loop {
+            let x = self.normal();
+            let v = 1.0 + c * x;
+            if v <= 0.0 {
+                continue;
+            }
+            let v = v * v * v;
+            let u = self.uniform();
+            if u < 1.0 - 0.0331 * x.powi(4) || u.ln() < 0.5 * x * x + d * (1.0 - v + v.ln()) {
+                return d * v;
+            }
+        }
+    }
+
+    /// Fisher–Yates shuffle.
+    fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = (self.next_u64() % (i as u64 + 1)) as usize;
+            v.swap(i, j);
+        }
+    }
+}
+
+/// The batch-order seed of client `i` (0-based): `seed + 1 + i`. `fedsb join
+/// --seed` with this value draws the same batches from the same shard file.
+pub fn client_seed(seed: u64, i: usize) -> u64 {
+    seed.wrapping_add(1 + i as u64)
+}
+
+fn check_clients(n: usize, clients: usize) -> anyhow::Result<()> {
+    if clients == 0 {
+        bail!("--clients must be at least 1");
+    }
+    if clients > n {
+        bail!("--clients {clients} is more than the {n} training examples: every client needs at least one");
+    }
+    Ok(())
+}
+
+/// IID split: the indices `0..n` shuffled (Fisher–Yates, SplitMix64 seeded
+/// with `seed`) and cut into `clients` contiguous shards whose sizes differ by
+/// at most one (the first `n mod clients` shards get the extra example).
+/// Each shard is returned in ascending index order (its file keeps the
+/// data's order; batches are shuffled by the client anyway).
+pub fn split_iid(n: usize, clients: usize, seed: u64) -> anyhow::Result<Vec<Vec<usize>>> {
+    check_clients(n, clients)?;
+    let mut order: Vec<usize> = (0..n).collect();
+    Rng(seed).shuffle(&mut order);
+    let (base, extra) = (n / clients, n % clients);
+    let mut out = Vec::with_capacity(clients);
+    let mut start = 0;
+    for k in 0..clients {
+        let len = base + usize::from(k < extra);
+        let mut shard = order[start..start + len].to_vec();
+        shard.sort_unstable();
+        out.push(shard);
+        start += len;
+    }
+    Ok(out)
+}
+
+/// Label-skewed split (Hsu, Qi and Brown 2019): for every class in id order,
+/// its examples are shuffled and divided among the clients in proportions
+/// p ~ Dirichlet(α, …, α) (client k gets the examples between
+/// ⌊n_c·Σ_{j<k} p_j⌋ and ⌊n_c·Σ_{j≤k} p_j⌋). One SplitMix64 stream seeded
+/// with `seed` drives all shuffles and Gamma draws (p = g / Σg with
+/// g_k ~ Gamma(α)). Afterwards every client left empty, in client order,
+/// receives the last example of the currently largest shard (lowest client
+/// index on ties), so every client has at least one example. Shards are
+/// returned in ascending index order.
+pub fn split_dirichlet(
+    labels: &[u32],
+    num_classes: usize,
+    clients: usize,
+    alpha: f64,
+    seed: u64,
+) -> anyhow::Result<Vec<Vec<usize>>> {
+    check_clients(labels.len(), clients)?;
+    if !(alpha > 0.0 && alpha.is_finite()) {
+        bail!("the Dirichlet concentration alpha must be positive, got {alpha}");
+    }
+    let mut rng = Rng(seed);
+    let mut out: Vec<Vec<usize>> = vec![Vec::new(); clients];
+    for class in 0..num_classes as u32 {
+        let mut members: Vec<usize> = (0..labels.len()).filter(|&i| labels[i] == class).collect();
+        if members.is_empty() {
+            continue;
+        }
+        rng.shuffle(&mut members);
+        let g: Vec<f64> = (0..clients).map(|_| rng.gamma(alpha)).collect();
+        let total: f64 = g.iter().sum();
+        let p: Vec<f64> = if total > 0.0 && total.is_finite() {
+            g.iter().map(|x| x / total).collect()
+        } else {
+            // Every draw underflowed (tiny alpha): one client takes the class.
+            let k = (rng.next_u64() % clients as u64) as usize;
+            (0..clients).map(|j| f64::from(u8::from(j == k))).collect()
+        };
+        let n = members.len();
+        let mut cum = 0.0;
+        let mut start = 0;
+        for (k, pk) in p.iter().enumerate() {
+            cum += pk;
+            let end = if k + 1 == clients {
+                n
+            } else {
+                ((n as f64 * cum).floor() as usize).clamp(start, n)
+            };
+            out[k].extend_from_slice(&members[start..end]);
+            start = end;
+        }
+    }
+    for k in 0..clients {
+        if out[k].is_empty() {
+            let donor = (0..clients)
+                .max_by_key(|&j| (out[j].len(), std::cmp::Reverse(j)))
+                .expect("clients > 0");
+            let moved = out[donor].pop().expect("n >= clients leaves a shard of 2+");
+            out[k].push(moved);
+        }
+    }
+    for shard in &mut out {
+        shard.sort_unstable();
+    }
+    Ok(out)
+}
+
+/// One client of the simulation.
+struct Client {
+    shard: Vec<Example>,
+    sampler: BatchSampler,
+    seed: u64,
+}
+
+/// One round's results.
+#[derive(Debug, Clone, serde::Serialize)]
+struct RoundRow {
+    round: u64,
+    eval_accuracy: f64,
+    eval_loss: f64,
+    train_loss: Option<f64>,
+    participants: u32,
+    samples: u64,
+    bytes_up: u64,
+    bytes_down: u64,
+    seconds: f64,
+}
+
+/// AdamW on the head only, on the CPU (the `--head-only` baseline), with
+/// the formula of `adamw.wgsl` (torch.optim.AdamW).
+struct HeadAdam {
+    m: Vec<f32>,
+    v: Vec<f32>,
+    steps: i32,
+}
+
+impl HeadAdam {
+    fn new(n: usize) -> Self {
+        Self {
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+            steps: 0,
+        }
+    }
+
+    fn step(&mut self, opt: &AdamW, params: &mut [f32], grads: &[f32]) {
+        self.steps += 1;
+        let bc1 = (1.0 - f64::from(opt.beta1).powi(self.steps)) as f32;
+        let bc2 = (1.0 - f64::from(opt.beta2).powi(self.steps)) as f32;
+        for (i, (p, &g)) in params.iter_mut().zip(grads).enumerate() {
+            let m1 = opt.beta1 * self.m[i] + (1.0 - opt.beta1) * g;
+            let v1 = opt.beta2 * self.v[i] + (1.0 - opt.beta2) * g * g;
+            self.m[i] = m1;
+            self.v[i] = v1;
+            let decayed = *p * (1.0 - opt.lr * opt.weight_decay);
+            *p = decayed - (opt.lr / bc1) * m1 / (v1.sqrt() / bc2.sqrt() + opt.eps);
+        }
+    }
+}
+
+fn read_data(args: &SimArgs) -> anyhow::Result<(Dataset, Vec<Example>)> {
+    let mut spec = ColumnSpec {
+        text: args.text_column.clone(),
+        text_pair: args.text_pair_column.clone(),
+        label: args.label_column.clone(),
+        label_names: args.labels.clone(),
+        skip_rows_without_label: true,
+    };
+    let train = read_dataset_file(&args.train, &spec)?;
+    if train.label_column.is_none() {
+        bail!(
+            "{}: no label column found (name it with --label-column)",
+            args.train.display()
+        );
+    }
+    if train.num_labels() < 2 {
+        bail!(
+            "{}: the head needs at least two classes, found {:?} (give them with --labels)",
+            args.train.display(),
+            train.label_names
+        );
+    }
+    spec.text = Some(train.text_column.clone());
+    spec.text_pair = train.text_pair_column.clone();
+    spec.label = train.label_column.clone();
+    spec.label_names = Some(train.label_names.clone());
+    let eval = read_dataset_file(&args.eval, &spec)?;
+    let mut eval_examples = eval.examples;
+    if args.eval_limit > 0 {
+        eval_examples.truncate(args.eval_limit);
+    }
+    Ok((train, eval_examples))
+}
+
+/// Writes each client's shard as JSONL with the training file's column names
+/// (labels by class name) and `shards.json`.
+fn write_shards(
+    dir: &Path,
+    train: &Dataset,
+    clients: &[Client],
+    args: &SimArgs,
+    split: &str,
+    local_steps: u32,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let label_col = train.label_column.clone().unwrap_or_else(|| "label".into());
+    let mut manifest = Vec::new();
+    for (i, c) in clients.iter().enumerate() {
+        let name = format!("client-{}.jsonl", i + 1);
+        let mut text = String::new();
+        let mut counts = vec![0u64; train.num_labels()];
+        for e in &c.shard {
+            let mut obj = serde_json::Map::new();
+            obj.insert(train.text_column.clone(), e.text.clone().into());
+            if let (Some(col), Some(p)) = (&train.text_pair_column, &e.text_pair) {
+                obj.insert(col.clone(), p.clone().into());
+            }
+            let label = e.label.context("an unlabelled training example")? as usize;
+            counts[label] += 1;
+            obj.insert(label_col.clone(), train.label_names[label].clone().into());
+            let _ = writeln!(text, "{}", serde_json::Value::Object(obj));
+        }
+        let path = dir.join(&name);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        let label_counts: serde_json::Map<String, serde_json::Value> = train
+            .label_names
+            .iter()
+            .zip(&counts)
+            .map(|(n, c)| (n.clone(), (*c).into()))
+            .collect();
+        manifest.push(serde_json::json!({
+            "client": i + 1,
+            "file": name,
+            "examples": c.shard.len(),
+            "labels": label_counts,
+            "batch_seed": c.seed,
+            "join_args": ["--data", name, "--seed", c.seed.to_string()],
+        }));
+    }
+    let doc = serde_json::json!({
+        "split": split,
+        "seed": args.seed,
+        "clients": manifest,
+        "task": {
+            "labels": train.label_names,
+            "local_steps": local_steps,
+            "batch_size": args.batch,
+            "learning_rate": args.lr,
+            "max_seq_len": args.max_seq_len,
+            "rank": args.rank,
+            "modules": args.modules,
+        },
+    });
+    let path = dir.join("shards.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&doc)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// The initial adapters (A, B, R₀) and head: from `--init`, or the LoRA-SB
+/// initialization exactly as `fedsb init --seed S --batch B --lr X` computes it
+/// on `--train`.
+#[allow(clippy::too_many_arguments)]
+fn initial_model(
+    args: &SimArgs,
+    ctx: &GpuContext,
+    weights: &BertWeights<f32>,
+    tokenizer: &BertTokenizer,
+    train: &Dataset,
+    names: &[String],
+    modules: &[ModuleRef],
+    linears: &[fedsb_engine::model::AdaptedLinear],
+) -> anyhow::Result<(LoraSbAdapters<f32>, ClassifierHead<f32>)> {
+    let config = &weights.config;
+    let classes = train.num_labels();
+    if let Some(path) = &args.init {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let adapters = read_adapter_file(&bytes, names, modules, config, args.rank)
+            .with_context(|| format!("adapter file {}", path.display()))?;
+        let st = SafeTensors::deserialize(&bytes)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        // As the aggregator's round 0: the file's head when it has one, else zeros.
+        let mut head = ClassifierHead {
+            weight: Matrix::zeros(classes, config.hidden_size),
+            bias: vec![0.0; classes],
+        };
+        if st.tensor("classifier.weight").is_ok() {
+            head.weight.data = fedsb_aggregator::files::read_f32_tensor(
+                &st,
+                "classifier.weight",
+                &[classes, config.hidden_size],
+            )
+            .map_err(|e| anyhow::anyhow!("{}: {e} ({classes} classes)", path.display()))?;
+        }
+        if st.tensor("classifier.bias").is_ok() {
+            head.bias =
+                fedsb_aggregator::files::read_f32_tensor(&st, "classifier.bias", &[classes])
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        }
+        return Ok((adapters, head));
+    }
+    let head = ClassifierHead::<f32>::init(
+        classes,
+        config.hidden_size,
+        config.initializer_range,
+        args.seed ^ 0x5eed,
+    );
+    let wanted = args.init_samples.min(train.len());
+    let mut sampler = BatchSampler::new(train.len(), args.batch, args.seed ^ 0x1417);
+    let mut batches = Vec::new();
+    let mut taken = 0;
+    while taken < wanted {
+        let idx = sampler.next_batch();
+        let idx = &idx[..idx.len().min(wanted - taken)];
+        taken += idx.len();
+        let refs: Vec<&Example> = idx.iter().map(|&i| &train.examples[i]).collect();
+        batches.push(encode_examples(tokenizer, &refs)?);
+    }
+    let mut options = LoraSbInitOptions::new(args.rank, f64::from(args.lr));
+    options.modules = linears.to_vec();
+    let started = Instant::now();
+    let adapters = pollster::block_on(gpu_lora_sb_init(ctx, weights, &head, &batches, &options))?;
+    eprintln!(
+        "LoRA-SB init on {taken} training samples, rank {}: {:.1} s",
+        args.rank,
+        started.elapsed().as_secs_f64()
+    );
+    Ok((adapters, head))
+}
+
+pub fn run(args: SimArgs) -> anyhow::Result<()> {
+    let split: Split = args.split.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+    if args.batch == 0 || args.rank == 0 {
+        bail!("--batch and --rank must be positive");
+    }
+    if args.rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
+    if args.local_steps == Some(0) {
+        bail!("--local-steps must be at least 1");
+    }
+    if args.clients == 0 {
+        bail!("--clients must be at least 1");
+    }
+    if !(args.lr > 0.0 && args.lr.is_finite()) {
+        bail!("--lr must be positive");
+    }
+    let weights = BertWeights::from_dir(&args.model)
+        .with_context(|| format!("loading the model from {}", args.model.display()))?;
+    let config = weights.config.clone();
+    let tokenizer = BertTokenizer::from_file(args.model.join("tokenizer.json"))?
+        .with_max_length(args.max_seq_len)?;
+    let (train, eval_examples) = read_data(&args)?;
+
+    let labels: Vec<u32> = train
+        .examples
+        .iter()
+        .map(|e| e.label.context("an unlabelled training example"))
+        .collect::<anyhow::Result<_>>()?;
+    let shards = match split {
+        Split::Iid => split_iid(train.len(), args.clients, args.seed)?,
+        Split::Dirichlet(alpha) => {
+            split_dirichlet(&labels, train.num_labels(), args.clients, alpha, args.seed)?
+        }
+    };
+    let local_steps = args.local_steps.unwrap_or_else(|| {
+        let avg = train.len().div_ceil(args.clients);
+        avg.div_ceil(args.batch).max(1) as u32
+    });
+    let mut clients: Vec<Client> = shards
+        .iter()
+        .enumerate()
+        .map(|(i, idx)| {
+            let seed = client_seed(args.seed, i);
+            Client {
+                shard: idx.iter().map(|&j| train.examples[j].clone()).collect(),
+                sampler: BatchSampler::new(idx.len(), args.batch, seed),
+                seed,
+            }
+        })
+        .collect();
+    eprintln!(
+        "train: {} examples ({} classes {:?}) split {} over {} clients: sizes {:?}; eval: {} examples; {local_steps} local steps of {} per round",
+        train.len(),
+        train.num_labels(),
+        train.label_names,
+        args.split,
+        args.clients,
+        clients.iter().map(|c| c.shard.len()).collect::<Vec<_>>(),
+        eval_examples.len(),
+        args.batch,
+    );
+    if let Some(dir) = &args.write_shards {
+        write_shards(dir, &train, &clients, &args, &args.split, local_steps)?;
+        eprintln!("wrote the shards into {}", dir.display());
+    }
+
+    // Modules in the aggregator's order: layer by layer, then as listed.
+    let mut linears = Vec::new();
+    for m in &args.modules {
+        let which = parse_linear(m)?;
+        if linears.contains(&which) {
+            bail!("--modules lists {m} twice");
+        }
+        linears.push(which);
+    }
+    let mut names = Vec::new();
+    let mut modules: Vec<ModuleRef> = Vec::new();
+    for layer in 0..config.num_hidden_layers {
+        for (m, &which) in args.modules.iter().zip(&linears) {
+            names.push(format!("encoder.layer.{layer}.{m}"));
+            modules.push((layer, which));
+        }
+    }
+    let shape = AdapterShape {
+        rank: args.rank as u32,
+        modules: modules.len() as u32,
+        head_classes: train.num_labels() as u32,
+        head_hidden: config.hidden_size as u32,
+    };
+
+    let ctx = pollster::block_on(GpuContext::new(&GpuOptions {
+        adapter: args.adapter.as_deref(),
+    }))?;
+    eprintln!("adapter: {}", ctx.adapter_name());
+    let (frozen, head0) = initial_model(
+        &args, &ctx, &weights, &tokenizer, &train, &names, &modules, &linears,
+    )?;
+    let initial = TrainableGradients {
+        r: frozen
+            .layers
+            .iter()
+            .map(|l| l.each_ref().map(|m| m.as_ref().map(|m| m.r.clone())))
+            .collect(),
+        head_weight: head0.weight.clone(),
+        head_bias: head0.bias.clone(),
+    };
+    let mut global = engine_to_state(&initial, &modules)?;
+    global
+        .validate(&shape)
+        .map_err(|e| anyhow::anyhow!("initial state: {e}"))?;
+    let mut global_frame = ServerMessage::GlobalModel {
+        round: RoundId(0),
+        participants: 0,
+        total_samples: 0,
+        adapter: global.clone(),
+    }
+    .encode();
+    let mut encoder = GpuEncoder::new(&ctx, &weights, Some(&frozen), Some(&head0))?;
+    let opt = AdamW {
+        lr: args.lr,
+        weight_decay: 0.01,
+        ..AdamW::default()
+    };
+    if let Some(dir) = &args.write_globals {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::write(dir.join("round-0.bin"), &global_frame)?;
+    }
+
+    let total_steps = args.rounds * args.clients as u64 * u64::from(local_steps);
+    let bar = ProgressBar::with_draw_target(Some(total_steps), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {pos}/{len} steps ({per_sec}, eta {eta}) {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let report = |bar: &ProgressBar, row: &RoundRow| {
+        if args.json {
+            bar.suspend(|| {
+                println!(
+                    "{}",
+                    serde_json::to_string(row).expect("a row serializes to JSON")
+                )
+            });
+        } else {
+            bar.println(format!(
+                "round {}: eval accuracy {:.4}, eval loss {:.4}, {} participants, {} samples, {} bytes up, {} bytes down, {:.1} s",
+                row.round,
+                row.eval_accuracy,
+                row.eval_loss,
+                row.participants,
+                row.samples,
+                row.bytes_up,
+                row.bytes_down,
+                row.seconds
+            ));
+        }
+    };
+
+    // Round 0: the initial global state, evaluated.
+    let started = Instant::now();
+    bar.set_message("evaluating round 0");
+    let e0 = pollster::block_on(evaluate(
+        &mut encoder,
+        &tokenizer,
+        &eval_examples,
+        args.batch,
+    ))?;
+    let mut rows = vec![RoundRow {
+        round: 0,
+        eval_accuracy: e0.accuracy,
+        eval_loss: e0.loss,
+        train_loss: None,
+        participants: 0,
+        samples: 0,
+        bytes_up: 0,
+        bytes_down: 0,
+        seconds: started.elapsed().as_secs_f64(),
+    }];
+    report(&bar, &rows[0]);
+
+    for n in 1..=args.rounds {
+        let started = Instant::now();
+        let id = RoundId(n);
+        let mut round = Round::new(
+            id,
+            shape,
+            Weighting::Samples,
+            args.clients as u32,
+            now_unix_ms(),
+        );
+        let bytes_down = global_frame.len() as u64 * args.clients as u64;
+        let (adapters, head) = state_to_engine(&frozen, &modules, &global)?;
+        let mut bytes_up = 0u64;
+        for (i, client) in clients.iter_mut().enumerate() {
+            bar.set_message(format!("round {n}, client {}", i + 1));
+            encoder.set_trainable(&adapters, &head)?;
+            let mut head_opt = args.head_only.then(|| {
+                (
+                    HeadAdam::new(head.weight.data.len() + head.bias.len()),
+                    [head.weight.data.clone(), head.bias.clone()].concat(),
+                )
+            });
+            let mut samples = 0u64;
+            let mut loss_sum = 0f64;
+            for step in 1..=local_steps {
+                let idx = client.sampler.next_batch();
+                let refs: Vec<&Example> = idx.iter().map(|&j| &client.shard[j]).collect();
+                let (batch, batch_labels) = encode_examples(&tokenizer, &refs)?;
+                let loss = match &mut head_opt {
+                    None => pollster::block_on(encoder.train_step(&batch, &batch_labels, &opt))?,
+                    Some((adam, params)) => {
+                        let losses = pollster::block_on(encoder.loss_and_gradients(
+                            &batch,
+                            &batch_labels,
+                            GradientMode::BatchMean,
+                        ))?;
+                        let g = pollster::block_on(encoder.read_gradients())?;
+                        let grads = [g.head_weight.data, g.head_bias].concat();
+                        adam.step(&opt, params, &grads);
+                        let hw = head.weight.data.len();
+                        let new_head = ClassifierHead {
+                            weight: Matrix::from_vec(
+                                head.weight.rows,
+                                head.weight.cols,
+                                params[..hw].to_vec(),
+                            ),
+                            bias: params[hw..].to_vec(),
+                        };
+                        encoder.set_trainable(&adapters, &new_head)?;
+                        losses.iter().sum::<f32>() / losses.len() as f32
+                    }
+                };
+                if !loss.is_finite() {
+                    bail!(
+                        "round {n}, client {}: training diverged at step {step} (loss {loss})",
+                        i + 1
+                    );
+                }
+                samples += idx.len() as u64;
+                loss_sum += f64::from(loss) * idx.len() as f64;
+                bar.inc(1);
+            }
+            let trained = pollster::block_on(encoder.read_trainable())?;
+            let state = engine_to_state(&trained, &modules)?;
+            let frame = ClientMessage::Update(ClientUpdate {
+                round: id,
+                num_samples: samples,
+                train_loss: Some((loss_sum / samples.max(1) as f64) as f32),
+                privacy: None,
+                adapter: state,
+            })
+            .encode();
+            bytes_up += frame.len() as u64;
+            // What the aggregator receives: the decoded frame.
+            let ClientMessage::Update(update) = ClientMessage::decode(&frame)? else {
+                unreachable!("an Update frame decodes to an Update");
+            };
+            round
+                .accept(
+                    ParticipantId(i as u64 + 1),
+                    "fedsb-sim",
+                    update,
+                    frame.len() as u64,
+                    now_unix_ms(),
+                )
+                .map_err(|r| {
+                    anyhow::anyhow!("round {n}: client {}'s update rejected: {r}", i + 1)
+                })?;
+        }
+        let (state, contributions) = round
+            .aggregate()
+            .context("a round without accepted updates")?;
+        let total_samples: u64 = contributions.iter().map(|c| c.num_samples).sum();
+        let loss_weight: f64 = contributions.iter().map(|c| c.num_samples as f64).sum();
+        let train_loss = contributions
+            .iter()
+            .filter_map(|c| c.train_loss.map(|l| f64::from(l) * c.num_samples as f64))
+            .sum::<f64>()
+            / loss_weight;
+        global_frame = ServerMessage::GlobalModel {
+            round: id,
+            participants: contributions.len() as u32,
+            total_samples,
+            adapter: state.clone(),
+        }
+        .encode();
+        if let Some(dir) = &args.write_globals {
+            std::fs::write(dir.join(format!("round-{n}.bin")), &global_frame)?;
+        }
+        global = state;
+        bar.set_message(format!("evaluating round {n}"));
+        let (adapters, head) = state_to_engine(&frozen, &modules, &global)?;
+        encoder.set_trainable(&adapters, &head)?;
+        let e = pollster::block_on(evaluate(
+            &mut encoder,
+            &tokenizer,
+            &eval_examples,
+            args.batch,
+        ))?;
+        let row = RoundRow {
+            round: n,
+            eval_accuracy: e.accuracy,
+            eval_loss: e.loss,
+            train_loss: Some(train_loss),
+            participants: contributions.len() as u32,
+            samples: total_samples,
+            bytes_up,
+            bytes_down,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        report(&bar, &row);
+        rows.push(row);
+    }
+    bar.finish_and_clear();
+
+    let table = summary_table(&rows);
+    if args.json {
+        eprint!("{table}");
+    } else {
+        print!("{table}");
+    }
+    if let Some(path) = &args.csv {
+        write_csv(path, &rows)?;
+    }
+    if let Some(path) = &args.plot {
+        draw_plot(path, &rows)?;
+    }
+    Ok(())
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn summary_table(rows: &[RoundRow]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:>5}  {:>8}  {:>9}  {:>10}  {:>5}  {:>8}  {:>10}  {:>10}  {:>8}",
+        "round",
+        "accuracy",
+        "eval loss",
+        "train loss",
+        "parts",
+        "samples",
+        "bytes up",
+        "bytes down",
+        "seconds"
+    );
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "{:>5}  {:>8.4}  {:>9.4}  {:>10}  {:>5}  {:>8}  {:>10}  {:>10}  {:>8.1}",
+            r.round,
+            r.eval_accuracy,
+            r.eval_loss,
+            r.train_loss.map_or("-".to_owned(), |l| format!("{l:.4}")),
+            r.participants,
+            r.samples,
+            r.bytes_up,
+            r.bytes_down,
+            r.seconds
+        );
+    }
+    let up: u64 = rows.iter().map(|r| r.bytes_up).sum();
+    let down: u64 = rows.iter().map(|r| r.bytes_down).sum();
+    let _ = writeln!(s, "total: {up} bytes up, {down} bytes down");
+    s
+}
+
+fn write_csv(path: &Path, rows: &[RoundRow]) -> anyhow::Result<()> {
+    let mut s = String::from(
+        "round,eval_accuracy,eval_loss,train_loss,participants,samples,bytes_up,bytes_down,seconds\n",
+    );
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "{},{},{},{},{},{},{},{},{}",
+            r.round,
+            r.eval_accuracy,
+            r.eval_loss,
+            r.train_loss.map_or(String::new(), |l| l.to_string()),
+            r.participants,
+            r.samples,
+            r.bytes_up,
+            r.bytes_down,
+            r.seconds
+        );
+    }
+    std::fs::write(path, s).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Accuracy per round as a PNG, 800×500: the y axis spans 0–1 with a grid
+/// line every 0.1 (darker at 0.5), the x axis rounds 0…R with a tick per
+/// round; the curve is blue with a dot per round. There is no text (the
+/// plotting crate is built without a font backend so that it needs no system
+/// fonts); the CSV has the numbers.
+fn draw_plot(path: &Path, rows: &[RoundRow]) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("drawing {}: {e}", path.display());
+    let root = BitMapBackend::new(path, (800, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let area = root.margin(20, 20, 20, 20);
+    let last = rows.last().map_or(1, |r| r.round.max(1)) as f64;
+    let mut chart = ChartBuilder::on(&area)
+        .build_cartesian_2d(0f64..last, 0f64..1f64)
+        .map_err(|e| err(&e))?;
+    for i in 0..=10 {
+        let y = f64::from(i) / 10.0;
+        let color = if i == 5 {
+            RGBColor(150, 150, 150)
+        } else {
+            RGBColor(220, 220, 220)
+        };
+        chart
+            .draw_series(LineSeries::new([(0.0, y), (last, y)], color))
+            .map_err(|e| err(&e))?;
+    }
+    for r in 0..=last as u64 {
+        let x = r as f64;
+        chart
+            .draw_series(LineSeries::new([(x, 0.0), (x, 0.02)], BLACK))
+            .map_err(|e| err(&e))?;
+    }
+    chart
+        .draw_series(LineSeries::new([(0.0, 0.0), (last, 0.0)], BLACK))
+        .map_err(|e| err(&e))?;
+    chart
+        .draw_series(LineSeries::new([(0.0, 0.0), (0.0, 1.0)], BLACK))
+        .map_err(|e| err(&e))?;
+    let points: Vec<(f64, f64)> = rows
+        .iter()
+        .map(|r| (r.round as f64, r.eval_accuracy))
+        .collect();
+    chart
+        .draw_series(LineSeries::new(points.clone(), BLUE.stroke_width(2)))
+        .map_err(|e| err(&e))?;
+    chart
+        .draw_series(points.iter().map(|&p| Circle::new(p, 4, BLUE.filled())))
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_parses_and_bad_ones_are_refused() {
+        assert_eq!("iid".parse::<Split>(), Ok(Split::Iid));
+        assert_eq!("dirichlet:0.5".parse::<Split>(), Ok(Split::Dirichlet(0.5)));
+        assert!("dirichlet:0"
+            .parse::<Split>()
+            .unwrap_err()
+            .contains("positive"));
+        assert!("dirichlet:-1".parse::<Split>().is_err());
+        assert!("dirichlet:x".parse::<Split>().is_err());
+        assert!("shards".parse::<Split>().unwrap_err().contains("unknown"));
+    }
+
+    #[test]
+    fn iid_split_is_a_seeded_partition_of_equal_shards() {
+        let s = split_iid(10, 3, 7).unwrap();
+        assert_eq!(s.iter().map(Vec::len).collect::<Vec<_>>(), [4, 3, 3]);
+        let mut all: Vec<usize> = s.concat();
+        all.sort_unstable();
+        assert_eq!(all, (0..10).collect::<Vec<_>>());
+        assert_eq!(s, split_iid(10, 3, 7).unwrap());
+        assert_ne!(s, split_iid(10, 3, 8).unwrap());
+        assert!(split_iid(2, 3, 0)
+            .unwrap_err()
+            .to_string()
+            .contains("more than"));
+        assert!(split_iid(2, 0, 0).is_err());
+    }
+
+    #[test]
+    fn dirichlet_split_is_a_seeded_partition_with_no_empty_client() {
+        let labels: Vec<u32> = (0..200).map(|i| u32::from(i % 4 == 0)).collect();
+        for alpha in [0.01, 0.1, 1.0, 100.0] {
+            for clients in [1, 3, 7] {
+                let s = split_dirichlet(&labels, 2, clients, alpha, 3).unwrap();
+                assert_eq!(s.len(), clients);
+                assert!(s.iter().all(|c| !c.is_empty()), "{alpha} {clients}");
+                let mut all: Vec<usize> = s.concat();
+                all.sort_unstable();
+                assert_eq!(all, (0..200).collect::<Vec<_>>());
+                assert_eq!(s, split_dirichlet(&labels, 2, clients, alpha, 3).unwrap());
+            }
+        }
+        // Small alpha skews labels: some client is far from the 25% positive share.
+        let s = split_dirichlet(&labels, 2, 5, 0.05, 1).unwrap();
+        let skew = s
+            .iter()
+            .map(|c| {
+                let pos = c.iter().filter(|&&i| labels[i] == 1).count() as f64;
+                (pos / c.len() as f64 - 0.25).abs()
+            })
+            .fold(0.0, f64::max);
+        assert!(skew > 0.3, "skew {skew}");
+        // Large alpha is close to IID.
+        let s = split_dirichlet(&labels, 2, 4, 1000.0, 1).unwrap();
+        for c in &s {
+            assert!((c.len() as i64 - 50).abs() <= 5, "{}", c.len());
+        }
+        // Every client gets one even when there are as many clients as examples.
+        let s = split_dirichlet(&labels[..5], 2, 5, 0.01, 2).unwrap();
+        assert!(s.iter().all(|c| c.len() == 1));
+        assert!(split_dirichlet(&labels, 2, 3, 0.0, 0).is_err());
+        assert!(split_dirichlet(&labels[..2], 2, 3, 1.0, 0).is_err());
+    }
+
+    #[test]
+    fn gamma_draws_have_the_right_mean() {
+        let mut rng = Rng(5);
+        for shape in [0.3, 1.0, 4.0] {
+            let n = 20_000;
+            let mean = (0..n).map(|_| rng.gamma(shape)).sum::<f64>() / n as f64;
+            assert!(
+                (mean - shape).abs() < 0.05 * shape.max(1.0),
+                "{shape}: {mean}"
+            );
+        }
+    }
+}

@@ -1,0 +1,466 @@
+//! `fedsb sim` end to end on a tiny random BERT (GPU: lavapipe here): every
+//! round reported with the real protocol frame sizes, CSV and plot written,
+//! both splits, the head-only baseline, bad input refused, and the
+//! simulation equal to the same run over WebSockets (`fedsb serve` + three
+//! `fedsb join` processes on the shard files the simulator wrote).
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use fedsb_e2e::tiny_model::{labelled_tsv, tiny_config, write_tiny_model, LABELS};
+use fedsb_e2e::*;
+use fedsb_protocol::{AdapterState, RoundId, ServerMessage};
+
+const RANK: usize = 4;
+const CLIENTS: usize = 3;
+const LOCAL_STEPS: u64 = 3;
+const BATCH: u64 = 8;
+/// Training rows: 24 per client in an IID split, three full batches.
+const TRAIN_ROWS: usize = 72;
+/// Whole-process limit for one `fedsb` run.
+const RUN_TIMEOUT: Duration = Duration::from_secs(300);
+
+struct Task {
+    tmp: tempfile::TempDir,
+}
+
+impl Task {
+    fn new() -> anyhow::Result<Self> {
+        let tmp = tempfile::tempdir()?;
+        let dir = tmp.path();
+        write_tiny_model(&dir.join("model"), 11)?;
+        std::fs::write(dir.join("train.tsv"), labelled_tsv(TRAIN_ROWS, 4, 0.5))?;
+        std::fs::write(dir.join("eval.tsv"), labelled_tsv(24, 5, 0.5))?;
+        Ok(Self { tmp })
+    }
+
+    fn path(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// `fedsb sim` on the task's model and data with the test's training
+    /// settings, plus `extra` flags.
+    fn sim(&self, rounds: u64, extra: &[&str]) -> Command {
+        self.sim_with(CLIENTS, rounds, extra)
+    }
+
+    fn sim_with(&self, clients: usize, rounds: u64, extra: &[&str]) -> Command {
+        let dir = self.path();
+        let mut c = Command::new(fedsb_bin());
+        c.arg("sim")
+            .arg("--model")
+            .arg(dir.join("model"))
+            .arg("--train")
+            .arg(dir.join("train.tsv"))
+            .arg("--eval")
+            .arg(dir.join("eval.tsv"))
+            .args(["--clients", &clients.to_string()])
+            .args(["--rounds", &rounds.to_string()])
+            .args(["--rank", &RANK.to_string()])
+            .args(["--batch", &BATCH.to_string()])
+            .args(["--local-steps", &LOCAL_STEPS.to_string()])
+            .args([
+                "--lr",
+                "0.01",
+                "--max-seq-len",
+                "16",
+                "--init-samples",
+                "32",
+            ])
+            .args(["--labels", &LABELS.join(",")])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    }
+}
+
+fn run(mut c: Command) -> anyhow::Result<Output> {
+    let child = c.spawn().context("spawning fedsb")?;
+    wait_output(child, RUN_TIMEOUT)
+}
+
+fn wait_output(mut child: std::process::Child, limit: Duration) -> anyhow::Result<Output> {
+    let started = Instant::now();
+    while child.try_wait()?.is_none() {
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output()?;
+            bail!(
+                "still running after {limit:?}; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(child.wait_with_output()?)
+}
+
+fn check_success(what: &str, out: &Output) -> anyhow::Result<()> {
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}):\n--- stdout\n{}\n--- stderr\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+fn json_lines(out: &Output) -> anyhow::Result<Vec<serde_json::Value>> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).with_context(|| format!("not JSON: {l}")))
+        .collect()
+}
+
+/// Encoded sizes from docs/protocol.md: an `Update` has 31 bytes of fixed
+/// fields (magic, kind, round, num_samples, Some(train_loss), no privacy
+/// report, the list count), a `GlobalModel` 29 (magic, kind, round,
+/// participants, total_samples, list count); every tensor 1 + 4·ndim bytes
+/// of header and 4 bytes per value.
+fn frame_sizes() -> (u64, u64) {
+    let c = tiny_config();
+    let (r, h, classes) = (RANK as u64, c.hidden_size as u64, LABELS.len() as u64);
+    let modules = 6 * c.num_hidden_layers as u64;
+    let tensors = modules * (1 + 8 + 4 * r * r) + (1 + 8 + 4 * classes * h) + (1 + 4 + 4 * classes);
+    (31 + tensors, 29 + tensors)
+}
+
+fn decode_global(bytes: &[u8]) -> anyhow::Result<(RoundId, u32, u64, AdapterState)> {
+    match ServerMessage::decode(bytes)? {
+        ServerMessage::GlobalModel {
+            round,
+            participants,
+            total_samples,
+            adapter,
+        } => Ok((round, participants, total_samples, adapter)),
+        other => bail!("expected a GlobalModel frame, got {other:?}"),
+    }
+}
+
+fn flat(s: &AdapterState) -> Vec<f32> {
+    s.named_tensors()
+        .flat_map(|(_, t)| t.data.iter().copied())
+        .collect()
+}
+
+/// Checks the per-round JSON lines of a run of `rounds` rounds. With equal
+/// shards of whole batches (`exact`), every client uses `LOCAL_STEPS × BATCH`
+/// samples; otherwise a client's epoch may end in a short batch.
+fn check_rounds(lines: &[serde_json::Value], rounds: u64, exact: bool) -> anyhow::Result<()> {
+    let (update, global) = frame_sizes();
+    assert_eq!(
+        lines.len() as u64,
+        rounds + 1,
+        "round 0 plus {rounds}: {lines:?}"
+    );
+    for (n, l) in lines.iter().enumerate() {
+        assert_eq!(l["round"], n as u64, "{l}");
+        let acc = l["eval_accuracy"].as_f64().context("eval_accuracy")?;
+        assert!((0.0..=1.0).contains(&acc), "{l}");
+        let loss = l["eval_loss"].as_f64().context("eval_loss")?;
+        assert!(loss.is_finite() && loss > 0.0, "{l}");
+        assert!(l["seconds"].as_f64().context("seconds")? >= 0.0, "{l}");
+        if n == 0 {
+            assert_eq!(l["participants"], 0, "{l}");
+            assert_eq!(l["bytes_up"], 0, "{l}");
+            continue;
+        }
+        assert_eq!(l["participants"], CLIENTS, "{l}");
+        let samples = l["samples"].as_u64().context("samples")?;
+        let full = CLIENTS as u64 * LOCAL_STEPS * BATCH;
+        if exact {
+            assert_eq!(samples, full, "{l}");
+        } else {
+            assert!(
+                samples >= CLIENTS as u64 * LOCAL_STEPS && samples <= full,
+                "{l}"
+            );
+        }
+        assert_eq!(l["bytes_up"], CLIENTS as u64 * update, "{l}");
+        assert_eq!(l["bytes_down"], CLIENTS as u64 * global, "{l}");
+        let train_loss = l["train_loss"].as_f64().context("train_loss")?;
+        assert!(train_loss.is_finite() && train_loss > 0.0, "{l}");
+    }
+    Ok(())
+}
+
+#[test]
+fn sim_reports_every_round_with_real_frame_sizes_iid_and_dirichlet() -> anyhow::Result<()> {
+    let task = Task::new()?;
+    let dir = task.path();
+    for (split, rounds) in [("iid", 3), ("dirichlet:0.3", 2)] {
+        let csv = dir.join(format!("{split}.csv"));
+        let png = dir.join(format!("{split}.png"));
+        let shards = dir.join(format!("shards-{split}"));
+        let out = run(task.sim(
+            rounds,
+            &[
+                "--split",
+                split,
+                "--json",
+                "--seed",
+                "3",
+                "--csv",
+                csv.to_str().context("path")?,
+                "--plot",
+                png.to_str().context("path")?,
+                "--write-shards",
+                shards.to_str().context("path")?,
+            ],
+        ))?;
+        check_success(&format!("fedsb sim --split {split}"), &out)?;
+        eprintln!(
+            "--- fedsb sim --split {split}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lines = json_lines(&out)?;
+        check_rounds(&lines, rounds, split == "iid")?;
+        // The summary table goes to stderr with --json.
+        assert!(String::from_utf8_lossy(&out.stderr).contains("bytes up"));
+
+        let csv = std::fs::read_to_string(&csv)?;
+        let rows: Vec<&str> = csv.lines().collect();
+        assert_eq!(
+            rows.len() as u64,
+            rounds + 2,
+            "header + round 0..{rounds}: {csv}"
+        );
+        assert!(
+            rows[0].starts_with("round,eval_accuracy,eval_loss"),
+            "{csv}"
+        );
+        for (n, row) in rows[1..].iter().enumerate() {
+            let cells: Vec<&str> = row.split(',').collect();
+            assert_eq!(cells[0], n.to_string(), "{row}");
+            let acc: f64 = cells[1].parse()?;
+            assert_eq!(acc, lines[n]["eval_accuracy"].as_f64().context("acc")?);
+        }
+        let png = std::fs::read(&png)?;
+        assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
+
+        // The shards partition the training data; every client has some.
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(shards.join("shards.json"))?)?;
+        let clients = manifest["clients"].as_array().context("clients")?;
+        assert_eq!(clients.len(), CLIENTS);
+        let mut total = 0;
+        for c in clients {
+            let n = c["examples"].as_u64().context("examples")?;
+            assert!(n >= 1, "{c}");
+            let file = shards.join(c["file"].as_str().context("file")?);
+            assert_eq!(std::fs::read_to_string(file)?.lines().count() as u64, n);
+            total += n;
+        }
+        assert_eq!(total, TRAIN_ROWS as u64);
+    }
+    Ok(())
+}
+
+#[test]
+fn head_only_keeps_every_r_and_trains_the_head() -> anyhow::Result<()> {
+    let task = Task::new()?;
+    let globals = task.path().join("globals");
+    let out = run(task.sim(
+        2,
+        &[
+            "--head-only",
+            "--json",
+            "--write-globals",
+            globals.to_str().context("path")?,
+        ],
+    ))?;
+    check_success("fedsb sim --head-only", &out)?;
+    check_rounds(&json_lines(&out)?, 2, true)?;
+    let (_, _, _, r0) = decode_global(&std::fs::read(globals.join("round-0.bin"))?)?;
+    let (round, participants, samples, r2) =
+        decode_global(&std::fs::read(globals.join("round-2.bin"))?)?;
+    assert_eq!((round, participants), (RoundId(2), CLIENTS as u32));
+    assert_eq!(samples, CLIENTS as u64 * LOCAL_STEPS * BATCH);
+    assert_eq!(r0.r, r2.r, "--head-only must leave every R as it was");
+    assert_ne!(r0.head_weight, r2.head_weight, "the head must train");
+    Ok(())
+}
+
+#[test]
+fn sim_refuses_bad_input_clearly() -> anyhow::Result<()> {
+    let task = Task::new()?;
+    let cases: [(usize, &[&str], &str); 5] = [
+        (CLIENTS, &["--split", "shards"], "unknown --split"),
+        (CLIENTS, &["--split", "dirichlet:0"], "positive"),
+        (CLIENTS, &["--split", "dirichlet:-2"], "positive"),
+        (0, &[], "--clients must be at least 1"),
+        (TRAIN_ROWS + 1, &[], "more than the 72 training examples"),
+    ];
+    for (clients, flags, message) in cases {
+        let out = run(task.sim_with(clients, 1, flags))?;
+        assert!(
+            !out.status.success(),
+            "{clients} clients, {flags:?} must fail"
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(message),
+            "{clients} clients, {flags:?}: expected {message:?} in {stderr}"
+        );
+    }
+    Ok(())
+}
+
+fn task_toml(rounds: u64) -> String {
+    format!(
+        r#"[task]
+id = "sim-vs-ws"
+rounds = {rounds}
+min_participants = {CLIENTS}
+max_participants = {CLIENTS}
+round_deadline_secs = 600
+labels = ["{}", "{}"]
+local_steps = {LOCAL_STEPS}
+batch_size = {BATCH}
+learning_rate = 0.01
+max_seq_len = 16
+[model]
+id = "tiny-random-bert"
+dir = "model"
+[adapter]
+rank = {RANK}
+file = "adapter.safetensors"
+[server]
+ping_interval_secs = 1
+idle_timeout_secs = 60
+"#,
+        LABELS[0], LABELS[1]
+    )
+}
+
+/// Largest |a − b| / max(|b|, 1e-3) and the number of values that differ.
+fn compare(sim: &AdapterState, ws: &AdapterState) -> (f64, usize) {
+    let (a, b) = (flat(sim), flat(ws));
+    assert_eq!(a.len(), b.len());
+    let rel = a
+        .iter()
+        .zip(&b)
+        .map(|(&x, &y)| (f64::from(x) - f64::from(y)).abs() / f64::from(y).abs().max(1e-3))
+        .fold(0.0, f64::max);
+    let differ = a
+        .iter()
+        .zip(&b)
+        .filter(|(x, y)| x.to_bits() != y.to_bits())
+        .count();
+    (rel, differ)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sim_equals_the_same_run_over_websockets() -> anyhow::Result<()> {
+    const ROUNDS: u64 = 2;
+    let task = Task::new()?;
+    let dir = task.path().to_owned();
+    // The operator's adapter file; the simulator initializes by itself with
+    // the same seed and settings, so round 0 checks that both agree.
+    let mut init = Command::new(fedsb_bin());
+    init.arg("init")
+        .arg("--model")
+        .arg(dir.join("model"))
+        .arg("--train")
+        .arg(dir.join("train.tsv"))
+        .args(["--labels", &LABELS.join(",")])
+        .args(["--rank", &RANK.to_string()])
+        .args(["--init-samples", "32", "--batch", &BATCH.to_string()])
+        .args(["--lr", "0.01", "--max-seq-len", "16", "--seed", "0"])
+        .arg("--out")
+        .arg(dir.join("adapter.safetensors"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    check_success("fedsb init", &run(init)?)?;
+
+    let shards = dir.join("shards");
+    let globals = dir.join("globals");
+    let sim = task.sim(
+        ROUNDS,
+        &[
+            "--split",
+            "dirichlet:1.0",
+            "--seed",
+            "0",
+            "--json",
+            "--write-shards",
+            shards.to_str().context("path")?,
+            "--write-globals",
+            globals.to_str().context("path")?,
+        ],
+    );
+    let out = tokio::task::spawn_blocking(move || run(sim)).await??;
+    check_success("fedsb sim", &out)?;
+    check_rounds(&json_lines(&out)?, ROUNDS, false)?;
+
+    // The same run over WebSockets: the aggregator and one `fedsb join` per
+    // shard, with the shard's batch seed.
+    std::fs::write(dir.join("task.toml"), task_toml(ROUNDS))?;
+    let agg = Aggregator::start_in(&dir)?;
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(shards.join("shards.json"))?)?;
+    let mut joins = Vec::new();
+    for c in manifest["clients"].as_array().context("clients")? {
+        let file = c["file"].as_str().context("file")?;
+        let seed = c["batch_seed"].as_u64().context("batch_seed")?;
+        let child = Command::new(fedsb_bin())
+            .arg("join")
+            .args(["--server", &agg.url("")])
+            .arg("--data")
+            .arg(shards.join(file))
+            .args(["--seed", &seed.to_string()])
+            .arg("--cache-dir")
+            .arg(dir.join(format!("cache-{file}")))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawning fedsb join")?;
+        joins.push(child);
+    }
+    for child in joins {
+        let out = tokio::task::spawn_blocking(move || wait_output(child, RUN_TIMEOUT)).await??;
+        check_success("fedsb join", &out)?;
+    }
+
+    let mut identical = true;
+    for n in 0..=ROUNDS {
+        let r = reqwest::get(agg.url(&format!("/api/rounds/{n}/global"))).await?;
+        if !r.status().is_success() {
+            bail!("GET /api/rounds/{n}/global: {}", r.status());
+        }
+        let ws_frame = r.bytes().await?;
+        let sim_frame = std::fs::read(globals.join(format!("round-{n}.bin")))?;
+        let (ws_round, ws_parts, ws_samples, ws_state) = decode_global(&ws_frame)?;
+        let (sim_round, sim_parts, sim_samples, sim_state) = decode_global(&sim_frame)?;
+        assert_eq!(ws_round, sim_round);
+        assert_eq!(ws_parts, sim_parts, "round {n}: participants");
+        assert_eq!(ws_samples, sim_samples, "round {n}: samples");
+        let (rel, differ) = compare(&sim_state, &ws_state);
+        eprintln!(
+            "round {n}: max relative difference {rel:e}, {differ} of {} values differ in their bits",
+            flat(&ws_state).len()
+        );
+        identical &= differ == 0 && ws_frame[..] == sim_frame[..];
+        assert!(
+            rel <= 1e-6,
+            "round {n}: simulator and WebSocket run differ by {rel:e} (relative)"
+        );
+        if n > 0 {
+            assert_ne!(flat(&sim_state), {
+                let (_, _, _, s0) = decode_global(&std::fs::read(globals.join("round-0.bin"))?)?;
+                flat(&s0)
+            });
+        }
+    }
+    eprintln!("simulator and WebSocket frames bit-identical: {identical}");
+    Ok(())
+}
