@@ -60,6 +60,8 @@ pub struct Config {
     pub privacy: PrivacySection,
     #[serde(default)]
     pub server: ServerSection,
+    #[serde(default)]
+    pub eval: EvalSection,
 }
 
 /// `[task]`: the federated training schedule.
@@ -146,6 +148,52 @@ pub struct PrivacySection {
     pub delta: f64,
     #[serde(default = "default_clip")]
     pub clip_norm: f64,
+}
+
+/// `[eval]`: evaluation of every committed global model on a labelled file
+/// with the native engine, on the aggregator's GPU adapter. Not part of the
+/// task identity: it can be turned on, off or changed between restarts, and
+/// rounds without an evaluation are evaluated after a restart.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSection {
+    /// Labelled CSV, TSV or JSONL file; no evaluation without it.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    /// Evaluate on the first N rows only (0: all).
+    #[serde(default)]
+    pub limit: usize,
+    /// Evaluation batch size.
+    #[serde(default = "default_eval_batch")]
+    pub batch_size: usize,
+    /// Text, second text and label columns (detected when not given).
+    #[serde(default)]
+    pub text_column: Option<String>,
+    #[serde(default)]
+    pub text_pair_column: Option<String>,
+    #[serde(default)]
+    pub label_column: Option<String>,
+    /// Use the GPU adapter whose name contains this (case-insensitive).
+    #[serde(default)]
+    pub gpu_adapter: Option<String>,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        Self {
+            file: None,
+            limit: 0,
+            batch_size: default_eval_batch(),
+            text_column: None,
+            text_pair_column: None,
+            label_column: None,
+            gpu_adapter: None,
+        }
+    }
+}
+
+fn default_eval_batch() -> usize {
+    32
 }
 
 /// `[server]`: where and how the aggregator runs. Not part of the task
@@ -291,6 +339,9 @@ impl Config {
         if let Some(file) = config.adapter.file.as_mut() {
             resolve(file);
         }
+        if let Some(file) = config.eval.file.as_mut() {
+            resolve(file);
+        }
         resolve(&mut config.server.state_dir);
         resolve(&mut config.server.www_dir);
         config.fill_from_model_dir()?;
@@ -401,6 +452,17 @@ impl Config {
         if let Some(h) = &self.model.sha256 {
             if h.len() != 64 || !h.chars().all(|c| c.is_ascii_hexdigit()) {
                 return bad(format!("model.sha256 {h:?} is not 64 hex digits"));
+            }
+        }
+        if self.eval.file.is_some() {
+            if self.model.dir.is_none() {
+                return bad(
+                    "eval.file needs model.dir: the aggregator evaluates with the model's weights"
+                        .into(),
+                );
+            }
+            if self.eval.batch_size == 0 {
+                return bad("eval.batch_size must be at least 1".into());
             }
         }
         let p = &self.privacy;

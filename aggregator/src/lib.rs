@@ -8,6 +8,7 @@
 //! * [`coordinator`]: the round state machine (open → collecting →
 //!   aggregating → committed) as a single task.
 //! * [`store`]: SQLite persistence; restart resumes at the last committed round.
+//! * [`evaluator`]: evaluates every committed global model on the eval set.
 //! * [`server`] and [`connection`]: HTTP, WebSocket, JSON API, files, metrics.
 //!
 //! Run it with `fedsb serve --config configs/sst2-demo.toml`.
@@ -16,6 +17,7 @@ pub mod adapter_file;
 pub mod config;
 pub mod connection;
 pub mod coordinator;
+pub mod evaluator;
 pub mod files;
 pub mod metrics;
 pub mod round;

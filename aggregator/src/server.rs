@@ -6,7 +6,9 @@
 //! | `/ws` | the participant WebSocket (protocol in `docs/protocol.md`) |
 //! | `/api/status` | JSON: round, state, participants, deadline |
 //! | `/api/task` | JSON: the task as participants see it (`TaskInfo`) |
-//! | `/api/rounds` | JSON: metadata of every committed round |
+//! | `/api/rounds` | JSON: every committed round with its evaluation (`eval`, null until done) |
+//! | `/api/eval` | JSON: the evaluation set (rows, GPU adapter), or `enabled: false` |
+//! | `/api/events` | Server-Sent Events: `status` on every change, `eval` per finished evaluation |
 //! | `/api/rounds/{n}/global` | the committed `GlobalModel` frame of round n |
 //! | `/files/{sha256}` | model and adapter files, immutable, cached by hash |
 //! | `/metrics` | Prometheus text format |
@@ -18,6 +20,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::{Path, Request, State, WebSocketUpgrade};
 use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -31,9 +34,10 @@ use tracing::{error, info};
 
 use crate::config::Config;
 use crate::coordinator::{initial_frame, now_unix_ms, Coordinator, CoordinatorHandle, Status};
+use crate::evaluator::{EvalError, EvalHandle};
 use crate::files::{collect_files, initial_adapter, FileError, ServedFile};
 use crate::metrics::Metrics;
-use crate::store::{sha256_hex, CommittedRound, RoundMeta, Store, StoreError};
+use crate::store::{sha256_hex, CommittedRound, RoundMeta, RoundSummary, Store, StoreError};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +46,8 @@ pub enum ServeError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Files(#[from] FileError),
+    #[error(transparent)]
+    Eval(#[from] EvalError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -61,6 +67,8 @@ pub struct App {
     pub status: watch::Receiver<Status>,
     pub store: Store,
     pub metrics: Arc<Metrics>,
+    /// The per-round evaluator, when `[eval] file` is set.
+    pub eval: Option<EvalHandle>,
     files: HashMap<String, ServedFile>,
 }
 
@@ -163,6 +171,7 @@ impl Server {
             metrics.clone(),
             last,
         );
+        let eval = crate::evaluator::spawn(config.clone(), store.clone(), status.clone()).await?;
         let app = Arc::new(App {
             config: config.clone(),
             task,
@@ -170,6 +179,7 @@ impl Server {
             status,
             store,
             metrics,
+            eval,
             files: files.into_iter().map(|f| (f.sha256.clone(), f)).collect(),
         });
         let addr = SocketAddr::new(config.server.bind, config.server.port);
@@ -205,6 +215,8 @@ fn router(app: Arc<App>) -> Router {
         .route("/api/status", get(status))
         .route("/api/task", get(task))
         .route("/api/rounds", get(rounds))
+        .route("/api/eval", get(eval_info))
+        .route("/api/events", get(events))
         .route("/api/rounds/{round}/global", get(global))
         .route("/files/{sha256}", get(file))
         .route("/metrics", get(metrics))
@@ -254,8 +266,82 @@ async fn task(State(app): State<Arc<App>>) -> Json<TaskInfo> {
     Json((*app.task).clone())
 }
 
-async fn rounds(State(app): State<Arc<App>>) -> Result<Json<Vec<RoundMeta>>, ApiError> {
-    Ok(Json(app.store.rounds().await?))
+async fn rounds(State(app): State<Arc<App>>) -> Result<Json<Vec<RoundSummary>>, ApiError> {
+    let eval_set = app.eval.as_ref().map(|e| e.eval_set.clone());
+    Ok(Json(app.store.round_summaries(eval_set).await?))
+}
+
+async fn eval_info(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
+    Json(match &app.eval {
+        None => serde_json::json!({ "enabled": false }),
+        Some(e) => serde_json::json!({
+            "enabled": true,
+            "samples": e.samples,
+            "adapter": e.adapter_name,
+        }),
+    })
+}
+
+/// `/api/events`: the status (at once and on every change) and each finished
+/// evaluation, as Server-Sent Events, so the page updates as rounds commit.
+async fn events(
+    State(app): State<Arc<App>>,
+) -> Sse<impl futures_util::Stream<Item = Result<Event, std::convert::Infallible>>> {
+    let status = app.status.clone();
+    let evals = app.eval.as_ref().map(|e| e.events.subscribe());
+    let first = true;
+    let stream = futures_util::stream::unfold(
+        (status, evals, first),
+        |(mut status, mut evals, first)| async move {
+            let event = if first {
+                let s = status.borrow_and_update().clone();
+                status_event(&s)
+            } else {
+                tokio::select! {
+                    changed = status.changed() => {
+                        changed.ok()?;
+                        let s = status.borrow_and_update().clone();
+                        status_event(&s)
+                    }
+                    eval = recv_eval(&mut evals) => match eval {
+                        Some(e) => Event::default()
+                            .event("eval")
+                            .json_data(&e)
+                            .unwrap_or_else(|_| Event::default().comment("unencodable eval")),
+                        None => return None,
+                    },
+                }
+            };
+            Some((Ok(event), (status, evals, false)))
+        },
+    );
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+fn status_event(s: &Status) -> Event {
+    Event::default()
+        .event("status")
+        .json_data(s)
+        .unwrap_or_else(|_| Event::default().comment("unencodable status"))
+}
+
+/// The next evaluation; pends forever without an evaluator, and skips
+/// announcements a slow reader missed (the page refetches `/api/rounds`).
+async fn recv_eval(
+    evals: &mut Option<tokio::sync::broadcast::Receiver<crate::store::RoundEval>>,
+) -> Option<crate::store::RoundEval> {
+    let Some(rx) = evals else {
+        return std::future::pending().await;
+    };
+    loop {
+        match rx.recv().await {
+            Ok(e) => return Some(e),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                return std::future::pending().await
+            }
+        }
+    }
 }
 
 async fn global(

@@ -106,6 +106,16 @@ CREATE TABLE IF NOT EXISTS round_participants (
     epsilon_spent REAL,
     PRIMARY KEY (round, participant_id)
 );
+CREATE TABLE IF NOT EXISTS round_eval (
+    round INTEGER NOT NULL REFERENCES rounds(round),
+    eval_set TEXT NOT NULL,
+    accuracy REAL NOT NULL,
+    loss REAL NOT NULL,
+    samples INTEGER NOT NULL,
+    seconds REAL NOT NULL,
+    evaluated_unix_ms INTEGER NOT NULL,
+    PRIMARY KEY (round, eval_set)
+);
 "#;
 
 impl Store {
@@ -292,6 +302,102 @@ impl Store {
                     |r| r.get(0),
                 )
                 .optional()?)
+        })
+        .await
+    }
+}
+
+/// The evaluation of one committed global model on the task's eval set.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RoundEval {
+    pub round: u64,
+    pub accuracy: f64,
+    pub loss: f64,
+    pub samples: u64,
+    pub seconds: f64,
+    pub evaluated_unix_ms: u64,
+}
+
+/// A committed round with its evaluation (when one has finished), as listed
+/// by `/api/rounds`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RoundSummary {
+    #[serde(flatten)]
+    pub meta: RoundMeta,
+    pub eval: Option<RoundEval>,
+}
+
+impl Store {
+    /// Records the evaluation of a round on the eval set named `eval_set`
+    /// (a key of the file's content and the row limit); re-evaluating
+    /// replaces it.
+    pub async fn put_eval(&self, eval_set: String, e: RoundEval) -> Result<(), StoreError> {
+        self.run(move |conn| {
+            conn.execute(
+                "INSERT OR REPLACE INTO round_eval (round, eval_set, accuracy, loss, samples, seconds, evaluated_unix_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    e.round as i64,
+                    eval_set,
+                    e.accuracy,
+                    e.loss,
+                    e.samples as i64,
+                    e.seconds,
+                    e.evaluated_unix_ms as i64
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Committed rounds with no evaluation on `eval_set`, oldest first.
+    pub async fn rounds_without_eval(&self, eval_set: String) -> Result<Vec<u64>, StoreError> {
+        self.run(move |conn| {
+            let mut stmt = conn.prepare(
+                "SELECT round FROM rounds WHERE round NOT IN
+                     (SELECT round FROM round_eval WHERE eval_set = ?1) ORDER BY round",
+            )?;
+            let rows = stmt.query_map([eval_set], |r| r.get::<_, i64>(0))?;
+            Ok(rows
+                .map(|r| r.map(|v| v as u64))
+                .collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    /// Every committed round, oldest first, with its evaluation on
+    /// `eval_set` (none when `eval_set` is `None` or it is not done yet).
+    pub async fn round_summaries(
+        &self,
+        eval_set: Option<String>,
+    ) -> Result<Vec<RoundSummary>, StoreError> {
+        self.run(move |conn| {
+            let mut stmt = conn.prepare(&format!(
+                "SELECT {META_COLUMNS}, accuracy, loss, samples, seconds, evaluated_unix_ms
+                 FROM rounds LEFT JOIN
+                     (SELECT round AS eval_round, accuracy, loss, samples, seconds, evaluated_unix_ms
+                      FROM round_eval WHERE eval_set = ?1)
+                 ON eval_round = round
+                 ORDER BY round"
+            ))?;
+            let rows = stmt.query_map([eval_set.unwrap_or_default()], |r| {
+                let meta = meta_from_row(r)?;
+                let accuracy: Option<f64> = r.get(10)?;
+                let eval = match accuracy {
+                    None => None,
+                    Some(accuracy) => Some(RoundEval {
+                        round: meta.round,
+                        accuracy,
+                        loss: r.get(11)?,
+                        samples: r.get::<_, i64>(12)? as u64,
+                        seconds: r.get(13)?,
+                        evaluated_unix_ms: r.get::<_, i64>(14)? as u64,
+                    }),
+                };
+                Ok(RoundSummary { meta, eval })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
         .await
     }

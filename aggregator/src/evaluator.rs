@@ -1,0 +1,310 @@
+//! Evaluation of every committed global model on the task's eval set
+//! (`[eval]` in the configuration) with the native engine.
+//!
+//! One thread owns the GPU device, the model and the tokenized eval set. It
+//! evaluates every committed round that has no evaluation yet, oldest first
+//! (round 0, the initial model, included), stores the result in SQLite
+//! (`round_eval`, keyed by the eval set's content hash and row limit, so a
+//! changed eval set is evaluated afresh) and announces it on a broadcast
+//! channel that `/api/events` forwards to the page. After a restart it
+//! catches up on the rounds it had not evaluated.
+//!
+//! Evaluation never holds up a round: the coordinator commits and broadcasts
+//! without waiting, and a slow evaluation only lags behind.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use fedsb_engine::data::{read_dataset_file, ColumnSpec, Example};
+use fedsb_engine::gpu::encoder::GpuEncoder;
+use fedsb_engine::gpu::{GpuContext, GpuOptions};
+use fedsb_engine::model::{BertTokenizer, BertWeights};
+use fedsb_engine::reference::{ClassifierHead, LoraSbAdapters, Matrix};
+use fedsb_engine::train::evaluate;
+use fedsb_protocol::{AdapterState, RoundId, ServerMessage};
+use sha2::{Digest, Sha256};
+use tokio::sync::{broadcast, watch};
+use tracing::{error, info, warn};
+
+use crate::adapter_file::{parse_module_names, read_adapter_file, state_to_engine, ModuleRef};
+use crate::config::Config;
+use crate::coordinator::{now_unix_ms, Status};
+use crate::store::{RoundEval, Store};
+
+/// Why the evaluator could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error("eval.file {path}: {message}")]
+    Data { path: PathBuf, message: String },
+    #[error("evaluation model: {0}")]
+    Model(String),
+    #[error("evaluation GPU: {0}")]
+    Gpu(String),
+}
+
+/// The running evaluator: its eval-set key and its announcements.
+#[derive(Debug, Clone)]
+pub struct EvalHandle {
+    /// Key of the eval set in the database (content hash and row limit).
+    pub eval_set: String,
+    /// Rows evaluated per round.
+    pub samples: usize,
+    /// The GPU adapter evaluating.
+    pub adapter_name: String,
+    /// Every finished evaluation.
+    pub events: broadcast::Sender<RoundEval>,
+}
+
+/// Everything the evaluation thread needs, loaded and checked up front so a
+/// wrong eval file or model stops `fedsb serve` with a clear message.
+struct Prepared {
+    weights: BertWeights<f32>,
+    tokenizer: BertTokenizer,
+    examples: Vec<Example>,
+    frozen: Option<(LoraSbAdapters<f32>, Vec<ModuleRef>)>,
+    batch: usize,
+}
+
+fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let bytes = std::fs::read(path)?;
+    Ok(hex::encode(Sha256::digest(&bytes)))
+}
+
+fn prepare(config: &Config, file: &Path) -> Result<(Prepared, String), EvalError> {
+    let e = &config.eval;
+    let data_err = |message: String| EvalError::Data {
+        path: file.to_owned(),
+        message,
+    };
+    let spec = ColumnSpec {
+        text: e.text_column.clone(),
+        text_pair: e.text_pair_column.clone(),
+        label: e.label_column.clone(),
+        label_names: Some(config.task.labels.clone()),
+        skip_rows_without_label: true,
+    };
+    let dataset = read_dataset_file(file, &spec).map_err(|err| data_err(err.to_string()))?;
+    if dataset.label_column.is_none() {
+        return Err(data_err(
+            "no label column found (set eval.label_column)".into(),
+        ));
+    }
+    let mut examples = dataset.examples;
+    if e.limit > 0 {
+        examples.truncate(e.limit);
+    }
+    if examples.is_empty() {
+        return Err(data_err("no labelled rows".into()));
+    }
+    let hash = sha256_file(file).map_err(|err| data_err(err.to_string()))?;
+    let eval_set = format!(
+        "{hash}:{}:{}:{}:{}",
+        examples.len(),
+        dataset.text_column,
+        dataset.text_pair_column.as_deref().unwrap_or(""),
+        dataset.label_column.as_deref().unwrap_or("")
+    );
+
+    let dir = config
+        .model
+        .dir
+        .as_ref()
+        .ok_or_else(|| EvalError::Model("eval needs model.dir".into()))?;
+    let weights = BertWeights::from_dir(dir).map_err(|err| EvalError::Model(err.to_string()))?;
+    let tokenizer = BertTokenizer::from_file(dir.join("tokenizer.json"))
+        .and_then(|t| t.with_max_length(config.task.max_seq_len as usize))
+        .map_err(|err| EvalError::Model(err.to_string()))?;
+    let frozen = match &config.adapter.file {
+        None => None,
+        Some(path) => {
+            let bytes = std::fs::read(path).map_err(|err| {
+                EvalError::Model(format!("adapter file {}: {err}", path.display()))
+            })?;
+            let names = config.module_names();
+            let modules = parse_module_names(&names, weights.config.num_hidden_layers)
+                .map_err(|err| EvalError::Model(err.to_string()))?;
+            let adapters = read_adapter_file(
+                &bytes,
+                &names,
+                &modules,
+                &weights.config,
+                config.adapter.rank as usize,
+            )
+            .map_err(|err| EvalError::Model(format!("adapter file {}: {err}", path.display())))?;
+            Some((adapters, modules))
+        }
+    };
+    Ok((
+        Prepared {
+            weights,
+            tokenizer,
+            examples,
+            frozen,
+            batch: e.batch_size,
+        },
+        eval_set,
+    ))
+}
+
+/// The head of a wire state.
+fn head_of(state: &AdapterState) -> Result<ClassifierHead<f32>, String> {
+    let [classes, hidden] = state.head_weight.shape[..] else {
+        return Err(format!(
+            "global head weight has shape {:?}",
+            state.head_weight.shape
+        ));
+    };
+    Ok(ClassifierHead {
+        weight: Matrix::from_vec(
+            classes as usize,
+            hidden as usize,
+            state.head_weight.data.clone(),
+        ),
+        bias: state.head_bias.data.clone(),
+    })
+}
+
+/// Starts the evaluator when `[eval] file` is set. Returns once the eval set,
+/// the model and the GPU device are ready (or with the reason they are not).
+pub async fn spawn(
+    config: Arc<Config>,
+    store: Store,
+    mut status: watch::Receiver<Status>,
+) -> Result<Option<EvalHandle>, EvalError> {
+    let Some(file) = config.eval.file.clone() else {
+        return Ok(None);
+    };
+    let cfg = config.clone();
+    let (prepared, eval_set) = tokio::task::spawn_blocking(move || prepare(&cfg, &file))
+        .await
+        .map_err(|_| EvalError::Model("loading task panicked".into()))??;
+    let (events, _) = broadcast::channel(256);
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let runtime = tokio::runtime::Handle::current();
+    let handle_events = events.clone();
+    let key = eval_set.clone();
+    let gpu_adapter = config.eval.gpu_adapter.clone();
+    let samples = prepared.examples.len();
+    std::thread::Builder::new()
+        .name("fedsb-eval".into())
+        .spawn(move || {
+            let ctx = match pollster::block_on(GpuContext::new(&GpuOptions {
+                adapter: gpu_adapter.as_deref(),
+            })) {
+                Ok(ctx) => ctx,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(EvalError::Gpu(e.to_string())));
+                    return;
+                }
+            };
+            let _ = ready_tx.send(Ok(ctx.adapter_name().to_owned()));
+            loop {
+                // Rounds are in the database before the status says they are
+                // committed, so the catch-up below covers `seen`; a commit
+                // during the catch-up wakes the wait at once.
+                let (seen, finished) = {
+                    let s = status.borrow_and_update();
+                    (s.last_committed_round, s.state == "finished")
+                };
+                if let Err(e) =
+                    runtime.block_on(catch_up(&ctx, &prepared, &store, &key, &handle_events))
+                {
+                    error!(error = %e, "evaluation failed; retrying after the next commit");
+                }
+                if finished {
+                    return;
+                }
+                let woke = runtime.block_on(
+                    status.wait_for(|s| s.last_committed_round > seen || s.state == "finished"),
+                );
+                if woke.is_err() {
+                    return; // the server stopped
+                }
+            }
+        })
+        .map_err(|e| EvalError::Gpu(format!("cannot start the evaluation thread: {e}")))?;
+    let adapter_name = ready_rx
+        .await
+        .map_err(|_| EvalError::Gpu("the evaluation thread stopped".into()))??;
+    info!(eval_set = %eval_set, samples, adapter = %adapter_name, "evaluating every committed round");
+    Ok(Some(EvalHandle {
+        eval_set,
+        samples,
+        adapter_name,
+        events,
+    }))
+}
+
+/// Evaluates every committed round without an evaluation on `key`.
+async fn catch_up(
+    ctx: &GpuContext,
+    p: &Prepared,
+    store: &Store,
+    key: &str,
+    events: &broadcast::Sender<RoundEval>,
+) -> Result<(), String> {
+    let pending = store
+        .rounds_without_eval(key.to_owned())
+        .await
+        .map_err(|e| e.to_string())?;
+    for round in pending {
+        let frame = store
+            .global_frame(RoundId(round))
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("round {round} vanished from the database"))?;
+        let state = match ServerMessage::decode(&frame) {
+            Ok(ServerMessage::GlobalModel { adapter, .. }) => adapter,
+            Ok(_) => return Err(format!("round {round}: stored frame is not a GlobalModel")),
+            Err(e) => return Err(format!("round {round}: {e}")),
+        };
+        let started = Instant::now();
+        let head = head_of(&state)?;
+        let result = match &p.frozen {
+            Some((frozen, modules)) => {
+                let (adapters, head) =
+                    state_to_engine(frozen, modules, &state).map_err(|e| e.to_string())?;
+                let mut encoder = GpuEncoder::new(ctx, &p.weights, Some(&adapters), Some(&head))
+                    .map_err(|e| e.to_string())?;
+                evaluate(&mut encoder, &p.tokenizer, &p.examples, p.batch).await
+            }
+            None => {
+                // Without an adapter file every R multiplies nothing: the
+                // global model is the base encoder with the global head.
+                if state.r.iter().any(|r| r.data.iter().any(|&x| x != 0.0)) {
+                    warn!(
+                        round,
+                        "global R is non-zero but no adapter file defines A and B; \
+                         evaluating the head only"
+                    );
+                }
+                let mut encoder = GpuEncoder::new(ctx, &p.weights, None, Some(&head))
+                    .map_err(|e| e.to_string())?;
+                evaluate(&mut encoder, &p.tokenizer, &p.examples, p.batch).await
+            }
+        }
+        .map_err(|e| format!("round {round}: {e}"))?;
+        let eval = RoundEval {
+            round,
+            accuracy: result.accuracy,
+            loss: result.loss,
+            samples: result.samples as u64,
+            seconds: started.elapsed().as_secs_f64(),
+            evaluated_unix_ms: now_unix_ms(),
+        };
+        store
+            .put_eval(key.to_owned(), eval.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        info!(
+            round,
+            accuracy = eval.accuracy,
+            loss = eval.loss,
+            seconds = eval.seconds,
+            "global model evaluated"
+        );
+        let _ = events.send(eval);
+    }
+    Ok(())
+}

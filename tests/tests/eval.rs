@@ -1,0 +1,298 @@
+//! The aggregator's per-round evaluation (`[eval]`): every committed global
+//! model, round 0 included, is evaluated on the eval file with the native
+//! engine (GPU: lavapipe here), stored, listed by `/api/rounds`, announced on
+//! `/api/events`, and not redone after a restart. The numbers are checked
+//! against the engine's CPU reference run here on the same global states.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use fedsb_e2e::tiny_model::{labelled_tsv, write_tiny_model, LABELS};
+use fedsb_e2e::*;
+use fedsb_engine::data::{read_dataset_file, ColumnSpec};
+use fedsb_engine::model::{AdaptedLinear, BertTokenizer, BertWeights};
+use fedsb_engine::reference::{
+    ClassifierHead, LoraSbAdapters, LoraSbModule, Matrix, ReferenceEncoder,
+};
+use fedsb_engine::train::encode_examples;
+use fedsb_protocol::{AdapterShape, AdapterState, RoundId, ServerMessage};
+use safetensors::SafeTensors;
+
+const RANK: usize = 4;
+const EVAL_ROWS: usize = 30;
+const MAX_SEQ: usize = 16;
+
+fn write_task(dir: &Path) -> anyhow::Result<()> {
+    write_tiny_model(&dir.join("model"), 5)?;
+    std::fs::write(dir.join("seed.tsv"), labelled_tsv(32, 1, 0.5))?;
+    // More rows than the limit: only the first EVAL_ROWS count.
+    std::fs::write(dir.join("eval.tsv"), labelled_tsv(EVAL_ROWS + 7, 9, 0.4))?;
+    let out = Command::new(fedsb_bin())
+        .arg("init")
+        .arg("--model")
+        .arg(dir.join("model"))
+        .arg("--train")
+        .arg(dir.join("seed.tsv"))
+        .args(["--labels", &LABELS.join(",")])
+        .args(["--rank", &RANK.to_string()])
+        .args(["--init-samples", "16", "--batch", "8", "--lr", "0.01"])
+        .arg("--out")
+        .arg(dir.join("adapter.safetensors"))
+        .output()
+        .context("running fedsb init")?;
+    if !out.status.success() {
+        bail!(
+            "fedsb init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let config = format!(
+        r#"[task]
+id = "eval"
+rounds = 2
+min_participants = 1
+max_participants = 1
+round_deadline_secs = 600
+labels = ["{}", "{}"]
+max_seq_len = {MAX_SEQ}
+[model]
+id = "tiny-random-bert"
+dir = "model"
+[adapter]
+rank = {RANK}
+file = "adapter.safetensors"
+[eval]
+file = "eval.tsv"
+limit = {EVAL_ROWS}
+batch_size = 7
+[server]
+ping_interval_secs = 1
+idle_timeout_secs = 60
+"#,
+        LABELS[0], LABELS[1]
+    );
+    std::fs::write(dir.join("task.toml"), config)?;
+    Ok(())
+}
+
+/// Accuracy and mean cross-entropy of a global state on the eval rows,
+/// computed with the engine's CPU reference (f64).
+fn reference_eval(dir: &Path, state: &AdapterState) -> anyhow::Result<(f64, f64)> {
+    let weights = BertWeights::from_dir(dir.join("model"))?.map(f64::from);
+    let config = weights.config.clone();
+    let tokenizer =
+        BertTokenizer::from_file(dir.join("model/tokenizer.json"))?.with_max_length(MAX_SEQ)?;
+    let bytes = std::fs::read(dir.join("adapter.safetensors"))?;
+    let st = SafeTensors::deserialize(&bytes)?;
+    let matrix = |name: &str, rows: usize, cols: usize| -> anyhow::Result<Matrix<f64>> {
+        let t = st.tensor(name).with_context(|| format!("{name} missing"))?;
+        let data: Vec<f64> = t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+            .collect();
+        anyhow::ensure!(data.len() == rows * cols, "{name}: wrong size");
+        Ok(Matrix::from_vec(rows, cols, data))
+    };
+    // R's travel layer by layer, the six linears in the task's order.
+    let mut adapters = LoraSbAdapters::<f64> {
+        layers: (0..config.num_hidden_layers)
+            .map(|_| Default::default())
+            .collect(),
+    };
+    let mut r_iter = state.r.iter();
+    for layer in 0..config.num_hidden_layers {
+        for which in AdaptedLinear::ALL {
+            let name = format!("encoder.layer.{layer}.{}", which.checkpoint_name());
+            let (out, inp) = which.shape(&config);
+            let r = r_iter.next().context("too few R's in the state")?;
+            adapters.layers[layer][which.index()] = Some(LoraSbModule {
+                a: matrix(&format!("{name}.lora_A"), RANK, inp)?,
+                b: matrix(&format!("{name}.lora_B"), out, RANK)?,
+                r: Matrix::from_vec(RANK, RANK, r.data.iter().map(|&x| f64::from(x)).collect()),
+            });
+        }
+    }
+    let head = ClassifierHead::<f64> {
+        weight: Matrix::from_vec(
+            LABELS.len(),
+            config.hidden_size,
+            state
+                .head_weight
+                .data
+                .iter()
+                .map(|&x| f64::from(x))
+                .collect(),
+        ),
+        bias: state.head_bias.data.iter().map(|&x| f64::from(x)).collect(),
+    };
+    let spec = ColumnSpec {
+        text: None,
+        text_pair: None,
+        label: None,
+        label_names: Some(LABELS.iter().map(|s| s.to_string()).collect()),
+        skip_rows_without_label: true,
+    };
+    let mut examples = read_dataset_file(dir.join("eval.tsv"), &spec)?.examples;
+    examples.truncate(EVAL_ROWS);
+    let encoder = ReferenceEncoder::new(&weights, Some(&adapters));
+    let (mut correct, mut loss) = (0usize, 0f64);
+    for e in &examples {
+        let (batch, labels) = encode_examples(&tokenizer, &[e])?;
+        let logits = encoder.logits(&head, &batch);
+        let row = &logits.data[..LABELS.len()];
+        let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let lse = max + row.iter().map(|z| (z - max).exp()).sum::<f64>().ln();
+        let label = labels[0] as usize;
+        loss += lse - row[label];
+        let argmax = (0..row.len()).fold(0, |b, j| if row[j] > row[b] { j } else { b });
+        correct += usize::from(argmax == label);
+    }
+    Ok((
+        correct as f64 / examples.len() as f64,
+        loss / examples.len() as f64,
+    ))
+}
+
+async fn global_of(agg: &Aggregator, round: u64) -> anyhow::Result<AdapterState> {
+    let bytes = reqwest::get(agg.url(&format!("/api/rounds/{round}/global")))
+        .await?
+        .bytes()
+        .await?;
+    match ServerMessage::decode(&bytes)? {
+        ServerMessage::GlobalModel { adapter, .. } => Ok(adapter),
+        other => bail!("expected GlobalModel, got {other:?}"),
+    }
+}
+
+/// Polls `/api/rounds` until every round has an evaluation.
+async fn wait_evaluated(agg: &Aggregator, rounds: usize) -> anyhow::Result<serde_json::Value> {
+    let started = Instant::now();
+    loop {
+        let list = agg.json("/api/rounds").await?;
+        let arr = list.as_array().context("/api/rounds is not an array")?;
+        if arr.len() == rounds && arr.iter().all(|r| !r["eval"].is_null()) {
+            return Ok(list);
+        }
+        if started.elapsed() > Duration::from_secs(300) {
+            bail!("rounds not all evaluated after 300 s: {list}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_committed_round_is_evaluated_like_the_reference() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    write_task(dir)?;
+    let mut agg = Aggregator::start_in(dir)?;
+
+    let info = agg.json("/api/eval").await?;
+    assert_eq!(info["enabled"], true, "{info}");
+    assert_eq!(info["samples"], EVAL_ROWS, "{info}");
+
+    // The event stream starts with the status.
+    let mut events = reqwest::get(agg.url("/api/events")).await?;
+    assert_eq!(
+        events.headers()["content-type"],
+        "text/event-stream",
+        "{:?}",
+        events.headers()
+    );
+    let first = events.chunk().await?.context("event stream ended")?;
+    let first = String::from_utf8_lossy(&first);
+    assert!(first.starts_with("event: status\n"), "{first}");
+
+    // Two rounds from a scripted participant with known states.
+    let (mut p, _) = Participant::join(agg.addr, "scripted").await?;
+    let global0 = p.wait_global(RoundId(0)).await?;
+    for n in 1..=2u64 {
+        let round = p.wait_round_open().await?;
+        let mut mine = global0.clone();
+        let shape = AdapterShape {
+            rank: RANK as u32,
+            modules: mine.r.len() as u32,
+            head_classes: 2,
+            head_hidden: mine.head_weight.shape[1],
+        };
+        let noise = known_state(&shape, n);
+        for (t, (_, d)) in mine.tensors_mut().zip(noise.named_tensors()) {
+            for (x, y) in t.data.iter_mut().zip(&d.data) {
+                *x += 0.5 * y;
+            }
+        }
+        let answer = p.submit(update(round, 10, mine)).await?;
+        assert!(
+            matches!(answer, ServerMessage::UpdateAccepted { .. }),
+            "{answer:?}"
+        );
+    }
+
+    let list = wait_evaluated(&agg, 3).await?;
+    let mut accuracies = Vec::new();
+    for (n, r) in list.as_array().unwrap().iter().enumerate() {
+        let e = &r["eval"];
+        assert_eq!(e["round"], n as u64, "{r}");
+        assert_eq!(e["samples"], EVAL_ROWS as u64, "{r}");
+        let (acc, loss) = reference_eval(dir, &global_of(&agg, n as u64).await?)?;
+        let got_acc = e["accuracy"].as_f64().context("accuracy")?;
+        let got_loss = e["loss"].as_f64().context("loss")?;
+        // f32 on the GPU against f64 on the CPU: the loss to 1e-3 relative;
+        // the accuracy may differ by at most one near-tie.
+        assert!(
+            (got_loss - loss).abs() <= 1e-3 * loss.abs().max(1e-3),
+            "round {n}: loss {got_loss} vs reference {loss}"
+        );
+        assert!(
+            (got_acc - acc).abs() <= 1.0 / EVAL_ROWS as f64 + 1e-12,
+            "round {n}: accuracy {got_acc} vs reference {acc}"
+        );
+        accuracies.push(e.clone());
+    }
+    // The perturbations change the model, so the losses differ by round.
+    assert_ne!(accuracies[0]["loss"], accuracies[2]["loss"]);
+
+    // An `eval` event was announced on the stream.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = String::new();
+    while !seen.contains("event: eval\n") {
+        anyhow::ensure!(Instant::now() < deadline, "no eval event: {seen}");
+        if let Ok(Some(chunk)) =
+            tokio::time::timeout(Duration::from_secs(5), events.chunk()).await?
+        {
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+
+    // After a crash and restart nothing is evaluated again.
+    agg.kill9();
+    let agg = Aggregator::start_in(dir)?;
+    let again = wait_evaluated(&agg, 3).await?;
+    for (before, after) in accuracies.iter().zip(again.as_array().unwrap()) {
+        assert_eq!(before, &after["eval"]);
+    }
+    Ok(())
+}
+
+#[test]
+fn a_bad_eval_file_stops_the_server_with_its_name() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    write_task(dir)?;
+    std::fs::write(dir.join("eval.tsv"), "sentence\tlabel\nfine .\tmaybe\n")?;
+    let out = Command::new(fedsb_bin())
+        .arg("serve")
+        .arg("--config")
+        .arg(dir.join("task.toml"))
+        .args(["--port", "0", "--state-dir"])
+        .arg(dir.join("state"))
+        .output()?;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("eval.tsv"), "{stderr}");
+    assert!(stderr.contains("maybe"), "{stderr}");
+    Ok(())
+}
