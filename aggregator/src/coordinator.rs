@@ -137,6 +137,30 @@ pub struct Status {
     pub min_participants: u32,
     pub max_participants: u32,
     pub deadline_unix_ms: Option<u64>,
+    /// Differential privacy spent per participant, from the privacy reports
+    /// of its accepted updates (empty for tasks without DP). Kept in memory
+    /// since this aggregator started.
+    pub privacy: Vec<ParticipantPrivacy>,
+}
+
+/// What one participant reported spending (its latest accepted update's
+/// [`fedsb_protocol::PrivacyReport`], with steps summed over its updates).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ParticipantPrivacy {
+    pub participant: u64,
+    pub client: String,
+    /// ε spent over all its updates, at `delta`.
+    pub epsilon_spent: f64,
+    pub delta: f64,
+    pub noise_multiplier: f64,
+    pub sample_rate: f64,
+    pub clip_norm: f64,
+    /// DP-SGD steps of all its accepted updates.
+    pub steps: u64,
+    /// Accepted updates that carried a report.
+    pub updates: u64,
+    pub last_round: u64,
+    pub connected: bool,
 }
 
 struct Peer {
@@ -161,6 +185,7 @@ pub struct Coordinator {
     global_frame: Bytes,
     phase: Phase,
     status: watch::Sender<Status>,
+    privacy: std::collections::BTreeMap<ParticipantId, ParticipantPrivacy>,
 }
 
 impl Coordinator {
@@ -187,6 +212,7 @@ impl Coordinator {
             min_participants: config.task.min_participants,
             max_participants: config.task.max_participants,
             deadline_unix_ms: None,
+            privacy: Vec::new(),
         };
         let (status, status_rx) = watch::channel(placeholder);
         let mut c = Self {
@@ -201,6 +227,7 @@ impl Coordinator {
             global_frame: Bytes::from(last.frame),
             phase: Phase::Finished,
             status,
+            privacy: Default::default(),
         };
         c.open_next_round();
         c.publish_status();
@@ -296,7 +323,41 @@ impl Coordinator {
                 ),
             )),
             Phase::Collecting { round, .. } => {
+                let report = update.privacy.clone();
                 round.accept(participant, &client, update, frame_bytes, now_unix_ms())?;
+                if let Some(r) = report {
+                    let entry =
+                        self.privacy
+                            .entry(participant)
+                            .or_insert_with(|| ParticipantPrivacy {
+                                participant: participant.0,
+                                client: client.clone(),
+                                epsilon_spent: 0.0,
+                                delta: r.delta,
+                                noise_multiplier: r.noise_multiplier,
+                                sample_rate: r.sample_rate,
+                                clip_norm: r.clip_norm,
+                                steps: 0,
+                                updates: 0,
+                                last_round: round.id.0,
+                                connected: true,
+                            });
+                    entry.epsilon_spent = r.epsilon_spent;
+                    entry.delta = r.delta;
+                    entry.noise_multiplier = r.noise_multiplier;
+                    entry.sample_rate = r.sample_rate;
+                    entry.clip_norm = r.clip_norm;
+                    entry.steps = entry.steps.saturating_add(r.steps);
+                    entry.updates += 1;
+                    entry.last_round = round.id.0;
+                    info!(
+                        participant = %participant,
+                        epsilon_spent = r.epsilon_spent,
+                        delta = r.delta,
+                        noise_multiplier = r.noise_multiplier,
+                        "privacy report"
+                    );
+                }
                 Ok(round.id)
             }
         }
@@ -499,6 +560,14 @@ impl Coordinator {
             min_participants: self.config.task.min_participants,
             max_participants: self.config.task.max_participants,
             deadline_unix_ms: deadline,
+            privacy: self
+                .privacy
+                .values()
+                .map(|p| ParticipantPrivacy {
+                    connected: self.peers.contains_key(&ParticipantId(p.participant)),
+                    ..p.clone()
+                })
+                .collect(),
         };
         self.status.send_if_modified(|old| {
             let changed = *old != s;

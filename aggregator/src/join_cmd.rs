@@ -17,16 +17,25 @@
 //!    AdamW steps (weight decay 0.01) on batches of `batch_size` drawn from
 //!    its data (shuffled, epoch after epoch across rounds), and sends
 //!    `Update { round, num_samples, train_loss, adapter }`.
-//! 4. Exits 0 at `TaskFinished` (or after `--max-rounds` answered updates),
-//!    printing one JSON line on stdout; progress goes to stderr.
+//! 4. Exits 0 at `TaskFinished` (or after `--max-rounds` answered updates,
+//!    or when its privacy budget is spent), printing one JSON line on stdout;
+//!    progress goes to stderr.
+//!
+//! Tasks with differential privacy (`TaskInfo.privacy`: target ε, δ, clip
+//! norm C): the participant calibrates σ so that all the steps it plans to
+//! take (`--dp-rounds`, default the task's rounds, × `local_steps`) at
+//! `q = batch_size / N` spend at most ε, trains every round with DP-SGD
+//! (Poisson sampling, per-sample clipping to C, Gaussian noise, on the GPU),
+//! records each round's steps in a privacy ledger and sends a
+//! `PrivacyReport` (σ, q, steps, C, δ, ε spent so far) with every update.
+//! Before a round whose steps would take it past ε it refuses to train, says
+//! so on stderr, sends `Leave` and exits 0 with `"budget_exhausted": true`.
 //!
 //! The WebSocket is read by a task of its own while the GPU trains, so pings
 //! are answered and the aggregator never takes a long local round for a
 //! dead participant.
 //!
-//! Not yet: tasks with differential privacy (the engine has no DP-SGD step
-//! yet; joining one is refused rather than sending un-noised updates), and
-//! `https://`/`wss://` servers (no TLS stack is built in).
+//! Not yet: `https://`/`wss://` servers (no TLS stack is built in).
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::Read as _;
@@ -44,17 +53,19 @@ use fedsb_engine::model::{BertTokenizer, BertWeights};
 use fedsb_engine::reference::{ClassifierHead, LoraSbAdapters, Matrix};
 use fedsb_engine::train::{encode_examples, BatchSampler};
 use fedsb_protocol::{
-    AdapterState, ClientMessage, ClientUpdate, ErrorCode, FileRef, RoundId, ServerMessage,
-    TaskInfo, PROTOCOL_VERSION,
+    AdapterState, ClientMessage, ClientUpdate, ErrorCode, FileRef, PrivacyReport, RoundId,
+    ServerMessage, TaskInfo, PROTOCOL_VERSION,
 };
 use futures_util::{SinkExt, StreamExt};
 use sha2::{Digest, Sha256};
 use tokio_tungstenite::tungstenite::Message;
 use tracing::{info, warn};
 
+use crate::dp_training::{train_steps_dp, DpTraining};
 use crate::participant::{
     engine_to_state, parse_module_names, read_adapter_file, state_to_engine, ModuleRef,
 };
+use crate::privacy_cmd::AccountantArg;
 
 /// The files a participant needs, by their names in `TaskInfo.files`.
 const MODEL_FILES: [&str; 3] = ["config.json", "model.safetensors", "tokenizer.json"];
@@ -94,6 +105,14 @@ pub struct JoinArgs {
     /// Seed of the batch shuffling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Tasks with differential privacy: the number of rounds to spread the
+    /// privacy budget over (default: all the task's rounds). Fewer rounds
+    /// mean less noise per round; the participant stops once they are spent.
+    #[arg(long)]
+    dp_rounds: Option<u64>,
+    /// Tasks with differential privacy: the accountant for σ and ε.
+    #[arg(long, value_enum, default_value_t = AccountantArg::Pld)]
+    accountant: AccountantArg,
 }
 
 /// What the WebSocket reader hands to the training loop.
@@ -118,6 +137,7 @@ struct Summary {
     samples_trained: u64,
     steps: u64,
     finished: bool,
+    budget_exhausted: bool,
 }
 
 /// `http://h:p` → (`http://h:p`, `ws://h:p/ws`); `ws://` URLs are accepted too.
@@ -334,6 +354,7 @@ struct LocalRound {
     state: AdapterState,
     samples: u64,
     mean_loss: f32,
+    privacy: Option<PrivacyReport>,
 }
 
 /// Trains `steps` steps from `global` and reads the result back.
@@ -351,6 +372,7 @@ fn train_round(
     loaded: &Loaded,
     data: &Dataset,
     sampler: &mut BatchSampler,
+    dp: Option<&mut DpTraining>,
     global: &AdapterState,
     steps: u32,
     opt: &AdamW,
@@ -359,6 +381,30 @@ fn train_round(
     let (adapters, head) = state_to_engine(&loaded.frozen, &loaded.modules, global)?;
     encoder.set_trainable(&adapters, &head)?;
     let started = Instant::now();
+    if let Some(dp) = dp {
+        // DP-SGD: Poisson-sampled batches instead of the shuffled sampler.
+        let out = train_steps_dp(encoder, &loaded.tokenizer, &data.examples, dp, steps, opt)
+            .with_context(|| format!("round {round}: DP-SGD"))?;
+        let trained = pollster::block_on(encoder.read_trainable())?;
+        let state = engine_to_state(&trained, &loaded.modules)?;
+        let report = dp.report(u64::from(steps))?;
+        info!(
+            %round,
+            steps,
+            samples = out.samples,
+            train_loss = out.mean_loss,
+            epsilon_spent = out.epsilon_spent,
+            epsilon_budget = dp.epsilon_budget(),
+            seconds = started.elapsed().as_secs_f64(),
+            "local round trained with DP-SGD"
+        );
+        return Ok(LocalRound {
+            state,
+            samples: out.samples,
+            mean_loss: out.mean_loss,
+            privacy: Some(report),
+        });
+    }
     let mut samples = 0u64;
     let mut loss_sum = 0f64;
     for step in 1..=steps {
@@ -390,6 +436,7 @@ fn train_round(
         state,
         samples,
         mean_loss,
+        privacy: None,
     })
 }
 
@@ -514,13 +561,6 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
         total_rounds = task.total_rounds,
         "joined"
     );
-    if task.privacy.is_some() {
-        bail!(
-            "task {} uses differential privacy, which fedsb join does not implement yet (no DP-SGD step); \
-             join it from the browser page instead",
-            task.task_id
-        );
-    }
     let by_name: HashMap<&str, &FileRef> =
         task.files.iter().map(|f| (f.name.as_str(), f)).collect();
     if !by_name.contains_key(ADAPTER_FILE) {
@@ -576,6 +616,41 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
         ..AdamW::default()
     };
     let mut sampler = BatchSampler::new(data.len(), task.batch_size as usize, args.seed);
+    let mut dp = match &task.privacy {
+        Some(policy) => {
+            let rounds = args.dp_rounds.unwrap_or(task.total_rounds);
+            if rounds == 0 {
+                bail!("--dp-rounds must be at least 1");
+            }
+            let planned = rounds.saturating_mul(u64::from(task.local_steps));
+            let dp = DpTraining::calibrate(
+                policy,
+                data.len(),
+                task.batch_size as usize,
+                planned,
+                args.accountant.into(),
+            )
+            .with_context(|| {
+                format!(
+                    "task {} uses differential privacy (ε = {}, δ = {}, C = {})",
+                    task.task_id, policy.epsilon, policy.delta, policy.clip_norm
+                )
+            })?;
+            info!(
+                epsilon = policy.epsilon,
+                delta = policy.delta,
+                clip_norm = policy.clip_norm,
+                noise_multiplier = dp.config.noise_multiplier,
+                sample_rate = dp.config.sample_rate,
+                planned_steps = planned,
+                rounds,
+                accountant = %dp.accountant(),
+                "differential privacy: DP-SGD with σ calibrated for the planned steps"
+            );
+            Some(dp)
+        }
+        None => None,
+    };
 
     let mut summary = Summary::default();
     let mut global: Option<(RoundId, AdapterState)> = None;
@@ -626,11 +701,36 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
                 } else {
                     task.local_steps
                 };
+                if let Some(dp) = &dp {
+                    let check = match dp.check(u64::from(steps)) {
+                        Ok(c) => c,
+                        Err(e) => break Err(e),
+                    };
+                    if !check.within_budget {
+                        let message = format!(
+                            "privacy budget exhausted: {} DP-SGD steps spent ε = {:.4} of the budget ε = {} (δ = {}); \
+                             round {round}'s {steps} steps would bring it to ε = {:.4}, so this participant stops here",
+                            dp.steps_taken(),
+                            check.epsilon_spent,
+                            check.epsilon_budget,
+                            dp.delta(),
+                            check.epsilon_after
+                        );
+                        warn!("{message}");
+                        eprintln!("fedsb join: {message}");
+                        summary.budget_exhausted = true;
+                        let _ = send(&ClientMessage::Leave {
+                            reason: "privacy budget exhausted".into(),
+                        });
+                        break Ok(());
+                    }
+                }
                 let local = match train_round(
                     &mut encoder,
                     &loaded,
                     &data,
                     &mut sampler,
+                    dp.as_mut(),
                     state,
                     steps,
                     &opt,
@@ -645,7 +745,7 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
                     round,
                     num_samples: local.samples,
                     train_loss: Some(local.mean_loss),
-                    privacy: None,
+                    privacy: local.privacy,
                     adapter: local.state,
                 });
                 if let Err(e) = send(&update) {
@@ -717,6 +817,10 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
             "samples": summary.samples_accepted,
             "samples_trained": summary.samples_trained,
             "steps": summary.steps,
+            "budget_exhausted": summary.budget_exhausted,
+            "epsilon_spent": dp.as_ref().map(|d| d.epsilon_spent()).transpose()?,
+            "noise_multiplier": dp.as_ref().map(|d| d.config.noise_multiplier),
+            "sample_rate": dp.as_ref().map(|d| d.config.sample_rate),
         })
     );
     Ok(())

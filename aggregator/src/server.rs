@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `/` | the `www/` page |
 //! | `/ws` | the participant WebSocket (protocol in `docs/protocol.md`) |
-//! | `/api/status` | JSON: round, state, participants, deadline |
+//! | `/api/status` | JSON: round, state, participants, deadline, ε spent per participant (DP tasks) |
 //! | `/api/task` | JSON: the task as participants see it (`TaskInfo`) |
 //! | `/api/rounds` | JSON: every committed round with its evaluation (`eval`, null until done) |
 //! | `/api/eval` | JSON: the evaluation set (rows, GPU adapter), or `enabled: false` |

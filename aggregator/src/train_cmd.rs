@@ -12,9 +12,23 @@
 //!    shuffled batches of `--batch`;
 //! 3. evaluation every `--eval-every` steps and at the end.
 //!
+//! With differential privacy (`--clip C` and either `--dp-epsilon E` or
+//! `--noise-multiplier S`), step 2 is DP-SGD instead: Poisson sampling at
+//! `q = batch / N`, per-sample gradients clipped jointly to `C`, Gaussian
+//! noise `N(0, σ²C²)`, divided by `q·N`, AdamW. With `--dp-epsilon` σ is
+//! calibrated so that `--steps` steps spend at most ε at `--dp-delta`. The
+//! LoRA-SB initialization reads gradients of its examples, which DP-SGD does
+//! not cover, so with DP it needs public seed data (`--init-data`).
+//!
+//! `--output FILE` writes the trained adapter in the layout `fedsb init` writes
+//! (`lora_A`, `lora_B`, `lora_R` per module, `classifier.*`).
+//!
 //! Progress goes to stderr; the last line on stdout is one JSON object with
-//! `eval_accuracy`, `eval_loss`, `steps`, `samples_per_second` and `adapter`.
+//! `eval_accuracy`, `eval_loss`, `steps`, `samples_per_second` and `adapter`,
+//! and with DP `epsilon`, `delta`, `noise_multiplier`, `sample_rate`,
+//! `clip_norm` and `accountant`.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -24,9 +38,16 @@ use fedsb_engine::data::{read_dataset_file, ColumnSpec, Example};
 use fedsb_engine::gpu::adamw::AdamW;
 use fedsb_engine::gpu::encoder::GpuEncoder;
 use fedsb_engine::gpu::{GpuContext, GpuOptions};
+use fedsb_engine::model::AdaptedLinear;
 use fedsb_engine::model::{BertTokenizer, BertWeights};
 use fedsb_engine::reference::{ClassifierHead, LoraSbInitOptions};
 use fedsb_engine::train::{encode_examples, evaluate, gpu_lora_sb_init, BatchSampler};
+use fedsb_privacy::{AccountantKind, PrivacyBudget};
+use fedsb_protocol::PrivacyPolicy;
+
+use crate::dp_training::{train_steps_dp, DpTraining};
+use crate::participant::{write_adapter_file, ModuleRef};
+use crate::privacy_cmd::AccountantArg;
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
@@ -84,11 +105,51 @@ pub struct TrainArgs {
     /// Also print every evaluation as a JSON line on stdout.
     #[arg(long)]
     json: bool,
+    /// Write the trained adapter (A, B, R per module and the head) to this
+    /// safetensors file, in the layout of `fedsb init`.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Differential privacy: train with DP-SGD and calibrate σ so that
+    /// --steps steps spend at most this ε (needs --clip).
+    #[arg(long, conflicts_with = "noise_multiplier")]
+    dp_epsilon: Option<f64>,
+    /// δ of the DP guarantee.
+    #[arg(long, default_value_t = 1e-5)]
+    dp_delta: f64,
+    /// Differential privacy: per-sample clipping norm C (joint L2 norm over
+    /// every R and the head).
+    #[arg(long)]
+    clip: Option<f64>,
+    /// Differential privacy with this noise multiplier σ instead of a target ε
+    /// (needs --clip); the ε it spends is reported.
+    #[arg(long)]
+    noise_multiplier: Option<f64>,
+    /// Privacy accountant for calibration and the ε reported.
+    #[arg(long, value_enum, default_value_t = AccountantArg::Pld)]
+    accountant: AccountantArg,
+    /// Public seed data for the LoRA-SB initialization (default: --train,
+    /// which is refused with differential privacy).
+    #[arg(long)]
+    init_data: Option<PathBuf>,
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     if args.batch == 0 || args.rank == 0 {
         bail!("--batch and --rank must be positive");
+    }
+    let dp_wanted = args.dp_epsilon.is_some() || args.noise_multiplier.is_some();
+    match (dp_wanted, args.clip) {
+        (true, None) => bail!("differential privacy needs --clip C (the per-sample clipping norm)"),
+        (false, Some(_)) => {
+            bail!("--clip needs --dp-epsilon E or --noise-multiplier S (differential privacy)")
+        }
+        _ => {}
+    }
+    if dp_wanted && args.init_data.is_none() {
+        bail!(
+            "with differential privacy the LoRA-SB initialization must not read the private \
+             training data (DP-SGD does not cover it): give public seed data with --init-data"
+        );
     }
     let weights = BertWeights::from_dir(&args.model)
         .with_context(|| format!("loading the model from {}", args.model.display()))?;
@@ -145,15 +206,26 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let mut sampler = BatchSampler::new(train.len(), args.batch, args.seed);
 
     // LoRA-SB initialization on the first shuffled init_samples examples.
+    let init_examples: Vec<Example> = match &args.init_data {
+        Some(path) => {
+            let d = read_dataset_file(path, &spec)
+                .with_context(|| format!("reading the seed data {}", path.display()))?;
+            if d.is_empty() {
+                bail!("{}: no labelled examples", path.display());
+            }
+            d.examples
+        }
+        None => train.examples.clone(),
+    };
     let started = Instant::now();
     let mut init_batches = Vec::new();
     let mut taken = 0;
-    let mut init_sampler = BatchSampler::new(train.len(), args.batch, args.seed ^ 0x1417);
-    while taken < args.init_samples.min(train.len()) {
+    let mut init_sampler = BatchSampler::new(init_examples.len(), args.batch, args.seed ^ 0x1417);
+    while taken < args.init_samples.min(init_examples.len()) {
         let idx = init_sampler.next_batch();
         let idx = &idx[..idx.len().min(args.init_samples - taken)];
         taken += idx.len();
-        let refs: Vec<&Example> = idx.iter().map(|&i| &train.examples[i]).collect();
+        let refs: Vec<&Example> = idx.iter().map(|&i| &init_examples[i]).collect();
         init_batches.push(encode_examples(&tokenizer, &refs)?);
     }
     let options = LoraSbInitOptions::new(args.rank, args.lr);
@@ -180,29 +252,84 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         weight_decay: 0.01,
         ..AdamW::default()
     };
+    let accountant = AccountantKind::from(args.accountant);
+    let mut dp = match (args.dp_epsilon, args.noise_multiplier, args.clip) {
+        (Some(epsilon), _, Some(clip)) => {
+            let policy = PrivacyPolicy {
+                epsilon,
+                delta: args.dp_delta,
+                clip_norm: clip,
+            };
+            Some(DpTraining::calibrate(
+                &policy,
+                train.len(),
+                args.batch,
+                args.steps as u64,
+                accountant,
+            )?)
+        }
+        (None, Some(sigma), Some(clip)) => Some(DpTraining::with_noise_multiplier(
+            sigma,
+            clip,
+            train.len(),
+            args.batch,
+            // No target: the ε spent is only reported.
+            PrivacyBudget::new(f64::MAX, args.dp_delta)?,
+            accountant,
+        )?),
+        _ => None,
+    };
+    if let Some(dp) = &dp {
+        eprintln!(
+            "DP-SGD: σ = {:.4}, C = {}, q = {:.6} (expected batch {:.2} of {}), δ = {}, {} accountant{}",
+            dp.config.noise_multiplier,
+            dp.config.clip_norm,
+            dp.config.sample_rate,
+            dp.config.expected_batch(),
+            train.len(),
+            dp.delta(),
+            accountant,
+            args.dp_epsilon
+                .map_or(String::new(), |e| format!(", calibrated for ε = {e} over {} steps", args.steps)),
+        );
+    }
     let mut train_seconds = 0.0;
     let mut samples = 0usize;
     let mut loss_window = Vec::new();
     for step in 1..=args.steps {
-        let idx = sampler.next_batch();
-        let refs: Vec<&Example> = idx.iter().map(|&i| &train.examples[i]).collect();
-        let (batch, labels) = encode_examples(&tokenizer, &refs)?;
-        let t0 = Instant::now();
-        let loss = pollster::block_on(encoder.train_step(&batch, &labels, &opt))?;
-        train_seconds += t0.elapsed().as_secs_f64();
-        samples += idx.len();
-        loss_window.push(loss);
+        let (loss, n) = if let Some(dp) = dp.as_mut() {
+            let t0 = Instant::now();
+            let out = train_steps_dp(&mut encoder, &tokenizer, &train.examples, dp, 1, &opt)?;
+            train_seconds += t0.elapsed().as_secs_f64();
+            (out.mean_loss, out.samples as usize)
+        } else {
+            let idx = sampler.next_batch();
+            let refs: Vec<&Example> = idx.iter().map(|&i| &train.examples[i]).collect();
+            let (batch, labels) = encode_examples(&tokenizer, &refs)?;
+            let t0 = Instant::now();
+            let loss = pollster::block_on(encoder.train_step(&batch, &labels, &opt))?;
+            train_seconds += t0.elapsed().as_secs_f64();
+            (loss, idx.len())
+        };
+        samples += n;
+        // An empty Poisson batch has no loss to average.
+        if n > 0 {
+            loss_window.push(loss);
+        }
         if !loss.is_finite() {
             bail!("training diverged at step {step} (loss {loss})");
         }
         if step % args.log_every.max(1) == 0 || step == args.steps {
-            let mean = loss_window.iter().sum::<f32>() / loss_window.len() as f32;
+            let mean = loss_window.iter().sum::<f32>() / loss_window.len().max(1) as f32;
             loss_window.clear();
+            let privacy = match &dp {
+                Some(dp) => format!(", ε spent {:.4}", dp.epsilon_spent()?),
+                None => format!(", epoch {}", sampler.epochs),
+            };
             eprintln!(
-                "step {step}/{}: train loss {mean:.4}, {:.2} samples/s, epoch {}",
+                "step {step}/{}: train loss {mean:.4}, {:.2} samples/s{privacy}",
                 args.steps,
                 samples as f64 / train_seconds,
-                sampler.epochs
             );
         }
         if args.eval_every > 0 && step % args.eval_every == 0 && step != args.steps {
@@ -241,21 +368,77 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     } else {
         0.0
     };
-    println!(
-        "{}",
-        serde_json::json!({
-            "eval_accuracy": e.accuracy,
-            "eval_loss": e.loss,
-            "eval_samples": e.samples,
-            "steps": args.steps,
-            "batch": args.batch,
-            "rank": args.rank,
-            "samples_per_second": samples_per_second,
-            "init_samples": taken,
-            "init_seconds": init_seconds,
-            "eval_samples_per_second": e.samples as f64 / eval_seconds.max(1e-9),
-            "adapter": adapter_name,
-        })
-    );
+    let output = match &args.output {
+        Some(path) => {
+            let (trained, trained_head) = pollster::block_on(encoder.read_adapters(&adapters))?;
+            let mut names = Vec::new();
+            let mut modules: Vec<ModuleRef> = Vec::new();
+            for layer in 0..config.num_hidden_layers {
+                for which in AdaptedLinear::ALL {
+                    names.push(format!("encoder.layer.{layer}.{}", which.checkpoint_name()));
+                    modules.push((layer, which));
+                }
+            }
+            let mut metadata = HashMap::from([
+                ("format".to_owned(), "fedsb-lora-sb".to_owned()),
+                ("rank".to_owned(), args.rank.to_string()),
+                (
+                    "modules".to_owned(),
+                    AdaptedLinear::ALL.map(|w| w.checkpoint_name()).join(","),
+                ),
+                (
+                    "labels".to_owned(),
+                    serde_json::to_string(&train.label_names)?,
+                ),
+                ("steps".to_owned(), args.steps.to_string()),
+                ("learning_rate".to_owned(), args.lr.to_string()),
+                ("trained_by".to_owned(), "fedsb train".to_owned()),
+            ]);
+            if let Some(dp) = &dp {
+                metadata.insert("dp_epsilon".to_owned(), dp.epsilon_spent()?.to_string());
+                metadata.insert("dp_delta".to_owned(), dp.delta().to_string());
+            }
+            write_adapter_file(path, &names, &modules, &trained, &trained_head, metadata)?;
+            eprintln!("wrote the trained adapter to {}", path.display());
+            Some(path.display().to_string())
+        }
+        None => None,
+    };
+    let mut summary = serde_json::json!({
+        "eval_accuracy": e.accuracy,
+        "eval_loss": e.loss,
+        "eval_samples": e.samples,
+        "steps": args.steps,
+        "batch": args.batch,
+        "rank": args.rank,
+        "samples_per_second": samples_per_second,
+        "init_samples": taken,
+        "init_seconds": init_seconds,
+        "eval_samples_per_second": e.samples as f64 / eval_seconds.max(1e-9),
+        "adapter": adapter_name,
+        "output": output,
+    });
+    if let Some(dp) = &dp {
+        let epsilon = dp.epsilon_spent()?;
+        eprintln!(
+            "privacy: ε = {epsilon:.4} at δ = {} ({} accountant, {} steps)",
+            dp.delta(),
+            dp.accountant(),
+            dp.steps_taken()
+        );
+        let extra = serde_json::json!({
+            "epsilon": epsilon,
+            "delta": dp.delta(),
+            "noise_multiplier": dp.config.noise_multiplier,
+            "sample_rate": dp.config.sample_rate,
+            "clip_norm": dp.config.clip_norm,
+            "accountant": dp.accountant().to_string(),
+            "samples_trained": samples,
+        });
+        if let (Some(m), serde_json::Value::Object(x)) = (summary.as_object_mut(), extra) {
+            m.extend(x);
+        }
+    }
+    println!("{summary}");
     Ok(())
 }

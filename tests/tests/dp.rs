@@ -1,0 +1,357 @@
+//! Differential privacy end to end: `fedsb serve` runs a task with
+//! `[privacy] enabled = true`, and real `fedsb join` processes train it with
+//! DP-SGD on the GPU (lavapipe here) on a tiny random BERT:
+//! - rounds commit, every update carries a privacy report, and `/api/status`
+//!   shows each participant's ε, > 0 and within the task's target;
+//! - a participant that spread its budget over fewer rounds (`--dp-rounds 1`)
+//!   refuses to train past it, says so, and leaves cleanly; the task goes on;
+//! - `fedsb train` with DP reports the ε it spent and writes its adapter.
+//!
+//! A missing GPU adapter fails these tests.
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use fedsb_e2e::tiny_model::{labelled_tsv, write_tiny_model, LABELS};
+use fedsb_e2e::*;
+
+const ROUNDS: u64 = 3;
+const RANK: u32 = 4;
+const EPSILON: f64 = 3.0;
+const JOIN_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn check_success(what: &str, out: &Output) -> anyhow::Result<()> {
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}):\n--- stdout\n{}\n--- stderr\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+fn last_json_line(out: &Output) -> anyhow::Result<serde_json::Value> {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .with_context(|| {
+            format!(
+                "no output on stdout; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+    serde_json::from_str(line).with_context(|| format!("last stdout line is not JSON: {line}"))
+}
+
+async fn wait_child(mut child: Child, limit: Duration) -> anyhow::Result<Output> {
+    let started = Instant::now();
+    loop {
+        if child.try_wait()?.is_some() {
+            return Ok(tokio::task::spawn_blocking(move || child.wait_with_output()).await??);
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let out = tokio::task::spawn_blocking(move || child.wait_with_output()).await??;
+            bail!(
+                "process still running after {limit:?}; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Tiny model, seed data, two participants' data, the adapter from `fedsb init`.
+fn task_dir() -> anyhow::Result<tempfile::TempDir> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    write_tiny_model(&dir.join("model"), 11)?;
+    std::fs::write(dir.join("seed.tsv"), labelled_tsv(48, 1, 0.5))?;
+    std::fs::write(dir.join("a.tsv"), labelled_tsv(40, 2, 0.3))?;
+    std::fs::write(dir.join("b.tsv"), labelled_tsv(56, 3, 0.7))?;
+    std::fs::write(dir.join("eval.tsv"), labelled_tsv(24, 4, 0.5))?;
+    let out = Command::new(fedsb_bin())
+        .arg("init")
+        .arg("--model")
+        .arg(dir.join("model"))
+        .arg("--train")
+        .arg(dir.join("seed.tsv"))
+        .args(["--labels", &LABELS.join(",")])
+        .args(["--rank", &RANK.to_string()])
+        .args(["--init-samples", "32", "--batch", "8", "--lr", "0.01"])
+        .arg("--out")
+        .arg(dir.join("adapter.safetensors"))
+        .output()
+        .context("running fedsb init")?;
+    check_success("fedsb init", &out)?;
+    Ok(tmp)
+}
+
+fn write_config(dir: &Path, min_participants: u32, epsilon: f64) -> anyhow::Result<()> {
+    let config = format!(
+        r#"[task]
+id = "dp-task"
+rounds = {ROUNDS}
+min_participants = {min_participants}
+max_participants = 2
+round_deadline_secs = 600
+labels = ["{}", "{}"]
+local_steps = 4
+batch_size = 8
+learning_rate = 0.01
+max_seq_len = 16
+[model]
+id = "tiny-random-bert"
+dir = "model"
+[adapter]
+rank = {RANK}
+file = "adapter.safetensors"
+[privacy]
+enabled = true
+epsilon = {epsilon}
+delta = 1e-5
+clip_norm = 1.0
+[server]
+ping_interval_secs = 1
+idle_timeout_secs = 60
+"#,
+        LABELS[0], LABELS[1]
+    );
+    std::fs::write(dir.join("task.toml"), config)?;
+    Ok(())
+}
+
+fn spawn_join(
+    dir: &Path,
+    agg: &Aggregator,
+    data: &str,
+    name: &str,
+    extra: &[&str],
+) -> anyhow::Result<Child> {
+    Command::new(fedsb_bin())
+        .arg("join")
+        .args(["--server", &agg.url("")])
+        .arg("--data")
+        .arg(dir.join(data))
+        .arg("--cache-dir")
+        .arg(dir.join(format!("cache-{name}")))
+        .args(["--name", name])
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("spawning fedsb join")
+}
+
+/// The `/api/status` privacy entries, by client name suffix.
+fn privacy_of<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    status["privacy"]
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .find(|p| p["client"].as_str().is_some_and(|c| c.ends_with(name)))
+        })
+        .unwrap_or_else(|| panic!("no privacy entry for {name} in {status}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dp_task_commits_rounds_and_reports_epsilon_per_participant() -> anyhow::Result<()> {
+    let tmp = task_dir()?;
+    let dir = tmp.path();
+    write_config(dir, 2, EPSILON)?;
+    let agg = Aggregator::start_in(dir)?;
+    let task = agg.json("/api/task").await?;
+    assert_eq!(task["privacy"]["epsilon"], EPSILON, "{task}");
+
+    let a = spawn_join(dir, &agg, "a.tsv", "a", &[])?;
+    let b = spawn_join(dir, &agg, "b.tsv", "b", &["--accountant", "rdp"])?;
+    let (a, b) = tokio::join!(wait_child(a, JOIN_TIMEOUT), wait_child(b, JOIN_TIMEOUT));
+    let (a, b) = (a?, b?);
+    for (name, out, n) in [("a", &a, 40.0), ("b", &b, 56.0)] {
+        check_success(&format!("fedsb join ({name})"), out)?;
+        eprintln!(
+            "--- fedsb join ({name}) stderr\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report = last_json_line(out)?;
+        assert_eq!(report["finished"], true, "{name}: {report}");
+        assert_eq!(report["rounds_participated"], ROUNDS, "{name}: {report}");
+        assert_eq!(report["budget_exhausted"], false, "{name}: {report}");
+        let eps = report["epsilon_spent"].as_f64().context("epsilon_spent")?;
+        assert!(eps > 0.0 && eps <= EPSILON, "{name}: ε {eps}");
+        // σ was calibrated for all 3 × 4 steps: they spend nearly all of ε.
+        assert!(
+            eps > 0.9 * EPSILON,
+            "{name}: ε {eps} (calibration too loose)"
+        );
+        let q = report["sample_rate"].as_f64().context("sample_rate")?;
+        assert!((q - 8.0 / n).abs() < 1e-12, "{name}: q {q}");
+        assert!(report["noise_multiplier"].as_f64().unwrap_or(0.0) > 0.0);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("DP-SGD"), "{name}: {stderr}");
+    }
+
+    let rounds = agg.json("/api/rounds").await?;
+    assert_eq!(
+        rounds.as_array().map(Vec::len),
+        Some(ROUNDS as usize + 1),
+        "{rounds}"
+    );
+    for r in &rounds.as_array().unwrap()[1..] {
+        assert_eq!(r["participants"], 2, "{r}");
+    }
+    let status = agg.json("/api/status").await?;
+    assert_eq!(status["state"], "finished", "{status}");
+    assert_eq!(
+        status["privacy"].as_array().map(Vec::len),
+        Some(2),
+        "{status}"
+    );
+    for name in ["a", "b"] {
+        let p = privacy_of(&status, name);
+        let eps = p["epsilon_spent"].as_f64().context("epsilon_spent")?;
+        assert!(eps > 0.0 && eps <= EPSILON, "{name}: {p}");
+        // Every accepted update carried a report.
+        assert_eq!(p["updates"], ROUNDS, "{name}: {p}");
+        assert_eq!(p["steps"], ROUNDS * 4, "{name}: {p}");
+        assert_eq!(p["clip_norm"], 1.0, "{name}: {p}");
+        assert_eq!(p["delta"], 1e-5, "{name}: {p}");
+        assert_eq!(p["last_round"], ROUNDS, "{name}: {p}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn participant_stops_when_its_budget_is_spent() -> anyhow::Result<()> {
+    let tmp = task_dir()?;
+    let dir = tmp.path();
+    write_config(dir, 1, EPSILON)?;
+    let agg = Aggregator::start_in(dir)?;
+    // The whole budget on one round: less noise, but round 2 would exceed it.
+    let child = spawn_join(dir, &agg, "a.tsv", "a", &["--dp-rounds", "1"])?;
+    let out = wait_child(child, JOIN_TIMEOUT).await?;
+    check_success("fedsb join --dp-rounds 1", &out)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("privacy budget exhausted") && stderr.contains("stops here"),
+        "the participant must say why it stops: {stderr}"
+    );
+    let report = last_json_line(&out)?;
+    assert_eq!(report["budget_exhausted"], true, "{report}");
+    assert_eq!(report["finished"], false, "{report}");
+    assert_eq!(report["rounds"], serde_json::json!([1]), "{report}");
+    let eps = report["epsilon_spent"].as_f64().context("epsilon_spent")?;
+    assert!(eps > 0.0 && eps <= EPSILON, "ε {eps}");
+
+    // Round 1 committed with its update; it left before round 2.
+    let rounds = agg.json("/api/rounds").await?;
+    assert_eq!(rounds.as_array().map(Vec::len), Some(2), "{rounds}");
+    let status = agg.json("/api/status").await?;
+    assert_eq!(status["round"], 2, "{status}");
+    assert_eq!(status["participants_connected"], 0, "{status}");
+    let p = privacy_of(&status, "a");
+    assert_eq!(p["epsilon_spent"].as_f64(), Some(eps), "{p}");
+    assert_eq!(p["connected"], false, "{p}");
+    assert_eq!(p["updates"], 1, "{p}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn train_with_dp_reports_epsilon_and_writes_the_adapter() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    write_tiny_model(&dir.join("model"), 11)?;
+    std::fs::write(dir.join("seed.tsv"), labelled_tsv(48, 1, 0.5))?;
+    std::fs::write(dir.join("train.tsv"), labelled_tsv(64, 2, 0.5))?;
+    std::fs::write(dir.join("eval.tsv"), labelled_tsv(24, 4, 0.5))?;
+    let train = |extra: &[&str]| {
+        Command::new(fedsb_bin())
+            .arg("train")
+            .arg("--model")
+            .arg(dir.join("model"))
+            .arg("--train")
+            .arg(dir.join("train.tsv"))
+            .arg("--eval")
+            .arg(dir.join("eval.tsv"))
+            .args([
+                "--rank", "4", "--steps", "6", "--batch", "8", "--lr", "0.01",
+            ])
+            .args(["--init-samples", "16"])
+            .args(extra)
+            .output()
+    };
+    // DP without public seed data is refused: the init would read private data.
+    let out = train(&["--dp-epsilon", "2", "--clip", "0.5"])?;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--init-data"), "{stderr}");
+    let out = train(&["--dp-epsilon", "2"])?;
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--clip"));
+
+    let adapter = dir.join("trained.safetensors");
+    let seed = dir.join("seed.tsv");
+    let out = train(&[
+        "--dp-epsilon",
+        "2",
+        "--dp-delta",
+        "1e-5",
+        "--clip",
+        "0.5",
+        "--accountant",
+        "rdp",
+        "--init-data",
+        seed.to_str().unwrap(),
+        "--output",
+        adapter.to_str().unwrap(),
+    ])?;
+    check_success("fedsb train with DP", &out)?;
+    let report = last_json_line(&out)?;
+    let eps = report["epsilon"].as_f64().context("epsilon")?;
+    assert!(eps > 1.8 && eps <= 2.0, "ε {eps}: {report}");
+    assert_eq!(report["delta"], 1e-5, "{report}");
+    assert_eq!(report["sample_rate"], 8.0 / 64.0, "{report}");
+    assert!(
+        report["noise_multiplier"].as_f64().unwrap_or(0.0) > 0.0,
+        "{report}"
+    );
+    assert!(report["eval_accuracy"].as_f64().is_some(), "{report}");
+    // The adapter file has A, B, R of all 12 modules and the head.
+    let bytes = std::fs::read(&adapter)?;
+    let n = u64::from_le_bytes(bytes[..8].try_into()?) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n])?;
+    let names = header.as_object().context("header")?;
+    assert_eq!(
+        names["encoder.layer.1.output.dense.lora_R"]["shape"],
+        serde_json::json!([4, 4])
+    );
+    assert!(names.contains_key("encoder.layer.0.attention.self.query.lora_A"));
+    assert_eq!(
+        names["classifier.weight"]["shape"],
+        serde_json::json!([2, 16])
+    );
+    assert_eq!(names["__metadata__"]["trained_by"], "fedsb train");
+
+    // A given σ: ε is only reported.
+    let out = train(&[
+        "--noise-multiplier",
+        "1.0",
+        "--clip",
+        "0.5",
+        "--accountant",
+        "rdp",
+        "--init-data",
+        seed.to_str().unwrap(),
+    ])?;
+    check_success("fedsb train --noise-multiplier", &out)?;
+    let report = last_json_line(&out)?;
+    assert_eq!(report["noise_multiplier"], 1.0, "{report}");
+    assert!(report["epsilon"].as_f64().unwrap_or(0.0) > 0.0, "{report}");
+    Ok(())
+}
