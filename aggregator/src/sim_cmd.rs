@@ -713,7 +713,15 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
                 )
             });
         } else {
-            bar.println(format!(
+            // A hidden bar (stderr is not a terminal) drops println's text.
+            let line = |s: String| {
+                if bar.is_hidden() {
+                    eprintln!("{s}");
+                } else {
+                    bar.println(s);
+                }
+            };
+            line(format!(
                 "round {}: eval accuracy {:.4}, eval loss {:.4}, {} participants, {} samples, {} bytes up, {} bytes down, {:.1} s",
                 row.round,
                 row.eval_accuracy,

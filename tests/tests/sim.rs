@@ -289,6 +289,29 @@ fn head_only_keeps_every_r_and_trains_the_head() -> anyhow::Result<()> {
 }
 
 #[test]
+fn without_json_rounds_go_to_stderr_and_the_table_to_stdout() -> anyhow::Result<()> {
+    let task = Task::new()?;
+    let out = run(task.sim(1, &[]))?;
+    check_success("fedsb sim", &out)?;
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        stderr.contains("round 0: eval accuracy") && stderr.contains("round 1: eval accuracy"),
+        "{stderr}"
+    );
+    let table: Vec<&str> = stdout.lines().collect();
+    assert!(
+        table[0].contains("accuracy") && table[0].contains("bytes up"),
+        "{stdout}"
+    );
+    assert_eq!(table.len(), 4, "header, rounds 0 and 1, totals: {stdout}");
+    assert!(table[3].starts_with("total:"), "{stdout}");
+    Ok(())
+}
+
+#[test]
 fn sim_refuses_bad_input_clearly() -> anyhow::Result<()> {
     let task = Task::new()?;
     let cases: [(usize, &[&str], &str); 5] = [
