@@ -355,6 +355,9 @@ dir = "model"
 [adapter]
 rank = {RANK}
 file = "adapter.safetensors"
+[eval]
+file = "eval.tsv"
+batch_size = {BATCH}
 [server]
 ping_interval_secs = 1
 idle_timeout_secs = 60
@@ -422,7 +425,8 @@ async fn sim_equals_the_same_run_over_websockets() -> anyhow::Result<()> {
     );
     let out = tokio::task::spawn_blocking(move || run(sim)).await??;
     check_success("fedsb sim", &out)?;
-    check_rounds(&json_lines(&out)?, ROUNDS, false)?;
+    let sim_rounds = json_lines(&out)?;
+    check_rounds(&sim_rounds, ROUNDS, false)?;
 
     // The same run over WebSockets: the aggregator and one `fedsb join` per
     // shard, with the shard's batch seed.
@@ -485,5 +489,40 @@ async fn sim_equals_the_same_run_over_websockets() -> anyhow::Result<()> {
         }
     }
     eprintln!("simulator and WebSocket frames bit-identical: {identical}");
+
+    // The aggregator evaluates every committed round on the same eval set
+    // with the same batch size: the same numbers as the simulator's.
+    let started = Instant::now();
+    let listed = loop {
+        let listed = agg.json("/api/rounds").await?;
+        let rounds = listed.as_array().context("/api/rounds is not an array")?;
+        if rounds.len() as u64 == ROUNDS + 1 && rounds.iter().all(|r| !r["eval"].is_null()) {
+            break rounds.clone();
+        }
+        if started.elapsed() > RUN_TIMEOUT {
+            bail!("the aggregator did not evaluate every round: {listed}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for (ws, sim) in listed.iter().zip(&sim_rounds) {
+        let n = sim["round"].as_u64().context("round")?;
+        assert_eq!(ws["round"], n);
+        let eval = &ws["eval"];
+        assert_eq!(eval["samples"], 24, "round {n}: {eval}");
+        let (ws_acc, sim_acc) = (
+            eval["accuracy"].as_f64().context("accuracy")?,
+            sim["eval_accuracy"].as_f64().context("eval_accuracy")?,
+        );
+        let (ws_loss, sim_loss) = (
+            eval["loss"].as_f64().context("loss")?,
+            sim["eval_loss"].as_f64().context("eval_loss")?,
+        );
+        eprintln!("round {n}: eval accuracy {sim_acc} / {ws_acc}, loss {sim_loss} / {ws_loss} (sim / aggregator)");
+        assert_eq!(sim_acc, ws_acc, "round {n}: eval accuracy");
+        assert!(
+            (sim_loss - ws_loss).abs() <= 1e-6 * ws_loss.abs(),
+            "round {n}: eval loss {sim_loss} (sim) vs {ws_loss} (aggregator)"
+        );
+    }
     Ok(())
 }
