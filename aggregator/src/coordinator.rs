@@ -22,8 +22,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use fedsb_protocol::{
-    AdapterState, ClientUpdate, ErrorCode, ParticipantId, RoundId, ServerMessage, TaskInfo,
-    PROTOCOL_VERSION,
+    AdapterState, ClientUpdate, ErrorCode, ParticipantId, PrivacyPolicy, PrivacyReport, RoundId,
+    ServerMessage, TaskInfo, PROTOCOL_VERSION,
 };
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
@@ -323,6 +323,9 @@ impl Coordinator {
                 ),
             )),
             Phase::Collecting { round, .. } => {
+                if let Some(policy) = &self.task.privacy {
+                    check_report_against_policy(update.privacy.as_ref(), policy)?;
+                }
                 let report = update.privacy.clone();
                 round.accept(participant, &client, update, frame_bytes, now_unix_ms())?;
                 if let Some(r) = report {
@@ -575,6 +578,37 @@ impl Coordinator {
             changed
         });
     }
+}
+
+/// A task with differential privacy accepts only updates whose report says
+/// they were trained under its policy: same clip norm and δ, noise, and ε
+/// spent within the target.
+fn check_report_against_policy(
+    report: Option<&PrivacyReport>,
+    policy: &PrivacyPolicy,
+) -> Result<(), Rejection> {
+    let reject = |why: String| Err(Rejection::new(ErrorCode::InvalidPrivacyReport, why));
+    let Some(r) = report else {
+        return reject(
+            "this task uses differential privacy: every update must carry a privacy report".into(),
+        );
+    };
+    if r.clip_norm != policy.clip_norm || r.delta != policy.delta {
+        return reject(format!(
+            "privacy report with clip norm {} and δ {}, but the task requires clip norm {} and δ {}",
+            r.clip_norm, r.delta, policy.clip_norm, policy.delta
+        ));
+    }
+    if r.noise_multiplier.is_nan() || r.noise_multiplier <= 0.0 {
+        return reject("privacy report without noise (σ = 0)".into());
+    }
+    if r.epsilon_spent.is_nan() || r.epsilon_spent > policy.epsilon {
+        return reject(format!(
+            "privacy report spends ε = {} beyond the task's target ε = {}",
+            r.epsilon_spent, policy.epsilon
+        ));
+    }
+    Ok(())
 }
 
 fn unix_ms_at(t: Instant) -> u64 {

@@ -355,3 +355,71 @@ async fn train_with_dp_reports_epsilon_and_writes_the_adapter() -> anyhow::Resul
     assert!(report["epsilon"].as_f64().unwrap_or(0.0) > 0.0, "{report}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dp_task_rejects_updates_without_a_fitting_privacy_report() -> anyhow::Result<()> {
+    use fedsb_protocol::{ErrorCode, PrivacyReport, RoundId, ServerMessage};
+    let config = test_config(2, 1, 2, 600, "")
+        + "[privacy]\nenabled = true\nepsilon = 2.0\ndelta = 1e-5\nclip_norm = 0.5\n";
+    let agg = Aggregator::start(&config)?;
+    let (mut p, _) = Participant::join(agg.addr, "scripted").await?;
+    p.wait_global(RoundId(0)).await?;
+    let round = p.wait_round_open().await?;
+    let good = PrivacyReport {
+        noise_multiplier: 1.2,
+        sample_rate: 0.1,
+        steps: 4,
+        clip_norm: 0.5,
+        delta: 1e-5,
+        epsilon_spent: 0.7,
+    };
+    let cases = [
+        (None, "must carry a privacy report"),
+        (
+            Some(PrivacyReport {
+                clip_norm: 5.0,
+                ..good.clone()
+            }),
+            "requires clip norm 0.5",
+        ),
+        (
+            Some(PrivacyReport {
+                noise_multiplier: 0.0,
+                ..good.clone()
+            }),
+            "without noise",
+        ),
+        (
+            Some(PrivacyReport {
+                epsilon_spent: 2.5,
+                ..good.clone()
+            }),
+            "beyond the task's target",
+        ),
+    ];
+    for (i, (report, why)) in cases.into_iter().enumerate() {
+        let mut u = update(round, 10, known_state(&TEST_SHAPE, i as u64));
+        u.privacy = report;
+        match p.submit(u).await? {
+            ServerMessage::Error { code, message } => {
+                assert_eq!(code, ErrorCode::InvalidPrivacyReport, "{message}");
+                assert!(message.contains(why), "case {i}: {message}");
+            }
+            other => bail!("case {i}: expected a rejection, got {other:?}"),
+        }
+    }
+    assert_eq!(agg.metric("fedsb_updates_accepted_total").await?, 0.0);
+    let mut u = update(round, 10, known_state(&TEST_SHAPE, 9));
+    u.privacy = Some(good);
+    let answer = p.submit(u).await?;
+    assert!(
+        matches!(answer, ServerMessage::UpdateAccepted { .. }),
+        "{answer:?}"
+    );
+    p.wait_global(round).await?;
+    let status = agg.json("/api/status").await?;
+    let entry = privacy_of(&status, "scripted");
+    assert_eq!(entry["epsilon_spent"], 0.7, "{entry}");
+    assert_eq!(entry["steps"], 4, "{entry}");
+    Ok(())
+}

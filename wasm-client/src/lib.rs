@@ -1,13 +1,26 @@
 //! Browser bindings of fedsb, built with wasm-bindgen and loaded in a Web
-//! Worker. For now they expose the wire protocol, so the page speaks exactly
-//! the bytes the aggregator decodes (one implementation, in
-//! `shared/protocol`); the engine bindings join them as the engine lands.
+//! Worker: the wire protocol, so the page speaks exactly the bytes the
+//! aggregator decodes (one implementation, in `shared/protocol`), and the
+//! engine on WebGPU ([`WasmEngine`]).
 //!
-//! Build: `cargo build -p fedsb-wasm-client --target wasm32-unknown-unknown
-//! --release`, then `wasm-bindgen --target web` on the `.wasm`.
+//! Build: `cargo xtask build-wasm` (a release build for
+//! `wasm32-unknown-unknown`, then `wasm-bindgen --target web` into
+//! `www/pkg/`). `www/tests/embed.html` uses it; `tests/tests/browser_embed.rs`
+//! runs that page in headless Chromium.
 
 use fedsb_protocol::{ClientMessage, ClientUpdate, ServerMessage, PROTOCOL_VERSION};
 use wasm_bindgen::prelude::*;
+
+mod engine;
+
+pub use engine::{embed_by_length, EngineError, WasmEngine};
+
+/// Runs when the module is instantiated: panics are printed to the console
+/// with their message instead of an opaque `unreachable`.
+#[wasm_bindgen(start)]
+pub fn start() {
+    console_error_panic_hook::set_once();
+}
 
 /// The protocol version this build speaks.
 #[wasm_bindgen(js_name = protocolVersion)]

@@ -4,6 +4,10 @@
 //!   the data and model the tests need, and every test of the workspace.
 //! * `demo`: fetch data and model, build, start the aggregator with the SST-2
 //!   demo task and print its URL.
+//! * `build-wasm`: build `fedsb-wasm-client` for `wasm32-unknown-unknown`
+//!   (release) and generate its JS bindings into `www/pkg/` with the
+//!   wasm-bindgen CLI of exactly the version in `Cargo.lock` (installed into
+//!   `target/tools/` when missing).
 //! * `fetch-data`, `fetch-model`: put SST-2 in `data/sst2/` and
 //!   all-MiniLM-L6-v2 in `models/all-MiniLM-L6-v2/` (both git-ignored).
 //! * `bench`: run the benchmarks whose results are kept in `BENCHMARKS.md`.
@@ -33,6 +37,8 @@ enum Task {
         #[arg(long, default_value_t = 8080)]
         port: u16,
     },
+    /// Build the browser bundle (wasm + JS bindings) into www/pkg/.
+    BuildWasm,
     /// Put GLUE SST-2 in data/sst2/.
     FetchData,
     /// Put all-MiniLM-L6-v2 (Hugging Face layout) in models/all-MiniLM-L6-v2/.
@@ -51,6 +57,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Task::Test => test(&root),
         Task::Demo { port } => demo(&root, port),
+        Task::BuildWasm => build_wasm(&root),
         Task::FetchData => fetch_data(&root),
         Task::FetchModel => fetch_model(&root),
         Task::Bench { what } => bench(&root, &what),
@@ -115,6 +122,8 @@ fn test(root: &Path) -> Result<()> {
     run(wasm.args(["--", "-D", "warnings"]))?;
     fetch_data(root)?;
     fetch_model(root)?;
+    // The browser tests load www/pkg/.
+    build_wasm(root)?;
     // The end-to-end tests start the real binary.
     run(cargo().args(["build", "-p", "fedsb-aggregator", "--bin", "fedsb"]))?;
     run(cargo()
@@ -127,6 +136,7 @@ fn test(root: &Path) -> Result<()> {
 fn demo(root: &Path, port: u16) -> Result<()> {
     fetch_data(root)?;
     fetch_model(root)?;
+    build_wasm(root)?;
     run(cargo().args([
         "build",
         "--release",
@@ -144,6 +154,94 @@ fn demo(root: &Path, port: u16) -> Result<()> {
         "--port",
         &port.to_string(),
     ]))
+}
+
+/// Where `build-wasm` writes the bundle the page imports.
+const WASM_PKG_DIR: &str = "www/pkg";
+/// Where `build-wasm` installs the wasm-bindgen CLI (`<root>/bin/wasm-bindgen`).
+const TOOLS_DIR: &str = "target/tools";
+
+fn build_wasm(root: &Path) -> Result<()> {
+    let version = locked_version(root, "wasm-bindgen")?;
+    let wasm_bindgen = wasm_bindgen_cli(root, &version)?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "fedsb-wasm-client",
+        "--target",
+        "wasm32-unknown-unknown",
+    ]))?;
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let wasm = target_dir.join("wasm32-unknown-unknown/release/fedsb_wasm_client.wasm");
+    let out = root.join(WASM_PKG_DIR);
+    if out.exists() {
+        fs::remove_dir_all(&out)?;
+    }
+    run(Command::new(&wasm_bindgen)
+        .args(["--target", "web", "--out-dir"])
+        .arg(&out)
+        .arg(&wasm))?;
+    eprintln!("browser bundle written to {}", out.display());
+    Ok(())
+}
+
+/// The version of `package` that `Cargo.lock` pins (the first entry of
+/// that name).
+fn locked_version(root: &Path, package: &str) -> Result<String> {
+    let lock = fs::read_to_string(root.join("Cargo.lock")).context("reading Cargo.lock")?;
+    let mut lines = lock.lines();
+    while let Some(line) = lines.next() {
+        if line.trim() == format!("name = \"{package}\"") {
+            if let Some(v) = lines
+                .next()
+                .and_then(|l| l.trim().strip_prefix("version = \""))
+                .and_then(|v| v.strip_suffix('"'))
+            {
+                return Ok(v.to_owned());
+            }
+        }
+    }
+    bail!("Cargo.lock pins no {package}")
+}
+
+/// `target/tools/bin/wasm-bindgen` at exactly `version`, installed with
+/// `cargo install` when missing or of another version: the CLI must match
+/// the `wasm-bindgen` crate the wasm was built with.
+fn wasm_bindgen_cli(root: &Path, version: &str) -> Result<PathBuf> {
+    let tools = root.join(TOOLS_DIR);
+    let bin = tools
+        .join("bin")
+        .join(format!("wasm-bindgen{}", std::env::consts::EXE_SUFFIX));
+    let installed = Command::new(&bin)
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    if installed.as_deref() == Some(&format!("wasm-bindgen {version}")) {
+        return Ok(bin);
+    }
+    eprintln!(
+        "wasm-bindgen {version} needed, found {}; installing it into {}",
+        installed.as_deref().unwrap_or("none"),
+        tools.display()
+    );
+    // Without --locked: the registry mirror may lack the newest transitive
+    // versions the CLI's own lock file names.
+    run(cargo()
+        .args([
+            "install",
+            "wasm-bindgen-cli",
+            "--force",
+            "--version",
+            version,
+            "--root",
+        ])
+        .arg(&tools))?;
+    Ok(bin)
 }
 
 const GLUE_SST2_URL: &str = "https://dl.fbaipublicfiles.com/glue/data/SST-2.zip";
