@@ -398,9 +398,15 @@ fn train_round(
             seconds = started.elapsed().as_secs_f64(),
             "local round trained with DP-SGD"
         );
+        // The update's weight is the expected number of samples, q·N per
+        // step: the actual Poisson batch sizes depend on who is in the data,
+        // which the DP analysis does not cover releasing.
+        let expected = (dp.config.expected_batch() * f64::from(steps))
+            .round()
+            .max(1.0) as u64;
         return Ok(LocalRound {
             state,
-            samples: out.samples,
+            samples: expected,
             mean_loss: out.mean_loss,
             privacy: Some(report),
         });

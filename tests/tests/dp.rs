@@ -193,6 +193,9 @@ async fn dp_task_commits_rounds_and_reports_epsilon_per_participant() -> anyhow:
         );
         let q = report["sample_rate"].as_f64().context("sample_rate")?;
         assert!((q - 8.0 / n).abs() < 1e-12, "{name}: q {q}");
+        // Updates are weighted by the expected samples q·N = 8 per step, not
+        // by the Poisson batch sizes.
+        assert_eq!(report["samples"], ROUNDS * 4 * 8, "{name}: {report}");
         assert!(report["noise_multiplier"].as_f64().unwrap_or(0.0) > 0.0);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains("DP-SGD"), "{name}: {stderr}");
