@@ -9,7 +9,7 @@
 //
 // Needs the bundle of `cargo xtask build-wasm` in /pkg/.
 
-import init, { WasmEngine } from "../pkg/fedsb_wasm_client.js";
+import init, { WasmEngine } from "./pkg/fedsb_wasm_client.js";
 
 let engine = null;
 
