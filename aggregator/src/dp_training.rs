@@ -3,6 +3,8 @@
 //! take, a [`PrivacyLedger`] of what it has spent, and DP-SGD steps on the
 //! GPU ([`train_steps_dp`]).
 
+use std::path::Path;
+
 use anyhow::{bail, Context};
 use fedsb_engine::data::Example;
 use fedsb_engine::dp::{dp_sgd_step, DpSgdConfig, NoiseSource};
@@ -120,6 +122,44 @@ impl DpTraining {
     /// The accountant used.
     pub fn accountant(&self) -> AccountantKind {
         self.ledger.accountant()
+    }
+
+    /// Adds the steps of an earlier run (a ledger saved by
+    /// [`Self::save_ledger`]) to this one, so that restarting a participant
+    /// never resets what it has spent. The earlier budget and accountant do
+    /// not matter: its steps are judged by this run's.
+    pub fn load_ledger(&mut self, path: &Path) -> anyhow::Result<bool> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("reading the privacy ledger {}", path.display()))
+            }
+        };
+        let earlier: PrivacyLedger = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "the privacy ledger {} is corrupt; it records what this participant has spent, \
+                 so it is not ignored: restore it, or delete it only if no update was ever sent",
+                path.display()
+            )
+        })?;
+        for segment in earlier.segments() {
+            self.ledger.record(*segment)?;
+        }
+        Ok(true)
+    }
+
+    /// Writes the ledger to `path` (atomically: a temporary file, then rename).
+    pub fn save_ledger(&self, path: &Path) -> anyhow::Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let tmp = path.with_extension("json.part");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&self.ledger)?)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+        Ok(())
     }
 
     /// Steps taken so far.
@@ -259,6 +299,30 @@ mod tests {
         let c = dp.check(10).unwrap();
         assert!(!c.within_budget && c.epsilon_after > 3.0, "{c:?}");
         assert_eq!(dp.steps_taken(), 40);
+    }
+
+    #[test]
+    fn the_ledger_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub").join("ledger.json");
+        let mut first =
+            DpTraining::calibrate(&policy(3.0), 200, 16, 40, AccountantKind::Rdp).unwrap();
+        assert!(!first.load_ledger(&path).unwrap(), "no ledger yet");
+        first.record(30).unwrap();
+        first.save_ledger(&path).unwrap();
+        let mut second =
+            DpTraining::calibrate(&policy(3.0), 200, 16, 40, AccountantKind::Rdp).unwrap();
+        assert!(second.load_ledger(&path).unwrap());
+        assert_eq!(second.steps_taken(), 30);
+        assert_eq!(
+            second.epsilon_spent().unwrap(),
+            first.epsilon_spent().unwrap()
+        );
+        assert!(second.check(10).unwrap().within_budget);
+        assert!(!second.check(20).unwrap().within_budget);
+        std::fs::write(&path, "not json").unwrap();
+        let e = second.load_ledger(&path).unwrap_err();
+        assert!(e.to_string().contains("corrupt"), "{e}");
     }
 
     #[test]

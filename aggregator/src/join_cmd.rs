@@ -113,6 +113,11 @@ pub struct JoinArgs {
     /// Tasks with differential privacy: the accountant for σ and ε.
     #[arg(long, value_enum, default_value_t = AccountantArg::Pld)]
     accountant: AccountantArg,
+    /// Tasks with differential privacy: where the steps this participant has
+    /// taken are recorded, so a restart does not reset its budget (default:
+    /// <cache-dir>/privacy/<task id>-<SHA-256 of the data file>.json).
+    #[arg(long)]
+    privacy_ledger: Option<PathBuf>,
 }
 
 /// What the WebSocket reader hands to the training loop.
@@ -622,14 +627,14 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
         ..AdamW::default()
     };
     let mut sampler = BatchSampler::new(data.len(), task.batch_size as usize, args.seed);
-    let mut dp = match &task.privacy {
+    let dp = match &task.privacy {
         Some(policy) => {
             let rounds = args.dp_rounds.unwrap_or(task.total_rounds);
             if rounds == 0 {
                 bail!("--dp-rounds must be at least 1");
             }
             let planned = rounds.saturating_mul(u64::from(task.local_steps));
-            let dp = DpTraining::calibrate(
+            let mut dp = DpTraining::calibrate(
                 policy,
                 data.len(),
                 task.batch_size as usize,
@@ -642,6 +647,34 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
                     task.task_id, policy.epsilon, policy.delta, policy.clip_norm
                 )
             })?;
+            let ledger_path = match &args.privacy_ledger {
+                Some(p) => p.clone(),
+                None => {
+                    let data_hash = sha256_of_file(&args.data)?;
+                    let task_name: String = task
+                        .task_id
+                        .chars()
+                        .map(|c| {
+                            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                                c
+                            } else {
+                                '_'
+                            }
+                        })
+                        .collect();
+                    cache
+                        .join("privacy")
+                        .join(format!("{task_name}-{}.json", &data_hash[..16]))
+                }
+            };
+            if dp.load_ledger(&ledger_path)? {
+                info!(
+                    ledger = %ledger_path.display(),
+                    steps = dp.steps_taken(),
+                    epsilon_spent = dp.epsilon_spent()?,
+                    "privacy ledger of earlier runs on this data"
+                );
+            }
             info!(
                 epsilon = policy.epsilon,
                 delta = policy.delta,
@@ -653,9 +686,13 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
                 accountant = %dp.accountant(),
                 "differential privacy: DP-SGD with σ calibrated for the planned steps"
             );
-            Some(dp)
+            Some((dp, ledger_path))
         }
         None => None,
+    };
+    let (mut dp, ledger_path) = match dp {
+        Some((d, p)) => (Some(d), Some(p)),
+        None => (None, None),
     };
 
     let mut summary = Summary::default();
@@ -731,7 +768,7 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
                         break Ok(());
                     }
                 }
-                let local = match train_round(
+                let local = train_round(
                     &mut encoder,
                     &loaded,
                     &data,
@@ -741,7 +778,14 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
                     steps,
                     &opt,
                     round,
-                ) {
+                );
+                // Steps taken are spent, whether or not the round succeeded.
+                if let (Some(dp), Some(path)) = (&dp, &ledger_path) {
+                    if let Err(e) = dp.save_ledger(path) {
+                        break Err(e);
+                    }
+                }
+                let local = match local {
                     Ok(l) => l,
                     Err(e) => break Err(e),
                 };

@@ -263,6 +263,25 @@ async fn participant_stops_when_its_budget_is_spent() -> anyhow::Result<()> {
     assert_eq!(p["epsilon_spent"].as_f64(), Some(eps), "{p}");
     assert_eq!(p["connected"], false, "{p}");
     assert_eq!(p["updates"], 1, "{p}");
+
+    // Restarting it does not reset its budget: the ledger in its cache
+    // remembers the steps, so it refuses round 2 without training.
+    let ledgers: Vec<_> =
+        std::fs::read_dir(dir.join("cache-a").join("privacy"))?.collect::<Result<_, _>>()?;
+    assert_eq!(ledgers.len(), 1, "one ledger for the task and data");
+    let child = spawn_join(dir, &agg, "a.tsv", "a", &["--dp-rounds", "1"])?;
+    let out = wait_child(child, JOIN_TIMEOUT).await?;
+    check_success("fedsb join again", &out)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("privacy budget exhausted") && stderr.contains("4 DP-SGD steps"),
+        "{stderr}"
+    );
+    let report = last_json_line(&out)?;
+    assert_eq!(report["budget_exhausted"], true, "{report}");
+    assert_eq!(report["rounds"], serde_json::json!([]), "{report}");
+    assert_eq!(report["epsilon_spent"].as_f64(), Some(eps), "{report}");
+    assert_eq!(agg.metric("fedsb_updates_accepted_total").await?, 1.0);
     Ok(())
 }
 
