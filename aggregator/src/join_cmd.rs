@@ -26,8 +26,10 @@
 //! take (`--dp-rounds`, default the task's rounds, × `local_steps`) at
 //! `q = batch_size / N` spend at most ε, trains every round with DP-SGD
 //! (Poisson sampling, per-sample clipping to C, Gaussian noise, on the GPU),
-//! records each round's steps in a privacy ledger and sends a
-//! `PrivacyReport` (σ, q, steps, C, δ, ε spent so far) with every update.
+//! records each round's steps in a privacy ledger (saved in the cache after
+//! every round, so a restart keeps counting) and sends a `PrivacyReport` (σ,
+//! q, steps, C, δ, ε spent so far) with every update, weighted by the
+//! expected samples `q·N·steps`.
 //! Before a round whose steps would take it past ε it refuses to train, says
 //! so on stderr, sends `Leave` and exits 0 with `"budget_exhausted": true`.
 //!
