@@ -127,7 +127,28 @@ async fn browser_embeddings_match_transformers() -> anyhow::Result<()> {
             RUN_TIMEOUT,
         )
         .await?;
+    // Bad model bytes reject with a readable error (on the page itself).
+    let error = chromium
+        .eval(
+            r#"import("/pkg/fedsb_wasm_client.js").then(async (m) => {
+                await m.default();
+                const empty = new Uint8Array(0);
+                try {
+                    await m.WasmEngine.create(new TextEncoder().encode("{}"), empty, empty);
+                    return "resolved";
+                } catch (e) {
+                    return `${e.constructor.name}: ${e.message}`;
+                }
+            })"#,
+        )
+        .await?;
     chromium.close().await;
+    let error = error.as_str().unwrap_or("?");
+    eprintln!("bad model files: {error}");
+    ensure!(
+        error.starts_with("Error: cannot load the model"),
+        "bad model files gave {error:?}"
+    );
     let result: Value = serde_json::from_str(text.as_str().context("result is a string")?)?;
     ensure!(
         result["ok"] == true,
