@@ -1,8 +1,10 @@
-// Live view of the aggregator: polls the JSON API and renders task, status
-// and the committed rounds. No data leaves the page; it only reads.
+// Live view of the aggregator: follows /api/events (Server-Sent Events) and
+// renders the task, the status, charts of the committed rounds (uPlot,
+// vendored) and their table. No data leaves the page; it only reads.
 
 const $ = (id) => document.getElementById(id);
-const POLL_MS = 2000;
+// A slow safety poll in case the event stream is cut by a proxy.
+const POLL_MS = 15000;
 
 function bytes(n) {
   if (n < 1024) return `${n} B`;
@@ -21,7 +23,42 @@ async function getJson(path) {
   return r.json();
 }
 
+let task = null;
+
+function renderPrivacy(list) {
+  const section = $("privacy");
+  if (!task || !task.privacy) {
+    section.hidden = true;
+    return;
+  }
+  section.hidden = false;
+  const budget = task.privacy.epsilon;
+  const rows = (list || []).map((p) => {
+    const tr = document.createElement("tr");
+    const cells = [
+      p.client || String(p.participant),
+      p.epsilon_spent.toFixed(3),
+      `${Math.min(100, (100 * p.epsilon_spent) / budget).toFixed(0)} % of ε = ${budget}`,
+      p.delta.toExponential(0),
+      p.noise_multiplier.toFixed(3),
+      p.sample_rate.toPrecision(3),
+      String(p.steps),
+      String(p.updates),
+      String(p.last_round),
+      p.connected ? "yes" : "no",
+    ];
+    for (const c of cells) {
+      const td = document.createElement("td");
+      td.textContent = c;
+      tr.appendChild(td);
+    }
+    return tr;
+  });
+  $("privacy-rows").replaceChildren(...rows);
+}
+
 function renderTask(t) {
+  task = t;
   setText("task-id", `${t.task_id} — ${t.total_rounds} rounds, ${t.local_steps} local steps of batch ${t.batch_size}`);
   setText("task-model", `${t.model_id}${t.model_sha256 ? ` (sha256 ${t.model_sha256.slice(0, 12)}…)` : ""}`);
   const s = t.shape;
@@ -38,15 +75,21 @@ function renderStatus(s) {
   setText("deadline", s.deadline_unix_ms ? new Date(s.deadline_unix_ms).toLocaleTimeString() : "—");
 }
 
+function fmt(x, digits) {
+  return x == null ? "—" : x.toFixed(digits);
+}
+
 function renderRounds(rounds) {
   const body = $("rounds");
   const rows = rounds.slice().reverse().map((r) => {
     const tr = document.createElement("tr");
     const cells = [
       r.round === 0 ? "0 (initial)" : String(r.round),
+      r.eval ? `${(100 * r.eval.accuracy).toFixed(1)} %` : "…",
+      r.eval ? fmt(r.eval.loss, 4) : "…",
       String(r.participants),
       String(r.total_samples),
-      r.mean_train_loss == null ? "—" : r.mean_train_loss.toFixed(4),
+      fmt(r.mean_train_loss, 4),
       bytes(r.bytes_in),
       bytes(r.bytes_out),
       `${(r.duration_ms / 1000).toFixed(1)} s`,
@@ -60,23 +103,111 @@ function renderRounds(rounds) {
     return tr;
   });
   body.replaceChildren(...rows);
+  renderCharts(rounds);
+}
+
+// ---- charts (uPlot) ----
+const charts = {};
+
+function chartWidth(el) {
+  return Math.max(280, Math.floor(el.getBoundingClientRect().width || 320));
+}
+
+function makeChart(id, series, yRange) {
+  const el = $(id);
+  const opts = {
+    width: chartWidth(el),
+    height: 180,
+    scales: { x: { time: false }, y: yRange ? { range: yRange } : {} },
+    axes: [{ label: "round" }, {}],
+    series: [{ label: "round" }, ...series],
+  };
+  const empty = [[], ...series.map(() => [])];
+  return new uPlot(opts, empty, el);
+}
+
+function renderCharts(rounds) {
+  if (typeof uPlot === "undefined") {
+    $("charts-missing").hidden = false;
+    return;
+  }
+  if (!charts.accuracy) {
+    charts.accuracy = makeChart("chart-accuracy", [{ label: "accuracy %", stroke: "#1f6feb", points: { show: true } }], [0, 100]);
+    charts.loss = makeChart("chart-loss", [
+      { label: "eval loss", stroke: "#d1242f", points: { show: true } },
+      { label: "mean train loss", stroke: "#8c959f", dash: [4, 4] },
+    ]);
+    charts.participants = makeChart("chart-participants", [{ label: "participants", stroke: "#1a7f37", points: { show: true } }]);
+    charts.bytes = makeChart("chart-bytes", [{ label: "KiB received", stroke: "#8250df", points: { show: true } }]);
+    charts.duration = makeChart("chart-duration", [{ label: "seconds", stroke: "#bf8700", points: { show: true } }]);
+  }
+  const x = rounds.map((r) => r.round);
+  const committed = rounds.filter((r) => r.round > 0);
+  const cx = committed.map((r) => r.round);
+  charts.accuracy.setData([x, rounds.map((r) => (r.eval ? 100 * r.eval.accuracy : null))]);
+  charts.loss.setData([x, rounds.map((r) => (r.eval ? r.eval.loss : null)), rounds.map((r) => r.mean_train_loss)]);
+  charts.participants.setData([cx, committed.map((r) => r.participants)]);
+  charts.bytes.setData([cx, committed.map((r) => r.bytes_in / 1024)]);
+  charts.duration.setData([cx, committed.map((r) => r.duration_ms / 1000)]);
+}
+
+window.addEventListener("resize", () => {
+  for (const [name, chart] of Object.entries(charts)) {
+    chart.setSize({ width: chartWidth($(`chart-${name}`)), height: 180 });
+  }
+});
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = !message;
+}
+
+let lastCommitted = -1;
+let roundsInFlight = null;
+
+async function refreshRounds() {
+  if (roundsInFlight) return roundsInFlight;
+  roundsInFlight = getJson("/api/rounds")
+    .then(renderRounds)
+    .catch((e) => showError(`Cannot load the rounds: ${e.message}`))
+    .finally(() => { roundsInFlight = null; });
+  return roundsInFlight;
+}
+
+function onStatus(s) {
+  renderStatus(s);
+  renderPrivacy(s.privacy);
+  showError("");
+  if (s.last_committed_round !== lastCommitted) {
+    lastCommitted = s.last_committed_round;
+    refreshRounds();
+  }
+}
+
+function follow() {
+  const events = new EventSource("/api/events");
+  events.addEventListener("status", (e) => onStatus(JSON.parse(e.data)));
+  events.addEventListener("eval", () => refreshRounds());
+  events.onerror = () => showError("Lost the live connection to the aggregator; reconnecting…");
 }
 
 async function poll() {
   try {
-    const [status, rounds] = await Promise.all([getJson("/api/status"), getJson("/api/rounds")]);
-    renderStatus(status);
-    renderRounds(rounds);
-    $("error").hidden = true;
+    onStatus(await getJson("/api/status"));
+    await refreshRounds();
   } catch (e) {
-    $("error").textContent = `Cannot reach the aggregator: ${e.message}`;
-    $("error").hidden = false;
+    showError(`Cannot reach the aggregator: ${e.message}`);
   }
   setTimeout(poll, POLL_MS);
 }
 
-getJson("/api/task").then(renderTask).catch((e) => {
-  $("error").textContent = `Cannot load the task: ${e.message}`;
-  $("error").hidden = false;
-});
+getJson("/api/task").then(renderTask).catch((e) => showError(`Cannot load the task: ${e.message}`));
+getJson("/api/eval")
+  .then((e) => {
+    $("eval-info").textContent = e.enabled
+      ? `Each committed global model is evaluated by the aggregator on ${e.samples} held-out examples (${e.adapter}).`
+      : "The aggregator has no evaluation set ([eval] file in the task config), so only training figures are shown.";
+  })
+  .catch(() => {});
+follow();
 poll();

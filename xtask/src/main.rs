@@ -8,6 +8,8 @@
 //!   (release) and generate its JS bindings into `www/pkg/` with the
 //!   wasm-bindgen CLI of exactly the version in `Cargo.lock` (installed into
 //!   `target/tools/` when missing).
+//! * `fetch-web-deps`: vendor the page's pinned chart library into
+//!   `www/vendor/` (git-ignored), checked by SHA-256.
 //! * `fetch-data`, `fetch-model`: put SST-2 in `data/sst2/` and
 //!   all-MiniLM-L6-v2 in `models/all-MiniLM-L6-v2/` (both git-ignored).
 //! * `bench`: run the benchmarks whose results are kept in `BENCHMARKS.md`.
@@ -19,6 +21,8 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+
+mod webdeps;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "fedsb project automation")]
@@ -39,6 +43,8 @@ enum Task {
     },
     /// Build the browser bundle (wasm + JS bindings) into www/pkg/.
     BuildWasm,
+    /// Vendor the page's pinned JavaScript (uPlot) into www/vendor/.
+    FetchWebDeps,
     /// Put GLUE SST-2 in data/sst2/.
     FetchData,
     /// Put all-MiniLM-L6-v2 (Hugging Face layout) in models/all-MiniLM-L6-v2/.
@@ -58,6 +64,7 @@ fn main() -> Result<()> {
         Task::Test => test(&root),
         Task::Demo { port } => demo(&root, port),
         Task::BuildWasm => build_wasm(&root),
+        Task::FetchWebDeps => webdeps::fetch_web_deps(&root),
         Task::FetchData => fetch_data(&root),
         Task::FetchModel => fetch_model(&root),
         Task::Bench { what } => bench(&root, &what),
@@ -122,8 +129,9 @@ fn test(root: &Path) -> Result<()> {
     run(wasm.args(["--", "-D", "warnings"]))?;
     fetch_data(root)?;
     fetch_model(root)?;
-    // The browser tests load www/pkg/.
+    // The browser tests load www/pkg/ and the page's vendored charts.
     build_wasm(root)?;
+    webdeps::fetch_web_deps(root)?;
     // The end-to-end tests start the real binary.
     run(cargo().args(["build", "-p", "fedsb-aggregator", "--bin", "fedsb"]))?;
     run(cargo()
@@ -137,6 +145,7 @@ fn demo(root: &Path, port: u16) -> Result<()> {
     fetch_data(root)?;
     fetch_model(root)?;
     build_wasm(root)?;
+    webdeps::fetch_web_deps(root)?;
     run(cargo().args([
         "build",
         "--release",
@@ -146,6 +155,19 @@ fn demo(root: &Path, port: u16) -> Result<()> {
         "fedsb",
     ]))?;
     let bin = root.join("target/release/fedsb");
+    // The demo task's frozen A, B and R₀ (configs/sst2-demo.toml, [adapter]
+    // file): LoRA-SB initialization on 64 SST-2 training sentences, made once.
+    let adapter = root.join(DEMO_ADAPTER);
+    if !adapter.is_file() {
+        eprintln!("\nInitializing the demo adapter (LoRA-SB init on 64 SST-2 sentences, about a minute on a CPU)…");
+        fs::create_dir_all(adapter.parent().expect("has a parent"))?;
+        run(Command::new(&bin)
+            .args(["init", "--model", "models/all-MiniLM-L6-v2"])
+            .args(["--train", "data/sst2/train.tsv"])
+            .args(["--labels", "negative,positive", "--rank", "32"])
+            .args(["--init-samples", "64", "--lr", "1e-3", "--out"])
+            .arg(&adapter))?;
+    }
     eprintln!("\nStarting the aggregator with the SST-2 demo task; open the URL it prints. Ctrl-C stops it.\n");
     run(Command::new(bin).args([
         "serve",
@@ -155,6 +177,9 @@ fn demo(root: &Path, port: u16) -> Result<()> {
         &port.to_string(),
     ]))
 }
+
+/// The demo task's adapter file, made by `fedsb init` on first `demo`.
+const DEMO_ADAPTER: &str = "state/sst2-demo-adapter.safetensors";
 
 /// Where `build-wasm` writes the bundle the page imports.
 const WASM_PKG_DIR: &str = "www/pkg";
