@@ -178,7 +178,10 @@ impl WasmEngine {
         let weights = BertWeights::from_bytes(config_json, model_safetensors)?;
         let ctx: &'static GpuContext =
             Box::leak(Box::new(GpuContext::new(&GpuOptions::default()).await?));
-        let encoder = GpuEncoder::new(ctx, &weights, None, None)?;
+        let encoder = GpuEncoder::new(ctx, &weights, None, None).inspect_err(|_| {
+            // No engine will own this device: free what was uploaded.
+            ctx.device.destroy();
+        })?;
         Ok(Self {
             ctx,
             hidden_size: weights.config.hidden_size,
