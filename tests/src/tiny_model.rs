@@ -6,7 +6,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use fedsb_engine::model::{BertConfig, BertWeights};
+use fedsb_engine::model::{wordpiece_tokenizer_json, BertConfig, BertWeights};
 use serde_json::json;
 
 /// Words that only occur in class 1 (`positive`).
@@ -44,45 +44,7 @@ pub fn tiny_config() -> BertConfig {
 /// A BERT-style `tokenizer.json` (BertNormalizer, BertPreTokenizer, WordPiece,
 /// `[CLS] … [SEP]` template) over [`vocabulary`].
 pub fn tokenizer_json() -> Vec<u8> {
-    let words = vocabulary();
-    let vocab: serde_json::Map<String, serde_json::Value> = words
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.to_string(), json!(i)))
-        .collect();
-    let added: Vec<_> = words[..4]
-        .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
-                   "normalized": false, "special": true})
-        })
-        .collect();
-    let special =
-        |name: &str, type_id: u32| json!({"SpecialToken": {"id": name, "type_id": type_id}});
-    let seq = |id: &str, type_id: u32| json!({"Sequence": {"id": id, "type_id": type_id}});
-    serde_json::to_vec(&json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added,
-        "normalizer": {"type": "BertNormalizer", "clean_text": true, "handle_chinese_chars": true,
-                       "strip_accents": null, "lowercase": true},
-        "pre_tokenizer": {"type": "BertPreTokenizer"},
-        "post_processor": {
-            "type": "TemplateProcessing",
-            "single": [special("[CLS]", 0), seq("A", 0), special("[SEP]", 0)],
-            "pair": [special("[CLS]", 0), seq("A", 0), special("[SEP]", 0), seq("B", 1), special("[SEP]", 1)],
-            "special_tokens": {
-                "[CLS]": {"id": "[CLS]", "ids": [2], "tokens": ["[CLS]"]},
-                "[SEP]": {"id": "[SEP]", "ids": [3], "tokens": ["[SEP]"]}
-            }
-        },
-        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": true},
-        "model": {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##",
-                  "max_input_chars_per_word": 100, "vocab": vocab}
-    }))
-    .expect("serializing JSON in memory")
+    wordpiece_tokenizer_json(&vocabulary(), true).expect("the vocabulary has BERT's special tokens")
 }
 
 /// Writes `config.json`, `model.safetensors` (random weights, a deterministic

@@ -2,7 +2,9 @@
 //! test (the same components as bert-base-uncased / all-MiniLM-L6-v2):
 //! special tokens, sentence pairs, truncation and dynamic padding.
 
-use fedsb_engine::model::{BertTokenizer, EncodedBatch, DEFAULT_MAX_LENGTH};
+use fedsb_engine::model::{
+    wordpiece_tokenizer_json, BertTokenizer, EncodedBatch, DEFAULT_MAX_LENGTH,
+};
 use serde_json::json;
 
 const VOCAB: [&str; 15] = [
@@ -13,45 +15,13 @@ const VOCAB: [&str; 15] = [
 /// A BERT-style tokenizer.json; like all-MiniLM-L6-v2's, it asks for fixed
 /// padding to 128, which the wrapper must replace by dynamic padding.
 fn tokenizer_json() -> Vec<u8> {
-    let vocab: serde_json::Map<String, serde_json::Value> = VOCAB
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.to_string(), json!(i)))
-        .collect();
-    let added: Vec<_> = VOCAB[..4]
-        .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
-                   "normalized": false, "special": true})
-        })
-        .collect();
-    let special =
-        |name: &str, type_id: u32| json!({"SpecialToken": {"id": name, "type_id": type_id}});
-    let seq = |id: &str, type_id: u32| json!({"Sequence": {"id": id, "type_id": type_id}});
-    serde_json::to_vec(&json!({
-        "version": "1.0",
-        "truncation": {"direction": "Right", "max_length": 128, "strategy": "LongestFirst", "stride": 0},
-        "padding": {"strategy": {"Fixed": 128}, "direction": "Right", "pad_to_multiple_of": null,
-                    "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]"},
-        "added_tokens": added,
-        "normalizer": {"type": "BertNormalizer", "clean_text": true, "handle_chinese_chars": true,
-                       "strip_accents": null, "lowercase": true},
-        "pre_tokenizer": {"type": "BertPreTokenizer"},
-        "post_processor": {
-            "type": "TemplateProcessing",
-            "single": [special("[CLS]", 0), seq("A", 0), special("[SEP]", 0)],
-            "pair": [special("[CLS]", 0), seq("A", 0), special("[SEP]", 0), seq("B", 1), special("[SEP]", 1)],
-            "special_tokens": {
-                "[CLS]": {"id": "[CLS]", "ids": [2], "tokens": ["[CLS]"]},
-                "[SEP]": {"id": "[SEP]", "ids": [3], "tokens": ["[SEP]"]}
-            }
-        },
-        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": true},
-        "model": {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##",
-                  "max_input_chars_per_word": 100, "vocab": vocab}
-    }))
-    .unwrap()
+    let mut t: serde_json::Value =
+        serde_json::from_slice(&wordpiece_tokenizer_json(&VOCAB, true).unwrap()).unwrap();
+    t["truncation"] =
+        json!({"direction": "Right", "max_length": 128, "strategy": "LongestFirst", "stride": 0});
+    t["padding"] = json!({"strategy": {"Fixed": 128}, "direction": "Right", "pad_to_multiple_of": null,
+                          "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]"});
+    serde_json::to_vec(&t).unwrap()
 }
 
 fn tokenizer() -> BertTokenizer {
@@ -128,4 +98,17 @@ fn empty_batch_and_bad_json() {
     );
     let err = BertTokenizer::from_bytes(b"{}").unwrap_err();
     assert!(err.to_string().starts_with("tokenizer:"), "{err}");
+}
+
+#[test]
+fn vocab_txt_gives_the_same_tokenizer_and_missing_specials_are_named() {
+    let from_json = tokenizer();
+    let from_txt = BertTokenizer::from_vocab_txt(&VOCAB.join("\n"), true).unwrap();
+    let texts = ["The cats sat on a mat.", "dog ran cafe"];
+    assert_eq!(
+        from_txt.encode_batch(&texts).unwrap(),
+        from_json.encode_batch(&texts).unwrap()
+    );
+    let e = BertTokenizer::from_vocab_txt("[PAD]\n[UNK]\nthe\n", true).unwrap_err();
+    assert!(e.to_string().contains("[CLS]"), "{e}");
 }

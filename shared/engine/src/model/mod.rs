@@ -13,7 +13,7 @@ mod tokenizer;
 mod weights;
 
 pub use config::BertConfig;
-pub use tokenizer::{BertTokenizer, EncodedBatch, DEFAULT_MAX_LENGTH};
+pub use tokenizer::{wordpiece_tokenizer_json, BertTokenizer, EncodedBatch, DEFAULT_MAX_LENGTH};
 pub(crate) use weights::SplitMix64;
 pub use weights::{
     AdaptedLinear, BertWeights, EmbeddingWeights, EncoderLayerWeights, LayerNormWeights,

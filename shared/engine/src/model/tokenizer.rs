@@ -80,6 +80,17 @@ impl BertTokenizer {
         Self::new(self.inner, max_length)
     }
 
+    /// The standard BERT tokenizer over a WordPiece `vocab.txt` (one token per
+    /// line, id = line number), for BERT-family models that ship no
+    /// `tokenizer.json`; see [`wordpiece_tokenizer_json`].
+    pub fn from_vocab_txt(vocab_txt: &str, lowercase: bool) -> Result<Self, ModelLoadError> {
+        let vocab: Vec<&str> = vocab_txt
+            .lines()
+            .map(|l| l.trim_end_matches('\r'))
+            .collect();
+        Self::from_bytes(&wordpiece_tokenizer_json(&vocab, lowercase)?)
+    }
+
     pub fn max_length(&self) -> usize {
         self.max_length
     }
@@ -185,4 +196,68 @@ impl BertTokenizer {
         }
         Ok(batch)
     }
+}
+
+/// A `tokenizer.json` with BERT's pipeline (BertNormalizer, BertPreTokenizer,
+/// WordPiece with `##` continuations, `[CLS] A [SEP] (B [SEP])` template with
+/// token types) over `vocab` (id = position), as bert-base-uncased and
+/// all-MiniLM-L6-v2 use. The vocabulary must hold `[PAD]`, `[UNK]`, `[CLS]`
+/// and `[SEP]`.
+pub fn wordpiece_tokenizer_json(
+    vocab: &[&str],
+    lowercase: bool,
+) -> Result<Vec<u8>, ModelLoadError> {
+    use serde_json::json;
+    let id = |token: &str| {
+        vocab.iter().position(|t| *t == token).ok_or_else(|| {
+            ModelLoadError::Tokenizer(format!("the vocabulary has no {token} token"))
+        })
+    };
+    let mut specials = Vec::new();
+    for token in ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] {
+        specials.push((token, id(token)?));
+    }
+    for token in ["[MASK]"] {
+        if let Ok(i) = id(token) {
+            specials.push((token, i));
+        }
+    }
+    let added: Vec<_> = specials
+        .iter()
+        .map(|(t, i)| {
+            json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                   "normalized": false, "special": true})
+        })
+        .collect();
+    let map: serde_json::Map<String, serde_json::Value> = vocab
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.to_string(), json!(i)))
+        .collect();
+    let (cls, sep) = (id("[CLS]")?, id("[SEP]")?);
+    let special =
+        |name: &str, type_id: u32| json!({"SpecialToken": {"id": name, "type_id": type_id}});
+    let seq = |name: &str, type_id: u32| json!({"Sequence": {"id": name, "type_id": type_id}});
+    serde_json::to_vec(&json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": {"type": "BertNormalizer", "clean_text": true, "handle_chinese_chars": true,
+                       "strip_accents": null, "lowercase": lowercase},
+        "pre_tokenizer": {"type": "BertPreTokenizer"},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [special("[CLS]", 0), seq("A", 0), special("[SEP]", 0)],
+            "pair": [special("[CLS]", 0), seq("A", 0), special("[SEP]", 0), seq("B", 1), special("[SEP]", 1)],
+            "special_tokens": {
+                "[CLS]": {"id": "[CLS]", "ids": [cls], "tokens": ["[CLS]"]},
+                "[SEP]": {"id": "[SEP]", "ids": [sep], "tokens": ["[SEP]"]}
+            }
+        },
+        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": true},
+        "model": {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##",
+                  "max_input_chars_per_word": 100, "vocab": map}
+    }))
+    .map_err(|e| ModelLoadError::Tokenizer(e.to_string()))
 }
