@@ -6,6 +6,11 @@
 //! cargo run --release -p fedsb-engine --example bench_encoder [-- BATCH SEQ RANK ITERS]
 //! ```
 //! Defaults: 32 64 32 3. Needs `models/all-MiniLM-L6-v2` (`cargo xtask fetch-model`).
+//!
+//! After the first training step it prints the GPU memory the device holds
+//! (wgpu's allocator report: the encoder keeps its weights, activations and
+//! gradients allocated between steps, so this is the step's working set) and
+//! the largest single buffer, against WebGPU's default limits.
 
 use std::time::Instant;
 
@@ -68,6 +73,21 @@ fn main() {
     );
     let opt = AdamW::default();
     pollster::block_on(encoder.train_step(&encoded, &labels, &opt)).unwrap();
+    match ctx.device.generate_allocator_report() {
+        Some(r) => {
+            let largest = r.allocations.iter().map(|a| a.size).max().unwrap_or(0);
+            let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+            println!(
+                "GPU memory after a training step: {:.1} MiB allocated in {} buffers ({:.1} MiB reserved); \
+                 largest buffer {:.1} MiB (WebGPU default limits: 128 MiB per storage binding, 256 MiB per buffer)",
+                mib(r.total_allocated_bytes),
+                r.allocations.len(),
+                mib(r.total_reserved_bytes),
+                mib(largest)
+            );
+        }
+        None => println!("GPU memory: this backend gives no allocator report"),
+    }
     let t = Instant::now();
     for _ in 0..iters {
         pollster::block_on(encoder.train_step(&encoded, &labels, &opt)).unwrap();
