@@ -134,6 +134,39 @@ pub struct AdapterSection {
     /// head) produced by LoRA-SB initialization; served to participants.
     #[serde(default)]
     pub file: Option<PathBuf>,
+    /// Where A, B and R₀ come from: `"file"` (the default: `file` above,
+    /// written by `fedsb init`, or R = 0 without one) or `"federated"` (the
+    /// participants send their summed gradients before round 1 and the
+    /// aggregator computes the adapter file; see README "Federated
+    /// initialization").
+    #[serde(default)]
+    pub init: AdapterInit,
+    /// Federated initialization: examples per participant (its first N).
+    #[serde(default = "default_init_samples")]
+    pub init_samples: u64,
+    /// Federated initialization: η of `ΔW = −η·sign(G)` (default: the task's
+    /// learning rate).
+    #[serde(default)]
+    pub init_learning_rate: Option<f64>,
+    /// Federated initialization: seed of the initial classification head
+    /// (the same head as `fedsb init --seed`).
+    #[serde(default)]
+    pub init_seed: u64,
+}
+
+/// `[adapter] init`: how the LoRA-SB adapters are initialized.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdapterInit {
+    /// From `[adapter] file` (or R = 0 without one).
+    #[default]
+    File,
+    /// From the participants' gradients, before round 1.
+    Federated,
+}
+
+fn default_init_samples() -> u64 {
+    256
 }
 
 /// `[privacy]`: sample-level DP-SGD at each participant.
@@ -465,6 +498,27 @@ impl Config {
                 return bad("eval.batch_size must be at least 1".into());
             }
         }
+        if a.init == AdapterInit::Federated {
+            if self.privacy.enabled {
+                return bad("adapter.init = \"federated\" cannot be combined with privacy.enabled = true: \
+                    the initialization gradients are not covered by DP-SGD; initialize from public seed data with \
+                    `fedsb init` and adapter.file instead".into());
+            }
+            if a.file.is_some() {
+                return bad("adapter.init = \"federated\" computes the adapter file: remove adapter.file (or use init = \"file\")".into());
+            }
+            if self.model.dir.is_none() {
+                return bad("adapter.init = \"federated\" needs model.dir (the layer shapes come from its config.json)".into());
+            }
+            if a.init_samples == 0 {
+                return bad("adapter.init_samples must be at least 1".into());
+            }
+            if let Some(lr) = a.init_learning_rate {
+                if !(lr.is_finite() && lr > 0.0) {
+                    return bad(format!("adapter.init_learning_rate {lr} must be positive"));
+                }
+            }
+        }
         let p = &self.privacy;
         if p.enabled
             && !(p.epsilon > 0.0
@@ -515,6 +569,30 @@ impl Config {
         })
     }
 
+    /// η of the federated initialization.
+    pub fn init_learning_rate(&self) -> f64 {
+        self.adapter
+            .init_learning_rate
+            .unwrap_or(f64::from(self.task.learning_rate))
+    }
+
+    /// `[adapter]` in the identity; the initialization keys only for
+    /// federated initialization, so the identity of other tasks is unchanged.
+    fn adapter_identity(&self) -> serde_json::Value {
+        let a = &self.adapter;
+        match a.init {
+            AdapterInit::File => serde_json::json!({ "rank": a.rank, "modules": a.modules }),
+            AdapterInit::Federated => serde_json::json!({
+                "rank": a.rank,
+                "modules": a.modules,
+                "init": "federated",
+                "init_samples": a.init_samples,
+                "init_learning_rate": self.init_learning_rate(),
+                "init_seed": a.init_seed,
+            }),
+        }
+    }
+
     /// The task's identity: everything but `[server]`, as canonical JSON. A
     /// state directory refuses to resume under a different identity.
     pub fn identity_json(&self) -> String {
@@ -526,7 +604,7 @@ impl Config {
                 "hidden_size": self.model.hidden_size,
                 "num_layers": self.model.num_layers,
             },
-            "adapter": { "rank": self.adapter.rank, "modules": self.adapter.modules },
+            "adapter": self.adapter_identity(),
             "privacy": self.privacy,
         })
         .to_string()
@@ -573,6 +651,34 @@ rank = 4
         );
         assert_eq!(c.task.weighting, Weighting::Samples);
         assert_eq!(c.server.state_dir, dir.path().join("state"));
+    }
+
+    #[test]
+    fn federated_init_is_checked_and_only_it_changes_the_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = Config::load(&write(dir.path(), MINIMAL)).unwrap();
+        assert_eq!(plain.adapter.init, AdapterInit::File);
+        let explicit = MINIMAL.replace("rank = 4", "rank = 4\ninit = \"file\"");
+        let explicit = Config::load(&write(dir.path(), &explicit)).unwrap();
+        assert_eq!(plain.identity_json(), explicit.identity_json());
+        // DP tasks cannot initialize federatedly: the gradients are not DP.
+        let text = MINIMAL.replace("rank = 4", "rank = 4\ninit = \"federated\"")
+            + "[privacy]\nenabled = true\n";
+        let e = Config::load(&write(dir.path(), &text)).unwrap_err();
+        assert!(e.to_string().contains("not covered by DP-SGD"), "{e}");
+        // It computes the adapter file, so it cannot also be given one.
+        let text = MINIMAL.replace(
+            "rank = 4",
+            "rank = 4\ninit = \"federated\"\nfile = \"a.safetensors\"",
+        );
+        let e = Config::load(&write(dir.path(), &text)).unwrap_err();
+        assert!(e.to_string().contains("remove adapter.file"), "{e}");
+        // And it needs the model's config.json for the layer shapes.
+        let text = MINIMAL.replace("rank = 4", "rank = 4\ninit = \"federated\"");
+        let e = Config::load(&write(dir.path(), &text)).unwrap_err();
+        assert!(e.to_string().contains("needs model.dir"), "{e}");
+        let text = MINIMAL.replace("rank = 4", "rank = 4\ninit = \"bogus\"");
+        assert!(Config::load(&write(dir.path(), &text)).is_err());
     }
 
     #[test]

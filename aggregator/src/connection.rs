@@ -177,6 +177,28 @@ impl Connection {
                 info!(participant = ?self.participant, %reason, "participant leaves");
                 Flow::Close
             }
+            (Some(p), ClientMessage::InitGradient { module, gradient }) => {
+                // Answered only when wrong; the whole contribution is
+                // answered at `InitDone`.
+                match self
+                    .app
+                    .coordinator
+                    .init_gradient(p, module, gradient, len as u64)
+                    .await
+                {
+                    Ok(()) => Flow::Continue,
+                    Err(r) => self.reject(r.code, r.message).await,
+                }
+            }
+            (Some(p), ClientMessage::InitDone { num_samples }) => {
+                match self.app.coordinator.init_done(p, num_samples).await {
+                    Ok(num_samples) => {
+                        self.send(&ServerMessage::InitAccepted { num_samples })
+                            .await
+                    }
+                    Err(r) => self.reject(r.code, r.message).await,
+                }
+            }
             (Some(p), ClientMessage::Update(update)) => {
                 match self.app.coordinator.update(p, update, len as u64).await {
                     Ok(round) => {

@@ -22,14 +22,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use fedsb_protocol::{
-    AdapterState, ClientUpdate, ErrorCode, ParticipantId, PrivacyPolicy, PrivacyReport, RoundId,
-    ServerMessage, TaskInfo, PROTOCOL_VERSION,
+    AdapterState, ClientUpdate, ErrorCode, FileRef, ParticipantId, PrivacyPolicy, PrivacyReport,
+    RoundId, ServerMessage, TaskInfo, Tensor, PROTOCOL_VERSION,
 };
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tracing::{error, info, warn};
 
 use crate::config::{Config, QuorumPolicy};
+use crate::files::{initial_adapter, ServedFile};
+use crate::init_round::{build_adapter_file, hash_file, InitCollector, InitModules, SharedFiles};
 use crate::metrics::Metrics;
 use crate::round::{Rejection, Round};
 use crate::store::{sha256_hex, CommittedRound, RoundMeta, Store};
@@ -68,6 +70,18 @@ enum Command {
     },
     Leave {
         participant: ParticipantId,
+    },
+    InitGradient {
+        participant: ParticipantId,
+        module: u32,
+        gradient: Tensor,
+        frame_bytes: u64,
+        reply: oneshot::Sender<Result<(), Rejection>>,
+    },
+    InitDone {
+        participant: ParticipantId,
+        num_samples: u64,
+        reply: oneshot::Sender<Result<u64, Rejection>>,
     },
 }
 
@@ -115,6 +129,48 @@ impl CoordinatorHandle {
         rx.await.map_err(|_| internal())?
     }
 
+    /// Offers one module's initialization gradient.
+    pub async fn init_gradient(
+        &self,
+        participant: ParticipantId,
+        module: u32,
+        gradient: Tensor,
+        frame_bytes: u64,
+    ) -> Result<(), Rejection> {
+        let (reply, rx) = oneshot::channel();
+        let internal = || Rejection::new(ErrorCode::Internal, "the aggregator is shutting down");
+        self.tx
+            .send(Command::InitGradient {
+                participant,
+                module,
+                gradient,
+                frame_bytes,
+                reply,
+            })
+            .await
+            .map_err(|_| internal())?;
+        rx.await.map_err(|_| internal())?
+    }
+
+    /// The participant has sent every initialization gradient.
+    pub async fn init_done(
+        &self,
+        participant: ParticipantId,
+        num_samples: u64,
+    ) -> Result<u64, Rejection> {
+        let (reply, rx) = oneshot::channel();
+        let internal = || Rejection::new(ErrorCode::Internal, "the aggregator is shutting down");
+        self.tx
+            .send(Command::InitDone {
+                participant,
+                num_samples,
+                reply,
+            })
+            .await
+            .map_err(|_| internal())?;
+        rx.await.map_err(|_| internal())?
+    }
+
     /// The participant is gone.
     pub async fn leave(&self, participant: ParticipantId) {
         let _ = self.tx.send(Command::Leave { participant }).await;
@@ -126,7 +182,7 @@ impl CoordinatorHandle {
 pub struct Status {
     pub task_id: String,
     pub protocol_version: u16,
-    /// `collecting` or `finished`.
+    /// `initializing`, `collecting` or `finished`.
     pub state: &'static str,
     /// The round collecting updates (absent when finished).
     pub round: Option<u64>,
@@ -169,8 +225,37 @@ struct Peer {
 }
 
 enum Phase {
-    Collecting { round: Round, deadline: Instant },
+    /// Federated LoRA-SB initialization: collecting the participants'
+    /// gradients before round 1.
+    Initializing {
+        collector: Box<InitCollector>,
+        deadline: Instant,
+    },
+    Collecting {
+        round: Round,
+        deadline: Instant,
+    },
     Finished,
+}
+
+/// What the coordinator starts from.
+pub enum Begin {
+    /// The last committed round (round 0 when nothing was trained yet).
+    Resume(Box<CommittedRound>),
+    /// A federated initialization, then round 1.
+    Initialize(Box<FederatedInit>),
+}
+
+/// Everything the federated initialization needs.
+pub struct FederatedInit {
+    pub modules: InitModules,
+    pub head: fedsb_engine::reference::ClassifierHead<f32>,
+    /// Where the adapter file is written (in the state directory).
+    pub path: std::path::PathBuf,
+    /// The files served at `/files/{sha256}`; the adapter file joins them.
+    pub files: SharedFiles,
+    /// `/api/task`'s copy of the task, updated with the adapter file.
+    pub shared_task: Arc<std::sync::RwLock<Arc<TaskInfo>>>,
 }
 
 /// Owns the task's round state. Create with [`Coordinator::start`].
@@ -186,6 +271,9 @@ pub struct Coordinator {
     phase: Phase,
     status: watch::Sender<Status>,
     privacy: std::collections::BTreeMap<ParticipantId, ParticipantPrivacy>,
+    init: Option<Box<FederatedInit>>,
+    /// The `InitRequest` frame while initializing.
+    init_request: Option<Bytes>,
 }
 
 impl Coordinator {
@@ -196,10 +284,13 @@ impl Coordinator {
         task: Arc<TaskInfo>,
         store: Store,
         metrics: Arc<Metrics>,
-        last: CommittedRound,
+        begin: Begin,
     ) -> (CoordinatorHandle, watch::Receiver<Status>) {
         let (tx, rx) = mpsc::channel(1024);
-        let global_round = RoundId(last.meta.round);
+        let (global_round, global_frame, init) = match begin {
+            Begin::Resume(last) => (RoundId(last.meta.round), Bytes::from(last.frame), None),
+            Begin::Initialize(init) => (RoundId(0), Bytes::new(), Some(init)),
+        };
         let placeholder = Status {
             task_id: task.task_id.clone(),
             protocol_version: PROTOCOL_VERSION,
@@ -224,12 +315,17 @@ impl Coordinator {
             // Ids stay unique across restarts of the same task.
             next_participant: now_unix_ms() * 1000,
             global_round,
-            global_frame: Bytes::from(last.frame),
+            global_frame,
             phase: Phase::Finished,
             status,
             privacy: Default::default(),
+            init_request: None,
+            init: None,
         };
-        c.open_next_round();
+        match init {
+            Some(init) => c.start_initialization(init),
+            None => c.open_next_round(),
+        }
         c.publish_status();
         tokio::spawn(c.run(rx));
         (CoordinatorHandle { tx }, status_rx)
@@ -238,7 +334,9 @@ impl Coordinator {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         loop {
             let deadline = match &self.phase {
-                Phase::Collecting { deadline, .. } => Some(*deadline),
+                Phase::Collecting { deadline, .. } | Phase::Initializing { deadline, .. } => {
+                    Some(*deadline)
+                }
                 Phase::Finished => None,
             };
             tokio::select! {
@@ -266,8 +364,14 @@ impl Coordinator {
                     participant: id,
                     task: (*self.task).clone(),
                 };
-                let mut frames = vec![Bytes::from(welcome.encode()), self.global_frame.clone()];
-                frames.push(Bytes::from(self.round_announcement().encode()));
+                let mut frames = vec![Bytes::from(welcome.encode())];
+                match &self.init_request {
+                    Some(request) => frames.push(request.clone()),
+                    None => {
+                        frames.push(self.global_frame.clone());
+                        frames.push(Bytes::from(self.round_announcement().encode()));
+                    }
+                }
                 info!(participant = %id, %client, "participant joined");
                 self.peers.insert(id, Peer { client, outbox });
                 for f in frames {
@@ -291,7 +395,45 @@ impl Coordinator {
                     self.maybe_commit().await;
                 }
             }
+            Command::InitGradient {
+                participant,
+                module,
+                gradient,
+                frame_bytes,
+                reply,
+            } => {
+                let result = match &mut self.phase {
+                    Phase::Initializing { collector, .. } => {
+                        collector.gradient(participant, module, gradient, frame_bytes)
+                    }
+                    _ => Err(not_initializing()),
+                };
+                let _ = reply.send(result);
+            }
+            Command::InitDone {
+                participant,
+                num_samples,
+                reply,
+            } => {
+                let result = match &mut self.phase {
+                    Phase::Initializing { collector, .. } => {
+                        collector.finish_participant(participant, num_samples)
+                    }
+                    _ => Err(not_initializing()),
+                };
+                let accepted = result.is_ok();
+                if accepted {
+                    info!(participant = %participant, num_samples, "initialization gradients accepted");
+                }
+                let _ = reply.send(result);
+                if accepted {
+                    self.maybe_commit().await;
+                }
+            }
             Command::Leave { participant } => {
+                if let Phase::Initializing { collector, .. } = &mut self.phase {
+                    collector.leave(participant);
+                }
                 if let Some(p) = self.peers.remove(&participant) {
                     info!(participant = %participant, client = %p.client, "participant left");
                 }
@@ -315,6 +457,10 @@ impl Coordinator {
             .map(|p| p.client.clone())
             .unwrap_or_default();
         match &mut self.phase {
+            Phase::Initializing { .. } => Err(Rejection::new(
+                ErrorCode::FutureRound,
+                "the task is still collecting initialization gradients; round 1 is not open yet",
+            )),
             Phase::Finished => Err(Rejection::new(
                 ErrorCode::TaskFinished,
                 format!(
@@ -369,6 +515,15 @@ impl Coordinator {
     /// Commits when the round is full, or has its quorum and nobody
     /// connected is still expected.
     async fn maybe_commit(&mut self) {
+        if let Phase::Initializing { collector, .. } = &self.phase {
+            let n = collector.contributors();
+            let quorum = n >= self.config.task.min_participants as usize;
+            let nobody_pending = self.peers.keys().all(|p| collector.has(*p));
+            if n >= self.config.task.max_participants as usize || (quorum && nobody_pending) {
+                self.finish_initialization().await;
+            }
+            return;
+        }
         let Phase::Collecting { round, .. } = &self.phase else {
             return;
         };
@@ -380,6 +535,26 @@ impl Coordinator {
     }
 
     async fn on_deadline(&mut self) {
+        if let Phase::Initializing { collector, .. } = &self.phase {
+            let n = collector.contributors();
+            let quorum = n >= self.config.task.min_participants as usize;
+            let take_available =
+                self.config.task.on_quorum_missed == QuorumPolicy::AggregateAvailable && n > 0;
+            if quorum || take_available {
+                self.finish_initialization().await;
+                return;
+            }
+            warn!(
+                contributions = n,
+                needed = self.config.task.min_participants,
+                "initialization deadline passed without a quorum; extending it"
+            );
+            let length = self.round_length();
+            if let Phase::Initializing { deadline, .. } = &mut self.phase {
+                *deadline = Instant::now() + length;
+            }
+            return;
+        }
         let Phase::Collecting { round, .. } = &self.phase else {
             return;
         };
@@ -479,6 +654,149 @@ impl Coordinator {
         self.broadcast(next);
     }
 
+    fn start_initialization(&mut self, init: Box<FederatedInit>) {
+        let request = ServerMessage::InitRequest {
+            init_samples: self.config.adapter.init_samples,
+            batch_size: self.config.task.batch_size,
+            head_weight: Tensor {
+                shape: vec![init.head.weight.rows as u32, init.head.weight.cols as u32],
+                data: init.head.weight.data.clone(),
+            },
+            head_bias: Tensor {
+                shape: vec![init.head.bias.len() as u32],
+                data: init.head.bias.clone(),
+            },
+        };
+        self.init_request = Some(Bytes::from(request.encode()));
+        self.phase = Phase::Initializing {
+            collector: Box::new(InitCollector::new(init.modules.shapes.clone())),
+            deadline: Instant::now() + self.round_length(),
+        };
+        self.init = Some(init);
+        info!(
+            init_samples = self.config.adapter.init_samples,
+            "federated LoRA-SB initialization: collecting the participants' gradients"
+        );
+    }
+
+    /// Sums the gradients into A, B, R₀ (the adapter file), commits round 0,
+    /// serves the file and opens round 1. On failure the gradients are kept
+    /// and the initialization goes on collecting.
+    async fn finish_initialization(&mut self) {
+        let Phase::Initializing { collector, .. } =
+            std::mem::replace(&mut self.phase, Phase::Finished)
+        else {
+            return;
+        };
+        let Some(init) = self.init.take() else {
+            return;
+        };
+        let started = Instant::now();
+        let opened = now_unix_ms();
+        let config = self.config.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let r = build_adapter_file(&config, &init.modules, &collector, &init.head, &init.path)
+                .map_err(|e| e.to_string())
+                .and_then(|()| hash_file(&init.path).map_err(|e| e.to_string()));
+            (r, init, collector)
+        })
+        .await;
+        let (result, init, collector) = match result {
+            Ok(x) => x,
+            Err(e) => {
+                error!("the initialization task panicked: {e}");
+                return;
+            }
+        };
+        let retry = |this: &mut Self, init, collector| {
+            this.init = Some(init);
+            this.phase = Phase::Initializing {
+                collector,
+                deadline: Instant::now() + this.round_length(),
+            };
+        };
+        let (sha256, size) = match result {
+            Ok(x) => x,
+            Err(e) => {
+                error!("federated initialization failed: {e}");
+                retry(self, init, collector);
+                return;
+            }
+        };
+        let mut with_file = (*self.config).clone();
+        with_file.adapter.file = Some(init.path.clone());
+        let adapter = match initial_adapter(&with_file) {
+            Ok(a) => a,
+            Err(e) => {
+                error!("reading the new adapter file: {e}");
+                retry(self, init, collector);
+                return;
+            }
+        };
+        let frame = initial_frame(adapter);
+        let now = now_unix_ms();
+        let meta = RoundMeta {
+            round: 0,
+            opened_unix_ms: opened,
+            committed_unix_ms: now,
+            duration_ms: started.elapsed().as_millis() as u64,
+            aggregation_ms: started.elapsed().as_millis() as u64,
+            participants: collector.contributors() as u32,
+            total_samples: collector.total_samples(),
+            bytes_in: collector.bytes_in(),
+            bytes_out: 0,
+            mean_train_loss: None,
+            global_sha256: sha256_hex(&frame),
+        };
+        if let Err(e) = self
+            .store
+            .commit_round(meta.clone(), frame.clone(), Vec::new())
+            .await
+        {
+            error!("storing round 0 failed: {e}");
+            retry(self, init, collector);
+            return;
+        }
+        let file = FileRef {
+            name: "adapter.safetensors".into(),
+            sha256: sha256.clone(),
+            size,
+            url: format!("/files/{sha256}"),
+        };
+        if let Ok(mut files) = init.files.write() {
+            files.insert(
+                sha256.clone(),
+                ServedFile {
+                    name: file.name.clone(),
+                    path: init.path.clone(),
+                    sha256: sha256.clone(),
+                    size,
+                },
+            );
+        }
+        let mut task = (*self.task).clone();
+        task.files.push(file.clone());
+        self.task = Arc::new(task);
+        if let Ok(mut t) = init.shared_task.write() {
+            *t = self.task.clone();
+        }
+        info!(
+            participants = collector.contributors(),
+            samples = collector.total_samples(),
+            %sha256,
+            seconds = started.elapsed().as_secs_f64(),
+            "federated initialization done: adapter file served, round 0 committed"
+        );
+        self.init_request = None;
+        self.global_round = RoundId(0);
+        self.global_frame = Bytes::from(frame);
+        self.broadcast(Bytes::from(ServerMessage::AdapterReady { file }.encode()));
+        self.broadcast(self.global_frame.clone());
+        self.open_next_round();
+        let next = Bytes::from(self.round_announcement().encode());
+        self.broadcast(next);
+    }
+
     /// Opens the round after the last committed one, or finishes the task.
     fn open_next_round(&mut self) {
         if self.global_round.0 >= self.config.task.rounds {
@@ -513,7 +831,7 @@ impl Coordinator {
                 deadline_unix_ms: unix_ms_at(*deadline),
                 local_steps: self.config.task.local_steps,
             },
-            Phase::Finished => ServerMessage::TaskFinished {
+            Phase::Finished | Phase::Initializing { .. } => ServerMessage::TaskFinished {
                 rounds_committed: self.global_round.0,
             },
         }
@@ -549,6 +867,15 @@ impl Coordinator {
                 round.len(),
                 Some(unix_ms_at(*deadline)),
             ),
+            Phase::Initializing {
+                collector,
+                deadline,
+            } => (
+                "initializing",
+                None,
+                collector.contributors(),
+                Some(unix_ms_at(*deadline)),
+            ),
             Phase::Finished => ("finished", None, 0, None),
         };
         let s = Status {
@@ -578,6 +905,13 @@ impl Coordinator {
             changed
         });
     }
+}
+
+fn not_initializing() -> Rejection {
+    Rejection::new(
+        ErrorCode::NotInitializing,
+        "the task is not collecting initialization gradients",
+    )
 }
 
 /// A task with differential privacy accepts only updates whose report says

@@ -53,7 +53,7 @@ use fedsb_engine::gpu::encoder::GpuEncoder;
 use fedsb_engine::gpu::{GpuContext, GpuOptions};
 use fedsb_engine::model::{BertTokenizer, BertWeights};
 use fedsb_engine::reference::{ClassifierHead, LoraSbAdapters, Matrix};
-use fedsb_engine::train::{encode_examples, BatchSampler};
+use fedsb_engine::train::{encode_examples, gpu_init_gradients, BatchSampler};
 use fedsb_protocol::{
     AdapterState, ClientMessage, ClientUpdate, ErrorCode, FileRef, PrivacyReport, RoundId,
     ServerMessage, TaskInfo, PROTOCOL_VERSION,
@@ -263,6 +263,79 @@ async fn fetch_file(
     std::fs::rename(&part, &path).with_context(|| format!("writing {}", path.display()))?;
     info!(file = %file.name, bytes = size, seconds = started.elapsed().as_secs_f64(), "downloaded");
     Ok(path)
+}
+
+/// The participant's half of the federated LoRA-SB initialization: the
+/// summed gradients `Σ_batches ∂L_batch/∂W0` of every adapted module (task
+/// order), with the published head, over `init_samples` of its examples drawn
+/// as `fedsb init` draws seed examples (a shuffle seeded by `--seed`), in
+/// batches of `batch_size`. Returns them and the number of examples.
+#[allow(clippy::too_many_arguments)]
+fn init_gradients(
+    ctx: &GpuContext,
+    task: &TaskInfo,
+    paths: &HashMap<String, PathBuf>,
+    data: &Dataset,
+    seed: u64,
+    init_samples: u64,
+    batch_size: u32,
+    head_weight: fedsb_protocol::Tensor,
+    head_bias: fedsb_protocol::Tensor,
+) -> anyhow::Result<(Vec<fedsb_protocol::Tensor>, u64)> {
+    let read = |name: &str| -> anyhow::Result<Vec<u8>> {
+        let p = &paths[name];
+        std::fs::read(p).with_context(|| format!("reading {name} ({})", p.display()))
+    };
+    let weights = BertWeights::from_bytes(&read("config.json")?, &read("model.safetensors")?)
+        .context("loading the task's model")?;
+    let tokenizer = BertTokenizer::from_bytes(&read("tokenizer.json")?)
+        .context("loading the task's tokenizer")?
+        .with_max_length(task.max_seq_len as usize)?;
+    let config = &weights.config;
+    let (classes, hidden) = (task.labels.len(), config.hidden_size);
+    if head_weight.shape != [classes as u32, hidden as u32] || head_bias.shape != [classes as u32] {
+        bail!(
+            "the initialization head has shapes {:?} and {:?}, expected [{classes}, {hidden}] and [{classes}]",
+            head_weight.shape,
+            head_bias.shape
+        );
+    }
+    if init_samples == 0 || batch_size == 0 {
+        bail!(
+            "the initialization request asks for {init_samples} samples in batches of {batch_size}"
+        );
+    }
+    let head = ClassifierHead {
+        weight: Matrix::from_vec(classes, hidden, head_weight.data),
+        bias: head_bias.data,
+    };
+    let modules = parse_module_names(&task.module_names, config.num_hidden_layers)?;
+    let wanted = (init_samples.min(data.len() as u64)) as usize;
+    if wanted == 0 {
+        bail!("no local examples for the initialization");
+    }
+    let mut sampler = BatchSampler::new(data.len(), batch_size as usize, seed ^ 0x1417);
+    let mut batches = Vec::new();
+    let mut taken = 0;
+    while taken < wanted {
+        let idx = sampler.next_batch();
+        let idx = &idx[..idx.len().min(wanted - taken)];
+        taken += idx.len();
+        let refs: Vec<&Example> = idx.iter().map(|&i| &data.examples[i]).collect();
+        batches.push(encode_examples(&tokenizer, &refs)?);
+    }
+    let grads = pollster::block_on(gpu_init_gradients(ctx, &weights, &head, &batches))?;
+    let tensors = modules
+        .iter()
+        .map(|&(layer, which)| {
+            let g = &grads[layer][which.index()];
+            fedsb_protocol::Tensor {
+                shape: vec![g.rows as u32, g.cols as u32],
+                data: g.data.clone(),
+            }
+        })
+        .collect();
+    Ok((tensors, taken as u64))
 }
 
 /// Everything needed to train, loaded from the downloaded files.
@@ -574,18 +647,12 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
         total_rounds = task.total_rounds,
         "joined"
     );
-    let by_name: HashMap<&str, &FileRef> =
-        task.files.iter().map(|f| (f.name.as_str(), f)).collect();
-    if !by_name.contains_key(ADAPTER_FILE) {
-        bail!(
-            "task {} serves no LoRA-SB adapter file (A and B), so participants cannot train it: \
-             the operator must run `fedsb init --model <dir> --train <seed data> --out adapter.safetensors` \
-             and set `[adapter] file = \"adapter.safetensors\"` in the task configuration",
-            task.task_id
-        );
-    }
+    let mut task = task;
+    // A task without an adapter file starts with a federated initialization
+    // (an `InitRequest` follows `Welcome`); otherwise it cannot be trained.
+    let federated_init = !task.files.iter().any(|f| f.name == ADAPTER_FILE);
     for name in MODEL_FILES {
-        if !by_name.contains_key(name) {
+        if !task.files.iter().any(|f| f.name == name) {
             bail!(
                 "task {} serves no {name}: the operator must set `[model] dir` to a Hugging Face model directory",
                 task.task_id
@@ -602,17 +669,96 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
     // Files, by hash.
     let http = reqwest::Client::new();
     let mut paths = HashMap::new();
-    for name in MODEL_FILES.into_iter().chain([ADAPTER_FILE]) {
-        let f = by_name[name];
+    for name in MODEL_FILES {
+        let f = task
+            .files
+            .iter()
+            .find(|f| f.name == name)
+            .expect("checked above");
         let p = rt.block_on(fetch_file(&http, &http_base, f, &cache))?;
         paths.insert(name.to_owned(), p);
     }
-    let loaded = load_task_files(&task, &paths)?;
-
     let ctx = pollster::block_on(GpuContext::new(&GpuOptions {
         adapter: args.adapter.as_deref(),
     }))?;
     info!(adapter = %ctx.adapter_name(), "GPU");
+
+    if federated_init {
+        let first = match next(Some(Duration::from_secs(60)))? {
+            Event::Message(m) => *m,
+            Event::Closed(why) => bail!("{why} before the initialization request"),
+        };
+        let ServerMessage::InitRequest {
+            init_samples,
+            batch_size,
+            head_weight,
+            head_bias,
+        } = first
+        else {
+            bail!(
+                "task {} serves no LoRA-SB adapter file (A and B) and does not initialize them federatedly \
+                 (got {first:?} instead of InitRequest), so participants cannot train it: \
+                 the operator must run `fedsb init --model <dir> --train <seed data> --out adapter.safetensors` \
+                 and set `[adapter] file = \"adapter.safetensors\"`, or set `[adapter] init = \"federated\"`, \
+                 in the task configuration",
+                task.task_id
+            );
+        };
+        let started = Instant::now();
+        let (gradients, samples) = init_gradients(
+            &ctx,
+            &task,
+            &paths,
+            &data,
+            args.seed,
+            init_samples,
+            batch_size,
+            head_weight,
+            head_bias,
+        )?;
+        info!(
+            samples,
+            seconds = started.elapsed().as_secs_f64(),
+            "initialization gradients computed; sending them"
+        );
+        for (module, gradient) in gradients.into_iter().enumerate() {
+            send(&ClientMessage::InitGradient {
+                module: module as u32,
+                gradient,
+            })?;
+        }
+        send(&ClientMessage::InitDone {
+            num_samples: samples,
+        })?;
+        let file = loop {
+            match next(None)? {
+                Event::Closed(why) => bail!("{why} during the federated initialization"),
+                Event::Message(m) => match *m {
+                    ServerMessage::InitAccepted { num_samples } => {
+                        info!(num_samples, "initialization gradients accepted");
+                    }
+                    ServerMessage::Error { code, message } => bail!(
+                        "the server rejected our initialization gradients: {}: {message}",
+                        code.as_str()
+                    ),
+                    ServerMessage::AdapterReady { file } => break file,
+                    other => warn!("ignoring {other:?} during the initialization"),
+                },
+            }
+        };
+        info!(sha256 = %file.sha256, size = file.size, "the adapter file is ready");
+        task.files.retain(|f| f.name != ADAPTER_FILE);
+        task.files.push(file);
+    }
+    let adapter_ref = task
+        .files
+        .iter()
+        .find(|f| f.name == ADAPTER_FILE)
+        .expect("present or added by the initialization");
+    let p = rt.block_on(fetch_file(&http, &http_base, adapter_ref, &cache))?;
+    paths.insert(ADAPTER_FILE.to_owned(), p);
+    let loaded = load_task_files(&task, &paths)?;
+
     let zero_head = ClassifierHead {
         weight: Matrix::zeros(task.labels.len(), loaded.weights.config.hidden_size),
         bias: vec![0.0; task.labels.len()],
@@ -839,6 +985,11 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
             }
             ServerMessage::Welcome { .. } => {
                 warn!("ignoring a second Welcome");
+            }
+            m @ (ServerMessage::InitRequest { .. }
+            | ServerMessage::InitAccepted { .. }
+            | ServerMessage::AdapterReady { .. }) => {
+                warn!("ignoring an initialization message after the initialization: {m:?}");
             }
         }
         if leave {

@@ -4,6 +4,8 @@
 //! * [`adapter_file`]: the LoRA-SB adapter file (A, B, R₀, head) and the
 //!   conversions between wire states and the engine's adapters.
 //! * [`config`]: the task configuration (TOML + `FEDSB_*` environment).
+//! * [`init_round`]: federated LoRA-SB initialization (gradients summed
+//!   before round 1, then A, B, R₀ by sign and truncated SVD).
 //! * [`round`]: one round's rules and its exact f64 weighted mean.
 //! * [`coordinator`]: the round state machine (open → collecting →
 //!   aggregating → committed) as a single task.
@@ -19,6 +21,7 @@ pub mod connection;
 pub mod coordinator;
 pub mod evaluator;
 pub mod files;
+pub mod init_round;
 pub mod metrics;
 pub mod round;
 pub mod server;

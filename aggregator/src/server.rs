@@ -13,7 +13,6 @@
 //! | `/files/{sha256}` | model and adapter files, immutable, cached by hash |
 //! | `/metrics` | Prometheus text format |
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -32,10 +31,14 @@ use tower_http::services::{ServeDir, ServeFile};
 use tower_http::set_header::SetResponseHeaderLayer;
 use tracing::{error, info};
 
+use crate::config::AdapterInit;
 use crate::config::Config;
-use crate::coordinator::{initial_frame, now_unix_ms, Coordinator, CoordinatorHandle, Status};
+use crate::coordinator::{
+    initial_frame, now_unix_ms, Begin, Coordinator, CoordinatorHandle, FederatedInit, Status,
+};
 use crate::evaluator::{EvalError, EvalHandle};
-use crate::files::{collect_files, initial_adapter, FileError, ServedFile};
+use crate::files::{collect_files, initial_adapter, FileError};
+use crate::init_round::{InitModules, SharedFiles};
 use crate::metrics::Metrics;
 use crate::store::{sha256_hex, CommittedRound, RoundMeta, RoundSummary, Store, StoreError};
 
@@ -56,6 +59,8 @@ pub enum ServeError {
     },
     #[error("server failed: {0}")]
     Io(#[from] std::io::Error),
+    #[error("federated initialization: {0}")]
+    Init(String),
 }
 
 /// Shared state of every request handler.
@@ -69,7 +74,10 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// The per-round evaluator, when `[eval] file` is set.
     pub eval: Option<EvalHandle>,
-    files: HashMap<String, ServedFile>,
+    files: SharedFiles,
+    /// The task as `/api/task` shows it (with the adapter file once a
+    /// federated initialization has made it).
+    shared_task: Arc<std::sync::RwLock<Arc<TaskInfo>>>,
 }
 
 /// A started server: its address, and a future that runs it.
@@ -83,7 +91,34 @@ pub struct Server {
 impl Server {
     /// Opens the state, restores the last committed round (or writes round 0)
     /// and binds the listener.
-    pub async fn start(config: Config) -> Result<Self, ServeError> {
+    pub async fn start(mut config: Config) -> Result<Self, ServeError> {
+        // Federated initialization: the adapter file lives in the state
+        // directory. Once round 0 is committed it exists and is served like a
+        // configured one; before that the coordinator computes it.
+        let federated_init = config.adapter.init == AdapterInit::Federated;
+        let init_path = config
+            .server
+            .state_dir
+            .join(format!("{}.adapter.safetensors", config.task.id));
+        let mut initialized = false;
+        if federated_init {
+            let store = Store::open(
+                &config.server.state_dir,
+                &config.task.id,
+                &config.identity_json(),
+                now_unix_ms(),
+            )?;
+            if store.last_round().await?.is_some() {
+                if !init_path.is_file() {
+                    return Err(ServeError::Init(format!(
+                        "round 0 of the federated initialization is committed but its adapter file {} is missing",
+                        init_path.display()
+                    )));
+                }
+                config.adapter.file = Some(init_path.clone());
+                initialized = true;
+            }
+        }
         let config = Arc::new(config);
         let files = {
             let c = config.clone();
@@ -128,11 +163,31 @@ impl Server {
             &config.identity_json(),
             now_unix_ms(),
         )?;
-        let last = match store.last_round().await? {
+        let files: SharedFiles = Arc::new(std::sync::RwLock::new(
+            files.into_iter().map(|f| (f.sha256.clone(), f)).collect(),
+        ));
+        let shared_task = Arc::new(std::sync::RwLock::new(task.clone()));
+        let last = store.last_round().await?;
+        let begin = match last {
             Some(last) => {
                 info!(round = last.meta.round, sha256 = %last.meta.global_sha256,
                     "resuming from the last committed round");
-                last
+                Begin::Resume(Box::new(last))
+            }
+            None if federated_init && !initialized => {
+                let c = config.clone();
+                let modules = tokio::task::spawn_blocking(move || InitModules::from_config(&c))
+                    .await
+                    .map_err(|_| FileError::Join)?
+                    .map_err(|e| ServeError::Init(e.to_string()))?;
+                let head = modules.head(config.task.labels.len(), config.adapter.init_seed);
+                Begin::Initialize(Box::new(FederatedInit {
+                    modules,
+                    head,
+                    path: init_path,
+                    files: files.clone(),
+                    shared_task: shared_task.clone(),
+                }))
             }
             None => {
                 let adapter = initial_adapter(&config)?;
@@ -155,11 +210,11 @@ impl Server {
                     .commit_round(meta.clone(), frame.clone(), Vec::new())
                     .await?;
                 info!(sha256 = %meta.global_sha256, "initial state written as round 0");
-                CommittedRound {
+                Begin::Resume(Box::new(CommittedRound {
                     meta,
                     frame,
                     adapter,
-                }
+                }))
             }
         };
 
@@ -169,7 +224,7 @@ impl Server {
             task.clone(),
             store.clone(),
             metrics.clone(),
-            last,
+            begin,
         );
         let eval = crate::evaluator::spawn(config.clone(), store.clone(), status.clone()).await?;
         let app = Arc::new(App {
@@ -180,7 +235,8 @@ impl Server {
             store,
             metrics,
             eval,
-            files: files.into_iter().map(|f| (f.sha256.clone(), f)).collect(),
+            files,
+            shared_task,
         });
         let addr = SocketAddr::new(config.server.bind, config.server.port);
         let listener = TcpListener::bind(addr)
@@ -263,7 +319,12 @@ async fn status(State(app): State<Arc<App>>) -> Json<Status> {
 }
 
 async fn task(State(app): State<Arc<App>>) -> Json<TaskInfo> {
-    Json((*app.task).clone())
+    let task = app
+        .shared_task
+        .read()
+        .map(|t| (**t).clone())
+        .unwrap_or_else(|_| (*app.task).clone());
+    Json(task)
 }
 
 async fn rounds(State(app): State<Arc<App>>) -> Result<Json<Vec<RoundSummary>>, ApiError> {
@@ -373,12 +434,17 @@ async fn file(
     Path(sha256): Path<String>,
     req: Request,
 ) -> Result<Response, ApiError> {
-    let f = app.files.get(&sha256).ok_or_else(|| {
-        ApiError(
-            StatusCode::NOT_FOUND,
-            format!("no file with content hash {sha256}"),
-        )
-    })?;
+    let f = app
+        .files
+        .read()
+        .ok()
+        .and_then(|files| files.get(&sha256).cloned())
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no file with content hash {sha256}"),
+            )
+        })?;
     let etag = format!("\"{sha256}\"");
     let cache = HeaderValue::from_static("public, max-age=31536000, immutable");
     let matches = req

@@ -10,7 +10,9 @@ use crate::data::Example;
 use crate::gpu::encoder::{GpuEncoder, GradientMode};
 use crate::gpu::{GpuContext, GpuError};
 use crate::model::SplitMix64;
-use crate::model::{AdaptedLinear, BertTokenizer, BertWeights, EncodedBatch, ModelLoadError};
+use crate::model::{
+    AdaptedLinear, BertConfig, BertTokenizer, BertWeights, EncodedBatch, ModelLoadError,
+};
 use crate::reference::{
     adapter_from_update, ClassifierHead, LoraSbAdapters, LoraSbInitOptions, Matrix,
 };
@@ -29,8 +31,9 @@ pub enum TrainError {
 /// LoRA-SB initialization on the GPU (the authors' update approximation):
 /// `G = Σ_batches ∂L_batch/∂W0` for every adapted linear with the mean
 /// cross-entropy of each batch, computed by the GPU backward pass of the plain
-/// encoder with `head`; then, on the CPU, `ΔW = −η·sign(G)` and the truncated
-/// SVD of [`adapter_from_update`] (`A = Uᵀ`, `B = V`, `R₀ = diag(S)` of `ΔWᵀ`).
+/// encoder with `head` ([`gpu_init_gradients`]); then, on the CPU,
+/// `ΔW = −η·sign(G)` and the truncated SVD of [`adapter_from_update`]
+/// (`A = Uᵀ`, `B = V`, `R₀ = diag(S)` of `ΔWᵀ`) ([`lora_sb_from_gradients`]).
 pub async fn gpu_lora_sb_init(
     ctx: &GpuContext,
     weights: &BertWeights<f32>,
@@ -38,6 +41,23 @@ pub async fn gpu_lora_sb_init(
     batches: &[(EncodedBatch, Vec<u32>)],
     options: &LoraSbInitOptions,
 ) -> Result<LoraSbAdapters<f32>, TrainError> {
+    check_init_rank(&weights.config, options)?;
+    let grads = gpu_init_gradients(ctx, weights, head, batches).await?;
+    lora_sb_from_gradients(&weights.config, &grads, options)
+}
+
+/// The first half of the LoRA-SB initialization, which a federated
+/// participant runs on its own data: `G = Σ_batches ∂L_batch/∂W0` of all six
+/// linears of every layer (`[layer][AdaptedLinear::index()]`, each
+/// `out × in`), with the mean cross-entropy of each batch and `head`.
+/// Gradients of several participants add up to the gradient of their pooled
+/// batches.
+pub async fn gpu_init_gradients(
+    ctx: &GpuContext,
+    weights: &BertWeights<f32>,
+    head: &ClassifierHead<f32>,
+    batches: &[(EncodedBatch, Vec<u32>)],
+) -> Result<Vec<[Matrix<f32>; 6]>, TrainError> {
     if batches.is_empty() {
         return Err(TrainError::Invalid(
             "LoRA-SB initialization needs at least one batch".into(),
@@ -50,10 +70,10 @@ pub async fn gpu_lora_sb_init(
             .loss_and_gradients(batch, labels, GradientMode::BatchMean)
             .await?;
     }
-    let grads = encoder.read_weight_gradients().await?;
-    drop(encoder);
-    let eta = options.learning_rate as f32;
-    let config = &weights.config;
+    Ok(encoder.read_weight_gradients().await?)
+}
+
+fn check_init_rank(config: &BertConfig, options: &LoraSbInitOptions) -> Result<(), TrainError> {
     for which in &options.modules {
         let (out, inp) = which.shape(config);
         if options.rank == 0 || options.rank > out.min(inp) {
@@ -65,26 +85,61 @@ pub async fn gpu_lora_sb_init(
             )));
         }
     }
-    let layers = grads
-        .iter()
-        .map(|layer| {
-            AdaptedLinear::ALL.map(|which| {
-                options.modules.contains(&which).then(|| {
-                    let g: &Matrix<f32> = &layer[which.index()];
-                    let delta_w = g.map(|x| {
-                        if x > 0.0 {
-                            -eta
-                        } else if x < 0.0 {
-                            eta
-                        } else {
-                            0.0
-                        }
-                    });
-                    adapter_from_update(&delta_w, options.rank)
-                })
-            })
-        })
-        .collect();
+    Ok(())
+}
+
+/// The second half of the LoRA-SB initialization (CPU), shared by
+/// `fedsb init` and the aggregator's federated initialization: for every
+/// adapted module of `options.modules`, `ΔW = −η·sign(G)` and the truncated
+/// SVD of `ΔWᵀ` to rank r. `grads` is indexed `[layer][AdaptedLinear::index()]`
+/// as [`gpu_init_gradients`] returns it; only the adapted modules are read.
+pub fn lora_sb_from_gradients<G>(
+    config: &BertConfig,
+    grads: &[G],
+    options: &LoraSbInitOptions,
+) -> Result<LoraSbAdapters<f32>, TrainError>
+where
+    G: std::ops::Index<usize, Output = Matrix<f32>>,
+{
+    check_init_rank(config, options)?;
+    if grads.len() != config.num_hidden_layers {
+        return Err(TrainError::Invalid(format!(
+            "gradients of {} layers for a model of {}",
+            grads.len(),
+            config.num_hidden_layers
+        )));
+    }
+    let eta = options.learning_rate as f32;
+    let mut layers = Vec::with_capacity(grads.len());
+    for layer in grads {
+        let mut mods: [Option<_>; 6] = Default::default();
+        for which in AdaptedLinear::ALL {
+            if !options.modules.contains(&which) {
+                continue;
+            }
+            let g: &Matrix<f32> = &layer[which.index()];
+            let (out, inp) = which.shape(config);
+            if (g.rows, g.cols) != (out, inp) {
+                return Err(TrainError::Invalid(format!(
+                    "gradient of {} is {}×{}, expected {out}×{inp}",
+                    which.checkpoint_name(),
+                    g.rows,
+                    g.cols
+                )));
+            }
+            let delta_w = g.map(|x| {
+                if x > 0.0 {
+                    -eta
+                } else if x < 0.0 {
+                    eta
+                } else {
+                    0.0
+                }
+            });
+            mods[which.index()] = Some(adapter_from_update(&delta_w, options.rank));
+        }
+        layers.push(mods);
+    }
     Ok(LoraSbAdapters { layers })
 }
 

@@ -293,6 +293,18 @@ pub enum ClientMessage {
     Update(ClientUpdate),
     /// The participant leaves; the server closes the connection.
     Leave { reason: String },
+    /// Federated LoRA-SB initialization: the participant's summed gradient
+    /// `G = Σ_batches ∂L_batch/∂W0` of one adapted module (index into the
+    /// task's `module_names`, shape `out × in` of that linear), over its
+    /// first `init_samples` examples. Only after an
+    /// [`ServerMessage::InitRequest`]; one frame per module, then
+    /// [`ClientMessage::InitDone`].
+    InitGradient { module: u32, gradient: Tensor },
+    /// Every module's [`ClientMessage::InitGradient`] has been sent; the
+    /// gradients were summed over `num_samples` examples. The server answers
+    /// [`ServerMessage::InitAccepted`] (the contribution counts) or an error
+    /// (none of it counts).
+    InitDone { num_samples: u64 },
 }
 
 /// Kind bytes of participant → server frames.
@@ -300,6 +312,8 @@ mod client_kind {
     pub const HELLO: u8 = 0x01;
     pub const UPDATE: u8 = 0x02;
     pub const LEAVE: u8 = 0x03;
+    pub const INIT_GRADIENT: u8 = 0x04;
+    pub const INIT_DONE: u8 = 0x05;
 }
 
 impl ClientMessage {
@@ -341,6 +355,19 @@ impl ClientMessage {
                 w.string(reason);
                 w.finish()
             }
+            Self::InitGradient { module, gradient } => {
+                let mut w = Writer::frame_with_capacity(
+                    client_kind::INIT_GRADIENT,
+                    gradient.numel() * 4 + 32,
+                );
+                w.u32(*module).tensor(gradient);
+                w.finish()
+            }
+            Self::InitDone { num_samples } => {
+                let mut w = Writer::frame(client_kind::INIT_DONE);
+                w.u64(*num_samples);
+                w.finish()
+            }
         }
     }
 
@@ -376,6 +403,13 @@ impl ClientMessage {
             }
             client_kind::LEAVE => Self::Leave {
                 reason: r.string("leave.reason")?,
+            },
+            client_kind::INIT_GRADIENT => Self::InitGradient {
+                module: r.u32("init_gradient.module")?,
+                gradient: r.tensor("init_gradient.gradient")?,
+            },
+            client_kind::INIT_DONE => Self::InitDone {
+                num_samples: r.u64("init_done.num_samples")?,
             },
             kind => {
                 return Err(DecodeError::UnknownKind {
@@ -590,6 +624,10 @@ pub enum ErrorCode {
     InvalidPrivacyReport,
     /// The server failed; the message says nothing more to the participant.
     Internal,
+    /// An initialization message (`InitGradient`, `InitDone`) while the task
+    /// is not collecting initialization gradients, or an `InitDone` without
+    /// every module's gradient.
+    NotInitializing,
     /// A code from a newer protocol revision.
     Other(u16),
 }
@@ -613,6 +651,7 @@ impl ErrorCode {
             Self::TaskFinished => 13,
             Self::InvalidPrivacyReport => 14,
             Self::Internal => 15,
+            Self::NotInitializing => 16,
             Self::Other(c) => c,
         }
     }
@@ -635,6 +674,7 @@ impl ErrorCode {
             13 => Self::TaskFinished,
             14 => Self::InvalidPrivacyReport,
             15 => Self::Internal,
+            16 => Self::NotInitializing,
             c => Self::Other(c),
         }
     }
@@ -657,6 +697,7 @@ impl ErrorCode {
             Self::TaskFinished => "task_finished",
             Self::InvalidPrivacyReport => "invalid_privacy_report",
             Self::Internal => "internal",
+            Self::NotInitializing => "not_initializing",
             Self::Other(_) => "other",
         }
     }
@@ -697,6 +738,23 @@ pub enum ServerMessage {
     Error { code: ErrorCode, message: String },
     /// All rounds are committed; no more rounds will open.
     TaskFinished { rounds_committed: u64 },
+    /// The task starts with a federated LoRA-SB initialization (sent after
+    /// `Welcome` instead of `GlobalModel` while it collects gradients): run
+    /// the plain encoder with this classification head on the first
+    /// `init_samples` examples in batches of `batch_size` and send the summed
+    /// gradients ([`ClientMessage::InitGradient`], [`ClientMessage::InitDone`]).
+    InitRequest {
+        init_samples: u64,
+        batch_size: u32,
+        head_weight: Tensor,
+        head_bias: Tensor,
+    },
+    /// The participant's initialization gradients were accepted.
+    InitAccepted { num_samples: u64 },
+    /// The initialization is done: the adapter file (A, B, R₀ and the head)
+    /// can be downloaded by hash; `GlobalModel` of round 0 and `RoundOpen`
+    /// follow.
+    AdapterReady { file: FileRef },
 }
 
 /// Kind bytes of server → participant frames.
@@ -707,6 +765,9 @@ mod server_kind {
     pub const UPDATE_ACCEPTED: u8 = 0x84;
     pub const ERROR: u8 = 0x85;
     pub const TASK_FINISHED: u8 = 0x86;
+    pub const INIT_REQUEST: u8 = 0x87;
+    pub const INIT_ACCEPTED: u8 = 0x88;
+    pub const ADAPTER_READY: u8 = 0x89;
 }
 
 impl ServerMessage {
@@ -761,6 +822,32 @@ impl ServerMessage {
                 w.u64(*rounds_committed);
                 w.finish()
             }
+            Self::InitRequest {
+                init_samples,
+                batch_size,
+                head_weight,
+                head_bias,
+            } => {
+                let mut w = Writer::frame_with_capacity(
+                    server_kind::INIT_REQUEST,
+                    (head_weight.numel() + head_bias.numel()) * 4 + 64,
+                );
+                w.u64(*init_samples)
+                    .u32(*batch_size)
+                    .tensor(head_weight)
+                    .tensor(head_bias);
+                w.finish()
+            }
+            Self::InitAccepted { num_samples } => {
+                let mut w = Writer::frame(server_kind::INIT_ACCEPTED);
+                w.u64(*num_samples);
+                w.finish()
+            }
+            Self::AdapterReady { file } => {
+                let mut w = Writer::frame(server_kind::ADAPTER_READY);
+                file.write(&mut w);
+                w.finish()
+            }
         }
     }
 
@@ -793,6 +880,18 @@ impl ServerMessage {
             },
             server_kind::TASK_FINISHED => Self::TaskFinished {
                 rounds_committed: r.u64("finished.rounds_committed")?,
+            },
+            server_kind::INIT_REQUEST => Self::InitRequest {
+                init_samples: r.u64("init_request.init_samples")?,
+                batch_size: r.u32("init_request.batch_size")?,
+                head_weight: r.tensor("init_request.head_weight")?,
+                head_bias: r.tensor("init_request.head_bias")?,
+            },
+            server_kind::INIT_ACCEPTED => Self::InitAccepted {
+                num_samples: r.u64("init_accepted.num_samples")?,
+            },
+            server_kind::ADAPTER_READY => Self::AdapterReady {
+                file: FileRef::read(&mut r)?,
             },
             kind => {
                 return Err(DecodeError::UnknownKind {

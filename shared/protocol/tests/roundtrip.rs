@@ -80,6 +80,11 @@ fn all_client_messages() -> Vec<ClientMessage> {
         ClientMessage::Leave {
             reason: "tab closed".into(),
         },
+        ClientMessage::InitGradient {
+            module: 1,
+            gradient: Tensor::new(vec![2, 3], vec![1.5, -2.0, 0.0, 1e-30, -7.25, 3.0]).unwrap(),
+        },
+        ClientMessage::InitDone { num_samples: 256 },
     ]
 }
 
@@ -119,6 +124,25 @@ fn all_server_messages() -> Vec<ServerMessage> {
         },
         ServerMessage::TaskFinished {
             rounds_committed: 5,
+        },
+        ServerMessage::InitRequest {
+            init_samples: 256,
+            batch_size: 32,
+            head_weight: adapter(0.25).head_weight,
+            head_bias: Tensor::new(vec![2], vec![0.0, -0.5]).unwrap(),
+        },
+        ServerMessage::InitAccepted { num_samples: 256 },
+        ServerMessage::AdapterReady {
+            file: FileRef {
+                name: "adapter.safetensors".into(),
+                sha256: "ef".repeat(32),
+                size: 123_456,
+                url: format!("/files/{}", "ef".repeat(32)),
+            },
+        },
+        ServerMessage::Error {
+            code: ErrorCode::NotInitializing,
+            message: "the task is not initializing".into(),
         },
     ]
 }
@@ -286,7 +310,7 @@ proptest! {
     }
 
     #[test]
-    fn corrupted_valid_frames_never_panic(which in 0usize..12, pos in any::<usize>(), byte in any::<u8>(), cut in any::<usize>()) {
+    fn corrupted_valid_frames_never_panic(which in 0usize..32, pos in any::<usize>(), byte in any::<u8>(), cut in any::<usize>()) {
         let frames: Vec<Vec<u8>> = all_client_messages().iter().map(|m| m.encode())
             .chain(all_server_messages().iter().map(|m| m.encode())).collect();
         let mut f = frames[which % frames.len()].clone();
@@ -318,4 +342,18 @@ fn a_minilm_rank_32_update_has_the_documented_size() {
     });
     assert_eq!(shape.num_floats(), 37_634);
     assert_eq!(u.encode().len(), 150_905);
+}
+
+#[test]
+fn the_largest_minilm_init_gradient_fits_one_frame() {
+    // intermediate.dense / output.dense of all-MiniLM-L6-v2: 1536×384 f32.
+    let g = ClientMessage::InitGradient {
+        module: 4,
+        gradient: Tensor::zeros(&[1536, 384]),
+    };
+    let bytes = g.encode();
+    // magic + kind + module + ndim + 2 dims + values
+    assert_eq!(bytes.len(), 4 + 1 + 4 + 1 + 8 + 1536 * 384 * 4);
+    assert!(bytes.len() < MAX_FRAME_BYTES);
+    assert_eq!(ClientMessage::decode(&bytes).unwrap(), g);
 }

@@ -1,0 +1,399 @@
+//! Federated LoRA-SB initialization (`[adapter] init = "federated"`): before
+//! round 1 every participant sends `G_i = Σ_batches ∂L/∂W0` of each adapted
+//! module over its first `init_samples` examples, computed with the head the
+//! aggregator published in `InitRequest`. The aggregator sums them in f64
+//! ([`InitCollector`]), then computes `ΔW = −η·sign(ΣG_i)` and the truncated
+//! SVD exactly as `fedsb init` does ([`build_adapter_file`]), writes the
+//! adapter file and serves it by hash.
+//!
+//! A participant's gradients are kept aside until its `InitDone`, and only
+//! then added to the sum: a participant that sends a bad frame, leaves, or
+//! never finishes changes nothing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use fedsb_engine::model::{AdaptedLinear, BertConfig};
+use fedsb_engine::reference::{ClassifierHead, LoraSbInitOptions, Matrix};
+use fedsb_engine::train::lora_sb_from_gradients;
+use fedsb_protocol::{ErrorCode, ParticipantId, Tensor};
+
+use crate::adapter_file::{parse_module_name, write_adapter_file, ModuleRef};
+use crate::config::Config;
+use crate::files::ServedFile;
+use crate::round::Rejection;
+use crate::store::sha256_hex;
+
+/// The files served at `/files/<sha256>`, by hash; the federated
+/// initialization adds the adapter file while the server runs.
+pub type SharedFiles = std::sync::Arc<std::sync::RwLock<HashMap<String, ServedFile>>>;
+
+/// SHA-256 (lowercase hex) and size of a file.
+pub fn hash_file(path: &Path) -> std::io::Result<(String, u64)> {
+    let bytes = std::fs::read(path)?;
+    Ok((sha256_hex(&bytes), bytes.len() as u64))
+}
+
+/// Why the federated initialization could not produce an adapter file.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error("reading the model's config.json: {0}")]
+    Model(String),
+    #[error("{0}")]
+    Adapter(#[from] crate::adapter_file::AdapterFileError),
+    #[error("LoRA-SB initialization: {0}")]
+    Train(#[from] fedsb_engine::train::TrainError),
+}
+
+/// The task's adapted modules with their gradient shapes (`out × in`).
+#[derive(Debug, Clone)]
+pub struct InitModules {
+    pub names: Vec<String>,
+    pub modules: Vec<ModuleRef>,
+    pub shapes: Vec<[u32; 2]>,
+    pub config: BertConfig,
+}
+
+impl InitModules {
+    /// Reads `config.json` of `[model] dir`.
+    pub fn from_config(config: &Config) -> Result<Self, InitError> {
+        let dir = config
+            .model
+            .dir
+            .as_ref()
+            .ok_or_else(|| InitError::Model("model.dir is not set".into()))?;
+        let path = dir.join("config.json");
+        let bytes = std::fs::read(&path)
+            .map_err(|e| InitError::Model(format!("{}: {e}", path.display())))?;
+        let bert = BertConfig::from_json(&bytes).map_err(|e| InitError::Model(e.to_string()))?;
+        let names = config.module_names();
+        let modules = names
+            .iter()
+            .map(|n| parse_module_name(n, bert.num_hidden_layers))
+            .collect::<Result<Vec<_>, _>>()?;
+        let shapes = modules
+            .iter()
+            .map(|&(_, which)| {
+                let (out, inp) = which.shape(&bert);
+                [out as u32, inp as u32]
+            })
+            .collect();
+        Ok(Self {
+            names,
+            modules,
+            shapes,
+            config: bert,
+        })
+    }
+
+    /// The initial classification head, as `fedsb init --seed` makes it.
+    pub fn head(&self, classes: usize, seed: u64) -> ClassifierHead<f32> {
+        ClassifierHead::<f32>::init(
+            classes,
+            self.config.hidden_size,
+            self.config.initializer_range,
+            seed ^ 0x5eed,
+        )
+    }
+}
+
+/// Collects and sums the participants' initialization gradients.
+#[derive(Debug)]
+pub struct InitCollector {
+    shapes: Vec<[u32; 2]>,
+    sum: Vec<Vec<f64>>,
+    pending: HashMap<ParticipantId, Vec<Option<Tensor>>>,
+    done: BTreeMap<ParticipantId, u64>,
+    bytes_in: u64,
+}
+
+impl InitCollector {
+    pub fn new(shapes: Vec<[u32; 2]>) -> Self {
+        let sum = shapes
+            .iter()
+            .map(|s| vec![0.0; s[0] as usize * s[1] as usize])
+            .collect();
+        Self {
+            shapes,
+            sum,
+            pending: HashMap::new(),
+            done: BTreeMap::new(),
+            bytes_in: 0,
+        }
+    }
+
+    /// Participants whose gradients are in the sum.
+    pub fn contributors(&self) -> usize {
+        self.done.len()
+    }
+
+    /// Whether `p`'s gradients are in the sum.
+    pub fn has(&self, p: ParticipantId) -> bool {
+        self.done.contains_key(&p)
+    }
+
+    /// Examples summed over.
+    pub fn total_samples(&self) -> u64 {
+        self.done.values().sum()
+    }
+
+    /// Bytes of accepted gradient frames.
+    pub fn bytes_in(&self) -> u64 {
+        self.bytes_in
+    }
+
+    /// One module's gradient from `p`; kept aside until its `InitDone`.
+    pub fn gradient(
+        &mut self,
+        p: ParticipantId,
+        module: u32,
+        gradient: Tensor,
+        frame_bytes: u64,
+    ) -> Result<(), Rejection> {
+        if self.done.contains_key(&p) {
+            return Err(Rejection::new(
+                ErrorCode::DuplicateUpdate,
+                "this participant's initialization gradients are already in",
+            ));
+        }
+        let Some(shape) = self.shapes.get(module as usize) else {
+            return Err(Rejection::new(
+                ErrorCode::ShapeMismatch,
+                format!(
+                    "init gradient for module {module}, but the task adapts {} modules",
+                    self.shapes.len()
+                ),
+            ));
+        };
+        if gradient.shape != shape[..] {
+            return Err(Rejection::new(
+                ErrorCode::ShapeMismatch,
+                format!(
+                    "init gradient of module {module} has shape {:?}, expected {:?}",
+                    gradient.shape, shape
+                ),
+            ));
+        }
+        if let Some((i, v)) = gradient
+            .data
+            .iter()
+            .enumerate()
+            .find(|(_, v)| !v.is_finite())
+        {
+            return Err(Rejection::new(
+                ErrorCode::NonFinite,
+                format!("init gradient of module {module} holds {v} at index {i}"),
+            ));
+        }
+        let n = self.shapes.len();
+        let slots = self.pending.entry(p).or_insert_with(|| vec![None; n]);
+        let slot = &mut slots[module as usize];
+        if slot.is_some() {
+            return Err(Rejection::new(
+                ErrorCode::DuplicateUpdate,
+                format!("a second init gradient for module {module}"),
+            ));
+        }
+        *slot = Some(gradient);
+        self.bytes_in += frame_bytes;
+        Ok(())
+    }
+
+    /// `p` has sent every module: its gradients join the sum. Without every
+    /// module (or with `num_samples` = 0) everything it sent is dropped.
+    pub fn finish_participant(
+        &mut self,
+        p: ParticipantId,
+        num_samples: u64,
+    ) -> Result<u64, Rejection> {
+        if self.done.contains_key(&p) {
+            return Err(Rejection::new(
+                ErrorCode::DuplicateUpdate,
+                "this participant's initialization gradients are already in",
+            ));
+        }
+        let slots = self.pending.remove(&p).unwrap_or_default();
+        if num_samples == 0 {
+            return Err(Rejection::new(
+                ErrorCode::InvalidSampleCount,
+                "InitDone with num_samples = 0; the gradients sent are dropped",
+            ));
+        }
+        let missing: Vec<usize> = (0..self.shapes.len())
+            .filter(|&i| slots.get(i).is_none_or(|s| s.is_none()))
+            .collect();
+        if !missing.is_empty() {
+            return Err(Rejection::new(
+                ErrorCode::NotInitializing,
+                format!(
+                    "InitDone without the gradients of modules {missing:?}; the gradients sent are dropped"
+                ),
+            ));
+        }
+        for (sum, g) in self.sum.iter_mut().zip(slots.into_iter().flatten()) {
+            for (s, &x) in sum.iter_mut().zip(&g.data) {
+                *s += f64::from(x);
+            }
+        }
+        self.done.insert(p, num_samples);
+        Ok(num_samples)
+    }
+
+    /// `p` left: drop what it sent without finishing.
+    pub fn leave(&mut self, p: ParticipantId) {
+        self.pending.remove(&p);
+    }
+
+    /// The sign of every summed gradient, as the engine's per-layer matrices
+    /// (only the sign of G enters `ΔW = −η·sign(G)`, so this is exact even
+    /// where the f64 sum is too small for f32).
+    pub fn sign_gradients(&self, modules: &InitModules) -> Vec<[Matrix<f32>; 6]> {
+        let mut layers: Vec<[Matrix<f32>; 6]> = (0..modules.config.num_hidden_layers)
+            .map(|_| std::array::from_fn(|_| Matrix::from_vec(0, 0, Vec::new())))
+            .collect();
+        for ((sum, &(layer, which)), shape) in
+            self.sum.iter().zip(&modules.modules).zip(&self.shapes)
+        {
+            let data = sum
+                .iter()
+                .map(|&x| {
+                    if x > 0.0 {
+                        1.0
+                    } else if x < 0.0 {
+                        -1.0
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            layers[layer][which.index()] =
+                Matrix::from_vec(shape[0] as usize, shape[1] as usize, data);
+        }
+        layers
+    }
+}
+
+/// `ΔW = −η·sign(G)`, the truncated SVD per module (`A`, `B`, `R₀`) and the
+/// head, written atomically to `path` as the adapter file `fedsb init` writes.
+pub fn build_adapter_file(
+    config: &Config,
+    modules: &InitModules,
+    collector: &InitCollector,
+    head: &ClassifierHead<f32>,
+    path: &Path,
+) -> Result<(), InitError> {
+    let mut linears: Vec<AdaptedLinear> = Vec::new();
+    for &(_, which) in &modules.modules {
+        if !linears.contains(&which) {
+            linears.push(which);
+        }
+    }
+    let mut options =
+        LoraSbInitOptions::new(config.adapter.rank as usize, config.init_learning_rate());
+    options.modules = linears;
+    let grads = collector.sign_gradients(modules);
+    let adapters = lora_sb_from_gradients(&modules.config, &grads, &options)?;
+    let metadata = HashMap::from([
+        ("format".to_owned(), "fedsb-lora-sb".to_owned()),
+        ("rank".to_owned(), config.adapter.rank.to_string()),
+        ("modules".to_owned(), config.adapter.modules.join(",")),
+        (
+            "labels".to_owned(),
+            serde_json::to_string(&config.task.labels).unwrap_or_default(),
+        ),
+        (
+            "init_samples".to_owned(),
+            collector.total_samples().to_string(),
+        ),
+        (
+            "learning_rate".to_owned(),
+            config.init_learning_rate().to_string(),
+        ),
+        ("seed".to_owned(), config.adapter.init_seed.to_string()),
+        ("init".to_owned(), "federated".to_owned()),
+        (
+            "participants".to_owned(),
+            collector.contributors().to_string(),
+        ),
+        (
+            "head".to_owned(),
+            "uniform(std = initializer_range) weight, zero bias".to_owned(),
+        ),
+    ]);
+    write_adapter_file(
+        path,
+        &modules.names,
+        &modules.modules,
+        &adapters,
+        head,
+        metadata,
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(shape: &[u32], v: f32) -> Tensor {
+        let n: u32 = shape.iter().product();
+        Tensor::new(shape.to_vec(), vec![v; n as usize]).unwrap()
+    }
+
+    #[test]
+    fn gradients_count_only_after_init_done_and_bad_ones_change_nothing() {
+        let mut c = InitCollector::new(vec![[2, 3], [3, 2]]);
+        let (a, b) = (ParticipantId(1), ParticipantId(2));
+        // Wrong shape, unknown module, non-finite: typed errors.
+        let e = c.gradient(a, 0, t(&[3, 2], 1.0), 10).unwrap_err();
+        assert_eq!(e.code, ErrorCode::ShapeMismatch);
+        let e = c.gradient(a, 2, t(&[2, 3], 1.0), 10).unwrap_err();
+        assert_eq!(e.code, ErrorCode::ShapeMismatch);
+        let mut nan = t(&[2, 3], 1.0);
+        nan.data[4] = f32::NAN;
+        assert_eq!(
+            c.gradient(a, 0, nan, 10).unwrap_err().code,
+            ErrorCode::NonFinite
+        );
+        // Incomplete: InitDone is refused and the module sent is dropped.
+        c.gradient(b, 0, t(&[2, 3], 100.0), 10).unwrap();
+        assert_eq!(
+            c.gradient(b, 0, t(&[2, 3], 100.0), 10).unwrap_err().code,
+            ErrorCode::DuplicateUpdate
+        );
+        assert_eq!(
+            c.finish_participant(b, 5).unwrap_err().code,
+            ErrorCode::NotInitializing
+        );
+        assert_eq!(c.contributors(), 0);
+        // Honest participant.
+        c.gradient(a, 0, t(&[2, 3], -1.5), 10).unwrap();
+        c.gradient(a, 1, t(&[3, 2], 2.0), 10).unwrap();
+        assert_eq!(c.finish_participant(a, 7).unwrap(), 7);
+        assert_eq!(
+            c.finish_participant(a, 7).unwrap_err().code,
+            ErrorCode::DuplicateUpdate
+        );
+        assert_eq!(
+            c.gradient(a, 0, t(&[2, 3], 1.0), 10).unwrap_err().code,
+            ErrorCode::DuplicateUpdate
+        );
+        assert_eq!(c.contributors(), 1);
+        assert_eq!(c.total_samples(), 7);
+        assert!(c.sum[0].iter().all(|&x| x == -1.5));
+        assert!(c.sum[1].iter().all(|&x| x == 2.0));
+        // A second one adds up; a zero sample count is refused.
+        c.gradient(b, 0, t(&[2, 3], 1.0), 10).unwrap();
+        c.gradient(b, 1, t(&[3, 2], 1.0), 10).unwrap();
+        assert_eq!(
+            c.finish_participant(b, 0).unwrap_err().code,
+            ErrorCode::InvalidSampleCount
+        );
+        c.gradient(b, 0, t(&[2, 3], 1.0), 10).unwrap();
+        c.gradient(b, 1, t(&[3, 2], 1.0), 10).unwrap();
+        c.finish_participant(b, 3).unwrap();
+        assert!(c.sum[0].iter().all(|&x| x == -0.5));
+        assert!(c.sum[1].iter().all(|&x| x == 3.0));
+        assert_eq!(c.total_samples(), 10);
+    }
+}

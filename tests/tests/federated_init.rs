@@ -1,0 +1,450 @@
+//! Federated LoRA-SB initialization (`[adapter] init = "federated"`) end to
+//! end on a tiny random BERT: `fedsb join` participants send their summed
+//! gradients before round 1, the aggregator makes the adapter file (A, B, R₀,
+//! head), serves it by hash, and the rounds run as with `fedsb init`'s file.
+//! A missing GPU adapter (lavapipe here) fails these tests.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use fedsb_e2e::tiny_model::{labelled_tsv, write_tiny_model, LABELS};
+use fedsb_e2e::*;
+use fedsb_protocol::{ClientMessage, ErrorCode, ServerMessage, Tensor};
+
+const RANK: u32 = 4;
+const JOIN_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn setup() -> anyhow::Result<tempfile::TempDir> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    write_tiny_model(&dir.join("model"), 11)?;
+    std::fs::write(dir.join("seed.tsv"), labelled_tsv(48, 1, 0.5))?;
+    std::fs::write(dir.join("a.tsv"), labelled_tsv(40, 2, 0.3))?;
+    std::fs::write(dir.join("b.tsv"), labelled_tsv(56, 3, 0.7))?;
+    Ok(tmp)
+}
+
+/// task.toml of a federated-init task.
+fn write_config(
+    dir: &Path,
+    rounds: u64,
+    participants: u32,
+    init_samples: u64,
+) -> anyhow::Result<()> {
+    let config = format!(
+        r#"[task]
+id = "federated-init"
+rounds = {rounds}
+min_participants = {participants}
+max_participants = {participants}
+round_deadline_secs = 600
+labels = ["{}", "{}"]
+local_steps = 2
+batch_size = 8
+learning_rate = 0.01
+max_seq_len = 16
+[model]
+id = "tiny-random-bert"
+dir = "model"
+[adapter]
+rank = {RANK}
+init = "federated"
+init_samples = {init_samples}
+init_seed = 3
+[server]
+ping_interval_secs = 1
+idle_timeout_secs = 60
+"#,
+        LABELS[0], LABELS[1]
+    );
+    std::fs::write(dir.join("task.toml"), config)?;
+    Ok(())
+}
+
+fn spawn_join(dir: &Path, agg: &Aggregator, data: &str, name: &str) -> anyhow::Result<Child> {
+    spawn_join_seeded(dir, agg, data, name, 0)
+}
+
+/// `fedsb join --seed`: the seed of its shuffle, which also picks its
+/// initialization examples (as `fedsb init --seed` picks seed examples).
+fn spawn_join_seeded(
+    dir: &Path,
+    agg: &Aggregator,
+    data: &str,
+    name: &str,
+    seed: u64,
+) -> anyhow::Result<Child> {
+    Command::new(fedsb_bin())
+        .arg("join")
+        .args(["--seed", &seed.to_string()])
+        .args(["--server", &agg.url("")])
+        .arg("--data")
+        .arg(dir.join(data))
+        .arg("--cache-dir")
+        .arg(dir.join(format!("cache-{name}")))
+        .args(["--name", name])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("spawning fedsb join")
+}
+
+async fn wait_child(mut child: Child, limit: Duration) -> anyhow::Result<Output> {
+    let started = Instant::now();
+    loop {
+        if child.try_wait()?.is_some() {
+            return Ok(tokio::task::spawn_blocking(move || child.wait_with_output()).await??);
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let out = tokio::task::spawn_blocking(move || child.wait_with_output()).await??;
+            bail!(
+                "process still running after {limit:?}; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn check_success(what: &str, out: &Output) -> anyhow::Result<serde_json::Value> {
+    eprintln!(
+        "--- {what} stderr\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}):\n--- stdout\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .context("no output on stdout")?;
+    Ok(serde_json::from_str(line)?)
+}
+
+/// The adapter file the aggregator serves: its entry in `/api/task` and its
+/// bytes from `/files/{sha256}`, checked against the hash.
+async fn served_adapter(agg: &Aggregator) -> anyhow::Result<Vec<u8>> {
+    let task = agg.json("/api/task").await?;
+    let file = task["files"]
+        .as_array()
+        .context("files")?
+        .iter()
+        .find(|f| f["name"] == "adapter.safetensors")
+        .with_context(|| format!("no adapter file in /api/task: {task}"))?
+        .clone();
+    let sha = file["sha256"].as_str().context("sha256")?;
+    let r = reqwest::get(agg.url(&format!("/files/{sha}"))).await?;
+    assert!(r.status().is_success(), "GET /files/{sha}: {}", r.status());
+    let bytes = r.bytes().await?.to_vec();
+    let got = {
+        use std::fmt::Write as _;
+        let digest = sha256(&bytes);
+        digest.iter().fold(String::new(), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+    };
+    assert_eq!(got, sha, "the served adapter file matches its hash");
+    assert_eq!(file["size"], bytes.len());
+    Ok(bytes)
+}
+
+/// SHA-256 without another dependency: via `sha256sum`.
+fn sha256(bytes: &[u8]) -> Vec<u8> {
+    let tmp = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(tmp.path(), bytes).expect("write");
+    let out = Command::new("sha256sum")
+        .arg(tmp.path())
+        .output()
+        .expect("sha256sum");
+    let hex = String::from_utf8_lossy(&out.stdout);
+    let hex = hex.split_whitespace().next().unwrap_or_default().to_owned();
+    (0..hex.len() / 2)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap_or(0))
+        .collect()
+}
+
+/// Tensors by name: (shape, f32 values).
+type Tensors = HashMap<String, (Vec<usize>, Vec<f32>)>;
+
+/// Every tensor of a safetensors file.
+fn tensors(bytes: &[u8]) -> anyhow::Result<Tensors> {
+    let st = safetensors::SafeTensors::deserialize(bytes)?;
+    Ok(st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let data = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            (name, (view.shape().to_vec(), data))
+        })
+        .collect())
+}
+
+/// B·R·A (`out × in`) of one module.
+fn product(t: &Tensors, module: &str) -> Vec<f64> {
+    let (sa, a) = &t[&format!("{module}.lora_A")];
+    let (sb, b) = &t[&format!("{module}.lora_B")];
+    let (_, r) = &t[&format!("{module}.lora_R")];
+    let (rank, inp, out) = (sa[0], sa[1], sb[0]);
+    let mut br = vec![0f64; out * rank];
+    for i in 0..out {
+        for k in 0..rank {
+            for j in 0..rank {
+                br[i * rank + j] += f64::from(b[i * rank + k]) * f64::from(r[k * rank + j]);
+            }
+        }
+    }
+    let mut p = vec![0f64; out * inp];
+    for i in 0..out {
+        for k in 0..rank {
+            for j in 0..inp {
+                p[i * inp + j] += br[i * rank + k] * f64::from(a[k * inp + j]);
+            }
+        }
+    }
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_participants_initialize_federatedly_then_train_two_rounds() -> anyhow::Result<()> {
+    let tmp = setup()?;
+    let dir = tmp.path();
+    write_config(dir, 2, 2, 24)?;
+    let agg = Aggregator::start_in(dir)?;
+    assert_eq!(agg.json("/api/status").await?["state"], "initializing");
+    // Nothing to serve yet: no adapter file, no round 0.
+    let task = agg.json("/api/task").await?;
+    assert!(
+        !task["files"].to_string().contains("adapter.safetensors"),
+        "{task}"
+    );
+
+    let a = spawn_join(dir, &agg, "a.tsv", "a")?;
+    let b = spawn_join(dir, &agg, "b.tsv", "b")?;
+    let (a, b) = tokio::join!(wait_child(a, JOIN_TIMEOUT), wait_child(b, JOIN_TIMEOUT));
+    for (name, out) in [("a", a?), ("b", b?)] {
+        let report = check_success(&format!("fedsb join ({name})"), &out)?;
+        assert_eq!(report["finished"], true, "{name}: {report}");
+        assert_eq!(report["rounds_participated"], 2, "{name}: {report}");
+    }
+    let rounds = agg.json("/api/rounds").await?;
+    let rounds = rounds.as_array().context("rounds")?;
+    assert_eq!(rounds.len(), 3, "round 0 plus 2: {rounds:?}");
+    // Round 0 is the initialization: both participants, 24 examples each.
+    assert_eq!(rounds[0]["participants"], 2, "{:?}", rounds[0]);
+    assert_eq!(rounds[0]["total_samples"], 48, "{:?}", rounds[0]);
+    for r in &rounds[1..] {
+        assert_eq!(r["participants"], 2, "{r}");
+    }
+    // The adapter file is served by hash and holds A, B, R₀ = diag(S) for
+    // all 12 modules and the head; round 0's R is its R₀.
+    let bytes = served_adapter(&agg).await?;
+    let t = tensors(&bytes)?;
+    assert_eq!(t.len(), 12 * 3 + 2);
+    let r = RANK as usize;
+    for (name, (shape, data)) in &t {
+        assert!(data.iter().all(|x| x.is_finite()), "{name}");
+        if name.ends_with("lora_R") {
+            assert_eq!(shape, &vec![r, r]);
+            for i in 0..r {
+                for j in 0..r {
+                    let x = data[i * r + j];
+                    if i == j {
+                        assert!(x >= 0.0, "{name}: negative singular value");
+                    } else {
+                        assert_eq!(x, 0.0, "{name} is not diagonal");
+                    }
+                }
+            }
+            assert!(data[0] > 0.0, "{name} is zero");
+        }
+    }
+    let frame = reqwest::get(agg.url("/api/rounds/0/global"))
+        .await?
+        .bytes()
+        .await?;
+    let ServerMessage::GlobalModel { adapter, .. } = ServerMessage::decode(&frame)? else {
+        bail!("round 0 is not a GlobalModel frame");
+    };
+    assert_eq!(
+        adapter.r[0].data,
+        t["encoder.layer.0.attention.self.query.lora_R"].1
+    );
+    assert_eq!(adapter.head_weight.data, t["classifier.weight"].1);
+    assert_eq!(agg.json("/api/status").await?["state"], "finished");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federated_init_with_all_data_in_one_participant_equals_fedsb_init() -> anyhow::Result<()> {
+    let tmp = setup()?;
+    let dir = tmp.path();
+    // Centralized: `fedsb init` on the seed data, with the task's head seed,
+    // learning rate, batch size and sequence length.
+    let out = Command::new(fedsb_bin())
+        .arg("init")
+        .arg("--model")
+        .arg(dir.join("model"))
+        .arg("--train")
+        .arg(dir.join("seed.tsv"))
+        .args(["--labels", &LABELS.join(",")])
+        .args(["--rank", &RANK.to_string()])
+        .args(["--init-samples", "40", "--batch", "8", "--lr", "0.01"])
+        .args(["--max-seq-len", "16", "--seed", "3"])
+        .arg("--out")
+        .arg(dir.join("central.safetensors"))
+        .output()
+        .context("running fedsb init")?;
+    check_success("fedsb init", &out)?;
+    let central = tensors(&std::fs::read(dir.join("central.safetensors"))?)?;
+
+    // Federated: one participant holding all of the seed data.
+    write_config(dir, 1, 1, 40)?;
+    let agg = Aggregator::start_in(dir)?;
+    let join = spawn_join_seeded(dir, &agg, "seed.tsv", "all", 3)?;
+    let out = wait_child(join, JOIN_TIMEOUT).await?;
+    check_success("fedsb join", &out)?;
+    let federated = tensors(&served_adapter(&agg).await?)?;
+
+    // Same tensors; A, B and R₀ compared through B·R₀·A, which does not
+    // depend on the SVD's sign conventions. The two pipelines are the same
+    // code on the same batches (the f64 sum of one participant's f32
+    // gradients is exact), so they agree to rounding; the tolerance only
+    // allows for a GPU reduction order that differs between runs.
+    let mut names: Vec<&String> = central.keys().collect();
+    names.sort();
+    let fed_names: Vec<&String> = {
+        let mut n: Vec<&String> = federated.keys().collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names, fed_names);
+    assert_eq!(central["classifier.weight"], federated["classifier.weight"]);
+    assert_eq!(central["classifier.bias"], federated["classifier.bias"]);
+    let mut bitwise = true;
+    for name in names.iter().filter(|n| n.ends_with(".lora_R")) {
+        let module = name.trim_end_matches(".lora_R");
+        for s in ["lora_A", "lora_B", "lora_R"] {
+            let k = format!("{module}.{s}");
+            assert_eq!(central[&k].0, federated[&k].0, "{k}: shape");
+            bitwise &= central[&k].1 == federated[&k].1;
+        }
+        let (pc, pf) = (product(&central, module), product(&federated, module));
+        let scale = pc.iter().fold(0f64, |m, x| m.max(x.abs()));
+        assert!(scale > 0.0, "{module}: B·R₀·A is zero");
+        let err = pc
+            .iter()
+            .zip(&pf)
+            .fold(0f64, |m, (a, b)| m.max((a - b).abs()))
+            / scale;
+        assert!(
+            err <= 1e-5,
+            "{module}: B·R₀·A differs by {err:e} (relative)"
+        );
+        // The singular values R₀ = diag(S) agree too.
+        let (rc, rf) = (
+            &central[&format!("{module}.lora_R")].1,
+            &federated[&format!("{module}.lora_R")].1,
+        );
+        for (a, b) in rc.iter().zip(rf) {
+            assert!(
+                (a - b).abs() <= 1e-5 * a.abs().max(1e-12),
+                "{module}: R₀ {a} vs {b}"
+            );
+        }
+    }
+    eprintln!("federated and centralized adapter files bitwise equal: {bitwise}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_init_gradient_is_rejected_and_the_honest_participant_initializes(
+) -> anyhow::Result<()> {
+    let tmp = setup()?;
+    let dir = tmp.path();
+    write_config(dir, 1, 1, 16)?;
+    let agg = Aggregator::start_in(dir)?;
+
+    let (mut bad, _) = Participant::join(agg.addr, "malformed").await?;
+    let ServerMessage::InitRequest {
+        init_samples,
+        batch_size,
+        head_weight,
+        head_bias,
+    } = bad.recv().await?
+    else {
+        bail!("expected InitRequest after Welcome");
+    };
+    assert_eq!((init_samples, batch_size), (16, 8));
+    assert_eq!(head_weight.shape, vec![2, 16]);
+    assert_eq!(head_bias.shape, vec![2]);
+    // Module 0 (query, 16×16) with the wrong shape.
+    bad.send(&ClientMessage::InitGradient {
+        module: 0,
+        gradient: Tensor::zeros(&[16, 15]),
+    })
+    .await?;
+    let m = bad.expect_error(ErrorCode::ShapeMismatch).await?;
+    assert!(m.contains("[16, 15]"), "{m}");
+    // A module the task does not have.
+    bad.send(&ClientMessage::InitGradient {
+        module: 12,
+        gradient: Tensor::zeros(&[16, 16]),
+    })
+    .await?;
+    bad.expect_error(ErrorCode::ShapeMismatch).await?;
+    // A non-finite value.
+    let mut nan = Tensor::zeros(&[16, 16]);
+    nan.data[5] = f32::INFINITY;
+    bad.send(&ClientMessage::InitGradient {
+        module: 0,
+        gradient: nan,
+    })
+    .await?;
+    bad.expect_error(ErrorCode::NonFinite).await?;
+    // One huge valid module, then InitDone without the others: refused, and
+    // nothing of it counts.
+    let mut huge = Tensor::zeros(&[16, 16]);
+    huge.data.fill(1e30);
+    bad.send(&ClientMessage::InitGradient {
+        module: 0,
+        gradient: huge,
+    })
+    .await?;
+    bad.send(&ClientMessage::InitDone { num_samples: 5 })
+        .await?;
+    bad.expect_error(ErrorCode::NotInitializing).await?;
+    assert_eq!(agg.json("/api/status").await?["state"], "initializing");
+    drop(bad);
+
+    let join = spawn_join(dir, &agg, "a.tsv", "honest")?;
+    let out = wait_child(join, JOIN_TIMEOUT).await?;
+    let report = check_success("fedsb join", &out)?;
+    assert_eq!(report["finished"], true, "{report}");
+    let rounds = agg.json("/api/rounds").await?;
+    assert_eq!(rounds[0]["participants"], 1, "{rounds}");
+    assert_eq!(rounds[0]["total_samples"], 16, "{rounds}");
+    served_adapter(&agg).await?;
+
+    // After the initialization, init messages are refused with a typed error.
+    let (mut late, _) = Participant::join(agg.addr, "late").await?;
+    late.send(&ClientMessage::InitDone { num_samples: 1 })
+        .await?;
+    late.expect_error(ErrorCode::NotInitializing).await?;
+    Ok(())
+}
