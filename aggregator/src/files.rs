@@ -104,31 +104,8 @@ pub fn collect_files(config: &Config) -> Result<Vec<ServedFile>, FileError> {
 }
 
 /// The values of the F32 tensor `name` of an adapter file, checked to have
-/// `shape`; the error says what is missing or wrong. Shared by the
-/// aggregator's round-0 state and the participants' reading of A and B.
-pub fn read_f32_tensor(
-    st: &SafeTensors<'_>,
-    name: &str,
-    shape: &[usize],
-) -> Result<Vec<f32>, String> {
-    let view = st
-        .tensor(name)
-        .map_err(|_| format!("tensor {name} is missing"))?;
-    if view.shape() != shape {
-        return Err(format!(
-            "tensor {name} has shape {:?}, expected {shape:?}",
-            view.shape()
-        ));
-    }
-    if view.dtype() != safetensors::Dtype::F32 {
-        return Err(format!("tensor {name} is {:?}, expected F32", view.dtype()));
-    }
-    Ok(view
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect())
-}
+/// `shape` (shared with the participants, which read A and B with it).
+pub use fedsb_participant::read_f32_tensor;
 
 /// The round-0 state: `<module>.lora_R` and `classifier.{weight,bias}` from
 /// the adapter file when one is configured, otherwise zeros (R = 0 makes

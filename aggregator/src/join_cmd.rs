@@ -458,10 +458,10 @@ fn train_round(
     opt: &AdamW,
     round: RoundId,
 ) -> anyhow::Result<LocalRound> {
-    let (adapters, head) = state_to_engine(&loaded.frozen, &loaded.modules, global)?;
-    encoder.set_trainable(&adapters, &head)?;
     let started = Instant::now();
     if let Some(dp) = dp {
+        let (adapters, head) = state_to_engine(&loaded.frozen, &loaded.modules, global)?;
+        encoder.set_trainable(&adapters, &head)?;
         // DP-SGD: Poisson-sampled batches instead of the shuffled sampler.
         let out = train_steps_dp(encoder, &loaded.tokenizer, &data.examples, dp, steps, opt)
             .with_context(|| format!("round {round}: DP-SGD"))?;
@@ -491,23 +491,22 @@ fn train_round(
             privacy: Some(report),
         });
     }
-    let mut samples = 0u64;
-    let mut loss_sum = 0f64;
-    for step in 1..=steps {
-        let idx = sampler.next_batch();
-        let refs: Vec<&Example> = idx.iter().map(|&i| &data.examples[i]).collect();
-        let (batch, labels) = encode_examples(&loaded.tokenizer, &refs)?;
-        let loss = pollster::block_on(encoder.train_step(&batch, &labels, opt))?;
-        if !loss.is_finite() {
-            bail!("round {round}: training diverged at step {step} (loss {loss})");
-        }
-        samples += idx.len() as u64;
-        loss_sum += f64::from(loss) * idx.len() as f64;
-        tracing::debug!(%round, step, loss, "local step");
-    }
-    let trained = pollster::block_on(encoder.read_trainable())?;
-    let state = engine_to_state(&trained, &loaded.modules)?;
-    let mean_loss = (loss_sum / samples.max(1) as f64) as f32;
+    let fedsb_participant::LocalRound {
+        state,
+        samples,
+        mean_loss,
+    } = pollster::block_on(fedsb_participant::train_round(
+        encoder,
+        &loaded.tokenizer,
+        &loaded.frozen,
+        &loaded.modules,
+        &data.examples,
+        sampler,
+        global,
+        steps,
+        opt,
+        round,
+    ))?;
     let seconds = started.elapsed().as_secs_f64();
     info!(
         %round,

@@ -12,8 +12,10 @@ use fedsb_protocol::{ClientMessage, ClientUpdate, ServerMessage, PROTOCOL_VERSIO
 use wasm_bindgen::prelude::*;
 
 mod engine;
+mod participant;
 
 pub use engine::{embed_by_length, EngineError, WasmEngine};
+pub use participant::{preview_data, RoundResult, WasmParticipant};
 
 /// Runs when the module is instantiated: panics are printed to the console
 /// with their message instead of an opaque `unreachable`.

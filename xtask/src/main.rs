@@ -103,10 +103,11 @@ fn cargo() -> Command {
 }
 
 /// Crates that must build for the browser.
-const WASM_CRATES: [&str; 4] = [
+const WASM_CRATES: [&str; 5] = [
     "fedsb-protocol",
     "fedsb-privacy",
     "fedsb-engine",
+    "fedsb-participant",
     "fedsb-wasm-client",
 ];
 

@@ -1,0 +1,363 @@
+//! The LoRA-SB adapter file that `fedsb init` writes and `fedsb join` reads,
+//! and the conversions between the wire's [`AdapterState`] (one `R` per
+//! module in the task's `module_names` order, then the head) and the engine's
+//! per-layer [`LoraSbAdapters`].
+//!
+//! File layout (safetensors, every tensor F32), for every adapted module in
+//! the aggregator's naming `encoder.layer.<i>.<module>`:
+//!
+//! | tensor | shape |
+//! |---|---|
+//! | `<name>.lora_A` | `[r, in]` (frozen) |
+//! | `<name>.lora_B` | `[out, r]` (frozen) |
+//! | `<name>.lora_R` | `[r, r]` (`R₀ = diag(S)`, round 0) |
+//! | `classifier.weight` | `[classes, hidden]` (round 0 head) |
+//! | `classifier.bias` | `[classes]` |
+//!
+//! The aggregator reads `lora_R` and `classifier.*` for round 0
+//! (`files::initial_adapter`); participants read `lora_A` and `lora_B`.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use fedsb_engine::model::{AdaptedLinear, BertConfig};
+use fedsb_engine::reference::{
+    ClassifierHead, LoraSbAdapters, LoraSbModule, Matrix, TrainableGradients,
+};
+use fedsb_protocol::{AdapterState, Tensor};
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+
+/// Why an adapter file, a module name or a state conversion was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterFileError {
+    /// The input is wrong; the message names what and where.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("writing {path}: {source}")]
+    Write {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+type Result<T> = std::result::Result<T, AdapterFileError>;
+
+fn invalid(message: impl Into<String>) -> AdapterFileError {
+    AdapterFileError::Invalid(message.into())
+}
+
+/// One adapted module: its encoder layer and which linear.
+pub type ModuleRef = (usize, AdaptedLinear);
+
+/// `encoder.layer.<i>.<module>` → (layer, linear), checked against the
+/// model's number of layers.
+pub fn parse_module_name(name: &str, num_layers: usize) -> Result<ModuleRef> {
+    let rest = name.strip_prefix("encoder.layer.").ok_or_else(|| {
+        invalid(format!(
+            "module {name:?} is not of the form encoder.layer.<i>.<module>"
+        ))
+    })?;
+    let (layer, module) = rest.split_once('.').ok_or_else(|| {
+        invalid(format!(
+            "module {name:?} is not of the form encoder.layer.<i>.<module>"
+        ))
+    })?;
+    let layer: usize = layer
+        .parse()
+        .map_err(|_| invalid(format!("module {name:?}: layer {layer:?} is not a number")))?;
+    if layer >= num_layers {
+        return Err(invalid(format!(
+            "module {name:?}: the model has only {num_layers} layers"
+        )));
+    }
+    let which = parse_linear(module)?;
+    Ok((layer, which))
+}
+
+/// A module path inside a layer (`attention.self.query`, …) → the engine's linear.
+pub fn parse_linear(module: &str) -> Result<AdaptedLinear> {
+    AdaptedLinear::ALL
+        .into_iter()
+        .find(|w| w.checkpoint_name() == module)
+        .ok_or_else(|| {
+            invalid(format!(
+                "unknown module {module:?} (known: {})",
+                AdaptedLinear::ALL.map(|w| w.checkpoint_name()).join(", ")
+            ))
+        })
+}
+
+/// Parses every name, refusing duplicates.
+pub fn parse_module_names(names: &[String], num_layers: usize) -> Result<Vec<ModuleRef>> {
+    let mut out = Vec::with_capacity(names.len());
+    for name in names {
+        let m = parse_module_name(name, num_layers)?;
+        if out.contains(&m) {
+            return Err(invalid(format!("module {name:?} is listed twice")));
+        }
+        out.push(m);
+    }
+    Ok(out)
+}
+
+fn f32_bytes(data: &[f32]) -> Vec<u8> {
+    data.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Writes the adapter file: `lora_A`, `lora_B`, `lora_R` of every module in
+/// `names` (aggregator naming) and the head, with `metadata` in the header.
+pub fn write_adapter_file(
+    path: &Path,
+    names: &[String],
+    modules: &[ModuleRef],
+    adapters: &LoraSbAdapters<f32>,
+    head: &ClassifierHead<f32>,
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, &(layer, which)) in names.iter().zip(modules) {
+        let m = adapters
+            .module(layer, which)
+            .ok_or_else(|| invalid(format!("no adapter was initialized for {name}")))?;
+        for (suffix, mat) in [("lora_A", &m.a), ("lora_B", &m.b), ("lora_R", &m.r)] {
+            tensors.push((
+                format!("{name}.{suffix}"),
+                vec![mat.rows, mat.cols],
+                f32_bytes(&mat.data),
+            ));
+        }
+    }
+    tensors.push((
+        "classifier.weight".into(),
+        vec![head.weight.rows, head.weight.cols],
+        f32_bytes(&head.weight.data),
+    ));
+    tensors.push((
+        "classifier.bias".into(),
+        vec![head.bias.len()],
+        f32_bytes(&head.bias),
+    ));
+    let views = tensors
+        .iter()
+        .map(|(name, shape, data)| {
+            let view = TensorView::new(Dtype::F32, shape.clone(), data)
+                .map_err(|e| invalid(format!("tensor {name}: {e}")))?;
+            Ok((name.as_str(), view))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let bytes = safetensors::tensor::serialize(views, Some(metadata))
+        .map_err(|e| invalid(format!("serializing the adapter file: {e}")))?;
+    // Write next to the target and rename, so a crash never leaves half a file
+    // that an aggregator would then serve.
+    let tmp = path.with_extension("safetensors.part");
+    std::fs::write(&tmp, &bytes).map_err(|source| AdapterFileError::Write {
+        path: tmp.clone(),
+        source,
+    })?;
+    std::fs::rename(&tmp, path).map_err(|source| AdapterFileError::Write {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(())
+}
+
+fn read_matrix(st: &SafeTensors<'_>, name: &str, rows: usize, cols: usize) -> Result<Matrix<f32>> {
+    let data = crate::read_f32_tensor(st, name, &[rows, cols])
+        .map_err(|e| invalid(format!("adapter file: {e}")))?;
+    if let Some(i) = data.iter().position(|x| !x.is_finite()) {
+        return Err(invalid(format!(
+            "adapter tensor {name} holds a non-finite value at index {i}"
+        )));
+    }
+    Ok(Matrix::from_vec(rows, cols, data))
+}
+
+/// Reads the frozen `A`, `B` (and the file's `R₀`) of every module in `names`
+/// from an adapter file, checking shapes against the model and the rank.
+pub fn read_adapter_file(
+    bytes: &[u8],
+    names: &[String],
+    modules: &[ModuleRef],
+    config: &BertConfig,
+    rank: usize,
+) -> Result<LoraSbAdapters<f32>> {
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| invalid(format!("the adapter file is not valid safetensors: {e}")))?;
+    let mut adapters = LoraSbAdapters {
+        layers: (0..config.num_hidden_layers)
+            .map(|_| Default::default())
+            .collect(),
+    };
+    for (name, &(layer, which)) in names.iter().zip(modules) {
+        let (out, inp) = which.shape(config);
+        let a = read_matrix(&st, &format!("{name}.lora_A"), rank, inp)?;
+        let b = read_matrix(&st, &format!("{name}.lora_B"), out, rank)?;
+        let r = read_matrix(&st, &format!("{name}.lora_R"), rank, rank)?;
+        adapters.layers[layer][which.index()] = Some(LoraSbModule { a, b, r });
+    }
+    Ok(adapters)
+}
+
+/// The engine's adapters and head for a wire state: the `R`s of `state` (in
+/// `modules` order) put into a copy of `frozen`.
+pub fn state_to_engine(
+    frozen: &LoraSbAdapters<f32>,
+    modules: &[ModuleRef],
+    state: &AdapterState,
+) -> Result<(LoraSbAdapters<f32>, ClassifierHead<f32>)> {
+    if state.r.len() != modules.len() {
+        return Err(invalid(format!(
+            "the global state has {} R matrices for {} modules",
+            state.r.len(),
+            modules.len()
+        )));
+    }
+    let mut adapters = frozen.clone();
+    for (t, &(layer, which)) in state.r.iter().zip(modules) {
+        let m = adapters
+            .module_mut(layer, which)
+            .ok_or_else(|| invalid("module missing from the adapter file"))?;
+        let r = m.rank();
+        if t.shape != [r as u32, r as u32] {
+            return Err(invalid(format!(
+                "global R has shape {:?}, expected [{r}, {r}]",
+                t.shape
+            )));
+        }
+        m.r = Matrix::from_vec(r, r, t.data.clone());
+    }
+    let [classes, hidden] = state.head_weight.shape[..] else {
+        return Err(invalid(format!(
+            "global head weight has shape {:?}",
+            state.head_weight.shape
+        )));
+    };
+    let head = ClassifierHead {
+        weight: Matrix::from_vec(
+            classes as usize,
+            hidden as usize,
+            state.head_weight.data.clone(),
+        ),
+        bias: state.head_bias.data.clone(),
+    };
+    Ok((adapters, head))
+}
+
+/// The wire state of the engine's trained `R`s and head, `R`s in `modules` order.
+pub fn engine_to_state(
+    trained: &TrainableGradients<f32>,
+    modules: &[ModuleRef],
+) -> Result<AdapterState> {
+    let tensor = |m: &Matrix<f32>| Tensor {
+        shape: vec![m.rows as u32, m.cols as u32],
+        data: m.data.clone(),
+    };
+    let r = modules
+        .iter()
+        .map(|&(layer, which)| {
+            trained.r[layer][which.index()]
+                .as_ref()
+                .map(tensor)
+                .ok_or_else(|| invalid(format!("no trained R for layer {layer} {which:?}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(AdapterState {
+        r,
+        head_weight: tensor(&trained.head_weight),
+        head_bias: Tensor {
+            shape: vec![trained.head_bias.len() as u32],
+            data: trained.head_bias.clone(),
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn module_names_parse_and_bad_ones_are_named() {
+        assert_eq!(
+            parse_module_name("encoder.layer.3.attention.output.dense", 6).unwrap(),
+            (3, AdaptedLinear::AttentionOutput)
+        );
+        assert_eq!(
+            parse_module_name("encoder.layer.0.output.dense", 1).unwrap(),
+            (0, AdaptedLinear::Output)
+        );
+        let e = parse_module_name("encoder.layer.6.output.dense", 6).unwrap_err();
+        assert!(e.to_string().contains("only 6 layers"), "{e}");
+        let e = parse_module_name("encoder.layer.0.attention.self.qkv", 6).unwrap_err();
+        assert!(e.to_string().contains("unknown module"), "{e}");
+        assert!(parse_module_name("layer.0.output.dense", 6).is_err());
+    }
+
+    #[test]
+    fn adapter_file_round_trips_and_state_conversions_invert() {
+        let config = BertConfig {
+            vocab_size: 20,
+            hidden_size: 8,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            intermediate_size: 12,
+            max_position_embeddings: 16,
+            ..BertConfig::default()
+        };
+        let adapters = LoraSbAdapters::<f32>::random(&config, 3, 7, 0.5);
+        let head = ClassifierHead::<f32>::init(2, 8, 0.02, 1);
+        // Task order differs from the engine's order on purpose.
+        let names: Vec<String> = [
+            "encoder.layer.1.output.dense",
+            "encoder.layer.0.attention.self.query",
+            "encoder.layer.0.intermediate.dense",
+        ]
+        .map(String::from)
+        .to_vec();
+        let modules = parse_module_names(&names, 2).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("adapter.safetensors");
+        write_adapter_file(&path, &names, &modules, &adapters, &head, HashMap::new()).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let back = read_adapter_file(&bytes, &names, &modules, &config, 3).unwrap();
+        for &(l, w) in &modules {
+            assert_eq!(back.module(l, w), adapters.module(l, w));
+        }
+        assert!(back.module(1, AdaptedLinear::Query).is_none());
+        let e = read_adapter_file(&bytes, &names, &modules, &config, 4).unwrap_err();
+        assert!(e.to_string().contains("expected [4, 12]"), "{e}");
+
+        let mut state = AdapterState {
+            r: modules
+                .iter()
+                .enumerate()
+                .map(|(i, _)| Tensor {
+                    shape: vec![3, 3],
+                    data: (0..9).map(|j| (i * 10 + j) as f32).collect(),
+                })
+                .collect(),
+            head_weight: Tensor {
+                shape: vec![2, 8],
+                data: vec![0.5; 16],
+            },
+            head_bias: Tensor {
+                shape: vec![2],
+                data: vec![1.0, -1.0],
+            },
+        };
+        let (a, h) = state_to_engine(&back, &modules, &state).unwrap();
+        assert_eq!(a.module(0, AdaptedLinear::Query).unwrap().r.data[4], 14.0);
+        let trained = TrainableGradients {
+            r: a.layers
+                .iter()
+                .map(|l| l.each_ref().map(|m| m.as_ref().map(|m| m.r.clone())))
+                .collect(),
+            head_weight: h.weight,
+            head_bias: h.bias,
+        };
+        assert_eq!(engine_to_state(&trained, &modules).unwrap(), state);
+        state.r.pop();
+        assert!(state_to_engine(&back, &modules, &state).is_err());
+    }
+}

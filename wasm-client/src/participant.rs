@@ -1,0 +1,418 @@
+//! The browser participant: [`WasmParticipant`] trains a task's LoRA-SB `R`s
+//! and head on the worker's WebGPU device with the same procedure as `fedsb
+//! join` ([`fedsb_participant::train_round`]) and hands back `Update` frames.
+//! The WebSocket loop lives in `www/participant-worker.js`; the frames from
+//! the aggregator are decoded here, so the worker never interprets tensors.
+//!
+//! ```js
+//! const p = await WasmParticipant.create(welcomeFrame, config, model, tokenizer, adapter);
+//! const preview = p.setData(text, "train.csv", null, null, null);
+//! const r = await p.trainRound(globalModelFrame, roundOpenFrame); // r.frame: the Update frame
+//! ```
+
+use std::cell::RefCell;
+
+use fedsb_engine::data::{ColumnSpec, Dataset};
+use fedsb_engine::gpu::adamw::AdamW;
+use fedsb_engine::gpu::encoder::GpuEncoder;
+use fedsb_engine::gpu::{GpuContext, GpuOptions};
+use fedsb_engine::reference::{ClassifierHead, Matrix};
+use fedsb_engine::train::BatchSampler;
+use fedsb_participant::{read_task_data, train_round, ParticipantError, TaskModel};
+use fedsb_protocol::{ClientMessage, ClientUpdate, ServerMessage, TaskInfo};
+use serde::Serialize;
+use wasm_bindgen::prelude::*;
+
+/// Rows shown in a data preview.
+const PREVIEW_ROWS: usize = 5;
+
+fn error(message: impl std::fmt::Display) -> JsValue {
+    JsError::new(&message.to_string()).into()
+}
+
+fn participant_error(e: ParticipantError) -> JsValue {
+    error(e)
+}
+
+fn decode(frame: &[u8], what: &str) -> Result<ServerMessage, JsValue> {
+    ServerMessage::decode(frame).map_err(|e| error(format!("cannot decode the {what} frame: {e}")))
+}
+
+/// The local data and its sampler, set by `setData`.
+struct LocalData {
+    data: Dataset,
+    sampler: BatchSampler,
+}
+
+/// A participant of one task, on the worker's WebGPU device.
+#[wasm_bindgen]
+pub struct WasmParticipant {
+    ctx: &'static GpuContext,
+    /// `None` while a round trains: a second concurrent call is refused.
+    encoder: RefCell<Option<GpuEncoder<'static>>>,
+    model: TaskModel,
+    task: TaskInfo,
+    participant: u64,
+    opt: AdamW,
+    local: RefCell<Option<LocalData>>,
+}
+
+impl std::fmt::Debug for WasmParticipant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WasmParticipant")
+            .field("task", &self.task.task_id)
+            .field("participant", &self.participant)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One trained round: the `Update` frame to send and what it took.
+#[wasm_bindgen]
+#[derive(Debug)]
+pub struct RoundResult {
+    frame: Vec<u8>,
+    round: u64,
+    samples: u64,
+    mean_loss: f32,
+    seconds: f64,
+}
+
+#[wasm_bindgen]
+impl RoundResult {
+    /// The encoded `Update` frame (a `Uint8Array`).
+    #[wasm_bindgen(getter)]
+    pub fn frame(&self) -> Vec<u8> {
+        self.frame.clone()
+    }
+    #[wasm_bindgen(getter)]
+    pub fn round(&self) -> f64 {
+        self.round as f64
+    }
+    /// Examples trained on this round: the update's aggregation weight.
+    #[wasm_bindgen(getter)]
+    pub fn samples(&self) -> f64 {
+        self.samples as f64
+    }
+    /// Sample-weighted mean training loss of the round.
+    #[wasm_bindgen(getter, js_name = meanLoss)]
+    pub fn mean_loss(&self) -> f32 {
+        self.mean_loss
+    }
+    /// Wall time of the round's training (steps and read-back).
+    #[wasm_bindgen(getter)]
+    pub fn seconds(&self) -> f64 {
+        self.seconds
+    }
+    #[wasm_bindgen(getter, js_name = samplesPerSecond)]
+    pub fn samples_per_second(&self) -> f64 {
+        self.samples as f64 / self.seconds.max(1e-9)
+    }
+}
+
+#[derive(Serialize)]
+struct PreviewRow<'a> {
+    text: &'a str,
+    text_pair: Option<&'a str>,
+    label: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct Preview<'a> {
+    rows: usize,
+    text_column: &'a str,
+    text_pair_column: Option<&'a str>,
+    label_column: Option<&'a str>,
+    /// `[class name, count]` in class order.
+    label_counts: Vec<(&'a str, usize)>,
+    first_rows: Vec<PreviewRow<'a>>,
+}
+
+fn read_local(
+    text: &str,
+    file_name: &str,
+    text_column: Option<String>,
+    text_pair_column: Option<String>,
+    label_column: Option<String>,
+    labels: &[String],
+) -> Result<Dataset, JsValue> {
+    let nonempty = |c: Option<String>| c.filter(|s| !s.trim().is_empty());
+    let columns = ColumnSpec {
+        text: nonempty(text_column),
+        text_pair: nonempty(text_pair_column),
+        label: nonempty(label_column),
+        ..ColumnSpec::default()
+    };
+    read_task_data(text.as_bytes(), file_name, columns, labels).map_err(participant_error)
+}
+
+fn preview(data: &Dataset) -> Result<JsValue, JsValue> {
+    let mut counts = vec![0usize; data.label_names.len()];
+    for e in &data.examples {
+        if let Some(l) = e.label {
+            counts[l as usize] += 1;
+        }
+    }
+    let preview = Preview {
+        rows: data.len(),
+        text_column: &data.text_column,
+        text_pair_column: data.text_pair_column.as_deref(),
+        label_column: data.label_column.as_deref(),
+        label_counts: data
+            .label_names
+            .iter()
+            .map(String::as_str)
+            .zip(counts)
+            .collect(),
+        first_rows: data
+            .examples
+            .iter()
+            .take(PREVIEW_ROWS)
+            .map(|e| PreviewRow {
+                text: &e.text,
+                text_pair: e.text_pair.as_deref(),
+                label: e.label.map(|l| data.label_names[l as usize].as_str()),
+            })
+            .collect(),
+    };
+    serde_wasm_bindgen::to_value(&preview).map_err(error)
+}
+
+/// Reads local data as [`WasmParticipant::set_data`] will, with the task's
+/// class names `labels` (e.g. from `/api/task`), before joining: `{rows,
+/// text_column, text_pair_column, label_column, label_counts: [[name,
+/// count]], first_rows: [{text, text_pair, label}]}`. Errors name the line
+/// and column.
+#[wasm_bindgen(js_name = previewData)]
+pub fn preview_data(
+    text: &str,
+    file_name: &str,
+    text_column: Option<String>,
+    text_pair_column: Option<String>,
+    label_column: Option<String>,
+    labels: Vec<String>,
+) -> Result<JsValue, JsValue> {
+    let data = read_local(
+        text,
+        file_name,
+        text_column,
+        text_pair_column,
+        label_column,
+        &labels,
+    )?;
+    preview(&data)
+}
+
+#[wasm_bindgen]
+impl WasmParticipant {
+    /// Decodes the `Welcome` frame, parses the task's files (checked against
+    /// the task's shapes), requests the WebGPU device and uploads the model
+    /// with the frozen adapters. Tasks with differential privacy are refused:
+    /// DP-SGD runs only in `fedsb join` so far.
+    pub async fn create(
+        welcome_frame: Vec<u8>,
+        config_json: Vec<u8>,
+        model_safetensors: Vec<u8>,
+        tokenizer_json: Vec<u8>,
+        adapter_safetensors: Vec<u8>,
+    ) -> Result<WasmParticipant, JsValue> {
+        let (participant, task) = match decode(&welcome_frame, "Welcome")? {
+            ServerMessage::Welcome {
+                participant, task, ..
+            } => (participant.0, task),
+            other => return Err(error(format!("expected a Welcome frame, got {other:?}"))),
+        };
+        if let Some(p) = &task.privacy {
+            return Err(error(format!(
+                "task {} uses differential privacy (ε = {}, δ = {}): DP-SGD is not available in the browser yet; \
+                 join it with `fedsb join`",
+                task.task_id, p.epsilon, p.delta
+            )));
+        }
+        let model = TaskModel::load(
+            &task,
+            &config_json,
+            &model_safetensors,
+            &tokenizer_json,
+            &adapter_safetensors,
+        )
+        .map_err(participant_error)?;
+        let ctx: &'static GpuContext = Box::leak(Box::new(
+            GpuContext::new(&GpuOptions::default())
+                .await
+                .map_err(|e| error(format!("WebGPU: {e}")))?,
+        ));
+        let zero_head = ClassifierHead {
+            weight: Matrix::zeros(task.labels.len(), model.weights.config.hidden_size),
+            bias: vec![0.0; task.labels.len()],
+        };
+        let encoder = GpuEncoder::new(ctx, &model.weights, Some(&model.frozen), Some(&zero_head))
+            .map_err(|e| {
+            ctx.device.destroy();
+            error(format!("WebGPU: uploading the model: {e}"))
+        })?;
+        let opt = AdamW {
+            lr: task.learning_rate,
+            weight_decay: 0.01,
+            ..AdamW::default()
+        };
+        Ok(Self {
+            ctx,
+            encoder: RefCell::new(Some(encoder)),
+            model,
+            task,
+            participant,
+            opt,
+            local: RefCell::new(None),
+        })
+    }
+
+    /// The WebGPU adapter's name as wgpu reports it.
+    #[wasm_bindgen(js_name = adapterName)]
+    pub fn adapter_name(&self) -> String {
+        let info = self.ctx.adapter_info();
+        if info.name.is_empty() {
+            format!(
+                "unnamed {:?} adapter ({:?})",
+                info.backend, info.device_type
+            )
+        } else {
+            info.name.clone()
+        }
+    }
+
+    /// The id the aggregator gave this participant.
+    #[wasm_bindgen(getter)]
+    pub fn participant(&self) -> f64 {
+        self.participant as f64
+    }
+
+    #[wasm_bindgen(getter, js_name = taskId)]
+    pub fn task_id(&self) -> String {
+        self.task.task_id.clone()
+    }
+
+    /// The task's class names, in head order.
+    #[wasm_bindgen(getter)]
+    pub fn labels(&self) -> Vec<String> {
+        self.task.labels.clone()
+    }
+
+    /// Reads the local data (CSV, TSV or JSONL by `fileName`'s extension)
+    /// with the task's classes; columns not named (`null` or empty) are
+    /// detected from the header. Replaces any earlier data. Returns the
+    /// preview of [`preview_data`].
+    #[wasm_bindgen(js_name = setData)]
+    pub fn set_data(
+        &self,
+        text: &str,
+        file_name: &str,
+        text_column: Option<String>,
+        text_pair_column: Option<String>,
+        label_column: Option<String>,
+    ) -> Result<JsValue, JsValue> {
+        let data = read_local(
+            text,
+            file_name,
+            text_column,
+            text_pair_column,
+            label_column,
+            &self.task.labels,
+        )?;
+        let value = preview(&data)?;
+        // A fresh seed per data set: the shuffle need not be reproducible here.
+        let seed = (js_sys::Math::random() * 9_007_199_254_740_992.0) as u64;
+        let sampler = BatchSampler::new(data.len(), self.task.batch_size as usize, seed);
+        self.local.replace(Some(LocalData { data, sampler }));
+        Ok(value)
+    }
+
+    /// Trains the round that `roundOpenFrame` opens from the global state of
+    /// `globalModelFrame` (the latest `GlobalModel`) on the local data, and
+    /// resolves to the `Update` frame and the round's statistics.
+    #[wasm_bindgen(js_name = trainRound)]
+    pub async fn train_round(
+        &self,
+        global_model_frame: Vec<u8>,
+        round_open_frame: Vec<u8>,
+    ) -> Result<RoundResult, JsValue> {
+        let global = match decode(&global_model_frame, "GlobalModel")? {
+            ServerMessage::GlobalModel { round, adapter, .. } => {
+                adapter.validate(&self.task.shape).map_err(|e| {
+                    error(format!(
+                        "the global state of round {round} does not fit the task: {e}"
+                    ))
+                })?;
+                adapter
+            }
+            other => {
+                return Err(error(format!(
+                    "expected a GlobalModel frame, got {other:?}"
+                )))
+            }
+        };
+        let (round, steps) = match decode(&round_open_frame, "RoundOpen")? {
+            ServerMessage::RoundOpen {
+                round, local_steps, ..
+            } => (
+                round,
+                if local_steps > 0 {
+                    local_steps
+                } else {
+                    self.task.local_steps
+                },
+            ),
+            other => return Err(error(format!("expected a RoundOpen frame, got {other:?}"))),
+        };
+        let mut local = self
+            .local
+            .take()
+            .ok_or_else(|| error("no local data: choose a file (setData) before training"))?;
+        let Some(mut encoder) = self.encoder.take() else {
+            self.local.replace(Some(local));
+            return Err(error("a round is already training; await it first"));
+        };
+        let started = js_sys::Date::now();
+        let result = train_round(
+            &mut encoder,
+            &self.model.tokenizer,
+            &self.model.frozen,
+            &self.model.modules,
+            &local.data.examples,
+            &mut local.sampler,
+            &global,
+            steps,
+            &self.opt,
+            round,
+        )
+        .await;
+        let seconds = (js_sys::Date::now() - started) / 1000.0;
+        self.encoder.replace(Some(encoder));
+        // setData may have replaced the data meanwhile; keep the newer.
+        if self.local.borrow().is_none() {
+            self.local.replace(Some(local));
+        }
+        let trained = result.map_err(participant_error)?;
+        let frame = ClientMessage::Update(ClientUpdate {
+            round,
+            num_samples: trained.samples,
+            train_loss: Some(trained.mean_loss),
+            privacy: None,
+            adapter: trained.state,
+        })
+        .encode();
+        Ok(RoundResult {
+            frame,
+            round: round.0,
+            samples: trained.samples,
+            mean_loss: trained.mean_loss,
+            seconds,
+        })
+    }
+}
+
+impl Drop for WasmParticipant {
+    fn drop(&mut self) {
+        // Frees every GPU buffer of this participant at once.
+        self.ctx.device.destroy();
+    }
+}
