@@ -357,3 +357,39 @@ fn the_largest_minilm_init_gradient_fits_one_frame() {
     assert!(bytes.len() < MAX_FRAME_BYTES);
     assert_eq!(ClientMessage::decode(&bytes).unwrap(), g);
 }
+
+#[test]
+fn minilm_init_gradients_have_the_documented_size() {
+    // all-MiniLM-L6-v2: 6 layers × (query, key, value, attention output:
+    // 384×384; intermediate: 1536×384; output: 384×1536), one frame each.
+    let shapes = [
+        [384, 384],
+        [384, 384],
+        [384, 384],
+        [384, 384],
+        [1536, 384],
+        [384, 1536],
+    ];
+    let mut total = 0usize;
+    let mut floats = 0usize;
+    for layer in 0..6u32 {
+        for (i, s) in shapes.iter().enumerate() {
+            let g = ClientMessage::InitGradient {
+                module: layer * 6 + i as u32,
+                gradient: Tensor::zeros(s),
+            };
+            total += g.encode().len();
+            floats += (s[0] * s[1]) as usize;
+        }
+    }
+    total += ClientMessage::InitDone { num_samples: 256 }.encode().len();
+    assert_eq!(floats, 10_616_832);
+    assert_eq!(total, 42_467_989);
+    let request = ServerMessage::InitRequest {
+        init_samples: 256,
+        batch_size: 32,
+        head_weight: Tensor::zeros(&[2, 384]),
+        head_bias: Tensor::zeros(&[2]),
+    };
+    assert_eq!(request.encode().len(), 3_111);
+}
