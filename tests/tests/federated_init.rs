@@ -448,3 +448,84 @@ async fn a_malformed_init_gradient_is_rejected_and_the_honest_participant_initia
     late.expect_error(ErrorCode::NotInitializing).await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_repeats_an_unfinished_initialization_and_resumes_a_finished_one(
+) -> anyhow::Result<()> {
+    let tmp = setup()?;
+    let dir = tmp.path();
+    write_config(dir, 2, 1, 16)?;
+    let mut agg = Aggregator::start_in(dir)?;
+
+    // A participant sends part of its gradients; the aggregator dies.
+    let (mut p, _) = Participant::join(agg.addr, "partial").await?;
+    let ServerMessage::InitRequest { .. } = p.recv().await? else {
+        bail!("expected InitRequest");
+    };
+    p.send(&ClientMessage::InitGradient {
+        module: 0,
+        gradient: Tensor::zeros(&[16, 16]),
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    agg.kill9();
+    drop(p);
+
+    // Restarted: still initializing, nothing committed or served.
+    let mut agg = Aggregator::start_in(dir)?;
+    assert_eq!(agg.json("/api/status").await?["state"], "initializing");
+    assert_eq!(agg.json("/api/rounds").await?, serde_json::json!([]));
+    let task = agg.json("/api/task").await?;
+    assert!(
+        !task["files"].to_string().contains("adapter.safetensors"),
+        "{task}"
+    );
+
+    // One participant initializes and trains round 1, then leaves.
+    let join = Command::new(fedsb_bin())
+        .arg("join")
+        .args(["--server", &agg.url(""), "--max-rounds", "1"])
+        .arg("--data")
+        .arg(dir.join("a.tsv"))
+        .arg("--cache-dir")
+        .arg(dir.join("cache-first"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let out = wait_child(join, JOIN_TIMEOUT).await?;
+    check_success("fedsb join (first)", &out)?;
+    let before = served_adapter(&agg).await?;
+    let round0 = reqwest::get(agg.url("/api/rounds/0/global"))
+        .await?
+        .bytes()
+        .await?;
+    // Wait for round 1 to be committed.
+    let started = Instant::now();
+    while agg.json("/api/status").await?["last_committed_round"] != 1 {
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("round 1 was not committed");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    agg.kill9();
+
+    // Restarted after the initialization: the same file is served, round 0
+    // is unchanged, and a participant joining now gets the file in Welcome
+    // and finishes round 2.
+    let agg = Aggregator::start_in(dir)?;
+    let status = agg.json("/api/status").await?;
+    assert_eq!(status["state"], "collecting", "{status}");
+    assert_eq!(status["round"], 2, "{status}");
+    assert_eq!(served_adapter(&agg).await?, before);
+    let round0_again = reqwest::get(agg.url("/api/rounds/0/global"))
+        .await?
+        .bytes()
+        .await?;
+    assert_eq!(round0, round0_again);
+    let join = spawn_join(dir, &agg, "b.tsv", "second")?;
+    let out = wait_child(join, JOIN_TIMEOUT).await?;
+    let report = check_success("fedsb join (second)", &out)?;
+    assert_eq!(report["finished"], true, "{report}");
+    assert_eq!(report["rounds"], serde_json::json!([2]), "{report}");
+    Ok(())
+}
