@@ -28,7 +28,7 @@ use tokio::sync::{broadcast, watch};
 use tracing::{error, info, warn};
 
 use crate::adapter_file::{parse_module_names, read_adapter_file, state_to_engine, ModuleRef};
-use crate::config::Config;
+use crate::config::{AdapterInit, Config};
 use crate::coordinator::{now_unix_ms, Status};
 use crate::store::{RoundEval, Store};
 
@@ -117,23 +117,7 @@ fn prepare(config: &Config, file: &Path) -> Result<(Prepared, String), EvalError
         .map_err(|err| EvalError::Model(err.to_string()))?;
     let frozen = match &config.adapter.file {
         None => None,
-        Some(path) => {
-            let bytes = std::fs::read(path).map_err(|err| {
-                EvalError::Model(format!("adapter file {}: {err}", path.display()))
-            })?;
-            let names = config.module_names();
-            let modules = parse_module_names(&names, weights.config.num_hidden_layers)
-                .map_err(|err| EvalError::Model(err.to_string()))?;
-            let adapters = read_adapter_file(
-                &bytes,
-                &names,
-                &modules,
-                &weights.config,
-                config.adapter.rank as usize,
-            )
-            .map_err(|err| EvalError::Model(format!("adapter file {}: {err}", path.display())))?;
-            Some((adapters, modules))
-        }
+        Some(path) => Some(load_frozen(config, &weights, path)?),
     };
     Ok((
         Prepared {
@@ -145,6 +129,28 @@ fn prepare(config: &Config, file: &Path) -> Result<(Prepared, String), EvalError
         },
         eval_set,
     ))
+}
+
+/// A and B of every adapted module from the adapter file at `path`.
+fn load_frozen(
+    config: &Config,
+    weights: &BertWeights<f32>,
+    path: &Path,
+) -> Result<(LoraSbAdapters<f32>, Vec<ModuleRef>), EvalError> {
+    let bytes = std::fs::read(path)
+        .map_err(|err| EvalError::Model(format!("adapter file {}: {err}", path.display())))?;
+    let names = config.module_names();
+    let modules = parse_module_names(&names, weights.config.num_hidden_layers)
+        .map_err(|err| EvalError::Model(err.to_string()))?;
+    let adapters = read_adapter_file(
+        &bytes,
+        &names,
+        &modules,
+        &weights.config,
+        config.adapter.rank as usize,
+    )
+    .map_err(|err| EvalError::Model(format!("adapter file {}: {err}", path.display())))?;
+    Ok((adapters, modules))
 }
 
 /// The head of a wire state.
@@ -176,7 +182,18 @@ pub async fn spawn(
         return Ok(None);
     };
     let cfg = config.clone();
-    let (prepared, eval_set) = tokio::task::spawn_blocking(move || prepare(&cfg, &file))
+    // A task still to be initialized federatedly has no adapter file yet:
+    // A and B are read from the state directory once round 0 is committed.
+    let init_file = (config.adapter.init == AdapterInit::Federated
+        && config.adapter.file.is_none())
+    .then(|| {
+        config
+            .server
+            .state_dir
+            .join(format!("{}.adapter.safetensors", config.task.id))
+    });
+    let load_cfg = config.clone();
+    let (mut prepared, eval_set) = tokio::task::spawn_blocking(move || prepare(&cfg, &file))
         .await
         .map_err(|_| EvalError::Model("loading task panicked".into()))??;
     let (events, _) = broadcast::channel(256);
@@ -203,10 +220,20 @@ pub async fn spawn(
                 // Rounds are in the database before the status says they are
                 // committed, so the catch-up below covers `seen`; a commit
                 // during the catch-up wakes the wait at once.
-                let (seen, finished) = {
+                let (seen, finished, initializing) = {
                     let s = status.borrow_and_update();
-                    (s.last_committed_round, s.state == "finished")
+                    (
+                        s.last_committed_round,
+                        s.state == "finished",
+                        s.state == "initializing",
+                    )
                 };
+                if let (None, Some(path), false) = (&prepared.frozen, &init_file, initializing) {
+                    match load_frozen(&load_cfg, &prepared.weights, path) {
+                        Ok(f) => prepared.frozen = Some(f),
+                        Err(e) => error!(error = %e, "the federated initialization's adapter file"),
+                    }
+                }
                 if let Err(e) =
                     runtime.block_on(catch_up(&ctx, &prepared, &store, &key, &handle_events))
                 {

@@ -34,6 +34,17 @@ fn write_config(
     participants: u32,
     init_samples: u64,
 ) -> anyhow::Result<()> {
+    write_config_with(dir, rounds, participants, init_samples, "")
+}
+
+/// task.toml of a federated-init task with `extra` sections appended.
+fn write_config_with(
+    dir: &Path,
+    rounds: u64,
+    participants: u32,
+    init_samples: u64,
+    extra: &str,
+) -> anyhow::Result<()> {
     let config = format!(
         r#"[task]
 id = "federated-init"
@@ -57,7 +68,7 @@ init_seed = 3
 [server]
 ping_interval_secs = 1
 idle_timeout_secs = 60
-"#,
+{extra}"#,
         LABELS[0], LABELS[1]
     );
     std::fs::write(dir.join("task.toml"), config)?;
@@ -224,7 +235,9 @@ fn product(t: &Tensors, module: &str) -> Vec<f64> {
 async fn two_participants_initialize_federatedly_then_train_two_rounds() -> anyhow::Result<()> {
     let tmp = setup()?;
     let dir = tmp.path();
-    write_config(dir, 2, 2, 24)?;
+    // With [eval]: the evaluator reads A and B from the adapter file once
+    // the initialization has made it.
+    write_config_with(dir, 2, 2, 24, "[eval]\nfile = \"seed.tsv\"\n")?;
     let agg = Aggregator::start_in(dir)?;
     assert_eq!(agg.json("/api/status").await?["state"], "initializing");
     // Nothing to serve yet: no adapter file, no round 0.
@@ -287,6 +300,23 @@ async fn two_participants_initialize_federatedly_then_train_two_rounds() -> anyh
     );
     assert_eq!(adapter.head_weight.data, t["classifier.weight"].1);
     assert_eq!(agg.json("/api/status").await?["state"], "finished");
+    // Every committed round, round 0 included, gets evaluated.
+    let started = Instant::now();
+    loop {
+        let list = agg.json("/api/rounds").await?;
+        let arr = list.as_array().context("rounds")?;
+        if arr.iter().all(|r| !r["eval"].is_null()) {
+            for r in arr {
+                let loss = r["eval"]["loss"].as_f64().context("eval.loss")?;
+                assert!(loss.is_finite() && loss > 0.0, "{r}");
+            }
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            bail!("rounds not all evaluated: {list}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     Ok(())
 }
 
