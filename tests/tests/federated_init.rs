@@ -423,6 +423,30 @@ async fn a_malformed_init_gradient_is_rejected_and_the_honest_participant_initia
     assert_eq!((init_samples, batch_size), (16, 8));
     assert_eq!(head_weight.shape, vec![2, 16]);
     assert_eq!(head_bias.shape, vec![2]);
+    // An update before round 1 is refused: no round is open yet.
+    let shape = fedsb_protocol::AdapterShape {
+        rank: RANK,
+        modules: 12,
+        head_classes: 2,
+        head_hidden: 16,
+    };
+    let answer = bad
+        .submit(update(
+            fedsb_protocol::RoundId(1),
+            8,
+            known_state(&shape, 1),
+        ))
+        .await?;
+    assert!(
+        matches!(
+            answer,
+            ServerMessage::Error {
+                code: ErrorCode::FutureRound,
+                ..
+            }
+        ),
+        "{answer:?}"
+    );
     // Module 0 (query, 16×16) with the wrong shape.
     bad.send(&ClientMessage::InitGradient {
         module: 0,
