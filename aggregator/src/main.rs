@@ -113,9 +113,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             out,
             "task {} round {} of {} (state in {})",
             status.task_id,
-            status
-                .round
-                .map_or("finished".to_string(), |r| r.to_string()),
+            match (status.round, status.state) {
+                (Some(r), _) => r.to_string(),
+                (None, "initializing") => "0 (federated initialization)".to_string(),
+                (None, _) => "finished".to_string(),
+            },
             status.total_rounds,
             server.app.store.path().display()
         );
