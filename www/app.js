@@ -69,7 +69,11 @@ function renderTask(t) {
 
 function renderStatus(s) {
   setText("state", s.state);
-  setText("round", s.round == null ? `finished after ${s.last_committed_round}` : `${s.round} of ${s.total_rounds}`);
+  let round;
+  if (s.state === "initializing") round = "federated LoRA-SB initialization (before round 1): participants send their gradients";
+  else if (s.round == null) round = `finished after ${s.last_committed_round}`;
+  else round = `${s.round} of ${s.total_rounds}`;
+  setText("round", round);
   setText("connected", String(s.participants_connected));
   setText("updates", `${s.updates_in_round} (quorum ${s.min_participants}, at most ${s.max_participants})`);
   setText("deadline", s.deadline_unix_ms ? new Date(s.deadline_unix_ms).toLocaleTimeString() : "—");
