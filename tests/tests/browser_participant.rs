@@ -1,0 +1,295 @@
+//! Browser participants end to end: the real aggregator serves a task on a
+//! tiny random BERT (adapter file from `fedsb init`) and the page `www/`;
+//! `TABS` headless Chromium tabs each get their own data shard through the
+//! page's own file input (CDP `DOM.setFileInputFiles`), press Join, and
+//! train every round on WebGPU (SwiftShader) in `www/participant-worker.js`
+//! (fedsb-wasm-client's `WasmParticipant`). Checked: every round commits
+//! with all tabs; each committed global state is the sample-weighted mean of
+//! the Update frames the tabs sent (captured on the page from the worker);
+//! and no frame the tabs sent on the WebSocket is larger than an update.
+//!
+//! Needs Chromium, the bundle in `www/pkg/` (`cargo xtask build-wasm`) and
+//! the `fedsb` binary. Built only with `--features browser`.
+//!
+//! Run: `cargo xtask build-wasm && cargo build -p fedsb-aggregator --bin fedsb &&
+//! cargo test -p fedsb-e2e --features browser --test browser_participant -- --nocapture`
+#![cfg(feature = "browser")]
+
+mod browser;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use browser::Chromium;
+use fedsb_e2e::tiny_model::{labelled_tsv, write_tiny_model, LABELS};
+use fedsb_e2e::{fedsb_bin, max_rel_error, weighted_mean, Aggregator};
+use fedsb_protocol::{AdapterState, ClientMessage, ClientUpdate, RoundId, ServerMessage};
+use serde_json::{json, Value};
+
+const TABS: usize = 3;
+const ROUNDS: u64 = 3;
+const RANK: u32 = 4;
+/// Longest the whole run (load, all rounds) may take on SwiftShader.
+const RUN_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the workspace")
+        .to_owned()
+}
+
+fn task_dir() -> anyhow::Result<tempfile::TempDir> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    write_tiny_model(&dir.join("model"), 11)?;
+    std::fs::write(dir.join("seed.tsv"), labelled_tsv(48, 1, 0.5))?;
+    for tab in 0..TABS {
+        // Different data, and different class balance, per tab.
+        std::fs::write(
+            dir.join(format!("shard{tab}.tsv")),
+            labelled_tsv(24 + 8 * tab, 2 + tab as u64, 0.3 + 0.2 * tab as f64),
+        )?;
+    }
+    let out = Command::new(fedsb_bin())
+        .arg("init")
+        .arg("--model")
+        .arg(dir.join("model"))
+        .arg("--train")
+        .arg(dir.join("seed.tsv"))
+        .args(["--labels", &LABELS.join(",")])
+        .args(["--rank", &RANK.to_string()])
+        .args(["--init-samples", "32", "--batch", "8", "--lr", "0.01"])
+        .arg("--out")
+        .arg(dir.join("adapter.safetensors"))
+        .output()
+        .context("running fedsb init")?;
+    ensure!(
+        out.status.success(),
+        "fedsb init failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let www = repo().join("www");
+    let config = format!(
+        r#"[task]
+id = "browser-participants"
+rounds = {ROUNDS}
+min_participants = {TABS}
+max_participants = {TABS}
+round_deadline_secs = 600
+labels = ["{}", "{}"]
+local_steps = 3
+batch_size = 8
+learning_rate = 0.01
+max_seq_len = 16
+[model]
+id = "tiny-random-bert"
+dir = "model"
+[adapter]
+rank = {RANK}
+file = "adapter.safetensors"
+[server]
+www_dir = {www:?}
+ping_interval_secs = 5
+idle_timeout_secs = 300
+"#,
+        LABELS[0],
+        LABELS[1],
+        www = www.display().to_string(),
+    );
+    std::fs::write(dir.join("task.toml"), config)?;
+    Ok(tmp)
+}
+
+/// Opens the page in a fresh Chromium, gives its file input `shard` and
+/// waits for the preview.
+async fn open_tab(agg: &Aggregator, shard: &Path) -> anyhow::Result<Chromium> {
+    let mut c = Chromium::launch().await?;
+    c.navigate(&agg.url("/")).await?;
+    c.wait_for(
+        "document.readyState === 'complete' && window.fedsbParticipant !== undefined",
+        Duration::from_millis(200),
+        Duration::from_secs(60),
+    )
+    .await
+    .context("the page did not load")?;
+    let root = c.call("DOM.getDocument", json!({})).await?;
+    let input = c
+        .call(
+            "DOM.querySelector",
+            json!({ "nodeId": root["root"]["nodeId"], "selector": "#join-file" }),
+        )
+        .await?;
+    c.call(
+        "DOM.setFileInputFiles",
+        json!({ "nodeId": input["nodeId"], "files": [shard.display().to_string()] }),
+    )
+    .await?;
+    let summary = c
+        .wait_for(
+            "document.getElementById('join-preview').dataset.ok === '1' && document.getElementById('join-summary').textContent \
+             || (document.getElementById('join-error').hidden ? null : 'ERROR: ' + document.getElementById('join-error').textContent)",
+            Duration::from_millis(200),
+            Duration::from_secs(60),
+        )
+        .await
+        .context("no preview of the local data")?;
+    let summary = summary.as_str().unwrap_or("?").to_owned();
+    eprintln!("{}: {summary}", shard.display());
+    ensure!(!summary.starts_with("ERROR"), "{summary}");
+    Ok(c)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn browser_tabs_train_every_round() -> anyhow::Result<()> {
+    let www = repo().join("www");
+    ensure!(
+        www.join("pkg/fedsb_wasm_client.js").is_file(),
+        "{} is missing: run `cargo xtask build-wasm`",
+        www.join("pkg/fedsb_wasm_client.js").display()
+    );
+    let task = task_dir()?;
+    let agg = Aggregator::start_in(task.path())?;
+    let started = Instant::now();
+    let mut tabs = Vec::new();
+    for tab in 0..TABS {
+        let shard = task.path().join(format!("shard{tab}.tsv"));
+        let mut c = open_tab(&agg, &shard).await?;
+        let rows = c
+            .eval("document.getElementById('join-summary').textContent")
+            .await?;
+        ensure!(
+            rows.as_str()
+                .unwrap_or("")
+                .starts_with(&format!("{} rows", 24 + 8 * tab)),
+            "tab {tab}: preview {rows}"
+        );
+        c.eval("document.getElementById('join-button').click()")
+            .await?;
+        tabs.push(c);
+    }
+    // Wait until every tab is finished (or failed), printing each change.
+    let mut statuses: Vec<Option<Value>> = vec![None; TABS];
+    let mut last: Vec<String> = vec![String::new(); TABS];
+    loop {
+        for (tab, c) in tabs.iter_mut().enumerate() {
+            if statuses[tab].is_some() {
+                continue;
+            }
+            let s = c
+                .eval("JSON.stringify(window.fedsbParticipant.status)")
+                .await?;
+            let s: Value = serde_json::from_str(s.as_str().unwrap_or("null"))?;
+            let line = format!("{} {} {}", s["phase"], s["round"], s["message"]);
+            if line != last[tab] {
+                eprintln!("tab {tab}: {line}");
+                last[tab] = line;
+            }
+            if let Some(p) = s["phase"].as_str() {
+                if ["finished", "error", "disconnected", "left"].contains(&p) {
+                    ensure!(p == "finished", "tab {tab}: {s}");
+                    statuses[tab] = Some(s);
+                }
+            }
+        }
+        if statuses.iter().all(Option::is_some) {
+            break;
+        }
+        ensure!(
+            started.elapsed() < RUN_TIMEOUT,
+            "the tabs did not finish in {RUN_TIMEOUT:?}: {last:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let statuses: Vec<Value> = statuses.into_iter().flatten().collect();
+    let elapsed = started.elapsed();
+    // What each tab sent: every frame's size, and the Update frames.
+    let mut updates: Vec<ClientUpdate> = Vec::new();
+    for (tab, c) in tabs.iter_mut().enumerate() {
+        let sent = c
+            .eval("JSON.stringify(window.fedsbParticipant.sent)")
+            .await?;
+        let sent: Value = serde_json::from_str(sent.as_str().context("sent")?)?;
+        let frames = c
+            .eval("JSON.stringify(window.fedsbParticipant.updates.map((u) => Array.from(u.frame)))")
+            .await?;
+        let frames: Vec<Vec<u8>> = serde_json::from_str(frames.as_str().context("frames")?)?;
+        ensure!(
+            frames.len() == ROUNDS as usize,
+            "tab {tab} sent {} updates",
+            frames.len()
+        );
+        let update_bytes = frames.iter().map(Vec::len).min().unwrap_or(0);
+        for f in sent.as_array().context("sent is an array")? {
+            let (kind, bytes) = (
+                f["kind"].as_str().unwrap_or("?"),
+                f["bytes"].as_u64().unwrap_or(u64::MAX),
+            );
+            ensure!(
+                bytes as usize <= update_bytes,
+                "tab {tab} sent a {kind} frame of {bytes} bytes, more than an update ({update_bytes})"
+            );
+        }
+        for f in frames {
+            match ClientMessage::decode(&f)? {
+                ClientMessage::Update(u) => updates.push(u),
+                other => bail!("tab {tab}: an update frame decodes to {other:?}"),
+            }
+        }
+        let losses = &statuses[tab]["losses"];
+        eprintln!("tab {tab}: {losses}");
+    }
+    for c in tabs {
+        c.close().await;
+    }
+    // Every round committed with every tab; its global state is the
+    // sample-weighted mean of the tabs' updates for it.
+    let rounds = agg.json("/api/rounds").await?;
+    let rounds = rounds.as_array().context("/api/rounds")?;
+    ensure!(rounds.len() == ROUNDS as usize + 1, "{rounds:?}");
+    for n in 1..=ROUNDS {
+        let mine: Vec<&ClientUpdate> = updates.iter().filter(|u| u.round == RoundId(n)).collect();
+        ensure!(mine.len() == TABS, "round {n}: {} updates", mine.len());
+        let summary = &rounds[n as usize];
+        ensure!(
+            summary["participants"] == TABS as u64,
+            "round {n}: {summary}"
+        );
+        let samples: u64 = mine.iter().map(|u| u.num_samples).sum();
+        ensure!(
+            summary["total_samples"] == samples,
+            "round {n}: {summary} vs {samples} samples sent"
+        );
+        let r = reqwest::get(agg.url(&format!("/api/rounds/{n}/global"))).await?;
+        let global: AdapterState = match ServerMessage::decode(&r.bytes().await?)? {
+            ServerMessage::GlobalModel { adapter, .. } => adapter,
+            other => bail!("round {n}: {other:?}"),
+        };
+        let want = weighted_mean(
+            &mine
+                .iter()
+                .map(|u| (u.num_samples as f64, &u.adapter))
+                .collect::<Vec<_>>(),
+        );
+        let err = max_rel_error(&global, &want);
+        ensure!(
+            err < 1e-5,
+            "round {n}: global differs from the weighted mean by {err}"
+        );
+    }
+    let status = agg.json("/api/status").await?;
+    ensure!(status["state"] == "finished", "{status}");
+    let sps: Vec<f64> = statuses
+        .iter()
+        .flat_map(|s| s["losses"].as_array().cloned().unwrap_or_default())
+        .filter_map(|l| l["samplesPerSecond"].as_f64())
+        .collect();
+    eprintln!(
+        "{TABS} tabs × {ROUNDS} rounds in {elapsed:.1?}; browser training {:.1}–{:.1} samples/s per tab",
+        sps.iter().copied().fold(f64::INFINITY, f64::min),
+        sps.iter().copied().fold(0.0, f64::max)
+    );
+    Ok(())
+}

@@ -1,0 +1,316 @@
+// The browser participant's Web Worker (a module worker): speaks the fedsb
+// protocol over the aggregator's WebSocket and trains on WebGPU with one
+// WasmParticipant (fedsb-wasm-client: the same procedure as `fedsb join`).
+// The local data's text comes from the page and never leaves this worker;
+// only the encoded Update frames (the r×r R matrices and the head) are sent.
+//
+// Messages in:
+//   {type: "preview", text, fileName, columns: {text, textPair, label}}
+//   {type: "join", text, fileName, columns}
+//   {type: "leave"}
+// Messages out:
+//   {type: "preview", preview} | {type: "preview", error}
+//   {type: "status", phase, round, adapter, task, bytesDownloaded,
+//    bytesTotal, filesCached, losses: [{round, loss, samples, seconds,
+//    samplesPerSecond}], samplesPerSecond, message, error}
+//     phase: connecting | downloading | loading | waiting | training |
+//            uploading | finished | left | disconnected | error
+//   {type: "sent", kind, bytes}   (every frame sent on the WebSocket)
+//   {type: "update", round, samples, loss, seconds, samplesPerSecond, bytes,
+//    frame}   (each Update sent: the page may inspect what left the tab)
+//
+// Files are cached by hash in the Cache API ("fedsb-files", key
+// /files/<sha256>) and checked with SHA-256 before use, so a reload
+// downloads nothing.
+
+import init, {
+  WasmParticipant,
+  previewData,
+  encodeHello,
+  encodeLeave,
+  decodeServerMessage,
+  protocolVersion,
+} from "./pkg/fedsb_wasm_client.js";
+
+const MODEL_FILES = ["config.json", "model.safetensors", "tokenizer.json", "adapter.safetensors"];
+
+const ready = init();
+const status = {
+  type: "status",
+  phase: "idle",
+  round: null,
+  adapter: null,
+  task: null,
+  bytesDownloaded: 0,
+  bytesTotal: 0,
+  filesCached: 0,
+  losses: [],
+  samplesPerSecond: null,
+  message: "",
+  error: null,
+};
+let ws = null;
+let participant = null;
+let queue = Promise.resolve();
+let latestGlobal = null;
+let latestRound = null;
+let pendingOpen = null; // a RoundOpen that came before any GlobalModel
+const submitted = new Set();
+let local = null; // {text, fileName, columns}
+let ended = false;
+
+function post(update) {
+  Object.assign(status, update);
+  postMessage({ ...status, losses: status.losses.slice() });
+}
+
+function fail(message) {
+  ended = true;
+  post({ phase: "error", error: message, message });
+  if (ws && ws.readyState <= 1) ws.close(1000, "error");
+}
+
+function errorText(e) {
+  return String(e && e.message ? e.message : e);
+}
+
+function send(frame, kind) {
+  ws.send(frame);
+  postMessage({ type: "sent", kind, bytes: frame.byteLength });
+}
+
+async function sha256Hex(bytes) {
+  const d = new Uint8Array(await crypto.subtle.digest("SHA-256", bytes));
+  return Array.from(d, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+async function readBody(response, onBytes) {
+  const total = Number(response.headers.get("content-length")) || 0;
+  if (!response.body) return new Uint8Array(await response.arrayBuffer());
+  const reader = response.body.getReader();
+  const chunks = [];
+  let n = 0;
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    chunks.push(value);
+    n += value.length;
+    onBytes(value.length, total);
+  }
+  const out = new Uint8Array(n);
+  let at = 0;
+  for (const c of chunks) {
+    out.set(c, at);
+    at += c.length;
+  }
+  return out;
+}
+
+// One task file by hash: from the cache when it is there and intact,
+// otherwise downloaded, verified and cached.
+async function fetchFile(file) {
+  const url = new URL(`/files/${file.sha256}`, self.location.origin).href;
+  const cache = self.caches ? await self.caches.open("fedsb-files") : null;
+  if (cache) {
+    const hit = await cache.match(url);
+    if (hit) {
+      const bytes = new Uint8Array(await hit.arrayBuffer());
+      if ((await sha256Hex(bytes)) === file.sha256) {
+        post({ filesCached: status.filesCached + 1, bytesTotal: status.bytesTotal + bytes.length });
+        return bytes;
+      }
+      await cache.delete(url);
+    }
+  }
+  const r = await fetch(url);
+  if (!r.ok) throw new Error(`GET ${url}: HTTP ${r.status}`);
+  post({ bytesTotal: status.bytesTotal + Number(file.size) });
+  const bytes = await readBody(r, (n) => post({ bytesDownloaded: status.bytesDownloaded + n }));
+  const got = await sha256Hex(bytes);
+  if (got !== file.sha256) {
+    throw new Error(`${file.name}: downloaded ${bytes.length} bytes hash to ${got}, expected ${file.sha256}`);
+  }
+  if (cache) await cache.put(url, new Response(bytes));
+  return bytes;
+}
+
+async function onWelcome(frame, msg) {
+  const task = msg.task;
+  post({ phase: "downloading", task: task.task_id, message: `task ${task.task_id} (${task.model_id})` });
+  if (task.privacy) {
+    throw new Error(
+      `task ${task.task_id} uses differential privacy (ε = ${task.privacy.epsilon}): ` +
+        "DP-SGD is not available in the browser yet; join it with `fedsb join`",
+    );
+  }
+  const files = {};
+  for (const name of MODEL_FILES) {
+    const f = task.files.find((x) => x.name === name);
+    if (!f) {
+      throw new Error(
+        name === "adapter.safetensors"
+          ? `task ${task.task_id} serves no LoRA-SB adapter file; the browser cannot take part in a federated initialization yet`
+          : `task ${task.task_id} lists no ${name}`,
+      );
+    }
+    files[name] = f;
+  }
+  const bytes = {};
+  for (const name of MODEL_FILES) bytes[name] = await fetchFile(files[name]);
+  post({ phase: "loading", message: "loading the model on WebGPU" });
+  participant = await WasmParticipant.create(
+    frame,
+    bytes["config.json"],
+    bytes["model.safetensors"],
+    bytes["tokenizer.json"],
+    bytes["adapter.safetensors"],
+  );
+  const preview = participant.setData(
+    local.text,
+    local.fileName,
+    local.columns.text || null,
+    local.columns.textPair || null,
+    local.columns.label || null,
+  );
+  post({
+    phase: "waiting",
+    adapter: participant.adapterName(),
+    message: `${preview.rows} local examples; waiting for a round`,
+  });
+}
+
+async function onRoundOpen(frame, msg) {
+  const round = Number(msg.round);
+  latestRound = round;
+  if (submitted.has(round)) return; // extended; our update is in
+  if (!participant) throw new Error("a round opened before the task was loaded");
+  if (!latestGlobal) {
+    pendingOpen = { frame, msg };
+    post({ message: `round ${round} opened before any global state; waiting` });
+    return;
+  }
+  post({ phase: "training", round, message: `training round ${round}` });
+  const r = await participant.trainRound(latestGlobal, frame);
+  if (ended) return;
+  post({ phase: "uploading", message: `sending the update of round ${round}` });
+  const update = r.frame;
+  send(update, "update");
+  submitted.add(round);
+  const entry = {
+    round,
+    loss: r.meanLoss,
+    samples: r.samples,
+    seconds: r.seconds,
+    samplesPerSecond: r.samplesPerSecond,
+  };
+  postMessage({ type: "update", ...entry, bytes: update.byteLength, frame: update });
+  post({
+    phase: "waiting",
+    losses: [...status.losses, entry],
+    samplesPerSecond: r.samplesPerSecond,
+    message: `round ${round}: ${r.samples} samples, loss ${r.meanLoss.toFixed(4)}, ${r.samplesPerSecond.toFixed(1)} samples/s`,
+  });
+  r.free();
+}
+
+async function handle(frame) {
+  if (ended) return;
+  const msg = decodeServerMessage(frame);
+  switch (msg.type) {
+    case "global_model": {
+      latestGlobal = frame;
+      post({ round: Number(msg.round), message: `global state of round ${msg.round}` });
+      // A round that opened before any global state can train now.
+      const pending = pendingOpen;
+      pendingOpen = null;
+      if (pending) return onRoundOpen(pending.frame, pending.msg);
+      return;
+    }
+    case "welcome":
+      return onWelcome(frame, msg);
+    case "round_open":
+      return onRoundOpen(frame, msg);
+    case "update_accepted":
+      post({ message: `update of round ${msg.round} accepted` });
+      return;
+    case "error": {
+      const text = `the aggregator rejected a message (${JSON.stringify(msg.code)}): ${msg.message}`;
+      if (msg.code === "version_mismatch") return fail(text);
+      post({ error: text, message: text });
+      return;
+    }
+    case "task_finished":
+      ended = true;
+      post({ phase: "finished", message: `task finished after ${msg.rounds_committed} rounds` });
+      ws.close(1000, "finished");
+      return;
+    case "init_request":
+      throw new Error(
+        "this task starts with a federated LoRA-SB initialization, which the browser participant cannot take part in yet; use `fedsb join`",
+      );
+    default:
+      post({ message: `ignoring a ${msg.type} message` });
+  }
+}
+
+async function join(data) {
+  await ready;
+  if (ws) throw new Error("already joined");
+  if (!("gpu" in navigator)) throw new Error("this browser exposes no WebGPU (navigator.gpu) to workers");
+  local = { text: data.text, fileName: data.fileName, columns: data.columns || {} };
+  const url = new URL("/ws", self.location.origin);
+  url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+  post({ phase: "connecting", message: `connecting to ${url}`, error: null });
+  ws = new WebSocket(url.href);
+  ws.binaryType = "arraybuffer";
+  ws.onopen = () => send(encodeHello(`fedsb-browser (protocol ${protocolVersion()})`), "hello");
+  ws.onmessage = (ev) => {
+    const frame = new Uint8Array(ev.data);
+    queue = queue.then(() => handle(frame)).catch((e) => fail(errorText(e)));
+  };
+  ws.onclose = (ev) => {
+    if (!ended) {
+      ended = true;
+      post({ phase: "disconnected", message: `the connection closed (${ev.code}${ev.reason ? ": " + ev.reason : ""})` });
+    }
+  };
+  ws.onerror = () => {
+    if (!ended) post({ error: "WebSocket error", message: "WebSocket error" });
+  };
+}
+
+function leave() {
+  if (ws && ws.readyState === 1 && !ended) {
+    send(encodeLeave("left from the page"), "leave");
+    ended = true;
+    ws.close(1000, "left");
+    post({ phase: "left", message: "left the task" });
+  }
+}
+
+async function preview({ text, fileName, columns }) {
+  await ready;
+  const r = await fetch(new URL("/api/task", self.location.origin));
+  if (!r.ok) throw new Error(`GET /api/task: HTTP ${r.status}`);
+  const task = await r.json();
+  const c = columns || {};
+  return previewData(text, fileName, c.text || null, c.textPair || null, c.label || null, task.labels);
+}
+
+onmessage = async (event) => {
+  const data = event.data;
+  try {
+    if (data.type === "preview") {
+      postMessage({ type: "preview", preview: await preview(data) });
+    } else if (data.type === "join") {
+      await join(data);
+    } else if (data.type === "leave") {
+      leave();
+    } else {
+      throw new Error(`unknown message type ${JSON.stringify(data.type)}`);
+    }
+  } catch (e) {
+    if (data.type === "preview") postMessage({ type: "preview", error: errorText(e) });
+    else fail(errorText(e));
+  }
+};

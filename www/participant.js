@@ -1,0 +1,213 @@
+// The "Join" section: this tab as a participant. The chosen file is read
+// here and handed to participant-worker.js, which parses it with the task's
+// classes (preview), trains on WebGPU and sends only the updates; the file's
+// text never leaves the tab.
+
+const $ = (id) => document.getElementById(id);
+const fileInput = $("join-file");
+const joinButton = $("join-button");
+const leaveButton = $("leave-button");
+const gpuNote = $("join-gpu");
+const statusEl = $("join-status");
+const errorEl = $("join-error");
+
+let worker = null;
+let file = null; // {text, fileName}
+let joined = false;
+let gpuOk = "gpu" in navigator;
+let lossChart = null;
+
+// For tests and the curious: every frame this tab sent and every update.
+window.fedsbParticipant = { sent: [], updates: [], status: null };
+
+function columns() {
+  return {
+    text: $("join-text-col").value || null,
+    textPair: $("join-pair-col").value || null,
+    label: $("join-label-col").value || null,
+  };
+}
+
+function showError(message) {
+  errorEl.textContent = message || "";
+  errorEl.hidden = !message;
+}
+
+function setJoinEnabled() {
+  joinButton.disabled = !gpuOk || !file || joined || !$("join-preview").dataset.ok;
+}
+
+function ensureWorker() {
+  if (worker) return worker;
+  worker = new Worker(new URL("participant-worker.js", import.meta.url), { type: "module" });
+  worker.onmessage = (ev) => onWorkerMessage(ev.data);
+  worker.onerror = (ev) => showError(`participant worker: ${ev.message || "failed to start"}`);
+  return worker;
+}
+
+// Header columns of a CSV/TSV/JSONL text, for the column selectors.
+function headerColumns(text, fileName) {
+  const first = text.split(/\r?\n/).find((l) => l.trim() !== "") || "";
+  const lower = fileName.toLowerCase();
+  try {
+    if (/\.(jsonl|ndjson|json)$/.test(lower)) return Object.keys(JSON.parse(first));
+  } catch {
+    return [];
+  }
+  const delim = /\.(tsv|tab)$/.test(lower) ? "\t" : ",";
+  return first.split(delim).map((c) => c.trim().replace(/^"(.*)"$/, "$1"));
+}
+
+function fillSelect(select, names) {
+  const keep = select.value;
+  select.replaceChildren(new Option("(detect)", ""));
+  for (const n of names) select.add(new Option(n, n));
+  if (names.includes(keep)) select.value = keep;
+}
+
+function requestPreview() {
+  if (!file) return;
+  $("join-preview").dataset.ok = "";
+  setJoinEnabled();
+  ensureWorker().postMessage({ type: "preview", text: file.text, fileName: file.fileName, columns: columns() });
+}
+
+function renderPreview(p) {
+  const el = $("join-preview");
+  const cols = [p.text_column, p.text_pair_column, p.label_column].filter(Boolean);
+  const counts = p.label_counts.map(([name, n]) => `${name}: ${n}`).join(", ");
+  const rows = p.first_rows
+    .map((r) => {
+      const tr = document.createElement("tr");
+      for (const v of [r.text, r.text_pair ?? "", r.label ?? ""]) {
+        const td = document.createElement("td");
+        td.textContent = v;
+        tr.append(td);
+      }
+      return tr;
+    });
+  el.replaceChildren();
+  const summary = document.createElement("p");
+  summary.id = "join-summary";
+  summary.textContent = `${p.rows} rows (${counts}); columns: ${cols.join(", ")}`;
+  const table = document.createElement("table");
+  const head = document.createElement("tr");
+  for (const h of [p.text_column, p.text_pair_column ?? "", p.label_column ?? ""]) {
+    const th = document.createElement("th");
+    th.textContent = h;
+    head.append(th);
+  }
+  table.append(head, ...rows);
+  el.append(summary, table);
+  el.dataset.ok = "1";
+}
+
+function renderLosses(losses) {
+  const list = $("join-losses");
+  list.replaceChildren(
+    ...losses.map((l) => {
+      const li = document.createElement("li");
+      li.textContent = `round ${l.round}: loss ${l.loss.toFixed(4)}, ${l.samples} samples in ${l.seconds.toFixed(1)} s (${l.samplesPerSecond.toFixed(1)} samples/s)`;
+      return li;
+    }),
+  );
+  if (typeof uPlot === "undefined" || losses.length === 0) return;
+  const data = [losses.map((l) => l.round), losses.map((l) => l.loss)];
+  if (!lossChart) {
+    lossChart = new uPlot(
+      {
+        width: 480,
+        height: 200,
+        scales: { x: { time: false } },
+        series: [{ label: "round" }, { label: "local train loss", stroke: "#1f6feb" }],
+      },
+      data,
+      $("join-chart"),
+    );
+  } else {
+    lossChart.setData(data);
+  }
+}
+
+function onWorkerMessage(m) {
+  if (m.type === "preview") {
+    if (m.error) {
+      $("join-preview").replaceChildren();
+      showError(m.error);
+    } else {
+      showError("");
+      renderPreview(m.preview);
+    }
+    setJoinEnabled();
+    return;
+  }
+  if (m.type === "sent") {
+    window.fedsbParticipant.sent.push({ kind: m.kind, bytes: m.bytes });
+    return;
+  }
+  if (m.type === "update") {
+    window.fedsbParticipant.updates.push(m);
+    return;
+  }
+  if (m.type !== "status") return;
+  window.fedsbParticipant.status = m;
+  const dl = m.bytesTotal
+    ? `${(m.bytesDownloaded / 1048576).toFixed(2)} MiB downloaded${m.filesCached ? `, ${m.filesCached} files from the cache` : ""}`
+    : "";
+  $("join-phase").textContent = m.phase;
+  $("join-round").textContent = m.round ?? "…";
+  $("join-adapter").textContent = m.adapter ?? "…";
+  $("join-download").textContent = dl || "…";
+  $("join-speed").textContent = m.samplesPerSecond ? `${m.samplesPerSecond.toFixed(1)} samples/s` : "…";
+  statusEl.textContent = m.message;
+  showError(m.error);
+  renderLosses(m.losses);
+  if (["finished", "left", "disconnected", "error"].includes(m.phase)) {
+    joined = false;
+    leaveButton.disabled = true;
+    // A new WebSocket needs a fresh worker (and WebGPU device).
+    worker.terminate();
+    worker = null;
+    setJoinEnabled();
+  }
+  if (m.error && /device (was )?lost|DeviceLost/i.test(m.error)) {
+    gpuOk = false;
+    gpuNote.textContent = "The WebGPU device was lost; reload the page to try again.";
+    gpuNote.hidden = false;
+    setJoinEnabled();
+  }
+}
+
+fileInput.addEventListener("change", async () => {
+  const f = fileInput.files[0];
+  file = null;
+  $("join-preview").replaceChildren();
+  if (!f) return setJoinEnabled();
+  file = { text: await f.text(), fileName: f.name };
+  const names = headerColumns(file.text, file.fileName);
+  for (const id of ["join-text-col", "join-pair-col", "join-label-col"]) fillSelect($(id), names);
+  requestPreview();
+});
+for (const id of ["join-text-col", "join-pair-col", "join-label-col"]) {
+  $(id).addEventListener("change", requestPreview);
+}
+
+joinButton.addEventListener("click", () => {
+  if (!file) return;
+  joined = true;
+  setJoinEnabled();
+  leaveButton.disabled = false;
+  showError("");
+  ensureWorker().postMessage({ type: "join", text: file.text, fileName: file.fileName, columns: columns() });
+});
+
+leaveButton.addEventListener("click", () => {
+  if (worker) worker.postMessage({ type: "leave" });
+  leaveButton.disabled = true;
+});
+
+if (!gpuOk) {
+  gpuNote.textContent = "This browser does not expose WebGPU (navigator.gpu), so this tab cannot train. Use a browser with WebGPU enabled (Chrome/Edge 113+, or Firefox/Safari with WebGPU), or `fedsb join`.";
+  gpuNote.hidden = false;
+}
+setJoinEnabled();
