@@ -29,6 +29,9 @@ use fedsb_protocol::{AdapterState, ClientMessage, ClientUpdate, RoundId, ServerM
 use serde_json::{json, Value};
 
 const TABS: usize = 3;
+/// Rows of each tab's shard: the first is smaller than a batch (8), so its
+/// updates weigh less (6 samples per step instead of 8).
+const SHARD_ROWS: [usize; TABS] = [6, 32, 40];
 const ROUNDS: u64 = 3;
 const RANK: u32 = 4;
 /// Longest the whole run (load, all rounds) may take on SwiftShader.
@@ -46,11 +49,11 @@ fn task_dir() -> anyhow::Result<tempfile::TempDir> {
     let dir = tmp.path();
     write_tiny_model(&dir.join("model"), 11)?;
     std::fs::write(dir.join("seed.tsv"), labelled_tsv(48, 1, 0.5))?;
-    for tab in 0..TABS {
+    for (tab, rows) in SHARD_ROWS.into_iter().enumerate() {
         // Different data, and different class balance, per tab.
         std::fs::write(
             dir.join(format!("shard{tab}.tsv")),
-            labelled_tsv(24 + 8 * tab, 2 + tab as u64, 0.3 + 0.2 * tab as f64),
+            labelled_tsv(rows, 2 + tab as u64, 0.3 + 0.2 * tab as f64),
         )?;
     }
     let out = Command::new(fedsb_bin())
@@ -107,6 +110,15 @@ idle_timeout_secs = 300
 /// waits for the preview.
 async fn open_tab(agg: &Aggregator, shard: &Path) -> anyhow::Result<Chromium> {
     let mut c = Chromium::launch().await?;
+    // Record the WebSocket frames of the page and of its workers (the
+    // participant's WebSocket lives in its worker).
+    c.keep_events = vec!["Target.attachedToTarget", "Network.webSocketFrameSent"];
+    c.call("Network.enable", json!({})).await?;
+    c.call(
+        "Target.setAutoAttach",
+        json!({ "autoAttach": true, "waitForDebuggerOnStart": false, "flatten": true }),
+    )
+    .await?;
     c.navigate(&agg.url("/")).await?;
     c.wait_for(
         "document.readyState === 'complete' && window.fedsbParticipant !== undefined",
@@ -139,7 +151,37 @@ async fn open_tab(agg: &Aggregator, shard: &Path) -> anyhow::Result<Chromium> {
     let summary = summary.as_str().unwrap_or("?").to_owned();
     eprintln!("{}: {summary}", shard.display());
     ensure!(!summary.starts_with("ERROR"), "{summary}");
+    // The participant worker made the preview, so it is attached by now.
+    let sessions: Vec<String> = c
+        .events
+        .iter()
+        .filter(|e| e["method"] == "Target.attachedToTarget")
+        .filter(|e| e["params"]["targetInfo"]["type"] == "worker")
+        .filter_map(|e| e["params"]["sessionId"].as_str().map(str::to_owned))
+        .collect();
+    ensure!(!sessions.is_empty(), "no worker attached: {:?}", c.events);
+    for s in &sessions {
+        c.call_in(Some(s), "Network.enable", json!({})).await?;
+    }
     Ok(c)
+}
+
+/// Sizes in bytes of the WebSocket frames the tab sent, as CDP saw them.
+fn sent_frame_sizes(c: &Chromium) -> Vec<usize> {
+    c.events
+        .iter()
+        .filter(|e| e["method"] == "Network.webSocketFrameSent")
+        .map(|e| {
+            let r = &e["params"]["response"];
+            let data = r["payloadData"].as_str().unwrap_or("");
+            if r["opcode"] == 2 {
+                // Binary frames come base64-encoded.
+                data.len() / 4 * 3 - data.bytes().rev().take_while(|&b| b == b'=').count()
+            } else {
+                data.len()
+            }
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -154,7 +196,7 @@ async fn browser_tabs_train_every_round() -> anyhow::Result<()> {
     let agg = Aggregator::start_in(task.path())?;
     let started = Instant::now();
     let mut tabs = Vec::new();
-    for tab in 0..TABS {
+    for (tab, shard_rows) in SHARD_ROWS.into_iter().enumerate() {
         let shard = task.path().join(format!("shard{tab}.tsv"));
         let mut c = open_tab(&agg, &shard).await?;
         let rows = c
@@ -163,7 +205,7 @@ async fn browser_tabs_train_every_round() -> anyhow::Result<()> {
         ensure!(
             rows.as_str()
                 .unwrap_or("")
-                .starts_with(&format!("{} rows", 24 + 8 * tab)),
+                .starts_with(&format!("{shard_rows} rows")),
             "tab {tab}: preview {rows}"
         );
         c.eval("document.getElementById('join-button').click()")
@@ -206,7 +248,7 @@ async fn browser_tabs_train_every_round() -> anyhow::Result<()> {
     let statuses: Vec<Value> = statuses.into_iter().flatten().collect();
     let elapsed = started.elapsed();
     // What each tab sent: every frame's size, and the Update frames.
-    let mut updates: Vec<ClientUpdate> = Vec::new();
+    let mut updates: Vec<(ClientUpdate, usize)> = Vec::new();
     for (tab, c) in tabs.iter_mut().enumerate() {
         let sent = c
             .eval("JSON.stringify(window.fedsbParticipant.sent)")
@@ -232,9 +274,31 @@ async fn browser_tabs_train_every_round() -> anyhow::Result<()> {
                 "tab {tab} sent a {kind} frame of {bytes} bytes, more than an update ({update_bytes})"
             );
         }
+        // What CDP saw leave the tab's WebSockets: the Hello, the updates
+        // (exactly the captured frames) and nothing bigger than an update.
+        let seen = sent_frame_sizes(c);
+        let mut want: Vec<usize> = frames.iter().map(Vec::len).collect();
+        want.sort_unstable();
+        let mut big: Vec<usize> = seen
+            .iter()
+            .copied()
+            .filter(|&n| n >= update_bytes)
+            .collect();
+        big.sort_unstable();
+        ensure!(
+            big == want,
+            "tab {tab}: CDP saw frames of {seen:?} bytes, the updates were {want:?}"
+        );
+        ensure!(
+            seen.len() <= frames.len() + 2,
+            "tab {tab}: CDP saw {} frames for {} updates: {seen:?}",
+            seen.len(),
+            frames.len()
+        );
+        eprintln!("tab {tab}: frames sent (CDP): {seen:?}");
         for f in frames {
             match ClientMessage::decode(&f)? {
-                ClientMessage::Update(u) => updates.push(u),
+                ClientMessage::Update(u) => updates.push((u, f.len())),
                 other => bail!("tab {tab}: an update frame decodes to {other:?}"),
             }
         }
@@ -250,7 +314,22 @@ async fn browser_tabs_train_every_round() -> anyhow::Result<()> {
     let rounds = rounds.as_array().context("/api/rounds")?;
     ensure!(rounds.len() == ROUNDS as usize + 1, "{rounds:?}");
     for n in 1..=ROUNDS {
-        let mine: Vec<&ClientUpdate> = updates.iter().filter(|u| u.round == RoundId(n)).collect();
+        let mine: Vec<&ClientUpdate> = updates
+            .iter()
+            .filter(|(u, _)| u.round == RoundId(n))
+            .map(|(u, _)| u)
+            .collect();
+        // The aggregator counted exactly these frames' bytes for the round.
+        let bytes: usize = updates
+            .iter()
+            .filter(|(u, _)| u.round == RoundId(n))
+            .map(|(_, len)| len)
+            .sum();
+        ensure!(
+            rounds[n as usize]["bytes_in"] == bytes as u64,
+            "round {n}: the aggregator received {} bytes, the tabs sent {bytes} bytes of updates",
+            rounds[n as usize]["bytes_in"]
+        );
         ensure!(mine.len() == TABS, "round {n}: {} updates", mine.len());
         let summary = &rounds[n as usize];
         ensure!(

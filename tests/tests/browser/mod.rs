@@ -41,6 +41,10 @@ pub struct Chromium {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
     next_id: u64,
     _profile: tempfile::TempDir,
+    /// CDP events whose method starts with one of these are kept in `events`.
+    pub keep_events: Vec<&'static str>,
+    /// The kept events, in arrival order (with their `sessionId`, if any).
+    pub events: Vec<Value>,
 }
 
 fn chromium_bin() -> PathBuf {
@@ -118,6 +122,8 @@ impl Chromium {
             ws,
             next_id: 1,
             _profile: profile,
+            keep_events: Vec::new(),
+            events: Vec::new(),
         };
         chromium.call("Runtime.enable", json!({})).await?;
         Ok(chromium)
@@ -126,9 +132,23 @@ impl Chromium {
     /// Sends one CDP command and returns its `result`; events that arrive
     /// meanwhile are printed (console messages, exceptions).
     pub async fn call(&mut self, method: &str, params: Value) -> anyhow::Result<Value> {
+        self.call_in(None, method, params).await
+    }
+
+    /// [`Chromium::call`] in the CDP session `session` (a target attached
+    /// with `Target.setAutoAttach {flatten: true}`, e.g. a Web Worker).
+    pub async fn call_in(
+        &mut self,
+        session: Option<&str>,
+        method: &str,
+        params: Value,
+    ) -> anyhow::Result<Value> {
         let id = self.next_id;
         self.next_id += 1;
-        let request = json!({ "id": id, "method": method, "params": params });
+        let mut request = json!({ "id": id, "method": method, "params": params });
+        if let Some(s) = session {
+            request["sessionId"] = json!(s);
+        }
         self.ws.send(Message::text(request.to_string())).await?;
         loop {
             let msg = tokio::time::timeout(Duration::from_secs(120), self.ws.next())
@@ -142,6 +162,11 @@ impl Chromium {
                     bail!("{method}: {e}");
                 }
                 return Ok(v["result"].clone());
+            }
+            if let Some(m) = v["method"].as_str() {
+                if self.keep_events.iter().any(|k| m.starts_with(k)) {
+                    self.events.push(v.clone());
+                }
             }
             print_event(&v);
         }
