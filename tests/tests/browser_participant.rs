@@ -6,7 +6,9 @@
 //! (fedsb-wasm-client's `WasmParticipant`). Checked: every round commits
 //! with all tabs; each committed global state is the sample-weighted mean of
 //! the Update frames the tabs sent (captured on the page from the worker);
-//! and no frame the tabs sent on the WebSocket is larger than an update.
+//! no frame the tabs sent on the WebSocket is larger than an update (CDP's
+//! `Network.webSocketFrameSent` in the workers); and joining again takes
+//! every file from the Cache API.
 //!
 //! Needs Chromium, the bundle in `www/pkg/` (`cargo xtask build-wasm`) and
 //! the `fedsb` binary. Built only with `--features browser`.
@@ -305,6 +307,32 @@ async fn browser_tabs_train_every_round() -> anyhow::Result<()> {
         let losses = &statuses[tab]["losses"];
         eprintln!("tab {tab}: {losses}");
     }
+    // Joining again (the task is finished now) takes the files from the
+    // Cache API: nothing is downloaded.
+    let first = &statuses[0];
+    ensure!(
+        first["bytesDownloaded"].as_u64().unwrap_or(0) > 0 && first["filesCached"] == 0,
+        "tab 0's first join: {first}"
+    );
+    let again = &mut tabs[0];
+    again
+        .eval(
+            "window.fedsbParticipant.status = null; document.getElementById('join-button').click()",
+        )
+        .await?;
+    let s = again
+        .wait_for(
+            "(() => { const s = window.fedsbParticipant.status; \
+               return s && ['finished','error','disconnected'].includes(s.phase) ? JSON.stringify(s) : null; })()",
+            Duration::from_millis(500),
+            Duration::from_secs(120),
+        )
+        .await?;
+    let s: Value = serde_json::from_str(s.as_str().context("status")?)?;
+    ensure!(
+        s["phase"] == "finished" && s["filesCached"] == 4 && s["bytesDownloaded"] == 0,
+        "tab 0 joined again: {s}"
+    );
     for c in tabs {
         c.close().await;
     }
