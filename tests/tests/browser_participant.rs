@@ -46,7 +46,8 @@ fn repo() -> PathBuf {
         .to_owned()
 }
 
-fn task_dir() -> anyhow::Result<tempfile::TempDir> {
+/// A task directory with `extra` (whole sections) appended to its task.toml.
+fn task_dir(extra: &str) -> anyhow::Result<tempfile::TempDir> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
     write_tiny_model(&dir.join("model"), 11)?;
@@ -99,7 +100,7 @@ file = "adapter.safetensors"
 www_dir = {www:?}
 ping_interval_secs = 5
 idle_timeout_secs = 300
-"#,
+{extra}"#,
         LABELS[0],
         LABELS[1],
         www = www.display().to_string(),
@@ -194,7 +195,7 @@ async fn browser_tabs_train_every_round() -> anyhow::Result<()> {
         "{} is missing: run `cargo xtask build-wasm`",
         www.join("pkg/fedsb_wasm_client.js").display()
     );
-    let task = task_dir()?;
+    let task = task_dir("")?;
     let agg = Aggregator::start_in(task.path())?;
     let started = Instant::now();
     let mut tabs = Vec::new();
@@ -398,5 +399,40 @@ async fn browser_tabs_train_every_round() -> anyhow::Result<()> {
         sps.iter().copied().fold(f64::INFINITY, f64::min),
         sps.iter().copied().fold(0.0, f64::max)
     );
+    Ok(())
+}
+
+/// DP-SGD runs only in `fedsb join`: the tab says so instead of training
+/// without the task's privacy.
+#[tokio::test(flavor = "multi_thread")]
+async fn browser_refuses_a_dp_task_with_a_clear_message() -> anyhow::Result<()> {
+    let task =
+        task_dir("[privacy]\nenabled = true\nepsilon = 8.0\ndelta = 1e-5\nclip_norm = 1.0\n")?;
+    let agg = Aggregator::start_in(task.path())?;
+    let mut c = open_tab(&agg, &task.path().join("shard1.tsv")).await?;
+    c.eval("document.getElementById('join-button').click()")
+        .await?;
+    let s = c
+        .wait_for(
+            "(() => { const s = window.fedsbParticipant.status; \
+               return s && ['finished','error','disconnected'].includes(s.phase) ? JSON.stringify(s) : null; })()",
+            Duration::from_millis(500),
+            Duration::from_secs(120),
+        )
+        .await?;
+    let shown = c
+        .eval("document.getElementById('join-error').textContent")
+        .await?;
+    let sent = sent_frame_sizes(&c);
+    c.close().await;
+    let s: Value = serde_json::from_str(s.as_str().context("status")?)?;
+    eprintln!("DP task: {s}");
+    ensure!(s["phase"] == "error", "{s}");
+    let shown = shown.as_str().unwrap_or("");
+    ensure!(
+        shown.contains("differential privacy") && shown.contains("fedsb join"),
+        "the page shows {shown:?}"
+    );
+    ensure!(sent.len() == 1, "only the Hello was sent: {sent:?}");
     Ok(())
 }
