@@ -436,3 +436,51 @@ async fn browser_refuses_a_dp_task_with_a_clear_message() -> anyhow::Result<()> 
     ensure!(sent.len() == 1, "only the Hello was sent: {sent:?}");
     Ok(())
 }
+
+/// Leave sends `Leave` and closes: the aggregator no longer counts the tab.
+#[tokio::test(flavor = "multi_thread")]
+async fn leave_sends_leave_and_disconnects() -> anyhow::Result<()> {
+    // Quorum 3 with one tab: round 1 stays open after the tab's update.
+    let task = task_dir("")?;
+    let agg = Aggregator::start_in(task.path())?;
+    let mut c = open_tab(&agg, &task.path().join("shard1.tsv")).await?;
+    c.eval("document.getElementById('join-button').click()")
+        .await?;
+    c.wait_for(
+        "window.fedsbParticipant.updates.length === 1 || null",
+        Duration::from_millis(500),
+        Duration::from_secs(120),
+    )
+    .await
+    .context("the tab sent no update")?;
+    ensure!(agg.json("/api/status").await?["participants_connected"] == 1);
+    c.eval("document.getElementById('leave-button').click()")
+        .await?;
+    let phase = c
+        .wait_for(
+            "window.fedsbParticipant.status.phase === 'left' && 'left'",
+            Duration::from_millis(200),
+            Duration::from_secs(30),
+        )
+        .await?;
+    ensure!(phase == "left");
+    let kinds = c
+        .eval("JSON.stringify(window.fedsbParticipant.sent.map((f) => f.kind))")
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while agg.json("/api/status").await?["participants_connected"] != 0 {
+        ensure!(
+            Instant::now() < deadline,
+            "the aggregator still counts the tab"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let sent = sent_frame_sizes(&c);
+    c.close().await;
+    ensure!(
+        kinds.as_str() == Some(r#"["hello","update","leave"]"#),
+        "{kinds}"
+    );
+    ensure!(sent.len() == 3, "CDP saw {sent:?}");
+    Ok(())
+}
