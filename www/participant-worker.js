@@ -12,7 +12,9 @@
 //   {type: "preview", preview} | {type: "preview", error}
 //   {type: "status", phase, round, adapter, task, bytesDownloaded,
 //    bytesTotal, filesCached, losses: [{round, loss, samples, seconds,
-//    samplesPerSecond}], samplesPerSecond, message, error}
+//    samplesPerSecond, epsilonSpent, epsilonBudget}], samplesPerSecond,
+//    privacy: null | {epsilon_spent, epsilon_budget, delta, noise_multiplier,
+//    sample_rate, clip_norm, steps_taken, planned_steps}, message, error}
 //     phase: connecting | downloading | loading | waiting | training |
 //            uploading | finished | left | disconnected | error
 //   {type: "sent", kind, bytes}   (every frame sent on the WebSocket)
@@ -22,6 +24,12 @@
 // Files are cached by hash in the Cache API ("fedsb-files", key
 // /files/<sha256>) and checked with SHA-256 before use, so a reload
 // downloads nothing.
+//
+// DP tasks: the privacy ledger (the DP-SGD steps this tab has taken) is kept
+// in IndexedDB ("fedsb-participant", store "privacy-ledgers", key
+// "<task id>/<data file name>") after every round, and restored after
+// setData, so a reload does not reset the budget. A round that would exceed
+// the budget is not trained: the worker sends Leave and stops.
 
 import init, {
   WasmParticipant,
@@ -46,6 +54,7 @@ const status = {
   filesCached: 0,
   losses: [],
   samplesPerSecond: null,
+  privacy: null,
   message: "",
   error: null,
 };
@@ -58,6 +67,43 @@ let pendingOpen = null; // a RoundOpen that came before any GlobalModel
 const submitted = new Set();
 let local = null; // {text, fileName, columns}
 let ended = false;
+let ledgerKey = null; // DP tasks: "<task id>/<data file name>"
+
+const LEDGER_DB = "fedsb-participant";
+const LEDGER_STORE = "privacy-ledgers";
+
+function openLedgerDb() {
+  return new Promise((resolve, reject) => {
+    const req = indexedDB.open(LEDGER_DB, 1);
+    req.onupgradeneeded = () => req.result.createObjectStore(LEDGER_STORE);
+    req.onsuccess = () => resolve(req.result);
+    req.onerror = () => reject(new Error(`IndexedDB ${LEDGER_DB}: ${req.error}`));
+  });
+}
+
+async function ledgerOp(mode, op) {
+  const db = await openLedgerDb();
+  try {
+    return await new Promise((resolve, reject) => {
+      const tx = db.transaction(LEDGER_STORE, mode);
+      const req = op(tx.objectStore(LEDGER_STORE));
+      tx.oncomplete = () => resolve(req.result);
+      tx.onerror = () => reject(new Error(`IndexedDB ${LEDGER_STORE}: ${tx.error}`));
+    });
+  } finally {
+    db.close();
+  }
+}
+
+// Saves what this tab has spent (a failed save is an error: the budget must
+// not silently reset on the next reload).
+async function saveLedger() {
+  if (!participant || !ledgerKey) return;
+  const json = participant.ledgerJson();
+  if (json == null) return;
+  await ledgerOp("readwrite", (store) => store.put(json, ledgerKey));
+  post({ privacy: participant.privacy() });
+}
 
 function post(update) {
   Object.assign(status, update);
@@ -137,12 +183,6 @@ async function fetchFile(file) {
 async function onWelcome(frame, msg) {
   const task = msg.task;
   post({ phase: "downloading", task: task.task_id, message: `task ${task.task_id} (${task.model_id})` });
-  if (task.privacy) {
-    throw new Error(
-      `task ${task.task_id} uses differential privacy (ε = ${task.privacy.epsilon}): ` +
-        "DP-SGD is not available in the browser yet; join it with `fedsb join`",
-    );
-  }
   const files = {};
   for (const name of MODEL_FILES) {
     const f = task.files.find((x) => x.name === name);
@@ -172,6 +212,12 @@ async function onWelcome(frame, msg) {
     local.columns.textPair || null,
     local.columns.label || null,
   );
+  if (task.privacy) {
+    ledgerKey = `${task.task_id}/${local.fileName}`;
+    const saved = await ledgerOp("readonly", (store) => store.get(ledgerKey));
+    if (saved != null) participant.restoreLedger(saved);
+    post({ privacy: participant.privacy() });
+  }
   post({
     phase: "waiting",
     adapter: participant.adapterName(),
@@ -190,7 +236,24 @@ async function onRoundOpen(frame, msg) {
     return;
   }
   post({ phase: "training", round, message: `training round ${round}` });
-  const r = await participant.trainRound(latestGlobal, frame);
+  let r;
+  try {
+    r = await participant.trainRound(latestGlobal, frame);
+  } catch (e) {
+    const text = errorText(e);
+    if (text.startsWith("privacy budget exhausted")) {
+      // Nothing was trained; tell the aggregator this tab is done.
+      send(encodeLeave("privacy budget exhausted"), "leave");
+      ended = true;
+      ws.close(1000, "privacy budget exhausted");
+      post({ phase: "left", privacy: participant.privacy(), message: text });
+      return;
+    }
+    // Steps taken before a failure are spent: keep them.
+    await saveLedger();
+    throw e;
+  }
+  await saveLedger();
   if (ended) return;
   post({ phase: "uploading", message: `sending the update of round ${round}` });
   const update = r.frame;
@@ -202,13 +265,17 @@ async function onRoundOpen(frame, msg) {
     samples: r.samples,
     seconds: r.seconds,
     samplesPerSecond: r.samplesPerSecond,
+    epsilonSpent: r.epsilonSpent,
+    epsilonBudget: r.epsilonBudget,
   };
   postMessage({ type: "update", ...entry, bytes: update.byteLength, frame: update });
   post({
     phase: "waiting",
     losses: [...status.losses, entry],
     samplesPerSecond: r.samplesPerSecond,
-    message: `round ${round}: ${r.samples} samples, loss ${r.meanLoss.toFixed(4)}, ${r.samplesPerSecond.toFixed(1)} samples/s`,
+    message:
+      `round ${round}: ${r.samples} samples, loss ${r.meanLoss.toFixed(4)}, ${r.samplesPerSecond.toFixed(1)} samples/s` +
+      (r.epsilonSpent != null ? `, privacy spent ε = ${r.epsilonSpent.toFixed(3)} of ${r.epsilonBudget}` : ""),
   });
   r.free();
 }

@@ -107,7 +107,9 @@ function renderLosses(losses) {
   list.replaceChildren(
     ...losses.map((l) => {
       const li = document.createElement("li");
-      li.textContent = `round ${l.round}: loss ${l.loss.toFixed(4)}, ${l.samples} samples in ${l.seconds.toFixed(1)} s (${l.samplesPerSecond.toFixed(1)} samples/s)`;
+      li.textContent =
+        `round ${l.round}: loss ${l.loss.toFixed(4)}, ${l.samples} samples in ${l.seconds.toFixed(1)} s (${l.samplesPerSecond.toFixed(1)} samples/s)` +
+        (l.epsilonSpent != null ? `, privacy spent ε = ${l.epsilonSpent.toFixed(3)} of ${l.epsilonBudget}` : "");
       return li;
     }),
   );
@@ -159,6 +161,14 @@ function onWorkerMessage(m) {
   $("join-adapter").textContent = m.adapter ?? "…";
   $("join-download").textContent = dl || "…";
   $("join-speed").textContent = m.samplesPerSecond ? `${m.samplesPerSecond.toFixed(1)} samples/s` : "…";
+  // DP tasks: what this tab has spent of its budget (none: no DP).
+  $("join-privacy").textContent = m.privacy
+    ? `privacy spent ε = ${m.privacy.epsilon_spent.toFixed(3)} of ${m.privacy.epsilon_budget} ` +
+      `(δ = ${m.privacy.delta}, σ = ${m.privacy.noise_multiplier.toFixed(3)}, ` +
+      `${m.privacy.steps_taken} of ${m.privacy.planned_steps} DP-SGD steps)`
+    : m.task
+      ? "no differential privacy"
+      : "…";
   statusEl.textContent = m.message;
   showError(m.error);
   renderLosses(m.losses);

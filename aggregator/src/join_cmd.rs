@@ -63,10 +63,8 @@ use sha2::{Digest, Sha256};
 use tokio_tungstenite::tungstenite::Message;
 use tracing::{info, warn};
 
-use crate::dp_training::{train_steps_dp, DpTraining};
-use crate::participant::{
-    engine_to_state, parse_module_names, read_adapter_file, state_to_engine, ModuleRef,
-};
+use crate::dp_training::{DpTraining, LedgerFile};
+use crate::participant::{parse_module_names, read_adapter_file, ModuleRef};
 use crate::privacy_cmd::AccountantArg;
 
 /// The files a participant needs, by their names in `TaskInfo.files`.
@@ -460,14 +458,18 @@ fn train_round(
 ) -> anyhow::Result<LocalRound> {
     let started = Instant::now();
     if let Some(dp) = dp {
-        let (adapters, head) = state_to_engine(&loaded.frozen, &loaded.modules, global)?;
-        encoder.set_trainable(&adapters, &head)?;
-        // DP-SGD: Poisson-sampled batches instead of the shuffled sampler.
-        let out = train_steps_dp(encoder, &loaded.tokenizer, &data.examples, dp, steps, opt)
-            .with_context(|| format!("round {round}: DP-SGD"))?;
-        let trained = pollster::block_on(encoder.read_trainable())?;
-        let state = engine_to_state(&trained, &loaded.modules)?;
-        let report = dp.report(u64::from(steps))?;
+        let (local, report, out) = pollster::block_on(fedsb_participant::train_round_dp(
+            encoder,
+            &loaded.tokenizer,
+            &loaded.frozen,
+            &loaded.modules,
+            &data.examples,
+            dp,
+            global,
+            steps,
+            opt,
+            round,
+        ))?;
         info!(
             %round,
             steps,
@@ -478,16 +480,10 @@ fn train_round(
             seconds = started.elapsed().as_secs_f64(),
             "local round trained with DP-SGD"
         );
-        // The update's weight is the expected number of samples, q·N per
-        // step: the actual Poisson batch sizes depend on who is in the data,
-        // which the DP analysis does not cover releasing.
-        let expected = (dp.config.expected_batch() * f64::from(steps))
-            .round()
-            .max(1.0) as u64;
         return Ok(LocalRound {
-            state,
-            samples: expected,
-            mean_loss: out.mean_loss,
+            state: local.state,
+            samples: local.samples,
+            mean_loss: local.mean_loss,
             privacy: Some(report),
         });
     }
@@ -894,18 +890,10 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
                 if let Some(dp) = &dp {
                     let check = match dp.check(u64::from(steps)) {
                         Ok(c) => c,
-                        Err(e) => break Err(e),
+                        Err(e) => break Err(e.into()),
                     };
                     if !check.within_budget {
-                        let message = format!(
-                            "privacy budget exhausted: {} DP-SGD steps spent ε = {:.4} of the budget ε = {} (δ = {}); \
-                             round {round}'s {steps} steps would bring it to ε = {:.4}, so this participant stops here",
-                            dp.steps_taken(),
-                            check.epsilon_spent,
-                            check.epsilon_budget,
-                            dp.delta(),
-                            check.epsilon_after
-                        );
+                        let message = dp.exhausted_message(&check, round, steps);
                         warn!("{message}");
                         eprintln!("fedsb join: {message}");
                         summary.budget_exhausted = true;

@@ -48,6 +48,11 @@ fn repo() -> PathBuf {
 
 /// A task directory with `extra` (whole sections) appended to its task.toml.
 fn task_dir(extra: &str) -> anyhow::Result<tempfile::TempDir> {
+    task_dir_for(TABS, extra)
+}
+
+/// [`task_dir`] for a task whose rounds need (and take) `tabs` participants.
+fn task_dir_for(tabs: usize, extra: &str) -> anyhow::Result<tempfile::TempDir> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
     write_tiny_model(&dir.join("model"), 11)?;
@@ -82,8 +87,8 @@ fn task_dir(extra: &str) -> anyhow::Result<tempfile::TempDir> {
         r#"[task]
 id = "browser-participants"
 rounds = {ROUNDS}
-min_participants = {TABS}
-max_participants = {TABS}
+min_participants = {tabs}
+max_participants = {tabs}
 round_deadline_secs = 600
 labels = ["{}", "{}"]
 local_steps = 3
@@ -402,17 +407,122 @@ async fn browser_tabs_train_every_round() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// DP-SGD runs only in `fedsb join`: the tab says so instead of training
-/// without the task's privacy.
+/// A DP task in the browser: two tabs train every round with DP-SGD, each
+/// Update carries a privacy report whose ε grows and stays within the
+/// budget, the aggregator's `/api/status` lists ε > 0 and ≤ the target per
+/// tab, the page shows "privacy spent ε = x of y", and a tab that joins
+/// again restores its ledger from IndexedDB (the budget is not reset).
 #[tokio::test(flavor = "multi_thread")]
-async fn browser_refuses_a_dp_task_with_a_clear_message() -> anyhow::Result<()> {
-    let task =
-        task_dir("[privacy]\nenabled = true\nepsilon = 8.0\ndelta = 1e-5\nclip_norm = 1.0\n")?;
+async fn browser_tabs_train_a_dp_task() -> anyhow::Result<()> {
+    const EPSILON: f64 = 8.0;
+    const DP_TABS: [usize; 2] = [1, 2];
+    let task = task_dir_for(
+        DP_TABS.len(),
+        &format!(
+            "[privacy]\nenabled = true\nepsilon = {EPSILON:?}\ndelta = 1e-5\nclip_norm = 1.0\n"
+        ),
+    )?;
     let agg = Aggregator::start_in(task.path())?;
-    let mut c = open_tab(&agg, &task.path().join("shard1.tsv")).await?;
-    c.eval("document.getElementById('join-button').click()")
+    let started = Instant::now();
+    let mut tabs = Vec::new();
+    for shard in DP_TABS {
+        let mut c = open_tab(&agg, &task.path().join(format!("shard{shard}.tsv"))).await?;
+        c.eval("document.getElementById('join-button').click()")
+            .await?;
+        tabs.push(c);
+    }
+    let mut statuses = Vec::new();
+    for (tab, c) in tabs.iter_mut().enumerate() {
+        let s = c
+            .wait_for(
+                "(() => { const s = window.fedsbParticipant.status; \
+                   return s && ['finished','error','disconnected','left'].includes(s.phase) ? JSON.stringify(s) : null; })()",
+                Duration::from_millis(500),
+                RUN_TIMEOUT,
+            )
+            .await
+            .with_context(|| format!("tab {tab} did not finish"))?;
+        let s: Value = serde_json::from_str(s.as_str().context("status")?)?;
+        eprintln!("DP tab {tab}: {s}");
+        ensure!(s["phase"] == "finished", "tab {tab}: {s}");
+        statuses.push(s);
+    }
+    eprintln!(
+        "{} DP tabs × {ROUNDS} rounds in {:.1?}",
+        DP_TABS.len(),
+        started.elapsed()
+    );
+    for (tab, c) in tabs.iter_mut().enumerate() {
+        let frames = c
+            .eval("JSON.stringify(window.fedsbParticipant.updates.map((u) => Array.from(u.frame)))")
+            .await?;
+        let frames: Vec<Vec<u8>> = serde_json::from_str(frames.as_str().context("frames")?)?;
+        ensure!(
+            frames.len() == ROUNDS as usize,
+            "tab {tab} sent {} updates",
+            frames.len()
+        );
+        let mut last_eps = 0.0;
+        for f in frames {
+            let u = match ClientMessage::decode(&f)? {
+                ClientMessage::Update(u) => u,
+                other => bail!("tab {tab}: an update frame decodes to {other:?}"),
+            };
+            let p = u
+                .privacy
+                .with_context(|| format!("tab {tab}: round {} has no privacy report", u.round))?;
+            ensure!(
+                p.epsilon_spent > last_eps && p.epsilon_spent <= EPSILON,
+                "tab {tab}: round {}: {p:?} after ε = {last_eps}",
+                u.round
+            );
+            ensure!(
+                p.steps == 3 && p.clip_norm == 1.0 && p.delta == 1e-5,
+                "tab {tab}: {p:?}"
+            );
+            // The weight is the expected number of samples, q·N per step.
+            ensure!(
+                u.num_samples == 3 * 8,
+                "tab {tab}: weight {}",
+                u.num_samples
+            );
+            last_eps = p.epsilon_spent;
+        }
+        let shown = c
+            .eval("document.getElementById('join-privacy').textContent")
+            .await?;
+        let shown = shown.as_str().unwrap_or("");
+        eprintln!("tab {tab} shows: {shown}");
+        ensure!(
+            shown.starts_with(&format!("privacy spent ε = {last_eps:.3} of 8")),
+            "tab {tab}: the page shows {shown:?}, the last update spent ε = {last_eps}"
+        );
+        let p = &statuses[tab]["privacy"];
+        ensure!(
+            p["steps_taken"] == ROUNDS * 3 && p["planned_steps"] == ROUNDS * 3,
+            "tab {tab}: {p}"
+        );
+    }
+    let status = agg.json("/api/status").await?;
+    ensure!(status["state"] == "finished", "{status}");
+    let entries = status["privacy"]
+        .as_array()
+        .context("/api/status privacy")?;
+    ensure!(entries.len() == DP_TABS.len(), "{status}");
+    for p in entries {
+        let eps = p["epsilon_spent"].as_f64().context("epsilon_spent")?;
+        ensure!(eps > 0.0 && eps <= EPSILON, "{p}");
+        ensure!(p["updates"] == ROUNDS && p["steps"] == ROUNDS * 3, "{p}");
+    }
+    // Joining again restores the ledger from IndexedDB: the 9 steps taken
+    // are still spent (the task is finished, so nothing trains).
+    let again = &mut tabs[0];
+    again
+        .eval(
+            "window.fedsbParticipant.status = null; document.getElementById('join-button').click()",
+        )
         .await?;
-    let s = c
+    let s = again
         .wait_for(
             "(() => { const s = window.fedsbParticipant.status; \
                return s && ['finished','error','disconnected'].includes(s.phase) ? JSON.stringify(s) : null; })()",
@@ -420,20 +530,19 @@ async fn browser_refuses_a_dp_task_with_a_clear_message() -> anyhow::Result<()> 
             Duration::from_secs(120),
         )
         .await?;
-    let shown = c
-        .eval("document.getElementById('join-error').textContent")
-        .await?;
-    let sent = sent_frame_sizes(&c);
-    c.close().await;
     let s: Value = serde_json::from_str(s.as_str().context("status")?)?;
-    eprintln!("DP task: {s}");
-    ensure!(s["phase"] == "error", "{s}");
-    let shown = shown.as_str().unwrap_or("");
     ensure!(
-        shown.contains("differential privacy") && shown.contains("fedsb join"),
-        "the page shows {shown:?}"
+        s["phase"] == "finished" && s["privacy"]["steps_taken"] == ROUNDS * 3,
+        "tab 0 joined again: {s}"
     );
-    ensure!(sent.len() == 1, "only the Hello was sent: {sent:?}");
+    ensure!(
+        s["privacy"]["epsilon_spent"] == statuses[0]["privacy"]["epsilon_spent"],
+        "tab 0 joined again: {s} vs {}",
+        statuses[0]
+    );
+    for c in tabs {
+        c.close().await;
+    }
     Ok(())
 }
 

@@ -18,7 +18,10 @@ use fedsb_engine::gpu::encoder::GpuEncoder;
 use fedsb_engine::gpu::{GpuContext, GpuOptions};
 use fedsb_engine::reference::{ClassifierHead, Matrix};
 use fedsb_engine::train::BatchSampler;
-use fedsb_participant::{read_task_data, train_round, ParticipantError, TaskModel};
+use fedsb_participant::{
+    read_task_data, train_round, train_round_dp, DpTraining, ParticipantError, TaskModel,
+};
+use fedsb_privacy::AccountantKind;
 use fedsb_protocol::{ClientMessage, ClientUpdate, ServerMessage, TaskInfo};
 use serde::Serialize;
 use wasm_bindgen::prelude::*;
@@ -55,6 +58,9 @@ pub struct WasmParticipant {
     participant: u64,
     opt: AdamW,
     local: RefCell<Option<LocalData>>,
+    /// DP tasks: σ calibrated for the local data and the ledger of what this
+    /// participant has spent (set by `setData`; `None` while a round trains).
+    dp: RefCell<Option<DpTraining>>,
 }
 
 impl std::fmt::Debug for WasmParticipant {
@@ -75,10 +81,24 @@ pub struct RoundResult {
     samples: u64,
     mean_loss: f32,
     seconds: f64,
+    /// DP tasks: ε spent after this round and the budget ε.
+    epsilon_spent: Option<f64>,
+    epsilon_budget: Option<f64>,
 }
 
 #[wasm_bindgen]
 impl RoundResult {
+    /// DP tasks: ε spent by this participant after this round (`undefined`
+    /// without DP).
+    #[wasm_bindgen(getter, js_name = epsilonSpent)]
+    pub fn epsilon_spent(&self) -> Option<f64> {
+        self.epsilon_spent
+    }
+    /// DP tasks: the budget ε (`undefined` without DP).
+    #[wasm_bindgen(getter, js_name = epsilonBudget)]
+    pub fn epsilon_budget(&self) -> Option<f64> {
+        self.epsilon_budget
+    }
     /// The encoded `Update` frame (a `Uint8Array`).
     #[wasm_bindgen(getter)]
     pub fn frame(&self) -> Vec<u8> {
@@ -107,6 +127,18 @@ impl RoundResult {
     pub fn samples_per_second(&self) -> f64 {
         self.samples as f64 / self.seconds.max(1e-9)
     }
+}
+
+#[derive(Serialize)]
+struct PrivacyStatus {
+    epsilon_spent: f64,
+    epsilon_budget: f64,
+    delta: f64,
+    noise_multiplier: f64,
+    sample_rate: f64,
+    clip_norm: f64,
+    steps_taken: u64,
+    planned_steps: u64,
 }
 
 #[derive(Serialize)]
@@ -206,8 +238,8 @@ pub fn preview_data(
 impl WasmParticipant {
     /// Decodes the `Welcome` frame, parses the task's files (checked against
     /// the task's shapes), requests the WebGPU device and uploads the model
-    /// with the frozen adapters. Tasks with differential privacy are refused:
-    /// DP-SGD runs only in `fedsb join` so far.
+    /// with the frozen adapters. Tasks with differential privacy train with
+    /// DP-SGD once `setData` has calibrated σ for the local data.
     pub async fn create(
         welcome_frame: Vec<u8>,
         config_json: Vec<u8>,
@@ -221,13 +253,6 @@ impl WasmParticipant {
             } => (participant.0, task),
             other => return Err(error(format!("expected a Welcome frame, got {other:?}"))),
         };
-        if let Some(p) = &task.privacy {
-            return Err(error(format!(
-                "task {} uses differential privacy (ε = {}, δ = {}): DP-SGD is not available in the browser yet; \
-                 join it with `fedsb join`",
-                task.task_id, p.epsilon, p.delta
-            )));
-        }
         let model = TaskModel::load(
             &task,
             &config_json,
@@ -263,6 +288,7 @@ impl WasmParticipant {
             participant,
             opt,
             local: RefCell::new(None),
+            dp: RefCell::new(None),
         })
     }
 
@@ -319,11 +345,88 @@ impl WasmParticipant {
             &self.task.labels,
         )?;
         let value = preview(&data)?;
+        if let Some(policy) = &self.task.privacy {
+            if self.encoder.borrow().is_none() {
+                return Err(error(
+                    "a DP round is training; set the data after it (its steps are not recorded yet)",
+                ));
+            }
+            // σ for every step this participant may take: all the task's
+            // rounds × local steps at q = batch / N (as `fedsb join` does
+            // without --dp-rounds), with the PLD accountant (its default).
+            let planned = self
+                .task
+                .total_rounds
+                .saturating_mul(u64::from(self.task.local_steps));
+            let mut dp = DpTraining::calibrate(
+                policy,
+                data.len(),
+                self.task.batch_size as usize,
+                planned,
+                AccountantKind::Pld,
+            )
+            .map_err(|e| {
+                error(format!(
+                    "task {} uses differential privacy (ε = {}, δ = {}, C = {}): {e}",
+                    self.task.task_id, policy.epsilon, policy.delta, policy.clip_norm
+                ))
+            })?;
+            let earlier = self.dp.borrow_mut().take();
+            if let Some(earlier) = earlier {
+                // New data replaces the old, but what was spent stays spent.
+                dp.merge_ledger(earlier.ledger())
+                    .map_err(participant_error)?;
+            }
+            self.dp.replace(Some(dp));
+        }
         // A fresh seed per data set: the shuffle need not be reproducible here.
         let seed = (js_sys::Math::random() * 9_007_199_254_740_992.0) as u64;
         let sampler = BatchSampler::new(data.len(), self.task.batch_size as usize, seed);
         self.local.replace(Some(LocalData { data, sampler }));
         Ok(value)
+    }
+
+    /// DP tasks: the privacy ledger (JSON) of the steps taken so far, to keep
+    /// across reloads; `undefined` without DP or before `setData`.
+    #[wasm_bindgen(js_name = ledgerJson)]
+    pub fn ledger_json(&self) -> Option<String> {
+        self.dp.borrow().as_ref().map(DpTraining::ledger_json)
+    }
+
+    /// DP tasks: adds the steps of a ledger saved by `ledgerJson` (an
+    /// earlier session on the same data) to what this participant has spent.
+    /// Call after `setData`. A corrupt ledger is an error, never ignored.
+    #[wasm_bindgen(js_name = restoreLedger)]
+    pub fn restore_ledger(&self, json: &str) -> Result<(), JsValue> {
+        let mut dp = self.dp.borrow_mut();
+        let dp = dp
+            .as_mut()
+            .ok_or_else(|| error("no privacy ledger: the task has no DP, or setData was not called (or a round is training)"))?;
+        dp.merge_ledger_json(json, "saved in this browser")
+            .map_err(participant_error)
+    }
+
+    /// DP tasks: `{epsilon_spent, epsilon_budget, delta, noise_multiplier,
+    /// sample_rate, clip_norm, steps_taken, planned_steps}`; `null` without
+    /// DP or before `setData`.
+    pub fn privacy(&self) -> Result<JsValue, JsValue> {
+        let dp = self.dp.borrow();
+        let Some(dp) = dp.as_ref() else {
+            return Ok(JsValue::NULL);
+        };
+        let value = PrivacyStatus {
+            epsilon_spent: dp.epsilon_spent().map_err(participant_error)?,
+            epsilon_budget: dp.epsilon_budget(),
+            delta: dp.delta(),
+            noise_multiplier: dp.config.noise_multiplier,
+            sample_rate: dp.config.sample_rate,
+            clip_norm: dp.config.clip_norm,
+            steps_taken: dp.steps_taken(),
+            planned_steps: dp.planned_steps,
+        };
+        value
+            .serialize(&serde_wasm_bindgen::Serializer::json_compatible())
+            .map_err(error)
     }
 
     /// Trains the round that `roundOpenFrame` opens from the global state of
@@ -371,32 +474,73 @@ impl WasmParticipant {
             self.local.replace(Some(local));
             return Err(error("a round is already training; await it first"));
         };
+        let mut dp = self.dp.take();
+        if self.task.privacy.is_some() && dp.is_none() {
+            self.encoder.replace(Some(encoder));
+            self.local.replace(Some(local));
+            return Err(error("no DP calibration: call setData before training"));
+        }
+        if let Some(d) = &dp {
+            // The budget first: a round that would exceed it is not trained.
+            let refusal = match d.check(u64::from(steps)) {
+                Ok(c) if c.within_budget => None,
+                Ok(c) => Some(error(d.exhausted_message(&c, round, steps))),
+                Err(e) => Some(participant_error(e)),
+            };
+            if let Some(e) = refusal {
+                self.dp.replace(dp);
+                self.encoder.replace(Some(encoder));
+                self.local.replace(Some(local));
+                return Err(e);
+            }
+        }
         let started = js_sys::Date::now();
-        let result = train_round(
-            &mut encoder,
-            &self.model.tokenizer,
-            &self.model.frozen,
-            &self.model.modules,
-            &local.data.examples,
-            &mut local.sampler,
-            &global,
-            steps,
-            &self.opt,
-            round,
-        )
-        .await;
+        let result = match dp.as_mut() {
+            Some(d) => train_round_dp(
+                &mut encoder,
+                &self.model.tokenizer,
+                &self.model.frozen,
+                &self.model.modules,
+                &local.data.examples,
+                d,
+                &global,
+                steps,
+                &self.opt,
+                round,
+            )
+            .await
+            .map(|(r, report, _)| (r, Some(report))),
+            None => train_round(
+                &mut encoder,
+                &self.model.tokenizer,
+                &self.model.frozen,
+                &self.model.modules,
+                &local.data.examples,
+                &mut local.sampler,
+                &global,
+                steps,
+                &self.opt,
+                round,
+            )
+            .await
+            .map(|r| (r, None)),
+        };
         let seconds = (js_sys::Date::now() - started) / 1000.0;
         self.encoder.replace(Some(encoder));
+        let epsilon_budget = dp.as_ref().map(DpTraining::epsilon_budget);
+        // Steps taken are spent, whether or not the round succeeded.
+        self.dp.replace(dp);
         // setData may have replaced the data meanwhile; keep the newer.
         if self.local.borrow().is_none() {
             self.local.replace(Some(local));
         }
-        let trained = result.map_err(participant_error)?;
+        let (trained, report) = result.map_err(participant_error)?;
+        let epsilon_spent = report.as_ref().map(|r| r.epsilon_spent);
         let frame = ClientMessage::Update(ClientUpdate {
             round,
             num_samples: trained.samples,
             train_loss: Some(trained.mean_loss),
-            privacy: None,
+            privacy: report,
             adapter: trained.state,
         })
         .encode();
@@ -406,6 +550,8 @@ impl WasmParticipant {
             samples: trained.samples,
             mean_loss: trained.mean_loss,
             seconds,
+            epsilon_spent,
+            epsilon_budget,
         })
     }
 }

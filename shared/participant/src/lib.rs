@@ -14,9 +14,12 @@
 //!
 //! Everything here is target-agnostic: no file system access (bytes in), no
 //! blocking (the GPU calls are `async`; natively `pollster::block_on` them).
-//! DP-SGD rounds (`fedsb join`'s `dp_training`) are not here yet.
+//! * [`dp`]: differential privacy: σ calibrated for the planned steps, the
+//!   privacy ledger (a serializable value the caller persists), DP-SGD
+//!   rounds ([`train_round_dp`]).
 
 pub mod adapter_file;
+pub mod dp;
 pub mod task;
 pub mod train;
 
@@ -24,6 +27,7 @@ pub use adapter_file::{
     engine_to_state, parse_linear, parse_module_name, parse_module_names, read_adapter_file,
     state_to_engine, write_adapter_file, AdapterFileError, ModuleRef,
 };
+pub use dp::{train_round_dp, train_steps_dp, DpStepsOutcome, DpTraining};
 pub use task::{read_task_data, TaskModel};
 pub use train::{train_round, LocalRound};
 
@@ -42,6 +46,10 @@ pub enum ParticipantError {
     Train(#[from] fedsb_engine::train::TrainError),
     #[error(transparent)]
     Data(#[from] fedsb_engine::data::DataError),
+    #[error("differential privacy: {0}")]
+    Privacy(#[from] fedsb_privacy::PrivacyError),
+    #[error(transparent)]
+    Dp(#[from] fedsb_engine::dp::DpError),
     /// The task, the data or a message does not fit; the text says how.
     #[error("{0}")]
     Invalid(String),
