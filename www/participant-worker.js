@@ -15,8 +15,8 @@
 //    samplesPerSecond, epsilonSpent, epsilonBudget}], samplesPerSecond,
 //    privacy: null | {epsilon_spent, epsilon_budget, delta, noise_multiplier,
 //    sample_rate, clip_norm, steps_taken, planned_steps}, message, error}
-//     phase: connecting | downloading | loading | waiting | training |
-//            uploading | finished | left | disconnected | error
+//     phase: connecting | downloading | initializing | loading | waiting |
+//            training | uploading | finished | left | disconnected | error
 //   {type: "sent", kind, bytes}   (every frame sent on the WebSocket)
 //   {type: "update", round, samples, loss, seconds, samplesPerSecond, bytes,
 //    frame}   (each Update sent: the page may inspect what left the tab)
@@ -24,6 +24,12 @@
 // Files are cached by hash in the Cache API ("fedsb-files", key
 // /files/<sha256>) and checked with SHA-256 before use, so a reload
 // downloads nothing.
+//
+// Tasks with `[adapter] init = "federated"` (no adapter file in the
+// Welcome): on InitRequest the worker computes the initialization gradients
+// of its first init_samples examples (federatedInitFrames), sends one
+// InitGradient frame per module and InitDone, waits for AdapterReady,
+// fetches that adapter file by hash and then creates the trainer.
 //
 // DP tasks: the privacy ledger (the DP-SGD steps this tab has taken) is kept
 // in IndexedDB ("fedsb-participant", store "privacy-ledgers", key
@@ -33,6 +39,7 @@
 
 import init, {
   WasmParticipant,
+  federatedInitFrames,
   previewData,
   encodeHello,
   encodeLeave,
@@ -67,6 +74,7 @@ let pendingOpen = null; // a RoundOpen that came before any GlobalModel
 const submitted = new Set();
 let local = null; // {text, fileName, columns}
 let ended = false;
+let pendingInit = null; // federated init: {welcome, bytes} until AdapterReady
 let ledgerKey = null; // DP tasks: "<task id>/<data file name>"
 
 const LEDGER_DB = "fedsb-participant";
@@ -183,20 +191,25 @@ async function fetchFile(file) {
 async function onWelcome(frame, msg) {
   const task = msg.task;
   post({ phase: "downloading", task: task.task_id, message: `task ${task.task_id} (${task.model_id})` });
-  const files = {};
-  for (const name of MODEL_FILES) {
-    const f = task.files.find((x) => x.name === name);
-    if (!f) {
-      throw new Error(
-        name === "adapter.safetensors"
-          ? `task ${task.task_id} serves no LoRA-SB adapter file; the browser cannot take part in a federated initialization yet`
-          : `task ${task.task_id} lists no ${name}`,
-      );
-    }
-    files[name] = f;
-  }
+  const federated = !task.files.some((x) => x.name === "adapter.safetensors");
   const bytes = {};
-  for (const name of MODEL_FILES) bytes[name] = await fetchFile(files[name]);
+  for (const name of MODEL_FILES) {
+    if (federated && name === "adapter.safetensors") continue;
+    const f = task.files.find((x) => x.name === name);
+    if (!f) throw new Error(`task ${task.task_id} lists no ${name}`);
+    bytes[name] = await fetchFile(f);
+  }
+  if (federated) {
+    // The adapter file comes after the federated initialization.
+    pendingInit = { welcome: frame, bytes };
+    post({ phase: "initializing", message: "waiting for the federated initialization request" });
+    return;
+  }
+  await createParticipant(frame, bytes);
+}
+
+async function createParticipant(frame, bytes) {
+  const task = status.task;
   post({ phase: "loading", message: "loading the model on WebGPU" });
   participant = await WasmParticipant.create(
     frame,
@@ -212,8 +225,8 @@ async function onWelcome(frame, msg) {
     local.columns.textPair || null,
     local.columns.label || null,
   );
-  if (task.privacy) {
-    ledgerKey = `${task.task_id}/${local.fileName}`;
+  if (participant.privacy() !== null) {
+    ledgerKey = `${task}/${local.fileName}`;
     const saved = await ledgerOp("readonly", (store) => store.get(ledgerKey));
     if (saved != null) participant.restoreLedger(saved);
     post({ privacy: participant.privacy() });
@@ -280,6 +293,30 @@ async function onRoundOpen(frame, msg) {
   r.free();
 }
 
+async function onInitRequest(frame, msg) {
+  if (!pendingInit) throw new Error("an initialization request for a task that has its adapter file");
+  const { welcome, bytes } = pendingInit;
+  post({
+    phase: "initializing",
+    message: `computing the initialization gradients of up to ${msg.init_samples} local examples`,
+  });
+  const frames = await federatedInitFrames(
+    welcome,
+    frame,
+    bytes["config.json"],
+    bytes["model.safetensors"],
+    bytes["tokenizer.json"],
+    local.text,
+    local.fileName,
+    local.columns.text || null,
+    local.columns.textPair || null,
+    local.columns.label || null,
+  );
+  if (ended) return;
+  frames.forEach((f, i) => send(f, i === frames.length - 1 ? "init_done" : "init_gradient"));
+  post({ message: `sent the initialization gradients of ${frames.length - 1} modules` });
+}
+
 async function handle(frame) {
   if (ended) return;
   const msg = decodeServerMessage(frame);
@@ -312,9 +349,18 @@ async function handle(frame) {
       ws.close(1000, "finished");
       return;
     case "init_request":
-      throw new Error(
-        "this task starts with a federated LoRA-SB initialization, which the browser participant cannot take part in yet; use `fedsb join`",
-      );
+      return onInitRequest(frame, msg);
+    case "init_accepted":
+      post({ message: `initialization gradients of ${msg.num_samples} examples accepted; waiting for the adapter` });
+      return;
+    case "adapter_ready": {
+      if (!pendingInit) throw new Error("AdapterReady without a federated initialization");
+      const { welcome, bytes } = pendingInit;
+      pendingInit = null;
+      post({ phase: "downloading", message: "the initialization is done; fetching the adapter file" });
+      bytes["adapter.safetensors"] = await fetchFile(msg.file);
+      return createParticipant(welcome, bytes);
+    }
     default:
       post({ message: `ignoring a ${msg.type} message` });
   }

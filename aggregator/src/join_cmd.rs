@@ -47,13 +47,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use fedsb_engine::data::{read_dataset_file, ColumnSpec, Dataset, Example};
+use fedsb_engine::data::{read_dataset_file, ColumnSpec, Dataset};
 use fedsb_engine::gpu::adamw::AdamW;
 use fedsb_engine::gpu::encoder::GpuEncoder;
 use fedsb_engine::gpu::{GpuContext, GpuOptions};
 use fedsb_engine::model::{BertTokenizer, BertWeights};
 use fedsb_engine::reference::{ClassifierHead, LoraSbAdapters, Matrix};
-use fedsb_engine::train::{encode_examples, gpu_init_gradients, BatchSampler};
+use fedsb_engine::train::BatchSampler;
 use fedsb_protocol::{
     AdapterState, ClientMessage, ClientUpdate, ErrorCode, FileRef, PrivacyReport, RoundId,
     ServerMessage, TaskInfo, PROTOCOL_VERSION,
@@ -289,51 +289,18 @@ fn init_gradients(
     let tokenizer = BertTokenizer::from_bytes(&read("tokenizer.json")?)
         .context("loading the task's tokenizer")?
         .with_max_length(task.max_seq_len as usize)?;
-    let config = &weights.config;
-    let (classes, hidden) = (task.labels.len(), config.hidden_size);
-    if head_weight.shape != [classes as u32, hidden as u32] || head_bias.shape != [classes as u32] {
-        bail!(
-            "the initialization head has shapes {:?} and {:?}, expected [{classes}, {hidden}] and [{classes}]",
-            head_weight.shape,
-            head_bias.shape
-        );
-    }
-    if init_samples == 0 || batch_size == 0 {
-        bail!(
-            "the initialization request asks for {init_samples} samples in batches of {batch_size}"
-        );
-    }
-    let head = ClassifierHead {
-        weight: Matrix::from_vec(classes, hidden, head_weight.data),
-        bias: head_bias.data,
-    };
-    let modules = parse_module_names(&task.module_names, config.num_hidden_layers)?;
-    let wanted = (init_samples.min(data.len() as u64)) as usize;
-    if wanted == 0 {
-        bail!("no local examples for the initialization");
-    }
-    let mut sampler = BatchSampler::new(data.len(), batch_size as usize, seed ^ 0x1417);
-    let mut batches = Vec::new();
-    let mut taken = 0;
-    while taken < wanted {
-        let idx = sampler.next_batch();
-        let idx = &idx[..idx.len().min(wanted - taken)];
-        taken += idx.len();
-        let refs: Vec<&Example> = idx.iter().map(|&i| &data.examples[i]).collect();
-        batches.push(encode_examples(&tokenizer, &refs)?);
-    }
-    let grads = pollster::block_on(gpu_init_gradients(ctx, &weights, &head, &batches))?;
-    let tensors = modules
-        .iter()
-        .map(|&(layer, which)| {
-            let g = &grads[layer][which.index()];
-            fedsb_protocol::Tensor {
-                shape: vec![g.rows as u32, g.cols as u32],
-                data: g.data.clone(),
-            }
-        })
-        .collect();
-    Ok((tensors, taken as u64))
+    Ok(pollster::block_on(fedsb_participant::init_gradients(
+        ctx,
+        task,
+        &weights,
+        &tokenizer,
+        &data.examples,
+        seed,
+        init_samples,
+        batch_size,
+        head_weight,
+        head_bias,
+    ))?)
 }
 
 /// Everything needed to train, loaded from the downloaded files.
@@ -716,15 +683,9 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
             seconds = started.elapsed().as_secs_f64(),
             "initialization gradients computed; sending them"
         );
-        for (module, gradient) in gradients.into_iter().enumerate() {
-            send(&ClientMessage::InitGradient {
-                module: module as u32,
-                gradient,
-            })?;
+        for frame in fedsb_participant::init_frames(gradients, samples) {
+            send(&frame)?;
         }
-        send(&ClientMessage::InitDone {
-            num_samples: samples,
-        })?;
         let file = loop {
             match next(None)? {
                 Event::Closed(why) => bail!("{why} during the federated initialization"),

@@ -53,6 +53,12 @@ fn task_dir(extra: &str) -> anyhow::Result<tempfile::TempDir> {
 
 /// [`task_dir`] for a task whose rounds need (and take) `tabs` participants.
 fn task_dir_for(tabs: usize, extra: &str) -> anyhow::Result<tempfile::TempDir> {
+    task_dir_with(tabs, r#"file = "adapter.safetensors""#, extra)
+}
+
+/// [`task_dir_for`] with `adapter` (lines of the `[adapter]` section besides
+/// the rank) instead of `fedsb init`'s adapter file.
+fn task_dir_with(tabs: usize, adapter: &str, extra: &str) -> anyhow::Result<tempfile::TempDir> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
     write_tiny_model(&dir.join("model"), 11)?;
@@ -100,7 +106,7 @@ id = "tiny-random-bert"
 dir = "model"
 [adapter]
 rank = {RANK}
-file = "adapter.safetensors"
+{adapter}
 [server]
 www_dir = {www:?}
 ping_interval_secs = 5
@@ -543,6 +549,61 @@ async fn browser_tabs_train_a_dp_task() -> anyhow::Result<()> {
     for c in tabs {
         c.close().await;
     }
+    Ok(())
+}
+
+/// A federated-init task (`[adapter] init = "federated"`, no adapter file)
+/// with one tab: the tab sends one `InitGradient` per module and `InitDone`
+/// with its init_samples examples, fetches the adapter file the aggregator
+/// makes (`AdapterReady`), then trains every round.
+#[tokio::test(flavor = "multi_thread")]
+async fn browser_tab_takes_part_in_a_federated_initialization() -> anyhow::Result<()> {
+    const INIT_SAMPLES: u64 = 24;
+    let task = task_dir_with(
+        1,
+        &format!("init = \"federated\"\ninit_samples = {INIT_SAMPLES}\ninit_seed = 3"),
+        "",
+    )?;
+    let agg = Aggregator::start_in(task.path())?;
+    let started = Instant::now();
+    let mut c = open_tab(&agg, &task.path().join("shard1.tsv")).await?;
+    c.eval("document.getElementById('join-button').click()")
+        .await?;
+    let s = c
+        .wait_for(
+            "(() => { const s = window.fedsbParticipant.status; \
+               return s && ['finished','error','disconnected','left'].includes(s.phase) ? JSON.stringify(s) : null; })()",
+            Duration::from_millis(500),
+            RUN_TIMEOUT,
+        )
+        .await
+        .context("the tab did not finish")?;
+    let s: Value = serde_json::from_str(s.as_str().context("status")?)?;
+    eprintln!("federated init tab ({:.1?}): {s}", started.elapsed());
+    ensure!(s["phase"] == "finished", "{s}");
+    let kinds = c
+        .eval("JSON.stringify(window.fedsbParticipant.sent.map((f) => f.kind))")
+        .await?;
+    let kinds: Vec<String> = serde_json::from_str(kinds.as_str().context("kinds")?)?;
+    c.close().await;
+    let info = agg.json("/api/task").await?;
+    let modules = info["module_names"]
+        .as_array()
+        .map(Vec::len)
+        .with_context(|| format!("/api/task has no module_names: {info}"))?;
+    let mut want = vec!["hello".to_owned()];
+    want.extend(std::iter::repeat_n("init_gradient".to_owned(), modules));
+    want.push("init_done".to_owned());
+    want.extend(std::iter::repeat_n("update".to_owned(), ROUNDS as usize));
+    ensure!(kinds == want, "the tab sent {kinds:?}, expected {want:?}");
+    let rounds = agg.json("/api/rounds").await?;
+    let rounds = rounds.as_array().context("/api/rounds")?;
+    ensure!(rounds.len() == ROUNDS as usize + 1, "{rounds:?}");
+    for r in &rounds[1..] {
+        ensure!(r["participants"] == 1, "{r}");
+    }
+    let status = agg.json("/api/status").await?;
+    ensure!(status["state"] == "finished", "{status}");
     Ok(())
 }
 

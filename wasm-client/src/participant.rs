@@ -16,10 +16,12 @@ use fedsb_engine::data::{ColumnSpec, Dataset};
 use fedsb_engine::gpu::adamw::AdamW;
 use fedsb_engine::gpu::encoder::GpuEncoder;
 use fedsb_engine::gpu::{GpuContext, GpuOptions};
+use fedsb_engine::model::{BertTokenizer, BertWeights};
 use fedsb_engine::reference::{ClassifierHead, Matrix};
 use fedsb_engine::train::BatchSampler;
 use fedsb_participant::{
-    read_task_data, train_round, train_round_dp, DpTraining, ParticipantError, TaskModel,
+    init_frames, init_gradients, read_task_data, train_round, train_round_dp, DpTraining,
+    ParticipantError, TaskModel,
 };
 use fedsb_privacy::AccountantKind;
 use fedsb_protocol::{ClientMessage, ClientUpdate, ServerMessage, TaskInfo};
@@ -232,6 +234,86 @@ pub fn preview_data(
         &labels,
     )?;
     preview(&data)
+}
+
+/// The participant's half of a federated LoRA-SB initialization (a task
+/// with `[adapter] init = "federated"`, whose `Welcome` lists no adapter
+/// file): decodes the `Welcome` and the `InitRequest`, reads the local data
+/// as `setData` does, computes on its own WebGPU device the summed gradients
+/// of every adapted module over the first `init_samples` examples (the
+/// shuffle `fedsb join` uses with its default seed 0) with the published
+/// head, and resolves to the frames to send, in order: one `InitGradient`
+/// per module, then `InitDone`. Then wait for `AdapterReady`, fetch that
+/// file and `WasmParticipant.create` with it.
+#[allow(clippy::too_many_arguments)]
+#[wasm_bindgen(js_name = federatedInitFrames)]
+pub async fn federated_init_frames(
+    welcome_frame: Vec<u8>,
+    init_request_frame: Vec<u8>,
+    config_json: Vec<u8>,
+    model_safetensors: Vec<u8>,
+    tokenizer_json: Vec<u8>,
+    text: String,
+    file_name: String,
+    text_column: Option<String>,
+    text_pair_column: Option<String>,
+    label_column: Option<String>,
+) -> Result<js_sys::Array, JsValue> {
+    let task = match decode(&welcome_frame, "Welcome")? {
+        ServerMessage::Welcome { task, .. } => task,
+        other => return Err(error(format!("expected a Welcome frame, got {other:?}"))),
+    };
+    let (init_samples, batch_size, head_weight, head_bias) =
+        match decode(&init_request_frame, "InitRequest")? {
+            ServerMessage::InitRequest {
+                init_samples,
+                batch_size,
+                head_weight,
+                head_bias,
+            } => (init_samples, batch_size, head_weight, head_bias),
+            other => {
+                return Err(error(format!(
+                    "expected an InitRequest frame, got {other:?}"
+                )))
+            }
+        };
+    let data = read_local(
+        &text,
+        &file_name,
+        text_column,
+        text_pair_column,
+        label_column,
+        &task.labels,
+    )?;
+    let weights = BertWeights::from_bytes(&config_json, &model_safetensors)
+        .map_err(|e| error(format!("cannot load the task's model: {e}")))?;
+    let tokenizer = BertTokenizer::from_bytes(&tokenizer_json)
+        .and_then(|t| t.with_max_length(task.max_seq_len as usize))
+        .map_err(|e| error(format!("cannot load the task's tokenizer: {e}")))?;
+    let ctx = GpuContext::new(&GpuOptions::default())
+        .await
+        .map_err(|e| error(format!("WebGPU: {e}")))?;
+    let result = init_gradients(
+        &ctx,
+        &task,
+        &weights,
+        &tokenizer,
+        &data.examples,
+        0,
+        init_samples,
+        batch_size,
+        head_weight,
+        head_bias,
+    )
+    .await;
+    // Frees the initialization's GPU buffers at once.
+    ctx.device.destroy();
+    let (gradients, samples) = result.map_err(participant_error)?;
+    let frames = js_sys::Array::new();
+    for message in init_frames(gradients, samples) {
+        frames.push(&js_sys::Uint8Array::from(message.encode().as_slice()));
+    }
+    Ok(frames)
 }
 
 #[wasm_bindgen]

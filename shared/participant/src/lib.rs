@@ -16,10 +16,13 @@
 //! blocking (the GPU calls are `async`; natively `pollster::block_on` them).
 //! * [`dp`]: differential privacy: σ calibrated for the planned steps, the
 //!   privacy ledger (a serializable value the caller persists), DP-SGD
-//!   rounds ([`train_round_dp`]).
+//!   rounds ([`train_round_dp`]);
+//! * [`init`]: the participant's half of the federated initialization
+//!   ([`init_gradients`]).
 
 pub mod adapter_file;
 pub mod dp;
+pub mod init;
 pub mod task;
 pub mod train;
 
@@ -28,6 +31,7 @@ pub use adapter_file::{
     state_to_engine, write_adapter_file, AdapterFileError, ModuleRef,
 };
 pub use dp::{train_round_dp, train_steps_dp, DpStepsOutcome, DpTraining};
+pub use init::{init_frames, init_gradients};
 pub use task::{read_task_data, TaskModel};
 pub use train::{train_round, LocalRound};
 
