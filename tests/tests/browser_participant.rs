@@ -555,13 +555,16 @@ async fn browser_tabs_train_a_dp_task() -> anyhow::Result<()> {
 /// A federated-init task (`[adapter] init = "federated"`, no adapter file)
 /// with one tab: the tab sends one `InitGradient` per module and `InitDone`
 /// with its init_samples examples, fetches the adapter file the aggregator
-/// makes (`AdapterReady`), then trains every round.
+/// makes (`AdapterReady`), then trains every round. That file equals `fedsb
+/// init`'s on the examples the tab used (its first `init_samples` of the
+/// seed-0 shuffle, as `fedsb join` draws them): the tab computed the same
+/// gradients on SwiftShader as `fedsb init` on lavapipe.
 #[tokio::test(flavor = "multi_thread")]
 async fn browser_tab_takes_part_in_a_federated_initialization() -> anyhow::Result<()> {
     const INIT_SAMPLES: u64 = 24;
     let task = task_dir_with(
         1,
-        &format!("init = \"federated\"\ninit_samples = {INIT_SAMPLES}\ninit_seed = 3"),
+        &format!("init = \"federated\"\ninit_samples = {INIT_SAMPLES}\ninit_seed = 0"),
         "",
     )?;
     let agg = Aggregator::start_in(task.path())?;
@@ -604,6 +607,114 @@ async fn browser_tab_takes_part_in_a_federated_initialization() -> anyhow::Resul
     }
     let status = agg.json("/api/status").await?;
     ensure!(status["state"] == "finished", "{status}");
+
+    // The served adapter file against `fedsb init` on the same examples
+    // (same head seed, batch, learning rate and sequence length).
+    let file = info["files"]
+        .as_array()
+        .context("files")?
+        .iter()
+        .find(|f| f["name"] == "adapter.safetensors")
+        .with_context(|| format!("no adapter file in /api/task: {info}"))?
+        .clone();
+    let sha = file["sha256"].as_str().context("sha256")?;
+    let served = reqwest::get(agg.url(&format!("/files/{sha}")))
+        .await?
+        .bytes()
+        .await?;
+    let central_path = task.path().join("central.safetensors");
+    let out = Command::new(fedsb_bin())
+        .arg("init")
+        .arg("--model")
+        .arg(task.path().join("model"))
+        .arg("--train")
+        .arg(task.path().join("shard1.tsv"))
+        .args(["--labels", &LABELS.join(",")])
+        .args(["--rank", &RANK.to_string()])
+        .args(["--init-samples", &INIT_SAMPLES.to_string()])
+        .args([
+            "--batch",
+            "8",
+            "--lr",
+            "0.01",
+            "--max-seq-len",
+            "16",
+            "--seed",
+            "0",
+        ])
+        .arg("--out")
+        .arg(&central_path)
+        .output()
+        .context("running fedsb init")?;
+    ensure!(
+        out.status.success(),
+        "fedsb init failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let central = std::fs::read(&central_path)?;
+    let (central, served) = (
+        safetensors::SafeTensors::deserialize(&central)?,
+        safetensors::SafeTensors::deserialize(&served)?,
+    );
+    let f32s =
+        |st: &safetensors::SafeTensors<'_>, name: &str| -> anyhow::Result<(Vec<usize>, Vec<f32>)> {
+            let v = st.tensor(name)?;
+            Ok((
+                v.shape().to_vec(),
+                v.data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            ))
+        };
+    let mut names = central.names();
+    names.sort();
+    let mut served_names = served.names();
+    served_names.sort();
+    ensure!(names == served_names, "{names:?} vs {served_names:?}");
+    for name in ["classifier.weight", "classifier.bias"] {
+        ensure!(
+            f32s(&central, name)? == f32s(&served, name)?,
+            "{name} differs"
+        );
+    }
+    let mut worst = 0f64;
+    for name in names.iter().filter(|n| n.ends_with(".lora_R")) {
+        let module = name.trim_end_matches(".lora_R");
+        // B·R₀·A: independent of the SVD's sign conventions.
+        let product = |st: &safetensors::SafeTensors<'_>| -> anyhow::Result<Vec<f64>> {
+            let (sa, a) = f32s(st, &format!("{module}.lora_A"))?;
+            let (sb, b) = f32s(st, &format!("{module}.lora_B"))?;
+            let (_, r) = f32s(st, &format!("{module}.lora_R"))?;
+            let (rank, inp, outp) = (sa[0], sa[1], sb[0]);
+            let mut p = vec![0f64; outp * inp];
+            for i in 0..outp {
+                for k in 0..rank {
+                    let br: f64 = (0..rank)
+                        .map(|j| f64::from(b[i * rank + j]) * f64::from(r[j * rank + k]))
+                        .sum();
+                    for j in 0..inp {
+                        p[i * inp + j] += br * f64::from(a[k * inp + j]);
+                    }
+                }
+            }
+            Ok(p)
+        };
+        let (pc, ps) = (product(&central)?, product(&served)?);
+        let scale = pc.iter().fold(0f64, |m, x| m.max(x.abs()));
+        ensure!(scale > 0.0, "{module}: B·R₀·A is zero");
+        let err = pc
+            .iter()
+            .zip(&ps)
+            .fold(0f64, |m, (a, b)| m.max((a - b).abs()))
+            / scale;
+        worst = worst.max(err);
+    }
+    eprintln!("browser federated init vs fedsb init: B·R₀·A within {worst:e} (relative)");
+    ensure!(
+        worst <= 1e-5,
+        "the browser's initialization differs from fedsb init's by {worst:e}"
+    );
     Ok(())
 }
 
