@@ -552,6 +552,75 @@ async fn browser_tabs_train_a_dp_task() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The budget is enforced in the tab: a ledger in IndexedDB (as a tab that
+/// trained this task on this file before would have left) already spends
+/// more than the task's ε, so round 1 is not trained: the tab sends `Leave`,
+/// says "privacy budget exhausted", and the aggregator stops counting it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tab_whose_budget_is_spent_leaves_without_training() -> anyhow::Result<()> {
+    use fedsb_privacy::{AccountantKind, PrivacyBudget, PrivacyLedger, TrainingSegment};
+    let task = task_dir_for(
+        1,
+        "[privacy]\nenabled = true\nepsilon = 8.0\ndelta = 1e-5\nclip_norm = 1.0\n",
+    )?;
+    let agg = Aggregator::start_in(task.path())?;
+    let mut c = open_tab(&agg, &task.path().join("shard1.tsv")).await?;
+    // 200 earlier steps at q = 8/32, σ = 1: far past ε = 8.
+    let mut ledger = PrivacyLedger::new(PrivacyBudget::new(8.0, 1e-5)?, AccountantKind::Pld)?;
+    ledger.record(TrainingSegment::new(0.25, 1.0, 200)?)?;
+    let ledger = serde_json::to_string(&ledger)?;
+    let stored = c
+        .eval(&format!(
+            "new Promise((resolve, reject) => {{ \
+               const req = indexedDB.open('fedsb-participant', 1); \
+               req.onupgradeneeded = () => req.result.createObjectStore('privacy-ledgers'); \
+               req.onerror = () => reject(String(req.error)); \
+               req.onsuccess = () => {{ \
+                 const db = req.result; \
+                 const tx = db.transaction('privacy-ledgers', 'readwrite'); \
+                 tx.objectStore('privacy-ledgers').put({}, 'browser-participants/shard1.tsv'); \
+                 tx.oncomplete = () => {{ db.close(); resolve('stored'); }}; \
+                 tx.onerror = () => reject(String(tx.error)); \
+               }}; }})",
+            serde_json::to_string(&ledger)?
+        ))
+        .await?;
+    ensure!(stored == "stored", "{stored}");
+    c.eval("document.getElementById('join-button').click()")
+        .await?;
+    let s = c
+        .wait_for(
+            "(() => { const s = window.fedsbParticipant.status; \
+               return s && ['finished','error','disconnected','left'].includes(s.phase) ? JSON.stringify(s) : null; })()",
+            Duration::from_millis(500),
+            Duration::from_secs(120),
+        )
+        .await?;
+    let s: Value = serde_json::from_str(s.as_str().context("status")?)?;
+    eprintln!("spent tab: {s}");
+    ensure!(s["phase"] == "left", "{s}");
+    let message = s["message"].as_str().unwrap_or("");
+    ensure!(
+        message.starts_with("privacy budget exhausted: 200 DP-SGD steps"),
+        "{message}"
+    );
+    ensure!(s["privacy"]["steps_taken"] == 200, "{s}");
+    let kinds = c
+        .eval("JSON.stringify(window.fedsbParticipant.sent.map((f) => f.kind))")
+        .await?;
+    ensure!(kinds.as_str() == Some(r#"["hello","leave"]"#), "{kinds}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while agg.json("/api/status").await?["participants_connected"] != 0 {
+        ensure!(
+            Instant::now() < deadline,
+            "the aggregator still counts the tab"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    c.close().await;
+    Ok(())
+}
+
 /// A federated-init task (`[adapter] init = "federated"`, no adapter file)
 /// with one tab: the tab sends one `InitGradient` per module and `InitDone`
 /// with its init_samples examples, fetches the adapter file the aggregator
