@@ -63,6 +63,8 @@ fn task_dir_with(tabs: usize, adapter: &str, extra: &str) -> anyhow::Result<temp
     let dir = tmp.path();
     write_tiny_model(&dir.join("model"), 11)?;
     std::fs::write(dir.join("seed.tsv"), labelled_tsv(48, 1, 0.5))?;
+    // For tasks with `[eval] file = "eval.tsv"`.
+    std::fs::write(dir.join("eval.tsv"), labelled_tsv(40, 99, 0.5))?;
     for (tab, rows) in SHARD_ROWS.into_iter().enumerate() {
         // Different data, and different class balance, per tab.
         std::fs::write(
@@ -126,7 +128,11 @@ async fn open_tab(agg: &Aggregator, shard: &Path) -> anyhow::Result<Chromium> {
     let mut c = Chromium::launch().await?;
     // Record the WebSocket frames of the page and of its workers (the
     // participant's WebSocket lives in its worker).
-    c.keep_events = vec!["Target.attachedToTarget", "Network.webSocketFrameSent"];
+    c.keep_events = vec![
+        "Target.attachedToTarget",
+        "Network.webSocketFrameSent",
+        "Network.requestWillBeSent",
+    ];
     c.call("Network.enable", json!({})).await?;
     c.call(
         "Target.setAutoAttach",
@@ -198,6 +204,104 @@ fn sent_frame_sizes(c: &Chromium) -> Vec<usize> {
         .collect()
 }
 
+/// Checks what CDP recorded leaving a tab: HTTP requests are body-less GETs
+/// of the page, its bundle and the task's files and API; WebSocket frames
+/// (binary protocol frames, base64 in CDP) contain no word of `data` of 4 or
+/// more letters (the tiny datasets' words), as text.
+fn assert_nothing_of_the_data_sent(c: &Chromium, data: &str) -> anyhow::Result<()> {
+    use base64::Engine as _;
+    let mut requests = 0;
+    for e in c
+        .events
+        .iter()
+        .filter(|e| e["method"] == "Network.requestWillBeSent")
+    {
+        let r = &e["params"]["request"];
+        requests += 1;
+        ensure!(
+            r["method"] == "GET" && r["hasPostData"] != true && r["postData"].is_null(),
+            "a request with a body or not a GET: {r}"
+        );
+    }
+    ensure!(requests > 0, "no HTTP request was recorded");
+    let words: std::collections::BTreeSet<&str> = data
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split('\t').next())
+        .flat_map(str::split_whitespace)
+        .filter(|w| w.len() >= 4)
+        .collect();
+    ensure!(!words.is_empty(), "no words in the data");
+    let mut frames = 0;
+    for e in c
+        .events
+        .iter()
+        .filter(|e| e["method"] == "Network.webSocketFrameSent")
+    {
+        let r = &e["params"]["response"];
+        let payload = r["payloadData"].as_str().unwrap_or("");
+        let bytes = if r["opcode"] == 2 {
+            base64::engine::general_purpose::STANDARD.decode(payload)?
+        } else {
+            payload.as_bytes().to_vec()
+        };
+        frames += 1;
+        for w in &words {
+            ensure!(
+                !bytes.windows(w.len()).any(|win| win == w.as_bytes()),
+                "a WebSocket frame of {} bytes contains the word {w:?} of the local data",
+                bytes.len()
+            );
+        }
+    }
+    ensure!(frames > 0, "no WebSocket frame was recorded");
+    Ok(())
+}
+
+/// Waits until the aggregator has evaluated `rounds` rounds (0 included).
+async fn wait_all_evaluated(agg: &Aggregator, rounds: usize) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let list = agg.json("/api/rounds").await?;
+        let list = list.as_array().context("/api/rounds")?;
+        if list.len() == rounds && list.iter().all(|r| !r["eval"].is_null()) {
+            return Ok(());
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "rounds not evaluated: {list:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Saves a full-page PNG of the tab under `tests/artifacts/` (git-ignored),
+/// after the page's live view has had a moment to redraw.
+async fn save_screenshot(c: &mut Chromium, name: &str) -> anyhow::Result<()> {
+    use base64::Engine as _;
+    c.wait_for(
+        "document.querySelectorAll('#rounds tr').length > 0 && document.querySelector('#chart-accuracy canvas') !== null",
+        Duration::from_millis(300),
+        Duration::from_secs(30),
+    )
+    .await
+    .context("the rounds view did not render")?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let shot = c
+        .call(
+            "Page.captureScreenshot",
+            json!({ "format": "png", "captureBeyondViewport": true }),
+        )
+        .await?;
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(shot["data"].as_str().context("screenshot data")?)?;
+    let dir = repo().join("tests/artifacts");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join(name), &png)?;
+    eprintln!("screenshot: {}", dir.join(name).display());
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn browser_tabs_train_every_round() -> anyhow::Result<()> {
     let www = repo().join("www");
@@ -206,7 +310,8 @@ async fn browser_tabs_train_every_round() -> anyhow::Result<()> {
         "{} is missing: run `cargo xtask build-wasm`",
         www.join("pkg/fedsb_wasm_client.js").display()
     );
-    let task = task_dir("")?;
+    // The aggregator also evaluates every round (the rounds view's charts).
+    let task = task_dir("[eval]\nfile = \"eval.tsv\"\n")?;
     let agg = Aggregator::start_in(task.path())?;
     let started = Instant::now();
     let mut tabs = Vec::new();
@@ -345,6 +450,16 @@ async fn browser_tabs_train_every_round() -> anyhow::Result<()> {
         s["phase"] == "finished" && s["filesCached"] == 4 && s["bytesDownloaded"] == 0,
         "tab 0 joined again: {s}"
     );
+    // Data stays local: every HTTP request of the tabs (page and workers)
+    // is a GET without a body, and no WebSocket frame a tab sent holds a
+    // word of its data file.
+    for (tab, c) in tabs.iter().enumerate() {
+        let shard = std::fs::read_to_string(task.path().join(format!("shard{tab}.tsv")))?;
+        assert_nothing_of_the_data_sent(c, &shard).with_context(|| format!("tab {tab}"))?;
+    }
+    // A screenshot of the rounds view once every round is evaluated.
+    wait_all_evaluated(&agg, ROUNDS as usize + 1).await?;
+    save_screenshot(&mut tabs[0], "browser-participants-rounds-view.png").await?;
     for c in tabs {
         c.close().await;
     }
