@@ -202,6 +202,34 @@ for (const id of ["join-text-col", "join-pair-col", "join-label-col"]) {
   $(id).addEventListener("change", requestPreview);
 }
 
+// A demo shard: public example data the aggregator hands out (`[demo]` in
+// the task), for volunteers without data of their own.
+const demoButton = $("join-demo");
+fetch("/api/demo", { cache: "no-store" })
+  .then((r) => (r.ok ? r.json() : { enabled: false }))
+  .then((d) => {
+    if (!d.enabled) return;
+    demoButton.textContent = `or use a demo shard (${d.shard_rows} rows)`;
+    demoButton.hidden = false;
+  })
+  .catch(() => {});
+demoButton.addEventListener("click", async () => {
+  if (joined) return;
+  try {
+    const r = await fetch("/api/demo-shard", { cache: "no-store" });
+    if (!r.ok) throw new Error(`GET /api/demo-shard: HTTP ${r.status}`);
+    const name = /filename="([^"]+)"/.exec(r.headers.get("content-disposition") || "");
+    fileInput.value = "";
+    file = { text: await r.text(), fileName: name ? name[1] : "demo-shard.tsv" };
+    $("join-preview").replaceChildren();
+    const names = headerColumns(file.text, file.fileName);
+    for (const id of ["join-text-col", "join-pair-col", "join-label-col"]) fillSelect($(id), names);
+    requestPreview();
+  } catch (e) {
+    showError(`Cannot get a demo shard: ${e.message}`);
+  }
+});
+
 joinButton.addEventListener("click", () => {
   if (!file) return;
   joined = true;

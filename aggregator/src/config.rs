@@ -62,6 +62,23 @@ pub struct Config {
     pub server: ServerSection,
     #[serde(default)]
     pub eval: EvalSection,
+    #[serde(default)]
+    pub demo: DemoSection,
+}
+
+/// `[demo]`: public labelled data the aggregator hands out in shards to
+/// volunteers who have no data of their own (the page's "Use a demo shard").
+/// Not part of the task identity.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DemoSection {
+    /// CSV, TSV or JSONL file with a header line (JSONL: one object per
+    /// line); no demo shards without it.
+    #[serde(default)]
+    pub data: Option<PathBuf>,
+    /// Rows per shard (default 200).
+    #[serde(default)]
+    pub shard_rows: Option<usize>,
 }
 
 /// `[task]`: the federated training schedule.
@@ -375,6 +392,9 @@ impl Config {
         if let Some(file) = config.eval.file.as_mut() {
             resolve(file);
         }
+        if let Some(file) = config.demo.data.as_mut() {
+            resolve(file);
+        }
         resolve(&mut config.server.state_dir);
         resolve(&mut config.server.www_dir);
         config.fill_from_model_dir()?;
@@ -486,6 +506,9 @@ impl Config {
             if h.len() != 64 || !h.chars().all(|c| c.is_ascii_hexdigit()) {
                 return bad(format!("model.sha256 {h:?} is not 64 hex digits"));
             }
+        }
+        if self.demo.shard_rows == Some(0) {
+            return bad("demo.shard_rows must be at least 1".into());
         }
         if self.eval.file.is_some() {
             if self.model.dir.is_none() {

@@ -7,6 +7,7 @@
 //! | `/api/status` | JSON: round, state, participants, deadline, ε spent per participant (DP tasks) |
 //! | `/api/task` | JSON: the task as participants see it (`TaskInfo`) |
 //! | `/api/rounds` | JSON: every committed round with its evaluation (`eval`, null until done) |
+//! | `/api/demo`, `/api/demo-shard` | the demo data's shard size; the next shard of it (round-robin), as a file |
 //! | `/api/eval` | JSON: the evaluation set (rows, GPU adapter), or `enabled: false` |
 //! | `/api/events` | Server-Sent Events: `status` on every change, `eval` per finished evaluation |
 //! | `/api/rounds/{n}/global` | the committed `GlobalModel` frame of round n |
@@ -51,6 +52,11 @@ pub enum ServeError {
     Files(#[from] FileError),
     #[error(transparent)]
     Eval(#[from] EvalError),
+    #[error("demo.data {path}: {message}")]
+    Demo {
+        path: std::path::PathBuf,
+        message: String,
+    },
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -74,6 +80,8 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// The per-round evaluator, when `[eval] file` is set.
     pub eval: Option<EvalHandle>,
+    /// Demo data handed out in shards, when `[demo] data` is set.
+    pub demo: Option<DemoData>,
     files: SharedFiles,
     /// The task as `/api/task` shows it (with the adapter file once a
     /// federated initialization has made it).
@@ -227,7 +235,15 @@ impl Server {
             begin,
         );
         let eval = crate::evaluator::spawn(config.clone(), store.clone(), status.clone()).await?;
+        let demo = match &config.demo.data {
+            None => None,
+            Some(path) => Some(DemoData::load(
+                path,
+                config.demo.shard_rows.unwrap_or(DEFAULT_DEMO_SHARD_ROWS),
+            )?),
+        };
         let app = Arc::new(App {
+            demo,
             config: config.clone(),
             task,
             coordinator,
@@ -272,6 +288,8 @@ fn router(app: Arc<App>) -> Router {
         .route("/api/task", get(task))
         .route("/api/rounds", get(rounds))
         .route("/api/eval", get(eval_info))
+        .route("/api/demo", get(demo_info))
+        .route("/api/demo-shard", get(demo_shard))
         .route("/api/events", get(events))
         .route("/api/rounds/{round}/global", get(global))
         .route("/files/{sha256}", get(file))
@@ -330,6 +348,115 @@ async fn task(State(app): State<Arc<App>>) -> Json<TaskInfo> {
 async fn rounds(State(app): State<Arc<App>>) -> Result<Json<Vec<RoundSummary>>, ApiError> {
     let eval_set = app.eval.as_ref().map(|e| e.eval_set.clone());
     Ok(Json(app.store.round_summaries(eval_set).await?))
+}
+
+/// Rows per demo shard unless `[demo] shard_rows` says otherwise.
+pub const DEFAULT_DEMO_SHARD_ROWS: usize = 200;
+
+/// Public demo data, one record per line, handed out shard by shard.
+#[derive(Debug)]
+pub struct DemoData {
+    /// The header line of CSV/TSV files (none for JSONL).
+    header: Option<String>,
+    rows: Vec<String>,
+    shard_rows: usize,
+    extension: String,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl DemoData {
+    fn load(path: &std::path::Path, shard_rows: usize) -> Result<Self, ServeError> {
+        let bad = |message: String| ServeError::Demo {
+            path: path.to_owned(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        let extension = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+        let header = match extension.as_str() {
+            "jsonl" | "ndjson" => None,
+            "csv" | "tsv" | "tab" => Some(
+                lines
+                    .next()
+                    .ok_or_else(|| bad("the file is empty".into()))?
+                    .to_owned(),
+            ),
+            other => {
+                return Err(bad(format!(
+                    "unknown extension {other:?} (use .csv, .tsv or .jsonl)"
+                )))
+            }
+        };
+        let rows: Vec<String> = lines.map(str::to_owned).collect();
+        if rows.is_empty() {
+            return Err(bad("no data rows".into()));
+        }
+        Ok(Self {
+            header,
+            rows,
+            shard_rows,
+            extension,
+            next: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// Shard `k`: `shard_rows` consecutive rows starting at `k·shard_rows`,
+    /// wrapping around the end of the data.
+    fn shard(&self, k: u64) -> String {
+        let n = self.rows.len();
+        let start = (k as usize).wrapping_mul(self.shard_rows) % n;
+        let mut out = String::new();
+        if let Some(h) = &self.header {
+            out.push_str(h);
+            out.push('\n');
+        }
+        for i in 0..self.shard_rows.min(n) {
+            out.push_str(&self.rows[(start + i) % n]);
+            out.push('\n');
+        }
+        out
+    }
+}
+
+async fn demo_info(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
+    Json(match &app.demo {
+        None => serde_json::json!({ "enabled": false }),
+        Some(d) => serde_json::json!({
+            "enabled": true,
+            "shard_rows": d.shard_rows.min(d.rows.len()),
+            "rows": d.rows.len(),
+        }),
+    })
+}
+
+/// The next demo shard (round-robin over the data), as a file download.
+async fn demo_shard(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
+    let d = app.demo.as_ref().ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            "this task hands out no demo data ([demo] data is not set)".into(),
+        )
+    })?;
+    let k = d.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let content_type = match d.extension.as_str() {
+        "csv" => "text/csv; charset=utf-8",
+        "jsonl" | "ndjson" => "application/jsonl; charset=utf-8",
+        _ => "text/tab-separated-values; charset=utf-8",
+    };
+    let disposition = format!("attachment; filename=\"demo-shard-{k}.{}\"", d.extension);
+    Ok((
+        [
+            (header::CONTENT_TYPE, content_type.to_owned()),
+            (header::CONTENT_DISPOSITION, disposition),
+            (header::CACHE_CONTROL, "no-store".to_owned()),
+        ],
+        d.shard(k),
+    )
+        .into_response())
 }
 
 async fn eval_info(State(app): State<Arc<App>>) -> Json<serde_json::Value> {

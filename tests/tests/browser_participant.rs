@@ -949,3 +949,51 @@ async fn leave_sends_leave_and_disconnects() -> anyhow::Result<()> {
     ensure!(sent.len() == 3, "CDP saw {sent:?}");
     Ok(())
 }
+
+/// A volunteer without data takes a demo shard from the aggregator
+/// (`[demo]`): the button replaces the chosen file, the preview shows the
+/// shard, and the tab trains on it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_demo_shard_from_the_aggregator_is_previewed_and_trained_on() -> anyhow::Result<()> {
+    let task = task_dir("[demo]\ndata = \"shard2.tsv\"\nshard_rows = 7\n")?;
+    let agg = Aggregator::start_in(task.path())?;
+    let mut c = open_tab(&agg, &task.path().join("shard0.tsv")).await?;
+    c.wait_for(
+        "!document.getElementById('join-demo').hidden || null",
+        Duration::from_millis(200),
+        Duration::from_secs(30),
+    )
+    .await
+    .context("the demo button did not appear")?;
+    c.eval("document.getElementById('join-demo').click()")
+        .await?;
+    let summary = c
+        .wait_for(
+            "(document.getElementById('join-summary') || {}).textContent?.startsWith('7 rows') \
+             && document.getElementById('join-summary').textContent",
+            Duration::from_millis(200),
+            Duration::from_secs(60),
+        )
+        .await
+        .context("no preview of the demo shard")?;
+    eprintln!("demo shard: {summary}");
+    c.eval("document.getElementById('join-button').click()")
+        .await?;
+    c.wait_for(
+        "window.fedsbParticipant.updates.length === 1 || null",
+        Duration::from_millis(500),
+        Duration::from_secs(120),
+    )
+    .await
+    .context("the tab sent no update")?;
+    let samples = c
+        .eval("window.fedsbParticipant.updates[0].samples ?? null")
+        .await?;
+    c.close().await;
+    // 3 local steps of the whole 7-row shard (batch 8); the file chosen
+    // first (6 rows) would have given 18.
+    ensure!(samples == 21, "update of {samples} samples");
+    let status = agg.json("/api/status").await?;
+    ensure!(status["updates_in_round"] == 1, "{status}");
+    Ok(())
+}

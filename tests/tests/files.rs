@@ -87,3 +87,73 @@ async fn a_wrong_model_hash_is_refused_at_start() -> anyhow::Result<()> {
     assert!(err.contains("model.safetensors has SHA-256"), "{err}");
     Ok(())
 }
+
+#[tokio::test]
+async fn demo_shards_are_handed_out_round_robin_with_the_header() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    std::fs::write(
+        dir.path().join("demo.tsv"),
+        "sentence\tlabel\nr0\t0\nr1\t1\n\nr2\t0\nr3\t1\nr4\t0\n",
+    )?;
+    let config = format!(
+        "{}[demo]\ndata = \"demo.tsv\"\nshard_rows = 2\n",
+        test_config(1, 1, 1, 60, "")
+    );
+    std::fs::write(dir.path().join("task.toml"), config)?;
+    let agg = Aggregator::start_in(dir.path())?;
+    let info = agg.json("/api/demo").await?;
+    assert_eq!(info["enabled"], true, "{info}");
+    assert_eq!(info["shard_rows"], 2, "{info}");
+    assert_eq!(info["rows"], 5, "{info}");
+    let mut shards = Vec::new();
+    for k in 0..3 {
+        let r = reqwest::get(agg.url("/api/demo-shard")).await?;
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.headers()["content-disposition"],
+            format!("attachment; filename=\"demo-shard-{k}.tsv\"").as_str()
+        );
+        shards.push(r.text().await?);
+    }
+    // Consecutive rows, the blank line skipped, wrapping at the end.
+    assert_eq!(shards[0], "sentence\tlabel\nr0\t0\nr1\t1\n");
+    assert_eq!(shards[1], "sentence\tlabel\nr2\t0\nr3\t1\n");
+    assert_eq!(shards[2], "sentence\tlabel\nr4\t0\nr0\t0\n");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_task_without_demo_data_says_so() -> anyhow::Result<()> {
+    let agg = Aggregator::start(&test_config(1, 1, 1, 60, ""))?;
+    assert_eq!(agg.json("/api/demo").await?["enabled"], false);
+    let r = reqwest::get(agg.url("/api/demo-shard")).await?;
+    assert_eq!(r.status(), 404);
+    let body = r.text().await?;
+    assert!(body.contains("[demo] data is not set"), "{body}");
+    Ok(())
+}
+
+#[test]
+fn unreadable_demo_data_stops_the_server_with_its_name() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("demo.txt"), "a\nb\n")?;
+    let config = format!(
+        "{}[demo]\ndata = \"demo.txt\"\n",
+        test_config(1, 1, 1, 60, "")
+    );
+    std::fs::write(dir.path().join("task.toml"), config)?;
+    let out = std::process::Command::new(fedsb_bin())
+        .arg("serve")
+        .arg("--config")
+        .arg(dir.path().join("task.toml"))
+        .args(["--port", "0", "--state-dir"])
+        .arg(dir.path().join("state"))
+        .output()?;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("demo.txt") && stderr.contains("unknown extension"),
+        "{stderr}"
+    );
+    Ok(())
+}
