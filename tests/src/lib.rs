@@ -21,6 +21,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+pub mod process;
 pub mod tiny_model;
 
 /// How long any single expected event may take before a test fails.

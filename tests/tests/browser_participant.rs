@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use browser::Chromium;
+use fedsb_e2e::process::fedsb_init;
 use fedsb_e2e::tiny_model::{labelled_tsv, write_tiny_model, LABELS};
 use fedsb_e2e::{fedsb_bin, max_rel_error, weighted_mean, Aggregator};
 use fedsb_protocol::{AdapterState, ClientMessage, ClientUpdate, RoundId, ServerMessage};
@@ -72,24 +73,11 @@ fn task_dir_with(tabs: usize, adapter: &str, extra: &str) -> anyhow::Result<temp
             labelled_tsv(rows, 2 + tab as u64, 0.3 + 0.2 * tab as f64),
         )?;
     }
-    let out = Command::new(fedsb_bin())
-        .arg("init")
-        .arg("--model")
-        .arg(dir.join("model"))
-        .arg("--train")
-        .arg(dir.join("seed.tsv"))
-        .args(["--labels", &LABELS.join(",")])
-        .args(["--rank", &RANK.to_string()])
-        .args(["--init-samples", "32", "--batch", "8", "--lr", "0.01"])
-        .arg("--out")
-        .arg(dir.join("adapter.safetensors"))
-        .output()
-        .context("running fedsb init")?;
-    ensure!(
-        out.status.success(),
-        "fedsb init failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    fedsb_init(
+        dir,
+        RANK,
+        &["--init-samples", "32", "--batch", "8", "--lr", "0.01"],
+    )?;
     let www = repo().join("www");
     let config = format!(
         r#"[task]

@@ -10,10 +10,11 @@
 //! A missing GPU adapter fails these tests.
 
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
+use fedsb_e2e::process::{check_success, fedsb_init, last_json_line, wait_child};
 use fedsb_e2e::tiny_model::{labelled_tsv, write_tiny_model, LABELS};
 use fedsb_e2e::*;
 
@@ -21,51 +22,6 @@ const ROUNDS: u64 = 3;
 const RANK: u32 = 4;
 const EPSILON: f64 = 3.0;
 const JOIN_TIMEOUT: Duration = Duration::from_secs(300);
-
-fn check_success(what: &str, out: &Output) -> anyhow::Result<()> {
-    if !out.status.success() {
-        bail!(
-            "{what} failed ({}):\n--- stdout\n{}\n--- stderr\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
-}
-
-fn last_json_line(out: &Output) -> anyhow::Result<serde_json::Value> {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .with_context(|| {
-            format!(
-                "no output on stdout; stderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })?;
-    serde_json::from_str(line).with_context(|| format!("last stdout line is not JSON: {line}"))
-}
-
-async fn wait_child(mut child: Child, limit: Duration) -> anyhow::Result<Output> {
-    let started = Instant::now();
-    loop {
-        if child.try_wait()?.is_some() {
-            return Ok(tokio::task::spawn_blocking(move || child.wait_with_output()).await??);
-        }
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            let out = tokio::task::spawn_blocking(move || child.wait_with_output()).await??;
-            bail!(
-                "process still running after {limit:?}; stderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 /// Tiny model, seed data, two participants' data, the adapter from `fedsb init`.
 fn task_dir() -> anyhow::Result<tempfile::TempDir> {
@@ -76,20 +32,11 @@ fn task_dir() -> anyhow::Result<tempfile::TempDir> {
     std::fs::write(dir.join("a.tsv"), labelled_tsv(40, 2, 0.3))?;
     std::fs::write(dir.join("b.tsv"), labelled_tsv(56, 3, 0.7))?;
     std::fs::write(dir.join("eval.tsv"), labelled_tsv(24, 4, 0.5))?;
-    let out = Command::new(fedsb_bin())
-        .arg("init")
-        .arg("--model")
-        .arg(dir.join("model"))
-        .arg("--train")
-        .arg(dir.join("seed.tsv"))
-        .args(["--labels", &LABELS.join(",")])
-        .args(["--rank", &RANK.to_string()])
-        .args(["--init-samples", "32", "--batch", "8", "--lr", "0.01"])
-        .arg("--out")
-        .arg(dir.join("adapter.safetensors"))
-        .output()
-        .context("running fedsb init")?;
-    check_success("fedsb init", &out)?;
+    fedsb_init(
+        dir,
+        RANK,
+        &["--init-samples", "32", "--batch", "8", "--lr", "0.01"],
+    )?;
     Ok(tmp)
 }
 

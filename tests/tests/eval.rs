@@ -9,6 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use fedsb_e2e::process::fedsb_init;
 use fedsb_e2e::tiny_model::{labelled_tsv, write_tiny_model, LABELS};
 use fedsb_e2e::*;
 use fedsb_engine::data::{read_dataset_file, ColumnSpec};
@@ -29,25 +30,11 @@ fn write_task(dir: &Path) -> anyhow::Result<()> {
     std::fs::write(dir.join("seed.tsv"), labelled_tsv(32, 1, 0.5))?;
     // More rows than the limit: only the first EVAL_ROWS count.
     std::fs::write(dir.join("eval.tsv"), labelled_tsv(EVAL_ROWS + 7, 9, 0.4))?;
-    let out = Command::new(fedsb_bin())
-        .arg("init")
-        .arg("--model")
-        .arg(dir.join("model"))
-        .arg("--train")
-        .arg(dir.join("seed.tsv"))
-        .args(["--labels", &LABELS.join(",")])
-        .args(["--rank", &RANK.to_string()])
-        .args(["--init-samples", "16", "--batch", "8", "--lr", "0.01"])
-        .arg("--out")
-        .arg(dir.join("adapter.safetensors"))
-        .output()
-        .context("running fedsb init")?;
-    if !out.status.success() {
-        bail!(
-            "fedsb init failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    fedsb_init(
+        dir,
+        RANK as u32,
+        &["--init-samples", "16", "--batch", "8", "--lr", "0.01"],
+    )?;
     let config = format!(
         r#"[task]
 id = "eval"

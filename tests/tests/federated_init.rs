@@ -10,6 +10,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use fedsb_e2e::process::wait_child;
 use fedsb_e2e::tiny_model::{labelled_tsv, write_tiny_model, LABELS};
 use fedsb_e2e::*;
 use fedsb_protocol::{ClientMessage, ErrorCode, ServerMessage, Tensor};
@@ -102,24 +103,6 @@ fn spawn_join_seeded(
         .stderr(Stdio::piped())
         .spawn()
         .context("spawning fedsb join")
-}
-
-async fn wait_child(mut child: Child, limit: Duration) -> anyhow::Result<Output> {
-    let started = Instant::now();
-    loop {
-        if child.try_wait()?.is_some() {
-            return Ok(tokio::task::spawn_blocking(move || child.wait_with_output()).await??);
-        }
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            let out = tokio::task::spawn_blocking(move || child.wait_with_output()).await??;
-            bail!(
-                "process still running after {limit:?}; stderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn check_success(what: &str, out: &Output) -> anyhow::Result<serde_json::Value> {

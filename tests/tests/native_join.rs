@@ -5,9 +5,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
+use fedsb_e2e::process::{check_success, fedsb_init, last_json_line, wait_child};
 use fedsb_e2e::tiny_model::{labelled_tsv, write_tiny_model, LABELS};
 use fedsb_e2e::*;
 use fedsb_protocol::{AdapterState, RoundId, ServerMessage};
@@ -45,22 +46,11 @@ impl TaskDir {
 
     fn run_init(&self) -> anyhow::Result<()> {
         let dir = self.path();
-        let out = Command::new(fedsb_bin())
-            .arg("init")
-            .arg("--model")
-            .arg(dir.join("model"))
-            .arg("--train")
-            .arg(dir.join("seed.tsv"))
-            .args(["--labels", &LABELS.join(",")])
-            .args(["--rank", &RANK.to_string()])
-            .args(["--init-samples", "32", "--batch", "8", "--lr", "0.01"])
-            .arg("--out")
-            .arg(dir.join("adapter.safetensors"))
-            .env("RUST_LOG", "info")
-            .output()
-            .context("running fedsb init")?;
-        check_success("fedsb init", &out)?;
-        let report = last_json_line(&out)?;
+        let report = fedsb_init(
+            dir,
+            RANK,
+            &["--init-samples", "32", "--batch", "8", "--lr", "0.01"],
+        )?;
         assert_eq!(report["rank"], RANK);
         assert_eq!(report["modules"], 12, "2 layers × 6 modules");
         assert_eq!(report["labels"], serde_json::json!(LABELS));
@@ -123,52 +113,6 @@ idle_timeout_secs = 60
             .stderr(Stdio::piped())
             .spawn()
             .context("spawning fedsb join")
-    }
-}
-
-fn check_success(what: &str, out: &Output) -> anyhow::Result<()> {
-    if !out.status.success() {
-        bail!(
-            "{what} failed ({}):\n--- stdout\n{}\n--- stderr\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
-}
-
-fn last_json_line(out: &Output) -> anyhow::Result<serde_json::Value> {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .with_context(|| {
-            format!(
-                "no output on stdout; stderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })?;
-    serde_json::from_str(line).with_context(|| format!("last stdout line is not JSON: {line}"))
-}
-
-/// Waits for a child without blocking the async runtime, killing it after `limit`.
-async fn wait_child(mut child: Child, limit: Duration) -> anyhow::Result<Output> {
-    let started = Instant::now();
-    loop {
-        if child.try_wait()?.is_some() {
-            return Ok(tokio::task::spawn_blocking(move || child.wait_with_output()).await??);
-        }
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            let out = tokio::task::spawn_blocking(move || child.wait_with_output()).await??;
-            bail!(
-                "process still running after {limit:?}; stderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

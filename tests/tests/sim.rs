@@ -9,6 +9,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use fedsb_e2e::process::check_success;
 use fedsb_e2e::tiny_model::{labelled_tsv, tiny_config, write_tiny_model, LABELS};
 use fedsb_e2e::*;
 use fedsb_protocol::{AdapterState, RoundId, ServerMessage};
@@ -97,18 +98,6 @@ fn wait_output(mut child: std::process::Child, limit: Duration) -> anyhow::Resul
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(child.wait_with_output()?)
-}
-
-fn check_success(what: &str, out: &Output) -> anyhow::Result<()> {
-    if !out.status.success() {
-        bail!(
-            "{what} failed ({}):\n--- stdout\n{}\n--- stderr\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
 }
 
 fn json_lines(out: &Output) -> anyhow::Result<Vec<serde_json::Value>> {
