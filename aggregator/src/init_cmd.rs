@@ -34,7 +34,7 @@ use fedsb_engine::reference::{ClassifierHead, LoraSbInitOptions};
 use fedsb_engine::train::{encode_examples, gpu_lora_sb_init, BatchSampler};
 use sha2::{Digest, Sha256};
 
-use crate::participant::{parse_linear, write_adapter_file, ModuleRef};
+use crate::participant::{layered_modules, write_adapter_file};
 
 #[derive(Debug, Args)]
 pub struct InitArgs {
@@ -122,23 +122,14 @@ pub fn run(args: InitArgs) -> anyhow::Result<()> {
         );
     }
 
-    let mut linears = Vec::new();
-    for m in &args.modules {
-        let which = parse_linear(m)?;
-        if linears.contains(&which) {
-            bail!("--modules lists {m} twice");
-        }
-        linears.push(which);
-    }
     // The aggregator's order: layer by layer, then the modules as listed.
-    let mut names = Vec::new();
-    let mut modules: Vec<ModuleRef> = Vec::new();
-    for layer in 0..config.num_hidden_layers {
-        for (m, &which) in args.modules.iter().zip(&linears) {
-            names.push(format!("encoder.layer.{layer}.{m}"));
-            modules.push((layer, which));
-        }
-    }
+    let (names, modules) = layered_modules(&args.modules, config.num_hidden_layers)?;
+    // The linears of one layer, in the listed order.
+    let linears: Vec<_> = modules
+        .iter()
+        .take(args.modules.len())
+        .map(|&(_, which)| which)
+        .collect();
 
     let ctx = pollster::block_on(GpuContext::new(&GpuOptions {
         adapter: args.adapter.as_deref(),

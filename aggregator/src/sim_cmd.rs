@@ -51,7 +51,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use safetensors::SafeTensors;
 
 use crate::participant::{
-    engine_to_state, parse_linear, read_adapter_file, state_to_engine, ModuleRef,
+    engine_to_state, layered_modules, read_adapter_file, state_to_engine, ModuleRef,
 };
 
 #[derive(Debug, Args)]
@@ -633,23 +633,14 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
         eprintln!("wrote the shards into {}", dir.display());
     }
 
-    // Modules in the aggregator's order: layer by layer, then as listed.
-    let mut linears = Vec::new();
-    for m in &args.modules {
-        let which = parse_linear(m)?;
-        if linears.contains(&which) {
-            bail!("--modules lists {m} twice");
-        }
-        linears.push(which);
-    }
-    let mut names = Vec::new();
-    let mut modules: Vec<ModuleRef> = Vec::new();
-    for layer in 0..config.num_hidden_layers {
-        for (m, &which) in args.modules.iter().zip(&linears) {
-            names.push(format!("encoder.layer.{layer}.{m}"));
-            modules.push((layer, which));
-        }
-    }
+    // The aggregator's order: layer by layer, then the modules as listed.
+    let (names, modules) = layered_modules(&args.modules, config.num_hidden_layers)?;
+    // The linears of one layer, in the listed order.
+    let linears: Vec<_> = modules
+        .iter()
+        .take(args.modules.len())
+        .map(|&(_, which)| which)
+        .collect();
     let shape = AdapterShape {
         rank: args.rank as u32,
         modules: modules.len() as u32,

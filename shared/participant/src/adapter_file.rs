@@ -102,6 +102,33 @@ pub fn parse_module_names(names: &[String], num_layers: usize) -> Result<Vec<Mod
     Ok(out)
 }
 
+/// The adapted modules of a task from the per-layer module list (as in the
+/// task's `[adapter] modules`): names `encoder.layer.<i>.<module>` and their
+/// references, layer by layer and then in the listed order (the order of
+/// `AdapterState::r`). A module listed twice is refused.
+pub fn layered_modules(
+    modules: &[String],
+    num_layers: usize,
+) -> Result<(Vec<String>, Vec<ModuleRef>)> {
+    let mut linears = Vec::with_capacity(modules.len());
+    for m in modules {
+        let which = parse_linear(m)?;
+        if linears.contains(&which) {
+            return Err(invalid(format!("module {m:?} is listed twice")));
+        }
+        linears.push(which);
+    }
+    let mut names = Vec::with_capacity(num_layers * modules.len());
+    let mut refs = Vec::with_capacity(num_layers * modules.len());
+    for layer in 0..num_layers {
+        for (m, &which) in modules.iter().zip(&linears) {
+            names.push(format!("encoder.layer.{layer}.{m}"));
+            refs.push((layer, which));
+        }
+    }
+    Ok((names, refs))
+}
+
 fn f32_bytes(data: &[f32]) -> Vec<u8> {
     data.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
@@ -276,6 +303,35 @@ pub fn engine_to_state(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn layered_modules_go_layer_by_layer_in_the_listed_order() {
+        let listed = ["output.dense", "attention.self.query"].map(String::from);
+        let (names, refs) = layered_modules(&listed, 2).unwrap();
+        assert_eq!(
+            names,
+            [
+                "encoder.layer.0.output.dense",
+                "encoder.layer.0.attention.self.query",
+                "encoder.layer.1.output.dense",
+                "encoder.layer.1.attention.self.query",
+            ]
+        );
+        assert_eq!(
+            refs,
+            [
+                (0, AdaptedLinear::Output),
+                (0, AdaptedLinear::Query),
+                (1, AdaptedLinear::Output),
+                (1, AdaptedLinear::Query),
+            ]
+        );
+        let twice = ["output.dense", "output.dense"].map(String::from);
+        let e = layered_modules(&twice, 2).unwrap_err();
+        assert!(e.to_string().contains("listed twice"), "{e}");
+        let e = layered_modules(&["attention.qkv".to_owned()], 2).unwrap_err();
+        assert!(e.to_string().contains("unknown module"), "{e}");
+    }
 
     #[test]
     fn module_names_parse_and_bad_ones_are_named() {
