@@ -192,6 +192,24 @@ fn sent_frame_sizes(c: &Chromium) -> Vec<usize> {
         .collect()
 }
 
+/// Presses Join again in a tab that has finished, and returns its status
+/// once it has finished (or failed) again.
+async fn join_again(tab: &mut Chromium) -> anyhow::Result<Value> {
+    tab.eval(
+        "window.fedsbParticipant.status = null; document.getElementById('join-button').click()",
+    )
+    .await?;
+    let s = tab
+        .wait_for(
+            "(() => { const s = window.fedsbParticipant.status; \
+               return s && ['finished','error','disconnected'].includes(s.phase) ? JSON.stringify(s) : null; })()",
+            Duration::from_millis(500),
+            Duration::from_secs(120),
+        )
+        .await?;
+    Ok(serde_json::from_str(s.as_str().context("status")?)?)
+}
+
 /// Checks what CDP recorded leaving a tab: HTTP requests are body-less GETs
 /// of the page, its bundle and the task's files and API; WebSocket frames
 /// (binary protocol frames, base64 in CDP) contain no word of `data` of 4 or
@@ -420,20 +438,7 @@ async fn browser_tabs_train_every_round() -> anyhow::Result<()> {
         "tab 0's first join: {first}"
     );
     let again = &mut tabs[0];
-    again
-        .eval(
-            "window.fedsbParticipant.status = null; document.getElementById('join-button').click()",
-        )
-        .await?;
-    let s = again
-        .wait_for(
-            "(() => { const s = window.fedsbParticipant.status; \
-               return s && ['finished','error','disconnected'].includes(s.phase) ? JSON.stringify(s) : null; })()",
-            Duration::from_millis(500),
-            Duration::from_secs(120),
-        )
-        .await?;
-    let s: Value = serde_json::from_str(s.as_str().context("status")?)?;
+    let s = join_again(again).await?;
     ensure!(
         s["phase"] == "finished" && s["filesCached"] == 4 && s["bytesDownloaded"] == 0,
         "tab 0 joined again: {s}"
@@ -626,20 +631,7 @@ async fn browser_tabs_train_a_dp_task() -> anyhow::Result<()> {
     // Joining again restores the ledger from IndexedDB: the 9 steps taken
     // are still spent (the task is finished, so nothing trains).
     let again = &mut tabs[0];
-    again
-        .eval(
-            "window.fedsbParticipant.status = null; document.getElementById('join-button').click()",
-        )
-        .await?;
-    let s = again
-        .wait_for(
-            "(() => { const s = window.fedsbParticipant.status; \
-               return s && ['finished','error','disconnected'].includes(s.phase) ? JSON.stringify(s) : null; })()",
-            Duration::from_millis(500),
-            Duration::from_secs(120),
-        )
-        .await?;
-    let s: Value = serde_json::from_str(s.as_str().context("status")?)?;
+    let s = join_again(again).await?;
     ensure!(
         s["phase"] == "finished" && s["privacy"]["steps_taken"] == ROUNDS * 3,
         "tab 0 joined again: {s}"
