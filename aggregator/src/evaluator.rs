@@ -20,14 +20,16 @@ use fedsb_engine::data::{read_dataset_file, ColumnSpec, Example};
 use fedsb_engine::gpu::encoder::GpuEncoder;
 use fedsb_engine::gpu::{GpuContext, GpuOptions};
 use fedsb_engine::model::{BertTokenizer, BertWeights};
-use fedsb_engine::reference::{ClassifierHead, LoraSbAdapters, Matrix};
+use fedsb_engine::reference::LoraSbAdapters;
 use fedsb_engine::train::evaluate;
-use fedsb_protocol::{AdapterState, RoundId, ServerMessage};
+use fedsb_protocol::{RoundId, ServerMessage};
 use sha2::{Digest, Sha256};
 use tokio::sync::{broadcast, watch};
 use tracing::{error, info, warn};
 
-use crate::adapter_file::{parse_module_names, read_adapter_file, state_to_engine, ModuleRef};
+use crate::adapter_file::{
+    head_from_state, parse_module_names, read_adapter_file, state_to_engine, ModuleRef,
+};
 use crate::config::{AdapterInit, Config};
 use crate::coordinator::{now_unix_ms, Status};
 use crate::store::{RoundEval, Store};
@@ -153,24 +155,6 @@ fn load_frozen(
     Ok((adapters, modules))
 }
 
-/// The head of a wire state.
-fn head_of(state: &AdapterState) -> Result<ClassifierHead<f32>, String> {
-    let [classes, hidden] = state.head_weight.shape[..] else {
-        return Err(format!(
-            "global head weight has shape {:?}",
-            state.head_weight.shape
-        ));
-    };
-    Ok(ClassifierHead {
-        weight: Matrix::from_vec(
-            classes as usize,
-            hidden as usize,
-            state.head_weight.data.clone(),
-        ),
-        bias: state.head_bias.data.clone(),
-    })
-}
-
 /// Starts the evaluator when `[eval] file` is set. Returns once the eval set,
 /// the model and the GPU device are ready (or with the reason they are not).
 pub async fn spawn(
@@ -287,7 +271,7 @@ async fn catch_up(
             Err(e) => return Err(format!("round {round}: {e}")),
         };
         let started = Instant::now();
-        let head = head_of(&state)?;
+        let head = head_from_state(&state).map_err(|e| e.to_string())?;
         let result = match &p.frozen {
             Some((frozen, modules)) => {
                 let (adapters, head) =

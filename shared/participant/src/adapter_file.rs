@@ -227,6 +227,24 @@ pub fn read_adapter_file(
     Ok(adapters)
 }
 
+/// The classifier head of a wire state.
+pub fn head_from_state(state: &AdapterState) -> Result<ClassifierHead<f32>> {
+    let [classes, hidden] = state.head_weight.shape[..] else {
+        return Err(invalid(format!(
+            "global head weight has shape {:?}",
+            state.head_weight.shape
+        )));
+    };
+    Ok(ClassifierHead {
+        weight: Matrix::from_vec(
+            classes as usize,
+            hidden as usize,
+            state.head_weight.data.clone(),
+        ),
+        bias: state.head_bias.data.clone(),
+    })
+}
+
 /// The engine's adapters and head for a wire state: the `R`s of `state` (in
 /// `modules` order) put into a copy of `frozen`.
 pub fn state_to_engine(
@@ -255,20 +273,7 @@ pub fn state_to_engine(
         }
         m.r = Matrix::from_vec(r, r, t.data.clone());
     }
-    let [classes, hidden] = state.head_weight.shape[..] else {
-        return Err(invalid(format!(
-            "global head weight has shape {:?}",
-            state.head_weight.shape
-        )));
-    };
-    let head = ClassifierHead {
-        weight: Matrix::from_vec(
-            classes as usize,
-            hidden as usize,
-            state.head_weight.data.clone(),
-        ),
-        bias: state.head_bias.data.clone(),
-    };
+    let head = head_from_state(state)?;
     Ok((adapters, head))
 }
 
