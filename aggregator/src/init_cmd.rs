@@ -27,13 +27,14 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use fedsb_engine::data::{read_dataset_file, ColumnSpec, Example};
+use fedsb_engine::data::{read_dataset_file, Example};
 use fedsb_engine::gpu::{GpuContext, GpuOptions};
 use fedsb_engine::model::{BertTokenizer, BertWeights};
 use fedsb_engine::reference::{ClassifierHead, LoraSbInitOptions};
 use fedsb_engine::train::{encode_examples, gpu_lora_sb_init, BatchSampler};
 use sha2::{Digest, Sha256};
 
+use crate::data_args::{require_label_column, DataColumns};
 use crate::participant::{layered_modules, write_adapter_file};
 
 #[derive(Debug, Args)]
@@ -44,15 +45,8 @@ pub struct InitArgs {
     /// Seed (public) training data (.csv, .tsv or .jsonl) whose gradients set A, B and R₀.
     #[arg(long)]
     train: PathBuf,
-    /// Text column (detected when not given).
-    #[arg(long)]
-    text_column: Option<String>,
-    /// Second text column of sentence pairs.
-    #[arg(long)]
-    text_pair_column: Option<String>,
-    /// Label column (detected when not given).
-    #[arg(long)]
-    label_column: Option<String>,
+    #[command(flatten)]
+    columns: DataColumns,
     /// Class names in head order, comma-separated: the task's `[task] labels`.
     /// Without it the classes are those of the seed data, in its order.
     #[arg(long, value_delimiter = ',')]
@@ -100,20 +94,8 @@ pub fn run(args: InitArgs) -> anyhow::Result<()> {
     let config = weights.config.clone();
     let tokenizer = BertTokenizer::from_file(args.model.join("tokenizer.json"))?
         .with_max_length(args.max_seq_len)?;
-    let spec = ColumnSpec {
-        text: args.text_column.clone(),
-        text_pair: args.text_pair_column.clone(),
-        label: args.label_column.clone(),
-        label_names: args.labels.clone(),
-        skip_rows_without_label: true,
-    };
-    let data = read_dataset_file(&args.train, &spec)?;
-    if data.label_column.is_none() {
-        bail!(
-            "{}: no label column found (name it with --label-column)",
-            args.train.display()
-        );
-    }
+    let data = read_dataset_file(&args.train, &args.columns.spec(args.labels.clone()))?;
+    require_label_column(&data, &args.train)?;
     let labels = data.label_names.clone();
     if labels.len() < 2 {
         bail!(

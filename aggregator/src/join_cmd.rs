@@ -47,7 +47,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use fedsb_engine::data::{read_dataset_file, ColumnSpec, Dataset};
+use fedsb_engine::data::{read_dataset_file, Dataset};
 use fedsb_engine::gpu::adamw::AdamW;
 use fedsb_engine::gpu::encoder::GpuEncoder;
 use fedsb_engine::gpu::{GpuContext, GpuOptions};
@@ -63,6 +63,7 @@ use sha2::{Digest, Sha256};
 use tokio_tungstenite::tungstenite::Message;
 use tracing::{info, warn};
 
+use crate::data_args::{require_label_column, DataColumns};
 use crate::dp_training::{DpTraining, LedgerFile};
 use crate::participant::{parse_module_names, read_adapter_file, ModuleRef};
 use crate::privacy_cmd::AccountantArg;
@@ -79,16 +80,8 @@ pub struct JoinArgs {
     /// Local training data (.csv, .tsv or .jsonl); it never leaves this machine.
     #[arg(long)]
     data: PathBuf,
-    /// Text column (detected when not given).
-    #[arg(long)]
-    text_column: Option<String>,
-    /// Second text column of sentence pairs.
-    #[arg(long)]
-    text_pair_column: Option<String>,
-    /// Label column (detected when not given). Its values must be the task's
-    /// class names or class ids.
-    #[arg(long)]
-    label_column: Option<String>,
+    #[command(flatten)]
+    columns: DataColumns,
     /// Where downloaded files are kept, one per SHA-256 (default:
     /// $XDG_CACHE_HOME/fedsb or ~/.cache/fedsb).
     #[arg(long)]
@@ -362,13 +355,7 @@ fn load_task_files(task: &TaskInfo, paths: &HashMap<String, PathBuf>) -> anyhow:
 }
 
 fn read_local_data(args: &JoinArgs, task: &TaskInfo) -> anyhow::Result<Dataset> {
-    let spec = ColumnSpec {
-        text: args.text_column.clone(),
-        text_pair: args.text_pair_column.clone(),
-        label: args.label_column.clone(),
-        label_names: Some(task.labels.clone()),
-        skip_rows_without_label: true,
-    };
+    let spec = args.columns.spec(Some(task.labels.clone()));
     let data = read_dataset_file(&args.data, &spec).with_context(|| {
         format!(
             "reading {}: its labels must be the task's classes {:?} (names, or class ids 0..{})",
@@ -377,12 +364,7 @@ fn read_local_data(args: &JoinArgs, task: &TaskInfo) -> anyhow::Result<Dataset> 
             task.labels.len()
         )
     })?;
-    if data.label_column.is_none() {
-        bail!(
-            "{}: no label column found (name it with --label-column)",
-            args.data.display()
-        );
-    }
+    require_label_column(&data, &args.data)?;
     if data.label_names != task.labels {
         bail!(
             "{}: classes {:?} do not match the task's {:?}",

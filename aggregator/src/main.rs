@@ -1,5 +1,6 @@
 //! The `fedsb` command-line tool: `fedsb serve` runs the aggregator,
 //! `fedsb privacy` does privacy accounting. `fedsb --help` lists everything.
+mod data_args;
 mod dp_training;
 mod embed_cmd;
 mod init_cmd;

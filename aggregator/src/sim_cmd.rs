@@ -35,7 +35,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use fedsb_aggregator::config::Weighting;
 use fedsb_aggregator::round::Round;
-use fedsb_engine::data::{read_dataset_file, ColumnSpec, Dataset, Example};
+use fedsb_engine::data::{read_dataset_file, Dataset, Example};
 use fedsb_engine::gpu::adamw::AdamW;
 use fedsb_engine::gpu::encoder::{GpuEncoder, GradientMode};
 use fedsb_engine::gpu::{GpuContext, GpuOptions};
@@ -50,6 +50,7 @@ use fedsb_protocol::{
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use safetensors::SafeTensors;
 
+use crate::data_args::{require_label_column, same_columns_as, DataColumns};
 use crate::participant::{
     engine_to_state, layered_modules, read_adapter_file, state_to_engine, ModuleRef,
 };
@@ -139,15 +140,8 @@ pub struct SimArgs {
     /// One JSON line per round on stdout (the summary table then goes to stderr).
     #[arg(long)]
     json: bool,
-    /// Text column (detected when not given).
-    #[arg(long)]
-    text_column: Option<String>,
-    /// Second text column of sentence pairs.
-    #[arg(long)]
-    text_pair_column: Option<String>,
-    /// Label column (detected when not given).
-    #[arg(long)]
-    label_column: Option<String>,
+    #[command(flatten)]
+    columns: DataColumns,
     /// Use the GPU adapter whose name contains this (case-insensitive).
     #[arg(long)]
     adapter: Option<String>,
@@ -397,20 +391,8 @@ impl HeadAdam {
 }
 
 fn read_data(args: &SimArgs) -> anyhow::Result<(Dataset, Vec<Example>)> {
-    let mut spec = ColumnSpec {
-        text: args.text_column.clone(),
-        text_pair: args.text_pair_column.clone(),
-        label: args.label_column.clone(),
-        label_names: args.labels.clone(),
-        skip_rows_without_label: true,
-    };
-    let train = read_dataset_file(&args.train, &spec)?;
-    if train.label_column.is_none() {
-        bail!(
-            "{}: no label column found (name it with --label-column)",
-            args.train.display()
-        );
-    }
+    let train = read_dataset_file(&args.train, &args.columns.spec(args.labels.clone()))?;
+    require_label_column(&train, &args.train)?;
     if train.num_labels() < 2 {
         bail!(
             "{}: the head needs at least two classes, found {:?} (give them with --labels)",
@@ -418,11 +400,7 @@ fn read_data(args: &SimArgs) -> anyhow::Result<(Dataset, Vec<Example>)> {
             train.label_names
         );
     }
-    spec.text = Some(train.text_column.clone());
-    spec.text_pair = train.text_pair_column.clone();
-    spec.label = train.label_column.clone();
-    spec.label_names = Some(train.label_names.clone());
-    let eval = read_dataset_file(&args.eval, &spec)?;
+    let eval = read_dataset_file(&args.eval, &same_columns_as(&train))?;
     let mut eval_examples = eval.examples;
     if args.eval_limit > 0 {
         eval_examples.truncate(args.eval_limit);

@@ -34,7 +34,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use fedsb_engine::data::{read_dataset_file, ColumnSpec, Example};
+use fedsb_engine::data::{read_dataset_file, Example};
 use fedsb_engine::gpu::adamw::AdamW;
 use fedsb_engine::gpu::encoder::GpuEncoder;
 use fedsb_engine::gpu::{GpuContext, GpuOptions};
@@ -45,6 +45,7 @@ use fedsb_engine::train::{encode_examples, evaluate, gpu_lora_sb_init, BatchSamp
 use fedsb_privacy::{AccountantKind, PrivacyBudget};
 use fedsb_protocol::PrivacyPolicy;
 
+use crate::data_args::{require_label_column, same_columns_as, DataColumns};
 use crate::dp_training::{train_steps_dp, DpTraining};
 use crate::participant::{write_adapter_file, ModuleRef};
 use crate::privacy_cmd::AccountantArg;
@@ -60,15 +61,8 @@ pub struct TrainArgs {
     /// Evaluation data (same columns as --train).
     #[arg(long)]
     eval: PathBuf,
-    /// Text column (detected when not given).
-    #[arg(long)]
-    text_column: Option<String>,
-    /// Second text column of sentence pairs.
-    #[arg(long)]
-    text_pair_column: Option<String>,
-    /// Label column (detected when not given).
-    #[arg(long)]
-    label_column: Option<String>,
+    #[command(flatten)]
+    columns: DataColumns,
     /// LoRA-SB rank r.
     #[arg(long, default_value_t = 32)]
     rank: usize,
@@ -155,23 +149,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         .with_context(|| format!("loading the model from {}", args.model.display()))?;
     let tokenizer = BertTokenizer::from_file(args.model.join("tokenizer.json"))?
         .with_max_length(args.max_seq_len)?;
-    let mut spec = ColumnSpec {
-        text: args.text_column.clone(),
-        text_pair: args.text_pair_column.clone(),
-        label: args.label_column.clone(),
-        label_names: None,
-        skip_rows_without_label: true,
-    };
-    let train = read_dataset_file(&args.train, &spec)?;
-    if train.label_column.is_none() {
-        bail!("{}: no label column found", args.train.display());
-    }
+    let train = read_dataset_file(&args.train, &args.columns.spec(None))?;
+    require_label_column(&train, &args.train)?;
     // The evaluation set reads its labels with the training set's class ids.
-    spec.text = Some(train.text_column.clone());
-    spec.text_pair = train.text_pair_column.clone();
-    spec.label = train.label_column.clone();
-    spec.label_names = Some(train.label_names.clone());
-    let eval = read_dataset_file(&args.eval, &spec)?;
+    let eval = read_dataset_file(&args.eval, &same_columns_as(&train))?;
     let mut eval_examples: Vec<Example> = eval.examples;
     if args.eval_limit > 0 {
         eval_examples.truncate(args.eval_limit);
@@ -208,7 +189,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     // LoRA-SB initialization on the first shuffled init_samples examples.
     let init_examples: Vec<Example> = match &args.init_data {
         Some(path) => {
-            let d = read_dataset_file(path, &spec)
+            let d = read_dataset_file(path, &same_columns_as(&train))
                 .with_context(|| format!("reading the seed data {}", path.display()))?;
             if d.is_empty() {
                 bail!("{}: no labelled examples", path.display());
