@@ -134,7 +134,10 @@ fn test(root: &Path) -> Result<()> {
     build_wasm(root)?;
     webdeps::fetch_web_deps(root)?;
     // The end-to-end tests start the real binary.
-    run(cargo().args(["build", "-p", "fedsb-aggregator", "--bin", "fedsb"]))?;
+    // With the test build's flags, so that dependencies are compiled once
+    // with one feature set (a plain `-p fedsb-aggregator` build resolves
+    // features differently and compiles a second copy of most crates).
+    run(cargo().args(["build", "--workspace", "--all-features", "--bins"]))?;
     run(cargo()
         .args(["test", "--workspace", "--all-features", "--no-fail-fast"])
         .env("FEDSB_MODEL_DIR", root.join("models/all-MiniLM-L6-v2")))?;
