@@ -34,7 +34,7 @@ use crate::files::{initial_adapter, ServedFile};
 use crate::init_round::{build_adapter_file, hash_file, InitCollector, InitModules, SharedFiles};
 use crate::metrics::Metrics;
 use crate::round::{Rejection, Round};
-use crate::store::{sha256_hex, CommittedRound, RoundMeta, Store};
+use crate::store::{sha256_hex, CommittedRound, RoundMeta, Store, StoredPrivacyReport};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_unix_ms() -> u64 {
@@ -194,8 +194,10 @@ pub struct Status {
     pub max_participants: u32,
     pub deadline_unix_ms: Option<u64>,
     /// Differential privacy spent per participant, from the privacy reports
-    /// of its accepted updates (empty for tasks without DP). Kept in memory
-    /// since this aggregator started.
+    /// of its accepted updates (empty for tasks without DP). The reports of
+    /// committed rounds are stored with the round, so the list survives a
+    /// restart; an update accepted into a round that was never committed is
+    /// shown only until then.
     pub privacy: Vec<ParticipantPrivacy>,
 }
 
@@ -270,7 +272,7 @@ pub struct Coordinator {
     global_frame: Bytes,
     phase: Phase,
     status: watch::Sender<Status>,
-    privacy: std::collections::BTreeMap<ParticipantId, ParticipantPrivacy>,
+    privacy: PrivacyMap,
     init: Option<Box<FederatedInit>>,
     /// The `InitRequest` frame while initializing.
     init_request: Option<Bytes>,
@@ -278,13 +280,16 @@ pub struct Coordinator {
 
 impl Coordinator {
     /// Starts the coordinator from the last committed round and returns its
-    /// handle and a status feed.
+    /// handle and a status feed. `privacy` is what the store holds of the
+    /// committed rounds' privacy reports ([`Store::privacy_reports`]): the
+    /// per-participant spending it starts from.
     pub fn start(
         config: Arc<Config>,
         task: Arc<TaskInfo>,
         store: Store,
         metrics: Arc<Metrics>,
         begin: Begin,
+        privacy: Vec<StoredPrivacyReport>,
     ) -> (CoordinatorHandle, watch::Receiver<Status>) {
         let (tx, rx) = mpsc::channel(1024);
         let (global_round, global_frame, init) = match begin {
@@ -306,6 +311,7 @@ impl Coordinator {
             privacy: Vec::new(),
         };
         let (status, status_rx) = watch::channel(placeholder);
+        let restored = restore_privacy(privacy, task.privacy.as_ref());
         let mut c = Self {
             config,
             task,
@@ -318,7 +324,7 @@ impl Coordinator {
             global_frame,
             phase: Phase::Finished,
             status,
-            privacy: Default::default(),
+            privacy: restored,
             init_request: None,
             init: None,
         };
@@ -475,30 +481,7 @@ impl Coordinator {
                 let report = update.privacy.clone();
                 round.accept(participant, &client, update, frame_bytes, now_unix_ms())?;
                 if let Some(r) = report {
-                    let entry =
-                        self.privacy
-                            .entry(participant)
-                            .or_insert_with(|| ParticipantPrivacy {
-                                participant: participant.0,
-                                client: client.clone(),
-                                epsilon_spent: 0.0,
-                                delta: r.delta,
-                                noise_multiplier: r.noise_multiplier,
-                                sample_rate: r.sample_rate,
-                                clip_norm: r.clip_norm,
-                                steps: 0,
-                                updates: 0,
-                                last_round: round.id.0,
-                                connected: true,
-                            });
-                    entry.epsilon_spent = r.epsilon_spent;
-                    entry.delta = r.delta;
-                    entry.noise_multiplier = r.noise_multiplier;
-                    entry.sample_rate = r.sample_rate;
-                    entry.clip_norm = r.clip_norm;
-                    entry.steps = entry.steps.saturating_add(r.steps);
-                    entry.updates += 1;
-                    entry.last_round = round.id.0;
+                    record_privacy(&mut self.privacy, participant, &client, round.id.0, &r);
                     info!(
                         participant = %participant,
                         epsilon_spent = r.epsilon_spent,
@@ -907,6 +890,78 @@ impl Coordinator {
     }
 }
 
+type PrivacyMap = std::collections::BTreeMap<ParticipantId, ParticipantPrivacy>;
+
+/// Adds one accepted update's report to its participant's entry: ε spent, δ,
+/// σ, q and clip norm are the latest report's, steps are summed.
+fn record_privacy(
+    map: &mut PrivacyMap,
+    participant: ParticipantId,
+    client: &str,
+    round: u64,
+    r: &PrivacyReport,
+) {
+    let entry = map
+        .entry(participant)
+        .or_insert_with(|| ParticipantPrivacy {
+            participant: participant.0,
+            client: client.to_owned(),
+            epsilon_spent: 0.0,
+            delta: r.delta,
+            noise_multiplier: r.noise_multiplier,
+            sample_rate: r.sample_rate,
+            clip_norm: r.clip_norm,
+            steps: 0,
+            updates: 0,
+            last_round: round,
+            connected: true,
+        });
+    entry.epsilon_spent = r.epsilon_spent;
+    entry.delta = r.delta;
+    entry.noise_multiplier = r.noise_multiplier;
+    entry.sample_rate = r.sample_rate;
+    entry.clip_norm = r.clip_norm;
+    entry.steps = entry.steps.saturating_add(r.steps);
+    entry.updates += 1;
+    entry.last_round = round;
+}
+
+/// The per-participant map as it stood after the last committed round,
+/// rebuilt from the stored reports (oldest round first) by the same
+/// [`record_privacy`] that built it live. Reports stored before δ and the
+/// clip norm were (schema version 0) take the task's policy values, which a
+/// DP task required them to equal.
+fn restore_privacy(
+    reports: Vec<StoredPrivacyReport>,
+    policy: Option<&PrivacyPolicy>,
+) -> PrivacyMap {
+    let mut map = PrivacyMap::new();
+    for s in reports {
+        let report = PrivacyReport {
+            noise_multiplier: s.noise_multiplier,
+            sample_rate: s.sample_rate,
+            steps: s.steps,
+            clip_norm: s
+                .clip_norm
+                .or(policy.map(|p| p.clip_norm))
+                .unwrap_or(f64::NAN),
+            delta: s.delta.or(policy.map(|p| p.delta)).unwrap_or(f64::NAN),
+            epsilon_spent: s.epsilon_spent,
+        };
+        record_privacy(&mut map, s.participant, &s.client, s.round, &report);
+    }
+    for p in map.values_mut() {
+        p.connected = false;
+    }
+    if !map.is_empty() {
+        info!(
+            participants = map.len(),
+            "per-participant privacy spending restored from the store"
+        );
+    }
+    map
+}
+
 fn not_initializing() -> Rejection {
     Rejection::new(
         ErrorCode::NotInitializing,
@@ -971,4 +1026,75 @@ pub fn initial_frame(adapter: AdapterState) -> Vec<u8> {
         adapter,
     }
     .encode()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(
+        round: u64,
+        participant: u64,
+        steps: u64,
+        epsilon_spent: f64,
+        clip_delta: Option<(f64, f64)>,
+    ) -> StoredPrivacyReport {
+        StoredPrivacyReport {
+            round,
+            participant: ParticipantId(participant),
+            client: format!("c{participant}"),
+            noise_multiplier: 1.0 + round as f64,
+            sample_rate: 0.125,
+            steps,
+            clip_norm: clip_delta.map(|c| c.0),
+            delta: clip_delta.map(|c| c.1),
+            epsilon_spent,
+        }
+    }
+
+    #[test]
+    fn restored_privacy_is_what_the_live_reports_built() {
+        let policy = PrivacyPolicy {
+            epsilon: 8.0,
+            delta: 1e-5,
+            clip_norm: 0.5,
+        };
+        // Participant 1: a report from before schema version 1 (δ and C
+        // unknown), then a newer one; participant 2: one report.
+        let map = restore_privacy(
+            vec![
+                stored(1, 1, 4, 0.5, None),
+                stored(1, 2, 3, 0.25, Some((0.5, 1e-5))),
+                stored(2, 1, 6, 1.5, Some((0.5, 1e-5))),
+            ],
+            Some(&policy),
+        );
+        let entry = |participant: u64, client: &str, sigma, steps, updates, last_round, eps| {
+            ParticipantPrivacy {
+                participant,
+                client: client.into(),
+                epsilon_spent: eps,
+                delta: 1e-5,
+                noise_multiplier: sigma,
+                sample_rate: 0.125,
+                clip_norm: 0.5,
+                steps,
+                updates,
+                last_round,
+                connected: false,
+            }
+        };
+        assert_eq!(
+            map.into_values().collect::<Vec<_>>(),
+            vec![
+                entry(1, "c1", 3.0, 10, 2, 2, 1.5),
+                entry(2, "c2", 2.0, 3, 1, 1, 0.25),
+            ]
+        );
+        // An old report on a task without a policy: δ and C stay unknown.
+        let map = restore_privacy(vec![stored(1, 3, 4, 0.5, None)], None);
+        let p = &map[&ParticipantId(3)];
+        assert!(p.delta.is_nan() && p.clip_norm.is_nan(), "{p:?}");
+        assert_eq!((p.epsilon_spent, p.steps, p.updates), (0.5, 4, 1));
+    }
 }

@@ -226,6 +226,8 @@ impl Server {
             }
         };
 
+        // Each participant's privacy spending as of the last committed round.
+        let privacy = store.privacy_reports().await?;
         let metrics = Arc::new(Metrics::new());
         let (coordinator, status) = Coordinator::start(
             config.clone(),
@@ -233,6 +235,7 @@ impl Server {
             store.clone(),
             metrics.clone(),
             begin,
+            privacy,
         );
         let eval = crate::evaluator::spawn(config.clone(), store.clone(), status.clone()).await?;
         let demo = match &config.demo.data {

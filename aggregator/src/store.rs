@@ -1,15 +1,21 @@
 //! Durable state in SQLite (WAL mode, `synchronous = FULL`): the task, every
-//! committed round's global state and per-round metadata. A participant's own
-//! R is never written.
+//! committed round's global state and per-round metadata, and the privacy
+//! report (σ, q, steps, clip norm, δ, ε spent) of every update a committed
+//! round aggregated. A participant's own R is never written.
 //!
-//! A round is committed by one transaction; the server broadcasts it only
-//! after that transaction returned, so whatever a participant has seen
-//! survives `kill -9` and power loss.
+//! A round is committed by one transaction, its updates' privacy reports
+//! included; the server broadcasts it only after that transaction returned,
+//! so whatever a participant has seen survives `kill -9` and power loss.
+//!
+//! The schema is versioned by `PRAGMA user_version`: [`SCHEMA`] is version 0
+//! (what the first releases created), and [`MIGRATIONS`] bring any older
+//! database up to [`SCHEMA_VERSION`] when it is opened, each in one
+//! transaction, keeping every row.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use fedsb_protocol::{AdapterState, RoundId, ServerMessage};
+use fedsb_protocol::{AdapterState, ParticipantId, RoundId, ServerMessage};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -36,6 +42,15 @@ pub enum StoreError {
     Corrupt { round: u64, message: String },
     #[error("database task panicked")]
     Join,
+    #[error(
+        "database {path} has schema version {found}, newer than this fedsb understands \
+         ({supported}); use a newer fedsb"
+    )]
+    NewerSchema {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
 }
 
 /// A committed round as stored.
@@ -71,6 +86,8 @@ pub struct Store {
     path: PathBuf,
 }
 
+/// Schema version 0, as the first releases created it. Never edit: later
+/// changes go into [`MIGRATIONS`].
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS task (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -118,6 +135,58 @@ CREATE TABLE IF NOT EXISTS round_eval (
 );
 "#;
 
+/// `MIGRATIONS[v]` takes a database from schema version `v` to `v + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 1: the δ and clip norm of each update's privacy report, so that the
+    // per-participant ε shown by `/api/status` can be restored after a
+    // restart. Rows written before stay as they were (δ and clip unknown:
+    // NULL); σ, q, steps and ε spent were stored from the start.
+    "ALTER TABLE round_participants ADD COLUMN delta REAL;
+     ALTER TABLE round_participants ADD COLUMN clip_norm REAL;",
+];
+
+/// The schema version this code writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Creates the version-0 tables where missing, then applies the migrations
+/// the database lacks, each in its own transaction with its version bump.
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    conn.execute_batch(SCHEMA)?;
+    loop {
+        let tx = conn.transaction()?;
+        let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::NewerSchema {
+                path: path.to_owned(),
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        let Some(step) = MIGRATIONS.get(version as usize) else {
+            return Ok(());
+        };
+        tx.execute_batch(step)?;
+        tx.pragma_update(None, "user_version", version + 1)?;
+        tx.commit()?;
+    }
+}
+
+/// One accepted update's privacy report, as stored with its round.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredPrivacyReport {
+    pub round: u64,
+    pub participant: ParticipantId,
+    pub client: String,
+    pub noise_multiplier: f64,
+    pub sample_rate: f64,
+    pub steps: u64,
+    /// `None` for updates stored before schema version 1.
+    pub clip_norm: Option<f64>,
+    /// `None` for updates stored before schema version 1.
+    pub delta: Option<f64>,
+    pub epsilon_spent: f64,
+}
+
 impl Store {
     /// Opens (or creates) `<state_dir>/<task_id>.sqlite3` for a task. A
     /// database made for a different task identity is refused.
@@ -132,11 +201,11 @@ impl Store {
             source,
         })?;
         let path = state_dir.join(format!("{task_id}.sqlite3"));
-        let conn = Connection::open(&path)?;
+        let mut conn = Connection::open(&path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.execute_batch(SCHEMA)?;
+        migrate(&mut conn, &path)?;
         let stored: Option<(String, String)> = conn
             .query_row(
                 "SELECT task_id, identity_json FROM task WHERE id = 1",
@@ -183,7 +252,8 @@ impl Store {
         .map_err(|_| StoreError::Join)?
     }
 
-    /// Writes a committed round in one transaction.
+    /// Writes a committed round in one transaction: its global state, its
+    /// metadata and each contribution with its privacy report.
     pub async fn commit_round(
         &self,
         meta: RoundMeta,
@@ -214,8 +284,9 @@ impl Store {
                 let p = c.privacy.as_ref();
                 tx.execute(
                     "INSERT INTO round_participants (round, participant_id, client, num_samples, weight,
-                         frame_bytes, received_unix_ms, train_loss, noise_multiplier, sample_rate, dp_steps, epsilon_spent)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                         frame_bytes, received_unix_ms, train_loss, noise_multiplier, sample_rate, dp_steps,
+                         epsilon_spent, delta, clip_norm)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
                     params![
                         meta.round as i64,
                         c.participant.0 as i64,
@@ -229,6 +300,8 @@ impl Store {
                         p.map(|p| p.sample_rate),
                         p.map(|p| p.steps as i64),
                         p.map(|p| p.epsilon_spent),
+                        p.map(|p| p.delta),
+                        p.map(|p| p.clip_norm),
                     ],
                 )?;
             }
@@ -287,6 +360,36 @@ impl Store {
             let mut stmt =
                 conn.prepare(&format!("SELECT {META_COLUMNS} FROM rounds ORDER BY round"))?;
             let rows = stmt.query_map([], meta_from_row)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    /// The privacy reports of every committed round's updates, oldest round
+    /// first (participants in id order within a round).
+    pub async fn privacy_reports(&self) -> Result<Vec<StoredPrivacyReport>, StoreError> {
+        self.run(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT round, participant_id, client, noise_multiplier, sample_rate, dp_steps,
+                        clip_norm, delta, epsilon_spent
+                 FROM round_participants
+                 WHERE noise_multiplier IS NOT NULL AND sample_rate IS NOT NULL
+                     AND dp_steps IS NOT NULL AND epsilon_spent IS NOT NULL
+                 ORDER BY round, participant_id",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(StoredPrivacyReport {
+                    round: r.get::<_, i64>(0)? as u64,
+                    participant: ParticipantId(r.get::<_, i64>(1)? as u64),
+                    client: r.get(2)?,
+                    noise_multiplier: r.get(3)?,
+                    sample_rate: r.get(4)?,
+                    steps: r.get::<_, i64>(5)? as u64,
+                    clip_norm: r.get(6)?,
+                    delta: r.get(7)?,
+                    epsilon_spent: r.get(8)?,
+                })
+            })?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
         .await
@@ -428,4 +531,240 @@ fn meta_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RoundMeta> {
 /// Lowercase hex SHA-256.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedsb_protocol::PrivacyReport;
+
+    const IDENTITY: &str = r#"{"task":"t"}"#;
+
+    fn meta(round: u64, frame: &[u8]) -> RoundMeta {
+        RoundMeta {
+            round,
+            opened_unix_ms: 1000 * round,
+            committed_unix_ms: 1000 * round + 10,
+            duration_ms: 10,
+            aggregation_ms: 3,
+            participants: 2,
+            total_samples: 30,
+            bytes_in: 400,
+            bytes_out: 800,
+            mean_train_loss: Some(0.5),
+            global_sha256: sha256_hex(frame),
+        }
+    }
+
+    fn contribution(participant: u64, privacy: Option<PrivacyReport>) -> Contribution {
+        Contribution {
+            participant: ParticipantId(participant),
+            client: format!("client-{participant}"),
+            num_samples: 15,
+            weight: 15.0,
+            frame_bytes: 200,
+            received_unix_ms: 5,
+            train_loss: Some(0.5),
+            privacy,
+        }
+    }
+
+    fn report(steps: u64, epsilon_spent: f64) -> PrivacyReport {
+        PrivacyReport {
+            noise_multiplier: 1.25,
+            sample_rate: 0.0625,
+            steps,
+            clip_norm: 0.5,
+            delta: 1e-6,
+            epsilon_spent,
+        }
+    }
+
+    fn user_version(path: &Path) -> i64 {
+        Connection::open(path)
+            .unwrap()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn privacy_reports_are_committed_with_their_round_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "t", IDENTITY, 1).unwrap();
+        assert_eq!(user_version(store.path()), SCHEMA_VERSION);
+        assert!(store.privacy_reports().await.unwrap().is_empty());
+        store
+            .commit_round(meta(0, b"r0"), b"r0".to_vec(), Vec::new())
+            .await
+            .unwrap();
+        store
+            .commit_round(
+                meta(1, b"r1"),
+                b"r1".to_vec(),
+                vec![
+                    contribution(7, Some(report(4, 0.75))),
+                    contribution(3, None),
+                ],
+            )
+            .await
+            .unwrap();
+        store
+            .commit_round(
+                meta(2, b"r2"),
+                b"r2".to_vec(),
+                vec![
+                    contribution(9, Some(report(5, 0.5))),
+                    contribution(7, Some(report(4, 1.125))),
+                ],
+            )
+            .await
+            .unwrap();
+        // A round that cannot be written (round 2 again) writes none of its
+        // reports either.
+        let failed = store
+            .commit_round(
+                meta(2, b"x"),
+                b"x".to_vec(),
+                vec![contribution(11, Some(report(1, 0.1)))],
+            )
+            .await;
+        assert!(failed.is_err());
+        drop(store);
+
+        // Read back by a fresh open, as after a restart.
+        let store = Store::open(dir.path(), "t", IDENTITY, 2).unwrap();
+        let got = store.privacy_reports().await.unwrap();
+        let want = |round, participant: u64, steps, epsilon_spent| StoredPrivacyReport {
+            round,
+            participant: ParticipantId(participant),
+            client: format!("client-{participant}"),
+            noise_multiplier: 1.25,
+            sample_rate: 0.0625,
+            steps,
+            clip_norm: Some(0.5),
+            delta: Some(1e-6),
+            epsilon_spent,
+        };
+        assert_eq!(
+            got,
+            vec![
+                want(1, 7, 4, 0.75),
+                want(2, 7, 4, 1.125),
+                want(2, 9, 5, 0.5),
+            ]
+        );
+        assert_eq!(store.rounds().await.unwrap().len(), 3);
+    }
+
+    /// A database as the code before schema version 1 wrote it: the
+    /// version-0 tables, `user_version` 0, a committed round with a DP update
+    /// and one without a report.
+    fn write_version_0_database(dir: &Path) -> PathBuf {
+        let path = dir.join("t.sqlite3");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        conn.execute(
+            "INSERT INTO task (id, task_id, identity_json, created_unix_ms) VALUES (1, 't', ?1, 1)",
+            [IDENTITY],
+        )
+        .unwrap();
+        for (round, frame) in [(0i64, b"r0"), (1, b"r1")] {
+            conn.execute(
+                "INSERT INTO rounds (round, opened_unix_ms, committed_unix_ms, aggregation_ms, participants,
+                     total_samples, bytes_in, bytes_out, mean_train_loss, global_sha256, global_frame)
+                 VALUES (?1, 0, 10, 3, 2, 30, 400, 800, 0.5, ?2, ?3)",
+                params![round, sha256_hex(frame), frame.to_vec()],
+            )
+            .unwrap();
+        }
+        conn.execute_batch(
+            "INSERT INTO round_participants (round, participant_id, client, num_samples, weight,
+                 frame_bytes, received_unix_ms, train_loss, noise_multiplier, sample_rate, dp_steps, epsilon_spent)
+             VALUES (1, 42, 'old-dp', 15, 15.0, 200, 5, 0.5, 2.5, 0.125, 6, 0.875),
+                    (1, 43, 'old-plain', 15, 15.0, 200, 5, 0.5, NULL, NULL, NULL, NULL);
+             INSERT INTO round_eval (round, eval_set, accuracy, loss, samples, seconds, evaluated_unix_ms)
+             VALUES (1, 'eval', 0.75, 0.5, 24, 0.1, 20);",
+        )
+        .unwrap();
+        assert_eq!(user_version(&path), 0);
+        path
+    }
+
+    #[tokio::test]
+    async fn a_version_0_database_is_migrated_without_losing_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_version_0_database(dir.path());
+
+        let store = Store::open(dir.path(), "t", IDENTITY, 2).unwrap();
+        assert_eq!(store.path(), path);
+        assert_eq!(user_version(&path), SCHEMA_VERSION);
+        // The old rows are all there.
+        let rounds = store.rounds().await.unwrap();
+        assert_eq!(
+            rounds.iter().map(|r| r.round).collect::<Vec<_>>(),
+            vec![0, 1]
+        );
+        assert_eq!(
+            store.global_frame(RoundId(1)).await.unwrap(),
+            Some(b"r1".to_vec())
+        );
+        let summaries = store.round_summaries(Some("eval".into())).await.unwrap();
+        assert_eq!(summaries[1].eval.as_ref().map(|e| e.accuracy), Some(0.75));
+        let n: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT COUNT(*) FROM round_participants", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 2);
+        // The old DP report, with δ and clip unknown.
+        assert_eq!(
+            store.privacy_reports().await.unwrap(),
+            vec![StoredPrivacyReport {
+                round: 1,
+                participant: ParticipantId(42),
+                client: "old-dp".into(),
+                noise_multiplier: 2.5,
+                sample_rate: 0.125,
+                steps: 6,
+                clip_norm: None,
+                delta: None,
+                epsilon_spent: 0.875,
+            }]
+        );
+
+        // New rounds write the new columns next to the old rows.
+        store
+            .commit_round(
+                meta(2, b"r2"),
+                b"r2".to_vec(),
+                vec![contribution(42, Some(report(6, 1.5)))],
+            )
+            .await
+            .unwrap();
+        let got = store.privacy_reports().await.unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[1].delta, Some(1e-6));
+        assert_eq!(got[1].clip_norm, Some(0.5));
+        assert_eq!(got[1].epsilon_spent, 1.5);
+        drop(store);
+
+        // Opening again migrates nothing twice.
+        let store = Store::open(dir.path(), "t", IDENTITY, 3).unwrap();
+        assert_eq!(user_version(&path), SCHEMA_VERSION);
+        assert_eq!(store.privacy_reports().await.unwrap(), got);
+    }
+
+    #[test]
+    fn a_database_from_a_newer_fedsb_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_version_0_database(dir.path());
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        let err = Store::open(dir.path(), "t", IDENTITY, 2).unwrap_err();
+        assert!(
+            matches!(err, StoreError::NewerSchema { found, .. } if found == SCHEMA_VERSION + 1),
+            "{err}"
+        );
+    }
 }

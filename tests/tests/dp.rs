@@ -5,7 +5,9 @@
 //!   shows each participant's ε, > 0 and within the task's target;
 //! - a participant that spread its budget over fewer rounds (`--dp-rounds 1`)
 //!   refuses to train past it, says so, and leaves cleanly; the task goes on;
-//! - `fedsb train` with DP reports the ε it spent and writes its adapter.
+//! - `fedsb train` with DP reports the ε it spent and writes its adapter;
+//! - each participant's ε in `/api/status` is stored with the committed
+//!   rounds and is the same after the aggregator restarts (`kill -9`).
 //!
 //! A missing GPU adapter fails these tests.
 
@@ -113,7 +115,7 @@ async fn dp_task_commits_rounds_and_reports_epsilon_per_participant() -> anyhow:
     let tmp = task_dir()?;
     let dir = tmp.path();
     write_config(dir, 2, EPSILON)?;
-    let agg = Aggregator::start_in(dir)?;
+    let mut agg = Aggregator::start_in(dir)?;
     let task = agg.json("/api/task").await?;
     assert_eq!(task["privacy"]["epsilon"], EPSILON, "{task}");
 
@@ -175,6 +177,186 @@ async fn dp_task_commits_rounds_and_reports_epsilon_per_participant() -> anyhow:
         assert_eq!(p["delta"], 1e-5, "{name}: {p}");
         assert_eq!(p["last_round"], ROUNDS, "{name}: {p}");
     }
+
+    // A crash and a restart on the same state directory: each participant's
+    // spending is read back from the store, unchanged.
+    agg.kill9();
+    let agg = Aggregator::start_in(dir)?;
+    let after = agg.json("/api/status").await?;
+    assert_eq!(after["state"], "finished", "{after}");
+    assert_eq!(
+        after["privacy"].as_array().map(Vec::len),
+        Some(2),
+        "{after}"
+    );
+    for name in ["a", "b"] {
+        let (before, restored) = (privacy_of(&status, name), privacy_of(&after, name));
+        let eps = restored["epsilon_spent"]
+            .as_f64()
+            .context("epsilon_spent")?;
+        assert!(eps > 0.0, "{name}: {restored}");
+        assert_eq!(
+            restored["epsilon_spent"], before["epsilon_spent"],
+            "{name}: {restored} vs {before}"
+        );
+        assert_eq!(restored["connected"], false, "{name}: {restored}");
+        assert_eq!(
+            without_connected(restored),
+            without_connected(before),
+            "{name}"
+        );
+    }
+    Ok(())
+}
+
+/// `/api/status` once `ready` holds for it (the coordinator publishes its
+/// status after it has answered the command that changed it).
+async fn status_when(
+    agg: &Aggregator,
+    ready: impl Fn(&serde_json::Value) -> bool,
+) -> anyhow::Result<serde_json::Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = agg.json("/api/status").await?;
+        if ready(&status) {
+            return Ok(status);
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("/api/status never got there: {status}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A privacy entry without its `connected` flag (which a restart resets).
+fn without_connected(p: &serde_json::Value) -> serde_json::Value {
+    let mut p = p.clone();
+    if let Some(o) = p.as_object_mut() {
+        o.remove("connected");
+    }
+    p
+}
+
+/// Scripted participants on a DP task: two rounds commit with their reports,
+/// a third update is accepted but its round never commits, then the
+/// aggregator is killed. The restarted one shows each participant's spending
+/// as of the last committed round, exactly: the reports stored with rounds
+/// 1 and 2, not the one of the round that was lost with the crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn privacy_spending_is_restored_after_a_restart() -> anyhow::Result<()> {
+    use fedsb_protocol::{PrivacyReport, RoundId, ServerMessage};
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    std::fs::write(
+        dir.join("task.toml"),
+        test_config(3, 2, 2, 600, "")
+            + "[privacy]\nenabled = true\nepsilon = 2.0\ndelta = 1e-5\nclip_norm = 0.5\n",
+    )?;
+    let mut agg = Aggregator::start_in(dir)?;
+    let (mut p, _) = Participant::join(agg.addr, "scripted-p").await?;
+    let (mut q, _) = Participant::join(agg.addr, "scripted-q").await?;
+    let report = |sigma: f64, steps: u64, epsilon_spent: f64| PrivacyReport {
+        noise_multiplier: sigma,
+        sample_rate: 0.125,
+        steps,
+        clip_norm: 0.5,
+        delta: 1e-5,
+        epsilon_spent,
+    };
+    let sent = [
+        [report(1.5, 4, 0.375), report(1.25, 3, 0.5)],
+        [report(1.5, 4, 0.625), report(1.25, 5, 0.875)],
+    ];
+    for (i, reports) in sent.iter().enumerate() {
+        let round = RoundId(i as u64 + 1);
+        for (j, (c, r)) in [&mut p, &mut q].into_iter().zip(reports).enumerate() {
+            assert_eq!(c.wait_round_open().await?, round);
+            let mut u = update(
+                round,
+                10,
+                known_state(&TEST_SHAPE, 10 * i as u64 + j as u64),
+            );
+            u.privacy = Some(r.clone());
+            assert_eq!(c.submit(u).await?, ServerMessage::UpdateAccepted { round });
+        }
+        p.wait_global(round).await?;
+        q.wait_global(round).await?;
+    }
+    let committed = status_when(&agg, |s| {
+        s["round"] == 3
+            && s["privacy"]
+                .as_array()
+                .is_some_and(|a| a.len() == 2 && a.iter().all(|e| e["updates"] == 2))
+    })
+    .await?;
+    // Round 3: p's update is accepted, but the round waits for q.
+    assert_eq!(p.wait_round_open().await?, RoundId(3));
+    let mut u = update(RoundId(3), 10, known_state(&TEST_SHAPE, 99));
+    u.privacy = Some(report(1.5, 4, 0.75));
+    assert_eq!(
+        p.submit(u).await?,
+        ServerMessage::UpdateAccepted { round: RoundId(3) }
+    );
+    // Shown while this aggregator runs, but not committed.
+    status_when(&agg, |s| s["updates_in_round"] == 1).await?;
+    let live = agg.json("/api/status").await?;
+    assert_eq!(
+        privacy_of(&live, "scripted-p")["epsilon_spent"],
+        0.75,
+        "{live}"
+    );
+
+    agg.kill9();
+    drop((p, q));
+    let agg = Aggregator::start_in(dir)?;
+    let status = agg.json("/api/status").await?;
+    assert_eq!(status["round"], 3, "{status}");
+    assert_eq!(
+        status["privacy"].as_array().map(Vec::len),
+        Some(2),
+        "{status}"
+    );
+    for (j, name) in ["scripted-p", "scripted-q"].into_iter().enumerate() {
+        let e = privacy_of(&status, name);
+        let last = &sent[1][j];
+        assert_eq!(e["epsilon_spent"], last.epsilon_spent, "{name}: {e}");
+        assert_eq!(e["noise_multiplier"], last.noise_multiplier, "{name}: {e}");
+        assert_eq!(e["sample_rate"], 0.125, "{name}: {e}");
+        assert_eq!(e["delta"], 1e-5, "{name}: {e}");
+        assert_eq!(e["clip_norm"], 0.5, "{name}: {e}");
+        assert_eq!(
+            e["steps"],
+            sent[0][j].steps + sent[1][j].steps,
+            "{name}: {e}"
+        );
+        assert_eq!(e["updates"], 2, "{name}: {e}");
+        assert_eq!(e["last_round"], 2, "{name}: {e}");
+        assert_eq!(e["connected"], false, "{name}: {e}");
+        assert_eq!(
+            without_connected(e),
+            without_connected(privacy_of(&committed, name)),
+            "{name}"
+        );
+    }
+
+    // A participant that joins after the restart gets a new entry; the
+    // restored ones stay.
+    let (mut r, _) = Participant::join(agg.addr, "scripted-r").await?;
+    assert_eq!(r.wait_round_open().await?, RoundId(3));
+    let mut u = update(RoundId(3), 10, known_state(&TEST_SHAPE, 7));
+    u.privacy = Some(report(2.0, 2, 0.25));
+    assert_eq!(
+        r.submit(u).await?,
+        ServerMessage::UpdateAccepted { round: RoundId(3) }
+    );
+    let status = status_when(&agg, |s| s["updates_in_round"] == 1).await?;
+    assert_eq!(
+        status["privacy"].as_array().map(Vec::len),
+        Some(3),
+        "{status}"
+    );
+    assert_eq!(privacy_of(&status, "scripted-r")["epsilon_spent"], 0.25);
+    assert_eq!(privacy_of(&status, "scripted-p")["epsilon_spent"], 0.625);
     Ok(())
 }
 
