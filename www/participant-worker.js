@@ -33,9 +33,16 @@
 //
 // DP tasks: the privacy ledger (the DP-SGD steps this tab has taken) is kept
 // in IndexedDB ("fedsb-participant", store "privacy-ledgers", key
-// "<task id>/<data file name>") after every round, and restored after
-// setData, so a reload does not reset the budget. A round that would exceed
-// the budget is not trained: the worker sends Leave and stops.
+// "<task id>/<sha256 hex>", see ledgerKeyFor) after every round, and
+// restored after setData, so a reload does not reset the budget. The hash
+// covers the chosen columns and the data's content (its text as the page
+// read it, UTF-8 encoded), not the file name: a renamed file keeps its spent
+// budget, and two different files with the same name do not share one. A
+// ledger saved under the former key "<task id>/<data file name>" is adopted
+// when none is saved under the new one (counting steps another file spent
+// is safe; forgetting this file's is not) and stays where it is. A round
+// that would exceed the budget is not trained: the worker sends Leave and
+// stops.
 
 import init, {
   WasmParticipant,
@@ -75,7 +82,7 @@ const submitted = new Set();
 let local = null; // {text, fileName, columns}
 let ended = false;
 let pendingInit = null; // federated init: {welcome, bytes} until AdapterReady
-let ledgerKey = null; // DP tasks: "<task id>/<data file name>"
+let ledgerKey = null; // DP tasks: "<task id>/<sha256 of columns and data>"
 
 const LEDGER_DB = "fedsb-participant";
 const LEDGER_STORE = "privacy-ledgers";
@@ -136,6 +143,23 @@ function send(frame, kind) {
 async function sha256Hex(bytes) {
   const d = new Uint8Array(await crypto.subtle.digest("SHA-256", bytes));
   return Array.from(d, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+// The IndexedDB key of the privacy ledger for this task and local data:
+// "<task id>/" and the SHA-256 of one JSON line naming the chosen columns
+// ([text, textPair, label], null for "not chosen") followed by the data's
+// content (UTF-8). The JSON line has no raw newline, so the two parts cannot
+// be confused.
+async function ledgerKeyFor(taskId, { text, columns }) {
+  const utf8 = new TextEncoder();
+  const head = utf8.encode(
+    JSON.stringify([columns.text || null, columns.textPair || null, columns.label || null]) + "\n",
+  );
+  const body = utf8.encode(text);
+  const bytes = new Uint8Array(head.length + body.length);
+  bytes.set(head);
+  bytes.set(body, head.length);
+  return `${taskId}/${await sha256Hex(bytes)}`;
 }
 
 async function readBody(response, onBytes) {
@@ -226,9 +250,16 @@ async function createParticipant(frame, bytes) {
     local.columns.label || null,
   );
   if (participant.privacy() !== null) {
-    ledgerKey = `${task}/${local.fileName}`;
-    const saved = await ledgerOp("readonly", (store) => store.get(ledgerKey));
+    ledgerKey = await ledgerKeyFor(task, local);
+    let saved = await ledgerOp("readonly", (store) => store.get(ledgerKey));
+    let adopted = false;
+    if (saved == null) {
+      // Saved by an earlier version, keyed by the file name.
+      saved = await ledgerOp("readonly", (store) => store.get(`${task}/${local.fileName}`));
+      adopted = saved != null;
+    }
     if (saved != null) participant.restoreLedger(saved);
+    if (adopted) await saveLedger();
     post({ privacy: participant.privacy() });
   }
   post({
