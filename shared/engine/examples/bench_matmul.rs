@@ -1,18 +1,23 @@
-//! Matmul throughput of `gpu::matmul` in GFLOP/s on one adapter.
+//! Matmul throughput of `gpu::matmul` in GFLOP/s on one adapter, both kernel
+//! variants back to back.
 //!
 //! ```text
-//! cargo run --release -p fedsb-engine --example bench_matmul [-- --adapter llvmpipe] [--seconds 2]
+//! cargo run --release -p fedsb-engine --example bench_matmul [-- --adapter llvmpipe] [--seconds 1] [--rounds 3]
 //! ```
 //!
-//! For each (M, K, N) it times `C[M,N] = A[M,K]·B[K,N]` (plain) and the linear
-//! layer form `A·Bᵀ` (B stored N×K), after a warm-up, with enough launches per
-//! submission to run for about `--seconds`, and spot-checks 64 entries of C
-//! against an f64 CPU dot product.
+//! For each (M, K, N) and each orientation the encoder uses — `A·B` (input
+//! gradient `dY·W`), `A·Bᵀ` (linear forward `X·Wᵀ`, B stored N×K) and `Aᵀ·B`
+//! (weight gradient `dYᵀ·X`, A stored K×M) — it times the `Tiled` and the
+//! `Direct` variant in alternation, `--rounds` times each with enough launches per
+//! submission to run for about `--seconds`, and prints the best and the median
+//! round of each. The machine may be shared, so only numbers from the same run
+//! compare. Every variant's C is spot-checked in 64 entries against an f64 CPU dot
+//! product. `*` marks the variant `gemm` picks on this adapter.
 
 use std::time::Instant;
 
-use fedsb_engine::gpu::matmul::{self, Gemm};
-use fedsb_engine::gpu::{GpuContext, GpuOptions};
+use fedsb_engine::gpu::matmul::{self, Gemm, Variant};
+use fedsb_engine::gpu::{GpuBuffer, GpuContext, GpuOptions};
 
 const SHAPES: [(usize, usize, usize); 4] = [
     (2048, 384, 384),
@@ -20,6 +25,7 @@ const SHAPES: [(usize, usize, usize); 4] = [
     (2048, 1536, 384),
     (1024, 1024, 1024),
 ];
+const VARIANTS: [Variant; 2] = [Variant::Tiled, Variant::Direct];
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -32,15 +38,20 @@ fn main() {
     let adapter = arg("--adapter");
     let seconds: f64 = arg("--seconds")
         .map(|s| s.parse().expect("--seconds N"))
-        .unwrap_or(2.0);
+        .unwrap_or(1.0);
+    let rounds: usize = arg("--rounds")
+        .map(|s| s.parse().expect("--rounds N"))
+        .unwrap_or(3)
+        .max(1);
     let options = GpuOptions {
         adapter: adapter.as_deref(),
     };
     let ctx = pollster::block_on(GpuContext::new(&options)).expect("a wgpu adapter");
     println!(
-        "adapter: {} ({:?})",
+        "adapter: {} ({:?}, {:?}); GFLOP/s best / median of {rounds} rounds",
         ctx.adapter_name(),
-        ctx.adapter_info().backend
+        ctx.adapter_info().backend,
+        ctx.adapter_info().device_type
     );
 
     let mut seed = 12345u64;
@@ -50,8 +61,13 @@ fn main() {
         seed ^= seed << 17;
         (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
     };
+    let mut failed = false;
     for (m, k, n) in SHAPES {
-        for trans_b in [false, true] {
+        for (trans_a, trans_b, name) in [
+            (false, false, "A·B "),
+            (false, true, "A·Bᵀ"),
+            (true, false, "Aᵀ·B"),
+        ] {
             let a: Vec<f32> = (0..m * k).map(|_| rand()).collect();
             let b: Vec<f32> = (0..k * n).map(|_| rand()).collect();
             let (ga, gb, gc) = (
@@ -59,51 +75,113 @@ fn main() {
                 ctx.buffer_f32("b", &b),
                 ctx.buffer_zeros("c", m * n),
             );
-            let g = if trans_b {
-                Gemm::new(m, n, k).trans_b()
-            } else {
-                Gemm::new(m, n, k)
-            };
-            let run = |reps: usize| {
-                let mut enc = ctx.encoder();
-                for _ in 0..reps {
-                    matmul::gemm(&ctx, &mut enc, &g, &ga, &gb, None, &gc).expect("launch");
-                }
-                ctx.submit(enc);
-                ctx.wait_idle().expect("poll");
-            };
-            // Warm-up (pipeline compile, first-touch), then size the timed batch.
-            run(2);
-            let t = Instant::now();
-            run(1);
-            let one = t.elapsed().as_secs_f64();
-            let reps = ((seconds / one).ceil() as usize).clamp(3, 10_000);
-            let t = Instant::now();
-            run(reps);
-            let dt = t.elapsed().as_secs_f64() / reps as f64;
-            let gflops = g.flop_count() / dt / 1e9;
-
-            // Spot-check 64 entries.
-            let c = pollster::block_on(ctx.read_f32(&gc)).expect("read-back");
-            let mut worst = 0.0f64;
-            for s in 0..64 {
-                let (i, j) = ((s * 7919) % m, (s * 104_729) % n);
-                let exact: f64 = (0..k)
-                    .map(|l| {
-                        let bv = if trans_b { b[j * k + l] } else { b[l * n + j] };
-                        a[i * k + l] as f64 * bv as f64
-                    })
-                    .sum();
-                worst = worst.max((c[i * n + j] as f64 - exact).abs());
+            let mut g = Gemm::new(m, n, k);
+            if trans_a {
+                g = g.trans_a();
             }
-            let ok = worst < 1e-3;
+            if trans_b {
+                g = g.trans_b();
+            }
+            let bench = Bench {
+                ctx: &ctx,
+                g,
+                a: &ga,
+                b: &gb,
+                c: &gc,
+            };
+            // Warm-up (pipeline compile, first touch), spot-check, size the batches.
+            let mut reps = [0usize; 2];
+            let mut errors = [0.0f64; 2];
+            for (i, &v) in VARIANTS.iter().enumerate() {
+                bench.run(v, 1);
+                let c = pollster::block_on(ctx.read_f32(&gc)).expect("read-back");
+                errors[i] = spot_check(&g, &a, &b, &c);
+                let t = Instant::now();
+                bench.run(v, 1);
+                reps[i] = ((seconds / t.elapsed().as_secs_f64()).ceil() as usize).clamp(1, 10_000);
+            }
+            let mut rates = [vec![], vec![]];
+            for _ in 0..rounds {
+                for (i, &v) in VARIANTS.iter().enumerate() {
+                    let t = Instant::now();
+                    bench.run(v, reps[i]);
+                    let dt = t.elapsed().as_secs_f64() / reps[i] as f64;
+                    rates[i].push(g.flop_count() / dt / 1e9);
+                }
+            }
+            let picked = Variant::for_gemm(&ctx, &g);
+            let cols: Vec<String> = VARIANTS
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| {
+                    let r = &mut rates[i];
+                    r.sort_by(f64::total_cmp);
+                    let ok = errors[i] < 1e-3;
+                    failed |= !ok;
+                    format!(
+                        "{v:?}{} {:6.1} / {:6.1}{}",
+                        if v == picked { "*" } else { " " },
+                        r[r.len() - 1],
+                        r[r.len() / 2],
+                        if ok { "" } else { " FAILED spot-check" }
+                    )
+                })
+                .collect();
+            let speedup = rates[1][rates[1].len() / 2] / rates[0][rates[0].len() / 2];
             println!(
-                "M={m:5} K={k:5} N={n:5} {:5}: {gflops:7.1} GFLOP/s ({:.2} ms/launch, {reps} launches) spot-check max |err| {worst:.1e} {}",
-                if trans_b { "A·Bᵀ" } else { "A·B" },
-                dt * 1e3,
-                if ok { "ok" } else { "FAILED" }
+                "M={m:5} K={k:5} N={n:5} {name}: {}  (Direct/Tiled median {speedup:.2}x)",
+                cols.join("   ")
             );
-            assert!(ok, "matmul spot-check failed");
         }
     }
+    assert!(!failed, "matmul spot-check failed");
+}
+
+struct Bench<'a> {
+    ctx: &'a GpuContext,
+    g: Gemm,
+    a: &'a GpuBuffer,
+    b: &'a GpuBuffer,
+    c: &'a GpuBuffer,
+}
+
+impl Bench<'_> {
+    /// `reps` launches of `variant` in one submission, waited for.
+    fn run(&self, variant: Variant, reps: usize) {
+        let mut enc = self.ctx.encoder();
+        for _ in 0..reps {
+            matmul::gemm_variant(
+                self.ctx, &mut enc, &self.g, variant, self.a, self.b, None, self.c,
+            )
+            .expect("launch");
+        }
+        self.ctx.submit(enc);
+        self.ctx.wait_idle().expect("poll");
+    }
+}
+
+/// Largest |C - exact| over 64 entries.
+fn spot_check(g: &Gemm, a: &[f32], b: &[f32], c: &[f32]) -> f64 {
+    let (m, n, k) = (g.m, g.n, g.k);
+    let mut worst = 0.0f64;
+    for s in 0..64 {
+        let (i, j) = ((s * 7919) % m, (s * 104_729) % n);
+        let exact: f64 = (0..k)
+            .map(|l| {
+                let av = if g.trans_a {
+                    a[l * m + i]
+                } else {
+                    a[i * k + l]
+                };
+                let bv = if g.trans_b {
+                    b[j * k + l]
+                } else {
+                    b[l * n + j]
+                };
+                av as f64 * bv as f64
+            })
+            .sum();
+        worst = worst.max((c[i * n + j] as f64 - exact).abs());
+    }
+    worst
 }

@@ -1,17 +1,88 @@
 //! Matrix multiply launcher (`matmul.wgsl`): `C = alpha·op(A)·op(B) (+ bias) (+ C)`.
 //!
 //! [`Gemm`] describes one (optionally batched, strided) product; [`gemm`] records
-//! it. The linear-layer helpers [`linear_forward`], [`linear_backward_input`] and
+//! it with the [`Variant`] that suits the adapter ([`Variant::for_gemm`]). The
+//! linear-layer helpers [`linear_forward`], [`linear_backward_input`] and
 //! [`linear_backward_weight`] cover a PyTorch-style `W` stored `out×in`.
 //!
-//! Test: `cargo test -p fedsb-engine --test gpu_kernels matmul`.
+//! Tests: `cargo test -p fedsb-engine matmul` (both variants on vec4-aligned
+//! shapes in the unit tests below; any shape in `tests/gpu_kernels.rs`).
+//! Benchmark of both variants: `cargo run --release -p fedsb-engine --example bench_matmul`.
 
 use super::context::{GpuBuffer, GpuContext};
 use super::GpuError;
 
 const SOURCE: &str = include_str!("matmul.wgsl");
-/// Output tile edge of one workgroup (rows and columns).
+/// Output tile edge of one workgroup of the tiled variant (rows and columns).
 pub const TILE: usize = 64;
+/// Output tile of one workgroup of the direct variant: rows, columns.
+pub const DIRECT_TILE: [usize; 2] = [12, 96];
+
+/// Which kernel of `matmul.wgsl` computes a product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    /// `main`: 64×64 workgroup tiles staged in workgroup memory, 8×8 register
+    /// blocks; any shape. The kernel for real GPUs.
+    Tiled,
+    /// `main_direct`: no workgroup memory and no barriers, 12×12 register blocks
+    /// read straight from storage as vec4. Needs [`Gemm::vec4_aligned`]; about 2×
+    /// faster than `Tiled` on lavapipe (llvmpipe), where workgroup-memory loads
+    /// and barriers are expensive (see the analysis in `gpu/mod.rs`).
+    Direct,
+}
+
+impl Variant {
+    /// `Direct` on CPU adapters (lavapipe, SwiftShader, WARP) when the product is
+    /// [`Gemm::vec4_aligned`] and its grid fits, `Tiled` otherwise.
+    ///
+    /// The environment variable `FEDSB_MATMUL_VARIANT=tiled` or `=direct`
+    /// overrides the adapter's preference (natively; for A/B measurements such as
+    /// `bench_encoder`); `Direct` still falls back to `Tiled` where it cannot run.
+    pub fn for_gemm(ctx: &GpuContext, g: &Gemm) -> Self {
+        let preferred =
+            Self::forced().unwrap_or(if ctx.adapter_info().device_type == wgpu::DeviceType::Cpu {
+                Self::Direct
+            } else {
+                Self::Tiled
+            });
+        if preferred == Self::Direct && Self::Direct.supports(g) {
+            Self::Direct
+        } else {
+            Self::Tiled
+        }
+    }
+
+    /// The variant `FEDSB_MATMUL_VARIANT` asks for, read once.
+    fn forced() -> Option<Self> {
+        static FORCED: std::sync::OnceLock<Option<Variant>> = std::sync::OnceLock::new();
+        *FORCED.get_or_init(|| {
+            match std::env::var("FEDSB_MATMUL_VARIANT")
+                .ok()?
+                .to_lowercase()
+                .as_str()
+            {
+                "tiled" => Some(Self::Tiled),
+                "direct" => Some(Self::Direct),
+                other => {
+                    tracing::warn!("FEDSB_MATMUL_VARIANT={other:?} is neither tiled nor direct");
+                    None
+                }
+            }
+        })
+    }
+
+    /// Whether this variant can compute `g`.
+    pub fn supports(self, g: &Gemm) -> bool {
+        match self {
+            Self::Tiled => true,
+            Self::Direct => {
+                g.vec4_aligned()
+                    && g.m.div_ceil(DIRECT_TILE[0]) <= 65_535
+                    && g.n.div_ceil(DIRECT_TILE[1]) <= 65_535
+            }
+        }
+    }
+}
 
 /// One matrix product `C[M,N] = alpha · op(A)[M,K] · op(B)[K,N] (+ bias[N]) (+ C)`.
 ///
@@ -118,6 +189,29 @@ impl Gemm {
         2.0 * (self.m * self.n * self.k * self.batch[0] * self.batch[1]) as f64
     }
 
+    /// Whether A and B can be read as vec4 along their stored rows: K, the stored
+    /// row lengths (K or M for A, N or K for B), the row strides, the offsets and
+    /// the batch strides of A and B are all multiples of 4. C needs nothing.
+    pub fn vec4_aligned(&self) -> bool {
+        let a_cols = if self.trans_a { self.m } else { self.k };
+        let b_cols = if self.trans_b { self.k } else { self.n };
+        [
+            self.k,
+            a_cols,
+            b_cols,
+            self.ld[0],
+            self.ld[1],
+            self.offsets[0],
+            self.offsets[1],
+            self.batch_strides[0][0],
+            self.batch_strides[0][1],
+            self.batch_strides[1][0],
+            self.batch_strides[1][1],
+        ]
+        .iter()
+        .all(|x| x % 4 == 0)
+    }
+
     /// Floating-point operations of the product (2·M·N·K per batch).
     pub fn flop_count(&self) -> f64 {
         self.flops()
@@ -193,7 +287,8 @@ impl Gemm {
     }
 }
 
-/// Records `C = alpha·op(A)·op(B) (+ bias) (+ C)` as described by `g`.
+/// Records `C = alpha·op(A)·op(B) (+ bias) (+ C)` as described by `g`, with the
+/// kernel variant [`Variant::for_gemm`] picks for the adapter.
 pub fn gemm(
     ctx: &GpuContext,
     encoder: &mut wgpu::CommandEncoder,
@@ -203,15 +298,40 @@ pub fn gemm(
     bias: Option<&GpuBuffer>,
     c: &GpuBuffer,
 ) -> Result<(), GpuError> {
+    gemm_variant(ctx, encoder, g, Variant::for_gemm(ctx, g), a, b, bias, c)
+}
+
+/// Like [`gemm`] with an explicit kernel variant (benchmarks and tests); fails
+/// with [`GpuError::Shape`] if the variant does not [support](Variant::supports) `g`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_variant(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    g: &Gemm,
+    variant: Variant,
+    a: &GpuBuffer,
+    b: &GpuBuffer,
+    bias: Option<&GpuBuffer>,
+    c: &GpuBuffer,
+) -> Result<(), GpuError> {
     g.check(a, b, bias, c)?;
+    if !variant.supports(g) {
+        return Err(GpuError::Shape(format!(
+            "gemm {g:?}: the {variant:?} kernel needs vec4-aligned A and B"
+        )));
+    }
     if g.m == 0 || g.n == 0 || g.batch[0] * g.batch[1] == 0 {
         return Ok(());
     }
-    let id = format!("matmul/ta{}/tb{}", g.trans_a as u8, g.trans_b as u8);
+    let (entry, name) = match variant {
+        Variant::Tiled => ("main", "matmul"),
+        Variant::Direct => ("main_direct", "matmul-direct"),
+    };
+    let id = format!("{name}/ta{}/tb{}", g.trans_a as u8, g.trans_b as u8);
     let kernel = ctx.pipeline(
         &id,
         SOURCE,
-        "main",
+        entry,
         &[
             ("TRANS_A", g.trans_a as u8 as f64),
             ("TRANS_B", g.trans_b as u8 as f64),
@@ -242,22 +362,42 @@ pub fn gemm(
         0,
     ]);
     let bias = bias.unwrap_or(&ctx.dummy);
-    ctx.dispatch(
-        encoder,
-        &kernel,
-        &[
-            params.as_entire_binding(),
-            a.binding(),
-            b.binding(),
-            bias.binding(),
-            c.binding(),
-        ],
-        [
-            g.n.div_ceil(TILE) as u32,
-            g.m.div_ceil(TILE) as u32,
-            (g.batch[0] * g.batch[1]) as u32,
-        ],
-    );
+    let batches = (g.batch[0] * g.batch[1]) as u32;
+    match variant {
+        Variant::Tiled => ctx.dispatch(
+            encoder,
+            &kernel,
+            &[
+                params.as_entire_binding(),
+                a.binding(),
+                b.binding(),
+                bias.binding(),
+                c.binding(),
+            ],
+            [
+                g.n.div_ceil(TILE) as u32,
+                g.m.div_ceil(TILE) as u32,
+                batches,
+            ],
+        ),
+        // A and B as array<vec4<f32>> at bindings 5 and 6.
+        Variant::Direct => ctx.dispatch_at(
+            encoder,
+            &kernel,
+            &[
+                (0, params.as_entire_binding()),
+                (3, bias.binding()),
+                (4, c.binding()),
+                (5, a.binding()),
+                (6, b.binding()),
+            ],
+            [
+                g.n.div_ceil(DIRECT_TILE[1]) as u32,
+                g.m.div_ceil(DIRECT_TILE[0]) as u32,
+                batches,
+            ],
+        ),
+    }
     Ok(())
 }
 
@@ -312,4 +452,191 @@ pub fn linear_backward_weight(
     let mut g = Gemm::new(out_features, in_features, rows).trans_a();
     g.accumulate = accumulate;
     gemm(ctx, encoder, &g, dy, x, None, dw)
+}
+
+#[cfg(test)]
+mod tests {
+    //! Both variants against [`cpu_ref::gemm`](super::super::cpu_ref::gemm) on
+    //! vec4-aligned shapes that are not multiples of either variant's tile (the
+    //! unaligned shapes, which only `Tiled` runs, are in `tests/gpu_kernels.rs`).
+    //! Needs a wgpu adapter, like `tests/gpu_kernels.rs` (`FEDSB_ADAPTER` picks one).
+
+    use std::sync::OnceLock;
+
+    use super::*;
+    use crate::gpu::{cpu_ref, GpuOptions};
+
+    fn ctx() -> &'static GpuContext {
+        static CTX: OnceLock<GpuContext> = OnceLock::new();
+        CTX.get_or_init(|| {
+            let name = std::env::var("FEDSB_ADAPTER").ok();
+            let options = GpuOptions {
+                adapter: name.as_deref(),
+            };
+            pollster::block_on(GpuContext::new(&options))
+                .unwrap_or_else(|e| panic!("matmul tests need a wgpu adapter: {e}"))
+        })
+    }
+
+    /// Values in [-1, 1) from a 64-bit LCG.
+    fn values(seed: u64, n: usize) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Runs `g` with `variant` and compares with the CPU reference.
+    fn check(variant: Variant, g: &Gemm, bias: bool, lens: [usize; 3], seed: u64) {
+        let ctx = ctx();
+        let a = values(seed, lens[0]);
+        let b = values(seed + 1, lens[1]);
+        let c0 = values(seed + 2, lens[2]);
+        let bv = values(seed + 3, g.n);
+        let (ga, gb, gc, gbias) = (
+            ctx.buffer_f32("a", &a),
+            ctx.buffer_f32("b", &b),
+            ctx.buffer_f32("c", &c0),
+            ctx.buffer_f32("bias", &bv),
+        );
+        let mut enc = ctx.encoder();
+        gemm_variant(
+            ctx,
+            &mut enc,
+            g,
+            variant,
+            &ga,
+            &gb,
+            bias.then_some(&gbias),
+            &gc,
+        )
+        .expect("launch");
+        ctx.submit(enc);
+        let got = pollster::block_on(ctx.read_f32(&gc)).expect("read-back");
+        let mut want = c0;
+        cpu_ref::gemm(g, &a, &b, bias.then_some(&bv[..]), &mut want);
+        for (i, (x, y)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (x - y).abs() <= 1e-4 + 1e-4 * y.abs(),
+                "{variant:?} {g:?} bias={bias}: index {i}: {x} vs {y}"
+            );
+        }
+    }
+
+    #[test]
+    fn matmul_variants_match_reference_on_aligned_shapes() {
+        // (m, k, n): edges inside both tiles (12×96 direct, 64×64 tiled), K tails
+        // of 4, single rows and columns where the orientation allows them.
+        let shapes = [
+            (40, 60, 52),
+            (4, 4, 4),
+            (100, 8, 200),
+            (12, 300, 8),
+            (68, 132, 100),
+        ];
+        let mut seed = 1;
+        for variant in [Variant::Tiled, Variant::Direct] {
+            for (m, k, n) in shapes {
+                for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+                    let mut g = Gemm::new(m, n, k);
+                    if ta {
+                        g = g.trans_a();
+                    }
+                    if tb {
+                        g = g.trans_b();
+                    }
+                    assert!(variant.supports(&g), "{g:?}");
+                    let lens = [m * k, k * n, m * n];
+                    check(variant, &g, false, lens, seed);
+                    check(variant, &g.alpha(0.5).accumulate(), true, lens, seed + 10);
+                    seed += 100;
+                }
+            }
+            // Rows of op(A) and columns of op(B) need no alignment when they are
+            // not the stored rows: M = 37 plain A, N = 53 with B transposed.
+            let g = Gemm::new(37, 53, 60).trans_b();
+            assert!(variant.supports(&g));
+            check(variant, &g, true, [37 * 60, 53 * 60, 37 * 53], seed);
+        }
+    }
+
+    #[test]
+    fn matmul_variants_match_reference_batched_strided() {
+        // Attention-shaped, per (sequence, head) Q·Kᵀ on [B, T, H·D] storage with
+        // D a multiple of 4, then with offsets and a padded C.
+        let (bsz, t, h, d) = (3, 37, 5, 12);
+        let hidden = h * d;
+        let qk = Gemm::new(t, t, d)
+            .trans_b()
+            .ld(hidden, hidden, t)
+            .alpha(0.25)
+            .batched(bsz, h, [t * hidden, d], [t * hidden, d], [h * t * t, t * t]);
+        let pv = Gemm::new(t - 1, d, t - 5)
+            .ld(hidden, hidden, 13)
+            .offsets(d, 4 * hidden, 2)
+            .batched(
+                bsz,
+                h,
+                [t * hidden, d],
+                [t * hidden, d],
+                [h * 13 * t, 13 * t],
+            );
+        for variant in [Variant::Tiled, Variant::Direct] {
+            assert!(variant.supports(&qk) && variant.supports(&pv));
+            let lens = [bsz * t * hidden, bsz * t * hidden, bsz * h * t * t];
+            check(variant, &qk, false, lens, 7);
+            let lens = [bsz * t * hidden, bsz * t * hidden, bsz * h * 13 * t];
+            check(variant, &pv, true, lens, 8);
+        }
+    }
+
+    #[test]
+    fn matmul_direct_needs_vec4_alignment() {
+        let aligned = Gemm::new(40, 52, 60);
+        assert!(aligned.vec4_aligned());
+        for g in [
+            Gemm::new(40, 52, 61),                            // K
+            Gemm::new(40, 53, 60),                            // stored row of B
+            Gemm::new(37, 52, 60).trans_a(),                  // stored row of Aᵀ
+            aligned.ld(62, 52, 52),                           // lda
+            aligned.offsets(0, 2, 0),                         // offset of B
+            aligned.batched(2, 1, [2402, 0], [0; 2], [0; 2]), // batch stride of A
+        ] {
+            assert!(!g.vec4_aligned(), "{g:?}");
+            assert!(!Variant::Direct.supports(&g) && Variant::Tiled.supports(&g));
+        }
+        // C needs no alignment.
+        assert!(aligned.ld(60, 52, 53).offsets(0, 0, 1).vec4_aligned());
+        // The launcher refuses an unsupported explicit variant.
+        let ctx = ctx();
+        let buf = ctx.buffer_zeros("x", 40 * 61 + 61 * 52);
+        let mut enc = ctx.encoder();
+        let err = gemm_variant(
+            ctx,
+            &mut enc,
+            &Gemm::new(40, 52, 61),
+            Variant::Direct,
+            &buf,
+            &buf,
+            None,
+            &ctx.buffer_zeros("c", 40 * 52),
+        );
+        assert!(matches!(err, Err(GpuError::Shape(_))), "{err:?}");
+        // Selection: Direct only on CPU adapters (unless overridden) and only for
+        // aligned products.
+        if std::env::var_os("FEDSB_MATMUL_VARIANT").is_none() {
+            let cpu = ctx.adapter_info().device_type == wgpu::DeviceType::Cpu;
+            let want = if cpu { Variant::Direct } else { Variant::Tiled };
+            assert_eq!(Variant::for_gemm(ctx, &aligned), want);
+        }
+        assert_eq!(
+            Variant::for_gemm(ctx, &Gemm::new(40, 53, 60)),
+            Variant::Tiled
+        );
+    }
 }

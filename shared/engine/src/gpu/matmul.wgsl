@@ -1,4 +1,4 @@
-// Tiled general matrix multiply:
+// General matrix multiply, two entry points over the same parameters:
 //
 //     C[M, N] = alpha * op(A)[M, K] · op(B)[K, N]  (+ bias[N])  (+ C if accumulate)
 //
@@ -11,8 +11,9 @@
 // off + outer * bs0 + inner * bs1 (elements). Attention uses outer = sequence,
 // inner = head.
 //
-// Each workgroup of 8×8 invocations computes a 64×64 tile of C; each invocation an
-// 8×8 block held in 16 vec4 registers (register blocking). A and B tiles of depth
+// `main` (tiled, any shape; the kernel for real GPUs): each workgroup of 8×8
+// invocations computes a 64×64 tile of C; each invocation an 8×8 block held in
+// 16 vec4 registers (register blocking). A and B tiles of depth
 // BK = 16 are staged in workgroup memory in their stored orientation, as vec4
 // along the contiguous dimension, and the inner loop consumes 4 k at a time: 16
 // vec4 reads of workgroup memory feed 256 FMAs.
@@ -26,6 +27,9 @@
 //
 // Out-of-range elements load as 0 and out-of-range outputs are not written, so
 // any shape works.
+//
+// `main_direct` (at the end of the file) is the variant the launcher picks on CPU
+// adapters: no workgroup memory and no barriers, about 2x faster on lavapipe.
 
 struct Params {
     m: u32,
@@ -231,4 +235,200 @@ fn main(
     store4(c_base, r + 5u, q, acc.r5l); store4(c_base, r + 5u, q + 4u, acc.r5h);
     store4(c_base, r + 6u, q, acc.r6l); store4(c_base, r + 6u, q + 4u, acc.r6h);
     store4(c_base, r + 7u, q, acc.r7l); store4(c_base, r + 7u, q + 4u, acc.r7h);
+}
+
+// ---------------------------------------------------------------- direct variant
+//
+// `main_direct`: barrier-free, no workgroup memory, for CPU adapters (lavapipe).
+// Each invocation computes a DM×DN = 12×12 block of C straight from storage and
+// the CPU caches do the tiling; a workgroup is 8 invocations side by side along
+// N (one 8-lane SIMD vector on llvmpipe), a 12×96 tile. Every load is a vec4
+// (A and B bound a second time as array<vec4<f32>>, bindings 5 and 6), so the
+// launcher uses it only when K, the contiguous dimensions, the row strides, the
+// offsets and the batch strides of A and B are multiples of 4. Rows and columns
+// past the edge are clamped to the last one (no branches, so llvmpipe runs no
+// masked code in the loop) and their results are not stored.
+
+const DM: u32 = 12u;
+const DN: u32 = 12u;
+const DWG: u32 = 8u;
+
+@group(0) @binding(5) var<storage, read> a4: array<vec4<f32>>;
+@group(0) @binding(6) var<storage, read> b4: array<vec4<f32>>;
+
+// The 12×12 accumulator block: rI_J = row I, columns 4J .. 4J+3.
+struct Acc12 {
+    r0_0: vec4<f32>, r0_1: vec4<f32>, r0_2: vec4<f32>,
+    r1_0: vec4<f32>, r1_1: vec4<f32>, r1_2: vec4<f32>,
+    r2_0: vec4<f32>, r2_1: vec4<f32>, r2_2: vec4<f32>,
+    r3_0: vec4<f32>, r3_1: vec4<f32>, r3_2: vec4<f32>,
+    r4_0: vec4<f32>, r4_1: vec4<f32>, r4_2: vec4<f32>,
+    r5_0: vec4<f32>, r5_1: vec4<f32>, r5_2: vec4<f32>,
+    r6_0: vec4<f32>, r6_1: vec4<f32>, r6_2: vec4<f32>,
+    r7_0: vec4<f32>, r7_1: vec4<f32>, r7_2: vec4<f32>,
+    r8_0: vec4<f32>, r8_1: vec4<f32>, r8_2: vec4<f32>,
+    r9_0: vec4<f32>, r9_1: vec4<f32>, r9_2: vec4<f32>,
+    r10_0: vec4<f32>, r10_1: vec4<f32>, r10_2: vec4<f32>,
+    r11_0: vec4<f32>, r11_1: vec4<f32>, r11_2: vec4<f32>,
+}
+
+// acc += a_col ⊗ b_row for one k: a_col = rows 0-3, 4-7, 8-11 (a0, a1, a2),
+// b_row = columns 0-3, 4-7, 8-11 (b0, b1, b2).
+fn outer12(acc: ptr<function, Acc12>, a0: vec4<f32>, a1: vec4<f32>, a2: vec4<f32>,
+           b0: vec4<f32>, b1: vec4<f32>, b2: vec4<f32>) {
+    (*acc).r0_0 = fma(vec4<f32>(a0.x), b0, (*acc).r0_0); (*acc).r0_1 = fma(vec4<f32>(a0.x), b1, (*acc).r0_1); (*acc).r0_2 = fma(vec4<f32>(a0.x), b2, (*acc).r0_2);
+    (*acc).r1_0 = fma(vec4<f32>(a0.y), b0, (*acc).r1_0); (*acc).r1_1 = fma(vec4<f32>(a0.y), b1, (*acc).r1_1); (*acc).r1_2 = fma(vec4<f32>(a0.y), b2, (*acc).r1_2);
+    (*acc).r2_0 = fma(vec4<f32>(a0.z), b0, (*acc).r2_0); (*acc).r2_1 = fma(vec4<f32>(a0.z), b1, (*acc).r2_1); (*acc).r2_2 = fma(vec4<f32>(a0.z), b2, (*acc).r2_2);
+    (*acc).r3_0 = fma(vec4<f32>(a0.w), b0, (*acc).r3_0); (*acc).r3_1 = fma(vec4<f32>(a0.w), b1, (*acc).r3_1); (*acc).r3_2 = fma(vec4<f32>(a0.w), b2, (*acc).r3_2);
+    (*acc).r4_0 = fma(vec4<f32>(a1.x), b0, (*acc).r4_0); (*acc).r4_1 = fma(vec4<f32>(a1.x), b1, (*acc).r4_1); (*acc).r4_2 = fma(vec4<f32>(a1.x), b2, (*acc).r4_2);
+    (*acc).r5_0 = fma(vec4<f32>(a1.y), b0, (*acc).r5_0); (*acc).r5_1 = fma(vec4<f32>(a1.y), b1, (*acc).r5_1); (*acc).r5_2 = fma(vec4<f32>(a1.y), b2, (*acc).r5_2);
+    (*acc).r6_0 = fma(vec4<f32>(a1.z), b0, (*acc).r6_0); (*acc).r6_1 = fma(vec4<f32>(a1.z), b1, (*acc).r6_1); (*acc).r6_2 = fma(vec4<f32>(a1.z), b2, (*acc).r6_2);
+    (*acc).r7_0 = fma(vec4<f32>(a1.w), b0, (*acc).r7_0); (*acc).r7_1 = fma(vec4<f32>(a1.w), b1, (*acc).r7_1); (*acc).r7_2 = fma(vec4<f32>(a1.w), b2, (*acc).r7_2);
+    (*acc).r8_0 = fma(vec4<f32>(a2.x), b0, (*acc).r8_0); (*acc).r8_1 = fma(vec4<f32>(a2.x), b1, (*acc).r8_1); (*acc).r8_2 = fma(vec4<f32>(a2.x), b2, (*acc).r8_2);
+    (*acc).r9_0 = fma(vec4<f32>(a2.y), b0, (*acc).r9_0); (*acc).r9_1 = fma(vec4<f32>(a2.y), b1, (*acc).r9_1); (*acc).r9_2 = fma(vec4<f32>(a2.y), b2, (*acc).r9_2);
+    (*acc).r10_0 = fma(vec4<f32>(a2.z), b0, (*acc).r10_0); (*acc).r10_1 = fma(vec4<f32>(a2.z), b1, (*acc).r10_1); (*acc).r10_2 = fma(vec4<f32>(a2.z), b2, (*acc).r10_2);
+    (*acc).r11_0 = fma(vec4<f32>(a2.w), b0, (*acc).r11_0); (*acc).r11_1 = fma(vec4<f32>(a2.w), b1, (*acc).r11_1); (*acc).r11_2 = fma(vec4<f32>(a2.w), b2, (*acc).r11_2);
+}
+
+@compute @workgroup_size(8, 1, 1)
+fn main_direct(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let outer_b = wid.z / p.batch_inner;
+    let inner_b = wid.z % p.batch_inner;
+    // A and B indices in vec4 units.
+    let a_base = (p.a_off + outer_b * p.a_bs0 + inner_b * p.a_bs1) / 4u;
+    let b_base = (p.b_off + outer_b * p.b_bs0 + inner_b * p.b_bs1) / 4u;
+    let c_base = p.c_off + outer_b * p.c_bs0 + inner_b * p.c_bs1;
+    let lda4 = p.lda / 4u;
+    let ldb4 = p.ldb / 4u;
+    let r0 = wid.y * DM; // first row of this invocation's block
+    let c0 = (wid.x * DWG + lid.x) * DN; // first column
+
+    // Start of each needed row of the stored A and B (clamped), in vec4 units.
+    // A: row r0+i (k contiguous) or, TRANS_A, the m-quads r0/4+q (m contiguous).
+    // B: the n-quads c0/4+q (n contiguous) or, TRANS_B, row c0+j (k contiguous).
+    let aq0 = a_base + min(r0 / 4u, p.m / 4u - 1u);
+    let aq1 = a_base + min(r0 / 4u + 1u, p.m / 4u - 1u);
+    let aq2 = a_base + min(r0 / 4u + 2u, p.m / 4u - 1u);
+    let ar0 = a_base + min(r0, p.m - 1u) * lda4;
+    let ar1 = a_base + min(r0 + 1u, p.m - 1u) * lda4;
+    let ar2 = a_base + min(r0 + 2u, p.m - 1u) * lda4;
+    let ar3 = a_base + min(r0 + 3u, p.m - 1u) * lda4;
+    let ar4 = a_base + min(r0 + 4u, p.m - 1u) * lda4;
+    let ar5 = a_base + min(r0 + 5u, p.m - 1u) * lda4;
+    let ar6 = a_base + min(r0 + 6u, p.m - 1u) * lda4;
+    let ar7 = a_base + min(r0 + 7u, p.m - 1u) * lda4;
+    let ar8 = a_base + min(r0 + 8u, p.m - 1u) * lda4;
+    let ar9 = a_base + min(r0 + 9u, p.m - 1u) * lda4;
+    let ar10 = a_base + min(r0 + 10u, p.m - 1u) * lda4;
+    let ar11 = a_base + min(r0 + 11u, p.m - 1u) * lda4;
+    let bq0 = b_base + min(c0 / 4u, p.n / 4u - 1u);
+    let bq1 = b_base + min(c0 / 4u + 1u, p.n / 4u - 1u);
+    let bq2 = b_base + min(c0 / 4u + 2u, p.n / 4u - 1u);
+    let br0 = b_base + min(c0, p.n - 1u) * ldb4;
+    let br1 = b_base + min(c0 + 1u, p.n - 1u) * ldb4;
+    let br2 = b_base + min(c0 + 2u, p.n - 1u) * ldb4;
+    let br3 = b_base + min(c0 + 3u, p.n - 1u) * ldb4;
+    let br4 = b_base + min(c0 + 4u, p.n - 1u) * ldb4;
+    let br5 = b_base + min(c0 + 5u, p.n - 1u) * ldb4;
+    let br6 = b_base + min(c0 + 6u, p.n - 1u) * ldb4;
+    let br7 = b_base + min(c0 + 7u, p.n - 1u) * ldb4;
+    let br8 = b_base + min(c0 + 8u, p.n - 1u) * ldb4;
+    let br9 = b_base + min(c0 + 9u, p.n - 1u) * ldb4;
+    let br10 = b_base + min(c0 + 10u, p.n - 1u) * ldb4;
+    let br11 = b_base + min(c0 + 11u, p.n - 1u) * ldb4;
+
+    var acc: Acc12;
+    for (var kq = 0u; kq < p.k / 4u; kq++) {
+        // Columns of op(A) for k = 4kq .. 4kq+3: ak_q = rows 4q .. 4q+3 at k = 4kq+k.
+        var a0_0: vec4<f32>; var a0_1: vec4<f32>; var a0_2: vec4<f32>;
+        var a1_0: vec4<f32>; var a1_1: vec4<f32>; var a1_2: vec4<f32>;
+        var a2_0: vec4<f32>; var a2_1: vec4<f32>; var a2_2: vec4<f32>;
+        var a3_0: vec4<f32>; var a3_1: vec4<f32>; var a3_2: vec4<f32>;
+        if TRANS_A {
+            let k0 = 4u * kq * lda4;
+            a0_0 = a4[aq0 + k0]; a0_1 = a4[aq1 + k0]; a0_2 = a4[aq2 + k0];
+            a1_0 = a4[aq0 + k0 + 1u * lda4]; a1_1 = a4[aq1 + k0 + 1u * lda4]; a1_2 = a4[aq2 + k0 + 1u * lda4];
+            a2_0 = a4[aq0 + k0 + 2u * lda4]; a2_1 = a4[aq1 + k0 + 2u * lda4]; a2_2 = a4[aq2 + k0 + 2u * lda4];
+            a3_0 = a4[aq0 + k0 + 3u * lda4]; a3_1 = a4[aq1 + k0 + 3u * lda4]; a3_2 = a4[aq2 + k0 + 3u * lda4];
+        } else {
+            let x0 = a4[ar0 + kq];
+            let x1 = a4[ar1 + kq];
+            let x2 = a4[ar2 + kq];
+            let x3 = a4[ar3 + kq];
+            let x4 = a4[ar4 + kq];
+            let x5 = a4[ar5 + kq];
+            let x6 = a4[ar6 + kq];
+            let x7 = a4[ar7 + kq];
+            let x8 = a4[ar8 + kq];
+            let x9 = a4[ar9 + kq];
+            let x10 = a4[ar10 + kq];
+            let x11 = a4[ar11 + kq];
+            a0_0 = vec4<f32>(x0.x, x1.x, x2.x, x3.x);
+            a0_1 = vec4<f32>(x4.x, x5.x, x6.x, x7.x);
+            a0_2 = vec4<f32>(x8.x, x9.x, x10.x, x11.x);
+            a1_0 = vec4<f32>(x0.y, x1.y, x2.y, x3.y);
+            a1_1 = vec4<f32>(x4.y, x5.y, x6.y, x7.y);
+            a1_2 = vec4<f32>(x8.y, x9.y, x10.y, x11.y);
+            a2_0 = vec4<f32>(x0.z, x1.z, x2.z, x3.z);
+            a2_1 = vec4<f32>(x4.z, x5.z, x6.z, x7.z);
+            a2_2 = vec4<f32>(x8.z, x9.z, x10.z, x11.z);
+            a3_0 = vec4<f32>(x0.w, x1.w, x2.w, x3.w);
+            a3_1 = vec4<f32>(x4.w, x5.w, x6.w, x7.w);
+            a3_2 = vec4<f32>(x8.w, x9.w, x10.w, x11.w);
+        }
+        // Rows of op(B) for the same k: bk_q = columns 4q .. 4q+3.
+        var b0_0: vec4<f32>; var b0_1: vec4<f32>; var b0_2: vec4<f32>;
+        var b1_0: vec4<f32>; var b1_1: vec4<f32>; var b1_2: vec4<f32>;
+        var b2_0: vec4<f32>; var b2_1: vec4<f32>; var b2_2: vec4<f32>;
+        var b3_0: vec4<f32>; var b3_1: vec4<f32>; var b3_2: vec4<f32>;
+        if TRANS_B {
+            let y0 = b4[br0 + kq];
+            let y1 = b4[br1 + kq];
+            let y2 = b4[br2 + kq];
+            let y3 = b4[br3 + kq];
+            let y4 = b4[br4 + kq];
+            let y5 = b4[br5 + kq];
+            let y6 = b4[br6 + kq];
+            let y7 = b4[br7 + kq];
+            let y8 = b4[br8 + kq];
+            let y9 = b4[br9 + kq];
+            let y10 = b4[br10 + kq];
+            let y11 = b4[br11 + kq];
+            b0_0 = vec4<f32>(y0.x, y1.x, y2.x, y3.x);
+            b0_1 = vec4<f32>(y4.x, y5.x, y6.x, y7.x);
+            b0_2 = vec4<f32>(y8.x, y9.x, y10.x, y11.x);
+            b1_0 = vec4<f32>(y0.y, y1.y, y2.y, y3.y);
+            b1_1 = vec4<f32>(y4.y, y5.y, y6.y, y7.y);
+            b1_2 = vec4<f32>(y8.y, y9.y, y10.y, y11.y);
+            b2_0 = vec4<f32>(y0.z, y1.z, y2.z, y3.z);
+            b2_1 = vec4<f32>(y4.z, y5.z, y6.z, y7.z);
+            b2_2 = vec4<f32>(y8.z, y9.z, y10.z, y11.z);
+            b3_0 = vec4<f32>(y0.w, y1.w, y2.w, y3.w);
+            b3_1 = vec4<f32>(y4.w, y5.w, y6.w, y7.w);
+            b3_2 = vec4<f32>(y8.w, y9.w, y10.w, y11.w);
+        } else {
+            let k0 = 4u * kq * ldb4;
+            b0_0 = b4[bq0 + k0]; b0_1 = b4[bq1 + k0]; b0_2 = b4[bq2 + k0];
+            b1_0 = b4[bq0 + k0 + 1u * ldb4]; b1_1 = b4[bq1 + k0 + 1u * ldb4]; b1_2 = b4[bq2 + k0 + 1u * ldb4];
+            b2_0 = b4[bq0 + k0 + 2u * ldb4]; b2_1 = b4[bq1 + k0 + 2u * ldb4]; b2_2 = b4[bq2 + k0 + 2u * ldb4];
+            b3_0 = b4[bq0 + k0 + 3u * ldb4]; b3_1 = b4[bq1 + k0 + 3u * ldb4]; b3_2 = b4[bq2 + k0 + 3u * ldb4];
+        }
+        outer12(&acc, a0_0, a0_1, a0_2, b0_0, b0_1, b0_2);
+        outer12(&acc, a1_0, a1_1, a1_2, b1_0, b1_1, b1_2);
+        outer12(&acc, a2_0, a2_1, a2_2, b2_0, b2_1, b2_2);
+        outer12(&acc, a3_0, a3_1, a3_2, b3_0, b3_1, b3_2);
+    }
+
+    store4(c_base, r0, c0, acc.r0_0); store4(c_base, r0, c0 + 4u, acc.r0_1); store4(c_base, r0, c0 + 8u, acc.r0_2);
+    store4(c_base, r0 + 1u, c0, acc.r1_0); store4(c_base, r0 + 1u, c0 + 4u, acc.r1_1); store4(c_base, r0 + 1u, c0 + 8u, acc.r1_2);
+    store4(c_base, r0 + 2u, c0, acc.r2_0); store4(c_base, r0 + 2u, c0 + 4u, acc.r2_1); store4(c_base, r0 + 2u, c0 + 8u, acc.r2_2);
+    store4(c_base, r0 + 3u, c0, acc.r3_0); store4(c_base, r0 + 3u, c0 + 4u, acc.r3_1); store4(c_base, r0 + 3u, c0 + 8u, acc.r3_2);
+    store4(c_base, r0 + 4u, c0, acc.r4_0); store4(c_base, r0 + 4u, c0 + 4u, acc.r4_1); store4(c_base, r0 + 4u, c0 + 8u, acc.r4_2);
+    store4(c_base, r0 + 5u, c0, acc.r5_0); store4(c_base, r0 + 5u, c0 + 4u, acc.r5_1); store4(c_base, r0 + 5u, c0 + 8u, acc.r5_2);
+    store4(c_base, r0 + 6u, c0, acc.r6_0); store4(c_base, r0 + 6u, c0 + 4u, acc.r6_1); store4(c_base, r0 + 6u, c0 + 8u, acc.r6_2);
+    store4(c_base, r0 + 7u, c0, acc.r7_0); store4(c_base, r0 + 7u, c0 + 4u, acc.r7_1); store4(c_base, r0 + 7u, c0 + 8u, acc.r7_2);
+    store4(c_base, r0 + 8u, c0, acc.r8_0); store4(c_base, r0 + 8u, c0 + 4u, acc.r8_1); store4(c_base, r0 + 8u, c0 + 8u, acc.r8_2);
+    store4(c_base, r0 + 9u, c0, acc.r9_0); store4(c_base, r0 + 9u, c0 + 4u, acc.r9_1); store4(c_base, r0 + 9u, c0 + 8u, acc.r9_2);
+    store4(c_base, r0 + 10u, c0, acc.r10_0); store4(c_base, r0 + 10u, c0 + 4u, acc.r10_1); store4(c_base, r0 + 10u, c0 + 8u, acc.r10_2);
+    store4(c_base, r0 + 11u, c0, acc.r11_0); store4(c_base, r0 + 11u, c0 + 4u, acc.r11_1); store4(c_base, r0 + 11u, c0 + 8u, acc.r11_2);
 }

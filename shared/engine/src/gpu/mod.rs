@@ -7,8 +7,9 @@
 //!
 //! Kernel families, one `.wgsl` file next to each launcher:
 //! - [`matmul`]: `C = alpha·op(A)·op(B) (+ bias) (+ C)`, tiled 64×64 with 8×8
-//!   register blocking; transposes for `X·Wᵀ + b`, `dY·W`, `dYᵀ·X`; batched and
-//!   strided (attention heads).
+//!   register blocking, or on CPU adapters barrier-free with 12×12 register
+//!   blocks read straight from storage; transposes for `X·Wᵀ + b`, `dY·W`,
+//!   `dYᵀ·X`; batched and strided (attention heads).
 //! - [`gelu`]: exact erf-based GELU forward and backward.
 //! - [`layernorm`]: LayerNorm of `x (+ residual)` forward (saving mean and
 //!   1/std per row) and input gradient.
@@ -32,20 +33,58 @@
 //!
 //! # Performance on lavapipe
 //!
-//! `examples/bench_matmul.rs` prints GFLOP/s. On the 2-core CI/dev machine
-//! (Xeon Sapphire Rapids, Mesa 22.3.6 llvmpipe, LLVM 15, 256-bit) the matmul runs
-//! at about 3–4.5 GFLOP/s for the BERT shapes, while numpy/OpenBLAS sgemm on the
-//! same cores reaches 100–340 GFLOP/s: about 1–4 %, far from the 30 % goal.
+//! `examples/bench_matmul.rs` prints GFLOP/s of both matmul variants back to back.
+//! On the 2-core CI/dev machine (Xeon Sapphire Rapids, Mesa 22.3.6 llvmpipe, LLVM
+//! 15, 256-bit) numpy/OpenBLAS sgemm on the same cores reaches 100–340 GFLOP/s;
+//! the 30 % goal is therefore about 30–100 GFLOP/s, and it is **not met**.
+//!
 //! Cause (Mesa's gallivm source, `lp_bld_nir_soa.c`, and micro-benchmarks here):
-//! this llvmpipe compiles every storage- and workgroup-memory load into a
-//! per-lane scalar loop (several cycles per lane), and every barrier into a
-//! coroutine switch, so a shared-memory GEMM is bound by load instructions
-//! and barriers, not FMAs. Removing all inner-loop loads (wrong results) only
-//! doubled the speed; removing the barriers gave about 1.7× (both measured on a
-//! machine shared with other builds, so ±30 %). The kernel therefore
-//! minimises load instructions (vec4, 8×8 register blocks: 3× over the first
-//! 4×4 version); it is an ordinary tiled GEMM on real GPUs, where it should be
-//! measured against the GPU's peak.
+//! this llvmpipe compiles every storage- and workgroup-memory load into a loop
+//! over the 8 SIMD lanes with a branch per lane (a vec4 costs about as much as a
+//! scalar: the components share the loop), and every barrier into a coroutine
+//! switch. A GEMM is bound by load instructions per FMA, not by FMAs: FMAs are
+//! cheap (8 lanes per AVX op), and accumulator spills only start to cost beyond
+//! about 16×12 accumulators per invocation (see the sweep below).
+//!
+//! Two variants of `matmul.wgsl`, picked by [`matmul::Variant::for_gemm`]:
+//! - `Tiled` (`main`, any shape; real GPUs): 64×64 workgroup tiles staged in
+//!   workgroup memory, 8×8 register blocks, vec4 reads of workgroup memory:
+//!   2.1–4.6 GFLOP/s on lavapipe (1–4 % of numpy). Removing all its inner-loop
+//!   loads (wrong results) only doubled the speed, removing the barriers 1.7×.
+//! - `Direct` (`main_direct`, CPU adapters, vec4-aligned A and B): no workgroup
+//!   memory, no barriers, no branches in the K loop (edge rows and columns are
+//!   clamped, not masked); each invocation reads a 12×12 block's rows of A and
+//!   columns of B straight from storage as vec4 and the CPU caches do the
+//!   tiling. 1.6–2.8× `Tiled` in the same runs (mostly about 2×): 4.1–9.6
+//!   GFLOP/s at load average 5–6 (medians of two `bench_matmul` runs; 7–11 at
+//!   load 2–4), still 2–8 % of numpy's quiet sgemm. End to end (`bench_encoder
+//!   32 64 32 1`, BENCHMARKS.md) a training step got about 2.4× faster.
+//!
+//! Barrier-free sweep (a throw-away harness timing generated WGSL variants back
+//! to back, best of 2 rounds, load average 2–4, GFLOP/s for the four BERT
+//! shapes; `Tiled` gave 4.0–4.9 in the same runs): per-invocation block 4×4:
+//! 3.5–5.0; 4×8: 4.2–6.0; 8×4: 4.3–5.8; 8×8: 5.9–8.2; 8×12 / 12×8: 6.2–8.9;
+//! 8×16 / 16×8: 8.3–9.7; 12×12: 7.2–11.2; 16×12: 8.3–11.2; 16×16: 7.8–8.6
+//! (accumulator spills start to cost). Workgroups of 8×1, 8×2, 8×8 or 16×4
+//! invocations made no difference beyond the noise, so `Direct` uses 8 (one SIMD
+//! vector, the smallest tile for attention's small products). The loads per FMA,
+//! `(TM + TN) / (TM·TN)` per lane, explain the order.
+//!
+//! Where the next factor is: **subgroups**. Every lane of a block row loads the
+//! same A values (8× redundant loads); with `subgroupBroadcast` (a register
+//! shuffle in llvmpipe, whose subgroup is the 8-lane SIMD vector) each lane loads
+//! a distinct eighth of the A block, so a lane needs TM/8 + TN instead of
+//! TM + TN vec4 loads per 4 k and TM can grow to 32. Measured in the same
+//! harness on a device created with
+//! `wgpu::Features::SUBGROUP` (lavapipe has it, subgroup size 8), workgroup 8:
+//! 32 rows × 4 columns per lane 16–19.5 GFLOP/s for `A·B` and `A·Bᵀ`, 14–15.6
+//! for `Aᵀ·B` (32×8 per lane: up to 22.4 for `A·Bᵀ` but 10–12 for `Aᵀ·B`), i.e.
+//! 3.5–4.5× `Tiled` and about 2× `Direct` (12×12) in the same runs. It needs
+//! [`GpuContext::new`] to request `SUBGROUP` where the adapter offers it, and a
+//! separate WGSL source (wgpu validates a whole module against the device's
+//! features, so subgroup built-ins cannot sit in `matmul.wgsl`). Even so lavapipe stays near 5–7 % of numpy; 30 %
+//! would need either a Mesa whose memory access is vectorised or a native
+//! (non-WGSL) sgemm on CPU adapters.
 
 pub mod adamw;
 pub mod attention;
