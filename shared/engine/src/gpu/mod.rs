@@ -70,6 +70,13 @@
 //! vector, the smallest tile for attention's small products). The loads per FMA,
 //! `(TM + TN) / (TM·TN)` per lane, explain the order.
 //!
+//! Uniform addresses are not cheaper here: in `Direct` the 8 lanes of a
+//! workgroup share their rows of A, so every A load has the same address in all
+//! lanes. Replacing those loads by arithmetic (wrong results) made the 12×12
+//! block 1.3–1.6× faster, replacing the per-lane B loads 1.3–1.9× (`A·Bᵀ`, same
+//! run, load average 11): both cost about the same, this llvmpipe has no
+//! single-load path for them.
+//!
 //! Where the next factor is: **subgroups**. Every lane of a block row loads the
 //! same A values (8× redundant loads); with `subgroupBroadcast` (a register
 //! shuffle in llvmpipe, whose subgroup is the 8-lane SIMD vector) each lane loads
@@ -85,6 +92,12 @@
 //! features, so subgroup built-ins cannot sit in `matmul.wgsl`). Even so lavapipe stays near 5–7 % of numpy; 30 %
 //! would need either a Mesa whose memory access is vectorised or a native
 //! (non-WGSL) sgemm on CPU adapters.
+//!
+//! Not tried: reading A and B through uniform buffers (which Mesa's source
+//! compiles to a branch-free gather instead of the per-lane loop) or
+//! `textureLoad` (texel fetch, also without that loop); both need copies of
+//! the operands before every product (uniform bindings of 64 KiB by default,
+//! textures of at most 8192 rows).
 
 pub mod adamw;
 pub mod attention;
