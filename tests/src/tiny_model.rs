@@ -50,15 +50,99 @@ pub fn tokenizer_json() -> Vec<u8> {
 /// Writes `config.json`, `model.safetensors` (random weights, a deterministic
 /// function of `seed`) and `tokenizer.json` into `dir` (created if needed).
 pub fn write_tiny_model(dir: &Path, seed: u64) -> anyhow::Result<BertConfig> {
-    std::fs::create_dir_all(dir)?;
     let config = tiny_config();
-    let mut json = serde_json::to_value(&config)?;
+    write_bert(
+        dir,
+        &BertWeights::random(&config, seed, 0.3),
+        &tokenizer_json(),
+    )?;
+    Ok(config)
+}
+
+/// Writes a model directory: `config.json` (of `weights`), `model.safetensors`
+/// and `tokenizer` as `tokenizer.json` (its vocabulary must have
+/// `weights.config.vocab_size` entries) into `dir` (created if needed).
+pub fn write_bert(dir: &Path, weights: &BertWeights, tokenizer: &[u8]) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut json = serde_json::to_value(&weights.config)?;
     json["architectures"] = json!(["BertModel"]);
     std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&json)?)?;
-    let weights = BertWeights::random(&config, seed, 0.3);
     std::fs::write(dir.join("model.safetensors"), weights.to_safetensors())?;
-    std::fs::write(dir.join("tokenizer.json"), tokenizer_json())?;
-    Ok(config)
+    std::fs::write(dir.join("tokenizer.json"), tokenizer)?;
+    Ok(())
+}
+
+/// The words of `text` as BERT's lowercasing normalizer and pre-tokenizer
+/// see them: split at whitespace, every ASCII punctuation character a word
+/// of its own (`n't` → `n`, `'`, `t`).
+pub fn bert_words(text: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    for chunk in text.split_whitespace() {
+        let mut word = String::new();
+        for c in chunk.chars() {
+            if c.is_ascii_punctuation() {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+                words.push(c.to_string());
+            } else {
+                word.extend(c.to_lowercase());
+            }
+        }
+        if !word.is_empty() {
+            words.push(word);
+        }
+    }
+    words
+}
+
+/// A WordPiece vocabulary of BERT's special tokens (`[PAD]` = 0, `[UNK]`,
+/// `[CLS]`, `[SEP]`) and the `words` most frequent words of `texts` (by
+/// [`bert_words`]; ties broken alphabetically, so the result depends only
+/// on the texts). Other words become `[UNK]`.
+pub fn frequent_word_vocabulary<'a>(
+    texts: impl IntoIterator<Item = &'a str>,
+    words: usize,
+) -> Vec<String> {
+    let mut counts = std::collections::HashMap::<String, usize>::new();
+    for text in texts {
+        for w in bert_words(text) {
+            *counts.entry(w).or_default() += 1;
+        }
+    }
+    let mut ranked: Vec<(String, usize)> = counts.into_iter().collect();
+    ranked.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let mut vocab: Vec<String> = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+        .map(str::to_owned)
+        .to_vec();
+    // `bert_words` splits `[` and `]` off, so no word is a special token.
+    vocab.extend(ranked.into_iter().map(|(w, _)| w).take(words));
+    vocab
+}
+
+/// Rows of a labelled TSV file with a header (`sentence<TAB>label`, as
+/// GLUE's SST-2): (sentence, label) pairs, in file order.
+pub fn read_labelled_tsv(path: &Path) -> anyhow::Result<Vec<(String, String)>> {
+    use anyhow::Context as _;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut rows = Vec::new();
+    for (i, line) in text.lines().enumerate().skip(1) {
+        let (sentence, label) = line
+            .split_once('\t')
+            .with_context(|| format!("{}:{}: no tab", path.display(), i + 1))?;
+        rows.push((sentence.to_owned(), label.trim().to_owned()));
+    }
+    Ok(rows)
+}
+
+/// `rows` as TSV with the header `sentence<TAB>label`.
+pub fn to_labelled_tsv<'a>(rows: impl IntoIterator<Item = &'a (String, String)>) -> String {
+    let mut out = String::from("sentence\tlabel\n");
+    for (sentence, label) in rows {
+        let _ = writeln!(out, "{sentence}\t{label}");
+    }
+    out
 }
 
 /// A cheap deterministic generator for the datasets.
