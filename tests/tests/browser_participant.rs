@@ -54,9 +54,9 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(300);
 mod sst2 {
     /// Rows per tab, about 200: consecutive disjoint runs of the sentences
     /// of at least `MIN_WORDS` words of `data/sst2/train.tsv`. Unequal, so
-    /// that in every round the tabs' updates weigh differently (10 steps of
-    /// 16 take 150, 152 or 160 samples: a short batch ends each epoch),
-    /// which the weighted-mean check needs.
+    /// that in most rounds (6 of 8) the tabs' updates weigh differently (5
+    /// steps of 16 take 70, 72, 74 or 80 samples: a short batch ends each
+    /// epoch), which the weighted-mean check needs.
     pub const SHARD_ROWS: [usize; super::TABS] = [150, 200, 250];
     /// Short phrases (most of SST-2 train) say little about whole dev
     /// sentences; these rows look like them.
@@ -67,20 +67,23 @@ mod sst2 {
     pub const EVAL_ROWS: usize = 200;
     /// Words of the model's vocabulary: the most frequent of the 3 shards.
     pub const VOCAB_WORDS: usize = 200;
-    pub const ROUNDS: u64 = 5;
+    /// Many short rounds: with 10 steps a round, the accuracy swung by up
+    /// to ±0.05 from round to round (`fedsb sim`), with 5 it settles.
+    pub const ROUNDS: u64 = 8;
     pub const RANK: u32 = 8;
-    pub const LOCAL_STEPS: u32 = 10;
+    pub const LOCAL_STEPS: u32 = 5;
     pub const BATCH: u32 = 16;
     pub const LEARNING_RATE: f64 = 0.03;
     pub const MAX_SEQ_LEN: u32 = 32;
     /// How much the eval accuracy after the last round must exceed the
     /// initial model's: one of the 200 dev rows, i.e. strictly above. The
     /// tab shuffles its batches with a random seed, so runs differ.
-    /// Observed: 0.475 initially (every row called positive); after round
-    /// 5, 0.575, 0.530 and 0.585 in three browser runs (0.490–0.605 after
-    /// rounds 1–4), and `fedsb sim` of this task with other batch orders ended
-    /// 0.010–0.060 above the initial model, swinging by up to ±0.05 from
-    /// round to round. A bigger margin would fail some batch orders.
+    /// Observed: 0.475 initially (every row called positive), 0.540 after
+    /// round 8 in the browser (0.490–0.565 after rounds 1–7); `fedsb sim`
+    /// of this task with 5 batch orders ended at 0.540–0.570, and dipped to
+    /// 0.475–0.490 in some middle rounds. Earlier settings (5 rounds of 10
+    /// steps) ended 0.010–0.110 above. A bigger margin would risk failing
+    /// on an unlucky batch order.
     pub const MIN_GAIN: f64 = 0.005;
     /// Longest the tabs may take for all rounds (load included).
     pub const RUN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(480);
@@ -653,6 +656,7 @@ async fn browser_tabs_train_every_round() -> anyhow::Result<()> {
     let rounds = agg.json("/api/rounds").await?;
     let rounds = rounds.as_array().context("/api/rounds")?;
     ensure!(rounds.len() == sst2::ROUNDS as usize + 1, "{rounds:?}");
+    let mut unequal_rounds = 0;
     for n in 1..=sst2::ROUNDS {
         let mine: Vec<&ClientUpdate> = updates
             .iter()
@@ -676,13 +680,11 @@ async fn browser_tabs_train_every_round() -> anyhow::Result<()> {
             summary["participants"] == TABS as u64,
             "round {n}: {summary}"
         );
-        // The tabs' weights differ (unequal shards), so the check below
+        // Where the tabs' weights differ (unequal shards), the check below
         // tells a sample-weighted mean from a plain one.
-        ensure!(
-            mine.iter().any(|u| u.num_samples != mine[0].num_samples),
-            "round {n}: every tab sent {} samples",
-            mine[0].num_samples
-        );
+        if mine.iter().any(|u| u.num_samples != mine[0].num_samples) {
+            unequal_rounds += 1;
+        }
         let samples: u64 = mine.iter().map(|u| u.num_samples).sum();
         ensure!(
             summary["total_samples"] == samples,
@@ -705,6 +707,11 @@ async fn browser_tabs_train_every_round() -> anyhow::Result<()> {
             "round {n}: global differs from the weighted mean by {err}"
         );
     }
+    ensure!(
+        unequal_rounds * 2 >= sst2::ROUNDS,
+        "the tabs' updates weighed differently in only {unequal_rounds} of {} rounds",
+        sst2::ROUNDS
+    );
     // The tabs learned: the aggregator's accuracy on the 200 dev rows after
     // the last round is above the initial model's (round 0), by at least
     // one row.
