@@ -1,4 +1,4 @@
-//! Matmul throughput of `gpu::matmul` in GFLOP/s on one adapter, both kernel
+//! Matmul throughput of `gpu::matmul` in GFLOP/s on one adapter, all kernel
 //! variants back to back.
 //!
 //! ```text
@@ -7,8 +7,9 @@
 //!
 //! For each (M, K, N) and each orientation the encoder uses — `A·B` (input
 //! gradient `dY·W`), `A·Bᵀ` (linear forward `X·Wᵀ`, B stored N×K) and `Aᵀ·B`
-//! (weight gradient `dYᵀ·X`, A stored K×M) — it times the `Tiled` and the
-//! `Direct` variant in alternation, `--rounds` times each with enough launches per
+//! (weight gradient `dYᵀ·X`, A stored K×M) — it times the `Tiled`, the `Direct`
+//! and (where the device has subgroups of size 8) the `Subgroup` variant in
+//! alternation, `--rounds` times each with enough launches per
 //! submission to run for about `--seconds`, and prints the best and the median
 //! round of each. The machine may be shared, so only numbers from the same run
 //! compare. Every variant's C is spot-checked in 64 entries against an f64 CPU dot
@@ -25,7 +26,7 @@ const SHAPES: [(usize, usize, usize); 4] = [
     (2048, 1536, 384),
     (1024, 1024, 1024),
 ];
-const VARIANTS: [Variant; 2] = [Variant::Tiled, Variant::Direct];
+const VARIANTS: [Variant; 3] = [Variant::Tiled, Variant::Direct, Variant::Subgroup];
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -48,11 +49,14 @@ fn main() {
     };
     let ctx = pollster::block_on(GpuContext::new(&options)).expect("a wgpu adapter");
     println!(
-        "adapter: {} ({:?}, {:?}); GFLOP/s best / median of {rounds} rounds",
+        "adapter: {} ({:?}, {:?}); subgroups: {}, sizes {:?}; GFLOP/s best / median of {rounds} rounds",
         ctx.adapter_name(),
         ctx.adapter_info().backend,
-        ctx.adapter_info().device_type
+        ctx.adapter_info().device_type,
+        ctx.has_subgroups(),
+        ctx.subgroup_sizes()
     );
+    let variants: Vec<Variant> = VARIANTS.into_iter().filter(|v| v.available(&ctx)).collect();
 
     let mut seed = 12345u64;
     let mut rand = move || {
@@ -90,9 +94,9 @@ fn main() {
                 c: &gc,
             };
             // Warm-up (pipeline compile, first touch), spot-check, size the batches.
-            let mut reps = [0usize; 2];
-            let mut errors = [0.0f64; 2];
-            for (i, &v) in VARIANTS.iter().enumerate() {
+            let mut reps = vec![0usize; variants.len()];
+            let mut errors = vec![0.0f64; variants.len()];
+            for (i, &v) in variants.iter().enumerate() {
                 bench.run(v, 1);
                 let c = pollster::block_on(ctx.read_f32(&gc)).expect("read-back");
                 errors[i] = spot_check(&g, &a, &b, &c);
@@ -100,9 +104,9 @@ fn main() {
                 bench.run(v, 1);
                 reps[i] = ((seconds / t.elapsed().as_secs_f64()).ceil() as usize).clamp(1, 10_000);
             }
-            let mut rates = [vec![], vec![]];
+            let mut rates = vec![vec![]; variants.len()];
             for _ in 0..rounds {
-                for (i, &v) in VARIANTS.iter().enumerate() {
+                for (i, &v) in variants.iter().enumerate() {
                     let t = Instant::now();
                     bench.run(v, reps[i]);
                     let dt = t.elapsed().as_secs_f64() / reps[i] as f64;
@@ -110,7 +114,7 @@ fn main() {
                 }
             }
             let picked = Variant::for_gemm(&ctx, &g);
-            let cols: Vec<String> = VARIANTS
+            let cols: Vec<String> = variants
                 .iter()
                 .enumerate()
                 .map(|(i, &v)| {
@@ -127,10 +131,14 @@ fn main() {
                     )
                 })
                 .collect();
-            let speedup = rates[1][rates[1].len() / 2] / rates[0][rates[0].len() / 2];
+            let median = |i: usize| rates[i][rates[i].len() / 2];
+            let speedups: Vec<String> = (1..variants.len())
+                .map(|i| format!("{:?}/Tiled {:.2}x", variants[i], median(i) / median(0)))
+                .collect();
             println!(
-                "M={m:5} K={k:5} N={n:5} {name}: {}  (Direct/Tiled median {speedup:.2}x)",
-                cols.join("   ")
+                "M={m:5} K={k:5} N={n:5} {name}: {}  (medians: {})",
+                cols.join("   "),
+                speedups.join(", ")
             );
         }
     }

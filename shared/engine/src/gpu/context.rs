@@ -62,6 +62,7 @@ pub struct GpuContext {
     /// The device's queue.
     pub queue: wgpu::Queue,
     info: wgpu::AdapterInfo,
+    subgroups: bool,
     kernels: Mutex<HashMap<String, Kernel>>,
     /// 4-byte placeholder bound where a kernel's optional input is absent.
     pub(crate) dummy: GpuBuffer,
@@ -99,6 +100,12 @@ impl GpuContext {
     /// adapter cannot meet them) and raises the three limits the kernels need
     /// (`max_storage_buffer_binding_size`, `max_buffer_size`,
     /// `max_compute_workgroup_storage_size`) to what the adapter supports.
+    ///
+    /// Features: `wgpu::Features::SUBGROUP` when the adapter offers it (lavapipe
+    /// and most native drivers; [`Self::has_subgroups`]), nothing otherwise. In
+    /// the browser wgpu 30 does not yet pass WebGPU's `"subgroups"` feature
+    /// through (its WebGPU backend maps only the core optional features), so
+    /// there the device has no subgroups and kernels needing them fall back.
     pub async fn new(options: &GpuOptions<'_>) -> Result<Self, GpuError> {
         let instance =
             wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
@@ -113,10 +120,11 @@ impl GpuContext {
         limits.max_storage_buffer_binding_size = supported.max_storage_buffer_binding_size;
         limits.max_buffer_size = supported.max_buffer_size;
         limits.max_compute_workgroup_storage_size = supported.max_compute_workgroup_storage_size;
+        let features = adapter.features() & wgpu::Features::SUBGROUP;
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("fedsb-engine"),
-                required_features: wgpu::Features::empty(),
+                required_features: features,
                 required_limits: limits,
                 ..Default::default()
             })
@@ -131,13 +139,21 @@ impl GpuContext {
             }),
             len: 1,
         };
-        tracing::info!(adapter = %info.name, backend = ?info.backend, "gpu device ready");
+        let subgroups = device.features().contains(wgpu::Features::SUBGROUP);
+        tracing::info!(
+            adapter = %info.name,
+            backend = ?info.backend,
+            subgroups,
+            subgroup_sizes = ?(info.subgroup_min_size, info.subgroup_max_size),
+            "gpu device ready"
+        );
         Ok(Self {
             instance,
             adapter,
             device,
             queue,
             info,
+            subgroups,
             kernels: Mutex::new(HashMap::new()),
             dummy,
         })
@@ -184,6 +200,19 @@ impl GpuContext {
     /// Full adapter information.
     pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
         &self.info
+    }
+
+    /// Whether the device has `wgpu::Features::SUBGROUP`, i.e. kernels may use
+    /// subgroup built-ins (`subgroupBroadcast`, ...).
+    pub fn has_subgroups(&self) -> bool {
+        self.subgroups
+    }
+
+    /// The adapter's subgroup size range `[min, max]` (lanes); a kernel that
+    /// relies on one subgroup size may run only where `min == max` equals it.
+    /// Meaningful only with [`Self::has_subgroups`].
+    pub fn subgroup_sizes(&self) -> [u32; 2] {
+        [self.info.subgroup_min_size, self.info.subgroup_max_size]
     }
 
     fn storage(&self, label: &str, bytes: &[u8], len: usize) -> GpuBuffer {

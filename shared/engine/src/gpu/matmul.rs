@@ -5,20 +5,32 @@
 //! linear-layer helpers [`linear_forward`], [`linear_backward_input`] and
 //! [`linear_backward_weight`] cover a PyTorch-style `W` stored `out×in`.
 //!
-//! Tests: `cargo test -p fedsb-engine matmul` (both variants on vec4-aligned
-//! shapes in the unit tests below; any shape in `tests/gpu_kernels.rs`).
-//! Benchmark of both variants: `cargo run --release -p fedsb-engine --example bench_matmul`.
+//! Tests: `cargo test -p fedsb-engine matmul` (all variants on vec4-aligned
+//! shapes in the unit tests below, `Subgroup` where the device allows it; any
+//! shape in `tests/gpu_kernels.rs`).
+//! Benchmark of the variants: `cargo run --release -p fedsb-engine --example bench_matmul`.
 
 use super::context::{GpuBuffer, GpuContext};
 use super::GpuError;
 
 const SOURCE: &str = include_str!("matmul.wgsl");
+/// The subgroup kernel natively (naga 30 refuses the `enable subgroups;`
+/// directive and gates subgroup built-ins on the device feature instead).
+const SUBGROUP_SOURCE: &str = include_str!("matmul_subgroup.wgsl");
+/// The subgroup kernel for the browser's WebGPU, which requires the directive.
+const SUBGROUP_SOURCE_WEB: &str =
+    concat!("enable subgroups;\n", include_str!("matmul_subgroup.wgsl"));
 /// Output tile edge of one workgroup of the tiled variant (rows and columns).
 pub const TILE: usize = 64;
 /// Output tile of one workgroup of the direct variant: rows, columns.
 pub const DIRECT_TILE: [usize; 2] = [12, 96];
+/// Output tile of one workgroup (one subgroup) of the subgroup variant: rows, columns.
+pub const SUBGROUP_TILE: [usize; 2] = [32, 32];
+/// The only subgroup size the subgroup variant is written for: its workgroup
+/// of 8 invocations must be exactly one subgroup.
+pub const SUBGROUP_SIZE: u32 = 8;
 
-/// Which kernel of `matmul.wgsl` computes a product.
+/// Which kernel (of `matmul.wgsl` or `matmul_subgroup.wgsl`) computes a product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Variant {
     /// `main`: 64×64 workgroup tiles staged in workgroup memory, 8×8 register
@@ -29,26 +41,53 @@ pub enum Variant {
     /// faster than `Tiled` on lavapipe (llvmpipe), where workgroup-memory loads
     /// and barriers are expensive (see the analysis in `gpu/mod.rs`).
     Direct,
+    /// `matmul_subgroup.wgsl`: like `Direct`, but a workgroup is one subgroup of
+    /// 8 lanes computing a 32×32 tile, each lane loading an eighth of the A
+    /// block and sharing it with `subgroupBroadcast`. Needs
+    /// [`Gemm::vec4_aligned`] and a device with `wgpu::Features::SUBGROUP` whose
+    /// subgroup size is fixed at [`SUBGROUP_SIZE`] ([`Variant::available`]);
+    /// about 2× `Direct` on lavapipe.
+    Subgroup,
 }
 
 impl Variant {
-    /// `Direct` on CPU adapters (lavapipe, SwiftShader, WARP) when the product is
-    /// [`Gemm::vec4_aligned`] and its grid fits, `Tiled` otherwise.
+    /// On CPU adapters (lavapipe, SwiftShader, WARP) `Subgroup` where it is
+    /// [available](Self::available) and `Direct` otherwise, when the product is
+    /// [`Gemm::vec4_aligned`] and its grid fits; `Tiled` in every other case.
     ///
-    /// The environment variable `FEDSB_MATMUL_VARIANT=tiled` or `=direct`
-    /// overrides the adapter's preference (natively; for A/B measurements such as
-    /// `bench_encoder`); `Direct` still falls back to `Tiled` where it cannot run.
+    /// The environment variable `FEDSB_MATMUL_VARIANT=tiled`, `=direct` or
+    /// `=subgroup` overrides the adapter's preference (natively; for A/B
+    /// measurements such as `bench_encoder`); a variant that cannot run falls
+    /// back to the next one (`Subgroup` → `Direct` → `Tiled`).
     pub fn for_gemm(ctx: &GpuContext, g: &Gemm) -> Self {
         let preferred =
             Self::forced().unwrap_or(if ctx.adapter_info().device_type == wgpu::DeviceType::Cpu {
-                Self::Direct
+                Self::Subgroup
             } else {
                 Self::Tiled
             });
-        if preferred == Self::Direct && Self::Direct.supports(g) {
-            Self::Direct
-        } else {
-            Self::Tiled
+        let order: &[Self] = match preferred {
+            Self::Subgroup => &[Self::Subgroup, Self::Direct],
+            Self::Direct => &[Self::Direct],
+            Self::Tiled => &[],
+        };
+        order
+            .iter()
+            .copied()
+            .find(|v| v.available(ctx) && v.supports(g))
+            .unwrap_or(Self::Tiled)
+    }
+
+    /// Whether the device can run this variant at all: `Subgroup` needs
+    /// `wgpu::Features::SUBGROUP` ([`GpuContext::has_subgroups`]) and a subgroup
+    /// size fixed at [`SUBGROUP_SIZE`] (min = max, [`GpuContext::subgroup_sizes`]),
+    /// since its broadcasts assume one 8-lane subgroup per workgroup.
+    pub fn available(self, ctx: &GpuContext) -> bool {
+        match self {
+            Self::Tiled | Self::Direct => true,
+            Self::Subgroup => {
+                ctx.has_subgroups() && ctx.subgroup_sizes() == [SUBGROUP_SIZE, SUBGROUP_SIZE]
+            }
         }
     }
 
@@ -63,8 +102,11 @@ impl Variant {
             {
                 "tiled" => Some(Self::Tiled),
                 "direct" => Some(Self::Direct),
+                "subgroup" => Some(Self::Subgroup),
                 other => {
-                    tracing::warn!("FEDSB_MATMUL_VARIANT={other:?} is neither tiled nor direct");
+                    tracing::warn!(
+                        "FEDSB_MATMUL_VARIANT={other:?} is none of tiled, direct, subgroup"
+                    );
                     None
                 }
             }
@@ -79,6 +121,11 @@ impl Variant {
                 g.vec4_aligned()
                     && g.m.div_ceil(DIRECT_TILE[0]) <= 65_535
                     && g.n.div_ceil(DIRECT_TILE[1]) <= 65_535
+            }
+            Self::Subgroup => {
+                g.vec4_aligned()
+                    && g.m.div_ceil(SUBGROUP_TILE[0]) <= 65_535
+                    && g.n.div_ceil(SUBGROUP_TILE[1]) <= 65_535
             }
         }
     }
@@ -302,7 +349,8 @@ pub fn gemm(
 }
 
 /// Like [`gemm`] with an explicit kernel variant (benchmarks and tests); fails
-/// with [`GpuError::Shape`] if the variant does not [support](Variant::supports) `g`.
+/// with [`GpuError::Shape`] if the variant does not [support](Variant::supports) `g`
+/// and with [`GpuError::Device`] if the device cannot run it ([`Variant::available`]).
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_variant(
     ctx: &GpuContext,
@@ -315,6 +363,18 @@ pub fn gemm_variant(
     c: &GpuBuffer,
 ) -> Result<(), GpuError> {
     g.check(a, b, bias, c)?;
+    if !variant.available(ctx) {
+        return Err(GpuError::Device(format!(
+            "the {variant:?} matmul kernel needs wgpu::Features::SUBGROUP with subgroup size \
+             {SUBGROUP_SIZE}; this device: {}, sizes {:?}",
+            if ctx.has_subgroups() {
+                "subgroups"
+            } else {
+                "no subgroups"
+            },
+            ctx.subgroup_sizes()
+        )));
+    }
     if !variant.supports(g) {
         return Err(GpuError::Shape(format!(
             "gemm {g:?}: the {variant:?} kernel needs vec4-aligned A and B"
@@ -323,14 +383,18 @@ pub fn gemm_variant(
     if g.m == 0 || g.n == 0 || g.batch[0] * g.batch[1] == 0 {
         return Ok(());
     }
-    let (entry, name) = match variant {
-        Variant::Tiled => ("main", "matmul"),
-        Variant::Direct => ("main_direct", "matmul-direct"),
+    let (source, entry, name) = match variant {
+        Variant::Tiled => (SOURCE, "main", "matmul"),
+        Variant::Direct => (SOURCE, "main_direct", "matmul-direct"),
+        Variant::Subgroup if ctx.adapter_info().backend == wgpu::Backend::BrowserWebGpu => {
+            (SUBGROUP_SOURCE_WEB, "main", "matmul-subgroup")
+        }
+        Variant::Subgroup => (SUBGROUP_SOURCE, "main", "matmul-subgroup"),
     };
     let id = format!("{name}/ta{}/tb{}", g.trans_a as u8, g.trans_b as u8);
     let kernel = ctx.pipeline(
         &id,
-        SOURCE,
+        source,
         entry,
         &[
             ("TRANS_A", g.trans_a as u8 as f64),
@@ -364,7 +428,9 @@ pub fn gemm_variant(
     let bias = bias.unwrap_or(&ctx.dummy);
     let batches = (g.batch[0] * g.batch[1]) as u32;
     match variant {
-        Variant::Tiled => ctx.dispatch(
+        // A and B at bindings 1 and 2 (as array<f32> in Tiled, array<vec4<f32>>
+        // in Subgroup).
+        Variant::Tiled | Variant::Subgroup => ctx.dispatch(
             encoder,
             &kernel,
             &[
@@ -374,11 +440,18 @@ pub fn gemm_variant(
                 bias.binding(),
                 c.binding(),
             ],
-            [
-                g.n.div_ceil(TILE) as u32,
-                g.m.div_ceil(TILE) as u32,
-                batches,
-            ],
+            {
+                let [rows, cols] = if variant == Variant::Tiled {
+                    [TILE, TILE]
+                } else {
+                    SUBGROUP_TILE
+                };
+                [
+                    g.n.div_ceil(cols) as u32,
+                    g.m.div_ceil(rows) as u32,
+                    batches,
+                ]
+            },
         ),
         // A and B as array<vec4<f32>> at bindings 5 and 6.
         Variant::Direct => ctx.dispatch_at(
@@ -456,9 +529,11 @@ pub fn linear_backward_weight(
 
 #[cfg(test)]
 mod tests {
-    //! Both variants against [`cpu_ref::gemm`](super::super::cpu_ref::gemm) on
-    //! vec4-aligned shapes that are not multiples of either variant's tile (the
+    //! All variants against [`cpu_ref::gemm`](super::super::cpu_ref::gemm) on
+    //! vec4-aligned shapes that are not multiples of any variant's tile (the
     //! unaligned shapes, which only `Tiled` runs, are in `tests/gpu_kernels.rs`).
+    //! `Subgroup` runs where the device allows it ([`Variant::available`]; on
+    //! lavapipe it does, and `matmul_subgroup_matches_reference` checks that).
     //! Needs a wgpu adapter, like `tests/gpu_kernels.rs` (`FEDSB_ADAPTER` picks one).
 
     use std::sync::OnceLock;
@@ -530,17 +605,26 @@ mod tests {
 
     #[test]
     fn matmul_variants_match_reference_on_aligned_shapes() {
-        // (m, k, n): edges inside both tiles (12×96 direct, 64×64 tiled), K tails
-        // of 4, single rows and columns where the orientation allows them.
+        for variant in [Variant::Tiled, Variant::Direct] {
+            check_aligned_shapes(variant);
+        }
+    }
+
+    /// All four orientations with and without bias/alpha/accumulate.
+    fn check_aligned_shapes(variant: Variant) {
+        // (m, k, n): edges inside every tile (12×96 direct, 32×32 subgroup, 64×64
+        // tiled), K tails of 4, single rows and columns where the orientation
+        // allows them, several tiles in both directions.
         let shapes = [
             (40, 60, 52),
             (4, 4, 4),
             (100, 8, 200),
             (12, 300, 8),
             (68, 132, 100),
+            (36, 20, 68),
         ];
         let mut seed = 1;
-        for variant in [Variant::Tiled, Variant::Direct] {
+        {
             for (m, k, n) in shapes {
                 for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
                     let mut g = Gemm::new(m, n, k);
@@ -562,11 +646,20 @@ mod tests {
             let g = Gemm::new(37, 53, 60).trans_b();
             assert!(variant.supports(&g));
             check(variant, &g, true, [37 * 60, 53 * 60, 37 * 53], seed);
+            let g = Gemm::new(1, 3, 8).trans_b().alpha(-2.0).accumulate();
+            check(variant, &g, true, [8, 24, 3], seed + 1);
         }
     }
 
     #[test]
     fn matmul_variants_match_reference_batched_strided() {
+        for variant in [Variant::Tiled, Variant::Direct] {
+            check_batched_strided(variant);
+        }
+    }
+
+    /// Batched, strided products with offsets and a padded C.
+    fn check_batched_strided(variant: Variant) {
         // Attention-shaped, per (sequence, head) Q·Kᵀ on [B, T, H·D] storage with
         // D a multiple of 4, then with offsets and a padded C.
         let (bsz, t, h, d) = (3, 37, 5, 12);
@@ -586,12 +679,75 @@ mod tests {
                 [t * hidden, d],
                 [h * 13 * t, 13 * t],
             );
-        for variant in [Variant::Tiled, Variant::Direct] {
-            assert!(variant.supports(&qk) && variant.supports(&pv));
-            let lens = [bsz * t * hidden, bsz * t * hidden, bsz * h * t * t];
-            check(variant, &qk, false, lens, 7);
-            let lens = [bsz * t * hidden, bsz * t * hidden, bsz * h * 13 * t];
-            check(variant, &pv, true, lens, 8);
+        assert!(variant.supports(&qk) && variant.supports(&pv));
+        let lens = [bsz * t * hidden, bsz * t * hidden, bsz * h * t * t];
+        check(variant, &qk, false, lens, 7);
+        let lens = [bsz * t * hidden, bsz * t * hidden, bsz * h * 13 * t];
+        check(variant, &pv, true, lens, 8);
+        // Weight-gradient shaped, Aᵀ·B per batch with accumulate: rows of the
+        // stored A (K = 40) span more than one 32-row tile of C (M = 36).
+        let (k, m, n) = (40, 36, 44);
+        let tn = Gemm::new(m, n, k)
+            .trans_a()
+            .alpha(0.5)
+            .accumulate()
+            .batched(
+                2,
+                2,
+                [2 * k * m, k * m],
+                [2 * k * n, k * n],
+                [2 * m * n, m * n],
+            );
+        assert!(variant.supports(&tn));
+        check(variant, &tn, true, [4 * k * m, 4 * k * n, 4 * m * n], 9);
+    }
+
+    #[test]
+    fn matmul_subgroup_matches_reference() {
+        let ctx = ctx();
+        // The context must request subgroups wherever the adapter offers them, and
+        // Subgroup runs exactly where that gives a fixed subgroup size of 8.
+        let offered = ctx.adapter.features().contains(wgpu::Features::SUBGROUP);
+        assert_eq!(ctx.has_subgroups(), offered);
+        let info = ctx.adapter_info();
+        let fixed_8 = [info.subgroup_min_size, info.subgroup_max_size] == [8, 8];
+        assert_eq!(Variant::Subgroup.available(ctx), offered && fixed_8);
+        if !Variant::Subgroup.available(ctx) {
+            eprintln!(
+                "skipped: {} has subgroups={offered}, sizes {:?}",
+                info.name,
+                ctx.subgroup_sizes()
+            );
+            // Never picked, and refused when asked for explicitly.
+            assert_ne!(
+                Variant::for_gemm(ctx, &Gemm::new(40, 52, 60)),
+                Variant::Subgroup
+            );
+            let buf = ctx.buffer_zeros("x", 64);
+            let mut enc = ctx.encoder();
+            let err = gemm_variant(
+                ctx,
+                &mut enc,
+                &Gemm::new(4, 4, 4),
+                Variant::Subgroup,
+                &buf,
+                &buf,
+                None,
+                &buf,
+            );
+            assert!(matches!(err, Err(GpuError::Device(_))), "{err:?}");
+            return;
+        }
+        check_aligned_shapes(Variant::Subgroup);
+        check_batched_strided(Variant::Subgroup);
+        // Picked on CPU adapters for aligned products (unless overridden).
+        if std::env::var_os("FEDSB_MATMUL_VARIANT").is_none()
+            && info.device_type == wgpu::DeviceType::Cpu
+        {
+            assert_eq!(
+                Variant::for_gemm(ctx, &Gemm::new(40, 52, 60)),
+                Variant::Subgroup
+            );
         }
     }
 
@@ -609,6 +765,7 @@ mod tests {
         ] {
             assert!(!g.vec4_aligned(), "{g:?}");
             assert!(!Variant::Direct.supports(&g) && Variant::Tiled.supports(&g));
+            assert!(!Variant::Subgroup.supports(&g));
         }
         // C needs no alignment.
         assert!(aligned.ld(60, 52, 53).offsets(0, 0, 1).vec4_aligned());
@@ -627,11 +784,15 @@ mod tests {
             &ctx.buffer_zeros("c", 40 * 52),
         );
         assert!(matches!(err, Err(GpuError::Shape(_))), "{err:?}");
-        // Selection: Direct only on CPU adapters (unless overridden) and only for
-        // aligned products.
+        // Selection: Subgroup or Direct only on CPU adapters (unless overridden)
+        // and only for aligned products.
         if std::env::var_os("FEDSB_MATMUL_VARIANT").is_none() {
             let cpu = ctx.adapter_info().device_type == wgpu::DeviceType::Cpu;
-            let want = if cpu { Variant::Direct } else { Variant::Tiled };
+            let want = match (cpu, Variant::Subgroup.available(ctx)) {
+                (false, _) => Variant::Tiled,
+                (true, true) => Variant::Subgroup,
+                (true, false) => Variant::Direct,
+            };
             assert_eq!(Variant::for_gemm(ctx, &aligned), want);
         }
         assert_eq!(

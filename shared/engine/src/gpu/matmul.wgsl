@@ -29,7 +29,10 @@
 // any shape works.
 //
 // `main_direct` (at the end of the file) is the variant the launcher picks on CPU
-// adapters: no workgroup memory and no barriers, about 2x faster on lavapipe.
+// adapters without usable subgroups: no workgroup memory and no barriers, about
+// 2x faster on lavapipe. Where the device has subgroups of exactly 8 lanes the
+// launcher picks `matmul_subgroup.wgsl` instead (a separate module, since
+// subgroup built-ins need wgpu::Features::SUBGROUP), about 2x `main_direct`.
 
 struct Params {
     m: u32,

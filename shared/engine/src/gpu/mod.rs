@@ -8,8 +8,9 @@
 //! Kernel families, one `.wgsl` file next to each launcher:
 //! - [`matmul`]: `C = alpha·op(A)·op(B) (+ bias) (+ C)`, tiled 64×64 with 8×8
 //!   register blocking, or on CPU adapters barrier-free with 12×12 register
-//!   blocks read straight from storage; transposes for `X·Wᵀ + b`, `dY·W`,
-//!   `dYᵀ·X`; batched and strided (attention heads).
+//!   blocks read straight from storage, or (with subgroups of 8) 32×4 per lane
+//!   sharing A through `subgroupBroadcast` (`matmul_subgroup.wgsl`); transposes
+//!   for `X·Wᵀ + b`, `dY·W`, `dYᵀ·X`; batched and strided (attention heads).
 //! - [`gelu`]: exact erf-based GELU forward and backward.
 //! - [`layernorm`]: LayerNorm of `x (+ residual)` forward (saving mean and
 //!   1/std per row) and input gradient.
@@ -27,13 +28,13 @@
 //!
 //! ```text
 //! cargo test -p fedsb-engine --test gpu_kernels      # needs an adapter (lavapipe works)
-//! cargo test -p fedsb-engine --test gpu_wgsl         # naga validation, CPU only
+//! cargo test -p fedsb-engine --test gpu_wgsl         # naga validation, CPU only (subgroup file with the capability)
 //! cargo run --release -p fedsb-engine --example bench_matmul
 //! ```
 //!
 //! # Performance on lavapipe
 //!
-//! `examples/bench_matmul.rs` prints GFLOP/s of both matmul variants back to back.
+//! `examples/bench_matmul.rs` prints GFLOP/s of all matmul variants back to back.
 //! On the 2-core CI/dev machine (Xeon Sapphire Rapids, Mesa 22.3.6 llvmpipe, LLVM
 //! 15, 256-bit) numpy/OpenBLAS sgemm on the same cores reaches 100–340 GFLOP/s;
 //! the 30 % goal is therefore about 30–100 GFLOP/s, and it is **not met**.
@@ -46,7 +47,9 @@
 //! cheap (8 lanes per AVX op), and accumulator spills only start to cost beyond
 //! about 16×12 accumulators per invocation (see the sweep below).
 //!
-//! Two variants of `matmul.wgsl`, picked by [`matmul::Variant::for_gemm`]:
+//! Three variants, picked by [`matmul::Variant::for_gemm`] (`Subgroup` on CPU
+//! adapters where available, else `Direct`, for vec4-aligned products; `Tiled`
+//! otherwise and on real GPUs):
 //! - `Tiled` (`main`, any shape; real GPUs): 64×64 workgroup tiles staged in
 //!   workgroup memory, 8×8 register blocks, vec4 reads of workgroup memory:
 //!   2.1–4.6 GFLOP/s on lavapipe (1–4 % of numpy). Removing all its inner-loop
@@ -59,6 +62,28 @@
 //!   GFLOP/s at load average 5–6 (medians of two `bench_matmul` runs; 7–11 at
 //!   load 2–4), still 2–8 % of numpy's quiet sgemm. End to end (`bench_encoder
 //!   32 64 32 1`, BENCHMARKS.md) a training step got about 2.4× faster.
+//! - `Subgroup` (`matmul_subgroup.wgsl`, CPU adapters with subgroups of exactly
+//!   8 lanes, vec4-aligned A and B): every lane of a `Direct` block row loads the
+//!   same A values (8× redundant loads); here a workgroup is one 8-lane subgroup
+//!   (llvmpipe's subgroup is its SIMD vector, and `subgroupBroadcast` a register
+//!   shuffle), each lane loads a distinct eighth of a 32-row A block and
+//!   broadcasts it, so a lane needs TM/8 + TN = 4 + 4 instead of TM + TN vec4
+//!   loads per 4 k, for a 32×4 block per lane (32×32 per workgroup).
+//!   [`GpuContext::new`] requests `wgpu::Features::SUBGROUP` where the adapter
+//!   offers it ([`GpuContext::has_subgroups`]); the kernel is a separate module
+//!   (wgpu validates a whole module against the device's features) and runs
+//!   only where the subgroup size is fixed at 8 ([`GpuContext::subgroup_sizes`],
+//!   min = max), since it assumes one whole subgroup per workgroup; elsewhere
+//!   `Direct`/`Tiled` run. In the browser wgpu 30 does not pass WebGPU's
+//!   `"subgroups"` feature through yet, so there it is never used.
+//!   Measured (`bench_matmul`, all three in alternation, two runs at load
+//!   average 5–8, BENCHMARKS.md): 1.4–2.7× `Direct` (mostly 1.6–2.0×) and
+//!   2.9–5.6× `Tiled` (medians), 8.6–12.8 GFLOP/s at load 5–6 (the throw-away
+//!   harness had 16–19.5 for `A·B`/`A·Bᵀ` and 14–15.6 for `Aᵀ·B` at load 2–4;
+//!   32×8 per lane reached 22.4 for `A·Bᵀ` there but only 10–12 for `Aᵀ·B`,
+//!   so the kernel keeps 32×4 for all orientations); a training step
+//!   of `bench_encoder 32 64 32 1` about 1.7× faster than with `Direct`
+//!   (medians of 5 alternated runs; 41–44 % less CPU time per run).
 //!
 //! Barrier-free sweep (a throw-away harness timing generated WGSL variants back
 //! to back, best of 2 rounds, load average 2–4, GFLOP/s for the four BERT
@@ -77,21 +102,9 @@
 //! run, load average 11): both cost about the same, this llvmpipe has no
 //! single-load path for them.
 //!
-//! Where the next factor is: **subgroups**. Every lane of a block row loads the
-//! same A values (8× redundant loads); with `subgroupBroadcast` (a register
-//! shuffle in llvmpipe, whose subgroup is the 8-lane SIMD vector) each lane loads
-//! a distinct eighth of the A block, so a lane needs TM/8 + TN instead of
-//! TM + TN vec4 loads per 4 k and TM can grow to 32. Measured in the same
-//! harness on a device created with
-//! `wgpu::Features::SUBGROUP` (lavapipe has it, subgroup size 8), workgroup 8:
-//! 32 rows × 4 columns per lane 16–19.5 GFLOP/s for `A·B` and `A·Bᵀ`, 14–15.6
-//! for `Aᵀ·B` (32×8 per lane: up to 22.4 for `A·Bᵀ` but 10–12 for `Aᵀ·B`), i.e.
-//! 3.5–4.5× `Tiled` and about 2× `Direct` (12×12) in the same runs. It needs
-//! [`GpuContext::new`] to request `SUBGROUP` where the adapter offers it, and a
-//! separate WGSL source (wgpu validates a whole module against the device's
-//! features, so subgroup built-ins cannot sit in `matmul.wgsl`). Even so lavapipe stays near 5–7 % of numpy; 30 %
-//! would need either a Mesa whose memory access is vectorised or a native
-//! (non-WGSL) sgemm on CPU adapters.
+//! Even `Subgroup` stays at 3–4 % of numpy's quiet sgemm on the 2048-row
+//! shapes (14–16 % on 1024³); 30 % would need either a Mesa whose memory
+//! access is vectorised or a native (non-WGSL) sgemm on CPU adapters.
 //!
 //! Not tried: reading A and B through uniform buffers (which Mesa's source
 //! compiles to a branch-free gather instead of the per-lane loop) or
