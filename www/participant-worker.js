@@ -57,6 +57,24 @@ import init, {
 const MODEL_FILES = ["config.json", "model.safetensors", "tokenizer.json", "adapter.safetensors"];
 
 const ready = init();
+
+// The WebGPU device is created inside the wasm (wgpu), which does not tell
+// when it is lost (the GPU process crashed, the driver was reset): nothing
+// fails until the next round uses it, and a tab waiting for a round would
+// never notice. So every device this worker gets is watched here, and its
+// loss ends this tab's part with an error the page recognizes ("device was
+// lost"), closing the WebSocket so that the aggregator stops waiting for it.
+if (self.GPUAdapter) {
+  const requestDevice = GPUAdapter.prototype.requestDevice;
+  GPUAdapter.prototype.requestDevice = async function (...args) {
+    const device = await requestDevice.apply(this, args);
+    device.lost.then((info) => {
+      if (info.reason === "destroyed" || ended) return;
+      fail(`the WebGPU device was lost (${info.reason || "unknown"}): ${info.message}`);
+    });
+    return device;
+  };
+}
 const status = {
   type: "status",
   phase: "idle",

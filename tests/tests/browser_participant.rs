@@ -307,7 +307,11 @@ idle_timeout_secs = 300
 /// Opens the page in a fresh Chromium, gives its file input `shard` and
 /// waits for the preview.
 async fn open_tab(agg: &Aggregator, shard: &Path) -> anyhow::Result<Chromium> {
-    let mut c = Chromium::launch().await?;
+    open_tab_in(Chromium::launch().await?, agg, shard).await
+}
+
+/// [`open_tab`] in an already launched Chromium `c`.
+async fn open_tab_in(mut c: Chromium, agg: &Aggregator, shard: &Path) -> anyhow::Result<Chromium> {
     // Record the WebSocket frames of the page and of its workers (the
     // participant's WebSocket lives in its worker).
     c.keep_events = vec![
@@ -1217,5 +1221,150 @@ async fn a_demo_shard_from_the_aggregator_is_previewed_and_trained_on() -> anyho
     ensure!(samples == 21, "update of {samples} samples");
     let status = agg.json("/api/status").await?;
     ensure!(status["updates_in_round"] == 1, "{status}");
+    Ok(())
+}
+
+/// A browser without WebGPU (`navigator.gpu` removed from the page, see
+/// [`Chromium::hide_webgpu`]): the page says so plainly, still previews the
+/// chosen file (parsing needs no GPU), but its Join and Leave buttons stay
+/// disabled, clicking Join does nothing, and the aggregator sees no
+/// participant.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_browser_without_webgpu_is_told_so_and_cannot_join() -> anyhow::Result<()> {
+    let task = task_dir("")?;
+    let agg = Aggregator::start_in(task.path())?;
+    let mut c = Chromium::launch().await?;
+    c.hide_webgpu().await?;
+    let mut c = open_tab_in(c, &agg, &task.path().join("shard1.tsv")).await?;
+    let page = c
+        .eval(
+            "JSON.stringify({ gpu: 'gpu' in navigator, \
+               note: document.getElementById('join-gpu').hidden ? null : document.getElementById('join-gpu').textContent, \
+               join: document.getElementById('join-button').disabled, \
+               leave: document.getElementById('leave-button').disabled })",
+        )
+        .await?;
+    let page: Value = serde_json::from_str(page.as_str().context("page state")?)?;
+    eprintln!("page without WebGPU: {page}");
+    ensure!(page["gpu"] == false, "navigator.gpu is still there: {page}");
+    let note = page["note"].as_str().unwrap_or("");
+    ensure!(
+        note.contains("does not expose WebGPU") && note.contains("cannot train"),
+        "no plain message about WebGPU: {page}"
+    );
+    ensure!(
+        page["join"] == true && page["leave"] == true,
+        "buttons that cannot work are enabled: {page}"
+    );
+    // A click on the disabled button (as a script could make) does nothing.
+    c.eval("document.getElementById('join-button').click()")
+        .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = c
+        .eval(
+            "JSON.stringify({ status: window.fedsbParticipant.status, sent: window.fedsbParticipant.sent.length, \
+               phase: document.getElementById('join-phase').textContent })",
+        )
+        .await?;
+    let after: Value = serde_json::from_str(after.as_str().context("page state")?)?;
+    let websockets = c
+        .events
+        .iter()
+        .filter(|e| e["method"] == "Network.webSocketFrameSent")
+        .count();
+    c.close().await;
+    ensure!(
+        after["status"].is_null() && after["sent"] == 0 && after["phase"] == "not joined",
+        "the tab tried to join: {after}"
+    );
+    ensure!(
+        websockets == 0,
+        "the tab sent {websockets} WebSocket frames"
+    );
+    let status = agg.json("/api/status").await?;
+    ensure!(status["participants_connected"] == 0, "{status}");
+    Ok(())
+}
+
+/// The WebGPU device of a tab that has joined is lost (its Chromium's GPU
+/// process is crashed with CDP `Browser.crashGpuProcess` while the tab waits
+/// for round 1 to close): the page says so plainly, stops offering Join and
+/// Leave, the tab's WebSocket closes and the aggregator stops counting it,
+/// and the round goes on: a fresh tab joins and its update counts.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tab_whose_webgpu_device_is_lost_says_so_and_stops() -> anyhow::Result<()> {
+    let start = Instant::now();
+    // Quorum 3 with one tab: round 1 stays open after the tab's update.
+    let task = task_dir("")?;
+    let agg = Aggregator::start_in(task.path())?;
+    let mut c = open_tab(&agg, &task.path().join("shard1.tsv")).await?;
+    c.eval("document.getElementById('join-button').click()")
+        .await?;
+    c.wait_for(
+        "window.fedsbParticipant.updates.length === 1 && window.fedsbParticipant.status.phase === 'waiting' || null",
+        Duration::from_millis(500),
+        Duration::from_secs(120),
+    )
+    .await
+    .context("the tab sent no update")?;
+    ensure!(agg.json("/api/status").await?["participants_connected"] == 1);
+    c.call("Browser.crashGpuProcess", json!({})).await?;
+    let shown = c
+        .wait_for(
+            "(() => { const s = window.fedsbParticipant.status; const note = document.getElementById('join-gpu'); \
+               return s.phase === 'error' && !note.hidden ? JSON.stringify({ error: s.error, note: note.textContent, \
+                 join: document.getElementById('join-button').disabled, \
+                 leave: document.getElementById('leave-button').disabled }) : null; })()",
+            Duration::from_millis(200),
+            Duration::from_secs(60),
+        )
+        .await
+        .context("the page did not report the lost device")?;
+    let shown: Value = serde_json::from_str(shown.as_str().context("page state")?)?;
+    eprintln!("page after the GPU process crashed: {shown}");
+    ensure!(
+        shown["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("WebGPU device was lost")),
+        "{shown}"
+    );
+    ensure!(
+        shown["join"] == true && shown["leave"] == true,
+        "buttons that cannot work are enabled: {shown}"
+    );
+    // Choosing a file again does not bring Join back.
+    c.eval("document.getElementById('join-text-col').dispatchEvent(new Event('change'))")
+        .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure!(
+        c.eval("document.getElementById('join-button').disabled")
+            .await?
+            == true,
+        "Join is offered again after a preview"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while agg.json("/api/status").await?["participants_connected"] != 0 {
+        ensure!(
+            Instant::now() < deadline,
+            "the aggregator still counts the tab"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    c.close().await;
+    // The aggregator goes on: a fresh tab joins round 1 and is counted.
+    let mut d = open_tab(&agg, &task.path().join("shard2.tsv")).await?;
+    d.eval("document.getElementById('join-button').click()")
+        .await?;
+    d.wait_for(
+        "window.fedsbParticipant.updates.length === 1 || null",
+        Duration::from_millis(500),
+        Duration::from_secs(120),
+    )
+    .await
+    .context("the fresh tab sent no update")?;
+    d.close().await;
+    let status = agg.json("/api/status").await?;
+    ensure!(status["updates_in_round"] == 2, "{status}");
+    eprintln!("device-lost test: {:?}", start.elapsed());
     Ok(())
 }

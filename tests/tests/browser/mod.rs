@@ -129,6 +129,25 @@ impl Chromium {
         Ok(chromium)
     }
 
+    /// Makes the pages this browser opens from now on look like a browser
+    /// without WebGPU: `navigator.gpu` is removed before any page script
+    /// runs (CDP `Page.addScriptToEvaluateOnNewDocument`). Chromium 156 has
+    /// no flag for this: `navigator.gpu` stays defined with
+    /// `--disable-features=WebGPU`, `--disable-blink-features=WebGPU`,
+    /// `--disable-gpu` and without `--enable-unsafe-webgpu`. Only the page
+    /// is changed; its workers still see `navigator.gpu`.
+    #[allow(dead_code)] // browser_embed.rs, which shares this module, has no use for it
+    pub async fn hide_webgpu(&mut self) -> anyhow::Result<()> {
+        // Without Page.enable the script is not run.
+        self.call("Page.enable", json!({})).await?;
+        self.call(
+            "Page.addScriptToEvaluateOnNewDocument",
+            json!({ "source": "delete Navigator.prototype.gpu;" }),
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Sends one CDP command and returns its `result`; events that arrive
     /// meanwhile are printed (console messages, exceptions).
     pub async fn call(&mut self, method: &str, params: Value) -> anyhow::Result<Value> {
