@@ -408,6 +408,21 @@ async fn join_again(tab: &mut Chromium) -> anyhow::Result<Value> {
     Ok(serde_json::from_str(s.as_str().context("status")?)?)
 }
 
+/// Presses Join in a tab and waits until it has sent its first update and
+/// `also` (a JavaScript condition) holds.
+async fn join_until_first_update(tab: &mut Chromium, also: &str) -> anyhow::Result<()> {
+    tab.eval("document.getElementById('join-button').click()")
+        .await?;
+    tab.wait_for(
+        &format!("window.fedsbParticipant.updates.length === 1 && ({also}) || null"),
+        Duration::from_millis(500),
+        Duration::from_secs(120),
+    )
+    .await
+    .context("the tab sent no update")?;
+    Ok(())
+}
+
 /// Checks what CDP recorded leaving a tab: HTTP requests are body-less GETs
 /// of the page, its bundle and the task's files and API; WebSocket frames
 /// (binary protocol frames, base64 in CDP) contain no word of `data` of 4 or
@@ -1135,15 +1150,7 @@ async fn leave_sends_leave_and_disconnects() -> anyhow::Result<()> {
     let task = task_dir("")?;
     let agg = Aggregator::start_in(task.path())?;
     let mut c = open_tab(&agg, &task.path().join("shard1.tsv")).await?;
-    c.eval("document.getElementById('join-button').click()")
-        .await?;
-    c.wait_for(
-        "window.fedsbParticipant.updates.length === 1 || null",
-        Duration::from_millis(500),
-        Duration::from_secs(120),
-    )
-    .await
-    .context("the tab sent no update")?;
+    join_until_first_update(&mut c, "true").await?;
     ensure!(agg.json("/api/status").await?["participants_connected"] == 1);
     c.eval("document.getElementById('leave-button').click()")
         .await?;
@@ -1203,15 +1210,7 @@ async fn a_demo_shard_from_the_aggregator_is_previewed_and_trained_on() -> anyho
         .await
         .context("no preview of the demo shard")?;
     eprintln!("demo shard: {summary}");
-    c.eval("document.getElementById('join-button').click()")
-        .await?;
-    c.wait_for(
-        "window.fedsbParticipant.updates.length === 1 || null",
-        Duration::from_millis(500),
-        Duration::from_secs(120),
-    )
-    .await
-    .context("the tab sent no update")?;
+    join_until_first_update(&mut c, "true").await?;
     let samples = c
         .eval("window.fedsbParticipant.updates[0].samples ?? null")
         .await?;
@@ -1298,15 +1297,7 @@ async fn a_tab_whose_webgpu_device_is_lost_says_so_and_stops() -> anyhow::Result
     let task = task_dir("")?;
     let agg = Aggregator::start_in(task.path())?;
     let mut c = open_tab(&agg, &task.path().join("shard1.tsv")).await?;
-    c.eval("document.getElementById('join-button').click()")
-        .await?;
-    c.wait_for(
-        "window.fedsbParticipant.updates.length === 1 && window.fedsbParticipant.status.phase === 'waiting' || null",
-        Duration::from_millis(500),
-        Duration::from_secs(120),
-    )
-    .await
-    .context("the tab sent no update")?;
+    join_until_first_update(&mut c, "window.fedsbParticipant.status.phase === 'waiting'").await?;
     ensure!(agg.json("/api/status").await?["participants_connected"] == 1);
     c.call("Browser.crashGpuProcess", json!({})).await?;
     let shown = c
@@ -1353,15 +1344,9 @@ async fn a_tab_whose_webgpu_device_is_lost_says_so_and_stops() -> anyhow::Result
     c.close().await;
     // The aggregator goes on: a fresh tab joins round 1 and is counted.
     let mut d = open_tab(&agg, &task.path().join("shard2.tsv")).await?;
-    d.eval("document.getElementById('join-button').click()")
-        .await?;
-    d.wait_for(
-        "window.fedsbParticipant.updates.length === 1 || null",
-        Duration::from_millis(500),
-        Duration::from_secs(120),
-    )
-    .await
-    .context("the fresh tab sent no update")?;
+    join_until_first_update(&mut d, "true")
+        .await
+        .context("the fresh tab")?;
     d.close().await;
     let status = agg.json("/api/status").await?;
     ensure!(status["updates_in_round"] == 2, "{status}");
