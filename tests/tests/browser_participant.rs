@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use browser::Chromium;
-use fedsb_e2e::process::fedsb_init;
+use fedsb_e2e::process::{check_success, fedsb_init, last_json_line, wait_child};
 use fedsb_e2e::tiny_model::{labelled_tsv, write_tiny_model, LABELS};
 use fedsb_e2e::{fedsb_bin, max_rel_error, weighted_mean, Aggregator};
 use fedsb_protocol::{AdapterState, ClientMessage, ClientUpdate, RoundId, ServerMessage};
@@ -420,6 +420,19 @@ async fn join_until_first_update(tab: &mut Chromium, also: &str) -> anyhow::Resu
     )
     .await
     .context("the tab sent no update")?;
+    Ok(())
+}
+
+/// Waits (up to 20 s) until the aggregator counts no connected participant.
+async fn wait_no_participant(agg: &Aggregator) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while agg.json("/api/status").await?["participants_connected"] != 0 {
+        ensure!(
+            Instant::now() < deadline,
+            "the aggregator still counts the tab"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     Ok(())
 }
 
@@ -965,14 +978,7 @@ async fn a_tab_whose_budget_is_spent_leaves_without_training() -> anyhow::Result
         .eval("JSON.stringify(window.fedsbParticipant.sent.map((f) => f.kind))")
         .await?;
     ensure!(kinds.as_str() == Some(r#"["hello","leave"]"#), "{kinds}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while agg.json("/api/status").await?["participants_connected"] != 0 {
-        ensure!(
-            Instant::now() < deadline,
-            "the aggregator still counts the tab"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_no_participant(&agg).await?;
     c.close().await;
     Ok(())
 }
@@ -1143,6 +1149,90 @@ async fn browser_tab_takes_part_in_a_federated_initialization() -> anyhow::Resul
     Ok(())
 }
 
+/// A tab and a native participant (`fedsb join`) in one federation: quorum
+/// 2, both train every round, and each committed round counts both: two
+/// participants, the tab's samples plus the native one's, and a global
+/// state that is not the tab's update alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tab_and_a_native_participant_train_together() -> anyhow::Result<()> {
+    let task = task_dir_for(2, "")?;
+    let agg = Aggregator::start_in(task.path())?;
+    let mut c = open_tab(&agg, &task.path().join("shard1.tsv")).await?;
+    let native = Command::new(fedsb_bin())
+        .arg("join")
+        .args(["--server", &agg.url(""), "--name", "native"])
+        .arg("--data")
+        .arg(task.path().join("shard2.tsv"))
+        .arg("--cache-dir")
+        .arg(task.path().join("cache-native"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("spawning fedsb join")?;
+    c.eval("document.getElementById('join-button').click()")
+        .await?;
+    let out = wait_child(native, RUN_TIMEOUT).await?;
+    check_success("fedsb join beside a tab", &out)?;
+    let report = last_json_line(&out)?;
+    ensure!(
+        report["finished"] == true && report["rounds"] == json!([1, 2, 3]),
+        "fedsb join: {report}"
+    );
+    let phase = c
+        .wait_for(
+            "(() => { const p = window.fedsbParticipant.status?.phase; \
+               return ['finished','error','disconnected','left'].includes(p) ? p : null; })()",
+            Duration::from_millis(500),
+            Duration::from_secs(60),
+        )
+        .await?;
+    let frames = c
+        .eval("JSON.stringify(window.fedsbParticipant.updates.map((u) => Array.from(u.frame)))")
+        .await?;
+    c.close().await;
+    ensure!(phase == "finished", "the tab ended in phase {phase}");
+    let frames: Vec<Vec<u8>> = serde_json::from_str(frames.as_str().context("frames")?)?;
+    ensure!(
+        frames.len() == ROUNDS as usize,
+        "the tab sent {} updates",
+        frames.len()
+    );
+    let rounds = agg.json("/api/rounds").await?;
+    let rounds = rounds.as_array().context("/api/rounds")?;
+    ensure!(rounds.len() == ROUNDS as usize + 1, "{rounds:?}");
+    let mut native_samples = 0;
+    for f in frames {
+        let ClientMessage::Update(u) = ClientMessage::decode(&f)? else {
+            bail!("an update frame of the tab decodes to something else");
+        };
+        let n = u.round.0;
+        let summary = &rounds[n as usize];
+        ensure!(summary["participants"] == 2, "round {n}: {summary}");
+        let total = summary["total_samples"].as_u64().context("total_samples")?;
+        ensure!(
+            total > u.num_samples,
+            "round {n}: {summary}, the tab sent {}",
+            u.num_samples
+        );
+        native_samples += total - u.num_samples;
+        let r = reqwest::get(agg.url(&format!("/api/rounds/{n}/global"))).await?;
+        let ServerMessage::GlobalModel { adapter, .. } = ServerMessage::decode(&r.bytes().await?)?
+        else {
+            bail!("round {n}: no GlobalModel frame");
+        };
+        let tab_only = weighted_mean(&[(1.0, &u.adapter)]);
+        ensure!(
+            max_rel_error(&adapter, &tab_only) > 1e-3,
+            "round {n}: the global state is the tab's update alone"
+        );
+    }
+    ensure!(
+        report["samples"] == native_samples,
+        "the rounds counted {native_samples} samples beside the tab's, fedsb join reported {report}"
+    );
+    Ok(())
+}
+
 /// Leave sends `Leave` and closes: the aggregator no longer counts the tab.
 #[tokio::test(flavor = "multi_thread")]
 async fn leave_sends_leave_and_disconnects() -> anyhow::Result<()> {
@@ -1165,14 +1255,7 @@ async fn leave_sends_leave_and_disconnects() -> anyhow::Result<()> {
     let kinds = c
         .eval("JSON.stringify(window.fedsbParticipant.sent.map((f) => f.kind))")
         .await?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while agg.json("/api/status").await?["participants_connected"] != 0 {
-        ensure!(
-            Instant::now() < deadline,
-            "the aggregator still counts the tab"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_no_participant(&agg).await?;
     let sent = sent_frame_sizes(&c);
     c.close().await;
     ensure!(
@@ -1333,14 +1416,7 @@ async fn a_tab_whose_webgpu_device_is_lost_says_so_and_stops() -> anyhow::Result
             == true,
         "Join is offered again after a preview"
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while agg.json("/api/status").await?["participants_connected"] != 0 {
-        ensure!(
-            Instant::now() < deadline,
-            "the aggregator still counts the tab"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_no_participant(&agg).await?;
     c.close().await;
     // The aggregator goes on: a fresh tab joins round 1 and is counted.
     let mut d = open_tab(&agg, &task.path().join("shard2.tsv")).await?;
