@@ -22,7 +22,7 @@ What is the same as `fedsb train` (aggregator/src/train_cmd.rs):
 The tokenizer is the Hugging Face fast tokenizer of the same tokenizer.json,
 which the engine's tokenizer matches (shared/engine/tests/fixtures).
 
-Needs: pip install torch transformers   (CPU is enough)
+Needs: pip install torch transformers   (CPU is enough; --device cuda runs it on a GPU)
 Usage:
   python3 scripts/torch_lora_sb_train.py --model models/all-MiniLM-L6-v2 \\
       --train data/sst2/train.tsv --eval data/sst2/dev.tsv --rank 32 \\
@@ -45,6 +45,7 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
 MASK64 = (1 << 64) - 1
+DEVICE = torch.device("cpu")  # --device
 ADAPTED = ("query", "key", "value", "attention_output", "intermediate", "output")
 
 
@@ -176,12 +177,12 @@ def lora_sb_init(model, tokenizer, examples, init_batches, rank, lr, max_len):
     for layer in adapted_linears(model.encoder):
         for parent, name in layer:
             lin = getattr(parent, name)
-            g = lin.weight.grad.detach().double()
+            g = lin.weight.grad.detach().double().cpu()
             delta_w = -lr * torch.sign(g)
             u, s, vh = torch.linalg.svd(delta_w.T, full_matrices=False)
-            a = u[:, :rank].T.contiguous().float()
-            b = vh[:rank, :].T.contiguous().float()
-            r = torch.diag(s[:rank]).float()
+            a = u[:, :rank].T.contiguous().float().to(DEVICE)
+            b = vh[:rank, :].T.contiguous().float().to(DEVICE)
+            r = torch.diag(s[:rank]).float().to(DEVICE)
             lin.weight.grad = None
             lin.weight.requires_grad_(False)
             setattr(parent, name, LoraSbLinear(lin, a, b, r))
@@ -191,7 +192,7 @@ def encode(tokenizer, examples, idx, max_len):
     texts = [examples[i][0] for i in idx]
     labels = torch.tensor([examples[i][1] for i in idx], dtype=torch.long)
     enc = tokenizer(texts, padding="longest", truncation=True, max_length=max_len, return_tensors="pt")
-    return dict(enc), labels
+    return {k: v.to(DEVICE) for k, v in enc.items()}, labels.to(DEVICE)
 
 
 @torch.no_grad()
@@ -207,32 +208,43 @@ def evaluate(model, tokenizer, examples, batch, max_len):
     return correct / n, loss_sum / n
 
 
+def sync():
+    """Waits for queued GPU work, so that wall-clock timings are honest."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def bench(model, tokenizer, batch, seq, reps):
     """Samples/s of a forward pass and of a training step at full `seq`-token
     sequences (as `cargo xtask bench encoder`)."""
     words = ("the federation trains a tiny matrix " * seq).split()
     text = " ".join(words[: seq * 2])
     enc = tokenizer([text] * batch, padding="max_length", truncation=True, max_length=seq, return_tensors="pt")
-    enc = dict(enc)
-    labels = torch.zeros(batch, dtype=torch.long)
+    enc = {k: v.to(DEVICE) for k, v in enc.items()}
+    labels = torch.zeros(batch, dtype=torch.long, device=DEVICE)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
     out = {}
     with torch.no_grad():
         model(enc)
+        sync()
         t0 = time.perf_counter()
         for _ in range(reps):
             model(enc)
+        sync()
         out["forward_samples_per_second"] = batch * reps / (time.perf_counter() - t0)
     loss = nn.functional.cross_entropy(model(enc), labels)
     loss.backward()
+    opt.step()
     opt.zero_grad()
+    sync()
     t0 = time.perf_counter()
     for _ in range(reps):
         loss = nn.functional.cross_entropy(model(enc), labels)
         loss.backward()
         opt.step()
         opt.zero_grad()
+    sync()
     out["train_samples_per_second"] = batch * reps / (time.perf_counter() - t0)
     return out
 
@@ -257,7 +269,10 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--bench", action="store_true", help="measure samples/s at batch 32, seq 64 and exit")
     ap.add_argument("--bench-reps", type=int, default=5)
+    ap.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -265,23 +280,24 @@ def main():
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     encoder = AutoModel.from_pretrained(args.model, attn_implementation="eager")
     encoder.eval()  # no dropout, as fedsb
+    encoder.to(DEVICE)
     config = encoder.config
 
     if args.bench:
-        model = Classifier(encoder, 2, config.hidden_size, config.initializer_range, args.seed ^ 0x5EED)
+        model = Classifier(encoder, 2, config.hidden_size, config.initializer_range, args.seed ^ 0x5EED).to(DEVICE)
         # A LoRA-SB model of rank r with random A, B (the speed does not depend on their values).
         for p in model.parameters():
             p.requires_grad_(False)
         for layer in adapted_linears(model.encoder):
             for parent, name in layer:
                 lin = getattr(parent, name)
-                a = torch.randn(args.rank, lin.in_features) * 0.02
-                b = torch.randn(lin.out_features, args.rank) * 0.02
-                setattr(parent, name, LoraSbLinear(lin, a, b, torch.eye(args.rank)))
+                a = torch.randn(args.rank, lin.in_features, device=DEVICE) * 0.02
+                b = torch.randn(lin.out_features, args.rank, device=DEVICE) * 0.02
+                setattr(parent, name, LoraSbLinear(lin, a, b, torch.eye(args.rank, device=DEVICE)))
         for p in model.head.parameters():
             p.requires_grad_(True)
         result = bench(model, tokenizer, 32, 64, args.bench_reps)
-        result.update(threads=torch.get_num_threads(), torch=torch.__version__, rank=args.rank)
+        result.update(threads=torch.get_num_threads(), torch=torch.__version__, rank=args.rank, device=str(DEVICE))
         print(json.dumps(result))
         return
 
@@ -293,7 +309,7 @@ def main():
         evalset = evalset[: args.eval_limit]
     print(f"train: {len(train)} examples, eval: {len(evalset)}, classes {label_names}", file=sys.stderr)
 
-    model = Classifier(encoder, len(label_names), config.hidden_size, config.initializer_range, args.seed ^ 0x5EED)
+    model = Classifier(encoder, len(label_names), config.hidden_size, config.initializer_range, args.seed ^ 0x5EED).to(DEVICE)
     init_sampler = BatchSampler(len(train), args.batch, args.seed ^ 0x1417)
     init_batches, taken = [], 0
     while taken < min(args.init_samples, len(train)):
@@ -320,6 +336,7 @@ def main():
         loss.backward()
         opt.step()
         opt.zero_grad()
+        sync()
         train_seconds += time.perf_counter() - t0
         samples += len(idx)
         if step % args.log_every == 0:
