@@ -1,15 +1,16 @@
 //! Running `fedsb` subcommands from tests: success checks that show the
 //! output, the last JSON line a command prints, waiting on a child without
-//! blocking the async runtime, and `fedsb init` on a task directory.
+//! blocking the async runtime, `fedsb init` on a task directory, and
+//! starting `fedsb join` participants.
 
 use std::path::Path;
-use std::process::{Child, Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use crate::fedsb_bin;
 use crate::tiny_model::LABELS;
+use crate::{fedsb_bin, Aggregator};
 
 /// Fails with the command's stdout and stderr unless it exited with 0.
 pub fn check_success(what: &str, out: &Output) -> anyhow::Result<()> {
@@ -79,4 +80,32 @@ pub fn fedsb_init(dir: &Path, rank: u32, args: &[&str]) -> anyhow::Result<serde_
         .context("running fedsb init")?;
     check_success("fedsb init", &out)?;
     last_json_line(&out)
+}
+
+/// Starts `fedsb join` against `agg` as participant `name` on `dir/data`
+/// (an absolute `data` is taken as it is), with its own cache directory
+/// `dir/cache-<name>` (the cache also holds its privacy ledger), then
+/// `extra` flags (`--seed`, `--max-rounds`, …). It logs at `info`; stdout
+/// and stderr are piped, for [`wait_child`].
+pub fn spawn_join(
+    dir: &Path,
+    agg: &Aggregator,
+    data: impl AsRef<Path>,
+    name: &str,
+    extra: &[&str],
+) -> anyhow::Result<Child> {
+    Command::new(fedsb_bin())
+        .arg("join")
+        .args(["--server", &agg.url("")])
+        .arg("--data")
+        .arg(dir.join(data))
+        .arg("--cache-dir")
+        .arg(dir.join(format!("cache-{name}")))
+        .args(["--name", name])
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("spawning fedsb join")
 }

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use browser::Chromium;
-use fedsb_e2e::process::{check_success, fedsb_init, last_json_line, wait_child};
+use fedsb_e2e::process::{check_success, fedsb_init, last_json_line, spawn_join, wait_child};
 use fedsb_e2e::tiny_model::{labelled_tsv, write_tiny_model, LABELS};
 use fedsb_e2e::{fedsb_bin, max_rel_error, weighted_mean, Aggregator};
 use fedsb_protocol::{AdapterState, ClientMessage, ClientUpdate, RoundId, ServerMessage};
@@ -1158,17 +1158,7 @@ async fn a_tab_and_a_native_participant_train_together() -> anyhow::Result<()> {
     let task = task_dir_for(2, "")?;
     let agg = Aggregator::start_in(task.path())?;
     let mut c = open_tab(&agg, &task.path().join("shard1.tsv")).await?;
-    let native = Command::new(fedsb_bin())
-        .arg("join")
-        .args(["--server", &agg.url(""), "--name", "native"])
-        .arg("--data")
-        .arg(task.path().join("shard2.tsv"))
-        .arg("--cache-dir")
-        .arg(task.path().join("cache-native"))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .context("spawning fedsb join")?;
+    let native = spawn_join(task.path(), &agg, "shard2.tsv", "native", &[])?;
     c.eval("document.getElementById('join-button').click()")
         .await?;
     let out = wait_child(native, RUN_TIMEOUT).await?;

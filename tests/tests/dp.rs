@@ -12,11 +12,11 @@
 //! A missing GPU adapter fails these tests.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use fedsb_e2e::process::{check_success, fedsb_init, last_json_line, wait_child};
+use fedsb_e2e::process::{check_success, fedsb_init, last_json_line, spawn_join, wait_child};
 use fedsb_e2e::tiny_model::{labelled_tsv, write_tiny_model, LABELS};
 use fedsb_e2e::*;
 
@@ -74,29 +74,6 @@ idle_timeout_secs = 60
     );
     std::fs::write(dir.join("task.toml"), config)?;
     Ok(())
-}
-
-fn spawn_join(
-    dir: &Path,
-    agg: &Aggregator,
-    data: &str,
-    name: &str,
-    extra: &[&str],
-) -> anyhow::Result<Child> {
-    Command::new(fedsb_bin())
-        .arg("join")
-        .args(["--server", &agg.url("")])
-        .arg("--data")
-        .arg(dir.join(data))
-        .arg("--cache-dir")
-        .arg(dir.join(format!("cache-{name}")))
-        .args(["--name", name])
-        .args(extra)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("spawning fedsb join")
 }
 
 /// The `/api/status` privacy entries, by client name suffix.

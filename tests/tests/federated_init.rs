@@ -6,11 +6,11 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use fedsb_e2e::process::wait_child;
+use fedsb_e2e::process::{spawn_join, wait_child};
 use fedsb_e2e::tiny_model::{labelled_tsv, write_tiny_model, LABELS};
 use fedsb_e2e::*;
 use fedsb_protocol::{ClientMessage, ErrorCode, ServerMessage, Tensor};
@@ -74,35 +74,6 @@ idle_timeout_secs = 60
     );
     std::fs::write(dir.join("task.toml"), config)?;
     Ok(())
-}
-
-fn spawn_join(dir: &Path, agg: &Aggregator, data: &str, name: &str) -> anyhow::Result<Child> {
-    spawn_join_seeded(dir, agg, data, name, 0)
-}
-
-/// `fedsb join --seed`: the seed of its shuffle, which also picks its
-/// initialization examples (as `fedsb init --seed` picks seed examples).
-fn spawn_join_seeded(
-    dir: &Path,
-    agg: &Aggregator,
-    data: &str,
-    name: &str,
-    seed: u64,
-) -> anyhow::Result<Child> {
-    Command::new(fedsb_bin())
-        .arg("join")
-        .args(["--seed", &seed.to_string()])
-        .args(["--server", &agg.url("")])
-        .arg("--data")
-        .arg(dir.join(data))
-        .arg("--cache-dir")
-        .arg(dir.join(format!("cache-{name}")))
-        .args(["--name", name])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("spawning fedsb join")
 }
 
 fn check_success(what: &str, out: &Output) -> anyhow::Result<serde_json::Value> {
@@ -230,8 +201,8 @@ async fn two_participants_initialize_federatedly_then_train_two_rounds() -> anyh
         "{task}"
     );
 
-    let a = spawn_join(dir, &agg, "a.tsv", "a")?;
-    let b = spawn_join(dir, &agg, "b.tsv", "b")?;
+    let a = spawn_join(dir, &agg, "a.tsv", "a", &[])?;
+    let b = spawn_join(dir, &agg, "b.tsv", "b", &[])?;
     let (a, b) = tokio::join!(wait_child(a, JOIN_TIMEOUT), wait_child(b, JOIN_TIMEOUT));
     for (name, out) in [("a", a?), ("b", b?)] {
         let report = check_success(&format!("fedsb join ({name})"), &out)?;
@@ -329,7 +300,7 @@ async fn federated_init_with_all_data_in_one_participant_equals_fedsb_init() -> 
     // Federated: one participant holding all of the seed data.
     write_config(dir, 1, 1, 40)?;
     let agg = Aggregator::start_in(dir)?;
-    let join = spawn_join_seeded(dir, &agg, "seed.tsv", "all", 3)?;
+    let join = spawn_join(dir, &agg, "seed.tsv", "all", &["--seed", "3"])?;
     let out = wait_child(join, JOIN_TIMEOUT).await?;
     check_success("fedsb join", &out)?;
     let federated = tensors(&served_adapter(&agg).await?)?;
@@ -469,7 +440,7 @@ async fn a_malformed_init_gradient_is_rejected_and_the_honest_participant_initia
     assert_eq!(agg.json("/api/status").await?["state"], "initializing");
     drop(bad);
 
-    let join = spawn_join(dir, &agg, "a.tsv", "honest")?;
+    let join = spawn_join(dir, &agg, "a.tsv", "honest", &[])?;
     let out = wait_child(join, JOIN_TIMEOUT).await?;
     let report = check_success("fedsb join", &out)?;
     assert_eq!(report["finished"], true, "{report}");
@@ -519,16 +490,7 @@ async fn a_restart_repeats_an_unfinished_initialization_and_resumes_a_finished_o
     );
 
     // One participant initializes and trains round 1, then leaves.
-    let join = Command::new(fedsb_bin())
-        .arg("join")
-        .args(["--server", &agg.url(""), "--max-rounds", "1"])
-        .arg("--data")
-        .arg(dir.join("a.tsv"))
-        .arg("--cache-dir")
-        .arg(dir.join("cache-first"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
+    let join = spawn_join(dir, &agg, "a.tsv", "first", &["--max-rounds", "1"])?;
     let out = wait_child(join, JOIN_TIMEOUT).await?;
     check_success("fedsb join (first)", &out)?;
     let before = served_adapter(&agg).await?;
@@ -559,7 +521,7 @@ async fn a_restart_repeats_an_unfinished_initialization_and_resumes_a_finished_o
         .bytes()
         .await?;
     assert_eq!(round0, round0_again);
-    let join = spawn_join(dir, &agg, "b.tsv", "second")?;
+    let join = spawn_join(dir, &agg, "b.tsv", "second", &[])?;
     let out = wait_child(join, JOIN_TIMEOUT).await?;
     let report = check_success("fedsb join (second)", &out)?;
     assert_eq!(report["finished"], true, "{report}");

@@ -4,11 +4,11 @@
 //! their R's for every round. A missing GPU adapter fails these tests.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use fedsb_e2e::process::{check_success, fedsb_init, last_json_line, wait_child};
+use fedsb_e2e::process::{check_success, fedsb_init, last_json_line, spawn_join, wait_child};
 use fedsb_e2e::tiny_model::{labelled_tsv, write_tiny_model, LABELS};
 use fedsb_e2e::*;
 use fedsb_protocol::{AdapterState, RoundId, ServerMessage};
@@ -99,20 +99,7 @@ idle_timeout_secs = 60
 
     /// Starts `fedsb join` on one data file with its own cache directory.
     fn spawn_join(&self, agg: &Aggregator, data: &str, name: &str) -> anyhow::Result<Child> {
-        let dir = self.path();
-        Command::new(fedsb_bin())
-            .arg("join")
-            .args(["--server", &agg.url("")])
-            .arg("--data")
-            .arg(dir.join(data))
-            .arg("--cache-dir")
-            .arg(dir.join(format!("cache-{name}")))
-            .args(["--name", name])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("spawning fedsb join")
+        spawn_join(self.path(), agg, data, name, &[])
     }
 }
 
@@ -358,16 +345,7 @@ async fn join_leaves_after_max_rounds() -> anyhow::Result<()> {
         std::fs::read_to_string(&path)?.replace("min_participants = 2", "min_participants = 1");
     std::fs::write(&path, text)?;
     let agg = Aggregator::start_in(task.path())?;
-    let child = Command::new(fedsb_bin())
-        .arg("join")
-        .args(["--server", &agg.url(""), "--max-rounds", "1"])
-        .arg("--data")
-        .arg(task.path().join("a.tsv"))
-        .arg("--cache-dir")
-        .arg(task.path().join("cache"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
+    let child = spawn_join(task.path(), &agg, "a.tsv", "a", &["--max-rounds", "1"])?;
     let out = wait_child(child, JOIN_TIMEOUT).await?;
     check_success("fedsb join --max-rounds 1", &out)?;
     let report = last_json_line(&out)?;

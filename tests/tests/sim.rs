@@ -9,7 +9,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use fedsb_e2e::process::check_success;
+use fedsb_e2e::process::{check_success, spawn_join};
 use fedsb_e2e::tiny_model::{labelled_tsv, tiny_config, write_tiny_model, LABELS};
 use fedsb_e2e::*;
 use fedsb_protocol::{AdapterState, RoundId, ServerMessage};
@@ -427,19 +427,13 @@ async fn sim_equals_the_same_run_over_websockets() -> anyhow::Result<()> {
     for c in manifest["clients"].as_array().context("clients")? {
         let file = c["file"].as_str().context("file")?;
         let seed = c["batch_seed"].as_u64().context("batch_seed")?;
-        let child = Command::new(fedsb_bin())
-            .arg("join")
-            .args(["--server", &agg.url("")])
-            .arg("--data")
-            .arg(shards.join(file))
-            .args(["--seed", &seed.to_string()])
-            .arg("--cache-dir")
-            .arg(dir.join(format!("cache-{file}")))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("spawning fedsb join")?;
+        let child = spawn_join(
+            &dir,
+            &agg,
+            shards.join(file),
+            file,
+            &["--seed", &seed.to_string()],
+        )?;
         joins.push(child);
     }
     for child in joins {
