@@ -971,8 +971,8 @@ fn not_initializing() -> Rejection {
 
 /// A task with differential privacy accepts only updates whose report says
 /// they were trained under its policy: same clip norm and δ, noise, and ε
-/// spent within the target.
-fn check_report_against_policy(
+/// spent within the target. (`fedsb sim` applies the same check.)
+pub fn check_report_against_policy(
     report: Option<&PrivacyReport>,
     policy: &PrivacyPolicy,
 ) -> Result<(), Rejection> {

@@ -21,6 +21,20 @@
 //! shard files and seeds that `--write-shards` writes (`tests/tests/sim.rs`
 //! checks that).
 //!
+//! With `--dp-epsilon E --clip C` every client trains as `fedsb join` does
+//! on a task with `[privacy]`: σ calibrated once (by `--accountant`) so that
+//! its `rounds × local_steps` DP-SGD steps at q = batch / its shard size
+//! spend at most ε at `--dp-delta`, Poisson-sampled batches, per-sample
+//! gradients clipped jointly to C, Gaussian noise from the OS's CSPRNG
+//! (`fedsb_participant::train_round_dp`, the code of `fedsb join` and the
+//! browser tab), the update weighted by its expected samples and sent with
+//! its privacy report, which the aggregator's own policy check accepts
+//! ([`check_report_against_policy`]). DP-SGD does not cover the LoRA-SB
+//! initialization, so a DP simulation starts from `--init` (a file `fedsb
+//! init` made from public seed data). Each round reports the largest ε any
+//! client has spent. The noise is not seeded, so DP runs do not repeat bit
+//! for bit.
+//!
 //! Splits ([`split_iid`], [`split_dirichlet`]) are seeded and documented on
 //! the functions. Byte counts are the sizes of the real protocol frames: per
 //! round, `bytes_up` = Σ of the clients' encoded `Update` frames and
@@ -34,6 +48,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::Args;
 use fedsb_aggregator::config::Weighting;
+use fedsb_aggregator::coordinator::check_report_against_policy;
 use fedsb_aggregator::round::Round;
 use fedsb_engine::data::{read_dataset_file, Dataset, Example};
 use fedsb_engine::gpu::adamw::AdamW;
@@ -44,16 +59,19 @@ use fedsb_engine::reference::{
     ClassifierHead, LoraSbAdapters, LoraSbInitOptions, Matrix, TrainableGradients,
 };
 use fedsb_engine::train::{encode_examples, evaluate, gpu_lora_sb_init, BatchSampler};
+use fedsb_privacy::AccountantKind;
 use fedsb_protocol::{
-    AdapterShape, ClientMessage, ClientUpdate, ParticipantId, RoundId, ServerMessage,
+    AdapterShape, ClientMessage, ClientUpdate, ParticipantId, PrivacyPolicy, RoundId, ServerMessage,
 };
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use safetensors::SafeTensors;
 
 use crate::data_args::{require_label_column, same_columns_as, DataColumns};
+use crate::dp_training::DpTraining;
 use crate::participant::{
     engine_to_state, layered_modules, read_adapter_file, state_to_engine, ModuleRef,
 };
+use crate::privacy_cmd::AccountantArg;
 
 #[derive(Debug, Args)]
 pub struct SimArgs {
@@ -140,6 +158,21 @@ pub struct SimArgs {
     /// One JSON line per round on stdout (the summary table then goes to stderr).
     #[arg(long)]
     json: bool,
+    /// Differential privacy: every client trains with DP-SGD, σ calibrated
+    /// so that its rounds × local steps spend at most this ε (as `fedsb join`
+    /// on a task with `[privacy]`). Needs --clip and --init.
+    #[arg(long)]
+    dp_epsilon: Option<f64>,
+    /// δ of the DP guarantee.
+    #[arg(long, default_value_t = 1e-5)]
+    dp_delta: f64,
+    /// Differential privacy: per-sample clipping norm C (joint L2 norm over
+    /// every R and the head).
+    #[arg(long)]
+    clip: Option<f64>,
+    /// Privacy accountant for calibration and the ε reported.
+    #[arg(long, value_enum, default_value_t = AccountantArg::Pld)]
+    accountant: AccountantArg,
     #[command(flatten)]
     columns: DataColumns,
     /// Use the GPU adapter whose name contains this (case-insensitive).
@@ -342,6 +375,8 @@ struct Client {
     shard: Vec<Example>,
     sampler: BatchSampler,
     seed: u64,
+    /// DP-SGD state (σ, the privacy ledger, the noise source) with --dp-epsilon.
+    dp: Option<DpTraining>,
 }
 
 /// One round's results.
@@ -356,6 +391,8 @@ struct RoundRow {
     bytes_up: u64,
     bytes_down: u64,
     seconds: f64,
+    /// With differential privacy: the largest ε any client has spent so far.
+    epsilon_spent: Option<f64>,
 }
 
 /// AdamW on the head only, on the CPU (the `--head-only` baseline), with
@@ -561,6 +598,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
     if !(args.lr > 0.0 && args.lr.is_finite()) {
         bail!("--lr must be positive");
     }
+    let policy = dp_policy(&args)?;
     let weights = BertWeights::from_dir(&args.model)
         .with_context(|| format!("loading the model from {}", args.model.display()))?;
     let config = weights.config.clone();
@@ -592,9 +630,35 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
                 shard: idx.iter().map(|&j| train.examples[j].clone()).collect(),
                 sampler: BatchSampler::new(idx.len(), args.batch, seed),
                 seed,
+                dp: None,
             }
         })
         .collect();
+    if let Some(policy) = &policy {
+        let planned = args.rounds * u64::from(local_steps);
+        for (i, client) in clients.iter_mut().enumerate() {
+            let dp = DpTraining::calibrate(
+                policy,
+                client.shard.len(),
+                args.batch,
+                planned,
+                AccountantKind::from(args.accountant),
+            )
+            .with_context(|| format!("client {}", i + 1))?;
+            client.dp = Some(dp);
+        }
+        let sigmas: Vec<f64> = clients
+            .iter()
+            .filter_map(|c| c.dp.as_ref().map(|d| d.config.noise_multiplier))
+            .collect();
+        eprintln!(
+            "differential privacy: ε = {}, δ = {}, C = {} over {planned} steps per client; σ per client {:?}",
+            policy.epsilon,
+            policy.delta,
+            policy.clip_norm,
+            sigmas.iter().map(|s| format!("{s:.4}")).collect::<Vec<_>>()
+        );
+    }
     eprintln!(
         "train: {} examples ({} classes {:?}) split {} over {} clients: sizes {:?}; eval: {} examples; {local_steps} local steps of {} per round",
         train.len(),
@@ -723,6 +787,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
         bytes_up: 0,
         bytes_down: 0,
         seconds: started.elapsed().as_secs_f64(),
+        epsilon_spent: policy.as_ref().map(|_| 0.0),
     }];
     report(&bar, &rows[0]);
 
@@ -739,70 +804,67 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
         let bytes_down = global_frame.len() as u64 * args.clients as u64;
         let (adapters, head) = state_to_engine(&frozen, &modules, &global)?;
         let mut bytes_up = 0u64;
+        let mut epsilon_spent: Option<f64> = None;
         for (i, client) in clients.iter_mut().enumerate() {
             bar.set_message(format!("round {n}, client {}", i + 1));
-            encoder.set_trainable(&adapters, &head)?;
-            let mut head_opt = args.head_only.then(|| {
-                (
-                    HeadAdam::new(head.weight.data.len() + head.bias.len()),
-                    [head.weight.data.clone(), head.bias.clone()].concat(),
-                )
-            });
-            let mut samples = 0u64;
-            let mut loss_sum = 0f64;
-            for step in 1..=local_steps {
-                let idx = client.sampler.next_batch();
-                let refs: Vec<&Example> = idx.iter().map(|&j| &client.shard[j]).collect();
-                let (batch, batch_labels) = encode_examples(&tokenizer, &refs)?;
-                let loss = match &mut head_opt {
-                    None => pollster::block_on(encoder.train_step(&batch, &batch_labels, &opt))?,
-                    Some((adam, params)) => {
-                        let losses = pollster::block_on(encoder.loss_and_gradients(
-                            &batch,
-                            &batch_labels,
-                            GradientMode::BatchMean,
-                        ))?;
-                        let g = pollster::block_on(encoder.read_gradients())?;
-                        let grads = [g.head_weight.data, g.head_bias].concat();
-                        adam.step(&opt, params, &grads);
-                        let hw = head.weight.data.len();
-                        let new_head = ClassifierHead {
-                            weight: Matrix::from_vec(
-                                head.weight.rows,
-                                head.weight.cols,
-                                params[..hw].to_vec(),
-                            ),
-                            bias: params[hw..].to_vec(),
-                        };
-                        encoder.set_trainable(&adapters, &new_head)?;
-                        losses.iter().sum::<f32>() / losses.len() as f32
-                    }
-                };
-                if !loss.is_finite() {
+            let update = if let Some(dp) = client.dp.as_mut() {
+                let check = dp.check(u64::from(local_steps))?;
+                if !check.within_budget {
                     bail!(
-                        "round {n}, client {}: training diverged at step {step} (loss {loss})",
-                        i + 1
+                        "client {}: {}",
+                        i + 1,
+                        dp.exhausted_message(&check, id, local_steps)
                     );
                 }
-                samples += idx.len() as u64;
-                loss_sum += f64::from(loss) * idx.len() as f64;
-                bar.inc(1);
-            }
-            let trained = pollster::block_on(encoder.read_trainable())?;
-            let state = engine_to_state(&trained, &modules)?;
-            let frame = ClientMessage::Update(ClientUpdate {
-                round: id,
-                num_samples: samples,
-                train_loss: Some((loss_sum / samples.max(1) as f64) as f32),
-                privacy: None,
-                adapter: state,
-            })
-            .encode();
+                let (local, report, _) = pollster::block_on(fedsb_participant::train_round_dp(
+                    &mut encoder,
+                    &tokenizer,
+                    &frozen,
+                    &modules,
+                    &client.shard,
+                    dp,
+                    &global,
+                    local_steps,
+                    &opt,
+                    id,
+                ))
+                .with_context(|| format!("round {n}, client {}", i + 1))?;
+                bar.inc(u64::from(local_steps));
+                epsilon_spent = Some(epsilon_spent.unwrap_or(0.0).max(report.epsilon_spent));
+                ClientUpdate {
+                    round: id,
+                    num_samples: local.samples,
+                    train_loss: Some(local.mean_loss),
+                    privacy: Some(report),
+                    adapter: local.state,
+                }
+            } else {
+                train_client_round(
+                    &mut encoder,
+                    &tokenizer,
+                    client,
+                    &adapters,
+                    &head,
+                    &opt,
+                    args.head_only,
+                    &modules,
+                    id,
+                    local_steps,
+                    &bar,
+                )
+                .with_context(|| format!("round {n}, client {}", i + 1))?
+            };
+            let frame = ClientMessage::Update(update).encode();
             bytes_up += frame.len() as u64;
             // What the aggregator receives: the decoded frame.
             let ClientMessage::Update(update) = ClientMessage::decode(&frame)? else {
                 unreachable!("an Update frame decodes to an Update");
             };
+            if let Some(policy) = &policy {
+                check_report_against_policy(update.privacy.as_ref(), policy).map_err(|r| {
+                    anyhow::anyhow!("round {n}: client {}'s update rejected: {r}", i + 1)
+                })?;
+            }
             round
                 .accept(
                     ParticipantId(i as u64 + 1),
@@ -855,6 +917,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
             bytes_up,
             bytes_down,
             seconds: started.elapsed().as_secs_f64(),
+            epsilon_spent,
         };
         report(&bar, &row);
         rows.push(row);
@@ -876,6 +939,114 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The task's privacy policy from --dp-epsilon, --dp-delta and --clip, or
+/// None without DP; the combinations that cannot work are refused.
+fn dp_policy(args: &SimArgs) -> anyhow::Result<Option<PrivacyPolicy>> {
+    let (epsilon, clip_norm) = match (args.dp_epsilon, args.clip) {
+        (None, None) => return Ok(None),
+        (Some(_), None) => {
+            bail!("differential privacy needs --clip C (the per-sample clipping norm)")
+        }
+        (None, Some(_)) => bail!("--clip needs --dp-epsilon E (differential privacy)"),
+        (Some(e), Some(c)) => (e, c),
+    };
+    if !(epsilon > 0.0 && epsilon.is_finite()) {
+        bail!("--dp-epsilon must be a positive number, got {epsilon}");
+    }
+    if !(clip_norm > 0.0 && clip_norm.is_finite()) {
+        bail!("--clip must be a positive number, got {clip_norm}");
+    }
+    if !(args.dp_delta > 0.0 && args.dp_delta < 1.0) {
+        bail!("--dp-delta must be in (0, 1), got {}", args.dp_delta);
+    }
+    if args.head_only {
+        bail!("--head-only trains without DP-SGD; it cannot be combined with --dp-epsilon");
+    }
+    if args.init.is_none() {
+        bail!(
+            "with differential privacy the LoRA-SB initialization must not read the private \
+             training data (DP-SGD does not cover it): make an adapter file from public seed \
+             data with `fedsb init` and give it with --init"
+        );
+    }
+    Ok(Some(PrivacyPolicy {
+        epsilon,
+        delta: args.dp_delta,
+        clip_norm,
+    }))
+}
+
+/// One client's local round without DP, as `fedsb join` trains it: from the
+/// global `adapters` and `head`, `local_steps` AdamW steps on batches of its
+/// sampler (or, with `head_only`, steps on the head alone with R kept).
+#[allow(clippy::too_many_arguments)]
+fn train_client_round(
+    encoder: &mut GpuEncoder<'_>,
+    tokenizer: &BertTokenizer,
+    client: &mut Client,
+    adapters: &LoraSbAdapters<f32>,
+    head: &ClassifierHead<f32>,
+    opt: &AdamW,
+    head_only: bool,
+    modules: &[ModuleRef],
+    round: RoundId,
+    local_steps: u32,
+    bar: &ProgressBar,
+) -> anyhow::Result<ClientUpdate> {
+    encoder.set_trainable(adapters, head)?;
+    let mut head_opt = head_only.then(|| {
+        (
+            HeadAdam::new(head.weight.data.len() + head.bias.len()),
+            [head.weight.data.clone(), head.bias.clone()].concat(),
+        )
+    });
+    let mut samples = 0u64;
+    let mut loss_sum = 0f64;
+    for step in 1..=local_steps {
+        let idx = client.sampler.next_batch();
+        let refs: Vec<&Example> = idx.iter().map(|&j| &client.shard[j]).collect();
+        let (batch, batch_labels) = encode_examples(tokenizer, &refs)?;
+        let loss = match &mut head_opt {
+            None => pollster::block_on(encoder.train_step(&batch, &batch_labels, opt))?,
+            Some((adam, params)) => {
+                let losses = pollster::block_on(encoder.loss_and_gradients(
+                    &batch,
+                    &batch_labels,
+                    GradientMode::BatchMean,
+                ))?;
+                let g = pollster::block_on(encoder.read_gradients())?;
+                let grads = [g.head_weight.data, g.head_bias].concat();
+                adam.step(opt, params, &grads);
+                let hw = head.weight.data.len();
+                let new_head = ClassifierHead {
+                    weight: Matrix::from_vec(
+                        head.weight.rows,
+                        head.weight.cols,
+                        params[..hw].to_vec(),
+                    ),
+                    bias: params[hw..].to_vec(),
+                };
+                encoder.set_trainable(adapters, &new_head)?;
+                losses.iter().sum::<f32>() / losses.len() as f32
+            }
+        };
+        if !loss.is_finite() {
+            bail!("training diverged at step {step} (loss {loss})");
+        }
+        samples += idx.len() as u64;
+        loss_sum += f64::from(loss) * idx.len() as f64;
+        bar.inc(1);
+    }
+    let trained = pollster::block_on(encoder.read_trainable())?;
+    Ok(ClientUpdate {
+        round,
+        num_samples: samples,
+        train_loss: Some((loss_sum / samples.max(1) as f64) as f32),
+        privacy: None,
+        adapter: engine_to_state(&trained, modules)?,
+    })
+}
+
 fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -883,10 +1054,11 @@ fn now_unix_ms() -> u64 {
 }
 
 fn summary_table(rows: &[RoundRow]) -> String {
+    let dp = rows.iter().any(|r| r.epsilon_spent.is_some());
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:>5}  {:>8}  {:>9}  {:>10}  {:>5}  {:>8}  {:>10}  {:>10}  {:>8}",
+        "{:>5}  {:>8}  {:>9}  {:>10}  {:>5}  {:>8}  {:>10}  {:>10}  {:>8}{}",
         "round",
         "accuracy",
         "eval loss",
@@ -895,12 +1067,13 @@ fn summary_table(rows: &[RoundRow]) -> String {
         "samples",
         "bytes up",
         "bytes down",
-        "seconds"
+        "seconds",
+        if dp { "  ε spent" } else { "" }
     );
     for r in rows {
         let _ = writeln!(
             s,
-            "{:>5}  {:>8.4}  {:>9.4}  {:>10}  {:>5}  {:>8}  {:>10}  {:>10}  {:>8.1}",
+            "{:>5}  {:>8.4}  {:>9.4}  {:>10}  {:>5}  {:>8}  {:>10}  {:>10}  {:>8.1}{}",
             r.round,
             r.eval_accuracy,
             r.eval_loss,
@@ -909,7 +1082,9 @@ fn summary_table(rows: &[RoundRow]) -> String {
             r.samples,
             r.bytes_up,
             r.bytes_down,
-            r.seconds
+            r.seconds,
+            r.epsilon_spent
+                .map_or(String::new(), |e| format!("  {e:>7.4}"))
         );
     }
     let up: u64 = rows.iter().map(|r| r.bytes_up).sum();
@@ -920,12 +1095,12 @@ fn summary_table(rows: &[RoundRow]) -> String {
 
 fn write_csv(path: &Path, rows: &[RoundRow]) -> anyhow::Result<()> {
     let mut s = String::from(
-        "round,eval_accuracy,eval_loss,train_loss,participants,samples,bytes_up,bytes_down,seconds\n",
+        "round,eval_accuracy,eval_loss,train_loss,participants,samples,bytes_up,bytes_down,seconds,epsilon_spent\n",
     );
     for r in rows {
         let _ = writeln!(
             s,
-            "{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{}",
             r.round,
             r.eval_accuracy,
             r.eval_loss,
@@ -934,7 +1109,8 @@ fn write_csv(path: &Path, rows: &[RoundRow]) -> anyhow::Result<()> {
             r.samples,
             r.bytes_up,
             r.bytes_down,
-            r.seconds
+            r.seconds,
+            r.epsilon_spent.map_or(String::new(), |e| e.to_string())
         );
     }
     std::fs::write(path, s).with_context(|| format!("writing {}", path.display()))

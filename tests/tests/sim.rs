@@ -1,6 +1,7 @@
 //! `fedsb sim` end to end on a tiny random BERT (GPU: lavapipe here): every
 //! round reported with the real protocol frame sizes, CSV and plot written,
-//! both splits, the head-only baseline, bad input refused, and the
+//! both splits, the head-only baseline, DP-SGD clients with ε per round, bad
+//! input refused, and the
 //! simulation equal to the same run over WebSockets (`fedsb serve` + three
 //! `fedsb join` processes on the shard files the simulator wrote).
 
@@ -9,7 +10,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use fedsb_e2e::process::{check_success, spawn_join};
+use fedsb_e2e::process::{check_success, fedsb_init, spawn_join};
 use fedsb_e2e::tiny_model::{labelled_tsv, tiny_config, write_tiny_model, LABELS};
 use fedsb_e2e::*;
 use fedsb_protocol::{AdapterState, RoundId, ServerMessage};
@@ -277,6 +278,107 @@ fn head_only_keeps_every_r_and_trains_the_head() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--dp-epsilon`: every client trains with DP-SGD (σ calibrated for its
+/// rounds × local steps), its update carries a privacy report that the
+/// aggregator's policy check accepts, and each round reports the ε spent,
+/// rising to at most the target.
+#[test]
+fn dp_clients_train_with_dp_sgd_and_epsilon_rises_to_the_target() -> anyhow::Result<()> {
+    const ROUNDS: u64 = 3;
+    const EPSILON: f64 = 8.0;
+    let task = Task::new()?;
+    let dir = task.path();
+    // Public seed data for the initialization, which DP-SGD does not cover.
+    std::fs::write(dir.join("seed.tsv"), labelled_tsv(16, 9, 0.5))?;
+    fedsb_init(
+        dir,
+        RANK as u32,
+        &["--init-samples", "16", "--batch", "8", "--lr", "0.01"],
+    )?;
+    let adapter = dir.join("adapter.safetensors");
+    let globals = dir.join("globals");
+    let csv = dir.join("dp.csv");
+    let out = run(task.sim(
+        ROUNDS,
+        &[
+            "--init",
+            adapter.to_str().context("path")?,
+            "--dp-epsilon",
+            &EPSILON.to_string(),
+            "--clip",
+            "1.0",
+            "--json",
+            "--write-globals",
+            globals.to_str().context("path")?,
+            "--csv",
+            csv.to_str().context("path")?,
+        ],
+    ))?;
+    check_success("fedsb sim --dp-epsilon", &out)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("differential privacy: ε = 8, δ = 0.00001, C = 1")
+            && stderr.contains(&format!("over {} steps per client", ROUNDS * LOCAL_STEPS)),
+        "{stderr}"
+    );
+    let lines = json_lines(&out)?;
+    assert_eq!(
+        lines.len() as u64,
+        ROUNDS + 1,
+        "rounds 0..{ROUNDS}: {lines:?}"
+    );
+    let (update, global) = frame_sizes();
+    let mut spent = Vec::new();
+    for (n, l) in lines.iter().enumerate() {
+        assert_eq!(l["round"].as_u64(), Some(n as u64), "{l}");
+        spent.push(l["epsilon_spent"].as_f64().context("epsilon_spent")?);
+        if n == 0 {
+            continue;
+        }
+        assert_eq!(l["participants"].as_u64(), Some(CLIENTS as u64), "{l}");
+        // DP updates weigh their expected samples: q·N = the batch per step.
+        assert_eq!(
+            l["samples"].as_u64(),
+            Some(CLIENTS as u64 * LOCAL_STEPS * BATCH),
+            "{l}"
+        );
+        // Each update carries a privacy report: six 8-byte fields.
+        assert_eq!(
+            l["bytes_up"].as_u64(),
+            Some(CLIENTS as u64 * (update + 48)),
+            "{l}"
+        );
+        assert_eq!(
+            l["bytes_down"].as_u64(),
+            Some(CLIENTS as u64 * global),
+            "{l}"
+        );
+    }
+    assert_eq!(spent[0], 0.0, "{spent:?}");
+    assert!(
+        spent.windows(2).all(|w| w[1] > w[0]),
+        "ε must rise every round: {spent:?}"
+    );
+    let last = *spent.last().expect("rounds");
+    assert!(
+        last <= EPSILON && last > 0.5 * EPSILON,
+        "σ is calibrated so that all the steps spend at most (and about) ε = {EPSILON}: {spent:?}"
+    );
+    let csv = std::fs::read_to_string(&csv)?;
+    assert!(
+        csv.lines()
+            .next()
+            .is_some_and(|h| h.ends_with(",epsilon_spent")),
+        "{csv}"
+    );
+    let (_, _, _, r0) = decode_global(&std::fs::read(globals.join("round-0.bin"))?)?;
+    let (round, participants, _, last_state) =
+        decode_global(&std::fs::read(globals.join(format!("round-{ROUNDS}.bin")))?)?;
+    assert_eq!((round, participants), (RoundId(ROUNDS), CLIENTS as u32));
+    assert_ne!(r0.r, last_state.r, "DP-SGD must train R");
+    Ok(())
+}
+
 #[test]
 fn without_json_rounds_go_to_stderr_and_the_table_to_stdout() -> anyhow::Result<()> {
     let task = Task::new()?;
@@ -303,12 +405,33 @@ fn without_json_rounds_go_to_stderr_and_the_table_to_stdout() -> anyhow::Result<
 #[test]
 fn sim_refuses_bad_input_clearly() -> anyhow::Result<()> {
     let task = Task::new()?;
-    let cases: [(usize, &[&str], &str); 5] = [
+    let cases: [(usize, &[&str], &str); 10] = [
         (CLIENTS, &["--split", "shards"], "unknown --split"),
         (CLIENTS, &["--split", "dirichlet:0"], "positive"),
         (CLIENTS, &["--split", "dirichlet:-2"], "positive"),
         (0, &[], "--clients must be at least 1"),
         (TRAIN_ROWS + 1, &[], "more than the 72 training examples"),
+        (
+            CLIENTS,
+            &["--dp-epsilon", "3"],
+            "differential privacy needs --clip",
+        ),
+        (CLIENTS, &["--clip", "1"], "--clip needs --dp-epsilon"),
+        (
+            CLIENTS,
+            &["--dp-epsilon", "0", "--clip", "1"],
+            "--dp-epsilon must be a positive number",
+        ),
+        (
+            CLIENTS,
+            &["--dp-epsilon", "3", "--clip", "1"],
+            "must not read the private training data",
+        ),
+        (
+            CLIENTS,
+            &["--dp-epsilon", "3", "--clip", "1", "--head-only"],
+            "--head-only trains without DP-SGD",
+        ),
     ];
     for (clients, flags, message) in cases {
         let out = run(task.sim_with(clients, 1, flags))?;
