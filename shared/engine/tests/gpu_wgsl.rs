@@ -7,6 +7,12 @@
 //! `wgpu::Features::SUBGROUP`, and must fail without it; every other file is
 //! validated without any capability, as on a device without optional features.
 //!
+//! A file with a line `// prelude: NAME.wgsl` in its leading comment is
+//! validated with that file in front of it, as its launcher compiles it
+//! (`matmul_common.wgsl` before `matmul.wgsl` and `matmul_subgroup.wgsl`). A
+//! prelude is not a module on its own: it is validated only in front of the
+//! files that name it, and must be named by at least one.
+//!
 //! ```text
 //! cargo test -p fedsb-engine --test gpu_wgsl
 //! ```
@@ -27,11 +33,50 @@ fn every_wgsl_file_validates_with_naga() {
         "no .wgsl files found in {}",
         dir.display()
     );
+    // Preludes named by the files: `// prelude: NAME` in the leading comment.
+    let preludes_of = |text: &str| -> Vec<String> {
+        text.lines()
+            .take_while(|l| l.starts_with("//"))
+            .filter_map(|l| l.strip_prefix("// prelude: "))
+            .map(|n| n.trim().to_owned())
+            .collect()
+    };
+    let texts: Vec<(String, String)> = files
+        .iter()
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().to_string(),
+                std::fs::read_to_string(p).expect("readable wgsl"),
+            )
+        })
+        .collect();
+    let preludes: std::collections::BTreeSet<String> =
+        texts.iter().flat_map(|(_, t)| preludes_of(t)).collect();
+    for prelude in &preludes {
+        assert!(
+            texts.iter().any(|(n, _)| n == prelude),
+            "a file names the prelude {prelude}, which is not in {}",
+            dir.display()
+        );
+    }
     let mut failures = Vec::new();
     let mut with_subgroups = Vec::new();
-    for path in &files {
-        let source = std::fs::read_to_string(path).expect("readable wgsl");
-        let name = path.file_name().unwrap().to_string_lossy().to_string();
+    let mut composed = Vec::new();
+    for (name, text) in &texts {
+        if preludes.contains(name) {
+            continue;
+        }
+        let mut source = String::new();
+        for prelude in preludes_of(text) {
+            let (_, p) = texts
+                .iter()
+                .find(|(n, _)| *n == prelude)
+                .expect("checked above");
+            source.push_str(p);
+            composed.push(format!("{prelude} + {name}"));
+        }
+        source.push_str(text);
+        let name = name.clone();
         let module = match naga::front::wgsl::parse_str(&source) {
             Ok(m) => m,
             Err(e) => {
@@ -42,7 +87,7 @@ fn every_wgsl_file_validates_with_naga() {
                 continue;
             }
         };
-        let subgroups = source.lines().next() == Some("// enable subgroups;");
+        let subgroups = text.lines().next() == Some("// enable subgroups;");
         let capabilities = if subgroups {
             with_subgroups.push(name.clone());
             // Without the capability the module must be refused, which is why
@@ -84,4 +129,13 @@ fn every_wgsl_file_validates_with_naga() {
         with_subgroups.iter().any(|n| n == "matmul_subgroup.wgsl"),
         "matmul_subgroup.wgsl not validated with subgroups: {with_subgroups:?}"
     );
+    for wanted in [
+        "matmul_common.wgsl + matmul.wgsl",
+        "matmul_common.wgsl + matmul_subgroup.wgsl",
+    ] {
+        assert!(
+            composed.iter().any(|c| c == wanted),
+            "{wanted} not validated together: {composed:?}"
+        );
+    }
 }

@@ -1,4 +1,5 @@
-//! Matrix multiply launcher (`matmul.wgsl`): `C = alpha·op(A)·op(B) (+ bias) (+ C)`.
+//! Matrix multiply launcher (`matmul.wgsl`, `matmul_subgroup.wgsl`, both after
+//! `matmul_common.wgsl`): `C = alpha·op(A)·op(B) (+ bias) (+ C)`.
 //!
 //! [`Gemm`] describes one (optionally batched, strided) product; [`gemm`] records
 //! it with the [`Variant`] that suits the adapter ([`Variant::for_gemm`]). The
@@ -13,13 +14,25 @@
 use super::context::{GpuBuffer, GpuContext};
 use super::GpuError;
 
-const SOURCE: &str = include_str!("matmul.wgsl");
+// Every matmul module starts with `matmul_common.wgsl`: the parameters, the
+// overrides, the bindings and the store that all variants share.
+const SOURCE: &str = concat!(
+    include_str!("matmul_common.wgsl"),
+    include_str!("matmul.wgsl")
+);
 /// The subgroup kernel natively (naga 30 refuses the `enable subgroups;`
 /// directive and gates subgroup built-ins on the device feature instead).
-const SUBGROUP_SOURCE: &str = include_str!("matmul_subgroup.wgsl");
-/// The subgroup kernel for the browser's WebGPU, which requires the directive.
-const SUBGROUP_SOURCE_WEB: &str =
-    concat!("enable subgroups;\n", include_str!("matmul_subgroup.wgsl"));
+const SUBGROUP_SOURCE: &str = concat!(
+    include_str!("matmul_common.wgsl"),
+    include_str!("matmul_subgroup.wgsl")
+);
+/// The subgroup kernel for the browser's WebGPU, which requires the directive
+/// before any declaration.
+const SUBGROUP_SOURCE_WEB: &str = concat!(
+    "enable subgroups;\n",
+    include_str!("matmul_common.wgsl"),
+    include_str!("matmul_subgroup.wgsl")
+);
 /// Output tile edge of one workgroup of the tiled variant (rows and columns).
 pub const TILE: usize = 64;
 /// Output tile of one workgroup of the direct variant: rows, columns.

@@ -1,3 +1,8 @@
+// prelude: matmul_common.wgsl
+//
+// (`matmul.rs` puts `matmul_common.wgsl` in front of this file: `Params`, the
+// TRANS_A / TRANS_B overrides, the bindings `p`, `bias` and `c`, and `store4`.)
+//
 // General matrix multiply, two entry points over the same parameters:
 //
 //     C[M, N] = alpha * op(A)[M, K] · op(B)[K, N]  (+ bias[N])  (+ C if accumulate)
@@ -34,42 +39,13 @@
 // launcher picks `matmul_subgroup.wgsl` instead (a separate module, since
 // subgroup built-ins need wgpu::Features::SUBGROUP), about 2x `main_direct`.
 
-struct Params {
-    m: u32,
-    n: u32,
-    k: u32,
-    lda: u32,
-    ldb: u32,
-    ldc: u32,
-    a_off: u32,
-    b_off: u32,
-    c_off: u32,
-    batch_inner: u32,
-    a_bs0: u32,
-    a_bs1: u32,
-    b_bs0: u32,
-    b_bs1: u32,
-    c_bs0: u32,
-    c_bs1: u32,
-    alpha: f32,
-    accumulate: u32,
-    has_bias: u32,
-    _pad: u32,
-}
-
-override TRANS_A: bool = false;
-override TRANS_B: bool = false;
-
 const BM: u32 = 64u;
 const BN: u32 = 64u;
 const BK: u32 = 16u;
 const THREADS: u32 = 64u;
 
-@group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<f32>;
 @group(0) @binding(2) var<storage, read> b: array<f32>;
-@group(0) @binding(3) var<storage, read> bias: array<f32>;
-@group(0) @binding(4) var<storage, read_write> c: array<f32>;
 
 // Tiles in the stored orientation, vec4 along the contiguous dimension:
 // A: [BM][BK/4] (k contiguous) or, TRANS_A, [BK][BM/4] (m contiguous).
@@ -99,21 +75,6 @@ fn ld4_b(base: u32, row: u32, col: u32, rows: u32, cols: u32) -> vec4<f32> {
     if col + 2u < cols { v.z = b[i + 2u]; }
     if col + 3u < cols { v.w = b[i + 3u]; }
     return v;
-}
-
-// Writes 4 consecutive outputs of row `row` from column `col` with scale, bias
-// and accumulate, skipping those outside C.
-fn store4(c_base: u32, row: u32, col: u32, v: vec4<f32>) {
-    if row >= p.m { return; }
-    for (var j = 0u; j < 4u; j++) {
-        if col + j < p.n {
-            var x = p.alpha * v[j];
-            if p.has_bias != 0u { x += bias[col + j]; }
-            let idx = c_base + row * p.ldc + col + j;
-            if p.accumulate != 0u { x += c[idx]; }
-            c[idx] = x;
-        }
-    }
 }
 
 // The 8×8 accumulator block of one invocation: rN = row N, l/h = columns 0-3 / 4-7.

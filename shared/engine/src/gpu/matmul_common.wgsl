@@ -1,0 +1,54 @@
+// The part of the matrix multiply that every variant shares: `matmul.rs`
+// puts this file in front of `matmul.wgsl` and of `matmul_subgroup.wgsl`
+// (it is not a module on its own, and `tests/gpu_wgsl.rs` validates it in
+// front of each file that names it as its prelude). It holds the parameters
+// (the product and the batch strides described in `matmul.wgsl`), the
+// transposition overrides, the bindings every variant uses in the same way
+// (the parameters, the bias and C; each kernel declares how it reads A and B)
+// and the guarded store of 4 outputs.
+
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    lda: u32,
+    ldb: u32,
+    ldc: u32,
+    a_off: u32,
+    b_off: u32,
+    c_off: u32,
+    batch_inner: u32,
+    a_bs0: u32,
+    a_bs1: u32,
+    b_bs0: u32,
+    b_bs1: u32,
+    c_bs0: u32,
+    c_bs1: u32,
+    alpha: f32,
+    accumulate: u32,
+    has_bias: u32,
+    _pad: u32,
+}
+
+override TRANS_A: bool = false;
+override TRANS_B: bool = false;
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(3) var<storage, read> bias: array<f32>;
+@group(0) @binding(4) var<storage, read_write> c: array<f32>;
+
+// Writes 4 consecutive outputs of row `row` from column `col` with scale, bias
+// and accumulate, skipping those outside C.
+fn store4(c_base: u32, row: u32, col: u32, v: vec4<f32>) {
+    if row >= p.m { return; }
+    for (var j = 0u; j < 4u; j++) {
+        if col + j < p.n {
+            var x = p.alpha * v[j];
+            if p.has_bias != 0u { x += bias[col + j]; }
+            let idx = c_base + row * p.ldc + col + j;
+            if p.accumulate != 0u { x += c[idx]; }
+            c[idx] = x;
+        }
+    }
+}
+
