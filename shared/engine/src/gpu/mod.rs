@@ -11,6 +11,8 @@
 //!   blocks read straight from storage, or (with subgroups of 8) 32×4 per lane
 //!   sharing A through `subgroupBroadcast` (`matmul_subgroup.wgsl`); transposes
 //!   for `X·Wᵀ + b`, `dY·W`, `dYᵀ·X`; batched and strided (attention heads).
+//!   Both modules start with `matmul_common.wgsl` (parameters, shared
+//!   bindings, the guarded store).
 //! - [`gelu`]: exact erf-based GELU forward and backward.
 //! - [`layernorm`]: LayerNorm of `x (+ residual)` forward (saving mean and
 //!   1/std per row) and input gradient.
