@@ -5,6 +5,8 @@
 //! cargo run --release -p fedsb-engine --example bench_matmul [-- --adapter llvmpipe] [--seconds 1] [--rounds 3]
 //! ```
 //!
+//! (`FEDSB_ADAPTER=<name>` picks the adapter too, as in the GPU tests.)
+//!
 //! For each (M, K, N) and each orientation the encoder uses — `A·B` (input
 //! gradient `dY·W`), `A·Bᵀ` (linear forward `X·Wᵀ`, B stored N×K) and `Aᵀ·B`
 //! (weight gradient `dYᵀ·X`, A stored K×M) — it times the `Tiled`, the `Direct`
@@ -36,7 +38,8 @@ fn main() {
             .and_then(|i| args.get(i + 1))
             .cloned()
     };
-    let adapter = arg("--adapter");
+    // As the GPU tests: FEDSB_ADAPTER when --adapter is not given.
+    let adapter = arg("--adapter").or_else(|| std::env::var("FEDSB_ADAPTER").ok());
     let seconds: f64 = arg("--seconds")
         .map(|s| s.parse().expect("--seconds N"))
         .unwrap_or(1.0);
