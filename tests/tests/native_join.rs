@@ -4,7 +4,7 @@
 //! their R's for every round. A missing GPU adapter fails these tests.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Output};
+use std::process::Output;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -95,11 +95,6 @@ idle_timeout_secs = 60
         );
         std::fs::write(self.path().join("task.toml"), config)?;
         Ok(())
-    }
-
-    /// Starts `fedsb join` on one data file with its own cache directory.
-    fn spawn_join(&self, agg: &Aggregator, data: &str, name: &str) -> anyhow::Result<Child> {
-        spawn_join(self.path(), agg, data, name, &[])
     }
 }
 
@@ -215,8 +210,8 @@ async fn two_native_participants_train_three_rounds() -> anyhow::Result<()> {
     task.write_config(true)?;
     let agg = Aggregator::start_in(task.path())?;
 
-    let a = task.spawn_join(&agg, "a.tsv", "a")?;
-    let b = task.spawn_join(&agg, "b.tsv", "b")?;
+    let a = spawn_join(task.path(), &agg, "a.tsv", "a", &[])?;
+    let b = spawn_join(task.path(), &agg, "b.tsv", "b", &[])?;
     let (a, b) = tokio::join!(wait_child(a, JOIN_TIMEOUT), wait_child(b, JOIN_TIMEOUT));
     let (a, b) = (a?, b?);
     assert_join_report("a", &a, ROUNDS)?;
@@ -241,7 +236,7 @@ async fn native_and_scripted_participants_share_a_task() -> anyhow::Result<()> {
     task.write_config(true)?;
     let agg = Aggregator::start_in(task.path())?;
 
-    let native = task.spawn_join(&agg, "a.tsv", "native")?;
+    let native = spawn_join(task.path(), &agg, "a.tsv", "native", &[])?;
     let (mut scripted, welcome) = Participant::join(agg.addr, "scripted").await?;
     let ServerMessage::Welcome { task: info, .. } = welcome else {
         unreachable!("join returns Welcome");
@@ -277,7 +272,7 @@ async fn join_refuses_a_task_without_an_adapter_file() -> anyhow::Result<()> {
     let task = TaskDir::new(false)?;
     task.write_config(false)?;
     let agg = Aggregator::start_in(task.path())?;
-    let child = task.spawn_join(&agg, "a.tsv", "a")?;
+    let child = spawn_join(task.path(), &agg, "a.tsv", "a", &[])?;
     let out = wait_child(child, Duration::from_secs(60)).await?;
     assert!(
         !out.status.success(),
@@ -300,7 +295,7 @@ async fn join_refuses_data_whose_labels_are_not_the_tasks() -> anyhow::Result<()
         "sentence\tlabel\ngood movie .\tpositive\nbad movie .\tneutral\n",
     )?;
     let agg = Aggregator::start_in(task.path())?;
-    let child = task.spawn_join(&agg, "bad.tsv", "bad")?;
+    let child = spawn_join(task.path(), &agg, "bad.tsv", "bad", &[])?;
     let out = wait_child(child, Duration::from_secs(60)).await?;
     assert!(
         !out.status.success(),
@@ -321,7 +316,7 @@ async fn join_refuses_a_dp_task_whose_budget_it_cannot_meet() -> anyhow::Result<
     let task = TaskDir::new(true)?;
     task.write_config_with(true, "[privacy]\nenabled = true\nepsilon = 0.0001\n")?;
     let agg = Aggregator::start_in(task.path())?;
-    let child = task.spawn_join(&agg, "a.tsv", "a")?;
+    let child = spawn_join(task.path(), &agg, "a.tsv", "a", &[])?;
     let out = wait_child(child, Duration::from_secs(60)).await?;
     assert!(
         !out.status.success(),

@@ -10,7 +10,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use fedsb_e2e::process::{check_success, fedsb_init, spawn_join};
+use fedsb_e2e::process::{check_success, fedsb_init, spawn_join, wait_child};
 use fedsb_e2e::tiny_model::{labelled_tsv, tiny_config, write_tiny_model, LABELS};
 use fedsb_e2e::*;
 use fedsb_protocol::{AdapterState, RoundId, ServerMessage};
@@ -560,7 +560,7 @@ async fn sim_equals_the_same_run_over_websockets() -> anyhow::Result<()> {
         joins.push(child);
     }
     for child in joins {
-        let out = tokio::task::spawn_blocking(move || wait_output(child, RUN_TIMEOUT)).await??;
+        let out = wait_child(child, RUN_TIMEOUT).await?;
         check_success("fedsb join", &out)?;
     }
 
