@@ -531,15 +531,35 @@ fn adamw_matches_reference() {
 
 #[test]
 fn head_matches_reference() {
-    let ctx = ctx();
-    let mut rng = Rng(9);
     let s = HeadShape {
         batch: 5,
         seq: 13,
         hidden: 71,
         classes: 3,
     };
-    let lengths = [13, 4, 1, 0, 9]; // sample 3 has no valid token: pooled must be 0, not NaN
+    // Sample 3 has no valid token: pooled must be 0, not NaN.
+    check_head(s, &[13, 4, 1, 0, 9], 9);
+}
+
+/// More than 65,535 token rows (a large DP-SGD batch: 1,031 sequences of 67
+/// tokens), which no single dispatch dimension can hold.
+#[test]
+fn head_with_more_than_65535_token_rows_matches_reference() {
+    let s = HeadShape {
+        batch: 1031,
+        seq: 67,
+        hidden: 5,
+        classes: 2,
+    };
+    let lengths: Vec<usize> = (0..s.batch).map(|n| (n * 7) % (s.seq + 1)).collect();
+    check_head(s, &lengths, 19);
+}
+
+/// Runs every head kernel on random data with `lengths[n]` valid tokens in
+/// sample `n` and compares with the CPU reference.
+fn check_head(s: HeadShape, lengths: &[usize], seed: u64) {
+    let ctx = ctx();
+    let mut rng = Rng(seed);
     let mask: Vec<u32> = (0..s.batch * s.seq)
         .map(|i| u32::from(i % s.seq < lengths[i / s.seq]))
         .collect();

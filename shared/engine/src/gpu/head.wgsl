@@ -59,11 +59,12 @@ fn mean_pool_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
     pooled[n * p.h + k] = s / count(n);
 }
 
-// One invocation per (t, k) of sample n: x = k, y = n·seq + t.
+// One invocation per (t, k) of sample n: x = k, y + 65535·z = n·seq + t
+// (z splits batches of more than 65535 token rows).
 @compute @workgroup_size(64)
 fn mean_pool_backward(@builtin(global_invocation_id) gid: vec3<u32>) {
     let k = gid.x;
-    let row = gid.y;
+    let row = gid.y + gid.z * 65535u;
     if k >= p.h || row >= p.batch * p.seq {
         return;
     }
