@@ -225,7 +225,10 @@ pub struct Evaluation {
     pub samples: usize,
 }
 
-/// Evaluates the encoder's head on `examples` in batches of `batch`.
+/// Evaluates the encoder's head on `examples` in batches of `batch`. A batch
+/// whose buffers would exceed the device's limit
+/// ([`GpuEncoder::pass_sequences`]) is evaluated in smaller batches that
+/// fit: the forward pass is per sample, so the result is the same.
 pub async fn evaluate(
     encoder: &mut GpuEncoder<'_>,
     tokenizer: &BertTokenizer,
@@ -234,9 +237,16 @@ pub async fn evaluate(
 ) -> Result<Evaluation, TrainError> {
     let nl = encoder.num_labels();
     let (mut correct, mut loss_sum) = (0usize, 0f64);
-    for chunk in examples.chunks(batch.max(1)) {
+    // A stack, so that a split batch's parts are evaluated in order.
+    let mut pending: Vec<&[Example]> = examples.chunks(batch.max(1)).rev().collect();
+    while let Some(chunk) = pending.pop() {
         let refs: Vec<&Example> = chunk.iter().collect();
         let (b, labels) = encode_examples(tokenizer, &refs)?;
+        let fit = encoder.pass_sequences(b.seq_len, false);
+        if fit > 0 && fit < chunk.len() {
+            pending.extend(chunk.chunks(fit).rev());
+            continue;
+        }
         let (logits, losses) = encoder.evaluate(&b, &labels).await?;
         for (n, &label) in labels.iter().enumerate() {
             let row = &logits[n * nl..(n + 1) * nl];

@@ -7,7 +7,11 @@
 //!   the f64 reference within a relative 1e-3 (of the largest entry of each
 //!   tensor); per-sample gradients sum to the batch gradient;
 //! - the summed `W0` gradients of LoRA-SB initialization against the reference;
-//! - a few AdamW steps on a separable synthetic task reduce the loss.
+//! - a few AdamW steps on a separable synthetic task reduce the loss;
+//! - a batch whose buffers would exceed the device's storage-buffer limit
+//!   fails every pass (training, evaluation, embedding, DP-SGD when even one
+//!   sequence is too long) with [`GpuError::BufferLimit`] naming the batch,
+//!   the buffer and the limit, before anything is allocated.
 //!
 //! Needs a wgpu adapter (lavapipe is enough); a missing adapter fails.
 //!
@@ -19,7 +23,7 @@ use std::sync::OnceLock;
 
 use fedsb_engine::gpu::adamw::AdamW;
 use fedsb_engine::gpu::encoder::{GpuEncoder, GradientMode};
-use fedsb_engine::gpu::{GpuContext, GpuOptions};
+use fedsb_engine::gpu::{GpuContext, GpuError, GpuOptions};
 use fedsb_engine::model::{AdaptedLinear, BertConfig, BertWeights, EncodedBatch};
 use fedsb_engine::reference::LoraSbInitOptions;
 use fedsb_engine::reference::{
@@ -405,4 +409,177 @@ fn encoder_training_reduces_loss() {
     let state = pollster::block_on(gpu.read_trainable()).expect("read");
     assert!(state.head_weight.data.iter().all(|x| x.is_finite()));
     assert_ne!(state.head_weight.data, head.weight.data);
+}
+
+/// A batch of `n` sequences of `t` tokens (all real), labels 0.
+fn full_batch(n: usize, t: usize) -> (EncodedBatch, Vec<u32>) {
+    let rows = n * t;
+    let batch = EncodedBatch {
+        input_ids: (0..rows).map(|i| 1 + (i % 40) as u32).collect(),
+        token_type_ids: vec![0; rows],
+        attention_mask: vec![1; rows],
+        batch_size: n,
+        seq_len: t,
+    };
+    (batch, vec![0; n])
+}
+
+#[track_caller]
+fn assert_buffer_limit<T: std::fmt::Debug>(what: &str, r: Result<T, GpuError>, needles: &[&str]) {
+    match r {
+        Err(GpuError::BufferLimit(msg)) => {
+            eprintln!("{what}: {msg}");
+            for needle in needles {
+                assert!(
+                    msg.contains(needle),
+                    "{what}: {needle:?} missing in {msg:?}"
+                );
+            }
+        }
+        other => panic!("{what}: expected a buffer-limit error, got {other:?}"),
+    }
+}
+
+#[test]
+fn batches_beyond_the_buffer_limit_fail_with_a_clear_error() {
+    let ctx = ctx();
+    let limit = ctx.max_buffer_bytes();
+    // 4 heads: the attention scores (4·t² values per sequence) are the largest
+    // buffer for long sequences.
+    let t = 512;
+    let config = BertConfig {
+        vocab_size: 50,
+        hidden_size: 24,
+        num_hidden_layers: 1,
+        num_attention_heads: 4,
+        intermediate_size: 37,
+        max_position_embeddings: t,
+        type_vocab_size: 2,
+        ..BertConfig::default()
+    };
+    let weights = BertWeights::random(&config, 31, 0.3);
+    let adapters = LoraSbAdapters::random(&config, RANK, 37, 0.4);
+    let head = ClassifierHead::init(2, config.hidden_size, 0.5, 41);
+    let mut enc = GpuEncoder::new(ctx, &weights, Some(&adapters), Some(&head)).unwrap();
+    let per_seq = 4 * (4 * t * t) as u64;
+    let fit = enc.max_pass_sequences(t, false);
+    assert_eq!(fit as u64, (limit / per_seq).min(65_535 / 4));
+    assert_eq!(enc.max_pass_sequences(t, true), fit);
+    assert!(
+        fit >= 1,
+        "one sequence of {t} tokens fits any WebGPU device"
+    );
+
+    let n = fit + 1;
+    let (batch, labels) = full_batch(n, t);
+    let needles = [
+        format!("{n} sequences"),
+        format!("padded to {t} tokens"),
+        format!("{} bytes", n as u64 * per_seq),
+        "attention scores".to_string(),
+        format!("limit of {limit} bytes"),
+        format!("at most {fit} sequences"),
+        "--batch".to_string(),
+    ];
+    let needles: Vec<&str> = needles.iter().map(String::as_str).collect();
+    let opt = AdamW::default();
+    assert_buffer_limit(
+        "train_step",
+        pollster::block_on(enc.train_step(&batch, &labels, &opt)),
+        &needles,
+    );
+    assert_buffer_limit(
+        "loss_and_gradients",
+        pollster::block_on(enc.loss_and_gradients(&batch, &labels, GradientMode::BatchMean)),
+        &needles,
+    );
+    assert_buffer_limit(
+        "evaluate",
+        pollster::block_on(enc.evaluate(&batch, &labels)),
+        &needles,
+    );
+    assert_buffer_limit("embed", pollster::block_on(enc.embed(&batch)), &needles);
+    assert_buffer_limit("logits", pollster::block_on(enc.logits(&batch)), &needles);
+    assert_buffer_limit("reserve", enc.reserve(n, t), &needles);
+
+    // DP-SGD splits a batch that is too large into chunks, but a single
+    // sequence too long for the limit is an error too.
+    let long = (((limit / 16) as f64).sqrt() as usize + 1).max(2);
+    let long_config = BertConfig {
+        max_position_embeddings: long,
+        ..config
+    };
+    let long_weights = BertWeights::random(&long_config, 43, 0.3);
+    let long_adapters = LoraSbAdapters::random(&long_config, RANK, 47, 0.4);
+    let mut enc = GpuEncoder::new(ctx, &long_weights, Some(&long_adapters), Some(&head)).unwrap();
+    assert_eq!(enc.max_pass_sequences(long, true), 0);
+    let (batch, labels) = full_batch(1, long);
+    let noise = vec![0.0; enc.num_trainable()];
+    assert_buffer_limit(
+        "dp_gradients",
+        pollster::block_on(enc.dp_gradients(Some((&batch, &labels)), &noise, 1.0, 1.0)),
+        &[
+            "a batch of 1 sequence padded",
+            &format!("padded to {long} tokens"),
+            "attention scores",
+            &format!("limit of {limit} bytes"),
+            "not even one sequence",
+        ],
+    );
+}
+
+/// `train::evaluate` with a batch larger than one pass may hold (here capped
+/// at 3 sequences with `set_max_pass_sequences`, which the encoder's own
+/// `evaluate` then refuses) evaluates it in smaller passes, with the accuracy
+/// and loss of one pass.
+#[test]
+fn evaluation_split_into_passes_equals_one_pass() {
+    use fedsb_engine::data::Example;
+    use fedsb_engine::model::{wordpiece_tokenizer_json, BertTokenizer};
+    use fedsb_engine::train::evaluate;
+
+    let words: Vec<String> = (0..40).map(|i| format!("w{i}")).collect();
+    let mut vocab = vec!["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
+    vocab.extend(words.iter().map(String::as_str));
+    assert!(vocab.len() <= tiny_config().vocab_size);
+    let tokenizer =
+        BertTokenizer::from_bytes(&wordpiece_tokenizer_json(&vocab, true).unwrap()).unwrap();
+    // Eleven texts of 1 to 11 words, labels 0, 1, 2, 0, ...
+    let examples: Vec<Example> = (0..11)
+        .map(|n| Example {
+            text: (0..=n)
+                .map(|k| words[(7 * n + 3 * k) % words.len()].as_str())
+                .collect::<Vec<_>>()
+                .join(" "),
+            text_pair: None,
+            label: Some((n % NUM_LABELS) as u32),
+        })
+        .collect();
+    let tiny = tiny_model();
+    let new_encoder =
+        || GpuEncoder::new(ctx(), &tiny.weights, Some(&tiny.adapters), Some(&tiny.head)).unwrap();
+    let mut whole = new_encoder();
+    let one_pass = pollster::block_on(evaluate(&mut whole, &tokenizer, &examples, 11)).unwrap();
+    let mut split = new_encoder();
+    split.set_max_pass_sequences(Some(3));
+    assert_eq!(split.pass_sequences(13, false), 3);
+    // The capped encoder refuses a pass of more than 3 sequences, so the
+    // result below can only come from passes of at most 3.
+    let batch = full_batch(4, 5).0;
+    assert_buffer_limit(
+        "evaluate above the cap",
+        pollster::block_on(split.evaluate(&batch, &[0, 1, 2, 0])),
+        &["4 sequences", "3 sequences per pass"],
+    );
+    let passes = pollster::block_on(evaluate(&mut split, &tokenizer, &examples, 11)).unwrap();
+    assert_eq!(passes.samples, 11);
+    assert_eq!(passes.accuracy, one_pass.accuracy);
+    assert!(
+        (passes.loss - one_pass.loss).abs() <= 1e-5 * one_pass.loss.abs().max(1.0),
+        "loss in passes of 3: {}, in one pass: {}",
+        passes.loss,
+        one_pass.loss
+    );
+    // Not a vacuous comparison: the model's loss is not that of a constant.
+    assert!(one_pass.loss.is_finite() && one_pass.loss > 0.0);
 }

@@ -792,3 +792,202 @@ fn dp_clip_matches_reference() {
     )
     .is_err());
 }
+
+#[test]
+fn dp_clip_accumulate_matches_reference() {
+    use fedsb_engine::gpu::dp;
+    let mut rng = Rng(0xACC);
+    // A batch of 7 clipped in two chunks (4 + 3 samples) into a buffer that
+    // already holds values; segments of odd lengths (not multiples of 64 or
+    // 256, one longer than a 256-wide workgroup, one of a single value).
+    let batch = 7;
+    let split = 4;
+    let lens = [9usize, 300, 1, 70, 513];
+    let total: usize = lens.iter().sum();
+    let clip = 1.7f32;
+    let scale = 1.0 / 6.1f32;
+    let mut segments = Vec::new();
+    for (s, &len) in lens.iter().enumerate() {
+        let mut data = rng.vec(batch * len);
+        for n in 0..batch {
+            let gain = match n {
+                2 => 0.0,
+                0 | 6 => 0.01,
+                _ => 0.5 + s as f32,
+            };
+            for x in &mut data[n * len..(n + 1) * len] {
+                *x *= gain;
+            }
+        }
+        segments.push(data);
+    }
+    let noise = rng.vec(total);
+    let start = rng.vec(total);
+    let ctx = ctx();
+    let noise_gpu = ctx.buffer_f32("noise", &noise);
+    let zeros_gpu = ctx.buffer_zeros("zero noise", total);
+
+    // Chunk c's per-sample values of every segment, and its squared norms.
+    let chunks = [0..split, split..batch];
+    let chunk_data: Vec<Vec<Vec<f32>>> = chunks
+        .iter()
+        .map(|r| {
+            segments
+                .iter()
+                .zip(&lens)
+                .map(|(d, &len)| d[r.start * len..r.end * len].to_vec())
+                .collect()
+        })
+        .collect();
+    let chunk_norms: Vec<Vec<f32>> = chunks
+        .iter()
+        .zip(&chunk_data)
+        .map(|(r, data)| {
+            let mut norms = vec![0.0f32; r.len()];
+            for (d, &len) in data.iter().zip(&lens) {
+                dp::sq_norms_reference(d, r.len(), len, &mut norms);
+            }
+            norms
+        })
+        .collect();
+
+    // 1. Accumulating onto arbitrary values, with noise: against the reference.
+    let out_gpu = ctx.buffer_f32("out", &start);
+    let norms_gpu = ctx.buffer_zeros("norms", chunks[1].len());
+    let bufs: Vec<_> = chunk_data[1]
+        .iter()
+        .map(|d| ctx.buffer_f32("g", d))
+        .collect();
+    let mut enc = ctx.encoder();
+    for (buf, &len) in bufs.iter().zip(&lens) {
+        dp::dp_sq_norms(ctx, &mut enc, buf, chunks[1].len(), len, &norms_gpu).unwrap();
+    }
+    let mut offset = 0;
+    for (buf, &len) in bufs.iter().zip(&lens) {
+        dp::dp_clip_sum_accumulate(
+            ctx,
+            &mut enc,
+            buf,
+            chunks[1].len(),
+            len,
+            &norms_gpu,
+            clip,
+            &noise_gpu,
+            scale,
+            &out_gpu,
+            offset,
+        )
+        .unwrap();
+        offset += len;
+    }
+    ctx.submit(enc);
+    assert_close(
+        "dp chunk norms",
+        &read(&norms_gpu),
+        &chunk_norms[1],
+        1e-5,
+        1e-5,
+    );
+    let mut expected = start.clone();
+    let mut offset = 0;
+    for (d, &len) in chunk_data[1].iter().zip(&lens) {
+        dp::clip_sum_accumulate_reference(
+            d,
+            chunks[1].len(),
+            len,
+            &chunk_norms[1],
+            clip,
+            &noise,
+            scale,
+            &mut expected,
+            offset,
+        );
+        offset += len;
+    }
+    assert_close("dp accumulated sum", &read(&out_gpu), &expected, 1e-5, 1e-4);
+    // It really added: the overwriting reference differs from it.
+    let mut overwritten = start.clone();
+    let mut offset = 0;
+    for (d, &len) in chunk_data[1].iter().zip(&lens) {
+        dp::clip_sum_reference(
+            d,
+            chunks[1].len(),
+            len,
+            &chunk_norms[1],
+            clip,
+            &noise,
+            scale,
+            &mut overwritten,
+            offset,
+        );
+        offset += len;
+    }
+    for ((e, o), s) in expected.iter().zip(&overwritten).zip(&start) {
+        assert!((e - (o + s)).abs() <= 1e-5 * (1.0 + e.abs()));
+    }
+
+    // 2. Both chunks (the first overwriting with the noise, the second
+    //    accumulating with zero noise) equal one pass over the whole batch.
+    let chunked_gpu = ctx.buffer_f32("chunked", &start);
+    let mut enc = ctx.encoder();
+    for (c, (r, data)) in chunks.iter().zip(&chunk_data).enumerate() {
+        let norms_gpu = ctx.buffer_zeros("norms", r.len());
+        let bufs: Vec<_> = data.iter().map(|d| ctx.buffer_f32("g", d)).collect();
+        for (buf, &len) in bufs.iter().zip(&lens) {
+            dp::dp_sq_norms(ctx, &mut enc, buf, r.len(), len, &norms_gpu).unwrap();
+        }
+        let mut offset = 0;
+        for (buf, &len) in bufs.iter().zip(&lens) {
+            let (f, noise) = if c == 0 {
+                (dp::dp_clip_sum as DpClipSum, &noise_gpu)
+            } else {
+                (dp::dp_clip_sum_accumulate as DpClipSum, &zeros_gpu)
+            };
+            f(
+                ctx,
+                &mut enc,
+                buf,
+                r.len(),
+                len,
+                &norms_gpu,
+                clip,
+                noise,
+                scale,
+                &chunked_gpu,
+                offset,
+            )
+            .unwrap();
+            offset += len;
+        }
+    }
+    ctx.submit(enc);
+    let mut norms = vec![0.0f32; batch];
+    for (d, &len) in segments.iter().zip(&lens) {
+        dp::sq_norms_reference(d, batch, len, &mut norms);
+    }
+    assert!(norms.iter().any(|&s| s.sqrt() > clip));
+    assert!(norms.iter().any(|&s| s > 0.0 && s.sqrt() < clip));
+    let mut whole = vec![0.0f32; total];
+    let mut offset = 0;
+    for (d, &len) in segments.iter().zip(&lens) {
+        dp::clip_sum_reference(
+            d, batch, len, &norms, clip, &noise, scale, &mut whole, offset,
+        );
+        offset += len;
+    }
+    assert_close("dp chunked sum", &read(&chunked_gpu), &whole, 1e-5, 1e-4);
+}
+
+type DpClipSum = fn(
+    &GpuContext,
+    &mut wgpu::CommandEncoder,
+    &GpuBuffer,
+    usize,
+    usize,
+    &GpuBuffer,
+    f32,
+    &GpuBuffer,
+    f32,
+    &GpuBuffer,
+    usize,
+) -> Result<(), fedsb_engine::gpu::GpuError>;

@@ -215,6 +215,16 @@ impl GpuContext {
         [self.info.subgroup_min_size, self.info.subgroup_max_size]
     }
 
+    /// The largest storage buffer, in bytes, that the kernels can bind whole:
+    /// the smaller of the device's `max_storage_buffer_binding_size` and
+    /// `max_buffer_size` (128 MiB on lavapipe and by default in browsers).
+    pub fn max_buffer_bytes(&self) -> u64 {
+        let limits = self.device.limits();
+        limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size)
+    }
+
     fn storage(&self, label: &str, bytes: &[u8], len: usize) -> GpuBuffer {
         let usage = wgpu::BufferUsages::STORAGE
             | wgpu::BufferUsages::COPY_SRC

@@ -10,7 +10,14 @@
 //! 2. [`dp_clip_sum`] once per segment:
 //!    `out[off_s + j] = (Σ_n g_{s,n,j}·min(1, C/√norms[n]) + noise[off_s + j])·scale`.
 //!
-//! Plain-Rust references: [`sq_norms_reference`], [`clip_sum_reference`].
+//! Clipping is per sample, so a batch too large for one pass is processed in
+//! chunks of samples with the same result: steps 1–2 per chunk, the first
+//! chunk with [`dp_clip_sum`] and the real noise, every later one with
+//! [`dp_clip_sum_accumulate`] (`out[off_s + j] += (…)·scale`) and zero noise.
+//! In `dp.wgsl` the flag is the `accumulate` word of the parameters.
+//!
+//! Plain-Rust references: [`sq_norms_reference`], [`clip_sum_reference`],
+//! [`clip_sum_accumulate_reference`].
 //! Test: `cargo test -p fedsb-engine --test gpu_kernels dp_`.
 
 use super::context::{groups_1d, GpuBuffer, GpuContext};
@@ -25,6 +32,7 @@ fn uniform(
     offset: usize,
     clip: f32,
     scale: f32,
+    accumulate: bool,
 ) -> wgpu::Buffer {
     ctx.uniform(&[
         batch as u32,
@@ -32,7 +40,7 @@ fn uniform(
         offset as u32,
         clip.to_bits(),
         scale.to_bits(),
-        0,
+        u32::from(accumulate),
         0,
         0,
     ])
@@ -64,7 +72,7 @@ pub fn dp_sq_norms(
         return Ok(());
     }
     let kernel = ctx.pipeline("dp/sq_norms", SOURCE, "sq_norms", &[]);
-    let p = uniform(ctx, batch, len, 0, 0.0, 0.0);
+    let p = uniform(ctx, batch, len, 0, 0.0, 0.0, false);
     ctx.dispatch_at(
         encoder,
         &kernel,
@@ -94,6 +102,49 @@ pub fn dp_clip_sum(
     out: &GpuBuffer,
     offset: usize,
 ) -> Result<(), GpuError> {
+    clip_sum(
+        ctx, encoder, per_sample, batch, len, norms, clip, noise, scale, out, offset, false,
+    )
+}
+
+/// Like [`dp_clip_sum`] but adds instead of overwriting:
+/// `out[offset + j] += (Σ_n per_sample[n·len + j]·min(1, clip/√norms[n])
+/// + noise[offset + j])·scale` (a later chunk of a batch clipped in chunks,
+/// usually with zero `noise`).
+#[allow(clippy::too_many_arguments)]
+pub fn dp_clip_sum_accumulate(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    per_sample: &GpuBuffer,
+    batch: usize,
+    len: usize,
+    norms: &GpuBuffer,
+    clip: f32,
+    noise: &GpuBuffer,
+    scale: f32,
+    out: &GpuBuffer,
+    offset: usize,
+) -> Result<(), GpuError> {
+    clip_sum(
+        ctx, encoder, per_sample, batch, len, norms, clip, noise, scale, out, offset, true,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn clip_sum(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    per_sample: &GpuBuffer,
+    batch: usize,
+    len: usize,
+    norms: &GpuBuffer,
+    clip: f32,
+    noise: &GpuBuffer,
+    scale: f32,
+    out: &GpuBuffer,
+    offset: usize,
+    accumulate: bool,
+) -> Result<(), GpuError> {
     check("per-sample gradients", per_sample, batch * len)?;
     check("norms", norms, batch)?;
     check("noise", noise, offset + len)?;
@@ -107,7 +158,7 @@ pub fn dp_clip_sum(
         return Ok(());
     }
     let kernel = ctx.pipeline("dp/clip_sum", SOURCE, "clip_sum", &[]);
-    let p = uniform(ctx, batch, len, offset, clip, scale);
+    let p = uniform(ctx, batch, len, offset, clip, scale, accumulate);
     ctx.dispatch_at(
         encoder,
         &kernel,
@@ -147,6 +198,42 @@ pub fn clip_sum_reference(
     out: &mut [f32],
     offset: usize,
 ) {
+    clip_sum_ref(
+        per_sample, batch, len, norms, clip, noise, scale, out, offset, false,
+    );
+}
+
+/// Reference of [`dp_clip_sum_accumulate`] (adds to `out`).
+#[allow(clippy::too_many_arguments)]
+pub fn clip_sum_accumulate_reference(
+    per_sample: &[f32],
+    batch: usize,
+    len: usize,
+    norms: &[f32],
+    clip: f32,
+    noise: &[f32],
+    scale: f32,
+    out: &mut [f32],
+    offset: usize,
+) {
+    clip_sum_ref(
+        per_sample, batch, len, norms, clip, noise, scale, out, offset, true,
+    );
+}
+
+#[allow(clippy::too_many_arguments)]
+fn clip_sum_ref(
+    per_sample: &[f32],
+    batch: usize,
+    len: usize,
+    norms: &[f32],
+    clip: f32,
+    noise: &[f32],
+    scale: f32,
+    out: &mut [f32],
+    offset: usize,
+    accumulate: bool,
+) {
     let factors: Vec<f64> = norms[..batch]
         .iter()
         .map(|&sq| {
@@ -161,6 +248,11 @@ pub fn clip_sum_reference(
         let s: f64 = (0..batch)
             .map(|n| per_sample[n * len + j] as f64 * factors[n])
             .sum();
-        out[offset + j] = ((s + noise[offset + j] as f64) * scale as f64) as f32;
+        let v = ((s + noise[offset + j] as f64) * scale as f64) as f32;
+        if accumulate {
+            out[offset + j] += v;
+        } else {
+            out[offset + j] = v;
+        }
     }
 }

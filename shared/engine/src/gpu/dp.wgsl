@@ -8,7 +8,11 @@
 //            dispatched once per segment, so norms ends as the squared joint
 //            L2 norm of sample n over all segments)
 // clip_sum:  out[offset + j] = (Σ_n g[n·len + j] · min(1, C/‖g_n‖) + noise[offset + j]) · scale
-//            (one invocation per j; a zero norm keeps factor 1)
+//            (one invocation per j; a zero norm keeps factor 1); with the
+//            accumulate flag set (Params.accumulate ≠ 0) the value is added to
+//            out[offset + j] instead, so a batch too large for one pass can be
+//            clipped chunk by chunk into the same sum (later chunks with zero
+//            noise).
 
 struct Params {
     batch: u32,
@@ -16,7 +20,8 @@ struct Params {
     offset: u32,
     clip: f32,
     scale: f32,
-    _pad0: u32,
+    // clip_sum: nonzero = add to out instead of overwriting it.
+    accumulate: u32,
     _pad1: u32,
     _pad2: u32,
 }
@@ -78,5 +83,10 @@ fn clip_sum(
         }
         s = fma(g[n * p.len + j], factor, s);
     }
-    out[p.offset + j] = (s + noise[p.offset + j]) * p.scale;
+    let v = (s + noise[p.offset + j]) * p.scale;
+    if p.accumulate != 0u {
+        out[p.offset + j] += v;
+    } else {
+        out[p.offset + j] = v;
+    }
 }

@@ -18,6 +18,16 @@
 //! - activations and scratch buffers are allocated for a capacity of
 //!   `batch × seq` tokens and reused by every later batch that fits.
 //!
+//! Every buffer of a pass is bound whole, so none may exceed the device's
+//! [`GpuContext::max_buffer_bytes`] (128 MiB on lavapipe and by default in
+//! browsers). Before allocating, a pass checks the largest of them (for
+//! BERT-sized models the attention scores `batch·heads·seq²` or the FFN
+//! intermediate `batch·seq·intermediate`) and returns
+//! [`GpuError::BufferLimit`] naming the batch, the buffer and the limit
+//! instead of letting wgpu fail. [`GpuEncoder::dp_gradients`] instead splits a
+//! DP-SGD batch that is too large into chunks of sequences
+//! ([`GpuEncoder::max_pass_sequences`]), with the same result.
+//!
 //! Only what is asked for is read back: losses after a step, logits or
 //! embeddings, and `params` (the `R`s and the head) at the end of a round.
 
@@ -27,7 +37,7 @@ use crate::reference::{ClassifierHead, LoraSbAdapters, Matrix, TrainableGradient
 use super::adamw::{adamw_step, AdamW};
 use super::attention::{attention_backward, attention_forward, AttentionShape};
 use super::context::{GpuBuffer, GpuContext};
-use super::dp::{dp_clip_sum, dp_sq_norms};
+use super::dp::{dp_clip_sum, dp_clip_sum_accumulate, dp_sq_norms};
 use super::embeddings::{embeddings_forward, EmbeddingTables};
 use super::gelu::{gelu_backward, gelu_forward};
 use super::head::{
@@ -168,6 +178,8 @@ pub struct GpuEncoder<'c> {
     /// Per layer, per linear: `Σ ∂L/∂W0` (for LoRA-SB initialization).
     weight_grads: Option<Vec<[GpuBuffer; 6]>>,
     current: Option<BatchShape>,
+    /// Cap on the sequences of one DP-SGD pass ([`Self::set_max_pass_sequences`]).
+    max_pass_sequences: Option<usize>,
 }
 
 impl std::fmt::Debug for GpuEncoder<'_> {
@@ -304,6 +316,7 @@ impl<'c> GpuEncoder<'c> {
             per_sample: None,
             weight_grads: None,
             current: None,
+            max_pass_sequences: None,
         })
     }
 
@@ -328,19 +341,118 @@ impl<'c> GpuEncoder<'c> {
     }
 
     /// Reserves activations for batches of up to `batch × seq` tokens (done
-    /// automatically, growing as needed, by every pass).
-    pub fn reserve(&mut self, batch: usize, seq: usize) {
+    /// automatically, growing as needed, by every pass). The capacity grows to
+    /// the larger batch and the longer sequences of the old and the new shape
+    /// when that still fits the device's buffer limit, else it is reallocated
+    /// for exactly `batch × seq`.
+    ///
+    /// # Errors
+    /// [`GpuError::BufferLimit`] when `batch` sequences of `seq` tokens need
+    /// a buffer larger than [`GpuContext::max_buffer_bytes`].
+    pub fn reserve(&mut self, batch: usize, seq: usize) -> Result<(), GpuError> {
+        self.check_pass(batch, seq, false)?;
         if let Some(w) = &self.workspace {
             if w.batch >= batch && w.seq >= seq {
-                return;
+                return Ok(());
             }
         }
         let (batch, seq) = match &self.workspace {
-            Some(w) => (w.batch.max(batch), w.seq.max(seq)),
-            None => (batch, seq),
+            Some(w) if self.pass_fits(w.batch.max(batch), w.seq.max(seq), false) => {
+                (w.batch.max(batch), w.seq.max(seq))
+            }
+            _ => (batch, seq),
         };
         self.workspace = None; // free the old one first
         self.workspace = Some(self.allocate(batch, seq));
+        Ok(())
+    }
+
+    /// Caps the number of sequences one pass of [`Self::dp_gradients`] (and
+    /// of [`crate::train::evaluate`]) processes; larger DP-SGD and evaluation
+    /// batches are split into chunks of at most this many (with the same
+    /// result). `None` (the default): as many as the device's buffer limit
+    /// allows ([`Self::max_pass_sequences`]). For tests and for callers that
+    /// want to bound the activation memory.
+    pub fn set_max_pass_sequences(&mut self, max: Option<usize>) {
+        self.max_pass_sequences = max.map(|m| m.max(1));
+    }
+
+    /// [`Self::max_pass_sequences`] capped by [`Self::set_max_pass_sequences`]:
+    /// how many sequences of `seq` tokens a splitting caller puts in one pass.
+    pub fn pass_sequences(&self, seq: usize, per_sample: bool) -> usize {
+        let fit = self.max_pass_sequences(seq, per_sample);
+        self.max_pass_sequences.map_or(fit, |cap| fit.min(cap))
+    }
+
+    /// The most sequences of `seq` (padded) tokens one forward + backward
+    /// pass can hold on this device: every buffer it allocates (with the
+    /// per-sample gradients when `per_sample`) within
+    /// [`GpuContext::max_buffer_bytes`], and `batch·heads`, `batch·classes`
+    /// within the 65 535 workgroups of a dispatch dimension. 0 when not even
+    /// one sequence fits.
+    pub fn max_pass_sequences(&self, seq: usize, per_sample: bool) -> usize {
+        let (_, per_seq) = self.largest_per_sequence(seq, per_sample);
+        let by_memory = self.ctx.max_buffer_bytes() / (per_seq.max(1) * 4);
+        let spread = self.config.num_attention_heads.max(self.num_labels).max(1);
+        (by_memory.min(usize::MAX as u64) as usize).min(65_535 / spread)
+    }
+
+    /// The largest buffer of a pass, per sequence of `seq` tokens: its name
+    /// and its 4-byte elements. Every buffer of [`Self::allocate`] (and of
+    /// [`Self::ensure_per_sample`] when `per_sample`) is `batch ×` one of these.
+    fn largest_per_sequence(&self, seq: usize, per_sample: bool) -> (&'static str, u64) {
+        let c = &self.config;
+        let t = seq as u64;
+        let (h, i) = (c.hidden_size as u64, c.intermediate_size as u64);
+        let heads = c.num_attention_heads as u64;
+        let r = self.rank as u64;
+        let nl = self.num_labels.max(1) as u64;
+        let mut sizes = vec![
+            ("attention scores (heads·seq²)", heads * t * t),
+            ("FFN intermediate (seq·intermediate_size)", t * i),
+            ("hidden states (seq·hidden)", t * h),
+            ("LoRA-SB activations (seq·rank)", t * r.max(1)),
+            ("LayerNorm statistics (2·seq)", 2 * t),
+            ("pooled embeddings (hidden)", h),
+            ("logits (labels)", nl),
+        ];
+        if per_sample {
+            sizes.push(("per-sample R gradients (rank²)", r * r));
+            sizes.push(("per-sample head gradients (labels·hidden)", nl * h));
+        }
+        sizes
+            .into_iter()
+            .max_by_key(|&(_, n)| n)
+            .expect("non-empty")
+    }
+
+    fn pass_fits(&self, batch: usize, seq: usize, per_sample: bool) -> bool {
+        let (_, per_seq) = self.largest_per_sequence(seq, per_sample);
+        (batch as u64).saturating_mul(per_seq).saturating_mul(4) <= self.ctx.max_buffer_bytes()
+    }
+
+    /// [`GpuError::BufferLimit`] unless a pass over `batch` sequences of `seq`
+    /// tokens keeps every buffer within the device's limit.
+    fn check_pass(&self, batch: usize, seq: usize, per_sample: bool) -> Result<(), GpuError> {
+        if self.pass_fits(batch, seq, per_sample) {
+            return Ok(());
+        }
+        let (name, per_seq) = self.largest_per_sequence(seq, per_sample);
+        let bytes = (batch as u64).saturating_mul(per_seq).saturating_mul(4);
+        let limit = self.ctx.max_buffer_bytes();
+        let fit = self.max_pass_sequences(seq, per_sample);
+        let advice = if fit == 0 {
+            "not even one sequence of this length fits; use shorter sequences".to_string()
+        } else {
+            format!("at most {fit} sequences of this length fit in one pass; use a smaller --batch")
+        };
+        let plural = if batch == 1 { "" } else { "s" };
+        Err(GpuError::BufferLimit(format!(
+            "a batch of {batch} sequence{plural} padded to {seq} tokens needs {bytes} bytes \
+             ({batch} × {per_seq} values) for its {name} buffer, above this device's \
+             limit of {limit} bytes per storage buffer (max_storage_buffer_binding_size, \
+             max_buffer_size); {advice}"
+        )))
     }
 
     fn allocate(&self, batch: usize, seq: usize) -> Workspace {
@@ -439,7 +551,7 @@ impl<'c> GpuEncoder<'c> {
                 self.config.vocab_size
             )));
         }
-        self.reserve(n, t);
+        self.reserve(n, t)?;
         let w = self.workspace.as_ref().expect("reserved");
         let q = &self.ctx.queue;
         q.write_buffer(&w.ids.buffer, 0, bytemuck::cast_slice(&batch.input_ids));
@@ -770,10 +882,13 @@ impl<'c> GpuEncoder<'c> {
         Ok(())
     }
 
-    fn ensure_per_sample(&mut self, batch: usize) {
+    fn ensure_per_sample(&mut self, batch: usize) -> Result<(), GpuError> {
         if self.per_sample.as_ref().is_some_and(|p| p.batch >= batch) {
-            return;
+            return Ok(());
         }
+        let seq = self.shape().map_or(1, |s| s.seq);
+        self.check_pass(batch, seq, true)?;
+        self.per_sample = None; // free the old ones first
         let ctx = self.ctx;
         let rr = self.rank * self.rank;
         let nl = self.num_labels.max(1);
@@ -795,6 +910,7 @@ impl<'c> GpuEncoder<'c> {
             ),
             head_bias: ctx.buffer_zeros("grad_head_bias.per_sample", batch * nl),
         });
+        Ok(())
     }
 
     /// Records loss, `dlogits` and the backward pass of the uploaded batch
@@ -1016,11 +1132,26 @@ impl<'c> GpuEncoder<'c> {
     }
 
     /// Logits and per-sample losses of a labelled batch (evaluation).
+    ///
+    /// # Errors
+    /// [`GpuError::BufferLimit`] when the batch is larger than one pass may
+    /// hold: beyond the device's buffer limit, or beyond the cap of
+    /// [`Self::set_max_pass_sequences`] ([`crate::train::evaluate`] splits
+    /// such batches).
     pub async fn evaluate(
         &mut self,
         batch: &EncodedBatch,
         labels: &[u32],
     ) -> Result<(Vec<f32>, Vec<f32>), GpuError> {
+        if let Some(cap) = self.max_pass_sequences {
+            if batch.batch_size > cap {
+                return Err(GpuError::BufferLimit(format!(
+                    "a batch of {} sequences is above the {cap} sequences per pass \
+                     set with set_max_pass_sequences",
+                    batch.batch_size
+                )));
+            }
+        }
         self.upload(batch, Some(labels))?;
         let s = self.shape()?;
         let mut enc = self.ctx.encoder();
@@ -1055,7 +1186,7 @@ impl<'c> GpuEncoder<'c> {
     ) -> Result<Vec<f32>, GpuError> {
         self.upload(batch, Some(labels))?;
         if mode == GradientMode::PerSample {
-            self.ensure_per_sample(batch.batch_size);
+            self.ensure_per_sample(batch.batch_size)?;
         }
         let mut enc = self.ctx.encoder();
         self.record_forward(&mut enc)?;
@@ -1108,7 +1239,22 @@ impl<'c> GpuEncoder<'c> {
     /// plus `noise` (one value per trained parameter, in the layout of
     /// [`Self::read_trainable`], already scaled by σ·C), all times `scale`
     /// (1 / expected batch size). Everything stays on the device; `None` (an
-    /// empty batch) gives `noise · scale`. Returns the per-sample losses.
+    /// empty batch) gives `noise · scale`. Returns the per-sample losses in
+    /// batch order.
+    ///
+    /// A batch larger than one pass can hold ([`Self::max_pass_sequences`] for
+    /// its padded length, capped by [`Self::set_max_pass_sequences`]) is split
+    /// into chunks of consecutive sequences of about equal size, each at the
+    /// batch's padded length: forward, backward, norms and clipped sum per
+    /// chunk into a separate sum buffer (each backward overwrites the gradient
+    /// buffer), the first chunk writing it with the noise, the others adding
+    /// to it with zero noise; the sum is then copied into the gradient buffer.
+    /// Clipping is per sample, so the result is that of one pass up to the
+    /// order of the float sums.
+    ///
+    /// # Errors
+    /// [`GpuError::BufferLimit`] when not even one sequence of the batch's
+    /// padded length fits the device's buffer limit.
     pub async fn dp_gradients(
         &mut self,
         batch: Option<(&EncodedBatch, &[u32])>,
@@ -1143,8 +1289,99 @@ impl<'c> GpuEncoder<'c> {
             ctx.submit(enc);
             return Ok(Vec::new());
         };
+        let n = batch.batch_size;
+        if labels.len() != n {
+            return Err(GpuError::Shape(format!(
+                "{} labels for a batch of {n}",
+                labels.len()
+            )));
+        }
+        let per_pass = self.pass_sequences(batch.seq_len, true);
+        if per_pass == 0 {
+            // Not even one sequence fits: the error names the buffer and the limit.
+            self.check_pass(n, batch.seq_len, true)?;
+            return Err(GpuError::Shape(format!(
+                "dp: {} heads or {} classes exceed the 65535 workgroups of a dispatch",
+                self.config.num_attention_heads, self.num_labels
+            )));
+        }
+        if per_pass >= n {
+            self.dp_pass(batch, labels, &noise_buf, clip, scale, None)?;
+            return self.read_losses().await;
+        }
+        // Chunks of about equal size, at most `per_pass` sequences each.
+        let chunks = n.div_ceil(per_pass);
+        let size = n.div_ceil(chunks);
+        tracing::debug!(
+            batch = n,
+            seq = batch.seq_len,
+            per_pass,
+            chunks,
+            size,
+            "DP-SGD batch split into passes"
+        );
+        let zeros = ctx.buffer_zeros("dp.noise.zero", self.params.len);
+        let all_losses = ctx.buffer_zeros("dp.losses", n);
+        // Every backward pass overwrites the gradient buffer with its batch
+        // gradient, so the clipped sum is built in a buffer of its own.
+        let sum = ctx.buffer_zeros("dp.clipped_sum", self.params.len);
+        for (k, start) in (0..n).step_by(size).enumerate() {
+            let end = (start + size).min(n);
+            let chunk = batch.slice(start..end);
+            let (noise, accumulate) = if k == 0 {
+                (&noise_buf, false)
+            } else {
+                (&zeros, true)
+            };
+            self.dp_pass(
+                &chunk,
+                &labels[start..end],
+                noise,
+                clip,
+                scale,
+                Some((&sum, accumulate)),
+            )?;
+            // Keep the chunk's losses on the device; read them all at the end.
+            let w = self.workspace.as_ref().expect("uploaded");
+            let mut enc = ctx.encoder();
+            enc.copy_buffer_to_buffer(
+                &w.losses.buffer,
+                0,
+                &all_losses.buffer,
+                (start * 4) as u64,
+                ((end - start) * 4) as u64,
+            );
+            ctx.submit(enc);
+        }
+        let mut enc = ctx.encoder();
+        enc.copy_buffer_to_buffer(
+            &sum.buffer,
+            0,
+            &self.grads.buffer,
+            0,
+            (self.params.len * 4) as u64,
+        );
+        ctx.submit(enc);
+        ctx.read_f32(&all_losses).await
+    }
+
+    /// One DP-SGD pass of [`Self::dp_gradients`] over a batch that fits:
+    /// upload, forward, per-sample backward, joint norms and the clipped,
+    /// noised, scaled sum written into the gradient buffer, or with
+    /// `Some((out, accumulate))` into `out` (added to it when `accumulate`).
+    /// Submitted, not waited for.
+    fn dp_pass(
+        &mut self,
+        batch: &EncodedBatch,
+        labels: &[u32],
+        noise: &GpuBuffer,
+        clip: f32,
+        scale: f32,
+        out: Option<(&GpuBuffer, bool)>,
+    ) -> Result<(), GpuError> {
+        let ctx = self.ctx;
         self.upload(batch, Some(labels))?;
-        self.ensure_per_sample(batch.batch_size);
+        self.ensure_per_sample(batch.batch_size)?;
         let s = self.shape()?;
         let mut enc = ctx.encoder();
         self.record_forward(&mut enc)?;
@@ -1170,23 +1407,19 @@ impl<'c> GpuEncoder<'c> {
         for &(buf, len, _) in &segments {
             dp_sq_norms(ctx, &mut enc, buf, s.batch, len, &norms)?;
         }
+        let (out, accumulate) = out.unwrap_or((&self.grads, false));
+        let clip_sum = if accumulate {
+            dp_clip_sum_accumulate
+        } else {
+            dp_clip_sum
+        };
         for &(buf, len, offset) in &segments {
-            dp_clip_sum(
-                ctx,
-                &mut enc,
-                buf,
-                s.batch,
-                len,
-                &norms,
-                clip,
-                &noise_buf,
-                scale,
-                &self.grads,
-                offset,
+            clip_sum(
+                ctx, &mut enc, buf, s.batch, len, &norms, clip, noise, scale, out, offset,
             )?;
         }
         ctx.submit(enc);
-        self.read_losses().await
+        Ok(())
     }
 
     /// Applies one AdamW step with the gradient currently in the gradient

@@ -23,7 +23,8 @@
 //! - [`head`]: mean pooling (and backward), logits, softmax cross-entropy with
 //!   `dlogits`, per-sample head gradients.
 //! - [`embeddings`]: word + position + token-type gather.
-//! - [`dp`]: DP-SGD per-sample joint norms and the clipped, noised sum.
+//! - [`dp`]: DP-SGD per-sample joint norms and the clipped, noised sum
+//!   (written, or added for the later chunks of a batch split into passes).
 //!
 //! Every kernel has a plain-Rust reference in [`cpu_ref`] and a test
 //! `<kernel>_matches_reference` in `tests/gpu_kernels.rs`:
@@ -144,4 +145,9 @@ pub enum GpuError {
     /// Buffer sizes or shapes do not fit the kernel's arguments.
     #[error("shape: {0}")]
     Shape(String),
+    /// A pass would need a storage buffer larger than the device allows
+    /// ([`GpuContext::max_buffer_bytes`]): the batch (or its sequences) is too
+    /// large for one pass.
+    #[error("device buffer limit: {0}")]
+    BufferLimit(String),
 }
