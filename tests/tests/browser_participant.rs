@@ -13,7 +13,9 @@
 //! above the initial model's; no frame the tabs sent on the WebSocket is
 //! larger than an update (CDP's `Network.webSocketFrameSent` in the
 //! workers) or holds a word of their data; and joining again takes every
-//! file from the Cache API.
+//! file from the Cache API. `a_tab_trains_all_minilm_as_fedsb_join_does`
+//! trains the real all-MiniLM-L6-v2 (`cargo xtask fetch-model`, or
+//! `FEDSB_MODEL_DIR`) in a tab and compares its rounds with `fedsb join`'s.
 //!
 //! Needs Chromium, the bundle in `www/pkg/` (`cargo xtask build-wasm`), the
 //! page's charts in `www/vendor/` (`cargo xtask fetch-web-deps`), SST-2 in
@@ -1417,5 +1419,222 @@ async fn a_tab_whose_webgpu_device_is_lost_says_so_and_stops() -> anyhow::Result
     let status = agg.json("/api/status").await?;
     ensure!(status["updates_in_round"] == 2, "{status}");
     eprintln!("device-lost test: {:?}", start.elapsed());
+    Ok(())
+}
+
+/// Rows of SST-2 train in the all-MiniLM-L6-v2 task, exactly one batch: every
+/// local step of the tab and of `fedsb join` takes all of them (in a
+/// shuffled order, which the batch mean does not depend on), so both train
+/// on the same batches.
+const MINILM_ROWS: usize = 16;
+const MINILM_ROUNDS: usize = 2;
+
+/// A one-participant task on all-MiniLM-L6-v2 (the directory `FEDSB_MODEL_DIR`
+/// or `models/all-MiniLM-L6-v2`, linked as `model`): `shard.tsv` holds
+/// [`MINILM_ROWS`] sentences of SST-2 train, `eval.tsv` 32 of dev; the
+/// adapter comes from `fedsb init` on 32 further train sentences, or is
+/// copied from `adapter` so that two tasks start from the same file.
+fn minilm_task_dir(adapter: Option<&Path>) -> anyhow::Result<tempfile::TempDir> {
+    use fedsb_e2e::tiny_model::{read_labelled_tsv, to_labelled_tsv};
+    let model = std::env::var_os("FEDSB_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("models/all-MiniLM-L6-v2"));
+    ensure!(
+        model.join("model.safetensors").is_file(),
+        "{} not found: run `cargo xtask fetch-model` (or set FEDSB_MODEL_DIR)",
+        model.display()
+    );
+    let data = repo().join("data/sst2");
+    let train: Vec<(String, String)> = read_labelled_tsv(&data.join("train.tsv"))
+        .context("run `cargo xtask fetch-data`")?
+        .into_iter()
+        .filter(|(s, _)| s.split_whitespace().count() >= 8)
+        .take(MINILM_ROWS + 32)
+        .collect();
+    let dev = read_labelled_tsv(&data.join("dev.tsv"))?;
+    ensure!(
+        train.len() == MINILM_ROWS + 32 && dev.len() >= 32,
+        "SST-2 too small"
+    );
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    std::os::unix::fs::symlink(&model, dir.join("model"))?;
+    std::fs::write(
+        dir.join("shard.tsv"),
+        to_labelled_tsv(&train[..MINILM_ROWS]),
+    )?;
+    std::fs::write(dir.join("seed.tsv"), to_labelled_tsv(&train[MINILM_ROWS..]))?;
+    std::fs::write(dir.join("eval.tsv"), to_labelled_tsv(&dev[..32]))?;
+    match adapter {
+        Some(a) => {
+            std::fs::copy(a, dir.join("adapter.safetensors"))?;
+        }
+        None => {
+            fedsb_init(
+                dir,
+                8,
+                &[
+                    "--init-samples",
+                    "32",
+                    "--batch",
+                    "16",
+                    "--max-seq-len",
+                    "32",
+                ],
+            )?;
+        }
+    }
+    let config = format!(
+        r#"[task]
+id = "browser-minilm"
+rounds = {MINILM_ROUNDS}
+min_participants = 1
+max_participants = 1
+round_deadline_secs = 900
+labels = ["{}", "{}"]
+local_steps = 2
+batch_size = {MINILM_ROWS}
+learning_rate = 0.001
+max_seq_len = 32
+[model]
+id = "all-MiniLM-L6-v2"
+dir = "model"
+[adapter]
+rank = 8
+file = "adapter.safetensors"
+[eval]
+file = "eval.tsv"
+batch_size = 32
+[server]
+www_dir = {www:?}
+ping_interval_secs = 5
+idle_timeout_secs = 600
+"#,
+        LABELS[0],
+        LABELS[1],
+        www = repo().join("www").display().to_string(),
+    );
+    std::fs::write(dir.join("task.toml"), config)?;
+    Ok(tmp)
+}
+
+/// The committed global state of every round of `agg`'s task.
+async fn round_globals(agg: &Aggregator, rounds: usize) -> anyhow::Result<Vec<AdapterState>> {
+    let mut out = Vec::new();
+    for n in 1..=rounds {
+        let r = reqwest::get(agg.url(&format!("/api/rounds/{n}/global"))).await?;
+        let ServerMessage::GlobalModel { adapter, .. } = ServerMessage::decode(&r.bytes().await?)?
+        else {
+            bail!("round {n}: no GlobalModel frame");
+        };
+        out.push(adapter);
+    }
+    Ok(out)
+}
+
+/// The real model in the browser: a tab trains all-MiniLM-L6-v2 (rank 8, 2
+/// rounds of 2 steps on 16 SST-2 sentences) and every round's global state
+/// (here the tab's update) equals that of the same task trained by `fedsb
+/// join` on the native engine. Prints both speeds (samples/s per round).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tab_trains_all_minilm_as_fedsb_join_does() -> anyhow::Result<()> {
+    let task = minilm_task_dir(None)?;
+    let native_task = minilm_task_dir(Some(&task.path().join("adapter.safetensors")))?;
+
+    let agg = Aggregator::start_in(task.path())?;
+    let mut c = open_tab(&agg, &task.path().join("shard.tsv")).await?;
+    c.eval("document.getElementById('join-button').click()")
+        .await?;
+    let status = c
+        .wait_for(
+            "(() => { const s = window.fedsbParticipant.status; \
+               return s && ['finished','error','disconnected','left'].includes(s.phase) ? JSON.stringify(s) : null; })()",
+            Duration::from_secs(1),
+            Duration::from_secs(900),
+        )
+        .await
+        .context("the tab did not finish training all-MiniLM-L6-v2")?;
+    let updates = c
+        .eval(
+            "JSON.stringify(window.fedsbParticipant.updates.map((u) => ({round: u.round, \
+             samples: u.samples, seconds: u.seconds, sps: u.samplesPerSecond, \
+             frame: Array.from(u.frame)})))",
+        )
+        .await?;
+    let adapter_name = c
+        .eval("document.getElementById('join-adapter').textContent")
+        .await?;
+    c.close().await;
+    let status: Value = serde_json::from_str(status.as_str().context("status")?)?;
+    ensure!(status["phase"] == "finished", "the tab: {status}");
+    let updates: Vec<Value> = serde_json::from_str(updates.as_str().context("updates")?)?;
+    ensure!(
+        updates.len() == MINILM_ROUNDS,
+        "the tab sent {} updates",
+        updates.len()
+    );
+    let tab_globals = round_globals(&agg, MINILM_ROUNDS).await?;
+    for (u, global) in updates.iter().zip(&tab_globals) {
+        let frame: Vec<u8> = serde_json::from_value(u["frame"].clone())?;
+        let ClientMessage::Update(update) = ClientMessage::decode(&frame)? else {
+            bail!("an update frame of the tab decodes to something else");
+        };
+        let alone = weighted_mean(&[(1.0, &update.adapter)]);
+        let err = max_rel_error(global, &alone);
+        ensure!(
+            err == 0.0,
+            "round {}: the global state is not the tab's update ({err})",
+            update.round.0
+        );
+    }
+
+    let native_agg = Aggregator::start_in(native_task.path())?;
+    let join = spawn_join(native_task.path(), &native_agg, "shard.tsv", "native", &[])?;
+    let out = wait_child(join, Duration::from_secs(600)).await?;
+    check_success("fedsb join on all-MiniLM-L6-v2", &out)?;
+    let native_globals = round_globals(&native_agg, MINILM_ROUNDS).await?;
+    // `fedsb` colours its log only on a terminal.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let native_sps: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("local round trained"))
+        .filter_map(|l| l.split("samples_per_second=").nth(1))
+        .map(|s| s.split_whitespace().next().unwrap_or(s))
+        .collect();
+    ensure!(
+        native_sps.len() == MINILM_ROUNDS,
+        "fedsb join logged {} trained rounds:\n{stderr}",
+        native_sps.len()
+    );
+    for (n, u) in updates.iter().enumerate() {
+        eprintln!(
+            "round {}: tab ({}) {} samples in {:.1} s, {:.2} samples/s; fedsb join {} samples/s",
+            n + 1,
+            adapter_name.as_str().unwrap_or("?"),
+            u["samples"],
+            u["seconds"].as_f64().unwrap_or(f64::NAN),
+            u["sps"].as_f64().unwrap_or(f64::NAN),
+            native_sps[n],
+        );
+    }
+    for (n, (tab, native)) in tab_globals.iter().zip(&native_globals).enumerate() {
+        let want = weighted_mean(&[(1.0, native)]);
+        let err = max_rel_error(tab, &want);
+        let max_abs = tab
+            .named_tensors()
+            .flat_map(|(_, t)| t.data.iter())
+            .zip(&want)
+            .map(|(&g, &w)| (f64::from(g) - w).abs())
+            .fold(0.0, f64::max);
+        eprintln!(
+            "round {}: tab against fedsb join: max rel error {err:.3e}, max abs {max_abs:.3e}",
+            n + 1
+        );
+        ensure!(
+            err <= 1e-3,
+            "round {}: the tab's global state differs from fedsb join's by {err}",
+            n + 1
+        );
+    }
     Ok(())
 }
