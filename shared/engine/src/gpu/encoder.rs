@@ -24,9 +24,10 @@
 //! BERT-sized models the attention scores `batch·heads·seq²` or the FFN
 //! intermediate `batch·seq·intermediate`) and returns
 //! [`GpuError::BufferLimit`] naming the batch, the buffer and the limit
-//! instead of letting wgpu fail. [`GpuEncoder::dp_gradients`] instead splits a
-//! DP-SGD batch that is too large into chunks of sequences
-//! ([`GpuEncoder::max_pass_sequences`]), with the same result.
+//! instead of letting wgpu fail. [`GpuEncoder::dp_gradients`] and
+//! [`crate::train::evaluate`] instead split a DP-SGD or evaluation batch that
+//! is too large into chunks of sequences ([`GpuEncoder::pass_sequences`]),
+//! with the same result.
 //!
 //! Only what is asked for is read back: losses after a step, logits or
 //! embeddings, and `params` (the `R`s and the head) at the end of a round.
@@ -178,7 +179,8 @@ pub struct GpuEncoder<'c> {
     /// Per layer, per linear: `Σ ∂L/∂W0` (for LoRA-SB initialization).
     weight_grads: Option<Vec<[GpuBuffer; 6]>>,
     current: Option<BatchShape>,
-    /// Cap on the sequences of one DP-SGD pass ([`Self::set_max_pass_sequences`]).
+    /// Cap on the sequences of one DP-SGD or evaluation pass
+    /// ([`Self::set_max_pass_sequences`]).
     max_pass_sequences: Option<usize>,
 }
 
