@@ -11,7 +11,7 @@
 // Messages out:
 //   {type: "preview", preview} | {type: "preview", error}
 //   {type: "status", phase, round, adapter, task, bytesDownloaded,
-//    bytesTotal, filesCached, losses: [{round, loss, samples, seconds,
+//    bytesTotal, filesCached, cacheWarning, losses: [{round, loss, samples, seconds,
 //    samplesPerSecond, epsilonSpent, epsilonBudget}], samplesPerSecond,
 //    privacy: null | {epsilon_spent, epsilon_budget, delta, noise_multiplier,
 //    sample_rate, clip_norm, steps_taken, planned_steps}, message, error}
@@ -23,7 +23,8 @@
 //
 // Files are cached by hash in the Cache API ("fedsb-files", key
 // /files/<sha256>) and checked with SHA-256 before use, so a reload
-// downloads nothing.
+// downloads nothing. Where the Cache API is missing, refused or full, the
+// files are downloaded on every join and status.cacheWarning says why.
 //
 // Tasks with `[adapter] init = "federated"` (no adapter file in the
 // Welcome): on InitRequest the worker computes the initialization gradients
@@ -84,6 +85,7 @@ const status = {
   bytesDownloaded: 0,
   bytesTotal: 0,
   filesCached: 0,
+  cacheWarning: null,
   losses: [],
   samplesPerSecond: null,
   privacy: null,
@@ -202,20 +204,50 @@ async function readBody(response, onBytes) {
   return out;
 }
 
+// A storage error with its kind ("QuotaExceededError: Quota exceeded.").
+function storageErrorText(e) {
+  return e && e.name && e.message ? `${e.name}: ${e.message}` : errorText(e);
+}
+
+// Says (once) why files are not cached, and goes on without the cache.
+function noteCacheProblem(text) {
+  if (!status.cacheWarning) post({ cacheWarning: text });
+}
+
+// The Cache API's "fedsb-files", or null where this browser offers none or
+// refuses it (some private modes, disabled site storage).
+async function openCache() {
+  if (!self.caches) {
+    noteCacheProblem("this browser offers no Cache API here: files are downloaded on every join");
+    return null;
+  }
+  try {
+    return await self.caches.open("fedsb-files");
+  } catch (e) {
+    noteCacheProblem(`the Cache API is not usable (${storageErrorText(e)}): files are downloaded on every join`);
+    return null;
+  }
+}
+
 // One task file by hash: from the cache when it is there and intact,
-// otherwise downloaded, verified and cached.
+// otherwise downloaded, verified and cached. Caching is best effort: a full
+// or refused cache costs a download next time, never the join.
 async function fetchFile(file) {
   const url = new URL(`/files/${file.sha256}`, self.location.origin).href;
-  const cache = self.caches ? await self.caches.open("fedsb-files") : null;
+  const cache = await openCache();
   if (cache) {
-    const hit = await cache.match(url);
-    if (hit) {
-      const bytes = new Uint8Array(await hit.arrayBuffer());
-      if ((await sha256Hex(bytes)) === file.sha256) {
-        post({ filesCached: status.filesCached + 1, bytesTotal: status.bytesTotal + bytes.length });
-        return bytes;
+    try {
+      const hit = await cache.match(url);
+      if (hit) {
+        const bytes = new Uint8Array(await hit.arrayBuffer());
+        if ((await sha256Hex(bytes)) === file.sha256) {
+          post({ filesCached: status.filesCached + 1, bytesTotal: status.bytesTotal + bytes.length });
+          return bytes;
+        }
+        await cache.delete(url);
       }
-      await cache.delete(url);
+    } catch (e) {
+      noteCacheProblem(`reading the cache failed (${storageErrorText(e)}): downloading instead`);
     }
   }
   const r = await fetch(url);
@@ -226,7 +258,13 @@ async function fetchFile(file) {
   if (got !== file.sha256) {
     throw new Error(`${file.name}: downloaded ${bytes.length} bytes hash to ${got}, expected ${file.sha256}`);
   }
-  if (cache) await cache.put(url, new Response(bytes));
+  if (cache) {
+    try {
+      await cache.put(url, new Response(bytes));
+    } catch (e) {
+      noteCacheProblem(`${file.name} (${bytes.length} bytes) was not cached (${storageErrorText(e)}): it is downloaded again on the next join`);
+    }
+  }
   return bytes;
 }
 

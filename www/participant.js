@@ -159,7 +159,7 @@ function onWorkerMessage(m) {
   $("join-phase").textContent = m.phase;
   $("join-round").textContent = m.round ?? "…";
   $("join-adapter").textContent = m.adapter ?? "…";
-  $("join-download").textContent = dl || "…";
+  $("join-download").textContent = (dl || "…") + (m.cacheWarning ? ` (not cached: ${m.cacheWarning})` : "");
   $("join-speed").textContent = m.samplesPerSecond ? `${m.samplesPerSecond.toFixed(1)} samples/s` : "…";
   // DP tasks: what this tab has spent of its budget (none: no DP).
   $("join-privacy").textContent = m.privacy

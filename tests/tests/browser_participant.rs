@@ -1422,6 +1422,62 @@ async fn a_tab_whose_webgpu_device_is_lost_says_so_and_stops() -> anyhow::Result
     Ok(())
 }
 
+/// A browser whose storage quota cannot hold the task's files (CDP
+/// `Storage.overrideQuotaForOrigin`, 1 byte, so the Cache API refuses every
+/// file) still joins and trains every round: caching is best effort. The
+/// worker's status and the page say why nothing was cached, and joining
+/// again downloads the files again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tab_that_cannot_cache_the_files_still_trains() -> anyhow::Result<()> {
+    let task = task_dir_for(1, "")?;
+    let agg = Aggregator::start_in(task.path())?;
+    let mut c = Chromium::launch().await?;
+    c.call(
+        "Storage.overrideQuotaForOrigin",
+        json!({ "origin": agg.url(""), "quotaSize": 1 }),
+    )
+    .await?;
+    let mut c = open_tab_in(c, &agg, &task.path().join("shard0.tsv")).await?;
+    c.eval("document.getElementById('join-button').click()")
+        .await?;
+    let s = c
+        .wait_for(
+            "(() => { const s = window.fedsbParticipant.status; \
+               return s && ['finished','error','disconnected','left'].includes(s.phase) ? JSON.stringify(s) : null; })()",
+            Duration::from_millis(500),
+            RUN_TIMEOUT,
+        )
+        .await?;
+    let s: Value = serde_json::from_str(s.as_str().context("status")?)?;
+    let shown = c
+        .eval("document.getElementById('join-download').textContent")
+        .await?;
+    let updates = c.eval("window.fedsbParticipant.updates.length").await?;
+    ensure!(
+        s["phase"] == "finished" && s["filesCached"] == 0,
+        "the tab without a usable cache: {s}"
+    );
+    let warning = s["cacheWarning"].as_str().unwrap_or("");
+    ensure!(
+        warning.contains("was not cached") && warning.contains("QuotaExceeded"),
+        "cacheWarning: {warning:?}"
+    );
+    ensure!(
+        shown.as_str().unwrap_or("").contains("not cached"),
+        "the page's download line: {shown}"
+    );
+    ensure!(updates == ROUNDS, "the tab sent {updates} updates");
+    let again = join_again(&mut c).await?;
+    c.close().await;
+    ensure!(
+        again["phase"] == "finished"
+            && again["filesCached"] == 0
+            && again["bytesDownloaded"].as_u64().unwrap_or(0) > 0,
+        "joined again: {again}"
+    );
+    Ok(())
+}
+
 /// Rows of SST-2 train in the all-MiniLM-L6-v2 task, exactly one batch: every
 /// local step of the tab and of `fedsb join` takes all of them (in a
 /// shuffled order, which the batch mean does not depend on), so both train
