@@ -70,7 +70,21 @@ fn clipping_bounds_every_sample_and_keeps_small_ones() {
         }
         let mut off = 0;
         for (b, &l) in bufs.iter().zip(&lens) {
-            dp::dp_clip_sum(ctx, &mut enc, b, 1, l, &norms, clip, &zeros, 1.0, &out, off).unwrap();
+            dp::dp_clip_sum(
+                ctx,
+                &mut enc,
+                b,
+                1,
+                l,
+                &norms,
+                clip,
+                &zeros,
+                1.0,
+                &out,
+                off,
+                dp::SumInto::Overwrite,
+            )
+            .unwrap();
             off += l;
         }
         ctx.submit(enc);

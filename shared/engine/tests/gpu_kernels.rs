@@ -713,7 +713,7 @@ fn context_buffers_round_trip() {
 
 #[test]
 fn dp_clip_matches_reference() {
-    use fedsb_engine::gpu::dp;
+    use fedsb_engine::gpu::dp::{self, SumInto::Overwrite};
     let mut rng = Rng(0xD9);
     // Segments of odd lengths (not multiples of 64 or 256), 7 samples, one of
     // them all zero (factor 1), some with large norms (clipped), some small.
@@ -751,6 +751,7 @@ fn dp_clip_matches_reference() {
     for (buf, &len) in bufs.iter().zip(&lens) {
         dp::dp_clip_sum(
             ctx, &mut enc, buf, batch, len, &norms_gpu, clip, &noise_gpu, scale, &out_gpu, offset,
+            Overwrite,
         )
         .unwrap();
         offset += len;
@@ -765,7 +766,9 @@ fn dp_clip_matches_reference() {
     let mut out = vec![0.0f32; total];
     let mut offset = 0;
     for (d, &len) in segments.iter().zip(&lens) {
-        dp::clip_sum_reference(d, batch, len, &norms, clip, &noise, scale, &mut out, offset);
+        dp::clip_sum_reference(
+            d, batch, len, &norms, clip, &noise, scale, &mut out, offset, Overwrite,
+        );
         offset += len;
     }
     assert_close("dp clipped sum", &read(&out_gpu), &out, 1e-5, 1e-4);
@@ -778,6 +781,7 @@ fn dp_clip_matches_reference() {
     let mut enc = ctx.encoder();
     dp::dp_clip_sum(
         ctx, &mut enc, &noise_gpu, 0, total, &norms_gpu, clip, &noise_gpu, scale, &out0, 0,
+        Overwrite,
     )
     .unwrap();
     ctx.submit(enc);
@@ -788,14 +792,15 @@ fn dp_clip_matches_reference() {
     let mut enc = ctx.encoder();
     assert!(dp::dp_sq_norms(ctx, &mut enc, &bufs[0], batch + 1, lens[0], &norms_gpu).is_err());
     assert!(dp::dp_clip_sum(
-        ctx, &mut enc, &bufs[0], batch, lens[0], &norms_gpu, 0.0, &noise_gpu, scale, &out_gpu, 0
+        ctx, &mut enc, &bufs[0], batch, lens[0], &norms_gpu, 0.0, &noise_gpu, scale, &out_gpu, 0,
+        Overwrite,
     )
     .is_err());
 }
 
 #[test]
 fn dp_clip_accumulate_matches_reference() {
-    use fedsb_engine::gpu::dp;
+    use fedsb_engine::gpu::dp::{self, SumInto::*};
     let mut rng = Rng(0xACC);
     // A batch of 7 clipped in two chunks (4 + 3 samples) into a buffer that
     // already holds values; segments of odd lengths (not multiples of 64 or
@@ -864,7 +869,7 @@ fn dp_clip_accumulate_matches_reference() {
     }
     let mut offset = 0;
     for (buf, &len) in bufs.iter().zip(&lens) {
-        dp::dp_clip_sum_accumulate(
+        dp::dp_clip_sum(
             ctx,
             &mut enc,
             buf,
@@ -876,6 +881,7 @@ fn dp_clip_accumulate_matches_reference() {
             scale,
             &out_gpu,
             offset,
+            Accumulate,
         )
         .unwrap();
         offset += len;
@@ -891,7 +897,7 @@ fn dp_clip_accumulate_matches_reference() {
     let mut expected = start.clone();
     let mut offset = 0;
     for (d, &len) in chunk_data[1].iter().zip(&lens) {
-        dp::clip_sum_accumulate_reference(
+        dp::clip_sum_reference(
             d,
             chunks[1].len(),
             len,
@@ -901,6 +907,7 @@ fn dp_clip_accumulate_matches_reference() {
             scale,
             &mut expected,
             offset,
+            Accumulate,
         );
         offset += len;
     }
@@ -919,6 +926,7 @@ fn dp_clip_accumulate_matches_reference() {
             scale,
             &mut overwritten,
             offset,
+            Overwrite,
         );
         offset += len;
     }
@@ -938,12 +946,12 @@ fn dp_clip_accumulate_matches_reference() {
         }
         let mut offset = 0;
         for (buf, &len) in bufs.iter().zip(&lens) {
-            let (f, noise) = if c == 0 {
-                (dp::dp_clip_sum as DpClipSum, &noise_gpu)
+            let (into, noise) = if c == 0 {
+                (Overwrite, &noise_gpu)
             } else {
-                (dp::dp_clip_sum_accumulate as DpClipSum, &zeros_gpu)
+                (Accumulate, &zeros_gpu)
             };
-            f(
+            dp::dp_clip_sum(
                 ctx,
                 &mut enc,
                 buf,
@@ -955,6 +963,7 @@ fn dp_clip_accumulate_matches_reference() {
                 scale,
                 &chunked_gpu,
                 offset,
+                into,
             )
             .unwrap();
             offset += len;
@@ -971,23 +980,9 @@ fn dp_clip_accumulate_matches_reference() {
     let mut offset = 0;
     for (d, &len) in segments.iter().zip(&lens) {
         dp::clip_sum_reference(
-            d, batch, len, &norms, clip, &noise, scale, &mut whole, offset,
+            d, batch, len, &norms, clip, &noise, scale, &mut whole, offset, Overwrite,
         );
         offset += len;
     }
     assert_close("dp chunked sum", &read(&chunked_gpu), &whole, 1e-5, 1e-4);
 }
-
-type DpClipSum = fn(
-    &GpuContext,
-    &mut wgpu::CommandEncoder,
-    &GpuBuffer,
-    usize,
-    usize,
-    &GpuBuffer,
-    f32,
-    &GpuBuffer,
-    f32,
-    &GpuBuffer,
-    usize,
-) -> Result<(), fedsb_engine::gpu::GpuError>;

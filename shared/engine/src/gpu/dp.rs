@@ -12,12 +12,12 @@
 //!
 //! Clipping is per sample, so a batch too large for one pass is processed in
 //! chunks of samples with the same result: steps 1–2 per chunk, the first
-//! chunk with [`dp_clip_sum`] and the real noise, every later one with
-//! [`dp_clip_sum_accumulate`] (`out[off_s + j] += (…)·scale`) and zero noise.
+//! chunk with [`dp_clip_sum`] ([`SumInto::Overwrite`]) and the real noise,
+//! every later one with [`SumInto::Accumulate`] (`out[off_s + j] += (…)·scale`)
+//! and zero noise.
 //! In `dp.wgsl` the flag is the `accumulate` word of the parameters.
 //!
-//! Plain-Rust references: [`sq_norms_reference`], [`clip_sum_reference`],
-//! [`clip_sum_accumulate_reference`].
+//! Plain-Rust references: [`sq_norms_reference`], [`clip_sum_reference`].
 //! Test: `cargo test -p fedsb-engine --test gpu_kernels dp_`.
 
 use super::context::{groups_1d, GpuBuffer, GpuContext};
@@ -86,8 +86,19 @@ pub fn dp_sq_norms(
     Ok(())
 }
 
-/// Writes `out[offset + j] = (Σ_n per_sample[n·len + j]·min(1, clip/√norms[n])
-/// + noise[offset + j])·scale` for `j < len` (a zero norm keeps factor 1).
+/// Whether [`dp_clip_sum`] writes its result or adds it to what `out` holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SumInto {
+    /// `out[offset + j] = …` (one pass, or the first chunk of a batch).
+    Overwrite,
+    /// `out[offset + j] += …` (the later chunks of a batch clipped in chunks,
+    /// with zero `noise`).
+    Accumulate,
+}
+
+/// Writes (or with [`SumInto::Accumulate`] adds) `out[offset + j] =
+/// (Σ_n per_sample[n·len + j]·min(1, clip/√norms[n]) + noise[offset + j])·scale`
+/// for `j < len` (a zero norm keeps factor 1).
 #[allow(clippy::too_many_arguments)]
 pub fn dp_clip_sum(
     ctx: &GpuContext,
@@ -101,49 +112,7 @@ pub fn dp_clip_sum(
     scale: f32,
     out: &GpuBuffer,
     offset: usize,
-) -> Result<(), GpuError> {
-    clip_sum(
-        ctx, encoder, per_sample, batch, len, norms, clip, noise, scale, out, offset, false,
-    )
-}
-
-/// Like [`dp_clip_sum`] but adds instead of overwriting:
-/// `out[offset + j] += (Σ_n per_sample[n·len + j]·min(1, clip/√norms[n])
-/// + noise[offset + j])·scale` (a later chunk of a batch clipped in chunks,
-/// usually with zero `noise`).
-#[allow(clippy::too_many_arguments)]
-pub fn dp_clip_sum_accumulate(
-    ctx: &GpuContext,
-    encoder: &mut wgpu::CommandEncoder,
-    per_sample: &GpuBuffer,
-    batch: usize,
-    len: usize,
-    norms: &GpuBuffer,
-    clip: f32,
-    noise: &GpuBuffer,
-    scale: f32,
-    out: &GpuBuffer,
-    offset: usize,
-) -> Result<(), GpuError> {
-    clip_sum(
-        ctx, encoder, per_sample, batch, len, norms, clip, noise, scale, out, offset, true,
-    )
-}
-
-#[allow(clippy::too_many_arguments)]
-fn clip_sum(
-    ctx: &GpuContext,
-    encoder: &mut wgpu::CommandEncoder,
-    per_sample: &GpuBuffer,
-    batch: usize,
-    len: usize,
-    norms: &GpuBuffer,
-    clip: f32,
-    noise: &GpuBuffer,
-    scale: f32,
-    out: &GpuBuffer,
-    offset: usize,
-    accumulate: bool,
+    into: SumInto,
 ) -> Result<(), GpuError> {
     check("per-sample gradients", per_sample, batch * len)?;
     check("norms", norms, batch)?;
@@ -158,6 +127,7 @@ fn clip_sum(
         return Ok(());
     }
     let kernel = ctx.pipeline("dp/clip_sum", SOURCE, "clip_sum", &[]);
+    let accumulate = into == SumInto::Accumulate;
     let p = uniform(ctx, batch, len, offset, clip, scale, accumulate);
     ctx.dispatch_at(
         encoder,
@@ -197,42 +167,7 @@ pub fn clip_sum_reference(
     scale: f32,
     out: &mut [f32],
     offset: usize,
-) {
-    clip_sum_ref(
-        per_sample, batch, len, norms, clip, noise, scale, out, offset, false,
-    );
-}
-
-/// Reference of [`dp_clip_sum_accumulate`] (adds to `out`).
-#[allow(clippy::too_many_arguments)]
-pub fn clip_sum_accumulate_reference(
-    per_sample: &[f32],
-    batch: usize,
-    len: usize,
-    norms: &[f32],
-    clip: f32,
-    noise: &[f32],
-    scale: f32,
-    out: &mut [f32],
-    offset: usize,
-) {
-    clip_sum_ref(
-        per_sample, batch, len, norms, clip, noise, scale, out, offset, true,
-    );
-}
-
-#[allow(clippy::too_many_arguments)]
-fn clip_sum_ref(
-    per_sample: &[f32],
-    batch: usize,
-    len: usize,
-    norms: &[f32],
-    clip: f32,
-    noise: &[f32],
-    scale: f32,
-    out: &mut [f32],
-    offset: usize,
-    accumulate: bool,
+    into: SumInto,
 ) {
     let factors: Vec<f64> = norms[..batch]
         .iter()
@@ -249,7 +184,7 @@ fn clip_sum_ref(
             .map(|n| per_sample[n * len + j] as f64 * factors[n])
             .sum();
         let v = ((s + noise[offset + j] as f64) * scale as f64) as f32;
-        if accumulate {
+        if into == SumInto::Accumulate {
             out[offset + j] += v;
         } else {
             out[offset + j] = v;

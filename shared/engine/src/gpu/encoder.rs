@@ -38,7 +38,7 @@ use crate::reference::{ClassifierHead, LoraSbAdapters, Matrix, TrainableGradient
 use super::adamw::{adamw_step, AdamW};
 use super::attention::{attention_backward, attention_forward, AttentionShape};
 use super::context::{GpuBuffer, GpuContext};
-use super::dp::{dp_clip_sum, dp_clip_sum_accumulate, dp_sq_norms};
+use super::dp::{dp_clip_sum, dp_sq_norms, SumInto};
 use super::embeddings::{embeddings_forward, EmbeddingTables};
 use super::gelu::{gelu_backward, gelu_forward};
 use super::head::{
@@ -1287,6 +1287,7 @@ impl<'c> GpuEncoder<'c> {
                 scale,
                 &self.grads,
                 0,
+                SumInto::Overwrite,
             )?;
             ctx.submit(enc);
             return Ok(Vec::new());
@@ -1330,10 +1331,10 @@ impl<'c> GpuEncoder<'c> {
         for (k, start) in (0..n).step_by(size).enumerate() {
             let end = (start + size).min(n);
             let chunk = batch.slice(start..end);
-            let (noise, accumulate) = if k == 0 {
-                (&noise_buf, false)
+            let (noise, into) = if k == 0 {
+                (&noise_buf, SumInto::Overwrite)
             } else {
-                (&zeros, true)
+                (&zeros, SumInto::Accumulate)
             };
             self.dp_pass(
                 &chunk,
@@ -1341,7 +1342,7 @@ impl<'c> GpuEncoder<'c> {
                 noise,
                 clip,
                 scale,
-                Some((&sum, accumulate)),
+                Some((&sum, into)),
             )?;
             // Keep the chunk's losses on the device; read them all at the end.
             let w = self.workspace.as_ref().expect("uploaded");
@@ -1370,8 +1371,8 @@ impl<'c> GpuEncoder<'c> {
     /// One DP-SGD pass of [`Self::dp_gradients`] over a batch that fits:
     /// upload, forward, per-sample backward, joint norms and the clipped,
     /// noised, scaled sum written into the gradient buffer, or with
-    /// `Some((out, accumulate))` into `out` (added to it when `accumulate`).
-    /// Submitted, not waited for.
+    /// `Some((out, into))` into `out` (added to it with
+    /// [`SumInto::Accumulate`]). Submitted, not waited for.
     fn dp_pass(
         &mut self,
         batch: &EncodedBatch,
@@ -1379,7 +1380,7 @@ impl<'c> GpuEncoder<'c> {
         noise: &GpuBuffer,
         clip: f32,
         scale: f32,
-        out: Option<(&GpuBuffer, bool)>,
+        out: Option<(&GpuBuffer, SumInto)>,
     ) -> Result<(), GpuError> {
         let ctx = self.ctx;
         self.upload(batch, Some(labels))?;
@@ -1409,15 +1410,10 @@ impl<'c> GpuEncoder<'c> {
         for &(buf, len, _) in &segments {
             dp_sq_norms(ctx, &mut enc, buf, s.batch, len, &norms)?;
         }
-        let (out, accumulate) = out.unwrap_or((&self.grads, false));
-        let clip_sum = if accumulate {
-            dp_clip_sum_accumulate
-        } else {
-            dp_clip_sum
-        };
+        let (out, into) = out.unwrap_or((&self.grads, SumInto::Overwrite));
         for &(buf, len, offset) in &segments {
-            clip_sum(
-                ctx, &mut enc, buf, s.batch, len, &norms, clip, noise, scale, out, offset,
+            dp_clip_sum(
+                ctx, &mut enc, buf, s.batch, len, &norms, clip, noise, scale, out, offset, into,
             )?;
         }
         ctx.submit(enc);
