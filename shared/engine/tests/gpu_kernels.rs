@@ -711,6 +711,29 @@ fn context_buffers_round_trip() {
     );
 }
 
+/// Random per-sample gradients: for each segment `s` of `lens[s]` values,
+/// `batch` samples, sample `n` scaled by `gain(n, s)` (0 for an all-zero
+/// sample, small for one below the clip norm, large for a clipped one).
+fn per_sample_segments(
+    rng: &mut Rng,
+    batch: usize,
+    lens: &[usize],
+    gain: impl Fn(usize, usize) -> f32,
+) -> Vec<Vec<f32>> {
+    lens.iter()
+        .enumerate()
+        .map(|(s, &len)| {
+            let mut data = rng.vec(batch * len);
+            for n in 0..batch {
+                for x in &mut data[n * len..(n + 1) * len] {
+                    *x *= gain(n, s);
+                }
+            }
+            data
+        })
+        .collect()
+}
+
 #[test]
 fn dp_clip_matches_reference() {
     use fedsb_engine::gpu::dp::{self, SumInto::Overwrite};
@@ -722,21 +745,11 @@ fn dp_clip_matches_reference() {
     let total: usize = lens.iter().sum();
     let clip = 2.5f32;
     let scale = 1.0 / 5.3f32;
-    let mut segments = Vec::new();
-    for (s, &len) in lens.iter().enumerate() {
-        let mut data = rng.vec(batch * len);
-        for n in 0..batch {
-            let gain = match n {
-                3 => 0.0,
-                1 | 5 => 0.01,
-                _ => 1.0 + s as f32,
-            };
-            for x in &mut data[n * len..(n + 1) * len] {
-                *x *= gain;
-            }
-        }
-        segments.push(data);
-    }
+    let segments = per_sample_segments(&mut rng, batch, &lens, |n, s| match n {
+        3 => 0.0,
+        1 | 5 => 0.01,
+        _ => 1.0 + s as f32,
+    });
     let noise = rng.vec(total);
     let ctx = ctx();
     let norms_gpu = ctx.buffer_zeros("norms", batch);
@@ -811,21 +824,11 @@ fn dp_clip_accumulate_matches_reference() {
     let total: usize = lens.iter().sum();
     let clip = 1.7f32;
     let scale = 1.0 / 6.1f32;
-    let mut segments = Vec::new();
-    for (s, &len) in lens.iter().enumerate() {
-        let mut data = rng.vec(batch * len);
-        for n in 0..batch {
-            let gain = match n {
-                2 => 0.0,
-                0 | 6 => 0.01,
-                _ => 0.5 + s as f32,
-            };
-            for x in &mut data[n * len..(n + 1) * len] {
-                *x *= gain;
-            }
-        }
-        segments.push(data);
-    }
+    let segments = per_sample_segments(&mut rng, batch, &lens, |n, s| match n {
+        2 => 0.0,
+        0 | 6 => 0.01,
+        _ => 0.5 + s as f32,
+    });
     let noise = rng.vec(total);
     let start = rng.vec(total);
     let ctx = ctx();
