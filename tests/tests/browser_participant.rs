@@ -267,20 +267,56 @@ fn sst2_task_dir() -> anyhow::Result<tempfile::TempDir> {
             &sst2::MAX_SEQ_LEN.to_string(),
         ],
     )?;
-    let config = format!(
+    let config = eval_task_toml(&EvalTask {
+        id: "browser-participants-sst2",
+        model_id: "tiny-random-bert-sst2",
+        rounds: sst2::ROUNDS,
+        participants: TABS,
+        deadline_secs: 600,
+        local_steps: sst2::LOCAL_STEPS,
+        batch: sst2::BATCH as usize,
+        learning_rate: sst2::LEARNING_RATE,
+        max_seq_len: sst2::MAX_SEQ_LEN,
+        rank: sst2::RANK,
+        idle_timeout_secs: 300,
+    });
+    std::fs::write(dir.join("task.toml"), config)?;
+    Ok(tmp)
+}
+
+/// A task with `model/`, `adapter.safetensors` and `eval.tsv` in its
+/// directory, labels [`LABELS`], served with the page in `www/`.
+struct EvalTask {
+    id: &'static str,
+    model_id: &'static str,
+    rounds: u64,
+    /// The quorum and the most participants of a round.
+    participants: usize,
+    deadline_secs: u64,
+    local_steps: u32,
+    batch: usize,
+    learning_rate: f64,
+    max_seq_len: u32,
+    rank: u32,
+    idle_timeout_secs: u64,
+}
+
+/// The `task.toml` of an [`EvalTask`].
+fn eval_task_toml(t: &EvalTask) -> String {
+    format!(
         r#"[task]
-id = "browser-participants-sst2"
+id = "{id}"
 rounds = {rounds}
-min_participants = {TABS}
-max_participants = {TABS}
-round_deadline_secs = 600
+min_participants = {n}
+max_participants = {n}
+round_deadline_secs = {deadline}
 labels = ["{}", "{}"]
 local_steps = {steps}
 batch_size = {batch}
-learning_rate = {lr}
+learning_rate = {lr:?}
 max_seq_len = {seq}
 [model]
-id = "tiny-random-bert-sst2"
+id = "{model}"
 dir = "model"
 [adapter]
 rank = {rank}
@@ -291,19 +327,23 @@ batch_size = 32
 [server]
 www_dir = {www:?}
 ping_interval_secs = 5
-idle_timeout_secs = 300
+idle_timeout_secs = {idle}
 "#,
         LABELS[0],
         LABELS[1],
-        rounds = sst2::ROUNDS,
-        steps = sst2::LOCAL_STEPS,
-        batch = sst2::BATCH,
-        seq = sst2::MAX_SEQ_LEN,
-        rank = sst2::RANK,
+        id = t.id,
+        rounds = t.rounds,
+        n = t.participants,
+        deadline = t.deadline_secs,
+        steps = t.local_steps,
+        batch = t.batch,
+        lr = t.learning_rate,
+        seq = t.max_seq_len,
+        model = t.model_id,
+        rank = t.rank,
         www = repo().join("www").display().to_string(),
-    );
-    std::fs::write(dir.join("task.toml"), config)?;
-    Ok(tmp)
+        idle = t.idle_timeout_secs,
+    )
 }
 
 /// Opens the page in a fresh Chromium, gives its file input `shard` and
@@ -1540,36 +1580,19 @@ fn minilm_task_dir(adapter: Option<&Path>) -> anyhow::Result<tempfile::TempDir> 
             )?;
         }
     }
-    let config = format!(
-        r#"[task]
-id = "browser-minilm"
-rounds = {MINILM_ROUNDS}
-min_participants = 1
-max_participants = 1
-round_deadline_secs = 900
-labels = ["{}", "{}"]
-local_steps = 2
-batch_size = {MINILM_ROWS}
-learning_rate = 0.001
-max_seq_len = 32
-[model]
-id = "all-MiniLM-L6-v2"
-dir = "model"
-[adapter]
-rank = 8
-file = "adapter.safetensors"
-[eval]
-file = "eval.tsv"
-batch_size = 32
-[server]
-www_dir = {www:?}
-ping_interval_secs = 5
-idle_timeout_secs = 600
-"#,
-        LABELS[0],
-        LABELS[1],
-        www = repo().join("www").display().to_string(),
-    );
+    let config = eval_task_toml(&EvalTask {
+        id: "browser-minilm",
+        model_id: "all-MiniLM-L6-v2",
+        rounds: MINILM_ROUNDS as u64,
+        participants: 1,
+        deadline_secs: 900,
+        local_steps: 2,
+        batch: MINILM_ROWS,
+        learning_rate: 0.001,
+        max_seq_len: 32,
+        rank: 8,
+        idle_timeout_secs: 600,
+    });
     std::fs::write(dir.join("task.toml"), config)?;
     Ok(tmp)
 }
