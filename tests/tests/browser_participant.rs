@@ -432,22 +432,35 @@ fn sent_frame_sizes(c: &Chromium) -> Vec<usize> {
         .collect()
 }
 
-/// Presses Join again in a tab that has finished, and returns its status
-/// once it has finished (or failed) again.
-async fn join_again(tab: &mut Chromium) -> anyhow::Result<Value> {
+/// Waits (polling every 500 ms, up to `timeout`) until the tab's status is
+/// final (finished, error, disconnected or left) and returns it.
+async fn wait_until_ended(tab: &mut Chromium, timeout: Duration) -> anyhow::Result<Value> {
+    let s = tab
+        .wait_for(
+            "(() => { const s = window.fedsbParticipant.status; \
+               return s && ['finished','error','disconnected','left'].includes(s.phase) ? JSON.stringify(s) : null; })()",
+            Duration::from_millis(500),
+            timeout,
+        )
+        .await
+        .context("the tab did not finish")?;
+    Ok(serde_json::from_str(s.as_str().context("status")?)?)
+}
+
+/// Presses Join (forgetting any earlier final status) and returns the tab's
+/// status once it has ended ([`wait_until_ended`]).
+async fn join_until_ended(tab: &mut Chromium, timeout: Duration) -> anyhow::Result<Value> {
     tab.eval(
         "window.fedsbParticipant.status = null; document.getElementById('join-button').click()",
     )
     .await?;
-    let s = tab
-        .wait_for(
-            "(() => { const s = window.fedsbParticipant.status; \
-               return s && ['finished','error','disconnected'].includes(s.phase) ? JSON.stringify(s) : null; })()",
-            Duration::from_millis(500),
-            Duration::from_secs(120),
-        )
-        .await?;
-    Ok(serde_json::from_str(s.as_str().context("status")?)?)
+    wait_until_ended(tab, timeout).await
+}
+
+/// Presses Join again in a tab that has finished, and returns its status
+/// once it has finished (or failed) again.
+async fn join_again(tab: &mut Chromium) -> anyhow::Result<Value> {
+    join_until_ended(tab, Duration::from_secs(120)).await
 }
 
 /// Presses Join in a tab and waits until it has sent its first update and
@@ -863,16 +876,9 @@ async fn browser_tabs_train_a_dp_task() -> anyhow::Result<()> {
     }
     let mut statuses = Vec::new();
     for (tab, c) in tabs.iter_mut().enumerate() {
-        let s = c
-            .wait_for(
-                "(() => { const s = window.fedsbParticipant.status; \
-                   return s && ['finished','error','disconnected','left'].includes(s.phase) ? JSON.stringify(s) : null; })()",
-                Duration::from_millis(500),
-                RUN_TIMEOUT,
-            )
+        let s = wait_until_ended(c, RUN_TIMEOUT)
             .await
-            .with_context(|| format!("tab {tab} did not finish"))?;
-        let s: Value = serde_json::from_str(s.as_str().context("status")?)?;
+            .with_context(|| format!("tab {tab}"))?;
         eprintln!("DP tab {tab}: {s}");
         ensure!(s["phase"] == "finished", "tab {tab}: {s}");
         statuses.push(s);
@@ -997,17 +1003,7 @@ async fn a_tab_whose_budget_is_spent_leaves_without_training() -> anyhow::Result
         ))
         .await?;
     ensure!(stored == "stored", "{stored}");
-    c.eval("document.getElementById('join-button').click()")
-        .await?;
-    let s = c
-        .wait_for(
-            "(() => { const s = window.fedsbParticipant.status; \
-               return s && ['finished','error','disconnected','left'].includes(s.phase) ? JSON.stringify(s) : null; })()",
-            Duration::from_millis(500),
-            Duration::from_secs(120),
-        )
-        .await?;
-    let s: Value = serde_json::from_str(s.as_str().context("status")?)?;
+    let s = join_until_ended(&mut c, Duration::from_secs(120)).await?;
     eprintln!("spent tab: {s}");
     ensure!(s["phase"] == "left", "{s}");
     let message = s["message"].as_str().unwrap_or("");
@@ -1043,18 +1039,7 @@ async fn browser_tab_takes_part_in_a_federated_initialization() -> anyhow::Resul
     let agg = Aggregator::start_in(task.path())?;
     let started = Instant::now();
     let mut c = open_tab(&agg, &task.path().join("shard1.tsv")).await?;
-    c.eval("document.getElementById('join-button').click()")
-        .await?;
-    let s = c
-        .wait_for(
-            "(() => { const s = window.fedsbParticipant.status; \
-               return s && ['finished','error','disconnected','left'].includes(s.phase) ? JSON.stringify(s) : null; })()",
-            Duration::from_millis(500),
-            RUN_TIMEOUT,
-        )
-        .await
-        .context("the tab did not finish")?;
-    let s: Value = serde_json::from_str(s.as_str().context("status")?)?;
+    let s = join_until_ended(&mut c, RUN_TIMEOUT).await?;
     eprintln!("federated init tab ({:.1?}): {s}", started.elapsed());
     ensure!(s["phase"] == "finished", "{s}");
     let kinds = c
@@ -1478,17 +1463,7 @@ async fn a_tab_that_cannot_cache_the_files_still_trains() -> anyhow::Result<()> 
     )
     .await?;
     let mut c = open_tab_in(c, &agg, &task.path().join("shard0.tsv")).await?;
-    c.eval("document.getElementById('join-button').click()")
-        .await?;
-    let s = c
-        .wait_for(
-            "(() => { const s = window.fedsbParticipant.status; \
-               return s && ['finished','error','disconnected','left'].includes(s.phase) ? JSON.stringify(s) : null; })()",
-            Duration::from_millis(500),
-            RUN_TIMEOUT,
-        )
-        .await?;
-    let s: Value = serde_json::from_str(s.as_str().context("status")?)?;
+    let s = join_until_ended(&mut c, RUN_TIMEOUT).await?;
     let shown = c
         .eval("document.getElementById('join-download').textContent")
         .await?;
@@ -1622,17 +1597,9 @@ async fn a_tab_trains_all_minilm_as_fedsb_join_does() -> anyhow::Result<()> {
 
     let agg = Aggregator::start_in(task.path())?;
     let mut c = open_tab(&agg, &task.path().join("shard.tsv")).await?;
-    c.eval("document.getElementById('join-button').click()")
-        .await?;
-    let status = c
-        .wait_for(
-            "(() => { const s = window.fedsbParticipant.status; \
-               return s && ['finished','error','disconnected','left'].includes(s.phase) ? JSON.stringify(s) : null; })()",
-            Duration::from_secs(1),
-            Duration::from_secs(900),
-        )
+    let status = join_until_ended(&mut c, Duration::from_secs(900))
         .await
-        .context("the tab did not finish training all-MiniLM-L6-v2")?;
+        .context("training all-MiniLM-L6-v2 in the tab")?;
     let updates = c
         .eval(
             "JSON.stringify(window.fedsbParticipant.updates.map((u) => ({round: u.round, \
@@ -1644,7 +1611,6 @@ async fn a_tab_trains_all_minilm_as_fedsb_join_does() -> anyhow::Result<()> {
         .eval("document.getElementById('join-adapter').textContent")
         .await?;
     c.close().await;
-    let status: Value = serde_json::from_str(status.as_str().context("status")?)?;
     ensure!(status["phase"] == "finished", "the tab: {status}");
     let updates: Vec<Value> = serde_json::from_str(updates.as_str().context("updates")?)?;
     ensure!(
