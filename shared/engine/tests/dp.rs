@@ -254,20 +254,35 @@ fn batch_of(rows: &[&[u32]]) -> EncodedBatch {
     b
 }
 
+/// Token ids of seven sequences of different lengths (at most 8).
+const ROWS: [&[u32]; 7] = [
+    &[1, 7, 12, 2, 33, 39],
+    &[1, 9, 2],
+    &[1, 25, 30, 11, 2],
+    &[1, 4, 2],
+    &[1, 14, 15, 16, 17, 18, 19, 2],
+    &[1, 21, 22, 2],
+    &[1, 36, 5, 8, 10, 2],
+];
+
+/// Random weights, rank-3 adapters and a 3-class head, from `seeds`.
+fn tiny_model(
+    config: &BertConfig,
+    seeds: [u64; 3],
+) -> (BertWeights<f32>, LoraSbAdapters<f32>, ClassifierHead<f32>) {
+    (
+        BertWeights::random(config, seeds[0], 0.3),
+        LoraSbAdapters::random(config, 3, seeds[1], 0.5),
+        ClassifierHead::init(3, config.hidden_size, 0.8, seeds[2]),
+    )
+}
+
 #[test]
 fn dp_step_on_tiny_model_equals_cpu_computation() {
     let ctx = ctx();
     let config = tiny_config();
-    let weights = BertWeights::random(&config, 3, 0.3);
-    let adapters = LoraSbAdapters::random(&config, 3, 5, 0.5);
-    let head = ClassifierHead::init(3, config.hidden_size, 0.8, 9);
-    let batch = batch_of(&[
-        &[1, 7, 12, 2, 33, 39],
-        &[1, 9, 2],
-        &[1, 25, 30, 11, 2],
-        &[1, 4, 2],
-        &[1, 14, 15, 16, 17, 18, 19, 2],
-    ]);
+    let (weights, adapters, head) = tiny_model(&config, [3, 5, 9]);
+    let batch = batch_of(&ROWS[..5]);
     let labels = [2u32, 0, 1, 1, 2];
     let cfg = DpSgdConfig {
         noise_multiplier: 0.8,
@@ -368,19 +383,9 @@ fn dp_step_on_tiny_model_equals_cpu_computation() {
 fn dp_gradients_in_chunks_equal_one_pass() {
     let ctx = ctx();
     let config = tiny_config();
-    let weights = BertWeights::random(&config, 5, 0.3);
-    let adapters = LoraSbAdapters::random(&config, 3, 6, 0.5);
-    let head = ClassifierHead::init(3, config.hidden_size, 0.8, 7);
+    let (weights, adapters, head) = tiny_model(&config, [5, 6, 7]);
     // Seven samples of different lengths (padded to 8), in chunks of 3, 3, 1.
-    let batch = batch_of(&[
-        &[1, 7, 12, 2, 33, 39],
-        &[1, 9, 2],
-        &[1, 25, 30, 11, 2],
-        &[1, 4, 2],
-        &[1, 14, 15, 16, 17, 18, 19, 2],
-        &[1, 21, 22, 2],
-        &[1, 36, 5, 8, 10, 2],
-    ]);
+    let batch = batch_of(&ROWS);
     let labels = [2u32, 0, 1, 1, 2, 0, 2];
 
     let mut whole = GpuEncoder::new(ctx, &weights, Some(&adapters), Some(&head)).unwrap();

@@ -897,42 +897,31 @@ fn dp_clip_accumulate_matches_reference() {
         1e-5,
         1e-5,
     );
-    let mut expected = start.clone();
-    let mut offset = 0;
-    for (d, &len) in chunk_data[1].iter().zip(&lens) {
-        dp::clip_sum_reference(
-            d,
-            chunks[1].len(),
-            len,
-            &chunk_norms[1],
-            clip,
-            &noise,
-            scale,
-            &mut expected,
-            offset,
-            Accumulate,
-        );
-        offset += len;
-    }
+    // The reference for chunk 1 over `start`, written or added.
+    let chunk1_reference = |into| {
+        let mut out = start.clone();
+        let mut offset = 0;
+        for (d, &len) in chunk_data[1].iter().zip(&lens) {
+            dp::clip_sum_reference(
+                d,
+                chunks[1].len(),
+                len,
+                &chunk_norms[1],
+                clip,
+                &noise,
+                scale,
+                &mut out,
+                offset,
+                into,
+            );
+            offset += len;
+        }
+        out
+    };
+    let expected = chunk1_reference(Accumulate);
     assert_close("dp accumulated sum", &read(&out_gpu), &expected, 1e-5, 1e-4);
     // It really added: the overwriting reference differs from it.
-    let mut overwritten = start.clone();
-    let mut offset = 0;
-    for (d, &len) in chunk_data[1].iter().zip(&lens) {
-        dp::clip_sum_reference(
-            d,
-            chunks[1].len(),
-            len,
-            &chunk_norms[1],
-            clip,
-            &noise,
-            scale,
-            &mut overwritten,
-            offset,
-            Overwrite,
-        );
-        offset += len;
-    }
+    let overwritten = chunk1_reference(Overwrite);
     for ((e, o), s) in expected.iter().zip(&overwritten).zip(&start) {
         assert!((e - (o + s)).abs() <= 1e-5 * (1.0 + e.abs()));
     }
