@@ -19,7 +19,7 @@ use fedsb_engine::gpu::head::{self, HeadShape};
 use fedsb_engine::gpu::layernorm::{self, LayerNormShape};
 use fedsb_engine::gpu::lora_sb::{self, LoraSbDims};
 use fedsb_engine::gpu::matmul::{self, Gemm};
-use fedsb_engine::gpu::{cpu_ref, GpuBuffer, GpuContext, GpuOptions};
+use fedsb_engine::gpu::{cpu_ref, dp, GpuBuffer, GpuContext, GpuOptions};
 
 /// One device for the whole test binary (pipelines are cached on it).
 fn ctx() -> &'static GpuContext {
@@ -734,9 +734,64 @@ fn per_sample_segments(
         .collect()
 }
 
+/// Records the DP clipping of one batch of `batch` samples held in segment
+/// buffers `bufs` (lengths `lens`): the joint squared norms into `norms`
+/// (zeroed), then every segment's clipped sum at its running offset in `out`.
+#[allow(clippy::too_many_arguments)]
+fn record_dp_clip(
+    ctx: &GpuContext,
+    enc: &mut wgpu::CommandEncoder,
+    bufs: &[GpuBuffer],
+    lens: &[usize],
+    batch: usize,
+    norms: &GpuBuffer,
+    clip: f32,
+    noise: &GpuBuffer,
+    scale: f32,
+    out: &GpuBuffer,
+    into: dp::SumInto,
+) {
+    for (buf, &len) in bufs.iter().zip(lens) {
+        dp::dp_sq_norms(ctx, enc, buf, batch, len, norms).unwrap();
+    }
+    let mut offset = 0;
+    for (buf, &len) in bufs.iter().zip(lens) {
+        dp::dp_clip_sum(
+            ctx, enc, buf, batch, len, norms, clip, noise, scale, out, offset, into,
+        )
+        .unwrap();
+        offset += len;
+    }
+}
+
+/// The CPU reference of [`record_dp_clip`]: the joint squared norms, and
+/// `out` after the clipped sums of every segment.
+#[allow(clippy::too_many_arguments)]
+fn reference_dp_clip(
+    segments: &[Vec<f32>],
+    lens: &[usize],
+    batch: usize,
+    clip: f32,
+    noise: &[f32],
+    scale: f32,
+    out: &mut [f32],
+    into: dp::SumInto,
+) -> Vec<f32> {
+    let mut norms = vec![0.0f32; batch];
+    for (d, &len) in segments.iter().zip(lens) {
+        dp::sq_norms_reference(d, batch, len, &mut norms);
+    }
+    let mut offset = 0;
+    for (d, &len) in segments.iter().zip(lens) {
+        dp::clip_sum_reference(d, batch, len, &norms, clip, noise, scale, out, offset, into);
+        offset += len;
+    }
+    norms
+}
+
 #[test]
 fn dp_clip_matches_reference() {
-    use fedsb_engine::gpu::dp::{self, SumInto::Overwrite};
+    use dp::SumInto::Overwrite;
     let mut rng = Rng(0xD9);
     // Segments of odd lengths (not multiples of 64 or 256), 7 samples, one of
     // them all zero (factor 1), some with large norms (clipped), some small.
@@ -757,33 +812,17 @@ fn dp_clip_matches_reference() {
     let out_gpu = ctx.buffer_zeros("out", total);
     let bufs: Vec<_> = segments.iter().map(|d| ctx.buffer_f32("g", d)).collect();
     let mut enc = ctx.encoder();
-    for (buf, &len) in bufs.iter().zip(&lens) {
-        dp::dp_sq_norms(ctx, &mut enc, buf, batch, len, &norms_gpu).unwrap();
-    }
-    let mut offset = 0;
-    for (buf, &len) in bufs.iter().zip(&lens) {
-        dp::dp_clip_sum(
-            ctx, &mut enc, buf, batch, len, &norms_gpu, clip, &noise_gpu, scale, &out_gpu, offset,
-            Overwrite,
-        )
-        .unwrap();
-        offset += len;
-    }
+    record_dp_clip(
+        ctx, &mut enc, &bufs, &lens, batch, &norms_gpu, clip, &noise_gpu, scale, &out_gpu,
+        Overwrite,
+    );
     ctx.submit(enc);
 
-    let mut norms = vec![0.0f32; batch];
-    for (d, &len) in segments.iter().zip(&lens) {
-        dp::sq_norms_reference(d, batch, len, &mut norms);
-    }
-    assert_close("dp norms", &read(&norms_gpu), &norms, 1e-5, 1e-5);
     let mut out = vec![0.0f32; total];
-    let mut offset = 0;
-    for (d, &len) in segments.iter().zip(&lens) {
-        dp::clip_sum_reference(
-            d, batch, len, &norms, clip, &noise, scale, &mut out, offset, Overwrite,
-        );
-        offset += len;
-    }
+    let norms = reference_dp_clip(
+        &segments, &lens, batch, clip, &noise, scale, &mut out, Overwrite,
+    );
+    assert_close("dp norms", &read(&norms_gpu), &norms, 1e-5, 1e-5);
     assert_close("dp clipped sum", &read(&out_gpu), &out, 1e-5, 1e-4);
     // The reference really clipped something and left small samples alone.
     assert!(norms.iter().any(|&s| s.sqrt() > clip));
@@ -813,7 +852,7 @@ fn dp_clip_matches_reference() {
 
 #[test]
 fn dp_clip_accumulate_matches_reference() {
-    use fedsb_engine::gpu::dp::{self, SumInto::*};
+    use dp::SumInto::*;
     let mut rng = Rng(0xACC);
     // A batch of 7 clipped in two chunks (4 + 3 samples) into a buffer that
     // already holds values; segments of odd lengths (not multiples of 64 or
@@ -835,7 +874,7 @@ fn dp_clip_accumulate_matches_reference() {
     let noise_gpu = ctx.buffer_f32("noise", &noise);
     let zeros_gpu = ctx.buffer_zeros("zero noise", total);
 
-    // Chunk c's per-sample values of every segment, and its squared norms.
+    // Chunk c's per-sample values of every segment.
     let chunks = [0..split, split..batch];
     let chunk_data: Vec<Vec<Vec<f32>>> = chunks
         .iter()
@@ -847,17 +886,6 @@ fn dp_clip_accumulate_matches_reference() {
                 .collect()
         })
         .collect();
-    let chunk_norms: Vec<Vec<f32>> = chunks
-        .iter()
-        .zip(&chunk_data)
-        .map(|(r, data)| {
-            let mut norms = vec![0.0f32; r.len()];
-            for (d, &len) in data.iter().zip(&lens) {
-                dp::sq_norms_reference(d, r.len(), len, &mut norms);
-            }
-            norms
-        })
-        .collect();
 
     // 1. Accumulating onto arbitrary values, with noise: against the reference.
     let out_gpu = ctx.buffer_f32("out", &start);
@@ -867,61 +895,46 @@ fn dp_clip_accumulate_matches_reference() {
         .map(|d| ctx.buffer_f32("g", d))
         .collect();
     let mut enc = ctx.encoder();
-    for (buf, &len) in bufs.iter().zip(&lens) {
-        dp::dp_sq_norms(ctx, &mut enc, buf, chunks[1].len(), len, &norms_gpu).unwrap();
-    }
-    let mut offset = 0;
-    for (buf, &len) in bufs.iter().zip(&lens) {
-        dp::dp_clip_sum(
-            ctx,
-            &mut enc,
-            buf,
-            chunks[1].len(),
-            len,
-            &norms_gpu,
-            clip,
-            &noise_gpu,
-            scale,
-            &out_gpu,
-            offset,
-            Accumulate,
-        )
-        .unwrap();
-        offset += len;
-    }
-    ctx.submit(enc);
-    assert_close(
-        "dp chunk norms",
-        &read(&norms_gpu),
-        &chunk_norms[1],
-        1e-5,
-        1e-5,
+    record_dp_clip(
+        ctx,
+        &mut enc,
+        &bufs,
+        &lens,
+        chunks[1].len(),
+        &norms_gpu,
+        clip,
+        &noise_gpu,
+        scale,
+        &out_gpu,
+        Accumulate,
     );
+    ctx.submit(enc);
     // The reference for chunk 1 over `start`, written or added.
     let chunk1_reference = |into| {
         let mut out = start.clone();
-        let mut offset = 0;
-        for (d, &len) in chunk_data[1].iter().zip(&lens) {
-            dp::clip_sum_reference(
-                d,
-                chunks[1].len(),
-                len,
-                &chunk_norms[1],
-                clip,
-                &noise,
-                scale,
-                &mut out,
-                offset,
-                into,
-            );
-            offset += len;
-        }
-        out
+        let norms = reference_dp_clip(
+            &chunk_data[1],
+            &lens,
+            chunks[1].len(),
+            clip,
+            &noise,
+            scale,
+            &mut out,
+            into,
+        );
+        (norms, out)
     };
-    let expected = chunk1_reference(Accumulate);
+    let (chunk_norms, expected) = chunk1_reference(Accumulate);
+    assert_close(
+        "dp chunk norms",
+        &read(&norms_gpu),
+        &chunk_norms,
+        1e-5,
+        1e-5,
+    );
     assert_close("dp accumulated sum", &read(&out_gpu), &expected, 1e-5, 1e-4);
     // It really added: the overwriting reference differs from it.
-    let overwritten = chunk1_reference(Overwrite);
+    let (_, overwritten) = chunk1_reference(Overwrite);
     for ((e, o), s) in expected.iter().zip(&overwritten).zip(&start) {
         assert!((e - (o + s)).abs() <= 1e-5 * (1.0 + e.abs()));
     }
@@ -933,48 +946,31 @@ fn dp_clip_accumulate_matches_reference() {
     for (c, (r, data)) in chunks.iter().zip(&chunk_data).enumerate() {
         let norms_gpu = ctx.buffer_zeros("norms", r.len());
         let bufs: Vec<_> = data.iter().map(|d| ctx.buffer_f32("g", d)).collect();
-        for (buf, &len) in bufs.iter().zip(&lens) {
-            dp::dp_sq_norms(ctx, &mut enc, buf, r.len(), len, &norms_gpu).unwrap();
-        }
-        let mut offset = 0;
-        for (buf, &len) in bufs.iter().zip(&lens) {
-            let (into, noise) = if c == 0 {
-                (Overwrite, &noise_gpu)
-            } else {
-                (Accumulate, &zeros_gpu)
-            };
-            dp::dp_clip_sum(
-                ctx,
-                &mut enc,
-                buf,
-                r.len(),
-                len,
-                &norms_gpu,
-                clip,
-                noise,
-                scale,
-                &chunked_gpu,
-                offset,
-                into,
-            )
-            .unwrap();
-            offset += len;
-        }
+        let (into, noise) = if c == 0 {
+            (Overwrite, &noise_gpu)
+        } else {
+            (Accumulate, &zeros_gpu)
+        };
+        record_dp_clip(
+            ctx,
+            &mut enc,
+            &bufs,
+            &lens,
+            r.len(),
+            &norms_gpu,
+            clip,
+            noise,
+            scale,
+            &chunked_gpu,
+            into,
+        );
     }
     ctx.submit(enc);
-    let mut norms = vec![0.0f32; batch];
-    for (d, &len) in segments.iter().zip(&lens) {
-        dp::sq_norms_reference(d, batch, len, &mut norms);
-    }
+    let mut whole = vec![0.0f32; total];
+    let norms = reference_dp_clip(
+        &segments, &lens, batch, clip, &noise, scale, &mut whole, Overwrite,
+    );
     assert!(norms.iter().any(|&s| s.sqrt() > clip));
     assert!(norms.iter().any(|&s| s > 0.0 && s.sqrt() < clip));
-    let mut whole = vec![0.0f32; total];
-    let mut offset = 0;
-    for (d, &len) in segments.iter().zip(&lens) {
-        dp::clip_sum_reference(
-            d, batch, len, &norms, clip, &noise, scale, &mut whole, offset, Overwrite,
-        );
-        offset += len;
-    }
     assert_close("dp chunked sum", &read(&chunked_gpu), &whole, 1e-5, 1e-4);
 }
