@@ -46,6 +46,29 @@ pub fn fedsb_bin() -> PathBuf {
     bin
 }
 
+/// all-MiniLM-L6-v2 in Hugging Face layout: `FEDSB_MODEL_DIR`, or
+/// `models/all-MiniLM-L6-v2` in the workspace (`cargo xtask fetch-model`;
+/// `cargo xtask test` fetches it), canonicalized. An error names the missing
+/// file.
+pub fn minilm_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::var_os("FEDSB_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .expect("tests/ lives in the workspace")
+                .join("models/all-MiniLM-L6-v2")
+        });
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        anyhow::ensure!(
+            dir.join(f).is_file(),
+            "{} not found: run `cargo xtask fetch-model` (or set FEDSB_MODEL_DIR)",
+            dir.join(f).display()
+        );
+    }
+    Ok(dir.canonicalize()?)
+}
+
 /// A task config for tests: `layers` × 6 modules of rank `rank`, a 2-class
 /// head on a hidden size of 8, plus `extra` lines appended to `[task]`.
 pub fn test_config(rounds: u64, min: u32, max: u32, deadline_secs: u64, extra: &str) -> String {

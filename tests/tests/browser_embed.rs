@@ -40,20 +40,6 @@ fn repo() -> PathBuf {
         .to_owned()
 }
 
-fn model_dir() -> anyhow::Result<PathBuf> {
-    let dir = std::env::var_os("FEDSB_MODEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("models/all-MiniLM-L6-v2"));
-    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
-        ensure!(
-            dir.join(f).is_file(),
-            "{} not found: run `cargo xtask fetch-model` (or set FEDSB_MODEL_DIR)",
-            dir.join(f).display()
-        );
-    }
-    Ok(dir.canonicalize()?)
-}
-
 fn task_toml(model: &Path, www: &Path) -> String {
     format!(
         r#"[task]
@@ -101,7 +87,7 @@ async fn browser_embeddings_match_transformers() -> anyhow::Result<()> {
         Ok(v) => v.parse().context("FEDSB_EMBED_REPEAT")?,
         Err(_) => 1,
     };
-    let aggregator = Aggregator::start(&task_toml(&model_dir()?, &www))?;
+    let aggregator = Aggregator::start(&task_toml(&fedsb_e2e::minilm_dir()?, &www))?;
     let mut chromium = Chromium::launch().await?;
     chromium
         .navigate(&aggregator.url("/tests/embed.html"))

@@ -1507,14 +1507,7 @@ const MINILM_ROUNDS: usize = 2;
 /// copied from `adapter` so that two tasks start from the same file.
 fn minilm_task_dir(adapter: Option<&Path>) -> anyhow::Result<tempfile::TempDir> {
     use fedsb_e2e::tiny_model::{read_labelled_tsv, to_labelled_tsv};
-    let model = std::env::var_os("FEDSB_MODEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("models/all-MiniLM-L6-v2"));
-    ensure!(
-        model.join("model.safetensors").is_file(),
-        "{} not found: run `cargo xtask fetch-model` (or set FEDSB_MODEL_DIR)",
-        model.display()
-    );
+    let model = fedsb_e2e::minilm_dir()?;
     let data = repo().join("data/sst2");
     let train: Vec<(String, String)> = read_labelled_tsv(&data.join("train.tsv"))
         .context("run `cargo xtask fetch-data`")?
