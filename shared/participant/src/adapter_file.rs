@@ -176,6 +176,7 @@ pub fn write_adapter_file(
         .collect::<Result<Vec<_>>>()?;
     let bytes = safetensors::tensor::serialize(views, Some(metadata))
         .map_err(|e| invalid(format!("serializing the adapter file: {e}")))?;
+    let bytes = with_sorted_header(bytes)?;
     // Write next to the target and rename, so a crash never leaves half a file
     // that an aggregator would then serve.
     let tmp = path.with_extension("safetensors.part");
@@ -188,6 +189,44 @@ pub fn write_adapter_file(
         source,
     })?;
     Ok(())
+}
+
+/// safetensors writes the header's `__metadata__` from a `HashMap`, in an
+/// order that changes from one run to the next, so equal adapters gave
+/// files with different SHA-256s. This rewrites the header as the same JSON
+/// with every object's keys sorted (padded with spaces to a multiple of 8
+/// bytes, as safetensors pads it); the tensor data and their offsets, which
+/// count from the end of the header, are unchanged.
+fn with_sorted_header(bytes: Vec<u8>) -> Result<Vec<u8>> {
+    fn sorted(v: serde_json::Value) -> serde_json::Value {
+        match v {
+            serde_json::Value::Object(m) => {
+                let m: std::collections::BTreeMap<String, serde_json::Value> =
+                    m.into_iter().map(|(k, v)| (k, sorted(v))).collect();
+                serde_json::Value::Object(m.into_iter().collect())
+            }
+            other => other,
+        }
+    }
+    let bad = |what: &str| invalid(format!("serializing the adapter file: {what}"));
+    let len: [u8; 8] = bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| bad("no header length"))?;
+    let end = usize::try_from(u64::from_le_bytes(len))
+        .ok()
+        .and_then(|n| n.checked_add(8))
+        .filter(|&end| end <= bytes.len())
+        .ok_or_else(|| bad("header length beyond the file"))?;
+    let header: serde_json::Value =
+        serde_json::from_slice(&bytes[8..end]).map_err(|e| bad(&e.to_string()))?;
+    let mut json = serde_json::to_vec(&sorted(header)).map_err(|e| bad(&e.to_string()))?;
+    json.resize(json.len().div_ceil(8) * 8, b' ');
+    let mut out = Vec::with_capacity(8 + json.len() + bytes.len() - end);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&bytes[end..]);
+    Ok(out)
 }
 
 fn read_matrix(st: &SafeTensors<'_>, name: &str, rows: usize, cols: usize) -> Result<Matrix<f32>> {
@@ -420,5 +459,58 @@ mod tests {
         assert_eq!(engine_to_state(&trained, &modules).unwrap(), state);
         state.r.pop();
         assert!(state_to_engine(&back, &modules, &state).is_err());
+    }
+
+    /// The same adapter and metadata give the same bytes, whatever order the
+    /// metadata map iterates in (each `HashMap` has its own random order).
+    #[test]
+    fn equal_adapters_give_byte_identical_files() {
+        let config = BertConfig {
+            vocab_size: 20,
+            hidden_size: 8,
+            num_hidden_layers: 1,
+            num_attention_heads: 2,
+            intermediate_size: 12,
+            max_position_embeddings: 16,
+            ..BertConfig::default()
+        };
+        let adapters = LoraSbAdapters::<f32>::random(&config, 3, 7, 0.5);
+        let head = ClassifierHead::<f32>::init(2, 8, 0.02, 1);
+        let names = vec!["encoder.layer.0.attention.self.query".to_owned()];
+        let modules = parse_module_names(&names, 1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let write = |i: usize| {
+            let metadata: HashMap<String, String> = [
+                "format",
+                "model",
+                "rank",
+                "init_samples",
+                "lr",
+                "seed",
+                "task",
+                "labels",
+            ]
+            .iter()
+            .map(|k| (k.to_string(), format!("value of {k}")))
+            .collect();
+            let path = dir.path().join(format!("adapter-{i}.safetensors"));
+            write_adapter_file(&path, &names, &modules, &adapters, &head, metadata).unwrap();
+            std::fs::read(path).unwrap()
+        };
+        let first = write(0);
+        for i in 1..8 {
+            assert!(write(i) == first, "file {i} differs from file 0");
+        }
+        // Still a valid safetensors file with its metadata and tensors.
+        let (n, meta) = SafeTensors::read_metadata(&first).unwrap();
+        assert_eq!(n % 8, 0);
+        let md = meta.metadata().as_ref().unwrap();
+        assert_eq!(md.len(), 8);
+        assert_eq!(md["rank"], "value of rank");
+        let back = read_adapter_file(&first, &names, &modules, &config, 3).unwrap();
+        assert_eq!(
+            back.module(0, AdaptedLinear::Query),
+            adapters.module(0, AdaptedLinear::Query)
+        );
     }
 }
