@@ -6,7 +6,7 @@
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use fedsb_protocol::{AdapterShape, PrivacyPolicy, MAX_MODULES, MAX_RANK};
+use fedsb_protocol::{AdapterShape, PolicyField, PrivacyPolicy, MAX_MODULES, MAX_RANK};
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
@@ -542,19 +542,18 @@ impl Config {
                 }
             }
         }
-        let p = &self.privacy;
-        if p.enabled
-            && !(p.epsilon > 0.0
-                && p.epsilon.is_finite()
-                && p.delta > 0.0
-                && p.delta < 1.0
-                && p.clip_norm > 0.0
-                && p.clip_norm.is_finite())
-        {
-            return bad(format!(
-                "privacy needs epsilon > 0, 0 < delta < 1 and clip_norm > 0 (got {}, {}, {})",
-                p.epsilon, p.delta, p.clip_norm
-            ));
+        if let Some(policy) = self.privacy_policy() {
+            if let Err((field, value)) = policy.check() {
+                let key = match field {
+                    PolicyField::Epsilon => "epsilon",
+                    PolicyField::Delta => "delta",
+                    PolicyField::ClipNorm => "clip_norm",
+                };
+                return bad(format!(
+                    "privacy.{key} must be {}, got {value}",
+                    field.expected()
+                ));
+            }
         }
         Ok(())
     }
@@ -719,6 +718,24 @@ rank = 4
         let text = MINIMAL.replace("rounds = 3", "rounds = 3\nbogus = 1");
         let e = Config::load(&write(dir.path(), &text)).unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");
+        for (privacy, message) in [
+            (
+                "epsilon = 0.0",
+                "privacy.epsilon must be a finite number > 0, got 0",
+            ),
+            ("delta = 1.0", "privacy.delta must be in (0, 1), got 1"),
+            (
+                "clip_norm = -0.5",
+                "privacy.clip_norm must be a finite number > 0, got -0.5",
+            ),
+        ] {
+            let text = format!("{MINIMAL}[privacy]\nenabled = true\n{privacy}\n");
+            let e = Config::load(&write(dir.path(), &text)).unwrap_err();
+            assert!(e.to_string().contains(message), "{privacy}: {e}");
+            // Out-of-range values of a disabled section are not used.
+            let text = format!("{MINIMAL}[privacy]\nenabled = false\n{privacy}\n");
+            assert!(Config::load(&write(dir.path(), &text)).is_ok(), "{privacy}");
+        }
     }
 
     #[test]

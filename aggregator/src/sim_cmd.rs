@@ -61,7 +61,8 @@ use fedsb_engine::reference::{
 use fedsb_engine::train::{encode_examples, evaluate, gpu_lora_sb_init, BatchSampler};
 use fedsb_privacy::AccountantKind;
 use fedsb_protocol::{
-    AdapterShape, ClientMessage, ClientUpdate, ParticipantId, PrivacyPolicy, RoundId, ServerMessage,
+    AdapterShape, ClientMessage, ClientUpdate, ParticipantId, PolicyField, PrivacyPolicy, RoundId,
+    ServerMessage,
 };
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use safetensors::SafeTensors;
@@ -950,14 +951,18 @@ fn dp_policy(args: &SimArgs) -> anyhow::Result<Option<PrivacyPolicy>> {
         (None, Some(_)) => bail!("--clip needs --dp-epsilon E (differential privacy)"),
         (Some(e), Some(c)) => (e, c),
     };
-    if !(epsilon > 0.0 && epsilon.is_finite()) {
-        bail!("--dp-epsilon must be a positive number, got {epsilon}");
-    }
-    if !(clip_norm > 0.0 && clip_norm.is_finite()) {
-        bail!("--clip must be a positive number, got {clip_norm}");
-    }
-    if !(args.dp_delta > 0.0 && args.dp_delta < 1.0) {
-        bail!("--dp-delta must be in (0, 1), got {}", args.dp_delta);
+    let policy = PrivacyPolicy {
+        epsilon,
+        delta: args.dp_delta,
+        clip_norm,
+    };
+    if let Err((field, value)) = policy.check() {
+        let flag = match field {
+            PolicyField::Epsilon => "--dp-epsilon",
+            PolicyField::Delta => "--dp-delta",
+            PolicyField::ClipNorm => "--clip",
+        };
+        bail!("{flag} must be {}, got {value}", field.expected());
     }
     if args.head_only {
         bail!("--head-only trains without DP-SGD; it cannot be combined with --dp-epsilon");
@@ -969,11 +974,7 @@ fn dp_policy(args: &SimArgs) -> anyhow::Result<Option<PrivacyPolicy>> {
              data with `fedsb init` and give it with --init"
         );
     }
-    Ok(Some(PrivacyPolicy {
-        epsilon,
-        delta: args.dp_delta,
-        clip_norm,
-    }))
+    Ok(Some(policy))
 }
 
 /// One client's local round without DP, as `fedsb join` trains it: from the

@@ -405,7 +405,7 @@ fn without_json_rounds_go_to_stderr_and_the_table_to_stdout() -> anyhow::Result<
 #[test]
 fn sim_refuses_bad_input_clearly() -> anyhow::Result<()> {
     let task = Task::new()?;
-    let cases: [(usize, &[&str], &str); 10] = [
+    let cases: [(usize, &[&str], &str); 12] = [
         (CLIENTS, &["--split", "shards"], "unknown --split"),
         (CLIENTS, &["--split", "dirichlet:0"], "positive"),
         (CLIENTS, &["--split", "dirichlet:-2"], "positive"),
@@ -420,7 +420,17 @@ fn sim_refuses_bad_input_clearly() -> anyhow::Result<()> {
         (
             CLIENTS,
             &["--dp-epsilon", "0", "--clip", "1"],
-            "--dp-epsilon must be a positive number",
+            "--dp-epsilon must be a finite number > 0, got 0",
+        ),
+        (
+            CLIENTS,
+            &["--dp-epsilon", "3", "--clip=-1"],
+            "--clip must be a finite number > 0, got -1",
+        ),
+        (
+            CLIENTS,
+            &["--dp-epsilon", "3", "--clip", "1", "--dp-delta", "1"],
+            "--dp-delta must be in (0, 1), got 1",
         ),
         (
             CLIENTS,

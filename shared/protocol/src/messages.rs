@@ -474,6 +474,45 @@ pub struct PrivacyPolicy {
     pub clip_norm: f64,
 }
 
+/// A field of a [`PrivacyPolicy`] outside its range.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum PolicyField {
+    /// ε must be finite and > 0.
+    Epsilon,
+    /// δ must be in (0, 1).
+    Delta,
+    /// C must be finite and > 0.
+    ClipNorm,
+}
+
+impl PolicyField {
+    /// The range the field must be in, in words.
+    pub fn expected(self) -> &'static str {
+        match self {
+            Self::Epsilon | Self::ClipNorm => "a finite number > 0",
+            Self::Delta => "in (0, 1)",
+        }
+    }
+}
+
+impl PrivacyPolicy {
+    /// Checks ε, δ and C against their ranges (ε and C finite and > 0, δ in
+    /// (0, 1)); the first one outside is returned with its value, so each
+    /// caller can name it in its own terms (a config key, a flag).
+    pub fn check(&self) -> Result<(), (PolicyField, f64)> {
+        if !(self.epsilon > 0.0 && self.epsilon.is_finite()) {
+            return Err((PolicyField::Epsilon, self.epsilon));
+        }
+        if !(self.delta > 0.0 && self.delta < 1.0) {
+            return Err((PolicyField::Delta, self.delta));
+        }
+        if !(self.clip_norm > 0.0 && self.clip_norm.is_finite()) {
+            return Err((PolicyField::ClipNorm, self.clip_norm));
+        }
+        Ok(())
+    }
+}
+
 /// What a participant needs to know to train for a task.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TaskInfo {
