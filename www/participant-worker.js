@@ -10,7 +10,8 @@
 //   {type: "leave"}
 // Messages out:
 //   {type: "preview", preview} | {type: "preview", error}
-//   {type: "status", phase, round, adapter, task, bytesDownloaded,
+//   {type: "status", phase, round, adapter, task, participant (the id the
+//    aggregator gave this participant key, a decimal string), bytesDownloaded,
 //    bytesTotal, filesCached, cacheWarning, losses: [{round, loss, samples, seconds,
 //    samplesPerSecond, epsilonSpent, epsilonBudget}], samplesPerSecond,
 //    privacy: null | {epsilon_spent, epsilon_budget, delta, noise_multiplier,
@@ -31,6 +32,15 @@
 // of its first init_samples examples (federatedInitFrames), sends one
 // InitGradient frame per module and InitDone, waits for AdapterReady,
 // fetches that adapter file by hash and then creates the trainer.
+//
+// Participant key: the Hello carries a random key (16 bytes from
+// crypto.getRandomValues, as 32 hex digits) kept in IndexedDB (store
+// "participant-keys") under the same "<task id>/<sha256 hex>" as the ledger,
+// so this data joining again (a reload, or after the aggregator restarted) is
+// the same participant to the aggregator: same id, same privacy entry, and an
+// update it accepted before is announced with UpdateAccepted before RoundOpen
+// and not trained again. The same data in a second tab at the same time is
+// refused (already_connected).
 //
 // DP tasks: the privacy ledger (the DP-SGD steps this tab has taken) is kept
 // in IndexedDB ("fedsb-participant", store "privacy-ledgers", key
@@ -82,6 +92,7 @@ const status = {
   round: null,
   adapter: null,
   task: null,
+  participant: null,
   bytesDownloaded: 0,
   bytesTotal: 0,
   filesCached: 0,
@@ -106,27 +117,68 @@ let ledgerKey = null; // DP tasks: "<task id>/<sha256 of columns and data>"
 
 const LEDGER_DB = "fedsb-participant";
 const LEDGER_STORE = "privacy-ledgers";
+const KEY_STORE = "participant-keys";
 
-function openLedgerDb() {
+// Version 1 had the ledgers only; version 2 added the participant keys.
+function openParticipantDb() {
   return new Promise((resolve, reject) => {
-    const req = indexedDB.open(LEDGER_DB, 1);
-    req.onupgradeneeded = () => req.result.createObjectStore(LEDGER_STORE);
+    const req = indexedDB.open(LEDGER_DB, 2);
+    req.onupgradeneeded = () => {
+      for (const name of [LEDGER_STORE, KEY_STORE]) {
+        if (!req.result.objectStoreNames.contains(name)) req.result.createObjectStore(name);
+      }
+    };
     req.onsuccess = () => resolve(req.result);
     req.onerror = () => reject(new Error(`IndexedDB ${LEDGER_DB}: ${req.error}`));
   });
 }
 
-async function ledgerOp(mode, op) {
-  const db = await openLedgerDb();
+async function dbOp(storeName, mode, op) {
+  const db = await openParticipantDb();
   try {
     return await new Promise((resolve, reject) => {
-      const tx = db.transaction(LEDGER_STORE, mode);
-      const req = op(tx.objectStore(LEDGER_STORE));
+      const tx = db.transaction(storeName, mode);
+      const req = op(tx.objectStore(storeName));
       tx.oncomplete = () => resolve(req.result);
-      tx.onerror = () => reject(new Error(`IndexedDB ${LEDGER_STORE}: ${tx.error}`));
+      tx.onerror = () => reject(new Error(`IndexedDB ${storeName}: ${tx.error}`));
+      // A transaction that cannot commit (the storage quota is full) aborts
+      // without an error event.
+      tx.onabort = () => reject(new Error(`IndexedDB ${storeName}: ${tx.error || "the transaction was aborted"}`));
     });
   } finally {
     db.close();
+  }
+}
+
+function ledgerOp(mode, op) {
+  return dbOp(LEDGER_STORE, mode, op);
+}
+
+// This tab's participant key for the task and its data (see the top of this
+// file): read from IndexedDB, or made from 16 random bytes and saved there.
+// Without IndexedDB the key lasts as long as this join.
+async function participantKeyFor(taskId, data) {
+  const id = await ledgerKeyFor(taskId, data);
+  const fresh = () => {
+    const b = crypto.getRandomValues(new Uint8Array(16));
+    return Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+  };
+  try {
+    const saved = await dbOp(KEY_STORE, "readonly", (store) => store.get(id));
+    if (typeof saved === "string") return saved;
+    const key = fresh();
+    // add(), not put(): of two tabs racing, the second fails and reads the first's.
+    try {
+      await dbOp(KEY_STORE, "readwrite", (store) => store.add(key, id));
+      return key;
+    } catch (e) {
+      const again = await dbOp(KEY_STORE, "readonly", (store) => store.get(id));
+      if (typeof again === "string") return again;
+      throw e;
+    }
+  } catch (e) {
+    console.warn(`fedsb: no participant key saved (${errorText(e)}); this join is a new participant`);
+    return fresh();
   }
 }
 
@@ -270,7 +322,12 @@ async function fetchFile(file) {
 
 async function onWelcome(frame, msg) {
   const task = msg.task;
-  post({ phase: "downloading", task: task.task_id, message: `task ${task.task_id} (${task.model_id})` });
+  post({
+    phase: "downloading",
+    task: task.task_id,
+    participant: String(msg.participant),
+    message: `task ${task.task_id} (${task.model_id})`,
+  });
   const federated = !task.files.some((x) => x.name === "adapter.safetensors");
   const bytes = {};
   for (const name of MODEL_FILES) {
@@ -421,12 +478,24 @@ async function handle(frame) {
       return onWelcome(frame, msg);
     case "round_open":
       return onRoundOpen(frame, msg);
-    case "update_accepted":
-      post({ message: `update of round ${msg.round} accepted` });
+    case "update_accepted": {
+      const round = Number(msg.round);
+      if (submitted.has(round)) {
+        post({ message: `update of round ${round} accepted` });
+      } else {
+        // Sent before this connection (a reload, or the aggregator
+        // restarted): it counts, and the round is not trained again.
+        submitted.add(round);
+        post({ message: `our update of round ${round} was accepted before this connection; not training it again` });
+      }
       return;
+    }
     case "error": {
       const text = `the aggregator rejected a message (${JSON.stringify(msg.code)}): ${msg.message}`;
       if (msg.code === "version_mismatch") return fail(text);
+      if (msg.code === "already_connected") {
+        return fail(`this data has joined already from another tab or window (${msg.message})`);
+      }
       post({ error: text, message: text });
       return;
     }
@@ -458,12 +527,15 @@ async function join(data) {
   if (ws) throw new Error("already joined");
   if (!("gpu" in navigator)) throw new Error("this browser exposes no WebGPU (navigator.gpu) to workers");
   local = { text: data.text, fileName: data.fileName, columns: data.columns || {} };
+  const taskResponse = await fetch(new URL("/api/task", self.location.origin));
+  if (!taskResponse.ok) throw new Error(`GET /api/task: HTTP ${taskResponse.status}`);
+  const participantKey = await participantKeyFor((await taskResponse.json()).task_id, local);
   const url = new URL("/ws", self.location.origin);
   url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
   post({ phase: "connecting", message: `connecting to ${url}`, error: null });
   ws = new WebSocket(url.href);
   ws.binaryType = "arraybuffer";
-  ws.onopen = () => send(encodeHello(`fedsb-browser (protocol ${protocolVersion()})`), "hello");
+  ws.onopen = () => send(encodeHello(`fedsb-browser (protocol ${protocolVersion()})`, participantKey), "hello");
   ws.onmessage = (ev) => {
     const frame = new Uint8Array(ev.data);
     queue = queue.then(() => handle(frame)).catch((e) => fail(errorText(e)));

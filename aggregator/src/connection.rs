@@ -147,16 +147,31 @@ impl Connection {
             Err(e) => return self.reject(ErrorCode::Malformed, e.to_string()).await,
         };
         match (self.participant, msg) {
-            (None, ClientMessage::Hello { client, .. }) => {
+            (
+                None,
+                ClientMessage::Hello {
+                    client,
+                    participant_key,
+                    ..
+                },
+            ) => {
                 let Some(outbox) = outbox.take() else {
                     return Flow::Close;
                 };
-                match self.app.coordinator.join(client, outbox).await {
-                    Some(id) => {
+                match self
+                    .app
+                    .coordinator
+                    .join(client, participant_key, outbox)
+                    .await
+                {
+                    Ok(id) => {
                         self.participant = Some(id);
                         Flow::Continue
                     }
-                    None => Flow::Close,
+                    Err(r) => {
+                        self.reject(r.code, r.message).await;
+                        Flow::Close
+                    }
                 }
             }
             (None, _) => {

@@ -15,6 +15,14 @@
 //!
 //! A participant that disconnects simply stops being waited for; one that
 //! stalls is waited for until the deadline only.
+//!
+//! Every accepted update is written to the store before it is summed and
+//! acknowledged, and restored into the reopened round after a restart. A
+//! participant that presents a participant key gets the same id on every
+//! connection (the store maps the key's hash to it), so an update it had
+//! accepted before a reconnect or restart counts once: it is told with
+//! `UpdateAccepted` right after `GlobalModel`, and a second one is refused
+//! as a duplicate.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -34,7 +42,9 @@ use crate::files::{initial_adapter, ServedFile};
 use crate::init_round::{build_adapter_file, hash_file, InitCollector, InitModules, SharedFiles};
 use crate::metrics::Metrics;
 use crate::round::{Rejection, Round};
-use crate::store::{sha256_hex, CommittedRound, RoundMeta, Store, StoredPrivacyReport};
+use crate::store::{
+    sha256_hex, CommittedRound, PendingUpdate, RoundMeta, Store, StoredPrivacyReport,
+};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_unix_ms() -> u64 {
@@ -59,8 +69,9 @@ pub struct Outbox {
 enum Command {
     Join {
         client: String,
+        participant_key: Option<String>,
         outbox: Outbox,
-        reply: oneshot::Sender<ParticipantId>,
+        reply: oneshot::Sender<Result<ParticipantId, Rejection>>,
     },
     Update {
         participant: ParticipantId,
@@ -93,19 +104,29 @@ pub struct CoordinatorHandle {
 
 impl CoordinatorHandle {
     /// Registers a participant after a valid `Hello`. The coordinator queues
-    /// `Welcome`, the current `GlobalModel` and, if a round is collecting,
-    /// `RoundOpen` on the outbox before answering.
-    pub async fn join(&self, client: String, outbox: Outbox) -> Option<ParticipantId> {
+    /// `Welcome`, the current `GlobalModel`, `UpdateAccepted` if the
+    /// participant key's update for the collecting round is in, and, if a
+    /// round is collecting, `RoundOpen` on the outbox before answering. A
+    /// participant key that another open connection presented is refused
+    /// ([`ErrorCode::AlreadyConnected`]).
+    pub async fn join(
+        &self,
+        client: String,
+        participant_key: Option<String>,
+        outbox: Outbox,
+    ) -> Result<ParticipantId, Rejection> {
         let (reply, rx) = oneshot::channel();
+        let internal = || Rejection::new(ErrorCode::Internal, "the aggregator is shutting down");
         self.tx
             .send(Command::Join {
                 client,
+                participant_key,
                 outbox,
                 reply,
             })
             .await
-            .ok()?;
-        rx.await.ok()
+            .map_err(|_| internal())?;
+        rx.await.map_err(|_| internal())?
     }
 
     /// Offers an update; returns the round it was accepted into.
@@ -195,9 +216,8 @@ pub struct Status {
     pub deadline_unix_ms: Option<u64>,
     /// Differential privacy spent per participant, from the privacy reports
     /// of its accepted updates (empty for tasks without DP). The reports of
-    /// committed rounds are stored with the round, so the list survives a
-    /// restart; an update accepted into a round that was never committed is
-    /// shown only until then.
+    /// committed rounds are stored with the round and those of the open
+    /// round with its pending updates, so the list survives a restart.
     pub privacy: Vec<ParticipantPrivacy>,
 }
 
@@ -282,7 +302,10 @@ impl Coordinator {
     /// Starts the coordinator from the last committed round and returns its
     /// handle and a status feed. `privacy` is what the store holds of the
     /// committed rounds' privacy reports ([`Store::privacy_reports`]): the
-    /// per-participant spending it starts from.
+    /// per-participant spending it starts from. `pending` are the updates
+    /// the store holds for the round after the last committed one
+    /// ([`Store::pending_updates`]): they are accepted into it again, in
+    /// their order.
     pub fn start(
         config: Arc<Config>,
         task: Arc<TaskInfo>,
@@ -290,6 +313,7 @@ impl Coordinator {
         metrics: Arc<Metrics>,
         begin: Begin,
         privacy: Vec<StoredPrivacyReport>,
+        pending: Vec<PendingUpdate>,
     ) -> (CoordinatorHandle, watch::Receiver<Status>) {
         let (tx, rx) = mpsc::channel(1024);
         let (global_round, global_frame, init) = match begin {
@@ -330,7 +354,10 @@ impl Coordinator {
         };
         match init {
             Some(init) => c.start_initialization(init),
-            None => c.open_next_round(),
+            None => {
+                c.open_next_round();
+                c.restore_pending(pending);
+            }
         }
         c.publish_status();
         tokio::spawn(c.run(rx));
@@ -360,11 +387,18 @@ impl Coordinator {
         match cmd {
             Command::Join {
                 client,
+                participant_key,
                 outbox,
                 reply,
             } => {
-                let id = ParticipantId(self.next_participant);
-                self.next_participant += 1;
+                let id = match self.participant_id(participant_key.as_deref()).await {
+                    Ok(id) => id,
+                    Err(r) => {
+                        warn!(%client, code = r.code.as_str(), message = %r.message, "join refused");
+                        let _ = reply.send(Err(r));
+                        return;
+                    }
+                };
                 let welcome = ServerMessage::Welcome {
                     protocol_version: PROTOCOL_VERSION,
                     participant: id,
@@ -375,10 +409,18 @@ impl Coordinator {
                     Some(request) => frames.push(request.clone()),
                     None => {
                         frames.push(self.global_frame.clone());
+                        if let Phase::Collecting { round, .. } = &self.phase {
+                            if round.has(id) {
+                                info!(participant = %id, round = %round.id,
+                                    "the participant's update for the collecting round is in already");
+                                let accepted = ServerMessage::UpdateAccepted { round: round.id };
+                                frames.push(Bytes::from(accepted.encode()));
+                            }
+                        }
                         frames.push(Bytes::from(self.round_announcement().encode()));
                     }
                 }
-                info!(participant = %id, %client, "participant joined");
+                info!(participant = %id, %client, keyed = participant_key.is_some(), "participant joined");
                 self.peers.insert(id, Peer { client, outbox });
                 for f in frames {
                     self.send_to(id, f);
@@ -386,7 +428,7 @@ impl Coordinator {
                 self.metrics
                     .participants_connected
                     .set(self.peers.len() as i64);
-                let _ = reply.send(id);
+                let _ = reply.send(Ok(id));
             }
             Command::Update {
                 participant,
@@ -394,7 +436,7 @@ impl Coordinator {
                 frame_bytes,
                 reply,
             } => {
-                let result = self.accept(participant, *update, frame_bytes);
+                let result = self.accept(participant, *update, frame_bytes).await;
                 let accepted = result.is_ok();
                 let _ = reply.send(result);
                 if accepted {
@@ -451,7 +493,79 @@ impl Coordinator {
         }
     }
 
-    fn accept(
+    /// The id of a joining participant: the one its key has (refused while
+    /// another connection with the key is open), or a new one.
+    async fn participant_id(&mut self, key: Option<&str>) -> Result<ParticipantId, Rejection> {
+        let fresh = ParticipantId(self.next_participant);
+        self.next_participant += 1;
+        let Some(key) = key else {
+            return Ok(fresh);
+        };
+        let (id, known) = self
+            .store
+            .participant_for_key(sha256_hex(key.as_bytes()), fresh, now_unix_ms())
+            .await
+            .map_err(|e| {
+                error!(error = %e, "cannot look up a participant key");
+                Rejection::new(
+                    ErrorCode::Internal,
+                    "the aggregator cannot look up the participant key; try again later",
+                )
+            })?;
+        if self.peers.contains_key(&id) {
+            return Err(Rejection::new(
+                ErrorCode::AlreadyConnected,
+                format!(
+                    "participant {id} (this participant key) is connected already: the same data \
+                     joined twice (another tab or process), or the previous connection is not \
+                     closed yet; leave there first, or try again when it has timed out"
+                ),
+            ));
+        }
+        if known {
+            info!(participant = %id, "a known participant key joins again");
+        }
+        Ok(id)
+    }
+
+    /// Accepts the store's pending updates into the round that was just
+    /// opened, in their order, as they were accepted before the restart.
+    fn restore_pending(&mut self, pending: Vec<PendingUpdate>) {
+        let Phase::Collecting { round, .. } = &mut self.phase else {
+            if !pending.is_empty() {
+                error!(
+                    updates = pending.len(),
+                    "stored pending updates but no round collects them"
+                );
+            }
+            return;
+        };
+        for p in pending {
+            let report = p.update.privacy.clone();
+            let participant = p.participant;
+            match round.accept(
+                p.participant,
+                &p.client,
+                p.update,
+                p.frame_bytes,
+                p.received_unix_ms,
+            ) {
+                Ok(()) => {
+                    if let Some(r) = report {
+                        record_privacy(&mut self.privacy, participant, &p.client, round.id.0, &r);
+                    }
+                    info!(participant = %participant, round = %round.id,
+                        "restored an update accepted before the restart");
+                }
+                Err(r) => {
+                    error!(participant = %participant, round = %round.id, reason = %r.message,
+                    "a stored pending update does not fit the round; it is not counted")
+                }
+            }
+        }
+    }
+
+    async fn accept(
         &mut self,
         participant: ParticipantId,
         update: ClientUpdate,
@@ -479,7 +593,31 @@ impl Coordinator {
                     check_report_against_policy(update.privacy.as_ref(), policy)?;
                 }
                 let report = update.privacy.clone();
-                round.accept(participant, &client, update, frame_bytes, now_unix_ms())?;
+                round.check(participant, &update)?;
+                // Durable before it counts and before the participant hears
+                // that it does.
+                let received = now_unix_ms();
+                let pending = PendingUpdate {
+                    participant,
+                    client: client.clone(),
+                    seq: round.len() as u64,
+                    frame_bytes,
+                    received_unix_ms: received,
+                    update: update.clone(),
+                };
+                if let Err(e) = self.store.put_pending(round.id, pending).await {
+                    error!(participant = %participant, round = %round.id, error = %e,
+                        "cannot store an update; refusing it");
+                    return Err(Rejection::new(
+                        ErrorCode::Internal,
+                        format!(
+                            "the aggregator could not store the update for round {}; it does not \
+                             count, send it again",
+                            round.id
+                        ),
+                    ));
+                }
+                round.accept(participant, &client, update, frame_bytes, received)?;
                 if let Some(r) = report {
                     record_privacy(&mut self.privacy, participant, &client, round.id.0, &r);
                     info!(

@@ -6,8 +6,16 @@
 //! fedsb join --server http://127.0.0.1:8080 --data my-data.tsv
 //! ```
 //!
-//! 1. Connects to `ws://HOST:PORT/ws`, sends `Hello`, reads `Welcome` (the
-//!    task) and the round-0 or latest `GlobalModel`.
+//! 1. Reads the task id from `/api/task`, connects to `ws://HOST:PORT/ws`,
+//!    sends `Hello` with its participant key, reads `Welcome` (the task) and
+//!    the round-0 or latest `GlobalModel`. The key (32 hex digits from the
+//!    OS's random generator) is kept in
+//!    `<cache-dir>/participants/<task id>-<SHA-256 of the data file>.key`
+//!    (or `--participant-key-file`), so the same data joining again, after
+//!    this process or the aggregator restarted, is the same participant: the
+//!    aggregator keeps its id and its privacy spending, and an update it
+//!    accepted before is not trained or counted again (it answers
+//!    `UpdateAccepted` for that round before `RoundOpen`).
 //! 2. Downloads the task's files (config.json, model.safetensors,
 //!    tokenizer.json, adapter.safetensors) into `--cache-dir`, one file per
 //!    SHA-256; a cached file whose hash still matches is not downloaded again,
@@ -111,6 +119,12 @@ pub struct JoinArgs {
     /// <cache-dir>/privacy/<task id>-<SHA-256 of the data file>.json).
     #[arg(long)]
     privacy_ledger: Option<PathBuf>,
+    /// Where this participant's key is kept (created when missing): the
+    /// secret that makes it the same participant to the aggregator across
+    /// reconnects and restarts (default:
+    /// <cache-dir>/participants/<task id>-<SHA-256 of the data file>.key).
+    #[arg(long)]
+    participant_key_file: Option<PathBuf>,
 }
 
 /// What the WebSocket reader hands to the training loop.
@@ -167,6 +181,64 @@ fn default_cache_dir() -> PathBuf {
     PathBuf::from(".fedsb-cache")
 }
 
+/// `<task id>-<first 16 hex digits of the data file's SHA-256>`, with the
+/// task id's characters other than ASCII letters, digits, `-` and `_`
+/// replaced by `_`: the stem of the per-task, per-data files in the cache.
+fn task_data_stem(task_id: &str, data_sha256: &str) -> String {
+    let task_name: String = task_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{task_name}-{}", &data_sha256[..16])
+}
+
+/// Reads the participant key at `path`, or creates it (16 random bytes from
+/// the OS as 32 hex digits; owner-only permissions on Unix).
+fn participant_key(path: &Path) -> anyhow::Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let key = text.trim().to_owned();
+            fedsb_protocol::check_participant_key(&key).map_err(|e| {
+                anyhow::anyhow!(
+                    "the participant key in {} is not valid ({e}); delete the file to make a new one",
+                    path.display()
+                )
+            })?;
+            return Ok(key);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("reading the participant key {}", path.display()))
+        }
+    }
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| anyhow::anyhow!("the OS random generator failed: {e}"))?;
+    let key = hex::encode(bytes);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut f = options
+        .open(path)
+        .with_context(|| format!("creating the participant key {}", path.display()))?;
+    std::io::Write::write_all(&mut f, format!("{key}\n").as_bytes())
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing the participant key {}", path.display()))?;
+    info!(path = %path.display(), "created a participant key");
+    Ok(key)
+}
+
 fn sha256_of_file(path: &Path) -> anyhow::Result<String> {
     let mut f = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
     let mut hasher = Sha256::new();
@@ -179,6 +251,25 @@ fn sha256_of_file(path: &Path) -> anyhow::Result<String> {
         hasher.update(&buf[..n]);
     }
     Ok(hex::encode(hasher.finalize()))
+}
+
+/// The task id the aggregator at `http_base` serves (`/api/task`).
+async fn task_id(http_base: &str) -> anyhow::Result<String> {
+    let url = format!("{http_base}/api/task");
+    let r = reqwest::get(&url)
+        .await
+        .with_context(|| format!("GET {url}"))?;
+    if !r.status().is_success() {
+        bail!("GET {url}: HTTP {}", r.status());
+    }
+    let v: serde_json::Value = r
+        .json()
+        .await
+        .with_context(|| format!("GET {url}: not JSON"))?;
+    v.get("task_id")
+        .and_then(|t| t.as_str())
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow::anyhow!("GET {url}: no task_id in {v}"))
 }
 
 /// Downloads `file` into `cache` unless a file with its hash is there already;
@@ -477,6 +568,17 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
         .with_context(|| format!("creating the cache directory {}", cache.display()))?;
     // The network runs on the runtime's threads; the GPU work on this one.
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let key_path = match &args.participant_key_file {
+        Some(p) => p.clone(),
+        None => {
+            let task_id = rt.block_on(task_id(&http_base))?;
+            let data_hash = sha256_of_file(&args.data)?;
+            cache
+                .join("participants")
+                .join(format!("{}.key", task_data_stem(&task_id, &data_hash)))
+        }
+    };
+    let key = participant_key(&key_path)?;
 
     let (ws, _) = rt
         .block_on(tokio_tungstenite::connect_async(ws_url.as_str()))
@@ -495,6 +597,7 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
             ClientMessage::Hello {
                 protocol_version: PROTOCOL_VERSION,
                 client,
+                participant_key: Some(key),
             }
             .encode()
             .into(),
@@ -737,20 +840,10 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
                 Some(p) => p.clone(),
                 None => {
                     let data_hash = sha256_of_file(&args.data)?;
-                    let task_name: String = task
-                        .task_id
-                        .chars()
-                        .map(|c| {
-                            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                                c
-                            } else {
-                                '_'
-                            }
-                        })
-                        .collect();
-                    cache
-                        .join("privacy")
-                        .join(format!("{task_name}-{}.json", &data_hash[..16]))
+                    cache.join("privacy").join(format!(
+                        "{}.json",
+                        task_data_stem(&task.task_id, &data_hash)
+                    ))
                 }
             };
             if dp.load_ledger(&ledger_path)? {
@@ -883,11 +976,16 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
                 awaiting.push((round, local.samples));
             }
             ServerMessage::UpdateAccepted { round } => {
-                info!(%round, "update accepted");
                 if let Some(i) = awaiting.iter().position(|(r, _)| *r == round) {
+                    info!(%round, "update accepted");
                     let (_, samples) = awaiting.remove(i);
                     summary.accepted_rounds.push(round.0);
                     summary.samples_accepted += samples;
+                } else if submitted.insert(round) {
+                    // Sent before this connection (we, or the aggregator,
+                    // restarted since): it counts; do not train the round.
+                    info!(%round, "our update for this round was accepted before we connected");
+                    summary.accepted_rounds.push(round.0);
                 }
                 leave = args
                     .max_rounds
@@ -962,6 +1060,43 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_participant_key_is_made_once_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir
+            .path()
+            .join("participants")
+            .join("t-0123456789abcdef.key");
+        let key = participant_key(&path).unwrap();
+        assert_eq!(key.len(), 32);
+        assert!(key.bytes().all(|b| b.is_ascii_hexdigit()), "{key}");
+        assert_eq!(participant_key(&path).unwrap(), key);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        // Another file, another key.
+        let other = participant_key(&dir.path().join("other.key")).unwrap();
+        assert_ne!(other, key);
+        // A damaged key file is an error naming the file, not a silent new key.
+        std::fs::write(&path, "not a key!\n").unwrap();
+        let err = participant_key(&path).unwrap_err().to_string();
+        assert!(err.contains("t-0123456789abcdef.key"), "{err}");
+        assert!(err.contains("delete the file"), "{err}");
+    }
+
+    #[test]
+    fn task_data_stems_are_file_name_safe() {
+        let hash = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        assert_eq!(
+            task_data_stem("sst2-demo", hash),
+            "sst2-demo-0123456789abcdef"
+        );
+        assert_eq!(task_data_stem("a/b c", hash), "a_b_c-0123456789abcdef");
+    }
 
     /// Serves `body` at `/files/x` on a free port; returns the base URL.
     async fn serve_once(body: &'static [u8]) -> String {

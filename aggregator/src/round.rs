@@ -110,6 +110,43 @@ impl Round {
         frame_bytes: u64,
         now_unix_ms: u64,
     ) -> Result<(), Rejection> {
+        self.check(participant, &update)?;
+        let weight = match self.weighting {
+            Weighting::Samples => update.num_samples as f64,
+            Weighting::Uniform => 1.0,
+        };
+        let values = update
+            .adapter
+            .named_tensors()
+            .flat_map(|(_, t)| t.data.iter());
+        for (acc, &x) in self.sum.iter_mut().zip(values) {
+            *acc += weight * f64::from(x);
+        }
+        self.total_weight += weight;
+        self.contributions.insert(
+            participant,
+            Contribution {
+                participant,
+                client: client.to_owned(),
+                num_samples: update.num_samples,
+                weight,
+                frame_bytes,
+                received_unix_ms: now_unix_ms,
+                train_loss: update.train_loss,
+                privacy: update.privacy,
+            },
+        );
+        Ok(())
+    }
+
+    /// Whether [`Round::accept`] would take this update from `participant`
+    /// now: the same checks, changing nothing. The aggregator stores an
+    /// update between the two.
+    pub fn check(
+        &self,
+        participant: ParticipantId,
+        update: &ClientUpdate,
+    ) -> Result<(), Rejection> {
         if update.round < self.id {
             return Err(Rejection::new(
                 ErrorCode::StaleRound,
@@ -170,32 +207,6 @@ impl Round {
             };
             Rejection::new(code, e.to_string())
         })?;
-
-        let weight = match self.weighting {
-            Weighting::Samples => update.num_samples as f64,
-            Weighting::Uniform => 1.0,
-        };
-        let values = update
-            .adapter
-            .named_tensors()
-            .flat_map(|(_, t)| t.data.iter());
-        for (acc, &x) in self.sum.iter_mut().zip(values) {
-            *acc += weight * f64::from(x);
-        }
-        self.total_weight += weight;
-        self.contributions.insert(
-            participant,
-            Contribution {
-                participant,
-                client: client.to_owned(),
-                num_samples: update.num_samples,
-                weight,
-                frame_bytes,
-                received_unix_ms: now_unix_ms,
-                train_loss: update.train_loss,
-                privacy: update.privacy,
-            },
-        );
         Ok(())
     }
 

@@ -228,6 +228,20 @@ impl Server {
 
         // Each participant's privacy spending as of the last committed round.
         let privacy = store.privacy_reports().await?;
+        // Updates accepted for the round that was collecting when the
+        // aggregator stopped: they count in it again.
+        let pending = match &begin {
+            Begin::Resume(last) => {
+                let round = RoundId(last.meta.round + 1);
+                let pending = store.pending_updates(round).await?;
+                if !pending.is_empty() {
+                    info!(updates = pending.len(), %round,
+                        "restoring the updates accepted before the restart");
+                }
+                pending
+            }
+            Begin::Initialize(_) => Vec::new(),
+        };
         let metrics = Arc::new(Metrics::new());
         let (coordinator, status) = Coordinator::start(
             config.clone(),
@@ -236,6 +250,7 @@ impl Server {
             metrics.clone(),
             begin,
             privacy,
+            pending,
         );
         let eval = crate::evaluator::spawn(config.clone(), store.clone(), status.clone()).await?;
         let demo = match &config.demo.data {

@@ -1,7 +1,15 @@
 //! Durable state in SQLite (WAL mode, `synchronous = FULL`): the task, every
-//! committed round's global state and per-round metadata, and the privacy
+//! committed round's global state and per-round metadata, the privacy
 //! report (σ, q, steps, clip norm, δ, ε spent) of every update a committed
-//! round aggregated. A participant's own R is never written.
+//! round aggregated, and which participant id belongs to which participant
+//! key (by the key's SHA-256, never the key).
+//!
+//! Every update the round that is collecting accepted is written
+//! (`pending_updates`) before the participant is told it was accepted, so an
+//! accepted update survives `kill -9` and power loss too; it is deleted in
+//! the transaction that commits its round, with `secure_delete` on and the
+//! write-ahead log truncated after every commit, so a participant's own R
+//! stays on disk only while its round is open.
 //!
 //! A round is committed by one transaction, its updates' privacy reports
 //! included; the server broadcasts it only after that transaction returned,
@@ -15,7 +23,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use fedsb_protocol::{AdapterState, ParticipantId, RoundId, ServerMessage};
+use fedsb_protocol::{
+    AdapterState, ClientMessage, ClientUpdate, ParticipantId, RoundId, ServerMessage,
+};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -143,6 +153,24 @@ const MIGRATIONS: &[&str] = &[
     // NULL); σ, q, steps and ε spent were stored from the start.
     "ALTER TABLE round_participants ADD COLUMN delta REAL;
      ALTER TABLE round_participants ADD COLUMN clip_norm REAL;",
+    // 2: stable participant ids for participant keys, and the updates the
+    // collecting round accepted (until it commits), so that neither a
+    // restart nor a reconnect loses or double-counts an accepted update.
+    "CREATE TABLE participant_keys (
+         key_sha256 TEXT PRIMARY KEY,
+         participant_id INTEGER NOT NULL UNIQUE,
+         created_unix_ms INTEGER NOT NULL
+     );
+     CREATE TABLE pending_updates (
+         round INTEGER NOT NULL,
+         participant_id INTEGER NOT NULL,
+         seq INTEGER NOT NULL,
+         client TEXT NOT NULL,
+         frame_bytes INTEGER NOT NULL,
+         received_unix_ms INTEGER NOT NULL,
+         update_frame BLOB NOT NULL,
+         PRIMARY KEY (round, participant_id)
+     );",
 ];
 
 /// The schema version this code writes.
@@ -187,6 +215,20 @@ pub struct StoredPrivacyReport {
     pub epsilon_spent: f64,
 }
 
+/// An update the collecting round accepted, as written before the
+/// participant was told so.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingUpdate {
+    pub participant: ParticipantId,
+    pub client: String,
+    /// Acceptance order within the round (0, 1, …): restored updates are
+    /// summed in this order, so the round's f64 sum is the one it had.
+    pub seq: u64,
+    pub frame_bytes: u64,
+    pub received_unix_ms: u64,
+    pub update: ClientUpdate,
+}
+
 impl Store {
     /// Opens (or creates) `<state_dir>/<task_id>.sqlite3` for a task. A
     /// database made for a different task identity is refused.
@@ -205,6 +247,8 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        // Deleted pending updates (participants' own R) are overwritten.
+        conn.pragma_update(None, "secure_delete", "ON")?;
         migrate(&mut conn, &path)?;
         let stored: Option<(String, String)> = conn
             .query_row(
@@ -305,8 +349,131 @@ impl Store {
                     ],
                 )?;
             }
+            tx.execute(
+                "DELETE FROM pending_updates WHERE round <= ?1",
+                [meta.round as i64],
+            )?;
             tx.commit()?;
+            // Drop the deleted updates' pages from the write-ahead log too.
+            // The commit is durable already; a busy log is checkpointed later.
+            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+                tracing::warn!(error = %e, "cannot truncate the write-ahead log after a commit");
+            }
             Ok(())
+        })
+        .await
+    }
+
+    /// Writes an update the collecting round accepts; returns once it is
+    /// durable. A second update of the same participant for the same round
+    /// is an error (the round refuses it before).
+    pub async fn put_pending(&self, round: RoundId, p: PendingUpdate) -> Result<(), StoreError> {
+        self.run(move |conn| {
+            let frame = ClientMessage::Update(p.update).encode();
+            conn.execute(
+                "INSERT INTO pending_updates (round, participant_id, seq, client, frame_bytes,
+                     received_unix_ms, update_frame)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    round.0 as i64,
+                    p.participant.0 as i64,
+                    p.seq as i64,
+                    p.client,
+                    p.frame_bytes as i64,
+                    p.received_unix_ms as i64,
+                    frame,
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The updates accepted for `round` that are not committed yet, in the
+    /// order they were accepted.
+    pub async fn pending_updates(&self, round: RoundId) -> Result<Vec<PendingUpdate>, StoreError> {
+        self.run(move |conn| {
+            let mut stmt = conn.prepare(
+                "SELECT participant_id, seq, client, frame_bytes, received_unix_ms, update_frame
+                 FROM pending_updates WHERE round = ?1 ORDER BY seq",
+            )?;
+            let rows = stmt.query_map([round.0 as i64], |r| {
+                Ok((
+                    r.get::<_, i64>(0)? as u64,
+                    r.get::<_, i64>(1)? as u64,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)? as u64,
+                    r.get::<_, i64>(4)? as u64,
+                    r.get::<_, Vec<u8>>(5)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (participant, seq, client, frame_bytes, received_unix_ms, frame) = row?;
+                let update = match ClientMessage::decode(&frame) {
+                    Ok(ClientMessage::Update(u)) if u.round == round => u,
+                    Ok(_) => {
+                        return Err(StoreError::Corrupt {
+                            round: round.0,
+                            message: format!(
+                                "the pending update of participant {participant} is not an update for this round"
+                            ),
+                        })
+                    }
+                    Err(e) => {
+                        return Err(StoreError::Corrupt {
+                            round: round.0,
+                            message: format!(
+                                "the pending update of participant {participant} does not decode: {e}"
+                            ),
+                        })
+                    }
+                };
+                out.push(PendingUpdate {
+                    participant: ParticipantId(participant),
+                    client,
+                    seq,
+                    frame_bytes,
+                    received_unix_ms,
+                    update,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// The participant id of a participant key (given as its SHA-256):
+    /// the stored one, or `fresh`, which is stored for it. Returns the id
+    /// and whether it was stored before.
+    pub async fn participant_for_key(
+        &self,
+        key_sha256: String,
+        fresh: ParticipantId,
+        now_unix_ms: u64,
+    ) -> Result<(ParticipantId, bool), StoreError> {
+        self.run(move |conn| {
+            let tx = conn.transaction()?;
+            let stored: Option<i64> = tx
+                .query_row(
+                    "SELECT participant_id FROM participant_keys WHERE key_sha256 = ?1",
+                    [&key_sha256],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let out = match stored {
+                Some(id) => (ParticipantId(id as u64), true),
+                None => {
+                    tx.execute(
+                        "INSERT INTO participant_keys (key_sha256, participant_id, created_unix_ms)
+                         VALUES (?1, ?2, ?3)",
+                        params![key_sha256, fresh.0 as i64, now_unix_ms as i64],
+                    )?;
+                    (fresh, false)
+                }
+            };
+            tx.commit()?;
+            Ok(out)
         })
         .await
     }
@@ -654,6 +821,114 @@ mod tests {
             ]
         );
         assert_eq!(store.rounds().await.unwrap().len(), 3);
+    }
+
+    fn pending(participant: u64, seq: u64, round: u64, value: f32) -> PendingUpdate {
+        use fedsb_protocol::{AdapterState, Tensor};
+        PendingUpdate {
+            participant: ParticipantId(participant),
+            client: format!("client-{participant}"),
+            seq,
+            frame_bytes: 321,
+            received_unix_ms: 77,
+            update: ClientUpdate {
+                round: RoundId(round),
+                num_samples: 12,
+                train_loss: Some(0.25),
+                privacy: Some(report(3, 0.5)),
+                adapter: AdapterState {
+                    r: vec![Tensor::new(vec![2, 2], vec![value, 1.0, 2.0, 3.0]).unwrap()],
+                    head_weight: Tensor::new(vec![2, 1], vec![4.0, value]).unwrap(),
+                    head_bias: Tensor::new(vec![2], vec![0.5, -0.5]).unwrap(),
+                },
+            },
+        }
+    }
+
+    fn count_rows(path: &Path, table: &str) -> i64 {
+        Connection::open(path)
+            .unwrap()
+            .query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn pending_updates_survive_a_reopen_and_go_with_their_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "t", IDENTITY, 1).unwrap();
+        store
+            .commit_round(meta(0, b"r0"), b"r0".to_vec(), Vec::new())
+            .await
+            .unwrap();
+        // Accepted in the order 9, 4: restored in that order, not by id.
+        store
+            .put_pending(RoundId(1), pending(9, 0, 1, 1.5))
+            .await
+            .unwrap();
+        store
+            .put_pending(RoundId(1), pending(4, 1, 1, -2.5))
+            .await
+            .unwrap();
+        // The same participant twice in one round is refused by the table.
+        assert!(store
+            .put_pending(RoundId(1), pending(9, 2, 1, 0.0))
+            .await
+            .is_err());
+        drop(store);
+
+        let store = Store::open(dir.path(), "t", IDENTITY, 2).unwrap();
+        let got = store.pending_updates(RoundId(1)).await.unwrap();
+        assert_eq!(got, vec![pending(9, 0, 1, 1.5), pending(4, 1, 1, -2.5)]);
+        assert!(store.pending_updates(RoundId(2)).await.unwrap().is_empty());
+
+        store
+            .commit_round(meta(1, b"r1"), b"r1".to_vec(), vec![contribution(9, None)])
+            .await
+            .unwrap();
+        assert!(store.pending_updates(RoundId(1)).await.unwrap().is_empty());
+        assert_eq!(count_rows(store.path(), "pending_updates"), 0);
+        // The write-ahead log was truncated after the commit: the deleted
+        // updates are not left in it.
+        let wal = dir.path().join("t.sqlite3-wal");
+        let wal_len = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+        assert_eq!(wal_len, 0, "{} bytes left in the log", wal_len);
+    }
+
+    #[tokio::test]
+    async fn a_participant_key_keeps_its_id_across_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "t", IDENTITY, 1).unwrap();
+        let k = sha256_hex(b"key one");
+        assert_eq!(
+            store
+                .participant_for_key(k.clone(), ParticipantId(50), 1)
+                .await
+                .unwrap(),
+            (ParticipantId(50), false)
+        );
+        assert_eq!(
+            store
+                .participant_for_key(k.clone(), ParticipantId(51), 2)
+                .await
+                .unwrap(),
+            (ParticipantId(50), true)
+        );
+        drop(store);
+        let store = Store::open(dir.path(), "t", IDENTITY, 3).unwrap();
+        assert_eq!(
+            store
+                .participant_for_key(k, ParticipantId(99), 3)
+                .await
+                .unwrap(),
+            (ParticipantId(50), true)
+        );
+        assert_eq!(
+            store
+                .participant_for_key(sha256_hex(b"key two"), ParticipantId(52), 3)
+                .await
+                .unwrap(),
+            (ParticipantId(52), false)
+        );
     }
 
     /// A database as the code before schema version 1 wrote it: the

@@ -212,13 +212,24 @@ impl Participant {
         Ok(Self { ws })
     }
 
-    /// Connects and completes the handshake; returns the participant and
-    /// the messages that followed `Welcome` (GlobalModel, RoundOpen…).
+    /// Connects and completes the handshake without a participant key (a
+    /// new participant); returns the participant and `Welcome`.
     pub async fn join(addr: SocketAddr, name: &str) -> anyhow::Result<(Self, ServerMessage)> {
+        Self::join_as(addr, name, None).await
+    }
+
+    /// Connects and completes the handshake presenting `participant_key`;
+    /// returns the participant and `Welcome`.
+    pub async fn join_as(
+        addr: SocketAddr,
+        name: &str,
+        participant_key: Option<&str>,
+    ) -> anyhow::Result<(Self, ServerMessage)> {
         let mut p = Self::connect_raw(addr).await?;
         p.send(&ClientMessage::Hello {
             protocol_version: PROTOCOL_VERSION,
             client: name.to_owned(),
+            participant_key: participant_key.map(str::to_owned),
         })
         .await?;
         let welcome = p.recv().await?;

@@ -80,6 +80,7 @@ async fn unknown_protocol_version_is_refused_and_closed() -> anyhow::Result<()> 
         p.send(&ClientMessage::Hello {
             protocol_version: PROTOCOL_VERSION + 1,
             client: "from the future".into(),
+            participant_key: None,
         })
         .await?;
         let msg = p.expect_error(ErrorCode::VersionMismatch).await?;
@@ -252,6 +253,7 @@ async fn updates_before_the_handshake_are_rejected() -> anyhow::Result<()> {
         evil.send(&ClientMessage::Hello {
             protocol_version: PROTOCOL_VERSION,
             client: "again".into(),
+            participant_key: None,
         })
         .await?;
         evil.expect_error(ErrorCode::DuplicateHello).await?;

@@ -533,6 +533,25 @@ fn assert_nothing_of_the_data_sent(c: &Chromium, data: &str) -> anyhow::Result<(
             payload.as_bytes().to_vec()
         };
         frames += 1;
+        // A Hello holds the client's name and its random participant key:
+        // the key is checked for its form (32 hex digits from
+        // crypto.getRandomValues, which may spell a word like "face" by
+        // chance), the rest like any frame.
+        let bytes = match ClientMessage::decode(&bytes) {
+            Ok(ClientMessage::Hello {
+                client,
+                participant_key,
+                ..
+            }) => {
+                let key = participant_key.context("the tab's Hello has no participant key")?;
+                ensure!(
+                    key.len() == 32 && key.bytes().all(|b| b.is_ascii_hexdigit()),
+                    "participant key {key:?} is not 32 hex digits"
+                );
+                client.into_bytes()
+            }
+            _ => bytes,
+        };
         for w in &words {
             ensure!(
                 !bytes.windows(w.len()).any(|win| win == w.as_bytes()),
@@ -950,13 +969,35 @@ async fn browser_tabs_train_a_dp_task() -> anyhow::Result<()> {
         ensure!(eps > 0.0 && eps <= EPSILON, "{p}");
         ensure!(p["updates"] == ROUNDS && p["steps"] == ROUNDS * 3, "{p}");
     }
+    // Each entry is one tab's: the ids the tabs were welcomed with.
+    let mut entry_ids: Vec<String> = entries
+        .iter()
+        .map(|p| p["participant"].to_string())
+        .collect();
+    let mut tab_ids: Vec<String> = statuses
+        .iter()
+        .map(|s| s["participant"].as_str().unwrap_or("none").to_owned())
+        .collect();
+    entry_ids.sort();
+    tab_ids.sort();
+    ensure!(
+        entry_ids == tab_ids,
+        "{entry_ids:?} vs the tabs' {tab_ids:?}"
+    );
     // Joining again restores the ledger from IndexedDB: the 9 steps taken
-    // are still spent (the task is finished, so nothing trains).
+    // are still spent (the task is finished, so nothing trains), and the
+    // participant key from IndexedDB makes the tab the same participant.
     let again = &mut tabs[0];
     let s = join_again(again).await?;
     ensure!(
         s["phase"] == "finished" && s["privacy"]["steps_taken"] == ROUNDS * 3,
         "tab 0 joined again: {s}"
+    );
+    ensure!(
+        s["participant"] == statuses[0]["participant"],
+        "tab 0 joined again as participant {} (first {})",
+        s["participant"],
+        statuses[0]["participant"]
     );
     ensure!(
         s["privacy"]["epsilon_spent"] == statuses[0]["privacy"]["epsilon_spent"],

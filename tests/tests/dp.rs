@@ -215,10 +215,12 @@ fn without_connected(p: &serde_json::Value) -> serde_json::Value {
 }
 
 /// Scripted participants on a DP task: two rounds commit with their reports,
-/// a third update is accepted but its round never commits, then the
+/// a third update is accepted but its round has not committed when the
 /// aggregator is killed. The restarted one shows each participant's spending
-/// as of the last committed round, exactly: the reports stored with rounds
-/// 1 and 2, not the one of the round that was lost with the crash.
+/// exactly as before: the reports stored with rounds 1 and 2, and p's report
+/// of round 3, whose update is back in the reopened round. p, joining again
+/// with its participant key, keeps its id and entry; a participant without a
+/// key gets a new one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn privacy_spending_is_restored_after_a_restart() -> anyhow::Result<()> {
     use fedsb_protocol::{PrivacyReport, RoundId, ServerMessage};
@@ -230,7 +232,8 @@ async fn privacy_spending_is_restored_after_a_restart() -> anyhow::Result<()> {
             + "[privacy]\nenabled = true\nepsilon = 2.0\ndelta = 1e-5\nclip_norm = 0.5\n",
     )?;
     let mut agg = Aggregator::start_in(dir)?;
-    let (mut p, _) = Participant::join(agg.addr, "scripted-p").await?;
+    const KEY_P: &str = "scripted-p-key-0123456789";
+    let (mut p, _) = Participant::join_as(agg.addr, "scripted-p", Some(KEY_P)).await?;
     let (mut q, _) = Participant::join(agg.addr, "scripted-q").await?;
     let report = |sigma: f64, steps: u64, epsilon_spent: f64| PrivacyReport {
         noise_multiplier: sigma,
@@ -274,7 +277,7 @@ async fn privacy_spending_is_restored_after_a_restart() -> anyhow::Result<()> {
         p.submit(u).await?,
         ServerMessage::UpdateAccepted { round: RoundId(3) }
     );
-    // Shown while this aggregator runs, but not committed.
+    // Shown while this aggregator runs, before round 3 commits.
     status_when(&agg, |s| s["updates_in_round"] == 1).await?;
     let live = agg.json("/api/status").await?;
     assert_eq!(
@@ -288,36 +291,58 @@ async fn privacy_spending_is_restored_after_a_restart() -> anyhow::Result<()> {
     let agg = Aggregator::start_in(dir)?;
     let status = agg.json("/api/status").await?;
     assert_eq!(status["round"], 3, "{status}");
+    assert_eq!(status["updates_in_round"], 1, "{status}");
     assert_eq!(
         status["privacy"].as_array().map(Vec::len),
         Some(2),
         "{status}"
     );
-    for (j, name) in ["scripted-p", "scripted-q"].into_iter().enumerate() {
-        let e = privacy_of(&status, name);
-        let last = &sent[1][j];
-        assert_eq!(e["epsilon_spent"], last.epsilon_spent, "{name}: {e}");
-        assert_eq!(e["noise_multiplier"], last.noise_multiplier, "{name}: {e}");
-        assert_eq!(e["sample_rate"], 0.125, "{name}: {e}");
-        assert_eq!(e["delta"], 1e-5, "{name}: {e}");
-        assert_eq!(e["clip_norm"], 0.5, "{name}: {e}");
-        assert_eq!(
-            e["steps"],
-            sent[0][j].steps + sent[1][j].steps,
-            "{name}: {e}"
-        );
-        assert_eq!(e["updates"], 2, "{name}: {e}");
-        assert_eq!(e["last_round"], 2, "{name}: {e}");
-        assert_eq!(e["connected"], false, "{name}: {e}");
-        assert_eq!(
-            without_connected(e),
-            without_connected(privacy_of(&committed, name)),
-            "{name}"
-        );
-    }
+    // q: as committed with round 2.
+    let e = privacy_of(&status, "scripted-q");
+    assert_eq!(e["epsilon_spent"], sent[1][1].epsilon_spent, "{e}");
+    assert_eq!(e["noise_multiplier"], sent[1][1].noise_multiplier, "{e}");
+    assert_eq!(e["steps"], sent[0][1].steps + sent[1][1].steps, "{e}");
+    assert_eq!(e["updates"], 2, "{e}");
+    assert_eq!(e["last_round"], 2, "{e}");
+    assert_eq!(e["connected"], false, "{e}");
+    assert_eq!(
+        without_connected(e),
+        without_connected(privacy_of(&committed, "scripted-q"))
+    );
+    // p: with its round-3 report, exactly as the live aggregator showed it.
+    let e = privacy_of(&status, "scripted-p");
+    assert_eq!(e["epsilon_spent"], 0.75, "{e}");
+    assert_eq!(e["noise_multiplier"], 1.5, "{e}");
+    assert_eq!(e["sample_rate"], 0.125, "{e}");
+    assert_eq!(e["delta"], 1e-5, "{e}");
+    assert_eq!(e["clip_norm"], 0.5, "{e}");
+    assert_eq!(e["steps"], 12, "{e}");
+    assert_eq!(e["updates"], 3, "{e}");
+    assert_eq!(e["last_round"], 3, "{e}");
+    assert_eq!(e["connected"], false, "{e}");
+    assert_eq!(
+        without_connected(e),
+        without_connected(privacy_of(&live, "scripted-p"))
+    );
 
-    // A participant that joins after the restart gets a new entry; the
-    // restored ones stay.
+    // p joins again with its key: the same entry, connected, and its round-3
+    // update is in.
+    let (mut p, _) = Participant::join_as(agg.addr, "scripted-p", Some(KEY_P)).await?;
+    assert_eq!(
+        p.recv_until(|m| match m {
+            ServerMessage::UpdateAccepted { round } => Some(*round),
+            _ => None,
+        })
+        .await?,
+        RoundId(3)
+    );
+    let status = status_when(&agg, |s| s["participants_connected"] == 1).await?;
+    let e = privacy_of(&status, "scripted-p");
+    assert_eq!(e["connected"], true, "{e}");
+    assert_eq!(e["updates"], 3, "{e}");
+
+    // A participant without a key that joins after the restart gets a new
+    // entry; the restored ones stay.
     let (mut r, _) = Participant::join(agg.addr, "scripted-r").await?;
     assert_eq!(r.wait_round_open().await?, RoundId(3));
     let mut u = update(RoundId(3), 10, known_state(&TEST_SHAPE, 7));
@@ -326,14 +351,17 @@ async fn privacy_spending_is_restored_after_a_restart() -> anyhow::Result<()> {
         r.submit(u).await?,
         ServerMessage::UpdateAccepted { round: RoundId(3) }
     );
-    let status = status_when(&agg, |s| s["updates_in_round"] == 1).await?;
+    // p's restored update and r's complete round 3.
+    p.wait_global(RoundId(3)).await?;
+    let status = status_when(&agg, |s| s["last_committed_round"] == 3).await?;
     assert_eq!(
         status["privacy"].as_array().map(Vec::len),
         Some(3),
         "{status}"
     );
     assert_eq!(privacy_of(&status, "scripted-r")["epsilon_spent"], 0.25);
-    assert_eq!(privacy_of(&status, "scripted-p")["epsilon_spent"], 0.625);
+    assert_eq!(privacy_of(&status, "scripted-p")["epsilon_spent"], 0.75);
+    assert_eq!(privacy_of(&status, "scripted-p")["updates"], 3);
     Ok(())
 }
 

@@ -221,12 +221,78 @@ async fn two_native_participants_train_three_rounds() -> anyhow::Result<()> {
     // Files were downloaded once into each cache, verified by hash.
     let cached: Vec<PathBuf> = std::fs::read_dir(task.path().join("cache-a"))?
         .map(|e| e.map(|e| e.path()))
-        .collect::<Result<_, _>>()?;
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .filter(|p| p.is_file())
+        .collect();
     assert_eq!(
         cached.len(),
         4,
         "config, weights, tokenizer, adapter: {cached:?}"
     );
+    // Next to them, the participant key of this task and data file.
+    let keys: Vec<PathBuf> = std::fs::read_dir(task.path().join("cache-a").join("participants"))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let name = keys[0].file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        name.starts_with("native-join-") && name.ends_with(".key"),
+        "{name}"
+    );
+    Ok(())
+}
+
+/// `fedsb join` sends its round-1 update and exits; the aggregator is killed
+/// before round 1 commits. Restarted, the aggregator has the update back;
+/// the participant, started again on the same data and cache, is recognized
+/// by its participant key, told its update is in and does not train round 1
+/// again; round 1 commits that update and a scripted participant's, once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_restarted_after_an_aggregator_crash_is_not_counted_twice(
+) -> anyhow::Result<()> {
+    let task = TaskDir::new(true)?;
+    task.write_config(true)?;
+    let mut agg = Aggregator::start_in(task.path())?;
+    let first = spawn_join(task.path(), &agg, "a.tsv", "a", &["--max-rounds", "1"])?;
+    let first = wait_child(first, JOIN_TIMEOUT).await?;
+    check_success("fedsb join (first run)", &first)?;
+    let report = last_json_line(&first)?;
+    assert_eq!(report["rounds_participated"], 1, "{report}");
+    assert_eq!(report["samples"], 4 * 8, "{report}");
+    assert_eq!(agg.json("/api/status").await?["updates_in_round"], 1);
+
+    agg.kill9();
+    let agg = Aggregator::start_in(task.path())?;
+    let status = agg.json("/api/status").await?;
+    assert_eq!(status["round"], 1, "{status}");
+    assert_eq!(status["updates_in_round"], 1, "{status}");
+
+    let again = spawn_join(task.path(), &agg, "a.tsv", "a", &["--max-rounds", "1"])?;
+    let again = wait_child(again, JOIN_TIMEOUT).await?;
+    check_success("fedsb join (after the restart)", &again)?;
+    let report = last_json_line(&again)?;
+    assert_eq!(report["rounds_participated"], 1, "{report}");
+    assert_eq!(report["rounds_rejected"], serde_json::json!([]), "{report}");
+    assert_eq!(report["samples_trained"], 0, "{report}");
+    let log = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        log.contains("accepted before we connected"),
+        "the second run did not hear that its update was in:\n{log}"
+    );
+
+    let (mut b, _) = Participant::join(agg.addr, "scripted").await?;
+    assert_eq!(b.wait_round_open().await?, RoundId(1));
+    let (_, round0) = global_of(&agg, 0).await?;
+    assert_eq!(
+        b.submit(update(RoundId(1), 10, round0)).await?,
+        ServerMessage::UpdateAccepted { round: RoundId(1) }
+    );
+    b.wait_global(RoundId(1)).await?;
+    let rounds = agg.json("/api/rounds").await?;
+    let r1 = &rounds[1];
+    assert_eq!(r1["participants"], 2, "{r1}");
+    assert_eq!(r1["total_samples"], 4 * 8 + 10, "{r1}");
     Ok(())
 }
 

@@ -1,8 +1,10 @@
 //! `kill -9` after round 3: the restarted aggregator resumes at round 4 from
 //! a bit-identical global state, and refuses a state directory that belongs
-//! to a different task configuration.
+//! to a different task configuration. `kill -9` in the middle of a round: the
+//! updates it had accepted count in the reopened round, once.
 
 use std::process::Command;
+use std::time::Duration;
 
 use fedsb_e2e::*;
 use fedsb_protocol::*;
@@ -111,5 +113,129 @@ async fn a_state_directory_of_another_task_is_refused() -> anyhow::Result<()> {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("different configuration"), "{err}");
+    Ok(())
+}
+
+const KEY_A: &str = "participant-a-0123456789abcdef";
+const KEY_B: &str = "participant-b-0123456789abcdef";
+
+fn welcome_id(m: &ServerMessage) -> ParticipantId {
+    match m {
+        ServerMessage::Welcome { participant, .. } => *participant,
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_accepted_update_survives_kill_nine_and_counts_once() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("task.toml"), test_config(3, 2, 2, 60, ""))?;
+    let mut agg = Aggregator::start_in(dir.path())?;
+
+    let (mut a, welcome) = Participant::join_as(agg.addr, "a", Some(KEY_A)).await?;
+    let id_a = welcome_id(&welcome);
+    let (mut b, welcome) = Participant::join_as(agg.addr, "b", Some(KEY_B)).await?;
+    let id_b = welcome_id(&welcome);
+    assert_ne!(id_a, id_b);
+
+    // The same key on a second connection while the first is open: refused
+    // and closed, and the first connection is not disturbed.
+    let mut twin = Participant::connect_raw(agg.addr).await?;
+    twin.send(&ClientMessage::Hello {
+        protocol_version: PROTOCOL_VERSION,
+        client: "a again".into(),
+        participant_key: Some(KEY_A.into()),
+    })
+    .await?;
+    let msg = twin.expect_error(ErrorCode::AlreadyConnected).await?;
+    assert!(msg.contains("connected already"), "{msg}");
+    assert!(twin.closed_within(Duration::from_secs(10)).await);
+
+    assert_eq!(a.wait_round_open().await?, RoundId(1));
+    assert_eq!(b.wait_round_open().await?, RoundId(1));
+    let state_a = known_state(&TEST_SHAPE, 11);
+    assert_eq!(
+        a.submit(update(RoundId(1), 5, state_a.clone())).await?,
+        ServerMessage::UpdateAccepted { round: RoundId(1) }
+    );
+    let status = agg.json("/api/status").await?;
+    assert_eq!(status["updates_in_round"], 1, "{status}");
+
+    // The aggregator dies after accepting a's update, before round 1 commits.
+    agg.kill9();
+    drop((a, b));
+    let agg = Aggregator::start_in(dir.path())?;
+    let status = agg.json("/api/status").await?;
+    assert_eq!(status["round"], 1, "{status}");
+    assert_eq!(
+        status["updates_in_round"], 1,
+        "the accepted update must be back in round 1: {status}"
+    );
+
+    // a joins again with its key: same id, and it is told its update is in
+    // before the round is announced, so it does not train the round again.
+    let (mut a, welcome) = Participant::join_as(agg.addr, "a", Some(KEY_A)).await?;
+    assert_eq!(welcome_id(&welcome), id_a);
+    assert!(matches!(
+        a.recv().await?,
+        ServerMessage::GlobalModel {
+            round: RoundId(0),
+            ..
+        }
+    ));
+    assert_eq!(
+        a.recv().await?,
+        ServerMessage::UpdateAccepted { round: RoundId(1) }
+    );
+    assert!(matches!(
+        a.recv().await?,
+        ServerMessage::RoundOpen {
+            round: RoundId(1),
+            ..
+        }
+    ));
+    // A second update of a's for round 1 does not count.
+    let answer = a
+        .submit(update(RoundId(1), 50, known_state(&TEST_SHAPE, 99)))
+        .await?;
+    assert!(
+        matches!(
+            answer,
+            ServerMessage::Error {
+                code: ErrorCode::DuplicateUpdate,
+                ..
+            }
+        ),
+        "{answer:?}"
+    );
+
+    // b has sent nothing: no UpdateAccepted, it trains round 1.
+    let (mut b, welcome) = Participant::join_as(agg.addr, "b", Some(KEY_B)).await?;
+    assert_eq!(welcome_id(&welcome), id_b);
+    assert!(matches!(b.recv().await?, ServerMessage::GlobalModel { .. }));
+    assert!(matches!(
+        b.recv().await?,
+        ServerMessage::RoundOpen {
+            round: RoundId(1),
+            ..
+        }
+    ));
+    let state_b = known_state(&TEST_SHAPE, 22);
+    assert_eq!(
+        b.submit(update(RoundId(1), 7, state_b.clone())).await?,
+        ServerMessage::UpdateAccepted { round: RoundId(1) }
+    );
+
+    // Round 1 is the weighted mean of a's update from before the crash and
+    // b's, each once.
+    let want = weighted_mean(&[(5.0, &state_a), (7.0, &state_b)]);
+    let global = b.wait_global(RoundId(1)).await?;
+    assert!(max_rel_error(&global, &want) <= 1e-6);
+    assert_eq!(bits(&a.wait_global(RoundId(1)).await?), bits(&global));
+    let rounds = agg.json("/api/rounds").await?;
+    let r1 = &rounds.as_array().unwrap()[1];
+    assert_eq!(r1["round"], 1);
+    assert_eq!(r1["participants"], 2, "{r1}");
+    assert_eq!(r1["total_samples"], 12, "{r1}");
     Ok(())
 }

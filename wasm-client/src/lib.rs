@@ -30,14 +30,21 @@ pub fn protocol_version() -> u16 {
     PROTOCOL_VERSION
 }
 
-/// The `Hello` frame that opens every connection.
+/// The `Hello` frame that opens every connection. `participant_key`: the
+/// secret this tab keeps with its data (16 to 128 ASCII letters, digits, `-`
+/// or `_`), or `null` for a new participant on every connection.
 #[wasm_bindgen(js_name = encodeHello)]
-pub fn encode_hello(client: &str) -> Vec<u8> {
-    ClientMessage::Hello {
+pub fn encode_hello(client: &str, participant_key: Option<String>) -> Result<Vec<u8>, JsError> {
+    if let Some(k) = &participant_key {
+        fedsb_protocol::check_participant_key(k)
+            .map_err(|e| JsError::new(&format!("invalid participant key: {e}")))?;
+    }
+    Ok(ClientMessage::Hello {
         protocol_version: PROTOCOL_VERSION,
         client: client.to_owned(),
+        participant_key,
     }
-    .encode()
+    .encode())
 }
 
 /// The `Leave` frame.

@@ -14,6 +14,10 @@
 //!   model), then [`ServerMessage::RoundOpen`] if a round is collecting updates.
 //!   An incompatible version is answered with [`ErrorCode::VersionMismatch`] and
 //!   the connection is closed.
+//! * A participant that presents a participant key whose update for the
+//!   collecting round was accepted earlier (before it reconnected, or before
+//!   the aggregator restarted) gets [`ServerMessage::UpdateAccepted`] for that
+//!   round right before its `RoundOpen`: it must not train that round again.
 //! * For each committed round the server broadcasts `GlobalModel` to every
 //!   connected participant, then `RoundOpen` for the next round, in that order.
 //! * A participant sends at most one [`ClientMessage::Update`] per round; the
@@ -25,7 +29,11 @@
 //!
 //! ```
 //! use fedsb_protocol::{ClientMessage, PROTOCOL_VERSION};
-//! let hello = ClientMessage::Hello { protocol_version: PROTOCOL_VERSION, client: "docs".into() };
+//! let hello = ClientMessage::Hello {
+//!     protocol_version: PROTOCOL_VERSION,
+//!     client: "docs".into(),
+//!     participant_key: None,
+//! };
 //! let bytes = hello.encode();
 //! assert_eq!(ClientMessage::decode(&bytes).unwrap(), hello);
 //! ```
@@ -38,7 +46,9 @@ pub use messages::*;
 
 /// The protocol version spoken by this build. Checked at the handshake: the
 /// server accepts only participants whose `Hello` carries exactly this value.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Version 2 added the participant key to `Hello` and
+/// [`ErrorCode::AlreadyConnected`].
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Four bytes that open every frame: `b"FSB"` and the frame format revision.
 pub const MAGIC: [u8; 4] = *b"FSB\x01";
@@ -64,3 +74,39 @@ pub const MAX_STRING_BYTES: usize = 4096;
 /// Largest number of entries in a list field other than tensors
 /// (module names, files).
 pub const MAX_LIST_LEN: usize = 4096;
+
+/// Shortest participant key, in bytes.
+pub const MIN_PARTICIPANT_KEY_BYTES: usize = 16;
+
+/// Longest participant key, in bytes.
+pub const MAX_PARTICIPANT_KEY_BYTES: usize = 128;
+
+/// Checks a participant key of [`ClientMessage::Hello`]: 16 to 128 ASCII
+/// letters, digits, `-` or `_` (fedsb's participants send 32 hex digits of
+/// 16 random bytes). Decoding a `Hello` applies this check.
+pub fn check_participant_key(key: &str) -> Result<(), DecodeError> {
+    let len = key.len();
+    if len < MIN_PARTICIPANT_KEY_BYTES {
+        return Err(DecodeError::InvalidValue {
+            field: "hello.participant_key length (at least 16 bytes)",
+            value: len as u64,
+        });
+    }
+    if len > MAX_PARTICIPANT_KEY_BYTES {
+        return Err(DecodeError::LimitExceeded {
+            field: "hello.participant_key length",
+            value: len as u64,
+            max: MAX_PARTICIPANT_KEY_BYTES as u64,
+        });
+    }
+    if let Some(b) = key
+        .bytes()
+        .find(|b| !(b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_'))
+    {
+        return Err(DecodeError::InvalidValue {
+            field: "hello.participant_key byte (ASCII letters, digits, - and _ only)",
+            value: u64::from(b),
+        });
+    }
+    Ok(())
+}

@@ -288,6 +288,13 @@ pub enum ClientMessage {
         protocol_version: u16,
         /// Free-form description of the participant (e.g. "browser/Chrome 131").
         client: String,
+        /// A secret the participant chose at random and keeps with its data
+        /// (see [`crate::check_participant_key`]): the server gives the same
+        /// [`ParticipantId`] to every connection that presents it, before and
+        /// after a restart of either side, so an update accepted before a
+        /// reconnect is recognized and counted once. `None`: a new
+        /// participant on every connection.
+        participant_key: Option<String>,
     },
     /// The participant's trained state for one round.
     Update(ClientUpdate),
@@ -323,9 +330,14 @@ impl ClientMessage {
             Self::Hello {
                 protocol_version,
                 client,
+                participant_key,
             } => {
                 let mut w = Writer::frame(client_kind::HELLO);
                 w.u16(*protocol_version).string(client);
+                match participant_key {
+                    Some(k) => w.u8(1).string(k),
+                    None => w.u8(0),
+                };
                 w.finish()
             }
             Self::Update(u) => {
@@ -375,10 +387,22 @@ impl ClientMessage {
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let (kind, mut r) = Reader::frame(bytes)?;
         let msg = match kind {
-            client_kind::HELLO => Self::Hello {
-                protocol_version: r.u16("hello.protocol_version")?,
-                client: r.string("hello.client")?,
-            },
+            client_kind::HELLO => {
+                let protocol_version = r.u16("hello.protocol_version")?;
+                let client = r.string("hello.client")?;
+                let participant_key = if r.bool("hello.participant_key present")? {
+                    let key = r.string("hello.participant_key")?;
+                    crate::check_participant_key(&key)?;
+                    Some(key)
+                } else {
+                    None
+                };
+                Self::Hello {
+                    protocol_version,
+                    client,
+                    participant_key,
+                }
+            }
             client_kind::UPDATE => {
                 let round = RoundId(r.u64("update.round")?);
                 let num_samples = r.u64("update.num_samples")?;
@@ -667,6 +691,10 @@ pub enum ErrorCode {
     /// is not collecting initialization gradients, or an `InitDone` without
     /// every module's gradient.
     NotInitializing,
+    /// `Hello` presented a participant key that another open connection
+    /// presented too (the same data joined twice). The connection is closed
+    /// after this error; the other one is not affected.
+    AlreadyConnected,
     /// A code from a newer protocol revision.
     Other(u16),
 }
@@ -691,6 +719,7 @@ impl ErrorCode {
             Self::InvalidPrivacyReport => 14,
             Self::Internal => 15,
             Self::NotInitializing => 16,
+            Self::AlreadyConnected => 17,
             Self::Other(c) => c,
         }
     }
@@ -714,6 +743,7 @@ impl ErrorCode {
             14 => Self::InvalidPrivacyReport,
             15 => Self::Internal,
             16 => Self::NotInitializing,
+            17 => Self::AlreadyConnected,
             c => Self::Other(c),
         }
     }
@@ -737,6 +767,7 @@ impl ErrorCode {
             Self::InvalidPrivacyReport => "invalid_privacy_report",
             Self::Internal => "internal",
             Self::NotInitializing => "not_initializing",
+            Self::AlreadyConnected => "already_connected",
             Self::Other(_) => "other",
         }
     }

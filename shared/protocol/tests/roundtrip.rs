@@ -55,6 +55,12 @@ fn all_client_messages() -> Vec<ClientMessage> {
         ClientMessage::Hello {
             protocol_version: PROTOCOL_VERSION,
             client: "test ✓ ünïcode".into(),
+            participant_key: None,
+        },
+        ClientMessage::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            client: "keyed".into(),
+            participant_key: Some("0123456789abcdef-_ABCDEFxyz".into()),
         },
         ClientMessage::Update(ClientUpdate {
             round: RoundId(7),
@@ -144,6 +150,10 @@ fn all_server_messages() -> Vec<ServerMessage> {
             code: ErrorCode::NotInitializing,
             message: "the task is not initializing".into(),
         },
+        ServerMessage::Error {
+            code: ErrorCode::AlreadyConnected,
+            message: "this participant is already connected".into(),
+        },
     ]
 }
 
@@ -206,13 +216,18 @@ fn decode_errors_name_the_problem() {
     let mut hello = ClientMessage::Hello {
         protocol_version: 1,
         client: "x".into(),
+        participant_key: None,
     }
     .encode();
     hello.push(0);
     let err = ClientMessage::decode(&hello).unwrap_err();
     assert_eq!(err, DecodeError::TrailingBytes { count: 1 });
 
-    let update = all_client_messages()[1].encode();
+    let update = all_client_messages()
+        .into_iter()
+        .find(|m| matches!(m, ClientMessage::Update(_)))
+        .unwrap()
+        .encode();
     let err = ClientMessage::decode(&update[..update.len() - 3]).unwrap_err();
     assert!(err.to_string().contains("truncated"), "{err}");
 
@@ -243,10 +258,47 @@ fn a_huge_declared_tensor_is_rejected_without_allocating() {
 }
 
 #[test]
+fn participant_keys_outside_the_rules_do_not_decode() {
+    let hello = |key: &str| {
+        ClientMessage::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            client: "x".into(),
+            participant_key: Some(key.into()),
+        }
+        .encode()
+    };
+    let ok = "a".repeat(MIN_PARTICIPANT_KEY_BYTES);
+    assert!(ClientMessage::decode(&hello(&ok)).is_ok());
+    let ok = "Z".repeat(MAX_PARTICIPANT_KEY_BYTES);
+    assert!(ClientMessage::decode(&hello(&ok)).is_ok());
+
+    let short = "a".repeat(MIN_PARTICIPANT_KEY_BYTES - 1);
+    let err = ClientMessage::decode(&hello(&short)).unwrap_err();
+    assert!(err.to_string().contains("participant_key length"), "{err}");
+    let long = "a".repeat(MAX_PARTICIPANT_KEY_BYTES + 1);
+    let err = ClientMessage::decode(&hello(&long)).unwrap_err();
+    assert!(
+        matches!(err, DecodeError::LimitExceeded { value: 129, .. }),
+        "{err}"
+    );
+    let spaced = format!("{} ", "a".repeat(20));
+    let err = ClientMessage::decode(&hello(&spaced)).unwrap_err();
+    assert_eq!(
+        err,
+        DecodeError::InvalidValue {
+            field: "hello.participant_key byte (ASCII letters, digits, - and _ only)",
+            value: u64::from(b' '),
+        }
+    );
+    assert!(check_participant_key("0123456789abcdef0123456789abcdef").is_ok());
+}
+
+#[test]
 fn hello_version_can_be_read_from_an_otherwise_undecodable_hello() {
     let mut frame = ClientMessage::Hello {
         protocol_version: 9,
         client: "future".into(),
+        participant_key: None,
     }
     .encode();
     frame.extend_from_slice(b"new fields of v9");
