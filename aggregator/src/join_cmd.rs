@@ -45,9 +45,18 @@
 //! are answered and the aggregator never takes a long local round for a
 //! dead participant.
 //!
+//! A connection lost after the handshake (the aggregator restarted, the
+//! network dropped) is reopened with the same `Hello`, with pauses of 1 s
+//! doubling up to 30 s, for up to `--reconnect-for` seconds (default 600; 0
+//! exits at once). The aggregator must serve the same task. An update sent
+//! but not answered before the loss is kept: if the aggregator has it, it
+//! says so (`UpdateAccepted` before `RoundOpen`); if not, the same frame is
+//! sent again at its `RoundOpen`. No round is trained twice, so no privacy
+//! budget is spent twice either.
+//!
 //! Not yet: `https://`/`wss://` servers (no TLS stack is built in).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -63,8 +72,8 @@ use fedsb_engine::model::{BertTokenizer, BertWeights};
 use fedsb_engine::reference::{ClassifierHead, LoraSbAdapters, Matrix};
 use fedsb_engine::train::BatchSampler;
 use fedsb_protocol::{
-    AdapterState, ClientMessage, ClientUpdate, ErrorCode, FileRef, PrivacyReport, RoundId,
-    ServerMessage, TaskInfo, PROTOCOL_VERSION,
+    AdapterState, ClientMessage, ClientUpdate, ErrorCode, FileRef, ParticipantId, PrivacyReport,
+    RoundId, ServerMessage, TaskInfo, PROTOCOL_VERSION,
 };
 use futures_util::{SinkExt, StreamExt};
 use sha2::{Digest, Sha256};
@@ -125,6 +134,11 @@ pub struct JoinArgs {
     /// <cache-dir>/participants/<task id>-<SHA-256 of the data file>.key).
     #[arg(long)]
     participant_key_file: Option<PathBuf>,
+    /// When the connection is lost after the handshake (the aggregator
+    /// restarted, the network dropped), keep trying to reconnect for this
+    /// many seconds (0: exit with an error at once).
+    #[arg(long, default_value_t = 600)]
+    reconnect_for: u64,
 }
 
 /// What the WebSocket reader hands to the training loop.
@@ -140,6 +154,206 @@ enum Outgoing {
     Close,
 }
 
+/// One WebSocket connection to the aggregator: a task reads it (answering
+/// pings while the GPU trains) and one writes it.
+struct Link {
+    events: mpsc::Receiver<Event>,
+    out: tokio::sync::mpsc::UnboundedSender<Outgoing>,
+    reader: tokio::task::JoinHandle<()>,
+    writer: tokio::task::JoinHandle<()>,
+}
+
+/// Why a handshake did not end in `Welcome`.
+enum Handshake {
+    /// The aggregator answered with an error that trying again will not fix.
+    Refused(anyhow::Error),
+    /// No answer, a connection that failed, or one that may succeed later
+    /// (this participant key's previous connection is not closed yet).
+    Lost(anyhow::Error),
+}
+
+impl Link {
+    /// Connects and sends the `Hello` frame.
+    fn open(rt: &tokio::runtime::Runtime, ws_url: &str, hello: &[u8]) -> anyhow::Result<Self> {
+        let (ws, _) = rt
+            .block_on(tokio_tungstenite::connect_async(ws_url))
+            .with_context(|| format!("connecting to {ws_url}"))?;
+        info!(url = %ws_url, "connected");
+        let (mut sink, mut stream) = ws.split();
+        let (event_tx, events) = mpsc::channel::<Event>();
+        let reader = rt.spawn(async move {
+            loop {
+                let why = match stream.next().await {
+                    None => "connection closed".to_owned(),
+                    Some(Err(e)) => format!("connection failed: {e}"),
+                    Some(Ok(Message::Binary(b))) => match ServerMessage::decode(&b) {
+                        Ok(m) => {
+                            if event_tx.send(Event::Message(Box::new(m))).is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                        Err(e) => format!("undecodable frame from the server: {e}"),
+                    },
+                    Some(Ok(Message::Close(c))) => format!("closed by the server: {c:?}"),
+                    // Pings are answered by tungstenite while reading.
+                    Some(Ok(_)) => continue,
+                };
+                let _ = event_tx.send(Event::Closed(why));
+                return;
+            }
+        });
+        let (out, mut out_rx) = tokio::sync::mpsc::unbounded_channel::<Outgoing>();
+        let writer = rt.spawn(async move {
+            while let Some(o) = out_rx.recv().await {
+                match o {
+                    Outgoing::Frame(f) => {
+                        if let Err(e) = sink.send(Message::Binary(f.into())).await {
+                            warn!("sending failed: {e}");
+                            return;
+                        }
+                    }
+                    Outgoing::Close => {
+                        let _ = sink.send(Message::Close(None)).await;
+                        let _ = sink.flush().await;
+                        return;
+                    }
+                }
+            }
+        });
+        let link = Self {
+            events,
+            out,
+            reader,
+            writer,
+        };
+        link.send_frame(hello.to_vec()).context("sending Hello")?;
+        Ok(link)
+    }
+
+    fn send_frame(&self, frame: Vec<u8>) -> anyhow::Result<()> {
+        self.out
+            .send(Outgoing::Frame(frame))
+            .map_err(|_| anyhow::anyhow!("the connection is gone"))
+    }
+
+    fn send(&self, m: &ClientMessage) -> anyhow::Result<()> {
+        self.send_frame(m.encode())
+    }
+
+    /// The next event, waiting at most `wait` (forever with `None`).
+    fn next(&self, wait: Option<Duration>) -> anyhow::Result<Event> {
+        match wait {
+            Some(w) => self
+                .events
+                .recv_timeout(w)
+                .map_err(|_| anyhow::anyhow!("no message from the server within {w:?}")),
+            None => self.events.recv().context("the connection reader stopped"),
+        }
+    }
+
+    /// Reads the answer to `Hello`: the participant id and the task.
+    fn welcome(&self) -> Result<(ParticipantId, TaskInfo), Handshake> {
+        let first = match self.next(Some(Duration::from_secs(60))) {
+            Ok(Event::Message(m)) => *m,
+            Ok(Event::Closed(why)) => {
+                return Err(Handshake::Lost(anyhow::anyhow!("{why} before Welcome")))
+            }
+            Err(e) => return Err(Handshake::Lost(e)),
+        };
+        match first {
+            ServerMessage::Welcome {
+                protocol_version,
+                participant,
+                task,
+            } => {
+                if protocol_version != PROTOCOL_VERSION {
+                    return Err(Handshake::Refused(anyhow::anyhow!(
+                        "the server speaks protocol {protocol_version}, this fedsb {PROTOCOL_VERSION}"
+                    )));
+                }
+                Ok((participant, task))
+            }
+            ServerMessage::Error { code, message } => {
+                let e = anyhow::anyhow!("the server refused the handshake: {code:?}: {message}");
+                Err(if code == ErrorCode::AlreadyConnected {
+                    Handshake::Lost(e)
+                } else {
+                    Handshake::Refused(e)
+                })
+            }
+            other => Err(Handshake::Refused(anyhow::anyhow!(
+                "expected Welcome, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Closes politely (waiting up to 5 s for the close frame to go out).
+    /// Closing twice does nothing more.
+    fn close(&mut self, rt: &tokio::runtime::Runtime) {
+        let _ = self.out.send(Outgoing::Close);
+        let writer = &mut self.writer;
+        let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), writer).await });
+        self.reader.abort();
+    }
+}
+
+/// Connects again after a lost connection, with the same `Hello` (so the
+/// same participant key), retrying with growing pauses (1 s, doubling up to
+/// 30 s) for up to `window`. The aggregator must still serve `task_id`.
+/// What follows `Welcome` (the global state, `UpdateAccepted` if our update
+/// is in, `RoundOpen`) is left to the caller.
+fn reconnect(
+    rt: &tokio::runtime::Runtime,
+    ws_url: &str,
+    hello: &[u8],
+    task_id: &str,
+    window: Duration,
+) -> anyhow::Result<Link> {
+    let started = Instant::now();
+    let mut pause = Duration::from_secs(1);
+    let mut attempts = 0u32;
+    loop {
+        std::thread::sleep(pause.min(window.saturating_sub(started.elapsed())));
+        attempts += 1;
+        let why = match Link::open(rt, ws_url, hello) {
+            Ok(mut link) => match link.welcome() {
+                Ok((participant, task)) if task.task_id == task_id => {
+                    info!(%participant, attempts, "reconnected");
+                    return Ok(link);
+                }
+                Ok((_, task)) => {
+                    link.close(rt);
+                    bail!(
+                        "after reconnecting, the aggregator serves task {}, not {task_id}",
+                        task.task_id
+                    );
+                }
+                Err(Handshake::Refused(e)) => {
+                    link.close(rt);
+                    return Err(e);
+                }
+                Err(Handshake::Lost(e)) => {
+                    link.close(rt);
+                    e
+                }
+            },
+            Err(e) => e,
+        };
+        if started.elapsed() >= window {
+            return Err(why.context(format!(
+                "could not reconnect to {ws_url} within {} s ({attempts} attempts)",
+                window.as_secs()
+            )));
+        }
+        info!(
+            attempt = attempts,
+            "reconnecting failed: {why:#}; trying again"
+        );
+        pause = (pause * 2).min(Duration::from_secs(30));
+    }
+}
+
 /// Tallies for the final JSON line.
 #[derive(Default)]
 struct Summary {
@@ -150,6 +364,7 @@ struct Summary {
     steps: u64,
     finished: bool,
     budget_exhausted: bool,
+    reconnects: u64,
 }
 
 /// `http://h:p` → (`http://h:p`, `ws://h:p/ws`); `ws://` URLs are accepted too.
@@ -580,11 +795,6 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
     };
     let key = participant_key(&key_path)?;
 
-    let (ws, _) = rt
-        .block_on(tokio_tungstenite::connect_async(ws_url.as_str()))
-        .with_context(|| format!("connecting to {ws_url}"))?;
-    info!(url = %ws_url, "connected");
-    let (mut sink, mut stream) = ws.split();
     let client = format!(
         "fedsb-join/{}{}",
         env!("CARGO_PKG_VERSION"),
@@ -592,97 +802,16 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
             .as_deref()
             .map_or(String::new(), |n| format!(" {n}"))
     );
-    rt.block_on(
-        sink.send(Message::Binary(
-            ClientMessage::Hello {
-                protocol_version: PROTOCOL_VERSION,
-                client,
-                participant_key: Some(key),
-            }
-            .encode()
-            .into(),
-        )),
-    )
-    .context("sending Hello")?;
-
-    let (event_tx, events) = mpsc::channel::<Event>();
-    let reader = rt.spawn(async move {
-        loop {
-            let why = match stream.next().await {
-                None => "connection closed".to_owned(),
-                Some(Err(e)) => format!("connection failed: {e}"),
-                Some(Ok(Message::Binary(b))) => match ServerMessage::decode(&b) {
-                    Ok(m) => {
-                        if event_tx.send(Event::Message(Box::new(m))).is_err() {
-                            return;
-                        }
-                        continue;
-                    }
-                    Err(e) => format!("undecodable frame from the server: {e}"),
-                },
-                Some(Ok(Message::Close(c))) => format!("closed by the server: {c:?}"),
-                // Pings are answered by tungstenite while reading.
-                Some(Ok(_)) => continue,
-            };
-            let _ = event_tx.send(Event::Closed(why));
-            return;
-        }
-    });
-    let (out_tx, mut out_rx) = tokio::sync::mpsc::unbounded_channel::<Outgoing>();
-    let writer = rt.spawn(async move {
-        while let Some(o) = out_rx.recv().await {
-            match o {
-                Outgoing::Frame(f) => {
-                    if let Err(e) = sink.send(Message::Binary(f.into())).await {
-                        warn!("sending failed: {e}");
-                        return;
-                    }
-                }
-                Outgoing::Close => {
-                    let _ = sink.send(Message::Close(None)).await;
-                    let _ = sink.flush().await;
-                    return;
-                }
-            }
-        }
-    });
-    let send = |m: &ClientMessage| {
-        out_tx
-            .send(Outgoing::Frame(m.encode()))
-            .map_err(|_| anyhow::anyhow!("the connection is gone"))
-    };
-    let next = |wait: Option<Duration>| -> anyhow::Result<Event> {
-        match wait {
-            Some(w) => events
-                .recv_timeout(w)
-                .map_err(|_| anyhow::anyhow!("no message from the server within {w:?}")),
-            None => events.recv().context("the connection reader stopped"),
-        }
-    };
-
-    // Handshake.
-    let first = match next(Some(Duration::from_secs(60)))? {
-        Event::Message(m) => Ok(*m),
-        Event::Closed(why) => Err(why),
-    };
-    let (participant, task) = match first {
-        Ok(ServerMessage::Welcome {
-            protocol_version,
-            participant,
-            task,
-        }) => {
-            if protocol_version != PROTOCOL_VERSION {
-                bail!(
-                    "the server speaks protocol {protocol_version}, this fedsb {PROTOCOL_VERSION}"
-                );
-            }
-            (participant, task)
-        }
-        Ok(ServerMessage::Error { code, message }) => {
-            bail!("the server refused the handshake: {code:?}: {message}")
-        }
-        Ok(other) => bail!("expected Welcome, got {other:?}"),
-        Err(why) => bail!("{why} before Welcome"),
+    let hello = ClientMessage::Hello {
+        protocol_version: PROTOCOL_VERSION,
+        client,
+        participant_key: Some(key),
+    }
+    .encode();
+    let mut link = Link::open(&rt, &ws_url, &hello)?;
+    let (participant, task) = match link.welcome() {
+        Ok(w) => w,
+        Err(Handshake::Refused(e) | Handshake::Lost(e)) => return Err(e),
     };
     info!(
         %participant,
@@ -731,7 +860,7 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
     info!(adapter = %ctx.adapter_name(), "GPU");
 
     if federated_init {
-        let first = match next(Some(Duration::from_secs(60)))? {
+        let first = match link.next(Some(Duration::from_secs(60)))? {
             Event::Message(m) => *m,
             Event::Closed(why) => bail!("{why} before the initialization request"),
         };
@@ -769,10 +898,10 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
             "initialization gradients computed; sending them"
         );
         for frame in fedsb_participant::init_frames(gradients, samples) {
-            send(&frame)?;
+            link.send(&frame)?;
         }
         let file = loop {
-            match next(None)? {
+            match link.next(None)? {
                 Event::Closed(why) => bail!("{why} during the federated initialization"),
                 Event::Message(m) => match *m {
                     ServerMessage::InitAccepted { num_samples } => {
@@ -877,18 +1006,44 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
     let mut summary = Summary::default();
     let mut global: Option<(RoundId, AdapterState)> = None;
     let mut submitted: BTreeSet<RoundId> = BTreeSet::new();
-    // Rounds whose update awaits an answer, with its sample count.
-    let mut awaiting: Vec<(RoundId, u64)> = Vec::new();
+    // Updates sent on this connection that await an answer: round, sample
+    // count and the frame (kept to send again after a reconnect).
+    let mut awaiting: Vec<(RoundId, u64, Vec<u8>)> = Vec::new();
+    // Updates sent on a connection that was lost before they were answered:
+    // the aggregator may have accepted them (then it says so with
+    // `UpdateAccepted` after the reconnect) or not (then its `RoundOpen`
+    // comes first and the same frame is sent again, without training again).
+    let mut unanswered: BTreeMap<RoundId, (u64, Vec<u8>)> = BTreeMap::new();
     let mut leave = false;
     let outcome: anyhow::Result<()> = loop {
-        let event = match next(None) {
+        let event = match link.next(None) {
             Ok(e) => e,
             Err(e) => break Err(e),
         };
         let msg = match event {
             Event::Message(m) => *m,
             Event::Closed(why) => {
-                break Err(anyhow::anyhow!("{why} before the task finished"));
+                if args.reconnect_for == 0 {
+                    break Err(anyhow::anyhow!("{why} before the task finished"));
+                }
+                warn!("{why}; reconnecting for up to {} s", args.reconnect_for);
+                link.close(&rt);
+                link = match reconnect(
+                    &rt,
+                    &ws_url,
+                    &hello,
+                    &task.task_id,
+                    Duration::from_secs(args.reconnect_for),
+                ) {
+                    Ok(l) => l,
+                    Err(e) => break Err(e),
+                };
+                summary.reconnects += 1;
+                for (round, samples, frame) in awaiting.drain(..) {
+                    submitted.remove(&round);
+                    unanswered.insert(round, (samples, frame));
+                }
+                continue;
             }
         };
         match msg {
@@ -913,6 +1068,23 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
                     info!(%round, "round extended; our update is already in");
                     continue;
                 }
+                // Updates of earlier rounds lost with a connection: those
+                // rounds committed without them.
+                let stale: Vec<RoundId> = unanswered.range(..round).map(|(r, _)| *r).collect();
+                for r in stale {
+                    warn!(round = %r, "our update was lost with the connection and its round is closed");
+                    unanswered.remove(&r);
+                    summary.rejected_rounds.push(r.0);
+                }
+                if let Some((samples, frame)) = unanswered.remove(&round) {
+                    info!(%round, "the aggregator does not have our update; sending it again");
+                    if let Err(e) = link.send_frame(frame.clone()) {
+                        warn!("{e}; the update is sent again after the next reconnect");
+                    }
+                    submitted.insert(round);
+                    awaiting.push((round, samples, frame));
+                    continue;
+                }
                 let Some((from, state)) = &global else {
                     warn!(%round, "round opened before any global state; waiting");
                     continue;
@@ -933,7 +1105,7 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
                         warn!("{message}");
                         eprintln!("fedsb join: {message}");
                         summary.budget_exhausted = true;
-                        let _ = send(&ClientMessage::Leave {
+                        let _ = link.send(&ClientMessage::Leave {
                             reason: "privacy budget exhausted".into(),
                         });
                         break Ok(());
@@ -968,17 +1140,25 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
                     train_loss: Some(local.mean_loss),
                     privacy: local.privacy,
                     adapter: local.state,
-                });
-                if let Err(e) = send(&update) {
-                    break Err(e);
+                })
+                .encode();
+                // A connection lost while training is noticed as the next
+                // event; the update is kept and sent again after the reconnect.
+                if let Err(e) = link.send_frame(update.clone()) {
+                    warn!("{e}; the update is sent again after the reconnect");
                 }
                 submitted.insert(round);
-                awaiting.push((round, local.samples));
+                awaiting.push((round, local.samples, update));
             }
             ServerMessage::UpdateAccepted { round } => {
-                if let Some(i) = awaiting.iter().position(|(r, _)| *r == round) {
+                if let Some(i) = awaiting.iter().position(|(r, _, _)| *r == round) {
                     info!(%round, "update accepted");
-                    let (_, samples) = awaiting.remove(i);
+                    let (_, samples, _) = awaiting.remove(i);
+                    summary.accepted_rounds.push(round.0);
+                    summary.samples_accepted += samples;
+                } else if let Some((samples, _)) = unanswered.remove(&round) {
+                    info!(%round, "our update sent before the reconnect was accepted");
+                    submitted.insert(round);
                     summary.accepted_rounds.push(round.0);
                     summary.samples_accepted += samples;
                 } else if submitted.insert(round) {
@@ -999,7 +1179,7 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
                 // Errors answer our messages in order: this one is about the
                 // oldest update still awaiting an answer, if any.
                 if !awaiting.is_empty() {
-                    let (round, _) = awaiting.remove(0);
+                    let (round, _, _) = awaiting.remove(0);
                     summary.rejected_rounds.push(round.0);
                 }
                 leave = args
@@ -1022,7 +1202,7 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
         }
         if leave {
             info!("leaving after --max-rounds updates");
-            let _ = send(&ClientMessage::Leave {
+            let _ = link.send(&ClientMessage::Leave {
                 reason: "max rounds reached".into(),
             });
             break Ok(());
@@ -1030,10 +1210,7 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
     };
 
     // Close the connection politely, then report.
-    let _ = out_tx.send(Outgoing::Close);
-    drop(out_tx);
-    let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), writer).await });
-    reader.abort();
+    link.close(&rt);
     rt.shutdown_timeout(Duration::from_secs(1));
     outcome?;
     println!(
@@ -1047,6 +1224,7 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
             "rounds_rejected": summary.rejected_rounds,
             "samples": summary.samples_accepted,
             "samples_trained": summary.samples_trained,
+            "reconnects": summary.reconnects,
             "steps": summary.steps,
             "budget_exhausted": summary.budget_exhausted,
             "epsilon_spent": dp.as_ref().map(|d| d.epsilon_spent()).transpose()?,

@@ -122,13 +122,25 @@ impl Aggregator {
     }
 
     /// Starts (or restarts) the aggregator on `dir/task.toml` with its state
-    /// in `dir/state`.
+    /// in `dir/state`, on a free port.
     pub fn start_in(dir: &Path) -> anyhow::Result<Self> {
+        Self::start_in_on(dir, 0)
+    }
+
+    /// Like [`Aggregator::start_in`], on `port` (0: a free one), e.g. the
+    /// port of a killed aggregator, so that its participants can reconnect.
+    pub fn start_in_on(dir: &Path, port: u16) -> anyhow::Result<Self> {
         let mut child = Command::new(fedsb_bin())
             .arg("serve")
             .arg("--config")
             .arg(dir.join("task.toml"))
-            .args(["--port", "0", "--bind", "127.0.0.1", "--state-dir"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--state-dir",
+            ])
             .arg(dir.join("state"))
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())

@@ -296,6 +296,71 @@ async fn a_participant_restarted_after_an_aggregator_crash_is_not_counted_twice(
     Ok(())
 }
 
+/// The aggregator is killed while `fedsb join` takes part in round 2 (it is
+/// training, sending or waiting, whichever the kill finds) and restarted on
+/// the same port. The participant reconnects by itself with its key and
+/// finishes the task without training any round twice: an update the
+/// aggregator had accepted is not sent again, one it had not is sent again
+/// as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_reconnects_when_the_aggregator_restarts() -> anyhow::Result<()> {
+    const KEY_B: &str = "scripted-b-0123456789abcdef";
+    let task = TaskDir::new(true)?;
+    task.write_config(true)?;
+    let mut agg = Aggregator::start_in(task.path())?;
+    let port = agg.addr.port();
+    let a = spawn_join(task.path(), &agg, "a.tsv", "a", &["--reconnect-for", "120"])?;
+    let (mut b, _) = Participant::join_as(agg.addr, "b", Some(KEY_B)).await?;
+    let (_, round0) = global_of(&agg, 0).await?;
+    assert_eq!(b.wait_round_open().await?, RoundId(1));
+    assert_eq!(
+        b.submit(update(RoundId(1), 10, round0.clone())).await?,
+        ServerMessage::UpdateAccepted { round: RoundId(1) }
+    );
+    // Round 1 commits when `a` has sent its update; round 2 opens and `a`
+    // starts training it. Kill the aggregator then.
+    b.wait_global(RoundId(1)).await?;
+    agg.kill9();
+    drop(b);
+    let agg = Aggregator::start_in_on(task.path(), port)?;
+    assert_eq!(agg.addr.port(), port);
+
+    // b takes part in rounds 2 and 3 after the restart.
+    let (mut b, _) = Participant::join_as(agg.addr, "b", Some(KEY_B)).await?;
+    for r in 2..=ROUNDS {
+        assert_eq!(b.wait_round_open().await?, RoundId(r));
+        assert_eq!(
+            b.submit(update(RoundId(r), 10, round0.clone())).await?,
+            ServerMessage::UpdateAccepted { round: RoundId(r) }
+        );
+    }
+    let out = wait_child(a, JOIN_TIMEOUT).await?;
+    check_success("fedsb join", &out)?;
+    let log = String::from_utf8_lossy(&out.stderr);
+    let report = last_json_line(&out)?;
+    assert_eq!(report["finished"], true, "{report}");
+    assert_eq!(report["reconnects"], 1, "{report}");
+    assert_eq!(report["rounds"], serde_json::json!([1, 2, 3]), "{report}");
+    assert_eq!(report["rounds_rejected"], serde_json::json!([]), "{report}");
+    // Every round trained exactly once: 4 steps of 8 samples each.
+    assert_eq!(report["samples_trained"], ROUNDS * 4 * 8, "{report}\n{log}");
+    assert_eq!(report["samples"], ROUNDS * 4 * 8, "{report}");
+    let path = if log.contains("sending it again") {
+        "its round-2 update was lost and sent again"
+    } else if log.contains("before the reconnect was accepted") || log.contains("accepted before") {
+        "its round-2 update had been accepted"
+    } else {
+        "it trained round 2 after the reconnect"
+    };
+    eprintln!("fedsb join reconnected; {path}");
+    let rounds = agg.json("/api/rounds").await?;
+    for r in 1..=ROUNDS as usize {
+        assert_eq!(rounds[r]["participants"], 2, "{}", rounds[r]);
+        assert_eq!(rounds[r]["total_samples"], 4 * 8 + 10, "{}", rounds[r]);
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn native_and_scripted_participants_share_a_task() -> anyhow::Result<()> {
     let task = TaskDir::new(true)?;
