@@ -17,7 +17,9 @@
 //    privacy: null | {epsilon_spent, epsilon_budget, delta, noise_multiplier,
 //    sample_rate, clip_norm, steps_taken, planned_steps}, message, error}
 //     phase: connecting | downloading | initializing | loading | waiting |
-//            training | uploading | finished | left | disconnected | error
+//            training | uploading | reconnecting | finished | left |
+//            disconnected | error
+//    reconnects: how often this join has reconnected (Welcome again)
 //   {type: "sent", kind, bytes}   (every frame sent on the WebSocket)
 //   {type: "update", round, samples, loss, seconds, samplesPerSecond, bytes,
 //    frame}   (each Update sent: the page may inspect what left the tab)
@@ -32,6 +34,13 @@
 // of its first init_samples examples (federatedInitFrames), sends one
 // InitGradient frame per module and InitDone, waits for AdapterReady,
 // fetches that adapter file by hash and then creates the trainer.
+//
+// Reconnecting: when the WebSocket closes while this tab takes part in the
+// task (its trainer is loaded), the worker opens a new one with the same
+// participant key after 1 s, doubling the pause up to 30 s, for up to 10
+// minutes (phase "reconnecting"); a Welcome for another task ends the join.
+// Updates not answered before the loss are kept (see unacked), so no round
+// is trained, or spends privacy budget, twice.
 //
 // Participant key: the Hello carries a random key (16 bytes from
 // crypto.getRandomValues, as 32 hex digits) kept in IndexedDB (store
@@ -93,6 +102,7 @@ const status = {
   adapter: null,
   task: null,
   participant: null,
+  reconnects: 0,
   bytesDownloaded: 0,
   bytesTotal: 0,
   filesCached: 0,
@@ -109,7 +119,19 @@ let queue = Promise.resolve();
 let latestGlobal = null;
 let latestRound = null;
 let pendingOpen = null; // a RoundOpen that came before any GlobalModel
-const submitted = new Set();
+const submitted = new Set(); // rounds this tab trained or was told are in
+// Updates sent and not answered yet: round -> {frame, conn} (conn: the
+// connection it was sent on, null if none was open). After a reconnect, an
+// update the aggregator has is announced with update_accepted; one it lacks
+// is sent again at its round_open, without training again.
+const unacked = new Map();
+let connId = 0; // WebSockets this join has opened
+let wsUrl = null;
+let participantKey = null;
+let taskId = null;
+let reconnect = null; // {since, delay, timer, count} while reconnecting
+let reconnects = 0;
+const RECONNECT_FOR_MS = 10 * 60 * 1000;
 let local = null; // {text, fileName, columns}
 let ended = false;
 let pendingInit = null; // federated init: {welcome, bytes} until AdapterReady
@@ -210,6 +232,17 @@ function errorText(e) {
 function send(frame, kind) {
   ws.send(frame);
   postMessage({ type: "sent", kind, bytes: frame.byteLength });
+}
+
+// Sends an update if a connection is open, and keeps it until it is
+// answered (a connection lost meanwhile sends it again, see onRoundOpen).
+function sendUpdate(round, frame) {
+  const entry = { frame, conn: null };
+  unacked.set(round, entry);
+  if (ws && ws.readyState === 1) {
+    send(frame, "update");
+    entry.conn = connId;
+  }
 }
 
 async function sha256Hex(bytes) {
@@ -385,6 +418,21 @@ async function createParticipant(frame, bytes) {
 async function onRoundOpen(frame, msg) {
   const round = Number(msg.round);
   latestRound = round;
+  for (const r of [...unacked.keys()]) {
+    if (r < round) {
+      unacked.delete(r);
+      post({ message: `our update of round ${r} was lost with the connection; round ${r} closed without it` });
+    }
+  }
+  const pending = unacked.get(round);
+  if (pending) {
+    // Not answered on this connection: the aggregator does not have it.
+    if (pending.conn !== connId) {
+      post({ message: `the aggregator does not have our update of round ${round}; sending it again` });
+      sendUpdate(round, pending.frame);
+    }
+    return;
+  }
   if (submitted.has(round)) return; // extended; our update is in
   if (!participant) throw new Error("a round opened before the task was loaded");
   if (!latestGlobal) {
@@ -414,7 +462,7 @@ async function onRoundOpen(frame, msg) {
   if (ended) return;
   post({ phase: "uploading", message: `sending the update of round ${round}` });
   const update = r.frame;
-  send(update, "update");
+  sendUpdate(round, update);
   submitted.add(round);
   const entry = {
     round,
@@ -475,11 +523,22 @@ async function handle(frame) {
       return;
     }
     case "welcome":
+      if (participant) {
+        // A reconnect: the trainer and its files are here already.
+        if (msg.task.task_id !== taskId) {
+          return fail(`after reconnecting, the aggregator serves task ${msg.task.task_id}, not ${taskId}`);
+        }
+        reconnect = null;
+        reconnects += 1;
+        post({ phase: "waiting", participant: String(msg.participant), reconnects, error: null, message: "reconnected" });
+        return;
+      }
       return onWelcome(frame, msg);
     case "round_open":
       return onRoundOpen(frame, msg);
     case "update_accepted": {
       const round = Number(msg.round);
+      unacked.delete(round);
       if (submitted.has(round)) {
         post({ message: `update of round ${round} accepted` });
       } else {
@@ -494,7 +553,18 @@ async function handle(frame) {
       const text = `the aggregator rejected a message (${JSON.stringify(msg.code)}): ${msg.message}`;
       if (msg.code === "version_mismatch") return fail(text);
       if (msg.code === "already_connected") {
+        // While reconnecting: the aggregator has not noticed yet that the
+        // lost connection is gone; the close below schedules another try.
+        if (reconnect) return ws.close(1000, "already connected");
         return fail(`this data has joined already from another tab or window (${msg.message})`);
+      }
+      // Errors answer our messages in order: this one is about the oldest
+      // update sent on this connection that is not answered yet, if any.
+      for (const [r, e] of unacked) {
+        if (e.conn === connId) {
+          unacked.delete(r);
+          break;
+        }
       }
       post({ error: text, message: text });
       return;
@@ -529,35 +599,70 @@ async function join(data) {
   local = { text: data.text, fileName: data.fileName, columns: data.columns || {} };
   const taskResponse = await fetch(new URL("/api/task", self.location.origin));
   if (!taskResponse.ok) throw new Error(`GET /api/task: HTTP ${taskResponse.status}`);
-  const participantKey = await participantKeyFor((await taskResponse.json()).task_id, local);
+  taskId = (await taskResponse.json()).task_id;
+  participantKey = await participantKeyFor(taskId, local);
   const url = new URL("/ws", self.location.origin);
   url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+  wsUrl = url.href;
   post({ phase: "connecting", message: `connecting to ${url}`, error: null });
-  ws = new WebSocket(url.href);
-  ws.binaryType = "arraybuffer";
-  ws.onopen = () => send(encodeHello(`fedsb-browser (protocol ${protocolVersion()})`, participantKey), "hello");
-  ws.onmessage = (ev) => {
+  connect();
+}
+
+// Opens a WebSocket and sends Hello; events of a socket that is no longer
+// the current one are ignored.
+function connect() {
+  connId += 1;
+  const socket = new WebSocket(wsUrl);
+  ws = socket;
+  socket.binaryType = "arraybuffer";
+  socket.onopen = () => {
+    if (ws === socket) send(encodeHello(`fedsb-browser (protocol ${protocolVersion()})`, participantKey), "hello");
+  };
+  socket.onmessage = (ev) => {
+    if (ws !== socket) return;
     const frame = new Uint8Array(ev.data);
     queue = queue.then(() => handle(frame)).catch((e) => fail(errorText(e)));
   };
-  ws.onclose = (ev) => {
-    if (!ended) {
-      ended = true;
-      post({ phase: "disconnected", message: `the connection closed (${ev.code}${ev.reason ? ": " + ev.reason : ""})` });
-    }
+  socket.onclose = (ev) => {
+    if (ws !== socket || ended) return;
+    connectionLost(`the connection closed (${ev.code}${ev.reason ? ": " + ev.reason : ""})`);
   };
-  ws.onerror = () => {
-    if (!ended) post({ error: "WebSocket error", message: "WebSocket error" });
+  socket.onerror = () => {
+    // A close event follows.
   };
 }
 
-function leave() {
-  if (ws && ws.readyState === 1 && !ended) {
-    send(encodeLeave("left from the page"), "leave");
+// A tab that takes part in the task (its trainer is loaded) reconnects; one
+// that lost the connection earlier (downloading, initializing) stops, and
+// Join starts it again.
+function connectionLost(why) {
+  if (!participant || pendingInit) {
     ended = true;
-    ws.close(1000, "left");
-    post({ phase: "left", message: "left the task" });
+    post({ phase: "disconnected", message: why });
+    return;
   }
+  const now = Date.now();
+  if (!reconnect) reconnect = { since: now, delay: 1000, timer: null };
+  if (now - reconnect.since > RECONNECT_FOR_MS) {
+    ended = true;
+    post({ phase: "disconnected", message: `${why}; gave up reconnecting after ${RECONNECT_FOR_MS / 60000} minutes` });
+    return;
+  }
+  const delay = reconnect.delay;
+  reconnect.delay = Math.min(delay * 2, 30000);
+  post({ phase: "reconnecting", message: `${why}; reconnecting in ${delay / 1000} s` });
+  reconnect.timer = setTimeout(() => {
+    if (!ended) connect();
+  }, delay);
+}
+
+function leave() {
+  if (ended || !ws) return;
+  if (reconnect && reconnect.timer) clearTimeout(reconnect.timer);
+  if (ws.readyState === 1) send(encodeLeave("left from the page"), "leave");
+  ended = true;
+  ws.close(1000, "left");
+  post({ phase: "left", message: "left the task" });
 }
 
 async function preview({ text, fileName, columns }) {

@@ -36,7 +36,7 @@ use anyhow::{bail, ensure, Context};
 use browser::Chromium;
 use fedsb_e2e::process::{check_success, fedsb_init, last_json_line, spawn_join, wait_child};
 use fedsb_e2e::tiny_model::{labelled_tsv, write_tiny_model, LABELS};
-use fedsb_e2e::{fedsb_bin, max_rel_error, weighted_mean, Aggregator};
+use fedsb_e2e::{fedsb_bin, max_rel_error, weighted_mean, Aggregator, Participant};
 use fedsb_protocol::{AdapterState, ClientMessage, ClientUpdate, RoundId, ServerMessage};
 use serde_json::{json, Value};
 
@@ -1214,6 +1214,59 @@ async fn browser_tab_takes_part_in_a_federated_initialization() -> anyhow::Resul
         worst <= 1e-5,
         "the browser's initialization differs from fedsb init's by {worst:e}"
     );
+    Ok(())
+}
+
+/// The aggregator is killed (`kill -9`) while a tab takes part in round 2
+/// and restarted on the same port: the tab reconnects by itself with its
+/// participant key and finishes the task. It trains every round once (an
+/// update lost with the connection is sent again as it was), and every
+/// round aggregates it once, next to a scripted participant.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tab_reconnects_when_the_aggregator_restarts() -> anyhow::Result<()> {
+    const KEY: &str = "scripted-peer-0123456789";
+    let task = task_dir_for(2, "")?;
+    let mut agg = Aggregator::start_in(task.path())?;
+    let port = agg.addr.port();
+    let mut c = open_tab(&agg, &task.path().join("shard1.tsv")).await?;
+    c.eval("document.getElementById('join-button').click()")
+        .await?;
+    let (mut b, _) = Participant::join_as(agg.addr, "scripted", Some(KEY)).await?;
+    let state = b.wait_global(RoundId(0)).await?;
+    ensure!(b.wait_round_open().await? == RoundId(1));
+    let answer = b
+        .submit(fedsb_e2e::update(RoundId(1), 10, state.clone()))
+        .await?;
+    ensure!(answer == ServerMessage::UpdateAccepted { round: RoundId(1) }, "{answer:?}");
+    // Round 1 commits with the tab's update; the tab starts round 2.
+    b.wait_global(RoundId(1)).await?;
+    agg.kill9();
+    drop(b);
+    let agg = Aggregator::start_in_on(task.path(), port)?;
+    let (mut b, _) = Participant::join_as(agg.addr, "scripted", Some(KEY)).await?;
+    for r in 2..=ROUNDS {
+        ensure!(b.wait_round_open().await? == RoundId(r));
+        let answer = b
+            .submit(fedsb_e2e::update(RoundId(r), 10, state.clone()))
+            .await?;
+        ensure!(answer == ServerMessage::UpdateAccepted { round: RoundId(r) }, "{answer:?}");
+    }
+    let s = wait_until_ended(&mut c, RUN_TIMEOUT).await?;
+    let trained = c
+        .eval("window.fedsbParticipant.updates.map((u) => u.round).join(',')")
+        .await?;
+    c.close().await;
+    eprintln!("tab after the restart: {s}");
+    ensure!(s["phase"] == "finished", "{s}");
+    ensure!(s["reconnects"] == 1, "{s}");
+    ensure!(
+        trained.as_str() == Some("1,2,3"),
+        "the tab trained rounds {trained}"
+    );
+    let rounds = agg.json("/api/rounds").await?;
+    for r in 1..=ROUNDS as usize {
+        ensure!(rounds[r]["participants"] == 2, "round {r}: {}", rounds[r]);
+    }
     Ok(())
 }
 
