@@ -348,6 +348,19 @@ pub fn engine_to_state(
 mod tests {
     use super::*;
 
+    /// A BERT config with hidden size 8 and `layers` layers.
+    fn tiny_config(layers: usize) -> BertConfig {
+        BertConfig {
+            vocab_size: 20,
+            hidden_size: 8,
+            num_hidden_layers: layers,
+            num_attention_heads: 2,
+            intermediate_size: 12,
+            max_position_embeddings: 16,
+            ..BertConfig::default()
+        }
+    }
+
     #[test]
     fn layered_modules_go_layer_by_layer_in_the_listed_order() {
         let listed = ["output.dense", "attention.self.query"].map(String::from);
@@ -396,15 +409,7 @@ mod tests {
 
     #[test]
     fn adapter_file_round_trips_and_state_conversions_invert() {
-        let config = BertConfig {
-            vocab_size: 20,
-            hidden_size: 8,
-            num_hidden_layers: 2,
-            num_attention_heads: 2,
-            intermediate_size: 12,
-            max_position_embeddings: 16,
-            ..BertConfig::default()
-        };
+        let config = tiny_config(2);
         let adapters = LoraSbAdapters::<f32>::random(&config, 3, 7, 0.5);
         let head = ClassifierHead::<f32>::init(2, 8, 0.02, 1);
         // Task order differs from the engine's order on purpose.
@@ -465,15 +470,7 @@ mod tests {
     /// metadata map iterates in (each `HashMap` has its own random order).
     #[test]
     fn equal_adapters_give_byte_identical_files() {
-        let config = BertConfig {
-            vocab_size: 20,
-            hidden_size: 8,
-            num_hidden_layers: 1,
-            num_attention_heads: 2,
-            intermediate_size: 12,
-            max_position_embeddings: 16,
-            ..BertConfig::default()
-        };
+        let config = tiny_config(1);
         let adapters = LoraSbAdapters::<f32>::random(&config, 3, 7, 0.5);
         let head = ClassifierHead::<f32>::init(2, 8, 0.02, 1);
         let names = vec!["encoder.layer.0.attention.self.query".to_owned()];
