@@ -1237,7 +1237,10 @@ async fn a_tab_reconnects_when_the_aggregator_restarts() -> anyhow::Result<()> {
     let answer = b
         .submit(fedsb_e2e::update(RoundId(1), 10, state.clone()))
         .await?;
-    ensure!(answer == ServerMessage::UpdateAccepted { round: RoundId(1) }, "{answer:?}");
+    ensure!(
+        answer == ServerMessage::UpdateAccepted { round: RoundId(1) },
+        "{answer:?}"
+    );
     // Round 1 commits with the tab's update; the tab starts round 2.
     b.wait_global(RoundId(1)).await?;
     agg.kill9();
@@ -1249,7 +1252,10 @@ async fn a_tab_reconnects_when_the_aggregator_restarts() -> anyhow::Result<()> {
         let answer = b
             .submit(fedsb_e2e::update(RoundId(r), 10, state.clone()))
             .await?;
-        ensure!(answer == ServerMessage::UpdateAccepted { round: RoundId(r) }, "{answer:?}");
+        ensure!(
+            answer == ServerMessage::UpdateAccepted { round: RoundId(r) },
+            "{answer:?}"
+        );
     }
     let s = wait_until_ended(&mut c, RUN_TIMEOUT).await?;
     let trained = c
@@ -1584,6 +1590,64 @@ async fn a_tab_that_cannot_cache_the_files_still_trains() -> anyhow::Result<()> 
             && again["bytesDownloaded"].as_u64().unwrap_or(0) > 0,
         "joined again: {again}"
     );
+    Ok(())
+}
+
+/// A browser whose worker has no Cache API at all (`caches` undefined, as
+/// where a browser does not offer it to workers; set in the participant
+/// worker through its CDP session before Join) still joins and trains every
+/// round, downloading the files, and says why nothing was cached.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tab_without_the_cache_api_still_trains() -> anyhow::Result<()> {
+    let task = task_dir_for(1, "")?;
+    let agg = Aggregator::start_in(task.path())?;
+    let mut c = open_tab(&agg, &task.path().join("shard0.tsv")).await?;
+    // The worker that made the preview is the one Join uses.
+    let workers: Vec<String> = c
+        .events
+        .iter()
+        .filter(|e| e["method"] == "Target.attachedToTarget")
+        .filter(|e| e["params"]["targetInfo"]["type"] == "worker")
+        .filter_map(|e| e["params"]["sessionId"].as_str().map(str::to_owned))
+        .collect();
+    ensure!(workers.len() == 1, "{} workers attached", workers.len());
+    let r = c
+        .call_in(
+            Some(&workers[0]),
+            "Runtime.evaluate",
+            json!({
+                "expression": "Object.defineProperty(self, 'caches', { value: undefined, configurable: true }); \
+                               String(self.caches)",
+                "returnByValue": true,
+            }),
+        )
+        .await?;
+    ensure!(
+        r["result"]["value"] == "undefined",
+        "caches still there: {r}"
+    );
+    let s = join_until_ended(&mut c, RUN_TIMEOUT).await?;
+    let shown = c
+        .eval("document.getElementById('join-download').textContent")
+        .await?;
+    let updates = c.eval("window.fedsbParticipant.updates.length").await?;
+    c.close().await;
+    ensure!(
+        s["phase"] == "finished"
+            && s["filesCached"] == 0
+            && s["bytesDownloaded"].as_u64().unwrap_or(0) > 0,
+        "the tab without a Cache API: {s}"
+    );
+    let warning = s["cacheWarning"].as_str().unwrap_or("");
+    ensure!(
+        warning.contains("offers no Cache API"),
+        "cacheWarning: {warning:?}"
+    );
+    ensure!(
+        shown.as_str().unwrap_or("").contains("not cached"),
+        "the page's download line: {shown}"
+    );
+    ensure!(updates == ROUNDS, "the tab sent {updates} updates");
     Ok(())
 }
 
