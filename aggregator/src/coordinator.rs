@@ -406,7 +406,17 @@ impl Coordinator {
                 };
                 let mut frames = vec![Bytes::from(welcome.encode())];
                 match &self.init_request {
-                    Some(request) => frames.push(request.clone()),
+                    // A participant key whose gradients are in already (it
+                    // joined before): it waits for the adapter file.
+                    Some(request) => match &self.phase {
+                        Phase::Initializing { collector, .. } => match collector.samples_of(id) {
+                            Some(num_samples) => frames.push(Bytes::from(
+                                ServerMessage::InitAccepted { num_samples }.encode(),
+                            )),
+                            None => frames.push(request.clone()),
+                        },
+                        _ => frames.push(request.clone()),
+                    },
                     None => {
                         frames.push(self.global_frame.clone());
                         if let Phase::Collecting { round, .. } = &self.phase {

@@ -132,6 +132,11 @@ impl InitCollector {
         self.done.contains_key(&p)
     }
 
+    /// The examples `p`'s accepted gradients were summed over, if they are in.
+    pub fn samples_of(&self, p: ParticipantId) -> Option<u64> {
+        self.done.get(&p).copied()
+    }
+
     /// Examples summed over.
     pub fn total_samples(&self) -> u64 {
         self.done.values().sum()

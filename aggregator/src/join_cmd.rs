@@ -309,7 +309,7 @@ fn reconnect(
     hello: &[u8],
     task_id: &str,
     window: Duration,
-) -> anyhow::Result<Link> {
+) -> anyhow::Result<(Link, TaskInfo)> {
     let started = Instant::now();
     let mut pause = Duration::from_secs(1);
     let mut attempts = 0u32;
@@ -320,7 +320,7 @@ fn reconnect(
             Ok(mut link) => match link.welcome() {
                 Ok((participant, task)) if task.task_id == task_id => {
                     info!(%participant, attempts, "reconnected");
-                    return Ok(link);
+                    return Ok((link, task));
                 }
                 Ok((_, task)) => {
                     link.close(rt);
@@ -859,18 +859,16 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
     }))?;
     info!(adapter = %ctx.adapter_name(), "GPU");
 
+    let mut summary = Summary::default();
     if federated_init {
         let first = match link.next(Some(Duration::from_secs(60)))? {
             Event::Message(m) => *m,
             Event::Closed(why) => bail!("{why} before the initialization request"),
         };
-        let ServerMessage::InitRequest {
-            init_samples,
-            batch_size,
-            head_weight,
-            head_bias,
-        } = first
-        else {
+        if !matches!(
+            first,
+            ServerMessage::InitRequest { .. } | ServerMessage::InitAccepted { .. }
+        ) {
             bail!(
                 "task {} serves no LoRA-SB adapter file (A and B) and does not initialize them federatedly \
                  (got {first:?} instead of InitRequest), so participants cannot train it: \
@@ -879,41 +877,94 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
                  in the task configuration",
                 task.task_id
             );
-        };
-        let started = Instant::now();
-        let (gradients, samples) = init_gradients(
-            &ctx,
-            &task,
-            &paths,
-            &data,
-            args.seed,
-            init_samples,
-            batch_size,
-            head_weight,
-            head_bias,
-        )?;
-        info!(
-            samples,
-            seconds = started.elapsed().as_secs_f64(),
-            "initialization gradients computed; sending them"
-        );
-        for frame in fedsb_participant::init_frames(gradients, samples) {
-            link.send(&frame)?;
         }
+        // The gradient frames, kept with the request they answer: an
+        // aggregator that restarted asks again with the same request, and
+        // gets the same frames without computing them again.
+        let mut answered: Option<(ServerMessage, Vec<ClientMessage>)> = None;
+        let mut next_msg = Some(first);
         let file = loop {
-            match link.next(None)? {
-                Event::Closed(why) => bail!("{why} during the federated initialization"),
-                Event::Message(m) => match *m {
-                    ServerMessage::InitAccepted { num_samples } => {
-                        info!(num_samples, "initialization gradients accepted");
+            let msg = match next_msg.take() {
+                Some(m) => m,
+                None => match link.next(None)? {
+                    Event::Message(m) => *m,
+                    Event::Closed(why) => {
+                        if args.reconnect_for == 0 {
+                            bail!("{why} during the federated initialization");
+                        }
+                        warn!("{why} during the federated initialization; reconnecting for up to {} s", args.reconnect_for);
+                        link.close(&rt);
+                        let (l, t) = reconnect(
+                            &rt,
+                            &ws_url,
+                            &hello,
+                            &task.task_id,
+                            Duration::from_secs(args.reconnect_for),
+                        )?;
+                        link = l;
+                        summary.reconnects += 1;
+                        // Finished meanwhile: the adapter file is in the task.
+                        if let Some(f) = t.files.into_iter().find(|f| f.name == ADAPTER_FILE) {
+                            break f;
+                        }
+                        continue;
                     }
-                    ServerMessage::Error { code, message } => bail!(
-                        "the server rejected our initialization gradients: {}: {message}",
-                        code.as_str()
-                    ),
-                    ServerMessage::AdapterReady { file } => break file,
-                    other => warn!("ignoring {other:?} during the initialization"),
                 },
+            };
+            match msg {
+                request @ ServerMessage::InitRequest { .. } => {
+                    let frames = match answered.take() {
+                        Some((asked, frames)) if asked == request => {
+                            info!("the aggregator asks for the initialization gradients again; sending the same ones");
+                            frames
+                        }
+                        _ => {
+                            let ServerMessage::InitRequest {
+                                init_samples,
+                                batch_size,
+                                head_weight,
+                                head_bias,
+                            } = request.clone()
+                            else {
+                                unreachable!("matched above")
+                            };
+                            let started = Instant::now();
+                            let (gradients, samples) = init_gradients(
+                                &ctx,
+                                &task,
+                                &paths,
+                                &data,
+                                args.seed,
+                                init_samples,
+                                batch_size,
+                                head_weight,
+                                head_bias,
+                            )?;
+                            info!(
+                                samples,
+                                seconds = started.elapsed().as_secs_f64(),
+                                "initialization gradients computed; sending them"
+                            );
+                            fedsb_participant::init_frames(gradients, samples)
+                        }
+                    };
+                    // A connection lost meanwhile shows as the next event.
+                    for frame in &frames {
+                        if link.send(frame).is_err() {
+                            break;
+                        }
+                    }
+                    answered = Some((request, frames));
+                }
+                ServerMessage::InitAccepted { num_samples } => {
+                    info!(num_samples, "initialization gradients accepted");
+                }
+                ServerMessage::Error { code, message } => bail!(
+                    "the server rejected our initialization gradients: {}: {message}",
+                    code.as_str()
+                ),
+                ServerMessage::AdapterReady { file } => break file,
+                other => warn!("ignoring {other:?} during the initialization"),
             }
         };
         info!(sha256 = %file.sha256, size = file.size, "the adapter file is ready");
@@ -1003,7 +1054,6 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
         None => (None, None),
     };
 
-    let mut summary = Summary::default();
     let mut global: Option<(RoundId, AdapterState)> = None;
     let mut submitted: BTreeSet<RoundId> = BTreeSet::new();
     // Updates sent on this connection that await an answer: round, sample
@@ -1035,7 +1085,7 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
                     &task.task_id,
                     Duration::from_secs(args.reconnect_for),
                 ) {
-                    Ok(l) => l,
+                    Ok((l, _)) => l,
                     Err(e) => break Err(e),
                 };
                 summary.reconnects += 1;

@@ -528,3 +528,93 @@ async fn a_restart_repeats_an_unfinished_initialization_and_resumes_a_finished_o
     assert_eq!(report["rounds"], serde_json::json!([2]), "{report}");
     Ok(())
 }
+
+/// Waits (up to 120 s) until the initialization holds `n` contributions.
+async fn wait_init_contributions(agg: &Aggregator, n: u64) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let s = agg.json("/api/status").await?;
+        if s["state"] == "initializing" && s["updates_in_round"] == n {
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            bail!("the initialization did not reach {n} contributions: {s}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A `fedsb join` whose initialization gradients are in stops (killed) and
+/// starts again on the same data and cache: its participant key gets
+/// `InitAccepted` instead of `InitRequest`, so it computes and sends nothing
+/// again and waits for the adapter file; the initialization counts it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_that_joins_again_during_the_initialization_is_counted_once(
+) -> anyhow::Result<()> {
+    let tmp = setup()?;
+    let dir = tmp.path();
+    write_config(dir, 1, 2, 16)?;
+    let agg = Aggregator::start_in(dir)?;
+    let mut first = spawn_join(dir, &agg, "a.tsv", "a", &[])?;
+    wait_init_contributions(&agg, 1).await?;
+    first.kill()?;
+    first.wait()?;
+
+    let again = spawn_join(dir, &agg, "a.tsv", "a", &[])?;
+    let b = spawn_join(dir, &agg, "b.tsv", "b", &[])?;
+    let (again, b) = tokio::join!(wait_child(again, JOIN_TIMEOUT), wait_child(b, JOIN_TIMEOUT));
+    let again = again?;
+    let report = check_success("fedsb join (a, again)", &again)?;
+    assert_eq!(report["finished"], true, "{report}");
+    let log = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        !log.contains("initialization gradients computed"),
+        "the second run computed its gradients again:\n{log}"
+    );
+    check_success("fedsb join (b)", &b?)?;
+    let rounds = agg.json("/api/rounds").await?;
+    assert_eq!(rounds[0]["participants"], 2, "{rounds}");
+    assert_eq!(rounds[0]["total_samples"], 32, "{rounds}");
+    assert_eq!(rounds[1]["participants"], 2, "{rounds}");
+    Ok(())
+}
+
+/// The aggregator is killed after it accepted one participant's
+/// initialization gradients, and restarted on the same port: it starts the
+/// initialization again, and the `fedsb join`, reconnecting by itself, sends
+/// the same gradients again without computing them again; with a second
+/// participant the task initializes and trains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_reconnects_when_the_aggregator_restarts_during_the_initialization(
+) -> anyhow::Result<()> {
+    let tmp = setup()?;
+    let dir = tmp.path();
+    write_config(dir, 1, 2, 16)?;
+    let mut agg = Aggregator::start_in(dir)?;
+    let port = agg.addr.port();
+    let a = spawn_join(dir, &agg, "a.tsv", "a", &["--reconnect-for", "120"])?;
+    wait_init_contributions(&agg, 1).await?;
+    agg.kill9();
+    let agg = Aggregator::start_in_on(dir, port)?;
+    assert_eq!(agg.json("/api/status").await?["state"], "initializing");
+    // a's gradients come again, from the reconnected participant.
+    wait_init_contributions(&agg, 1).await?;
+    let b = spawn_join(dir, &agg, "b.tsv", "b", &[])?;
+    let (a, b) = tokio::join!(wait_child(a, JOIN_TIMEOUT), wait_child(b, JOIN_TIMEOUT));
+    let (a, b) = (a?, b?);
+    let report = check_success("fedsb join (a)", &a)?;
+    assert_eq!(report["finished"], true, "{report}");
+    assert_eq!(report["reconnects"], 1, "{report}");
+    let log = String::from_utf8_lossy(&a.stderr);
+    assert_eq!(
+        log.matches("initialization gradients computed").count(),
+        1,
+        "the gradients were computed more than once:\n{log}"
+    );
+    assert!(log.contains("sending the same ones"), "{log}");
+    check_success("fedsb join (b)", &b)?;
+    let rounds = agg.json("/api/rounds").await?;
+    assert_eq!(rounds[0]["participants"], 2, "{rounds}");
+    assert_eq!(rounds[0]["total_samples"], 32, "{rounds}");
+    Ok(())
+}
