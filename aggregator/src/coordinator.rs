@@ -365,6 +365,13 @@ impl Coordinator {
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        // A round restored full (the aggregator stopped between accepting
+        // its last update and committing it) can take nothing more: commit
+        // it now rather than at its deadline.
+        if matches!(&self.phase, Phase::Collecting { round, .. } if round.is_full()) {
+            self.commit().await;
+            self.publish_status();
+        }
         loop {
             let deadline = match &self.phase {
                 Phase::Collecting { deadline, .. } | Phase::Initializing { deadline, .. } => {
@@ -1198,6 +1205,115 @@ mod tests {
             delta: clip_delta.map(|c| c.1),
             epsilon_spent,
         }
+    }
+
+    /// Round 1 restored from the store with `max_participants` updates
+    /// (the aggregator stopped after accepting the last one, before the
+    /// commit) commits at start, to the weighted mean of the restored
+    /// updates, and its pending rows are gone.
+    #[tokio::test]
+    async fn a_round_restored_full_commits_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = "[task]\nid = \"t\"\nrounds = 3\nmin_participants = 2\nmax_participants = 2\n\
+                    round_deadline_secs = 600\nlabels = [\"a\", \"b\"]\n\
+                    [model]\nid = \"tiny\"\nhidden_size = 8\nnum_layers = 1\n[adapter]\nrank = 2\n";
+        std::fs::write(dir.path().join("task.toml"), toml).unwrap();
+        let config = Arc::new(Config::load(&dir.path().join("task.toml")).unwrap());
+        let shape = config.adapter_shape();
+        let task = Arc::new(TaskInfo {
+            task_id: "t".into(),
+            model_id: "tiny".into(),
+            model_sha256: String::new(),
+            module_names: config.module_names(),
+            shape,
+            labels: config.task.labels.clone(),
+            local_steps: 1,
+            batch_size: 1,
+            learning_rate: 0.01,
+            max_seq_len: 8,
+            total_rounds: 3,
+            files: Vec::new(),
+            privacy: None,
+        });
+        let state = |x: f32| {
+            let r = shape.rank as usize;
+            AdapterState {
+                r: (0..shape.modules)
+                    .map(|_| Tensor::new(vec![shape.rank, shape.rank], vec![x; r * r]).unwrap())
+                    .collect(),
+                head_weight: Tensor::new(
+                    vec![shape.head_classes, shape.head_hidden],
+                    vec![x; (shape.head_classes * shape.head_hidden) as usize],
+                )
+                .unwrap(),
+                head_bias: Tensor::new(vec![shape.head_classes], vec![x; 2]).unwrap(),
+            }
+        };
+        let store =
+            Store::open(&dir.path().join("state"), "t", &config.identity_json(), 1).unwrap();
+        let frame0 = initial_frame(state(0.0));
+        let meta0 = RoundMeta {
+            round: 0,
+            opened_unix_ms: 1,
+            committed_unix_ms: 1,
+            duration_ms: 0,
+            aggregation_ms: 0,
+            participants: 0,
+            total_samples: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            mean_train_loss: None,
+            global_sha256: sha256_hex(&frame0),
+        };
+        store.commit_round(meta0, frame0, Vec::new()).await.unwrap();
+        for (seq, (participant, samples, x)) in [(7, 3, 1.0), (9, 1, 2.0)].into_iter().enumerate() {
+            let update = ClientUpdate {
+                round: RoundId(1),
+                num_samples: samples,
+                train_loss: None,
+                privacy: None,
+                adapter: state(x),
+            };
+            let pending = PendingUpdate {
+                participant: ParticipantId(participant),
+                client: format!("p{participant}"),
+                seq: seq as u64,
+                frame_bytes: 100,
+                received_unix_ms: 2,
+                update,
+            };
+            store.put_pending(RoundId(1), pending).await.unwrap();
+        }
+        let last = store.last_round().await.unwrap().unwrap();
+        let pending = store.pending_updates(RoundId(1)).await.unwrap();
+        assert_eq!(pending.len(), 2);
+        let (_handle, mut status) = Coordinator::start(
+            config,
+            task,
+            store.clone(),
+            Arc::new(Metrics::new()),
+            Begin::Resume(Box::new(last)),
+            Vec::new(),
+            pending,
+        );
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            status.wait_for(|s| s.last_committed_round == 1),
+        )
+        .await
+        .expect("round 1 was not committed at start")
+        .unwrap();
+        let r1 = store.last_round().await.unwrap().unwrap();
+        assert_eq!(
+            (r1.meta.round, r1.meta.participants, r1.meta.total_samples),
+            (1, 2, 4)
+        );
+        // (3·1 + 1·2) / 4 in every value.
+        assert!(r1
+            .adapter
+            .named_tensors()
+            .all(|(_, t)| t.data.iter().all(|&v| v == 1.25)));
+        assert!(store.pending_updates(RoundId(1)).await.unwrap().is_empty());
     }
 
     #[test]
