@@ -633,6 +633,22 @@ impl Config {
     }
 }
 
+/// [`Config::load`] while holding figment's `Jail` lock (tests only): the
+/// environment-override test sets `FEDSB_*` variables for the whole process
+/// while it holds that lock, and a load in another test thread at that
+/// moment would see them.
+#[cfg(test)]
+// figment's Jail API fixes the closure's error type to figment::Error.
+#[allow(clippy::result_large_err)]
+pub(crate) fn load_locked(path: &Path) -> Result<Config, ConfigError> {
+    let mut out = None;
+    figment::Jail::expect_with(|_| {
+        out = Some(Config::load(path));
+        Ok(())
+    });
+    out.expect("the jail ran the closure")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -641,6 +657,11 @@ mod tests {
         let p = dir.join("task.toml");
         std::fs::write(&p, text).unwrap();
         p
+    }
+
+    /// Writes `text` as `dir/task.toml` and loads it ([`load_locked`]).
+    fn load(dir: &Path, text: &str) -> Result<Config, ConfigError> {
+        load_locked(&write(dir, text))
     }
 
     const MINIMAL: &str = r#"
@@ -659,7 +680,7 @@ rank = 4
     #[test]
     fn minimal_config_gets_defaults_and_shapes() {
         let dir = tempfile::tempdir().unwrap();
-        let c = Config::load(&write(dir.path(), MINIMAL)).unwrap();
+        let c = load(dir.path(), MINIMAL).unwrap();
         assert_eq!(c.module_names().len(), 12);
         assert_eq!(c.module_names()[7], "encoder.layer.1.attention.self.key");
         assert_eq!(
@@ -678,45 +699,45 @@ rank = 4
     #[test]
     fn federated_init_is_checked_and_only_it_changes_the_identity() {
         let dir = tempfile::tempdir().unwrap();
-        let plain = Config::load(&write(dir.path(), MINIMAL)).unwrap();
+        let plain = load(dir.path(), MINIMAL).unwrap();
         assert_eq!(plain.adapter.init, AdapterInit::File);
         let explicit = MINIMAL.replace("rank = 4", "rank = 4\ninit = \"file\"");
-        let explicit = Config::load(&write(dir.path(), &explicit)).unwrap();
+        let explicit = load(dir.path(), &explicit).unwrap();
         assert_eq!(plain.identity_json(), explicit.identity_json());
         // DP tasks cannot initialize federatedly: the gradients are not DP.
         let text = MINIMAL.replace("rank = 4", "rank = 4\ninit = \"federated\"")
             + "[privacy]\nenabled = true\n";
-        let e = Config::load(&write(dir.path(), &text)).unwrap_err();
+        let e = load(dir.path(), &text).unwrap_err();
         assert!(e.to_string().contains("not covered by DP-SGD"), "{e}");
         // It computes the adapter file, so it cannot also be given one.
         let text = MINIMAL.replace(
             "rank = 4",
             "rank = 4\ninit = \"federated\"\nfile = \"a.safetensors\"",
         );
-        let e = Config::load(&write(dir.path(), &text)).unwrap_err();
+        let e = load(dir.path(), &text).unwrap_err();
         assert!(e.to_string().contains("remove adapter.file"), "{e}");
         // And it needs the model's config.json for the layer shapes.
         let text = MINIMAL.replace("rank = 4", "rank = 4\ninit = \"federated\"");
-        let e = Config::load(&write(dir.path(), &text)).unwrap_err();
+        let e = load(dir.path(), &text).unwrap_err();
         assert!(e.to_string().contains("needs model.dir"), "{e}");
         let text = MINIMAL.replace("rank = 4", "rank = 4\ninit = \"bogus\"");
-        assert!(Config::load(&write(dir.path(), &text)).is_err());
+        assert!(load(dir.path(), &text).is_err());
     }
 
     #[test]
     fn invalid_values_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let text = MINIMAL.replace("rank = 4", "rank = 0");
-        let e = Config::load(&write(dir.path(), &text)).unwrap_err();
+        let e = load(dir.path(), &text).unwrap_err();
         assert!(e.to_string().contains("adapter.rank 0"), "{e}");
         let text = MINIMAL.replace(
             "rounds = 3",
             "rounds = 3\nmin_participants = 5\nmax_participants = 2",
         );
-        let e = Config::load(&write(dir.path(), &text)).unwrap_err();
+        let e = load(dir.path(), &text).unwrap_err();
         assert!(e.to_string().contains("max_participants (2)"), "{e}");
         let text = MINIMAL.replace("rounds = 3", "rounds = 3\nbogus = 1");
-        let e = Config::load(&write(dir.path(), &text)).unwrap_err();
+        let e = load(dir.path(), &text).unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");
         for (privacy, message) in [
             (
@@ -730,11 +751,13 @@ rank = 4
             ),
         ] {
             let text = format!("{MINIMAL}[privacy]\nenabled = true\n{privacy}\n");
-            let e = Config::load(&write(dir.path(), &text)).unwrap_err();
+            let e = load(dir.path(), &text).unwrap_err();
             assert!(e.to_string().contains(message), "{privacy}: {e}");
             // Out-of-range values of a disabled section are not used.
             let text = format!("{MINIMAL}[privacy]\nenabled = false\n{privacy}\n");
-            assert!(Config::load(&write(dir.path(), &text)).is_ok(), "{privacy}");
+            if let Err(e) = load(dir.path(), &text) {
+                panic!("{privacy} with privacy disabled: {e}");
+            }
         }
     }
 
@@ -765,14 +788,10 @@ rank = 4
     #[test]
     fn identity_ignores_the_server_section() {
         let dir = tempfile::tempdir().unwrap();
-        let a = Config::load(&write(dir.path(), MINIMAL)).unwrap();
-        let b = Config::load(&write(
-            dir.path(),
-            &format!("{MINIMAL}[server]\nport = 1234\n"),
-        ))
-        .unwrap();
+        let a = load(dir.path(), MINIMAL).unwrap();
+        let b = load(dir.path(), &format!("{MINIMAL}[server]\nport = 1234\n")).unwrap();
         assert_eq!(a.identity_json(), b.identity_json());
-        let c = Config::load(&write(dir.path(), &MINIMAL.replace("rank = 4", "rank = 5"))).unwrap();
+        let c = load(dir.path(), &MINIMAL.replace("rank = 4", "rank = 5")).unwrap();
         assert_ne!(a.identity_json(), c.identity_json());
     }
 }

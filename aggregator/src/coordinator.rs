@@ -1218,7 +1218,7 @@ mod tests {
                     round_deadline_secs = 600\nlabels = [\"a\", \"b\"]\n\
                     [model]\nid = \"tiny\"\nhidden_size = 8\nnum_layers = 1\n[adapter]\nrank = 2\n";
         std::fs::write(dir.path().join("task.toml"), toml).unwrap();
-        let config = Arc::new(Config::load(&dir.path().join("task.toml")).unwrap());
+        let config = Arc::new(crate::config::load_locked(&dir.path().join("task.toml")).unwrap());
         let shape = config.adapter_shape();
         let task = Arc::new(TaskInfo {
             task_id: "t".into(),
