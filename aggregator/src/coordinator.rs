@@ -634,7 +634,7 @@ impl Coordinator {
                         ),
                     ));
                 }
-                round.accept(participant, &client, update, frame_bytes, received)?;
+                round.add(participant, &client, update, frame_bytes, received);
                 if let Some(r) = report {
                     record_privacy(&mut self.privacy, participant, &client, round.id.0, &r);
                     info!(
@@ -1252,19 +1252,7 @@ mod tests {
         let store =
             Store::open(&dir.path().join("state"), "t", &config.identity_json(), 1).unwrap();
         let frame0 = initial_frame(state(0.0));
-        let meta0 = RoundMeta {
-            round: 0,
-            opened_unix_ms: 1,
-            committed_unix_ms: 1,
-            duration_ms: 0,
-            aggregation_ms: 0,
-            participants: 0,
-            total_samples: 0,
-            bytes_in: 0,
-            bytes_out: 0,
-            mean_train_loss: None,
-            global_sha256: sha256_hex(&frame0),
-        };
+        let meta0 = RoundMeta::initial(&frame0, 1);
         store.commit_round(meta0, frame0, Vec::new()).await.unwrap();
         for (seq, (participant, samples, x)) in [(7, 3, 1.0), (9, 1, 2.0)].into_iter().enumerate() {
             let update = ClientUpdate {

@@ -111,6 +111,21 @@ impl Round {
         now_unix_ms: u64,
     ) -> Result<(), Rejection> {
         self.check(participant, &update)?;
+        self.add(participant, client, update, frame_bytes, now_unix_ms);
+        Ok(())
+    }
+
+    /// Adds an update that [`Round::check`] accepted, with nothing changed
+    /// in the round since (the coordinator stores the update in between, on
+    /// its own task, so no other command runs meanwhile).
+    pub fn add(
+        &mut self,
+        participant: ParticipantId,
+        client: &str,
+        update: ClientUpdate,
+        frame_bytes: u64,
+        now_unix_ms: u64,
+    ) {
         let weight = match self.weighting {
             Weighting::Samples => update.num_samples as f64,
             Weighting::Uniform => 1.0,
@@ -136,12 +151,11 @@ impl Round {
                 privacy: update.privacy,
             },
         );
-        Ok(())
     }
 
     /// Whether [`Round::accept`] would take this update from `participant`
-    /// now: the same checks, changing nothing. The aggregator stores an
-    /// update between the two.
+    /// now: its checks, changing nothing. The coordinator checks, stores the
+    /// update, then [adds](Round::add) it.
     pub fn check(
         &self,
         participant: ParticipantId,

@@ -41,7 +41,7 @@ use crate::evaluator::{EvalError, EvalHandle};
 use crate::files::{collect_files, initial_adapter, FileError};
 use crate::init_round::{InitModules, SharedFiles};
 use crate::metrics::Metrics;
-use crate::store::{sha256_hex, CommittedRound, RoundMeta, RoundSummary, Store, StoreError};
+use crate::store::{CommittedRound, RoundMeta, RoundSummary, Store, StoreError};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -200,20 +200,7 @@ impl Server {
             None => {
                 let adapter = initial_adapter(&config)?;
                 let frame = initial_frame(adapter.clone());
-                let now = now_unix_ms();
-                let meta = RoundMeta {
-                    round: 0,
-                    opened_unix_ms: now,
-                    committed_unix_ms: now,
-                    duration_ms: 0,
-                    aggregation_ms: 0,
-                    participants: 0,
-                    total_samples: 0,
-                    bytes_in: 0,
-                    bytes_out: 0,
-                    mean_train_loss: None,
-                    global_sha256: sha256_hex(&frame),
-                };
+                let meta = RoundMeta::initial(&frame, now_unix_ms());
                 store
                     .commit_round(meta.clone(), frame.clone(), Vec::new())
                     .await?;

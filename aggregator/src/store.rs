@@ -88,6 +88,26 @@ pub struct RoundMeta {
     pub global_sha256: String,
 }
 
+impl RoundMeta {
+    /// Round 0 of a task that starts from an adapter file: the initial
+    /// `GlobalModel` `frame`, written at `now_unix_ms`, with no participants.
+    pub fn initial(frame: &[u8], now_unix_ms: u64) -> Self {
+        Self {
+            round: 0,
+            opened_unix_ms: now_unix_ms,
+            committed_unix_ms: now_unix_ms,
+            duration_ms: 0,
+            aggregation_ms: 0,
+            participants: 0,
+            total_samples: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            mean_train_loss: None,
+            global_sha256: sha256_hex(frame),
+        }
+    }
+}
+
 /// Handle to the database; cheap to clone. Every call runs on a blocking
 /// thread so the async runtime never waits on disk.
 #[derive(Clone, Debug)]
