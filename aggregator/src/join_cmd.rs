@@ -298,18 +298,21 @@ impl Link {
     }
 }
 
-/// Connects again after a lost connection, with the same `Hello` (so the
-/// same participant key), retrying with growing pauses (1 s, doubling up to
-/// 30 s) for up to `window`. The aggregator must still serve `task_id`.
-/// What follows `Welcome` (the global state, `UpdateAccepted` if our update
-/// is in, `RoundOpen`) is left to the caller.
+/// Replaces the lost connection `link` (closing it) by a new one with the
+/// same `Hello` (so the same participant key), retrying with growing pauses
+/// (1 s, doubling up to 30 s) for up to `window`; returns the task of the
+/// new `Welcome`, which must still be `task_id`. What follows `Welcome` (the
+/// global state, `UpdateAccepted` if our update is in, `RoundOpen`) is left
+/// to the caller.
 fn reconnect(
+    link: &mut Link,
     rt: &tokio::runtime::Runtime,
     ws_url: &str,
     hello: &[u8],
     task_id: &str,
     window: Duration,
-) -> anyhow::Result<(Link, TaskInfo)> {
+) -> anyhow::Result<TaskInfo> {
+    link.close(rt);
     let started = Instant::now();
     let mut pause = Duration::from_secs(1);
     let mut attempts = 0u32;
@@ -317,24 +320,25 @@ fn reconnect(
         std::thread::sleep(pause.min(window.saturating_sub(started.elapsed())));
         attempts += 1;
         let why = match Link::open(rt, ws_url, hello) {
-            Ok(mut link) => match link.welcome() {
+            Ok(mut new) => match new.welcome() {
                 Ok((participant, task)) if task.task_id == task_id => {
                     info!(%participant, attempts, "reconnected");
-                    return Ok((link, task));
+                    *link = new;
+                    return Ok(task);
                 }
                 Ok((_, task)) => {
-                    link.close(rt);
+                    new.close(rt);
                     bail!(
                         "after reconnecting, the aggregator serves task {}, not {task_id}",
                         task.task_id
                     );
                 }
                 Err(Handshake::Refused(e)) => {
-                    link.close(rt);
+                    new.close(rt);
                     return Err(e);
                 }
                 Err(Handshake::Lost(e)) => {
-                    link.close(rt);
+                    new.close(rt);
                     e
                 }
             },
@@ -893,15 +897,14 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
                             bail!("{why} during the federated initialization");
                         }
                         warn!("{why} during the federated initialization; reconnecting for up to {} s", args.reconnect_for);
-                        link.close(&rt);
-                        let (l, t) = reconnect(
+                        let t = reconnect(
+                            &mut link,
                             &rt,
                             &ws_url,
                             &hello,
                             &task.task_id,
                             Duration::from_secs(args.reconnect_for),
                         )?;
-                        link = l;
                         summary.reconnects += 1;
                         // Finished meanwhile: the adapter file is in the task.
                         if let Some(f) = t.files.into_iter().find(|f| f.name == ADAPTER_FILE) {
@@ -1077,17 +1080,16 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
                     break Err(anyhow::anyhow!("{why} before the task finished"));
                 }
                 warn!("{why}; reconnecting for up to {} s", args.reconnect_for);
-                link.close(&rt);
-                link = match reconnect(
+                if let Err(e) = reconnect(
+                    &mut link,
                     &rt,
                     &ws_url,
                     &hello,
                     &task.task_id,
                     Duration::from_secs(args.reconnect_for),
                 ) {
-                    Ok((l, _)) => l,
-                    Err(e) => break Err(e),
-                };
+                    break Err(e);
+                }
                 summary.reconnects += 1;
                 for (round, samples, frame) in awaiting.drain(..) {
                     submitted.remove(&round);
