@@ -400,18 +400,23 @@ async fn open_tab_in(mut c: Chromium, agg: &Aggregator, shard: &Path) -> anyhow:
     eprintln!("{}: {summary}", shard.display());
     ensure!(!summary.starts_with("ERROR"), "{summary}");
     // The participant worker made the preview, so it is attached by now.
-    let sessions: Vec<String> = c
-        .events
-        .iter()
-        .filter(|e| e["method"] == "Target.attachedToTarget")
-        .filter(|e| e["params"]["targetInfo"]["type"] == "worker")
-        .filter_map(|e| e["params"]["sessionId"].as_str().map(str::to_owned))
-        .collect();
+    let sessions = worker_sessions(&c);
     ensure!(!sessions.is_empty(), "no worker attached: {:?}", c.events);
     for s in &sessions {
         c.call_in(Some(s), "Network.enable", json!({})).await?;
     }
     Ok(c)
+}
+
+/// The CDP session ids of the Web Workers attached to the tab so far
+/// (`Target.attachedToTarget` events kept by [`open_tab_in`]).
+fn worker_sessions(c: &Chromium) -> Vec<String> {
+    c.events
+        .iter()
+        .filter(|e| e["method"] == "Target.attachedToTarget")
+        .filter(|e| e["params"]["targetInfo"]["type"] == "worker")
+        .filter_map(|e| e["params"]["sessionId"].as_str().map(str::to_owned))
+        .collect()
 }
 
 /// Sizes in bytes of the WebSocket frames the tab sent, as CDP saw them.
@@ -1603,13 +1608,7 @@ async fn a_tab_without_the_cache_api_still_trains() -> anyhow::Result<()> {
     let agg = Aggregator::start_in(task.path())?;
     let mut c = open_tab(&agg, &task.path().join("shard0.tsv")).await?;
     // The worker that made the preview is the one Join uses.
-    let workers: Vec<String> = c
-        .events
-        .iter()
-        .filter(|e| e["method"] == "Target.attachedToTarget")
-        .filter(|e| e["params"]["targetInfo"]["type"] == "worker")
-        .filter_map(|e| e["params"]["sessionId"].as_str().map(str::to_owned))
-        .collect();
+    let workers = worker_sessions(&c);
     ensure!(workers.len() == 1, "{} workers attached", workers.len());
     let r = c
         .call_in(
