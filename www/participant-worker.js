@@ -35,12 +35,17 @@
 // InitGradient frame per module and InitDone, waits for AdapterReady,
 // fetches that adapter file by hash and then creates the trainer.
 //
-// Reconnecting: when the WebSocket closes while this tab takes part in the
-// task (its trainer is loaded), the worker opens a new one with the same
-// participant key after 1 s, doubling the pause up to 30 s, for up to 10
-// minutes (phase "reconnecting"); a Welcome for another task ends the join.
-// Updates not answered before the loss are kept (see unacked), so no round
-// is trained, or spends privacy budget, twice.
+// Reconnecting: when the WebSocket closes after this tab got its Welcome
+// (while it downloads, initializes, loads or trains), the worker opens a new
+// one with the same participant key after 1 s, doubling the pause up to
+// 30 s, for up to 10 minutes (phase "reconnecting"); a Welcome for another
+// task ends the join. Updates not answered before the loss are kept (see
+// unacked), so no round is trained, or spends privacy budget, twice. The
+// federated initialization's gradient frames are kept with the request they
+// answer (initAnswer): an aggregator that restarted and asks again gets the
+// same frames without a second computation; one that accepted them answers
+// InitAccepted; one that finished the initialization meanwhile lists the
+// adapter file in its Welcome.
 //
 // Participant key: the Hello carries a random key (16 bytes from
 // crypto.getRandomValues, as 32 hex digits) kept in IndexedDB (store
@@ -135,6 +140,11 @@ const RECONNECT_FOR_MS = 10 * 60 * 1000;
 let local = null; // {text, fileName, columns}
 let ended = false;
 let pendingInit = null; // federated init: {welcome, bytes} until AdapterReady
+// Federated init: {request, frames} once computed: the InitRequest frame and
+// the gradient frames that answer it, sent again if the same request comes
+// again (after a reconnect).
+let initAnswer = null;
+let welcomed = false; // the first Welcome was handled (reconnect from then on)
 let ledgerKey = null; // DP tasks: "<task id>/<sha256 of columns and data>"
 
 const LEDGER_DB = "fedsb-participant";
@@ -355,6 +365,7 @@ async function fetchFile(file) {
 
 async function onWelcome(frame, msg) {
   const task = msg.task;
+  welcomed = true;
   post({
     phase: "downloading",
     task: task.task_id,
@@ -485,26 +496,43 @@ async function onRoundOpen(frame, msg) {
   r.free();
 }
 
+function sameBytes(a, b) {
+  return a.length === b.length && a.every((x, i) => x === b[i]);
+}
+
 async function onInitRequest(frame, msg) {
   if (!pendingInit) throw new Error("an initialization request for a task that has its adapter file");
   const { welcome, bytes } = pendingInit;
-  post({
-    phase: "initializing",
-    message: `computing the initialization gradients of up to ${msg.init_samples} local examples`,
-  });
-  const frames = await federatedInitFrames(
-    welcome,
-    frame,
-    bytes["config.json"],
-    bytes["model.safetensors"],
-    bytes["tokenizer.json"],
-    local.text,
-    local.fileName,
-    local.columns.text || null,
-    local.columns.textPair || null,
-    local.columns.label || null,
-  );
+  const conn = connId;
+  let frames;
+  if (initAnswer && sameBytes(initAnswer.request, frame)) {
+    post({
+      phase: "initializing",
+      message: "the aggregator asks for the initialization gradients again; sending the same ones",
+    });
+    frames = initAnswer.frames;
+  } else {
+    post({
+      phase: "initializing",
+      message: `computing the initialization gradients of up to ${msg.init_samples} local examples`,
+    });
+    frames = await federatedInitFrames(
+      welcome,
+      frame,
+      bytes["config.json"],
+      bytes["model.safetensors"],
+      bytes["tokenizer.json"],
+      local.text,
+      local.fileName,
+      local.columns.text || null,
+      local.columns.textPair || null,
+      local.columns.label || null,
+    );
+    initAnswer = { request: frame, frames };
+  }
   if (ended) return;
+  // The connection that asked was lost meanwhile: the next one asks again.
+  if (conn !== connId || !ws || ws.readyState !== 1) return;
   frames.forEach((f, i) => send(f, i === frames.length - 1 ? "init_done" : "init_gradient"));
   post({ message: `sent the initialization gradients of ${frames.length - 1} modules` });
 }
@@ -523,14 +551,26 @@ async function handle(frame) {
       return;
     }
     case "welcome":
-      if (participant) {
-        // A reconnect: the trainer and its files are here already.
+      if (welcomed) {
+        // A reconnect: the files (and the trainer, or the federated
+        // initialization's state) are here already.
         if (msg.task.task_id !== taskId) {
           return fail(`after reconnecting, the aggregator serves task ${msg.task.task_id}, not ${taskId}`);
         }
         reconnect = null;
         reconnects += 1;
-        post({ phase: "waiting", participant: String(msg.participant), reconnects, error: null, message: "reconnected" });
+        post({
+          phase: participant ? "waiting" : "initializing",
+          participant: String(msg.participant),
+          reconnects,
+          error: null,
+          message: "reconnected",
+        });
+        const adapter = msg.task.files.find((x) => x.name === "adapter.safetensors");
+        if (pendingInit && adapter) {
+          // The initialization finished while this tab was away.
+          return adapterReady(adapter);
+        }
         return;
       }
       return onWelcome(frame, msg);
@@ -579,17 +619,22 @@ async function handle(frame) {
     case "init_accepted":
       post({ message: `initialization gradients of ${msg.num_samples} examples accepted; waiting for the adapter` });
       return;
-    case "adapter_ready": {
+    case "adapter_ready":
       if (!pendingInit) throw new Error("AdapterReady without a federated initialization");
-      const { welcome, bytes } = pendingInit;
-      pendingInit = null;
-      post({ phase: "downloading", message: "the initialization is done; fetching the adapter file" });
-      bytes["adapter.safetensors"] = await fetchFile(msg.file);
-      return createParticipant(welcome, bytes);
-    }
+      return adapterReady(msg.file);
     default:
       post({ message: `ignoring a ${msg.type} message` });
   }
+}
+
+// The federated initialization is done: fetch its adapter file and load.
+async function adapterReady(file) {
+  const { welcome, bytes } = pendingInit;
+  pendingInit = null;
+  initAnswer = null;
+  post({ phase: "downloading", message: "the initialization is done; fetching the adapter file" });
+  bytes["adapter.safetensors"] = await fetchFile(file);
+  return createParticipant(welcome, bytes);
 }
 
 async function join(data) {
@@ -632,11 +677,11 @@ function connect() {
   };
 }
 
-// A tab that takes part in the task (its trainer is loaded) reconnects; one
-// that lost the connection earlier (downloading, initializing) stops, and
-// Join starts it again.
+// A tab that got its Welcome reconnects (messages of the new connection wait
+// in the queue until the download, initialization or loading going on is
+// done); one that lost the connection before stops, and Join starts it again.
 function connectionLost(why) {
-  if (!participant || pendingInit) {
+  if (!welcomed) {
     ended = true;
     post({ phase: "disconnected", message: why });
     return;

@@ -17,8 +17,9 @@ let joined = false;
 let gpuOk = "gpu" in navigator;
 let lossChart = null;
 
-// For tests and the curious: every frame this tab sent and every update.
-window.fedsbParticipant = { sent: [], updates: [], status: null };
+// For tests and the curious: every frame this tab sent, every update, the
+// latest status and the last 500 distinct status messages (log).
+window.fedsbParticipant = { sent: [], updates: [], status: null, log: [] };
 
 function columns() {
   return {
@@ -153,6 +154,11 @@ function onWorkerMessage(m) {
   }
   if (m.type !== "status") return;
   window.fedsbParticipant.status = m;
+  const log = window.fedsbParticipant.log;
+  if (m.message && log[log.length - 1] !== m.message) {
+    log.push(m.message);
+    if (log.length > 500) log.shift();
+  }
   const dl = m.bytesTotal
     ? `${(m.bytesDownloaded / 1048576).toFixed(2)} MiB downloaded${m.filesCached ? `, ${m.filesCached} files from the cache` : ""}`
     : "";

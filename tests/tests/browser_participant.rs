@@ -1281,6 +1281,114 @@ async fn a_tab_reconnects_when_the_aggregator_restarts() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The aggregator is killed (`kill -9`) after it accepted a tab's
+/// federated-initialization gradients, and restarted on the same port: it
+/// starts the initialization again, and the tab, reconnecting by itself,
+/// sends the same gradient frames again without computing them again. With
+/// a native participant the task initializes (counting the tab once) and
+/// trains every round.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tab_reconnects_when_the_aggregator_restarts_during_the_initialization(
+) -> anyhow::Result<()> {
+    let task = task_dir_with(
+        2,
+        "init = \"federated\"\ninit_samples = 24\ninit_seed = 0",
+        "",
+    )?;
+    let mut agg = Aggregator::start_in(task.path())?;
+    let port = agg.addr.port();
+    let mut c = open_tab(&agg, &task.path().join("shard1.tsv")).await?;
+    c.eval("document.getElementById('join-button').click()")
+        .await?;
+    wait_init_contributions(&agg, 1).await?;
+    let first = sent_init_sizes(&mut c).await?;
+    agg.kill9();
+    let agg = Aggregator::start_in_on(task.path(), port)?;
+    ensure!(agg.json("/api/status").await?["state"] == "initializing");
+    // The tab's gradients come again, from the reconnected tab.
+    wait_init_contributions(&agg, 1).await?;
+    let native = spawn_join(task.path(), &agg, "shard2.tsv", "native", &[])?;
+    let out = wait_child(native, RUN_TIMEOUT).await?;
+    check_success("fedsb join beside a reconnected tab", &out)?;
+    let s = wait_until_ended(&mut c, RUN_TIMEOUT).await?;
+    let log = c
+        .eval("JSON.stringify(window.fedsbParticipant.log)")
+        .await?;
+    let kinds = c
+        .eval("JSON.stringify(window.fedsbParticipant.sent.map((f) => f.kind))")
+        .await?;
+    let again = sent_init_sizes(&mut c).await?;
+    c.close().await;
+    eprintln!("tab after the restart: {s}");
+    ensure!(s["phase"] == "finished", "{s}");
+    ensure!(s["reconnects"] == 1, "{s}");
+    let log: Vec<String> = serde_json::from_str(log.as_str().context("log")?)?;
+    let computed = log
+        .iter()
+        .filter(|m| m.starts_with("computing the initialization gradients"))
+        .count();
+    ensure!(
+        computed == 1,
+        "the tab computed its gradients {computed} times: {log:?}"
+    );
+    ensure!(
+        log.iter().any(|m| m.contains("sending the same ones")),
+        "{log:?}"
+    );
+    let kinds: Vec<String> = serde_json::from_str(kinds.as_str().context("kinds")?)?;
+    let info = agg.json("/api/task").await?;
+    let modules = info["module_names"]
+        .as_array()
+        .map(Vec::len)
+        .with_context(|| format!("/api/task has no module_names: {info}"))?;
+    let mut init = vec!["hello".to_owned()];
+    init.extend(std::iter::repeat_n("init_gradient".to_owned(), modules));
+    init.push("init_done".to_owned());
+    let mut want = init.clone();
+    want.extend(init);
+    want.extend(std::iter::repeat_n("update".to_owned(), ROUNDS as usize));
+    ensure!(kinds == want, "the tab sent {kinds:?}, expected {want:?}");
+    // The same frames both times (their sizes: the first connection's
+    // frames against all of the tab's init frames).
+    ensure!(
+        again == [first.clone(), first.clone()].concat(),
+        "init frames {again:?}, the first connection sent {first:?}"
+    );
+    let rounds = agg.json("/api/rounds").await?;
+    let rounds = rounds.as_array().context("/api/rounds")?;
+    ensure!(rounds.len() == ROUNDS as usize + 1, "{rounds:?}");
+    for r in rounds {
+        ensure!(r["participants"] == 2, "{r}");
+    }
+    Ok(())
+}
+
+/// The byte sizes of the initialization frames the tab has sent.
+async fn sent_init_sizes(c: &mut Chromium) -> anyhow::Result<Vec<u64>> {
+    let v = c
+        .eval(
+            "JSON.stringify(window.fedsbParticipant.sent\
+               .filter((f) => f.kind.startsWith('init_')).map((f) => f.bytes))",
+        )
+        .await?;
+    Ok(serde_json::from_str(v.as_str().context("sizes")?)?)
+}
+
+/// Waits (up to 120 s) until the initialization holds `n` contributions.
+async fn wait_init_contributions(agg: &Aggregator, n: u64) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let s = agg.json("/api/status").await?;
+        if s["state"] == "initializing" && s["updates_in_round"] == n {
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            bail!("the initialization did not reach {n} contributions: {s}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A tab and a native participant (`fedsb join`) in one federation: quorum
 /// 2, both train every round, and each committed round counts both: two
 /// participants, the tab's samples plus the native one's, and a global
