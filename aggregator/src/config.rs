@@ -591,6 +591,26 @@ impl Config {
         })
     }
 
+    /// Where a federated initialization writes the task's adapter file:
+    /// `<state_dir>/<task id>.adapter.safetensors`.
+    pub fn federated_adapter_path(&self) -> PathBuf {
+        self.server
+            .state_dir
+            .join(format!("{}.adapter.safetensors", self.task.id))
+    }
+
+    /// The adapter file with the task's A and B: `[adapter] file`, or the
+    /// federated initialization's once it has written it; `None` before.
+    pub fn adapter_file_path(&self) -> Option<PathBuf> {
+        match (&self.adapter.file, self.adapter.init) {
+            (Some(f), _) => Some(f.clone()),
+            (None, AdapterInit::Federated) => {
+                Some(self.federated_adapter_path()).filter(|p| p.is_file())
+            }
+            (None, AdapterInit::File) => None,
+        }
+    }
+
     /// η of the federated initialization.
     pub fn init_learning_rate(&self) -> f64 {
         self.adapter

@@ -170,12 +170,7 @@ pub async fn spawn(
     // A and B are read from the state directory once round 0 is committed.
     let init_file = (config.adapter.init == AdapterInit::Federated
         && config.adapter.file.is_none())
-    .then(|| {
-        config
-            .server
-            .state_dir
-            .join(format!("{}.adapter.safetensors", config.task.id))
-    });
+    .then(|| config.federated_adapter_path());
     let load_cfg = config.clone();
     let (mut prepared, eval_set) = tokio::task::spawn_blocking(move || prepare(&cfg, &file))
         .await

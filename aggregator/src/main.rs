@@ -1,8 +1,11 @@
 //! The `fedsb` command-line tool: `fedsb serve` runs the aggregator,
-//! `fedsb privacy` does privacy accounting. `fedsb --help` lists everything.
+//! `fedsb join` a native participant, `fedsb export` and `fedsb eval` take
+//! the trained model out and measure it. `fedsb --help` lists everything.
 mod data_args;
 mod dp_training;
 mod embed_cmd;
+mod eval_cmd;
+mod export_cmd;
 mod init_cmd;
 mod join_cmd;
 mod participant;
@@ -48,6 +51,10 @@ enum Command {
     Join(join_cmd::JoinArgs),
     /// Simulate a federated run (N participants and the aggregator) on one GPU.
     Sim(sim_cmd::SimArgs),
+    /// Write a committed global model of a task (A, B, R, head) to an adapter file.
+    Export(export_cmd::ExportArgs),
+    /// Accuracy and loss of an adapter file on labelled data, on the GPU.
+    Eval(eval_cmd::EvalArgs),
 }
 
 #[derive(Debug, Args)]
@@ -87,6 +94,8 @@ fn main() -> anyhow::Result<()> {
         Command::Init(args) => init_cmd::run(args),
         Command::Join(args) => join_cmd::run(args),
         Command::Sim(args) => sim_cmd::run(args),
+        Command::Export(args) => export_cmd::run(args),
+        Command::Eval(args) => eval_cmd::run(args),
     }
 }
 

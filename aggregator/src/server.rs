@@ -104,10 +104,7 @@ impl Server {
         // directory. Once round 0 is committed it exists and is served like a
         // configured one; before that the coordinator computes it.
         let federated_init = config.adapter.init == AdapterInit::Federated;
-        let init_path = config
-            .server
-            .state_dir
-            .join(format!("{}.adapter.safetensors", config.task.id));
+        let init_path = config.federated_adapter_path();
         let mut initialized = false;
         if federated_init {
             let store = Store::open(

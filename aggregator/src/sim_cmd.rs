@@ -65,12 +65,11 @@ use fedsb_protocol::{
     ServerMessage,
 };
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use safetensors::SafeTensors;
 
 use crate::data_args::{require_label_column, same_columns_as, DataColumns};
 use crate::dp_training::DpTraining;
 use crate::participant::{
-    engine_to_state, layered_modules, read_adapter_file, state_to_engine, ModuleRef,
+    engine_to_state, layered_modules, read_adapter_file, read_head, state_to_engine, ModuleRef,
 };
 use crate::privacy_cmd::AccountantArg;
 
@@ -531,26 +530,13 @@ fn initial_model(
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let adapters = read_adapter_file(&bytes, names, modules, config, args.rank)
             .with_context(|| format!("adapter file {}", path.display()))?;
-        let st = SafeTensors::deserialize(&bytes)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         // As the aggregator's round 0: the file's head when it has one, else zeros.
-        let mut head = ClassifierHead {
-            weight: Matrix::zeros(classes, config.hidden_size),
-            bias: vec![0.0; classes],
-        };
-        if st.tensor("classifier.weight").is_ok() {
-            head.weight.data = fedsb_aggregator::files::read_f32_tensor(
-                &st,
-                "classifier.weight",
-                &[classes, config.hidden_size],
-            )
-            .map_err(|e| anyhow::anyhow!("{}: {e} ({classes} classes)", path.display()))?;
-        }
-        if st.tensor("classifier.bias").is_ok() {
-            head.bias =
-                fedsb_aggregator::files::read_f32_tensor(&st, "classifier.bias", &[classes])
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        }
+        let head = read_head(&bytes, classes, config.hidden_size)
+            .with_context(|| format!("adapter file {} ({classes} classes)", path.display()))?
+            .unwrap_or_else(|| ClassifierHead {
+                weight: Matrix::zeros(classes, config.hidden_size),
+                bias: vec![0.0; classes],
+            });
         return Ok((adapters, head));
     }
     let head = ClassifierHead::<f32>::init(

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use fedsb_protocol::{
     AdapterState, ClientMessage, ClientUpdate, ParticipantId, RoundId, ServerMessage,
 };
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -52,6 +52,11 @@ pub enum StoreError {
     Corrupt { round: u64, message: String },
     #[error("database task panicked")]
     Join,
+    #[error(
+        "no state database {path}: this task has not run with this state directory \
+         (check --state-dir or [server] state_dir)"
+    )]
+    Missing { path: PathBuf },
     #[error(
         "database {path} has schema version {found}, newer than this fedsb understands \
          ({supported}); use a newer fedsb"
@@ -193,6 +198,37 @@ const MIGRATIONS: &[&str] = &[
      );",
 ];
 
+/// How long a statement waits for another connection's write (a running
+/// `fedsb serve` beside `fedsb export`) before it fails.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Whether the database's task row is this task: `false` when it has none
+/// yet, an error when it is another task or another configuration.
+fn same_task(
+    conn: &Connection,
+    path: &Path,
+    task_id: &str,
+    identity_json: &str,
+) -> Result<bool, StoreError> {
+    let stored: Option<(String, String)> = conn
+        .query_row(
+            "SELECT task_id, identity_json FROM task WHERE id = 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    match stored {
+        Some((id, identity)) if id != task_id || identity != identity_json => {
+            Err(StoreError::TaskMismatch {
+                path: path.to_owned(),
+                stored_id: id,
+            })
+        }
+        Some(_) => Ok(true),
+        None => Ok(false),
+    }
+}
+
 /// The schema version this code writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
@@ -269,28 +305,48 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         // Deleted pending updates (participants' own R) are overwritten.
         conn.pragma_update(None, "secure_delete", "ON")?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
         migrate(&mut conn, &path)?;
-        let stored: Option<(String, String)> = conn
-            .query_row(
-                "SELECT task_id, identity_json FROM task WHERE id = 1",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        match stored {
-            Some((id, identity)) if id != task_id || identity != identity_json => {
-                return Err(StoreError::TaskMismatch {
-                    path,
-                    stored_id: id,
-                })
-            }
-            Some(_) => {}
-            None => {
-                conn.execute(
-                    "INSERT INTO task (id, task_id, identity_json, created_unix_ms) VALUES (1, ?1, ?2, ?3)",
-                    params![task_id, identity_json, now_unix_ms as i64],
-                )?;
-            }
+        if !same_task(&conn, &path, task_id, identity_json)? {
+            conn.execute(
+                "INSERT INTO task (id, task_id, identity_json, created_unix_ms) VALUES (1, ?1, ?2, ?3)",
+                params![task_id, identity_json, now_unix_ms as i64],
+            )?;
+        }
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+            path,
+        })
+    }
+
+    /// Opens the existing database of a task read-only (`fedsb export`),
+    /// beside a running `fedsb serve` or not: nothing is created or
+    /// migrated, and a database of another task identity is refused as
+    /// [`Store::open`] refuses it.
+    pub fn open_read_only(
+        state_dir: &Path,
+        task_id: &str,
+        identity_json: &str,
+    ) -> Result<Self, StoreError> {
+        let path = state_dir.join(format!("{task_id}.sqlite3"));
+        if !path.is_file() {
+            return Err(StoreError::Missing { path });
+        }
+        let conn = Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::NewerSchema {
+                path,
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        if !same_task(&conn, &path, task_id, identity_json)? {
+            return Err(StoreError::Missing { path });
         }
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
@@ -500,14 +556,34 @@ impl Store {
 
     /// The last committed round, if any.
     pub async fn last_round(&self) -> Result<Option<CommittedRound>, StoreError> {
-        self.run(|conn| {
-            let row = conn
-                .query_row(
-                    &format!("SELECT {META_COLUMNS}, global_frame FROM rounds ORDER BY round DESC LIMIT 1"),
-                    [],
-                    |r| Ok((meta_from_row(r)?, r.get::<_, Vec<u8>>(10)?)),
-                )
-                .optional()?;
+        self.committed_where("ORDER BY round DESC LIMIT 1", None)
+            .await
+    }
+
+    /// Committed round `round`, if it is committed.
+    pub async fn committed_round(
+        &self,
+        round: RoundId,
+    ) -> Result<Option<CommittedRound>, StoreError> {
+        self.committed_where("WHERE round = ?1", Some(round.0 as i64))
+            .await
+    }
+
+    /// The committed round that `clause` (with `param` as `?1`) selects,
+    /// decoded and checked against its checksum.
+    async fn committed_where(
+        &self,
+        clause: &'static str,
+        param: Option<i64>,
+    ) -> Result<Option<CommittedRound>, StoreError> {
+        self.run(move |conn| {
+            let sql = format!("SELECT {META_COLUMNS}, global_frame FROM rounds {clause}");
+            let row = |r: &rusqlite::Row<'_>| Ok((meta_from_row(r)?, r.get::<_, Vec<u8>>(10)?));
+            let row = match param {
+                Some(p) => conn.query_row(&sql, [p], row),
+                None => conn.query_row(&sql, [], row),
+            }
+            .optional()?;
             row.map(|(meta, frame)| {
                 let adapter = match ServerMessage::decode(&frame) {
                     Ok(ServerMessage::GlobalModel { adapter, .. }) => adapter,

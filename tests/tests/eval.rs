@@ -283,3 +283,192 @@ fn a_bad_eval_file_stops_the_server_with_its_name() -> anyhow::Result<()> {
     assert!(stderr.contains("maybe"), "{stderr}");
     Ok(())
 }
+
+/// The last JSON line a successful `fedsb` printed on stdout.
+fn json_of(what: &str, out: &std::process::Output) -> anyhow::Result<serde_json::Value> {
+    fedsb_e2e::process::check_success(what, out)?;
+    fedsb_e2e::process::last_json_line(out)
+}
+
+/// The F32 tensors of a safetensors file, by name.
+fn tensors_of(path: &Path) -> anyhow::Result<std::collections::BTreeMap<String, Vec<f32>>> {
+    let bytes = std::fs::read(path)?;
+    let st = SafeTensors::deserialize(&bytes)?;
+    Ok(st
+        .tensors()
+        .into_iter()
+        .map(|(name, v)| {
+            let data = v
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            (name, data)
+        })
+        .collect())
+}
+
+/// `fedsb export` writes a committed round's global model (the task's A and
+/// B, the round's R's and head) as an adapter file, read-only beside the
+/// running aggregator; `fedsb eval` of that file on the task's eval rows
+/// gives the accuracy and loss the aggregator's evaluator stored for the
+/// round. Round 0 exports the task's adapter file's values, and a round that
+/// is not committed, a missing state directory, a changed configuration and
+/// labels that do not fit the head are refused with messages naming them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exported_round_evaluates_as_the_aggregator_evaluated_it() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    write_task(dir)?;
+    let agg = Aggregator::start_in(dir)?;
+    let (mut p, _) = Participant::join(agg.addr, "scripted").await?;
+    let global0 = p.wait_global(RoundId(0)).await?;
+    for n in 1..=2u64 {
+        let round = p.wait_round_open().await?;
+        let mut mine = global0.clone();
+        let shape = AdapterShape {
+            rank: RANK as u32,
+            modules: mine.r.len() as u32,
+            head_classes: 2,
+            head_hidden: mine.head_weight.shape[1],
+        };
+        for (t, (_, d)) in mine
+            .tensors_mut()
+            .zip(known_state(&shape, n).named_tensors())
+        {
+            for (x, y) in t.data.iter_mut().zip(&d.data) {
+                *x += 0.5 * y;
+            }
+        }
+        let answer = p.submit(update(round, 10, mine)).await?;
+        anyhow::ensure!(
+            matches!(answer, ServerMessage::UpdateAccepted { .. }),
+            "{answer:?}"
+        );
+    }
+    let list = wait_evaluated(&agg, 3).await?;
+
+    let export = |round: Option<&str>, out: &Path| -> anyhow::Result<std::process::Output> {
+        let mut cmd = Command::new(fedsb_bin());
+        cmd.args(["export", "--config"])
+            .arg(dir.join("task.toml"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--out")
+            .arg(out);
+        if let Some(r) = round {
+            cmd.args(["--round", r]);
+        }
+        Ok(cmd.output()?)
+    };
+    let eval = |file: &Path, extra: &[&str]| -> anyhow::Result<std::process::Output> {
+        Ok(Command::new(fedsb_bin())
+            .args(["eval", "--model"])
+            .arg(dir.join("model"))
+            .arg("--adapter-file")
+            .arg(file)
+            .arg("--eval")
+            .arg(dir.join("eval.tsv"))
+            .args(["--limit", &EVAL_ROWS.to_string(), "--batch", "7"])
+            .args(["--max-seq-len", &MAX_SEQ.to_string()])
+            .args(extra)
+            .output()?)
+    };
+
+    // The last round (the default), evaluated as the aggregator did.
+    let last = dir.join("last.safetensors");
+    let report = json_of("fedsb export", &export(None, &last)?)?;
+    assert_eq!(report["round"], 2, "{report}");
+    assert_eq!(report["participants"], 1, "{report}");
+    let exported = tensors_of(&last)?;
+    let global2 = global_of(&agg, 2).await?;
+    let names: Vec<String> = exported
+        .keys()
+        .filter_map(|k| k.strip_suffix(".lora_R").map(str::to_owned))
+        .collect();
+    assert_eq!(names.len(), global2.r.len());
+    let initial = tensors_of(&dir.join("adapter.safetensors"))?;
+    for (layer, r) in global2.r.iter().enumerate() {
+        // The state's R's are layer by layer in the engine's linear order,
+        // as the exported names sort by layer and then by linear.
+        let (l, which) = (layer / 6, AdaptedLinear::ALL[layer % 6]);
+        let name = format!("encoder.layer.{l}.{}", which.checkpoint_name());
+        assert_eq!(exported[&format!("{name}.lora_R")], r.data, "{name}");
+        for frozen in ["lora_A", "lora_B"] {
+            let key = format!("{name}.{frozen}");
+            assert_eq!(exported[&key], initial[&key], "{key}");
+        }
+    }
+    assert_eq!(exported["classifier.weight"], global2.head_weight.data);
+    assert_eq!(exported["classifier.bias"], global2.head_bias.data);
+    let measured = json_of("fedsb eval", &eval(&last, &[])?)?;
+    let stored = &list[2]["eval"];
+    assert_eq!(measured["samples"], EVAL_ROWS, "{measured}");
+    assert_eq!(measured["round"], 2, "{measured}");
+    assert_eq!(
+        measured["accuracy"], stored["accuracy"],
+        "{measured} vs {stored}"
+    );
+    let (got, want) = (
+        measured["loss"].as_f64().context("loss")?,
+        stored["loss"].as_f64().context("loss")?,
+    );
+    assert!(
+        (got - want).abs() <= 1e-6 * want.abs(),
+        "fedsb eval: loss {got}, the aggregator: {want}"
+    );
+
+    // Round 0 is the task's adapter file's model.
+    let first = dir.join("round0.safetensors");
+    json_of("fedsb export --round 0", &export(Some("0"), &first)?)?;
+    let round0 = tensors_of(&first)?;
+    for (name, values) in &initial {
+        assert_eq!(&round0[name], values, "{name}");
+    }
+    let measured0 = json_of("fedsb eval round 0", &eval(&first, &[])?)?;
+    assert_eq!(measured0["accuracy"], list[0]["eval"]["accuracy"]);
+
+    // Refusals.
+    let out = export(Some("9"), &dir.join("no.safetensors"))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("round 9 of task eval is not committed: the last committed round is 2"),
+        "{stderr}"
+    );
+    assert!(!dir.join("no.safetensors").exists());
+    let out = Command::new(fedsb_bin())
+        .args(["export", "--config"])
+        .arg(dir.join("task.toml"))
+        .arg("--state-dir")
+        .arg(dir.join("elsewhere"))
+        .arg("--out")
+        .arg(dir.join("no.safetensors"))
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("no state database"), "{stderr}");
+    assert!(stderr.contains("elsewhere"), "{stderr}");
+    let out = Command::new(fedsb_bin())
+        .args(["export", "--config"])
+        .arg(dir.join("task.toml"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--out")
+        .arg(dir.join("no.safetensors"))
+        .env("FEDSB_TASK__ROUNDS", "5")
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("different configuration"), "{stderr}");
+    let out = eval(&last, &["--labels", "a,b,c"])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("the head has 2 classes but the labels are [\"a\", \"b\", \"c\"]"),
+        "{stderr}"
+    );
+    // The aggregator, read beside, is untouched.
+    assert_eq!(agg.json("/api/rounds").await?, list);
+    Ok(())
+}

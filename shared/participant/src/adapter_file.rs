@@ -266,6 +266,75 @@ pub fn read_adapter_file(
     Ok(adapters)
 }
 
+/// What an adapter file holds besides its tensors' values, for a reader
+/// that has no task configuration (`fedsb eval`): its adapted modules (the
+/// `<name>.lora_R` tensors, in layer order and then the engine's linear
+/// order), the rank, the head's classes (`classifier.weight`'s rows, if the
+/// file has a head) and its header metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterFileInfo {
+    pub names: Vec<String>,
+    pub modules: Vec<ModuleRef>,
+    pub rank: usize,
+    pub head_classes: Option<usize>,
+    pub metadata: HashMap<String, String>,
+}
+
+/// Reads an adapter file's [`AdapterFileInfo`], checking its module names
+/// against a model of `num_layers` layers and that every R has one rank.
+pub fn adapter_file_info(bytes: &[u8], num_layers: usize) -> Result<AdapterFileInfo> {
+    let (_, header) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| invalid(format!("the adapter file is not valid safetensors: {e}")))?;
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| invalid(format!("the adapter file is not valid safetensors: {e}")))?;
+    let mut found: Vec<(ModuleRef, String, Vec<usize>)> = Vec::new();
+    for (name, view) in st.tensors() {
+        if let Some(module) = name.strip_suffix(".lora_R") {
+            let m = parse_module_name(module, num_layers)?;
+            found.push((m, module.to_owned(), view.shape().to_vec()));
+        }
+    }
+    found.sort_by_key(|&((layer, which), _, _)| (layer, which.index()));
+    let rank = match found.first() {
+        None => return Err(invalid("the adapter file has no <module>.lora_R tensor")),
+        Some((_, _, shape)) => shape[0],
+    };
+    if let Some((_, name, shape)) = found.iter().find(|(_, _, s)| s[..] != [rank, rank]) {
+        return Err(invalid(format!(
+            "{name}.lora_R has shape {shape:?}, expected [{rank}, {rank}] like the first module's"
+        )));
+    }
+    let head_classes = st
+        .tensor("classifier.weight")
+        .ok()
+        .and_then(|v| v.shape().first().copied());
+    Ok(AdapterFileInfo {
+        names: found.iter().map(|(_, n, _)| n.clone()).collect(),
+        modules: found.iter().map(|(m, _, _)| *m).collect(),
+        rank,
+        head_classes,
+        metadata: header.metadata().clone().unwrap_or_default(),
+    })
+}
+
+/// The head an adapter file holds (`classifier.weight` `[classes, hidden]`
+/// and `classifier.bias` `[classes]`), or `None` if it has none.
+pub fn read_head(
+    bytes: &[u8],
+    classes: usize,
+    hidden: usize,
+) -> Result<Option<ClassifierHead<f32>>> {
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| invalid(format!("the adapter file is not valid safetensors: {e}")))?;
+    if st.tensor("classifier.weight").is_err() {
+        return Ok(None);
+    }
+    let weight = read_matrix(&st, "classifier.weight", classes, hidden)?;
+    let bias = crate::read_f32_tensor(&st, "classifier.bias", &[classes])
+        .map_err(|e| invalid(format!("adapter file: {e}")))?;
+    Ok(Some(ClassifierHead { weight, bias }))
+}
+
 /// The classifier head of a wire state.
 pub fn head_from_state(state: &AdapterState) -> Result<ClassifierHead<f32>> {
     let [classes, hidden] = state.head_weight.shape[..] else {
@@ -464,6 +533,69 @@ mod tests {
         assert_eq!(engine_to_state(&trained, &modules).unwrap(), state);
         state.r.pop();
         assert!(state_to_engine(&back, &modules, &state).is_err());
+    }
+
+    /// A file read without a task: its modules in layer and then engine
+    /// order, its rank, head and metadata; mixed ranks and a file without
+    /// any R are refused.
+    #[test]
+    fn adapter_file_info_reads_modules_rank_and_head() {
+        let config = tiny_config(2);
+        let adapters = LoraSbAdapters::<f32>::random(&config, 3, 7, 0.5);
+        let head = ClassifierHead::<f32>::init(2, 8, 0.02, 1);
+        let names: Vec<String> = [
+            "encoder.layer.1.output.dense",
+            "encoder.layer.0.intermediate.dense",
+            "encoder.layer.0.attention.self.query",
+        ]
+        .map(String::from)
+        .to_vec();
+        let modules = parse_module_names(&names, 2).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("adapter.safetensors");
+        let metadata = HashMap::from([("labels".to_owned(), "[\"a\",\"b\"]".to_owned())]);
+        write_adapter_file(&path, &names, &modules, &adapters, &head, metadata).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let info = adapter_file_info(&bytes, 2).unwrap();
+        assert_eq!(
+            info.names,
+            [
+                "encoder.layer.0.attention.self.query",
+                "encoder.layer.0.intermediate.dense",
+                "encoder.layer.1.output.dense",
+            ]
+        );
+        assert_eq!(
+            info.modules,
+            [
+                (0, AdaptedLinear::Query),
+                (0, AdaptedLinear::Intermediate),
+                (1, AdaptedLinear::Output),
+            ]
+        );
+        assert_eq!((info.rank, info.head_classes), (3, Some(2)));
+        assert_eq!(info.metadata["labels"], "[\"a\",\"b\"]");
+        assert_eq!(read_head(&bytes, 2, 8).unwrap(), Some(head.clone()));
+        let e = read_head(&bytes, 3, 8).unwrap_err();
+        assert!(e.to_string().contains("classifier.weight"), "{e}");
+        // A model with fewer layers than the file.
+        let e = adapter_file_info(&bytes, 1).unwrap_err();
+        assert!(e.to_string().contains("only 1 layers"), "{e}");
+
+        // Two ranks in one file.
+        let other = LoraSbAdapters::<f32>::random(&config, 4, 7, 0.5);
+        let mut mixed = adapters.clone();
+        mixed.layers[1][AdaptedLinear::Output.index()] =
+            other.module(1, AdaptedLinear::Output).cloned();
+        write_adapter_file(&path, &names, &modules, &mixed, &head, HashMap::new()).unwrap();
+        let e = adapter_file_info(&std::fs::read(&path).unwrap(), 2).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("encoder.layer.1.output.dense.lora_R has shape [4, 4], expected [3, 3]"),
+            "{e}"
+        );
+        let e = adapter_file_info(b"not safetensors", 2).unwrap_err();
+        assert!(e.to_string().contains("not valid safetensors"), "{e}");
     }
 
     /// The same adapter and metadata give the same bytes, whatever order the

@@ -1,0 +1,139 @@
+//! `fedsb eval`: accuracy and mean cross-entropy of an adapter file on a
+//! labelled file, on the GPU: the evaluation the aggregator runs on every
+//! committed round, for any adapter file (`fedsb export`, `fedsb train
+//! --output`, `fedsb init`). Prints one JSON line on stdout:
+//!
+//! ```text
+//! fedsb export --config configs/sst2-demo.toml --out round.safetensors
+//! fedsb eval --model models/all-MiniLM-L6-v2 --adapter-file round.safetensors \
+//!     --eval data/sst2/dev.tsv
+//! ```
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use fedsb_engine::data::read_dataset_file;
+use fedsb_engine::gpu::encoder::GpuEncoder;
+use fedsb_engine::gpu::{GpuContext, GpuOptions};
+use fedsb_engine::model::{BertTokenizer, BertWeights};
+use fedsb_engine::train::evaluate;
+
+use crate::data_args::{require_label_column, DataColumns};
+use crate::participant::{adapter_file_info, read_adapter_file, read_head};
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Hugging Face model directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// The adapter file: A, B and R of every adapted module and the head
+    /// (from `fedsb export`, `fedsb train --output` or `fedsb init`).
+    #[arg(long)]
+    adapter_file: PathBuf,
+    /// Labelled data (.csv, .tsv or .jsonl).
+    #[arg(long)]
+    eval: PathBuf,
+    #[command(flatten)]
+    columns: DataColumns,
+    /// Class names in the head's order, comma-separated (default: the
+    /// adapter file's `labels` metadata).
+    #[arg(long, value_delimiter = ',')]
+    labels: Option<Vec<String>>,
+    /// Evaluate on the first N labelled rows only (0: all).
+    #[arg(long, default_value_t = 0)]
+    limit: usize,
+    /// Batch size.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Truncate sequences to this many tokens (special tokens included); the
+    /// task's max_seq_len for a model trained by a task.
+    #[arg(long, default_value_t = 128)]
+    max_seq_len: usize,
+    /// Use the GPU adapter whose name contains this (case-insensitive).
+    #[arg(long)]
+    adapter: Option<String>,
+}
+
+pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+    if args.batch == 0 {
+        bail!("--batch must be positive");
+    }
+    let file = args.adapter_file.display().to_string();
+    let weights = BertWeights::from_dir(&args.model)
+        .with_context(|| format!("loading the model from {}", args.model.display()))?;
+    let tokenizer = BertTokenizer::from_file(args.model.join("tokenizer.json"))?
+        .with_max_length(args.max_seq_len)?;
+    let config = &weights.config;
+    let bytes = std::fs::read(&args.adapter_file).with_context(|| format!("reading {file}"))?;
+    let info = adapter_file_info(&bytes, config.num_hidden_layers)
+        .with_context(|| format!("adapter file {file}"))?;
+    let labels: Vec<String> = match (&args.labels, info.metadata.get("labels")) {
+        (Some(l), _) => l.clone(),
+        (None, Some(json)) => serde_json::from_str(json).with_context(|| {
+            format!("adapter file {file}: its labels metadata {json:?} is not a JSON list of names")
+        })?,
+        (None, None) => bail!(
+            "adapter file {file} names no classes (no labels metadata): give them with --labels, in the head's order"
+        ),
+    };
+    let Some(classes) = info.head_classes else {
+        bail!("adapter file {file} has no classifier head (classifier.weight)");
+    };
+    if classes != labels.len() {
+        bail!("adapter file {file}: the head has {classes} classes but the labels are {labels:?}");
+    }
+    let adapters = read_adapter_file(&bytes, &info.names, &info.modules, config, info.rank)
+        .with_context(|| format!("adapter file {file}"))?;
+    let head = read_head(&bytes, classes, config.hidden_size)
+        .with_context(|| format!("adapter file {file}"))?
+        .expect("the file has classifier.weight");
+    let data = read_dataset_file(&args.eval, &args.columns.spec(Some(labels.clone())))
+        .with_context(|| format!("reading {}", args.eval.display()))?;
+    require_label_column(&data, &args.eval)?;
+    let mut examples = data.examples;
+    if args.limit > 0 {
+        examples.truncate(args.limit);
+    }
+    if examples.is_empty() {
+        bail!("{}: no labelled rows", args.eval.display());
+    }
+    eprintln!(
+        "{}: {} modules of rank {}, classes {labels:?}; {}: {} examples",
+        file,
+        info.names.len(),
+        info.rank,
+        args.eval.display(),
+        examples.len()
+    );
+    let ctx = pollster::block_on(GpuContext::new(&GpuOptions {
+        adapter: args.adapter.as_deref(),
+    }))?;
+    eprintln!("adapter: {}", ctx.adapter_name());
+    let started = Instant::now();
+    let mut encoder = GpuEncoder::new(&ctx, &weights, Some(&adapters), Some(&head))?;
+    let result = pollster::block_on(evaluate(&mut encoder, &tokenizer, &examples, args.batch))?;
+    let seconds = started.elapsed().as_secs_f64();
+    eprintln!(
+        "accuracy {:.4}, loss {:.4} on {} examples ({seconds:.1} s)",
+        result.accuracy, result.loss, result.samples
+    );
+    let round = info
+        .metadata
+        .get("round")
+        .and_then(|r| r.parse::<u64>().ok());
+    println!(
+        "{}",
+        serde_json::json!({
+            "accuracy": result.accuracy,
+            "loss": result.loss,
+            "samples": result.samples,
+            "seconds": seconds,
+            "adapter_file": file,
+            "round": round,
+            "gpu_adapter": ctx.adapter_name(),
+        })
+    );
+    Ok(())
+}
