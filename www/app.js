@@ -59,6 +59,7 @@ function renderPrivacy(list) {
 
 function renderTask(t) {
   task = t;
+  if (lastRounds) renderRounds(lastRounds);
   setText("task-id", `${t.task_id} — ${t.total_rounds} rounds, ${t.local_steps} local steps of batch ${t.batch_size}`);
   setText("task-model", `${t.model_id}${t.model_sha256 ? ` (sha256 ${t.model_sha256.slice(0, 12)}…)` : ""}`);
   const s = t.shape;
@@ -83,8 +84,23 @@ function fmt(x, digits) {
   return x == null ? "—" : x.toFixed(digits);
 }
 
+// Whether the task serves A and B, so that its rounds' models can be
+// downloaded (/api/rounds/{n}/adapter); a federated initialization adds the
+// file after the page loaded the task, so it is looked up again once.
+function hasAdapterFile(t) {
+  return t.files.some((f) => f.name === "adapter.safetensors");
+}
+let taskLookedUpAgain = false;
+let lastRounds = null; // the rounds rendered last, rendered again with the task
+
 function renderRounds(rounds) {
   const body = $("rounds");
+  if (task && !hasAdapterFile(task) && rounds.length > 0 && !taskLookedUpAgain) {
+    taskLookedUpAgain = true;
+    getJson("/api/task").then(renderTask).catch(() => {});
+  }
+  lastRounds = rounds;
+  const downloads = task && hasAdapterFile(task);
   const rows = rounds.slice().reverse().map((r) => {
     const tr = document.createElement("tr");
     const cells = [
@@ -104,6 +120,19 @@ function renderRounds(rounds) {
       td.textContent = c;
       tr.appendChild(td);
     }
+    // The round's model: A, B, this round's R's and head (fedsb export's file).
+    const model = document.createElement("td");
+    if (downloads) {
+      const a = document.createElement("a");
+      a.href = `/api/rounds/${r.round}/adapter`;
+      a.download = `${task.task_id}-round-${r.round}.safetensors`;
+      a.textContent = "safetensors";
+      a.title = "A, B, this round's R of every module and the head; fedsb eval measures it";
+      model.appendChild(a);
+    } else {
+      model.textContent = "—";
+    }
+    tr.appendChild(model);
     return tr;
   });
   body.replaceChildren(...rows);

@@ -11,6 +11,7 @@
 //!   aggregating → committed) as a single task.
 //! * [`store`]: SQLite persistence; restart resumes at the last committed round.
 //! * [`evaluator`]: evaluates every committed global model on the eval set.
+//! * [`export`]: a committed global model as an adapter file (A, B, R, head).
 //! * [`server`] and [`connection`]: HTTP, WebSocket, JSON API, files, metrics.
 //!
 //! Run it with `fedsb serve --config configs/sst2-demo.toml`.
@@ -20,6 +21,7 @@ pub mod config;
 pub mod connection;
 pub mod coordinator;
 pub mod evaluator;
+pub mod export;
 pub mod files;
 pub mod init_round;
 pub mod metrics;

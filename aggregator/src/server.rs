@@ -294,6 +294,7 @@ fn router(app: Arc<App>) -> Router {
         .route("/api/demo-shard", get(demo_shard))
         .route("/api/events", get(events))
         .route("/api/rounds/{round}/global", get(global))
+        .route("/api/rounds/{round}/adapter", get(adapter))
         .route("/files/{sha256}", get(file))
         .route("/metrics", get(metrics))
         .fallback_service(
@@ -554,6 +555,52 @@ async fn global(
             (header::CACHE_CONTROL, "public, max-age=31536000, immutable"),
         ],
         frame,
+    )
+        .into_response())
+}
+
+/// The committed round's model as an adapter file (`fedsb export`'s file):
+/// 404 for a round not committed, 409 while the task has no A and B.
+async fn adapter(
+    State(app): State<Arc<App>>,
+    Path(round): Path<String>,
+) -> Result<Response, ApiError> {
+    use crate::export::{export_round, ExportError};
+    let n: u64 = round.parse().map_err(|_| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("round {round:?} is not a number"),
+        )
+    })?;
+    let exported = export_round(app.config.clone(), &app.store, Some(n))
+        .await
+        .map_err(|e| match e {
+            ExportError::Store(e) => ApiError::from(e),
+            e @ (ExportError::NoRounds { .. } | ExportError::NotCommitted { .. }) => {
+                ApiError(StatusCode::NOT_FOUND, e.to_string())
+            }
+            e @ (ExportError::NoAdapterFile { .. } | ExportError::NoModelDir) => {
+                ApiError(StatusCode::CONFLICT, e.to_string())
+            }
+            e => {
+                error!(error = %e, round = n, "exporting a round failed");
+                ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+            }
+        })?;
+    let name = format!("{}-round-{n}.safetensors", app.config.task.id);
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{name}\""),
+            ),
+            (
+                header::CACHE_CONTROL,
+                "public, max-age=31536000, immutable".to_owned(),
+            ),
+        ],
+        exported.bytes,
     )
         .into_response())
 }

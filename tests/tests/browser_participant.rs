@@ -760,6 +760,36 @@ async fn browser_tabs_train_every_round() -> anyhow::Result<()> {
     // A screenshot of the rounds view once every round is evaluated.
     wait_all_evaluated(&agg, sst2::ROUNDS as usize + 1).await?;
     save_screenshot(&mut tabs[0], "browser-participants-rounds-view.png").await?;
+    // Every committed round's model can be downloaded from the rounds view:
+    // the link's file is the round's R's with the task's A and B.
+    let links = tabs[0]
+        .eval("Array.from(document.querySelectorAll('#rounds a')).map((a) => a.getAttribute('href')).join(' ')")
+        .await?;
+    let want: Vec<String> = (0..=sst2::ROUNDS)
+        .rev()
+        .map(|n| format!("/api/rounds/{n}/adapter"))
+        .collect();
+    ensure!(
+        links.as_str() == Some(want.join(" ").as_str()),
+        "the rounds view links {links}"
+    );
+    let last_model = reqwest::get(agg.url(&want[0])).await?.bytes().await?;
+    let st = safetensors::SafeTensors::deserialize(&last_model)?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&last_model)?;
+    ensure!(
+        header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("round"))
+            .map(String::as_str)
+            == Some(sst2::ROUNDS.to_string().as_str()),
+        "the last round's download: {:?}",
+        header.metadata()
+    );
+    ensure!(
+        st.names().iter().filter(|n| n.ends_with(".lora_A")).count() > 0,
+        "the download has no A"
+    );
     for c in tabs {
         c.close().await;
     }

@@ -310,7 +310,8 @@ fn tensors_of(path: &Path) -> anyhow::Result<std::collections::BTreeMap<String, 
 
 /// `fedsb export` writes a committed round's global model (the task's A and
 /// B, the round's R's and head) as an adapter file, read-only beside the
-/// running aggregator; `fedsb eval` of that file on the task's eval rows
+/// running aggregator, which serves the same bytes at
+/// `/api/rounds/{n}/adapter`; `fedsb eval` of that file on the task's eval rows
 /// gives the accuracy and loss the aggregator's evaluator stored for the
 /// round. Round 0 exports the task's adapter file's values, and a round that
 /// is not committed, a missing state directory, a changed configuration and
@@ -416,6 +417,22 @@ async fn an_exported_round_evaluates_as_the_aggregator_evaluated_it() -> anyhow:
     assert!(
         (got - want).abs() <= 1e-6 * want.abs(),
         "fedsb eval: loss {got}, the aggregator: {want}"
+    );
+
+    // The page's download of the round is the same file, byte for byte.
+    let r = reqwest::get(agg.url("/api/rounds/2/adapter")).await?;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["content-disposition"],
+        "attachment; filename=\"eval-round-2.safetensors\""
+    );
+    assert!(r.bytes().await? == std::fs::read(&last)?);
+    let r = reqwest::get(agg.url("/api/rounds/9/adapter")).await?;
+    assert_eq!(r.status(), 404);
+    let body = r.text().await?;
+    assert!(
+        body.contains("round 9 of task eval is not committed"),
+        "{body}"
     );
 
     // Round 0 is the task's adapter file's model.

@@ -134,7 +134,8 @@ fn f32_bytes(data: &[f32]) -> Vec<u8> {
 }
 
 /// Writes the adapter file: `lora_A`, `lora_B`, `lora_R` of every module in
-/// `names` (aggregator naming) and the head, with `metadata` in the header.
+/// `names` (aggregator naming) and the head, with `metadata` in the header
+/// ([`adapter_file_bytes`], written to a temporary file and renamed).
 pub fn write_adapter_file(
     path: &Path,
     names: &[String],
@@ -143,6 +144,30 @@ pub fn write_adapter_file(
     head: &ClassifierHead<f32>,
     metadata: HashMap<String, String>,
 ) -> Result<()> {
+    let bytes = adapter_file_bytes(names, modules, adapters, head, metadata)?;
+    // Write next to the target and rename, so a crash never leaves half a file
+    // that an aggregator would then serve.
+    let tmp = path.with_extension("safetensors.part");
+    std::fs::write(&tmp, &bytes).map_err(|source| AdapterFileError::Write {
+        path: tmp.clone(),
+        source,
+    })?;
+    std::fs::rename(&tmp, path).map_err(|source| AdapterFileError::Write {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(())
+}
+
+/// The bytes of the adapter file [`write_adapter_file`] writes; equal
+/// inputs give equal bytes.
+pub fn adapter_file_bytes(
+    names: &[String],
+    modules: &[ModuleRef],
+    adapters: &LoraSbAdapters<f32>,
+    head: &ClassifierHead<f32>,
+    metadata: HashMap<String, String>,
+) -> Result<Vec<u8>> {
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for (name, &(layer, which)) in names.iter().zip(modules) {
         let m = adapters
@@ -176,19 +201,7 @@ pub fn write_adapter_file(
         .collect::<Result<Vec<_>>>()?;
     let bytes = safetensors::tensor::serialize(views, Some(metadata))
         .map_err(|e| invalid(format!("serializing the adapter file: {e}")))?;
-    let bytes = with_sorted_header(bytes)?;
-    // Write next to the target and rename, so a crash never leaves half a file
-    // that an aggregator would then serve.
-    let tmp = path.with_extension("safetensors.part");
-    std::fs::write(&tmp, &bytes).map_err(|source| AdapterFileError::Write {
-        path: tmp.clone(),
-        source,
-    })?;
-    std::fs::rename(&tmp, path).map_err(|source| AdapterFileError::Write {
-        path: path.to_owned(),
-        source,
-    })?;
-    Ok(())
+    with_sorted_header(bytes)
 }
 
 /// safetensors writes the header's `__metadata__` from a `HashMap`, in an

@@ -1,0 +1,155 @@
+//! A committed global model as an adapter file: the task's frozen `A` and
+//! `B` (from its adapter file) with the round's `R`s and head (from the
+//! store), in the layout of `fedsb init` (`<module>.lora_A`, `lora_B`,
+//! `lora_R`, `classifier.*`) and with the round in the metadata. `fedsb
+//! export` writes it; `/api/rounds/{n}/adapter` serves it. Equal rounds
+//! give byte-identical files.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use fedsb_engine::model::BertConfig;
+use fedsb_protocol::RoundId;
+
+use crate::adapter_file::{
+    adapter_file_bytes, parse_module_names, read_adapter_file, state_to_engine,
+};
+use crate::config::{AdapterInit, Config};
+use crate::store::{CommittedRound, RoundMeta, Store, StoreError};
+
+/// Why a round could not be exported; the message names what is missing.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("task {task} has no committed round yet")]
+    NoRounds { task: String },
+    #[error("round {round} of task {task} is not committed: the last committed round is {last}")]
+    NotCommitted { task: String, round: u64, last: u64 },
+    #[error(
+        "task {task} has no adapter file with A and B ([adapter] file is not set{}), \
+         so its R matrices mean nothing on their own",
+        if *.federated { ", and the federated initialization has not written one" } else { "" }
+    )]
+    NoAdapterFile { task: String, federated: bool },
+    #[error("exporting needs [model] dir: the shapes of A and B come from its config.json")]
+    NoModelDir,
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("the global state of round {round}: {message}")]
+    State { round: u64, message: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the export task panicked")]
+    Join,
+}
+
+/// One exported round: the adapter file's bytes and the round's metadata.
+#[derive(Debug, Clone)]
+pub struct ExportedRound {
+    pub round: u64,
+    /// The last committed round when it was exported.
+    pub last_committed: u64,
+    pub meta: RoundMeta,
+    pub bytes: Vec<u8>,
+}
+
+/// The adapter file of committed round `round` (default: the last one);
+/// the files are read and the bytes made on a blocking thread.
+pub async fn export_round(
+    config: Arc<Config>,
+    store: &Store,
+    round: Option<u64>,
+) -> Result<ExportedRound, ExportError> {
+    let task = config.task.id.clone();
+    let last = store
+        .last_round()
+        .await?
+        .ok_or_else(|| ExportError::NoRounds { task: task.clone() })?
+        .meta
+        .round;
+    let round = round.unwrap_or(last);
+    let committed = store
+        .committed_round(RoundId(round))
+        .await?
+        .ok_or_else(|| ExportError::NotCommitted {
+            task: task.clone(),
+            round,
+            last,
+        })?;
+    tokio::task::spawn_blocking(move || adapter_file_of(&config, committed, last))
+        .await
+        .map_err(|_| ExportError::Join)?
+}
+
+/// The adapter file of a committed round, `last` being the last committed.
+fn adapter_file_of(
+    config: &Config,
+    committed: CommittedRound,
+    last: u64,
+) -> Result<ExportedRound, ExportError> {
+    let task = config.task.id.clone();
+    let round = committed.meta.round;
+    let adapter_path = config
+        .adapter_file_path()
+        .ok_or_else(|| ExportError::NoAdapterFile {
+            task: task.clone(),
+            federated: config.adapter.init == AdapterInit::Federated,
+        })?;
+    let model_dir = config.model.dir.as_ref().ok_or(ExportError::NoModelDir)?;
+    let config_json = model_dir.join("config.json");
+    let file_err = |path: &PathBuf, message: String| ExportError::File {
+        path: path.clone(),
+        message,
+    };
+    let bert = std::fs::read(&config_json)
+        .map_err(|e| e.to_string())
+        .and_then(|b| BertConfig::from_json(&b).map_err(|e| e.to_string()))
+        .map_err(|m| file_err(&config_json, m))?;
+    let names = config.module_names();
+    let modules = parse_module_names(&names, bert.num_hidden_layers)
+        .map_err(|e| file_err(&config_json, e.to_string()))?;
+    let adapter_bytes =
+        std::fs::read(&adapter_path).map_err(|e| file_err(&adapter_path, e.to_string()))?;
+    let frozen = read_adapter_file(
+        &adapter_bytes,
+        &names,
+        &modules,
+        &bert,
+        config.adapter.rank as usize,
+    )
+    .map_err(|e| file_err(&adapter_path, e.to_string()))?;
+    let (adapters, head) =
+        state_to_engine(&frozen, &modules, &committed.adapter).map_err(|e| ExportError::State {
+            round,
+            message: e.to_string(),
+        })?;
+    let meta = committed.meta;
+    let metadata = HashMap::from([
+        ("format".to_owned(), "fedsb-lora-sb".to_owned()),
+        ("rank".to_owned(), config.adapter.rank.to_string()),
+        ("modules".to_owned(), config.adapter.modules.join(",")),
+        (
+            "labels".to_owned(),
+            serde_json::to_string(&config.task.labels).unwrap_or_default(),
+        ),
+        ("model_id".to_owned(), config.model.id.clone()),
+        ("task_id".to_owned(), task),
+        ("round".to_owned(), round.to_string()),
+        ("participants".to_owned(), meta.participants.to_string()),
+        ("total_samples".to_owned(), meta.total_samples.to_string()),
+        ("global_sha256".to_owned(), meta.global_sha256.clone()),
+        ("trained_by".to_owned(), "fedsb serve".to_owned()),
+    ]);
+    let bytes = adapter_file_bytes(&names, &modules, &adapters, &head, metadata).map_err(|e| {
+        ExportError::State {
+            round,
+            message: e.to_string(),
+        }
+    })?;
+    Ok(ExportedRound {
+        round,
+        last_committed: last,
+        meta,
+        bytes,
+    })
+}
