@@ -1971,3 +1971,196 @@ async fn a_tab_trains_all_minilm_as_fedsb_join_does() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `cargo xtask demo`'s task as a person runs it, on this machine: the
+/// aggregator on `configs/sst2-demo.toml` (all-MiniLM-L6-v2, rank 32, the
+/// adapter `fedsb init` makes on 64 SST-2 sentences as `cargo xtask demo`
+/// does, the evaluation on the first 200 dev rows) and two browser windows,
+/// each joining with a different local file through the page: a TSV and a
+/// CSV of 200 different SST-2 training sentences each. Every round commits
+/// with both tabs, the rounds view shows it, and the aggregator's accuracy
+/// after the last round is above the initial model's.
+///
+/// The demo's rounds (20 steps of 32) take a real GPU; on SwiftShader a tab
+/// trains MiniLM at about one sample a second, so this run overrides
+/// rounds, quorum, local steps and batch as an operator would
+/// (`FEDSB_DEMO_ROUNDS`, default 4; `FEDSB_DEMO_LOCAL_STEPS`, default 8;
+/// `FEDSB_DEMO_BATCH`, default 16; the quorum is 2, the deadline an hour)
+/// and is not part of `cargo xtask test` (about 20 minutes on 2 cores):
+///
+/// ```sh
+/// cargo xtask fetch-data && cargo xtask fetch-model && cargo xtask build-wasm
+/// cargo build -p fedsb-aggregator --bin fedsb
+/// cargo test -p fedsb-e2e --features browser \
+///     --test browser_participant two_tabs_train_the_demo_task -- --ignored --nocapture
+/// ```
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "about 20 minutes on 2 CPU cores; run with --ignored (see its doc comment)"]
+async fn two_tabs_train_the_demo_task_on_minilm() -> anyhow::Result<()> {
+    use fedsb_e2e::tiny_model::{read_labelled_tsv, to_labelled_tsv};
+    let env = |name: &str, default: u64| -> anyhow::Result<u64> {
+        match std::env::var(name) {
+            Ok(v) => v.parse().with_context(|| format!("{name}={v:?}")),
+            Err(_) => Ok(default),
+        }
+    };
+    let (rounds, steps, batch) = (
+        env("FEDSB_DEMO_ROUNDS", 4)?,
+        env("FEDSB_DEMO_LOCAL_STEPS", 8)?,
+        env("FEDSB_DEMO_BATCH", 16)?,
+    );
+    let model = fedsb_e2e::minilm_dir()?;
+    let root = repo();
+    let sst2 = root.join("data/sst2");
+    let train =
+        read_labelled_tsv(&sst2.join("train.tsv")).context("run `cargo xtask fetch-data`")?;
+    ensure!(train.len() >= 400, "SST-2 train has {} rows", train.len());
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    // Two volunteers' files: different sentences, different formats.
+    std::fs::write(dir.join("mine.tsv"), to_labelled_tsv(&train[..200]))?;
+    let mut csv = String::from("sentence,label\n");
+    for (s, l) in &train[200..400] {
+        csv.push_str(&format!("\"{}\",{l}\n", s.replace('"', "\"\"")));
+    }
+    std::fs::write(dir.join("theirs.csv"), csv)?;
+    // The demo adapter, made as `cargo xtask demo` makes it.
+    let adapter = dir.join("sst2-demo-adapter.safetensors");
+    let started = Instant::now();
+    let out = Command::new(fedsb_bin())
+        .arg("init")
+        .arg("--model")
+        .arg(&model)
+        .arg("--train")
+        .arg(sst2.join("train.tsv"))
+        .args(["--labels", "negative,positive", "--rank", "32"])
+        .args(["--init-samples", "64", "--lr", "1e-3", "--out"])
+        .arg(&adapter)
+        .output()
+        .context("running fedsb init")?;
+    ensure!(
+        out.status.success(),
+        "fedsb init failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("demo adapter made in {:.1?}", started.elapsed());
+    // configs/sst2-demo.toml, its paths made absolute, with the overrides.
+    let mut config = std::fs::read_to_string(root.join("configs/sst2-demo.toml"))?;
+    let mut set = |from: &str, to: String| -> anyhow::Result<()> {
+        ensure!(
+            config.matches(from).count() == 1,
+            "configs/sst2-demo.toml: {from:?} not found once"
+        );
+        config = config.replace(from, &to);
+        Ok(())
+    };
+    set(
+        "file = \"../state/sst2-demo-adapter.safetensors\"",
+        format!("file = {:?}", adapter.display().to_string()),
+    )?;
+    set(
+        "dir = \"../models/all-MiniLM-L6-v2\"",
+        format!("dir = {:?}", model.display().to_string()),
+    )?;
+    set("rounds = 30", format!("rounds = {rounds}"))?;
+    set("min_participants = 1", "min_participants = 2".into())?;
+    set(
+        "round_deadline_secs = 120",
+        "round_deadline_secs = 3600".into(),
+    )?;
+    set(
+        "local_steps = 20\nbatch_size = 32",
+        format!("local_steps = {steps}\nbatch_size = {batch}"),
+    )?;
+    let config = config.replace("\"../", &format!("\"{}/", root.display()));
+    std::fs::write(dir.join("task.toml"), config)?;
+    let agg = Aggregator::start_in(dir)?;
+    let status = agg.json("/api/status").await?;
+    eprintln!("aggregator on {}: {status}", agg.url("/"));
+
+    let started = Instant::now();
+    let mut tabs = Vec::new();
+    for file in ["mine.tsv", "theirs.csv"] {
+        let mut c = open_tab(&agg, &dir.join(file)).await?;
+        let rows = c
+            .eval("document.getElementById('join-summary').textContent")
+            .await?;
+        ensure!(
+            rows.as_str().unwrap_or("").starts_with("200 rows"),
+            "{file}: preview {rows}"
+        );
+        c.eval("document.getElementById('join-button').click()")
+            .await?;
+        tabs.push(c);
+    }
+    let mut ended: Vec<Option<Value>> = vec![None; tabs.len()];
+    let mut last = vec![String::new(); tabs.len()];
+    while ended.iter().any(Option::is_none) {
+        for (tab, c) in tabs.iter_mut().enumerate() {
+            if ended[tab].is_some() {
+                continue;
+            }
+            let s = c
+                .eval("JSON.stringify(window.fedsbParticipant.status)")
+                .await?;
+            let s: Value = serde_json::from_str(s.as_str().unwrap_or("null"))?;
+            let line = format!("{} {} {}", s["phase"], s["round"], s["message"]);
+            if line != last[tab] {
+                eprintln!("[{:>6.0?}] tab {tab}: {line}", started.elapsed());
+                last[tab] = line;
+            }
+            if let Some(p) = s["phase"].as_str() {
+                if ["finished", "error", "disconnected", "left"].contains(&p) {
+                    ensure!(p == "finished", "tab {tab}: {s}");
+                    ended[tab] = Some(s);
+                }
+            }
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(3 * 3600),
+            "the tabs did not finish in 3 h: {last:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    eprintln!("both tabs finished in {:.1?}", started.elapsed());
+    for (tab, s) in ended.iter().enumerate() {
+        let s = s.as_ref().expect("ended");
+        eprintln!("tab {tab} ({}): losses {}", s["adapter"], s["losses"]);
+    }
+    wait_all_evaluated(&agg, rounds as usize + 1).await?;
+    save_screenshot(&mut tabs[0], "demo-minilm-two-tabs.png").await?;
+    for c in tabs {
+        c.close().await;
+    }
+    let list = agg.json("/api/rounds").await?;
+    let list = list.as_array().context("/api/rounds")?;
+    ensure!(list.len() == rounds as usize + 1, "{list:?}");
+    eprintln!("round | participants | samples | mean train loss | eval accuracy | eval loss | ms | bytes in");
+    for r in list {
+        eprintln!(
+            "{} | {} | {} | {} | {} | {} | {} | {}",
+            r["round"],
+            r["participants"],
+            r["total_samples"],
+            r["mean_train_loss"],
+            r["eval"]["accuracy"],
+            r["eval"]["loss"],
+            r["duration_ms"],
+            r["bytes_in"]
+        );
+    }
+    for r in &list[1..] {
+        ensure!(r["participants"] == 2, "a round without both tabs: {r}");
+    }
+    let accuracy = |r: &Value| -> anyhow::Result<f64> {
+        r["eval"]["accuracy"]
+            .as_f64()
+            .with_context(|| format!("no eval accuracy: {r}"))
+    };
+    let (first, final_) = (accuracy(&list[0])?, accuracy(&list[rounds as usize])?);
+    ensure!(
+        final_ > first,
+        "accuracy did not rise: {first} at round 0, {final_} after round {rounds}"
+    );
+    Ok(())
+}
