@@ -1,6 +1,7 @@
 //! The `fedsb` command-line tool: `fedsb serve` runs the aggregator,
-//! `fedsb join` a native participant, `fedsb export` and `fedsb eval` take
-//! the trained model out and measure it. `fedsb --help` lists everything.
+//! `fedsb join` a native participant, `fedsb export`, `fedsb eval` and
+//! `fedsb merge` take the trained model out, measure it and make it a plain
+//! Hugging Face model. `fedsb --help` lists everything.
 mod data_args;
 mod dp_training;
 mod embed_cmd;
@@ -8,6 +9,7 @@ mod eval_cmd;
 mod export_cmd;
 mod init_cmd;
 mod join_cmd;
+mod merge_cmd;
 mod participant;
 mod privacy_cmd;
 mod sim_cmd;
@@ -55,6 +57,8 @@ enum Command {
     Export(export_cmd::ExportArgs),
     /// Accuracy and loss of an adapter file on labelled data, on the GPU.
     Eval(eval_cmd::EvalArgs),
+    /// Merge an adapter file into its base model: a plain Hugging Face model directory.
+    Merge(merge_cmd::MergeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -96,6 +100,7 @@ fn main() -> anyhow::Result<()> {
         Command::Sim(args) => sim_cmd::run(args),
         Command::Export(args) => export_cmd::run(args),
         Command::Eval(args) => eval_cmd::run(args),
+        Command::Merge(args) => merge_cmd::run(args),
     }
 }
 

@@ -489,3 +489,144 @@ async fn an_exported_round_evaluates_as_the_aggregator_evaluated_it() -> anyhow:
     assert_eq!(agg.json("/api/rounds").await?, list);
     Ok(())
 }
+
+/// `fedsb merge` makes an adapter file and its base model one plain model
+/// directory: every adapted weight is `W + B·R·A`, every other tensor is
+/// the base model's, and the configuration and tokenizer are copied. The
+/// merged model with an adapter whose R's are zero (so it adds nothing)
+/// evaluates like the base model with the adapter file; merging into a
+/// directory that holds a model already is refused.
+#[test]
+fn a_merged_model_evaluates_like_the_base_model_with_its_adapter() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    write_task(dir)?;
+    let adapter = dir.join("adapter.safetensors");
+    let merged = dir.join("merged");
+    let merge = || {
+        Command::new(fedsb_bin())
+            .args(["merge", "--model"])
+            .arg(dir.join("model"))
+            .arg("--adapter-file")
+            .arg(&adapter)
+            .arg("--out")
+            .arg(&merged)
+            .output()
+    };
+    let report = json_of("fedsb merge", &merge()?)?;
+    let base = tensors_of(&dir.join("model/model.safetensors"))?;
+    let out = tensors_of(&merged.join("model.safetensors"))?;
+    let file = tensors_of(&adapter)?;
+    assert_eq!(
+        base.keys().collect::<Vec<_>>(),
+        out.keys().collect::<Vec<_>>()
+    );
+    let mut adapted = 0;
+    for (name, values) in &base {
+        let module = name.strip_suffix(".weight").unwrap_or(name);
+        let Some(r) = file.get(&format!("{module}.lora_R")) else {
+            assert_eq!(&out[name], values, "{name} changed");
+            continue;
+        };
+        adapted += 1;
+        let (a, b) = (
+            &file[&format!("{module}.lora_A")],
+            &file[&format!("{module}.lora_B")],
+        );
+        let (outs, ins) = (b.len() / RANK, a.len() / RANK);
+        for o in 0..outs {
+            for i in 0..ins {
+                let delta: f64 = (0..RANK)
+                    .flat_map(|j| (0..RANK).map(move |k| (j, k)))
+                    .map(|(j, k)| {
+                        f64::from(b[o * RANK + j])
+                            * f64::from(r[j * RANK + k])
+                            * f64::from(a[k * ins + i])
+                    })
+                    .sum();
+                let want = f64::from(values[o * ins + i]) + delta;
+                let got = f64::from(out[name][o * ins + i]);
+                assert!(
+                    (got - want).abs() <= 1e-6 * want.abs().max(1.0),
+                    "{name}[{o},{i}]: {got} vs {want}"
+                );
+            }
+        }
+    }
+    assert_eq!(report["modules_merged"], adapted, "{report}");
+    assert!(adapted > 0);
+    assert_eq!(report["head"], "fedsb-head.safetensors", "{report}");
+    for f in ["config.json", "tokenizer.json"] {
+        assert_eq!(
+            std::fs::read(merged.join(f))?,
+            std::fs::read(dir.join("model").join(f))?,
+            "{f}"
+        );
+    }
+    let head = tensors_of(&merged.join("fedsb-head.safetensors"))?;
+    assert_eq!(head["classifier.weight"], file["classifier.weight"]);
+
+    // The merged model evaluates as the base model with the adapter: with
+    // the same file, its R's zeroed, it adds nothing to the merged weights.
+    let bytes = std::fs::read(&adapter)?;
+    let st = SafeTensors::deserialize(&bytes)?;
+    let (_, header) = SafeTensors::read_metadata(&bytes)?;
+    let zeroed: Vec<(String, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, v)| {
+            let data = if name.ends_with(".lora_R") {
+                vec![0u8; v.data().len()]
+            } else {
+                v.data().to_vec()
+            };
+            (name, v.shape().to_vec(), data)
+        })
+        .collect();
+    let views = zeroed.iter().map(|(n, s, d)| {
+        (
+            n.as_str(),
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap(),
+        )
+    });
+    let zero_r = dir.join("zero-r.safetensors");
+    std::fs::write(
+        &zero_r,
+        safetensors::tensor::serialize(views, header.metadata().clone())?,
+    )?;
+    let eval = |model: &Path, file: &Path| -> anyhow::Result<serde_json::Value> {
+        let out = Command::new(fedsb_bin())
+            .args(["eval", "--model"])
+            .arg(model)
+            .arg("--adapter-file")
+            .arg(file)
+            .arg("--eval")
+            .arg(dir.join("eval.tsv"))
+            .args(["--max-seq-len", &MAX_SEQ.to_string()])
+            .output()?;
+        json_of("fedsb eval", &out)
+    };
+    let with_adapter = eval(&dir.join("model"), &adapter)?;
+    let with_merged = eval(&merged, &zero_r)?;
+    let base_only = eval(&dir.join("model"), &zero_r)?;
+    let loss = |v: &serde_json::Value| v["loss"].as_f64().unwrap();
+    assert!(
+        (loss(&with_adapter) - loss(&with_merged)).abs() <= 1e-4 * loss(&with_adapter),
+        "{with_adapter} vs {with_merged}"
+    );
+    assert_eq!(with_adapter["accuracy"], with_merged["accuracy"]);
+    // The adapter matters, so the comparison above can fail.
+    assert!(
+        (loss(&with_adapter) - loss(&base_only)).abs() > 1e-3,
+        "{with_adapter} vs {base_only}"
+    );
+
+    let again = merge()?;
+    assert!(!again.status.success());
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        stderr.contains("holds a model.safetensors already"),
+        "{stderr}"
+    );
+    Ok(())
+}

@@ -368,3 +368,37 @@ fn lora_sb_linear_equals_dense_merged_weight() {
         }
     }
 }
+
+/// Merging the adapters into the weights (`W + B·R·A`, what `fedsb merge`
+/// saves) gives an encoder without adapters whose pooled embeddings equal
+/// the adapted encoder's, up to the weights' rounding to f32; the base
+/// encoder's are far from both, so the check can tell.
+#[test]
+fn merged_weights_embed_like_the_adapted_encoder() {
+    let config = tiny_config();
+    let weights = BertWeights::random(&config, 7, 0.3);
+    let mut adapters = LoraSbAdapters::<f32>::random(&config, RANK, 11, 0.4);
+    // One module left out: it must stay as it was.
+    adapters.layers[0][AdaptedLinear::Key.index()] = None;
+    let merged = adapters.merged_into(&weights);
+    assert_eq!(merged.layers[0].key, weights.layers[0].key);
+    assert_ne!(
+        merged.layers[0].query.weight,
+        weights.layers[0].query.weight
+    );
+    assert_eq!(merged.layers[0].query.bias, weights.layers[0].query.bias);
+    let (batch, _) = tiny_batch();
+    let (w64, a64) = (weights.map(f64::from), adapters.map(f64::from));
+    let adapted = ReferenceEncoder::new(&w64, Some(&a64)).mean_pooled(&batch);
+    let merged64 = merged.map(f64::from);
+    let plain = ReferenceEncoder::new(&merged64, None).mean_pooled(&batch);
+    let base = ReferenceEncoder::new(&w64, None).mean_pooled(&batch);
+    let diff = |a: &Matrix<f64>, b: &Matrix<f64>| {
+        a.data
+            .iter()
+            .zip(&b.data)
+            .fold(0f64, |m, (x, y)| m.max((x - y).abs()))
+    };
+    assert!(diff(&adapted, &plain) < 1e-5, "{}", diff(&adapted, &plain));
+    assert!(diff(&adapted, &base) > 1e-2, "{}", diff(&adapted, &base));
+}

@@ -168,6 +168,20 @@ impl<T> EncoderLayerWeights<T> {
     }
 }
 
+impl<T> EncoderLayerWeights<T> {
+    /// The linear layer named by `which`, mutably.
+    pub fn linear_mut(&mut self, which: AdaptedLinear) -> &mut LinearWeights<T> {
+        match which {
+            AdaptedLinear::Query => &mut self.query,
+            AdaptedLinear::Key => &mut self.key,
+            AdaptedLinear::Value => &mut self.value,
+            AdaptedLinear::AttentionOutput => &mut self.attention_output,
+            AdaptedLinear::Intermediate => &mut self.intermediate,
+            AdaptedLinear::Output => &mut self.output,
+        }
+    }
+}
+
 impl<T: Copy> EncoderLayerWeights<T> {
     pub fn map<U>(&self, f: impl Fn(T) -> U + Copy) -> EncoderLayerWeights<U> {
         EncoderLayerWeights {

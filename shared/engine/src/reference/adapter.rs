@@ -6,7 +6,7 @@
 //! frozen linear layer as `y = W0·x + b + B·R·A·x` with `A` (r×in) and `B`
 //! (out×r) frozen and only `R` (r×r) trained.
 
-use crate::model::{AdaptedLinear, BertConfig, SplitMix64};
+use crate::model::{AdaptedLinear, BertConfig, BertWeights, SplitMix64};
 
 use super::{Float, Matrix};
 
@@ -100,6 +100,38 @@ impl<F: Float> LoraSbAdapters<F> {
                     .map(|m| m.as_ref().map(|m| Matrix::zeros(m.rank(), m.rank())))
             })
             .collect()
+    }
+}
+
+impl LoraSbAdapters<f32> {
+    /// `weights` with every module merged into its linear layer,
+    /// `W + B·R·A` (summed in f64, rounded to f32 once): an encoder that
+    /// needs no adapter, to save as a plain BERT checkpoint of the
+    /// fine-tuned model. Biases and everything else are unchanged.
+    ///
+    /// # Panics
+    /// If the adapters have more layers than `weights`, or a module's
+    /// shape does not fit its linear layer.
+    pub fn merged_into(&self, weights: &BertWeights<f32>) -> BertWeights<f32> {
+        let mut merged = weights.clone();
+        for (layer, modules) in self.layers.iter().enumerate() {
+            for which in AdaptedLinear::ALL {
+                let Some(m) = &modules[which.index()] else {
+                    continue;
+                };
+                let delta = m.map(f64::from).delta_weight();
+                let w = &mut merged.layers[layer].linear_mut(which).weight;
+                assert_eq!(
+                    w.shape,
+                    [delta.rows, delta.cols],
+                    "layer {layer} {which:?}: B·R·A does not fit the weight"
+                );
+                for (x, d) in w.data.iter_mut().zip(&delta.data) {
+                    *x = (f64::from(*x) + d) as f32;
+                }
+            }
+        }
+        merged
     }
 }
 

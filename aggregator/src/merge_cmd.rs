@@ -1,0 +1,245 @@
+//! `fedsb merge`: an adapter file merged into its base model, saved as a
+//! plain Hugging Face model directory that needs no fedsb to run.
+//!
+//! Every adapted linear's weight becomes `W + B·R·A` (summed in f64,
+//! written as F32); every other tensor of the base `model.safetensors`
+//! (embeddings, LayerNorms, biases, the pooler, under the checkpoint's own
+//! names and dtypes) is copied unchanged. The directory also gets the base
+//! model's configuration and tokenizer files and its sentence-transformers
+//! module folders (`1_Pooling`, …), but no other weight files, no hidden
+//! files and no model card, which would describe the base model. The classification head,
+//! which reads the attention-masked mean of the last hidden state, is
+//! written beside it as `fedsb-head.safetensors` (`classifier.weight`,
+//! `classifier.bias`, the class names in its metadata).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use fedsb_engine::model::BertWeights;
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::participant::{adapter_file_info, read_adapter_file, read_head};
+
+/// The merged model's file names.
+const MODEL_FILE: &str = "model.safetensors";
+const HEAD_FILE: &str = "fedsb-head.safetensors";
+
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// The base model the adapter was trained on (Hugging Face directory:
+    /// config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// The adapter file (from `fedsb export`, `fedsb train --output` or
+    /// `fedsb init`).
+    #[arg(long)]
+    adapter_file: PathBuf,
+    /// The directory to write; created if missing, and refused if it holds
+    /// a model.safetensors already.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// Weight files of other formats that a merged directory must not carry
+/// over from the base model (they would hold the base weights).
+fn is_weight_file(name: &str) -> bool {
+    [
+        ".safetensors",
+        ".bin",
+        ".h5",
+        ".msgpack",
+        ".onnx",
+        ".ot",
+        ".pt",
+        ".pth",
+        ".gguf",
+    ]
+    .iter()
+    .any(|ext| name.ends_with(ext))
+}
+
+/// Copies the base model's configuration, tokenizer and sentence-transformers
+/// module folders (`<n>_<Name>`) into `out`; returns what was copied.
+fn copy_model_files(model: &Path, out: &Path) -> anyhow::Result<Vec<String>> {
+    let mut copied = Vec::new();
+    let entries =
+        std::fs::read_dir(model).with_context(|| format!("reading {}", model.display()))?;
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        if path.is_file() {
+            if is_weight_file(&name)
+                || name.starts_with('.')
+                || name.eq_ignore_ascii_case("README.md")
+            {
+                continue;
+            }
+            std::fs::copy(&path, out.join(&name))
+                .with_context(|| format!("copying {}", path.display()))?;
+            copied.push(name);
+        } else if path.is_dir()
+            && name
+                .split_once('_')
+                .is_some_and(|(n, _)| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
+        {
+            let dir = out.join(&name);
+            std::fs::create_dir_all(&dir)?;
+            for f in std::fs::read_dir(&path)? {
+                let f = f?;
+                let fname = f.file_name().to_string_lossy().into_owned();
+                if f.path().is_file() && !is_weight_file(&fname) {
+                    std::fs::copy(f.path(), dir.join(&fname))
+                        .with_context(|| format!("copying {}", f.path().display()))?;
+                }
+            }
+            copied.push(format!("{name}/"));
+        }
+    }
+    copied.sort();
+    Ok(copied)
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory.
+fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let part = path.with_extension("safetensors.part");
+    std::fs::write(&part, bytes).with_context(|| format!("writing {}", part.display()))?;
+    std::fs::rename(&part, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+pub fn run(args: MergeArgs) -> anyhow::Result<()> {
+    let file = args.adapter_file.display().to_string();
+    if args.out.join(MODEL_FILE).exists() {
+        bail!(
+            "{} holds a {MODEL_FILE} already; give an empty or new directory",
+            args.out.display()
+        );
+    }
+    let weights = BertWeights::from_dir(&args.model)
+        .with_context(|| format!("loading the model from {}", args.model.display()))?;
+    let config = &weights.config;
+    let bytes = std::fs::read(&args.adapter_file).with_context(|| format!("reading {file}"))?;
+    let info = adapter_file_info(&bytes, config.num_hidden_layers)
+        .with_context(|| format!("adapter file {file}"))?;
+    let adapters = read_adapter_file(&bytes, &info.names, &info.modules, config, info.rank)
+        .with_context(|| format!("adapter file {file}"))?;
+    let merged = adapters.merged_into(&weights);
+
+    // The base checkpoint's tensors, the adapted weights replaced.
+    let base_path = args.model.join(MODEL_FILE);
+    let base =
+        std::fs::read(&base_path).with_context(|| format!("reading {}", base_path.display()))?;
+    let st = SafeTensors::deserialize(&base)
+        .with_context(|| format!("{} is not valid safetensors", base_path.display()))?;
+    let (_, header) = SafeTensors::read_metadata(&base)?;
+    let prefix = if st.tensor("embeddings.word_embeddings.weight").is_ok() {
+        ""
+    } else {
+        "bert."
+    };
+    let mut replaced: HashMap<String, Vec<u8>> = HashMap::new();
+    for &(layer, which) in &info.modules {
+        let name = format!(
+            "{prefix}encoder.layer.{layer}.{}.weight",
+            which.checkpoint_name()
+        );
+        let w = &merged.layers[layer].linear(which).weight;
+        replaced.insert(name, w.data.iter().flat_map(|x| x.to_le_bytes()).collect());
+    }
+    let mut tensors: Vec<(String, Dtype, Vec<usize>, &[u8])> = Vec::new();
+    for (name, view) in st.tensors() {
+        match replaced.get(&name) {
+            Some(data) => tensors.push((name, Dtype::F32, view.shape().to_vec(), data)),
+            None => tensors.push((name, view.dtype(), view.shape().to_vec(), view.data())),
+        }
+    }
+    let found = tensors
+        .iter()
+        .filter(|(n, ..)| replaced.contains_key(n))
+        .count();
+    if found != replaced.len() {
+        let missing: Vec<&String> = replaced
+            .keys()
+            .filter(|n| !tensors.iter().any(|(t, ..)| t == *n))
+            .collect();
+        bail!(
+            "{} has no tensor {missing:?} to merge the adapter into",
+            base_path.display()
+        );
+    }
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let views = tensors
+        .iter()
+        .map(|(name, dtype, shape, data)| {
+            TensorView::new(*dtype, shape.clone(), data)
+                .map(|v| (name.as_str(), v))
+                .with_context(|| format!("tensor {name}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let metadata = header
+        .metadata()
+        .clone()
+        .unwrap_or_else(|| HashMap::from([("format".to_owned(), "pt".to_owned())]));
+    let model_bytes = safetensors::tensor::serialize(views, Some(metadata))?;
+
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let copied = copy_model_files(&args.model, &args.out)?;
+    write_atomically(&args.out.join(MODEL_FILE), &model_bytes)?;
+    let head = match info.head_classes {
+        Some(classes) => read_head(&bytes, classes, config.hidden_size)
+            .with_context(|| format!("adapter file {file}"))?,
+        None => None,
+    };
+    if let Some(head) = &head {
+        let data = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        let (w, b) = (data(&head.weight.data), data(&head.bias));
+        let views = vec![
+            (
+                "classifier.weight",
+                TensorView::new(Dtype::F32, vec![head.weight.rows, head.weight.cols], &w)?,
+            ),
+            (
+                "classifier.bias",
+                TensorView::new(Dtype::F32, vec![head.bias.len()], &b)?,
+            ),
+        ];
+        let mut meta = HashMap::from([
+            ("format".to_owned(), "pt".to_owned()),
+            (
+                "pooling".to_owned(),
+                "attention-masked mean of the last hidden state".to_owned(),
+            ),
+        ]);
+        if let Some(labels) = info.metadata.get("labels") {
+            meta.insert("labels".to_owned(), labels.clone());
+        }
+        let head_bytes = safetensors::tensor::serialize(views, Some(meta))?;
+        write_atomically(&args.out.join(HEAD_FILE), &head_bytes)?;
+    }
+    eprintln!(
+        "merged {} modules of rank {} into {}: {} ({} tensors; copied {})",
+        info.names.len(),
+        info.rank,
+        args.model.display(),
+        args.out.join(MODEL_FILE).display(),
+        tensors.len(),
+        copied.join(", ")
+    );
+    println!(
+        "{}",
+        serde_json::json!({
+            "out": args.out.display().to_string(),
+            "modules_merged": info.names.len(),
+            "rank": info.rank,
+            "tensors": tensors.len(),
+            "head": head.is_some().then_some(HEAD_FILE),
+            "copied": copied,
+        })
+    );
+    Ok(())
+}
