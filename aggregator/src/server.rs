@@ -535,16 +535,21 @@ async fn recv_eval(
     }
 }
 
-async fn global(
-    State(app): State<Arc<App>>,
-    Path(round): Path<String>,
-) -> Result<Response, ApiError> {
-    let n: u64 = round.parse().map_err(|_| {
+/// The `{round}` of a round path: 400 unless it is a number.
+fn round_number(round: &str) -> Result<u64, ApiError> {
+    round.parse().map_err(|_| {
         ApiError(
             StatusCode::BAD_REQUEST,
             format!("round {round:?} is not a number"),
         )
-    })?;
+    })
+}
+
+async fn global(
+    State(app): State<Arc<App>>,
+    Path(round): Path<String>,
+) -> Result<Response, ApiError> {
+    let n = round_number(&round)?;
     let frame =
         app.store.global_frame(RoundId(n)).await?.ok_or_else(|| {
             ApiError(StatusCode::NOT_FOUND, format!("round {n} is not committed"))
@@ -566,12 +571,7 @@ async fn adapter(
     Path(round): Path<String>,
 ) -> Result<Response, ApiError> {
     use crate::export::{export_round, ExportError};
-    let n: u64 = round.parse().map_err(|_| {
-        ApiError(
-            StatusCode::BAD_REQUEST,
-            format!("round {round:?} is not a number"),
-        )
-    })?;
+    let n = round_number(&round)?;
     let exported = export_round(app.config.clone(), &app.store, Some(n))
         .await
         .map_err(|e| match e {

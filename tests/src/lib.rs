@@ -166,6 +166,22 @@ impl Aggregator {
         })
     }
 
+    /// Waits (up to 120 s) until a federated initialization holds `n`
+    /// contributions.
+    pub async fn wait_init_contributions(&self, n: u64) -> anyhow::Result<()> {
+        let started = std::time::Instant::now();
+        loop {
+            let s = self.json("/api/status").await?;
+            if s["state"] == "initializing" && s["updates_in_round"] == n {
+                return Ok(());
+            }
+            if started.elapsed() > Duration::from_secs(120) {
+                anyhow::bail!("the initialization did not reach {n} contributions: {s}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }

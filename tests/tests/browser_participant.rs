@@ -613,6 +613,47 @@ async fn save_screenshot(c: &mut Chromium, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Waits (polling every second, until `timeout` after `started`) until
+/// every tab's status is final, printing each change of phase, round or
+/// message; fails if a tab ends other than `finished`. Returns the final
+/// statuses.
+async fn wait_tabs_finished(
+    tabs: &mut [Chromium],
+    started: Instant,
+    timeout: Duration,
+) -> anyhow::Result<Vec<Value>> {
+    let mut ended: Vec<Option<Value>> = vec![None; tabs.len()];
+    let mut last = vec![String::new(); tabs.len()];
+    while ended.iter().any(Option::is_none) {
+        for (tab, c) in tabs.iter_mut().enumerate() {
+            if ended[tab].is_some() {
+                continue;
+            }
+            let s = c
+                .eval("JSON.stringify(window.fedsbParticipant.status)")
+                .await?;
+            let s: Value = serde_json::from_str(s.as_str().unwrap_or("null"))?;
+            let line = format!("{} {} {}", s["phase"], s["round"], s["message"]);
+            if line != last[tab] {
+                eprintln!("[{:>6.0?}] tab {tab}: {line}", started.elapsed());
+                last[tab] = line;
+            }
+            if let Some(p) = s["phase"].as_str() {
+                if ["finished", "error", "disconnected", "left"].contains(&p) {
+                    ensure!(p == "finished", "tab {tab}: {s}");
+                    ended[tab] = Some(s);
+                }
+            }
+        }
+        ensure!(
+            started.elapsed() < timeout,
+            "the tabs did not finish in {timeout:?}: {last:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    Ok(ended.into_iter().flatten().collect())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn browser_tabs_train_every_round() -> anyhow::Result<()> {
     let www = repo().join("www");
@@ -644,40 +685,7 @@ async fn browser_tabs_train_every_round() -> anyhow::Result<()> {
         tabs.push(c);
     }
     // Wait until every tab is finished (or failed), printing each change.
-    let mut statuses: Vec<Option<Value>> = vec![None; TABS];
-    let mut last: Vec<String> = vec![String::new(); TABS];
-    loop {
-        for (tab, c) in tabs.iter_mut().enumerate() {
-            if statuses[tab].is_some() {
-                continue;
-            }
-            let s = c
-                .eval("JSON.stringify(window.fedsbParticipant.status)")
-                .await?;
-            let s: Value = serde_json::from_str(s.as_str().unwrap_or("null"))?;
-            let line = format!("{} {} {}", s["phase"], s["round"], s["message"]);
-            if line != last[tab] {
-                eprintln!("tab {tab}: {line}");
-                last[tab] = line;
-            }
-            if let Some(p) = s["phase"].as_str() {
-                if ["finished", "error", "disconnected", "left"].contains(&p) {
-                    ensure!(p == "finished", "tab {tab}: {s}");
-                    statuses[tab] = Some(s);
-                }
-            }
-        }
-        if statuses.iter().all(Option::is_some) {
-            break;
-        }
-        ensure!(
-            started.elapsed() < sst2::RUN_TIMEOUT,
-            "the tabs did not finish in {:?}: {last:?}",
-            sst2::RUN_TIMEOUT
-        );
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    let statuses: Vec<Value> = statuses.into_iter().flatten().collect();
+    let statuses = wait_tabs_finished(&mut tabs, started, sst2::RUN_TIMEOUT).await?;
     let elapsed = started.elapsed();
     // What each tab sent: every frame's size, and the Update frames.
     let mut updates: Vec<(ClientUpdate, usize)> = Vec::new();
@@ -1124,13 +1132,7 @@ async fn browser_tab_takes_part_in_a_federated_initialization() -> anyhow::Resul
     let kinds: Vec<String> = serde_json::from_str(kinds.as_str().context("kinds")?)?;
     c.close().await;
     let info = agg.json("/api/task").await?;
-    let modules = info["module_names"]
-        .as_array()
-        .map(Vec::len)
-        .with_context(|| format!("/api/task has no module_names: {info}"))?;
-    let mut want = vec!["hello".to_owned()];
-    want.extend(std::iter::repeat_n("init_gradient".to_owned(), modules));
-    want.push("init_done".to_owned());
+    let mut want = init_frame_kinds(&agg).await?;
     want.extend(std::iter::repeat_n("update".to_owned(), ROUNDS as usize));
     ensure!(kinds == want, "the tab sent {kinds:?}, expected {want:?}");
     let rounds = agg.json("/api/rounds").await?;
@@ -1330,13 +1332,13 @@ async fn a_tab_reconnects_when_the_aggregator_restarts_during_the_initialization
     let mut c = open_tab(&agg, &task.path().join("shard1.tsv")).await?;
     c.eval("document.getElementById('join-button').click()")
         .await?;
-    wait_init_contributions(&agg, 1).await?;
+    agg.wait_init_contributions(1).await?;
     let first = sent_init_sizes(&mut c).await?;
     agg.kill9();
     let agg = Aggregator::start_in_on(task.path(), port)?;
     ensure!(agg.json("/api/status").await?["state"] == "initializing");
     // The tab's gradients come again, from the reconnected tab.
-    wait_init_contributions(&agg, 1).await?;
+    agg.wait_init_contributions(1).await?;
     let native = spawn_join(task.path(), &agg, "shard2.tsv", "native", &[])?;
     let out = wait_child(native, RUN_TIMEOUT).await?;
     check_success("fedsb join beside a reconnected tab", &out)?;
@@ -1366,14 +1368,7 @@ async fn a_tab_reconnects_when_the_aggregator_restarts_during_the_initialization
         "{log:?}"
     );
     let kinds: Vec<String> = serde_json::from_str(kinds.as_str().context("kinds")?)?;
-    let info = agg.json("/api/task").await?;
-    let modules = info["module_names"]
-        .as_array()
-        .map(Vec::len)
-        .with_context(|| format!("/api/task has no module_names: {info}"))?;
-    let mut init = vec!["hello".to_owned()];
-    init.extend(std::iter::repeat_n("init_gradient".to_owned(), modules));
-    init.push("init_done".to_owned());
+    let init = init_frame_kinds(&agg).await?;
     let mut want = init.clone();
     want.extend(init);
     want.extend(std::iter::repeat_n("update".to_owned(), ROUNDS as usize));
@@ -1393,6 +1388,20 @@ async fn a_tab_reconnects_when_the_aggregator_restarts_during_the_initialization
     Ok(())
 }
 
+/// The kinds of frame a tab sends on one connection of a federated
+/// initialization: its Hello, one gradient per module of the task, InitDone.
+async fn init_frame_kinds(agg: &Aggregator) -> anyhow::Result<Vec<String>> {
+    let info = agg.json("/api/task").await?;
+    let modules = info["module_names"]
+        .as_array()
+        .map(Vec::len)
+        .with_context(|| format!("/api/task has no module_names: {info}"))?;
+    let mut kinds = vec!["hello".to_owned()];
+    kinds.extend(std::iter::repeat_n("init_gradient".to_owned(), modules));
+    kinds.push("init_done".to_owned());
+    Ok(kinds)
+}
+
 /// The byte sizes of the initialization frames the tab has sent.
 async fn sent_init_sizes(c: &mut Chromium) -> anyhow::Result<Vec<u64>> {
     let v = c
@@ -1402,21 +1411,6 @@ async fn sent_init_sizes(c: &mut Chromium) -> anyhow::Result<Vec<u64>> {
         )
         .await?;
     Ok(serde_json::from_str(v.as_str().context("sizes")?)?)
-}
-
-/// Waits (up to 120 s) until the initialization holds `n` contributions.
-async fn wait_init_contributions(agg: &Aggregator, n: u64) -> anyhow::Result<()> {
-    let started = Instant::now();
-    loop {
-        let s = agg.json("/api/status").await?;
-        if s["state"] == "initializing" && s["updates_in_round"] == n {
-            return Ok(());
-        }
-        if started.elapsed() > Duration::from_secs(120) {
-            bail!("the initialization did not reach {n} contributions: {s}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// A tab and a native participant (`fedsb join`) in one federation: quorum
@@ -2093,38 +2087,9 @@ async fn two_tabs_train_the_demo_task_on_minilm() -> anyhow::Result<()> {
             .await?;
         tabs.push(c);
     }
-    let mut ended: Vec<Option<Value>> = vec![None; tabs.len()];
-    let mut last = vec![String::new(); tabs.len()];
-    while ended.iter().any(Option::is_none) {
-        for (tab, c) in tabs.iter_mut().enumerate() {
-            if ended[tab].is_some() {
-                continue;
-            }
-            let s = c
-                .eval("JSON.stringify(window.fedsbParticipant.status)")
-                .await?;
-            let s: Value = serde_json::from_str(s.as_str().unwrap_or("null"))?;
-            let line = format!("{} {} {}", s["phase"], s["round"], s["message"]);
-            if line != last[tab] {
-                eprintln!("[{:>6.0?}] tab {tab}: {line}", started.elapsed());
-                last[tab] = line;
-            }
-            if let Some(p) = s["phase"].as_str() {
-                if ["finished", "error", "disconnected", "left"].contains(&p) {
-                    ensure!(p == "finished", "tab {tab}: {s}");
-                    ended[tab] = Some(s);
-                }
-            }
-        }
-        ensure!(
-            started.elapsed() < Duration::from_secs(3 * 3600),
-            "the tabs did not finish in 3 h: {last:?}"
-        );
-        tokio::time::sleep(Duration::from_secs(2)).await;
-    }
+    let ended = wait_tabs_finished(&mut tabs, started, Duration::from_secs(3 * 3600)).await?;
     eprintln!("both tabs finished in {:.1?}", started.elapsed());
     for (tab, s) in ended.iter().enumerate() {
-        let s = s.as_ref().expect("ended");
         eprintln!("tab {tab} ({}): losses {}", s["adapter"], s["losses"]);
     }
     wait_all_evaluated(&agg, rounds as usize + 1).await?;

@@ -170,6 +170,35 @@ async fn wait_evaluated(agg: &Aggregator, rounds: usize) -> anyhow::Result<serde
     }
 }
 
+/// Rounds 1 and 2 from a scripted participant: each time round 0's state
+/// moved by half of [`known_state`] of the round number, 10 samples.
+async fn two_scripted_rounds(agg: &Aggregator) -> anyhow::Result<()> {
+    let (mut p, _) = Participant::join(agg.addr, "scripted").await?;
+    let global0 = p.wait_global(RoundId(0)).await?;
+    for n in 1..=2u64 {
+        let round = p.wait_round_open().await?;
+        let mut mine = global0.clone();
+        let shape = AdapterShape {
+            rank: RANK as u32,
+            modules: mine.r.len() as u32,
+            head_classes: 2,
+            head_hidden: mine.head_weight.shape[1],
+        };
+        let noise = known_state(&shape, n);
+        for (t, (_, d)) in mine.tensors_mut().zip(noise.named_tensors()) {
+            for (x, y) in t.data.iter_mut().zip(&d.data) {
+                *x += 0.5 * y;
+            }
+        }
+        let answer = p.submit(update(round, 10, mine)).await?;
+        anyhow::ensure!(
+            matches!(answer, ServerMessage::UpdateAccepted { .. }),
+            "{answer:?}"
+        );
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_committed_round_is_evaluated_like_the_reference() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
@@ -194,29 +223,7 @@ async fn every_committed_round_is_evaluated_like_the_reference() -> anyhow::Resu
     assert!(first.starts_with("event: status\n"), "{first}");
 
     // Two rounds from a scripted participant with known states.
-    let (mut p, _) = Participant::join(agg.addr, "scripted").await?;
-    let global0 = p.wait_global(RoundId(0)).await?;
-    for n in 1..=2u64 {
-        let round = p.wait_round_open().await?;
-        let mut mine = global0.clone();
-        let shape = AdapterShape {
-            rank: RANK as u32,
-            modules: mine.r.len() as u32,
-            head_classes: 2,
-            head_hidden: mine.head_weight.shape[1],
-        };
-        let noise = known_state(&shape, n);
-        for (t, (_, d)) in mine.tensors_mut().zip(noise.named_tensors()) {
-            for (x, y) in t.data.iter_mut().zip(&d.data) {
-                *x += 0.5 * y;
-            }
-        }
-        let answer = p.submit(update(round, 10, mine)).await?;
-        assert!(
-            matches!(answer, ServerMessage::UpdateAccepted { .. }),
-            "{answer:?}"
-        );
-    }
+    two_scripted_rounds(&agg).await?;
 
     let list = wait_evaluated(&agg, 3).await?;
     let mut accuracies = Vec::new();
@@ -322,31 +329,7 @@ async fn an_exported_round_evaluates_as_the_aggregator_evaluated_it() -> anyhow:
     let dir = tmp.path();
     write_task(dir)?;
     let agg = Aggregator::start_in(dir)?;
-    let (mut p, _) = Participant::join(agg.addr, "scripted").await?;
-    let global0 = p.wait_global(RoundId(0)).await?;
-    for n in 1..=2u64 {
-        let round = p.wait_round_open().await?;
-        let mut mine = global0.clone();
-        let shape = AdapterShape {
-            rank: RANK as u32,
-            modules: mine.r.len() as u32,
-            head_classes: 2,
-            head_hidden: mine.head_weight.shape[1],
-        };
-        for (t, (_, d)) in mine
-            .tensors_mut()
-            .zip(known_state(&shape, n).named_tensors())
-        {
-            for (x, y) in t.data.iter_mut().zip(&d.data) {
-                *x += 0.5 * y;
-            }
-        }
-        let answer = p.submit(update(round, 10, mine)).await?;
-        anyhow::ensure!(
-            matches!(answer, ServerMessage::UpdateAccepted { .. }),
-            "{answer:?}"
-        );
-    }
+    two_scripted_rounds(&agg).await?;
     let list = wait_evaluated(&agg, 3).await?;
 
     let export = |round: Option<&str>, out: &Path| -> anyhow::Result<std::process::Output> {

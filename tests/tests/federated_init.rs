@@ -529,21 +529,6 @@ async fn a_restart_repeats_an_unfinished_initialization_and_resumes_a_finished_o
     Ok(())
 }
 
-/// Waits (up to 120 s) until the initialization holds `n` contributions.
-async fn wait_init_contributions(agg: &Aggregator, n: u64) -> anyhow::Result<()> {
-    let started = Instant::now();
-    loop {
-        let s = agg.json("/api/status").await?;
-        if s["state"] == "initializing" && s["updates_in_round"] == n {
-            return Ok(());
-        }
-        if started.elapsed() > Duration::from_secs(120) {
-            bail!("the initialization did not reach {n} contributions: {s}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// A `fedsb join` whose initialization gradients are in stops (killed) and
 /// starts again on the same data and cache: its participant key gets
 /// `InitAccepted` instead of `InitRequest`, so it computes and sends nothing
@@ -556,7 +541,7 @@ async fn a_participant_that_joins_again_during_the_initialization_is_counted_onc
     write_config(dir, 1, 2, 16)?;
     let agg = Aggregator::start_in(dir)?;
     let mut first = spawn_join(dir, &agg, "a.tsv", "a", &[])?;
-    wait_init_contributions(&agg, 1).await?;
+    agg.wait_init_contributions(1).await?;
     first.kill()?;
     first.wait()?;
 
@@ -593,12 +578,12 @@ async fn a_participant_reconnects_when_the_aggregator_restarts_during_the_initia
     let mut agg = Aggregator::start_in(dir)?;
     let port = agg.addr.port();
     let a = spawn_join(dir, &agg, "a.tsv", "a", &["--reconnect-for", "120"])?;
-    wait_init_contributions(&agg, 1).await?;
+    agg.wait_init_contributions(1).await?;
     agg.kill9();
     let agg = Aggregator::start_in_on(dir, port)?;
     assert_eq!(agg.json("/api/status").await?["state"], "initializing");
     // a's gradients come again, from the reconnected participant.
-    wait_init_contributions(&agg, 1).await?;
+    agg.wait_init_contributions(1).await?;
     let b = spawn_join(dir, &agg, "b.tsv", "b", &[])?;
     let (a, b) = tokio::join!(wait_child(a, JOIN_TIMEOUT), wait_child(b, JOIN_TIMEOUT));
     let (a, b) = (a?, b?);
