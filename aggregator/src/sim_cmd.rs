@@ -41,6 +41,7 @@
 //! `bytes_down` = clients × the encoded `GlobalModel` frame they started the
 //! round from.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -69,7 +70,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use crate::data_args::{require_label_column, same_columns_as, DataColumns};
 use crate::dp_training::DpTraining;
 use crate::participant::{
-    engine_to_state, layered_modules, read_adapter_file, read_head, state_to_engine, ModuleRef,
+    engine_to_state, layered_modules, read_adapter_file, read_head, state_to_engine,
+    write_adapter_file, ModuleRef,
 };
 use crate::privacy_cmd::AccountantArg;
 
@@ -155,6 +157,11 @@ pub struct SimArgs {
     /// frame the aggregator would store (`round-<n>.bin`) into this directory.
     #[arg(long)]
     write_globals: Option<PathBuf>,
+    /// Write the final global model (A, B, the last round's R of every
+    /// module and the head) to this adapter file, in the layout of `fedsb
+    /// train --output` (`fedsb eval` and `fedsb merge` read it).
+    #[arg(long)]
+    output: Option<PathBuf>,
     /// One JSON line per round on stdout (the summary table then goes to stderr).
     #[arg(long)]
     json: bool,
@@ -922,6 +929,31 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
     }
     if let Some(path) = &args.plot {
         draw_plot(path, &rows)?;
+    }
+    if let Some(path) = &args.output {
+        let (adapters, head) = state_to_engine(&frozen, &modules, &global)?;
+        let mut metadata = HashMap::from([
+            ("format".to_owned(), "fedsb-lora-sb".to_owned()),
+            ("rank".to_owned(), args.rank.to_string()),
+            ("modules".to_owned(), args.modules.join(",")),
+            (
+                "labels".to_owned(),
+                serde_json::to_string(&train.label_names)?,
+            ),
+            ("round".to_owned(), args.rounds.to_string()),
+            ("clients".to_owned(), args.clients.to_string()),
+            ("split".to_owned(), args.split.clone()),
+            ("local_steps".to_owned(), local_steps.to_string()),
+            ("learning_rate".to_owned(), args.lr.to_string()),
+            ("seed".to_owned(), args.seed.to_string()),
+            ("trained_by".to_owned(), "fedsb sim".to_owned()),
+        ]);
+        if let Some(e) = rows.last().and_then(|r| r.epsilon_spent) {
+            metadata.insert("dp_epsilon".to_owned(), e.to_string());
+            metadata.insert("dp_delta".to_owned(), args.dp_delta.to_string());
+        }
+        write_adapter_file(path, &names, &modules, &adapters, &head, metadata)?;
+        eprintln!("wrote the final global model to {}", path.display());
     }
     Ok(())
 }

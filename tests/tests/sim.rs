@@ -278,6 +278,44 @@ fn head_only_keeps_every_r_and_trains_the_head() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--output` writes the final global model as an adapter file; `fedsb
+/// eval` of it on the eval file gives the last round's accuracy and loss.
+#[test]
+fn the_final_global_model_is_written_and_evaluates_as_the_last_round() -> anyhow::Result<()> {
+    let task = Task::new()?;
+    let file = task.path().join("final.safetensors");
+    let out = run(task.sim(2, &["--json", "--output", file.to_str().context("path")?]))?;
+    check_success("fedsb sim --output", &out)?;
+    let lines = json_lines(&out)?;
+    let last = lines.last().context("no round line")?;
+    assert_eq!(last["round"], 2, "{last}");
+    let out = Command::new(fedsb_bin())
+        .args(["eval", "--model"])
+        .arg(task.path().join("model"))
+        .arg("--adapter-file")
+        .arg(&file)
+        .arg("--eval")
+        .arg(task.path().join("eval.tsv"))
+        .args(["--batch", &BATCH.to_string(), "--max-seq-len", "16"])
+        .output()?;
+    check_success("fedsb eval of the sim's output", &out)?;
+    let measured = json_lines(&out)?.pop().context("no eval line")?;
+    assert_eq!(measured["round"], 2, "{measured}");
+    assert_eq!(
+        measured["accuracy"], last["eval_accuracy"],
+        "{measured} vs {last}"
+    );
+    let (got, want) = (
+        measured["loss"].as_f64().context("loss")?,
+        last["eval_loss"].as_f64().context("eval_loss")?,
+    );
+    assert!(
+        (got - want).abs() <= 1e-6 * want,
+        "fedsb eval {got}, sim {want}"
+    );
+    Ok(())
+}
+
 /// `--dp-epsilon`: every client trains with DP-SGD (σ calibrated for its
 /// rounds × local steps), its update carries a privacy report that the
 /// aggregator's policy check accepts, and each round reports the ε spent,
