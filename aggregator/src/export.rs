@@ -76,9 +76,34 @@ pub async fn export_round(
             round,
             last,
         })?;
-    tokio::task::spawn_blocking(move || adapter_file_of(&config, committed, last))
+    // DP tasks: what the participants had spent when this round committed.
+    // Each report carries its participant's ε spent so far, so the largest
+    // one up to this round is the model's guarantee for the worst-off
+    // participant's data.
+    let privacy = if config.privacy.enabled {
+        let reports = store.privacy_reports().await?;
+        let upto: Vec<_> = reports.iter().filter(|r| r.round <= round).collect();
+        let mut participants: Vec<_> = upto.iter().map(|r| r.participant).collect();
+        participants.sort_unstable();
+        participants.dedup();
+        Some(PrivacySpent {
+            epsilon_max: upto.iter().map(|r| r.epsilon_spent).fold(0.0, f64::max),
+            participants: participants.len(),
+        })
+    } else {
+        None
+    };
+    tokio::task::spawn_blocking(move || adapter_file_of(&config, committed, last, privacy))
         .await
         .map_err(|_| ExportError::Join)?
+}
+
+/// What the participants of a DP task had spent by a round.
+struct PrivacySpent {
+    /// The largest ε any participant had spent.
+    epsilon_max: f64,
+    /// Participants with a privacy report up to the round.
+    participants: usize,
 }
 
 /// The adapter file of a committed round, `last` being the last committed.
@@ -86,6 +111,7 @@ fn adapter_file_of(
     config: &Config,
     committed: CommittedRound,
     last: u64,
+    privacy: Option<PrivacySpent>,
 ) -> Result<ExportedRound, ExportError> {
     let task = config.task.id.clone();
     let round = committed.meta.round;
@@ -124,7 +150,7 @@ fn adapter_file_of(
             message: e.to_string(),
         })?;
     let meta = committed.meta;
-    let metadata = HashMap::from([
+    let mut metadata = HashMap::from([
         ("format".to_owned(), "fedsb-lora-sb".to_owned()),
         ("rank".to_owned(), config.adapter.rank.to_string()),
         ("modules".to_owned(), config.adapter.modules.join(",")),
@@ -140,6 +166,11 @@ fn adapter_file_of(
         ("global_sha256".to_owned(), meta.global_sha256.clone()),
         ("trained_by".to_owned(), "fedsb serve".to_owned()),
     ]);
+    if let Some(p) = privacy {
+        metadata.insert("dp_epsilon_max".to_owned(), p.epsilon_max.to_string());
+        metadata.insert("dp_delta".to_owned(), config.privacy.delta.to_string());
+        metadata.insert("dp_participants".to_owned(), p.participants.to_string());
+    }
     let bytes = adapter_file_bytes(&names, &modules, &adapters, &head, metadata).map_err(|e| {
         ExportError::State {
             round,
