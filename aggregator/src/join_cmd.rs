@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! fedsb join --server http://127.0.0.1:8080 --data my-data.tsv
+//! fedsb join --server https://fedsb.example.org --data my-data.tsv
 //! ```
 //!
 //! 1. Reads the task id from `/api/task`, connects to `ws://HOST:PORT/ws`,
@@ -54,7 +55,10 @@
 //! sent again at its `RoundOpen`. No round is trained twice, so no privacy
 //! budget is spent twice either.
 //!
-//! Not yet: `https://`/`wss://` servers (no TLS stack is built in).
+//! `--server https://…` (an aggregator behind a TLS reverse proxy) uses TLS
+//! for the files and `wss://` for the WebSocket (rustls), trusting Mozilla's
+//! root certificates and any given with `--ca-cert` (a private CA, or the
+//! proxy's self-signed certificate).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Read as _;
@@ -91,9 +95,15 @@ const ADAPTER_FILE: &str = "adapter.safetensors";
 
 #[derive(Debug, Args)]
 pub struct JoinArgs {
-    /// The aggregator, e.g. http://127.0.0.1:8080 (the WebSocket is /ws there).
+    /// The aggregator, e.g. http://127.0.0.1:8080 or https://fedsb.example.org
+    /// (the WebSocket is /ws there).
     #[arg(long)]
     server: String,
+    /// A PEM file of certificates to trust for an https:// server besides
+    /// the usual public roots: a private CA, or the server's self-signed
+    /// certificate (repeatable).
+    #[arg(long)]
+    ca_cert: Vec<PathBuf>,
     /// Local training data (.csv, .tsv or .jsonl); it never leaves this machine.
     #[arg(long)]
     data: PathBuf,
@@ -174,9 +184,16 @@ enum Handshake {
 
 impl Link {
     /// Connects and sends the `Hello` frame.
-    fn open(rt: &tokio::runtime::Runtime, ws_url: &str, hello: &[u8]) -> anyhow::Result<Self> {
+    fn open(rt: &tokio::runtime::Runtime, server: &Endpoint, hello: &[u8]) -> anyhow::Result<Self> {
+        let ws_url = &server.ws_url;
+        let connector = tokio_tungstenite::Connector::Rustls(server.tls.clone());
         let (ws, _) = rt
-            .block_on(tokio_tungstenite::connect_async(ws_url))
+            .block_on(tokio_tungstenite::connect_async_tls_with_config(
+                ws_url.as_str(),
+                None,
+                false,
+                Some(connector),
+            ))
             .with_context(|| format!("connecting to {ws_url}"))?;
         info!(url = %ws_url, "connected");
         let (mut sink, mut stream) = ws.split();
@@ -307,7 +324,7 @@ impl Link {
 fn reconnect(
     link: &mut Link,
     rt: &tokio::runtime::Runtime,
-    ws_url: &str,
+    server: &Endpoint,
     hello: &[u8],
     task_id: &str,
     window: Duration,
@@ -319,7 +336,7 @@ fn reconnect(
     loop {
         std::thread::sleep(pause.min(window.saturating_sub(started.elapsed())));
         attempts += 1;
-        let why = match Link::open(rt, ws_url, hello) {
+        let why = match Link::open(rt, server, hello) {
             Ok(mut new) => match new.welcome() {
                 Ok((participant, task)) if task.task_id == task_id => {
                     info!(%participant, attempts, "reconnected");
@@ -346,7 +363,8 @@ fn reconnect(
         };
         if started.elapsed() >= window {
             return Err(why.context(format!(
-                "could not reconnect to {ws_url} within {} s ({attempts} attempts)",
+                "could not reconnect to {} within {} s ({attempts} attempts)",
+                server.ws_url,
                 window.as_secs()
             )));
         }
@@ -371,23 +389,76 @@ struct Summary {
     reconnects: u64,
 }
 
-/// `http://h:p` → (`http://h:p`, `ws://h:p/ws`); `ws://` URLs are accepted too.
+/// `http://h:p` → (`http://h:p`, `ws://h:p/ws`), `https://h` → (`https://h`,
+/// `wss://h/ws`); `ws://` and `wss://` URLs are accepted too.
 fn server_urls(server: &str) -> anyhow::Result<(String, String)> {
     let s = server.trim().trim_end_matches('/');
     let s = s.strip_suffix("/ws").unwrap_or(s);
-    let rest = if let Some(r) = s.strip_prefix("http://") {
-        r
-    } else if let Some(r) = s.strip_prefix("ws://") {
-        r
-    } else if s.starts_with("https://") || s.starts_with("wss://") {
-        bail!("--server {server}: TLS (https/wss) is not supported by fedsb join yet; use http:// (e.g. through an SSH tunnel)");
+    let (tls, rest) = if let Some(r) = s.strip_prefix("http://").or(s.strip_prefix("ws://")) {
+        (false, r)
+    } else if let Some(r) = s.strip_prefix("https://").or(s.strip_prefix("wss://")) {
+        (true, r)
     } else {
-        bail!("--server {server}: expected http://HOST:PORT");
+        bail!("--server {server}: expected http://HOST:PORT or https://HOST[:PORT]");
     };
     if rest.is_empty() {
         bail!("--server {server}: no host");
     }
-    Ok((format!("http://{rest}"), format!("ws://{rest}/ws")))
+    let (http, ws) = if tls {
+        ("https", "wss")
+    } else {
+        ("http", "ws")
+    };
+    Ok((format!("{http}://{rest}"), format!("{ws}://{rest}/ws")))
+}
+
+/// How this participant reaches the aggregator: its HTTP base URL and
+/// WebSocket URL, and whom it trusts over TLS (Mozilla's roots and the
+/// `--ca-cert` certificates), the same for the files and the WebSocket.
+struct Endpoint {
+    http_base: String,
+    ws_url: String,
+    http: reqwest::Client,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+}
+
+impl Endpoint {
+    fn new(server: &str, ca_certs: &[PathBuf]) -> anyhow::Result<Self> {
+        use rustls_pki_types::pem::PemObject as _;
+        use rustls_pki_types::CertificateDer;
+        let (http_base, ws_url) = server_urls(server)?;
+        let mut roots = rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
+        let mut http = reqwest::Client::builder().use_rustls_tls();
+        for path in ca_certs {
+            let what = || format!("--ca-cert {}", path.display());
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| anyhow::anyhow!("{}: {e}", what()))?;
+            if certs.is_empty() {
+                bail!("{}: no PEM certificate in the file", what());
+            }
+            for c in certs {
+                http = http.add_root_certificate(
+                    reqwest::Certificate::from_der(c.as_ref()).with_context(what)?,
+                );
+                roots.add(c).with_context(what)?;
+            }
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .context("TLS configuration")?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Self {
+            http_base,
+            ws_url,
+            http: http.build().context("the HTTP client")?,
+            tls: std::sync::Arc::new(tls),
+        })
+    }
 }
 
 fn default_cache_dir() -> PathBuf {
@@ -472,10 +543,13 @@ fn sha256_of_file(path: &Path) -> anyhow::Result<String> {
     Ok(hex::encode(hasher.finalize()))
 }
 
-/// The task id the aggregator at `http_base` serves (`/api/task`).
-async fn task_id(http_base: &str) -> anyhow::Result<String> {
-    let url = format!("{http_base}/api/task");
-    let r = reqwest::get(&url)
+/// The task id the aggregator serves (`/api/task`).
+async fn task_id(server: &Endpoint) -> anyhow::Result<String> {
+    let url = format!("{}/api/task", server.http_base);
+    let r = server
+        .http
+        .get(&url)
+        .send()
         .await
         .with_context(|| format!("GET {url}"))?;
     if !r.status().is_success() {
@@ -781,7 +855,8 @@ fn train_round(
 }
 
 pub fn run(args: JoinArgs) -> anyhow::Result<()> {
-    let (http_base, ws_url) = server_urls(&args.server)?;
+    let server = Endpoint::new(&args.server, &args.ca_cert)?;
+    let (http_base, http) = (&server.http_base, &server.http);
     let cache = args.cache_dir.clone().unwrap_or_else(default_cache_dir);
     std::fs::create_dir_all(&cache)
         .with_context(|| format!("creating the cache directory {}", cache.display()))?;
@@ -790,7 +865,7 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
     let key_path = match &args.participant_key_file {
         Some(p) => p.clone(),
         None => {
-            let task_id = rt.block_on(task_id(&http_base))?;
+            let task_id = rt.block_on(task_id(&server))?;
             let data_hash = sha256_of_file(&args.data)?;
             cache
                 .join("participants")
@@ -812,7 +887,7 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
         participant_key: Some(key),
     }
     .encode();
-    let mut link = Link::open(&rt, &ws_url, &hello)?;
+    let mut link = Link::open(&rt, &server, &hello)?;
     let (participant, task) = match link.welcome() {
         Ok(w) => w,
         Err(Handshake::Refused(e) | Handshake::Lost(e)) => return Err(e),
@@ -847,7 +922,6 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
     );
 
     // Files, by hash.
-    let http = reqwest::Client::new();
     let mut paths = HashMap::new();
     for name in MODEL_FILES {
         let f = task
@@ -855,7 +929,7 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
             .iter()
             .find(|f| f.name == name)
             .expect("checked above");
-        let p = rt.block_on(fetch_file(&http, &http_base, f, &cache))?;
+        let p = rt.block_on(fetch_file(http, http_base, f, &cache))?;
         paths.insert(name.to_owned(), p);
     }
     let ctx = pollster::block_on(GpuContext::new(&GpuOptions {
@@ -900,7 +974,7 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
                         let t = reconnect(
                             &mut link,
                             &rt,
-                            &ws_url,
+                            &server,
                             &hello,
                             &task.task_id,
                             Duration::from_secs(args.reconnect_for),
@@ -979,7 +1053,7 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
         .iter()
         .find(|f| f.name == ADAPTER_FILE)
         .expect("present or added by the initialization");
-    let p = rt.block_on(fetch_file(&http, &http_base, adapter_ref, &cache))?;
+    let p = rt.block_on(fetch_file(http, http_base, adapter_ref, &cache))?;
     paths.insert(ADAPTER_FILE.to_owned(), p);
     let loaded = load_task_files(&task, &paths)?;
 
@@ -1083,7 +1157,7 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
                 if let Err(e) = reconnect(
                     &mut link,
                     &rt,
-                    &ws_url,
+                    &server,
                     &hello,
                     &task.task_id,
                     Duration::from_secs(args.reconnect_for),
@@ -1408,10 +1482,21 @@ mod tests {
             server_urls("ws://h:1/ws").unwrap().0,
             "http://h:1".to_owned()
         );
-        assert!(server_urls("https://h")
+        assert_eq!(
+            server_urls("https://fedsb.example.org/").unwrap(),
+            (
+                "https://fedsb.example.org".to_owned(),
+                "wss://fedsb.example.org/ws".to_owned()
+            )
+        );
+        assert_eq!(
+            server_urls("wss://h:8443/ws").unwrap().0,
+            "https://h:8443".to_owned()
+        );
+        assert!(server_urls("h:1")
             .unwrap_err()
             .to_string()
-            .contains("TLS"));
-        assert!(server_urls("h:1").is_err());
+            .contains("expected http://HOST:PORT or https://"));
+        assert!(server_urls("https://").is_err());
     }
 }

@@ -484,3 +484,96 @@ async fn join_leaves_after_max_rounds() -> anyhow::Result<()> {
     assert_eq!(rounds[1]["participants"], 1);
     Ok(())
 }
+
+/// A TLS reverse proxy on 127.0.0.1 in front of `upstream`, with the
+/// test-only self-signed certificate of `tests/fixtures/tls` (for
+/// `localhost` and 127.0.0.1): what an operator puts before a public
+/// aggregator. Returns its port.
+async fn tls_proxy(upstream: std::net::SocketAddr) -> anyhow::Result<u16> {
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls;
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tls");
+    let certs = CertificateDer::pem_file_iter(fixtures.join("localhost.crt"))?
+        .collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(fixtures.join("localhost.key"))?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                // A client that refuses the certificate ends here.
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                if let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
+                }
+            });
+        }
+    });
+    Ok(port)
+}
+
+/// An aggregator behind a TLS reverse proxy: `fedsb join --server
+/// https://localhost:PORT --ca-cert <the proxy's certificate>` downloads the
+/// files over https, speaks the protocol over wss and finishes its round;
+/// without `--ca-cert` it refuses the self-signed certificate and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_joins_over_tls_through_a_reverse_proxy() -> anyhow::Result<()> {
+    let task = TaskDir::new(true)?;
+    task.write_config(true)?;
+    let path = task.path().join("task.toml");
+    let text =
+        std::fs::read_to_string(&path)?.replace("min_participants = 2", "min_participants = 1");
+    std::fs::write(&path, text)?;
+    let agg = Aggregator::start_in(task.path())?;
+    let port = tls_proxy(agg.addr).await?;
+    let server = format!("https://localhost:{port}");
+    let cert = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tls/localhost.crt");
+    let join = |extra: &[&str]| -> anyhow::Result<std::process::Child> {
+        Ok(std::process::Command::new(fedsb_bin())
+            .arg("join")
+            .args(["--server", &server])
+            .arg("--data")
+            .arg(task.path().join("a.tsv"))
+            .arg("--cache-dir")
+            .arg(task.path().join("cache-tls"))
+            .args(["--max-rounds", "1", "--reconnect-for", "0"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?)
+    };
+    let refused = wait_child(join(&[])?, JOIN_TIMEOUT).await?;
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("certificate") && stderr.contains("api/task"),
+        "{stderr}"
+    );
+    let out = wait_child(
+        join(&["--ca-cert", cert.to_str().context("path")?])?,
+        JOIN_TIMEOUT,
+    )
+    .await?;
+    check_success("fedsb join over https", &out)?;
+    let report = last_json_line(&out)?;
+    assert_eq!(report["rounds"], serde_json::json!([1]), "{report}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("wss://localhost:{port}/ws")),
+        "{stderr}"
+    );
+    let rounds = agg.json("/api/rounds").await?;
+    assert_eq!(rounds[1]["participants"], 1, "{rounds}");
+    Ok(())
+}
