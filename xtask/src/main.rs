@@ -49,8 +49,9 @@ enum Task {
     FetchData,
     /// Put all-MiniLM-L6-v2 (Hugging Face layout) in models/all-MiniLM-L6-v2/.
     FetchModel,
-    /// Run benchmarks: `engine` (matmul GFLOP/s on the wgpu adapter) or
-    /// `encoder` (all-MiniLM-L6-v2 forward and training samples/s).
+    /// Run benchmarks: `engine` (matmul GFLOP/s on the wgpu adapter),
+    /// `encoder` (all-MiniLM-L6-v2 forward and training samples/s) or
+    /// `aggregator` (participants held, memory per connection, round times).
     Bench {
         #[arg(default_value = "engine")]
         what: String,
@@ -380,7 +381,26 @@ fn bench(root: &Path, what: &str) -> Result<()> {
             fetch_model(root)?;
             "bench_encoder"
         }
-        other => bail!("unknown benchmark {other:?}; known: engine, encoder"),
+        "aggregator" => {
+            // The release server, then the participants of the benchmark.
+            run(cargo().args([
+                "build",
+                "--release",
+                "-p",
+                "fedsb-aggregator",
+                "--bin",
+                "fedsb",
+            ]))?;
+            return run(cargo().args([
+                "run",
+                "--release",
+                "-p",
+                "fedsb-e2e",
+                "--example",
+                "bench_aggregator",
+            ]));
+        }
+        other => bail!("unknown benchmark {other:?}; known: engine, encoder, aggregator"),
     };
     run(cargo().args([
         "run",
