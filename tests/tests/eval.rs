@@ -613,3 +613,30 @@ fn a_merged_model_evaluates_like_the_base_model_with_its_adapter() -> anyhow::Re
     );
     Ok(())
 }
+
+/// `/api/rounds/{n}/adapter` says plainly why it has nothing to serve: a
+/// round that is not a number (400), one not committed (404), and a task
+/// without an adapter file, whose R's mean nothing alone (409).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_round_model_download_explains_its_refusals() -> anyhow::Result<()> {
+    let agg = Aggregator::start(&test_config(2, 1, 1, 60, ""))?;
+    for (path, status, says) in [
+        ("/api/rounds/zero/adapter", 400, "is not a number"),
+        (
+            "/api/rounds/7/adapter",
+            404,
+            "round 7 of task e2e is not committed",
+        ),
+        (
+            "/api/rounds/0/adapter",
+            409,
+            "has no adapter file with A and B",
+        ),
+    ] {
+        let r = reqwest::get(agg.url(path)).await?;
+        assert_eq!(r.status(), status, "{path}");
+        let body = r.text().await?;
+        assert!(body.contains(says), "{path}: {body}");
+    }
+    Ok(())
+}
