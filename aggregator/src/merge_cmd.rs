@@ -10,7 +10,8 @@
 //! files and no model card, which would describe the base model. The classification head,
 //! which reads the attention-masked mean of the last hidden state, is
 //! written beside it as `fedsb-head.safetensors` (`classifier.weight`,
-//! `classifier.bias`, the class names in its metadata).
+//! `classifier.bias`, the class names in its metadata), and a `README.md`
+//! model card says what the directory is and how to run it.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -101,6 +102,67 @@ fn copy_model_files(model: &Path, out: &Path) -> anyhow::Result<Vec<String>> {
     }
     copied.sort();
     Ok(copied)
+}
+
+/// The merged directory's `README.md`: what it is made of (the base model,
+/// the adapter file and its metadata) and how to run it with transformers.
+fn model_card(
+    args: &MergeArgs,
+    info: &crate::participant::AdapterFileInfo,
+    classes: Option<usize>,
+) -> String {
+    use std::fmt::Write as _;
+    let mut card = String::from("# A LoRA-SB model merged by fedsb\n\n");
+    let _ = writeln!(
+        card,
+        "This directory is the base model `{}` with the LoRA-SB adapter `{}` \
+         merged into it by `fedsb merge`: every adapted linear layer's weight \
+         is `W + B·R·A` ({} modules, rank {}); every other tensor, the \
+         configuration and the tokenizer are the base model's.\n",
+        args.model.display(),
+        args.adapter_file.display(),
+        info.names.len(),
+        info.rank
+    );
+    if !info.metadata.is_empty() {
+        card.push_str("The adapter file's metadata:\n\n| key | value |\n|---|---|\n");
+        let mut keys: Vec<_> = info.metadata.iter().collect();
+        keys.sort();
+        for (k, v) in keys {
+            let _ = writeln!(card, "| {k} | {} |", v.replace('|', "\\|"));
+        }
+        card.push('\n');
+    }
+    if let Some(classes) = classes {
+        let labels = info
+            .metadata
+            .get("labels")
+            .map_or("(not named)", String::as_str);
+        let _ = writeln!(
+            card,
+            "The classification head is `{HEAD_FILE}` ({classes} classes, in order: \
+             {labels}): `logits = mean · Wᵀ + b`, where `mean` is the \
+             attention-masked mean of the last hidden state.\n"
+        );
+        card.push_str(
+            "```python\n\
+             import torch\n\
+             from safetensors.torch import load_file\n\
+             from transformers import AutoModel, AutoTokenizer\n\n\
+             DIR = \".\"  # this directory\n\
+             model = AutoModel.from_pretrained(DIR).eval()\n\
+             tokenizer = AutoTokenizer.from_pretrained(DIR)\n\
+             head = load_file(f\"{DIR}/fedsb-head.safetensors\")\n\
+             enc = tokenizer([\"a sentence\"], padding=True, truncation=True, return_tensors=\"pt\")\n\
+             with torch.no_grad():\n\
+             \x20   hidden = model(**enc).last_hidden_state\n\
+             mask = enc[\"attention_mask\"].unsqueeze(-1).float()\n\
+             mean = (hidden * mask).sum(1) / mask.sum(1)\n\
+             logits = mean @ head[\"classifier.weight\"].T + head[\"classifier.bias\"]\n\
+             ```\n",
+        );
+    }
+    card
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same directory.
@@ -221,6 +283,9 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
         let head_bytes = safetensors::tensor::serialize(views, Some(meta))?;
         write_atomically(&args.out.join(HEAD_FILE), &head_bytes)?;
     }
+    let card = model_card(&args, &info, head.as_ref().map(|h| h.bias.len()));
+    std::fs::write(args.out.join("README.md"), card)
+        .with_context(|| format!("writing {}", args.out.join("README.md").display()))?;
     eprintln!(
         "merged {} modules of rank {} into {}: {} ({} tensors; copied {})",
         info.names.len(),

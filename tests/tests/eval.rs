@@ -548,6 +548,16 @@ fn a_merged_model_evaluates_like_the_base_model_with_its_adapter() -> anyhow::Re
     }
     let head = tensors_of(&merged.join("fedsb-head.safetensors"))?;
     assert_eq!(head["classifier.weight"], file["classifier.weight"]);
+    // The model card says what the directory is and how to run its head.
+    let card = std::fs::read_to_string(merged.join("README.md"))?;
+    for says in [
+        "merged into it by `fedsb merge`",
+        &format!("({adapted} modules, rank {RANK})"),
+        "`fedsb-head.safetensors` (2 classes",
+        "AutoModel.from_pretrained(DIR)",
+    ] {
+        assert!(card.contains(says), "{says:?} not in the card:\n{card}");
+    }
 
     // The merged model evaluates as the base model with the adapter: with
     // the same file, its R's zeroed, it adds nothing to the merged weights.
