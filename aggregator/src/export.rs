@@ -61,21 +61,25 @@ pub async fn export_round(
     round: Option<u64>,
 ) -> Result<ExportedRound, ExportError> {
     let task = config.task.id.clone();
-    let last = store
+    let latest = store
         .last_round()
         .await?
-        .ok_or_else(|| ExportError::NoRounds { task: task.clone() })?
-        .meta
-        .round;
+        .ok_or_else(|| ExportError::NoRounds { task: task.clone() })?;
+    let last = latest.meta.round;
     let round = round.unwrap_or(last);
-    let committed = store
-        .committed_round(RoundId(round))
-        .await?
-        .ok_or_else(|| ExportError::NotCommitted {
-            task: task.clone(),
-            round,
-            last,
-        })?;
+    // The last round is read once; another one is read by its number.
+    let committed = if round == last {
+        latest
+    } else {
+        store
+            .committed_round(RoundId(round))
+            .await?
+            .ok_or_else(|| ExportError::NotCommitted {
+                task: task.clone(),
+                round,
+                last,
+            })?
+    };
     // DP tasks: what the participants had spent when this round committed.
     // Each report carries its participant's ε spent so far, so the largest
     // one up to this round is the model's guarantee for the worst-off
