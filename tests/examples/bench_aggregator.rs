@@ -58,24 +58,15 @@ idle_timeout_secs = 3600
     )
 }
 
-/// Resident memory of process `pid` in KiB.
-fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+/// A memory field of process `pid` in KiB: `VmRSS` (resident now) or
+/// `VmHWM` (the peak).
+fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmRSS")
-}
-
-/// Peak resident memory (VmHWM) of process `pid` in KiB.
-fn peak_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmHWM")
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))
 }
 
 /// When one participant saw each round open, sent its update, and received
@@ -89,7 +80,7 @@ async fn run(n: usize, rounds: u64) -> anyhow::Result<()> {
     let agg = Aggregator::start(&config(n, rounds))?;
     let pid = agg.child.id();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss0 = rss_kib(pid)?;
+    let rss0 = status_kib(pid, "VmRSS")?;
     let joined = Arc::new(tokio::sync::Barrier::new(n + 1));
     let go = Arc::new(tokio::sync::Barrier::new(n + 1));
     let done = Arc::new(tokio::sync::Barrier::new(n + 1));
@@ -129,10 +120,10 @@ async fn run(n: usize, rounds: u64) -> anyhow::Result<()> {
     joined.wait().await;
     let join_s = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let rss1 = rss_kib(pid)?;
+    let rss1 = status_kib(pid, "VmRSS")?;
     go.wait().await;
     done.wait().await;
-    let rss2 = rss_kib(pid)?;
+    let rss2 = status_kib(pid, "VmRSS")?;
     let mut timelines = Vec::with_capacity(n);
     for t in tasks {
         timelines.push(t.await??);
@@ -142,7 +133,7 @@ async fn run(n: usize, rounds: u64) -> anyhow::Result<()> {
     let count = agg
         .metric("fedsb_aggregation_duration_seconds_count")
         .await?;
-    let peak = peak_kib(pid)?;
+    let peak = status_kib(pid, "VmHWM")?;
     let per_conn = (rss1.saturating_sub(rss0)) as f64 / n as f64;
     let per_conn_after = (rss2.saturating_sub(rss0)) as f64 / n as f64;
     println!(

@@ -1182,11 +1182,7 @@ async fn browser_tab_takes_part_in_a_federated_initialization() -> anyhow::Resul
         .arg(&central_path)
         .output()
         .context("running fedsb init")?;
-    ensure!(
-        out.status.success(),
-        "fedsb init failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    check_success("fedsb init", &out)?;
     let central = std::fs::read(&central_path)?;
     let (central, served) = (
         safetensors::SafeTensors::deserialize(&central)?,
@@ -2032,11 +2028,7 @@ async fn two_tabs_train_the_demo_task_on_minilm() -> anyhow::Result<()> {
         .arg(&adapter)
         .output()
         .context("running fedsb init")?;
-    ensure!(
-        out.status.success(),
-        "fedsb init failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    check_success("fedsb init", &out)?;
     eprintln!("demo adapter made in {:.1?}", started.elapsed());
     // configs/sst2-demo.toml, its paths made absolute, with the overrides.
     let mut config = std::fs::read_to_string(root.join("configs/sst2-demo.toml"))?;

@@ -63,6 +63,16 @@ impl TaskDir {
         self.write_config_with(with_adapter, "")
     }
 
+    /// Writes task.toml with a quorum of 1: a participant trains rounds alone.
+    fn write_config_alone(&self) -> anyhow::Result<()> {
+        self.write_config(true)?;
+        let path = self.path().join("task.toml");
+        let text =
+            std::fs::read_to_string(&path)?.replace("min_participants = 2", "min_participants = 1");
+        std::fs::write(&path, text)?;
+        Ok(())
+    }
+
     /// Writes task.toml with `extra` (whole sections) appended.
     fn write_config_with(&self, with_adapter: bool, extra: &str) -> anyhow::Result<()> {
         let adapter = if with_adapter {
@@ -465,11 +475,7 @@ async fn join_refuses_a_dp_task_whose_budget_it_cannot_meet() -> anyhow::Result<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn join_leaves_after_max_rounds() -> anyhow::Result<()> {
     let task = TaskDir::new(true)?;
-    task.write_config(true)?;
-    let path = task.path().join("task.toml");
-    let text =
-        std::fs::read_to_string(&path)?.replace("min_participants = 2", "min_participants = 1");
-    std::fs::write(&path, text)?;
+    task.write_config_alone()?;
     let agg = Aggregator::start_in(task.path())?;
     let child = spawn_join(task.path(), &agg, "a.tsv", "a", &["--max-rounds", "1"])?;
     let out = wait_child(child, JOIN_TIMEOUT).await?;
@@ -529,11 +535,7 @@ async fn tls_proxy(upstream: std::net::SocketAddr) -> anyhow::Result<u16> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_participant_joins_over_tls_through_a_reverse_proxy() -> anyhow::Result<()> {
     let task = TaskDir::new(true)?;
-    task.write_config(true)?;
-    let path = task.path().join("task.toml");
-    let text =
-        std::fs::read_to_string(&path)?.replace("min_participants = 2", "min_participants = 1");
-    std::fs::write(&path, text)?;
+    task.write_config_alone()?;
     let agg = Aggregator::start_in(task.path())?;
     let port = tls_proxy(agg.addr).await?;
     let server = format!("https://localhost:{port}");

@@ -151,15 +151,7 @@ fn demo(root: &Path, port: u16) -> Result<()> {
     fetch_model(root)?;
     build_wasm(root)?;
     webdeps::fetch_web_deps(root)?;
-    run(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "fedsb-aggregator",
-        "--bin",
-        "fedsb",
-    ]))?;
-    let bin = root.join("target/release/fedsb");
+    let bin = build_release_fedsb(root)?;
     // The demo task's frozen A, B and R₀ (configs/sst2-demo.toml, [adapter]
     // file): LoRA-SB initialization on 64 SST-2 training sentences, made once.
     let adapter = root.join(DEMO_ADAPTER);
@@ -181,6 +173,19 @@ fn demo(root: &Path, port: u16) -> Result<()> {
         "--port",
         &port.to_string(),
     ]))
+}
+
+/// Builds the release `fedsb` binary; returns its path.
+fn build_release_fedsb(root: &Path) -> Result<PathBuf> {
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "fedsb-aggregator",
+        "--bin",
+        "fedsb",
+    ]))?;
+    Ok(root.join("target/release/fedsb"))
 }
 
 /// The demo task's adapter file, made by `fedsb init` on first `demo`.
@@ -383,14 +388,7 @@ fn bench(root: &Path, what: &str) -> Result<()> {
         }
         "aggregator" => {
             // The release server, then the participants of the benchmark.
-            run(cargo().args([
-                "build",
-                "--release",
-                "-p",
-                "fedsb-aggregator",
-                "--bin",
-                "fedsb",
-            ]))?;
+            build_release_fedsb(root)?;
             return run(cargo().args([
                 "run",
                 "--release",
