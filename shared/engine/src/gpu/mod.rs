@@ -105,15 +105,35 @@
 //! run, load average 11): both cost about the same, this llvmpipe has no
 //! single-load path for them.
 //!
-//! Even `Subgroup` stays at 3–4 % of numpy's quiet sgemm on the 2048-row
-//! shapes (14–16 % on 1024³); 30 % would need either a Mesa whose memory
-//! access is vectorised or a native (non-WGSL) sgemm on CPU adapters.
+//! On a quiet machine `Subgroup` reaches 10–13 % of numpy's sgemm (28–39
+//! GFLOP/s against about 300, BENCHMARKS.md); 30 % would need either a Mesa
+//! whose memory access is vectorised or a native (non-WGSL) sgemm on CPU
+//! adapters.
 //!
-//! Not tried: reading A and B through uniform buffers (which Mesa's source
-//! compiles to a branch-free gather instead of the per-lane loop) or
-//! `textureLoad` (texel fetch, also without that loop); both need copies of
-//! the operands before every product (uniform bindings of 64 KiB by default,
-//! textures of at most 8192 rows).
+//! How far loads are from the whole cost, on a quiet machine (2026-11-28,
+//! load average 0.8, `bench_matmul` restricted to `Subgroup`, medians of 3
+//! rounds over the 12 products; every change below was a throw-away edit
+//! of `matmul_subgroup.wgsl` with wrong results, reverted):
+//! - as committed: 28.0–38.2 GFLOP/s;
+//! - B's loads replaced by arithmetic on `kq` and the lane: 38.8–58.9
+//!   (1.13–1.77×, median 1.47×);
+//! - A's and B's loads replaced: 67.1–103.8 (2.0–3.0×, median 2.5×). This is
+//!   the ceiling of this kernel's FMAs, broadcasts and accumulator spills:
+//!   22–35 % of numpy's quiet sgemm (about 300 GFLOP/s). Even with free
+//!   loads the 30 % target would be met on the K = 1536 and 1024³ shapes
+//!   only;
+//! - B read through a uniform binding (`var<uniform> b4: array<vec4<f32>,
+//!   4096>`, a 64 KiB window, the most lavapipe allows, indices wrapped):
+//!   32.1–41.4 (1.04–1.25×, median 1.10×). Mesa's source compiles
+//!   non-uniform UBO reads to a branch-free gather instead of the storage
+//!   path's per-lane loop, but that gather is barely cheaper, and a real
+//!   kernel would also need its operand split into 64 KiB windows, one
+//!   dispatch each. Not adopted.
+//!
+//! Not tried: `textureLoad` of the frozen weights kept as an `rgba32float`
+//! texture (a texel fetch, also a gather without the loop; the texture would
+//! cost nothing per product since W never changes). By the uniform-buffer
+//! result it would save at most the B loads' share, 1.1–1.8×.
 
 pub mod adamw;
 pub mod attention;
