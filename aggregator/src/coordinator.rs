@@ -807,7 +807,10 @@ impl Coordinator {
         };
         self.init_request = Some(Bytes::from(request.encode()));
         self.phase = Phase::Initializing {
-            collector: Box::new(InitCollector::new(init.modules.shapes.clone())),
+            collector: Box::new(InitCollector::new(
+                init.modules.shapes.clone(),
+                self.config.adapter.init_samples,
+            )),
             deadline: Instant::now() + self.round_length(),
         };
         self.init = Some(init);
@@ -950,6 +953,7 @@ impl Coordinator {
                 self.task.shape,
                 self.config.task.weighting,
                 self.config.task.max_participants,
+                u64::from(self.config.task.local_steps) * u64::from(self.config.task.batch_size),
                 now_unix_ms(),
             ),
             deadline: Instant::now() + self.round_length(),

@@ -101,6 +101,7 @@ impl InitModules {
 #[derive(Debug)]
 pub struct InitCollector {
     shapes: Vec<[u32; 2]>,
+    max_samples: u64,
     sum: Vec<Vec<f64>>,
     pending: HashMap<ParticipantId, Vec<Option<Tensor>>>,
     done: BTreeMap<ParticipantId, u64>,
@@ -108,13 +109,16 @@ pub struct InitCollector {
 }
 
 impl InitCollector {
-    pub fn new(shapes: Vec<[u32; 2]>) -> Self {
+    /// `max_samples` is the task's `init_samples`: participants sum the
+    /// gradients of at most that many of their first examples.
+    pub fn new(shapes: Vec<[u32; 2]>, max_samples: u64) -> Self {
         let sum = shapes
             .iter()
             .map(|s| vec![0.0; s[0] as usize * s[1] as usize])
             .collect();
         Self {
             shapes,
+            max_samples,
             sum,
             pending: HashMap::new(),
             done: BTreeMap::new(),
@@ -222,6 +226,16 @@ impl InitCollector {
             return Err(Rejection::new(
                 ErrorCode::InvalidSampleCount,
                 "InitDone with num_samples = 0; the gradients sent are dropped",
+            ));
+        }
+        if num_samples > self.max_samples {
+            return Err(Rejection::new(
+                ErrorCode::InvalidSampleCount,
+                format!(
+                    "InitDone with num_samples = {num_samples}, more than the task's init_samples ({}); \
+                     the gradients sent are dropped",
+                    self.max_samples
+                ),
             ));
         }
         let missing: Vec<usize> = (0..self.shapes.len())
@@ -347,7 +361,7 @@ mod tests {
 
     #[test]
     fn gradients_count_only_after_init_done_and_bad_ones_change_nothing() {
-        let mut c = InitCollector::new(vec![[2, 3], [3, 2]]);
+        let mut c = InitCollector::new(vec![[2, 3], [3, 2]], 16);
         let (a, b) = (ParticipantId(1), ParticipantId(2));
         // Wrong shape, unknown module, non-finite: typed errors.
         let e = c.gradient(a, 0, t(&[3, 2], 1.0), 10).unwrap_err();
@@ -394,6 +408,13 @@ mod tests {
             c.finish_participant(b, 0).unwrap_err().code,
             ErrorCode::InvalidSampleCount
         );
+        // More examples than the task's init_samples (16): refused, dropped.
+        c.gradient(b, 0, t(&[2, 3], 1.0), 10).unwrap();
+        c.gradient(b, 1, t(&[3, 2], 1.0), 10).unwrap();
+        let e = c.finish_participant(b, 17).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidSampleCount);
+        assert!(e.message.contains("init_samples (16)"), "{}", e.message);
+        assert_eq!((c.contributors(), c.total_samples()), (1, 7));
         c.gradient(b, 0, t(&[2, 3], 1.0), 10).unwrap();
         c.gradient(b, 1, t(&[3, 2], 1.0), 10).unwrap();
         c.finish_participant(b, 3).unwrap();

@@ -55,17 +55,23 @@ pub struct Round {
     shape: AdapterShape,
     weighting: Weighting,
     max_participants: u32,
+    max_samples: u64,
     sum: Vec<f64>,
     total_weight: f64,
     contributions: BTreeMap<ParticipantId, Contribution>,
 }
 
 impl Round {
+    /// `max_samples` is the most examples one participant can train on in a
+    /// round (the task's `local_steps × batch_size`): an update claiming more
+    /// is refused, so no participant can outweigh the others in the
+    /// sample-weighted mean by overstating its count.
     pub fn new(
         id: RoundId,
         shape: AdapterShape,
         weighting: Weighting,
         max_participants: u32,
+        max_samples: u64,
         opened_unix_ms: u64,
     ) -> Self {
         Self {
@@ -74,6 +80,7 @@ impl Round {
             shape,
             weighting,
             max_participants,
+            max_samples,
             sum: vec![0.0; shape.num_floats()],
             total_weight: 0.0,
             contributions: BTreeMap::new(),
@@ -203,6 +210,16 @@ impl Round {
                 "num_samples must be positive, got 0",
             ));
         }
+        if update.num_samples > self.max_samples {
+            return Err(Rejection::new(
+                ErrorCode::InvalidSampleCount,
+                format!(
+                    "num_samples {} is more than one participant can train on in a round \
+                     (local_steps × batch_size = {})",
+                    update.num_samples, self.max_samples
+                ),
+            ));
+        }
         if let Some(p) = &update.privacy {
             check_privacy(p)?;
         }
@@ -297,7 +314,7 @@ mod tests {
     }
 
     fn round(w: Weighting, max: u32) -> Round {
-        Round::new(RoundId(2), SHAPE, w, max, 0)
+        Round::new(RoundId(2), SHAPE, w, max, 100, 0)
     }
 
     #[test]
@@ -379,6 +396,11 @@ mod tests {
                 update(2, 0, state(|_| 9.0)),
                 ErrorCode::InvalidSampleCount,
             ),
+            (
+                ParticipantId(2),
+                update(2, 101, state(|_| 9.0)),
+                ErrorCode::InvalidSampleCount,
+            ),
             (ParticipantId(2), update(2, 1, nan), ErrorCode::NonFinite),
             (
                 ParticipantId(2),
@@ -411,6 +433,39 @@ mod tests {
         assert!(s
             .named_tensors()
             .all(|(_, t)| t.data.iter().all(|&x| x == 2.0)));
+    }
+
+    #[test]
+    fn a_sample_count_above_local_steps_times_batch_is_refused() {
+        // `round` allows 100 samples per participant. An update claiming
+        // more would outweigh every honest one in the sample-weighted mean.
+        for w in [Weighting::Samples, Weighting::Uniform] {
+            let mut r = round(w, 3);
+            let e = r
+                .accept(
+                    ParticipantId(1),
+                    "a",
+                    update(2, 1_000_000, state(|_| 9.0)),
+                    10,
+                    0,
+                )
+                .unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidSampleCount);
+            assert!(
+                e.message.contains("1000000") && e.message.contains("= 100)"),
+                "{}",
+                e.message
+            );
+            assert!(r.is_empty());
+            r.accept(ParticipantId(1), "a", update(2, 100, state(|_| 1.0)), 10, 0)
+                .unwrap();
+            r.accept(ParticipantId(2), "b", update(2, 100, state(|_| 3.0)), 10, 0)
+                .unwrap();
+            let (s, _) = r.aggregate().unwrap();
+            assert!(s
+                .named_tensors()
+                .all(|(_, t)| t.data.iter().all(|&x| x == 2.0)));
+        }
     }
 
     #[test]

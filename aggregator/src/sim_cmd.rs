@@ -793,6 +793,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
             shape,
             Weighting::Samples,
             args.clients as u32,
+            u64::from(local_steps) * args.batch as u64,
             now_unix_ms(),
         );
         let bytes_down = global_frame.len() as u64 * args.clients as u64;

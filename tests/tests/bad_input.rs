@@ -262,14 +262,28 @@ async fn updates_before_the_handshake_are_rejected() -> anyhow::Result<()> {
     .await
 }
 
+/// A sample count must be positive and at most what one participant can
+/// train on in a round (`local_steps × batch_size`, 20 × 32 in the test
+/// config): an overstated count would outweigh the honest updates in the
+/// sample-weighted mean.
 #[tokio::test]
-async fn non_positive_sample_counts_are_rejected() -> anyhow::Result<()> {
-    scenario(ErrorCode::InvalidSampleCount, 1.0, async |_, evil| {
+async fn sample_counts_outside_one_round_of_training_are_rejected() -> anyhow::Result<()> {
+    scenario(ErrorCode::InvalidSampleCount, 3.0, async |_, evil| {
         let mut u = good(2);
         u.num_samples = 0;
         evil.send(&ClientMessage::Update(u)).await?;
         let msg = evil.expect_error(ErrorCode::InvalidSampleCount).await?;
         assert!(msg.contains("positive"), "{msg}");
+        for n in [20 * 32 + 1, u64::MAX] {
+            let mut u = good(2);
+            u.num_samples = n;
+            evil.send(&ClientMessage::Update(u)).await?;
+            let msg = evil.expect_error(ErrorCode::InvalidSampleCount).await?;
+            assert!(
+                msg.contains(&n.to_string()) && msg.contains("local_steps × batch_size = 640"),
+                "{msg}"
+            );
+        }
         Ok(())
     })
     .await

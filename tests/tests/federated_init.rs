@@ -437,6 +437,27 @@ async fn a_malformed_init_gradient_is_rejected_and_the_honest_participant_initia
     bad.send(&ClientMessage::InitDone { num_samples: 5 })
         .await?;
     bad.expect_error(ErrorCode::NotInitializing).await?;
+    // Every module (query, key, value, attention output 16×16, intermediate
+    // 32×16, output 16×32, in both layers), but more examples than the
+    // task's init_samples (16): refused, and nothing of it counts.
+    for module in 0..12u32 {
+        let shape = match module % 6 {
+            4 => [32, 16],
+            5 => [16, 32],
+            _ => [16, 16],
+        };
+        let mut g = Tensor::zeros(&shape);
+        g.data.fill(1e30);
+        bad.send(&ClientMessage::InitGradient {
+            module,
+            gradient: g,
+        })
+        .await?;
+    }
+    bad.send(&ClientMessage::InitDone { num_samples: 17 })
+        .await?;
+    let m = bad.expect_error(ErrorCode::InvalidSampleCount).await?;
+    assert!(m.contains("init_samples (16)"), "{m}");
     assert_eq!(agg.json("/api/status").await?["state"], "initializing");
     drop(bad);
 
