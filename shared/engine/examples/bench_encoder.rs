@@ -11,12 +11,17 @@
 //! (wgpu's allocator report: the encoder keeps its weights, activations and
 //! gradients allocated between steps, so this is the step's working set) and
 //! the largest single buffer, against WebGPU's default limits.
+//!
+//! With `FEDSB_PROFILE_KERNELS=1` it then profiles one forward pass and one
+//! training step ([`GpuContext::set_profiling`]: every launch submitted and
+//! waited for alone) and prints where each spends its time, by kernel and by
+//! kernel and launch size.
 
 use std::time::Instant;
 
 use fedsb_engine::gpu::adamw::AdamW;
 use fedsb_engine::gpu::encoder::GpuEncoder;
-use fedsb_engine::gpu::{GpuContext, GpuOptions};
+use fedsb_engine::gpu::{GpuContext, GpuOptions, KernelTime};
 use fedsb_engine::model::{BertWeights, EncodedBatch};
 use fedsb_engine::reference::{ClassifierHead, LoraSbAdapters};
 
@@ -98,4 +103,46 @@ fn main() {
         s,
         batch as f64 / s
     );
+    if std::env::var_os("FEDSB_PROFILE_KERNELS").is_some() {
+        ctx.set_profiling(true);
+        pollster::block_on(encoder.embed(&encoded)).unwrap();
+        print_profile("forward only", &ctx.kernel_times());
+        ctx.set_profiling(true);
+        pollster::block_on(encoder.train_step(&encoded, &labels, &opt)).unwrap();
+        print_profile("training step", &ctx.kernel_times());
+        ctx.set_profiling(false);
+    }
+}
+
+/// Seconds per kernel (all launch sizes together), then the 15 largest
+/// kernel-and-size entries.
+fn print_profile(what: &str, times: &[KernelTime]) {
+    let total: f64 = times.iter().map(|t| t.seconds).sum();
+    let mut by_kernel: Vec<(&str, u64, f64)> = Vec::new();
+    for t in times {
+        match by_kernel.iter_mut().find(|k| k.0 == t.kernel) {
+            Some(k) => {
+                k.1 += t.launches;
+                k.2 += t.seconds;
+            }
+            None => by_kernel.push((&t.kernel, t.launches, t.seconds)),
+        }
+    }
+    by_kernel.sort_by(|a, b| b.2.total_cmp(&a.2));
+    println!("\nprofile of one {what}: {total:.3} s in kernels launched one by one");
+    println!("| kernel | launches | seconds | share |\n|---|---|---|---|");
+    for (k, n, sec) in &by_kernel {
+        println!("| {k} | {n} | {sec:.3} | {:.1} % |", 100.0 * sec / total);
+    }
+    println!("\n| kernel | workgroups | launches | ms per launch | share |\n|---|---|---|---|---|");
+    for t in times.iter().take(15) {
+        println!(
+            "| {} | {:?} | {} | {:.2} | {:.1} % |",
+            t.kernel,
+            t.workgroups,
+            t.launches,
+            1e3 * t.seconds / t.launches as f64,
+            100.0 * t.seconds / total
+        );
+    }
 }

@@ -19,7 +19,7 @@ use fedsb_engine::gpu::head::{self, HeadShape};
 use fedsb_engine::gpu::layernorm::{self, LayerNormShape};
 use fedsb_engine::gpu::lora_sb::{self, LoraSbDims};
 use fedsb_engine::gpu::matmul::{self, Gemm};
-use fedsb_engine::gpu::{cpu_ref, dp, GpuBuffer, GpuContext, GpuOptions};
+use fedsb_engine::gpu::{cpu_ref, dp, GpuBuffer, GpuContext, GpuOptions, RowLayout};
 
 /// One device for the whole test binary (pipelines are cached on it).
 fn ctx() -> &'static GpuContext {
@@ -343,25 +343,32 @@ fn layernorm_matches_reference() {
             ctx.buffer_f32("beta", &beta),
             ctx.buffer_f32("dy", &dy),
         );
-        let (gy, gstats, gdx) = (
-            ctx.buffer_zeros("y", n),
-            ctx.buffer_zeros("stats", 2 * rows),
-            ctx.buffer_zeros("dx", n),
-        );
         let r = with_residual.then_some(&gres);
-        let mut enc = ctx.encoder();
-        layernorm::layernorm_forward(ctx, &mut enc, &shape, &gx, r, &gg, &gb, &gy, &gstats)
-            .unwrap();
-        layernorm::layernorm_backward(ctx, &mut enc, &shape, &gx, r, &gg, &gstats, &gdy, &gdx)
-            .unwrap();
-        ctx.submit(enc);
         let rr = with_residual.then_some(&res[..]);
         let (y, stats) = cpu_ref::layernorm_forward(&x, rr, &gamma, &beta, h, 1e-12);
         let dx = cpu_ref::layernorm_backward(&x, rr, &gamma, &dy, h, 1e-12);
-        let what = format!("layernorm rows={rows} h={h} residual={with_residual}");
-        assert_close(&format!("{what} y"), &read(&gy), &y, 1e-5, 1e-5);
-        assert_close(&format!("{what} stats"), &read(&gstats), &stats, 1e-5, 1e-5);
-        assert_close(&format!("{what} dx"), &read(&gdx), &dx, 1e-5, 1e-4);
+        // Both row layouts; rows = 37 and 5 are not multiples of 8.
+        for layout in [RowLayout::Workgroup, RowLayout::Invocation] {
+            let (gy, gstats, gdx) = (
+                ctx.buffer_zeros("y", n),
+                ctx.buffer_zeros("stats", 2 * rows),
+                ctx.buffer_zeros("dx", n),
+            );
+            let mut enc = ctx.encoder();
+            layernorm::layernorm_forward_in(
+                layout, ctx, &mut enc, &shape, &gx, r, &gg, &gb, &gy, &gstats,
+            )
+            .unwrap();
+            layernorm::layernorm_backward_in(
+                layout, ctx, &mut enc, &shape, &gx, r, &gg, &gstats, &gdy, &gdx,
+            )
+            .unwrap();
+            ctx.submit(enc);
+            let what = format!("layernorm {layout:?} rows={rows} h={h} residual={with_residual}");
+            assert_close(&format!("{what} y"), &read(&gy), &y, 1e-5, 1e-5);
+            assert_close(&format!("{what} stats"), &read(&gstats), &stats, 1e-5, 1e-5);
+            assert_close(&format!("{what} dx"), &read(&gdx), &dx, 1e-5, 1e-4);
+        }
     }
 }
 
@@ -494,6 +501,63 @@ fn attention_matches_reference() {
             .iter()
             .all(|&x| x == 0.0)
     );
+}
+
+/// The attention softmax and its backward alone, in both row layouts (the
+/// attention test above runs the device's): 3 sequences × 2 heads × 13
+/// queries = 78 rows (not a multiple of 8 or 64) of 13 keys; the last
+/// sequence has no valid key at all.
+#[test]
+fn attention_softmax_matches_reference() {
+    let ctx = ctx();
+    let mut rng = Rng(17);
+    let s = AttentionShape {
+        batch: 3,
+        seq: 13,
+        heads: 2,
+        head_dim: 7,
+    };
+    let lengths = [13, 5, 0];
+    let mask: Vec<u32> = (0..s.batch * s.seq)
+        .map(|i| u32::from(i % s.seq < lengths[i / s.seq]))
+        .collect();
+    // Scores of a few units, so the max subtraction matters.
+    let scores: Vec<f32> = rng.vec(s.probs_len()).iter().map(|v| 8.0 * v).collect();
+    let dprobs = rng.vec(s.probs_len());
+    let probs = cpu_ref::masked_softmax(&scores, &mask, &s);
+    let ds = cpu_ref::masked_softmax_backward(&probs, &dprobs, &s);
+    for layout in [RowLayout::Workgroup, RowLayout::Invocation] {
+        let (gp, gdp) = (
+            ctx.buffer_f32("scores", &scores),
+            ctx.buffer_f32("dprobs", &dprobs),
+        );
+        let gmask = ctx.buffer_u32("mask", &mask);
+        let mut enc = ctx.encoder();
+        attention::softmax_forward(ctx, &mut enc, &s, layout, &gmask, &gp).unwrap();
+        ctx.submit(enc);
+        let got = read(&gp);
+        assert_close(&format!("softmax {layout:?}"), &got, &probs, 1e-6, 1e-5);
+        // Padding keys and the row without keys: exactly 0.
+        for (r, row) in got.chunks(s.seq).enumerate() {
+            let b = r / (s.heads * s.seq);
+            assert!(
+                row[lengths[b]..].iter().all(|&x| x == 0.0),
+                "{layout:?} row {r}"
+            );
+        }
+        // The backward from the reference probabilities.
+        let gp = ctx.buffer_f32("probs", &probs);
+        let mut enc = ctx.encoder();
+        attention::softmax_backward(ctx, &mut enc, &s, layout, &gp, &gdp).unwrap();
+        ctx.submit(enc);
+        assert_close(
+            &format!("softmax backward {layout:?}"),
+            &read(&gdp),
+            &ds,
+            1e-6,
+            1e-5,
+        );
+    }
 }
 
 // ---------------------------------------------------------------- adamw

@@ -11,7 +11,7 @@
 //!
 //! Test: `cargo test -p fedsb-engine --test gpu_kernels attention`.
 
-use super::context::{groups_1d, GpuBuffer, GpuContext};
+use super::context::{GpuBuffer, GpuContext, RowLayout};
 use super::matmul::{gemm, Gemm};
 use super::GpuError;
 
@@ -75,17 +75,83 @@ fn check(shape: &AttentionShape, bufs: &[(&str, &GpuBuffer, usize)]) -> Result<(
     Ok(())
 }
 
+/// In place, row by row: `probs = softmax(probs)` over the valid keys
+/// (`key_mask` ≠ 0; padding keys get 0), on `batch·heads·seq` rows of
+/// `seq` scores, in `layout` (the attention launchers use the device's,
+/// [`RowLayout::for_device`]).
+pub fn softmax_forward(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    shape: &AttentionShape,
+    layout: RowLayout,
+    key_mask: &GpuBuffer,
+    probs: &GpuBuffer,
+) -> Result<(), GpuError> {
+    check(
+        shape,
+        &[
+            ("key_mask", key_mask, shape.batch * shape.seq),
+            ("probs", probs, shape.probs_len()),
+        ],
+    )?;
+    softmax(
+        ctx,
+        encoder,
+        shape,
+        layout,
+        "softmax_forward",
+        key_mask,
+        probs,
+        None,
+    );
+    Ok(())
+}
+
+/// In place: `dprobs = scale · P · (dP − Σ_k P·dP)` row by row (the gradient
+/// of the unscaled scores from that of the probabilities `probs`), in
+/// `layout`.
+pub fn softmax_backward(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    shape: &AttentionShape,
+    layout: RowLayout,
+    probs: &GpuBuffer,
+    dprobs: &GpuBuffer,
+) -> Result<(), GpuError> {
+    check(
+        shape,
+        &[
+            ("probs", probs, shape.probs_len()),
+            ("dprobs", dprobs, shape.probs_len()),
+        ],
+    )?;
+    softmax(
+        ctx,
+        encoder,
+        shape,
+        layout,
+        "softmax_backward",
+        probs,
+        probs,
+        Some(dprobs),
+    );
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
 fn softmax(
     ctx: &GpuContext,
     encoder: &mut wgpu::CommandEncoder,
     shape: &AttentionShape,
+    layout: RowLayout,
     entry: &str,
     key_mask: &GpuBuffer,
     probs: &GpuBuffer,
     grad: Option<&GpuBuffer>,
 ) {
     let rows = shape.batch * shape.heads * shape.seq;
-    let kernel = ctx.pipeline(&format!("attention/{entry}"), SOURCE, entry, &[]);
+    let (entry, groups) = layout.launch(entry, rows);
+    let kernel = ctx.pipeline(&format!("attention/{entry}"), SOURCE, &entry, &[]);
     let params = ctx.uniform(&[
         rows as u32,
         shape.seq as u32,
@@ -97,7 +163,7 @@ fn softmax(
         Some(g) => bindings.push((3, g.binding())),
         None => bindings.push((1, key_mask.binding())),
     }
-    ctx.dispatch_at(encoder, &kernel, &bindings, groups_1d(rows, 1));
+    ctx.dispatch_at(encoder, &kernel, &bindings, groups);
 }
 
 /// `probs = softmax_masked(Q·Kᵀ/√d)` and `context = probs·V`.
@@ -139,6 +205,7 @@ pub fn attention_forward(
         ctx,
         encoder,
         shape,
+        RowLayout::for_device(ctx),
         "softmax_forward",
         key_mask,
         probs,
@@ -227,6 +294,7 @@ pub fn attention_backward(
         ctx,
         encoder,
         shape,
+        RowLayout::for_device(ctx),
         "softmax_backward",
         probs,
         probs,

@@ -10,7 +10,11 @@
 //               the gradient of the unscaled Q·Kᵀ).
 //
 // The products Q·Kᵀ, P·V, dCtx·Vᵀ, Pᵀ·dCtx, dS·K and dSᵀ·Q run on matmul.wgsl.
-// One workgroup of 64 invocations per row; row = group x + y · groups x.
+// Two layouts (RowLayout in context.rs): `softmax_forward` / `softmax_backward`
+// use one workgroup of 64 invocations per row (row = group x + y · groups x),
+// for GPUs; `softmax_forward_rows` / `softmax_backward_rows` one invocation
+// per row without workgroup memory or barriers (row = global id x + y · 8 ·
+// groups x), for CPU adapters (see layernorm.wgsl).
 
 struct Params {
     rows: u32,
@@ -105,6 +109,60 @@ fn softmax_backward(
     }
     s = wg_reduce(tid, s, false);
     for (var j = tid; j < p.seq; j += WG) {
+        grad[base + j] = p.scale * probs[base + j] * (grad[base + j] - s);
+    }
+}
+
+const ROWS_PER_GROUP: u32 = 8u;
+
+@compute @workgroup_size(8)
+fn softmax_forward_rows(
+    @builtin(global_invocation_id) gid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    let row = gid.x + gid.y * nwg.x * ROWS_PER_GROUP;
+    if row >= p.rows {
+        return;
+    }
+    let base = row * p.seq;
+    let mask_base = row / (p.heads * p.seq) * p.seq;
+    // Running max and the sum of exp(S - max) in one pass.
+    var m = -3.0e38;
+    var s = 0.0;
+    for (var j = 0u; j < p.seq; j++) {
+        if key_mask[mask_base + j] != 0u {
+            let v = probs[base + j];
+            let m_new = max(m, v);
+            s = s * exp(m - m_new) + exp(v - m_new);
+            m = m_new;
+        }
+    }
+    // A row with no valid key gets all zeros instead of NaN.
+    let inv = select(0.0, 1.0 / s, s > 0.0);
+    for (var j = 0u; j < p.seq; j++) {
+        var v = 0.0;
+        if key_mask[mask_base + j] != 0u {
+            v = exp(probs[base + j] - m) * inv;
+        }
+        probs[base + j] = v;
+    }
+}
+
+@compute @workgroup_size(8)
+fn softmax_backward_rows(
+    @builtin(global_invocation_id) gid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    let row = gid.x + gid.y * nwg.x * ROWS_PER_GROUP;
+    if row >= p.rows {
+        return;
+    }
+    let base = row * p.seq;
+    var s = 0.0;
+    for (var j = 0u; j < p.seq; j++) {
+        s += probs[base + j] * grad[base + j];
+    }
+    for (var j = 0u; j < p.seq; j++) {
         grad[base + j] = p.scale * probs[base + j] * (grad[base + j] - s);
     }
 }

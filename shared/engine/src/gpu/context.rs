@@ -47,8 +47,78 @@ pub struct GpuOptions<'a> {
 /// One compute pipeline with its first bind-group layout.
 #[derive(Debug, Clone)]
 pub(crate) struct Kernel {
+    /// The cache id ([`GpuContext::pipeline`]): names the kernel in profiles.
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
+    pub(crate) id: std::sync::Arc<str>,
     pub(crate) pipeline: wgpu::ComputePipeline,
     pub(crate) layout: wgpu::BindGroupLayout,
+}
+
+/// How the row-wise kernels (LayerNorm, the attention softmax) spread a row
+/// over invocations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowLayout {
+    /// One workgroup of 64 invocations per row, sums reduced through
+    /// workgroup memory: for GPUs.
+    Workgroup,
+    /// One invocation per row, no workgroup memory and no barriers: for CPU
+    /// adapters (lavapipe's barriers are coroutine switches and its
+    /// workgroup-memory accesses per-lane loops; 8 lanes do 8 rows at once).
+    Invocation,
+}
+
+impl RowLayout {
+    /// `Invocation` on CPU adapters, `Workgroup` elsewhere. Natively,
+    /// `FEDSB_ROW_LAYOUT=workgroup` or `=invocation` overrides it (for A/B
+    /// measurements such as `bench_encoder`).
+    pub fn for_device(ctx: &GpuContext) -> Self {
+        static FORCED: std::sync::OnceLock<Option<RowLayout>> = std::sync::OnceLock::new();
+        let forced = *FORCED.get_or_init(|| {
+            match std::env::var("FEDSB_ROW_LAYOUT")
+                .ok()?
+                .to_lowercase()
+                .as_str()
+            {
+                "workgroup" => Some(RowLayout::Workgroup),
+                "invocation" => Some(RowLayout::Invocation),
+                other => {
+                    tracing::warn!(
+                        "FEDSB_ROW_LAYOUT={other:?} is neither workgroup nor invocation; ignored"
+                    );
+                    None
+                }
+            }
+        });
+        forced.unwrap_or(if ctx.adapter_info().device_type == wgpu::DeviceType::Cpu {
+            Self::Invocation
+        } else {
+            Self::Workgroup
+        })
+    }
+
+    /// The entry point `base` of this layout (`base` or `base_rows`) and its
+    /// workgroup counts for `rows` rows.
+    pub(crate) fn launch(self, base: &str, rows: usize) -> (String, [u32; 3]) {
+        match self {
+            Self::Workgroup => (base.to_owned(), groups_1d(rows, 1)),
+            Self::Invocation => (format!("{base}_rows"), groups_1d(rows, 8)),
+        }
+    }
+}
+
+/// Time spent in one kernel at one launch size, summed over its launches
+/// while profiling was on ([`GpuContext::set_profiling`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KernelTime {
+    /// The kernel's id, e.g. `"matmul-subgroup/ta0/tb1"` or `"layernorm/forward"`.
+    pub kernel: String,
+    /// The workgroup counts of these launches (which tell the launch sizes
+    /// of one kernel apart, e.g. a matmul's shapes).
+    pub workgroups: [u32; 3],
+    /// Number of launches.
+    pub launches: u64,
+    /// Wall-clock seconds from submission to completion, summed.
+    pub seconds: f64,
 }
 
 /// The wgpu device and everything the kernels share.
@@ -64,6 +134,9 @@ pub struct GpuContext {
     info: wgpu::AdapterInfo,
     subgroups: bool,
     kernels: Mutex<HashMap<String, Kernel>>,
+    /// Per-kernel times while profiling is on ([`Self::set_profiling`]).
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
+    profile: Mutex<Option<Vec<KernelTime>>>,
     /// 4-byte placeholder bound where a kernel's optional input is absent.
     pub(crate) dummy: GpuBuffer,
 }
@@ -155,6 +228,7 @@ impl GpuContext {
             info,
             subgroups,
             kernels: Mutex::new(HashMap::new()),
+            profile: Mutex::new(None),
             dummy,
         })
     }
@@ -401,7 +475,11 @@ impl GpuContext {
                 cache: None,
             });
         let layout = pipeline.get_bind_group_layout(0);
-        let kernel = Kernel { pipeline, layout };
+        let kernel = Kernel {
+            id: id.into(),
+            pipeline,
+            layout,
+        };
         cache.insert(id.to_string(), kernel.clone());
         kernel
     }
@@ -447,13 +525,81 @@ impl GpuContext {
             layout: &kernel.layout,
             entries: &entries,
         });
-        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: None,
-            timestamp_writes: None,
-        });
-        pass.set_pipeline(&kernel.pipeline);
-        pass.set_bind_group(0, &bind_group, &[]);
-        pass.dispatch_workgroups(workgroups[0], workgroups[1], workgroups[2]);
+        #[cfg(not(target_arch = "wasm32"))]
+        let profiling = self.lock_profile().is_some();
+        #[cfg(not(target_arch = "wasm32"))]
+        if profiling {
+            // Run everything recorded so far, so that the clock below times
+            // this launch alone.
+            self.flush(encoder);
+        }
+        #[cfg(not(target_arch = "wasm32"))]
+        let started = std::time::Instant::now();
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: None,
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(&kernel.pipeline);
+            pass.set_bind_group(0, &bind_group, &[]);
+            pass.dispatch_workgroups(workgroups[0], workgroups[1], workgroups[2]);
+        }
+        #[cfg(not(target_arch = "wasm32"))]
+        if profiling {
+            self.flush(encoder);
+            let seconds = started.elapsed().as_secs_f64();
+            if let Some(times) = self.lock_profile().as_mut() {
+                match times
+                    .iter_mut()
+                    .find(|t| *t.kernel == *kernel.id && t.workgroups == workgroups)
+                {
+                    Some(t) => {
+                        t.launches += 1;
+                        t.seconds += seconds;
+                    }
+                    None => times.push(KernelTime {
+                        kernel: kernel.id.to_string(),
+                        workgroups,
+                        launches: 1,
+                        seconds,
+                    }),
+                }
+            }
+        }
+    }
+
+    /// Turns kernel profiling on (clearing earlier times) or off. While it is
+    /// on, every launch is submitted on its own and waited for, so its
+    /// wall-clock time is measured alone: the pass runs slower, and the
+    /// times are for finding where a pass spends its time, not for
+    /// throughput. Natively only (the browser cannot wait for the GPU).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn set_profiling(&self, on: bool) {
+        *self.lock_profile() = on.then(Vec::new);
+    }
+
+    /// The kernel times gathered since profiling was turned on, most time
+    /// first; empty when it is off.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn kernel_times(&self) -> Vec<KernelTime> {
+        let mut times = self.lock_profile().clone().unwrap_or_default();
+        times.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+        times
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    fn lock_profile(&self) -> std::sync::MutexGuard<'_, Option<Vec<KernelTime>>> {
+        self.profile.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Submits what `encoder` holds, waits for it, and leaves a fresh encoder
+    /// in its place (later commands keep their order).
+    #[cfg(not(target_arch = "wasm32"))]
+    fn flush(&self, encoder: &mut wgpu::CommandEncoder) {
+        let done = std::mem::replace(encoder, self.encoder());
+        self.queue.submit(Some(done.finish()));
+        // A lost device shows up again at the caller's next read-back.
+        let _ = self.wait_idle();
     }
 }
 

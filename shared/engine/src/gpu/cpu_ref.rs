@@ -299,6 +299,57 @@ pub fn attention_forward(
     (probs, ctx)
 }
 
+/// The attention softmax alone: each row of `seq` scores (`[B,H,T,T]`) to
+/// probabilities over its valid keys (`key_mask[b·T + j]` ≠ 0); padding keys,
+/// and every key of a row without a valid one, get 0.
+pub fn masked_softmax(
+    scores: &[f32],
+    key_mask: &[u32],
+    s: &super::attention::AttentionShape,
+) -> Vec<f32> {
+    let t = s.seq;
+    let mut probs = vec![0.0f32; s.probs_len()];
+    for (r, (row, out)) in scores.chunks(t).zip(probs.chunks_mut(t)).enumerate() {
+        let b = r / (s.heads * t);
+        let valid = |j: usize| key_mask[b * t + j] != 0;
+        let m = (0..t)
+            .filter(|&j| valid(j))
+            .map(|j| f64::from(row[j]))
+            .fold(f64::NEG_INFINITY, f64::max);
+        let z: f64 = (0..t)
+            .filter(|&j| valid(j))
+            .map(|j| (f64::from(row[j]) - m).exp())
+            .sum();
+        for j in (0..t).filter(|&j| valid(j)) {
+            out[j] = ((f64::from(row[j]) - m).exp() / z) as f32;
+        }
+    }
+    probs
+}
+
+/// The attention softmax's backward alone: `dS = scale · P · (dP − Σ_k P·dP)`
+/// per row, with `scale = 1/√head_dim`.
+pub fn masked_softmax_backward(
+    probs: &[f32],
+    dprobs: &[f32],
+    s: &super::attention::AttentionShape,
+) -> Vec<f32> {
+    let t = s.seq;
+    let scale = 1.0 / (s.head_dim as f64).sqrt();
+    let mut ds = vec![0.0f32; s.probs_len()];
+    for ((p, dp), out) in probs.chunks(t).zip(dprobs.chunks(t)).zip(ds.chunks_mut(t)) {
+        let dot: f64 = p
+            .iter()
+            .zip(dp)
+            .map(|(&a, &b)| f64::from(a) * f64::from(b))
+            .sum();
+        for j in 0..t {
+            out[j] = (scale * f64::from(p[j]) * (f64::from(dp[j]) - dot)) as f32;
+        }
+    }
+    ds
+}
+
 /// Attention backward from the definitions: (dq, dk, dv), recomputing the probabilities.
 pub fn attention_backward(
     q: &[f32],

@@ -3,7 +3,7 @@
 //!
 //! Test: `cargo test -p fedsb-engine --test gpu_kernels layernorm`.
 
-use super::context::{groups_1d, GpuBuffer, GpuContext};
+use super::context::{GpuBuffer, GpuContext, RowLayout};
 use super::GpuError;
 
 const SOURCE: &str = include_str!("layernorm.wgsl");
@@ -36,9 +36,30 @@ fn params(ctx: &GpuContext, s: &LayerNormShape, residual: bool) -> wgpu::Buffer 
 }
 
 /// `y = LayerNorm(x (+ residual)) · gamma + beta`; writes `stats` = (mean, rstd)
-/// per row (`2·rows` elements) for [`layernorm_backward`].
+/// per row (`2·rows` elements) for [`layernorm_backward`]. In the device's
+/// [`RowLayout`].
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_forward(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    shape: &LayerNormShape,
+    x: &GpuBuffer,
+    residual: Option<&GpuBuffer>,
+    gamma: &GpuBuffer,
+    beta: &GpuBuffer,
+    y: &GpuBuffer,
+    stats: &GpuBuffer,
+) -> Result<(), GpuError> {
+    let layout = RowLayout::for_device(ctx);
+    layernorm_forward_in(
+        layout, ctx, encoder, shape, x, residual, gamma, beta, y, stats,
+    )
+}
+
+/// [`layernorm_forward`] in the given layout.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_forward_in(
+    layout: RowLayout,
     ctx: &GpuContext,
     encoder: &mut wgpu::CommandEncoder,
     shape: &LayerNormShape,
@@ -63,7 +84,8 @@ pub fn layernorm_forward(
     if let Some(r) = residual {
         check(shape, &[("residual", r, n)])?;
     }
-    let kernel = ctx.pipeline("layernorm/forward", SOURCE, "forward", &[]);
+    let (entry, groups) = layout.launch("forward", shape.rows);
+    let kernel = ctx.pipeline(&format!("layernorm/{entry}"), SOURCE, &entry, &[]);
     let params = params(ctx, shape, residual.is_some());
     let residual = residual.unwrap_or(&ctx.dummy);
     ctx.dispatch_at(
@@ -78,14 +100,35 @@ pub fn layernorm_forward(
             (5, y.binding()),
             (6, stats.binding()),
         ],
-        groups_1d(shape.rows, 1),
+        groups,
     );
     Ok(())
 }
 
-/// `dx = ∂L/∂(x + residual)` from `dy`, the same inputs and the forward's `stats`.
+/// `dx = ∂L/∂(x + residual)` from `dy`, the same inputs and the forward's
+/// `stats`. In the device's [`RowLayout`].
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_backward(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    shape: &LayerNormShape,
+    x: &GpuBuffer,
+    residual: Option<&GpuBuffer>,
+    gamma: &GpuBuffer,
+    stats: &GpuBuffer,
+    dy: &GpuBuffer,
+    dx: &GpuBuffer,
+) -> Result<(), GpuError> {
+    let layout = RowLayout::for_device(ctx);
+    layernorm_backward_in(
+        layout, ctx, encoder, shape, x, residual, gamma, stats, dy, dx,
+    )
+}
+
+/// [`layernorm_backward`] in the given layout.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_backward_in(
+    layout: RowLayout,
     ctx: &GpuContext,
     encoder: &mut wgpu::CommandEncoder,
     shape: &LayerNormShape,
@@ -110,7 +153,8 @@ pub fn layernorm_backward(
     if let Some(r) = residual {
         check(shape, &[("residual", r, n)])?;
     }
-    let kernel = ctx.pipeline("layernorm/backward", SOURCE, "backward", &[]);
+    let (entry, groups) = layout.launch("backward", shape.rows);
+    let kernel = ctx.pipeline(&format!("layernorm/{entry}"), SOURCE, &entry, &[]);
     let params = params(ctx, shape, residual.is_some());
     let residual = residual.unwrap_or(&ctx.dummy);
     ctx.dispatch_at(
@@ -125,7 +169,7 @@ pub fn layernorm_backward(
             (7, dy.binding()),
             (8, dx.binding()),
         ],
-        groups_1d(shape.rows, 1),
+        groups,
     );
     Ok(())
 }

@@ -11,7 +11,16 @@
 //     ds = rstd · (g - mean(g) - ŝ · mean(g · ŝ))
 //
 // gamma and beta are frozen, so only the input gradient ds (= dx = dresidual) is
-// computed. One workgroup of 64 invocations per row; row = group x + y · groups x.
+// computed.
+//
+// Two layouts of the same computation (RowLayout in context.rs):
+// - `forward` / `backward`: one workgroup of 64 invocations per row, sums
+//   reduced through workgroup memory; row = group x + y · groups x. For GPUs.
+// - `forward_rows` / `backward_rows`: one invocation per row, which walks
+//   its row alone; no workgroup memory, no barriers; row = global id x +
+//   y · 8 · groups x. For CPU adapters, where every barrier is a coroutine
+//   switch and every workgroup-memory access a per-lane loop (llvmpipe):
+//   the 8 lanes of a SIMD vector then do 8 rows side by side.
 
 struct Params {
     rows: u32,
@@ -127,6 +136,62 @@ fn backward(
     }
     let sums = wg_sum2(tid, acc) / f32(p.h);
     for (var j = tid; j < p.h; j += WG) {
+        let g = dy[base + j] * gamma[j];
+        let xhat = (input(base + j) - mean) * rstd;
+        dx[base + j] = rstd * (g - sums.x - xhat * sums.y);
+    }
+}
+
+const ROWS_PER_GROUP: u32 = 8u;
+
+@compute @workgroup_size(8)
+fn forward_rows(
+    @builtin(global_invocation_id) gid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    let row = gid.x + gid.y * nwg.x * ROWS_PER_GROUP;
+    if row >= p.rows {
+        return;
+    }
+    let base = row * p.h;
+    var s = 0.0;
+    for (var j = 0u; j < p.h; j++) {
+        s += input(base + j);
+    }
+    let mean = s / f32(p.h);
+    var q = 0.0;
+    for (var j = 0u; j < p.h; j++) {
+        let d = input(base + j) - mean;
+        q += d * d;
+    }
+    let rstd = inverseSqrt(q / f32(p.h) + p.eps);
+    for (var j = 0u; j < p.h; j++) {
+        y[base + j] = (input(base + j) - mean) * rstd * gamma[j] + beta[j];
+    }
+    stats[2u * row] = mean;
+    stats[2u * row + 1u] = rstd;
+}
+
+@compute @workgroup_size(8)
+fn backward_rows(
+    @builtin(global_invocation_id) gid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    let row = gid.x + gid.y * nwg.x * ROWS_PER_GROUP;
+    if row >= p.rows {
+        return;
+    }
+    let base = row * p.h;
+    let mean = stats[2u * row];
+    let rstd = stats[2u * row + 1u];
+    var acc = vec2<f32>(0.0);
+    for (var j = 0u; j < p.h; j++) {
+        let g = dy[base + j] * gamma[j];
+        let xhat = (input(base + j) - mean) * rstd;
+        acc += vec2<f32>(g, g * xhat);
+    }
+    let sums = acc / f32(p.h);
+    for (var j = 0u; j < p.h; j++) {
         let g = dy[base + j] * gamma[j];
         let xhat = (input(base + j) - mean) * rstd;
         dx[base + j] = rstd * (g - sums.x - xhat * sums.y);

@@ -148,7 +148,7 @@ pub mod layernorm;
 pub mod lora_sb;
 pub mod matmul;
 
-pub use context::{GpuBuffer, GpuContext, GpuOptions};
+pub use context::{GpuBuffer, GpuContext, GpuOptions, KernelTime, RowLayout};
 
 /// Errors of the GPU engine.
 #[derive(Debug, thiserror::Error)]
