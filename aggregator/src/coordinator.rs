@@ -786,8 +786,11 @@ impl Coordinator {
             sha256 = %meta.global_sha256, "round committed");
         self.global_round = id;
         self.global_frame = Bytes::from(frame);
-        self.broadcast(self.global_frame.clone());
+        // The status shows the next round (or the finished task) before any
+        // participant can hold the new global model and ask for it.
         self.open_next_round();
+        self.publish_status();
+        self.broadcast(self.global_frame.clone());
         let next = Bytes::from(self.round_announcement().encode());
         self.broadcast(next);
     }
@@ -931,9 +934,10 @@ impl Coordinator {
         self.init_request = None;
         self.global_round = RoundId(0);
         self.global_frame = Bytes::from(frame);
+        self.open_next_round();
+        self.publish_status();
         self.broadcast(Bytes::from(ServerMessage::AdapterReady { file }.encode()));
         self.broadcast(self.global_frame.clone());
-        self.open_next_round();
         let next = Bytes::from(self.round_announcement().encode());
         self.broadcast(next);
     }
