@@ -355,12 +355,12 @@ fn layernorm_matches_reference() {
                 ctx.buffer_zeros("dx", n),
             );
             let mut enc = ctx.encoder();
-            layernorm::layernorm_forward_in(
-                layout, ctx, &mut enc, &shape, &gx, r, &gg, &gb, &gy, &gstats,
+            layernorm::layernorm_forward(
+                ctx, &mut enc, layout, &shape, &gx, r, &gg, &gb, &gy, &gstats,
             )
             .unwrap();
-            layernorm::layernorm_backward_in(
-                layout, ctx, &mut enc, &shape, &gx, r, &gg, &gstats, &gdy, &gdx,
+            layernorm::layernorm_backward(
+                ctx, &mut enc, layout, &shape, &gx, r, &gg, &gstats, &gdy, &gdx,
             )
             .unwrap();
             ctx.submit(enc);

@@ -37,6 +37,7 @@ use crate::reference::{ClassifierHead, LoraSbAdapters, Matrix, TrainableGradient
 
 use super::adamw::{adamw_step, AdamW};
 use super::attention::{attention_backward, attention_forward, AttentionShape};
+use super::context::RowLayout;
 use super::context::{GpuBuffer, GpuContext};
 use super::dp::{dp_clip_sum, dp_sq_norms, SumInto};
 use super::embeddings::{embeddings_forward, EmbeddingTables};
@@ -699,6 +700,7 @@ impl<'c> GpuEncoder<'c> {
         layernorm_forward(
             ctx,
             enc,
+            RowLayout::for_device(ctx),
             &ln_shape,
             &w.emb_sum,
             None,
@@ -745,6 +747,7 @@ impl<'c> GpuEncoder<'c> {
             layernorm_forward(
                 ctx,
                 enc,
+                RowLayout::for_device(ctx),
                 &ln_shape,
                 &a.ao,
                 Some(x),
@@ -765,6 +768,7 @@ impl<'c> GpuEncoder<'c> {
             layernorm_forward(
                 ctx,
                 enc,
+                RowLayout::for_device(ctx),
                 &ln_shape,
                 &a.out,
                 Some(&a.h1),
@@ -1035,6 +1039,7 @@ impl<'c> GpuEncoder<'c> {
             layernorm_backward(
                 ctx,
                 enc,
+                RowLayout::for_device(ctx),
                 &ln_shape,
                 &a.out,
                 Some(&a.h1),
@@ -1070,6 +1075,7 @@ impl<'c> GpuEncoder<'c> {
             layernorm_backward(
                 ctx,
                 enc,
+                RowLayout::for_device(ctx),
                 &ln_shape,
                 &a.ao,
                 Some(x),

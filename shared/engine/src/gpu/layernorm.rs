@@ -36,32 +36,13 @@ fn params(ctx: &GpuContext, s: &LayerNormShape, residual: bool) -> wgpu::Buffer 
 }
 
 /// `y = LayerNorm(x (+ residual)) · gamma + beta`; writes `stats` = (mean, rstd)
-/// per row (`2·rows` elements) for [`layernorm_backward`]. In the device's
-/// [`RowLayout`].
+/// per row (`2·rows` elements) for [`layernorm_backward`]. In `layout`
+/// (the encoder uses the device's, [`RowLayout::for_device`]).
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_forward(
     ctx: &GpuContext,
     encoder: &mut wgpu::CommandEncoder,
-    shape: &LayerNormShape,
-    x: &GpuBuffer,
-    residual: Option<&GpuBuffer>,
-    gamma: &GpuBuffer,
-    beta: &GpuBuffer,
-    y: &GpuBuffer,
-    stats: &GpuBuffer,
-) -> Result<(), GpuError> {
-    let layout = RowLayout::for_device(ctx);
-    layernorm_forward_in(
-        layout, ctx, encoder, shape, x, residual, gamma, beta, y, stats,
-    )
-}
-
-/// [`layernorm_forward`] in the given layout.
-#[allow(clippy::too_many_arguments)]
-pub fn layernorm_forward_in(
     layout: RowLayout,
-    ctx: &GpuContext,
-    encoder: &mut wgpu::CommandEncoder,
     shape: &LayerNormShape,
     x: &GpuBuffer,
     residual: Option<&GpuBuffer>,
@@ -106,31 +87,12 @@ pub fn layernorm_forward_in(
 }
 
 /// `dx = ∂L/∂(x + residual)` from `dy`, the same inputs and the forward's
-/// `stats`. In the device's [`RowLayout`].
+/// `stats`, in `layout`.
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_backward(
     ctx: &GpuContext,
     encoder: &mut wgpu::CommandEncoder,
-    shape: &LayerNormShape,
-    x: &GpuBuffer,
-    residual: Option<&GpuBuffer>,
-    gamma: &GpuBuffer,
-    stats: &GpuBuffer,
-    dy: &GpuBuffer,
-    dx: &GpuBuffer,
-) -> Result<(), GpuError> {
-    let layout = RowLayout::for_device(ctx);
-    layernorm_backward_in(
-        layout, ctx, encoder, shape, x, residual, gamma, stats, dy, dx,
-    )
-}
-
-/// [`layernorm_backward`] in the given layout.
-#[allow(clippy::too_many_arguments)]
-pub fn layernorm_backward_in(
     layout: RowLayout,
-    ctx: &GpuContext,
-    encoder: &mut wgpu::CommandEncoder,
     shape: &LayerNormShape,
     x: &GpuBuffer,
     residual: Option<&GpuBuffer>,
