@@ -316,6 +316,50 @@ fn gelu_reference_is_exact() {
     }
 }
 
+// ---------------------------------------------------------------- profiling
+
+/// Kernel profiling submits every launch alone and times it, and changes no
+/// result: GELU of GELU, with a buffer copy recorded between the two launches
+/// in the same encoder, equals the reference, and both launches are counted.
+/// (Its own device: profiling slows every launch of the device it is on.)
+#[test]
+fn profiling_times_each_launch_and_keeps_the_results() {
+    let name = std::env::var("FEDSB_ADAPTER").ok();
+    let ctx = pollster::block_on(GpuContext::new(&GpuOptions {
+        adapter: name.as_deref(),
+    }))
+    .expect("a wgpu adapter");
+    let n = 1000;
+    let x: Vec<f32> = Rng(23).vec(n).iter().map(|v| 3.0 * v).collect();
+    let want: Vec<f32> = x.iter().map(|&v| cpu_ref::gelu(cpu_ref::gelu(v))).collect();
+    let run = || {
+        let (gx, gy, gz, gw) = (
+            ctx.buffer_f32("x", &x),
+            ctx.buffer_zeros("y", n),
+            ctx.buffer_zeros("z", n),
+            ctx.buffer_zeros("w", n),
+        );
+        let mut enc = ctx.encoder();
+        gelu::gelu_forward(&ctx, &mut enc, &gx, &gy, n).unwrap();
+        enc.copy_buffer_to_buffer(&gy.buffer, 0, &gz.buffer, 0, 4 * n as u64);
+        gelu::gelu_forward(&ctx, &mut enc, &gz, &gw, n).unwrap();
+        ctx.submit(enc);
+        pollster::block_on(ctx.read_f32(&gw)).expect("read-back")
+    };
+    ctx.set_profiling(true);
+    assert_close("gelu(gelu(x)), profiled", &run(), &want, 1e-6, 1e-5);
+    let times = ctx.kernel_times();
+    assert_eq!(times.len(), 1, "{times:?}");
+    assert_eq!(times[0].kernel, "gelu/forward");
+    assert_eq!(times[0].workgroups, [4, 1, 1]);
+    assert_eq!(times[0].launches, 2);
+    assert!(times[0].seconds > 0.0, "{times:?}");
+    // Off: nothing is recorded, and the results are the same.
+    ctx.set_profiling(false);
+    assert_close("gelu(gelu(x))", &run(), &want, 1e-6, 1e-5);
+    assert!(ctx.kernel_times().is_empty());
+}
+
 // ---------------------------------------------------------------- layernorm
 
 #[test]
