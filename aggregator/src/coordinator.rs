@@ -786,10 +786,9 @@ impl Coordinator {
             sha256 = %meta.global_sha256, "round committed");
         self.global_round = id;
         self.global_frame = Bytes::from(frame);
-        // The status shows the next round (or the finished task) before any
-        // participant can hold the new global model and ask for it.
+        // The next round (or the finished task) is set before any participant
+        // can hold the new global model (`broadcast` publishes the status).
         self.open_next_round();
-        self.publish_status();
         self.broadcast(self.global_frame.clone());
         let next = Bytes::from(self.round_announcement().encode());
         self.broadcast(next);
@@ -935,7 +934,6 @@ impl Coordinator {
         self.global_round = RoundId(0);
         self.global_frame = Bytes::from(frame);
         self.open_next_round();
-        self.publish_status();
         self.broadcast(Bytes::from(ServerMessage::AdapterReady { file }.encode()));
         self.broadcast(self.global_frame.clone());
         let next = Bytes::from(self.round_announcement().encode());
@@ -983,7 +981,12 @@ impl Coordinator {
         }
     }
 
+    /// Sends `frame` to every participant, after publishing the status: no
+    /// frame leaves before `/api/status` shows the state that sent it (a
+    /// participant holding a round's global model reads the next round or
+    /// the finished task; one told of an extended deadline reads it too).
     fn broadcast(&mut self, frame: Bytes) {
+        self.publish_status();
         let ids: Vec<ParticipantId> = self.peers.keys().copied().collect();
         for id in ids {
             self.send_to(id, frame.clone());
