@@ -10,7 +10,11 @@
 //   {type: "leave"}
 // Messages out:
 //   {type: "preview", preview} | {type: "preview", error}
-//   {type: "status", phase, round, adapter, task, participant (the id the
+//   {type: "status", phase, round, adapter, adapterFallback (true when the
+//    WebGPU adapter is a software fallback: training runs on the CPU),
+//    wgpuAdapter (the adapter as the engine's wgpu sees it: its device type
+//    picks the kernels), task,
+//    participant (the id the
 //    aggregator gave this participant key, a decimal string), bytesDownloaded,
 //    bytesTotal, filesCached, cacheWarning, losses: [{round, loss, samples, seconds,
 //    samplesPerSecond, epsilonSpent, epsilonBudget}], samplesPerSecond,
@@ -89,9 +93,20 @@ const ready = init();
 // never notice. So every device this worker gets is watched here, and its
 // loss ends this tab's part with an error the page recognizes ("device was
 // lost"), closing the WebSocket so that the aggregator stops waiting for it.
+//
+// The adapter the device came from is kept too: wgpu names it only by its
+// description, which browsers usually leave empty, so the page shows the
+// browser's own GPUAdapterInfo and whether it is a software fallback (such
+// as SwiftShader), on which the tab trains on the CPU.
+let gpuAdapterInfo = null; // {name, fallback}
 if (self.GPUAdapter) {
   const requestDevice = GPUAdapter.prototype.requestDevice;
   GPUAdapter.prototype.requestDevice = async function (...args) {
+    const i = this.info ?? {};
+    gpuAdapterInfo = {
+      name: [i.vendor, i.architecture, i.device, i.description].filter(Boolean).join(" "),
+      fallback: Boolean(i.isFallbackAdapter ?? this.isFallbackAdapter),
+    };
     const device = await requestDevice.apply(this, args);
     device.lost.then((info) => {
       if (info.reason === "destroyed" || ended) return;
@@ -105,6 +120,8 @@ const status = {
   phase: "idle",
   round: null,
   adapter: null,
+  adapterFallback: null,
+  wgpuAdapter: null,
   task: null,
   participant: null,
   reconnects: 0,
@@ -421,9 +438,18 @@ async function createParticipant(frame, bytes) {
   }
   post({
     phase: "waiting",
-    adapter: participant.adapterName(),
+    adapter: describeAdapter(participant.adapterName()),
+    adapterFallback: gpuAdapterInfo?.fallback ?? null,
+    wgpuAdapter: participant.adapterName(),
     message: `${preview.rows} local examples; waiting for a round`,
   });
+}
+
+// The adapter as the page shows it: the browser's name for it (wgpu's when
+// the browser gives none) and, for a software fallback, that it is the CPU.
+function describeAdapter(wgpuName) {
+  const name = gpuAdapterInfo?.name || wgpuName;
+  return gpuAdapterInfo?.fallback ? `${name} (software fallback adapter: WebGPU on the CPU)` : name;
 }
 
 async function onRoundOpen(frame, msg) {

@@ -165,6 +165,13 @@ function onWorkerMessage(m) {
   $("join-phase").textContent = m.phase;
   $("join-round").textContent = m.round ?? "…";
   $("join-adapter").textContent = m.adapter ?? "…";
+  if (m.adapterFallback && gpuNote.hidden) {
+    gpuNote.textContent =
+      "This browser runs WebGPU on a software fallback adapter, that is on the CPU: the tab trains, " +
+      "but many times slower than on a GPU. Enable hardware acceleration or use a browser that " +
+      "exposes the GPU to WebGPU to train faster.";
+    gpuNote.hidden = false;
+  }
   $("join-download").textContent = (dl || "…") + (m.cacheWarning ? ` (not cached: ${m.cacheWarning})` : "");
   $("join-speed").textContent = m.samplesPerSecond ? `${m.samplesPerSecond.toFixed(1)} samples/s` : "…";
   // DP tasks: what this tab has spent of its budget (none: no DP).

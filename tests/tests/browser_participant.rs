@@ -745,6 +745,30 @@ async fn browser_tabs_train_every_round() -> anyhow::Result<()> {
         let losses = &statuses[tab]["losses"];
         eprintln!("tab {tab}: {losses}");
     }
+    // Chromium's SwiftShader is a software fallback adapter: the page names
+    // it and says that the tab trains on the CPU, and the engine's wgpu sees
+    // a CPU device (so it runs the kernels chosen for CPU adapters, as
+    // lavapipe does natively).
+    for (tab, s) in statuses.iter().enumerate() {
+        let adapter = s["adapter"].as_str().unwrap_or("");
+        ensure!(
+            s["adapterFallback"] == true
+                && adapter.contains("swiftshader")
+                && adapter.contains("software fallback")
+                && s["wgpuAdapter"].as_str().is_some_and(|a| a.contains("Cpu")),
+            "tab {tab}: adapter {adapter:?}, fallback {}, wgpu {}",
+            s["adapterFallback"],
+            s["wgpuAdapter"]
+        );
+    }
+    let note = tabs[0]
+        .eval("document.getElementById('join-gpu').hidden ? null : document.getElementById('join-gpu').textContent")
+        .await?;
+    ensure!(
+        note.as_str()
+            .is_some_and(|n| n.contains("software fallback adapter") && n.contains("CPU")),
+        "tab 0's GPU note: {note}"
+    );
     // Joining again (the task is finished now) takes the files from the
     // Cache API: nothing is downloaded.
     let first = &statuses[0];

@@ -90,21 +90,11 @@ impl WasmEngine {
         .await?)
     }
 
-    /// The WebGPU adapter's name as wgpu reports it (in headless Chromium on
-    /// the CPU: SwiftShader).
+    /// The WebGPU adapter as wgpu reports it ([`crate::describe_adapter`]; in
+    /// headless Chromium on the CPU: an unnamed `Cpu` adapter, SwiftShader).
     #[wasm_bindgen(js_name = adapterName)]
     pub fn adapter_name(&self) -> String {
-        let info = self.ctx.adapter_info();
-        if info.name.is_empty() {
-            // Browsers usually hide the description; the page can still read
-            // `GPUAdapterInfo.vendor` and `.architecture`.
-            format!(
-                "unnamed {:?} adapter ({:?}, subgroups of {}–{})",
-                info.backend, info.device_type, info.subgroup_min_size, info.subgroup_max_size
-            )
-        } else {
-            info.name.clone()
-        }
+        crate::describe_adapter(self.ctx.adapter_info())
     }
 
     /// Size of one embedding.

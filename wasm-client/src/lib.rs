@@ -75,3 +75,44 @@ pub fn decode_server_message(frame: &[u8]) -> Result<JsValue, JsError> {
         .map_err(|e| JsError::new(&format!("cannot decode server frame: {e}")))?;
     serde_wasm_bindgen::to_value(&msg).map_err(|e| JsError::new(&e.to_string()))
 }
+
+/// How the engine's wgpu sees its adapter, for the page: the name (browsers
+/// usually leave the description wgpu reads empty), the device type that
+/// picks the kernels (`Cpu` for a software fallback such as SwiftShader, which
+/// gets the kernels chosen for CPU adapters) and the subgroup sizes.
+pub(crate) fn describe_adapter(info: &wgpu::AdapterInfo) -> String {
+    let name = if info.name.is_empty() {
+        "unnamed"
+    } else {
+        &info.name
+    };
+    format!(
+        "{name} ({:?} {:?} adapter, subgroups of {}–{})",
+        info.backend, info.device_type, info.subgroup_min_size, info.subgroup_max_size
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe_adapter;
+
+    #[test]
+    fn an_adapter_is_described_with_its_device_type_even_without_a_name() {
+        let mut info = wgpu::AdapterInfo::new(wgpu::DeviceType::Cpu, wgpu::Backend::BrowserWebGpu);
+        info.name = String::new();
+        info.subgroup_min_size = 4;
+        info.subgroup_max_size = 4;
+        assert_eq!(
+            describe_adapter(&info),
+            "unnamed (BrowserWebGpu Cpu adapter, subgroups of 4–4)"
+        );
+        info.name = "NVIDIA H100".into();
+        info.device_type = wgpu::DeviceType::DiscreteGpu;
+        info.subgroup_max_size = 32;
+        info.subgroup_min_size = 32;
+        assert_eq!(
+            describe_adapter(&info),
+            "NVIDIA H100 (BrowserWebGpu DiscreteGpu adapter, subgroups of 32–32)"
+        );
+    }
+}

@@ -374,18 +374,10 @@ impl WasmParticipant {
         })
     }
 
-    /// The WebGPU adapter's name as wgpu reports it.
+    /// The WebGPU adapter as wgpu reports it ([`crate::describe_adapter`]).
     #[wasm_bindgen(js_name = adapterName)]
     pub fn adapter_name(&self) -> String {
-        let info = self.ctx.adapter_info();
-        if info.name.is_empty() {
-            format!(
-                "unnamed {:?} adapter ({:?})",
-                info.backend, info.device_type
-            )
-        } else {
-            info.name.clone()
-        }
+        crate::describe_adapter(self.ctx.adapter_info())
     }
 
     /// The id the aggregator gave this participant.
