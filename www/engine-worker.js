@@ -10,6 +10,7 @@
 // Needs the bundle of `cargo xtask build-wasm` in /pkg/.
 
 import init, { WasmEngine } from "./pkg/fedsb_wasm_client.js";
+import { gpuAdapterInfo } from "./gpu-adapter.js";
 
 let engine = null;
 
@@ -33,8 +34,7 @@ async function load({ files, maxLength }) {
   // wgpu cannot (browsers leave `description` empty).
   const gpuAdapter = await navigator.gpu.requestAdapter({ powerPreference: "high-performance" });
   if (!gpuAdapter) throw new Error("navigator.gpu.requestAdapter() found no WebGPU adapter");
-  const i = gpuAdapter.info ?? {};
-  const adapter = [i.vendor, i.architecture, i.device, i.description].filter(Boolean).join(" ") || "unnamed";
+  const adapter = gpuAdapterInfo(gpuAdapter).name || "unnamed";
   const [config, model, tokenizer] = await Promise.all(
     [files.config, files.model, files.tokenizer].map(fetchBytes),
   );

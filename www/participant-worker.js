@@ -82,6 +82,7 @@ import init, {
   decodeServerMessage,
   protocolVersion,
 } from "./pkg/fedsb_wasm_client.js";
+import { gpuAdapterInfo } from "./gpu-adapter.js";
 
 const MODEL_FILES = ["config.json", "model.safetensors", "tokenizer.json", "adapter.safetensors"];
 
@@ -94,19 +95,13 @@ const ready = init();
 // loss ends this tab's part with an error the page recognizes ("device was
 // lost"), closing the WebSocket so that the aggregator stops waiting for it.
 //
-// The adapter the device came from is kept too: wgpu names it only by its
-// description, which browsers usually leave empty, so the page shows the
-// browser's own GPUAdapterInfo and whether it is a software fallback (such
-// as SwiftShader), on which the tab trains on the CPU.
-let gpuAdapterInfo = null; // {name, fallback}
+// The adapter the device came from is kept too, for the page's name of it
+// and whether it is a software fallback (gpu-adapter.js).
+let adapterInfo = null; // {name, fallback}
 if (self.GPUAdapter) {
   const requestDevice = GPUAdapter.prototype.requestDevice;
   GPUAdapter.prototype.requestDevice = async function (...args) {
-    const i = this.info ?? {};
-    gpuAdapterInfo = {
-      name: [i.vendor, i.architecture, i.device, i.description].filter(Boolean).join(" "),
-      fallback: Boolean(i.isFallbackAdapter ?? this.isFallbackAdapter),
-    };
+    adapterInfo = gpuAdapterInfo(this);
     const device = await requestDevice.apply(this, args);
     device.lost.then((info) => {
       if (info.reason === "destroyed" || ended) return;
@@ -436,11 +431,12 @@ async function createParticipant(frame, bytes) {
     if (adopted) await saveLedger();
     post({ privacy: participant.privacy() });
   }
+  const wgpuAdapter = participant.adapterName();
   post({
     phase: "waiting",
-    adapter: describeAdapter(participant.adapterName()),
-    adapterFallback: gpuAdapterInfo?.fallback ?? null,
-    wgpuAdapter: participant.adapterName(),
+    adapter: describeAdapter(wgpuAdapter),
+    adapterFallback: adapterInfo?.fallback ?? null,
+    wgpuAdapter,
     message: `${preview.rows} local examples; waiting for a round`,
   });
 }
@@ -448,8 +444,8 @@ async function createParticipant(frame, bytes) {
 // The adapter as the page shows it: the browser's name for it (wgpu's when
 // the browser gives none) and, for a software fallback, that it is the CPU.
 function describeAdapter(wgpuName) {
-  const name = gpuAdapterInfo?.name || wgpuName;
-  return gpuAdapterInfo?.fallback ? `${name} (software fallback adapter: WebGPU on the CPU)` : name;
+  const name = adapterInfo?.name || wgpuName;
+  return adapterInfo?.fallback ? `${name} (software fallback adapter: WebGPU on the CPU)` : name;
 }
 
 async function onRoundOpen(frame, msg) {
