@@ -110,9 +110,15 @@ pub struct SimArgs {
     /// Batch size (training, LoRA-SB init and evaluation).
     #[arg(long, default_value_t = 32)]
     batch: usize,
-    /// AdamW learning rate (also η of the LoRA-SB initialization).
+    /// The clients' AdamW learning rate.
     #[arg(long, default_value_t = 1e-3)]
     lr: f32,
+    /// η of the LoRA-SB initialization, ΔW = −η·sign(G), which scales R₀
+    /// (default: --lr; a task's `[adapter] init_learning_rate`). Set it to
+    /// vary the clients' learning rate from the same initialization. Not with
+    /// --init, whose file already holds R₀.
+    #[arg(long)]
+    init_lr: Option<f32>,
     /// Truncate sequences to this many tokens (special tokens included).
     #[arg(long, default_value_t = 128)]
     max_seq_len: usize,
@@ -185,6 +191,13 @@ pub struct SimArgs {
     /// Use the GPU adapter whose name contains this (case-insensitive).
     #[arg(long)]
     adapter: Option<String>,
+}
+
+impl SimArgs {
+    /// η of the LoRA-SB initialization: --init-lr, else --lr.
+    fn init_lr(&self) -> f32 {
+        self.init_lr.unwrap_or(self.lr)
+    }
 }
 
 /// How the training data is divided among the clients.
@@ -518,8 +531,8 @@ fn write_shards(
 }
 
 /// The initial adapters (A, B, R₀) and head: from `--init`, or the LoRA-SB
-/// initialization exactly as `fedsb init --seed S --batch B --lr X` computes it
-/// on `--train`.
+/// initialization exactly as `fedsb init --seed S --batch B --lr η` computes it
+/// on `--train`, with η = `--init-lr` (default `--lr`).
 #[allow(clippy::too_many_arguments)]
 fn initial_model(
     args: &SimArgs,
@@ -563,13 +576,14 @@ fn initial_model(
         let refs: Vec<&Example> = idx.iter().map(|&i| &train.examples[i]).collect();
         batches.push(encode_examples(tokenizer, &refs)?);
     }
-    let mut options = LoraSbInitOptions::new(args.rank, f64::from(args.lr));
+    let mut options = LoraSbInitOptions::new(args.rank, f64::from(args.init_lr()));
     options.modules = linears.to_vec();
     let started = Instant::now();
     let adapters = pollster::block_on(gpu_lora_sb_init(ctx, weights, &head, &batches, &options))?;
     eprintln!(
-        "LoRA-SB init on {taken} training samples, rank {}: {:.1} s",
+        "LoRA-SB init on {taken} training samples, rank {}, η {}: {:.1} s",
         args.rank,
+        args.init_lr(),
         started.elapsed().as_secs_f64()
     );
     Ok((adapters, head))
@@ -591,6 +605,14 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
     }
     if !(args.lr > 0.0 && args.lr.is_finite()) {
         bail!("--lr must be positive");
+    }
+    if let Some(eta) = args.init_lr {
+        if !(eta > 0.0 && eta.is_finite()) {
+            bail!("--init-lr {eta} must be positive");
+        }
+        if args.init.is_some() {
+            bail!("--init-lr sets η of the initialization, which --init skips: give one of them");
+        }
     }
     let policy = dp_policy(&args)?;
     let weights = BertWeights::from_dir(&args.model)
@@ -949,6 +971,9 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
             ("seed".to_owned(), args.seed.to_string()),
             ("trained_by".to_owned(), "fedsb sim".to_owned()),
         ]);
+        if args.init.is_none() {
+            metadata.insert("init_learning_rate".to_owned(), args.init_lr().to_string());
+        }
         if let Some(e) = rows.last().and_then(|r| r.epsilon_spent) {
             metadata.insert("dp_epsilon".to_owned(), e.to_string());
             metadata.insert("dp_delta".to_owned(), args.dp_delta.to_string());

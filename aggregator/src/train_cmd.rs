@@ -72,9 +72,14 @@ pub struct TrainArgs {
     /// Batch size.
     #[arg(long, default_value_t = 32)]
     batch: usize,
-    /// AdamW learning rate (also η of the LoRA-SB initialization).
+    /// AdamW learning rate.
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
+    /// η of the LoRA-SB initialization, ΔW = −η·sign(G), which scales R₀
+    /// (default: --lr). Set it to vary the learning rate from the same
+    /// initialization.
+    #[arg(long)]
+    init_lr: Option<f64>,
     /// Training samples whose gradients initialize A, B and R.
     #[arg(long, default_value_t = 256)]
     init_samples: usize,
@@ -130,6 +135,13 @@ pub struct TrainArgs {
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     if args.batch == 0 || args.rank == 0 {
         bail!("--batch and --rank must be positive");
+    }
+    if !(args.lr > 0.0 && args.lr.is_finite()) {
+        bail!("--lr {} must be positive", args.lr);
+    }
+    let init_lr = args.init_lr.unwrap_or(args.lr);
+    if !(init_lr > 0.0 && init_lr.is_finite()) {
+        bail!("--init-lr {init_lr} must be positive");
     }
     let dp_wanted = args.dp_epsilon.is_some() || args.noise_multiplier.is_some();
     match (dp_wanted, args.clip) {
@@ -209,7 +221,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         let refs: Vec<&Example> = idx.iter().map(|&i| &init_examples[i]).collect();
         init_batches.push(encode_examples(&tokenizer, &refs)?);
     }
-    let options = LoraSbInitOptions::new(args.rank, args.lr);
+    let options = LoraSbInitOptions::new(args.rank, init_lr);
     let adapters = pollster::block_on(gpu_lora_sb_init(
         &ctx,
         &weights,
@@ -219,7 +231,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     ))?;
     let init_seconds = started.elapsed().as_secs_f64();
     eprintln!(
-        "LoRA-SB init (GPU gradients, CPU SVD) on {taken} samples, rank {}: {init_seconds:.1} s",
+        "LoRA-SB init (GPU gradients, CPU SVD) on {taken} samples, rank {}, η {init_lr}: \
+         {init_seconds:.1} s",
         args.rank
     );
 
@@ -373,6 +386,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
                 ),
                 ("steps".to_owned(), args.steps.to_string()),
                 ("learning_rate".to_owned(), args.lr.to_string()),
+                ("init_learning_rate".to_owned(), init_lr.to_string()),
                 ("trained_by".to_owned(), "fedsb train".to_owned()),
             ]);
             if let Some(dp) = &dp {
@@ -394,6 +408,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         "rank": args.rank,
         "samples_per_second": samples_per_second,
         "init_samples": taken,
+        "learning_rate": args.lr,
+        "init_learning_rate": init_lr,
         "init_seconds": init_seconds,
         "eval_samples_per_second": e.samples as f64 / eval_seconds.max(1e-9),
         "adapter": adapter_name,

@@ -443,7 +443,7 @@ fn without_json_rounds_go_to_stderr_and_the_table_to_stdout() -> anyhow::Result<
 #[test]
 fn sim_refuses_bad_input_clearly() -> anyhow::Result<()> {
     let task = Task::new()?;
-    let cases: [(usize, &[&str], &str); 12] = [
+    let cases: [(usize, &[&str], &str); 14] = [
         (CLIENTS, &["--split", "shards"], "unknown --split"),
         (CLIENTS, &["--split", "dirichlet:0"], "positive"),
         (CLIENTS, &["--split", "dirichlet:-2"], "positive"),
@@ -480,6 +480,12 @@ fn sim_refuses_bad_input_clearly() -> anyhow::Result<()> {
             &["--dp-epsilon", "3", "--clip", "1", "--head-only"],
             "--head-only trains without DP-SGD",
         ),
+        (CLIENTS, &["--init-lr", "0"], "--init-lr 0 must be positive"),
+        (
+            CLIENTS,
+            &["--init-lr", "0.01", "--init", "adapter.safetensors"],
+            "--init-lr sets η of the initialization, which --init skips",
+        ),
     ];
     for (clients, flags, message) in cases {
         let out = run(task.sim_with(clients, 1, flags))?;
@@ -493,6 +499,75 @@ fn sim_refuses_bad_input_clearly() -> anyhow::Result<()> {
             "{clients} clients, {flags:?}: expected {message:?} in {stderr}"
         );
     }
+    Ok(())
+}
+
+/// `--init-lr η` initializes as `fedsb init --lr η` does while the clients
+/// train at `--lr`: the same round 0 and round 1 as a run given that file
+/// with `--init`. η scales R₀ alone (ΔW = −η·sign(G), so its SVD scales), and
+/// without `--init-lr` η is `--lr`.
+#[test]
+fn init_lr_sets_the_initialization_apart_from_the_clients_learning_rate() -> anyhow::Result<()> {
+    let task = Task::new()?;
+    let dir = task.path().to_owned();
+    let mut init = Command::new(fedsb_bin());
+    init.arg("init")
+        .arg("--model")
+        .arg(dir.join("model"))
+        .arg("--train")
+        .arg(dir.join("train.tsv"))
+        .args(["--labels", &LABELS.join(",")])
+        .args(["--rank", &RANK.to_string()])
+        .args(["--init-samples", "32", "--batch", &BATCH.to_string()])
+        .args(["--lr", "0.003", "--max-seq-len", "16", "--seed", "0"])
+        .arg("--out")
+        .arg(dir.join("init-3e-3.safetensors"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    check_success("fedsb init", &run(init)?)?;
+
+    // Every run's clients train at --lr 0.01 (Task::sim).
+    let globals = |name: &str| dir.join(name);
+    let runs: [(&str, &[&str]); 3] = [
+        ("init-lr", &["--init-lr", "0.003"]),
+        ("file", &["--init", "init-3e-3.safetensors"]),
+        ("lr", &[]),
+    ];
+    for (name, flags) in runs {
+        let out_dir = globals(name);
+        let mut c = task.sim(1, flags);
+        c.arg("--write-globals").arg(&out_dir).current_dir(&dir);
+        check_success(&format!("fedsb sim ({name})"), &run(c)?)?;
+    }
+    let state = |name: &str, round: u64| -> anyhow::Result<AdapterState> {
+        let bytes = std::fs::read(globals(name).join(format!("round-{round}.bin")))?;
+        Ok(decode_global(&bytes)?.3)
+    };
+    for round in [0, 1] {
+        let (rel, _) = compare(&state("init-lr", round)?, &state("file", round)?);
+        assert!(
+            rel <= 1e-6,
+            "round {round}: --init-lr 0.003 and --init (fedsb init --lr 0.003) differ by {rel:e}"
+        );
+    }
+    // Round 0 with η = --lr = 0.01: R₀ is 0.01 / 0.003 times larger, the
+    // head (not from the SVD) is the same.
+    let (small, large) = (state("init-lr", 0)?, state("lr", 0)?);
+    let ratio = 0.01 / 0.003;
+    let mut worst = 0.0f64;
+    for (s, l) in small.r.iter().zip(&large.r) {
+        for (&a, &b) in s.data.iter().zip(&l.data) {
+            let want = f64::from(a) * ratio;
+            worst = worst.max((f64::from(b) - want).abs() / want.abs().max(1e-6));
+        }
+    }
+    assert!(
+        worst <= 1e-3,
+        "R₀ at η = --lr 0.01 is not 0.01/0.003 × R₀ at --init-lr 0.003: worst relative {worst:e}"
+    );
+    assert!(small.r.iter().flat_map(|t| &t.data).any(|&v| v != 0.0));
+    assert_eq!(small.head_weight.data, large.head_weight.data);
     Ok(())
 }
 

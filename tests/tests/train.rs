@@ -1,0 +1,149 @@
+//! `fedsb train` on a tiny random BERT (GPU: lavapipe here): `--init-lr`
+//! initializes as `fedsb init --lr η` does while AdamW runs at `--lr`.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use anyhow::Context;
+use fedsb_e2e::process::{check_success, last_json_line};
+use fedsb_e2e::tiny_model::{labelled_tsv, write_tiny_model};
+use fedsb_e2e::*;
+
+const RANK: &str = "4";
+const BATCH: &str = "8";
+const INIT_SAMPLES: &str = "16";
+
+fn fedsb(dir: &Path, command: &str, extra: &[&str]) -> anyhow::Result<Output> {
+    Command::new(fedsb_bin())
+        .arg(command)
+        .arg("--model")
+        .arg(dir.join("model"))
+        .arg("--train")
+        .arg(dir.join("train.tsv"))
+        .args(["--rank", RANK, "--batch", BATCH, "--seed", "0"])
+        .args(["--init-samples", INIT_SAMPLES])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .output()
+        .with_context(|| format!("running fedsb {command}"))
+}
+
+/// Every `*.lora_R` of an adapter file, by name, and its metadata.
+type Adapter = (
+    Vec<(String, Vec<f32>)>,
+    std::collections::HashMap<String, String>,
+);
+
+fn lora_r(path: &Path) -> anyhow::Result<Adapter> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
+    let mut names: Vec<String> = st
+        .names()
+        .into_iter()
+        .filter(|n| n.ends_with(".lora_R"))
+        .map(|n| n.to_string())
+        .collect();
+    names.sort();
+    let mut rs = Vec::new();
+    for name in names {
+        let t = st.tensor(&name)?;
+        let values = t
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        rs.push((name, values));
+    }
+    Ok((rs, header.metadata().clone().unwrap_or_default()))
+}
+
+/// Largest |a − b| / max(|b|, 1e-4) over every R.
+fn worst_relative(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .flat_map(|((na, va), (nb, vb))| {
+            assert_eq!(na, nb);
+            va.iter().zip(vb)
+        })
+        .map(|(&x, &y)| (f64::from(x) - f64::from(y)).abs() / f64::from(y).abs().max(1e-4))
+        .fold(0.0, f64::max)
+}
+
+/// One AdamW step at a negligible `--lr` leaves R at R₀: with `--init-lr
+/// 0.003` that is `fedsb init --lr 0.003`'s R₀; without it η is the tiny
+/// `--lr` and R₀ is far smaller.
+#[test]
+fn init_lr_sets_the_initialization_apart_from_the_learning_rate() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    write_tiny_model(&dir.join("model"), 11)?;
+    std::fs::write(dir.join("train.tsv"), labelled_tsv(48, 2, 0.5))?;
+    std::fs::write(dir.join("eval.tsv"), labelled_tsv(16, 4, 0.5))?;
+    let init = dir.join("init.safetensors");
+    let out = fedsb(
+        dir,
+        "init",
+        &["--lr", "0.003", "--out", init.to_str().context("path")?],
+    )?;
+    check_success("fedsb init", &out)?;
+
+    let train = |name: &str, extra: &[&str]| -> anyhow::Result<(Adapter, serde_json::Value)> {
+        let path = dir.join(name);
+        let eval = dir.join("eval.tsv");
+        let mut flags = vec![
+            "--eval",
+            eval.to_str().context("path")?,
+            "--steps",
+            "1",
+            "--lr",
+            "1e-9",
+            "--json",
+            "--output",
+            path.to_str().context("path")?,
+        ];
+        flags.extend_from_slice(extra);
+        let out = fedsb(dir, "train", &flags)?;
+        check_success(&format!("fedsb train {extra:?}"), &out)?;
+        Ok((lora_r(&path)?, last_json_line(&out)?))
+    };
+    let (r0, _) = lora_r(&init)?;
+    let ((with_eta, meta), report) = train("init-lr.safetensors", &["--init-lr", "0.003"])?;
+    assert_eq!(report["init_learning_rate"], 0.003, "{report}");
+    assert_eq!(report["learning_rate"], 1e-9, "{report}");
+    assert_eq!(
+        meta.get("init_learning_rate").map(String::as_str),
+        Some("0.003")
+    );
+    let rel = worst_relative(&with_eta, &r0);
+    assert!(
+        rel <= 1e-3,
+        "R after one step at lr 1e-9 from --init-lr 0.003 differs from fedsb init --lr 0.003's R₀ by {rel:e}"
+    );
+    assert!(r0.iter().flat_map(|(_, v)| v).any(|&v| v.abs() > 1e-3));
+
+    let ((without, _), report) = train("lr.safetensors", &[])?;
+    assert_eq!(report["init_learning_rate"], 1e-9, "{report}");
+    let largest = |rs: &[(String, Vec<f32>)]| {
+        rs.iter()
+            .flat_map(|(_, v)| v)
+            .fold(0.0f32, |m, &v| m.max(v.abs()))
+    };
+    assert!(
+        largest(&without) < largest(&r0) * 1e-3,
+        "without --init-lr, η is --lr 1e-9: R₀ should be tiny, largest |R| {} against {}",
+        largest(&without),
+        largest(&r0)
+    );
+
+    let out = fedsb(
+        dir,
+        "train",
+        &["--eval", "eval.tsv", "--init-lr=-1", "--steps", "1"],
+    )?;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--init-lr -1 must be positive"), "{stderr}");
+    Ok(())
+}
