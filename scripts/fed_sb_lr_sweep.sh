@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Fed-SB on SST-2 against centralized LoRA-SB at several learning rates, all
+# from one LoRA-SB initialization (η = INIT_LR): the runs behind
+# BENCHMARKS.md's "Fed-SB on SST-2" learning-rate rows. Meant for a real GPU
+# (at the defaults a run is minutes on an H200, days on lavapipe).
+#
+#   scripts/fed_sb_lr_sweep.sh OUT_DIR [ADAPTER]
+#
+# ADAPTER: part of the wgpu adapter's name (`fedsb` prints it), e.g. nvidia.
+# Settings come from the environment (defaults in brackets):
+#   FEDSB [target/release/fedsb]   MODEL [models/all-MiniLM-L6-v2]
+#   DATA [data/sst2]   CLIENTS [10]   ROUNDS [10]   LOCAL_STEPS [12]
+#   LRS ["1e-3 3e-3 1e-2"] (the clients' and the centralized run's AdamW rate)
+#   INIT_LR [1e-3]   INIT_SAMPLES [256]   EVAL_LIMIT [0: the whole dev set]
+#   EVAL_EVERY [CLIENTS × LOCAL_STEPS: the centralized run is evaluated after
+#     as many steps as the clients have taken in all after each round]
+#   SPLITS ["iid"] (also dirichlet:0.5, ...)   CENTRALIZED [1: also fedsb train]
+# Writes OUT_DIR/init.{safetensors,jsonl,log}, one sim-<split>-lr<LR>.{jsonl,csv,log}
+# per run and train-lr<LR>.{jsonl,log}; stops at the first failure and shows
+# the end of its log.
+set -euo pipefail
+
+out=${1:?usage: scripts/fed_sb_lr_sweep.sh OUT_DIR [ADAPTER]}
+adapter=${2:-}
+fedsb=${FEDSB:-target/release/fedsb}
+model=${MODEL:-models/all-MiniLM-L6-v2}
+data=${DATA:-data/sst2}
+clients=${CLIENTS:-10}
+rounds=${ROUNDS:-10}
+local_steps=${LOCAL_STEPS:-12}
+lrs=${LRS:-1e-3 3e-3 1e-2}
+init_lr=${INIT_LR:-1e-3}
+init_samples=${INIT_SAMPLES:-256}
+eval_limit=${EVAL_LIMIT:-0}
+eval_every=${EVAL_EVERY:-$((clients * local_steps))}
+splits=${SPLITS:-iid}
+centralized=${CENTRALIZED:-1}
+
+for f in "$fedsb" "$model/config.json" "$data/train.tsv" "$data/dev.tsv"; do
+    [[ -e $f ]] || { echo "missing $f (cargo build --release --bin fedsb; cargo xtask fetch-model; cargo xtask fetch-data)" >&2; exit 2; }
+done
+mkdir -p "$out"
+# run LOG CMD...: stdout to LOG.jsonl, stderr to LOG.log; on failure shows
+# the end of the log and stops.
+run() {
+    local log=$1
+    shift
+    if ! "$@" > "$out/$log.jsonl" 2> "$out/$log.log"; then
+        echo "failed: $*" >&2
+        tail -n 20 "$out/$log.log" >&2
+        exit 1
+    fi
+    tail -n 1 "$out/$log.jsonl" >&2
+}
+pick=()
+[[ -n $adapter ]] && pick=(--adapter "$adapter")
+common=(--model "$model" --train "$data/train.tsv" --rank 32 --batch 32 --seed 0 "${pick[@]}")
+
+echo "== init: η $init_lr on $init_samples samples" >&2
+run init "$fedsb" init "${common[@]}" --init-samples "$init_samples" --lr "$init_lr" \
+    --out "$out/init.safetensors"
+
+for lr in $lrs; do
+    for split in $splits; do
+        name="sim-${split//:/}-lr$lr"
+        echo "== $name: $clients clients × $local_steps local steps × $rounds rounds" >&2
+        run "$name" "$fedsb" sim "${common[@]}" --eval "$data/dev.tsv" --clients "$clients" \
+            --rounds "$rounds" --local-steps "$local_steps" --lr "$lr" \
+            --init "$out/init.safetensors" --eval-limit "$eval_limit" --split "$split" \
+            --json --csv "$out/$name.csv"
+    done
+    if [[ $centralized == 1 ]]; then
+        steps=$((clients * rounds * local_steps))
+        echo "== train-lr$lr: $steps steps, evaluated every $eval_every" >&2
+        run "train-lr$lr" "$fedsb" train "${common[@]}" --eval "$data/dev.tsv" --steps "$steps" \
+            --lr "$lr" --init-lr "$init_lr" --init-samples "$init_samples" \
+            --eval-limit "$eval_limit" --eval-every "$eval_every" --json
+    fi
+done
+echo "== done: $out" >&2
