@@ -42,6 +42,36 @@ impl Task {
         self.tmp.path()
     }
 
+    /// `fedsb init` on the task's model and training data with the
+    /// simulator's initialization settings (seed 0) and η = `lr`, writing
+    /// `out` in the task's directory.
+    fn init(&self, lr: f64, out: &str) -> Command {
+        let dir = self.path();
+        let mut c = Command::new(fedsb_bin());
+        c.arg("init")
+            .arg("--model")
+            .arg(dir.join("model"))
+            .arg("--train")
+            .arg(dir.join("train.tsv"))
+            .args(["--labels", &LABELS.join(",")])
+            .args(["--rank", &RANK.to_string()])
+            .args(["--init-samples", "32", "--batch", &BATCH.to_string()])
+            .args([
+                "--lr",
+                &lr.to_string(),
+                "--max-seq-len",
+                "16",
+                "--seed",
+                "0",
+            ])
+            .arg("--out")
+            .arg(dir.join(out))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    }
+
     /// `fedsb sim` on the task's model and data with the test's training
     /// settings, plus `extra` flags.
     fn sim(&self, rounds: u64, extra: &[&str]) -> Command {
@@ -510,22 +540,10 @@ fn sim_refuses_bad_input_clearly() -> anyhow::Result<()> {
 fn init_lr_sets_the_initialization_apart_from_the_clients_learning_rate() -> anyhow::Result<()> {
     let task = Task::new()?;
     let dir = task.path().to_owned();
-    let mut init = Command::new(fedsb_bin());
-    init.arg("init")
-        .arg("--model")
-        .arg(dir.join("model"))
-        .arg("--train")
-        .arg(dir.join("train.tsv"))
-        .args(["--labels", &LABELS.join(",")])
-        .args(["--rank", &RANK.to_string()])
-        .args(["--init-samples", "32", "--batch", &BATCH.to_string()])
-        .args(["--lr", "0.003", "--max-seq-len", "16", "--seed", "0"])
-        .arg("--out")
-        .arg(dir.join("init-3e-3.safetensors"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    check_success("fedsb init", &run(init)?)?;
+    check_success(
+        "fedsb init",
+        &run(task.init(0.003, "init-3e-3.safetensors"))?,
+    )?;
 
     // Every run's clients train at --lr 0.01 (Task::sim).
     let globals = |name: &str| dir.join(name);
@@ -625,22 +643,7 @@ async fn sim_equals_the_same_run_over_websockets() -> anyhow::Result<()> {
     let dir = task.path().to_owned();
     // The operator's adapter file; the simulator initializes by itself with
     // the same seed and settings, so round 0 checks that both agree.
-    let mut init = Command::new(fedsb_bin());
-    init.arg("init")
-        .arg("--model")
-        .arg(dir.join("model"))
-        .arg("--train")
-        .arg(dir.join("train.tsv"))
-        .args(["--labels", &LABELS.join(",")])
-        .args(["--rank", &RANK.to_string()])
-        .args(["--init-samples", "32", "--batch", &BATCH.to_string()])
-        .args(["--lr", "0.01", "--max-seq-len", "16", "--seed", "0"])
-        .arg("--out")
-        .arg(dir.join("adapter.safetensors"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    check_success("fedsb init", &run(init)?)?;
+    check_success("fedsb init", &run(task.init(0.01, "adapter.safetensors"))?)?;
 
     let shards = dir.join("shards");
     let globals = dir.join("globals");
