@@ -424,3 +424,21 @@ pub fn max_rel_error(got: &AdapterState, want: &[f64]) -> f64 {
         .map(|(&g, &w)| (f64::from(g) - w).abs() / w.abs().max(1e-3))
         .fold(0.0, f64::max)
 }
+
+/// The F32 tensors of a safetensors file (a model, an adapter file), by name.
+pub fn tensors_of(path: &Path) -> anyhow::Result<std::collections::BTreeMap<String, Vec<f32>>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)?;
+    Ok(st
+        .tensors()
+        .into_iter()
+        .map(|(name, v)| {
+            let data = v
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            (name, data)
+        })
+        .collect())
+}

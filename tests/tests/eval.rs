@@ -297,24 +297,6 @@ fn json_of(what: &str, out: &std::process::Output) -> anyhow::Result<serde_json:
     fedsb_e2e::process::last_json_line(out)
 }
 
-/// The F32 tensors of a safetensors file, by name.
-fn tensors_of(path: &Path) -> anyhow::Result<std::collections::BTreeMap<String, Vec<f32>>> {
-    let bytes = std::fs::read(path)?;
-    let st = SafeTensors::deserialize(&bytes)?;
-    Ok(st
-        .tensors()
-        .into_iter()
-        .map(|(name, v)| {
-            let data = v
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            (name, data)
-        })
-        .collect())
-}
-
 /// `fedsb export` writes a committed round's global model (the task's A and
 /// B, the round's R's and head) as an adapter file, read-only beside the
 /// running aggregator, which serves the same bytes at

@@ -35,26 +35,12 @@ type Adapter = (
 );
 
 fn lora_r(path: &Path) -> anyhow::Result<Adapter> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
-    let mut names: Vec<String> = st
-        .names()
+    let rs = tensors_of(path)?
         .into_iter()
-        .filter(|n| n.ends_with(".lora_R"))
-        .map(|n| n.to_string())
+        .filter(|(name, _)| name.ends_with(".lora_R"))
         .collect();
-    names.sort();
-    let mut rs = Vec::new();
-    for name in names {
-        let t = st.tensor(&name)?;
-        let values = t
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        rs.push((name, values));
-    }
+    let bytes = std::fs::read(path)?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
     Ok((rs, header.metadata().clone().unwrap_or_default()))
 }
 
