@@ -31,7 +31,9 @@ use fedsb_engine::data::{read_dataset_file, Example};
 use fedsb_engine::gpu::{GpuContext, GpuOptions};
 use fedsb_engine::model::{BertTokenizer, BertWeights};
 use fedsb_engine::reference::{ClassifierHead, LoraSbInitOptions};
-use fedsb_engine::train::{encode_examples, gpu_lora_sb_init, BatchSampler};
+use fedsb_engine::train::{
+    check_init_options, encode_examples, gpu_init_gradients, lora_sb_from_gradients, BatchSampler,
+};
 use sha2::{Digest, Sha256};
 
 use crate::data_args::{require_label_column, DataColumns};
@@ -124,6 +126,10 @@ pub fn run(args: InitArgs) -> anyhow::Result<()> {
         args.seed ^ 0x5eed,
     );
 
+    let mut options = LoraSbInitOptions::new(args.rank, args.lr);
+    options.modules = linears;
+    check_init_options(&config, &options)?;
+
     let started = Instant::now();
     let wanted = args.init_samples.min(data.len());
     let mut sampler = BatchSampler::new(data.len(), args.batch, args.seed ^ 0x1417);
@@ -136,12 +142,15 @@ pub fn run(args: InitArgs) -> anyhow::Result<()> {
         let refs: Vec<&Example> = idx.iter().map(|&i| &data.examples[i]).collect();
         batches.push(encode_examples(&tokenizer, &refs)?);
     }
-    let mut options = LoraSbInitOptions::new(args.rank, args.lr);
-    options.modules = linears;
-    let adapters = pollster::block_on(gpu_lora_sb_init(&ctx, &weights, &head, &batches, &options))?;
+    let grads = pollster::block_on(gpu_init_gradients(&ctx, &weights, &head, &batches))?;
+    let gradient_seconds = started.elapsed().as_secs_f64();
+    let svd_started = Instant::now();
+    let adapters = lora_sb_from_gradients(&config, &grads, &options)?;
+    let svd_seconds = svd_started.elapsed().as_secs_f64();
     let seconds = started.elapsed().as_secs_f64();
     eprintln!(
-        "LoRA-SB init on {taken} seed samples, rank {}, {} modules: {seconds:.1} s",
+        "LoRA-SB init on {taken} seed samples, rank {}, {} modules: {seconds:.1} s \
+         ({gradient_seconds:.1} s gradients on the GPU, {svd_seconds:.1} s sign and SVD on the CPU)",
         args.rank,
         names.len()
     );
@@ -179,6 +188,8 @@ pub fn run(args: InitArgs) -> anyhow::Result<()> {
             "labels": labels,
             "init_samples": taken,
             "init_seconds": seconds,
+            "gradient_seconds": gradient_seconds,
+            "svd_seconds": svd_seconds,
             "adapter": ctx.adapter_name(),
         })
     );

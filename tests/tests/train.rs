@@ -1,5 +1,7 @@
 //! `fedsb train` on a tiny random BERT (GPU: lavapipe here): `--init-lr`
-//! initializes as `fedsb init --lr η` does while AdamW runs at `--lr`.
+//! initializes as `fedsb init --lr η` does while AdamW runs at `--lr`; and
+//! `fedsb init`'s report of its two phases and its refusal of a rank wider
+//! than a layer.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -74,6 +76,18 @@ fn init_lr_sets_the_initialization_apart_from_the_learning_rate() -> anyhow::Res
         &["--lr", "0.003", "--out", init.to_str().context("path")?],
     )?;
     check_success("fedsb init", &out)?;
+    // The report splits the time into the GPU gradients and the CPU SVDs.
+    let report = last_json_line(&out)?;
+    let seconds = |key: &str| report[key].as_f64().context(format!("{key} in {report}"));
+    let (all, gradients, svd) = (
+        seconds("init_seconds")?,
+        seconds("gradient_seconds")?,
+        seconds("svd_seconds")?,
+    );
+    assert!(
+        gradients > 0.0 && svd > 0.0 && gradients + svd <= all + 1e-6,
+        "{report}"
+    );
 
     let train = |name: &str, extra: &[&str]| -> anyhow::Result<(Adapter, serde_json::Value)> {
         let path = dir.join(name);
@@ -131,5 +145,34 @@ fn init_lr_sets_the_initialization_apart_from_the_learning_rate() -> anyhow::Res
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--init-lr -1 must be positive"), "{stderr}");
+    Ok(())
+}
+
+/// A rank above min(out, in) of some adapted linear (16 in the tiny model)
+/// is refused with the module's name, and no adapter file is written.
+#[test]
+fn init_refuses_a_rank_wider_than_a_layer() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    write_tiny_model(&dir.join("model"), 11)?;
+    std::fs::write(dir.join("train.tsv"), labelled_tsv(16, 2, 0.5))?;
+    let init = dir.join("init.safetensors");
+    let out = Command::new(fedsb_bin())
+        .arg("init")
+        .arg("--model")
+        .arg(dir.join("model"))
+        .arg("--train")
+        .arg(dir.join("train.tsv"))
+        .args(["--rank", "17", "--out"])
+        .arg(&init)
+        .env("RUST_LOG", "warn")
+        .output()?;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("rank 17 must be in 1..=16 for attention.self.query"),
+        "{stderr}"
+    );
+    assert!(!init.exists(), "a refused init wrote {}", init.display());
     Ok(())
 }

@@ -41,7 +41,7 @@ pub async fn gpu_lora_sb_init(
     batches: &[(EncodedBatch, Vec<u32>)],
     options: &LoraSbInitOptions,
 ) -> Result<LoraSbAdapters<f32>, TrainError> {
-    check_init_rank(&weights.config, options)?;
+    check_init_options(&weights.config, options)?;
     let grads = gpu_init_gradients(ctx, weights, head, batches).await?;
     lora_sb_from_gradients(&weights.config, &grads, options)
 }
@@ -73,7 +73,13 @@ pub async fn gpu_init_gradients(
     Ok(encoder.read_weight_gradients().await?)
 }
 
-fn check_init_rank(config: &BertConfig, options: &LoraSbInitOptions) -> Result<(), TrainError> {
+/// Checks `options.rank` against every adapted module's shape (the rank must
+/// be in `1..=min(out, in)`), so that a caller can refuse it before the
+/// gradients are computed.
+pub fn check_init_options(
+    config: &BertConfig,
+    options: &LoraSbInitOptions,
+) -> Result<(), TrainError> {
     for which in &options.modules {
         let (out, inp) = which.shape(config);
         if options.rank == 0 || options.rank > out.min(inp) {
@@ -101,7 +107,7 @@ pub fn lora_sb_from_gradients<G>(
 where
     G: std::ops::Index<usize, Output = Matrix<f32>>,
 {
-    check_init_rank(config, options)?;
+    check_init_options(config, options)?;
     if grads.len() != config.num_hidden_layers {
         return Err(TrainError::Invalid(format!(
             "gradients of {} layers for a model of {}",
@@ -110,9 +116,9 @@ where
         )));
     }
     let eta = options.learning_rate as f32;
-    let mut layers = Vec::with_capacity(grads.len());
-    for layer in grads {
-        let mut mods: [Option<_>; 6] = Default::default();
+    // Check every shape before any SVD runs.
+    let mut jobs = Vec::new();
+    for (l, layer) in grads.iter().enumerate() {
         for which in AdaptedLinear::ALL {
             if !options.modules.contains(&which) {
                 continue;
@@ -127,20 +133,72 @@ where
                     g.cols
                 )));
             }
-            let delta_w = g.map(|x| {
-                if x > 0.0 {
-                    -eta
-                } else if x < 0.0 {
-                    eta
-                } else {
-                    0.0
-                }
-            });
-            mods[which.index()] = Some(adapter_from_update(&delta_w, options.rank));
+            jobs.push((l, which, g));
         }
-        layers.push(mods);
+    }
+    // The modules' SVDs are independent: natively they run on all cores.
+    let adapters = map_in_parallel(&jobs, |&(_, _, g)| {
+        let delta_w = g.map(|x| {
+            if x > 0.0 {
+                -eta
+            } else if x < 0.0 {
+                eta
+            } else {
+                0.0
+            }
+        });
+        adapter_from_update(&delta_w, options.rank)
+    });
+    let mut layers: Vec<[Option<_>; 6]> = (0..grads.len()).map(|_| Default::default()).collect();
+    for (&(l, which, _), adapter) in jobs.iter().zip(adapters) {
+        layers[l][which.index()] = Some(adapter);
     }
     Ok(LoraSbAdapters { layers })
+}
+
+/// `items.iter().map(f).collect()`, with the items shared among scoped
+/// threads, one per core, natively; in order, on the calling thread, in the
+/// browser (no threads there).
+fn map_in_parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    #[cfg(not(target_arch = "wasm32"))]
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    #[cfg(target_arch = "wasm32")]
+    let threads = 1;
+    map_on_threads(threads, items, f)
+}
+
+/// [`map_in_parallel`] on at most `threads` threads (one: the calling thread).
+fn map_on_threads<T: Sync, R: Send>(
+    threads: usize,
+    items: &[T],
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
+    let threads = threads.min(items.len());
+    if threads <= 1 {
+        return items.iter().map(f).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut results: Vec<(usize, R)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(item) = items.get(i) else { break };
+                        done.push((i, f(item)));
+                    }
+                    done
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    results.sort_by_key(|&(i, _)| i);
+    results.into_iter().map(|(_, r)| r).collect()
 }
 
 /// Tokenizes examples (single sentences or pairs) into one padded batch and
@@ -271,4 +329,28 @@ pub async fn evaluate(
         loss: loss_sum / samples.max(1) as f64,
         samples,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::map_on_threads;
+
+    /// The results come back in the items' order however the threads share
+    /// them: the first items take longest, so the threads interleave.
+    #[test]
+    fn map_on_threads_keeps_the_items_order() {
+        let items: Vec<u64> = (0..24).collect();
+        for threads in [1, 2, 3, 8, 100] {
+            let got = map_on_threads(threads, &items, |&i| {
+                std::thread::sleep(std::time::Duration::from_millis(24 - i));
+                i * 10
+            });
+            assert_eq!(
+                got,
+                items.iter().map(|i| i * 10).collect::<Vec<_>>(),
+                "{threads} threads"
+            );
+        }
+        assert!(map_on_threads(4, &[] as &[u64], |&i| i).is_empty());
+    }
 }

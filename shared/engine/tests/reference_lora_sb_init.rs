@@ -8,6 +8,7 @@ use fedsb_engine::reference::{
     accumulate_weight_gradients, adapter_from_update, lora_sb_init, BackwardOptions,
     ClassifierHead, LoraSbInitOptions, Matrix, ReferenceEncoder,
 };
+use fedsb_engine::train::lora_sb_from_gradients;
 use nalgebra::DMatrix;
 
 fn singular_values(m: &Matrix<f64>) -> Vec<f64> {
@@ -196,4 +197,56 @@ fn init_adapters_approximate_the_sign_update_of_every_layer() {
     assert!(adapters.module(1, AdaptedLinear::Query).is_some());
     assert!(adapters.module(1, AdaptedLinear::Key).is_none());
     assert_eq!(adapters.module(0, AdaptedLinear::Value).unwrap().rank(), 2);
+}
+
+/// `lora_sb_from_gradients` (the f32 path of `fedsb init` and the
+/// aggregator, whose SVDs run on several threads) puts each module's adapter
+/// at its own layer and module: the same as `adapter_from_update` of that
+/// gradient's sign update, computed alone, and nothing where no adapter is asked.
+#[test]
+fn adapters_from_gradients_land_at_their_own_layer_and_module() {
+    let (weights, head, batches) = tiny();
+    let config = weights.config.clone();
+    let grads: Vec<[Matrix<f32>; 6]> = accumulate_weight_gradients(&weights, &head, &batches)
+        .iter()
+        .map(|layer| layer.clone().map(|g| g.map(|x| x as f32)))
+        .collect();
+    let eta = 1e-3f32;
+    let options = LoraSbInitOptions {
+        modules: vec![
+            AdaptedLinear::Query,
+            AdaptedLinear::Intermediate,
+            AdaptedLinear::Output,
+        ],
+        ..LoraSbInitOptions::new(3, f64::from(eta))
+    };
+    let adapters = lora_sb_from_gradients(&config, &grads, &options).expect("init");
+    assert_eq!(adapters.layers.len(), 2);
+    for (l, layer) in grads.iter().enumerate() {
+        for which in AdaptedLinear::ALL {
+            let got = adapters.module(l, which);
+            if !options.modules.contains(&which) {
+                assert!(got.is_none(), "layer {l} {which:?} was not asked for");
+                continue;
+            }
+            let delta_w =
+                layer[which.index()].map(|x| -eta * x.signum() * f32::from(u8::from(x != 0.0)));
+            let expected = adapter_from_update(&delta_w, 3);
+            assert_eq!(
+                got,
+                Some(&expected),
+                "layer {l} {which:?}: not its own gradient's adapter"
+            );
+        }
+    }
+
+    // A gradient of the wrong shape is refused with its module's name.
+    let mut wrong = grads.clone();
+    wrong[1][AdaptedLinear::Output.index()] = Matrix::from_fn(3, 3, |_, _| 1.0);
+    let err = lora_sb_from_gradients(&config, &wrong, &options).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("gradient of output.dense is 3×3, expected 16×24"),
+        "{err}"
+    );
 }
