@@ -104,9 +104,9 @@ pub fn adapter_from_update<F: Float>(delta_w: &Matrix<F>, rank: usize) -> LoraSb
     );
     // ΔWᵀ is in × out; column-major, ΔW's row-major data is ΔWᵀ's.
     let dwt: Vec<f64> = delta_w.data.iter().map(|x| x.to_f64()).collect();
-    let (u, s, v) = thin_svd_f64(inp, out, &dwt); // U: in × k, V: out × k
-                                                  // faer returns the singular values in decreasing order; sorting keeps
-                                                  // this function right if that ever changes.
+    // U: in × k, V: out × k. faer returns the singular values in decreasing
+    // order; sorting keeps this function right if that ever changes.
+    let (u, s, v) = thin_svd_f64(inp, out, &dwt);
     let mut order: Vec<usize> = (0..s.len()).collect();
     order.sort_by(|&i, &j| s[j].total_cmp(&s[i]));
     let order = &order[..rank];
