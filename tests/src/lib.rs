@@ -428,17 +428,28 @@ pub fn max_rel_error(got: &AdapterState, want: &[f64]) -> f64 {
 /// The F32 tensors of a safetensors file (a model, an adapter file), by name.
 pub fn tensors_of(path: &Path) -> anyhow::Result<std::collections::BTreeMap<String, Vec<f32>>> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)?;
+    Ok(shaped_tensors(&bytes)?
+        .into_iter()
+        .map(|(name, (_, data))| (name, data))
+        .collect())
+}
+
+/// F32 tensors by name: (shape, values).
+pub type ShapedTensors = std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
+/// Every F32 tensor of safetensors bytes, by name: (shape, values).
+pub fn shaped_tensors(bytes: &[u8]) -> anyhow::Result<ShapedTensors> {
+    let st = safetensors::SafeTensors::deserialize(bytes)?;
     Ok(st
         .tensors()
         .into_iter()
-        .map(|(name, v)| {
-            let data = v
+        .map(|(name, view)| {
+            let data = view
                 .data()
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect();
-            (name, data)
+            (name, (view.shape().to_vec(), data))
         })
         .collect())
 }

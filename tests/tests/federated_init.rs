@@ -4,7 +4,6 @@
 //! head), serves it by hash, and the rounds run as with `fedsb init`'s file.
 //! A missing GPU adapter (lavapipe here) fails these tests.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -140,28 +139,8 @@ fn sha256(bytes: &[u8]) -> Vec<u8> {
         .collect()
 }
 
-/// Tensors by name: (shape, f32 values).
-type Tensors = HashMap<String, (Vec<usize>, Vec<f32>)>;
-
-/// Every tensor of a safetensors file.
-fn tensors(bytes: &[u8]) -> anyhow::Result<Tensors> {
-    let st = safetensors::SafeTensors::deserialize(bytes)?;
-    Ok(st
-        .tensors()
-        .into_iter()
-        .map(|(name, view)| {
-            let data = view
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            (name, (view.shape().to_vec(), data))
-        })
-        .collect())
-}
-
 /// B·R·A (`out × in`) of one module.
-fn product(t: &Tensors, module: &str) -> Vec<f64> {
+fn product(t: &ShapedTensors, module: &str) -> Vec<f64> {
     let (sa, a) = &t[&format!("{module}.lora_A")];
     let (sb, b) = &t[&format!("{module}.lora_B")];
     let (_, r) = &t[&format!("{module}.lora_R")];
@@ -221,7 +200,7 @@ async fn two_participants_initialize_federatedly_then_train_two_rounds() -> anyh
     // The adapter file is served by hash and holds A, B, R₀ = diag(S) for
     // all 12 modules and the head; round 0's R is its R₀.
     let bytes = served_adapter(&agg).await?;
-    let t = tensors(&bytes)?;
+    let t = shaped_tensors(&bytes)?;
     assert_eq!(t.len(), 12 * 3 + 2);
     let r = RANK as usize;
     for (name, (shape, data)) in &t {
@@ -295,7 +274,7 @@ async fn federated_init_with_all_data_in_one_participant_equals_fedsb_init() -> 
         .output()
         .context("running fedsb init")?;
     check_success("fedsb init", &out)?;
-    let central = tensors(&std::fs::read(dir.join("central.safetensors"))?)?;
+    let central = shaped_tensors(&std::fs::read(dir.join("central.safetensors"))?)?;
 
     // Federated: one participant holding all of the seed data.
     write_config(dir, 1, 1, 40)?;
@@ -303,7 +282,7 @@ async fn federated_init_with_all_data_in_one_participant_equals_fedsb_init() -> 
     let join = spawn_join(dir, &agg, "seed.tsv", "all", &["--seed", "3"])?;
     let out = wait_child(join, JOIN_TIMEOUT).await?;
     check_success("fedsb join", &out)?;
-    let federated = tensors(&served_adapter(&agg).await?)?;
+    let federated = shaped_tensors(&served_adapter(&agg).await?)?;
 
     // Same tensors; A, B and R₀ compared through B·R₀·A, which does not
     // depend on the SVD's sign conventions. The two pipelines are the same
