@@ -23,7 +23,8 @@
 //!    and a download whose hash differs from the announced one is refused.
 //! 3. For every `RoundOpen` of a round it has not sent an update for: sets
 //!    every `R` and the head to the latest global state, trains `local_steps`
-//!    AdamW steps (weight decay 0.01) on batches of `batch_size` drawn from
+//!    AdamW steps (weight decay 0.01; moments reset at the start of the
+//!    round unless `--keep-moments`) on batches of `batch_size` drawn from
 //!    its data (shuffled, epoch after epoch across rounds), and sends
 //!    `Update { round, num_samples, train_loss, adapter }`.
 //! 4. Exits 0 at `TaskFinished` (or after `--max-rounds` answered updates,
@@ -88,6 +89,7 @@ use crate::data_args::{require_label_column, DataColumns};
 use crate::dp_training::{DpTraining, LedgerFile};
 use crate::participant::{parse_module_names, read_adapter_file, ModuleRef};
 use crate::privacy_cmd::AccountantArg;
+use fedsb_participant::LocalOptimizer;
 
 /// The files a participant needs, by their names in `TaskInfo.files`.
 const MODEL_FILES: [&str; 3] = ["config.json", "model.safetensors", "tokenizer.json"];
@@ -149,6 +151,12 @@ pub struct JoinArgs {
     /// many seconds (0: exit with an error at once).
     #[arg(long, default_value_t = 600)]
     reconnect_for: u64,
+    /// Carry the AdamW moments from one round into the next instead of
+    /// resetting them at the start of every round (the default, as in the
+    /// browser). The global `R` still replaces the local one; see README
+    /// "Optimizer state across rounds".
+    #[arg(long)]
+    keep_moments: bool,
 }
 
 /// What the WebSocket reader hands to the training loop.
@@ -768,15 +776,9 @@ struct LocalRound {
     privacy: Option<PrivacyReport>,
 }
 
-/// Trains `steps` steps from `global` and reads the result back.
-///
-/// The AdamW moments are reset at the start of every round (`set_trainable`
-/// does so): the moments describe the loss surface around this participant's
-/// previous local `R`, which the global average has replaced; carrying them
-/// over would scale the first steps of the new round by stale statistics.
-/// It is also what the browser participant does (it keeps nothing between
-/// rounds), so native and browser updates come from the same procedure, and
-/// a participant that skipped rounds behaves like one that did not.
+/// Trains `steps` steps from `global` and reads the result back, with
+/// `opt`'s optimizer state ([`LocalOptimizer`]: AdamW moments reset every
+/// round unless `--keep-moments`), as the browser participant does.
 #[allow(clippy::too_many_arguments)]
 fn train_round(
     encoder: &mut GpuEncoder<'_>,
@@ -786,7 +788,7 @@ fn train_round(
     dp: Option<&mut DpTraining>,
     global: &AdapterState,
     steps: u32,
-    opt: &AdamW,
+    opt: &mut LocalOptimizer,
     round: RoundId,
 ) -> anyhow::Result<LocalRound> {
     let started = Instant::now();
@@ -1067,10 +1069,15 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
         Some(&loaded.frozen),
         Some(&zero_head),
     )?;
-    let opt = AdamW {
+    let adamw = AdamW {
         lr: task.learning_rate,
         weight_decay: 0.01,
         ..AdamW::default()
+    };
+    let mut opt = if args.keep_moments {
+        LocalOptimizer::keeping_moments(adamw)
+    } else {
+        LocalOptimizer::new(adamw)
     };
     let mut sampler = BatchSampler::new(data.len(), task.batch_size as usize, args.seed);
     let dp = match &task.privacy {
@@ -1245,7 +1252,7 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
                     dp.as_mut(),
                     state,
                     steps,
-                    &opt,
+                    &mut opt,
                     round,
                 );
                 // Steps taken are spent, whether or not the round succeeded.

@@ -8,12 +8,14 @@
 //! N simulated participants share one [`GpuContext`] and one [`GpuEncoder`];
 //! each client's turn sets the encoder's trainable state to the global `R`s
 //! and head ([`GpuEncoder::set_trainable`], which also resets the AdamW
-//! moments), trains, and reads the result back. The aggregation is the
+//! moments; with `--keep-moments` the client's own moments from its previous
+//! round are set again, [`LocalOptimizer`]), trains, and reads the result back. The aggregation is the
 //! aggregator's own [`Round`] (`accept` + `aggregate`: the f64 weighted mean,
 //! weights = samples), fed with updates that went through the wire encoding.
 //!
 //! Every client round is exactly what `fedsb join` does for a round: the same
-//! AdamW (weight decay 0.01, moments reset every round), `local_steps` batches
+//! AdamW (weight decay 0.01, moments reset every round unless both keep
+//! them), `local_steps` batches
 //! of `batch` from a [`BatchSampler`] over its own shard that keeps its state
 //! across rounds (seeded with the client's batch seed, see [`client_seed`]),
 //! `num_samples` = samples used, `train_loss` = their mean loss. So a
@@ -60,6 +62,7 @@ use fedsb_engine::reference::{
     ClassifierHead, LoraSbAdapters, LoraSbInitOptions, Matrix, TrainableGradients,
 };
 use fedsb_engine::train::{encode_examples, evaluate, gpu_lora_sb_init, BatchSampler};
+use fedsb_participant::LocalOptimizer;
 use fedsb_privacy::AccountantKind;
 use fedsb_protocol::{
     AdapterShape, ClientMessage, ClientUpdate, ParticipantId, PolicyField, PrivacyPolicy, RoundId,
@@ -145,6 +148,11 @@ pub struct SimArgs {
     /// that shows what the adapters add).
     #[arg(long)]
     head_only: bool,
+    /// Every client carries its AdamW moments from one round into the next
+    /// (`fedsb join --keep-moments`) instead of resetting them at the start
+    /// of every round.
+    #[arg(long)]
+    keep_moments: bool,
     /// Evaluate on the first N evaluation examples only (0: all).
     #[arg(long, default_value_t = 0)]
     eval_limit: usize,
@@ -397,6 +405,8 @@ struct Client {
     seed: u64,
     /// DP-SGD state (σ, the privacy ledger, the noise source) with --dp-epsilon.
     dp: Option<DpTraining>,
+    /// AdamW and, with --keep-moments, the moments carried between rounds.
+    opt: LocalOptimizer,
 }
 
 /// One round's results.
@@ -501,13 +511,18 @@ fn write_shards(
             .zip(&counts)
             .map(|(n, c)| (n.clone(), (*c).into()))
             .collect();
+        let mut join_args = vec!["--data".to_owned(), name.clone(), "--seed".to_owned()];
+        join_args.push(c.seed.to_string());
+        if args.keep_moments {
+            join_args.push("--keep-moments".to_owned());
+        }
         manifest.push(serde_json::json!({
             "client": i + 1,
             "file": name,
             "examples": c.shard.len(),
             "labels": label_counts,
             "batch_seed": c.seed,
-            "join_args": ["--data", name, "--seed", c.seed.to_string()],
+            "join_args": join_args,
         }));
     }
     let doc = serde_json::json!({
@@ -615,6 +630,9 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
         }
     }
     let policy = dp_policy(&args)?;
+    if args.keep_moments && args.head_only {
+        bail!("--keep-moments applies to the adapters' AdamW; --head-only trains the head alone");
+    }
     let weights = BertWeights::from_dir(&args.model)
         .with_context(|| format!("loading the model from {}", args.model.display()))?;
     let config = weights.config.clone();
@@ -637,6 +655,11 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
         let avg = train.len().div_ceil(args.clients);
         avg.div_ceil(args.batch).max(1) as u32
     });
+    let opt = AdamW {
+        lr: args.lr,
+        weight_decay: 0.01,
+        ..AdamW::default()
+    };
     let mut clients: Vec<Client> = shards
         .iter()
         .enumerate()
@@ -647,6 +670,11 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
                 sampler: BatchSampler::new(idx.len(), args.batch, seed),
                 seed,
                 dp: None,
+                opt: if args.keep_moments {
+                    LocalOptimizer::keeping_moments(opt)
+                } else {
+                    LocalOptimizer::new(opt)
+                },
             }
         })
         .collect();
@@ -734,11 +762,6 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
     }
     .encode();
     let mut encoder = GpuEncoder::new(&ctx, &weights, Some(&frozen), Some(&head0))?;
-    let opt = AdamW {
-        lr: args.lr,
-        weight_decay: 0.01,
-        ..AdamW::default()
-    };
     if let Some(dir) = &args.write_globals {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         std::fs::write(dir.join("round-0.bin"), &global_frame)?;
@@ -842,7 +865,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
                     dp,
                     &global,
                     local_steps,
-                    &opt,
+                    &mut client.opt,
                     id,
                 ))
                 .with_context(|| format!("round {n}, client {}", i + 1))?;
@@ -862,7 +885,6 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
                     client,
                     &adapters,
                     &head,
-                    &opt,
                     args.head_only,
                     &modules,
                     id,
@@ -1031,14 +1053,14 @@ fn train_client_round(
     client: &mut Client,
     adapters: &LoraSbAdapters<f32>,
     head: &ClassifierHead<f32>,
-    opt: &AdamW,
     head_only: bool,
     modules: &[ModuleRef],
     round: RoundId,
     local_steps: u32,
     bar: &ProgressBar,
 ) -> anyhow::Result<ClientUpdate> {
-    encoder.set_trainable(adapters, head)?;
+    client.opt.begin_round(encoder, adapters, head)?;
+    let opt = client.opt.adamw;
     let mut head_opt = head_only.then(|| {
         (
             HeadAdam::new(head.weight.data.len() + head.bias.len()),
@@ -1052,7 +1074,7 @@ fn train_client_round(
         let refs: Vec<&Example> = idx.iter().map(|&j| &client.shard[j]).collect();
         let (batch, batch_labels) = encode_examples(tokenizer, &refs)?;
         let loss = match &mut head_opt {
-            None => pollster::block_on(encoder.train_step(&batch, &batch_labels, opt))?,
+            None => pollster::block_on(encoder.train_step(&batch, &batch_labels, &opt))?,
             Some((adam, params)) => {
                 let losses = pollster::block_on(encoder.loss_and_gradients(
                     &batch,
@@ -1061,7 +1083,7 @@ fn train_client_round(
                 ))?;
                 let g = pollster::block_on(encoder.read_gradients())?;
                 let grads = [g.head_weight.data, g.head_bias].concat();
-                adam.step(opt, params, &grads);
+                adam.step(&opt, params, &grads);
                 let hw = head.weight.data.len();
                 let new_head = ClassifierHead {
                     weight: Matrix::from_vec(
@@ -1083,6 +1105,7 @@ fn train_client_round(
         bar.inc(1);
     }
     let trained = pollster::block_on(encoder.read_trainable())?;
+    pollster::block_on(client.opt.end_round(encoder))?;
     Ok(ClientUpdate {
         round,
         num_samples: samples,

@@ -638,6 +638,69 @@ fn compare(sim: &AdapterState, ws: &AdapterState) -> (f64, usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sim_equals_the_same_run_over_websockets() -> anyhow::Result<()> {
+    sim_against_websockets(&[]).await?;
+    Ok(())
+}
+
+/// `--keep-moments`: every client carries its AdamW moments into its next
+/// round. Round 1 equals the run without it (nothing is carried yet), round
+/// 2 differs, and `fedsb join --keep-moments` (the flag `--write-shards`
+/// lists for the joiners) over WebSockets gives the same global states.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_moments_change_round_two_and_equal_the_run_over_websockets() -> anyhow::Result<()> {
+    let (task, kept) = sim_against_websockets(&["--keep-moments"]).await?;
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(
+        task.path().join("shards").join("shards.json"),
+    )?)?;
+    for c in manifest["clients"].as_array().context("clients")? {
+        assert!(
+            c["join_args"]
+                .as_array()
+                .context("join_args")?
+                .iter()
+                .any(|a| a == "--keep-moments"),
+            "{c}"
+        );
+    }
+    let reset_globals = task.path().join("globals-reset");
+    let out = run(task.sim(
+        2,
+        &[
+            "--split",
+            "dirichlet:1.0",
+            "--seed",
+            "0",
+            "--json",
+            "--write-globals",
+            reset_globals.to_str().context("path")?,
+        ],
+    ))?;
+    check_success("fedsb sim without --keep-moments", &out)?;
+    let global = |dir: &Path, n: u64| -> anyhow::Result<Vec<f32>> {
+        let (_, _, _, state) = decode_global(&std::fs::read(dir.join(format!("round-{n}.bin")))?)?;
+        Ok(flat(&state))
+    };
+    assert_eq!(global(&kept, 1)?, global(&reset_globals, 1)?, "round 1");
+    let (a, b) = (global(&kept, 2)?, global(&reset_globals, 2)?);
+    let max_diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    eprintln!("round 2: kept against reset moments differ by up to {max_diff:e}");
+    assert!(
+        max_diff > 1e-5,
+        "round 2 is the same with kept moments ({max_diff:e})"
+    );
+    Ok(())
+}
+
+/// A two-round simulation with `extra` flags, then the same run over
+/// WebSockets: the aggregator and one `fedsb join` per shard with the flags
+/// the simulator's `shards.json` lists. Both must give the same global state
+/// of every round and the same evaluations. Returns the task and the
+/// simulator's globals directory.
+async fn sim_against_websockets(extra: &[&str]) -> anyhow::Result<(Task, std::path::PathBuf)> {
     const ROUNDS: u64 = 2;
     let task = Task::new()?;
     let dir = task.path().to_owned();
@@ -647,20 +710,19 @@ async fn sim_equals_the_same_run_over_websockets() -> anyhow::Result<()> {
 
     let shards = dir.join("shards");
     let globals = dir.join("globals");
-    let sim = task.sim(
-        ROUNDS,
-        &[
-            "--split",
-            "dirichlet:1.0",
-            "--seed",
-            "0",
-            "--json",
-            "--write-shards",
-            shards.to_str().context("path")?,
-            "--write-globals",
-            globals.to_str().context("path")?,
-        ],
-    );
+    let mut flags = vec![
+        "--split",
+        "dirichlet:1.0",
+        "--seed",
+        "0",
+        "--json",
+        "--write-shards",
+        shards.to_str().context("path")?,
+        "--write-globals",
+        globals.to_str().context("path")?,
+    ];
+    flags.extend_from_slice(extra);
+    let sim = task.sim(ROUNDS, &flags);
     let out = tokio::task::spawn_blocking(move || run(sim)).await??;
     check_success("fedsb sim", &out)?;
     let sim_rounds = json_lines(&out)?;
@@ -675,14 +737,18 @@ async fn sim_equals_the_same_run_over_websockets() -> anyhow::Result<()> {
     let mut joins = Vec::new();
     for c in manifest["clients"].as_array().context("clients")? {
         let file = c["file"].as_str().context("file")?;
+        // The listed flags after `--data FILE` (the batch seed, and
+        // `--keep-moments` when the simulation kept them).
+        let args: Vec<&str> = c["join_args"]
+            .as_array()
+            .context("join_args")?
+            .iter()
+            .map(|a| a.as_str().context("a join argument"))
+            .collect::<anyhow::Result<_>>()?;
+        assert_eq!(args[..2], ["--data", file]);
         let seed = c["batch_seed"].as_u64().context("batch_seed")?;
-        let child = spawn_join(
-            &dir,
-            &agg,
-            shards.join(file),
-            file,
-            &["--seed", &seed.to_string()],
-        )?;
+        assert_eq!(args[2..4], ["--seed", &seed.to_string()]);
+        let child = spawn_join(&dir, &agg, shards.join(file), file, &args[2..])?;
         joins.push(child);
     }
     for child in joins {
@@ -756,5 +822,5 @@ async fn sim_equals_the_same_run_over_websockets() -> anyhow::Result<()> {
             "round {n}: eval loss {sim_loss} (sim) vs {ws_loss} (aggregator)"
         );
     }
-    Ok(())
+    Ok((task, globals))
 }

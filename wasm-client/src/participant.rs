@@ -21,7 +21,7 @@ use fedsb_engine::reference::{ClassifierHead, Matrix};
 use fedsb_engine::train::BatchSampler;
 use fedsb_participant::{
     init_frames, init_gradients, read_task_data, train_round, train_round_dp, DpTraining,
-    ParticipantError, TaskModel,
+    LocalOptimizer, ParticipantError, TaskModel,
 };
 use fedsb_privacy::AccountantKind;
 use fedsb_protocol::{ClientMessage, ClientUpdate, ServerMessage, TaskInfo};
@@ -569,6 +569,8 @@ impl WasmParticipant {
             }
         }
         let started = js_sys::Date::now();
+        // A tab resets its AdamW moments at the start of every round.
+        let mut opt = LocalOptimizer::new(self.opt);
         let result = match dp.as_mut() {
             Some(d) => train_round_dp(
                 &mut encoder,
@@ -579,7 +581,7 @@ impl WasmParticipant {
                 d,
                 &global,
                 steps,
-                &self.opt,
+                &mut opt,
                 round,
             )
             .await
@@ -593,7 +595,7 @@ impl WasmParticipant {
                 &mut local.sampler,
                 &global,
                 steps,
-                &self.opt,
+                &mut opt,
                 round,
             )
             .await

@@ -8,6 +8,8 @@
 //!   tensor); per-sample gradients sum to the batch gradient;
 //! - the summed `W0` gradients of LoRA-SB initialization against the reference;
 //! - a few AdamW steps on a separable synthetic task reduce the loss;
+//! - AdamW's state read back and set again after `set_trainable` continues a
+//!   run exactly, and without it the next step differs;
 //! - a batch whose buffers would exceed the device's storage-buffer limit
 //!   fails every pass (training, evaluation, embedding, DP-SGD when even one
 //!   sequence is too long) with [`GpuError::BufferLimit`] naming the batch,
@@ -409,6 +411,102 @@ fn encoder_training_reduces_loss() {
     let state = pollster::block_on(gpu.read_trainable()).expect("read");
     assert!(state.head_weight.data.iter().all(|x| x.is_finite()));
     assert_ne!(state.head_weight.data, head.weight.data);
+}
+
+/// The flat trainable values (every `R`, then the head) after `steps` AdamW
+/// steps on the tiny batch, from `encoder`'s current state.
+fn steps_then_params(encoder: &mut GpuEncoder<'_>, steps: usize, opt: &AdamW) -> Vec<f32> {
+    let (batch, labels) = tiny_batch();
+    for _ in 0..steps {
+        pollster::block_on(encoder.train_step(&batch, &labels, opt)).expect("step");
+    }
+    let t = pollster::block_on(encoder.read_trainable()).expect("read");
+    let mut flat: Vec<f32> =
+        t.r.iter()
+            .flatten()
+            .flatten()
+            .flat_map(|m| m.data.clone())
+            .collect();
+    flat.extend(t.head_weight.data);
+    flat.extend(t.head_bias);
+    flat
+}
+
+#[test]
+fn optimizer_state_carried_across_set_trainable_continues_the_run() {
+    let tiny = tiny_model();
+    let opt = AdamW {
+        lr: 2e-2,
+        ..AdamW::default()
+    };
+    let new_encoder = || {
+        GpuEncoder::new(ctx(), &tiny.weights, Some(&tiny.adapters), Some(&tiny.head))
+            .expect("upload")
+    };
+    // Three steps in one go.
+    let straight = steps_then_params(&mut new_encoder(), 3, &opt);
+
+    // Two steps, then the trained state set again (as a participant's next
+    // round does) with the optimizer state read before, then the third step.
+    let mut carried = new_encoder();
+    steps_then_params(&mut carried, 2, &opt);
+    let state = pollster::block_on(carried.read_optimizer_state()).expect("read state");
+    assert_eq!(state.steps, 2);
+    assert!(
+        state.v.iter().any(|v| *v > 0.0),
+        "no second moments were read"
+    );
+    let (adapters, head) = pollster::block_on(carried.read_adapters(&tiny.adapters)).expect("read");
+    carried.set_trainable(&adapters, &head).expect("set");
+    carried.set_optimizer_state(&state).expect("set state");
+    let continued = steps_then_params(&mut carried, 1, &opt);
+    assert_eq!(
+        continued, straight,
+        "carried moments did not continue the run"
+    );
+
+    // Without the state, set_trainable resets AdamW: a different third step.
+    let mut reset = new_encoder();
+    steps_then_params(&mut reset, 2, &opt);
+    let (adapters, head) = pollster::block_on(reset.read_adapters(&tiny.adapters)).expect("read");
+    reset.set_trainable(&adapters, &head).expect("set");
+    assert_eq!(
+        pollster::block_on(reset.read_optimizer_state())
+            .expect("read")
+            .steps,
+        0
+    );
+    let restarted = steps_then_params(&mut reset, 1, &opt);
+    let max_diff = restarted
+        .iter()
+        .zip(&straight)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        max_diff > 1e-4,
+        "a reset step equals a continued one ({max_diff})"
+    );
+
+    // A state of the wrong size or with invalid moments is refused.
+    let mut short = state.clone();
+    short.m.pop();
+    let err = reset.set_optimizer_state(&short).unwrap_err().to_string();
+    let n = state.v.len();
+    assert!(
+        err.contains(&format!("{} first moments for {n} parameters", n - 1)),
+        "{err}"
+    );
+    let mut negative = state.clone();
+    negative.v[3] = -1.0;
+    let err = reset
+        .set_optimizer_state(&negative)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("second moment 3 is -1"), "{err}");
+    let mut nan = state;
+    nan.m[5] = f32::NAN;
+    let err = reset.set_optimizer_state(&nan).unwrap_err().to_string();
+    assert!(err.contains("first moment 5 is NaN"), "{err}");
 }
 
 /// A batch of `n` sequences of `t` tokens (all real), labels 0.

@@ -18,7 +18,7 @@ use fedsb_privacy::{
 use fedsb_protocol::{AdapterState, PrivacyPolicy, PrivacyReport, RoundId};
 
 use crate::adapter_file::{engine_to_state, state_to_engine, ModuleRef};
-use crate::{LocalRound, ParticipantError};
+use crate::{LocalOptimizer, LocalRound, ParticipantError};
 
 /// A participant's DP-SGD parameters and what it has spent.
 ///
@@ -293,7 +293,8 @@ pub async fn train_steps_dp(
     })
 }
 
-/// One DP-SGD local round: sets the global `R`s and head, takes `steps`
+/// One DP-SGD local round: sets the global `R`s and head (and `opt`'s
+/// optimizer state, [`LocalOptimizer`]), takes `steps`
 /// DP-SGD steps (recorded in `dp`'s ledger), reads the result back. The
 /// round's `samples` is the update weight ([`DpTraining::update_weight`]);
 /// the report goes with the update. The caller checks the budget first
@@ -308,16 +309,17 @@ pub async fn train_round_dp(
     dp: &mut DpTraining,
     global: &AdapterState,
     steps: u32,
-    opt: &AdamW,
+    opt: &mut LocalOptimizer,
     round: RoundId,
 ) -> Result<(LocalRound, PrivacyReport, DpStepsOutcome), ParticipantError> {
     let (adapters, head) = state_to_engine(frozen, modules, global)?;
-    encoder.set_trainable(&adapters, &head)?;
+    opt.begin_round(encoder, &adapters, &head)?;
     // DP-SGD: Poisson-sampled batches instead of the shuffled sampler.
-    let out = train_steps_dp(encoder, tokenizer, examples, dp, steps, opt)
+    let out = train_steps_dp(encoder, tokenizer, examples, dp, steps, &opt.adamw)
         .await
         .map_err(|e| ParticipantError::Invalid(format!("round {round}: DP-SGD: {e}")))?;
     let trained = encoder.read_trainable().await?;
+    opt.end_round(encoder).await?;
     let state = engine_to_state(&trained, modules)?;
     let report = dp.report(u64::from(steps))?;
     Ok((

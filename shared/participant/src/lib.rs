@@ -10,7 +10,8 @@
 //!   ([`TaskModel::load`]) and reading a participant's labelled data with the
 //!   task's classes ([`read_task_data`]);
 //! * [`train`]: one local round ([`train_round`]): set the global `R`s and
-//!   head, take K AdamW steps on shuffled batches, read the result back.
+//!   head, take K AdamW steps on shuffled batches, read the result back;
+//!   [`LocalOptimizer`] says whether AdamW's moments carry into the next round.
 //!
 //! Everything here is target-agnostic: no file system access (bytes in), no
 //! blocking (the GPU calls are `async`; natively `pollster::block_on` them).
@@ -33,7 +34,7 @@ pub use adapter_file::{
 pub use dp::{train_round_dp, train_steps_dp, DpStepsOutcome, DpTraining};
 pub use init::{init_frames, init_gradients};
 pub use task::{read_task_data, TaskModel};
-pub use train::{train_round, LocalRound};
+pub use train::{train_round, LocalOptimizer, LocalRound};
 
 use safetensors::SafeTensors;
 

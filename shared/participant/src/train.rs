@@ -1,10 +1,10 @@
 //! One local round of a participant (non-DP).
 
 use fedsb_engine::data::Example;
-use fedsb_engine::gpu::adamw::AdamW;
+use fedsb_engine::gpu::adamw::{AdamState, AdamW};
 use fedsb_engine::gpu::encoder::GpuEncoder;
 use fedsb_engine::model::BertTokenizer;
-use fedsb_engine::reference::LoraSbAdapters;
+use fedsb_engine::reference::{ClassifierHead, LoraSbAdapters};
 use fedsb_engine::train::{encode_examples, BatchSampler};
 use fedsb_protocol::{AdapterState, RoundId};
 
@@ -22,17 +22,90 @@ pub struct LocalRound {
     pub mean_loss: f32,
 }
 
+/// A participant's local optimizer across rounds: AdamW's hyper-parameters
+/// and what becomes of its moments between rounds.
+///
+/// By default ([`LocalOptimizer::new`]) the moments are reset at the start of
+/// every round: each round starts from fresh AdamW state at the new global
+/// `R`, so a participant that skipped rounds behaves like one that did not,
+/// and the update depends only on the global model and the local batches.
+/// With [`LocalOptimizer::keeping_moments`] the moments and the step count
+/// are carried from the end of one round into the next (the global `R` still
+/// replaces the local one). Carried moments average the gradient over many
+/// more steps than one round's few: with AdamW freshly reset, a round's
+/// first step moves every coordinate by about ±lr whatever the size of its
+/// gradient, which with few local steps per round can overshoot and swing
+/// back from round to round. Carrying them uses only what this participant
+/// computed (DP-noised gradients in a private task), so it changes nothing
+/// in the privacy accounting.
+#[derive(Debug, Clone)]
+pub struct LocalOptimizer {
+    /// AdamW's hyper-parameters.
+    pub adamw: AdamW,
+    keep_moments: bool,
+    carried: Option<AdamState>,
+}
+
+impl LocalOptimizer {
+    /// AdamW with its moments reset at the start of every round.
+    pub fn new(adamw: AdamW) -> Self {
+        Self {
+            adamw,
+            keep_moments: false,
+            carried: None,
+        }
+    }
+
+    /// AdamW with its moments carried from one round into the next.
+    pub fn keeping_moments(adamw: AdamW) -> Self {
+        Self {
+            keep_moments: true,
+            ..Self::new(adamw)
+        }
+    }
+
+    /// Whether the moments are carried across rounds.
+    pub fn keeps_moments(&self) -> bool {
+        self.keep_moments
+    }
+
+    /// Steps taken with the carried moments (0 before the first round or when
+    /// the moments are reset every round).
+    pub fn carried_steps(&self) -> u32 {
+        self.carried.as_ref().map_or(0, |s| s.steps)
+    }
+
+    /// Sets the global `R`s and head as the encoder's trainable state and the
+    /// optimizer state this round starts from.
+    pub fn begin_round(
+        &self,
+        encoder: &mut GpuEncoder<'_>,
+        adapters: &LoraSbAdapters<f32>,
+        head: &ClassifierHead<f32>,
+    ) -> Result<(), ParticipantError> {
+        encoder.set_trainable(adapters, head)?;
+        if let Some(state) = &self.carried {
+            encoder.set_optimizer_state(state)?;
+        }
+        Ok(())
+    }
+
+    /// Keeps the optimizer state of a finished round for the next one, when
+    /// the moments are carried.
+    pub async fn end_round(&mut self, encoder: &GpuEncoder<'_>) -> Result<(), ParticipantError> {
+        if self.keep_moments {
+            self.carried = Some(encoder.read_optimizer_state().await?);
+        }
+        Ok(())
+    }
+}
+
 /// Trains `steps` AdamW steps from `global` on batches drawn by `sampler`
 /// from `examples`, and reads the result back. `tokenizer`, `frozen` (A, B)
-/// and `modules` are a [`crate::TaskModel`]'s.
-///
-/// The AdamW moments are reset at the start of every round (`set_trainable`
-/// does so): the moments describe the loss surface around this participant's
-/// previous local `R`, which the global average has replaced; carrying them
-/// over would scale the first steps of the new round by stale statistics.
-/// The browser participant and `fedsb join` both run this, so their updates
-/// come from the same procedure, and a participant that skipped rounds
-/// behaves like one that did not.
+/// and `modules` are a [`crate::TaskModel`]'s. The optimizer state at the
+/// start is `opt`'s ([`LocalOptimizer`]: fresh by default). The browser
+/// participant, `fedsb join` and `fedsb sim` all run this, so their updates
+/// come from the same procedure.
 #[allow(clippy::too_many_arguments)]
 pub async fn train_round(
     encoder: &mut GpuEncoder<'_>,
@@ -43,7 +116,7 @@ pub async fn train_round(
     sampler: &mut BatchSampler,
     global: &AdapterState,
     steps: u32,
-    opt: &AdamW,
+    opt: &mut LocalOptimizer,
     round: RoundId,
 ) -> Result<LocalRound, ParticipantError> {
     if examples.is_empty() {
@@ -52,14 +125,14 @@ pub async fn train_round(
         )));
     }
     let (adapters, head) = state_to_engine(frozen, modules, global)?;
-    encoder.set_trainable(&adapters, &head)?;
+    opt.begin_round(encoder, &adapters, &head)?;
     let mut samples = 0u64;
     let mut loss_sum = 0f64;
     for step in 1..=steps {
         let idx = sampler.next_batch();
         let refs: Vec<&Example> = idx.iter().map(|&i| &examples[i]).collect();
         let (batch, labels) = encode_examples(tokenizer, &refs)?;
-        let loss = encoder.train_step(&batch, &labels, opt).await?;
+        let loss = encoder.train_step(&batch, &labels, &opt.adamw).await?;
         if !loss.is_finite() {
             return Err(ParticipantError::Invalid(format!(
                 "round {round}: training diverged at step {step} (loss {loss})"
@@ -70,6 +143,7 @@ pub async fn train_round(
         tracing::debug!(%round, step, loss, "local step");
     }
     let trained = encoder.read_trainable().await?;
+    opt.end_round(encoder).await?;
     let state = engine_to_state(&trained, modules)?;
     let mean_loss = (loss_sum / samples.max(1) as f64) as f32;
     Ok(LocalRound {

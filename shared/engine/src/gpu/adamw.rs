@@ -34,6 +34,19 @@ impl Default for AdamW {
     }
 }
 
+/// AdamW's state between steps: both moments, in the layout of the
+/// parameters they belong to, and the number of steps taken (which sets the
+/// bias corrections of the next step).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdamState {
+    /// First moments.
+    pub m: Vec<f32>,
+    /// Second moments.
+    pub v: Vec<f32>,
+    /// Steps taken with these moments.
+    pub steps: u32,
+}
+
 /// One AdamW step number `step` (1-based) on `n` parameters; updates `param`,
 /// `m` and `v` in place.
 #[allow(clippy::too_many_arguments)]

@@ -35,7 +35,7 @@
 use crate::model::{AdaptedLinear, BertConfig, BertWeights, EncodedBatch};
 use crate::reference::{ClassifierHead, LoraSbAdapters, Matrix, TrainableGradients};
 
-use super::adamw::{adamw_step, AdamW};
+use super::adamw::{adamw_step, AdamState, AdamW};
 use super::attention::{attention_backward, attention_forward, AttentionShape};
 use super::context::RowLayout;
 use super::context::{GpuBuffer, GpuContext};
@@ -1478,6 +1478,47 @@ impl<'c> GpuEncoder<'c> {
         self.ctx.write_f32(&self.adam_m, &zeros)?;
         self.ctx.write_f32(&self.adam_v, &zeros)?;
         self.adam_steps = 0;
+        Ok(())
+    }
+
+    /// The AdamW state (both moments and the step count) of the current
+    /// trainable parameters, e.g. to carry it into a participant's next round
+    /// ([`Self::set_trainable`] resets it).
+    pub async fn read_optimizer_state(&self) -> Result<AdamState, GpuError> {
+        Ok(AdamState {
+            m: self.ctx.read_f32(&self.adam_m).await?,
+            v: self.ctx.read_f32(&self.adam_v).await?,
+            steps: self.adam_steps,
+        })
+    }
+
+    /// Replaces the AdamW state (after [`Self::set_trainable`], which resets
+    /// it): the next step continues from these moments and step count.
+    pub fn set_optimizer_state(&mut self, state: &AdamState) -> Result<(), GpuError> {
+        for (name, moments) in [("first", &state.m), ("second", &state.v)] {
+            if moments.len() != self.params.len {
+                return Err(GpuError::Shape(format!(
+                    "AdamW state: {} {name} moments for {} parameters",
+                    moments.len(),
+                    self.params.len
+                )));
+            }
+        }
+        if let Some(i) = state.v.iter().position(|v| !(*v >= 0.0 && v.is_finite())) {
+            return Err(GpuError::Shape(format!(
+                "AdamW state: second moment {i} is {}, not a finite value ≥ 0",
+                state.v[i]
+            )));
+        }
+        if let Some(i) = state.m.iter().position(|m| !m.is_finite()) {
+            return Err(GpuError::Shape(format!(
+                "AdamW state: first moment {i} is {}, not finite",
+                state.m[i]
+            )));
+        }
+        self.ctx.write_f32(&self.adam_m, &state.m)?;
+        self.ctx.write_f32(&self.adam_v, &state.v)?;
+        self.adam_steps = state.steps;
         Ok(())
     }
 
