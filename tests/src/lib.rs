@@ -453,3 +453,52 @@ pub fn shaped_tensors(bytes: &[u8]) -> anyhow::Result<ShapedTensors> {
         })
         .collect())
 }
+
+/// B·R·A (`out × in`, in f64) of one adapted module of an adapter file's
+/// tensors (`<module>.lora_A`, `.lora_B`, `.lora_R`).
+pub fn adapter_product(t: &ShapedTensors, module: &str) -> anyhow::Result<Vec<f64>> {
+    let get = |s: &str| {
+        t.get(&format!("{module}.{s}"))
+            .with_context(|| format!("no tensor {module}.{s}"))
+    };
+    let ((sa, a), (sb, b), (_, r)) = (get("lora_A")?, get("lora_B")?, get("lora_R")?);
+    let (rank, inp, out) = (sa[0], sa[1], sb[0]);
+    let mut br = vec![0f64; out * rank];
+    for i in 0..out {
+        for k in 0..rank {
+            for j in 0..rank {
+                br[i * rank + j] += f64::from(b[i * rank + k]) * f64::from(r[k * rank + j]);
+            }
+        }
+    }
+    let mut p = vec![0f64; out * inp];
+    for i in 0..out {
+        for k in 0..rank {
+            for j in 0..inp {
+                p[i * inp + j] += br[i * rank + k] * f64::from(a[k * inp + j]);
+            }
+        }
+    }
+    Ok(p)
+}
+
+/// How far `other`'s B·R·A of `module` is from `reference`'s: the largest
+/// absolute difference over the largest |entry| of the reference's. It does
+/// not depend on the SVD's sign conventions. A zero reference is an error.
+pub fn product_difference(
+    reference: &ShapedTensors,
+    other: &ShapedTensors,
+    module: &str,
+) -> anyhow::Result<f64> {
+    let (pr, po) = (
+        adapter_product(reference, module)?,
+        adapter_product(other, module)?,
+    );
+    let scale = pr.iter().fold(0f64, |m, x| m.max(x.abs()));
+    anyhow::ensure!(scale > 0.0, "{module}: B·R·A is zero");
+    Ok(pr
+        .iter()
+        .zip(&po)
+        .fold(0f64, |m, (a, b)| m.max((a - b).abs()))
+        / scale)
+}

@@ -36,7 +36,10 @@ use anyhow::{bail, ensure, Context};
 use browser::Chromium;
 use fedsb_e2e::process::{check_success, fedsb_init, last_json_line, spawn_join, wait_child};
 use fedsb_e2e::tiny_model::{labelled_tsv, write_tiny_model, LABELS};
-use fedsb_e2e::{fedsb_bin, max_rel_error, weighted_mean, Aggregator, Participant};
+use fedsb_e2e::{
+    fedsb_bin, max_rel_error, product_difference, shaped_tensors, weighted_mean, Aggregator,
+    Participant,
+};
 use fedsb_protocol::{AdapterState, ClientMessage, ClientUpdate, RoundId, ServerMessage};
 use serde_json::{json, Value};
 
@@ -1208,63 +1211,18 @@ async fn browser_tab_takes_part_in_a_federated_initialization() -> anyhow::Resul
         .context("running fedsb init")?;
     check_success("fedsb init", &out)?;
     let central = std::fs::read(&central_path)?;
-    let (central, served) = (
-        safetensors::SafeTensors::deserialize(&central)?,
-        safetensors::SafeTensors::deserialize(&served)?,
-    );
-    let f32s =
-        |st: &safetensors::SafeTensors<'_>, name: &str| -> anyhow::Result<(Vec<usize>, Vec<f32>)> {
-            let v = st.tensor(name)?;
-            Ok((
-                v.shape().to_vec(),
-                v.data()
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-            ))
-        };
-    let mut names = central.names();
-    names.sort();
-    let mut served_names = served.names();
-    served_names.sort();
+    let (central, served) = (shaped_tensors(&central)?, shaped_tensors(&served)?);
+    let names: Vec<&String> = central.keys().collect();
+    let served_names: Vec<&String> = served.keys().collect();
     ensure!(names == served_names, "{names:?} vs {served_names:?}");
     for name in ["classifier.weight", "classifier.bias"] {
-        ensure!(
-            f32s(&central, name)? == f32s(&served, name)?,
-            "{name} differs"
-        );
+        ensure!(central[name] == served[name], "{name} differs");
     }
     let mut worst = 0f64;
     for name in names.iter().filter(|n| n.ends_with(".lora_R")) {
         let module = name.trim_end_matches(".lora_R");
         // B·R₀·A: independent of the SVD's sign conventions.
-        let product = |st: &safetensors::SafeTensors<'_>| -> anyhow::Result<Vec<f64>> {
-            let (sa, a) = f32s(st, &format!("{module}.lora_A"))?;
-            let (sb, b) = f32s(st, &format!("{module}.lora_B"))?;
-            let (_, r) = f32s(st, &format!("{module}.lora_R"))?;
-            let (rank, inp, outp) = (sa[0], sa[1], sb[0]);
-            let mut p = vec![0f64; outp * inp];
-            for i in 0..outp {
-                for k in 0..rank {
-                    let br: f64 = (0..rank)
-                        .map(|j| f64::from(b[i * rank + j]) * f64::from(r[j * rank + k]))
-                        .sum();
-                    for j in 0..inp {
-                        p[i * inp + j] += br * f64::from(a[k * inp + j]);
-                    }
-                }
-            }
-            Ok(p)
-        };
-        let (pc, ps) = (product(&central)?, product(&served)?);
-        let scale = pc.iter().fold(0f64, |m, x| m.max(x.abs()));
-        ensure!(scale > 0.0, "{module}: B·R₀·A is zero");
-        let err = pc
-            .iter()
-            .zip(&ps)
-            .fold(0f64, |m, (a, b)| m.max((a - b).abs()))
-            / scale;
-        worst = worst.max(err);
+        worst = worst.max(product_difference(&central, &served, module)?);
     }
     eprintln!("browser federated init vs fedsb init: B·R₀·A within {worst:e} (relative)");
     ensure!(

@@ -139,31 +139,6 @@ fn sha256(bytes: &[u8]) -> Vec<u8> {
         .collect()
 }
 
-/// B·R·A (`out × in`) of one module.
-fn product(t: &ShapedTensors, module: &str) -> Vec<f64> {
-    let (sa, a) = &t[&format!("{module}.lora_A")];
-    let (sb, b) = &t[&format!("{module}.lora_B")];
-    let (_, r) = &t[&format!("{module}.lora_R")];
-    let (rank, inp, out) = (sa[0], sa[1], sb[0]);
-    let mut br = vec![0f64; out * rank];
-    for i in 0..out {
-        for k in 0..rank {
-            for j in 0..rank {
-                br[i * rank + j] += f64::from(b[i * rank + k]) * f64::from(r[k * rank + j]);
-            }
-        }
-    }
-    let mut p = vec![0f64; out * inp];
-    for i in 0..out {
-        for k in 0..rank {
-            for j in 0..inp {
-                p[i * inp + j] += br[i * rank + k] * f64::from(a[k * inp + j]);
-            }
-        }
-    }
-    p
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_participants_initialize_federatedly_then_train_two_rounds() -> anyhow::Result<()> {
     let tmp = setup()?;
@@ -307,14 +282,7 @@ async fn federated_init_with_all_data_in_one_participant_equals_fedsb_init() -> 
             assert_eq!(central[&k].0, federated[&k].0, "{k}: shape");
             bitwise &= central[&k].1 == federated[&k].1;
         }
-        let (pc, pf) = (product(&central, module), product(&federated, module));
-        let scale = pc.iter().fold(0f64, |m, x| m.max(x.abs()));
-        assert!(scale > 0.0, "{module}: B·R₀·A is zero");
-        let err = pc
-            .iter()
-            .zip(&pf)
-            .fold(0f64, |m, (a, b)| m.max((a - b).abs()))
-            / scale;
+        let err = product_difference(&central, &federated, module)?;
         assert!(
             err <= 1e-5,
             "{module}: B·R₀·A differs by {err:e} (relative)"
