@@ -12,11 +12,14 @@
 #   DATA [data/sst2]   CLIENTS [10]   ROUNDS [10]   LOCAL_STEPS [12]
 #   LRS ["1e-3 3e-3 1e-2"] (the clients' and the centralized run's AdamW rate)
 #   INIT_LR [1e-3]   INIT_SAMPLES [256]   EVAL_LIMIT [0: the whole dev set]
+#   RANK [32]   BATCH [32]   MAX_SEQ_LEN [128]
 #   EVAL_EVERY [CLIENTS × LOCAL_STEPS: the centralized run is evaluated after
 #     as many steps as the clients have taken in all after each round]
 #   SPLITS ["iid"] (also dirichlet:0.5, ...)   CENTRALIZED [1: also fedsb train]
-# Writes OUT_DIR/init.{safetensors,jsonl,log}, one sim-<split>-lr<LR>.{jsonl,csv,log}
-# per run and train-lr<LR>.{jsonl,log}; stops at the first failure and shows
+#   MOMENTS ["reset"] ("reset keep" runs every Fed-SB setting twice: the
+#     clients' AdamW moments reset every round, and carried with --keep-moments)
+# Writes OUT_DIR/init.{safetensors,jsonl,log}, one
+# sim-<split>-lr<LR>[-keep].{jsonl,csv,log} per run and train-lr<LR>.{jsonl,log}; stops at the first failure and shows
 # the end of its log.
 set -euo pipefail
 
@@ -34,7 +37,14 @@ init_samples=${INIT_SAMPLES:-256}
 eval_limit=${EVAL_LIMIT:-0}
 eval_every=${EVAL_EVERY:-$((clients * local_steps))}
 splits=${SPLITS:-iid}
+rank=${RANK:-32}
+batch=${BATCH:-32}
+max_seq_len=${MAX_SEQ_LEN:-128}
 centralized=${CENTRALIZED:-1}
+moments=${MOMENTS:-reset}
+for m in $moments; do
+    [[ $m == reset || $m == keep ]] || { echo "MOMENTS: reset or keep, not $m" >&2; exit 2; }
+done
 
 for f in "$fedsb" "$model/config.json" "$data/train.tsv" "$data/dev.tsv"; do
     [[ -e $f ]] || { echo "missing $f (cargo build --release --bin fedsb; cargo xtask fetch-model; cargo xtask fetch-data)" >&2; exit 2; }
@@ -54,7 +64,8 @@ run() {
 }
 pick=()
 [[ -n $adapter ]] && pick=(--adapter "$adapter")
-common=(--model "$model" --train "$data/train.tsv" --rank 32 --batch 32 --seed 0 "${pick[@]}")
+common=(--model "$model" --train "$data/train.tsv" --rank "$rank" --batch "$batch"
+    --max-seq-len "$max_seq_len" --seed 0 "${pick[@]}")
 
 echo "== init: η $init_lr on $init_samples samples" >&2
 run init "$fedsb" init "${common[@]}" --init-samples "$init_samples" --lr "$init_lr" \
@@ -62,12 +73,19 @@ run init "$fedsb" init "${common[@]}" --init-samples "$init_samples" --lr "$init
 
 for lr in $lrs; do
     for split in $splits; do
-        name="sim-${split//:/}-lr$lr"
-        echo "== $name: $clients clients × $local_steps local steps × $rounds rounds" >&2
-        run "$name" "$fedsb" sim "${common[@]}" --eval "$data/dev.tsv" --clients "$clients" \
-            --rounds "$rounds" --local-steps "$local_steps" --lr "$lr" \
-            --init "$out/init.safetensors" --eval-limit "$eval_limit" --split "$split" \
-            --json --csv "$out/$name.csv"
+        for m in $moments; do
+            name="sim-${split//:/}-lr$lr"
+            keep=()
+            if [[ $m == keep ]]; then
+                name+="-keep"
+                keep=(--keep-moments)
+            fi
+            echo "== $name: $clients clients × $local_steps local steps × $rounds rounds" >&2
+            run "$name" "$fedsb" sim "${common[@]}" --eval "$data/dev.tsv" --clients "$clients" \
+                --rounds "$rounds" --local-steps "$local_steps" --lr "$lr" \
+                --init "$out/init.safetensors" --eval-limit "$eval_limit" --split "$split" \
+                --json --csv "$out/$name.csv" "${keep[@]}"
+        done
     done
     if [[ $centralized == 1 ]]; then
         steps=$((clients * rounds * local_steps))

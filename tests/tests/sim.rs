@@ -589,6 +589,68 @@ fn init_lr_sets_the_initialization_apart_from_the_clients_learning_rate() -> any
     Ok(())
 }
 
+/// `scripts/fed_sb_lr_sweep.sh` (the GPU sweep behind BENCHMARKS' Fed-SB
+/// learning-rate rows) runs end to end at a tiny scale: one initialization,
+/// each rate's simulations with the moments reset and kept, and the
+/// centralized run, each writing its per-round JSON lines.
+#[test]
+fn the_learning_rate_sweep_script_runs_on_a_tiny_model() -> anyhow::Result<()> {
+    let task = Task::new()?;
+    let dir = task.path();
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data)?;
+    std::fs::copy(dir.join("train.tsv"), data.join("train.tsv"))?;
+    std::fs::copy(dir.join("eval.tsv"), data.join("dev.tsv"))?;
+    let out_dir = dir.join("sweep");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/fed_sb_lr_sweep.sh");
+    let mut c = Command::new("bash");
+    c.arg(&script)
+        .arg(&out_dir)
+        .env("FEDSB", fedsb_bin())
+        .env("MODEL", dir.join("model"))
+        .env("DATA", &data)
+        .env("CLIENTS", "2")
+        .env("ROUNDS", "2")
+        .env("LOCAL_STEPS", "2")
+        .env("LRS", "1e-2 3e-2")
+        .env("INIT_LR", "1e-2")
+        .env("INIT_SAMPLES", "16")
+        .env("RANK", RANK.to_string())
+        .env("BATCH", BATCH.to_string())
+        .env("MAX_SEQ_LEN", "16")
+        .env("MOMENTS", "reset keep")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let out = run(c)?;
+    check_success("scripts/fed_sb_lr_sweep.sh", &out)?;
+    let lines = |name: &str| -> anyhow::Result<Vec<serde_json::Value>> {
+        std::fs::read_to_string(out_dir.join(name))
+            .with_context(|| format!("reading {name}"))?
+            .lines()
+            .map(|l| serde_json::from_str(l).with_context(|| format!("{name}: {l}")))
+            .collect()
+    };
+    assert!(out_dir.join("init.safetensors").is_file());
+    for lr in ["1e-2", "3e-2"] {
+        let reset = lines(&format!("sim-iid-lr{lr}.jsonl"))?;
+        let kept = lines(&format!("sim-iid-lr{lr}-keep.jsonl"))?;
+        for rows in [&reset, &kept] {
+            let rounds: Vec<u64> = rows.iter().filter_map(|r| r["round"].as_u64()).collect();
+            assert_eq!(rounds, [0, 1, 2], "lr {lr}");
+        }
+        // Nothing is carried into round 1.
+        assert_eq!(reset[1]["eval_loss"], kept[1]["eval_loss"], "lr {lr}");
+        // The centralized run: 2 clients × 2 rounds × 2 steps, evaluated
+        // after every 4 steps, then its final line.
+        let train = lines(&format!("train-lr{lr}.jsonl"))?;
+        let last = train.last().context("no centralized result")?;
+        assert_eq!(last["steps"], 8, "lr {lr}: {last}");
+        assert!(last["eval_accuracy"].is_f64(), "lr {lr}: {last}");
+    }
+    Ok(())
+}
+
 fn task_toml(rounds: u64) -> String {
     format!(
         r#"[task]
