@@ -778,7 +778,7 @@ struct LocalRound {
 
 /// Trains `steps` steps from `global` and reads the result back, with
 /// `opt`'s optimizer state ([`LocalOptimizer`]: AdamW moments reset every
-/// round unless `--keep-moments`), as the browser participant does.
+/// round, as in the browser, unless `--keep-moments`).
 #[allow(clippy::too_many_arguments)]
 fn train_round(
     encoder: &mut GpuEncoder<'_>,

@@ -9,16 +9,17 @@
 //! each client's turn sets the encoder's trainable state to the global `R`s
 //! and head ([`GpuEncoder::set_trainable`], which also resets the AdamW
 //! moments; with `--keep-moments` the client's own moments from its previous
-//! round are set again, [`LocalOptimizer`]), trains, and reads the result back. The aggregation is the
-//! aggregator's own [`Round`] (`accept` + `aggregate`: the f64 weighted mean,
-//! weights = samples), fed with updates that went through the wire encoding.
+//! round are set again, [`LocalOptimizer`]), trains, and reads the result
+//! back. The aggregation is the aggregator's own [`Round`] (`accept` +
+//! `aggregate`: the f64 weighted mean, weights = samples), fed with updates
+//! that went through the wire encoding.
 //!
 //! Every client round is exactly what `fedsb join` does for a round: the same
 //! AdamW (weight decay 0.01, moments reset every round unless both keep
-//! them), `local_steps` batches
-//! of `batch` from a [`BatchSampler`] over its own shard that keeps its state
-//! across rounds (seeded with the client's batch seed, see [`client_seed`]),
-//! `num_samples` = samples used, `train_loss` = their mean loss. So a
+//! them), `local_steps` batches of `batch` from a [`BatchSampler`] over its
+//! own shard that keeps its state across rounds (seeded with the client's
+//! batch seed, see [`client_seed`]), `num_samples` = samples used,
+//! `train_loss` = their mean loss. So a
 //! simulation equals the same run over WebSockets when the joiners get the
 //! shard files and seeds that `--write-shards` writes (`tests/tests/sim.rs`
 //! checks that).
