@@ -31,13 +31,15 @@ pub struct LocalRound {
 /// and the update depends only on the global model and the local batches.
 /// With [`LocalOptimizer::keeping_moments`] the moments and the step count
 /// are carried from the end of one round into the next (the global `R` still
-/// replaces the local one). Carried moments average the gradient over many
-/// more steps than one round's few: with AdamW freshly reset, a round's
-/// first step moves every coordinate by about ±lr whatever the size of its
-/// gradient, which with few local steps per round can overshoot and swing
-/// back from round to round. Carrying them uses only what this participant
-/// computed (DP-noised gradients in a private task), so it changes nothing
-/// in the privacy accounting.
+/// replaces the local one). With AdamW freshly reset, a round's first step
+/// moves every coordinate by about ±lr whatever the size of its gradient;
+/// carried moments average the gradient over many rounds' steps instead, so
+/// coordinates whose gradient changes sign move less. On SST-2 with 2 local
+/// steps per round that made the federation learn much later (BENCHMARKS.md,
+/// "The clients' AdamW moments carried across rounds"), hence the default.
+/// Carrying them uses only what this participant computed (DP-noised
+/// gradients in a private task), so it changes nothing in the privacy
+/// accounting.
 #[derive(Debug, Clone)]
 pub struct LocalOptimizer {
     /// AdamW's hyper-parameters.
@@ -62,17 +64,6 @@ impl LocalOptimizer {
             keep_moments: true,
             ..Self::new(adamw)
         }
-    }
-
-    /// Whether the moments are carried across rounds.
-    pub fn keeps_moments(&self) -> bool {
-        self.keep_moments
-    }
-
-    /// Steps taken with the carried moments (0 before the first round or when
-    /// the moments are reset every round).
-    pub fn carried_steps(&self) -> u32 {
-        self.carried.as_ref().map_or(0, |s| s.steps)
     }
 
     /// Sets the global `R`s and head as the encoder's trainable state and the
