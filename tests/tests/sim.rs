@@ -1,9 +1,10 @@
 //! `fedsb sim` end to end on a tiny random BERT (GPU: lavapipe here): every
 //! round reported with the real protocol frame sizes, CSV and plot written,
 //! both splits, the head-only baseline, DP-SGD clients with ε per round, bad
-//! input refused, and the
-//! simulation equal to the same run over WebSockets (`fedsb serve` + three
-//! `fedsb join` processes on the shard files the simulator wrote).
+//! input refused, the simulation equal to the same run over WebSockets
+//! (`fedsb serve` + three `fedsb join` processes on the shard files the
+//! simulator wrote), also with the clients' AdamW moments kept across rounds,
+//! and `scripts/fed_sb_lr_sweep.sh` at a tiny scale.
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
