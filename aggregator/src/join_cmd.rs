@@ -1074,11 +1074,7 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
         weight_decay: 0.01,
         ..AdamW::default()
     };
-    let mut opt = if args.keep_moments {
-        LocalOptimizer::keeping_moments(adamw)
-    } else {
-        LocalOptimizer::new(adamw)
-    };
+    let mut opt = LocalOptimizer::new(adamw, args.keep_moments);
     let mut sampler = BatchSampler::new(data.len(), task.batch_size as usize, args.seed);
     let dp = match &task.privacy {
         Some(policy) => {

@@ -671,11 +671,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
                 sampler: BatchSampler::new(idx.len(), args.batch, seed),
                 seed,
                 dp: None,
-                opt: if args.keep_moments {
-                    LocalOptimizer::keeping_moments(opt)
-                } else {
-                    LocalOptimizer::new(opt)
-                },
+                opt: LocalOptimizer::new(opt, args.keep_moments),
             }
         })
         .collect();

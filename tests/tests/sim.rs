@@ -726,18 +726,9 @@ async fn kept_moments_change_round_two_and_equal_the_run_over_websockets() -> an
         );
     }
     let reset_globals = task.path().join("globals-reset");
-    let out = run(task.sim(
-        2,
-        &[
-            "--split",
-            "dirichlet:1.0",
-            "--seed",
-            "0",
-            "--json",
-            "--write-globals",
-            reset_globals.to_str().context("path")?,
-        ],
-    ))?;
+    let mut flags = WS_RUN_FLAGS.to_vec();
+    flags.extend(["--write-globals", reset_globals.to_str().context("path")?]);
+    let out = run(task.sim(2, &flags))?;
     check_success("fedsb sim without --keep-moments", &out)?;
     let global = |dir: &Path, n: u64| -> anyhow::Result<Vec<f32>> {
         let (_, _, _, state) = decode_global(&std::fs::read(dir.join(format!("round-{n}.bin")))?)?;
@@ -758,6 +749,9 @@ async fn kept_moments_change_round_two_and_equal_the_run_over_websockets() -> an
     Ok(())
 }
 
+/// The split, seed and output of [`sim_against_websockets`]'s simulation.
+const WS_RUN_FLAGS: [&str; 5] = ["--split", "dirichlet:1.0", "--seed", "0", "--json"];
+
 /// A two-round simulation with `extra` flags, then the same run over
 /// WebSockets: the aggregator and one `fedsb join` per shard with the flags
 /// the simulator's `shards.json` lists. Both must give the same global state
@@ -773,17 +767,13 @@ async fn sim_against_websockets(extra: &[&str]) -> anyhow::Result<(Task, std::pa
 
     let shards = dir.join("shards");
     let globals = dir.join("globals");
-    let mut flags = vec![
-        "--split",
-        "dirichlet:1.0",
-        "--seed",
-        "0",
-        "--json",
+    let mut flags = WS_RUN_FLAGS.to_vec();
+    flags.extend([
         "--write-shards",
         shards.to_str().context("path")?,
         "--write-globals",
         globals.to_str().context("path")?,
-    ];
+    ]);
     flags.extend_from_slice(extra);
     let sim = task.sim(ROUNDS, &flags);
     let out = tokio::task::spawn_blocking(move || run(sim)).await??;

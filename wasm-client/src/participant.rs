@@ -570,7 +570,7 @@ impl WasmParticipant {
         }
         let started = js_sys::Date::now();
         // A tab resets its AdamW moments at the start of every round.
-        let mut opt = LocalOptimizer::new(self.opt);
+        let mut opt = LocalOptimizer::new(self.opt, false);
         let result = match dp.as_mut() {
             Some(d) => train_round_dp(
                 &mut encoder,

@@ -25,11 +25,11 @@ pub struct LocalRound {
 /// A participant's local optimizer across rounds: AdamW's hyper-parameters
 /// and what becomes of its moments between rounds.
 ///
-/// By default ([`LocalOptimizer::new`]) the moments are reset at the start of
-/// every round: each round starts from fresh AdamW state at the new global
+/// By default (`keep_moments` false in [`LocalOptimizer::new`]) the moments
+/// are reset at the start of every round: each round starts from fresh AdamW state at the new global
 /// `R`, so a participant that skipped rounds behaves like one that did not,
 /// and the update depends only on the global model and the local batches.
-/// With [`LocalOptimizer::keeping_moments`] the moments and the step count
+/// With `keep_moments` true the moments and the step count
 /// are carried from the end of one round into the next (the global `R` still
 /// replaces the local one). With AdamW freshly reset, a round's first step
 /// moves every coordinate by about ±lr whatever the size of its gradient;
@@ -49,20 +49,13 @@ pub struct LocalOptimizer {
 }
 
 impl LocalOptimizer {
-    /// AdamW with its moments reset at the start of every round.
-    pub fn new(adamw: AdamW) -> Self {
+    /// AdamW whose moments are carried from one round into the next when
+    /// `keep_moments`, and otherwise reset at the start of every round.
+    pub fn new(adamw: AdamW, keep_moments: bool) -> Self {
         Self {
             adamw,
-            keep_moments: false,
+            keep_moments,
             carried: None,
-        }
-    }
-
-    /// AdamW with its moments carried from one round into the next.
-    pub fn keeping_moments(adamw: AdamW) -> Self {
-        Self {
-            keep_moments: true,
-            ..Self::new(adamw)
         }
     }
 
