@@ -106,8 +106,15 @@ pub struct TaskSection {
     pub local_steps: u32,
     #[serde(default = "default_batch")]
     pub batch_size: u32,
+    /// The participants' AdamW learning rate in round 1.
     #[serde(default = "default_lr")]
     pub learning_rate: f32,
+    /// Per-round decay of the learning rate: round n trains at
+    /// `learning_rate · lr_decay^(n−1)` (announced in every `RoundOpen`).
+    /// 1 (the default) keeps it constant, and leaves the task's identity
+    /// what it was before this key existed.
+    #[serde(default = "default_lr_decay", skip_serializing_if = "is_constant")]
+    pub lr_decay: f64,
     #[serde(default = "default_seq")]
     pub max_seq_len: u32,
     /// Aggregation weights.
@@ -296,6 +303,22 @@ fn default_deadline() -> u64 {
 fn default_quorum_policy() -> QuorumPolicy {
     QuorumPolicy::Extend
 }
+fn default_lr_decay() -> f64 {
+    1.0
+}
+
+fn is_constant(decay: &f64) -> bool {
+    *decay == 1.0
+}
+
+/// The learning rate of round `round` (1-based) under a per-round decay:
+/// `base · decay^(round − 1)`, computed in f64. The aggregator announces it
+/// in `RoundOpen` and `fedsb sim` uses it, so both schedules are one.
+pub fn round_learning_rate(base: f32, decay: f64, round: u64) -> f32 {
+    let exponent = i32::try_from(round.saturating_sub(1)).unwrap_or(i32::MAX);
+    (f64::from(base) * decay.powi(exponent)) as f32
+}
+
 fn default_local_steps() -> u32 {
     20
 }
@@ -473,6 +496,12 @@ impl Config {
             return bad(format!(
                 "task.learning_rate {} must be positive",
                 t.learning_rate
+            ));
+        }
+        if !(t.lr_decay > 0.0 && t.lr_decay <= 1.0) {
+            return bad(format!(
+                "task.lr_decay {} must be in (0, 1] (1 keeps the learning rate constant)",
+                t.lr_decay
             ));
         }
         if t.batch_size == 0 || t.max_seq_len == 0 || t.local_steps == 0 {
@@ -742,6 +771,37 @@ rank = 4
         assert!(e.to_string().contains("needs model.dir"), "{e}");
         let text = MINIMAL.replace("rank = 4", "rank = 4\ninit = \"bogus\"");
         assert!(load(dir.path(), &text).is_err());
+    }
+
+    #[test]
+    fn lr_decay_schedules_rounds_and_only_a_decay_changes_the_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = load(dir.path(), MINIMAL).unwrap();
+        assert_eq!(plain.task.lr_decay, 1.0);
+        let explicit = MINIMAL.replace("rounds = 3", "rounds = 3\nlr_decay = 1.0");
+        let explicit = load(dir.path(), &explicit).unwrap();
+        assert_eq!(plain.identity_json(), explicit.identity_json());
+        let decayed = MINIMAL.replace("rounds = 3", "rounds = 3\nlr_decay = 0.8");
+        let decayed = load(dir.path(), &decayed).unwrap();
+        assert_eq!(decayed.task.lr_decay, 0.8);
+        assert_ne!(plain.identity_json(), decayed.identity_json());
+        for bad in ["0.0", "-0.5", "1.25", "nan"] {
+            let text = MINIMAL.replace("rounds = 3", &format!("rounds = 3\nlr_decay = {bad}"));
+            let e = load(dir.path(), &text).unwrap_err();
+            assert!(e.to_string().contains("task.lr_decay"), "{bad}: {e}");
+        }
+        // Round n trains at learning_rate · lr_decay^(n−1).
+        assert_eq!(round_learning_rate(1e-2, 1.0, 1), 1e-2);
+        assert_eq!(round_learning_rate(1e-2, 1.0, 10), 1e-2);
+        assert_eq!(round_learning_rate(1e-2, 0.5, 1), 1e-2);
+        assert_eq!(round_learning_rate(1e-2, 0.5, 3), 1e-2 / 4.0);
+        let r10 = round_learning_rate(1e-2, 0.85, 10);
+        assert!(
+            (f64::from(r10) - 1e-2 * 0.85f64.powi(9)).abs() < 1e-9,
+            "{r10}"
+        );
+        // Round 0 (the initial model) is not trained; it maps to round 1.
+        assert_eq!(round_learning_rate(1e-2, 0.5, 0), 1e-2);
     }
 
     #[test]

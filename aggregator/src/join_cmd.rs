@@ -1191,7 +1191,10 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
                 global = Some((round, adapter));
             }
             ServerMessage::RoundOpen {
-                round, local_steps, ..
+                round,
+                local_steps,
+                learning_rate,
+                ..
             } => {
                 if submitted.contains(&round) {
                     info!(%round, "round extended; our update is already in");
@@ -1218,12 +1221,15 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
                     warn!(%round, "round opened before any global state; waiting");
                     continue;
                 };
-                info!(%round, from = %from, local_steps, "training");
+                info!(%round, from = %from, local_steps, learning_rate, "training");
                 let steps = if local_steps > 0 {
                     local_steps
                 } else {
                     task.local_steps
                 };
+                if let Err(e) = opt.set_learning_rate(learning_rate) {
+                    break Err(anyhow::anyhow!("round {round}: {e}"));
+                }
                 if let Some(dp) = &dp {
                     let check = match dp.check(u64::from(steps)) {
                         Ok(c) => c,

@@ -78,6 +78,7 @@ use crate::participant::{
     write_adapter_file, ModuleRef,
 };
 use crate::privacy_cmd::AccountantArg;
+use fedsb_aggregator::config::round_learning_rate;
 
 #[derive(Debug, Args)]
 pub struct SimArgs {
@@ -114,9 +115,14 @@ pub struct SimArgs {
     /// Batch size (training, LoRA-SB init and evaluation).
     #[arg(long, default_value_t = 32)]
     batch: usize,
-    /// The clients' AdamW learning rate.
+    /// The clients' AdamW learning rate (in round 1, with --lr-decay).
     #[arg(long, default_value_t = 1e-3)]
     lr: f32,
+    /// Per-round decay of the clients' learning rate: round n trains at
+    /// lr · decay^(n−1), as a task with `[task] lr_decay` announces it to
+    /// its participants. 1 keeps it constant.
+    #[arg(long, default_value_t = 1.0)]
+    lr_decay: f64,
     /// η of the LoRA-SB initialization, ΔW = −η·sign(G), which scales R₀
     /// (default: --lr; a task's `[adapter] init_learning_rate`). Set it to
     /// vary the clients' learning rate from the same initialization. Not with
@@ -424,6 +430,8 @@ struct RoundRow {
     seconds: f64,
     /// With differential privacy: the largest ε any client has spent so far.
     epsilon_spent: Option<f64>,
+    /// The clients' learning rate in this round (none for round 0).
+    learning_rate: Option<f32>,
 }
 
 /// AdamW on the head only, on the CPU (the `--head-only` baseline), with
@@ -535,6 +543,7 @@ fn write_shards(
             "local_steps": local_steps,
             "batch_size": args.batch,
             "learning_rate": args.lr,
+            "lr_decay": args.lr_decay,
             "max_seq_len": args.max_seq_len,
             "rank": args.rank,
             "modules": args.modules,
@@ -621,6 +630,12 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
     }
     if !(args.lr > 0.0 && args.lr.is_finite()) {
         bail!("--lr must be positive");
+    }
+    if !(args.lr_decay > 0.0 && args.lr_decay <= 1.0) {
+        bail!(
+            "--lr-decay {} must be in (0, 1] (1 keeps the learning rate constant)",
+            args.lr_decay
+        );
     }
     if let Some(eta) = args.init_lr {
         if !(eta > 0.0 && eta.is_finite()) {
@@ -824,6 +839,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
         bytes_down: 0,
         seconds: started.elapsed().as_secs_f64(),
         epsilon_spent: policy.as_ref().map(|_| 0.0),
+        learning_rate: None,
     }];
     report(&bar, &rows[0]);
 
@@ -842,8 +858,10 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
         let (adapters, head) = state_to_engine(&frozen, &modules, &global)?;
         let mut bytes_up = 0u64;
         let mut epsilon_spent: Option<f64> = None;
+        let lr = round_learning_rate(args.lr, args.lr_decay, n);
         for (i, client) in clients.iter_mut().enumerate() {
             bar.set_message(format!("round {n}, client {}", i + 1));
+            client.opt.adamw.lr = lr;
             let update = if let Some(dp) = client.dp.as_mut() {
                 let check = dp.check(u64::from(local_steps))?;
                 if !check.within_budget {
@@ -954,6 +972,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
             bytes_down,
             seconds: started.elapsed().as_secs_f64(),
             epsilon_spent,
+            learning_rate: Some(lr),
         };
         report(&bar, &row);
         rows.push(row);
@@ -987,6 +1006,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
             ("split".to_owned(), args.split.clone()),
             ("local_steps".to_owned(), local_steps.to_string()),
             ("learning_rate".to_owned(), args.lr.to_string()),
+            ("lr_decay".to_owned(), args.lr_decay.to_string()),
             ("seed".to_owned(), args.seed.to_string()),
             ("trained_by".to_owned(), "fedsb sim".to_owned()),
         ]);

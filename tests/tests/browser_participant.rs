@@ -279,6 +279,7 @@ fn sst2_task_dir() -> anyhow::Result<tempfile::TempDir> {
         local_steps: sst2::LOCAL_STEPS,
         batch: sst2::BATCH as usize,
         learning_rate: sst2::LEARNING_RATE,
+        lr_decay: 1.0,
         max_seq_len: sst2::MAX_SEQ_LEN,
         rank: sst2::RANK,
         idle_timeout_secs: 300,
@@ -299,6 +300,8 @@ struct EvalTask {
     local_steps: u32,
     batch: usize,
     learning_rate: f64,
+    /// `[task] lr_decay`: round n trains at learning_rate · lr_decay^(n−1).
+    lr_decay: f64,
     max_seq_len: u32,
     rank: u32,
     idle_timeout_secs: u64,
@@ -317,6 +320,7 @@ labels = ["{}", "{}"]
 local_steps = {steps}
 batch_size = {batch}
 learning_rate = {lr:?}
+lr_decay = {decay:?}
 max_seq_len = {seq}
 [model]
 id = "{model}"
@@ -341,6 +345,7 @@ idle_timeout_secs = {idle}
         steps = t.local_steps,
         batch = t.batch,
         lr = t.learning_rate,
+        decay = t.lr_decay,
         seq = t.max_seq_len,
         model = t.model_id,
         rank = t.rank,
@@ -1824,6 +1829,9 @@ fn minilm_task_dir(adapter: Option<&Path>) -> anyhow::Result<tempfile::TempDir> 
         local_steps: 2,
         batch: MINILM_ROWS,
         learning_rate: 0.001,
+        // Round 2 at half the rate: the tab must train at the rate its
+        // RoundOpen announces, as `fedsb join` does.
+        lr_decay: 0.5,
         max_seq_len: 32,
         rank: 8,
         idle_timeout_secs: 600,

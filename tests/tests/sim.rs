@@ -3,8 +3,9 @@
 //! both splits, the head-only baseline, DP-SGD clients with ε per round, bad
 //! input refused, the simulation equal to the same run over WebSockets
 //! (`fedsb serve` + three `fedsb join` processes on the shard files the
-//! simulator wrote), also with the clients' AdamW moments kept across rounds,
-//! and `scripts/fed_sb_lr_sweep.sh` at a tiny scale.
+//! simulator wrote), also with the clients' AdamW moments kept across rounds
+//! and with the learning rate decayed per round, and
+//! `scripts/fed_sb_lr_sweep.sh` at a tiny scale.
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -474,7 +475,7 @@ fn without_json_rounds_go_to_stderr_and_the_table_to_stdout() -> anyhow::Result<
 #[test]
 fn sim_refuses_bad_input_clearly() -> anyhow::Result<()> {
     let task = Task::new()?;
-    let cases: [(usize, &[&str], &str); 14] = [
+    let cases: [(usize, &[&str], &str); 16] = [
         (CLIENTS, &["--split", "shards"], "unknown --split"),
         (CLIENTS, &["--split", "dirichlet:0"], "positive"),
         (CLIENTS, &["--split", "dirichlet:-2"], "positive"),
@@ -516,6 +517,16 @@ fn sim_refuses_bad_input_clearly() -> anyhow::Result<()> {
             CLIENTS,
             &["--init-lr", "0.01", "--init", "adapter.safetensors"],
             "--init-lr sets η of the initialization, which --init skips",
+        ),
+        (
+            CLIENTS,
+            &["--lr-decay", "0"],
+            "--lr-decay 0 must be in (0, 1]",
+        ),
+        (
+            CLIENTS,
+            &["--lr-decay", "1.5"],
+            "--lr-decay 1.5 must be in (0, 1]",
         ),
     ];
     for (clients, flags, message) in cases {
@@ -652,7 +663,9 @@ fn the_learning_rate_sweep_script_runs_on_a_tiny_model() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn task_toml(rounds: u64) -> String {
+/// The WebSocket run's task: the simulation's settings, with the per-round
+/// learning-rate decay `lr_decay` (`shards.json`'s `task.lr_decay`).
+fn task_toml(rounds: u64, lr_decay: f64) -> String {
     format!(
         r#"[task]
 id = "sim-vs-ws"
@@ -664,6 +677,7 @@ labels = ["{}", "{}"]
 local_steps = {LOCAL_STEPS}
 batch_size = {BATCH}
 learning_rate = 0.01
+lr_decay = {lr_decay}
 max_seq_len = 16
 [model]
 id = "tiny-random-bert"
@@ -711,7 +725,7 @@ async fn sim_equals_the_same_run_over_websockets() -> anyhow::Result<()> {
 /// lists for the joiners) over WebSockets gives the same global states.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kept_moments_change_round_two_and_equal_the_run_over_websockets() -> anyhow::Result<()> {
-    let (task, kept) = sim_against_websockets(&["--keep-moments"]).await?;
+    let (task, kept, _) = sim_against_websockets(&["--keep-moments"]).await?;
     let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(
         task.path().join("shards").join("shards.json"),
     )?)?;
@@ -725,26 +739,64 @@ async fn kept_moments_change_round_two_and_equal_the_run_over_websockets() -> an
             "{c}"
         );
     }
-    let reset_globals = task.path().join("globals-reset");
+    round_one_equal_round_two_differs(&task, &kept, "--keep-moments")?;
+    Ok(())
+}
+
+/// `--lr-decay 0.5`: round 2 trains at half the rate of round 1. Round 1
+/// equals the run at a constant rate, round 2 differs, and the aggregator
+/// of a task with `lr_decay = 0.5` (the value `shards.json` lists) announces
+/// the same rates in its `RoundOpen`s, so `fedsb join` over WebSockets gives
+/// the same global states.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lr_decay_changes_round_two_and_equals_the_run_over_websockets() -> anyhow::Result<()> {
+    let (task, decayed, rounds) = sim_against_websockets(&["--lr-decay", "0.5"]).await?;
+    let rates: Vec<&serde_json::Value> = rounds.iter().map(|l| &l["learning_rate"]).collect();
+    assert_eq!(
+        rates,
+        [&serde_json::Value::Null, &0.01.into(), &0.005.into()]
+    );
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(
+        task.path().join("shards").join("shards.json"),
+    )?)?;
+    assert_eq!(manifest["task"]["lr_decay"], 0.5, "{manifest}");
+    round_one_equal_round_two_differs(&task, &decayed, "--lr-decay 0.5")?;
+    Ok(())
+}
+
+/// Runs [`sim_against_websockets`]'s simulation without the flag under test
+/// and checks that the run with it (`globals`) has the same round 1 and a
+/// different round 2.
+fn round_one_equal_round_two_differs(
+    task: &Task,
+    globals: &Path,
+    flag: &str,
+) -> anyhow::Result<()> {
+    let plain_globals = task.path().join("globals-plain");
     let mut flags = WS_RUN_FLAGS.to_vec();
-    flags.extend(["--write-globals", reset_globals.to_str().context("path")?]);
+    flags.extend(["--write-globals", plain_globals.to_str().context("path")?]);
     let out = run(task.sim(2, &flags))?;
-    check_success("fedsb sim without --keep-moments", &out)?;
+    check_success(&format!("fedsb sim without {flag}"), &out)?;
+    let rates: Vec<serde_json::Value> = json_lines(&out)?
+        .iter()
+        .map(|l| l["learning_rate"].clone())
+        .collect();
+    assert_eq!(rates, [serde_json::Value::Null, 0.01.into(), 0.01.into()]);
     let global = |dir: &Path, n: u64| -> anyhow::Result<Vec<f32>> {
         let (_, _, _, state) = decode_global(&std::fs::read(dir.join(format!("round-{n}.bin")))?)?;
         Ok(flat(&state))
     };
-    assert_eq!(global(&kept, 1)?, global(&reset_globals, 1)?, "round 1");
-    let (a, b) = (global(&kept, 2)?, global(&reset_globals, 2)?);
+    assert_eq!(global(globals, 1)?, global(&plain_globals, 1)?, "round 1");
+    let (a, b) = (global(globals, 2)?, global(&plain_globals, 2)?);
     let max_diff = a
         .iter()
         .zip(&b)
         .map(|(x, y)| (x - y).abs())
         .fold(0f32, f32::max);
-    eprintln!("round 2: kept against reset moments differ by up to {max_diff:e}");
+    eprintln!("round 2: with and without {flag} differ by up to {max_diff:e}");
     assert!(
         max_diff > 1e-5,
-        "round 2 is the same with kept moments ({max_diff:e})"
+        "round 2 is the same with and without {flag} ({max_diff:e})"
     );
     Ok(())
 }
@@ -755,9 +807,11 @@ const WS_RUN_FLAGS: [&str; 5] = ["--split", "dirichlet:1.0", "--seed", "0", "--j
 /// A two-round simulation with `extra` flags, then the same run over
 /// WebSockets: the aggregator and one `fedsb join` per shard with the flags
 /// the simulator's `shards.json` lists. Both must give the same global state
-/// of every round and the same evaluations. Returns the task and the
-/// simulator's globals directory.
-async fn sim_against_websockets(extra: &[&str]) -> anyhow::Result<(Task, std::path::PathBuf)> {
+/// of every round and the same evaluations. Returns the task, the
+/// simulator's globals directory and its JSON lines.
+async fn sim_against_websockets(
+    extra: &[&str],
+) -> anyhow::Result<(Task, std::path::PathBuf, Vec<serde_json::Value>)> {
     const ROUNDS: u64 = 2;
     let task = Task::new()?;
     let dir = task.path().to_owned();
@@ -781,12 +835,16 @@ async fn sim_against_websockets(extra: &[&str]) -> anyhow::Result<(Task, std::pa
     let sim_rounds = json_lines(&out)?;
     check_rounds(&sim_rounds, ROUNDS, false)?;
 
-    // The same run over WebSockets: the aggregator and one `fedsb join` per
-    // shard, with the shard's batch seed.
-    std::fs::write(dir.join("task.toml"), task_toml(ROUNDS))?;
-    let agg = Aggregator::start_in(&dir)?;
+    // The same run over WebSockets: the aggregator, with the task settings
+    // `shards.json` lists, and one `fedsb join` per shard, with the shard's
+    // batch seed.
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(shards.join("shards.json"))?)?;
+    let lr_decay = manifest["task"]["lr_decay"]
+        .as_f64()
+        .context("shards.json: task.lr_decay")?;
+    std::fs::write(dir.join("task.toml"), task_toml(ROUNDS, lr_decay))?;
+    let agg = Aggregator::start_in(&dir)?;
     let mut joins = Vec::new();
     for c in manifest["clients"].as_array().context("clients")? {
         let file = c["file"].as_str().context("file")?;
@@ -875,5 +933,5 @@ async fn sim_against_websockets(extra: &[&str]) -> anyhow::Result<(Task, std::pa
             "round {n}: eval loss {sim_loss} (sim) vs {ws_loss} (aggregator)"
         );
     }
-    Ok((task, globals))
+    Ok((task, globals, sim_rounds))
 }

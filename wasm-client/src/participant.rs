@@ -527,9 +527,12 @@ impl WasmParticipant {
                 )))
             }
         };
-        let (round, steps) = match decode(&round_open_frame, "RoundOpen")? {
+        let (round, steps, lr) = match decode(&round_open_frame, "RoundOpen")? {
             ServerMessage::RoundOpen {
-                round, local_steps, ..
+                round,
+                local_steps,
+                learning_rate,
+                ..
             } => (
                 round,
                 if local_steps > 0 {
@@ -537,9 +540,14 @@ impl WasmParticipant {
                 } else {
                     self.task.local_steps
                 },
+                learning_rate,
             ),
             other => return Err(error(format!("expected a RoundOpen frame, got {other:?}"))),
         };
+        // A tab resets its AdamW moments at the start of every round; the
+        // round's learning rate is the one its RoundOpen announced.
+        let mut opt = LocalOptimizer::new(self.opt, false);
+        opt.set_learning_rate(lr).map_err(participant_error)?;
         let mut local = self
             .local
             .take()
@@ -569,8 +577,7 @@ impl WasmParticipant {
             }
         }
         let started = js_sys::Date::now();
-        // A tab resets its AdamW moments at the start of every round.
-        let mut opt = LocalOptimizer::new(self.opt, false);
+
         let result = match dp.as_mut() {
             Some(d) => train_round_dp(
                 &mut encoder,

@@ -59,6 +59,19 @@ impl LocalOptimizer {
         }
     }
 
+    /// Sets the learning rate of the next round: the one its `RoundOpen`
+    /// announced (the task's per-round schedule). A rate that is not a
+    /// positive finite number is refused, and the optimizer keeps its rate.
+    pub fn set_learning_rate(&mut self, lr: f32) -> Result<(), ParticipantError> {
+        if !(lr.is_finite() && lr > 0.0) {
+            return Err(ParticipantError::Invalid(format!(
+                "the round's learning rate {lr} is not a positive number"
+            )));
+        }
+        self.adamw.lr = lr;
+        Ok(())
+    }
+
     /// Sets the global `R`s and head as the encoder's trainable state and the
     /// optimizer state this round starts from.
     pub fn begin_round(

@@ -47,8 +47,9 @@ pub use messages::*;
 /// The protocol version spoken by this build. Checked at the handshake: the
 /// server accepts only participants whose `Hello` carries exactly this value.
 /// Version 2 added the participant key to `Hello` and
-/// [`ErrorCode::AlreadyConnected`].
-pub const PROTOCOL_VERSION: u16 = 2;
+/// [`ErrorCode::AlreadyConnected`]; version 3 the round's learning rate to
+/// [`ServerMessage::RoundOpen`].
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Four bytes that open every frame: `b"FSB"` and the frame format revision.
 pub const MAGIC: [u8; 4] = *b"FSB\x01";

@@ -796,10 +796,14 @@ pub enum ServerMessage {
     },
     /// Round `round` accepts updates until the deadline (Unix milliseconds).
     /// Sent again with a later deadline when the round is extended.
+    /// `local_steps` (0: the task's) and `learning_rate` are what the
+    /// participant trains this round with; the learning rate follows the
+    /// task's per-round schedule (version 3).
     RoundOpen {
         round: RoundId,
         deadline_unix_ms: u64,
         local_steps: u32,
+        learning_rate: f32,
     },
     /// The participant's update for `round` was accepted.
     UpdateAccepted { round: RoundId },
@@ -872,9 +876,13 @@ impl ServerMessage {
                 round,
                 deadline_unix_ms,
                 local_steps,
+                learning_rate,
             } => {
                 let mut w = Writer::frame(server_kind::ROUND_OPEN);
-                w.u64(round.0).u64(*deadline_unix_ms).u32(*local_steps);
+                w.u64(round.0)
+                    .u64(*deadline_unix_ms)
+                    .u32(*local_steps)
+                    .f32(*learning_rate);
                 w.finish()
             }
             Self::UpdateAccepted { round } => {
@@ -940,6 +948,7 @@ impl ServerMessage {
                 round: RoundId(r.u64("round_open.round")?),
                 deadline_unix_ms: r.u64("round_open.deadline_unix_ms")?,
                 local_steps: r.u32("round_open.local_steps")?,
+                learning_rate: r.f32("round_open.learning_rate")?,
             },
             server_kind::UPDATE_ACCEPTED => Self::UpdateAccepted {
                 round: RoundId(r.u64("accepted.round")?),

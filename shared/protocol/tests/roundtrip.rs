@@ -118,6 +118,7 @@ fn all_server_messages() -> Vec<ServerMessage> {
             round: RoundId(4),
             deadline_unix_ms: 1_790_000_000_000,
             local_steps: 20,
+            learning_rate: 2.5e-3,
         },
         ServerMessage::UpdateAccepted { round: RoundId(4) },
         ServerMessage::Error {
