@@ -893,20 +893,42 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
                     privacy: Some(report),
                     adapter: local.state,
                 }
-            } else {
-                train_client_round(
+            } else if args.head_only {
+                train_head_only_round(
                     &mut encoder,
                     &tokenizer,
                     client,
                     &adapters,
                     &head,
-                    args.head_only,
                     &modules,
                     id,
                     local_steps,
                     &bar,
                 )
                 .with_context(|| format!("round {n}, client {}", i + 1))?
+            } else {
+                // The round exactly as `fedsb join` and a browser tab train it.
+                let local = pollster::block_on(fedsb_participant::train_round(
+                    &mut encoder,
+                    &tokenizer,
+                    &frozen,
+                    &modules,
+                    &client.shard,
+                    &mut client.sampler,
+                    &global,
+                    local_steps,
+                    &mut client.opt,
+                    id,
+                ))
+                .with_context(|| format!("round {n}, client {}", i + 1))?;
+                bar.inc(u64::from(local_steps));
+                ClientUpdate {
+                    round: id,
+                    num_samples: local.samples,
+                    train_loss: Some(local.mean_loss),
+                    privacy: None,
+                    adapter: local.state,
+                }
             };
             let frame = ClientMessage::Update(update).encode();
             bytes_up += frame.len() as u64;
@@ -1060,60 +1082,46 @@ fn dp_policy(args: &SimArgs) -> anyhow::Result<Option<PrivacyPolicy>> {
     Ok(Some(policy))
 }
 
-/// One client's local round without DP, as `fedsb join` trains it: from the
-/// global `adapters` and `head`, `local_steps` AdamW steps on batches of its
-/// sampler (or, with `head_only`, steps on the head alone with R kept).
+/// The `--head-only` baseline's local round: from the global `adapters`
+/// and `head`, `local_steps` AdamW steps (on the CPU, [`HeadAdam`]) on the
+/// head alone, every R kept, on batches of the client's sampler.
 #[allow(clippy::too_many_arguments)]
-fn train_client_round(
+fn train_head_only_round(
     encoder: &mut GpuEncoder<'_>,
     tokenizer: &BertTokenizer,
     client: &mut Client,
     adapters: &LoraSbAdapters<f32>,
     head: &ClassifierHead<f32>,
-    head_only: bool,
     modules: &[ModuleRef],
     round: RoundId,
     local_steps: u32,
     bar: &ProgressBar,
 ) -> anyhow::Result<ClientUpdate> {
-    client.opt.begin_round(encoder, adapters, head)?;
+    encoder.set_trainable(adapters, head)?;
     let opt = client.opt.adamw;
-    let mut head_opt = head_only.then(|| {
-        (
-            HeadAdam::new(head.weight.data.len() + head.bias.len()),
-            [head.weight.data.clone(), head.bias.clone()].concat(),
-        )
-    });
+    let mut adam = HeadAdam::new(head.weight.data.len() + head.bias.len());
+    let mut params = [head.weight.data.clone(), head.bias.clone()].concat();
     let mut samples = 0u64;
     let mut loss_sum = 0f64;
     for step in 1..=local_steps {
         let idx = client.sampler.next_batch();
         let refs: Vec<&Example> = idx.iter().map(|&j| &client.shard[j]).collect();
         let (batch, batch_labels) = encode_examples(tokenizer, &refs)?;
-        let loss = match &mut head_opt {
-            None => pollster::block_on(encoder.train_step(&batch, &batch_labels, &opt))?,
-            Some((adam, params)) => {
-                let losses = pollster::block_on(encoder.loss_and_gradients(
-                    &batch,
-                    &batch_labels,
-                    GradientMode::BatchMean,
-                ))?;
-                let g = pollster::block_on(encoder.read_gradients())?;
-                let grads = [g.head_weight.data, g.head_bias].concat();
-                adam.step(&opt, params, &grads);
-                let hw = head.weight.data.len();
-                let new_head = ClassifierHead {
-                    weight: Matrix::from_vec(
-                        head.weight.rows,
-                        head.weight.cols,
-                        params[..hw].to_vec(),
-                    ),
-                    bias: params[hw..].to_vec(),
-                };
-                encoder.set_trainable(adapters, &new_head)?;
-                losses.iter().sum::<f32>() / losses.len() as f32
-            }
+        let losses = pollster::block_on(encoder.loss_and_gradients(
+            &batch,
+            &batch_labels,
+            GradientMode::BatchMean,
+        ))?;
+        let g = pollster::block_on(encoder.read_gradients())?;
+        let grads = [g.head_weight.data, g.head_bias].concat();
+        adam.step(&opt, &mut params, &grads);
+        let hw = head.weight.data.len();
+        let new_head = ClassifierHead {
+            weight: Matrix::from_vec(head.weight.rows, head.weight.cols, params[..hw].to_vec()),
+            bias: params[hw..].to_vec(),
         };
+        encoder.set_trainable(adapters, &new_head)?;
+        let loss = losses.iter().sum::<f32>() / losses.len() as f32;
         if !loss.is_finite() {
             bail!("training diverged at step {step} (loss {loss})");
         }
@@ -1122,7 +1130,6 @@ fn train_client_round(
         bar.inc(1);
     }
     let trained = pollster::block_on(encoder.read_trainable())?;
-    pollster::block_on(client.opt.end_round(encoder))?;
     Ok(ClientUpdate {
         round,
         num_samples: samples,
