@@ -18,9 +18,12 @@
 #   SPLITS ["iid"] (also dirichlet:0.5, ...)   CENTRALIZED [1: also fedsb train]
 #   MOMENTS ["reset"] ("reset keep" runs every Fed-SB setting twice: the
 #     clients' AdamW moments reset every round, and carried with --keep-moments)
+#   DECAYS ["1"] (per-round decays of the clients' rate, --lr-decay; "1 0.85"
+#     runs every Fed-SB setting at a constant rate and decayed by 0.85 a round)
 # Writes OUT_DIR/init.{safetensors,jsonl,log}, one
-# sim-<split>-lr<LR>[-keep].{jsonl,csv,log} per run and train-lr<LR>.{jsonl,log}; stops at the first failure and shows
-# the end of its log.
+# sim-<split>-lr<LR>[-decay<D>][-keep].{jsonl,csv,log} per run (-decay only
+# for D ≠ 1) and train-lr<LR>.{jsonl,log}; stops at the first failure and
+# shows the end of its log.
 set -euo pipefail
 
 out=${1:?usage: scripts/fed_sb_lr_sweep.sh OUT_DIR [ADAPTER]}
@@ -45,6 +48,7 @@ moments=${MOMENTS:-reset}
 for m in $moments; do
     [[ $m == reset || $m == keep ]] || { echo "MOMENTS: reset or keep, not $m" >&2; exit 2; }
 done
+decays=${DECAYS:-1}
 
 for f in "$fedsb" "$model/config.json" "$data/train.tsv" "$data/dev.tsv"; do
     [[ -e $f ]] || { echo "missing $f (cargo build --release --bin fedsb; cargo xtask fetch-model; cargo xtask fetch-data)" >&2; exit 2; }
@@ -73,18 +77,21 @@ run init "$fedsb" init "${common[@]}" --init-samples "$init_samples" --lr "$init
 
 for lr in $lrs; do
     for split in $splits; do
-        for m in $moments; do
-            name="sim-${split//:/}-lr$lr"
-            keep=()
-            if [[ $m == keep ]]; then
-                name+="-keep"
-                keep=(--keep-moments)
-            fi
-            echo "== $name: $clients clients × $local_steps local steps × $rounds rounds" >&2
-            run "$name" "$fedsb" sim "${common[@]}" --eval "$data/dev.tsv" --clients "$clients" \
-                --rounds "$rounds" --local-steps "$local_steps" --lr "$lr" \
-                --init "$out/init.safetensors" --eval-limit "$eval_limit" --split "$split" \
-                --json --csv "$out/$name.csv" "${keep[@]}"
+        for decay in $decays; do
+            for m in $moments; do
+                name="sim-${split//:/}-lr$lr"
+                [[ $decay == 1 ]] || name+="-decay$decay"
+                keep=()
+                if [[ $m == keep ]]; then
+                    name+="-keep"
+                    keep=(--keep-moments)
+                fi
+                echo "== $name: $clients clients × $local_steps local steps × $rounds rounds" >&2
+                run "$name" "$fedsb" sim "${common[@]}" --eval "$data/dev.tsv" --clients "$clients" \
+                    --rounds "$rounds" --local-steps "$local_steps" --lr "$lr" --lr-decay "$decay" \
+                    --init "$out/init.safetensors" --eval-limit "$eval_limit" --split "$split" \
+                    --json --csv "$out/$name.csv" "${keep[@]}"
+            done
         done
     done
     if [[ $centralized == 1 ]]; then

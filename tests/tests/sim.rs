@@ -603,8 +603,9 @@ fn init_lr_sets_the_initialization_apart_from_the_clients_learning_rate() -> any
 
 /// `scripts/fed_sb_lr_sweep.sh` (the GPU sweep behind BENCHMARKS' Fed-SB
 /// learning-rate rows) runs end to end at a tiny scale: one initialization,
-/// each rate's simulations with the moments reset and kept, and the
-/// centralized run, each writing its per-round JSON lines.
+/// each rate's simulations with the moments reset and kept, at a constant
+/// and a decaying rate, and the centralized run, each writing its per-round
+/// JSON lines.
 #[test]
 fn the_learning_rate_sweep_script_runs_on_a_tiny_model() -> anyhow::Result<()> {
     let task = Task::new()?;
@@ -631,6 +632,7 @@ fn the_learning_rate_sweep_script_runs_on_a_tiny_model() -> anyhow::Result<()> {
         .env("BATCH", BATCH.to_string())
         .env("MAX_SEQ_LEN", "16")
         .env("MOMENTS", "reset keep")
+        .env("DECAYS", "1 0.5")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -647,12 +649,29 @@ fn the_learning_rate_sweep_script_runs_on_a_tiny_model() -> anyhow::Result<()> {
     for lr in ["1e-2", "3e-2"] {
         let reset = lines(&format!("sim-iid-lr{lr}.jsonl"))?;
         let kept = lines(&format!("sim-iid-lr{lr}-keep.jsonl"))?;
-        for rows in [&reset, &kept] {
+        let decayed = lines(&format!("sim-iid-lr{lr}-decay0.5.jsonl"))?;
+        let decayed_kept = lines(&format!("sim-iid-lr{lr}-decay0.5-keep.jsonl"))?;
+        for rows in [&reset, &kept, &decayed, &decayed_kept] {
             let rounds: Vec<u64> = rows.iter().filter_map(|r| r["round"].as_u64()).collect();
             assert_eq!(rounds, [0, 1, 2], "lr {lr}");
         }
-        // Nothing is carried into round 1.
+        // Nothing is carried into round 1, and the decay starts in round 2.
         assert_eq!(reset[1]["eval_loss"], kept[1]["eval_loss"], "lr {lr}");
+        assert_eq!(reset[1]["eval_loss"], decayed[1]["eval_loss"], "lr {lr}");
+        let base: f64 = lr.parse()?;
+        for rows in [&decayed, &decayed_kept] {
+            let rate = |n: usize| rows[n]["learning_rate"].as_f64().context("learning_rate");
+            assert!((rate(1)? - base).abs() < 1e-9 * base, "lr {lr}");
+            assert!((rate(2)? - base / 2.0).abs() < 1e-9 * base, "lr {lr}");
+        }
+        assert!(
+            (reset[2]["learning_rate"]
+                .as_f64()
+                .context("learning_rate")?
+                - base)
+                .abs()
+                < 1e-9 * base
+        );
         // The centralized run: 2 clients × 2 rounds × 2 steps, evaluated
         // after every 4 steps, then its final line.
         let train = lines(&format!("train-lr{lr}.jsonl"))?;
