@@ -473,7 +473,8 @@ async function onRoundOpen(frame, msg) {
     post({ message: `round ${round} opened before any global state; waiting` });
     return;
   }
-  post({ phase: "training", round, message: `training round ${round}` });
+  const lr = Number(msg.learning_rate);
+  post({ phase: "training", round, message: `training round ${round} at learning rate ${lr.toPrecision(3)}` });
   let r;
   try {
     r = await participant.trainRound(latestGlobal, frame);
