@@ -51,7 +51,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use fedsb_aggregator::config::Weighting;
+use fedsb_aggregator::config::{round_learning_rate, Weighting};
 use fedsb_aggregator::coordinator::check_report_against_policy;
 use fedsb_aggregator::round::Round;
 use fedsb_engine::data::{read_dataset_file, Dataset, Example};
@@ -78,7 +78,6 @@ use crate::participant::{
     write_adapter_file, ModuleRef,
 };
 use crate::privacy_cmd::AccountantArg;
-use fedsb_aggregator::config::round_learning_rate;
 
 #[derive(Debug, Args)]
 pub struct SimArgs {
@@ -861,7 +860,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
         let lr = round_learning_rate(args.lr, args.lr_decay, n);
         for (i, client) in clients.iter_mut().enumerate() {
             bar.set_message(format!("round {n}, client {}", i + 1));
-            client.opt.adamw.lr = lr;
+            client.opt.set_learning_rate(lr)?;
             let update = if let Some(dp) = client.dp.as_mut() {
                 let check = dp.check(u64::from(local_steps))?;
                 if !check.within_budget {

@@ -149,3 +149,26 @@ pub async fn train_round(
         mean_loss,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_announced_learning_rate_is_set_and_a_bad_one_refused() {
+        let mut opt = LocalOptimizer::new(
+            AdamW {
+                lr: 1e-3,
+                ..AdamW::default()
+            },
+            false,
+        );
+        opt.set_learning_rate(2.5e-4).unwrap();
+        assert_eq!(opt.adamw.lr, 2.5e-4);
+        for bad in [0.0, -1e-3, f32::NAN, f32::INFINITY] {
+            let e = opt.set_learning_rate(bad).unwrap_err();
+            assert!(e.to_string().contains("learning rate"), "{bad}: {e}");
+            assert_eq!(opt.adamw.lr, 2.5e-4, "{bad} changed the rate");
+        }
+    }
+}
