@@ -6,7 +6,7 @@
 //! | `/ws` | the participant WebSocket (protocol in `docs/protocol.md`) |
 //! | `/api/status` | JSON: round, state, participants, deadline, ε spent per participant (DP tasks) |
 //! | `/api/task` | JSON: the task as participants see it (`TaskInfo`) |
-//! | `/api/rounds` | JSON: every committed round with its evaluation (`eval`, null until done) |
+//! | `/api/rounds` | JSON: every committed round with its evaluation (`eval`, null until done) and the participants' `learning_rate` (null for round 0) |
 //! | `/api/demo`, `/api/demo-shard` | the demo data's shard size; the next shard of it (round-robin), as a file |
 //! | `/api/eval` | JSON: the evaluation set (rows, GPU adapter), or `enabled: false` |
 //! | `/api/events` | Server-Sent Events: `status` on every change, `eval` per finished evaluation |
@@ -33,7 +33,7 @@ use tower_http::set_header::SetResponseHeaderLayer;
 use tracing::{error, info};
 
 use crate::config::AdapterInit;
-use crate::config::Config;
+use crate::config::{round_learning_rate, Config};
 use crate::coordinator::{
     initial_frame, now_unix_ms, Begin, Coordinator, CoordinatorHandle, FederatedInit, Status,
 };
@@ -353,9 +353,33 @@ async fn task(State(app): State<Arc<App>>) -> Json<TaskInfo> {
     Json(task)
 }
 
-async fn rounds(State(app): State<Arc<App>>) -> Result<Json<Vec<RoundSummary>>, ApiError> {
+/// A committed round as `/api/rounds` lists it: the store's summary and the
+/// learning rate its participants were told to train at (none for round 0).
+#[derive(Debug, serde::Serialize)]
+struct RoundListing {
+    #[serde(flatten)]
+    summary: RoundSummary,
+    learning_rate: Option<f32>,
+}
+
+async fn rounds(State(app): State<Arc<App>>) -> Result<Json<Vec<RoundListing>>, ApiError> {
     let eval_set = app.eval.as_ref().map(|e| e.eval_set.clone());
-    Ok(Json(app.store.round_summaries(eval_set).await?))
+    let task = &app.config.task;
+    let listed = app
+        .store
+        .round_summaries(eval_set)
+        .await?
+        .into_iter()
+        .map(|summary| {
+            let n = summary.meta.round;
+            RoundListing {
+                summary,
+                learning_rate: (n > 0)
+                    .then(|| round_learning_rate(task.learning_rate, task.lr_decay, n)),
+            }
+        })
+        .collect();
+    Ok(Json(listed))
 }
 
 /// Rows per demo shard unless `[demo] shard_rows` says otherwise.

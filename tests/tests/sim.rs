@@ -946,6 +946,8 @@ async fn sim_against_websockets(
             sim["eval_loss"].as_f64().context("eval_loss")?,
         );
         eprintln!("round {n}: eval accuracy {sim_acc} / {ws_acc}, loss {sim_loss} / {ws_loss} (sim / aggregator)");
+        // The rate the aggregator announced for the round: the simulator's.
+        assert_eq!(ws["learning_rate"], sim["learning_rate"], "round {n}");
         assert_eq!(sim_acc, ws_acc, "round {n}: eval accuracy");
         assert!(
             (sim_loss - ws_loss).abs() <= 1e-6 * ws_loss.abs(),
