@@ -110,6 +110,7 @@ function renderRounds(rounds) {
       String(r.participants),
       String(r.total_samples),
       fmt(r.mean_train_loss, 4),
+      r.learning_rate != null ? Number(r.learning_rate).toPrecision(3) : "—",
       bytes(r.bytes_in),
       bytes(r.bytes_out),
       `${(r.duration_ms / 1000).toFixed(1)} s`,
