@@ -77,8 +77,8 @@ use fedsb_engine::model::{BertTokenizer, BertWeights};
 use fedsb_engine::reference::{ClassifierHead, LoraSbAdapters, Matrix};
 use fedsb_engine::train::BatchSampler;
 use fedsb_protocol::{
-    AdapterState, ClientMessage, ClientUpdate, ErrorCode, FileRef, ParticipantId, PrivacyReport,
-    RoundId, ServerMessage, TaskInfo, PROTOCOL_VERSION,
+    AdapterState, ClientMessage, ClientUpdate, ErrorCode, FileRef, ParticipantId, RoundId,
+    ServerMessage, TaskInfo, PROTOCOL_VERSION,
 };
 use futures_util::{SinkExt, StreamExt};
 use sha2::{Digest, Sha256};
@@ -768,15 +768,7 @@ fn read_local_data(args: &JoinArgs, task: &TaskInfo) -> anyhow::Result<Dataset> 
     Ok(data)
 }
 
-/// The result of one local round.
-struct LocalRound {
-    state: AdapterState,
-    samples: u64,
-    mean_loss: f32,
-    privacy: Option<PrivacyReport>,
-}
-
-/// Trains `steps` steps from `global` and reads the result back, with
+/// Trains `steps` steps from `global` and returns the round's update, with
 /// `opt`'s optimizer state ([`LocalOptimizer`]: AdamW moments reset every
 /// round, as in the browser, unless `--keep-moments`).
 #[allow(clippy::too_many_arguments)]
@@ -790,7 +782,7 @@ fn train_round(
     steps: u32,
     opt: &mut LocalOptimizer,
     round: RoundId,
-) -> anyhow::Result<LocalRound> {
+) -> anyhow::Result<ClientUpdate> {
     let started = Instant::now();
     if let Some(dp) = dp {
         let (local, report, out) = pollster::block_on(fedsb_participant::train_round_dp(
@@ -815,18 +807,9 @@ fn train_round(
             seconds = started.elapsed().as_secs_f64(),
             "local round trained with DP-SGD"
         );
-        return Ok(LocalRound {
-            state: local.state,
-            samples: local.samples,
-            mean_loss: local.mean_loss,
-            privacy: Some(report),
-        });
+        return Ok(local.into_update(round, Some(report)));
     }
-    let fedsb_participant::LocalRound {
-        state,
-        samples,
-        mean_loss,
-    } = pollster::block_on(fedsb_participant::train_round(
+    let local = pollster::block_on(fedsb_participant::train_round(
         encoder,
         &loaded.tokenizer,
         &loaded.frozen,
@@ -842,18 +825,13 @@ fn train_round(
     info!(
         %round,
         steps,
-        samples,
-        train_loss = mean_loss,
+        samples = local.samples,
+        train_loss = local.mean_loss,
         seconds,
-        samples_per_second = samples as f64 / seconds.max(1e-9),
+        samples_per_second = local.samples as f64 / seconds.max(1e-9),
         "local round trained"
     );
-    Ok(LocalRound {
-        state,
-        samples,
-        mean_loss,
-        privacy: None,
-    })
+    Ok(local.into_update(round, None))
 }
 
 pub fn run(args: JoinArgs) -> anyhow::Result<()> {
@@ -1264,26 +1242,20 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
                     }
                 }
                 let local = match local {
-                    Ok(l) => l,
+                    Ok(update) => update,
                     Err(e) => break Err(e),
                 };
-                summary.samples_trained += local.samples;
+                let samples = local.num_samples;
+                summary.samples_trained += samples;
                 summary.steps += u64::from(steps);
-                let update = ClientMessage::Update(ClientUpdate {
-                    round,
-                    num_samples: local.samples,
-                    train_loss: Some(local.mean_loss),
-                    privacy: local.privacy,
-                    adapter: local.state,
-                })
-                .encode();
+                let update = ClientMessage::Update(local).encode();
                 // A connection lost while training is noticed as the next
                 // event; the update is kept and sent again after the reconnect.
                 if let Err(e) = link.send_frame(update.clone()) {
                     warn!("{e}; the update is sent again after the reconnect");
                 }
                 submitted.insert(round);
-                awaiting.push((round, local.samples, update));
+                awaiting.push((round, samples, update));
             }
             ServerMessage::UpdateAccepted { round } => {
                 if let Some(i) = awaiting.iter().position(|(r, _, _)| *r == round) {

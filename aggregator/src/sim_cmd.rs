@@ -885,13 +885,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("round {n}, client {}", i + 1))?;
                 bar.inc(u64::from(local_steps));
                 epsilon_spent = Some(epsilon_spent.unwrap_or(0.0).max(report.epsilon_spent));
-                ClientUpdate {
-                    round: id,
-                    num_samples: local.samples,
-                    train_loss: Some(local.mean_loss),
-                    privacy: Some(report),
-                    adapter: local.state,
-                }
+                local.into_update(id, Some(report))
             } else if args.head_only {
                 train_head_only_round(
                     &mut encoder,
@@ -921,13 +915,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
                 ))
                 .with_context(|| format!("round {n}, client {}", i + 1))?;
                 bar.inc(u64::from(local_steps));
-                ClientUpdate {
-                    round: id,
-                    num_samples: local.samples,
-                    train_loss: Some(local.mean_loss),
-                    privacy: None,
-                    adapter: local.state,
-                }
+                local.into_update(id, None)
             };
             let frame = ClientMessage::Update(update).encode();
             bytes_up += frame.len() as u64;

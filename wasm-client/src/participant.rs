@@ -24,7 +24,7 @@ use fedsb_participant::{
     LocalOptimizer, ParticipantError, TaskModel,
 };
 use fedsb_privacy::AccountantKind;
-use fedsb_protocol::{ClientMessage, ClientUpdate, ServerMessage, TaskInfo};
+use fedsb_protocol::{ClientMessage, ServerMessage, TaskInfo};
 use serde::Serialize;
 use wasm_bindgen::prelude::*;
 
@@ -619,19 +619,13 @@ impl WasmParticipant {
         }
         let (trained, report) = result.map_err(participant_error)?;
         let epsilon_spent = report.as_ref().map(|r| r.epsilon_spent);
-        let frame = ClientMessage::Update(ClientUpdate {
-            round,
-            num_samples: trained.samples,
-            train_loss: Some(trained.mean_loss),
-            privacy: report,
-            adapter: trained.state,
-        })
-        .encode();
+        let (samples, mean_loss) = (trained.samples, trained.mean_loss);
+        let frame = ClientMessage::Update(trained.into_update(round, report)).encode();
         Ok(RoundResult {
             frame,
             round: round.0,
-            samples: trained.samples,
-            mean_loss: trained.mean_loss,
+            samples,
+            mean_loss,
             seconds,
             epsilon_spent,
             epsilon_budget,

@@ -6,7 +6,7 @@ use fedsb_engine::gpu::encoder::GpuEncoder;
 use fedsb_engine::model::BertTokenizer;
 use fedsb_engine::reference::{ClassifierHead, LoraSbAdapters};
 use fedsb_engine::train::{encode_examples, BatchSampler};
-use fedsb_protocol::{AdapterState, RoundId};
+use fedsb_protocol::{AdapterState, ClientUpdate, PrivacyReport, RoundId};
 
 use crate::adapter_file::{engine_to_state, state_to_engine, ModuleRef};
 use crate::ParticipantError;
@@ -20,6 +20,21 @@ pub struct LocalRound {
     pub samples: u64,
     /// Sample-weighted mean training loss over the round's steps.
     pub mean_loss: f32,
+}
+
+impl LocalRound {
+    /// The protocol's update for `round`: the trained state, the samples as
+    /// its weight, the mean loss and `privacy` (the DP report of a private
+    /// task, none otherwise). Every participant sends this.
+    pub fn into_update(self, round: RoundId, privacy: Option<PrivacyReport>) -> ClientUpdate {
+        ClientUpdate {
+            round,
+            num_samples: self.samples,
+            train_loss: Some(self.mean_loss),
+            privacy,
+            adapter: self.state,
+        }
+    }
 }
 
 /// A participant's local optimizer across rounds: AdamW's hyper-parameters
