@@ -47,9 +47,10 @@ function renderPrivacy(list) {
       String(p.last_round),
       p.connected ? "yes" : "no",
     ];
-    for (const c of cells) {
+    for (const [i, c] of cells.entries()) {
       const td = document.createElement("td");
       td.textContent = c;
+      if (i === 3) td.className = "recall";
       tr.appendChild(td);
     }
     return tr;
@@ -84,6 +85,21 @@ function fmt(x, digits) {
   return x == null ? "—" : x.toFixed(digits);
 }
 
+// The recall of each class from an evaluation's confusion matrix
+// (confusion[label][predicted]): the share of the eval rows of that class
+// the model gets right, e.g. "negative 84 % · positive 79 %". A model that
+// leans towards one class shows it here when its accuracy looks fine.
+function recallText(confusion) {
+  if (!confusion) return "—";
+  return confusion
+    .map((row, k) => {
+      const name = task && task.labels[k] != null ? task.labels[k] : String(k);
+      const n = row.reduce((a, b) => a + b, 0);
+      return n > 0 ? `${name} ${Math.round((100 * row[k]) / n)} %` : `${name} —`;
+    })
+    .join(" · ");
+}
+
 // Whether the task serves A and B, so that its rounds' models can be
 // downloaded (/api/rounds/{n}/adapter); a federated initialization adds the
 // file after the page loaded the task, so it is looked up again once.
@@ -103,10 +119,12 @@ function renderRounds(rounds) {
   const downloads = task && hasAdapterFile(task);
   const rows = rounds.slice().reverse().map((r) => {
     const tr = document.createElement("tr");
+    tr.dataset.round = String(r.round);
     const cells = [
       r.round === 0 ? "0 (initial)" : String(r.round),
       r.eval ? `${(100 * r.eval.accuracy).toFixed(1)} %` : "…",
       r.eval ? fmt(r.eval.loss, 4) : "…",
+      r.eval ? recallText(r.eval.confusion) : "…",
       String(r.participants),
       String(r.total_samples),
       fmt(r.mean_train_loss, 4),
@@ -116,9 +134,10 @@ function renderRounds(rounds) {
       `${(r.duration_ms / 1000).toFixed(1)} s`,
       new Date(r.committed_unix_ms).toLocaleTimeString(),
     ];
-    for (const c of cells) {
+    for (const [i, c] of cells.entries()) {
       const td = document.createElement("td");
       td.textContent = c;
+      if (i === 3) td.className = "recall";
       tr.appendChild(td);
     }
     // The round's model: A, B, this round's R's and head (fedsb export's file).

@@ -129,6 +129,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             "accuracy": result.accuracy,
             "loss": result.loss,
             "samples": result.samples,
+            "confusion": result.confusion,
+            "labels": labels,
             "seconds": seconds,
             "adapter_file": file,
             "round": round,

@@ -298,6 +298,7 @@ async fn catch_up(
             samples: result.samples as u64,
             seconds: started.elapsed().as_secs_f64(),
             evaluated_unix_ms: now_unix_ms(),
+            confusion: Some(result.confusion),
         };
         store
             .put_eval(key.to_owned(), eval.clone())

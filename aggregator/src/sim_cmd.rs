@@ -431,6 +431,9 @@ struct RoundRow {
     epsilon_spent: Option<f64>,
     /// The clients' learning rate in this round (none for round 0).
     learning_rate: Option<f32>,
+    /// `eval_confusion[label][predicted]`: the evaluation's confusion matrix
+    /// in the order of the task's labels.
+    eval_confusion: Vec<Vec<u64>>,
 }
 
 /// AdamW on the head only, on the CPU (the `--head-only` baseline), with
@@ -839,6 +842,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
         seconds: started.elapsed().as_secs_f64(),
         epsilon_spent: policy.as_ref().map(|_| 0.0),
         learning_rate: None,
+        eval_confusion: e0.confusion,
     }];
     report(&bar, &rows[0]);
 
@@ -982,6 +986,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
             seconds: started.elapsed().as_secs_f64(),
             epsilon_spent,
             learning_rate: Some(lr),
+            eval_confusion: e.confusion,
         };
         report(&bar, &row);
         rows.push(row);

@@ -196,6 +196,10 @@ const MIGRATIONS: &[&str] = &[
          update_frame BLOB NOT NULL,
          PRIMARY KEY (round, participant_id)
      );",
+    // 3: the confusion matrix of each evaluation (JSON, label × predicted),
+    // so that `/api/rounds` shows which classes a round's model gets wrong.
+    // Evaluations stored before have none (NULL).
+    "ALTER TABLE round_eval ADD COLUMN confusion_json TEXT;",
 ];
 
 /// How long a statement waits for another connection's write (a running
@@ -682,6 +686,9 @@ pub struct RoundEval {
     pub samples: u64,
     pub seconds: f64,
     pub evaluated_unix_ms: u64,
+    /// `confusion[label][predicted]` in the order of the task's labels
+    /// (none for an evaluation stored before schema version 3).
+    pub confusion: Option<Vec<Vec<u64>>>,
 }
 
 /// A committed round with its evaluation (when one has finished), as listed
@@ -700,8 +707,8 @@ impl Store {
     pub async fn put_eval(&self, eval_set: String, e: RoundEval) -> Result<(), StoreError> {
         self.run(move |conn| {
             conn.execute(
-                "INSERT OR REPLACE INTO round_eval (round, eval_set, accuracy, loss, samples, seconds, evaluated_unix_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT OR REPLACE INTO round_eval (round, eval_set, accuracy, loss, samples, seconds, evaluated_unix_ms, confusion_json)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 params![
                     e.round as i64,
                     eval_set,
@@ -709,7 +716,10 @@ impl Store {
                     e.loss,
                     e.samples as i64,
                     e.seconds,
-                    e.evaluated_unix_ms as i64
+                    e.evaluated_unix_ms as i64,
+                    e.confusion
+                        .as_ref()
+                        .map(|c| serde_json::to_string(c).expect("a matrix of integers")),
                 ],
             )?;
             Ok(())
@@ -740,9 +750,9 @@ impl Store {
     ) -> Result<Vec<RoundSummary>, StoreError> {
         self.run(move |conn| {
             let mut stmt = conn.prepare(&format!(
-                "SELECT {META_COLUMNS}, accuracy, loss, samples, seconds, evaluated_unix_ms
+                "SELECT {META_COLUMNS}, accuracy, loss, samples, seconds, evaluated_unix_ms, confusion_json
                  FROM rounds LEFT JOIN
-                     (SELECT round AS eval_round, accuracy, loss, samples, seconds, evaluated_unix_ms
+                     (SELECT round AS eval_round, accuracy, loss, samples, seconds, evaluated_unix_ms, confusion_json
                       FROM round_eval WHERE eval_set = ?1)
                  ON eval_round = round
                  ORDER BY round"
@@ -759,6 +769,16 @@ impl Store {
                         samples: r.get::<_, i64>(12)? as u64,
                         seconds: r.get(13)?,
                         evaluated_unix_ms: r.get::<_, i64>(14)? as u64,
+                        confusion: match r.get::<_, Option<String>>(15)? {
+                            None => None,
+                            Some(json) => Some(serde_json::from_str(&json).map_err(|e| {
+                                rusqlite::Error::FromSqlConversionFailure(
+                                    15,
+                                    rusqlite::types::Type::Text,
+                                    Box::new(e),
+                                )
+                            })?),
+                        },
                     }),
                 };
                 Ok(RoundSummary { meta, eval })
@@ -848,6 +868,60 @@ mod tests {
             .unwrap()
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap()
+    }
+
+    /// An evaluation is read back as stored, its confusion matrix included,
+    /// on its own eval set only; evaluating again replaces it.
+    #[tokio::test]
+    async fn evaluations_are_stored_and_listed_with_their_confusion_matrix() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "t", IDENTITY, 1).unwrap();
+        for n in 0..2 {
+            let frame = format!("r{n}").into_bytes();
+            store
+                .commit_round(meta(n, &frame), frame.clone(), Vec::new())
+                .await
+                .unwrap();
+        }
+        let eval = |accuracy: f64, confusion: Option<Vec<Vec<u64>>>| RoundEval {
+            round: 1,
+            accuracy,
+            loss: 0.5,
+            samples: 10,
+            seconds: 0.25,
+            evaluated_unix_ms: 7,
+            confusion,
+        };
+        let first = eval(0.7, Some(vec![vec![4, 1], vec![2, 3]]));
+        store.put_eval("dev".into(), first.clone()).await.unwrap();
+        assert_eq!(
+            store.rounds_without_eval("dev".into()).await.unwrap(),
+            vec![0]
+        );
+        let listed = store.round_summaries(Some("dev".into())).await.unwrap();
+        assert_eq!(listed[0].eval, None);
+        assert_eq!(listed[1].eval, Some(first));
+        let other = store.round_summaries(Some("other".into())).await.unwrap();
+        assert_eq!(other[1].eval, None);
+        // In the API's JSON the matrix is a list of rows.
+        let json = serde_json::to_value(&listed[1]).unwrap();
+        assert_eq!(
+            json["eval"]["confusion"],
+            serde_json::json!([[4, 1], [2, 3]])
+        );
+
+        let again = eval(0.8, Some(vec![vec![5, 0], vec![2, 3]]));
+        store.put_eval("dev".into(), again.clone()).await.unwrap();
+        let listed = store.round_summaries(Some("dev".into())).await.unwrap();
+        assert_eq!(listed[1].eval, Some(again));
+        // Reopened, as after a restart.
+        drop(store);
+        let store = Store::open(dir.path(), "t", IDENTITY, 1).unwrap();
+        let listed = store.round_summaries(Some("dev".into())).await.unwrap();
+        assert_eq!(
+            listed[1].eval.as_ref().and_then(|e| e.confusion.clone()),
+            Some(vec![vec![5, 0], vec![2, 3]])
+        );
     }
 
     #[tokio::test]
@@ -1081,6 +1155,11 @@ mod tests {
         );
         let summaries = store.round_summaries(Some("eval".into())).await.unwrap();
         assert_eq!(summaries[1].eval.as_ref().map(|e| e.accuracy), Some(0.75));
+        // An evaluation stored before schema version 3 has no confusion matrix.
+        assert_eq!(
+            summaries[1].eval.as_ref().map(|e| e.confusion.clone()),
+            Some(None)
+        );
         let n: i64 = Connection::open(&path)
             .unwrap()
             .query_row("SELECT COUNT(*) FROM round_participants", [], |r| r.get(0))

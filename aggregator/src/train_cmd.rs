@@ -340,7 +340,12 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             if args.json {
                 println!(
                     "{}",
-                    serde_json::json!({"step": step, "eval_accuracy": e.accuracy, "eval_loss": e.loss})
+                    serde_json::json!({
+                        "step": step,
+                        "eval_accuracy": e.accuracy,
+                        "eval_loss": e.loss,
+                        "eval_confusion": e.confusion,
+                    })
                 );
             }
         }
@@ -403,6 +408,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         "eval_accuracy": e.accuracy,
         "eval_loss": e.loss,
         "eval_samples": e.samples,
+        "eval_confusion": e.confusion,
         "steps": args.steps,
         "batch": args.batch,
         "rank": args.rank,

@@ -813,6 +813,37 @@ async fn browser_tabs_train_every_round() -> anyhow::Result<()> {
         links.as_str() == Some(want.join(" ").as_str()),
         "the rounds view links {links}"
     );
+    // Each evaluated round's recall per class, from its confusion matrix in
+    // /api/rounds, with the task's label names.
+    let list: Value = reqwest::get(agg.url("/api/rounds")).await?.json().await?;
+    for r in list.as_array().context("/api/rounds")? {
+        let confusion: Vec<Vec<u64>> = serde_json::from_value(r["eval"]["confusion"].clone())
+            .with_context(|| format!("the confusion matrix of {r}"))?;
+        ensure!(
+            confusion.iter().flatten().sum::<u64>() == r["eval"]["samples"],
+            "{r}"
+        );
+        let want: Vec<String> = confusion
+            .iter()
+            .zip(LABELS)
+            .enumerate()
+            .map(|(k, (row, name))| {
+                let n: u64 = row.iter().sum();
+                format!("{name} {} %", (100.0 * row[k] as f64 / n as f64).round())
+            })
+            .collect();
+        let got = tabs[0]
+            .eval(&format!(
+                "document.querySelector('#rounds tr[data-round=\"{}\"] td.recall').textContent",
+                r["round"]
+            ))
+            .await?;
+        ensure!(
+            got.as_str() == Some(want.join(" · ").as_str()),
+            "round {}: the rounds view shows recall {got}, /api/rounds has {confusion:?}",
+            r["round"]
+        );
+    }
     let last_model = reqwest::get(agg.url(&want[0])).await?.bytes().await?;
     let st = safetensors::SafeTensors::deserialize(&last_model)?;
     let (_, header) = safetensors::SafeTensors::read_metadata(&last_model)?;

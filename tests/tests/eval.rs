@@ -375,6 +375,18 @@ async fn an_exported_round_evaluates_as_the_aggregator_evaluated_it() -> anyhow:
         measured["accuracy"], stored["accuracy"],
         "{measured} vs {stored}"
     );
+    // The same confusion matrix (label × predicted), which counts every
+    // evaluated row once.
+    assert_eq!(
+        measured["confusion"], stored["confusion"],
+        "{measured} vs {stored}"
+    );
+    let confusion: Vec<Vec<u64>> = serde_json::from_value(stored["confusion"].clone())?;
+    assert_eq!(
+        confusion.iter().flatten().sum::<u64>(),
+        EVAL_ROWS as u64,
+        "{stored}"
+    );
     let (got, want) = (
         measured["loss"].as_f64().context("loss")?,
         stored["loss"].as_f64().context("loss")?,

@@ -188,6 +188,16 @@ fn check_rounds(lines: &[serde_json::Value], rounds: u64, exact: bool) -> anyhow
         assert!((0.0..=1.0).contains(&acc), "{l}");
         let loss = l["eval_loss"].as_f64().context("eval_loss")?;
         assert!(loss.is_finite() && loss > 0.0, "{l}");
+        // The confusion matrix (label × predicted, two classes) counts every
+        // evaluated example once and its diagonal is the accuracy.
+        let confusion: Vec<Vec<u64>> = serde_json::from_value(l["eval_confusion"].clone())
+            .with_context(|| format!("eval_confusion in {l}"))?;
+        assert_eq!(confusion.len(), 2, "{l}");
+        assert!(confusion.iter().all(|row| row.len() == 2), "{l}");
+        let total: u64 = confusion.iter().flatten().sum();
+        assert!(total > 0, "{l}");
+        let correct = confusion[0][0] + confusion[1][1];
+        assert!((correct as f64 / total as f64 - acc).abs() < 1e-12, "{l}");
         assert!(l["seconds"].as_f64().context("seconds")? >= 0.0, "{l}");
         if n == 0 {
             assert_eq!(l["participants"], 0, "{l}");
@@ -335,6 +345,10 @@ fn the_final_global_model_is_written_and_evaluates_as_the_last_round() -> anyhow
     assert_eq!(measured["round"], 2, "{measured}");
     assert_eq!(
         measured["accuracy"], last["eval_accuracy"],
+        "{measured} vs {last}"
+    );
+    assert_eq!(
+        measured["confusion"], last["eval_confusion"],
         "{measured} vs {last}"
     );
     let (got, want) = (

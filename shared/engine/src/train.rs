@@ -276,11 +276,17 @@ impl BatchSampler {
 }
 
 /// Accuracy and mean cross-entropy on a labelled set.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Evaluation {
     pub accuracy: f64,
     pub loss: f64,
     pub samples: usize,
+    /// The confusion matrix: `confusion[label][predicted]` counts the
+    /// examples of class `label` whose largest logit is class `predicted`
+    /// (`num_labels × num_labels`; the diagonal sums to the correct ones).
+    /// It shows what the accuracy alone hides, such as a head that has
+    /// swung towards one class.
+    pub confusion: Vec<Vec<u64>>,
 }
 
 /// Evaluates the encoder's head on `examples` in batches of `batch`. A batch
@@ -295,6 +301,7 @@ pub async fn evaluate(
 ) -> Result<Evaluation, TrainError> {
     let nl = encoder.num_labels();
     let (mut correct, mut loss_sum) = (0usize, 0f64);
+    let mut confusion = vec![vec![0u64; nl]; nl];
     // A stack, so that a split batch's parts are evaluated in order.
     let mut pending: Vec<&[Example]> = examples.chunks(batch.max(1)).rev().collect();
     while let Some(chunk) = pending.pop() {
@@ -320,6 +327,9 @@ pub async fn evaluate(
                 })
                 .0;
             correct += usize::from(argmax == label as usize);
+            if let Some(row) = confusion.get_mut(label as usize) {
+                row[argmax] += 1;
+            }
         }
         loss_sum += losses.iter().map(|&l| l as f64).sum::<f64>();
     }
@@ -328,6 +338,7 @@ pub async fn evaluate(
         accuracy: correct as f64 / samples.max(1) as f64,
         loss: loss_sum / samples.max(1) as f64,
         samples,
+        confusion,
     })
 }
 

@@ -628,8 +628,9 @@ fn batches_beyond_the_buffer_limit_fail_with_a_clear_error() {
 
 /// `train::evaluate` with a batch larger than one pass may hold (here capped
 /// at 3 sequences with `set_max_pass_sequences`, which the encoder's own
-/// `evaluate` then refuses) evaluates it in smaller passes, with the accuracy
-/// and loss of one pass.
+/// `evaluate` then refuses) evaluates it in smaller passes, with the accuracy,
+/// loss and confusion matrix of one pass; the confusion matrix is that of
+/// each example's own logits.
 #[test]
 fn evaluation_split_into_passes_equals_one_pass() {
     use fedsb_engine::data::Example;
@@ -653,7 +654,25 @@ fn evaluation_split_into_passes_equals_one_pass() {
             label: Some((n % NUM_LABELS) as u32),
         })
         .collect();
-    let tiny = tiny_model();
+    let mut tiny = tiny_model();
+    // The tiny model's logits hardly depend on the text, so that its head
+    // predicts one class for all: shift each class's bias by its mean logit
+    // over the examples, so that the predictions differ between examples and
+    // the confusion matrix below is not a single column.
+    {
+        let mut enc =
+            GpuEncoder::new(ctx(), &tiny.weights, Some(&tiny.adapters), Some(&tiny.head)).unwrap();
+        let refs: Vec<&Example> = examples.iter().collect();
+        let (b, _) = fedsb_engine::train::encode_examples(&tokenizer, &refs).unwrap();
+        let z = pollster::block_on(enc.logits(&b)).unwrap();
+        for (j, bias) in tiny.head.bias.iter_mut().enumerate() {
+            let mean = (0..examples.len())
+                .map(|n| z[n * NUM_LABELS + j])
+                .sum::<f32>()
+                / examples.len() as f32;
+            *bias -= mean;
+        }
+    }
     let new_encoder =
         || GpuEncoder::new(ctx(), &tiny.weights, Some(&tiny.adapters), Some(&tiny.head)).unwrap();
     let mut whole = new_encoder();
@@ -678,6 +697,28 @@ fn evaluation_split_into_passes_equals_one_pass() {
         passes.loss,
         one_pass.loss
     );
+    assert_eq!(passes.confusion, one_pass.confusion);
     // Not a vacuous comparison: the model's loss is not that of a constant.
     assert!(one_pass.loss.is_finite() && one_pass.loss > 0.0);
+
+    // The confusion matrix counts each example once, in the row of its label
+    // and the column of its largest logit, as read back from a forward pass
+    // of each example alone.
+    let mut expected = vec![vec![0u64; NUM_LABELS]; NUM_LABELS];
+    for e in &examples {
+        let (b, labels) = fedsb_engine::train::encode_examples(&tokenizer, &[e]).unwrap();
+        let z = pollster::block_on(whole.logits(&b)).unwrap();
+        let predicted = (0..NUM_LABELS)
+            .max_by(|&i, &j| z[i].total_cmp(&z[j]))
+            .unwrap();
+        expected[labels[0] as usize][predicted] += 1;
+    }
+    assert_eq!(one_pass.confusion, expected);
+    let diagonal: u64 = (0..NUM_LABELS).map(|k| one_pass.confusion[k][k]).sum();
+    assert_eq!(diagonal as f64 / 11.0, one_pass.accuracy);
+    // Not vacuous: the tiny model predicts more than one class here.
+    let columns_used = (0..NUM_LABELS)
+        .filter(|&j| expected.iter().any(|row| row[j] > 0))
+        .count();
+    assert!(columns_used >= 2, "confusion {expected:?}");
 }
