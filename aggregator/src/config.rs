@@ -11,6 +11,8 @@ use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+use crate::round::ServerStep;
+
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -115,6 +117,16 @@ pub struct TaskSection {
     /// what it was before this key existed.
     #[serde(default = "default_lr_decay", skip_serializing_if = "is_constant")]
     pub lr_decay: f64,
+    /// The server's learning rate η, in (0, 2]: each round's global model
+    /// moves η of the way from the previous one to the mean of the updates
+    /// (plus the momentum below; FedAvgM). 1 (the default) takes the mean
+    /// and leaves the task's identity what it was before this key existed.
+    #[serde(default = "default_server_lr", skip_serializing_if = "is_constant")]
+    pub server_learning_rate: f64,
+    /// The server's momentum β, in [0, 1): each round's global model also
+    /// moves β times the previous round's move. 0 (the default) keeps none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub server_momentum: f64,
     #[serde(default = "default_seq")]
     pub max_seq_len: u32,
     /// Aggregation weights.
@@ -307,8 +319,26 @@ fn default_lr_decay() -> f64 {
     1.0
 }
 
+impl TaskSection {
+    /// The server's step from `server_learning_rate` and `server_momentum`.
+    pub fn server_step(&self) -> ServerStep {
+        ServerStep {
+            learning_rate: self.server_learning_rate,
+            momentum: self.server_momentum,
+        }
+    }
+}
+
+fn default_server_lr() -> f64 {
+    1.0
+}
+
 fn is_constant(decay: &f64) -> bool {
     *decay == 1.0
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 /// The learning rate of round `round` (1-based) under a per-round decay:
@@ -503,6 +533,17 @@ impl Config {
                 "task.lr_decay {} must be in (0, 1] (1 keeps the learning rate constant)",
                 t.lr_decay
             ));
+        }
+        if let Err(e) = (ServerStep {
+            learning_rate: t.server_learning_rate,
+            momentum: 0.0,
+        })
+        .check()
+        {
+            return bad(format!("task.server_learning_rate: {e}"));
+        }
+        if let Err(e) = t.server_step().check() {
+            return bad(format!("task.server_momentum: {e}"));
         }
         if t.batch_size == 0 || t.max_seq_len == 0 || t.local_steps == 0 {
             return bad(
@@ -802,6 +843,45 @@ rank = 4
         );
         // Round 0 (the initial model) is not trained; it maps to round 1.
         assert_eq!(round_learning_rate(1e-2, 0.5, 0), 1e-2);
+    }
+
+    #[test]
+    fn a_server_step_is_checked_and_only_a_non_default_one_changes_the_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = load(dir.path(), MINIMAL).unwrap();
+        assert!(plain.task.server_step().is_mean());
+        let explicit = MINIMAL.replace(
+            "rounds = 3",
+            "rounds = 3\nserver_learning_rate = 1.0\nserver_momentum = 0.0",
+        );
+        let explicit = load(dir.path(), &explicit).unwrap();
+        assert_eq!(plain.identity_json(), explicit.identity_json());
+        let m = MINIMAL.replace(
+            "rounds = 3",
+            "rounds = 3\nserver_learning_rate = 0.5\nserver_momentum = 0.9",
+        );
+        let m = load(dir.path(), &m).unwrap();
+        assert_eq!(
+            m.task.server_step(),
+            ServerStep {
+                learning_rate: 0.5,
+                momentum: 0.9
+            }
+        );
+        assert_ne!(plain.identity_json(), m.identity_json());
+        for (key, bad) in [
+            ("server_learning_rate", "0.0"),
+            ("server_learning_rate", "-1.0"),
+            ("server_learning_rate", "2.5"),
+            ("server_learning_rate", "nan"),
+            ("server_momentum", "1.0"),
+            ("server_momentum", "-0.5"),
+            ("server_momentum", "nan"),
+        ] {
+            let text = MINIMAL.replace("rounds = 3", &format!("rounds = 3\n{key} = {bad}"));
+            let e = load(dir.path(), &text).unwrap_err().to_string();
+            assert!(e.contains(&format!("task.{key}")), "{key} = {bad}: {e}");
+        }
     }
 
     #[test]

@@ -722,7 +722,28 @@ impl Coordinator {
         let id = round.id;
         let opened = round.opened_unix_ms;
         // Keep the round until the write succeeded: no accepted update is lost.
-        let Some((state, contributions)) = round.aggregate() else {
+        let step = self.config.task.server_step();
+        let models = if step.is_mean() {
+            Ok(None)
+        } else {
+            self.previous_global_models(id).await.map(Some)
+        };
+        let models = match models {
+            Ok(m) => m,
+            Err(e) => {
+                error!(round = %id, error = %e, "cannot read the previous global models for the server's step; keeping the round's updates and retrying");
+                self.phase = Phase::Collecting {
+                    round,
+                    deadline: Instant::now() + Duration::from_secs(5),
+                };
+                return;
+            }
+        };
+        let aggregated = match &models {
+            None => round.aggregate(),
+            Some((previous, before)) => round.aggregate_step(step, previous, before.as_ref()),
+        };
+        let Some((state, contributions)) = aggregated else {
             self.phase = Phase::Collecting {
                 round,
                 deadline: Instant::now() + self.round_length(),
@@ -792,6 +813,44 @@ impl Coordinator {
         self.broadcast(self.global_frame.clone());
         let next = Bytes::from(self.round_announcement().encode());
         self.broadcast(next);
+    }
+
+    /// The global models the server's step of round `id` starts from: that
+    /// of round `id − 1` (the one the round's updates trained from) and that
+    /// of round `id − 2` (none for round 1), read from the committed frames,
+    /// so a restart takes the same step.
+    async fn previous_global_models(
+        &self,
+        id: RoundId,
+    ) -> Result<(AdapterState, Option<AdapterState>), String> {
+        let decode = |frame: &[u8], n: u64| match ServerMessage::decode(frame) {
+            Ok(ServerMessage::GlobalModel { adapter, .. }) => Ok(adapter),
+            Ok(_) => Err(format!(
+                "the stored frame of round {n} is not a GlobalModel"
+            )),
+            Err(e) => Err(format!("the stored frame of round {n}: {e}")),
+        };
+        let previous = id.0.checked_sub(1).ok_or("round 0 is not aggregated")?;
+        if self.global_round.0 != previous {
+            return Err(format!(
+                "the global model held is round {}, not round {previous}",
+                self.global_round.0
+            ));
+        }
+        let prev = decode(&self.global_frame, previous)?;
+        let before = match previous.checked_sub(1) {
+            None => None,
+            Some(n) => {
+                let frame = self
+                    .store
+                    .global_frame(RoundId(n))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| format!("round {n} is not in the database"))?;
+                Some(decode(&frame, n)?)
+            }
+        };
+        Ok((prev, before))
     }
 
     fn start_initialization(&mut self, init: Box<FederatedInit>) {

@@ -47,6 +47,53 @@ pub struct Contribution {
     pub privacy: Option<PrivacyReport>,
 }
 
+/// How the server moves the global model with a round's mean update:
+/// x_t = x_{t−1} + η·(mean_t − x_{t−1}) + β·(x_{t−1} − x_{t−2}), where
+/// mean_t is the weighted mean of the round's updates, η the server's
+/// learning rate and β its momentum. This is FedAvgM (Hsu et al., 2019,
+/// "Measuring the effects of non-identical data distribution for federated
+/// visual classification"): with the pseudo-gradient Δ_t = x_{t−1} − mean_t
+/// and velocity v_t = β·v_{t−1} + Δ_t, x_t = x_{t−1} − η·v_t, written with
+/// the two previous global models in place of the velocity
+/// (η·v_{t−1} = x_{t−2} − x_{t−1}), so the server keeps no state beyond the
+/// committed models it stores anyway and a restart resumes it exactly.
+/// η = 1, β = 0 ([`Self::MEAN`], the default) is Fed-SB's plain mean. The
+/// step is linear in R, so it commutes with B·R·A as the mean does.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ServerStep {
+    pub learning_rate: f64,
+    pub momentum: f64,
+}
+
+impl ServerStep {
+    /// The plain weighted mean (FedAvg).
+    pub const MEAN: Self = Self {
+        learning_rate: 1.0,
+        momentum: 0.0,
+    };
+
+    pub fn is_mean(&self) -> bool {
+        *self == Self::MEAN
+    }
+
+    /// Refuses η outside (0, 2] and β outside [0, 1), naming which.
+    pub fn check(&self) -> Result<(), String> {
+        if !(self.learning_rate > 0.0 && self.learning_rate <= 2.0) {
+            return Err(format!(
+                "the server learning rate {} must be in (0, 2] (1 takes the mean)",
+                self.learning_rate
+            ));
+        }
+        if !(self.momentum >= 0.0 && self.momentum < 1.0) {
+            return Err(format!(
+                "the server momentum {} must be in [0, 1) (0 keeps none)",
+                self.momentum
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The round that is collecting updates.
 #[derive(Debug)]
 pub struct Round {
@@ -241,6 +288,56 @@ impl Round {
         Ok(())
     }
 
+    /// The next global model from the accepted updates and the server's
+    /// step (see [`ServerStep`]), rounded once to f32, and the
+    /// contributions. `previous` is the global model the round's updates
+    /// started from (x_{t−1}), `before` the one before it (x_{t−2}; `None`
+    /// in round 1, where the momentum has nothing to carry). With
+    /// [`ServerStep::MEAN`] it is [`Self::aggregate`], bit for bit, and the
+    /// two models are not read. `None` when no update was accepted.
+    pub fn aggregate_step(
+        &self,
+        step: ServerStep,
+        previous: &AdapterState,
+        before: Option<&AdapterState>,
+    ) -> Option<(AdapterState, Vec<Contribution>)> {
+        if step.is_mean() {
+            return self.aggregate();
+        }
+        if self.contributions.is_empty() {
+            return None;
+        }
+        let (eta, beta) = (step.learning_rate, step.momentum);
+        let flat = |s: &AdapterState| -> Vec<f32> {
+            s.named_tensors()
+                .flat_map(|(_, t)| t.data.iter().copied())
+                .collect()
+        };
+        let prev = flat(previous);
+        let before = before.map_or_else(|| prev.clone(), flat);
+        assert_eq!(
+            prev.len(),
+            self.sum.len(),
+            "the previous global model's shape"
+        );
+        assert_eq!(
+            before.len(),
+            self.sum.len(),
+            "the global model's shape before it"
+        );
+        let mut state = AdapterState::zeros(&self.shape);
+        let mut i = 0;
+        for t in state.tensors_mut() {
+            for x in t.data.iter_mut() {
+                let mean = self.sum[i] / self.total_weight;
+                let (p, b) = (f64::from(prev[i]), f64::from(before[i]));
+                *x = (p + eta * (mean - p) + beta * (p - b)) as f32;
+                i += 1;
+            }
+        }
+        Some((state, self.contributions.values().cloned().collect()))
+    }
+
     /// The weighted mean of the accepted updates, rounded once to f32, and
     /// the contributions. `None` when no update was accepted.
     pub fn aggregate(&self) -> Option<(AdapterState, Vec<Contribution>)> {
@@ -433,6 +530,89 @@ mod tests {
         assert!(s
             .named_tensors()
             .all(|(_, t)| t.data.iter().all(|&x| x == 2.0)));
+    }
+
+    /// The server step against its formula, worked in f64 here: the mean
+    /// of 1 (weight 1) and 4 (weight 2) is 3 in every coordinate.
+    #[test]
+    fn the_server_step_moves_from_the_previous_model_with_momentum() {
+        let mut r = round(Weighting::Samples, 3);
+        r.accept(ParticipantId(1), "a", update(2, 1, state(|_| 1.0)), 10, 0)
+            .unwrap();
+        r.accept(ParticipantId(2), "b", update(2, 2, state(|_| 4.0)), 10, 0)
+            .unwrap();
+        let prev = state(|i| i as f32 * 0.5);
+        let before = state(|i| 1.0 - i as f32 * 0.25);
+        let all = |s: &AdapterState| -> Vec<f32> {
+            s.named_tensors()
+                .flat_map(|(_, t)| t.data.iter().copied())
+                .collect()
+        };
+        // The plain mean ignores both models.
+        let (mean, _) = r
+            .aggregate_step(ServerStep::MEAN, &prev, Some(&before))
+            .unwrap();
+        assert_eq!(mean, r.aggregate().unwrap().0);
+        assert!(all(&mean).iter().all(|&x| x == 3.0));
+        // x_t = x_{t−1} + η (mean − x_{t−1}) + β (x_{t−1} − x_{t−2}).
+        let step = ServerStep {
+            learning_rate: 0.5,
+            momentum: 0.75,
+        };
+        let (got, c) = r.aggregate_step(step, &prev, Some(&before)).unwrap();
+        assert_eq!(c.len(), 2);
+        for (i, x) in all(&got).into_iter().enumerate() {
+            let (p, b) = (i as f64 * 0.5, 1.0 - i as f64 * 0.25);
+            let want = p + 0.5 * (3.0 - p) + 0.75 * (p - b);
+            assert_eq!(x, want as f32, "coordinate {i}");
+        }
+        // Round 1 has no model before the previous one: no momentum yet.
+        let (first, _) = r.aggregate_step(step, &prev, None).unwrap();
+        for (i, x) in all(&first).into_iter().enumerate() {
+            let p = i as f64 * 0.5;
+            assert_eq!(x, (p + 0.5 * (3.0 - p)) as f32, "coordinate {i}");
+        }
+        // η = 1 with momentum: the mean plus β times the last move.
+        let heavy = ServerStep {
+            learning_rate: 1.0,
+            momentum: 0.5,
+        };
+        let (h, _) = r.aggregate_step(heavy, &prev, Some(&before)).unwrap();
+        for (i, x) in all(&h).into_iter().enumerate() {
+            let (p, b) = (i as f64 * 0.5, 1.0 - i as f64 * 0.25);
+            assert_eq!(x, (3.0 + 0.5 * (p - b)) as f32, "coordinate {i}");
+        }
+        assert!(round(Weighting::Samples, 2)
+            .aggregate_step(step, &prev, None)
+            .is_none());
+    }
+
+    #[test]
+    fn server_steps_out_of_range_are_refused_by_name() {
+        assert!(ServerStep::MEAN.check().is_ok());
+        let ok = ServerStep {
+            learning_rate: 2.0,
+            momentum: 0.9,
+        };
+        assert!(ok.check().is_ok());
+        for eta in [0.0, -1.0, 2.5, f64::NAN, f64::INFINITY] {
+            let e = ServerStep {
+                learning_rate: eta,
+                momentum: 0.0,
+            }
+            .check()
+            .unwrap_err();
+            assert!(e.contains("server learning rate"), "{eta}: {e}");
+        }
+        for beta in [-0.1, 1.0, 1.5, f64::NAN] {
+            let e = ServerStep {
+                learning_rate: 1.0,
+                momentum: beta,
+            }
+            .check()
+            .unwrap_err();
+            assert!(e.contains("server momentum"), "{beta}: {e}");
+        }
     }
 
     #[test]

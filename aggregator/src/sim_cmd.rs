@@ -53,7 +53,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use fedsb_aggregator::config::{round_learning_rate, Weighting};
 use fedsb_aggregator::coordinator::check_report_against_policy;
-use fedsb_aggregator::round::Round;
+use fedsb_aggregator::round::{Round, ServerStep};
 use fedsb_engine::data::{read_dataset_file, Dataset, Example};
 use fedsb_engine::gpu::adamw::AdamW;
 use fedsb_engine::gpu::encoder::{GpuEncoder, GradientMode};
@@ -66,8 +66,8 @@ use fedsb_engine::train::{encode_examples, evaluate, gpu_lora_sb_init, BatchSamp
 use fedsb_participant::LocalOptimizer;
 use fedsb_privacy::AccountantKind;
 use fedsb_protocol::{
-    AdapterShape, ClientMessage, ClientUpdate, ParticipantId, PolicyField, PrivacyPolicy, RoundId,
-    ServerMessage,
+    AdapterShape, AdapterState, ClientMessage, ClientUpdate, ParticipantId, PolicyField,
+    PrivacyPolicy, RoundId, ServerMessage,
 };
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -122,6 +122,15 @@ pub struct SimArgs {
     /// its participants. 1 keeps it constant.
     #[arg(long, default_value_t = 1.0)]
     lr_decay: f64,
+    /// The server's learning rate η: the global model moves η of the way
+    /// from the previous one to the clients' mean (with --server-momentum,
+    /// FedAvgM), as `[task] server_learning_rate`. 1 takes the mean.
+    #[arg(long, default_value_t = 1.0)]
+    server_lr: f64,
+    /// The server's momentum β (FedAvgM): the global model also moves β
+    /// times its previous move, as `[task] server_momentum`. 0 keeps none.
+    #[arg(long, default_value_t = 0.0)]
+    server_momentum: f64,
     /// η of the LoRA-SB initialization, ΔW = −η·sign(G), which scales R₀
     /// (default: --lr; a task's `[adapter] init_learning_rate`). Set it to
     /// vary the clients' learning rate from the same initialization. Not with
@@ -211,6 +220,14 @@ impl SimArgs {
     /// η of the LoRA-SB initialization: --init-lr, else --lr.
     fn init_lr(&self) -> f32 {
         self.init_lr.unwrap_or(self.lr)
+    }
+
+    /// The server's step from --server-lr and --server-momentum.
+    fn server_step(&self) -> ServerStep {
+        ServerStep {
+            learning_rate: self.server_lr,
+            momentum: self.server_momentum,
+        }
     }
 }
 
@@ -546,6 +563,8 @@ fn write_shards(
             "batch_size": args.batch,
             "learning_rate": args.lr,
             "lr_decay": args.lr_decay,
+            "server_learning_rate": args.server_lr,
+            "server_momentum": args.server_momentum,
             "max_seq_len": args.max_seq_len,
             "rank": args.rank,
             "modules": args.modules,
@@ -638,6 +657,21 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
             "--lr-decay {} must be in (0, 1] (1 keeps the learning rate constant)",
             args.lr_decay
         );
+    }
+    let flag = if args.server_step().check().is_err()
+        && (ServerStep {
+            momentum: 0.0,
+            ..args.server_step()
+        })
+        .check()
+        .is_err()
+    {
+        "--server-lr"
+    } else {
+        "--server-momentum"
+    };
+    if let Err(e) = args.server_step().check() {
+        bail!("{flag}: {e}");
     }
     if let Some(eta) = args.init_lr {
         if !(eta > 0.0 && eta.is_finite()) {
@@ -765,6 +799,8 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
         head_bias: head0.bias.clone(),
     };
     let mut global = engine_to_state(&initial, &modules)?;
+    // The global model before `global` (x_{t−2} of the server's momentum).
+    let mut before: Option<AdapterState> = None;
     global
         .validate(&shape)
         .map_err(|e| anyhow::anyhow!("initial state: {e}"))?;
@@ -945,7 +981,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
                 })?;
         }
         let (state, contributions) = round
-            .aggregate()
+            .aggregate_step(args.server_step(), &global, before.as_ref())
             .context("a round without accepted updates")?;
         let total_samples: u64 = contributions.iter().map(|c| c.num_samples).sum();
         let loss_weight: f64 = contributions.iter().map(|c| c.num_samples as f64).sum();
@@ -964,7 +1000,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
         if let Some(dir) = &args.write_globals {
             std::fs::write(dir.join(format!("round-{n}.bin")), &global_frame)?;
         }
-        global = state;
+        before = Some(std::mem::replace(&mut global, state));
         bar.set_message(format!("evaluating round {n}"));
         let (adapters, head) = state_to_engine(&frozen, &modules, &global)?;
         encoder.set_trainable(&adapters, &head)?;
@@ -1021,6 +1057,14 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
             ("local_steps".to_owned(), local_steps.to_string()),
             ("learning_rate".to_owned(), args.lr.to_string()),
             ("lr_decay".to_owned(), args.lr_decay.to_string()),
+            (
+                "server_learning_rate".to_owned(),
+                args.server_lr.to_string(),
+            ),
+            (
+                "server_momentum".to_owned(),
+                args.server_momentum.to_string(),
+            ),
             ("seed".to_owned(), args.seed.to_string()),
             ("trained_by".to_owned(), "fedsb sim".to_owned()),
         ]);

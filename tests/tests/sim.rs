@@ -489,7 +489,7 @@ fn without_json_rounds_go_to_stderr_and_the_table_to_stdout() -> anyhow::Result<
 #[test]
 fn sim_refuses_bad_input_clearly() -> anyhow::Result<()> {
     let task = Task::new()?;
-    let cases: [(usize, &[&str], &str); 16] = [
+    let cases: [(usize, &[&str], &str); 19] = [
         (CLIENTS, &["--split", "shards"], "unknown --split"),
         (CLIENTS, &["--split", "dirichlet:0"], "positive"),
         (CLIENTS, &["--split", "dirichlet:-2"], "positive"),
@@ -541,6 +541,21 @@ fn sim_refuses_bad_input_clearly() -> anyhow::Result<()> {
             CLIENTS,
             &["--lr-decay", "1.5"],
             "--lr-decay 1.5 must be in (0, 1]",
+        ),
+        (
+            CLIENTS,
+            &["--server-lr", "0"],
+            "--server-lr: the server learning rate 0 must be in (0, 2]",
+        ),
+        (
+            CLIENTS,
+            &["--server-momentum", "1"],
+            "--server-momentum: the server momentum 1 must be in [0, 1)",
+        ),
+        (
+            CLIENTS,
+            &["--server-lr", "3", "--server-momentum", "0.5"],
+            "--server-lr: the server learning rate 3 must be in (0, 2]",
         ),
     ];
     for (clients, flags, message) in cases {
@@ -696,10 +711,21 @@ fn the_learning_rate_sweep_script_runs_on_a_tiny_model() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The WebSocket run's task: the simulation's settings, with the per-round
-/// learning-rate decay `lr_decay` (`shards.json`'s `task.lr_decay`).
-fn task_toml(rounds: u64, lr_decay: f64) -> String {
-    format!(
+/// The WebSocket run's task: the simulation's settings; `task` holds the `[task]` settings that
+/// `shards.json` lists besides the fixed ones here (`lr_decay`, the server's
+/// step).
+fn task_toml(rounds: u64, task: &serde_json::Value) -> anyhow::Result<String> {
+    let key = |k: &str| -> anyhow::Result<f64> {
+        task[k]
+            .as_f64()
+            .with_context(|| format!("shards.json: task.{k} in {task}"))
+    };
+    let (lr_decay, server_lr, server_momentum) = (
+        key("lr_decay")?,
+        key("server_learning_rate")?,
+        key("server_momentum")?,
+    );
+    Ok(format!(
         r#"[task]
 id = "sim-vs-ws"
 rounds = {rounds}
@@ -711,6 +737,8 @@ local_steps = {LOCAL_STEPS}
 batch_size = {BATCH}
 learning_rate = 0.01
 lr_decay = {lr_decay}
+server_learning_rate = {server_lr}
+server_momentum = {server_momentum}
 max_seq_len = 16
 [model]
 id = "tiny-random-bert"
@@ -726,7 +754,7 @@ ping_interval_secs = 1
 idle_timeout_secs = 60
 "#,
         LABELS[0], LABELS[1]
-    )
+    ))
 }
 
 /// Largest |a − b| / max(|b|, 1e-3) and the number of values that differ.
@@ -794,6 +822,57 @@ async fn lr_decay_changes_round_two_and_equals_the_run_over_websockets() -> anyh
     )?)?;
     assert_eq!(manifest["task"]["lr_decay"], 0.5, "{manifest}");
     round_one_equal_round_two_differs(&task, &decayed, "--lr-decay 0.5")?;
+    Ok(())
+}
+
+/// `--server-lr 0.5 --server-momentum 0.5` (FedAvgM): round 1 already
+/// differs from the plain mean (η), round 2 adds half of round 1's move, and
+/// an aggregator with `server_learning_rate = 0.5` and `server_momentum =
+/// 0.5` (the values `shards.json` lists) commits the same global states from
+/// the same `fedsb join` updates. Each round of the simulation is checked
+/// against the formula, from the clients' mean, which the plain run (η = 1,
+/// β = 0) gives when it starts from the same global model: round 1 of both
+/// starts from round 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_step_with_momentum_equals_the_run_over_websockets() -> anyhow::Result<()> {
+    let (task, stepped, _) =
+        sim_against_websockets(&["--server-lr", "0.5", "--server-momentum", "0.5"]).await?;
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(
+        task.path().join("shards").join("shards.json"),
+    )?)?;
+    assert_eq!(manifest["task"]["server_learning_rate"], 0.5, "{manifest}");
+    assert_eq!(manifest["task"]["server_momentum"], 0.5, "{manifest}");
+    let plain = task.path().join("globals-plain");
+    let mut flags = WS_RUN_FLAGS.to_vec();
+    flags.extend(["--write-globals", plain.to_str().context("path")?]);
+    check_success("fedsb sim, plain mean", &run(task.sim(1, &flags))?)?;
+    let global = |dir: &Path, n: u64| -> anyhow::Result<Vec<f32>> {
+        let (_, _, _, state) = decode_global(&std::fs::read(dir.join(format!("round-{n}.bin")))?)?;
+        Ok(flat(&state))
+    };
+    let x0 = global(&stepped, 0)?;
+    assert_eq!(x0, global(&plain, 0)?, "round 0");
+    // Round 1: x1 = x0 + 0.5 (mean1 − x0), mean1 being the plain run's round 1.
+    let mean1 = global(&plain, 1)?;
+    let x1 = global(&stepped, 1)?;
+    let mut worst = 0f64;
+    for i in 0..x0.len() {
+        let (p, m) = (f64::from(x0[i]), f64::from(mean1[i]));
+        let want = p + 0.5 * (m - p);
+        worst = worst.max((f64::from(x1[i]) - want).abs() / want.abs().max(1e-3));
+    }
+    eprintln!("round 1 against x0 + 0.5 (mean1 − x0): {worst:e} relative");
+    // The clients' mean is rounded to f32 in the plain run only.
+    assert!(
+        worst <= 1e-6,
+        "round 1 is not half way to the mean: {worst:e}"
+    );
+    assert_ne!(x1, mean1, "η = 0.5 did not change round 1");
+    // Round 2 moves from x1 and adds half of round 1's move: it is not the
+    // step without momentum. (Its mean is of updates trained from x1, which
+    // no plain run reproduces; the WebSocket run above checks it.)
+    let x2 = global(&stepped, 2)?;
+    assert_ne!(x2, x1);
     Ok(())
 }
 
@@ -873,10 +952,7 @@ async fn sim_against_websockets(
     // batch seed.
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(shards.join("shards.json"))?)?;
-    let lr_decay = manifest["task"]["lr_decay"]
-        .as_f64()
-        .context("shards.json: task.lr_decay")?;
-    std::fs::write(dir.join("task.toml"), task_toml(ROUNDS, lr_decay))?;
+    std::fs::write(dir.join("task.toml"), task_toml(ROUNDS, &manifest["task"])?)?;
     let agg = Aggregator::start_in(&dir)?;
     let mut joins = Vec::new();
     for c in manifest["clients"].as_array().context("clients")? {
