@@ -20,10 +20,14 @@
 #     clients' AdamW moments reset every round, and carried with --keep-moments)
 #   DECAYS ["1"] (per-round decays of the clients' rate, --lr-decay; "1 0.85"
 #     runs every Fed-SB setting at a constant rate and decayed by 0.85 a round)
+#   SERVERS ["1:0"] (the server's step as η:β, --server-lr η --server-momentum
+#     β; "1:0 0.5:0.5" runs every Fed-SB setting with the plain mean and with
+#     FedAvgM at η 0.5, β 0.5)
 # Writes OUT_DIR/init.{safetensors,jsonl,log}, one
-# sim-<split>-lr<LR>[-decay<D>][-keep].{jsonl,csv,log} per run (-decay only
-# for D ≠ 1) and train-lr<LR>.{jsonl,log}; stops at the first failure and
-# shows the end of its log.
+# sim-<split>-lr<LR>[-decay<D>][-server<η>m<β>][-keep].{jsonl,csv,log} per
+# run (-decay only for D ≠ 1, -server only for η:β ≠ 1:0) and
+# train-lr<LR>.{jsonl,log}; stops at the first failure and shows the end of
+# its log.
 set -euo pipefail
 
 out=${1:?usage: scripts/fed_sb_lr_sweep.sh OUT_DIR [ADAPTER]}
@@ -49,6 +53,10 @@ for m in $moments; do
     [[ $m == reset || $m == keep ]] || { echo "MOMENTS: reset or keep, not $m" >&2; exit 2; }
 done
 decays=${DECAYS:-1}
+servers=${SERVERS:-1:0}
+for sv in $servers; do
+    [[ $sv =~ ^[0-9.eE+-]+:[0-9.eE+-]+$ ]] || { echo "SERVERS: η:β pairs such as 0.5:0.5, not $sv" >&2; exit 2; }
+done
 
 for f in "$fedsb" "$model/config.json" "$data/train.tsv" "$data/dev.tsv"; do
     [[ -e $f ]] || { echo "missing $f (cargo build --release --bin fedsb; cargo xtask fetch-model; cargo xtask fetch-data)" >&2; exit 2; }
@@ -78,9 +86,13 @@ run init "$fedsb" init "${common[@]}" --init-samples "$init_samples" --lr "$init
 for lr in $lrs; do
     for split in $splits; do
         for decay in $decays; do
+          for sv in $servers; do
+            server_lr=${sv%%:*}
+            server_momentum=${sv##*:}
             for m in $moments; do
                 name="sim-${split//:/}-lr$lr"
                 [[ $decay == 1 ]] || name+="-decay$decay"
+                [[ $sv == 1:0 ]] || name+="-server${server_lr}m$server_momentum"
                 keep=()
                 if [[ $m == keep ]]; then
                     name+="-keep"
@@ -90,8 +102,10 @@ for lr in $lrs; do
                 run "$name" "$fedsb" sim "${common[@]}" --eval "$data/dev.tsv" --clients "$clients" \
                     --rounds "$rounds" --local-steps "$local_steps" --lr "$lr" --lr-decay "$decay" \
                     --init "$out/init.safetensors" --eval-limit "$eval_limit" --split "$split" \
+                    --server-lr "$server_lr" --server-momentum "$server_momentum" \
                     --json --csv "$out/$name.csv" "${keep[@]}"
             done
+          done
         done
     done
     if [[ $centralized == 1 ]]; then

@@ -633,8 +633,8 @@ fn init_lr_sets_the_initialization_apart_from_the_clients_learning_rate() -> any
 /// `scripts/fed_sb_lr_sweep.sh` (the GPU sweep behind BENCHMARKS' Fed-SB
 /// learning-rate rows) runs end to end at a tiny scale: one initialization,
 /// each rate's simulations with the moments reset and kept, at a constant
-/// and a decaying rate, and the centralized run, each writing its per-round
-/// JSON lines.
+/// and a decaying rate, with the plain mean and a server step with
+/// momentum, and the centralized run, each writing its per-round JSON lines.
 #[test]
 fn the_learning_rate_sweep_script_runs_on_a_tiny_model() -> anyhow::Result<()> {
     let task = Task::new()?;
@@ -662,6 +662,7 @@ fn the_learning_rate_sweep_script_runs_on_a_tiny_model() -> anyhow::Result<()> {
         .env("MAX_SEQ_LEN", "16")
         .env("MOMENTS", "reset keep")
         .env("DECAYS", "1 0.5")
+        .env("SERVERS", "1:0 0.5:0.5")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -680,10 +681,24 @@ fn the_learning_rate_sweep_script_runs_on_a_tiny_model() -> anyhow::Result<()> {
         let kept = lines(&format!("sim-iid-lr{lr}-keep.jsonl"))?;
         let decayed = lines(&format!("sim-iid-lr{lr}-decay0.5.jsonl"))?;
         let decayed_kept = lines(&format!("sim-iid-lr{lr}-decay0.5-keep.jsonl"))?;
-        for rows in [&reset, &kept, &decayed, &decayed_kept] {
+        let server = lines(&format!("sim-iid-lr{lr}-server0.5m0.5.jsonl"))?;
+        let server_kept = lines(&format!("sim-iid-lr{lr}-server0.5m0.5-keep.jsonl"))?;
+        let server_decayed = lines(&format!("sim-iid-lr{lr}-decay0.5-server0.5m0.5.jsonl"))?;
+        for rows in [
+            &reset,
+            &kept,
+            &decayed,
+            &decayed_kept,
+            &server,
+            &server_kept,
+            &server_decayed,
+        ] {
             let rounds: Vec<u64> = rows.iter().filter_map(|r| r["round"].as_u64()).collect();
             assert_eq!(rounds, [0, 1, 2], "lr {lr}");
         }
+        // The server's step moves round 1 half way to the clients' mean.
+        assert_eq!(reset[0]["eval_loss"], server[0]["eval_loss"], "lr {lr}");
+        assert_ne!(reset[1]["eval_loss"], server[1]["eval_loss"], "lr {lr}");
         // Nothing is carried into round 1, and the decay starts in round 2.
         assert_eq!(reset[1]["eval_loss"], kept[1]["eval_loss"], "lr {lr}");
         assert_eq!(reset[1]["eval_loss"], decayed[1]["eval_loss"], "lr {lr}");
