@@ -658,20 +658,16 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
             args.lr_decay
         );
     }
-    let flag = if args.server_step().check().is_err()
-        && (ServerStep {
-            momentum: 0.0,
-            ..args.server_step()
-        })
-        .check()
-        .is_err()
-    {
-        "--server-lr"
-    } else {
-        "--server-momentum"
+    // η alone first, so that each refusal names the flag at fault.
+    let lr_only = ServerStep {
+        momentum: 0.0,
+        ..args.server_step()
     };
+    if let Err(e) = lr_only.check() {
+        bail!("--server-lr: {e}");
+    }
     if let Err(e) = args.server_step().check() {
-        bail!("{flag}: {e}");
+        bail!("--server-momentum: {e}");
     }
     if let Some(eta) = args.init_lr {
         if !(eta > 0.0 && eta.is_finite()) {
