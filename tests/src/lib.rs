@@ -195,6 +195,19 @@ impl Aggregator {
         Ok(r.json().await?)
     }
 
+    /// The committed global model of round `n`, decoded from
+    /// `/api/rounds/{n}/global`.
+    pub async fn global_state(&self, n: u64) -> anyhow::Result<AdapterState> {
+        let r = reqwest::get(self.url(&format!("/api/rounds/{n}/global"))).await?;
+        if !r.status().is_success() {
+            bail!("GET /api/rounds/{n}/global: {}", r.status());
+        }
+        match ServerMessage::decode(&r.bytes().await?)? {
+            ServerMessage::GlobalModel { adapter, .. } => Ok(adapter),
+            other => bail!("round {n}: expected GlobalModel, got {other:?}"),
+        }
+    }
+
     /// GET `/metrics` as text.
     pub async fn metrics(&self) -> anyhow::Result<String> {
         Ok(reqwest::get(self.url("/metrics")).await?.text().await?)

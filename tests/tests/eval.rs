@@ -143,17 +143,6 @@ fn reference_eval(dir: &Path, state: &AdapterState) -> anyhow::Result<(f64, f64)
     ))
 }
 
-async fn global_of(agg: &Aggregator, round: u64) -> anyhow::Result<AdapterState> {
-    let bytes = reqwest::get(agg.url(&format!("/api/rounds/{round}/global")))
-        .await?
-        .bytes()
-        .await?;
-    match ServerMessage::decode(&bytes)? {
-        ServerMessage::GlobalModel { adapter, .. } => Ok(adapter),
-        other => bail!("expected GlobalModel, got {other:?}"),
-    }
-}
-
 /// Polls `/api/rounds` until every round has an evaluation.
 async fn wait_evaluated(agg: &Aggregator, rounds: usize) -> anyhow::Result<serde_json::Value> {
     let started = Instant::now();
@@ -231,7 +220,7 @@ async fn every_committed_round_is_evaluated_like_the_reference() -> anyhow::Resu
         let e = &r["eval"];
         assert_eq!(e["round"], n as u64, "{r}");
         assert_eq!(e["samples"], EVAL_ROWS as u64, "{r}");
-        let (acc, loss) = reference_eval(dir, &global_of(&agg, n as u64).await?)?;
+        let (acc, loss) = reference_eval(dir, &agg.global_state(n as u64).await?)?;
         let got_acc = e["accuracy"].as_f64().context("accuracy")?;
         let got_loss = e["loss"].as_f64().context("loss")?;
         // f32 on the GPU against f64 on the CPU: the loss to 1e-3 relative;
@@ -347,7 +336,7 @@ async fn an_exported_round_evaluates_as_the_aggregator_evaluated_it() -> anyhow:
     assert_eq!(report["round"], 2, "{report}");
     assert_eq!(report["participants"], 1, "{report}");
     let exported = tensors_of(&last)?;
-    let global2 = global_of(&agg, 2).await?;
+    let global2 = agg.global_state(2).await?;
     let names: Vec<String> = exported
         .keys()
         .filter_map(|k| k.strip_suffix(".lora_R").map(str::to_owned))

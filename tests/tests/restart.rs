@@ -240,18 +240,6 @@ async fn an_accepted_update_survives_kill_nine_and_counts_once() -> anyhow::Resu
     Ok(())
 }
 
-/// The stored global model of round `n`, from `/api/rounds/{n}/global`.
-async fn stored_global(agg: &Aggregator, n: u64) -> anyhow::Result<AdapterState> {
-    let frame = reqwest::get(agg.url(&format!("/api/rounds/{n}/global")))
-        .await?
-        .bytes()
-        .await?;
-    match ServerMessage::decode(&frame)? {
-        ServerMessage::GlobalModel { adapter, .. } => Ok(adapter),
-        other => anyhow::bail!("round {n}: not a GlobalModel: {other:?}"),
-    }
-}
-
 /// With `server_learning_rate = 0.5` and `server_momentum = 0.5` every
 /// round's global model is x_{t−1} + 0.5 (mean − x_{t−1}) + 0.5 (x_{t−1} −
 /// x_{t−2}), worked here in f64 from the scripted updates and the stored
@@ -292,9 +280,9 @@ async fn the_server_step_with_momentum_resumes_after_kill_nine() -> anyhow::Resu
         }
         let refs: Vec<_> = sent.iter().map(|(w, s)| (*w, s)).collect();
         let mean = weighted_mean(&refs);
-        let prev = flat(&stored_global(agg, n - 1).await?);
+        let prev = flat(&agg.global_state(n - 1).await?);
         let before = if n >= 2 {
-            flat(&stored_global(agg, n - 2).await?)
+            flat(&agg.global_state(n - 2).await?)
         } else {
             prev.clone()
         };
@@ -311,7 +299,7 @@ async fn the_server_step_with_momentum_resumes_after_kill_nine() -> anyhow::Resu
             received.push(g);
         }
         // Committed before it was sent: the stored model is the one sent.
-        let stored = stored_global(agg, n).await?;
+        let stored = agg.global_state(n).await?;
         for g in &received {
             assert_eq!(bits(g), bits(&stored), "round {n}: stored and sent");
         }
