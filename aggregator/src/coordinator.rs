@@ -817,38 +817,26 @@ impl Coordinator {
 
     /// The global models the server's step of round `id` starts from: that
     /// of round `id − 1` (the one the round's updates trained from) and that
-    /// of round `id − 2` (none for round 1), read from the committed frames,
-    /// so a restart takes the same step.
+    /// of round `id − 2` (none for round 1), read back from the database
+    /// (decoded and checked against their checksums), so a restart takes
+    /// the same step.
     async fn previous_global_models(
         &self,
         id: RoundId,
     ) -> Result<(AdapterState, Option<AdapterState>), String> {
-        let decode = |frame: &[u8], n: u64| match ServerMessage::decode(frame) {
-            Ok(ServerMessage::GlobalModel { adapter, .. }) => Ok(adapter),
-            Ok(_) => Err(format!(
-                "the stored frame of round {n} is not a GlobalModel"
-            )),
-            Err(e) => Err(format!("the stored frame of round {n}: {e}")),
+        let committed = |n: u64| async move {
+            self.store
+                .committed_round(RoundId(n))
+                .await
+                .map_err(|e| e.to_string())?
+                .map(|c| c.adapter)
+                .ok_or_else(|| format!("round {n} is not in the database"))
         };
         let previous = id.0.checked_sub(1).ok_or("round 0 is not aggregated")?;
-        if self.global_round.0 != previous {
-            return Err(format!(
-                "the global model held is round {}, not round {previous}",
-                self.global_round.0
-            ));
-        }
-        let prev = decode(&self.global_frame, previous)?;
+        let prev = committed(previous).await?;
         let before = match previous.checked_sub(1) {
             None => None,
-            Some(n) => {
-                let frame = self
-                    .store
-                    .global_frame(RoundId(n))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .ok_or_else(|| format!("round {n} is not in the database"))?;
-                Some(decode(&frame, n)?)
-            }
+            Some(n) => Some(committed(n).await?),
         };
         Ok((prev, before))
     }
