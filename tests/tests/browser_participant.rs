@@ -903,11 +903,7 @@ async fn browser_tabs_train_every_round() -> anyhow::Result<()> {
             summary["total_samples"] == samples,
             "round {n}: {summary} vs {samples} samples sent"
         );
-        let r = reqwest::get(agg.url(&format!("/api/rounds/{n}/global"))).await?;
-        let global: AdapterState = match ServerMessage::decode(&r.bytes().await?)? {
-            ServerMessage::GlobalModel { adapter, .. } => adapter,
-            other => bail!("round {n}: {other:?}"),
-        };
+        let global = agg.global_state(n).await?;
         let want = weighted_mean(
             &mine
                 .iter()
@@ -1483,11 +1479,7 @@ async fn a_tab_and_a_native_participant_train_together() -> anyhow::Result<()> {
             u.num_samples
         );
         native_samples += total - u.num_samples;
-        let r = reqwest::get(agg.url(&format!("/api/rounds/{n}/global"))).await?;
-        let ServerMessage::GlobalModel { adapter, .. } = ServerMessage::decode(&r.bytes().await?)?
-        else {
-            bail!("round {n}: no GlobalModel frame");
-        };
+        let adapter = agg.global_state(n).await?;
         let tab_only = weighted_mean(&[(1.0, &u.adapter)]);
         ensure!(
             max_rel_error(&adapter, &tab_only) > 1e-3,
@@ -1874,13 +1866,8 @@ fn minilm_task_dir(adapter: Option<&Path>) -> anyhow::Result<tempfile::TempDir> 
 /// The committed global state of every round of `agg`'s task.
 async fn round_globals(agg: &Aggregator, rounds: usize) -> anyhow::Result<Vec<AdapterState>> {
     let mut out = Vec::new();
-    for n in 1..=rounds {
-        let r = reqwest::get(agg.url(&format!("/api/rounds/{n}/global"))).await?;
-        let ServerMessage::GlobalModel { adapter, .. } = ServerMessage::decode(&r.bytes().await?)?
-        else {
-            bail!("round {n}: no GlobalModel frame");
-        };
-        out.push(adapter);
+    for n in 1..=rounds as u64 {
+        out.push(agg.global_state(n).await?);
     }
     Ok(out)
 }
