@@ -10,7 +10,8 @@
 //! For each (M, K, N) and each orientation the encoder uses — `A·B` (input
 //! gradient `dY·W`), `A·Bᵀ` (linear forward `X·Wᵀ`, B stored N×K) and `Aᵀ·B`
 //! (weight gradient `dYᵀ·X`, A stored K×M) — it times the `Tiled`, the `Direct`
-//! and (where the device has subgroups of size 8) the `Subgroup` variant in
+//! and (where the device has subgroups of size 8) the `Subgroup` and `Texture`
+//! variants (`Texture` only where it supports the product: not `Aᵀ·B`) in
 //! alternation, `--rounds` times each with enough launches per
 //! submission to run for about `--seconds`, and prints the best and the median
 //! round of each. The machine may be shared, so only numbers from the same run
@@ -28,7 +29,12 @@ const SHAPES: [(usize, usize, usize); 4] = [
     (2048, 1536, 384),
     (1024, 1024, 1024),
 ];
-const VARIANTS: [Variant; 3] = [Variant::Tiled, Variant::Direct, Variant::Subgroup];
+const VARIANTS: [Variant; 4] = [
+    Variant::Tiled,
+    Variant::Direct,
+    Variant::Subgroup,
+    Variant::Texture,
+];
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -59,7 +65,7 @@ fn main() {
         ctx.has_subgroups(),
         ctx.subgroup_sizes()
     );
-    let variants: Vec<Variant> = VARIANTS.into_iter().filter(|v| v.available(&ctx)).collect();
+    let available: Vec<Variant> = VARIANTS.into_iter().filter(|v| v.available(&ctx)).collect();
 
     let mut seed = 12345u64;
     let mut rand = move || {
@@ -89,6 +95,12 @@ fn main() {
             if trans_b {
                 g = g.trans_b();
             }
+            // Tiled (supports every product) stays first, the speed-ups' base.
+            let variants: Vec<Variant> = available
+                .iter()
+                .copied()
+                .filter(|v| v.supports(&g))
+                .collect();
             let bench = Bench {
                 ctx: &ctx,
                 g,

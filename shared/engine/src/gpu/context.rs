@@ -134,6 +134,9 @@ pub struct GpuContext {
     info: wgpu::AdapterInfo,
     subgroups: bool,
     kernels: Mutex<HashMap<String, Kernel>>,
+    /// Scratch textures of the texture matmul ([`Self::copy_to_texture`]),
+    /// by (slot, width in texels).
+    textures: Mutex<HashMap<(u8, u32), (wgpu::Texture, wgpu::TextureView)>>,
     /// Per-kernel times while profiling is on ([`Self::set_profiling`]).
     #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
     profile: Mutex<Option<Vec<KernelTime>>>,
@@ -228,6 +231,7 @@ impl GpuContext {
             info,
             subgroups,
             kernels: Mutex::new(HashMap::new()),
+            textures: Mutex::new(HashMap::new()),
             profile: Mutex::new(None),
             dummy,
         })
@@ -438,6 +442,81 @@ impl GpuContext {
         drop(view);
         staging.unmap();
         Ok(words)
+    }
+
+    /// Records a copy of the stored matrix `rows × 4·width` floats of `buf`
+    /// (starting at element `offset`, row stride `ld` elements) into an
+    /// rgba32float scratch texture `width` texels wide (one texel = 4
+    /// consecutive floats of a row) and returns a view of it, for kernels that
+    /// read an operand with `textureLoad` (the texture matmul, `matmul.rs`).
+    ///
+    /// One texture per (`slot`, `width`) is kept and reused: it grows (to the
+    /// next multiple of 256 rows) when `rows` exceeds its height, so its rows
+    /// past `rows` may hold older data, which the kernels never read. Reuse
+    /// within one encoder is safe: WebGPU orders a copy after every earlier
+    /// pass of the same encoder that reads the texture.
+    ///
+    /// The caller checks what the copy needs: `offset` a multiple of 4,
+    /// `ld · 4` bytes a multiple of 256 (`wgpu::COPY_BYTES_PER_ROW_ALIGNMENT`),
+    /// `width` and `rows` within `max_texture_dimension_2d`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn copy_to_texture(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        slot: u8,
+        buf: &GpuBuffer,
+        offset: usize,
+        ld: usize,
+        width: u32,
+        rows: u32,
+    ) -> wgpu::TextureView {
+        let mut cache = self.textures.lock().unwrap_or_else(|p| p.into_inner());
+        let stale = cache
+            .get(&(slot, width))
+            .is_none_or(|(t, _)| t.height() < rows);
+        if stale {
+            let max = self.device.limits().max_texture_dimension_2d;
+            let height = rows.div_ceil(256).saturating_mul(256).min(max).max(rows);
+            let texture = self.device.create_texture(&wgpu::TextureDescriptor {
+                label: Some("matmul operand"),
+                size: wgpu::Extent3d {
+                    width,
+                    height,
+                    depth_or_array_layers: 1,
+                },
+                mip_level_count: 1,
+                sample_count: 1,
+                dimension: wgpu::TextureDimension::D2,
+                format: wgpu::TextureFormat::Rgba32Float,
+                usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+                view_formats: &[],
+            });
+            let view = texture.create_view(&wgpu::TextureViewDescriptor::default());
+            cache.insert((slot, width), (texture, view));
+        }
+        let (texture, view) = &cache[&(slot, width)];
+        encoder.copy_buffer_to_texture(
+            wgpu::TexelCopyBufferInfo {
+                buffer: &buf.buffer,
+                layout: wgpu::TexelCopyBufferLayout {
+                    offset: (offset * 4) as u64,
+                    bytes_per_row: Some((ld * 4) as u32),
+                    rows_per_image: Some(rows),
+                },
+            },
+            wgpu::TexelCopyTextureInfo {
+                texture,
+                mip_level: 0,
+                origin: wgpu::Origin3d::ZERO,
+                aspect: wgpu::TextureAspect::All,
+            },
+            wgpu::Extent3d {
+                width,
+                height: rows,
+                depth_or_array_layers: 1,
+            },
+        );
+        view.clone()
     }
 
     /// The compute pipeline `entry` of `source`, specialised with the override

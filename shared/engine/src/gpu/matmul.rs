@@ -1,5 +1,5 @@
-//! Matrix multiply launcher (`matmul.wgsl`, `matmul_subgroup.wgsl`, both after
-//! `matmul_common.wgsl`): `C = alpha·op(A)·op(B) (+ bias) (+ C)`.
+//! Matrix multiply launcher (`matmul.wgsl`, `matmul_subgroup.wgsl`,
+//! `matmul_texture.wgsl`, each after `matmul_common.wgsl`): `C = alpha·op(A)·op(B) (+ bias) (+ C)`.
 //!
 //! [`Gemm`] describes one (optionally batched, strided) product; [`gemm`] records
 //! it with the [`Variant`] that suits the adapter ([`Variant::for_gemm`]). The
@@ -26,6 +26,12 @@ const SUBGROUP_SOURCE: &str = concat!(
     include_str!("matmul_common.wgsl"),
     include_str!("matmul_subgroup.wgsl")
 );
+/// The texture kernel (natively only: [`Variant::Texture`] needs subgroups,
+/// which wgpu 30 does not pass through in the browser).
+const TEXTURE_SOURCE: &str = concat!(
+    include_str!("matmul_common.wgsl"),
+    include_str!("matmul_texture.wgsl")
+);
 /// The subgroup kernel for the browser's WebGPU, which requires the directive
 /// before any declaration.
 const SUBGROUP_SOURCE_WEB: &str = concat!(
@@ -39,6 +45,11 @@ pub const TILE: usize = 64;
 pub const DIRECT_TILE: [usize; 2] = [12, 96];
 /// Output tile of one workgroup (one subgroup) of the subgroup variant: rows, columns.
 pub const SUBGROUP_TILE: [usize; 2] = [32, 32];
+/// Output tile of one workgroup (one subgroup) of the texture variant: rows, columns.
+pub const TEXTURE_TILE: [usize; 2] = [32, 32];
+/// Largest texture edge (texels) [`Variant::Texture`] relies on: WebGPU's
+/// default `max_texture_dimension_2d`, which [`GpuContext::new`] requests.
+pub const TEXTURE_MAX_DIM: usize = 8192;
 /// The only subgroup size the subgroup variant is written for: its workgroup
 /// of 8 invocations must be exactly one subgroup.
 pub const SUBGROUP_SIZE: u32 = 8;
@@ -61,25 +72,35 @@ pub enum Variant {
     /// subgroup size is fixed at [`SUBGROUP_SIZE`] ([`Variant::available`]);
     /// about 2× `Direct` on lavapipe.
     Subgroup,
+    /// `matmul_texture.wgsl`: the `Subgroup` kernel's tile and broadcasts with
+    /// A and B read from rgba32float textures (`textureLoad`), into which the
+    /// launcher copies them before the dispatch; about 1.2–1.4× `Subgroup` on
+    /// lavapipe, whose texel fetches are branch-free gathers while its
+    /// storage loads loop over the lanes. Available where `Subgroup` is; only
+    /// for the linear layers' products ([`Variant::supports`]: A not
+    /// transposed, unbatched, `lda` and `ldb` multiples of 64, operands within
+    /// [`TEXTURE_MAX_DIM`] texels).
+    Texture,
 }
 
 impl Variant {
-    /// On CPU adapters (lavapipe, SwiftShader, WARP) `Subgroup` where it is
-    /// [available](Self::available) and `Direct` otherwise, when the product is
-    /// [`Gemm::vec4_aligned`] and its grid fits; `Tiled` in every other case.
+    /// On CPU adapters (lavapipe, SwiftShader, WARP) the first of `Texture`,
+    /// `Subgroup` and `Direct` that is [available](Self::available) and
+    /// [supports](Self::supports) the product; `Tiled` in every other case.
     ///
-    /// The environment variable `FEDSB_MATMUL_VARIANT=tiled`, `=direct` or
-    /// `=subgroup` overrides the adapter's preference (natively; for A/B
-    /// measurements such as `bench_encoder`); a variant that cannot run falls
-    /// back to the next one (`Subgroup` → `Direct` → `Tiled`).
+    /// The environment variable `FEDSB_MATMUL_VARIANT=tiled`, `=direct`,
+    /// `=subgroup` or `=texture` overrides the adapter's preference (natively;
+    /// for A/B measurements such as `bench_encoder`); a variant that cannot run
+    /// falls back to the next one (`Texture` → `Subgroup` → `Direct` → `Tiled`).
     pub fn for_gemm(ctx: &GpuContext, g: &Gemm) -> Self {
         let preferred =
             Self::forced().unwrap_or(if ctx.adapter_info().device_type == wgpu::DeviceType::Cpu {
-                Self::Subgroup
+                Self::Texture
             } else {
                 Self::Tiled
             });
         let order: &[Self] = match preferred {
+            Self::Texture => &[Self::Texture, Self::Subgroup, Self::Direct],
             Self::Subgroup => &[Self::Subgroup, Self::Direct],
             Self::Direct => &[Self::Direct],
             Self::Tiled => &[],
@@ -98,7 +119,7 @@ impl Variant {
     pub fn available(self, ctx: &GpuContext) -> bool {
         match self {
             Self::Tiled | Self::Direct => true,
-            Self::Subgroup => {
+            Self::Subgroup | Self::Texture => {
                 ctx.has_subgroups() && ctx.subgroup_sizes() == [SUBGROUP_SIZE, SUBGROUP_SIZE]
             }
         }
@@ -116,9 +137,10 @@ impl Variant {
                 "tiled" => Some(Self::Tiled),
                 "direct" => Some(Self::Direct),
                 "subgroup" => Some(Self::Subgroup),
+                "texture" => Some(Self::Texture),
                 other => {
                     tracing::warn!(
-                        "FEDSB_MATMUL_VARIANT={other:?} is none of tiled, direct, subgroup"
+                        "FEDSB_MATMUL_VARIANT={other:?} is none of tiled, direct, subgroup, texture"
                     );
                     None
                 }
@@ -139,6 +161,34 @@ impl Variant {
                 g.vec4_aligned()
                     && g.m.div_ceil(SUBGROUP_TILE[0]) <= 65_535
                     && g.n.div_ceil(SUBGROUP_TILE[1]) <= 65_535
+            }
+            Self::Texture => {
+                // The stored B is K×N, or N×K when transposed.
+                let (b_rows, b_cols) = if g.trans_b { (g.n, g.k) } else { (g.k, g.n) };
+                // copy_buffer_to_texture: rows of whole 256-byte multiples.
+                let row_align = wgpu::COPY_BYTES_PER_ROW_ALIGNMENT as usize / 4;
+                g.vec4_aligned()
+                    && !g.trans_a
+                    && g.batch == [1, 1]
+                    && g.k > 0
+                    && g.ld[0].is_multiple_of(row_align)
+                    && g.ld[1].is_multiple_of(row_align)
+                    && g.m <= TEXTURE_MAX_DIM
+                    && g.k / 4 <= TEXTURE_MAX_DIM
+                    && b_rows <= TEXTURE_MAX_DIM
+                    && b_cols / 4 <= TEXTURE_MAX_DIM
+            }
+        }
+    }
+
+    /// What [`Self::supports`] asks of a product, for error messages.
+    fn requirement(self) -> &'static str {
+        match self {
+            Self::Tiled => "nothing",
+            Self::Direct | Self::Subgroup => "vec4-aligned A and B",
+            Self::Texture => {
+                "vec4-aligned A and B, A not transposed, one unbatched product, lda and ldb \
+                 multiples of 64 and A and B within 8192 × 8192 texels of 4 floats"
             }
         }
     }
@@ -390,7 +440,8 @@ pub fn gemm_variant(
     }
     if !variant.supports(g) {
         return Err(GpuError::Shape(format!(
-            "gemm {g:?}: the {variant:?} kernel needs vec4-aligned A and B"
+            "gemm {g:?}: the {variant:?} kernel needs {}",
+            variant.requirement()
         )));
     }
     if g.m == 0 || g.n == 0 || g.batch[0] * g.batch[1] == 0 {
@@ -403,6 +454,7 @@ pub fn gemm_variant(
             (SUBGROUP_SOURCE_WEB, "main", "matmul-subgroup")
         }
         Variant::Subgroup => (SUBGROUP_SOURCE, "main", "matmul-subgroup"),
+        Variant::Texture => (TEXTURE_SOURCE, "main", "matmul-texture"),
     };
     let id = format!("{name}/ta{}/tb{}", g.trans_a as u8, g.trans_b as u8);
     let kernel = ctx.pipeline(
@@ -466,6 +518,45 @@ pub fn gemm_variant(
                 ]
             },
         ),
+        // A and B as textures at bindings 1 and 2, copied there first.
+        Variant::Texture => {
+            let (b_rows, b_cols) = if g.trans_b { (g.n, g.k) } else { (g.k, g.n) };
+            let u32_of = |x: usize| x as u32; // within TEXTURE_MAX_DIM (supports)
+            let at = ctx.copy_to_texture(
+                encoder,
+                0,
+                a,
+                g.offsets[0],
+                g.ld[0],
+                u32_of(g.k / 4),
+                u32_of(g.m),
+            );
+            let bt = ctx.copy_to_texture(
+                encoder,
+                1,
+                b,
+                g.offsets[1],
+                g.ld[1],
+                u32_of(b_cols / 4),
+                u32_of(b_rows),
+            );
+            ctx.dispatch_at(
+                encoder,
+                &kernel,
+                &[
+                    (0, params.as_entire_binding()),
+                    (1, wgpu::BindingResource::TextureView(&at)),
+                    (2, wgpu::BindingResource::TextureView(&bt)),
+                    (3, bias.binding()),
+                    (4, c.binding()),
+                ],
+                [
+                    g.n.div_ceil(TEXTURE_TILE[1]) as u32,
+                    g.m.div_ceil(TEXTURE_TILE[0]) as u32,
+                    1,
+                ],
+            )
+        }
         // A and B as array<vec4<f32>> at bindings 5 and 6.
         Variant::Direct => ctx.dispatch_at(
             encoder,
@@ -765,6 +856,146 @@ mod tests {
     }
 
     #[test]
+    fn matmul_texture_matches_reference() {
+        let ctx = ctx();
+        if !Variant::Texture.available(ctx) {
+            eprintln!(
+                "skipped: {} has no fixed subgroup size of 8 ({:?})",
+                ctx.adapter_info().name,
+                ctx.subgroup_sizes()
+            );
+            assert_ne!(
+                Variant::for_gemm(ctx, &Gemm::new(40, 52, 64)),
+                Variant::Texture
+            );
+            return;
+        }
+        // Shapes that are not multiples of the 32×32 tile, both orientations
+        // of B, dense and strided (lda, ldb multiples of 64 above the row
+        // length), with offsets, bias, alpha and accumulate.
+        for (m, n, k) in [(40, 52, 64), (1, 4, 64), (37, 128, 128), (70, 36, 192)] {
+            for trans_b in [false, true] {
+                let mut g = Gemm::new(m, n, k);
+                if trans_b {
+                    g = g.trans_b();
+                }
+                let (b_rows, b_cols) = if trans_b { (n, k) } else { (k, n) };
+                // Dense, the stored B's rows (N or K floats) must be whole
+                // multiples of 64 floats (256 bytes) for the texture copy.
+                assert_eq!(
+                    Variant::Texture.supports(&g),
+                    b_cols.is_multiple_of(64),
+                    "{g:?}"
+                );
+                if b_cols.is_multiple_of(64) {
+                    check(
+                        Variant::Texture,
+                        &g,
+                        true,
+                        [m * k, b_rows * b_cols, m * n],
+                        11,
+                    );
+                }
+                let ldb = b_cols.next_multiple_of(64) + 64;
+                let strided = g
+                    .ld(k + 64, ldb, n + 3)
+                    .offsets(8, 4, 5)
+                    .alpha(-0.5)
+                    .accumulate();
+                check(
+                    Variant::Texture,
+                    &strided,
+                    false,
+                    [8 + m * (k + 64), 4 + b_rows * ldb, 5 + m * (n + 3)],
+                    12,
+                );
+            }
+        }
+        // K a multiple of 4 but not of 64: only with a padded lda.
+        let g = Gemm::new(37, 44, 60).ld(64, 64, 44);
+        assert!(Variant::Texture.supports(&g));
+        check(Variant::Texture, &g, true, [37 * 64, 60 * 64, 37 * 44], 13);
+        assert!(!Variant::Texture.supports(&Gemm::new(37, 44, 60)));
+
+        // The scratch textures are reused and grown within one encoder: a
+        // product that grows A's texture, then one on the same widths with
+        // fewer rows (the texture's lower rows hold the first product's A),
+        // then one with more rows again; each must see its own operands.
+        let shapes = [(300, 64, 64), (40, 64, 64), (520, 64, 64)];
+        let mut enc = ctx.encoder();
+        let mut runs = Vec::new();
+        for (i, &(m, n, k)) in shapes.iter().enumerate() {
+            let g = Gemm::new(m, n, k).trans_b();
+            let (a, b) = (values(20 + i as u64, m * k), values(30 + i as u64, n * k));
+            let (ga, gb, gc) = (
+                ctx.buffer_f32("a", &a),
+                ctx.buffer_f32("b", &b),
+                ctx.buffer_zeros("c", m * n),
+            );
+            gemm_variant(ctx, &mut enc, &g, Variant::Texture, &ga, &gb, None, &gc).unwrap();
+            runs.push((g, a, b, gc));
+        }
+        ctx.submit(enc);
+        for (g, a, b, gc) in runs {
+            let got = pollster::block_on(ctx.read_f32(&gc)).unwrap();
+            let mut want = vec![0.0; g.m * g.n];
+            cpu_ref::gemm(&g, &a, &b, None, &mut want);
+            for (i, (x, y)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (x - y).abs() <= 1e-4 + 1e-4 * y.abs(),
+                    "reused texture, {g:?}: index {i}: {x} vs {y}"
+                );
+            }
+        }
+
+        // Picked for the linear layers' products on CPU adapters; the others
+        // fall back to Subgroup, and an explicit request is refused.
+        let linear = [
+            Gemm::new(2048, 1536, 384).trans_b(), // forward X·Wᵀ
+            Gemm::new(2048, 384, 1536),           // input gradient dY·W
+        ];
+        let others = [
+            Gemm::new(1536, 384, 2048).trans_a(), // weight gradient
+            Gemm::new(64, 64, 32).batched(4, 12, [0; 2], [0; 2], [0; 2]), // attention
+            Gemm::new(40, 52, 60),                // lda 60
+            Gemm::new(40, 52, 64).ld(64, 60, 52), // ldb 60
+            Gemm::new(9000, 64, 64),              // M over 8192 rows
+        ];
+        for g in &linear {
+            assert!(Variant::Texture.supports(g), "{g:?}");
+        }
+        for g in &others {
+            assert!(!Variant::Texture.supports(g), "{g:?}");
+        }
+        if std::env::var_os("FEDSB_MATMUL_VARIANT").is_none()
+            && ctx.adapter_info().device_type == wgpu::DeviceType::Cpu
+        {
+            for g in &linear {
+                assert_eq!(Variant::for_gemm(ctx, g), Variant::Texture, "{g:?}");
+            }
+            for g in &others {
+                assert_eq!(Variant::for_gemm(ctx, g), Variant::Subgroup, "{g:?}");
+            }
+        }
+        let buf = ctx.buffer_zeros("x", 40 * 60 + 60 * 52);
+        let mut enc = ctx.encoder();
+        let err = gemm_variant(
+            ctx,
+            &mut enc,
+            &Gemm::new(40, 52, 60),
+            Variant::Texture,
+            &buf,
+            &buf,
+            None,
+            &ctx.buffer_zeros("c", 40 * 52),
+        );
+        assert!(
+            matches!(&err, Err(GpuError::Shape(m)) if m.contains("multiples of 64")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
     fn matmul_direct_needs_vec4_alignment() {
         let aligned = Gemm::new(40, 52, 60);
         assert!(aligned.vec4_aligned());
@@ -779,6 +1010,7 @@ mod tests {
             assert!(!g.vec4_aligned(), "{g:?}");
             assert!(!Variant::Direct.supports(&g) && Variant::Tiled.supports(&g));
             assert!(!Variant::Subgroup.supports(&g));
+            assert!(!Variant::Texture.supports(&g));
         }
         // C needs no alignment.
         assert!(aligned.ld(60, 52, 53).offsets(0, 0, 1).vec4_aligned());
