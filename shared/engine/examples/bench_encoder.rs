@@ -12,6 +12,10 @@
 //! gradients allocated between steps, so this is the step's working set) and
 //! the largest single buffer, against WebGPU's default limits.
 //!
+//! `FEDSB_ADAPTER_MERGE=never` makes the passes run the LoRA-SB branch beside
+//! `W0` instead of multiplying by the merged weights `W0 + B·R·A`
+//! (`AdapterMerge`).
+//!
 //! With `FEDSB_PROFILE_KERNELS=1` it then profiles one forward pass and one
 //! training step ([`GpuContext::set_profiling`]: every launch submitted and
 //! waited for alone) and prints where each spends its time, by kernel and by
@@ -20,7 +24,7 @@
 use std::time::Instant;
 
 use fedsb_engine::gpu::adamw::AdamW;
-use fedsb_engine::gpu::encoder::GpuEncoder;
+use fedsb_engine::gpu::encoder::{AdapterMerge, GpuEncoder};
 use fedsb_engine::gpu::{GpuContext, GpuOptions, KernelTime};
 use fedsb_engine::model::{BertWeights, EncodedBatch};
 use fedsb_engine::reference::{ClassifierHead, LoraSbAdapters};
@@ -61,6 +65,14 @@ fn main() {
     let adapters = LoraSbAdapters::random(c, rank, 1, 0.05);
     let head = ClassifierHead::init(2, c.hidden_size, 0.02, 2);
     let mut encoder = GpuEncoder::new(&ctx, &weights, Some(&adapters), Some(&head)).unwrap();
+    // FEDSB_ADAPTER_MERGE=never: A/B of the merged weights (default: merged).
+    let merge = match std::env::var("FEDSB_ADAPTER_MERGE").as_deref() {
+        Ok("never") => AdapterMerge::Branch,
+        Ok("merged") | Err(_) => AdapterMerge::Merged,
+        Ok(other) => panic!("FEDSB_ADAPTER_MERGE={other:?} is neither never nor merged"),
+    };
+    encoder.set_adapter_merge(merge);
+    println!("adapter merge: {merge:?}");
     println!(
         "adapter {}, batch {batch}, seq {seq}, rank {rank}, {iters} timed iterations after one warm-up",
         ctx.adapter_name()

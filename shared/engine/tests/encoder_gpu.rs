@@ -24,7 +24,7 @@
 use std::sync::OnceLock;
 
 use fedsb_engine::gpu::adamw::AdamW;
-use fedsb_engine::gpu::encoder::{GpuEncoder, GradientMode};
+use fedsb_engine::gpu::encoder::{AdapterMerge, GpuEncoder, GradientMode};
 use fedsb_engine::gpu::{GpuContext, GpuError, GpuOptions};
 use fedsb_engine::model::{AdaptedLinear, BertConfig, BertWeights, EncodedBatch};
 use fedsb_engine::reference::LoraSbInitOptions;
@@ -176,19 +176,33 @@ fn encoder_forward_matches_reference() {
     let reference = ReferenceEncoder::new(&w64, Some(&a64));
     let mut gpu = GpuEncoder::new(ctx(), &tiny.weights, Some(&tiny.adapters), Some(&tiny.head))
         .expect("upload");
-    let pooled = pollster::block_on(gpu.embed(&batch)).expect("embed");
+    // With the merged weights W0 + B·R·A and with the LoRA-SB branch beside W0.
+    for merge in [AdapterMerge::Merged, AdapterMerge::Branch] {
+        gpu.set_adapter_merge(merge);
+        let pooled = pollster::block_on(gpu.embed(&batch)).expect("embed");
+        assert_close(
+            &format!("pooled ({merge:?})"),
+            &pooled,
+            &reference.mean_pooled(&batch).data,
+            1e-4,
+            0.0,
+        );
+        let logits = pollster::block_on(gpu.logits(&batch)).expect("logits");
+        assert_close(
+            &format!("logits ({merge:?})"),
+            &logits,
+            &reference.logits(&h64, &batch).data,
+            1e-4,
+            0.0,
+        );
+    }
+    gpu.set_adapter_merge(AdapterMerge::default());
+    let small = batch_of(&[(&[1, 30, 2], &[0; 3]), (&[1, 2], &[0; 2])]);
+    let pooled = pollster::block_on(gpu.embed(&small)).expect("embed");
     assert_close(
-        "pooled",
+        "pooled (adapters, smaller batch)",
         &pooled,
-        &reference.mean_pooled(&batch).data,
-        1e-4,
-        0.0,
-    );
-    let logits = pollster::block_on(gpu.logits(&batch)).expect("logits");
-    assert_close(
-        "logits",
-        &logits,
-        &reference.logits(&h64, &batch).data,
+        &reference.mean_pooled(&small).data,
         1e-4,
         0.0,
     );
@@ -218,6 +232,13 @@ fn encoder_forward_matches_reference() {
 
 #[test]
 fn encoder_gradients_match_reference() {
+    // With the merged weights W0 + B·R·A and with the LoRA-SB branch beside W0.
+    for merge in [AdapterMerge::Merged, AdapterMerge::Branch] {
+        gradients_match_reference(merge);
+    }
+}
+
+fn gradients_match_reference(merge: AdapterMerge) {
     let tiny = tiny_model();
     let (batch, labels) = tiny_batch();
     let w64 = tiny.weights.map(f64::from);
@@ -234,13 +255,19 @@ fn encoder_gradients_match_reference() {
     );
     let mut gpu = GpuEncoder::new(ctx(), &tiny.weights, Some(&tiny.adapters), Some(&tiny.head))
         .expect("upload");
+    gpu.set_adapter_merge(merge);
 
     let losses =
         pollster::block_on(gpu.loss_and_gradients(&batch, &labels, GradientMode::BatchMean))
             .expect("backward");
     assert_close("sample losses", &losses, &step.sample_losses, 1e-5, 0.0);
     let grads = pollster::block_on(gpu.read_gradients()).expect("read");
-    assert_gradients_close("batch mean", &grads, &step.gradients, 1e-3);
+    assert_gradients_close(
+        &format!("batch mean ({merge:?})"),
+        &grads,
+        &step.gradients,
+        1e-3,
+    );
 
     let losses =
         pollster::block_on(gpu.loss_and_gradients(&batch, &labels, GradientMode::PerSample))
@@ -253,7 +280,7 @@ fn encoder_gradients_match_reference() {
         .zip(&step.per_sample_gradients)
         .enumerate()
     {
-        assert_gradients_close(&format!("sample {n}"), g, r, 1e-3);
+        assert_gradients_close(&format!("sample {n} ({merge:?})"), g, r, 1e-3);
     }
     // The batch buffer of a per-sample pass holds the sum of the per-sample gradients.
     let sum = pollster::block_on(gpu.read_gradients()).expect("read");

@@ -73,6 +73,33 @@ struct AdapterGpu {
     a: GpuBuffer,
     b: GpuBuffer,
     offset: usize,
+    /// `W0 + B·R·A` (out×in), rewritten by every forward pass that merges
+    /// ([`AdapterMerge`]); `br` (out×r) holds `B·R` on the way.
+    merged: GpuBuffer,
+    br: GpuBuffer,
+}
+
+/// Whether passes multiply by the merged weight `W0 + B·R·A` of each adapted
+/// linear (recomputed from the current `R` at the start of every forward
+/// pass) or apply the LoRA-SB branch beside `W0`, `((X·Aᵀ)·Rᵀ)·Bᵀ` forward
+/// and `((dY·B)·R)·A` for the input gradient. Both give the same result up to
+/// f32 rounding; the `R` gradients use `X·Aᵀ` and `dY·B` either way.
+///
+/// Merging replaces the branch's two products with inner dimension r per
+/// direction, which run far below a GPU's (and lavapipe's) matmul peak, by
+/// one `out × in × r` product per layer and pass: it pays when a pass has
+/// more token rows than `in·out / (in + out)` (192 for a 384×384 layer; a
+/// training batch of 32 sentences has several hundred). The choice is the
+/// same for every pass, not made per pass by its size, so that a batch
+/// split into passes ([`GpuEncoder::set_max_pass_sequences`]) gives the
+/// same result bit for bit as one pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AdapterMerge {
+    /// Multiply by `W0 + B·R·A`.
+    #[default]
+    Merged,
+    /// Apply the branch beside `W0` (tests, and A/B measurements).
+    Branch,
 }
 
 struct LayerGpu {
@@ -183,6 +210,8 @@ pub struct GpuEncoder<'c> {
     /// Cap on the sequences of one DP-SGD or evaluation pass
     /// ([`Self::set_max_pass_sequences`]).
     max_pass_sequences: Option<usize>,
+    /// When passes use the merged weights ([`Self::set_adapter_merge`]).
+    adapter_merge: AdapterMerge,
 }
 
 impl std::fmt::Debug for GpuEncoder<'_> {
@@ -258,6 +287,8 @@ impl<'c> GpuEncoder<'c> {
                             a: ctx.buffer_f32("lora_sb.A", &m.a.data),
                             b: ctx.buffer_f32("lora_sb.B", &m.b.data),
                             offset,
+                            merged: ctx.buffer_zeros("lora_sb.merged", out * inp),
+                            br: ctx.buffer_zeros("lora_sb.BR", out * rank.max(1)),
                         });
                         initial.extend_from_slice(&m.r.data);
                         offset += rank * rank;
@@ -320,6 +351,7 @@ impl<'c> GpuEncoder<'c> {
             weight_grads: None,
             current: None,
             max_pass_sequences: None,
+            adapter_merge: AdapterMerge::default(),
         })
     }
 
@@ -378,6 +410,13 @@ impl<'c> GpuEncoder<'c> {
     /// want to bound the activation memory.
     pub fn set_max_pass_sequences(&mut self, max: Option<usize>) {
         self.max_pass_sequences = max.map(|m| m.max(1));
+    }
+
+    /// Chooses when passes multiply by the merged weights `W0 + B·R·A`
+    /// ([`AdapterMerge`]; default [`AdapterMerge::Merged`]). The results are the
+    /// same up to f32 rounding; this is for tests and measurements.
+    pub fn set_adapter_merge(&mut self, merge: AdapterMerge) {
+        self.adapter_merge = merge;
     }
 
     /// [`Self::max_pass_sequences`] capped by [`Self::set_max_pass_sequences`]:
@@ -611,7 +650,9 @@ impl<'c> GpuEncoder<'c> {
         }
     }
 
-    /// `y = x·W0ᵀ + b (+ ((x·Aᵀ)·Rᵀ)·Bᵀ)`, keeping `x·Aᵀ` in `xa`.
+    /// `y = x·W0ᵀ + b (+ ((x·Aᵀ)·Rᵀ)·Bᵀ)`, keeping `x·Aᵀ` in `xa`; where the
+    /// pass merges ([`AdapterMerge`]) first `merged = W0 + (B·R)·A`, then
+    /// `y = x·mergedᵀ + b`.
     #[allow(clippy::too_many_arguments)]
     fn linear_forward(
         &self,
@@ -626,12 +667,43 @@ impl<'c> GpuEncoder<'c> {
     ) -> Result<(), GpuError> {
         let (out, inp, r) = (lin.out_features, lin.in_features, self.rank);
         let ctx = self.ctx;
+        let merged = match (adapter, xa) {
+            (Some(ad), Some(_)) if self.adapter_merge == AdapterMerge::Merged => {
+                enc.copy_buffer_to_buffer(
+                    &lin.weight.buffer,
+                    0,
+                    &ad.merged.buffer,
+                    0,
+                    (out * inp * 4) as u64,
+                );
+                gemm(
+                    ctx,
+                    enc,
+                    &Gemm::new(out, r, r).offsets(0, ad.offset, 0),
+                    &ad.b,
+                    &self.params,
+                    None,
+                    &ad.br,
+                )?;
+                gemm(
+                    ctx,
+                    enc,
+                    &Gemm::new(out, inp, r).accumulate(),
+                    &ad.br,
+                    &ad.a,
+                    None,
+                    &ad.merged,
+                )?;
+                Some(&ad.merged)
+            }
+            _ => None,
+        };
         gemm(
             ctx,
             enc,
             &Gemm::new(rows, out, inp).trans_b(),
             x,
-            &lin.weight,
+            merged.unwrap_or(&lin.weight),
             Some(&lin.bias),
             y,
         )?;
@@ -645,6 +717,9 @@ impl<'c> GpuEncoder<'c> {
                 None,
                 xa,
             )?;
+            if merged.is_some() {
+                return Ok(());
+            }
             gemm(
                 ctx,
                 enc,
@@ -815,8 +890,10 @@ impl<'c> GpuEncoder<'c> {
     }
 
     /// Backward of one adapted linear: `dx (+)= dy·W0 + ((dy·B)·R)·A` (when
-    /// `dx` is given), the `R` gradient into `grads` (batch) and, per sample,
-    /// into `per_sample`, and `Σ dyᵀ·x` into `dw`.
+    /// `dx` is given; `dy·merged` where the pass merges, [`AdapterMerge`], with
+    /// the merged weight the forward pass just wrote), the `R` gradient into
+    /// `grads` (batch) and, per sample, into `per_sample`, and `Σ dyᵀ·x` into
+    /// `dw`.
     #[allow(clippy::too_many_arguments)]
     fn linear_backward(
         &self,
@@ -835,10 +912,15 @@ impl<'c> GpuEncoder<'c> {
         let ctx = self.ctx;
         let rows = s.rows();
         let (out, inp, r) = (lin.out_features, lin.in_features, self.rank);
+        // The same choice as the forward pass of this batch made.
+        let merged = match (adapter, xa) {
+            (Some(ad), Some(_)) if self.adapter_merge == AdapterMerge::Merged => Some(&ad.merged),
+            _ => None,
+        };
         if let Some((dx, accumulate)) = dx {
             let mut g = Gemm::new(rows, inp, out);
             g.accumulate = accumulate;
-            gemm(ctx, enc, &g, dy, &lin.weight, None, dx)?;
+            gemm(ctx, enc, &g, dy, merged.unwrap_or(&lin.weight), None, dx)?;
         }
         if let (Some(ad), Some(xa)) = (adapter, xa) {
             gemm(ctx, enc, &Gemm::new(rows, r, out), dy, &ad.b, None, &w.u)?;
@@ -861,7 +943,7 @@ impl<'c> GpuEncoder<'c> {
                 };
                 lora_sb_grad_r(ctx, enc, &d, &w.u, xa, &w.sample_of, s.batch, s.seq, ps)?;
             }
-            if let Some((dx, _)) = dx {
+            if let (Some((dx, _)), None) = (dx, merged) {
                 gemm(
                     ctx,
                     enc,
