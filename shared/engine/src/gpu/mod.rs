@@ -66,9 +66,10 @@
 //! cheap (8 lanes per AVX op), and accumulator spills only start to cost beyond
 //! about 16×12 accumulators per invocation (see the sweep below).
 //!
-//! Three variants, picked by [`matmul::Variant::for_gemm`] (`Subgroup` on CPU
-//! adapters where available, else `Direct`, for vec4-aligned products; `Tiled`
-//! otherwise and on real GPUs):
+//! Four variants, picked by [`matmul::Variant::for_gemm`] (on CPU adapters
+//! `Texture` for the linear layers' products where subgroups of 8 are
+//! available, `Subgroup` for the other vec4-aligned products there, else
+//! `Direct`; `Tiled` otherwise and on real GPUs):
 //! - `Tiled` (`main`, any shape; real GPUs): 64×64 workgroup tiles staged in
 //!   workgroup memory, 8×8 register blocks, vec4 reads of workgroup memory:
 //!   2.1–4.6 GFLOP/s on lavapipe (1–4 % of numpy). Removing all its inner-loop
@@ -146,10 +147,25 @@
 //!   kernel would also need its operand split into 64 KiB windows, one
 //!   dispatch each. Not adopted.
 //!
-//! Not tried: `textureLoad` of the frozen weights kept as an `rgba32float`
-//! texture (a texel fetch, also a gather without the loop; the texture would
-//! cost nothing per product since W never changes). By the uniform-buffer
-//! result it would save at most the B loads' share, 1.1–1.8×.
+//! The `Texture` variant (`matmul_texture.wgsl`, where `Subgroup` runs, for
+//!   products with A not transposed, unbatched, `lda` and `ldb` multiples of 64 and
+//!   operands within 8192 texels: the linear layers' `X·Wᵀ` and `dY·W`): the
+//!   `Subgroup` kernel's tile and broadcasts with A and B read by
+//!   `textureLoad` from rgba32float textures, into which the launcher copies
+//!   them before every product ([`GpuContext`] keeps one scratch texture per
+//!   operand slot and width and reuses it). A texel fetch compiles to a
+//!   branch-free gather of 8 × 16 bytes, where a storage load is the per-lane
+//!   loop above. A throw-away harness (machine D, BENCHMARKS.md) timed the
+//!   32×4-per-lane kernel with A and B from storage at 26–47 GFLOP/s, B from
+//!   a texture at 29–53, both from textures at 51–60 (without the copies);
+//!   24 or 40 rows per tile were no better. In `bench_matmul`, copies
+//!   included, `Texture` runs at 1.03–1.2× `Subgroup` (43–52 GFLOP/s against
+//!   34–47, medians, quiet machine D).
+//!
+//! Beside the kernels, the encoder multiplies by the merged weight
+//! `W0 + B·R·A` of each adapted linear (`encoder::AdapterMerge`), which removes the LoRA-SB branch's products
+//! with inner dimension r (about 10 GFLOP/s on lavapipe, their stores
+//! dominating) from the forward and input-gradient passes.
 
 pub mod adamw;
 pub mod attention;
