@@ -22,7 +22,7 @@ use fedsb_engine::gpu::{GpuContext, GpuOptions};
 use fedsb_engine::model::{BertTokenizer, BertWeights};
 use fedsb_engine::reference::LoraSbAdapters;
 use fedsb_engine::train::evaluate;
-use fedsb_protocol::{RoundId, ServerMessage};
+use fedsb_protocol::RoundId;
 use sha2::{Digest, Sha256};
 use tokio::sync::{broadcast, watch};
 use tracing::{error, info, warn};
@@ -255,16 +255,13 @@ async fn catch_up(
         .await
         .map_err(|e| e.to_string())?;
     for round in pending {
-        let frame = store
-            .global_frame(RoundId(round))
+        // Decoded and checked against its checksum by the store.
+        let state = store
+            .committed_round(RoundId(round))
             .await
             .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("round {round} vanished from the database"))?;
-        let state = match ServerMessage::decode(&frame) {
-            Ok(ServerMessage::GlobalModel { adapter, .. }) => adapter,
-            Ok(_) => return Err(format!("round {round}: stored frame is not a GlobalModel")),
-            Err(e) => return Err(format!("round {round}: {e}")),
-        };
+            .ok_or_else(|| format!("round {round} vanished from the database"))?
+            .adapter;
         let started = Instant::now();
         let head = head_from_state(&state).map_err(|e| e.to_string())?;
         let result = match &p.frozen {
