@@ -37,8 +37,8 @@ L.append("""// enable subgroups;
 //
 // Why: Mesa 22.3's llvmpipe compiles a storage-buffer load into a loop over
 // the 8 SIMD lanes with a branch per lane and per component, but a texel
-// fetch into a branch-free gather of 8 × 16 bytes; on lavapipe the same kernel
-// runs about 1.2-1.4× faster with texture operands (measurements in
+// fetch into a branch-free gather of 8 × 16 bytes; on lavapipe this kernel,
+// the copies included, runs at 1.0-1.3× the storage-buffer one (medians in
 // BENCHMARKS.md).
 //
 // Only what the linear layers need: A not transposed (TRANS_A must be false),

@@ -74,8 +74,8 @@ pub enum Variant {
     Subgroup,
     /// `matmul_texture.wgsl`: the `Subgroup` kernel's tile and broadcasts with
     /// A and B read from rgba32float textures (`textureLoad`), into which the
-    /// launcher copies them before the dispatch; about 1.2–1.4× `Subgroup` on
-    /// lavapipe, whose texel fetches are branch-free gathers while its
+    /// launcher copies them before the dispatch; 1.0–1.3× `Subgroup` on
+    /// lavapipe (`bench_matmul` medians, copies included), whose texel fetches are branch-free gathers while its
     /// storage loads loop over the lanes. Available where `Subgroup` is; only
     /// for the linear layers' products ([`Variant::supports`]: A not
     /// transposed, unbatched, `lda` and `ldb` multiples of 64, operands within
