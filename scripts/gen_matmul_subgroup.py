@@ -7,8 +7,10 @@ which is too repetitive to keep by hand: edit this script, run
 both. The product does not need Python; only this generator does.
 """
 import pathlib
+
+from matmul_wgsl import COMP as comp, accumulators, broadcast_fma, stores, transpose_b
+
 TM, TN = 32, 4
-comp = "xyzw"
 L = []
 L.append("""// enable subgroups;
 // prelude: matmul_common.wgsl
@@ -92,8 +94,7 @@ for j in range(TN):
 L.append("    let cb0 = b_base + min(c0 / 4u, p.n / 4u - 1u);")
 L.append("")
 L.append("    // accI = row I, columns c0 .. c0+3.")
-for i in range(TM):
-    L.append(f"    var acc{i} = vec4<f32>(0.0);")
+L += accumulators(TM)
 L.append("    for (var kq = 0u; kq < p.k / 4u; kq++) {")
 for t in range(T8):
     L.append(f"        var av{t}: vec4<f32>;")
@@ -111,8 +112,7 @@ for kk in range(4):
 L.append("        if TRANS_B {")
 for j in range(TN):
     L.append(f"            let y{j} = b4[rb{j} + kq];")
-for kk in range(4):
-    L.append(f"            b{kk} = vec4<f32>(" + ", ".join(f"y{t}.{comp[kk]}" for t in range(4)) + ");")
+L += transpose_b([f"y{t}" for t in range(4)], 12)
 L.append("        } else {")
 L.append("            let k0 = 4u * kq * ldb4;")
 for kk in range(4):
@@ -129,15 +129,11 @@ for kk in range(4):
             L.append(f"            acc{i} = fma(vec4<f32>(s{kk}_{Q}.{comp[r]}), b{kk}, acc{i});")
 L.append("        } else {")
 L.append("            // sI = row I of the tile at k = 4kq .. 4kq+3.")
-for i in range(TM):
-    L.append(f"            let s{i} = subgroupBroadcast(av{i//8}, {i%8}u);")
-    for kk in range(4):
-        L.append(f"            acc{i} = fma(vec4<f32>(s{i}.{comp[kk]}), b{kk}, acc{i});")
+L += broadcast_fma(TM, 12)
 L.append("        }")
 L.append("    }")
 L.append("")
-for i in range(TM):
-    L.append(f"    store4(c_base, m0 + {i}u, c0, acc{i});")
+L += stores("c_base", TM)
 L.append("}")
 OUT = pathlib.Path(__file__).resolve().parent.parent / "shared/engine/src/gpu/matmul_subgroup.wgsl"
 OUT.write_text("\n".join(L) + "\n")

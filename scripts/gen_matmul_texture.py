@@ -9,6 +9,8 @@ commit both. The product does not need Python; only this generator does.
 import os
 import pathlib
 
+from matmul_wgsl import accumulators, broadcast_fma, stores, transpose_b
+
 # Rows per tile (a multiple of 8; every lane holds all of them, 4 columns each).
 # Must equal TEXTURE_TILE[0] in matmul.rs; TM=24 or 40 were measured no faster.
 TM = int(os.environ.get("TM", "32"))
@@ -67,8 +69,7 @@ L.append("    let bx = i32(min(c0, p.n - 4u) / 4u);")
 L.append("    // B as stored N×K (TRANS_B): the rows of this lane's 4 columns, clamped.")
 for i in range(4):
     L.append(f"    let br{i} = i32(min(c0 + {i}u, nlast));")
-for r in range(TM):
-    L.append(f"    var acc{r} = vec4<f32>(0.0);")
+L += accumulators(TM)
 L.append("    for (var kq = 0; kq < i32(p.k / 4u); kq++) {")
 L.append("        // This lane's share of A at k = 4kq .. 4kq+3.")
 for t in range(T8):
@@ -81,20 +82,15 @@ L.append("        var b3: vec4<f32>;")
 L.append("        if TRANS_B {")
 for i in range(4):
     L.append(f"            let t{i} = textureLoad(bt, vec2<i32>(kq, br{i}), 0);")
-for j, cmp in enumerate("xyzw"):
-    L.append(f"            b{j} = vec4<f32>(t0.{cmp}, t1.{cmp}, t2.{cmp}, t3.{cmp});")
+L += transpose_b([f"t{i}" for i in range(4)], 12)
 L.append("        } else {")
 for j in range(4):
     L.append(f"            b{j} = textureLoad(bt, vec2<i32>(bx, 4 * kq + {j}), 0);")
 L.append("        }")
 L.append("        // sI = row I of the tile at k = 4kq .. 4kq+3.")
-for r in range(TM):
-    L.append(f"        let s{r} = subgroupBroadcast(av{r // 8}, {r % 8}u);")
-    for j, cmp in enumerate("xyzw"):
-        L.append(f"        acc{r} = fma(vec4<f32>(s{r}.{cmp}), b{j}, acc{r});")
+L += broadcast_fma(TM, 8)
 L.append("    }")
-for r in range(TM):
-    L.append(f"    store4(p.c_off, m0 + {r}u, c0, acc{r});")
+L += stores("p.c_off", TM)
 L.append("}")
 out = pathlib.Path(__file__).resolve().parent.parent / "shared/engine/src/gpu/matmul_texture.wgsl"
 out.write_text("\n".join(L) + "\n")
