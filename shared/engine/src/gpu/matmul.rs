@@ -163,8 +163,7 @@ impl Variant {
                     && g.n.div_ceil(SUBGROUP_TILE[1]) <= 65_535
             }
             Self::Texture => {
-                // The stored B is K×N, or N×K when transposed.
-                let (b_rows, b_cols) = if g.trans_b { (g.n, g.k) } else { (g.k, g.n) };
+                let (b_rows, b_cols) = g.stored_b();
                 // copy_buffer_to_texture: rows of whole 256-byte multiples.
                 let row_align = wgpu::COPY_BYTES_PER_ROW_ALIGNMENT as usize / 4;
                 g.vec4_aligned()
@@ -295,6 +294,24 @@ impl Gemm {
         self
     }
 
+    /// Rows and columns of A as stored: M×K, or K×M when transposed.
+    fn stored_a(&self) -> (usize, usize) {
+        if self.trans_a {
+            (self.k, self.m)
+        } else {
+            (self.m, self.k)
+        }
+    }
+
+    /// Rows and columns of B as stored: K×N, or N×K when transposed.
+    fn stored_b(&self) -> (usize, usize) {
+        if self.trans_b {
+            (self.n, self.k)
+        } else {
+            (self.k, self.n)
+        }
+    }
+
     fn flops(&self) -> f64 {
         2.0 * (self.m * self.n * self.k * self.batch[0] * self.batch[1]) as f64
     }
@@ -303,8 +320,8 @@ impl Gemm {
     /// row lengths (K or M for A, N or K for B), the row strides, the offsets and
     /// the batch strides of A and B are all multiples of 4. C needs nothing.
     pub fn vec4_aligned(&self) -> bool {
-        let a_cols = if self.trans_a { self.m } else { self.k };
-        let b_cols = if self.trans_b { self.k } else { self.n };
+        let (_, a_cols) = self.stored_a();
+        let (_, b_cols) = self.stored_b();
         [
             self.k,
             a_cols,
@@ -350,16 +367,8 @@ impl Gemm {
         bias: Option<&GpuBuffer>,
         c: &GpuBuffer,
     ) -> Result<(), GpuError> {
-        let (ar, ac) = if self.trans_a {
-            (self.k, self.m)
-        } else {
-            (self.m, self.k)
-        };
-        let (br, bc) = if self.trans_b {
-            (self.n, self.k)
-        } else {
-            (self.k, self.n)
-        };
+        let (ar, ac) = self.stored_a();
+        let (br, bc) = self.stored_b();
         if self.ld[0] < ac || self.ld[1] < bc || self.ld[2] < self.n {
             return Err(GpuError::Shape(format!(
                 "gemm {self:?}: row stride below row length"
@@ -520,7 +529,7 @@ pub fn gemm_variant(
         ),
         // A and B as textures at bindings 1 and 2, copied there first.
         Variant::Texture => {
-            let (b_rows, b_cols) = if g.trans_b { (g.n, g.k) } else { (g.k, g.n) };
+            let (b_rows, b_cols) = g.stored_b();
             let u32_of = |x: usize| x as u32; // within TEXTURE_MAX_DIM (supports)
             let at = ctx.copy_to_texture(
                 encoder,
@@ -699,10 +708,17 @@ mod tests {
         let got = pollster::block_on(ctx.read_f32(&gc)).expect("read-back");
         let mut want = c0;
         cpu_ref::gemm(g, &a, &b, bias.then_some(&bv[..]), &mut want);
-        for (i, (x, y)) in got.iter().zip(&want).enumerate() {
+        assert_matches(&format!("{variant:?} {g:?} bias={bias}"), &got, &want);
+    }
+
+    /// Element-wise `|got − want| ≤ 1e-4 + 1e-4·|want|`, naming the first
+    /// index that is off.
+    fn assert_matches(label: &str, got: &[f32], want: &[f32]) {
+        assert_eq!(got.len(), want.len(), "{label}: lengths");
+        for (i, (x, y)) in got.iter().zip(want).enumerate() {
             assert!(
                 (x - y).abs() <= 1e-4 + 1e-4 * y.abs(),
-                "{variant:?} {g:?} bias={bias}: index {i}: {x} vs {y}"
+                "{label}: index {i}: {x} vs {y}"
             );
         }
     }
@@ -940,12 +956,7 @@ mod tests {
             let got = pollster::block_on(ctx.read_f32(&gc)).unwrap();
             let mut want = vec![0.0; g.m * g.n];
             cpu_ref::gemm(&g, &a, &b, None, &mut want);
-            for (i, (x, y)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (x - y).abs() <= 1e-4 + 1e-4 * y.abs(),
-                    "reused texture, {g:?}: index {i}: {x} vs {y}"
-                );
-            }
+            assert_matches(&format!("reused texture, {g:?}"), &got, &want);
         }
 
         // Picked for the linear layers' products on CPU adapters; the others
