@@ -650,6 +650,18 @@ impl<'c> GpuEncoder<'c> {
         }
     }
 
+    /// The adapter whose merged weight `W0 + B·R·A` a pass multiplies by in
+    /// place of `W0`: an adapted linear (one with activations `xa` kept) when
+    /// passes merge ([`AdapterMerge`]); `None` where the pass uses `W0` and
+    /// the branch.
+    fn merging<'a>(
+        &self,
+        adapter: Option<&'a AdapterGpu>,
+        xa: Option<&GpuBuffer>,
+    ) -> Option<&'a AdapterGpu> {
+        adapter.filter(|_| xa.is_some() && self.adapter_merge == AdapterMerge::Merged)
+    }
+
     /// `y = x·W0ᵀ + b (+ ((x·Aᵀ)·Rᵀ)·Bᵀ)`, keeping `x·Aᵀ` in `xa`; where the
     /// pass merges ([`AdapterMerge`]) first `merged = W0 + (B·R)·A`, then
     /// `y = x·mergedᵀ + b`.
@@ -667,43 +679,40 @@ impl<'c> GpuEncoder<'c> {
     ) -> Result<(), GpuError> {
         let (out, inp, r) = (lin.out_features, lin.in_features, self.rank);
         let ctx = self.ctx;
-        let merged = match (adapter, xa) {
-            (Some(ad), Some(_)) if self.adapter_merge == AdapterMerge::Merged => {
-                enc.copy_buffer_to_buffer(
-                    &lin.weight.buffer,
-                    0,
-                    &ad.merged.buffer,
-                    0,
-                    (out * inp * 4) as u64,
-                );
-                gemm(
-                    ctx,
-                    enc,
-                    &Gemm::new(out, r, r).offsets(0, ad.offset, 0),
-                    &ad.b,
-                    &self.params,
-                    None,
-                    &ad.br,
-                )?;
-                gemm(
-                    ctx,
-                    enc,
-                    &Gemm::new(out, inp, r).accumulate(),
-                    &ad.br,
-                    &ad.a,
-                    None,
-                    &ad.merged,
-                )?;
-                Some(&ad.merged)
-            }
-            _ => None,
-        };
+        let merging = self.merging(adapter, xa);
+        if let Some(ad) = merging {
+            enc.copy_buffer_to_buffer(
+                &lin.weight.buffer,
+                0,
+                &ad.merged.buffer,
+                0,
+                (out * inp * 4) as u64,
+            );
+            gemm(
+                ctx,
+                enc,
+                &Gemm::new(out, r, r).offsets(0, ad.offset, 0),
+                &ad.b,
+                &self.params,
+                None,
+                &ad.br,
+            )?;
+            gemm(
+                ctx,
+                enc,
+                &Gemm::new(out, inp, r).accumulate(),
+                &ad.br,
+                &ad.a,
+                None,
+                &ad.merged,
+            )?;
+        }
         gemm(
             ctx,
             enc,
             &Gemm::new(rows, out, inp).trans_b(),
             x,
-            merged.unwrap_or(&lin.weight),
+            merging.map_or(&lin.weight, |ad| &ad.merged),
             Some(&lin.bias),
             y,
         )?;
@@ -717,7 +726,7 @@ impl<'c> GpuEncoder<'c> {
                 None,
                 xa,
             )?;
-            if merged.is_some() {
+            if merging.is_some() {
                 return Ok(());
             }
             gemm(
@@ -913,14 +922,12 @@ impl<'c> GpuEncoder<'c> {
         let rows = s.rows();
         let (out, inp, r) = (lin.out_features, lin.in_features, self.rank);
         // The same choice as the forward pass of this batch made.
-        let merged = match (adapter, xa) {
-            (Some(ad), Some(_)) if self.adapter_merge == AdapterMerge::Merged => Some(&ad.merged),
-            _ => None,
-        };
+        let merging = self.merging(adapter, xa);
         if let Some((dx, accumulate)) = dx {
             let mut g = Gemm::new(rows, inp, out);
             g.accumulate = accumulate;
-            gemm(ctx, enc, &g, dy, merged.unwrap_or(&lin.weight), None, dx)?;
+            let weight = merging.map_or(&lin.weight, |ad| &ad.merged);
+            gemm(ctx, enc, &g, dy, weight, None, dx)?;
         }
         if let (Some(ad), Some(xa)) = (adapter, xa) {
             gemm(ctx, enc, &Gemm::new(rows, r, out), dy, &ad.b, None, &w.u)?;
@@ -943,7 +950,7 @@ impl<'c> GpuEncoder<'c> {
                 };
                 lora_sb_grad_r(ctx, enc, &d, &w.u, xa, &w.sample_of, s.batch, s.seq, ps)?;
             }
-            if let (Some((dx, _)), None) = (dx, merged) {
+            if let (Some((dx, _)), None) = (dx, merging) {
                 gemm(
                     ctx,
                     enc,
