@@ -10,6 +10,10 @@
 //! - a few AdamW steps on a separable synthetic task reduce the loss;
 //! - AdamW's state read back and set again after `set_trainable` continues a
 //!   run exactly, and without it the next step differs;
+//! - the merged weights `W0 + B·R·A`, kept between passes while `R` is
+//!   unchanged, follow every change of `R` (`set_trainable`, `train_step`,
+//!   `apply_adamw`): the logits equal those of a new encoder made with the
+//!   new `R`;
 //! - a batch whose buffers would exceed the device's storage-buffer limit
 //!   fails every pass (training, evaluation, embedding, DP-SGD when even one
 //!   sequence is too long) with [`GpuError::BufferLimit`] naming the batch,
@@ -534,6 +538,59 @@ fn optimizer_state_carried_across_set_trainable_continues_the_run() {
     nan.m[5] = f32::NAN;
     let err = reset.set_optimizer_state(&nan).unwrap_err().to_string();
     assert!(err.contains("first moment 5 is NaN"), "{err}");
+}
+
+#[test]
+fn merged_weights_follow_every_change_of_r() {
+    let tiny = tiny_model();
+    let (batch, labels) = tiny_batch();
+    let opt = AdamW {
+        lr: 5e-2,
+        ..AdamW::default()
+    };
+    // The logits of a new encoder, which merges its R in its first pass.
+    let fresh = |adapters: &LoraSbAdapters<f32>, head: &ClassifierHead<f32>| {
+        let mut e = GpuEncoder::new(ctx(), &tiny.weights, Some(adapters), Some(head)).unwrap();
+        pollster::block_on(e.logits(&batch)).unwrap()
+    };
+    let logits = |e: &mut GpuEncoder<'_>| pollster::block_on(e.logits(&batch)).unwrap();
+    let trained = |e: &GpuEncoder<'_>| pollster::block_on(e.read_adapters(&tiny.adapters)).unwrap();
+
+    let mut gpu =
+        GpuEncoder::new(ctx(), &tiny.weights, Some(&tiny.adapters), Some(&tiny.head)).unwrap();
+    let initial = logits(&mut gpu);
+    assert_eq!(initial, fresh(&tiny.adapters, &tiny.head));
+    // A second pass with R unchanged reuses the merged weights: the same logits.
+    assert_eq!(logits(&mut gpu), initial);
+
+    // New R's (A, B and the head as they were) through set_trainable.
+    let mut other = tiny.adapters.clone();
+    for layer in &mut other.layers {
+        for m in layer.iter_mut().flatten() {
+            for (i, x) in m.r.data.iter_mut().enumerate() {
+                *x = -1.5 * *x + 0.05 * (i % 7) as f32;
+            }
+        }
+    }
+    gpu.set_trainable(&other, &tiny.head).unwrap();
+    let after_set = logits(&mut gpu);
+    assert_eq!(after_set, fresh(&other, &tiny.head), "after set_trainable");
+    assert_ne!(after_set, initial, "the new R's change nothing: vacuous");
+
+    // A training step changes R after its forward pass merged the old one.
+    pollster::block_on(gpu.train_step(&batch, &labels, &opt)).unwrap();
+    let (adapters, head) = trained(&gpu);
+    let after_step = logits(&mut gpu);
+    assert_eq!(after_step, fresh(&adapters, &head), "after train_step");
+    assert_ne!(after_step, after_set, "the step changed nothing: vacuous");
+
+    // Gradients, then AdamW on its own.
+    pollster::block_on(gpu.loss_and_gradients(&batch, &labels, GradientMode::BatchMean)).unwrap();
+    gpu.apply_adamw(&opt).unwrap();
+    let (adapters, head) = trained(&gpu);
+    let after_adamw = logits(&mut gpu);
+    assert_eq!(after_adamw, fresh(&adapters, &head), "after apply_adamw");
+    assert_ne!(after_adamw, after_step, "the step changed nothing: vacuous");
 }
 
 /// A batch of `n` sequences of `t` tokens (all real), labels 0.

@@ -73,15 +73,17 @@ struct AdapterGpu {
     a: GpuBuffer,
     b: GpuBuffer,
     offset: usize,
-    /// `W0 + B·R·A` (out×in), rewritten by every forward pass that merges
-    /// ([`AdapterMerge`]); `br` (out×r) holds `B·R` on the way.
+    /// `W0 + B·R·A` (out×in), rewritten by a forward pass that merges
+    /// ([`AdapterMerge`]) when `R` changed since the last merge
+    /// ([`GpuEncoder::merge_due`]); `br` (out×r) holds `B·R` on the way.
     merged: GpuBuffer,
     br: GpuBuffer,
 }
 
 /// Whether passes multiply by the merged weight `W0 + B·R·A` of each adapted
-/// linear (recomputed from the current `R` at the start of every forward
-/// pass) or apply the LoRA-SB branch beside `W0`, `((X·Aᵀ)·Rᵀ)·Bᵀ` forward
+/// linear (recomputed from the current `R` at the start of a forward pass
+/// when `R` has changed since the last merge: after every training step, not
+/// between the batches of an evaluation or the chunks of a split pass) or apply the LoRA-SB branch beside `W0`, `((X·Aᵀ)·Rᵀ)·Bᵀ` forward
 /// and `((dY·B)·R)·A` for the input gradient. Both give the same result up to
 /// f32 rounding; the `R` gradients use `X·Aᵀ` and `dY·B` either way.
 ///
@@ -212,6 +214,13 @@ pub struct GpuEncoder<'c> {
     max_pass_sequences: Option<usize>,
     /// When passes use the merged weights ([`Self::set_adapter_merge`]).
     adapter_merge: AdapterMerge,
+    /// Version of `params`, bumped by every write to it (an AdamW step,
+    /// [`Self::set_trainable`]).
+    params_version: u64,
+    /// The `params` version whose `R`s the merged weights hold: set once a
+    /// pass that merged them was submitted (a recorded pass that is dropped
+    /// unsubmitted leaves them, and this, as they were).
+    merged_version: Option<u64>,
 }
 
 impl std::fmt::Debug for GpuEncoder<'_> {
@@ -352,6 +361,8 @@ impl<'c> GpuEncoder<'c> {
             current: None,
             max_pass_sequences: None,
             adapter_merge: AdapterMerge::default(),
+            params_version: 0,
+            merged_version: None,
         })
     }
 
@@ -662,6 +673,31 @@ impl<'c> GpuEncoder<'c> {
         adapter.filter(|_| xa.is_some() && self.adapter_merge == AdapterMerge::Merged)
     }
 
+    /// Whether the next forward pass must rewrite the merged weights: passes
+    /// merge and `params` changed since the merged weights were written.
+    fn merge_due(&self) -> bool {
+        self.adapter_merge == AdapterMerge::Merged
+            && self.merged_version != Some(self.params_version)
+    }
+
+    /// Records and submits a forward pass alone.
+    fn submit_forward(&mut self) -> Result<(), GpuError> {
+        let mut enc = self.ctx.encoder();
+        self.record_forward(&mut enc)?;
+        self.ctx.submit(enc);
+        self.forward_submitted(self.params_version);
+        Ok(())
+    }
+
+    /// Call after submitting an encoder with a recorded forward pass: the
+    /// merged weights now hold `R` of `version` (the `params` version the
+    /// pass was recorded at).
+    fn forward_submitted(&mut self, version: u64) {
+        if self.adapter_merge == AdapterMerge::Merged {
+            self.merged_version = Some(version);
+        }
+    }
+
     /// `y = x·W0ᵀ + b (+ ((x·Aᵀ)·Rᵀ)·Bᵀ)`, keeping `x·Aᵀ` in `xa`; where the
     /// pass merges ([`AdapterMerge`]) first `merged = W0 + (B·R)·A`, then
     /// `y = x·mergedᵀ + b`.
@@ -680,7 +716,7 @@ impl<'c> GpuEncoder<'c> {
         let (out, inp, r) = (lin.out_features, lin.in_features, self.rank);
         let ctx = self.ctx;
         let merging = self.merging(adapter, xa);
-        if let Some(ad) = merging {
+        if let Some(ad) = merging.filter(|_| self.merge_due()) {
             enc.copy_buffer_to_buffer(
                 &lin.weight.buffer,
                 0,
@@ -1204,9 +1240,7 @@ impl<'c> GpuEncoder<'c> {
     /// not normalized).
     pub async fn embed(&mut self, batch: &EncodedBatch) -> Result<Vec<f32>, GpuError> {
         self.upload(batch, None)?;
-        let mut enc = self.ctx.encoder();
-        self.record_forward(&mut enc)?;
-        self.ctx.submit(enc);
+        self.submit_forward()?;
         let w = self.workspace.as_ref().expect("uploaded");
         let mut v = self.ctx.read_f32(&w.pooled).await?;
         v.truncate(batch.batch_size * self.config.hidden_size);
@@ -1219,9 +1253,7 @@ impl<'c> GpuEncoder<'c> {
             return Err(GpuError::Shape("no classification head".into()));
         }
         self.upload(batch, None)?;
-        let mut enc = self.ctx.encoder();
-        self.record_forward(&mut enc)?;
-        self.ctx.submit(enc);
+        self.submit_forward()?;
         let w = self.workspace.as_ref().expect("uploaded");
         let mut v = self.ctx.read_f32(&w.logits).await?;
         v.truncate(batch.batch_size * self.num_labels);
@@ -1265,6 +1297,8 @@ impl<'c> GpuEncoder<'c> {
             &w.dlogits,
         )?;
         self.ctx.submit(enc);
+        self.forward_submitted(self.params_version);
+        let w = self.workspace.as_ref().expect("uploaded");
         let mut logits = self.ctx.read_f32(&w.logits).await?;
         logits.truncate(s.batch * self.num_labels);
         let mut losses = self.ctx.read_f32(&w.losses).await?;
@@ -1289,6 +1323,7 @@ impl<'c> GpuEncoder<'c> {
         self.record_forward(&mut enc)?;
         self.record_backward(&mut enc, mode)?;
         self.ctx.submit(enc);
+        self.forward_submitted(self.params_version);
         self.read_losses().await
     }
 
@@ -1325,6 +1360,9 @@ impl<'c> GpuEncoder<'c> {
             &self.adam_v,
         )?;
         self.ctx.submit(enc);
+        // The pass merged the R it started from; the step then changed R.
+        self.forward_submitted(self.params_version);
+        self.params_version += 1;
         let losses = self.read_losses().await?;
         Ok(losses.iter().sum::<f32>() / losses.len() as f32)
     }
@@ -1512,6 +1550,7 @@ impl<'c> GpuEncoder<'c> {
             )?;
         }
         ctx.submit(enc);
+        self.forward_submitted(self.params_version);
         Ok(())
     }
 
@@ -1532,6 +1571,7 @@ impl<'c> GpuEncoder<'c> {
             &self.adam_v,
         )?;
         self.ctx.submit(enc);
+        self.params_version += 1;
         Ok(())
     }
 
@@ -1563,6 +1603,7 @@ impl<'c> GpuEncoder<'c> {
             )));
         }
         self.ctx.write_f32(&self.params, &flat)?;
+        self.params_version += 1;
         let zeros = vec![0.0; self.params.len];
         self.ctx.write_f32(&self.adam_m, &zeros)?;
         self.ctx.write_f32(&self.adam_v, &zeros)?;
