@@ -83,8 +83,9 @@ struct AdapterGpu {
 /// Whether passes multiply by the merged weight `W0 + B·R·A` of each adapted
 /// linear (recomputed from the current `R` at the start of a forward pass
 /// when `R` has changed since the last merge: after every training step, not
-/// between the batches of an evaluation or the chunks of a split pass) or apply the LoRA-SB branch beside `W0`, `((X·Aᵀ)·Rᵀ)·Bᵀ` forward
-/// and `((dY·B)·R)·A` for the input gradient. Both give the same result up to
+/// between the batches of an evaluation or the chunks of a split pass) or
+/// apply the LoRA-SB branch beside `W0`, `((X·Aᵀ)·Rᵀ)·Bᵀ` forward and
+/// `((dY·B)·R)·A` for the input gradient. Both give the same result up to
 /// f32 rounding; the `R` gradients use `X·Aᵀ` and `dY·B` either way.
 ///
 /// Merging replaces the branch's two products with inner dimension r per
@@ -685,16 +686,16 @@ impl<'c> GpuEncoder<'c> {
         let mut enc = self.ctx.encoder();
         self.record_forward(&mut enc)?;
         self.ctx.submit(enc);
-        self.forward_submitted(self.params_version);
+        self.forward_submitted();
         Ok(())
     }
 
-    /// Call after submitting an encoder with a recorded forward pass: the
-    /// merged weights now hold `R` of `version` (the `params` version the
-    /// pass was recorded at).
-    fn forward_submitted(&mut self, version: u64) {
+    /// Call after submitting an encoder with a recorded forward pass, before
+    /// any change of `params` recorded after it is counted: the merged
+    /// weights now hold the current `R`.
+    fn forward_submitted(&mut self) {
         if self.adapter_merge == AdapterMerge::Merged {
-            self.merged_version = Some(version);
+            self.merged_version = Some(self.params_version);
         }
     }
 
@@ -1297,7 +1298,7 @@ impl<'c> GpuEncoder<'c> {
             &w.dlogits,
         )?;
         self.ctx.submit(enc);
-        self.forward_submitted(self.params_version);
+        self.forward_submitted();
         let w = self.workspace.as_ref().expect("uploaded");
         let mut logits = self.ctx.read_f32(&w.logits).await?;
         logits.truncate(s.batch * self.num_labels);
@@ -1323,7 +1324,7 @@ impl<'c> GpuEncoder<'c> {
         self.record_forward(&mut enc)?;
         self.record_backward(&mut enc, mode)?;
         self.ctx.submit(enc);
-        self.forward_submitted(self.params_version);
+        self.forward_submitted();
         self.read_losses().await
     }
 
@@ -1361,7 +1362,7 @@ impl<'c> GpuEncoder<'c> {
         )?;
         self.ctx.submit(enc);
         // The pass merged the R it started from; the step then changed R.
-        self.forward_submitted(self.params_version);
+        self.forward_submitted();
         self.params_version += 1;
         let losses = self.read_losses().await?;
         Ok(losses.iter().sum::<f32>() / losses.len() as f32)
@@ -1550,7 +1551,7 @@ impl<'c> GpuEncoder<'c> {
             )?;
         }
         ctx.submit(enc);
-        self.forward_submitted(self.params_version);
+        self.forward_submitted();
         Ok(())
     }
 
