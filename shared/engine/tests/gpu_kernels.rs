@@ -609,30 +609,81 @@ fn attention_softmax_matches_reference() {
 #[test]
 fn adamw_matches_reference() {
     let ctx = ctx();
-    let mut rng = Rng(8);
     let n = 1037;
-    let param = rng.vec(n);
-    let opt = AdamW {
-        lr: 1e-2,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.01,
-    };
-    let grads: Vec<Vec<f32>> = (0..3).map(|_| rng.vec(n)).collect();
-    let (gp, gm, gv) = (
-        ctx.buffer_f32("param", &param),
-        ctx.buffer_zeros("m", n),
-        ctx.buffer_zeros("v", n),
-    );
-    for (step, g) in grads.iter().enumerate() {
-        let gg = ctx.buffer_f32("grad", g);
-        let mut enc = ctx.encoder();
-        adamw::adamw_step(ctx, &mut enc, &opt, step as u32 + 1, n, &gg, &gp, &gm, &gv).unwrap();
-        ctx.submit(enc);
+    // The last 300 elements (from 737, not a multiple of the workgroup
+    // size) are a head at a quarter of the rate; a split at n has none.
+    for (split, head_lr_scale) in [(737, 0.25), (n, 1.0), (n, 0.25), (0, 0.5)] {
+        let mut rng = Rng(8);
+        let param = rng.vec(n);
+        let opt = AdamW {
+            lr: 1e-2,
+            head_lr_scale,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        };
+        let grads: Vec<Vec<f32>> = (0..3).map(|_| rng.vec(n)).collect();
+        let (gp, gm, gv) = (
+            ctx.buffer_f32("param", &param),
+            ctx.buffer_zeros("m", n),
+            ctx.buffer_zeros("v", n),
+        );
+        for (step, g) in grads.iter().enumerate() {
+            let gg = ctx.buffer_f32("grad", g);
+            let mut enc = ctx.encoder();
+            adamw::adamw_step(
+                ctx,
+                &mut enc,
+                &opt,
+                step as u32 + 1,
+                n,
+                split,
+                &gg,
+                &gp,
+                &gm,
+                &gv,
+            )
+            .unwrap();
+            ctx.submit(enc);
+        }
+        let got = read(&gp);
+        let expected = cpu_ref::adamw(&param, &grads, &opt, split);
+        let what = format!("adamw 3 steps, head from {split} at ×{head_lr_scale}");
+        assert_close(&what, &got, &expected, 1e-6, 1e-5);
+        // The head's rate really applied: three steps at the body's rate
+        // would differ there by far more than the tolerance.
+        if split < n && head_lr_scale != 1.0 {
+            let body_rate = cpu_ref::adamw(&param, &grads, &opt, n);
+            let i = n - 1;
+            assert!(
+                (got[i] - body_rate[i]).abs() > 1e-3,
+                "{what}: element {i} moved at the body's rate"
+            );
+        }
     }
-    let expected = cpu_ref::adamw(&param, &grads, &opt);
-    assert_close("adamw 3 steps", &read(&gp), &expected, 1e-6, 1e-5);
+}
+
+#[test]
+fn adamw_refuses_a_head_past_the_parameters() {
+    let ctx = ctx();
+    let n = 10;
+    let b = ctx.buffer_zeros("b", n);
+    let mut enc = ctx.encoder();
+    let e = adamw::adamw_step(
+        ctx,
+        &mut enc,
+        &AdamW::default(),
+        1,
+        n,
+        n + 1,
+        &b,
+        &b,
+        &b,
+        &b,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("head starts at 11"), "{e}");
 }
 
 // ---------------------------------------------------------------- head

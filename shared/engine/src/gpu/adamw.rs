@@ -12,6 +12,11 @@ const SOURCE: &str = include_str!("adamw.wgsl");
 pub struct AdamW {
     /// Learning rate.
     pub lr: f32,
+    /// The classification head trains at `lr · head_lr_scale` (1: at `lr`).
+    /// A ratio rather than a second rate, so that a per-round schedule that
+    /// sets `lr` moves both rates together. Which elements are the head is
+    /// the caller's `split` in [`adamw_step`].
+    pub head_lr_scale: f32,
     /// First-moment decay.
     pub beta1: f32,
     /// Second-moment decay.
@@ -26,6 +31,7 @@ impl Default for AdamW {
     fn default() -> Self {
         Self {
             lr: 1e-3,
+            head_lr_scale: 1.0,
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
@@ -47,8 +53,17 @@ pub struct AdamState {
     pub steps: u32,
 }
 
+impl AdamW {
+    /// The head's learning rate, `lr · head_lr_scale`.
+    pub fn head_lr(&self) -> f32 {
+        self.lr * self.head_lr_scale
+    }
+}
+
 /// One AdamW step number `step` (1-based) on `n` parameters; updates `param`,
-/// `m` and `v` in place.
+/// `m` and `v` in place. Elements `split..n` (the head, when the parameters
+/// end with it) step at [`AdamW::head_lr`], the others at `lr`; `split = n`
+/// steps all at `lr`.
 #[allow(clippy::too_many_arguments)]
 pub fn adamw_step(
     ctx: &GpuContext,
@@ -56,6 +71,7 @@ pub fn adamw_step(
     opt: &AdamW,
     step: u32,
     n: usize,
+    split: usize,
     grad: &GpuBuffer,
     param: &GpuBuffer,
     m: &GpuBuffer,
@@ -68,6 +84,11 @@ pub fn adamw_step(
                 b.len
             )));
         }
+    }
+    if split > n {
+        return Err(GpuError::Shape(format!(
+            "adamw: the head starts at {split}, past the {n} parameters"
+        )));
     }
     if step == 0 {
         return Err(GpuError::Shape("adamw: step numbers start at 1".into()));
@@ -84,6 +105,8 @@ pub fn adamw_step(
         opt.weight_decay.to_bits(),
         (bc1 as f32).to_bits(),
         (bc2 as f32).to_bits(),
+        split as u32,
+        opt.head_lr().to_bits(),
     ]);
     ctx.dispatch(
         encoder,

@@ -6,7 +6,9 @@
 //     param ← param - (lr / bc1) · m / (sqrt(v) / sqrt(bc2) + eps)
 //
 // with bias corrections bc1 = 1 - β1^step, bc2 = 1 - β2^step computed on the CPU
-// in f64. One invocation per element; the grid may be 2-D for large n.
+// in f64. Elements from `split` on (the classification head) use `lr2` instead
+// of `lr`, in the decay as in the step, as a second torch parameter group
+// would. One invocation per element; the grid may be 2-D for large n.
 
 struct Params {
     n: u32,
@@ -17,6 +19,8 @@ struct Params {
     weight_decay: f32,
     bc1: f32,
     bc2: f32,
+    split: u32,
+    lr2: f32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -40,6 +44,7 @@ fn step(
     let v1 = p.beta2 * v[i] + (1.0 - p.beta2) * g * g;
     m[i] = m1;
     v[i] = v1;
-    let decayed = param[i] * (1.0 - p.lr * p.weight_decay);
-    param[i] = decayed - (p.lr / p.bc1) * m1 / (sqrt(v1) / sqrt(p.bc2) + p.eps);
+    let lr = select(p.lr, p.lr2, i >= p.split);
+    let decayed = param[i] * (1.0 - lr * p.weight_decay);
+    param[i] = decayed - (lr / p.bc1) * m1 / (sqrt(v1) / sqrt(p.bc2) + p.eps);
 }

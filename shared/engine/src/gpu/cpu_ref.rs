@@ -398,16 +398,25 @@ pub fn attention_backward(
     (f(dq), f(dk), f(dv))
 }
 
-/// `steps` AdamW steps (torch.optim.AdamW) with the same gradient each step, in f64.
-pub fn adamw(param: &[f32], grads: &[Vec<f32>], opt: &super::adamw::AdamW) -> Vec<f32> {
+/// AdamW steps (torch.optim.AdamW), one per gradient in `grads`, in f64.
+/// Elements from `split` on form a second parameter group at `lr ·
+/// head_lr_scale`.
+pub fn adamw(
+    param: &[f32],
+    grads: &[Vec<f32>],
+    opt: &super::adamw::AdamW,
+    split: usize,
+) -> Vec<f32> {
     let (b1, b2) = (opt.beta1 as f64, opt.beta2 as f64);
-    let (lr, eps, wd) = (opt.lr as f64, opt.eps as f64, opt.weight_decay as f64);
+    let (eps, wd) = (opt.eps as f64, opt.weight_decay as f64);
+    let head_lr = opt.head_lr() as f64;
     let mut p: Vec<f64> = param.iter().map(|&x| x as f64).collect();
     let mut m = vec![0.0; p.len()];
     let mut v = vec![0.0; p.len()];
     for (step, g) in grads.iter().enumerate() {
         let t = step as i32 + 1;
         for i in 0..p.len() {
+            let lr = if i >= split { head_lr } else { opt.lr as f64 };
             let gi = g[i] as f64;
             p[i] *= 1.0 - lr * wd;
             m[i] = b1 * m[i] + (1.0 - b1) * gi;
