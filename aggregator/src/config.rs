@@ -117,6 +117,12 @@ pub struct TaskSection {
     /// what it was before this key existed.
     #[serde(default = "default_lr_decay", skip_serializing_if = "is_constant")]
     pub lr_decay: f64,
+    /// The classification head's learning rate in round 1 (default: the
+    /// `learning_rate`); it follows `lr_decay` too, keeping the ratio of the
+    /// two rates. Announced in `TaskInfo`. Unset, it leaves the task's
+    /// identity what it was before this key existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_learning_rate: Option<f32>,
     /// The server's learning rate η, in (0, 2]: each round's global model
     /// moves η of the way from the previous one to the mean of the updates
     /// (plus the momentum below; FedAvgM). 1 (the default) takes the mean
@@ -320,6 +326,12 @@ fn default_lr_decay() -> f64 {
 }
 
 impl TaskSection {
+    /// The head's learning rate in round 1: `head_learning_rate`, else
+    /// `learning_rate`.
+    pub fn head_learning_rate(&self) -> f32 {
+        self.head_learning_rate.unwrap_or(self.learning_rate)
+    }
+
     /// The server's step from `server_learning_rate` and `server_momentum`.
     pub fn server_step(&self) -> ServerStep {
         ServerStep {
@@ -527,6 +539,11 @@ impl Config {
                 "task.learning_rate {} must be positive",
                 t.learning_rate
             ));
+        }
+        if let Some(h) = t.head_learning_rate {
+            if !(h.is_finite() && h > 0.0) {
+                return bad(format!("task.head_learning_rate {h} must be positive"));
+            }
         }
         if !(t.lr_decay > 0.0 && t.lr_decay <= 1.0) {
             return bad(format!(
@@ -843,6 +860,29 @@ rank = 4
         );
         // Round 0 (the initial model) is not trained; it maps to round 1.
         assert_eq!(round_learning_rate(1e-2, 0.5, 0), 1e-2);
+    }
+
+    #[test]
+    fn head_learning_rate_defaults_to_the_learning_rate_and_only_a_set_one_changes_the_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = load(dir.path(), MINIMAL).unwrap();
+        assert_eq!(plain.task.head_learning_rate, None);
+        assert_eq!(plain.task.head_learning_rate(), plain.task.learning_rate);
+        let set = MINIMAL.replace("rounds = 3", "rounds = 3\nhead_learning_rate = 2.5e-4");
+        let set = load(dir.path(), &set).unwrap();
+        assert_eq!(set.task.head_learning_rate(), 2.5e-4);
+        assert_ne!(plain.identity_json(), set.identity_json());
+        for bad in ["0.0", "-1e-3", "nan", "inf"] {
+            let text = MINIMAL.replace(
+                "rounds = 3",
+                &format!("rounds = 3\nhead_learning_rate = {bad}"),
+            );
+            let e = load(dir.path(), &text).unwrap_err();
+            assert!(
+                e.to_string().contains("task.head_learning_rate"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

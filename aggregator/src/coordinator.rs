@@ -1293,6 +1293,7 @@ mod tests {
             local_steps: 1,
             batch_size: 1,
             learning_rate: 0.01,
+            head_learning_rate: 0.01,
             max_seq_len: 8,
             total_rounds: 3,
             files: Vec::new(),

@@ -23,7 +23,8 @@
 //!    and a download whose hash differs from the announced one is refused.
 //! 3. For every `RoundOpen` of a round it has not sent an update for: sets
 //!    every `R` and the head to the latest global state, trains `local_steps`
-//!    AdamW steps (weight decay 0.01; moments reset at the start of the
+//!    AdamW steps (weight decay 0.01; the head at the task's
+//!    `head_learning_rate`; moments reset at the start of the
 //!    round unless `--keep-moments`) on batches of `batch_size` drawn from
 //!    its data (shuffled, epoch after epoch across rounds), and sends
 //!    `Update { round, num_samples, train_loss, adapter }`.
@@ -70,7 +71,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Args;
 use fedsb_engine::data::{read_dataset_file, Dataset};
-use fedsb_engine::gpu::adamw::AdamW;
 use fedsb_engine::gpu::encoder::GpuEncoder;
 use fedsb_engine::gpu::{GpuContext, GpuOptions};
 use fedsb_engine::model::{BertTokenizer, BertWeights};
@@ -89,7 +89,7 @@ use crate::data_args::{require_label_column, DataColumns};
 use crate::dp_training::{DpTraining, LedgerFile};
 use crate::participant::{parse_module_names, read_adapter_file, ModuleRef};
 use crate::privacy_cmd::AccountantArg;
-use fedsb_participant::LocalOptimizer;
+use fedsb_participant::{task_adamw, LocalOptimizer};
 
 /// The files a participant needs, by their names in `TaskInfo.files`.
 const MODEL_FILES: [&str; 3] = ["config.json", "model.safetensors", "tokenizer.json"];
@@ -1047,12 +1047,7 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
         Some(&loaded.frozen),
         Some(&zero_head),
     )?;
-    let adamw = AdamW {
-        lr: task.learning_rate,
-        weight_decay: 0.01,
-        ..AdamW::default()
-    };
-    let mut opt = LocalOptimizer::new(adamw, args.keep_moments);
+    let mut opt = LocalOptimizer::new(task_adamw(&task)?, args.keep_moments);
     let mut sampler = BatchSampler::new(data.len(), task.batch_size as usize, args.seed);
     let dp = match &task.privacy {
         Some(policy) => {

@@ -148,6 +148,7 @@ impl Server {
             local_steps: config.task.local_steps,
             batch_size: config.task.batch_size,
             learning_rate: config.task.learning_rate,
+            head_learning_rate: config.task.head_learning_rate(),
             max_seq_len: config.task.max_seq_len,
             total_rounds: config.task.rounds,
             files: files

@@ -122,6 +122,11 @@ pub struct SimArgs {
     /// its participants. 1 keeps it constant.
     #[arg(long, default_value_t = 1.0)]
     lr_decay: f64,
+    /// The clients' AdamW learning rate of the classification head (default:
+    /// --lr), as `[task] head_learning_rate`. With --lr-decay it decays with
+    /// --lr, keeping their ratio.
+    #[arg(long)]
+    head_lr: Option<f32>,
     /// The server's learning rate η: the global model moves η of the way
     /// from the previous one to the clients' mean (with --server-momentum,
     /// FedAvgM), as `[task] server_learning_rate`. 1 takes the mean.
@@ -217,6 +222,11 @@ pub struct SimArgs {
 }
 
 impl SimArgs {
+    /// The head's learning rate in round 1: --head-lr, else --lr.
+    fn head_lr(&self) -> f32 {
+        self.head_lr.unwrap_or(self.lr)
+    }
+
     /// η of the LoRA-SB initialization: --init-lr, else --lr.
     fn init_lr(&self) -> f32 {
         self.init_lr.unwrap_or(self.lr)
@@ -562,6 +572,7 @@ fn write_shards(
             "local_steps": local_steps,
             "batch_size": args.batch,
             "learning_rate": args.lr,
+            "head_learning_rate": args.head_lr(),
             "lr_decay": args.lr_decay,
             "server_learning_rate": args.server_lr,
             "server_momentum": args.server_momentum,
@@ -658,6 +669,11 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
             args.lr_decay
         );
     }
+    if let Some(h) = args.head_lr {
+        if !(h > 0.0 && h.is_finite()) {
+            bail!("--head-lr {h} must be positive");
+        }
+    }
     // η alone first, so that each refusal names the flag at fault.
     let lr_only = ServerStep {
         momentum: 0.0,
@@ -705,6 +721,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
     });
     let opt = AdamW {
         lr: args.lr,
+        head_lr_scale: args.head_lr() / args.lr,
         weight_decay: 0.01,
         ..AdamW::default()
     };
@@ -1052,6 +1069,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
             ("split".to_owned(), args.split.clone()),
             ("local_steps".to_owned(), local_steps.to_string()),
             ("learning_rate".to_owned(), args.lr.to_string()),
+            ("head_learning_rate".to_owned(), args.head_lr().to_string()),
             ("lr_decay".to_owned(), args.lr_decay.to_string()),
             (
                 "server_learning_rate".to_owned(),

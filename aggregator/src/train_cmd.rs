@@ -75,6 +75,9 @@ pub struct TrainArgs {
     /// AdamW learning rate.
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
+    /// AdamW learning rate of the classification head (default: --lr).
+    #[arg(long)]
+    head_lr: Option<f64>,
     /// η of the LoRA-SB initialization, ΔW = −η·sign(G), which scales R₀
     /// (default: --lr). Set it to vary the learning rate from the same
     /// initialization.
@@ -142,6 +145,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let init_lr = args.init_lr.unwrap_or(args.lr);
     if !(init_lr > 0.0 && init_lr.is_finite()) {
         bail!("--init-lr {init_lr} must be positive");
+    }
+    let head_lr = args.head_lr.unwrap_or(args.lr);
+    if !(head_lr > 0.0 && head_lr.is_finite()) {
+        bail!("--head-lr {head_lr} must be positive");
     }
     let dp_wanted = args.dp_epsilon.is_some() || args.noise_multiplier.is_some();
     match (dp_wanted, args.clip) {
@@ -243,6 +250,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     );
     let opt = AdamW {
         lr: args.lr as f32,
+        head_lr_scale: (head_lr / args.lr) as f32,
         weight_decay: 0.01,
         ..AdamW::default()
     };
@@ -391,6 +399,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
                 ),
                 ("steps".to_owned(), args.steps.to_string()),
                 ("learning_rate".to_owned(), args.lr.to_string()),
+                ("head_learning_rate".to_owned(), head_lr.to_string()),
                 ("init_learning_rate".to_owned(), init_lr.to_string()),
                 ("trained_by".to_owned(), "fedsb train".to_owned()),
             ]);
@@ -415,6 +424,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         "samples_per_second": samples_per_second,
         "init_samples": taken,
         "learning_rate": args.lr,
+        "head_learning_rate": head_lr,
         "init_learning_rate": init_lr,
         "init_seconds": init_seconds,
         "eval_samples_per_second": e.samples as f64 / eval_seconds.max(1e-9),

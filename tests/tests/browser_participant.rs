@@ -279,6 +279,7 @@ fn sst2_task_dir() -> anyhow::Result<tempfile::TempDir> {
         local_steps: sst2::LOCAL_STEPS,
         batch: sst2::BATCH as usize,
         learning_rate: sst2::LEARNING_RATE,
+        head_learning_rate: None,
         lr_decay: 1.0,
         max_seq_len: sst2::MAX_SEQ_LEN,
         rank: sst2::RANK,
@@ -300,6 +301,8 @@ struct EvalTask {
     local_steps: u32,
     batch: usize,
     learning_rate: f64,
+    /// `[task] head_learning_rate` (unset: the learning rate).
+    head_learning_rate: Option<f64>,
     /// `[task] lr_decay`: round n trains at learning_rate · lr_decay^(n−1).
     lr_decay: f64,
     max_seq_len: u32,
@@ -320,7 +323,7 @@ labels = ["{}", "{}"]
 local_steps = {steps}
 batch_size = {batch}
 learning_rate = {lr:?}
-lr_decay = {decay:?}
+{head_lr}lr_decay = {decay:?}
 max_seq_len = {seq}
 [model]
 id = "{model}"
@@ -345,6 +348,10 @@ idle_timeout_secs = {idle}
         steps = t.local_steps,
         batch = t.batch,
         lr = t.learning_rate,
+        head_lr = t
+            .head_learning_rate
+            .map(|h| format!("head_learning_rate = {h:?}\n"))
+            .unwrap_or_default(),
         decay = t.lr_decay,
         seq = t.max_seq_len,
         model = t.model_id,
@@ -1852,6 +1859,9 @@ fn minilm_task_dir(adapter: Option<&Path>) -> anyhow::Result<tempfile::TempDir> 
         local_steps: 2,
         batch: MINILM_ROWS,
         learning_rate: 0.001,
+        // The head at a third of the rate: the tab must train it at the
+        // rate `TaskInfo` announces, as `fedsb join` does.
+        head_learning_rate: Some(0.000_333),
         // Round 2 at half the rate: the tab must train at the rate its
         // RoundOpen announces, as `fedsb join` does.
         lr_decay: 0.5,
@@ -1873,7 +1883,8 @@ async fn round_globals(agg: &Aggregator, rounds: usize) -> anyhow::Result<Vec<Ad
 }
 
 /// The real model in the browser: a tab trains all-MiniLM-L6-v2 (rank 8, 2
-/// rounds of 2 steps on 16 SST-2 sentences) and every round's global state
+/// rounds of 2 steps on 16 SST-2 sentences; the rate halved in round 2, the
+/// head at a third of it) and every round's global state
 /// (here the tab's update) equals that of the same task trained by `fedsb
 /// join` on the native engine. Prints both speeds (samples/s per round).
 #[tokio::test(flavor = "multi_thread")]

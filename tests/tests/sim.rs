@@ -489,7 +489,7 @@ fn without_json_rounds_go_to_stderr_and_the_table_to_stdout() -> anyhow::Result<
 #[test]
 fn sim_refuses_bad_input_clearly() -> anyhow::Result<()> {
     let task = Task::new()?;
-    let cases: [(usize, &[&str], &str); 19] = [
+    let cases: [(usize, &[&str], &str); 20] = [
         (CLIENTS, &["--split", "shards"], "unknown --split"),
         (CLIENTS, &["--split", "dirichlet:0"], "positive"),
         (CLIENTS, &["--split", "dirichlet:-2"], "positive"),
@@ -527,6 +527,7 @@ fn sim_refuses_bad_input_clearly() -> anyhow::Result<()> {
             "--head-only trains without DP-SGD",
         ),
         (CLIENTS, &["--init-lr", "0"], "--init-lr 0 must be positive"),
+        (CLIENTS, &["--head-lr", "0"], "--head-lr 0 must be positive"),
         (
             CLIENTS,
             &["--init-lr", "0.01", "--init", "adapter.safetensors"],
@@ -727,18 +728,19 @@ fn the_learning_rate_sweep_script_runs_on_a_tiny_model() -> anyhow::Result<()> {
 }
 
 /// The WebSocket run's task: the simulation's settings; `task` holds the `[task]` settings that
-/// `shards.json` lists besides the fixed ones here (`lr_decay`, the server's
-/// step).
+/// `shards.json` lists besides the fixed ones here (`lr_decay`, the head's
+/// learning rate, the server's step).
 fn task_toml(rounds: u64, task: &serde_json::Value) -> anyhow::Result<String> {
     let key = |k: &str| -> anyhow::Result<f64> {
         task[k]
             .as_f64()
             .with_context(|| format!("shards.json: task.{k} in {task}"))
     };
-    let (lr_decay, server_lr, server_momentum) = (
+    let (lr_decay, server_lr, server_momentum, head_lr) = (
         key("lr_decay")?,
         key("server_learning_rate")?,
         key("server_momentum")?,
+        key("head_learning_rate")?,
     );
     Ok(format!(
         r#"[task]
@@ -751,6 +753,7 @@ labels = ["{}", "{}"]
 local_steps = {LOCAL_STEPS}
 batch_size = {BATCH}
 learning_rate = 0.01
+head_learning_rate = {head_lr}
 lr_decay = {lr_decay}
 server_learning_rate = {server_lr}
 server_momentum = {server_momentum}
@@ -837,6 +840,60 @@ async fn lr_decay_changes_round_two_and_equals_the_run_over_websockets() -> anyh
     )?)?;
     assert_eq!(manifest["task"]["lr_decay"], 0.5, "{manifest}");
     round_one_equal_round_two_differs(&task, &decayed, "--lr-decay 0.5")?;
+    Ok(())
+}
+
+/// `--head-lr 0.0025`: the head trains at a quarter of the clients' rate.
+/// Round 1 differs from the run at one rate: the head moves much less from
+/// round 0, the `R`s differ too (every step after the first sees another
+/// head). An aggregator with `head_learning_rate = 0.0025` (the value
+/// `shards.json` lists) announces it in `TaskInfo`, so `fedsb join` over
+/// WebSockets gives the same global states.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_learning_rate_changes_round_one_and_equals_the_run_over_websockets(
+) -> anyhow::Result<()> {
+    let (task, slow_head, rounds) = sim_against_websockets(&["--head-lr", "0.0025"]).await?;
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(
+        task.path().join("shards").join("shards.json"),
+    )?)?;
+    // An f32 written as JSON: 0.0025 once read back as an f32.
+    let head_lr = manifest["task"]["head_learning_rate"].as_f64();
+    assert_eq!(head_lr.map(|h| h as f32), Some(0.0025), "{manifest}");
+    // The announced body rate is unchanged.
+    assert_eq!(rounds[1]["learning_rate"], 0.01);
+    let plain = task.path().join("globals-plain");
+    let mut flags = WS_RUN_FLAGS.to_vec();
+    flags.extend(["--write-globals", plain.to_str().context("path")?]);
+    check_success("fedsb sim, one rate", &run(task.sim(1, &flags))?)?;
+    let state = |dir: &Path, n: u64| -> anyhow::Result<AdapterState> {
+        Ok(decode_global(&std::fs::read(dir.join(format!("round-{n}.bin")))?)?.3)
+    };
+    let head_move = |dir: &Path| -> anyhow::Result<f32> {
+        let (s0, s1) = (state(dir, 0)?, state(dir, 1)?);
+        Ok(s0
+            .head_weight
+            .data
+            .iter()
+            .zip(&s1.head_weight.data)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max))
+    };
+    assert_eq!(
+        flat(&state(&slow_head, 0)?),
+        flat(&state(&plain, 0)?),
+        "round 0"
+    );
+    let (slow, one_rate) = (head_move(&slow_head)?, head_move(&plain)?);
+    eprintln!("round 1 moved the head by up to {slow:e} at --head-lr 0.0025, {one_rate:e} at --lr");
+    // LOCAL_STEPS fresh AdamW steps move a weight by at most about
+    // LOCAL_STEPS × its rate.
+    assert!(
+        slow > 0.0 && slow <= 1.05 * LOCAL_STEPS as f32 * 0.0025,
+        "the head moved by {slow:e}"
+    );
+    assert!(one_rate > 2.0 * slow, "{one_rate:e} vs {slow:e}");
+    let (r_slow, r_plain) = (state(&slow_head, 1)?.r, state(&plain, 1)?.r);
+    assert_ne!(r_slow, r_plain, "the R of round 1 did not change");
     Ok(())
 }
 

@@ -1,5 +1,6 @@
 //! `fedsb train` on a tiny random BERT (GPU: lavapipe here): `--init-lr`
-//! initializes as `fedsb init --lr η` does while AdamW runs at `--lr`; and
+//! initializes as `fedsb init --lr η` does while AdamW runs at `--lr`;
+//! `--head-lr` trains the head at its own rate; and
 //! `fedsb init`'s report of its two phases and its refusal of a rank wider
 //! than a layer.
 
@@ -145,6 +146,84 @@ fn init_lr_sets_the_initialization_apart_from_the_learning_rate() -> anyhow::Res
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--init-lr -1 must be positive"), "{stderr}");
+    Ok(())
+}
+
+/// `--head-lr`: one AdamW step at a negligible `--lr` and `--head-lr 0.01`
+/// moves every head weight with a gradient by about 0.01 (a fresh AdamW's
+/// first step is ±lr) and leaves every R as the run without the flag does;
+/// the report and the adapter file name the rate, and a bad one is refused.
+#[test]
+fn head_lr_trains_the_head_at_its_own_rate() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    write_tiny_model(&dir.join("model"), 11)?;
+    std::fs::write(dir.join("train.tsv"), labelled_tsv(48, 2, 0.5))?;
+    std::fs::write(dir.join("eval.tsv"), labelled_tsv(16, 4, 0.5))?;
+    type Run = (Vec<(String, Vec<f32>)>, Vec<f32>, serde_json::Value);
+    // `head_lr`: the rate the adapter file's metadata must name.
+    let train = |name: &str, extra: &[&str], head_lr: &str| -> anyhow::Result<Run> {
+        let path = dir.join(name);
+        let eval = dir.join("eval.tsv");
+        let mut flags = vec![
+            "--eval",
+            eval.to_str().context("path")?,
+            "--steps",
+            "1",
+            "--lr",
+            "1e-9",
+            "--init-lr",
+            "0.003",
+            "--json",
+            "--output",
+            path.to_str().context("path")?,
+        ];
+        flags.extend_from_slice(extra);
+        let out = fedsb(dir, "train", &flags)?;
+        check_success(&format!("fedsb train {extra:?}"), &out)?;
+        let tensors = tensors_of(&path)?;
+        let head = tensors
+            .iter()
+            .find(|(n, _)| *n == "classifier.weight")
+            .map(|(_, v)| v.clone())
+            .context("classifier.weight")?;
+        let (rs, meta) = lora_r(&path)?;
+        assert_eq!(
+            meta.get("head_learning_rate").map(String::as_str),
+            Some(head_lr),
+            "{meta:?}"
+        );
+        Ok((rs, head, last_json_line(&out)?))
+    };
+    let (r_plain, head_plain, report) = train("plain.safetensors", &[], "0.000000001")?;
+    assert_eq!(report["head_learning_rate"], 1e-9, "{report}");
+    let (r_fast, head_fast, report) =
+        train("fast-head.safetensors", &["--head-lr", "0.01"], "0.01")?;
+    assert_eq!(report["head_learning_rate"], 0.01, "{report}");
+    assert_eq!(r_fast, r_plain, "the R trained at --lr must not change");
+    let moves: Vec<f32> = head_fast
+        .iter()
+        .zip(&head_plain)
+        .map(|(a, b)| (a - b).abs())
+        .collect();
+    let largest = moves.iter().fold(0f32, |m, &d| m.max(d));
+    assert!(
+        (0.0095..=0.0101).contains(&largest),
+        "the head moved by up to {largest:e}, not about --head-lr 0.01"
+    );
+    assert!(
+        moves.iter().filter(|&&d| d > 0.009).count() > moves.len() / 2,
+        "{moves:?}"
+    );
+
+    let out = fedsb(
+        dir,
+        "train",
+        &["--eval", "eval.tsv", "--head-lr", "0", "--steps", "1"],
+    )?;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--head-lr 0 must be positive"), "{stderr}");
     Ok(())
 }
 

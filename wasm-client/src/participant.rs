@@ -20,8 +20,8 @@ use fedsb_engine::model::{BertTokenizer, BertWeights};
 use fedsb_engine::reference::{ClassifierHead, Matrix};
 use fedsb_engine::train::BatchSampler;
 use fedsb_participant::{
-    init_frames, init_gradients, read_task_data, train_round, train_round_dp, DpTraining,
-    LocalOptimizer, ParticipantError, TaskModel,
+    init_frames, init_gradients, read_task_data, task_adamw, train_round, train_round_dp,
+    DpTraining, LocalOptimizer, ParticipantError, TaskModel,
 };
 use fedsb_privacy::AccountantKind;
 use fedsb_protocol::{ClientMessage, ServerMessage, TaskInfo};
@@ -357,11 +357,10 @@ impl WasmParticipant {
             ctx.device.destroy();
             error(format!("WebGPU: uploading the model: {e}"))
         })?;
-        let opt = AdamW {
-            lr: task.learning_rate,
-            weight_decay: 0.01,
-            ..AdamW::default()
-        };
+        let opt = task_adamw(&task).map_err(|e| {
+            ctx.device.destroy();
+            participant_error(e)
+        })?;
         Ok(Self {
             ctx,
             encoder: RefCell::new(Some(encoder)),

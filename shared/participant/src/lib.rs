@@ -34,7 +34,7 @@ pub use adapter_file::{
 pub use dp::{train_round_dp, train_steps_dp, DpStepsOutcome, DpTraining};
 pub use init::{init_frames, init_gradients};
 pub use task::{read_task_data, TaskModel};
-pub use train::{train_round, LocalOptimizer, LocalRound};
+pub use train::{task_adamw, train_round, LocalOptimizer, LocalRound};
 
 use safetensors::SafeTensors;
 

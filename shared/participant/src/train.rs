@@ -6,7 +6,7 @@ use fedsb_engine::gpu::encoder::GpuEncoder;
 use fedsb_engine::model::BertTokenizer;
 use fedsb_engine::reference::{ClassifierHead, LoraSbAdapters};
 use fedsb_engine::train::{encode_examples, BatchSampler};
-use fedsb_protocol::{AdapterState, ClientUpdate, PrivacyReport, RoundId};
+use fedsb_protocol::{AdapterState, ClientUpdate, PrivacyReport, RoundId, TaskInfo};
 
 use crate::adapter_file::{engine_to_state, state_to_engine, ModuleRef};
 use crate::ParticipantError;
@@ -35,6 +35,29 @@ impl LocalRound {
             adapter: self.state,
         }
     }
+}
+
+/// The AdamW every participant of `task` trains with: the task's learning
+/// rate (each round then sets its own, [`LocalOptimizer::set_learning_rate`]),
+/// the head at `head_learning_rate / learning_rate` of it, and weight decay
+/// 0.01. A rate that is not a positive finite number is refused.
+pub fn task_adamw(task: &TaskInfo) -> Result<AdamW, ParticipantError> {
+    for (name, rate) in [
+        ("learning rate", task.learning_rate),
+        ("head learning rate", task.head_learning_rate),
+    ] {
+        if !(rate.is_finite() && rate > 0.0) {
+            return Err(ParticipantError::Invalid(format!(
+                "the task's {name} {rate} is not a positive number"
+            )));
+        }
+    }
+    Ok(AdamW {
+        lr: task.learning_rate,
+        head_lr_scale: task.head_learning_rate / task.learning_rate,
+        weight_decay: 0.01,
+        ..AdamW::default()
+    })
 }
 
 /// A participant's local optimizer across rounds: AdamW's hyper-parameters
@@ -168,6 +191,47 @@ pub async fn train_round(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn task(learning_rate: f32, head_learning_rate: f32) -> TaskInfo {
+        TaskInfo {
+            task_id: "t".into(),
+            model_id: "m".into(),
+            model_sha256: String::new(),
+            module_names: Vec::new(),
+            shape: fedsb_protocol::AdapterShape {
+                rank: 2,
+                modules: 0,
+                head_classes: 2,
+                head_hidden: 4,
+            },
+            labels: vec!["a".into(), "b".into()],
+            local_steps: 1,
+            batch_size: 1,
+            learning_rate,
+            head_learning_rate,
+            max_seq_len: 8,
+            total_rounds: 1,
+            files: Vec::new(),
+            privacy: None,
+        }
+    }
+
+    #[test]
+    fn the_head_trains_at_the_tasks_ratio_in_every_round() {
+        let adamw = task_adamw(&task(1e-2, 2.5e-3)).unwrap();
+        assert_eq!((adamw.lr, adamw.head_lr()), (1e-2, 2.5e-3));
+        assert_eq!(adamw.weight_decay, 0.01);
+        // A round at half the rate trains the head at half its rate.
+        let mut opt = LocalOptimizer::new(adamw, false);
+        opt.set_learning_rate(5e-3).unwrap();
+        assert_eq!(opt.adamw.head_lr(), 1.25e-3);
+        let same = task_adamw(&task(1e-3, 1e-3)).unwrap();
+        assert_eq!(same.head_lr_scale, 1.0);
+        for (lr, head) in [(1e-3, 0.0), (1e-3, f32::NAN), (0.0, 1e-3), (-1.0, 1e-3)] {
+            let e = task_adamw(&task(lr, head)).unwrap_err();
+            assert!(e.to_string().contains("learning rate"), "{lr} {head}: {e}");
+        }
+    }
 
     #[test]
     fn the_announced_learning_rate_is_set_and_a_bad_one_refused() {

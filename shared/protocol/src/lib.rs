@@ -48,8 +48,9 @@ pub use messages::*;
 /// server accepts only participants whose `Hello` carries exactly this value.
 /// Version 2 added the participant key to `Hello` and
 /// [`ErrorCode::AlreadyConnected`]; version 3 the round's learning rate to
-/// [`ServerMessage::RoundOpen`].
-pub const PROTOCOL_VERSION: u16 = 3;
+/// [`ServerMessage::RoundOpen`]; version 4 the head's learning rate to
+/// [`TaskInfo`].
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Four bytes that open every frame: `b"FSB"` and the frame format revision.
 pub const MAGIC: [u8; 4] = *b"FSB\x01";

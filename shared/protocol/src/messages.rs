@@ -553,7 +553,13 @@ pub struct TaskInfo {
     /// Local optimizer steps per round.
     pub local_steps: u32,
     pub batch_size: u32,
+    /// The AdamW learning rate of round 1 (each round's is in its
+    /// [`ServerMessage::RoundOpen`]).
     pub learning_rate: f32,
+    /// The classification head's learning rate in round 1 (version 4); a
+    /// round's head rate is its `RoundOpen` rate times `head_learning_rate /
+    /// learning_rate`. Equal to `learning_rate` unless the task sets it.
+    pub head_learning_rate: f32,
     pub max_seq_len: u32,
     /// Number of training rounds of the task.
     pub total_rounds: u64,
@@ -583,6 +589,7 @@ impl TaskInfo {
         w.u32(self.local_steps)
             .u32(self.batch_size)
             .f32(self.learning_rate)
+            .f32(self.head_learning_rate)
             .u32(self.max_seq_len)
             .u64(self.total_rounds);
         w.len(self.files.len());
@@ -620,6 +627,7 @@ impl TaskInfo {
         let local_steps = r.u32("task.local_steps")?;
         let batch_size = r.u32("task.batch_size")?;
         let learning_rate = r.f32("task.learning_rate")?;
+        let head_learning_rate = r.f32("task.head_learning_rate")?;
         let max_seq_len = r.u32("task.max_seq_len")?;
         let total_rounds = r.u64("task.total_rounds")?;
         let n = r.len("task.files count", MAX_LIST_LEN, 20)?;
@@ -643,6 +651,7 @@ impl TaskInfo {
             local_steps,
             batch_size,
             learning_rate,
+            head_learning_rate,
             max_seq_len,
             total_rounds,
             files,

@@ -34,6 +34,7 @@ fn task() -> TaskInfo {
         local_steps: 10,
         batch_size: 32,
         learning_rate: 1e-3,
+        head_learning_rate: 2.5e-4,
         max_seq_len: 128,
         total_rounds: 5,
         files: vec![FileRef {
