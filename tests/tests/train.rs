@@ -60,6 +60,34 @@ fn worst_relative(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// One `fedsb train` step at the negligible `--lr 1e-9` with `extra` flags,
+/// on `dir`'s `train.tsv` and `eval.tsv`, writing the adapter file `name` in
+/// `dir`. Returns its path and the JSON summary.
+fn train_one_step(
+    dir: &Path,
+    name: &str,
+    extra: &[&str],
+) -> anyhow::Result<(std::path::PathBuf, serde_json::Value)> {
+    let path = dir.join(name);
+    let eval = dir.join("eval.tsv");
+    let mut flags = vec![
+        "--eval",
+        eval.to_str().context("path")?,
+        "--steps",
+        "1",
+        "--lr",
+        "1e-9",
+        "--json",
+        "--output",
+        path.to_str().context("path")?,
+    ];
+    flags.extend_from_slice(extra);
+    let out = fedsb(dir, "train", &flags)?;
+    check_success(&format!("fedsb train {extra:?}"), &out)?;
+    let summary = last_json_line(&out)?;
+    Ok((path, summary))
+}
+
 /// One AdamW step at a negligible `--lr` leaves R at R₀: with `--init-lr
 /// 0.003` that is `fedsb init --lr 0.003`'s R₀; without it η is the tiny
 /// `--lr` and R₀ is far smaller.
@@ -91,23 +119,8 @@ fn init_lr_sets_the_initialization_apart_from_the_learning_rate() -> anyhow::Res
     );
 
     let train = |name: &str, extra: &[&str]| -> anyhow::Result<(Adapter, serde_json::Value)> {
-        let path = dir.join(name);
-        let eval = dir.join("eval.tsv");
-        let mut flags = vec![
-            "--eval",
-            eval.to_str().context("path")?,
-            "--steps",
-            "1",
-            "--lr",
-            "1e-9",
-            "--json",
-            "--output",
-            path.to_str().context("path")?,
-        ];
-        flags.extend_from_slice(extra);
-        let out = fedsb(dir, "train", &flags)?;
-        check_success(&format!("fedsb train {extra:?}"), &out)?;
-        Ok((lora_r(&path)?, last_json_line(&out)?))
+        let (path, summary) = train_one_step(dir, name, extra)?;
+        Ok((lora_r(&path)?, summary))
     };
     let (r0, _) = lora_r(&init)?;
     let ((with_eta, meta), report) = train("init-lr.safetensors", &["--init-lr", "0.003"])?;
@@ -163,24 +176,9 @@ fn head_lr_trains_the_head_at_its_own_rate() -> anyhow::Result<()> {
     type Run = (Vec<(String, Vec<f32>)>, Vec<f32>, serde_json::Value);
     // `head_lr`: the rate the adapter file's metadata must name.
     let train = |name: &str, extra: &[&str], head_lr: &str| -> anyhow::Result<Run> {
-        let path = dir.join(name);
-        let eval = dir.join("eval.tsv");
-        let mut flags = vec![
-            "--eval",
-            eval.to_str().context("path")?,
-            "--steps",
-            "1",
-            "--lr",
-            "1e-9",
-            "--init-lr",
-            "0.003",
-            "--json",
-            "--output",
-            path.to_str().context("path")?,
-        ];
+        let mut flags = vec!["--init-lr", "0.003"];
         flags.extend_from_slice(extra);
-        let out = fedsb(dir, "train", &flags)?;
-        check_success(&format!("fedsb train {extra:?}"), &out)?;
+        let (path, summary) = train_one_step(dir, name, &flags)?;
         let tensors = tensors_of(&path)?;
         let head = tensors
             .iter()
@@ -193,7 +191,7 @@ fn head_lr_trains_the_head_at_its_own_rate() -> anyhow::Result<()> {
             Some(head_lr),
             "{meta:?}"
         );
-        Ok((rs, head, last_json_line(&out)?))
+        Ok((rs, head, summary))
     };
     let (r_plain, head_plain, report) = train("plain.safetensors", &[], "0.000000001")?;
     assert_eq!(report["head_learning_rate"], 1e-9, "{report}");
