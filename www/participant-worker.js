@@ -474,7 +474,15 @@ async function onRoundOpen(frame, msg) {
     return;
   }
   const lr = Number(msg.learning_rate);
-  post({ phase: "training", round, message: `training round ${round} at learning rate ${lr.toPrecision(3)}` });
+  // A task with a head rate of its own trains the head at this multiple of
+  // the round's rate (the scale is 1 otherwise).
+  const headScale = participant.headLearningRateScale;
+  const head = headScale === 1 ? "" : ` (head ${(lr * headScale).toPrecision(3)})`;
+  post({
+    phase: "training",
+    round,
+    message: `training round ${round} at learning rate ${lr.toPrecision(3)}${head}`,
+  });
   let r;
   try {
     r = await participant.trainRound(latestGlobal, frame);

@@ -279,7 +279,6 @@ fn sst2_task_dir() -> anyhow::Result<tempfile::TempDir> {
         local_steps: sst2::LOCAL_STEPS,
         batch: sst2::BATCH as usize,
         learning_rate: sst2::LEARNING_RATE,
-        head_learning_rate: None,
         lr_decay: 1.0,
         max_seq_len: sst2::MAX_SEQ_LEN,
         rank: sst2::RANK,
@@ -301,8 +300,6 @@ struct EvalTask {
     local_steps: u32,
     batch: usize,
     learning_rate: f64,
-    /// `[task] head_learning_rate` (unset: the learning rate).
-    head_learning_rate: Option<f64>,
     /// `[task] lr_decay`: round n trains at learning_rate · lr_decay^(n−1).
     lr_decay: f64,
     max_seq_len: u32,
@@ -323,7 +320,7 @@ labels = ["{}", "{}"]
 local_steps = {steps}
 batch_size = {batch}
 learning_rate = {lr:?}
-{head_lr}lr_decay = {decay:?}
+lr_decay = {decay:?}
 max_seq_len = {seq}
 [model]
 id = "{model}"
@@ -348,10 +345,6 @@ idle_timeout_secs = {idle}
         steps = t.local_steps,
         batch = t.batch,
         lr = t.learning_rate,
-        head_lr = t
-            .head_learning_rate
-            .map(|h| format!("head_learning_rate = {h:?}\n"))
-            .unwrap_or_default(),
         decay = t.lr_decay,
         seq = t.max_seq_len,
         model = t.model_id,
@@ -1430,6 +1423,37 @@ async fn sent_init_sizes(c: &mut Chromium) -> anyhow::Result<Vec<u64>> {
     Ok(serde_json::from_str(v.as_str().context("sizes")?)?)
 }
 
+/// A task with `head_learning_rate`: the tab builds its AdamW from
+/// `TaskInfo` (`task_adamw`, as `fedsb join` does) and says at which rates
+/// it trains each round, the head's included.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tab_trains_the_head_at_the_rate_the_task_announces() -> anyhow::Result<()> {
+    let task = task_dir_for(1, "")?;
+    let toml = task.path().join("task.toml");
+    let config = std::fs::read_to_string(&toml)?;
+    let with_head = config.replacen(
+        "learning_rate = 0.01\n",
+        "learning_rate = 0.01\nhead_learning_rate = 0.0025\n",
+        1,
+    );
+    ensure!(with_head != config, "task.toml has no learning_rate line");
+    std::fs::write(&toml, with_head)?;
+    let agg = Aggregator::start_in(task.path())?;
+    let mut c = open_tab(&agg, &task.path().join("shard0.tsv")).await?;
+    let s = join_until_ended(&mut c, RUN_TIMEOUT).await?;
+    let log = c
+        .eval("JSON.stringify(window.fedsbParticipant.log)")
+        .await?;
+    c.close().await;
+    ensure!(s["phase"] == "finished", "{s}");
+    let log: Vec<String> = serde_json::from_str(log.as_str().context("log")?)?;
+    for n in 1..=ROUNDS {
+        let want = format!("training round {n} at learning rate 0.0100 (head 0.00250)");
+        ensure!(log.contains(&want), "no {want:?} in {log:#?}");
+    }
+    Ok(())
+}
+
 /// A tab and a native participant (`fedsb join`) in one federation: quorum
 /// 2, both train every round, and each committed round counts both: two
 /// participants, the tab's samples plus the native one's, and a global
@@ -1859,9 +1883,6 @@ fn minilm_task_dir(adapter: Option<&Path>) -> anyhow::Result<tempfile::TempDir> 
         local_steps: 2,
         batch: MINILM_ROWS,
         learning_rate: 0.001,
-        // The head at a third of the rate: the tab must train it at the
-        // rate `TaskInfo` announces, as `fedsb join` does.
-        head_learning_rate: Some(0.000_333),
         // Round 2 at half the rate: the tab must train at the rate its
         // RoundOpen announces, as `fedsb join` does.
         lr_decay: 0.5,
@@ -1883,8 +1904,7 @@ async fn round_globals(agg: &Aggregator, rounds: usize) -> anyhow::Result<Vec<Ad
 }
 
 /// The real model in the browser: a tab trains all-MiniLM-L6-v2 (rank 8, 2
-/// rounds of 2 steps on 16 SST-2 sentences; the rate halved in round 2, the
-/// head at a third of it) and every round's global state
+/// rounds of 2 steps on 16 SST-2 sentences) and every round's global state
 /// (here the tab's update) equals that of the same task trained by `fedsb
 /// join` on the native engine. Prints both speeds (samples/s per round).
 #[tokio::test(flavor = "multi_thread")]

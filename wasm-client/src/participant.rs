@@ -385,6 +385,14 @@ impl WasmParticipant {
         self.participant as f64
     }
 
+    /// The head's learning rate as a multiple of each round's announced
+    /// rate (the task's `head_learning_rate / learning_rate`; 1 when the
+    /// task does not set it): what this tab's AdamW trains the head at.
+    #[wasm_bindgen(getter, js_name = headLearningRateScale)]
+    pub fn head_learning_rate_scale(&self) -> f32 {
+        self.opt.head_lr_scale
+    }
+
     #[wasm_bindgen(getter, js_name = taskId)]
     pub fn task_id(&self) -> String {
         self.task.task_id.clone()
