@@ -60,6 +60,17 @@ fn worst_relative(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// A fresh directory with a tiny random BERT (`model/`), 48 labelled
+/// training rows (`train.tsv`) and 16 evaluation rows (`eval.tsv`).
+fn tiny_task() -> anyhow::Result<tempfile::TempDir> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    write_tiny_model(&dir.join("model"), 11)?;
+    std::fs::write(dir.join("train.tsv"), labelled_tsv(48, 2, 0.5))?;
+    std::fs::write(dir.join("eval.tsv"), labelled_tsv(16, 4, 0.5))?;
+    Ok(tmp)
+}
+
 /// One `fedsb train` step at the negligible `--lr 1e-9` with `extra` flags,
 /// on `dir`'s `train.tsv` and `eval.tsv`, writing the adapter file `name` in
 /// `dir`. Returns its path and the JSON summary.
@@ -93,11 +104,8 @@ fn train_one_step(
 /// `--lr` and R₀ is far smaller.
 #[test]
 fn init_lr_sets_the_initialization_apart_from_the_learning_rate() -> anyhow::Result<()> {
-    let tmp = tempfile::tempdir()?;
+    let tmp = tiny_task()?;
     let dir = tmp.path();
-    write_tiny_model(&dir.join("model"), 11)?;
-    std::fs::write(dir.join("train.tsv"), labelled_tsv(48, 2, 0.5))?;
-    std::fs::write(dir.join("eval.tsv"), labelled_tsv(16, 4, 0.5))?;
     let init = dir.join("init.safetensors");
     let out = fedsb(
         dir,
@@ -168,11 +176,8 @@ fn init_lr_sets_the_initialization_apart_from_the_learning_rate() -> anyhow::Res
 /// the report and the adapter file name the rate, and a bad one is refused.
 #[test]
 fn head_lr_trains_the_head_at_its_own_rate() -> anyhow::Result<()> {
-    let tmp = tempfile::tempdir()?;
+    let tmp = tiny_task()?;
     let dir = tmp.path();
-    write_tiny_model(&dir.join("model"), 11)?;
-    std::fs::write(dir.join("train.tsv"), labelled_tsv(48, 2, 0.5))?;
-    std::fs::write(dir.join("eval.tsv"), labelled_tsv(16, 4, 0.5))?;
     type Run = (Vec<(String, Vec<f32>)>, Vec<f32>, serde_json::Value);
     // `head_lr`: the rate the adapter file's metadata must name.
     let train = |name: &str, extra: &[&str], head_lr: &str| -> anyhow::Result<Run> {
