@@ -117,6 +117,12 @@ pub struct TaskSection {
     /// what it was before this key existed.
     #[serde(default = "default_lr_decay", skip_serializing_if = "is_constant")]
     pub lr_decay: f64,
+    /// Linear warm-up: rounds 1..=W train at n/(W+1) of the scheduled rate
+    /// (round W+1 reaches it), so the first rounds' fresh AdamW steps move
+    /// less. 0 (the default) has none and leaves the task's identity what
+    /// it was before this key existed.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub lr_warmup_rounds: u32,
     /// The classification head's learning rate in round 1 (default: the
     /// `learning_rate`); it follows `lr_decay` too, keeping the ratio of the
     /// two rates. Announced in `TaskInfo`. Unset, it leaves the task's
@@ -332,6 +338,17 @@ impl TaskSection {
         self.head_learning_rate.unwrap_or(self.learning_rate)
     }
 
+    /// The participants' learning rate in round `round` (see
+    /// [`round_learning_rate`]).
+    pub fn round_learning_rate(&self, round: u64) -> f32 {
+        round_learning_rate(
+            self.learning_rate,
+            self.lr_decay,
+            self.lr_warmup_rounds,
+            round,
+        )
+    }
+
     /// The server's step from `server_learning_rate` and `server_momentum`.
     pub fn server_step(&self) -> ServerStep {
         ServerStep {
@@ -353,12 +370,21 @@ fn is_zero(x: &f64) -> bool {
     *x == 0.0
 }
 
-/// The learning rate of round `round` (1-based) under a per-round decay:
-/// `base · decay^(round − 1)`, computed in f64. The aggregator announces it
-/// in `RoundOpen` and `fedsb sim` uses it, so both schedules are one.
-pub fn round_learning_rate(base: f32, decay: f64, round: u64) -> f32 {
-    let exponent = i32::try_from(round.saturating_sub(1)).unwrap_or(i32::MAX);
-    (f64::from(base) * decay.powi(exponent)) as f32
+fn is_zero_u32(x: &u32) -> bool {
+    *x == 0
+}
+
+/// The learning rate of round `round` (1-based) under a per-round decay
+/// and a linear warm-up of `warmup` rounds:
+/// `base · decay^(round − 1) · min(1, round / (warmup + 1))`, computed in
+/// f64. The aggregator announces it in `RoundOpen` and `fedsb sim` uses
+/// it, so both schedules are one. Round 0 (the initial model, never
+/// trained) maps to round 1.
+pub fn round_learning_rate(base: f32, decay: f64, warmup: u32, round: u64) -> f32 {
+    let round = round.max(1);
+    let exponent = i32::try_from(round - 1).unwrap_or(i32::MAX);
+    let warm = (round as f64 / (f64::from(warmup) + 1.0)).min(1.0);
+    (f64::from(base) * decay.powi(exponent) * warm) as f32
 }
 
 fn default_local_steps() -> u32 {
@@ -549,6 +575,14 @@ impl Config {
             return bad(format!(
                 "task.lr_decay {} must be in (0, 1] (1 keeps the learning rate constant)",
                 t.lr_decay
+            ));
+        }
+        if u64::from(t.lr_warmup_rounds) >= t.rounds {
+            return bad(format!(
+                "task.lr_warmup_rounds {} must be below task.rounds {} (round {} would be the first at the full rate)",
+                t.lr_warmup_rounds,
+                t.rounds,
+                u64::from(t.lr_warmup_rounds) + 1
             ));
         }
         if let Err(e) = (ServerStep {
@@ -849,17 +883,70 @@ rank = 4
             assert!(e.to_string().contains("task.lr_decay"), "{bad}: {e}");
         }
         // Round n trains at learning_rate · lr_decay^(n−1).
-        assert_eq!(round_learning_rate(1e-2, 1.0, 1), 1e-2);
-        assert_eq!(round_learning_rate(1e-2, 1.0, 10), 1e-2);
-        assert_eq!(round_learning_rate(1e-2, 0.5, 1), 1e-2);
-        assert_eq!(round_learning_rate(1e-2, 0.5, 3), 1e-2 / 4.0);
-        let r10 = round_learning_rate(1e-2, 0.85, 10);
+        assert_eq!(round_learning_rate(1e-2, 1.0, 0, 1), 1e-2);
+        assert_eq!(round_learning_rate(1e-2, 1.0, 0, 10), 1e-2);
+        assert_eq!(round_learning_rate(1e-2, 0.5, 0, 1), 1e-2);
+        assert_eq!(round_learning_rate(1e-2, 0.5, 0, 3), 1e-2 / 4.0);
+        let r3 = f64::from(decayed.task.round_learning_rate(3));
+        let want = f64::from(decayed.task.learning_rate) * 0.64;
+        assert!((r3 - want).abs() <= 1e-7 * want, "{r3}");
+        let r10 = round_learning_rate(1e-2, 0.85, 0, 10);
         assert!(
             (f64::from(r10) - 1e-2 * 0.85f64.powi(9)).abs() < 1e-9,
             "{r10}"
         );
         // Round 0 (the initial model) is not trained; it maps to round 1.
-        assert_eq!(round_learning_rate(1e-2, 0.5, 0), 1e-2);
+        assert_eq!(round_learning_rate(1e-2, 0.5, 0, 0), 1e-2);
+    }
+
+    #[test]
+    fn lr_warmup_rounds_ramp_the_first_rounds_and_only_a_warmup_changes_the_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = load(dir.path(), MINIMAL).unwrap();
+        assert_eq!(plain.task.lr_warmup_rounds, 0);
+        let explicit = MINIMAL.replace("rounds = 3", "rounds = 3\nlr_warmup_rounds = 0");
+        let explicit = load(dir.path(), &explicit).unwrap();
+        assert_eq!(plain.identity_json(), explicit.identity_json());
+        let warm = MINIMAL.replace("rounds = 3", "rounds = 3\nlr_warmup_rounds = 2");
+        let warm = load(dir.path(), &warm).unwrap();
+        assert_eq!(warm.task.lr_warmup_rounds, 2);
+        assert_ne!(plain.identity_json(), warm.identity_json());
+        // Rounds 1 and 2 at a third and two thirds, round 3 at the full rate.
+        let lr = f64::from(warm.task.learning_rate);
+        let rates: Vec<f64> = (1..=3)
+            .map(|n| f64::from(warm.task.round_learning_rate(n)))
+            .collect();
+        for (got, want) in rates.iter().zip([lr / 3.0, 2.0 * lr / 3.0, lr]) {
+            assert!((got - want).abs() <= 1e-7 * want, "{rates:?}");
+        }
+        // With a decay: the warm-up multiplies the decayed rate.
+        let both = round_learning_rate(1e-2, 0.5, 1, 1);
+        assert!((f64::from(both) - 5e-3).abs() < 1e-9, "{both}");
+        assert_eq!(round_learning_rate(1e-2, 0.5, 1, 2), 5e-3);
+        assert_eq!(round_learning_rate(1e-2, 0.5, 1, 3), 2.5e-3);
+        // Round 0 maps to round 1.
+        assert_eq!(
+            round_learning_rate(1e-2, 1.0, 2, 0),
+            round_learning_rate(1e-2, 1.0, 2, 1)
+        );
+        // A warm-up as long as the task leaves no round at the full rate.
+        for bad in ["3", "7"] {
+            let text = MINIMAL.replace(
+                "rounds = 3",
+                &format!("rounds = 3\nlr_warmup_rounds = {bad}"),
+            );
+            let e = load(dir.path(), &text).unwrap_err();
+            assert!(
+                e.to_string().contains("task.lr_warmup_rounds"),
+                "{bad}: {e}"
+            );
+        }
+        let e = load(
+            dir.path(),
+            &MINIMAL.replace("rounds = 3", "rounds = 3\nlr_warmup_rounds = -1"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("lr_warmup_rounds"), "{e}");
     }
 
     #[test]

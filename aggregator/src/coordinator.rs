@@ -37,7 +37,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tracing::{error, info, warn};
 
-use crate::config::{round_learning_rate, Config, QuorumPolicy};
+use crate::config::{Config, QuorumPolicy};
 use crate::files::{initial_adapter, ServedFile};
 use crate::init_round::{build_adapter_file, hash_file, InitCollector, InitModules, SharedFiles};
 use crate::metrics::Metrics;
@@ -1021,11 +1021,7 @@ impl Coordinator {
                 round: round.id,
                 deadline_unix_ms: unix_ms_at(*deadline),
                 local_steps: self.config.task.local_steps,
-                learning_rate: round_learning_rate(
-                    self.config.task.learning_rate,
-                    self.config.task.lr_decay,
-                    round.id.0,
-                ),
+                learning_rate: self.config.task.round_learning_rate(round.id.0),
             },
             Phase::Finished | Phase::Initializing { .. } => ServerMessage::TaskFinished {
                 rounds_committed: self.global_round.0,

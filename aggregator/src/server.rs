@@ -33,7 +33,7 @@ use tower_http::set_header::SetResponseHeaderLayer;
 use tracing::{error, info};
 
 use crate::config::AdapterInit;
-use crate::config::{round_learning_rate, Config};
+use crate::config::Config;
 use crate::coordinator::{
     initial_frame, now_unix_ms, Begin, Coordinator, CoordinatorHandle, FederatedInit, Status,
 };
@@ -375,8 +375,7 @@ async fn rounds(State(app): State<Arc<App>>) -> Result<Json<Vec<RoundListing>>, 
             let n = summary.meta.round;
             RoundListing {
                 summary,
-                learning_rate: (n > 0)
-                    .then(|| round_learning_rate(task.learning_rate, task.lr_decay, n)),
+                learning_rate: (n > 0).then(|| task.round_learning_rate(n)),
             }
         })
         .collect();

@@ -122,6 +122,11 @@ pub struct SimArgs {
     /// its participants. 1 keeps it constant.
     #[arg(long, default_value_t = 1.0)]
     lr_decay: f64,
+    /// Linear warm-up of the clients' learning rate: rounds 1..=W train at
+    /// n/(W+1) of it (round W+1 at the full rate), as `[task]
+    /// lr_warmup_rounds`. 0 has none.
+    #[arg(long, default_value_t = 0)]
+    lr_warmup_rounds: u32,
     /// The clients' AdamW learning rate of the classification head (default:
     /// --lr), as `[task] head_learning_rate`. With --lr-decay it decays with
     /// --lr, keeping their ratio.
@@ -574,6 +579,7 @@ fn write_shards(
             "learning_rate": args.lr,
             "head_learning_rate": args.head_lr(),
             "lr_decay": args.lr_decay,
+            "lr_warmup_rounds": args.lr_warmup_rounds,
             "server_learning_rate": args.server_lr,
             "server_momentum": args.server_momentum,
             "max_seq_len": args.max_seq_len,
@@ -667,6 +673,14 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
         bail!(
             "--lr-decay {} must be in (0, 1] (1 keeps the learning rate constant)",
             args.lr_decay
+        );
+    }
+    if u64::from(args.lr_warmup_rounds) >= args.rounds {
+        bail!(
+            "--lr-warmup-rounds {} must be below --rounds {} (round {} would be the first at the full rate)",
+            args.lr_warmup_rounds,
+            args.rounds,
+            u64::from(args.lr_warmup_rounds) + 1
         );
     }
     if let Some(h) = args.head_lr {
@@ -910,7 +924,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
         let (adapters, head) = state_to_engine(&frozen, &modules, &global)?;
         let mut bytes_up = 0u64;
         let mut epsilon_spent: Option<f64> = None;
-        let lr = round_learning_rate(args.lr, args.lr_decay, n);
+        let lr = round_learning_rate(args.lr, args.lr_decay, args.lr_warmup_rounds, n);
         for (i, client) in clients.iter_mut().enumerate() {
             bar.set_message(format!("round {n}, client {}", i + 1));
             client.opt.set_learning_rate(lr)?;
@@ -1071,6 +1085,10 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
             ("learning_rate".to_owned(), args.lr.to_string()),
             ("head_learning_rate".to_owned(), args.head_lr().to_string()),
             ("lr_decay".to_owned(), args.lr_decay.to_string()),
+            (
+                "lr_warmup_rounds".to_owned(),
+                args.lr_warmup_rounds.to_string(),
+            ),
             (
                 "server_learning_rate".to_owned(),
                 args.server_lr.to_string(),

@@ -489,7 +489,7 @@ fn without_json_rounds_go_to_stderr_and_the_table_to_stdout() -> anyhow::Result<
 #[test]
 fn sim_refuses_bad_input_clearly() -> anyhow::Result<()> {
     let task = Task::new()?;
-    let cases: [(usize, &[&str], &str); 20] = [
+    let cases: [(usize, &[&str], &str); 21] = [
         (CLIENTS, &["--split", "shards"], "unknown --split"),
         (CLIENTS, &["--split", "dirichlet:0"], "positive"),
         (CLIENTS, &["--split", "dirichlet:-2"], "positive"),
@@ -542,6 +542,11 @@ fn sim_refuses_bad_input_clearly() -> anyhow::Result<()> {
             CLIENTS,
             &["--lr-decay", "1.5"],
             "--lr-decay 1.5 must be in (0, 1]",
+        ),
+        (
+            CLIENTS,
+            &["--lr-warmup-rounds", "1"],
+            "--lr-warmup-rounds 1 must be below --rounds 1",
         ),
         (
             CLIENTS,
@@ -742,6 +747,9 @@ fn task_toml(rounds: u64, task: &serde_json::Value) -> anyhow::Result<String> {
         key("server_momentum")?,
         key("head_learning_rate")?,
     );
+    let warmup = task["lr_warmup_rounds"]
+        .as_u64()
+        .with_context(|| format!("shards.json: task.lr_warmup_rounds in {task}"))?;
     Ok(format!(
         r#"[task]
 id = "sim-vs-ws"
@@ -755,6 +763,7 @@ batch_size = {BATCH}
 learning_rate = 0.01
 head_learning_rate = {head_lr}
 lr_decay = {lr_decay}
+lr_warmup_rounds = {warmup}
 server_learning_rate = {server_lr}
 server_momentum = {server_momentum}
 max_seq_len = 16
@@ -840,6 +849,53 @@ async fn lr_decay_changes_round_two_and_equals_the_run_over_websockets() -> anyh
     )?)?;
     assert_eq!(manifest["task"]["lr_decay"], 0.5, "{manifest}");
     round_one_equal_round_two_differs(&task, &decayed, "--lr-decay 0.5")?;
+    Ok(())
+}
+
+/// `--lr-warmup-rounds 1`: round 1 trains at half the rate, round 2 at the
+/// full rate. Round 1's global model differs from the run without a
+/// warm-up, and the aggregator of a task with `lr_warmup_rounds = 1` (the
+/// value `shards.json` lists) announces the same rates in its `RoundOpen`s,
+/// so `fedsb join` over WebSockets gives the same global states.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_lr_warmup_changes_round_one_and_equals_the_run_over_websockets() -> anyhow::Result<()> {
+    let (task, warm, rounds) = sim_against_websockets(&["--lr-warmup-rounds", "1"]).await?;
+    let rates: Vec<&serde_json::Value> = rounds.iter().map(|l| &l["learning_rate"]).collect();
+    assert_eq!(
+        rates,
+        [&serde_json::Value::Null, &0.005.into(), &0.01.into()]
+    );
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(
+        task.path().join("shards").join("shards.json"),
+    )?)?;
+    assert_eq!(manifest["task"]["lr_warmup_rounds"], 1, "{manifest}");
+    let plain = task.path().join("globals-plain");
+    let mut flags = WS_RUN_FLAGS.to_vec();
+    flags.extend(["--write-globals", plain.to_str().context("path")?]);
+    check_success("fedsb sim, no warm-up", &run(task.sim(1, &flags))?)?;
+    let state = |dir: &Path, n: u64| -> anyhow::Result<AdapterState> {
+        Ok(decode_global(&std::fs::read(dir.join(format!("round-{n}.bin")))?)?.3)
+    };
+    assert_eq!(flat(&state(&warm, 0)?), flat(&state(&plain, 0)?), "round 0");
+    // Fresh AdamW steps move each head weight by about the rate, so half
+    // the rate moves the head about half as far.
+    let head_move = |dir: &Path| -> anyhow::Result<f32> {
+        let (s0, s1) = (state(dir, 0)?, state(dir, 1)?);
+        Ok(s0
+            .head_weight
+            .data
+            .iter()
+            .zip(&s1.head_weight.data)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max))
+    };
+    let (half, full) = (head_move(&warm)?, head_move(&plain)?);
+    eprintln!("round 1 moved the head by up to {half:e} with the warm-up, {full:e} without");
+    assert!(
+        half > 0.0 && half <= 1.05 * LOCAL_STEPS as f32 * 0.005,
+        "the head moved by {half:e}"
+    );
+    assert!(full > 1.5 * half, "{full:e} vs {half:e}");
     Ok(())
 }
 
