@@ -7,7 +7,7 @@
 //! and with the learning rate decayed per round, and
 //! `scripts/fed_sb_lr_sweep.sh` at a tiny scale.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -801,6 +801,44 @@ fn compare(sim: &AdapterState, ws: &AdapterState) -> (f64, usize) {
     (rel, differ)
 }
 
+/// The global state the simulator wrote for round `n` into `dir`
+/// (`--write-globals`).
+fn written_global(dir: &Path, n: u64) -> anyhow::Result<AdapterState> {
+    Ok(decode_global(&std::fs::read(dir.join(format!("round-{n}.bin")))?)?.3)
+}
+
+/// The `shards.json` of a task that `sim_against_websockets` ran.
+fn shards_manifest(task: &Task) -> anyhow::Result<serde_json::Value> {
+    Ok(serde_json::from_slice(&std::fs::read(
+        task.path().join("shards").join("shards.json"),
+    )?)?)
+}
+
+/// The simulation of `WS_RUN_FLAGS` alone for `rounds` rounds (what a
+/// test's flag is compared against), its globals written to
+/// `globals-plain`. Returns that directory and the run's output.
+fn plain_run(task: &Task, rounds: u64, what: &str) -> anyhow::Result<(PathBuf, Output)> {
+    let plain = task.path().join("globals-plain");
+    let mut flags = WS_RUN_FLAGS.to_vec();
+    flags.extend(["--write-globals", plain.to_str().context("path")?]);
+    let out = run(task.sim(rounds, &flags))?;
+    check_success(&format!("fedsb sim, {what}"), &out)?;
+    Ok((plain, out))
+}
+
+/// How far round 1 moved the head from round 0 in the globals in `dir`:
+/// the largest change of a head weight.
+fn head_move(dir: &Path) -> anyhow::Result<f32> {
+    let (s0, s1) = (written_global(dir, 0)?, written_global(dir, 1)?);
+    Ok(s0
+        .head_weight
+        .data
+        .iter()
+        .zip(&s1.head_weight.data)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sim_equals_the_same_run_over_websockets() -> anyhow::Result<()> {
     sim_against_websockets(&[]).await?;
@@ -814,9 +852,7 @@ async fn sim_equals_the_same_run_over_websockets() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kept_moments_change_round_two_and_equal_the_run_over_websockets() -> anyhow::Result<()> {
     let (task, kept, _) = sim_against_websockets(&["--keep-moments"]).await?;
-    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(
-        task.path().join("shards").join("shards.json"),
-    )?)?;
+    let manifest = shards_manifest(&task)?;
     for c in manifest["clients"].as_array().context("clients")? {
         assert!(
             c["join_args"]
@@ -844,9 +880,7 @@ async fn lr_decay_changes_round_two_and_equals_the_run_over_websockets() -> anyh
         rates,
         [&serde_json::Value::Null, &0.01.into(), &0.005.into()]
     );
-    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(
-        task.path().join("shards").join("shards.json"),
-    )?)?;
+    let manifest = shards_manifest(&task)?;
     assert_eq!(manifest["task"]["lr_decay"], 0.5, "{manifest}");
     round_one_equal_round_two_differs(&task, &decayed, "--lr-decay 0.5")?;
     Ok(())
@@ -865,30 +899,16 @@ async fn an_lr_warmup_changes_round_one_and_equals_the_run_over_websockets() -> 
         rates,
         [&serde_json::Value::Null, &0.005.into(), &0.01.into()]
     );
-    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(
-        task.path().join("shards").join("shards.json"),
-    )?)?;
+    let manifest = shards_manifest(&task)?;
     assert_eq!(manifest["task"]["lr_warmup_rounds"], 1, "{manifest}");
-    let plain = task.path().join("globals-plain");
-    let mut flags = WS_RUN_FLAGS.to_vec();
-    flags.extend(["--write-globals", plain.to_str().context("path")?]);
-    check_success("fedsb sim, no warm-up", &run(task.sim(1, &flags))?)?;
-    let state = |dir: &Path, n: u64| -> anyhow::Result<AdapterState> {
-        Ok(decode_global(&std::fs::read(dir.join(format!("round-{n}.bin")))?)?.3)
-    };
-    assert_eq!(flat(&state(&warm, 0)?), flat(&state(&plain, 0)?), "round 0");
+    let (plain, _) = plain_run(&task, 1, "no warm-up")?;
+    assert_eq!(
+        flat(&written_global(&warm, 0)?),
+        flat(&written_global(&plain, 0)?),
+        "round 0"
+    );
     // Fresh AdamW steps move each head weight by about the rate, so half
     // the rate moves the head about half as far.
-    let head_move = |dir: &Path| -> anyhow::Result<f32> {
-        let (s0, s1) = (state(dir, 0)?, state(dir, 1)?);
-        Ok(s0
-            .head_weight
-            .data
-            .iter()
-            .zip(&s1.head_weight.data)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max))
-    };
     let (half, full) = (head_move(&warm)?, head_move(&plain)?);
     eprintln!("round 1 moved the head by up to {half:e} with the warm-up, {full:e} without");
     assert!(
@@ -909,34 +929,16 @@ async fn an_lr_warmup_changes_round_one_and_equals_the_run_over_websockets() -> 
 async fn a_head_learning_rate_changes_round_one_and_equals_the_run_over_websockets(
 ) -> anyhow::Result<()> {
     let (task, slow_head, rounds) = sim_against_websockets(&["--head-lr", "0.0025"]).await?;
-    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(
-        task.path().join("shards").join("shards.json"),
-    )?)?;
+    let manifest = shards_manifest(&task)?;
     // An f32 written as JSON: 0.0025 once read back as an f32.
     let head_lr = manifest["task"]["head_learning_rate"].as_f64();
     assert_eq!(head_lr.map(|h| h as f32), Some(0.0025), "{manifest}");
     // The announced body rate is unchanged.
     assert_eq!(rounds[1]["learning_rate"], 0.01);
-    let plain = task.path().join("globals-plain");
-    let mut flags = WS_RUN_FLAGS.to_vec();
-    flags.extend(["--write-globals", plain.to_str().context("path")?]);
-    check_success("fedsb sim, one rate", &run(task.sim(1, &flags))?)?;
-    let state = |dir: &Path, n: u64| -> anyhow::Result<AdapterState> {
-        Ok(decode_global(&std::fs::read(dir.join(format!("round-{n}.bin")))?)?.3)
-    };
-    let head_move = |dir: &Path| -> anyhow::Result<f32> {
-        let (s0, s1) = (state(dir, 0)?, state(dir, 1)?);
-        Ok(s0
-            .head_weight
-            .data
-            .iter()
-            .zip(&s1.head_weight.data)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max))
-    };
+    let (plain, _) = plain_run(&task, 1, "one rate")?;
     assert_eq!(
-        flat(&state(&slow_head, 0)?),
-        flat(&state(&plain, 0)?),
+        flat(&written_global(&slow_head, 0)?),
+        flat(&written_global(&plain, 0)?),
         "round 0"
     );
     let (slow, one_rate) = (head_move(&slow_head)?, head_move(&plain)?);
@@ -948,7 +950,10 @@ async fn a_head_learning_rate_changes_round_one_and_equals_the_run_over_websocke
         "the head moved by {slow:e}"
     );
     assert!(one_rate > 2.0 * slow, "{one_rate:e} vs {slow:e}");
-    let (r_slow, r_plain) = (state(&slow_head, 1)?.r, state(&plain, 1)?.r);
+    let (r_slow, r_plain) = (
+        written_global(&slow_head, 1)?.r,
+        written_global(&plain, 1)?.r,
+    );
     assert_ne!(r_slow, r_plain, "the R of round 1 did not change");
     Ok(())
 }
@@ -965,19 +970,12 @@ async fn a_head_learning_rate_changes_round_one_and_equals_the_run_over_websocke
 async fn a_server_step_with_momentum_equals_the_run_over_websockets() -> anyhow::Result<()> {
     let (task, stepped, _) =
         sim_against_websockets(&["--server-lr", "0.5", "--server-momentum", "0.5"]).await?;
-    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(
-        task.path().join("shards").join("shards.json"),
-    )?)?;
+    let manifest = shards_manifest(&task)?;
     assert_eq!(manifest["task"]["server_learning_rate"], 0.5, "{manifest}");
     assert_eq!(manifest["task"]["server_momentum"], 0.5, "{manifest}");
-    let plain = task.path().join("globals-plain");
-    let mut flags = WS_RUN_FLAGS.to_vec();
-    flags.extend(["--write-globals", plain.to_str().context("path")?]);
-    check_success("fedsb sim, plain mean", &run(task.sim(1, &flags))?)?;
-    let global = |dir: &Path, n: u64| -> anyhow::Result<Vec<f32>> {
-        let (_, _, _, state) = decode_global(&std::fs::read(dir.join(format!("round-{n}.bin")))?)?;
-        Ok(flat(&state))
-    };
+    let (plain, _) = plain_run(&task, 1, "plain mean")?;
+    let global =
+        |dir: &Path, n: u64| -> anyhow::Result<Vec<f32>> { Ok(flat(&written_global(dir, n)?)) };
     let x0 = global(&stepped, 0)?;
     assert_eq!(x0, global(&plain, 0)?, "round 0");
     // Round 1: x1 = x0 + 0.5 (mean1 − x0), mean1 being the plain run's round 1.
@@ -1012,20 +1010,14 @@ fn round_one_equal_round_two_differs(
     globals: &Path,
     flag: &str,
 ) -> anyhow::Result<()> {
-    let plain_globals = task.path().join("globals-plain");
-    let mut flags = WS_RUN_FLAGS.to_vec();
-    flags.extend(["--write-globals", plain_globals.to_str().context("path")?]);
-    let out = run(task.sim(2, &flags))?;
-    check_success(&format!("fedsb sim without {flag}"), &out)?;
+    let (plain_globals, out) = plain_run(task, 2, &format!("without {flag}"))?;
     let rates: Vec<serde_json::Value> = json_lines(&out)?
         .iter()
         .map(|l| l["learning_rate"].clone())
         .collect();
     assert_eq!(rates, [serde_json::Value::Null, 0.01.into(), 0.01.into()]);
-    let global = |dir: &Path, n: u64| -> anyhow::Result<Vec<f32>> {
-        let (_, _, _, state) = decode_global(&std::fs::read(dir.join(format!("round-{n}.bin")))?)?;
-        Ok(flat(&state))
-    };
+    let global =
+        |dir: &Path, n: u64| -> anyhow::Result<Vec<f32>> { Ok(flat(&written_global(dir, n)?)) };
     assert_eq!(global(globals, 1)?, global(&plain_globals, 1)?, "round 1");
     let (a, b) = (global(globals, 2)?, global(&plain_globals, 2)?);
     let max_diff = a
@@ -1051,7 +1043,7 @@ const WS_RUN_FLAGS: [&str; 5] = ["--split", "dirichlet:1.0", "--seed", "0", "--j
 /// simulator's globals directory and its JSON lines.
 async fn sim_against_websockets(
     extra: &[&str],
-) -> anyhow::Result<(Task, std::path::PathBuf, Vec<serde_json::Value>)> {
+) -> anyhow::Result<(Task, PathBuf, Vec<serde_json::Value>)> {
     const ROUNDS: u64 = 2;
     let task = Task::new()?;
     let dir = task.path().to_owned();
