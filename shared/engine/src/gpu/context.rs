@@ -448,7 +448,8 @@ impl GpuContext {
     /// (starting at element `offset`, row stride `ld` elements) into an
     /// rgba32float scratch texture `width` texels wide (one texel = 4
     /// consecutive floats of a row) and returns a view of it, for kernels that
-    /// read an operand with `textureLoad` (the texture matmul, `matmul.rs`).
+    /// read an operand with `textureLoad` from a read-only storage texture
+    /// (the texture matmul, `matmul.rs`).
     ///
     /// One texture per (`slot`, `width`) is kept and reused: it grows (to the
     /// next multiple of 256 rows) when `rows` exceeds its height, so its rows
@@ -488,7 +489,7 @@ impl GpuContext {
                 sample_count: 1,
                 dimension: wgpu::TextureDimension::D2,
                 format: wgpu::TextureFormat::Rgba32Float,
-                usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+                usage: wgpu::TextureUsages::STORAGE_BINDING | wgpu::TextureUsages::COPY_DST,
                 view_formats: &[],
             });
             let view = texture.create_view(&wgpu::TextureViewDescriptor::default());

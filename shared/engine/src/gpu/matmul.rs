@@ -73,13 +73,14 @@ pub enum Variant {
     /// about 2× `Direct` on lavapipe.
     Subgroup,
     /// `matmul_texture.wgsl`: the `Subgroup` kernel's tile and broadcasts with
-    /// A and B read from rgba32float textures (`textureLoad`), into which the
-    /// launcher copies them before the dispatch; 1.0–1.3× `Subgroup` on
-    /// lavapipe (`bench_matmul` medians, copies included), whose texel fetches are branch-free gathers while its
+    /// A and B read from rgba32float read-only storage textures
+    /// (`textureLoad`), into which the launcher copies them before the
+    /// dispatch; 1.4–1.6× `Subgroup` on lavapipe (`bench_matmul` medians,
+    /// copies included), whose image loads are branch-free gathers while its
     /// storage loads loop over the lanes. Available where `Subgroup` is; only
     /// for the linear layers' products ([`Variant::supports`]: A not
-    /// transposed, unbatched, `lda` and `ldb` multiples of 64, operands within
-    /// [`TEXTURE_MAX_DIM`] texels).
+    /// transposed, unbatched, N a multiple of 4, `lda` and `ldb` multiples of
+    /// 64, operands within [`TEXTURE_MAX_DIM`] texels).
     Texture,
 }
 
@@ -176,6 +177,8 @@ impl Variant {
                     && g.k / 4 <= TEXTURE_MAX_DIM
                     && b_rows <= TEXTURE_MAX_DIM
                     && b_cols / 4 <= TEXTURE_MAX_DIM
+                    // Each lane stores 4 whole columns.
+                    && g.n.is_multiple_of(4)
             }
         }
     }
@@ -186,8 +189,9 @@ impl Variant {
             Self::Tiled => "nothing",
             Self::Direct | Self::Subgroup => "vec4-aligned A and B",
             Self::Texture => {
-                "vec4-aligned A and B, A not transposed, one unbatched product, lda and ldb \
-                 multiples of 64 and A and B within 8192 × 8192 texels of 4 floats"
+                "vec4-aligned A and B, A not transposed, one unbatched product, N a multiple \
+                 of 4, lda and ldb multiples of 64 and A and B within 8192 × 8192 texels of \
+                 4 floats"
             }
         }
     }
@@ -465,7 +469,11 @@ pub fn gemm_variant(
         Variant::Subgroup => (SUBGROUP_SOURCE, "main", "matmul-subgroup"),
         Variant::Texture => (TEXTURE_SOURCE, "main", "matmul-texture"),
     };
-    let id = format!("{name}/ta{}/tb{}", g.trans_a as u8, g.trans_b as u8);
+    let has_bias = bias.is_some();
+    let id = format!(
+        "{name}/ta{}/tb{}/bias{}/acc{}",
+        g.trans_a as u8, g.trans_b as u8, has_bias as u8, g.accumulate as u8
+    );
     let kernel = ctx.pipeline(
         &id,
         source,
@@ -473,6 +481,8 @@ pub fn gemm_variant(
         &[
             ("TRANS_A", g.trans_a as u8 as f64),
             ("TRANS_B", g.trans_b as u8 as f64),
+            ("HAS_BIAS", has_bias as u8 as f64),
+            ("ACCUMULATE", g.accumulate as u8 as f64),
         ],
     );
     let u = |x: usize| x as u32;
@@ -495,8 +505,8 @@ pub fn gemm_variant(
         u(c0),
         u(c1),
         g.alpha.to_bits(),
-        g.accumulate as u32,
-        bias.is_some() as u32,
+        0,
+        0,
         0,
     ]);
     let bias = bias.unwrap_or(&ctx.dummy);
@@ -932,6 +942,8 @@ mod tests {
         assert!(Variant::Texture.supports(&g));
         check(Variant::Texture, &g, true, [37 * 64, 60 * 64, 37 * 44], 13);
         assert!(!Variant::Texture.supports(&Gemm::new(37, 44, 60)));
+        // N not a multiple of 4 (B stored N×K with K aligned): not supported.
+        assert!(!Variant::Texture.supports(&Gemm::new(37, 42, 64).trans_b()));
 
         // The scratch textures are reused and grown within one encoder: a
         // product that grows A's texture, then one on the same widths with

@@ -25,13 +25,21 @@ struct Params {
     c_bs0: u32,
     c_bs1: u32,
     alpha: f32,
-    accumulate: u32,
-    has_bias: u32,
-    _pad: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 override TRANS_A: bool = false;
 override TRANS_B: bool = false;
+// Whether bias[N] is added and whether C is added to (instead of overwritten):
+// constants of the pipeline rather than fields of `p`, so that the store
+// compiles without the branches and loads it does not need. On llvmpipe a
+// storage load or store is a loop over the SIMD lanes, and the uniform
+// flags' untaken branches and loads cost as much as a quarter of the
+// texture kernel's time at K = 384 (BENCHMARKS.md, "The store").
+override HAS_BIAS: bool = false;
+override ACCUMULATE: bool = false;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
@@ -44,9 +52,9 @@ fn store4(c_base: u32, row: u32, col: u32, v: vec4<f32>) {
     for (var j = 0u; j < 4u; j++) {
         if col + j < p.n {
             var x = p.alpha * v[j];
-            if p.has_bias != 0u { x += bias[col + j]; }
+            if HAS_BIAS { x += bias[col + j]; }
             let idx = c_base + row * p.ldc + col + j;
-            if p.accumulate != 0u { x += c[idx]; }
+            if ACCUMULATE { x += c[idx]; }
             c[idx] = x;
         }
     }

@@ -148,19 +148,25 @@
 //!   dispatch each. Not adopted.
 //!
 //! The `Texture` variant (`matmul_texture.wgsl`, where `Subgroup` runs, for
-//!   products with A not transposed, unbatched, `lda` and `ldb` multiples of 64 and
-//!   operands within 8192 texels: the linear layers' `X·Wᵀ` and `dY·W`): the
-//!   `Subgroup` kernel's tile and broadcasts with A and B read by
-//!   `textureLoad` from rgba32float textures, into which the launcher copies
-//!   them before every product ([`GpuContext`] keeps one scratch texture per
-//!   operand slot and width and reuses it). A texel fetch compiles to a
-//!   branch-free gather of 8 × 16 bytes, where a storage load is the per-lane
-//!   loop above. A throw-away harness (machine D, BENCHMARKS.md) timed the
-//!   32×4-per-lane kernel with A and B from storage at 26–47 GFLOP/s, B from
-//!   a texture at 29–53, both from textures at 51–60 (without the copies);
-//!   24 or 40 rows per tile were no better. In `bench_matmul`, copies
-//!   included, `Texture` runs at 1.03–1.2× `Subgroup` (43–52 GFLOP/s against
-//!   34–47, medians, quiet machine D).
+//!   products with A not transposed, unbatched, N a multiple of 4, `lda` and
+//!   `ldb` multiples of 64 and operands within 8192 texels: the linear
+//!   layers' `X·Wᵀ` and `dY·W`): the `Subgroup` kernel's tile and broadcasts
+//!   with A and B read by `textureLoad` from rgba32float read-only storage
+//!   textures, into which the launcher copies them before every product
+//!   ([`GpuContext`] keeps one scratch texture per operand slot and width and
+//!   reuses it). An image load compiles to a branch-free gather of 8 × 16
+//!   bytes, where a storage load is the per-lane loop above; a sampled
+//!   texture's `textureLoad` was a called function that works out every
+//!   lane's mip level (about 140 instructions per fetch), so storage
+//!   textures made the kernel 1.2–1.3× faster. Its store reads the
+//!   parameters once, outside every branch (a uniform load inside a branch
+//!   becomes a per-lane gather on llvmpipe), and stores whole vec4s. With
+//!   the bias and accumulate flags as pipeline constants
+//!   (`matmul_common.wgsl`) instead of uniform fields, the stores lost their
+//!   untaken branches; `bench_matmul` medians went from 39–48 to 64–74
+//!   GFLOP/s on machine E (BENCHMARKS.md). What is left is mostly the
+//!   multiply-adds themselves: llvmpipe lowers `fma` to a multiply and an
+//!   add, two instructions on the same two ports, and 128 accumulators spill.
 //!
 //! Beside the kernels, the encoder multiplies by the merged weight
 //! `W0 + B·R·A` of each adapted linear (`encoder::AdapterMerge`), which removes the LoRA-SB branch's products
