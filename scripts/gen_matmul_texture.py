@@ -9,7 +9,7 @@ commit both. The product does not need Python; only this generator does.
 import os
 import pathlib
 
-from matmul_wgsl import accumulators, broadcast_fma, transpose_b
+from matmul_wgsl import accumulators, broadcast_fma, stores, transpose_b
 
 # Rows per tile (a multiple of 8; every lane holds all of them, 4 columns each).
 # Must equal TEXTURE_TILE[0] in matmul.rs; TM=24 or 40 were measured no faster.
@@ -63,15 +63,9 @@ L.append("@compute @workgroup_size(8, 1, 1)")
 L.append("fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) l: u32) {")
 L.append(f"    let m0 = wid.y * {TM}u; // first row of the tile")
 L.append("    let c0 = wid.x * 32u + l * 4u; // first column of this lane")
-L.append("    // The parameters, read once here: llvmpipe turns a uniform load inside")
-L.append("    // a branch into a per-lane gather.")
-L.append("    let mm = p.m;")
-L.append("    let nn = p.n;")
-L.append("    let ldc = p.ldc;")
-L.append("    let alpha = p.alpha;")
 L.append("    let c_base = p.c_off;")
-L.append("    let mlast = mm - 1u;")
-L.append("    let nlast = nn - 1u;")
+L.append("    let mlast = p.m - 1u;")
+L.append("    let nlast = p.n - 1u;")
 L.append(f"    // The rows of A this lane loads (clamped): {T8} of the tile's {TM}.")
 for t in range(T8):
     L.append(f"    let ar{t} = i32(min(m0 + {8 * t}u + l, mlast));")
@@ -102,23 +96,7 @@ L.append("        }")
 L.append("        // sI = row I of the tile at k = 4kq .. 4kq+3.")
 L += broadcast_fma(TM, 8)
 L.append("    }")
-L.append("    // N is a multiple of 4 (Variant::supports), so a lane's 4 columns are")
-L.append("    // all inside C or all outside.")
-L.append("    let cols_in = c0 < nn;")
-L.append("    var bias4 = vec4<f32>(0.0);")
-L.append("    if HAS_BIAS && cols_in {")
-L.append("        bias4 = vec4<f32>(bias[c0], bias[c0 + 1u], bias[c0 + 2u], bias[c0 + 3u]);")
-L.append("    }")
-for i in range(TM):
-    L.append(f"    if cols_in && m0 + {i}u < mm {{")
-    L.append(f"        let idx = c_base + (m0 + {i}u) * ldc + c0;")
-    L.append(f"        var x = alpha * acc{i} + bias4;")
-    L.append("        if ACCUMULATE { x += vec4<f32>(c[idx], c[idx + 1u], c[idx + 2u], c[idx + 3u]); }")
-    L.append("        c[idx] = x.x;")
-    L.append("        c[idx + 1u] = x.y;")
-    L.append("        c[idx + 2u] = x.z;")
-    L.append("        c[idx + 3u] = x.w;")
-    L.append("    }")
+L += stores("c_base", TM, whole_quads=True)
 L.append("}")
 out = pathlib.Path(__file__).resolve().parent.parent / "shared/engine/src/gpu/matmul_texture.wgsl"
 out.write_text("\n".join(L) + "\n")

@@ -36,6 +36,57 @@ def broadcast_fma(tm, indent):
     return lines
 
 
-def stores(c_base, tm):
-    """Writes the accumulators: row m0 + I, columns c0 .. c0+3."""
-    return [f"    store4({c_base}, m0 + {i}u, c0, acc{i});" for i in range(tm)]
+def stores(c_base, tm, whole_quads):
+    """Writes the accumulators: row m0 + I, columns c0 .. c0+3, scaled by
+    alpha, plus the bias (HAS_BIAS) and plus C (ACCUMULATE). The parameters
+    are read once, outside every branch: llvmpipe turns a uniform load inside a
+    branch into a per-lane gather. `whole_quads`: N is a multiple of 4, so a
+    lane's 4 columns are all inside C or all outside (one test per row);
+    otherwise each column is tested."""
+    L = [
+        "    // The parameters, read here outside every branch: llvmpipe turns a",
+        "    // uniform load inside a branch into a per-lane gather.",
+        "    let mm = p.m;",
+        "    let nn = p.n;",
+        "    let ldc = p.ldc;",
+        "    let alpha = p.alpha;",
+    ]
+    if whole_quads:
+        L += [
+            "    // N is a multiple of 4 (Variant::supports), so a lane's 4 columns are",
+            "    // all inside C or all outside.",
+            "    let cols_in = c0 < nn;",
+            "    var bias4 = vec4<f32>(0.0);",
+            "    if HAS_BIAS && cols_in {",
+            "        bias4 = vec4<f32>(bias[c0], bias[c0 + 1u], bias[c0 + 2u], bias[c0 + 3u]);",
+            "    }",
+        ]
+        for i in range(tm):
+            L += [
+                f"    if cols_in && m0 + {i}u < mm {{",
+                f"        let idx = {c_base} + (m0 + {i}u) * ldc + c0;",
+                f"        var x = alpha * acc{i} + bias4;",
+                "        if ACCUMULATE { x += vec4<f32>(c[idx], c[idx + 1u], c[idx + 2u], c[idx + 3u]); }",
+            ] + [f"        c[idx{f' + {j}u' if j else ''}] = x.{COMP[j]};" for j in range(4)] + ["    }"]
+    else:
+        L += ["    var bias4 = vec4<f32>(0.0);", "    if HAS_BIAS {"]
+        for j in range(4):
+            L.append(f"        if c0 + {j}u < nn {{ bias4.{COMP[j]} = bias[c0 + {j}u]; }}")
+        L.append("    }")
+        for i in range(tm):
+            L += [
+                f"    if m0 + {i}u < mm {{",
+                f"        let idx = {c_base} + (m0 + {i}u) * ldc + c0;",
+                f"        let x = alpha * acc{i} + bias4;",
+            ]
+            for j in range(4):
+                o = f" + {j}u" if j else ""
+                L += [
+                    f"        if c0 + {j}u < nn {{",
+                    f"            var v = x.{COMP[j]};",
+                    f"            if ACCUMULATE {{ v += c[idx{o}]; }}",
+                    f"            c[idx{o}] = v;",
+                    "        }",
+                ]
+            L.append("    }")
+    return L

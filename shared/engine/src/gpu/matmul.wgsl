@@ -1,7 +1,8 @@
 // prelude: matmul_common.wgsl
 //
 // (`matmul.rs` puts `matmul_common.wgsl` in front of this file: `Params`, the
-// TRANS_A / TRANS_B overrides, the bindings `p`, `bias` and `c`, and `store4`.)
+// TRANS_A / TRANS_B / HAS_BIAS / ACCUMULATE overrides, the bindings `p`,
+// `bias` and `c`, and `store4`.)
 //
 // General matrix multiply, two entry points over the same parameters:
 //

@@ -45,15 +45,9 @@
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) l: u32) {
     let m0 = wid.y * 32u; // first row of the tile
     let c0 = wid.x * 32u + l * 4u; // first column of this lane
-    // The parameters, read once here: llvmpipe turns a uniform load inside
-    // a branch into a per-lane gather.
-    let mm = p.m;
-    let nn = p.n;
-    let ldc = p.ldc;
-    let alpha = p.alpha;
     let c_base = p.c_off;
-    let mlast = mm - 1u;
-    let nlast = nn - 1u;
+    let mlast = p.m - 1u;
+    let nlast = p.n - 1u;
     // The rows of A this lane loads (clamped): 4 of the tile's 32.
     let ar0 = i32(min(m0 + 0u + l, mlast));
     let ar1 = i32(min(m0 + 8u + l, mlast));
@@ -287,6 +281,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) 
         acc31 = fma(vec4<f32>(s31.z), b2, acc31);
         acc31 = fma(vec4<f32>(s31.w), b3, acc31);
     }
+    // The parameters, read here outside every branch: llvmpipe turns a
+    // uniform load inside a branch into a per-lane gather.
+    let mm = p.m;
+    let nn = p.n;
+    let ldc = p.ldc;
+    let alpha = p.alpha;
     // N is a multiple of 4 (Variant::supports), so a lane's 4 columns are
     // all inside C or all outside.
     let cols_in = c0 < nn;
