@@ -106,7 +106,6 @@ pub fn mean_pool_backward(
     )?;
     let kernel = ctx.pipeline("head/mean_pool_backward", SOURCE, "mean_pool_backward", &[]);
     let p = params(ctx, s, 1.0);
-    let rows = s.batch * s.seq;
     ctx.dispatch_at(
         encoder,
         &kernel,
@@ -116,11 +115,7 @@ pub fn mean_pool_backward(
             (4, dpooled.binding()),
             (5, dx.binding()),
         ],
-        [
-            s.hidden.div_ceil(64) as u32,
-            rows.min(65_535) as u32,
-            rows.div_ceil(65_535) as u32,
-        ],
+        [s.hidden.div_ceil(64) as u32, s.batch as u32, 1],
     );
     Ok(())
 }
