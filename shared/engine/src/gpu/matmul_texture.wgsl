@@ -93,13 +93,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) 
     var acc29 = vec4<f32>(0.0);
     var acc30 = vec4<f32>(0.0);
     var acc31 = vec4<f32>(0.0);
-    for (var kq = 0; kq < i32(p.k / 4u); kq++) {
-        // This lane's share of A at k = 4kq .. 4kq+3.
+    let nk = i32(p.k / 4u);
+    for (var kq = 0; kq < nk; kq++) {
+        // This lane's share of A at k = 4·kq .. 4·kq+3.
         let av0 = textureLoad(at, vec2<i32>(kq, ar0));
         let av1 = textureLoad(at, vec2<i32>(kq, ar1));
         let av2 = textureLoad(at, vec2<i32>(kq, ar2));
         let av3 = textureLoad(at, vec2<i32>(kq, ar3));
-        // bJ = row 4kq+J of op(B) at this lane's 4 columns.
+        // bJ = row 4·kq+J of op(B) at this lane's 4 columns.
         var b0: vec4<f32>;
         var b1: vec4<f32>;
         var b2: vec4<f32>;
@@ -119,7 +120,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) 
             b2 = textureLoad(bt, vec2<i32>(bx, 4 * kq + 2));
             b3 = textureLoad(bt, vec2<i32>(bx, 4 * kq + 3));
         }
-        // sI = row I of the tile at k = 4kq .. 4kq+3.
+        // sI = row I of the tile at k = 4·kq .. 4·kq+3.
         let s0 = subgroupBroadcast(av0, 0u);
         acc0 = fma(vec4<f32>(s0.x), b0, acc0);
         acc0 = fma(vec4<f32>(s0.y), b1, acc0);
