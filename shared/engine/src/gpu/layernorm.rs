@@ -3,7 +3,7 @@
 //!
 //! Test: `cargo test -p fedsb-engine --test gpu_kernels layernorm`.
 
-use super::context::{GpuBuffer, GpuContext, RowLayout};
+use super::context::{GpuBuffer, GpuContext, Kernel, RowLayout};
 use super::GpuError;
 
 const SOURCE: &str = include_str!("layernorm.wgsl");
@@ -31,8 +31,18 @@ fn check(shape: &LayerNormShape, bufs: &[(&str, &GpuBuffer, usize)]) -> Result<(
     Ok(())
 }
 
-fn params(ctx: &GpuContext, s: &LayerNormShape, residual: bool) -> wgpu::Buffer {
-    ctx.uniform(&[s.rows as u32, s.h as u32, s.eps.to_bits(), residual as u32])
+fn params(ctx: &GpuContext, s: &LayerNormShape) -> wgpu::Buffer {
+    ctx.uniform(&[s.rows as u32, s.h as u32, s.eps.to_bits(), 0])
+}
+
+/// The kernel `entry`, with or without the residual (`HAS_RESIDUAL`).
+fn kernel(ctx: &GpuContext, entry: &str, residual: bool) -> Kernel {
+    ctx.pipeline(
+        &format!("layernorm/{entry}/res{}", residual as u8),
+        SOURCE,
+        entry,
+        &[("HAS_RESIDUAL", residual as u8 as f64)],
+    )
 }
 
 /// `y = LayerNorm(x (+ residual)) · gamma + beta`; writes `stats` = (mean, rstd)
@@ -66,8 +76,8 @@ pub fn layernorm_forward(
         check(shape, &[("residual", r, n)])?;
     }
     let (entry, groups) = layout.launch("forward", shape.rows);
-    let kernel = ctx.pipeline(&format!("layernorm/{entry}"), SOURCE, &entry, &[]);
-    let params = params(ctx, shape, residual.is_some());
+    let kernel = kernel(ctx, &entry, residual.is_some());
+    let params = params(ctx, shape);
     let residual = residual.unwrap_or(&ctx.dummy);
     ctx.dispatch_at(
         encoder,
@@ -116,8 +126,8 @@ pub fn layernorm_backward(
         check(shape, &[("residual", r, n)])?;
     }
     let (entry, groups) = layout.launch("backward", shape.rows);
-    let kernel = ctx.pipeline(&format!("layernorm/{entry}"), SOURCE, &entry, &[]);
-    let params = params(ctx, shape, residual.is_some());
+    let kernel = kernel(ctx, &entry, residual.is_some());
+    let params = params(ctx, shape);
     let residual = residual.unwrap_or(&ctx.dummy);
     ctx.dispatch_at(
         encoder,

@@ -26,8 +26,13 @@ struct Params {
     rows: u32,
     h: u32,
     eps: f32,
-    has_residual: u32,
+    _pad: u32,
 }
+
+// Whether a residual is added before the norm: a pipeline constant, so that
+// the kernels compile without the branch (on llvmpipe both sides of a branch
+// run under a mask, and their storage loads loop over the lanes either way).
+override HAS_RESIDUAL: bool = false;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
@@ -78,7 +83,7 @@ fn wg_sum2(tid: u32, v: vec2<f32>) -> vec2<f32> {
 }
 
 fn input(i: u32) -> f32 {
-    if p.has_residual != 0u {
+    if HAS_RESIDUAL {
         return x[i] + residual[i];
     }
     return x[i];
@@ -144,28 +149,32 @@ fn backward(
 
 const ROWS_PER_GROUP: u32 = 8u;
 
+// (The row kernels read the parameters into locals before their loops: on
+// llvmpipe a uniform load inside a loop is a gather over the lanes.)
 @compute @workgroup_size(8)
 fn forward_rows(
     @builtin(global_invocation_id) gid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
     let row = gid.x + gid.y * nwg.x * ROWS_PER_GROUP;
+    let h = p.h;
+    let eps = p.eps;
     if row >= p.rows {
         return;
     }
-    let base = row * p.h;
+    let base = row * h;
     var s = 0.0;
-    for (var j = 0u; j < p.h; j++) {
+    for (var j = 0u; j < h; j++) {
         s += input(base + j);
     }
-    let mean = s / f32(p.h);
+    let mean = s / f32(h);
     var q = 0.0;
-    for (var j = 0u; j < p.h; j++) {
+    for (var j = 0u; j < h; j++) {
         let d = input(base + j) - mean;
         q += d * d;
     }
-    let rstd = inverseSqrt(q / f32(p.h) + p.eps);
-    for (var j = 0u; j < p.h; j++) {
+    let rstd = inverseSqrt(q / f32(h) + eps);
+    for (var j = 0u; j < h; j++) {
         y[base + j] = (input(base + j) - mean) * rstd * gamma[j] + beta[j];
     }
     stats[2u * row] = mean;
@@ -178,20 +187,21 @@ fn backward_rows(
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
     let row = gid.x + gid.y * nwg.x * ROWS_PER_GROUP;
+    let h = p.h;
     if row >= p.rows {
         return;
     }
-    let base = row * p.h;
+    let base = row * h;
     let mean = stats[2u * row];
     let rstd = stats[2u * row + 1u];
     var acc = vec2<f32>(0.0);
-    for (var j = 0u; j < p.h; j++) {
+    for (var j = 0u; j < h; j++) {
         let g = dy[base + j] * gamma[j];
         let xhat = (input(base + j) - mean) * rstd;
         acc += vec2<f32>(g, g * xhat);
     }
-    let sums = acc / f32(p.h);
-    for (var j = 0u; j < p.h; j++) {
+    let sums = acc / f32(h);
+    for (var j = 0u; j < h; j++) {
         let g = dy[base + j] * gamma[j];
         let xhat = (input(base + j) - mean) * rstd;
         dx[base + j] = rstd * (g - sums.x - xhat * sums.y);
