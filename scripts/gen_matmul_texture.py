@@ -76,50 +76,28 @@ L.append("    // B as stored N×K (TRANS_B): the rows of this lane's 4 columns, 
 for i in range(4):
     L.append(f"    let br{i} = i32(min(c0 + {i}u, nlast));")
 L += accumulators(TM)
-# K steps per loop iteration. llvmpipe blends every accumulator with the loop's
-# execution mask once per iteration, so 2 halves the blends; on machine E it
-# made A·Bᵀ 2-8 % faster but A·B with a wide B 16-26 % slower (bench_matmul,
-# 2026-12-06), so the kernel keeps 1.
-UNROLL = int(os.environ.get("UNROLL", "1"))
-
-
-def step(kq, pad):
-    """One step of 4 k at k = 4·`kq` .. 4·`kq`+3, indented by `pad` spaces."""
-    k4 = kq if kq == "kq" else f"({kq})"
-    out = [f"{pad}// This lane's share of A at k = 4·{k4} .. 4·{k4}+3."]
-    for t in range(T8):
-        out.append(f"{pad}let av{t} = textureLoad(at, vec2<i32>({kq}, ar{t}));")
-    out.append(f"{pad}// bJ = row 4·{k4}+J of op(B) at this lane's 4 columns.")
-    for j in range(4):
-        out.append(f"{pad}var b{j}: vec4<f32>;")
-    out.append(f"{pad}if TRANS_B {{")
-    for i in range(4):
-        out.append(f"{pad}    let t{i} = textureLoad(bt, vec2<i32>({kq}, br{i}));")
-    out.extend(transpose_b([f"t{i}" for i in range(4)], len(pad) + 4))
-    out.append(f"{pad}}} else {{")
-    for j in range(4):
-        out.append(f"{pad}    b{j} = textureLoad(bt, vec2<i32>(bx, 4 * {k4} + {j}));")
-    out.append(f"{pad}}}")
-    out.append(f"{pad}// sI = row I of the tile at k = 4·{k4} .. 4·{k4}+3.")
-    out.extend(broadcast_fma(TM, len(pad)))
-    return out
-
-
+# One step of 4 k per loop iteration: unrolling two (half of llvmpipe's
+# per-iteration accumulator blends with the loop's execution mask) made A·Bᵀ
+# 2-8 % faster but A·B with a wide B 16-26 % slower (BENCHMARKS.md).
 L.append("    let nk = i32(p.k / 4u);")
-if UNROLL == 1:
-    L.append("    for (var kq = 0; kq < nk; kq++) {")
-    L += step("kq", " " * 8)
-    L.append("    }")
-else:
-    L.append(f"    for (var kq = 0; kq + {UNROLL - 1} < nk; kq += {UNROLL}) {{")
-    for u in range(UNROLL):
-        L.append("        {")
-        L += step(f"kq + {u}" if u else "kq", " " * 12)
-        L.append("        }")
-    L.append("    }")
-    L.append(f"    for (var kq = nk - nk % {UNROLL}; kq < nk; kq++) {{")
-    L += step("kq", " " * 8)
-    L.append("    }")
+L.append("    for (var kq = 0; kq < nk; kq++) {")
+L.append("        // This lane's share of A at k = 4·kq .. 4·kq+3.")
+for t in range(T8):
+    L.append(f"        let av{t} = textureLoad(at, vec2<i32>(kq, ar{t}));")
+L.append("        // bJ = row 4·kq+J of op(B) at this lane's 4 columns.")
+for j in range(4):
+    L.append(f"        var b{j}: vec4<f32>;")
+L.append("        if TRANS_B {")
+for i in range(4):
+    L.append(f"            let t{i} = textureLoad(bt, vec2<i32>(kq, br{i}));")
+L += transpose_b([f"t{i}" for i in range(4)], 12)
+L.append("        } else {")
+for j in range(4):
+    L.append(f"            b{j} = textureLoad(bt, vec2<i32>(bx, 4 * kq + {j}));")
+L.append("        }")
+L.append("        // sI = row I of the tile at k = 4·kq .. 4·kq+3.")
+L += broadcast_fma(TM, 8)
+L.append("    }")
 L += stores("c_base", TM, whole_quads=True)
 L.append("}")
 out = pathlib.Path(__file__).resolve().parent.parent / "shared/engine/src/gpu/matmul_texture.wgsl"
