@@ -75,7 +75,7 @@ pub enum Variant {
     /// `matmul_texture.wgsl`: the `Subgroup` kernel's tile and broadcasts with
     /// A and B read from rgba32float read-only storage textures
     /// (`textureLoad`), into which the launcher copies them before the
-    /// dispatch; 1.4–1.6× `Subgroup` on lavapipe (`bench_matmul` medians,
+    /// dispatch; 1.35–1.6× `Subgroup` on lavapipe (`bench_matmul` medians,
     /// copies included), whose image loads are branch-free gathers while its
     /// storage loads loop over the lanes. Available where `Subgroup` is; only
     /// for the linear layers' products ([`Variant::supports`]: A not

@@ -163,7 +163,7 @@
 //!   becomes a per-lane gather on llvmpipe), and stores whole vec4s. With
 //!   the bias and accumulate flags as pipeline constants
 //!   (`matmul_common.wgsl`) instead of uniform fields, the stores lost their
-//!   untaken branches; `bench_matmul` medians went from 39–48 to 64–74
+//!   untaken branches; `bench_matmul` medians went from 39–48 to 58–71
 //!   GFLOP/s on machine E (BENCHMARKS.md). What is left is mostly the
 //!   multiply-adds themselves: llvmpipe lowers `fma` to a multiply and an
 //!   add, two instructions on the same two ports, and 128 accumulators spill.
