@@ -2,7 +2,7 @@
 //! variants back to back.
 //!
 //! ```text
-//! cargo run --release -p fedsb-engine --example bench_matmul [-- --adapter llvmpipe] [--seconds 1] [--rounds 3]
+//! cargo run --release -p fedsb-engine --example bench_matmul [-- --adapter llvmpipe] [--seconds 1] [--rounds 3] [--variants texture,subgroup]
 //! ```
 //!
 //! (`FEDSB_ADAPTER=<name>` picks the adapter too, as in the GPU tests.)
@@ -11,7 +11,7 @@
 //! gradient `dY·W`), `A·Bᵀ` (linear forward `X·Wᵀ`, B stored N×K) and `Aᵀ·B`
 //! (weight gradient `dYᵀ·X`, A stored K×M) — it times the `Tiled`, the `Direct`
 //! and (where the device has subgroups of size 8) the `Subgroup` and `Texture`
-//! variants (`Texture` only where it supports the product: not `Aᵀ·B`) in
+//! variants (each where it supports the product) in
 //! alternation, `--rounds` times each with enough launches per
 //! submission to run for about `--seconds`, and prints the best and the median
 //! round of each. The machine may be shared, so only numbers from the same run
@@ -65,7 +65,25 @@ fn main() {
         ctx.has_subgroups(),
         ctx.subgroup_sizes()
     );
-    let available: Vec<Variant> = VARIANTS.into_iter().filter(|v| v.available(&ctx)).collect();
+    // --variants texture,subgroup: only these (default: all the device runs).
+    let wanted: Option<Vec<String>> = arg("--variants").map(|v| {
+        v.split(',')
+            .map(|name| name.trim().to_lowercase())
+            .collect()
+    });
+    let available: Vec<Variant> = VARIANTS
+        .into_iter()
+        .filter(|v| v.available(&ctx))
+        .filter(|v| {
+            wanted
+                .as_ref()
+                .is_none_or(|w| w.contains(&format!("{v:?}").to_lowercase()))
+        })
+        .collect();
+    assert!(
+        !available.is_empty(),
+        "--variants {wanted:?}: none of tiled, direct, subgroup, texture runs here"
+    );
 
     let mut seed = 12345u64;
     let mut rand = move || {

@@ -277,25 +277,29 @@ fn gelu_matches_reference() {
     x.extend([0.0, -10.0, 10.0]);
     let dy = rng.vec(x.len());
     let n = x.len();
-    let (gx, gdy, gy, gdx) = (
+    // The forward pass replaces x by the slopes; the backward pass multiplies
+    // the gradient by them in place.
+    let (gx, gd, gy) = (
         ctx.buffer_f32("x", &x),
-        ctx.buffer_f32("dy", &dy),
+        ctx.buffer_f32("d", &dy),
         ctx.buffer_zeros("y", n),
-        ctx.buffer_zeros("dx", n),
     );
     let mut enc = ctx.encoder();
     gelu::gelu_forward(ctx, &mut enc, &gx, &gy, n).unwrap();
-    gelu::gelu_backward(ctx, &mut enc, &gx, &gdy, &gdx, n).unwrap();
+    gelu::gelu_backward(ctx, &mut enc, &gx, &gd, n).unwrap();
     ctx.submit(enc);
     let y: Vec<f32> = x.iter().map(|&v| cpu_ref::gelu(v)).collect();
-    let dx: Vec<f32> = x
-        .iter()
-        .zip(&dy)
-        .map(|(&v, &d)| d * cpu_ref::gelu_grad(v))
-        .collect();
+    let slope: Vec<f32> = x.iter().map(|&v| cpu_ref::gelu_grad(v)).collect();
+    let dx: Vec<f32> = slope.iter().zip(&dy).map(|(&s, &d)| d * s).collect();
     // erf approximation error 1.5e-7, times |x|/2 <= 5 for the forward.
     assert_close("gelu forward", &read(&gy), &y, 1e-6, 1e-5);
-    assert_close("gelu backward", &read(&gdx), &dx, 1e-6, 1e-5);
+    assert_close("gelu slope", &read(&gx), &slope, 1e-6, 1e-5);
+    assert_close("gelu backward", &read(&gd), &dx, 1e-6, 1e-5);
+    // A buffer shorter than n is refused with its name.
+    let short = ctx.buffer_zeros("short", n - 1);
+    let mut enc = ctx.encoder();
+    let err = gelu::gelu_backward(ctx, &mut enc, &short, &gd, n).unwrap_err();
+    assert!(err.to_string().contains("slope has 1002"), "{err}");
 }
 
 #[test]

@@ -15,6 +15,11 @@ use wgpu::util::DeviceExt;
 
 use super::GpuError;
 
+/// Texels of padding at the end of each row of a matmul operand texture
+/// ([`GpuContext::copy_to_texture`]): 4 rgba32float texels, one 64-byte
+/// cache line.
+const TEXTURE_ROW_PAD: u32 = 4;
+
 /// A storage buffer of `f32` or `u32` elements with its element count.
 ///
 /// The wgpu buffer is at least 4 bytes long even when `len == 0`, because
@@ -142,6 +147,8 @@ pub struct GpuContext {
     profile: Mutex<Option<Vec<KernelTime>>>,
     /// 4-byte placeholder bound where a kernel's optional input is absent.
     pub(crate) dummy: GpuBuffer,
+    /// Another, for an unused binding that a kernel may write.
+    pub(crate) dummy_rw: GpuBuffer,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -215,6 +222,17 @@ impl GpuContext {
             }),
             len: 1,
         };
+        // A second one for bindings that may be written: a buffer bound
+        // read-only and read-write in one dispatch is a usage conflict.
+        let dummy_rw = GpuBuffer {
+            buffer: device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("dummy (read-write)"),
+                size: 4,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            }),
+            len: 1,
+        };
         let subgroups = device.features().contains(wgpu::Features::SUBGROUP);
         tracing::info!(
             adapter = %info.name,
@@ -234,6 +252,7 @@ impl GpuContext {
             textures: Mutex::new(HashMap::new()),
             profile: Mutex::new(None),
             dummy,
+            dummy_rw,
         })
     }
 
@@ -453,9 +472,11 @@ impl GpuContext {
     ///
     /// One texture per (`slot`, `width`) is kept and reused: it grows (to the
     /// next multiple of 256 rows) when `rows` exceeds its height, so its rows
-    /// past `rows` may hold older data, which the kernels never read. Reuse
-    /// within one encoder is safe: WebGPU orders a copy after every earlier
-    /// pass of the same encoder that reads the texture.
+    /// past `rows` may hold older data, which the kernels never read. Its
+    /// rows are [`TEXTURE_ROW_PAD`] texels wider than `width` (where the
+    /// device allows), padding the kernels never read either. Reuse within
+    /// one encoder is safe: WebGPU orders a copy after every earlier pass of
+    /// the same encoder that reads the texture.
     ///
     /// The caller checks what the copy needs: `offset` a multiple of 4,
     /// `ld · 4` bytes a multiple of 256 (`wgpu::COPY_BYTES_PER_ROW_ALIGNMENT`),
@@ -478,10 +499,15 @@ impl GpuContext {
         if stale {
             let max = self.device.limits().max_texture_dimension_2d;
             let height = rows.div_ceil(256).saturating_mul(256).min(max).max(rows);
+            // One 64-byte cache line of padding per row, never read: llvmpipe
+            // lays a texture out linearly, and with rows of 4 KiB (K = 1,024)
+            // the 32 rows a tile reads at once fall into one set of an 8-way
+            // L1 cache and evict each other. Padded, 1,024³ `A·Bᵀ` runs at
+            // 79–82 GFLOP/s instead of 48–50 (BENCHMARKS.md, machine D).
             let texture = self.device.create_texture(&wgpu::TextureDescriptor {
                 label: Some("matmul operand"),
                 size: wgpu::Extent3d {
-                    width,
+                    width: (width + TEXTURE_ROW_PAD).min(max),
                     height,
                     depth_or_array_layers: 1,
                 },

@@ -47,7 +47,7 @@ use super::head::{
 };
 use super::layernorm::{layernorm_backward, layernorm_forward, LayerNormShape};
 use super::lora_sb::{lora_sb_grad_r, LoraSbDims};
-use super::matmul::{gemm, linear_backward_weight, Gemm};
+use super::matmul::{gemm, gemm_epilogue, linear_backward_weight, Epilogue, Gemm};
 use super::GpuError;
 
 /// How [`GpuEncoder::record_backward`] scales and splits the gradients.
@@ -124,7 +124,9 @@ struct LayerActivations {
     ao: GpuBuffer,
     stats1: GpuBuffer,
     h1: GpuBuffer,
-    inter_pre: GpuBuffer,
+    /// GELU's slope at the intermediate linear's output (the backward pass
+    /// needs it, not the pre-activation).
+    inter_slope: GpuBuffer,
     inter_act: GpuBuffer,
     out: GpuBuffer,
     stats2: GpuBuffer,
@@ -152,7 +154,6 @@ struct Workspace {
     dpooled: GpuBuffer,
     dh: GpuBuffer,
     dsum2: GpuBuffer,
-    d_inter: GpuBuffer,
     d_pre: GpuBuffer,
     dh1: GpuBuffer,
     dsum1: GpuBuffer,
@@ -533,7 +534,7 @@ impl<'c> GpuEncoder<'c> {
                 ao: z("attention_output", rows * h),
                 stats1: z("ln1.stats", 2 * rows),
                 h1: z("h1", rows * h),
-                inter_pre: z("intermediate", rows * i),
+                inter_slope: z("intermediate.slope", rows * i),
                 inter_act: z("intermediate.gelu", rows * i),
                 out: z("output", rows * h),
                 stats2: z("ln2.stats", 2 * rows),
@@ -560,7 +561,6 @@ impl<'c> GpuEncoder<'c> {
             dpooled: z("dpooled", batch * h),
             dh: z("dh", rows * h),
             dsum2: z("dsum2", rows * h),
-            d_inter: z("d_intermediate", rows * i),
             d_pre: z("d_intermediate_pre", rows * i),
             dh1: z("dh1", rows * h),
             dsum1: z("dsum1", rows * h),
@@ -702,6 +702,12 @@ impl<'c> GpuEncoder<'c> {
     /// `y = x·W0ᵀ + b (+ ((x·Aᵀ)·Rᵀ)·Bᵀ)`, keeping `x·Aᵀ` in `xa`; where the
     /// pass merges ([`AdapterMerge`]) first `merged = W0 + (B·R)·A`, then
     /// `y = x·mergedᵀ + b`.
+    ///
+    /// With `gelu` (the intermediate linear), the layer's output goes through
+    /// GELU: `gelu` receives `gelu(y)` and `y` the slopes `gelu'(y)` for the
+    /// backward pass. Where the main product is the last to write `y` (the
+    /// pass merges, or the linear has no adapter) its epilogue does that as it
+    /// stores; otherwise `gelu.wgsl` does after the LoRA-SB branch.
     #[allow(clippy::too_many_arguments)]
     fn linear_forward(
         &self,
@@ -712,11 +718,14 @@ impl<'c> GpuEncoder<'c> {
         tmp: &GpuBuffer,
         x: &GpuBuffer,
         y: &GpuBuffer,
+        gelu: Option<&GpuBuffer>,
         rows: usize,
     ) -> Result<(), GpuError> {
         let (out, inp, r) = (lin.out_features, lin.in_features, self.rank);
         let ctx = self.ctx;
         let merging = self.merging(adapter, xa);
+        // Whether an unmerged LoRA-SB branch adds to y after the main product.
+        let branch = merging.is_none() && adapter.is_some() && xa.is_some();
         if let Some(ad) = merging.filter(|_| self.merge_due()) {
             enc.copy_buffer_to_buffer(
                 &lin.weight.buffer,
@@ -744,14 +753,19 @@ impl<'c> GpuEncoder<'c> {
                 &ad.merged,
             )?;
         }
-        gemm(
+        let (main_out, epilogue) = match gelu {
+            Some(act) if !branch => (act, Epilogue::Gelu { slope: y }),
+            _ => (y, Epilogue::None),
+        };
+        gemm_epilogue(
             ctx,
             enc,
             &Gemm::new(rows, out, inp).trans_b(),
             x,
             merging.map_or(&lin.weight, |ad| &ad.merged),
             Some(&lin.bias),
-            y,
+            main_out,
+            epilogue,
         )?;
         if let (Some(ad), Some(xa)) = (adapter, xa) {
             gemm(
@@ -763,9 +777,8 @@ impl<'c> GpuEncoder<'c> {
                 None,
                 xa,
             )?;
-            if merging.is_some() {
-                return Ok(());
-            }
+        }
+        if let (true, Some(ad), Some(xa)) = (branch, adapter, xa) {
             gemm(
                 ctx,
                 enc,
@@ -784,6 +797,9 @@ impl<'c> GpuEncoder<'c> {
                 None,
                 y,
             )?;
+            if let Some(act) = gelu {
+                gelu_forward(ctx, enc, y, act, rows * out)?;
+            }
         }
         Ok(())
     }
@@ -845,7 +861,8 @@ impl<'c> GpuEncoder<'c> {
             let lin = |enc: &mut wgpu::CommandEncoder,
                        which: AdaptedLinear,
                        input: &GpuBuffer,
-                       y: &GpuBuffer| {
+                       y: &GpuBuffer,
+                       gelu: Option<&GpuBuffer>| {
                 let i = which.index();
                 self.linear_forward(
                     enc,
@@ -855,16 +872,17 @@ impl<'c> GpuEncoder<'c> {
                     &w.tmp,
                     input,
                     y,
+                    gelu,
                     rows,
                 )
             };
-            lin(enc, AdaptedLinear::Query, x, &a.q)?;
-            lin(enc, AdaptedLinear::Key, x, &a.k)?;
-            lin(enc, AdaptedLinear::Value, x, &a.v)?;
+            lin(enc, AdaptedLinear::Query, x, &a.q, None)?;
+            lin(enc, AdaptedLinear::Key, x, &a.k, None)?;
+            lin(enc, AdaptedLinear::Value, x, &a.v, None)?;
             attention_forward(
                 ctx, enc, &attn, &a.q, &a.k, &a.v, &w.mask, &a.probs, &a.context,
             )?;
-            lin(enc, AdaptedLinear::AttentionOutput, &a.context, &a.ao)?;
+            lin(enc, AdaptedLinear::AttentionOutput, &a.context, &a.ao, None)?;
             layernorm_forward(
                 ctx,
                 enc,
@@ -877,15 +895,15 @@ impl<'c> GpuEncoder<'c> {
                 &a.h1,
                 &a.stats1,
             )?;
-            lin(enc, AdaptedLinear::Intermediate, &a.h1, &a.inter_pre)?;
-            gelu_forward(
-                ctx,
+            // inter_act = gelu(h1·Wᵀ + b); inter_slope = its slope.
+            lin(
                 enc,
-                &a.inter_pre,
-                &a.inter_act,
-                rows * c.intermediate_size,
+                AdaptedLinear::Intermediate,
+                &a.h1,
+                &a.inter_slope,
+                Some(&a.inter_act),
             )?;
-            lin(enc, AdaptedLinear::Output, &a.inter_act, &a.out)?;
+            lin(enc, AdaptedLinear::Output, &a.inter_act, &a.out, None)?;
             layernorm_forward(
                 ctx,
                 enc,
@@ -939,7 +957,10 @@ impl<'c> GpuEncoder<'c> {
     /// `dx` is given; `dy·merged` where the pass merges, [`AdapterMerge`], with
     /// the merged weight the forward pass just wrote), the `R` gradient into
     /// `grads` (batch) and, per sample, into `per_sample`, and `Σ dyᵀ·x` into
-    /// `dw`.
+    /// `dw`. With `gelu_slope` (the output linear, whose input went through
+    /// GELU) `dx` is multiplied by the slopes the forward pass left: by the
+    /// main product's epilogue where it is the last to write `dx`, otherwise
+    /// by `gelu.wgsl` after the LoRA-SB branch (`dx` must then not accumulate).
     #[allow(clippy::too_many_arguments)]
     fn linear_backward(
         &self,
@@ -954,17 +975,29 @@ impl<'c> GpuEncoder<'c> {
         x: &GpuBuffer,
         dy: &GpuBuffer,
         dx: Option<(&GpuBuffer, bool)>,
+        gelu_slope: Option<&GpuBuffer>,
     ) -> Result<(), GpuError> {
         let ctx = self.ctx;
         let rows = s.rows();
         let (out, inp, r) = (lin.out_features, lin.in_features, self.rank);
         // The same choice as the forward pass of this batch made.
         let merging = self.merging(adapter, xa);
+        // Whether an unmerged LoRA-SB branch adds to dx after the main product.
+        let branch = merging.is_none() && adapter.is_some() && xa.is_some();
         if let Some((dx, accumulate)) = dx {
             let mut g = Gemm::new(rows, inp, out);
             g.accumulate = accumulate;
             let weight = merging.map_or(&lin.weight, |ad| &ad.merged);
-            gemm(ctx, enc, &g, dy, weight, None, dx)?;
+            let epilogue = match gelu_slope {
+                Some(_) if accumulate => {
+                    return Err(GpuError::Shape(
+                        "linear backward: the GELU gate needs a dx of its own".into(),
+                    ))
+                }
+                Some(slope) if !branch => Epilogue::GeluGate { slope },
+                _ => Epilogue::None,
+            };
+            gemm_epilogue(ctx, enc, &g, dy, weight, None, dx, epilogue)?;
         }
         if let (Some(ad), Some(xa)) = (adapter, xa) {
             gemm(ctx, enc, &Gemm::new(rows, r, out), dy, &ad.b, None, &w.u)?;
@@ -1006,6 +1039,9 @@ impl<'c> GpuEncoder<'c> {
                     None,
                     dx,
                 )?;
+                if let Some(slope) = gelu_slope {
+                    gelu_backward(ctx, enc, slope, dx, rows * inp)?;
+                }
             }
         }
         if let Some(dw) = dw {
@@ -1145,7 +1181,8 @@ impl<'c> GpuEncoder<'c> {
                         which: AdaptedLinear,
                         input: &GpuBuffer,
                         dy: &GpuBuffer,
-                        dx: Option<(&GpuBuffer, bool)>| {
+                        dx: Option<(&GpuBuffer, bool)>,
+                        gelu_slope: Option<&GpuBuffer>| {
                 let i = which.index();
                 self.linear_backward(
                     enc,
@@ -1159,6 +1196,7 @@ impl<'c> GpuEncoder<'c> {
                     input,
                     dy,
                     dx,
+                    gelu_slope,
                 )
             };
             // h2 = LN2(out + h1)
@@ -1174,20 +1212,14 @@ impl<'c> GpuEncoder<'c> {
                 &w.dh,
                 &w.dsum2,
             )?;
+            // d_pre = (dsum2·W) · gelu'(pre), through the GELU's slopes.
             back(
                 enc,
                 AdaptedLinear::Output,
                 &a.inter_act,
                 &w.dsum2,
-                Some((&w.d_inter, false)),
-            )?;
-            gelu_backward(
-                ctx,
-                enc,
-                &a.inter_pre,
-                &w.d_inter,
-                &w.d_pre,
-                rows * c.intermediate_size,
+                Some((&w.d_pre, false)),
+                Some(&a.inter_slope),
             )?;
             enc.copy_buffer_to_buffer(&w.dsum2.buffer, 0, &w.dh1.buffer, 0, bytes_h);
             back(
@@ -1196,6 +1228,7 @@ impl<'c> GpuEncoder<'c> {
                 &a.h1,
                 &w.d_pre,
                 Some((&w.dh1, true)),
+                None,
             )?;
             // h1 = LN1(ao + x)
             layernorm_backward(
@@ -1216,6 +1249,7 @@ impl<'c> GpuEncoder<'c> {
                 &a.context,
                 &w.dsum1,
                 Some((&w.dctx, false)),
+                None,
             )?;
             attention_backward(
                 ctx, enc, &attn, &a.q, &a.k, &a.v, &a.probs, &w.dctx, &w.dprobs, &w.dq, &w.dk,
@@ -1231,7 +1265,7 @@ impl<'c> GpuEncoder<'c> {
                 (AdaptedLinear::Key, &w.dk),
                 (AdaptedLinear::Value, &w.dv),
             ] {
-                back(enc, which, x, d, need_dx.then_some((&w.dh, true)))?;
+                back(enc, which, x, d, need_dx.then_some((&w.dh, true)), None)?;
             }
         }
         Ok(())

@@ -1,11 +1,15 @@
-//! Exact GELU (`gelu.wgsl`): `y = x·Φ(x)` and its derivative `dx = dy·(Φ(x) + x·φ(x))`.
+//! Exact GELU (`gelu.wgsl`, after `gelu_common.wgsl`) for a linear layer whose
+//! output is not final when its matrix product ends: `y = gelu(x)` with `x`
+//! replaced by the slope `gelu'(x)`, and the backward pass `d = d·slope` in
+//! place. Where the product's output is final, the matmul's epilogue does both
+//! instead ([`super::matmul::Epilogue`]).
 //!
 //! Test: `cargo test -p fedsb-engine --test gpu_kernels gelu`.
 
 use super::context::{groups_1d, GpuBuffer, GpuContext};
 use super::GpuError;
 
-const SOURCE: &str = include_str!("gelu.wgsl");
+const SOURCE: &str = concat!(include_str!("gelu_common.wgsl"), include_str!("gelu.wgsl"));
 
 fn check(n: usize, bufs: &[(&str, &GpuBuffer)]) -> Result<(), GpuError> {
     for (name, b) in bufs {
@@ -19,7 +23,8 @@ fn check(n: usize, bufs: &[(&str, &GpuBuffer)]) -> Result<(), GpuError> {
     Ok(())
 }
 
-/// `y[i] = gelu(x[i])` for `i < n`.
+/// `y[i] = gelu(x[i])` and `x[i] = gelu'(x[i])` (the slope, in place of the
+/// pre-activation) for `i < n`.
 pub fn gelu_forward(
     ctx: &GpuContext,
     encoder: &mut wgpu::CommandEncoder,
@@ -36,33 +41,32 @@ pub fn gelu_forward(
         &[
             (0, params.as_entire_binding()),
             (1, x.binding()),
-            (3, y.binding()),
+            (2, y.binding()),
         ],
         groups_1d(n, 256),
     );
     Ok(())
 }
 
-/// `dx[i] = dy[i] · gelu'(x[i])` for `i < n`.
+/// `d[i] = d[i] · slope[i]` for `i < n`: the gradient through GELU, given the
+/// slopes [`gelu_forward`] (or the matmul's GELU epilogue) left.
 pub fn gelu_backward(
     ctx: &GpuContext,
     encoder: &mut wgpu::CommandEncoder,
-    x: &GpuBuffer,
-    dy: &GpuBuffer,
-    dx: &GpuBuffer,
+    slope: &GpuBuffer,
+    d: &GpuBuffer,
     n: usize,
 ) -> Result<(), GpuError> {
-    check(n, &[("x", x), ("dy", dy), ("dx", dx)])?;
-    let kernel = ctx.pipeline("gelu/backward", SOURCE, "backward", &[]);
+    check(n, &[("slope", slope), ("d", d)])?;
+    let kernel = ctx.pipeline("gelu/gate", SOURCE, "gate", &[]);
     let params = ctx.uniform(&[n as u32, 0, 0, 0]);
-    ctx.dispatch(
+    ctx.dispatch_at(
         encoder,
         &kernel,
         &[
-            params.as_entire_binding(),
-            x.binding(),
-            dy.binding(),
-            dx.binding(),
+            (0, params.as_entire_binding()),
+            (3, slope.binding()),
+            (4, d.binding()),
         ],
         groups_1d(n, 256),
     );

@@ -1,8 +1,11 @@
 //! Matrix multiply launcher (`matmul.wgsl`, `matmul_subgroup.wgsl`,
-//! `matmul_texture.wgsl`, each after `matmul_common.wgsl`): `C = alpha·op(A)·op(B) (+ bias) (+ C)`.
+//! `matmul_texture.wgsl`, each after `gelu_common.wgsl` and
+//! `matmul_common.wgsl`): `C = epilogue(alpha·op(A)·op(B) (+ bias) (+ C))`.
 //!
 //! [`Gemm`] describes one (optionally batched, strided) product; [`gemm`] records
-//! it with the [`Variant`] that suits the adapter ([`Variant::for_gemm`]). The
+//! it with the [`Variant`] that suits the adapter ([`Variant::for_gemm`]);
+//! [`gemm_epilogue`] also applies an [`Epilogue`] (GELU, or the backward
+//! pass through it) to every output as it is stored. The
 //! linear-layer helpers [`linear_forward`], [`linear_backward_input`] and
 //! [`linear_backward_weight`] cover a PyTorch-style `W` stored `out×in`.
 //!
@@ -14,21 +17,25 @@
 use super::context::{GpuBuffer, GpuContext};
 use super::GpuError;
 
-// Every matmul module starts with `matmul_common.wgsl`: the parameters, the
-// overrides, the bindings and the store that all variants share.
+// Every matmul module starts with `gelu_common.wgsl` (the epilogue's GELU)
+// and `matmul_common.wgsl`: the parameters, the overrides, the bindings, the
+// epilogue and the store that all variants share.
 const SOURCE: &str = concat!(
+    include_str!("gelu_common.wgsl"),
     include_str!("matmul_common.wgsl"),
     include_str!("matmul.wgsl")
 );
 /// The subgroup kernel natively (naga 30 refuses the `enable subgroups;`
 /// directive and gates subgroup built-ins on the device feature instead).
 const SUBGROUP_SOURCE: &str = concat!(
+    include_str!("gelu_common.wgsl"),
     include_str!("matmul_common.wgsl"),
     include_str!("matmul_subgroup.wgsl")
 );
 /// The texture kernel (natively only: [`Variant::Texture`] needs subgroups,
 /// which wgpu 30 does not pass through in the browser).
 const TEXTURE_SOURCE: &str = concat!(
+    include_str!("gelu_common.wgsl"),
     include_str!("matmul_common.wgsl"),
     include_str!("matmul_texture.wgsl")
 );
@@ -36,6 +43,7 @@ const TEXTURE_SOURCE: &str = concat!(
 /// before any declaration.
 const SUBGROUP_SOURCE_WEB: &str = concat!(
     "enable subgroups;\n",
+    include_str!("gelu_common.wgsl"),
     include_str!("matmul_common.wgsl"),
     include_str!("matmul_subgroup.wgsl")
 );
@@ -78,9 +86,9 @@ pub enum Variant {
     /// dispatch; 1.35–1.6× `Subgroup` on lavapipe (`bench_matmul` medians,
     /// copies included), whose image loads are branch-free gathers while its
     /// storage loads loop over the lanes. Available where `Subgroup` is; only
-    /// for the linear layers' products ([`Variant::supports`]: A not
-    /// transposed, unbatched, N a multiple of 4, `lda` and `ldb` multiples of
-    /// 64, operands within [`TEXTURE_MAX_DIM`] texels).
+    /// for unbatched products such as the linear layers' and the weight
+    /// gradient's ([`Variant::supports`]: N a multiple of 4, `lda` and `ldb`
+    /// multiples of 64, operands within [`TEXTURE_MAX_DIM`] texels).
     Texture,
 }
 
@@ -164,17 +172,19 @@ impl Variant {
                     && g.n.div_ceil(SUBGROUP_TILE[1]) <= 65_535
             }
             Self::Texture => {
+                let (a_rows, a_cols) = g.stored_a();
                 let (b_rows, b_cols) = g.stored_b();
                 // copy_buffer_to_texture: rows of whole 256-byte multiples.
                 let row_align = wgpu::COPY_BYTES_PER_ROW_ALIGNMENT as usize / 4;
+                // (vec4_aligned: with A transposed, M is a multiple of 4, as
+                // the kernel's texels of 4 rows need.)
                 g.vec4_aligned()
-                    && !g.trans_a
                     && g.batch == [1, 1]
                     && g.k > 0
                     && g.ld[0].is_multiple_of(row_align)
                     && g.ld[1].is_multiple_of(row_align)
-                    && g.m <= TEXTURE_MAX_DIM
-                    && g.k / 4 <= TEXTURE_MAX_DIM
+                    && a_rows <= TEXTURE_MAX_DIM
+                    && a_cols / 4 <= TEXTURE_MAX_DIM
                     && b_rows <= TEXTURE_MAX_DIM
                     && b_cols / 4 <= TEXTURE_MAX_DIM
                     // Each lane stores 4 whole columns.
@@ -189,9 +199,8 @@ impl Variant {
             Self::Tiled => "nothing",
             Self::Direct | Self::Subgroup => "vec4-aligned A and B",
             Self::Texture => {
-                "vec4-aligned A and B, A not transposed, one unbatched product, N a multiple \
-                 of 4, lda and ldb multiples of 64 and A and B within 8192 × 8192 texels of \
-                 4 floats"
+                "vec4-aligned A and B, one unbatched product, N a multiple of 4, lda and ldb \
+                 multiples of 64 and A and B within 8192 × 8192 texels of 4 floats"
             }
         }
     }
@@ -421,7 +430,58 @@ pub fn gemm(
     bias: Option<&GpuBuffer>,
     c: &GpuBuffer,
 ) -> Result<(), GpuError> {
-    gemm_variant(ctx, encoder, g, Variant::for_gemm(ctx, g), a, b, bias, c)
+    gemm_epilogue(ctx, encoder, g, a, b, bias, c, Epilogue::None)
+}
+
+/// What a product does to each output after the bias and C are added, as it
+/// stores it (`EPILOGUE` in `matmul_common.wgsl`): a linear layer followed by
+/// GELU then needs no pass of its own over its output, forward or backward.
+/// `slope` is laid out as C (the same row stride and offset).
+#[derive(Debug, Clone, Copy, Default)]
+pub enum Epilogue<'a> {
+    /// C = x.
+    #[default]
+    None,
+    /// C = gelu(x), and `slope` = gelu'(x): the forward pass of a linear layer
+    /// and its GELU, keeping what the backward pass needs.
+    Gelu { slope: &'a GpuBuffer },
+    /// C = x · `slope`: the input gradient of such a layer's output linear,
+    /// carried back through the GELU.
+    GeluGate { slope: &'a GpuBuffer },
+}
+
+impl Epilogue<'_> {
+    /// The `EPILOGUE` override.
+    fn code(&self) -> u8 {
+        match self {
+            Self::None => 0,
+            Self::Gelu { .. } => 1,
+            Self::GeluGate { .. } => 2,
+        }
+    }
+
+    fn slope(&self) -> Option<&GpuBuffer> {
+        match self {
+            Self::None => None,
+            Self::Gelu { slope } | Self::GeluGate { slope } => Some(slope),
+        }
+    }
+}
+
+/// Like [`gemm`], each output passed through `epilogue` as it is stored.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_epilogue(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    g: &Gemm,
+    a: &GpuBuffer,
+    b: &GpuBuffer,
+    bias: Option<&GpuBuffer>,
+    c: &GpuBuffer,
+    epilogue: Epilogue<'_>,
+) -> Result<(), GpuError> {
+    let variant = Variant::for_gemm(ctx, g);
+    gemm_variant_epilogue(ctx, encoder, g, variant, a, b, bias, c, epilogue)
 }
 
 /// Like [`gemm`] with an explicit kernel variant (benchmarks and tests); fails
@@ -438,7 +498,28 @@ pub fn gemm_variant(
     bias: Option<&GpuBuffer>,
     c: &GpuBuffer,
 ) -> Result<(), GpuError> {
+    gemm_variant_epilogue(ctx, encoder, g, variant, a, b, bias, c, Epilogue::None)
+}
+
+/// [`gemm_variant`] with an [`Epilogue`].
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_variant_epilogue(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    g: &Gemm,
+    variant: Variant,
+    a: &GpuBuffer,
+    b: &GpuBuffer,
+    bias: Option<&GpuBuffer>,
+    c: &GpuBuffer,
+    epilogue: Epilogue<'_>,
+) -> Result<(), GpuError> {
     g.check(a, b, bias, c)?;
+    if let Some(slope) = epilogue.slope() {
+        // The slopes share C's layout, so they need what C needs.
+        g.check(a, b, bias, slope)
+            .map_err(|e| GpuError::Shape(format!("the epilogue's slope buffer: {e}")))?;
+    }
     if !variant.available(ctx) {
         return Err(GpuError::Device(format!(
             "the {variant:?} matmul kernel needs wgpu::Features::SUBGROUP with subgroup size \
@@ -471,8 +552,12 @@ pub fn gemm_variant(
     };
     let has_bias = bias.is_some();
     let id = format!(
-        "{name}/ta{}/tb{}/bias{}/acc{}",
-        g.trans_a as u8, g.trans_b as u8, has_bias as u8, g.accumulate as u8
+        "{name}/ta{}/tb{}/bias{}/acc{}/ep{}",
+        g.trans_a as u8,
+        g.trans_b as u8,
+        has_bias as u8,
+        g.accumulate as u8,
+        epilogue.code()
     );
     let kernel = ctx.pipeline(
         &id,
@@ -483,6 +568,7 @@ pub fn gemm_variant(
             ("TRANS_B", g.trans_b as u8 as f64),
             ("HAS_BIAS", has_bias as u8 as f64),
             ("ACCUMULATE", g.accumulate as u8 as f64),
+            ("EPILOGUE", epilogue.code() as f64),
         ],
     );
     let u = |x: usize| x as u32;
@@ -510,19 +596,22 @@ pub fn gemm_variant(
         0,
     ]);
     let bias = bias.unwrap_or(&ctx.dummy);
+    // Its own dummy: `ctx.dummy` may be bound read-only as the bias.
+    let aux = epilogue.slope().unwrap_or(&ctx.dummy_rw);
     let batches = (g.batch[0] * g.batch[1]) as u32;
     match variant {
         // A and B at bindings 1 and 2 (as array<f32> in Tiled, array<vec4<f32>>
         // in Subgroup).
-        Variant::Tiled | Variant::Subgroup => ctx.dispatch(
+        Variant::Tiled | Variant::Subgroup => ctx.dispatch_at(
             encoder,
             &kernel,
             &[
-                params.as_entire_binding(),
-                a.binding(),
-                b.binding(),
-                bias.binding(),
-                c.binding(),
+                (0, params.as_entire_binding()),
+                (1, a.binding()),
+                (2, b.binding()),
+                (3, bias.binding()),
+                (4, c.binding()),
+                (7, aux.binding()),
             ],
             {
                 let [rows, cols] = if variant == Variant::Tiled {
@@ -539,6 +628,7 @@ pub fn gemm_variant(
         ),
         // A and B as textures at bindings 1 and 2, copied there first.
         Variant::Texture => {
+            let (a_rows, a_cols) = g.stored_a();
             let (b_rows, b_cols) = g.stored_b();
             let u32_of = |x: usize| x as u32; // within TEXTURE_MAX_DIM (supports)
             let at = ctx.copy_to_texture(
@@ -547,8 +637,8 @@ pub fn gemm_variant(
                 a,
                 g.offsets[0],
                 g.ld[0],
-                u32_of(g.k / 4),
-                u32_of(g.m),
+                u32_of(a_cols / 4),
+                u32_of(a_rows),
             );
             let bt = ctx.copy_to_texture(
                 encoder,
@@ -568,6 +658,7 @@ pub fn gemm_variant(
                     (2, wgpu::BindingResource::TextureView(&bt)),
                     (3, bias.binding()),
                     (4, c.binding()),
+                    (7, aux.binding()),
                 ],
                 [
                     g.n.div_ceil(TEXTURE_TILE[1]) as u32,
@@ -586,6 +677,7 @@ pub fn gemm_variant(
                 (4, c.binding()),
                 (5, a.binding()),
                 (6, b.binding()),
+                (7, aux.binding()),
             ],
             [
                 g.n.div_ceil(DIRECT_TILE[1]) as u32,
@@ -881,6 +973,108 @@ mod tests {
         }
     }
 
+    /// The GELU epilogue (C = gelu(x), slope = gelu'(x)) and the gate
+    /// (C = x · slope) on every variant the device runs, against the CPU
+    /// reference: edges inside the tiles, all orientations a variant
+    /// supports, bias, alpha, accumulate, and a strided C with an offset,
+    /// whose padding (and the slope buffer's) must stay untouched.
+    #[test]
+    fn matmul_epilogue_matches_reference() {
+        let ctx = ctx();
+        let variants: Vec<Variant> = [
+            Variant::Tiled,
+            Variant::Direct,
+            Variant::Subgroup,
+            Variant::Texture,
+        ]
+        .into_iter()
+        .filter(|v| v.available(ctx))
+        .collect();
+        // (m, n, k, trans_a, trans_b): the texture copy needs stored rows of
+        // whole multiples of 64 floats, so K (or M with A transposed) is 64 or
+        // 128.
+        let shapes = [
+            (70, 36, 64, false, false),
+            (70, 36, 64, false, true),
+            (64, 52, 128, true, false),
+            (1, 4, 64, false, true),
+        ];
+        let mut ran = 0;
+        for variant in &variants {
+            for (m, n, k, ta, tb) in shapes {
+                let mut base = Gemm::new(m, n, k);
+                if ta {
+                    base = base.trans_a();
+                }
+                if tb {
+                    base = base.trans_b();
+                }
+                let strided = base.ld(base.ld[0], base.ld[1], n + 3).offsets(0, 0, 5);
+                for (g, bias) in [(base, true), (strided.alpha(-0.5).accumulate(), false)] {
+                    if !variant.supports(&g) {
+                        continue;
+                    }
+                    for gate in [false, true] {
+                        check_epilogue(*variant, &g, bias, gate, 40 + ran);
+                        ran += 1;
+                    }
+                }
+            }
+        }
+        assert!(ran >= 24, "only {ran} epilogue runs");
+    }
+
+    fn check_epilogue(variant: Variant, g: &Gemm, bias: bool, gate: bool, seed: u64) {
+        let ctx = ctx();
+        let a_len = g.m.max(g.k) * g.ld[0];
+        let b_len = g.n.max(g.k) * g.ld[1];
+        let c_len = g.offsets[2] + g.m * g.ld[2];
+        let a = values(seed, a_len);
+        // Products of about ±3, where GELU bends.
+        let b: Vec<f32> = values(seed + 1, b_len).iter().map(|x| 0.6 * x).collect();
+        let c0 = values(seed + 2, c_len);
+        let s0 = values(seed + 3, c_len);
+        let bv = values(seed + 4, g.n);
+        let (ga, gb, gc, gs, gbias) = (
+            ctx.buffer_f32("a", &a),
+            ctx.buffer_f32("b", &b),
+            ctx.buffer_f32("c", &c0),
+            ctx.buffer_f32("slope", &s0),
+            ctx.buffer_f32("bias", &bv),
+        );
+        let epilogue = if gate {
+            Epilogue::GeluGate { slope: &gs }
+        } else {
+            Epilogue::Gelu { slope: &gs }
+        };
+        let mut enc = ctx.encoder();
+        let bias_buf = bias.then_some(&gbias);
+        gemm_variant_epilogue(ctx, &mut enc, g, variant, &ga, &gb, bias_buf, &gc, epilogue)
+            .expect("launch");
+        ctx.submit(enc);
+        let got_c = pollster::block_on(ctx.read_f32(&gc)).expect("read-back");
+        let got_s = pollster::block_on(ctx.read_f32(&gs)).expect("read-back");
+        // The product before the epilogue, then the epilogue in C's region.
+        let mut want_c = c0;
+        cpu_ref::gemm(g, &a, &b, bias.then_some(&bv[..]), &mut want_c);
+        let mut want_s = s0.clone();
+        for r in 0..g.m {
+            for col in 0..g.n {
+                let i = g.offsets[2] + r * g.ld[2] + col;
+                let x = want_c[i];
+                if gate {
+                    want_c[i] = x * s0[i];
+                } else {
+                    want_c[i] = cpu_ref::gelu(x);
+                    want_s[i] = cpu_ref::gelu_grad(x);
+                }
+            }
+        }
+        let label = format!("{variant:?} {g:?} bias={bias} gate={gate}");
+        assert_matches(&format!("{label}: C"), &got_c, &want_c);
+        assert_matches(&format!("{label}: slope"), &got_s, &want_s);
+    }
+
     #[test]
     fn matmul_texture_matches_reference() {
         let ctx = ctx();
@@ -897,42 +1091,56 @@ mod tests {
             return;
         }
         // Shapes that are not multiples of the 32×32 tile, both orientations
-        // of B, dense and strided (lda, ldb multiples of 64 above the row
-        // length), with offsets, bias, alpha and accumulate.
-        for (m, n, k) in [(40, 52, 64), (1, 4, 64), (37, 128, 128), (70, 36, 192)] {
+        // of A and B, dense and strided (lda, ldb multiples of 64 above the
+        // row length), with offsets, bias, alpha and accumulate. A stored
+        // transposed (K×M) needs M a multiple of 4, and dense, of 64.
+        let shapes = [
+            (40, 52, 64, false),
+            (1, 4, 64, false),
+            (37, 128, 128, false),
+            (70, 36, 192, false),
+            (44, 52, 68, true),
+            (4, 4, 4, true),
+            (128, 36, 100, true),
+            (100, 128, 192, true),
+        ];
+        for (m, n, k, trans_a) in shapes {
             for trans_b in [false, true] {
                 let mut g = Gemm::new(m, n, k);
+                if trans_a {
+                    g = g.trans_a();
+                }
                 if trans_b {
                     g = g.trans_b();
                 }
+                let (a_rows, a_cols) = if trans_a { (k, m) } else { (m, k) };
                 let (b_rows, b_cols) = if trans_b { (n, k) } else { (k, n) };
-                // Dense, the stored B's rows (N or K floats) must be whole
-                // multiples of 64 floats (256 bytes) for the texture copy.
-                assert_eq!(
-                    Variant::Texture.supports(&g),
-                    b_cols.is_multiple_of(64),
-                    "{g:?}"
-                );
-                if b_cols.is_multiple_of(64) {
+                // Dense, the stored A's and B's rows must be whole multiples
+                // of 64 floats (256 bytes) for the texture copy.
+                let dense = a_cols.is_multiple_of(64) && b_cols.is_multiple_of(64);
+                assert_eq!(Variant::Texture.supports(&g), dense, "{g:?}");
+                if dense {
                     check(
                         Variant::Texture,
                         &g,
                         true,
-                        [m * k, b_rows * b_cols, m * n],
+                        [a_rows * a_cols, b_rows * b_cols, m * n],
                         11,
                     );
                 }
+                let lda = a_cols.next_multiple_of(64) + 64;
                 let ldb = b_cols.next_multiple_of(64) + 64;
                 let strided = g
-                    .ld(k + 64, ldb, n + 3)
+                    .ld(lda, ldb, n + 3)
                     .offsets(8, 4, 5)
                     .alpha(-0.5)
                     .accumulate();
+                assert!(Variant::Texture.supports(&strided), "{strided:?}");
                 check(
                     Variant::Texture,
                     &strided,
                     false,
-                    [8 + m * (k + 64), 4 + b_rows * ldb, 5 + m * (n + 3)],
+                    [8 + a_rows * lda, 4 + b_rows * ldb, 5 + m * (n + 3)],
                     12,
                 );
             }
@@ -976,13 +1184,14 @@ mod tests {
         let linear = [
             Gemm::new(2048, 1536, 384).trans_b(), // forward X·Wᵀ
             Gemm::new(2048, 384, 1536),           // input gradient dY·W
+            Gemm::new(1536, 384, 2048).trans_a(), // weight gradient dYᵀ·X
         ];
         let others = [
-            Gemm::new(1536, 384, 2048).trans_a(), // weight gradient
+            Gemm::new(32, 32, 2048).trans_a(), // R's gradient: lda 32
             Gemm::new(64, 64, 32).batched(4, 12, [0; 2], [0; 2], [0; 2]), // attention
-            Gemm::new(40, 52, 60),                // lda 60
+            Gemm::new(40, 52, 60),             // lda 60
             Gemm::new(40, 52, 64).ld(64, 60, 52), // ldb 60
-            Gemm::new(9000, 64, 64),              // M over 8192 rows
+            Gemm::new(9000, 64, 64),           // M over 8192 rows
         ];
         for g in &linear {
             assert!(Variant::Texture.supports(g), "{g:?}");

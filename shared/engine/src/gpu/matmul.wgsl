@@ -1,8 +1,9 @@
+// prelude: gelu_common.wgsl
 // prelude: matmul_common.wgsl
 //
-// (`matmul.rs` puts `matmul_common.wgsl` in front of this file: `Params`, the
-// TRANS_A / TRANS_B / HAS_BIAS / ACCUMULATE overrides, the bindings `p`,
-// `bias` and `c`, and `store4`.)
+// (`matmul.rs` puts `gelu_common.wgsl` and `matmul_common.wgsl` in front of
+// this file: `Params`, the TRANS_A / TRANS_B / HAS_BIAS / ACCUMULATE /
+// EPILOGUE overrides, the bindings `p`, `bias`, `c` and `aux`, and `store4`.)
 //
 // General matrix multiply, two entry points over the same parameters:
 //

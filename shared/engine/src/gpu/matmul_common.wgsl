@@ -1,11 +1,12 @@
 // The part of the matrix multiply that every variant shares: `matmul.rs`
-// puts this file in front of `matmul.wgsl` and of `matmul_subgroup.wgsl`
-// (it is not a module on its own, and `tests/gpu_wgsl.rs` validates it in
-// front of each file that names it as its prelude). It holds the parameters
-// (the product and the batch strides described in `matmul.wgsl`), the
-// transposition overrides, the bindings every variant uses in the same way
-// (the parameters, the bias and C; each kernel declares how it reads A and B)
-// and the guarded store of 4 outputs.
+// puts this file (after `gelu_common.wgsl`) in front of `matmul.wgsl`,
+// `matmul_subgroup.wgsl` and `matmul_texture.wgsl` (it is not a module on its
+// own, and `tests/gpu_wgsl.rs` validates it in front of each file that names
+// it as its prelude). It holds the parameters (the product and the batch
+// strides described in `matmul.wgsl`), the overrides, the bindings every
+// variant uses in the same way (the parameters, the bias, C and the
+// epilogue's `aux`; each kernel declares how it reads A and B), the
+// epilogue and the guarded store of 4 outputs.
 
 struct Params {
     m: u32,
@@ -40,13 +41,36 @@ override TRANS_B: bool = false;
 // texture kernel's time at K = 384 (BENCHMARKS.md, "The store").
 override HAS_BIAS: bool = false;
 override ACCUMULATE: bool = false;
+// What happens to an output after the bias and C are added (`Epilogue` in
+// matmul.rs), so that a linear layer followed by GELU needs no pass of its
+// own over its output, forward or backward:
+//   0: nothing;
+//   1: GELU: C = gelu(x), and aux = gelu'(x) at the same index (the slope
+//      the backward pass needs);
+//   2: gate: C = x · aux (the backward pass through GELU, aux the slopes).
+override EPILOGUE: u32 = 0u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> c: array<f32>;
+// The epilogue's slopes (laid out as C): written by EPILOGUE 1, read by 2.
+@group(0) @binding(7) var<storage, read_write> aux: array<f32>;
 
-// Writes 4 consecutive outputs of row `row` from column `col` with scale, bias
-// and accumulate, skipping those outside C.
+// The epilogue of output `x` at index `idx` of C (and of aux).
+fn epilogue(x: f32, idx: u32) -> f32 {
+    if EPILOGUE == 1u {
+        let g = gelu_and_slope(x);
+        aux[idx] = g.y;
+        return g.x;
+    }
+    if EPILOGUE == 2u {
+        return x * aux[idx];
+    }
+    return x;
+}
+
+// Writes 4 consecutive outputs of row `row` from column `col` with scale, bias,
+// accumulate and epilogue, skipping those outside C.
 fn store4(c_base: u32, row: u32, col: u32, v: vec4<f32>) {
     if row >= p.m { return; }
     for (var j = 0u; j < 4u; j++) {
@@ -55,7 +79,7 @@ fn store4(c_base: u32, row: u32, col: u32, v: vec4<f32>) {
             if HAS_BIAS { x += bias[col + j]; }
             let idx = c_base + row * p.ldc + col + j;
             if ACCUMULATE { x += c[idx]; }
-            c[idx] = x;
+            c[idx] = epilogue(x, idx);
         }
     }
 }
