@@ -11,10 +11,10 @@
 //! gradient `dY·W`), `A·Bᵀ` (linear forward `X·Wᵀ`, B stored N×K) and `Aᵀ·B`
 //! (weight gradient `dYᵀ·X`, A stored K×M) — it times the `Tiled`, the `Direct`
 //! and (where the device has subgroups of size 8) the `Subgroup` and `Texture`
-//! variants (each where it supports the product) in
-//! alternation, `--rounds` times each with enough launches per
-//! submission to run for about `--seconds`, and prints the best and the median
-//! round of each. The machine may be shared, so only numbers from the same run
+//! variants (each where it supports the product; `--variants` keeps a subset)
+//! in alternation, `--rounds` times each with enough launches per submission
+//! to run for about `--seconds`, and prints the best and the median round of
+//! each. The machine may be shared, so only numbers from the same run
 //! compare. Every variant's C is spot-checked in 64 entries against an f64 CPU dot
 //! product. `*` marks the variant `gemm` picks on this adapter.
 
