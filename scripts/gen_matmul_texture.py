@@ -6,16 +6,30 @@ A broadcast lane by lane), too repetitive to keep by hand: edit this script,
 run `python3 scripts/gen_matmul_texture.py` from the repository root, and
 commit both. The product does not need Python; only this generator does.
 """
-import os
 import pathlib
 
 from matmul_wgsl import accumulators, broadcast_fma, stores, transpose
 
-# Rows per tile (a multiple of 8; every lane holds all of them, 4 columns each).
-# Must equal TEXTURE_TILE[0] in matmul.rs; TM=24 or 40 were measured no faster.
-TM = int(os.environ.get("TM", "32"))
-# TRANS_A gives each lane 4 consecutive rows (one texel), so 8 lanes hold 32.
-assert TM == 32, "TRANS_A needs a 32-row tile"
+
+def load(out, flag, tex, tmp, transposed, plain):
+    """`out`0..3 from texture `tex`: under override `flag` the 4 texels at
+    `transposed` coordinates, transposed in registers (through `tmp`0..3),
+    otherwise the 4 texels at `plain` coordinates as they are."""
+    lines = [f"        var {out}{j}: vec4<f32>;" for j in range(4)]
+    lines.append(f"        if {flag} {{")
+    lines += [f"            let {tmp}{j} = textureLoad({tex}, vec2<i32>({transposed[j]}));" for j in range(4)]
+    lines += transpose([f"{tmp}{j}" for j in range(4)], out, 12)
+    lines.append("        } else {")
+    lines += [f"            {out}{j} = textureLoad({tex}, vec2<i32>({plain[j]}));" for j in range(4)]
+    lines.append("        }")
+    return lines
+
+
+# Rows per tile (every lane holds all of them, 4 columns each). Must equal
+# TEXTURE_TILE[0] in matmul.rs. 32 because TRANS_A gives each of the 8 lanes 4
+# consecutive rows (one texel); before TRANS_A, tiles of 24 or 40 rows were
+# measured no faster.
+TM = 32
 
 L = []
 L.append("""// enable subgroups;
@@ -99,27 +113,9 @@ L += accumulators(TM)
 L.append("    let nk = i32(p.k / 4u);")
 L.append("    for (var kq = 0; kq < nk; kq++) {")
 L.append("        // This lane's share of A at k = 4·kq .. 4·kq+3.")
-for t in range(T8):
-    L.append(f"        var av{t}: vec4<f32>;")
-L.append("        if TRANS_A {")
-for j in range(4):
-    L.append(f"            let u{j} = textureLoad(at, vec2<i32>(ax, 4 * kq + {j}));")
-L += transpose([f"u{j}" for j in range(4)], "av", 12)
-L.append("        } else {")
-for t in range(T8):
-    L.append(f"            av{t} = textureLoad(at, vec2<i32>(kq, ar{t}));")
-L.append("        }")
+L += load("av", "TRANS_A", "at", "u", [f"ax, 4 * kq + {j}" for j in range(4)], [f"kq, ar{t}" for t in range(T8)])
 L.append("        // bJ = row 4·kq+J of op(B) at this lane's 4 columns.")
-for j in range(4):
-    L.append(f"        var b{j}: vec4<f32>;")
-L.append("        if TRANS_B {")
-for i in range(4):
-    L.append(f"            let t{i} = textureLoad(bt, vec2<i32>(kq, br{i}));")
-L += transpose([f"t{i}" for i in range(4)], "b", 12)
-L.append("        } else {")
-for j in range(4):
-    L.append(f"            b{j} = textureLoad(bt, vec2<i32>(bx, 4 * kq + {j}));")
-L.append("        }")
+L += load("b", "TRANS_B", "bt", "t", [f"kq, br{i}" for i in range(4)], [f"bx, 4 * kq + {j}" for j in range(4)])
 L.append("        // sI = row I of the tile at k = 4·kq .. 4·kq+3.")
 L += broadcast_fma(TM, 8, trans_a=True)
 L.append("    }")

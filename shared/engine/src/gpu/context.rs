@@ -213,26 +213,19 @@ impl GpuContext {
             })
             .await
             .map_err(|e| GpuError::Device(e.to_string()))?;
-        let dummy = GpuBuffer {
+        let placeholder = |label| GpuBuffer {
             buffer: device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("dummy"),
+                label: Some(label),
                 size: 4,
                 usage: wgpu::BufferUsages::STORAGE,
                 mapped_at_creation: false,
             }),
             len: 1,
         };
+        let dummy = placeholder("dummy");
         // A second one for bindings that may be written: a buffer bound
         // read-only and read-write in one dispatch is a usage conflict.
-        let dummy_rw = GpuBuffer {
-            buffer: device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("dummy (read-write)"),
-                size: 4,
-                usage: wgpu::BufferUsages::STORAGE,
-                mapped_at_creation: false,
-            }),
-            len: 1,
-        };
+        let dummy_rw = placeholder("dummy (read-write)");
         let subgroups = device.features().contains(wgpu::Features::SUBGROUP);
         tracing::info!(
             adapter = %info.name,
