@@ -9,11 +9,15 @@
 //! - [`matmul`]: `C = alpha·op(A)·op(B) (+ bias) (+ C)`, tiled 64×64 with 8×8
 //!   register blocking, or on CPU adapters barrier-free with 12×12 register
 //!   blocks read straight from storage, or (with subgroups of 8) 32×4 per lane
-//!   sharing A through `subgroupBroadcast` (`matmul_subgroup.wgsl`); transposes
-//!   for `X·Wᵀ + b`, `dY·W`, `dYᵀ·X`; batched and strided (attention heads).
-//!   Both modules start with `matmul_common.wgsl` (parameters, shared
-//!   bindings, the guarded store).
-//! - [`gelu`]: exact erf-based GELU forward and backward.
+//!   sharing A through `subgroupBroadcast` (`matmul_subgroup.wgsl`), or the
+//!   same reading A and B from storage textures (`matmul_texture.wgsl`);
+//!   transposes for `X·Wᵀ + b`, `dY·W`, `dYᵀ·X`; batched and strided
+//!   (attention heads). Every module starts with `gelu_common.wgsl` and
+//!   `matmul_common.wgsl` (parameters, shared bindings, the epilogue: GELU
+//!   and its slope, or the gradient through it, as outputs are stored; the
+//!   guarded store).
+//! - [`gelu`]: exact erf-based GELU with its slope kept for the backward
+//!   pass, and that backward pass, where a product's epilogue cannot do it.
 //! - [`layernorm`]: LayerNorm of `x (+ residual)` forward (saving mean and
 //!   1/std per row) and input gradient. Like the attention softmax, in one of
 //!   two [`RowLayout`]s: a 64-invocation workgroup per row on GPUs, one
