@@ -62,7 +62,9 @@ use fedsb_engine::model::{BertTokenizer, BertWeights};
 use fedsb_engine::reference::{
     ClassifierHead, LoraSbAdapters, LoraSbInitOptions, Matrix, TrainableGradients,
 };
-use fedsb_engine::train::{encode_examples, evaluate, gpu_lora_sb_init, BatchSampler};
+use fedsb_engine::train::{
+    centre_head_bias, encode_examples, evaluate, gpu_lora_sb_init, BatchSampler,
+};
 use fedsb_participant::LocalOptimizer;
 use fedsb_privacy::AccountantKind;
 use fedsb_protocol::{
@@ -173,6 +175,14 @@ pub struct SimArgs {
     /// that shows what the adapters add).
     #[arg(long)]
     head_only: bool,
+    /// Centre the initial head: after the LoRA-SB initialization, shift the
+    /// head's bias so that every class has the same mean logit over the
+    /// initialization's samples under the initial model (as `fedsb train
+    /// --centre-head`). A research option of the simulator: the federated
+    /// protocol does not carry it yet, so it cannot go with --write-shards,
+    /// whose `fedsb join` flags would not reproduce it, nor with --init.
+    #[arg(long, conflicts_with_all = ["init", "write_shards"])]
+    centre_head: bool,
     /// Every client carries its AdamW moments from one round into the next
     /// (`fedsb join --keep-moments`) instead of resetting them at the start
     /// of every round.
@@ -649,6 +659,13 @@ fn initial_model(
         args.init_lr(),
         started.elapsed().as_secs_f64()
     );
+    let mut head = head;
+    if args.centre_head {
+        let means = pollster::block_on(centre_head_bias(
+            ctx, weights, &adapters, &mut head, &batches,
+        ))?;
+        eprintln!("head centred: the initial model's mean logits were {means:.3?}");
+    }
     Ok((adapters, head))
 }
 
@@ -1102,6 +1119,9 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
         ]);
         if args.init.is_none() {
             metadata.insert("init_learning_rate".to_owned(), args.init_lr().to_string());
+        }
+        if args.centre_head {
+            metadata.insert("centre_head".to_owned(), "true".to_owned());
         }
         if let Some(e) = rows.last().and_then(|r| r.epsilon_spent) {
             metadata.insert("dp_epsilon".to_owned(), e.to_string());

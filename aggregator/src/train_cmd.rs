@@ -41,7 +41,9 @@ use fedsb_engine::gpu::{GpuContext, GpuOptions};
 use fedsb_engine::model::AdaptedLinear;
 use fedsb_engine::model::{BertTokenizer, BertWeights};
 use fedsb_engine::reference::{ClassifierHead, LoraSbInitOptions};
-use fedsb_engine::train::{encode_examples, evaluate, gpu_lora_sb_init, BatchSampler};
+use fedsb_engine::train::{
+    centre_head_bias, encode_examples, evaluate, gpu_lora_sb_init, BatchSampler,
+};
 use fedsb_privacy::{AccountantKind, PrivacyBudget};
 use fedsb_protocol::PrivacyPolicy;
 
@@ -86,6 +88,12 @@ pub struct TrainArgs {
     /// Training samples whose gradients initialize A, B and R.
     #[arg(long, default_value_t = 256)]
     init_samples: usize,
+    /// Centre the initial head: after the LoRA-SB initialization, shift the
+    /// head's bias so that every class has the same mean logit over the
+    /// initialization's samples under the initial model (the LoRA-SB step
+    /// otherwise tilts every sentence towards one class; BENCHMARKS.md).
+    #[arg(long)]
+    centre_head: bool,
     /// Truncate sequences to this many tokens (special tokens included).
     #[arg(long, default_value_t = 128)]
     max_seq_len: usize,
@@ -243,6 +251,17 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         args.rank
     );
 
+    let mut head = head;
+    if args.centre_head {
+        let means = pollster::block_on(centre_head_bias(
+            &ctx,
+            &weights,
+            &adapters,
+            &mut head,
+            &init_batches,
+        ))?;
+        eprintln!("head centred: the initial model's mean logits were {means:.3?}");
+    }
     let mut encoder = GpuEncoder::new(&ctx, &weights, Some(&adapters), Some(&head))?;
     eprintln!(
         "trainable parameters: {} (every R and the head)",
@@ -403,6 +422,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
                 ("init_learning_rate".to_owned(), init_lr.to_string()),
                 ("trained_by".to_owned(), "fedsb train".to_owned()),
             ]);
+            if args.centre_head {
+                metadata.insert("centre_head".to_owned(), "true".to_owned());
+            }
             if let Some(dp) = &dp {
                 metadata.insert("dp_epsilon".to_owned(), dp.epsilon_spent()?.to_string());
                 metadata.insert("dp_delta".to_owned(), dp.delta().to_string());
@@ -427,6 +449,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         "head_learning_rate": head_lr,
         "init_learning_rate": init_lr,
         "init_seconds": init_seconds,
+        "centre_head": args.centre_head,
         "eval_samples_per_second": e.samples as f64 / eval_seconds.max(1e-9),
         "adapter": adapter_name,
         "output": output,

@@ -320,6 +320,43 @@ fn head_only_keeps_every_r_and_trains_the_head() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--centre-head` changes the initial global model's head bias and
+/// nothing else: round 0's R and head weights are those of the same run
+/// without it.
+#[test]
+fn centre_head_moves_only_the_initial_head_bias() -> anyhow::Result<()> {
+    let task = Task::new()?;
+    let mut round0 = Vec::new();
+    for centre in [false, true] {
+        let globals = task.path().join(format!("globals-{centre}"));
+        let mut flags = vec![
+            "--json",
+            "--write-globals",
+            globals.to_str().context("path")?,
+        ];
+        if centre {
+            flags.push("--centre-head");
+        }
+        let out = run(task.sim(1, &flags))?;
+        check_success(&format!("fedsb sim {flags:?}"), &out)?;
+        check_rounds(&json_lines(&out)?, 1, true)?;
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr).contains("head centred"),
+            centre,
+            "{flags:?}"
+        );
+        let (_, _, _, state) = decode_global(&std::fs::read(globals.join("round-0.bin"))?)?;
+        round0.push(state);
+    }
+    assert_eq!(round0[0].r, round0[1].r);
+    assert_eq!(round0[0].head_weight, round0[1].head_weight);
+    assert_ne!(
+        round0[0].head_bias, round0[1].head_bias,
+        "the bias must move"
+    );
+    Ok(())
+}
+
 /// `--output` writes the final global model as an adapter file; `fedsb
 /// eval` of it on the eval file gives the last round's accuracy and loss.
 #[test]
@@ -489,7 +526,7 @@ fn without_json_rounds_go_to_stderr_and_the_table_to_stdout() -> anyhow::Result<
 #[test]
 fn sim_refuses_bad_input_clearly() -> anyhow::Result<()> {
     let task = Task::new()?;
-    let cases: [(usize, &[&str], &str); 21] = [
+    let cases: [(usize, &[&str], &str); 23] = [
         (CLIENTS, &["--split", "shards"], "unknown --split"),
         (CLIENTS, &["--split", "dirichlet:0"], "positive"),
         (CLIENTS, &["--split", "dirichlet:-2"], "positive"),
@@ -562,6 +599,16 @@ fn sim_refuses_bad_input_clearly() -> anyhow::Result<()> {
             CLIENTS,
             &["--server-lr", "3", "--server-momentum", "0.5"],
             "--server-lr: the server learning rate 3 must be in (0, 2]",
+        ),
+        (
+            CLIENTS,
+            &["--centre-head", "--init", "adapter.safetensors"],
+            "'--centre-head' cannot be used with '--init <INIT>'",
+        ),
+        (
+            CLIENTS,
+            &["--centre-head", "--write-shards", "shards"],
+            "'--centre-head' cannot be used with '--write-shards <WRITE_SHARDS>'",
         ),
     ];
     for (clients, flags, message) in cases {

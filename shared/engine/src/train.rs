@@ -46,6 +46,53 @@ pub async fn gpu_lora_sb_init(
     lora_sb_from_gradients(&weights.config, &grads, options)
 }
 
+/// Centres the initial classification head: shifts `head`'s bias so that,
+/// under the initial model (`weights` with `adapters` and `head`), the mean
+/// logit over the samples of `batches` is the same for every class, and
+/// returns the per-class means it had before.
+///
+/// Why: the LoRA-SB initialization moves every weight by −η·sign(G) of a
+/// gradient taken through a random head, and on SST-2 with
+/// all-MiniLM-L6-v2 that moves every sentence's logits the same way: mean
+/// logits of −0.7 and +0.7 (up to −1.4 and +1.4, by seed) after it, against
+/// ±0.07 for the base model, so the initial model predicts one class for
+/// nearly everything and the first rounds of a federation spend themselves
+/// flipping it (BENCHMARKS.md). Subtracting each class's mean (plus their
+/// average, so the logits' sum is unchanged) leaves every difference between
+/// samples as it was.
+pub async fn centre_head_bias(
+    ctx: &GpuContext,
+    weights: &BertWeights<f32>,
+    adapters: &LoraSbAdapters<f32>,
+    head: &mut ClassifierHead<f32>,
+    batches: &[(EncodedBatch, Vec<u32>)],
+) -> Result<Vec<f64>, TrainError> {
+    let classes = head.bias.len();
+    let mut encoder = GpuEncoder::new(ctx, weights, Some(adapters), Some(head))?;
+    let mut sums = vec![0f64; classes];
+    let mut samples = 0usize;
+    for (batch, _) in batches {
+        let logits = encoder.logits(batch).await?;
+        for row in logits.chunks(classes).take(batch.batch_size) {
+            for (s, &z) in sums.iter_mut().zip(row) {
+                *s += f64::from(z);
+            }
+            samples += 1;
+        }
+    }
+    if samples == 0 {
+        return Err(TrainError::Invalid(
+            "centring the head needs at least one sample".into(),
+        ));
+    }
+    let means: Vec<f64> = sums.iter().map(|s| s / samples as f64).collect();
+    let average = means.iter().sum::<f64>() / classes as f64;
+    for (b, m) in head.bias.iter_mut().zip(&means) {
+        *b -= (m - average) as f32;
+    }
+    Ok(means)
+}
+
 /// The first half of the LoRA-SB initialization, which a federated
 /// participant runs on its own data: `G = Σ_batches ∂L_batch/∂W0` of all six
 /// linears of every layer (`[layer][AdaptedLinear::index()]`, each

@@ -14,6 +14,9 @@
 //!   unchanged, follow every change of `R` (`set_trainable`, `train_step`,
 //!   `apply_adamw`): the logits equal those of a new encoder made with the
 //!   new `R`;
+//! - centring the initial head (`centre_head_bias`) makes every class's mean
+//!   logit over the given samples equal and moves each class's logits by one
+//!   constant;
 //! - a batch whose buffers would exceed the device's storage-buffer limit
 //!   fails every pass (training, evaluation, embedding, DP-SGD when even one
 //!   sequence is too long) with [`GpuError::BufferLimit`] naming the batch,
@@ -36,7 +39,7 @@ use fedsb_engine::reference::{
     accumulate_weight_gradients, BackwardOptions, ClassifierHead, LoraSbAdapters, Matrix,
     ReferenceEncoder, TrainableGradients,
 };
-use fedsb_engine::train::gpu_lora_sb_init;
+use fedsb_engine::train::{centre_head_bias, gpu_lora_sb_init};
 
 const RANK: usize = 4;
 const NUM_LABELS: usize = 3;
@@ -805,4 +808,70 @@ fn evaluation_split_into_passes_equals_one_pass() {
         .filter(|&j| expected.iter().any(|row| row[j] > 0))
         .count();
     assert!(columns_used >= 2, "confusion {expected:?}");
+}
+
+/// `centre_head_bias` shifts each class's logits by one constant, so that
+/// over the given samples every class has the same mean logit, and returns
+/// the means from before; with no samples it fails.
+#[test]
+fn centred_head_has_equal_mean_logits() {
+    let tiny = tiny_model();
+    let (b1, l1) = tiny_batch();
+    let b2 = batch_of(&[(&[1, 30, 22, 2], &[0; 4]), (&[1, 11, 2], &[0; 3])]);
+    let batches = [(b1.clone(), l1), (b2.clone(), vec![1, 0])];
+    let logits = |head: &ClassifierHead<f32>| -> Vec<f32> {
+        let mut gpu = GpuEncoder::new(ctx(), &tiny.weights, Some(&tiny.adapters), Some(head))
+            .expect("upload");
+        let mut all = pollster::block_on(gpu.logits(&b1)).expect("logits");
+        all.extend(pollster::block_on(gpu.logits(&b2)).expect("logits"));
+        all
+    };
+    let mean_of = |z: &[f32], c: usize| -> f64 {
+        let rows: Vec<f64> = z.chunks(NUM_LABELS).map(|r| f64::from(r[c])).collect();
+        rows.iter().sum::<f64>() / rows.len() as f64
+    };
+    let before = logits(&tiny.head);
+    let mut head = tiny.head.clone();
+    let means = pollster::block_on(centre_head_bias(
+        ctx(),
+        &tiny.weights,
+        &tiny.adapters,
+        &mut head,
+        &batches,
+    ))
+    .expect("centre");
+    assert_eq!(means.len(), NUM_LABELS);
+    for (c, m) in means.iter().enumerate() {
+        assert!((m - mean_of(&before, c)).abs() < 1e-5, "class {c}: {m}");
+    }
+    let spread = |m: &[f64]| {
+        m.iter().cloned().fold(f64::MIN, f64::max) - m.iter().cloned().fold(f64::MAX, f64::min)
+    };
+    assert!(
+        spread(&means) > 0.1,
+        "the test head is not centred already: {means:?}"
+    );
+    let after = logits(&head);
+    let after_means: Vec<f64> = (0..NUM_LABELS).map(|c| mean_of(&after, c)).collect();
+    assert!(spread(&after_means) < 1e-5, "{after_means:?}");
+    // One constant per class: the weights are untouched and every sample's
+    // logit moved by the class's bias change.
+    assert_eq!(head.weight.data, tiny.head.weight.data);
+    for (i, (a, b)) in after.iter().zip(&before).enumerate() {
+        let c = i % NUM_LABELS;
+        let shift = f64::from(head.bias[c] - tiny.head.bias[c]);
+        assert!(
+            (f64::from(a - b) - shift).abs() < 1e-5,
+            "logit {i}: {b} -> {a}"
+        );
+    }
+    let mut untouched = tiny.head.clone();
+    assert!(pollster::block_on(centre_head_bias(
+        ctx(),
+        &tiny.weights,
+        &tiny.adapters,
+        &mut untouched,
+        &[],
+    ))
+    .is_err());
 }
