@@ -370,15 +370,8 @@ fn profiling_times_each_launch_and_keeps_the_results() {
 fn layernorm_matches_reference() {
     let ctx = ctx();
     let mut rng = Rng(5);
-    // h = 61 (< 64 invocations) and 389 (several per invocation); 128 and
-    // 192, multiples of 64, run RowLayout::Texture on its texture kernels.
-    for (rows, h, with_residual) in [
-        (37, 61, false),
-        (37, 61, true),
-        (5, 389, true),
-        (37, 128, true),
-        (19, 192, false),
-    ] {
+    // h = 61 (< 64 invocations) and 389 (several per invocation).
+    for (rows, h, with_residual) in [(37, 61, false), (37, 61, true), (5, 389, true)] {
         let shape = LayerNormShape {
             rows,
             h,
@@ -402,17 +395,8 @@ fn layernorm_matches_reference() {
         let rr = with_residual.then_some(&res[..]);
         let (y, stats) = cpu_ref::layernorm_forward(&x, rr, &gamma, &beta, h, 1e-12);
         let dx = cpu_ref::layernorm_backward(&x, rr, &gamma, &dy, h, 1e-12);
-        // Every row layout; rows = 37, 19 and 5 are not multiples of 8.
-        for layout in [
-            RowLayout::Workgroup,
-            RowLayout::Invocation,
-            RowLayout::Texture,
-        ] {
-            assert_eq!(
-                layernorm::on_textures(layout, &shape),
-                layout == RowLayout::Texture && h % 64 == 0,
-                "{layout:?} h={h}"
-            );
+        // Both row layouts; rows = 37 and 5 are not multiples of 8.
+        for layout in [RowLayout::Workgroup, RowLayout::Invocation] {
             let (gy, gstats, gdx) = (
                 ctx.buffer_zeros("y", n),
                 ctx.buffer_zeros("stats", 2 * rows),

@@ -70,20 +70,12 @@ pub enum RowLayout {
     /// adapters (lavapipe's barriers are coroutine switches and its
     /// workgroup-memory accesses per-lane loops; 8 lanes do 8 rows at once).
     Invocation,
-    /// As `Invocation`, with LayerNorm reading its rows from rgba32float
-    /// storage textures where the row length is a multiple of 64
-    /// (`layernorm_texture.wgsl`; elsewhere, and for the attention softmax,
-    /// exactly `Invocation`): for CPU adapters natively, where llvmpipe
-    /// gathers a texel for 8 lanes at once but loads from a storage buffer
-    /// lane by lane.
-    Texture,
 }
 
 impl RowLayout {
-    /// `Texture` on CPU adapters natively, `Invocation` on CPU adapters in
-    /// the browser, `Workgroup` elsewhere. Natively,
-    /// `FEDSB_ROW_LAYOUT=workgroup`, `=invocation` or `=texture` overrides
-    /// it (for A/B measurements such as `bench_encoder`).
+    /// `Invocation` on CPU adapters, `Workgroup` elsewhere. Natively,
+    /// `FEDSB_ROW_LAYOUT=workgroup` or `=invocation` overrides it (for A/B
+    /// measurements such as `bench_encoder`).
     pub fn for_device(ctx: &GpuContext) -> Self {
         static FORCED: std::sync::OnceLock<Option<RowLayout>> = std::sync::OnceLock::new();
         let forced = *FORCED.get_or_init(|| {
@@ -94,34 +86,27 @@ impl RowLayout {
             {
                 "workgroup" => Some(RowLayout::Workgroup),
                 "invocation" => Some(RowLayout::Invocation),
-                "texture" => Some(RowLayout::Texture),
                 other => {
                     tracing::warn!(
-                        "FEDSB_ROW_LAYOUT={other:?} is none of workgroup, invocation, texture; \
-                         ignored"
+                        "FEDSB_ROW_LAYOUT={other:?} is neither workgroup nor invocation; ignored"
                     );
                     None
                 }
             }
         });
         forced.unwrap_or(if ctx.adapter_info().device_type == wgpu::DeviceType::Cpu {
-            if cfg!(target_arch = "wasm32") {
-                Self::Invocation
-            } else {
-                Self::Texture
-            }
+            Self::Invocation
         } else {
             Self::Workgroup
         })
     }
 
-    /// The entry point `base` of this layout (`base` or `base_rows`; the
-    /// latter also for `Texture`, whose launcher picks the texture file's
-    /// entry of that name) and its workgroup counts for `rows` rows.
+    /// The entry point `base` of this layout (`base` or `base_rows`) and its
+    /// workgroup counts for `rows` rows.
     pub(crate) fn launch(self, base: &str, rows: usize) -> (String, [u32; 3]) {
         match self {
             Self::Workgroup => (base.to_owned(), groups_1d(rows, 1)),
-            Self::Invocation | Self::Texture => (format!("{base}_rows"), groups_1d(rows, 8)),
+            Self::Invocation => (format!("{base}_rows"), groups_1d(rows, 8)),
         }
     }
 }

@@ -21,10 +21,7 @@
 //! - [`layernorm`]: LayerNorm of `x (+ residual)` forward (saving mean and
 //!   1/std per row) and input gradient. Like the attention softmax, in one of
 //!   two [`RowLayout`]s: a 64-invocation workgroup per row on GPUs, one
-//!   invocation per row (no workgroup memory, no barriers) on CPU adapters;
-//!   natively on CPU adapters ([`RowLayout::Texture`]) with its rows read
-//!   from rgba32float storage textures (`layernorm_texture.wgsl`), gathered
-//!   8 lanes at a time where llvmpipe loads storage buffers lane by lane.
+//!   invocation per row (no workgroup memory, no barriers) on CPU adapters.
 //! - [`lora_sb`]: the LoRA-SB branch `Y += ((X·Aᵀ)·Rᵀ)·Bᵀ`, its input gradient
 //!   and per-sample `G_n = (dY_n·B)ᵀ·(X_n·Aᵀ)`.
 //! - [`attention`]: masked multi-head self-attention forward and backward
