@@ -632,7 +632,7 @@ fn initial_model(
             });
         return Ok((adapters, head));
     }
-    let head = ClassifierHead::<f32>::init(
+    let mut head = ClassifierHead::<f32>::init(
         classes,
         config.hidden_size,
         config.initializer_range,
@@ -659,7 +659,6 @@ fn initial_model(
         args.init_lr(),
         started.elapsed().as_secs_f64()
     );
-    let mut head = head;
     if args.centre_head {
         let means = pollster::block_on(centre_head_bias(
             ctx, weights, &adapters, &mut head, &batches,

@@ -205,7 +205,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     eprintln!("adapter: {adapter_name}");
 
     let config = &weights.config;
-    let head = ClassifierHead::<f32>::init(
+    let mut head = ClassifierHead::<f32>::init(
         num_labels,
         config.hidden_size,
         config.initializer_range,
@@ -251,7 +251,6 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         args.rank
     );
 
-    let mut head = head;
     if args.centre_head {
         let means = pollster::block_on(centre_head_bias(
             &ctx,
