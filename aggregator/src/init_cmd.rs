@@ -16,6 +16,10 @@
 //! 3. The file holds `encoder.layer.<i>.<module>.lora_{A,B,R}` for every
 //!    adapted module and `classifier.{weight,bias}` (see `participant.rs`).
 //!
+//! 4. With `--centre-head`, the head's bias is then shifted so that every
+//!    class has the same mean logit over the seed examples under the initial
+//!    model (A, B, R₀ and the head), as `fedsb sim --centre-head` does.
+//!
 //! Point the task at it with `[adapter] file = "adapter.safetensors"` (and
 //! the same `rank`, `modules` and `[task] labels`); the aggregator serves it by
 //! hash and starts round 0 from its `R₀` and head. The last line on stdout is
@@ -27,12 +31,12 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use fedsb_engine::data::{read_dataset_file, Example};
+use fedsb_engine::data::read_dataset_file;
 use fedsb_engine::gpu::{GpuContext, GpuOptions};
 use fedsb_engine::model::{BertTokenizer, BertWeights};
 use fedsb_engine::reference::{ClassifierHead, LoraSbInitOptions};
 use fedsb_engine::train::{
-    check_init_options, encode_examples, gpu_init_gradients, lora_sb_from_gradients, BatchSampler,
+    centre_head_bias, check_init_options, gpu_init_gradients, init_batches, lora_sb_from_gradients,
 };
 use sha2::{Digest, Sha256};
 
@@ -85,6 +89,12 @@ pub struct InitArgs {
     /// Use the GPU adapter whose name contains this (case-insensitive).
     #[arg(long)]
     adapter: Option<String>,
+    /// Centre the head written as the round-0 head: shift its bias so that,
+    /// under the initial model (A, B, R₀ and this head), every class has the
+    /// same mean logit over the initialization's seed examples (README
+    /// "Centring the initial head").
+    #[arg(long)]
+    centre_head: bool,
 }
 
 pub fn run(args: InitArgs) -> anyhow::Result<()> {
@@ -119,7 +129,7 @@ pub fn run(args: InitArgs) -> anyhow::Result<()> {
         adapter: args.adapter.as_deref(),
     }))?;
     eprintln!("adapter: {}", ctx.adapter_name());
-    let head = ClassifierHead::<f32>::init(
+    let mut head = ClassifierHead::<f32>::init(
         labels.len(),
         config.hidden_size,
         config.initializer_range,
@@ -131,22 +141,27 @@ pub fn run(args: InitArgs) -> anyhow::Result<()> {
     check_init_options(&config, &options)?;
 
     let started = Instant::now();
-    let wanted = args.init_samples.min(data.len());
-    let mut sampler = BatchSampler::new(data.len(), args.batch, args.seed ^ 0x1417);
-    let mut batches = Vec::new();
-    let mut taken = 0;
-    while taken < wanted {
-        let idx = sampler.next_batch();
-        let idx = &idx[..idx.len().min(wanted - taken)];
-        taken += idx.len();
-        let refs: Vec<&Example> = idx.iter().map(|&i| &data.examples[i]).collect();
-        batches.push(encode_examples(&tokenizer, &refs)?);
-    }
+    let (batches, taken) = init_batches(
+        &tokenizer,
+        &data.examples,
+        args.batch,
+        args.seed,
+        args.init_samples,
+    )?;
     let grads = pollster::block_on(gpu_init_gradients(&ctx, &weights, &head, &batches))?;
     let gradient_seconds = started.elapsed().as_secs_f64();
     let svd_started = Instant::now();
     let adapters = lora_sb_from_gradients(&config, &grads, &options)?;
     let svd_seconds = svd_started.elapsed().as_secs_f64();
+    let mean_logits = if args.centre_head {
+        let means = pollster::block_on(centre_head_bias(
+            &ctx, &weights, &adapters, &mut head, &batches,
+        ))?;
+        eprintln!("head centred: the initial model's mean logits were {means:.3?}");
+        Some(means)
+    } else {
+        None
+    };
     let seconds = started.elapsed().as_secs_f64();
     eprintln!(
         "LoRA-SB init on {taken} seed samples, rank {}, {} modules: {seconds:.1} s \
@@ -155,7 +170,7 @@ pub fn run(args: InitArgs) -> anyhow::Result<()> {
         names.len()
     );
 
-    let metadata = HashMap::from([
+    let mut metadata = HashMap::from([
         ("format".to_owned(), "fedsb-lora-sb".to_owned()),
         ("rank".to_owned(), args.rank.to_string()),
         ("modules".to_owned(), args.modules.join(",")),
@@ -168,6 +183,14 @@ pub fn run(args: InitArgs) -> anyhow::Result<()> {
             "uniform(std = initializer_range) weight, zero bias".to_owned(),
         ),
     ]);
+    if args.centre_head {
+        metadata.insert(
+            "head".to_owned(),
+            "uniform(std = initializer_range) weight, bias centred on the initialization's examples"
+                .to_owned(),
+        );
+        metadata.insert("centre_head".to_owned(), "true".to_owned());
+    }
     write_adapter_file(&args.out, &names, &modules, &adapters, &head, metadata)?;
     let bytes = std::fs::read(&args.out)?;
     let sha256 = hex::encode(Sha256::digest(&bytes));
@@ -190,6 +213,8 @@ pub fn run(args: InitArgs) -> anyhow::Result<()> {
             "init_seconds": seconds,
             "gradient_seconds": gradient_seconds,
             "svd_seconds": svd_seconds,
+            "centre_head": args.centre_head,
+            "mean_logits_before_centring": mean_logits,
             "adapter": ctx.adapter_name(),
         })
     );

@@ -63,7 +63,7 @@ use fedsb_engine::reference::{
     ClassifierHead, LoraSbAdapters, LoraSbInitOptions, Matrix, TrainableGradients,
 };
 use fedsb_engine::train::{
-    centre_head_bias, encode_examples, evaluate, gpu_lora_sb_init, BatchSampler,
+    centre_head_bias, encode_examples, evaluate, gpu_lora_sb_init, init_batches, BatchSampler,
 };
 use fedsb_participant::LocalOptimizer;
 use fedsb_privacy::AccountantKind;
@@ -177,11 +177,11 @@ pub struct SimArgs {
     head_only: bool,
     /// Centre the initial head: after the LoRA-SB initialization, shift the
     /// head's bias so that every class has the same mean logit over the
-    /// initialization's samples under the initial model (as `fedsb train
-    /// --centre-head`). A research option of the simulator: the federated
-    /// protocol does not carry it yet, so it cannot go with --write-shards,
-    /// whose `fedsb join` flags would not reproduce it, nor with --init.
-    #[arg(long, conflicts_with_all = ["init", "write_shards"])]
+    /// initialization's samples under the initial model (as `fedsb init
+    /// --centre-head` and `fedsb train --centre-head`). Not with --init,
+    /// whose file's head is used as it is (make it with `fedsb init
+    /// --centre-head`).
+    #[arg(long, conflicts_with = "init")]
     centre_head: bool,
     /// Every client carries its AdamW moments from one round into the next
     /// (`fedsb join --keep-moments`) instead of resetting them at the start
@@ -198,8 +198,11 @@ pub struct SimArgs {
     #[arg(long)]
     plot: Option<PathBuf>,
     /// Write every client's shard (`client-<i>.jsonl`) and `shards.json`
-    /// (sizes, label counts, batch seeds and the `fedsb join` flags that
-    /// reproduce this run over WebSockets) into this directory.
+    /// (sizes, label counts, batch seeds, the task's settings and the
+    /// `fedsb join` flags that reproduce this run over WebSockets) into this
+    /// directory; without --init also the initial model as the adapter file
+    /// `init.safetensors` (what `fedsb init` would write, with the same
+    /// settings) for the task's `[adapter] file`.
     #[arg(long)]
     write_shards: Option<PathBuf>,
     /// Write the global state of every round as the exact `GlobalModel`
@@ -528,8 +531,13 @@ fn read_data(args: &SimArgs) -> anyhow::Result<(Dataset, Vec<Example>)> {
     Ok((train, eval_examples))
 }
 
+/// The initial model's adapter file that `--write-shards` writes when the
+/// simulator initializes the adapters itself.
+const INIT_FILE: &str = "init.safetensors";
+
 /// Writes each client's shard as JSONL with the training file's column names
-/// (labels by class name) and `shards.json`.
+/// (labels by class name) and `shards.json`, which names `adapter_file`:
+/// the task's `[adapter] file` (the `--init` file, or [`INIT_FILE`] in `dir`).
 fn write_shards(
     dir: &Path,
     train: &Dataset,
@@ -537,6 +545,7 @@ fn write_shards(
     args: &SimArgs,
     split: &str,
     local_steps: u32,
+    adapter_file: &str,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let label_col = train.label_column.clone().unwrap_or_else(|| "label".into());
@@ -595,6 +604,7 @@ fn write_shards(
             "max_seq_len": args.max_seq_len,
             "rank": args.rank,
             "modules": args.modules,
+            "adapter_file": adapter_file,
         },
     });
     let path = dir.join("shards.json");
@@ -638,17 +648,13 @@ fn initial_model(
         config.initializer_range,
         args.seed ^ 0x5eed,
     );
-    let wanted = args.init_samples.min(train.len());
-    let mut sampler = BatchSampler::new(train.len(), args.batch, args.seed ^ 0x1417);
-    let mut batches = Vec::new();
-    let mut taken = 0;
-    while taken < wanted {
-        let idx = sampler.next_batch();
-        let idx = &idx[..idx.len().min(wanted - taken)];
-        taken += idx.len();
-        let refs: Vec<&Example> = idx.iter().map(|&i| &train.examples[i]).collect();
-        batches.push(encode_examples(tokenizer, &refs)?);
-    }
+    let (batches, taken) = init_batches(
+        tokenizer,
+        &train.examples,
+        args.batch,
+        args.seed,
+        args.init_samples,
+    )?;
     let mut options = LoraSbInitOptions::new(args.rank, f64::from(args.init_lr()));
     options.modules = linears.to_vec();
     let started = Instant::now();
@@ -805,10 +811,6 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
         eval_examples.len(),
         args.batch,
     );
-    if let Some(dir) = &args.write_shards {
-        write_shards(dir, &train, &clients, &args, &args.split, local_steps)?;
-        eprintln!("wrote the shards into {}", dir.display());
-    }
 
     // The aggregator's order: layer by layer, then the modules as listed.
     let (names, modules) = layered_modules(&args.modules, config.num_hidden_layers)?;
@@ -832,6 +834,52 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
     let (frozen, head0) = initial_model(
         &args, &ctx, &weights, &tokenizer, &train, &names, &modules, &linears,
     )?;
+    if let Some(dir) = &args.write_shards {
+        let adapter_file = match &args.init {
+            Some(path) => path.display().to_string(),
+            None => {
+                // The initial model as the adapter file `fedsb init` writes
+                // (with --centre-head, its head centred), for the task.
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                let mut metadata = HashMap::from([
+                    ("format".to_owned(), "fedsb-lora-sb".to_owned()),
+                    ("rank".to_owned(), args.rank.to_string()),
+                    ("modules".to_owned(), args.modules.join(",")),
+                    (
+                        "labels".to_owned(),
+                        serde_json::to_string(&train.label_names)?,
+                    ),
+                    (
+                        "init_samples".to_owned(),
+                        args.init_samples.min(train.len()).to_string(),
+                    ),
+                    ("learning_rate".to_owned(), args.init_lr().to_string()),
+                    ("seed".to_owned(), args.seed.to_string()),
+                    (
+                        "written_by".to_owned(),
+                        "fedsb sim --write-shards".to_owned(),
+                    ),
+                ]);
+                if args.centre_head {
+                    metadata.insert("centre_head".to_owned(), "true".to_owned());
+                }
+                let path = dir.join(INIT_FILE);
+                write_adapter_file(&path, &names, &modules, &frozen, &head0, metadata)?;
+                INIT_FILE.to_owned()
+            }
+        };
+        write_shards(
+            dir,
+            &train,
+            &clients,
+            &args,
+            &args.split,
+            local_steps,
+            &adapter_file,
+        )?;
+        eprintln!("wrote the shards into {}", dir.display());
+    }
     let initial = TrainableGradients {
         r: frozen
             .layers

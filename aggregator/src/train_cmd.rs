@@ -42,7 +42,7 @@ use fedsb_engine::model::AdaptedLinear;
 use fedsb_engine::model::{BertTokenizer, BertWeights};
 use fedsb_engine::reference::{ClassifierHead, LoraSbInitOptions};
 use fedsb_engine::train::{
-    centre_head_bias, encode_examples, evaluate, gpu_lora_sb_init, BatchSampler,
+    centre_head_bias, encode_examples, evaluate, gpu_lora_sb_init, init_batches, BatchSampler,
 };
 use fedsb_privacy::{AccountantKind, PrivacyBudget};
 use fedsb_protocol::PrivacyPolicy;
@@ -226,16 +226,13 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         None => train.examples.clone(),
     };
     let started = Instant::now();
-    let mut init_batches = Vec::new();
-    let mut taken = 0;
-    let mut init_sampler = BatchSampler::new(init_examples.len(), args.batch, args.seed ^ 0x1417);
-    while taken < args.init_samples.min(init_examples.len()) {
-        let idx = init_sampler.next_batch();
-        let idx = &idx[..idx.len().min(args.init_samples - taken)];
-        taken += idx.len();
-        let refs: Vec<&Example> = idx.iter().map(|&i| &init_examples[i]).collect();
-        init_batches.push(encode_examples(&tokenizer, &refs)?);
-    }
+    let (init_batches, taken) = init_batches(
+        &tokenizer,
+        &init_examples,
+        args.batch,
+        args.seed,
+        args.init_samples,
+    )?;
     let options = LoraSbInitOptions::new(args.rank, init_lr);
     let adapters = pollster::block_on(gpu_lora_sb_init(
         &ctx,

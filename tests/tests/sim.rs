@@ -526,7 +526,7 @@ fn without_json_rounds_go_to_stderr_and_the_table_to_stdout() -> anyhow::Result<
 #[test]
 fn sim_refuses_bad_input_clearly() -> anyhow::Result<()> {
     let task = Task::new()?;
-    let cases: [(usize, &[&str], &str); 23] = [
+    let cases: [(usize, &[&str], &str); 22] = [
         (CLIENTS, &["--split", "shards"], "unknown --split"),
         (CLIENTS, &["--split", "dirichlet:0"], "positive"),
         (CLIENTS, &["--split", "dirichlet:-2"], "positive"),
@@ -604,11 +604,6 @@ fn sim_refuses_bad_input_clearly() -> anyhow::Result<()> {
             CLIENTS,
             &["--centre-head", "--init", "adapter.safetensors"],
             "'--centre-head' cannot be used with '--init <INIT>'",
-        ),
-        (
-            CLIENTS,
-            &["--centre-head", "--write-shards", "shards"],
-            "'--centre-head' cannot be used with '--write-shards <WRITE_SHARDS>'",
         ),
     ];
     for (clients, flags, message) in cases {
@@ -892,6 +887,21 @@ async fn sim_equals_the_same_run_over_websockets() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--centre-head`: `fedsb init --centre-head` writes the head the
+/// simulator centres (round 0 agrees), and the centred run over WebSockets
+/// equals the simulation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_centred_head_equals_the_same_run_over_websockets() -> anyhow::Result<()> {
+    let (task, globals, _) = sim_against_websockets(&["--centre-head"]).await?;
+    // The bias was centred: round 0's differs from the uncentred one.
+    let (plain, _) = plain_run(&task, 1, "uncentred")?;
+    let (centred, uncentred) = (written_global(&globals, 0)?, written_global(&plain, 0)?);
+    assert_eq!(centred.r, uncentred.r);
+    assert_eq!(centred.head_weight, uncentred.head_weight);
+    assert_ne!(centred.head_bias, uncentred.head_bias);
+    Ok(())
+}
+
 /// `--keep-moments`: every client carries its AdamW moments into its next
 /// round. Round 1 equals the run without it (nothing is carried yet), round
 /// 2 differs, and `fedsb join --keep-moments` (the flag `--write-shards`
@@ -1095,8 +1105,13 @@ async fn sim_against_websockets(
     let task = Task::new()?;
     let dir = task.path().to_owned();
     // The operator's adapter file; the simulator initializes by itself with
-    // the same seed and settings, so round 0 checks that both agree.
-    check_success("fedsb init", &run(task.init(0.01, "adapter.safetensors"))?)?;
+    // the same seed and settings, so round 0 checks that both agree (and
+    // that `fedsb init --centre-head` centres as `fedsb sim --centre-head`).
+    let mut init = task.init(0.01, "adapter.safetensors");
+    if extra.contains(&"--centre-head") {
+        init.arg("--centre-head");
+    }
+    check_success("fedsb init", &run(init)?)?;
 
     let shards = dir.join("shards");
     let globals = dir.join("globals");
@@ -1119,6 +1134,29 @@ async fn sim_against_websockets(
     // batch seed.
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(shards.join("shards.json"))?)?;
+    // The simulator's own initial model, written for the task's
+    // `[adapter] file`: the same tensors as the operator's `fedsb init`.
+    assert_eq!(manifest["task"]["adapter_file"], "init.safetensors");
+    let (ours, operators) = (
+        std::fs::read(shards.join("init.safetensors"))?,
+        std::fs::read(dir.join("adapter.safetensors"))?,
+    );
+    let (ours, operators) = (
+        safetensors::SafeTensors::deserialize(&ours)?,
+        safetensors::SafeTensors::deserialize(&operators)?,
+    );
+    let mut names = operators.names();
+    names.sort();
+    let mut our_names = ours.names();
+    our_names.sort();
+    assert_eq!(our_names, names);
+    for name in names {
+        assert_eq!(
+            ours.tensor(name)?.data(),
+            operators.tensor(name)?.data(),
+            "tensor {name} of shards/init.safetensors and fedsb init's file"
+        );
+    }
     std::fs::write(dir.join("task.toml"), task_toml(ROUNDS, &manifest["task"])?)?;
     let agg = Aggregator::start_in(&dir)?;
     let mut joins = Vec::new();

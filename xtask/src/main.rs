@@ -153,7 +153,8 @@ fn demo(root: &Path, port: u16) -> Result<()> {
     webdeps::fetch_web_deps(root)?;
     let bin = build_release_fedsb(root)?;
     // The demo task's frozen A, B and R₀ (configs/sst2-demo.toml, [adapter]
-    // file): LoRA-SB initialization on 64 SST-2 training sentences, made once.
+    // file): LoRA-SB initialization on 64 SST-2 training sentences, made once,
+    // with the head centred on them (README "Centring the initial head").
     let adapter = root.join(DEMO_ADAPTER);
     if !adapter.is_file() {
         eprintln!("\nInitializing the demo adapter (LoRA-SB init on 64 SST-2 sentences, about a minute on a CPU)…");
@@ -162,7 +163,14 @@ fn demo(root: &Path, port: u16) -> Result<()> {
             .args(["init", "--model", "models/all-MiniLM-L6-v2"])
             .args(["--train", "data/sst2/train.tsv"])
             .args(["--labels", "negative,positive", "--rank", "32"])
-            .args(["--init-samples", "64", "--lr", "1e-3", "--out"])
+            .args([
+                "--init-samples",
+                "64",
+                "--lr",
+                "1e-3",
+                "--centre-head",
+                "--out",
+            ])
             .arg(&adapter))?;
     }
     eprintln!("\nStarting the aggregator with the SST-2 demo task; open the URL it prints. Ctrl-C stops it.\n");

@@ -17,6 +17,9 @@ use crate::reference::{
     adapter_from_update, ClassifierHead, LoraSbAdapters, LoraSbInitOptions, Matrix,
 };
 
+/// A tokenized batch and its labels.
+pub type LabelledBatch = (EncodedBatch, Vec<u32>);
+
 /// Why training could not proceed.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -49,7 +52,8 @@ pub async fn gpu_lora_sb_init(
 /// Centres the initial classification head: shifts `head`'s bias so that,
 /// under the initial model (`weights` with `adapters` and `head`), the mean
 /// logit over the samples of `batches` is the same for every class, and
-/// returns the per-class means it had before.
+/// returns the per-class means it had before ([`logit_sums`], then
+/// [`centre_bias`]).
 ///
 /// Why: the LoRA-SB initialization moves every weight by −η·sign(G) of a
 /// gradient taken through a random head, and on SST-2 with
@@ -67,10 +71,22 @@ pub async fn centre_head_bias(
     head: &mut ClassifierHead<f32>,
     batches: &[(EncodedBatch, Vec<u32>)],
 ) -> Result<Vec<f64>, TrainError> {
-    let classes = head.bias.len();
     let mut encoder = GpuEncoder::new(ctx, weights, Some(adapters), Some(head))?;
+    let (sums, samples) = logit_sums(&mut encoder, batches).await?;
+    centre_bias(&mut head.bias, &sums, samples)
+}
+
+/// The per-class sums of the logits of every sample of `batches` under the
+/// encoder's current adapters and head, in f64, and the number of samples.
+/// A federated participant sends these for its initialization samples, and
+/// the sums of several participants add up to those of their pooled samples.
+pub async fn logit_sums(
+    encoder: &mut GpuEncoder<'_>,
+    batches: &[(EncodedBatch, Vec<u32>)],
+) -> Result<(Vec<f64>, u64), TrainError> {
+    let classes = encoder.num_labels();
     let mut sums = vec![0f64; classes];
-    let mut samples = 0usize;
+    let mut samples = 0u64;
     for (batch, _) in batches {
         let logits = encoder.logits(batch).await?;
         for row in logits.chunks(classes).take(batch.batch_size) {
@@ -80,17 +96,72 @@ pub async fn centre_head_bias(
             samples += 1;
         }
     }
+    Ok((sums, samples))
+}
+
+/// Shifts `bias` by the per-class mean logits `sums / samples` (less their
+/// average, so the bias's sum stays as it was): afterwards every class has
+/// the same mean logit over those samples. Returns the means. Errors when
+/// there are no samples, the sums do not match the classes, or a sum is
+/// not finite; `bias` is then unchanged.
+pub fn centre_bias(bias: &mut [f32], sums: &[f64], samples: u64) -> Result<Vec<f64>, TrainError> {
     if samples == 0 {
         return Err(TrainError::Invalid(
             "centring the head needs at least one sample".into(),
         ));
     }
+    if sums.len() != bias.len() {
+        return Err(TrainError::Invalid(format!(
+            "{} logit sums for a head of {} classes",
+            sums.len(),
+            bias.len()
+        )));
+    }
+    if let Some(s) = sums.iter().find(|s| !s.is_finite()) {
+        return Err(TrainError::Invalid(format!(
+            "a logit sum is not finite ({s})"
+        )));
+    }
     let means: Vec<f64> = sums.iter().map(|s| s / samples as f64).collect();
-    let average = means.iter().sum::<f64>() / classes as f64;
-    for (b, m) in head.bias.iter_mut().zip(&means) {
+    let average = means.iter().sum::<f64>() / means.len() as f64;
+    for (b, m) in bias.iter_mut().zip(&means) {
         *b -= (m - average) as f32;
     }
     Ok(means)
+}
+
+/// The initialization's batches: the first `init_samples` examples (all
+/// when there are fewer) in the order of a [`BatchSampler`] over `examples`
+/// seeded by `seed ^ 0x1417`, in batches of `batch_size`, as `fedsb init`,
+/// `fedsb sim` and every federated participant draw them. Returns the
+/// encoded batches and the number of examples in them.
+pub fn init_batches(
+    tokenizer: &BertTokenizer,
+    examples: &[Example],
+    batch_size: usize,
+    seed: u64,
+    init_samples: usize,
+) -> Result<(Vec<LabelledBatch>, usize), TrainError> {
+    if batch_size == 0 {
+        return Err(TrainError::Invalid(
+            "the initialization's batch size must be positive".into(),
+        ));
+    }
+    let wanted = init_samples.min(examples.len());
+    let mut batches = Vec::new();
+    if wanted == 0 {
+        return Ok((batches, 0));
+    }
+    let mut sampler = BatchSampler::new(examples.len(), batch_size, seed ^ 0x1417);
+    let mut taken = 0;
+    while taken < wanted {
+        let idx = sampler.next_batch();
+        let idx = &idx[..idx.len().min(wanted - taken)];
+        taken += idx.len();
+        let refs: Vec<&Example> = idx.iter().map(|&i| &examples[i]).collect();
+        batches.push(encode_examples(tokenizer, &refs)?);
+    }
+    Ok((batches, taken))
 }
 
 /// The first half of the LoRA-SB initialization, which a federated
@@ -391,7 +462,27 @@ pub async fn evaluate(
 
 #[cfg(test)]
 mod tests {
-    use super::map_on_threads;
+    use super::{centre_bias, map_on_threads};
+
+    /// The bias moves by each class's mean less their average; bad sums
+    /// leave it alone.
+    #[test]
+    fn centre_bias_equalizes_the_means_and_keeps_the_sum() {
+        let mut bias = vec![0.25f32, -0.25, 1.0];
+        // Means −1, 2 and 2 over 4 samples; their average 1.
+        let means = centre_bias(&mut bias, &[-4.0, 8.0, 8.0], 4).unwrap();
+        assert_eq!(means, [-1.0, 2.0, 2.0]);
+        assert_eq!(bias, [2.25, -1.25, 0.0]);
+        for (sums, samples, why) in [
+            (vec![1.0, 2.0, 3.0], 0, "at least one sample"),
+            (vec![1.0, 2.0], 4, "2 logit sums for a head of 3 classes"),
+            (vec![1.0, f64::NAN, 3.0], 4, "not finite"),
+        ] {
+            let e = centre_bias(&mut bias, &sums, samples).unwrap_err();
+            assert!(e.to_string().contains(why), "{e}");
+            assert_eq!(bias, [2.25, -1.25, 0.0]);
+        }
+    }
 
     /// The results come back in the items' order however the threads share
     /// them: the first items take longest, so the threads interleave.
