@@ -73,6 +73,7 @@ function renderStatus(s) {
   setText("state", s.state);
   let round;
   if (s.state === "initializing") round = "federated LoRA-SB initialization (before round 1): participants send their gradients";
+  else if (s.state === "centring") round = "centring the initial head (before round 1): participants send their mean logits";
   else if (s.round == null) round = `finished after ${s.last_committed_round}`;
   else round = `${s.round} of ${s.total_rounds}`;
   setText("round", round);

@@ -37,7 +37,10 @@
 // Welcome): on InitRequest the worker computes the initialization gradients
 // of its first init_samples examples (federatedInitFrames), sends one
 // InitGradient frame per module and InitDone, waits for AdapterReady,
-// fetches that adapter file by hash and then creates the trainer.
+// fetches that adapter file by hash and then creates the trainer. A task
+// that centres its initial head (`[adapter] centre_head`) then sends
+// CentreRequest: the worker answers with the per-class sums of the initial
+// model's logits over the same examples (CentreLogits), and round 0 follows.
 //
 // Reconnecting: when the WebSocket closes after this tab got its Welcome
 // (while it downloads, initializes, loads or trains), the worker opens a new
@@ -156,6 +159,9 @@ let pendingInit = null; // federated init: {welcome, bytes} until AdapterReady
 // the gradient frames that answer it, sent again if the same request comes
 // again (after a reconnect).
 let initAnswer = null;
+// Centring the initial head: {request, frame}: the CentreRequest frame and
+// the CentreLogits frame that answers it, sent again if asked again.
+let centreAnswer = null;
 let welcomed = false; // the first Welcome was handled (reconnect from then on)
 let ledgerKey = null; // DP tasks: "<task id>/<sha256 of columns and data>"
 
@@ -568,6 +574,25 @@ async function onInitRequest(frame, msg) {
   post({ message: `sent the initialization gradients of ${frames.length - 1} modules` });
 }
 
+// The task centres its initial head: send the per-class sums of the initial
+// model's logits over the examples the initialization used.
+async function onCentreRequest(frame) {
+  if (!participant) throw new Error("a centring request before the model is loaded");
+  const conn = connId;
+  let answer;
+  if (centreAnswer && sameBytes(centreAnswer.request, frame)) {
+    answer = centreAnswer.frame;
+  } else {
+    post({ phase: "initializing", message: "computing the initial model's logits to centre its head" });
+    answer = await participant.centreFrame(frame);
+    centreAnswer = { request: frame, frame: answer };
+  }
+  if (ended) return;
+  if (conn !== connId || !ws || ws.readyState !== 1) return;
+  send(answer, "centre_logits");
+  post({ phase: "waiting", message: "sent the logit sums for centring the initial head; waiting for round 0" });
+}
+
 async function handle(frame) {
   if (ended) return;
   const msg = decodeServerMessage(frame);
@@ -647,6 +672,11 @@ async function handle(frame) {
       return;
     case "init_request":
       return onInitRequest(frame, msg);
+    case "centre_request":
+      return onCentreRequest(frame);
+    case "centre_accepted":
+      post({ message: `logit sums of ${msg.num_samples} examples accepted; waiting for round 0` });
+      return;
     case "init_accepted":
       post({ message: `initialization gradients of ${msg.num_samples} examples accepted; waiting for the adapter` });
       return;

@@ -200,6 +200,14 @@ pub struct AdapterSection {
     /// (the same head as `fedsb init --seed`).
     #[serde(default)]
     pub init_seed: u64,
+    /// Federated initialization: centre the initial head before round 1.
+    /// After the adapter file is served, every participant sends the
+    /// per-class sums of its initialization examples' logits under the
+    /// initial model, and the aggregator shifts the head's bias so that
+    /// every class has the same mean logit (README "Centring the initial
+    /// head"). For an adapter file, `fedsb init --centre-head` does it.
+    #[serde(default)]
+    pub centre_head: bool,
 }
 
 /// `[adapter] init`: how the LoRA-SB adapters are initialized.
@@ -662,6 +670,13 @@ impl Config {
                     return bad(format!("adapter.init_learning_rate {lr} must be positive"));
                 }
             }
+        } else if a.centre_head {
+            return bad(
+                "adapter.centre_head centres the head of a federated initialization \
+                (init = \"federated\"); an adapter file's head is centred when the file is made: \
+                `fedsb init --centre-head`"
+                    .into(),
+            );
         }
         if let Some(policy) = self.privacy_policy() {
             if let Err((field, value)) = policy.check() {
@@ -745,14 +760,22 @@ impl Config {
         let a = &self.adapter;
         match a.init {
             AdapterInit::File => serde_json::json!({ "rank": a.rank, "modules": a.modules }),
-            AdapterInit::Federated => serde_json::json!({
-                "rank": a.rank,
-                "modules": a.modules,
-                "init": "federated",
-                "init_samples": a.init_samples,
-                "init_learning_rate": self.init_learning_rate(),
-                "init_seed": a.init_seed,
-            }),
+            AdapterInit::Federated => {
+                let mut id = serde_json::json!({
+                    "rank": a.rank,
+                    "modules": a.modules,
+                    "init": "federated",
+                    "init_samples": a.init_samples,
+                    "init_learning_rate": self.init_learning_rate(),
+                    "init_seed": a.init_seed,
+                });
+                // Only when on, so that the identity of tasks from before
+                // the option is unchanged.
+                if a.centre_head {
+                    id["centre_head"] = true.into();
+                }
+                id
+            }
         }
     }
 
@@ -863,6 +886,10 @@ rank = 4
         assert!(e.to_string().contains("needs model.dir"), "{e}");
         let text = MINIMAL.replace("rank = 4", "rank = 4\ninit = \"bogus\"");
         assert!(load(dir.path(), &text).is_err());
+        // Centring the head belongs to the federated initialization.
+        let text = MINIMAL.replace("rank = 4", "rank = 4\ncentre_head = true");
+        let e = load(dir.path(), &text).unwrap_err();
+        assert!(e.to_string().contains("fedsb init --centre-head"), "{e}");
     }
 
     #[test]

@@ -214,6 +214,24 @@ impl Connection {
                     Err(r) => self.reject(r.code, r.message).await,
                 }
             }
+            (
+                Some(p),
+                ClientMessage::CentreLogits {
+                    logit_sums,
+                    num_samples,
+                },
+            ) => match self
+                .app
+                .coordinator
+                .centre_logits(p, logit_sums, num_samples, len as u64)
+                .await
+            {
+                Ok(num_samples) => {
+                    self.send(&ServerMessage::CentreAccepted { num_samples })
+                        .await
+                }
+                Err(r) => self.reject(r.code, r.message).await,
+            },
             (Some(p), ClientMessage::Update(update)) => {
                 match self.app.coordinator.update(p, update, len as u64).await {
                     Ok(round) => {

@@ -39,7 +39,9 @@ use tracing::{error, info, warn};
 
 use crate::config::{Config, QuorumPolicy};
 use crate::files::{initial_adapter, ServedFile};
-use crate::init_round::{build_adapter_file, hash_file, InitCollector, InitModules, SharedFiles};
+use crate::init_round::{
+    build_adapter_file, hash_file, CentreCollector, InitCollector, InitModules, SharedFiles,
+};
 use crate::metrics::Metrics;
 use crate::round::{Rejection, Round};
 use crate::store::{
@@ -92,6 +94,13 @@ enum Command {
     InitDone {
         participant: ParticipantId,
         num_samples: u64,
+        reply: oneshot::Sender<Result<u64, Rejection>>,
+    },
+    CentreLogits {
+        participant: ParticipantId,
+        logit_sums: Tensor,
+        num_samples: u64,
+        frame_bytes: u64,
         reply: oneshot::Sender<Result<u64, Rejection>>,
     },
 }
@@ -192,6 +201,29 @@ impl CoordinatorHandle {
         rx.await.map_err(|_| internal())?
     }
 
+    /// Offers the participant's logit sums for centring the initial head.
+    pub async fn centre_logits(
+        &self,
+        participant: ParticipantId,
+        logit_sums: Tensor,
+        num_samples: u64,
+        frame_bytes: u64,
+    ) -> Result<u64, Rejection> {
+        let (reply, rx) = oneshot::channel();
+        let internal = || Rejection::new(ErrorCode::Internal, "the aggregator is shutting down");
+        self.tx
+            .send(Command::CentreLogits {
+                participant,
+                logit_sums,
+                num_samples,
+                frame_bytes,
+                reply,
+            })
+            .await
+            .map_err(|_| internal())?;
+        rx.await.map_err(|_| internal())?
+    }
+
     /// The participant is gone.
     pub async fn leave(&self, participant: ParticipantId) {
         let _ = self.tx.send(Command::Leave { participant }).await;
@@ -203,7 +235,8 @@ impl CoordinatorHandle {
 pub struct Status {
     pub task_id: String,
     pub protocol_version: u16,
-    /// `initializing`, `collecting` or `finished`.
+    /// `initializing`, `centring` (the initial head, `[adapter]
+    /// centre_head`), `collecting` or `finished`.
     pub state: &'static str,
     /// The round collecting updates (absent when finished).
     pub round: Option<u64>,
@@ -253,11 +286,37 @@ enum Phase {
         collector: Box<InitCollector>,
         deadline: Instant,
     },
+    /// Centring the initial head (`[adapter] centre_head`): the federated
+    /// initialization's adapter file is served; collecting the
+    /// participants' logit sums before round 0 is committed.
+    Centring {
+        centring: Box<Centring>,
+        deadline: Instant,
+    },
     Collecting {
         round: Round,
         deadline: Instant,
     },
     Finished,
+}
+
+/// Round 0 of a federated initialization while its head is centred.
+struct Centring {
+    collector: CentreCollector,
+    /// Round 0's state before centring (the adapter file's `R₀` and head).
+    adapter: AdapterState,
+    /// The `CentreRequest` frame.
+    request: Bytes,
+    /// Logit sums from this many participants suffice once nobody connected
+    /// is still expected: the task's quorum, or fewer when fewer sent
+    /// initialization gradients.
+    quorum: usize,
+    /// The initialization's participants, samples and bytes, for round 0.
+    init_participants: u32,
+    init_samples: u64,
+    init_bytes_in: u64,
+    opened_unix_ms: u64,
+    started: Instant,
 }
 
 /// What the coordinator starts from.
@@ -374,9 +433,9 @@ impl Coordinator {
         }
         loop {
             let deadline = match &self.phase {
-                Phase::Collecting { deadline, .. } | Phase::Initializing { deadline, .. } => {
-                    Some(*deadline)
-                }
+                Phase::Collecting { deadline, .. }
+                | Phase::Initializing { deadline, .. }
+                | Phase::Centring { deadline, .. } => Some(*deadline),
                 Phase::Finished => None,
             };
             tokio::select! {
@@ -412,6 +471,26 @@ impl Coordinator {
                     task: (*self.task).clone(),
                 };
                 let mut frames = vec![Bytes::from(welcome.encode())];
+                if let Phase::Centring { centring, .. } = &self.phase {
+                    // The Welcome lists the adapter file; round 0 follows
+                    // the centring.
+                    frames.push(match centring.collector.samples_of(id) {
+                        Some(num_samples) => {
+                            Bytes::from(ServerMessage::CentreAccepted { num_samples }.encode())
+                        }
+                        None => centring.request.clone(),
+                    });
+                    info!(participant = %id, %client, keyed = participant_key.is_some(), "participant joined");
+                    self.peers.insert(id, Peer { client, outbox });
+                    for f in frames {
+                        self.send_to(id, f);
+                    }
+                    self.metrics
+                        .participants_connected
+                        .set(self.peers.len() as i64);
+                    let _ = reply.send(Ok(id));
+                    return;
+                }
                 match &self.init_request {
                     // A participant key whose gradients are in already (it
                     // joined before): it waits for the adapter file.
@@ -489,6 +568,33 @@ impl Coordinator {
                 let accepted = result.is_ok();
                 if accepted {
                     info!(participant = %participant, num_samples, "initialization gradients accepted");
+                }
+                let _ = reply.send(result);
+                if accepted {
+                    self.maybe_commit().await;
+                }
+            }
+            Command::CentreLogits {
+                participant,
+                logit_sums,
+                num_samples,
+                frame_bytes,
+                reply,
+            } => {
+                let result = match &mut self.phase {
+                    Phase::Centring { centring, .. } => {
+                        centring
+                            .collector
+                            .add(participant, &logit_sums, num_samples, frame_bytes)
+                    }
+                    _ => Err(Rejection::new(
+                        ErrorCode::NotInitializing,
+                        "the task is not centring its initial head",
+                    )),
+                };
+                let accepted = result.is_ok();
+                if accepted {
+                    info!(participant = %participant, num_samples, "logit sums for centring the head accepted");
                 }
                 let _ = reply.send(result);
                 if accepted {
@@ -598,6 +704,10 @@ impl Coordinator {
                 ErrorCode::FutureRound,
                 "the task is still collecting initialization gradients; round 1 is not open yet",
             )),
+            Phase::Centring { .. } => Err(Rejection::new(
+                ErrorCode::FutureRound,
+                "the task is still centring its initial head; round 1 is not open yet",
+            )),
             Phase::Finished => Err(Rejection::new(
                 ErrorCode::TaskFinished,
                 format!(
@@ -662,6 +772,17 @@ impl Coordinator {
             }
             return;
         }
+        if let Phase::Centring { centring, .. } = &self.phase {
+            let c = &centring.collector;
+            let n = c.contributors();
+            let nobody_pending = self.peers.keys().all(|p| c.samples_of(*p).is_some());
+            if n >= self.config.task.max_participants as usize
+                || (n >= centring.quorum && nobody_pending)
+            {
+                self.finish_centring().await;
+            }
+            return;
+        }
         let Phase::Collecting { round, .. } = &self.phase else {
             return;
         };
@@ -689,6 +810,20 @@ impl Coordinator {
             );
             let length = self.round_length();
             if let Phase::Initializing { deadline, .. } = &mut self.phase {
+                *deadline = Instant::now() + length;
+            }
+            return;
+        }
+        if let Phase::Centring { centring, .. } = &self.phase {
+            // Any participant's sums estimate the mean logits; without any
+            // the head cannot be centred, and the task waits for them.
+            if centring.collector.contributors() > 0 {
+                self.finish_centring().await;
+                return;
+            }
+            warn!("centring deadline passed without any participant's logit sums; extending it");
+            let length = self.round_length();
+            if let Phase::Centring { deadline, .. } = &mut self.phase {
                 *deadline = Instant::now() + length;
             }
             return;
@@ -923,6 +1058,10 @@ impl Coordinator {
                 return;
             }
         };
+        if self.config.adapter.centre_head {
+            self.start_centring(init, &collector, adapter, sha256, size, opened, started);
+            return;
+        }
         let frame = initial_frame(adapter);
         let now = now_unix_ms();
         let meta = RoundMeta {
@@ -947,29 +1086,7 @@ impl Coordinator {
             retry(self, init, collector);
             return;
         }
-        let file = FileRef {
-            name: "adapter.safetensors".into(),
-            sha256: sha256.clone(),
-            size,
-            url: format!("/files/{sha256}"),
-        };
-        if let Ok(mut files) = init.files.write() {
-            files.insert(
-                sha256.clone(),
-                ServedFile {
-                    name: file.name.clone(),
-                    path: init.path.clone(),
-                    sha256: sha256.clone(),
-                    size,
-                },
-            );
-        }
-        let mut task = (*self.task).clone();
-        task.files.push(file.clone());
-        self.task = Arc::new(task);
-        if let Ok(mut t) = init.shared_task.write() {
-            *t = self.task.clone();
-        }
+        let file = self.serve_adapter_file(&init, sha256.clone(), size);
         info!(
             participants = collector.contributors(),
             samples = collector.total_samples(),
@@ -982,6 +1099,142 @@ impl Coordinator {
         self.global_frame = Bytes::from(frame);
         self.open_next_round();
         self.broadcast(Bytes::from(ServerMessage::AdapterReady { file }.encode()));
+        self.broadcast(self.global_frame.clone());
+        let next = Bytes::from(self.round_announcement().encode());
+        self.broadcast(next);
+    }
+
+    /// Serves the federated initialization's adapter file and asks every
+    /// participant for its logit sums under the initial model
+    /// (`AdapterReady`, then `CentreRequest`); round 0 is committed once
+    /// they are in ([`Self::finish_centring`]).
+    #[allow(clippy::too_many_arguments)]
+    fn start_centring(
+        &mut self,
+        init: Box<FederatedInit>,
+        collector: &InitCollector,
+        adapter: AdapterState,
+        sha256: String,
+        size: u64,
+        opened_unix_ms: u64,
+        started: Instant,
+    ) {
+        let file = self.serve_adapter_file(&init, sha256, size);
+        let classes = adapter.head_bias.numel();
+        let request = ServerMessage::CentreRequest {
+            init_samples: self.config.adapter.init_samples,
+            batch_size: self.config.task.batch_size,
+            adapter: adapter.clone(),
+        };
+        let contributors = collector.contributors();
+        let centring = Centring {
+            collector: CentreCollector::new(classes, self.config.adapter.init_samples),
+            adapter,
+            request: Bytes::from(request.encode()),
+            quorum: contributors.clamp(1, self.config.task.min_participants.max(1) as usize),
+            init_participants: contributors as u32,
+            init_samples: collector.total_samples(),
+            init_bytes_in: collector.bytes_in(),
+            opened_unix_ms,
+            started,
+        };
+        let request = centring.request.clone();
+        self.phase = Phase::Centring {
+            centring: Box::new(centring),
+            deadline: Instant::now() + self.round_length(),
+        };
+        self.init_request = None;
+        info!(
+            participants = contributors,
+            samples = collector.total_samples(),
+            seconds = started.elapsed().as_secs_f64(),
+            "federated initialization: adapter file served; centring the initial head"
+        );
+        self.broadcast(Bytes::from(ServerMessage::AdapterReady { file }.encode()));
+        self.broadcast(request);
+    }
+
+    /// Adds the federated initialization's adapter file to the files served
+    /// and to the task's file list.
+    fn serve_adapter_file(&mut self, init: &FederatedInit, sha256: String, size: u64) -> FileRef {
+        let file = FileRef {
+            name: "adapter.safetensors".into(),
+            sha256: sha256.clone(),
+            size,
+            url: format!("/files/{sha256}"),
+        };
+        if let Ok(mut files) = init.files.write() {
+            files.insert(
+                sha256.clone(),
+                ServedFile {
+                    name: file.name.clone(),
+                    path: init.path.clone(),
+                    sha256,
+                    size,
+                },
+            );
+        }
+        let mut task = (*self.task).clone();
+        task.files.push(file.clone());
+        self.task = Arc::new(task);
+        if let Ok(mut t) = init.shared_task.write() {
+            *t = self.task.clone();
+        }
+        file
+    }
+
+    /// Centres round 0's head with the logit sums collected, commits round 0
+    /// and opens round 1. When the store fails, the sums are kept and the
+    /// centring goes on collecting.
+    async fn finish_centring(&mut self) {
+        let Phase::Centring { centring, .. } = &self.phase else {
+            return;
+        };
+        let mut adapter = centring.adapter.clone();
+        let means = match centring.collector.centre(&mut adapter.head_bias.data) {
+            Ok(m) => m,
+            Err(e) => {
+                error!("cannot centre the initial head: {e}");
+                return;
+            }
+        };
+        let frame = initial_frame(adapter);
+        let c = &centring.collector;
+        let meta = RoundMeta {
+            round: 0,
+            opened_unix_ms: centring.opened_unix_ms,
+            committed_unix_ms: now_unix_ms(),
+            duration_ms: centring.started.elapsed().as_millis() as u64,
+            aggregation_ms: centring.started.elapsed().as_millis() as u64,
+            participants: centring.init_participants,
+            total_samples: centring.init_samples,
+            bytes_in: centring.init_bytes_in + c.bytes_in(),
+            bytes_out: 0,
+            mean_train_loss: None,
+            global_sha256: sha256_hex(&frame),
+        };
+        let (contributors, samples) = (c.contributors(), c.total_samples());
+        if let Err(e) = self
+            .store
+            .commit_round(meta, frame.clone(), Vec::new())
+            .await
+        {
+            error!("storing round 0 failed: {e}; the centring goes on collecting");
+            let length = self.round_length();
+            if let Phase::Centring { deadline, .. } = &mut self.phase {
+                *deadline = Instant::now() + length;
+            }
+            return;
+        }
+        info!(
+            participants = contributors,
+            samples,
+            mean_logits = ?means,
+            "initial head centred; round 0 committed"
+        );
+        self.global_round = RoundId(0);
+        self.global_frame = Bytes::from(frame);
+        self.open_next_round();
         self.broadcast(self.global_frame.clone());
         let next = Bytes::from(self.round_announcement().encode());
         self.broadcast(next);
@@ -1023,9 +1276,11 @@ impl Coordinator {
                 local_steps: self.config.task.local_steps,
                 learning_rate: self.config.task.round_learning_rate(round.id.0),
             },
-            Phase::Finished | Phase::Initializing { .. } => ServerMessage::TaskFinished {
-                rounds_committed: self.global_round.0,
-            },
+            Phase::Finished | Phase::Initializing { .. } | Phase::Centring { .. } => {
+                ServerMessage::TaskFinished {
+                    rounds_committed: self.global_round.0,
+                }
+            }
         }
     }
 
@@ -1071,6 +1326,12 @@ impl Coordinator {
                 "initializing",
                 None,
                 collector.contributors(),
+                Some(unix_ms_at(*deadline)),
+            ),
+            Phase::Centring { centring, deadline } => (
+                "centring",
+                None,
+                centring.collector.contributors(),
                 Some(unix_ms_at(*deadline)),
             ),
             Phase::Finished => ("finished", None, 0, None),

@@ -292,6 +292,109 @@ impl InitCollector {
     }
 }
 
+/// Collects the participants' per-class logit sums under the initial model
+/// (`[adapter] centre_head`) and centres the head's bias with them.
+#[derive(Debug)]
+pub struct CentreCollector {
+    classes: usize,
+    max_samples: u64,
+    sums: Vec<f64>,
+    done: BTreeMap<ParticipantId, u64>,
+    bytes_in: u64,
+}
+
+impl CentreCollector {
+    /// `max_samples` is the task's `init_samples`.
+    pub fn new(classes: usize, max_samples: u64) -> Self {
+        Self {
+            classes,
+            max_samples,
+            sums: vec![0.0; classes],
+            done: BTreeMap::new(),
+            bytes_in: 0,
+        }
+    }
+
+    /// Participants whose sums are in.
+    pub fn contributors(&self) -> usize {
+        self.done.len()
+    }
+
+    /// The examples `p`'s accepted sums cover, if they are in.
+    pub fn samples_of(&self, p: ParticipantId) -> Option<u64> {
+        self.done.get(&p).copied()
+    }
+
+    /// Examples the sums cover.
+    pub fn total_samples(&self) -> u64 {
+        self.done.values().sum()
+    }
+
+    /// Bytes of accepted frames.
+    pub fn bytes_in(&self) -> u64 {
+        self.bytes_in
+    }
+
+    /// `p`'s logit sums over `num_samples` examples; refused (and nothing
+    /// added) when they do not fit the task or `p`'s are in already.
+    pub fn add(
+        &mut self,
+        p: ParticipantId,
+        logit_sums: &Tensor,
+        num_samples: u64,
+        frame_bytes: u64,
+    ) -> Result<u64, Rejection> {
+        if self.done.contains_key(&p) {
+            return Err(Rejection::new(
+                ErrorCode::DuplicateUpdate,
+                "this participant's logit sums are already in",
+            ));
+        }
+        if logit_sums.shape != [self.classes as u32] {
+            return Err(Rejection::new(
+                ErrorCode::ShapeMismatch,
+                format!(
+                    "logit sums of shape {:?}, expected [{}] (one per class)",
+                    logit_sums.shape, self.classes
+                ),
+            ));
+        }
+        if let Some((i, v)) = logit_sums
+            .data
+            .iter()
+            .enumerate()
+            .find(|(_, v)| !v.is_finite())
+        {
+            return Err(Rejection::new(
+                ErrorCode::NonFinite,
+                format!("the logit sum of class {i} is {v}"),
+            ));
+        }
+        if num_samples == 0 || num_samples > self.max_samples {
+            return Err(Rejection::new(
+                ErrorCode::InvalidSampleCount,
+                format!(
+                    "CentreLogits with num_samples = {num_samples}; it must be in 1..={} \
+                     (the task's init_samples)",
+                    self.max_samples
+                ),
+            ));
+        }
+        for (s, &x) in self.sums.iter_mut().zip(&logit_sums.data) {
+            *s += f64::from(x);
+        }
+        self.done.insert(p, num_samples);
+        self.bytes_in += frame_bytes;
+        Ok(num_samples)
+    }
+
+    /// Shifts `bias` so that every class has the same mean logit over all
+    /// the samples reported; returns the means before.
+    pub fn centre(&self, bias: &mut [f32]) -> Result<Vec<f64>, fedsb_engine::train::TrainError> {
+        fedsb_engine::train::centre_bias(bias, &self.sums, self.total_samples())
+    }
+}
+
 /// `ΔW = −η·sign(G)`, the truncated SVD per module (`A`, `B`, `R₀`) and the
 /// head, written atomically to `path` as the adapter file `fedsb init` writes.
 pub fn build_adapter_file(
@@ -421,5 +524,47 @@ mod tests {
         assert!(c.sum[0].iter().all(|&x| x == -0.5));
         assert!(c.sum[1].iter().all(|&x| x == 3.0));
         assert_eq!(c.total_samples(), 10);
+    }
+
+    #[test]
+    fn logit_sums_add_up_and_bad_ones_change_nothing() {
+        let mut c = CentreCollector::new(2, 64);
+        let (a, b, z) = (ParticipantId(1), ParticipantId(2), ParticipantId(3));
+        let sums = |x: f32, y: f32| Tensor::new(vec![2], vec![x, y]).unwrap();
+        let e = c
+            .add(a, &Tensor::new(vec![3], vec![0.0; 3]).unwrap(), 8, 10)
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::ShapeMismatch);
+        let e = c.add(a, &sums(f32::INFINITY, 0.0), 8, 10).unwrap_err();
+        assert_eq!(e.code, ErrorCode::NonFinite);
+        assert_eq!(
+            c.add(a, &sums(1.0, 1.0), 0, 10).unwrap_err().code,
+            ErrorCode::InvalidSampleCount
+        );
+        let e = c.add(a, &sums(1.0, 1.0), 65, 10).unwrap_err();
+        assert!(e.message.contains("1..=64"), "{}", e.message);
+        assert_eq!((c.contributors(), c.bytes_in()), (0, 0));
+        // Nothing in: centring is refused and leaves the bias alone.
+        let mut bias = vec![0.5f32, -0.5];
+        assert!(c.centre(&mut bias).is_err());
+        assert_eq!(bias, [0.5, -0.5]);
+        // Means over the pooled samples: (−30 − 10) / 40 = −1 and
+        // (50 + 30) / 40 = 2; their average 0.5.
+        assert_eq!(c.add(a, &sums(-30.0, 50.0), 30, 10).unwrap(), 30);
+        assert_eq!(
+            c.add(a, &sums(0.0, 0.0), 1, 10).unwrap_err().code,
+            ErrorCode::DuplicateUpdate
+        );
+        c.add(b, &sums(-10.0, 30.0), 10, 10).unwrap();
+        assert_eq!(c.samples_of(b), Some(10));
+        assert_eq!(c.samples_of(z), None);
+        assert_eq!(
+            (c.contributors(), c.total_samples(), c.bytes_in()),
+            (2, 40, 20)
+        );
+        let means = c.centre(&mut bias).unwrap();
+        assert_eq!(means, [-1.0, 2.0]);
+        // −1 − 0.5 = −1.5 and 2 − 0.5 = 1.5 taken off: equal means, same sum.
+        assert_eq!(bias, [2.0, -2.0]);
     }
 }

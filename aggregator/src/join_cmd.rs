@@ -1118,6 +1118,9 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
     // comes first and the same frame is sent again, without training again).
     let mut unanswered: BTreeMap<RoundId, (u64, Vec<u8>)> = BTreeMap::new();
     let mut leave = false;
+    // The answer to the centring request, kept with the request: asked
+    // again after a reconnect, the same frame is sent again.
+    let mut centred: Option<(ServerMessage, ClientMessage)> = None;
     let outcome: anyhow::Result<()> = loop {
         let event = match link.next(None) {
             Ok(e) => e,
@@ -1295,6 +1298,53 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
             }
             ServerMessage::Welcome { .. } => {
                 warn!("ignoring a second Welcome");
+            }
+            request @ ServerMessage::CentreRequest { .. } => {
+                let answer = match centred.take() {
+                    Some((asked, answer)) if asked == request => {
+                        info!(
+                            "the aggregator asks for the logit sums again; sending the same ones"
+                        );
+                        answer
+                    }
+                    _ => {
+                        let ServerMessage::CentreRequest {
+                            init_samples,
+                            batch_size,
+                            adapter,
+                        } = &request
+                        else {
+                            unreachable!("matched above")
+                        };
+                        match pollster::block_on(fedsb_participant::centre_logits(
+                            &mut encoder,
+                            &loaded.tokenizer,
+                            &loaded.frozen,
+                            &loaded.modules,
+                            &data.examples,
+                            args.seed,
+                            *init_samples,
+                            *batch_size,
+                            adapter,
+                        )) {
+                            Ok(m) => m,
+                            Err(e) => break Err(anyhow::anyhow!("centring the initial head: {e}")),
+                        }
+                    }
+                };
+                if let ClientMessage::CentreLogits {
+                    logit_sums,
+                    num_samples,
+                } = &answer
+                {
+                    info!(num_samples, logit_sums = ?logit_sums.data, "sending the logit sums of the initial model for centring its head");
+                }
+                // A connection lost meanwhile shows as the next event.
+                let _ = link.send(&answer);
+                centred = Some((request, answer));
+            }
+            ServerMessage::CentreAccepted { num_samples } => {
+                info!(num_samples, "logit sums accepted; waiting for round 0");
             }
             m @ (ServerMessage::InitRequest { .. }
             | ServerMessage::InitAccepted { .. }

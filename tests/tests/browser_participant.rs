@@ -1170,13 +1170,18 @@ async fn a_tab_whose_budget_is_spent_leaves_without_training() -> anyhow::Result
 /// makes (`AdapterReady`), then trains every round. That file equals `fedsb
 /// init`'s on the examples the tab used (its first `init_samples` of the
 /// seed-0 shuffle, as `fedsb join` draws them): the tab computed the same
-/// gradients on SwiftShader as `fedsb init` on lavapipe.
+/// gradients on SwiftShader as `fedsb init` on lavapipe. The task centres
+/// its initial head (`centre_head = true`): the tab then sends its logit
+/// sums (`CentreLogits`), and round 0's head bias equals that of `fedsb init
+/// --centre-head` on the same examples.
 #[tokio::test(flavor = "multi_thread")]
 async fn browser_tab_takes_part_in_a_federated_initialization() -> anyhow::Result<()> {
     const INIT_SAMPLES: u64 = 24;
     let task = task_dir_with(
         1,
-        &format!("init = \"federated\"\ninit_samples = {INIT_SAMPLES}\ninit_seed = 0"),
+        &format!(
+            "init = \"federated\"\ninit_samples = {INIT_SAMPLES}\ninit_seed = 0\ncentre_head = true"
+        ),
         "",
     )?;
     let agg = Aggregator::start_in(task.path())?;
@@ -1192,6 +1197,7 @@ async fn browser_tab_takes_part_in_a_federated_initialization() -> anyhow::Resul
     c.close().await;
     let info = agg.json("/api/task").await?;
     let mut want = init_frame_kinds(&agg).await?;
+    want.push("centre_logits".to_owned());
     want.extend(std::iter::repeat_n("update".to_owned(), ROUNDS as usize));
     ensure!(kinds == want, "the tab sent {kinds:?}, expected {want:?}");
     let rounds = agg.json("/api/rounds").await?;
@@ -1217,32 +1223,47 @@ async fn browser_tab_takes_part_in_a_federated_initialization() -> anyhow::Resul
         .await?
         .bytes()
         .await?;
-    let central_path = task.path().join("central.safetensors");
-    let out = Command::new(fedsb_bin())
-        .arg("init")
-        .arg("--model")
-        .arg(task.path().join("model"))
-        .arg("--train")
-        .arg(task.path().join("shard1.tsv"))
-        .args(["--labels", &LABELS.join(",")])
-        .args(["--rank", &RANK.to_string()])
-        .args(["--init-samples", &INIT_SAMPLES.to_string()])
-        .args([
-            "--batch",
-            "8",
-            "--lr",
-            "0.01",
-            "--max-seq-len",
-            "16",
-            "--seed",
-            "0",
-        ])
-        .arg("--out")
-        .arg(&central_path)
-        .output()
-        .context("running fedsb init")?;
-    check_success("fedsb init", &out)?;
-    let central = std::fs::read(&central_path)?;
+    let init = |out: &str, extra: &[&str]| -> anyhow::Result<Vec<u8>> {
+        let path = task.path().join(out);
+        let out = Command::new(fedsb_bin())
+            .arg("init")
+            .arg("--model")
+            .arg(task.path().join("model"))
+            .arg("--train")
+            .arg(task.path().join("shard1.tsv"))
+            .args(["--labels", &LABELS.join(",")])
+            .args(["--rank", &RANK.to_string()])
+            .args(["--init-samples", &INIT_SAMPLES.to_string()])
+            .args([
+                "--batch",
+                "8",
+                "--lr",
+                "0.01",
+                "--max-seq-len",
+                "16",
+                "--seed",
+                "0",
+            ])
+            .args(extra)
+            .arg("--out")
+            .arg(&path)
+            .output()
+            .context("running fedsb init")?;
+        check_success("fedsb init", &out)?;
+        Ok(std::fs::read(&path)?)
+    };
+    let central = init("central.safetensors", &[])?;
+    let centred = shaped_tensors(&init("centred.safetensors", &["--centre-head"])?)?;
+    let round0 = reqwest::get(agg.url("/api/rounds/0/global"))
+        .await?
+        .bytes()
+        .await?;
+    let ServerMessage::GlobalModel {
+        adapter: round0, ..
+    } = ServerMessage::decode(&round0)?
+    else {
+        bail!("/api/rounds/0/global is not a GlobalModel frame");
+    };
     let (central, served) = (shaped_tensors(&central)?, shaped_tensors(&served)?);
     let names: Vec<&String> = central.keys().collect();
     let served_names: Vec<&String> = served.keys().collect();
@@ -1260,6 +1281,28 @@ async fn browser_tab_takes_part_in_a_federated_initialization() -> anyhow::Resul
     ensure!(
         worst <= 1e-5,
         "the browser's initialization differs from fedsb init's by {worst:e}"
+    );
+    // Round 0: the file's head weight, and its bias centred as `fedsb init
+    // --centre-head` centres it (logits on SwiftShader against lavapipe).
+    ensure!(round0.head_weight.data == served["classifier.weight"].1);
+    ensure!(
+        round0.head_bias.data != served["classifier.bias"].1,
+        "the bias was not centred"
+    );
+    let want = &centred["classifier.bias"].1;
+    let gap = round0
+        .head_bias
+        .data
+        .iter()
+        .zip(want)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    eprintln!(
+        "round 0's centred bias {:?} vs fedsb init --centre-head {want:?}: within {gap:e}",
+        round0.head_bias.data
+    );
+    ensure!(
+        gap <= 1e-4,
+        "round 0's bias differs from fedsb init --centre-head's by {gap:e}"
     );
     Ok(())
 }

@@ -303,6 +303,259 @@ async fn federated_init_with_all_data_in_one_participant_equals_fedsb_init() -> 
     Ok(())
 }
 
+/// `[adapter] centre_head = true` with two participants that hold the same
+/// data: their gradients add up to twice one's (the same signs, so the same
+/// A, B and R₀), and their logit sums to twice one's over twice the
+/// examples, so round 0 equals `fedsb init --centre-head` on that data:
+/// the file's head weight, and the bias centred. A participant counted once
+/// in the sums, or samples counted once, would move the bias.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_centred_head_from_two_participants_equals_fedsb_init_centre_head() -> anyhow::Result<()>
+{
+    let tmp = setup()?;
+    let dir = tmp.path();
+    let init = |out: &str, extra: &[&str]| -> anyhow::Result<ShapedTensors> {
+        let out_path = dir.join(out);
+        let out = Command::new(fedsb_bin())
+            .arg("init")
+            .arg("--model")
+            .arg(dir.join("model"))
+            .arg("--train")
+            .arg(dir.join("seed.tsv"))
+            .args(["--labels", &LABELS.join(",")])
+            .args(["--rank", &RANK.to_string()])
+            .args(["--init-samples", "40", "--batch", "8", "--lr", "0.01"])
+            .args(["--max-seq-len", "16", "--seed", "3"])
+            .args(extra)
+            .arg("--out")
+            .arg(&out_path)
+            .output()
+            .context("running fedsb init")?;
+        let report = check_success("fedsb init", &out)?;
+        assert_eq!(report["centre_head"], !extra.is_empty(), "{report}");
+        shaped_tensors(&std::fs::read(out_path)?)
+    };
+    let plain = init("plain.safetensors", &[])?;
+    let centred = init("centred.safetensors", &["--centre-head"])?;
+    // `fedsb init --centre-head` moves the bias and nothing else.
+    assert_eq!(plain["classifier.weight"], centred["classifier.weight"]);
+    assert_ne!(plain["classifier.bias"], centred["classifier.bias"]);
+    let (b0, b1) = (&plain["classifier.bias"].1, &centred["classifier.bias"].1);
+    assert!(
+        ((b0[0] + b0[1]) - (b1[0] + b1[1])).abs() <= 1e-6,
+        "the bias's sum moved: {b0:?} → {b1:?}"
+    );
+
+    write_config_with(dir, 1, 2, 40, "")?;
+    let config = std::fs::read_to_string(dir.join("task.toml"))?
+        .replace("init_seed = 3", "init_seed = 3\ncentre_head = true");
+    std::fs::write(dir.join("task.toml"), config)?;
+    let agg = Aggregator::start_in(dir)?;
+    let a = spawn_join(dir, &agg, "seed.tsv", "a", &["--seed", "3"])?;
+    let b = spawn_join(dir, &agg, "seed.tsv", "b", &["--seed", "3"])?;
+    let (a, b) = tokio::join!(wait_child(a, JOIN_TIMEOUT), wait_child(b, JOIN_TIMEOUT));
+    for (name, out) in [("a", a?), ("b", b?)] {
+        let report = check_success(&format!("fedsb join ({name})"), &out)?;
+        assert_eq!(report["finished"], true, "{name}: {report}");
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(log.contains("sending the logit sums"), "{name}: {log}");
+    }
+    // The served file holds the head the gradients were taken with.
+    let served = shaped_tensors(&served_adapter(&agg).await?)?;
+    assert_eq!(served["classifier.bias"], plain["classifier.bias"]);
+    let frame = reqwest::get(agg.url("/api/rounds/0/global"))
+        .await?
+        .bytes()
+        .await?;
+    let ServerMessage::GlobalModel {
+        adapter,
+        participants,
+        total_samples,
+        ..
+    } = ServerMessage::decode(&frame)?
+    else {
+        bail!("round 0 is not a GlobalModel frame");
+    };
+    assert_eq!((participants, total_samples), (0, 0), "round 0's frame");
+    let rounds = agg.json("/api/rounds").await?;
+    assert_eq!(rounds[0]["participants"], 2, "{}", rounds[0]);
+    assert_eq!(rounds[0]["total_samples"], 80, "{}", rounds[0]);
+    assert_eq!(adapter.head_weight.data, centred["classifier.weight"].1);
+    let gap = adapter
+        .head_bias
+        .data
+        .iter()
+        .zip(&centred["classifier.bias"].1)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    eprintln!(
+        "round 0's bias {:?}, fedsb init --centre-head's {:?}: within {gap:e}",
+        adapter.head_bias.data, centred["classifier.bias"].1
+    );
+    assert!(gap <= 1e-5, "round 0's bias differs by {gap:e}");
+    Ok(())
+}
+
+/// Centring over the wire with scripted participants: after the
+/// initialization the task waits (status `centring`, no round 0 yet) for
+/// the logit sums; bad ones get typed errors and count for nothing, a
+/// participant joining meanwhile is asked too, and round 0's bias is the
+/// file's (zero) shifted by the sums' means: (−8 + 0)/32 and (4 + 4)/32,
+/// less their average 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn centring_takes_only_valid_logit_sums_and_asks_late_joiners_too() -> anyhow::Result<()> {
+    let tmp = setup()?;
+    let dir = tmp.path();
+    write_config(dir, 1, 1, 16)?;
+    let config = std::fs::read_to_string(dir.join("task.toml"))?
+        .replace("max_participants = 1", "max_participants = 2")
+        .replace("init_seed = 3", "init_seed = 3\ncentre_head = true");
+    std::fs::write(dir.join("task.toml"), config)?;
+    let agg = Aggregator::start_in(dir)?;
+
+    let (mut s, _) = Participant::join(agg.addr, "scripted").await?;
+    let ServerMessage::InitRequest { .. } = s.recv().await? else {
+        bail!("expected InitRequest after Welcome");
+    };
+    for module in 0..12u32 {
+        let shape = match module % 6 {
+            4 => [32, 16],
+            5 => [16, 32],
+            _ => [16, 16],
+        };
+        let mut g = Tensor::zeros(&shape);
+        for (i, x) in g.data.iter_mut().enumerate() {
+            *x = ((i * 7919 + module as usize) % 13) as f32 - 6.0;
+        }
+        s.send(&ClientMessage::InitGradient {
+            module,
+            gradient: g,
+        })
+        .await?;
+    }
+    s.send(&ClientMessage::InitDone { num_samples: 16 }).await?;
+    let ServerMessage::InitAccepted { num_samples: 16 } = s.recv().await? else {
+        bail!("expected InitAccepted");
+    };
+    // The only participant is in: the file is served, round 0 waits.
+    let ServerMessage::AdapterReady { .. } = s.recv().await? else {
+        bail!("expected AdapterReady");
+    };
+    let ServerMessage::CentreRequest {
+        init_samples,
+        batch_size,
+        adapter: initial,
+    } = s.recv().await?
+    else {
+        bail!("expected CentreRequest after AdapterReady");
+    };
+    assert_eq!((init_samples, batch_size), (16, 8));
+    assert_eq!(initial.head_bias.data, [0.0, 0.0], "fedsb init's head bias");
+    assert_eq!(agg.json("/api/status").await?["state"], "centring");
+    assert_eq!(agg.json("/api/rounds").await?, serde_json::json!([]));
+    let sums = |a: f32, b: f32| Tensor::new(vec![2], vec![a, b]).unwrap();
+    for (logit_sums, num_samples, code) in [
+        (
+            Tensor::new(vec![3], vec![0.0; 3]).unwrap(),
+            16,
+            ErrorCode::ShapeMismatch,
+        ),
+        (sums(f32::NAN, 0.0), 16, ErrorCode::NonFinite),
+        (sums(1e30, -1e30), 0, ErrorCode::InvalidSampleCount),
+        (sums(1e30, -1e30), 17, ErrorCode::InvalidSampleCount),
+    ] {
+        s.send(&ClientMessage::CentreLogits {
+            logit_sums,
+            num_samples,
+        })
+        .await?;
+        s.expect_error(code).await?;
+    }
+    // No round is open yet.
+    let shape = fedsb_protocol::AdapterShape {
+        rank: RANK,
+        modules: 12,
+        head_classes: 2,
+        head_hidden: 16,
+    };
+    let answer = s
+        .submit(update(
+            fedsb_protocol::RoundId(1),
+            8,
+            known_state(&shape, 1),
+        ))
+        .await?;
+    assert!(
+        matches!(
+            &answer,
+            ServerMessage::Error {
+                code: ErrorCode::FutureRound,
+                message,
+            } if message.contains("centring")
+        ),
+        "{answer:?}"
+    );
+    // A late participant is asked as well; until it answers, round 0 waits.
+    let (mut late, welcome) = Participant::join(agg.addr, "late").await?;
+    let ServerMessage::Welcome { task, .. } = welcome else {
+        bail!("expected Welcome");
+    };
+    assert!(
+        task.files.iter().any(|f| f.name == "adapter.safetensors"),
+        "{task:?}"
+    );
+    let ServerMessage::CentreRequest { adapter, .. } = late.recv().await? else {
+        bail!("expected CentreRequest after Welcome");
+    };
+    assert_eq!(adapter, initial);
+    s.send(&ClientMessage::CentreLogits {
+        logit_sums: sums(-8.0, 4.0),
+        num_samples: 16,
+    })
+    .await?;
+    let ServerMessage::CentreAccepted { num_samples: 16 } = s.recv().await? else {
+        bail!("expected CentreAccepted");
+    };
+    s.send(&ClientMessage::CentreLogits {
+        logit_sums: sums(-8.0, 4.0),
+        num_samples: 16,
+    })
+    .await?;
+    s.expect_error(ErrorCode::DuplicateUpdate).await?;
+    assert_eq!(agg.json("/api/status").await?["state"], "centring");
+    late.send(&ClientMessage::CentreLogits {
+        logit_sums: sums(0.0, 4.0),
+        num_samples: 16,
+    })
+    .await?;
+    let ServerMessage::CentreAccepted { .. } = late.recv().await? else {
+        bail!("expected CentreAccepted");
+    };
+    for p in [&mut s, &mut late] {
+        let ServerMessage::GlobalModel { round, adapter, .. } = p.recv().await? else {
+            bail!("expected round 0's GlobalModel");
+        };
+        assert_eq!(round.0, 0);
+        assert_eq!(adapter.r, initial.r);
+        assert_eq!(adapter.head_weight, initial.head_weight);
+        assert_eq!(adapter.head_bias.data, [0.25, -0.25]);
+        let ServerMessage::RoundOpen { round, .. } = p.recv().await? else {
+            bail!("expected RoundOpen of round 1");
+        };
+        assert_eq!(round.0, 1);
+    }
+    let rounds = agg.json("/api/rounds").await?;
+    assert_eq!(rounds[0]["participants"], 1, "{rounds}");
+    assert_eq!(rounds[0]["total_samples"], 16, "{rounds}");
+    // After round 0, logit sums are refused with a typed error.
+    late.send(&ClientMessage::CentreLogits {
+        logit_sums: sums(0.0, 4.0),
+        num_samples: 16,
+    })
+    .await?;
+    late.expect_error(ErrorCode::NotInitializing).await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_init_gradient_is_rejected_and_the_honest_participant_initializes(
 ) -> anyhow::Result<()> {

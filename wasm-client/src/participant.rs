@@ -20,8 +20,8 @@ use fedsb_engine::model::{BertTokenizer, BertWeights};
 use fedsb_engine::reference::{ClassifierHead, Matrix};
 use fedsb_engine::train::BatchSampler;
 use fedsb_participant::{
-    init_frames, init_gradients, read_task_data, task_adamw, train_round, train_round_dp,
-    DpTraining, LocalOptimizer, ParticipantError, TaskModel,
+    centre_logits, init_frames, init_gradients, read_task_data, task_adamw, train_round,
+    train_round_dp, DpTraining, LocalOptimizer, ParticipantError, TaskModel,
 };
 use fedsb_privacy::AccountantKind;
 use fedsb_protocol::{ClientMessage, ServerMessage, TaskInfo};
@@ -508,6 +508,56 @@ impl WasmParticipant {
         value
             .serialize(&serde_wasm_bindgen::Serializer::json_compatible())
             .map_err(error)
+    }
+
+    /// Answers a `CentreRequest` frame (a task with `[adapter] centre_head`):
+    /// the `CentreLogits` frame with the per-class sums of the initial
+    /// model's logits over the same local examples the initialization's
+    /// gradients used (the first `init_samples` of the shuffle with seed 0,
+    /// as `federatedInitFrames` draws them), on this tab's WebGPU device.
+    #[wasm_bindgen(js_name = centreFrame)]
+    pub async fn centre_frame(&self, centre_request_frame: Vec<u8>) -> Result<Vec<u8>, JsValue> {
+        let (init_samples, batch_size, adapter) =
+            match decode(&centre_request_frame, "CentreRequest")? {
+                ServerMessage::CentreRequest {
+                    init_samples,
+                    batch_size,
+                    adapter,
+                } => (init_samples, batch_size, adapter),
+                other => {
+                    return Err(error(format!(
+                        "expected a CentreRequest frame, got {other:?}"
+                    )))
+                }
+            };
+        adapter
+            .validate(&self.task.shape)
+            .map_err(|e| error(format!("the initial state does not fit the task: {e}")))?;
+        let local = self
+            .local
+            .take()
+            .ok_or_else(|| error("no local data: choose a file (setData) first"))?;
+        let Some(mut encoder) = self.encoder.take() else {
+            self.local.replace(Some(local));
+            return Err(error("a round is training; await it first"));
+        };
+        let result = centre_logits(
+            &mut encoder,
+            &self.model.tokenizer,
+            &self.model.frozen,
+            &self.model.modules,
+            &local.data.examples,
+            0,
+            init_samples,
+            batch_size,
+            &adapter,
+        )
+        .await;
+        self.encoder.replace(Some(encoder));
+        if self.local.borrow().is_none() {
+            self.local.replace(Some(local));
+        }
+        Ok(result.map_err(participant_error)?.encode())
     }
 
     /// Trains the round that `roundOpenFrame` opens from the global state of

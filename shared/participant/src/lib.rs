@@ -32,7 +32,7 @@ pub use adapter_file::{
     state_to_engine, write_adapter_file, AdapterFileError, ModuleRef,
 };
 pub use dp::{train_round_dp, train_steps_dp, DpStepsOutcome, DpTraining};
-pub use init::{init_frames, init_gradients};
+pub use init::{centre_logits, init_frames, init_gradients};
 pub use task::{read_task_data, TaskModel};
 pub use train::{task_adamw, train_round, LocalOptimizer, LocalRound};
 

@@ -49,8 +49,10 @@ pub use messages::*;
 /// Version 2 added the participant key to `Hello` and
 /// [`ErrorCode::AlreadyConnected`]; version 3 the round's learning rate to
 /// [`ServerMessage::RoundOpen`]; version 4 the head's learning rate to
-/// [`TaskInfo`].
-pub const PROTOCOL_VERSION: u16 = 4;
+/// [`TaskInfo`]; version 5 the centring of the initial head
+/// ([`ServerMessage::CentreRequest`], [`ClientMessage::CentreLogits`],
+/// [`ServerMessage::CentreAccepted`]).
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// Four bytes that open every frame: `b"FSB"` and the frame format revision.
 pub const MAGIC: [u8; 4] = *b"FSB\x01";

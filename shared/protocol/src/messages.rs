@@ -312,6 +312,15 @@ pub enum ClientMessage {
     /// [`ServerMessage::InitAccepted`] (the contribution counts) or an error
     /// (none of it counts).
     InitDone { num_samples: u64 },
+    /// Answer to a [`ServerMessage::CentreRequest`] (version 5): the sums,
+    /// per class (`[classes]`, the task's label order), of the logits of the
+    /// initial model over the participant's `num_samples` initialization
+    /// examples. The server answers [`ServerMessage::CentreAccepted`] or an
+    /// error.
+    CentreLogits {
+        logit_sums: Tensor,
+        num_samples: u64,
+    },
 }
 
 /// Kind bytes of participant → server frames.
@@ -321,6 +330,7 @@ mod client_kind {
     pub const LEAVE: u8 = 0x03;
     pub const INIT_GRADIENT: u8 = 0x04;
     pub const INIT_DONE: u8 = 0x05;
+    pub const CENTRE_LOGITS: u8 = 0x06;
 }
 
 impl ClientMessage {
@@ -380,6 +390,14 @@ impl ClientMessage {
                 w.u64(*num_samples);
                 w.finish()
             }
+            Self::CentreLogits {
+                logit_sums,
+                num_samples,
+            } => {
+                let mut w = Writer::frame(client_kind::CENTRE_LOGITS);
+                w.tensor(logit_sums).u64(*num_samples);
+                w.finish()
+            }
         }
     }
 
@@ -434,6 +452,10 @@ impl ClientMessage {
             },
             client_kind::INIT_DONE => Self::InitDone {
                 num_samples: r.u64("init_done.num_samples")?,
+            },
+            client_kind::CENTRE_LOGITS => Self::CentreLogits {
+                logit_sums: r.tensor("centre_logits.logit_sums")?,
+                num_samples: r.u64("centre_logits.num_samples")?,
             },
             kind => {
                 return Err(DecodeError::UnknownKind {
@@ -838,6 +860,22 @@ pub enum ServerMessage {
     /// can be downloaded by hash; `GlobalModel` of round 0 and `RoundOpen`
     /// follow.
     AdapterReady { file: FileRef },
+    /// The task centres its initial head (`[adapter] centre_head`, version
+    /// 5; after `AdapterReady`, and after `Welcome` to a participant that
+    /// joins meanwhile): compute the logits of the initial model (the
+    /// adapter file's A and B with this state's `R`s and head) over the
+    /// first `init_samples` local examples, drawn as for the
+    /// initialization in batches of `batch_size`, and send their per-class
+    /// sums ([`ClientMessage::CentreLogits`]). The server then shifts the
+    /// head's bias so that every class has the same mean logit over all the
+    /// samples reported, and commits round 0 with it.
+    CentreRequest {
+        init_samples: u64,
+        batch_size: u32,
+        adapter: AdapterState,
+    },
+    /// The participant's logit sums were accepted.
+    CentreAccepted { num_samples: u64 },
 }
 
 /// Kind bytes of server → participant frames.
@@ -851,6 +889,8 @@ mod server_kind {
     pub const INIT_REQUEST: u8 = 0x87;
     pub const INIT_ACCEPTED: u8 = 0x88;
     pub const ADAPTER_READY: u8 = 0x89;
+    pub const CENTRE_REQUEST: u8 = 0x8a;
+    pub const CENTRE_ACCEPTED: u8 = 0x8b;
 }
 
 impl ServerMessage {
@@ -935,6 +975,24 @@ impl ServerMessage {
                 file.write(&mut w);
                 w.finish()
             }
+            Self::CentreRequest {
+                init_samples,
+                batch_size,
+                adapter,
+            } => {
+                let mut w = Writer::frame_with_capacity(
+                    server_kind::CENTRE_REQUEST,
+                    adapter.num_floats() * 4 + 64,
+                );
+                w.u64(*init_samples).u32(*batch_size);
+                adapter.write(&mut w);
+                w.finish()
+            }
+            Self::CentreAccepted { num_samples } => {
+                let mut w = Writer::frame(server_kind::CENTRE_ACCEPTED);
+                w.u64(*num_samples);
+                w.finish()
+            }
         }
     }
 
@@ -980,6 +1038,14 @@ impl ServerMessage {
             },
             server_kind::ADAPTER_READY => Self::AdapterReady {
                 file: FileRef::read(&mut r)?,
+            },
+            server_kind::CENTRE_REQUEST => Self::CentreRequest {
+                init_samples: r.u64("centre_request.init_samples")?,
+                batch_size: r.u32("centre_request.batch_size")?,
+                adapter: AdapterState::read(&mut r)?,
+            },
+            server_kind::CENTRE_ACCEPTED => Self::CentreAccepted {
+                num_samples: r.u64("centre_accepted.num_samples")?,
             },
             kind => {
                 return Err(DecodeError::UnknownKind {

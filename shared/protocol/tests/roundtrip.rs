@@ -92,6 +92,10 @@ fn all_client_messages() -> Vec<ClientMessage> {
             gradient: Tensor::new(vec![2, 3], vec![1.5, -2.0, 0.0, 1e-30, -7.25, 3.0]).unwrap(),
         },
         ClientMessage::InitDone { num_samples: 256 },
+        ClientMessage::CentreLogits {
+            logit_sums: Tensor::new(vec![2], vec![-46.75, 41.5]).unwrap(),
+            num_samples: 64,
+        },
     ]
 }
 
@@ -148,6 +152,12 @@ fn all_server_messages() -> Vec<ServerMessage> {
                 url: format!("/files/{}", "ef".repeat(32)),
             },
         },
+        ServerMessage::CentreRequest {
+            init_samples: 64,
+            batch_size: 32,
+            adapter: adapter(0.75),
+        },
+        ServerMessage::CentreAccepted { num_samples: 64 },
         ServerMessage::Error {
             code: ErrorCode::NotInitializing,
             message: "the task is not initializing".into(),
@@ -446,4 +456,40 @@ fn minilm_init_gradients_have_the_documented_size() {
         head_bias: Tensor::zeros(&[2]),
     };
     assert_eq!(request.encode().len(), 3_111);
+}
+
+#[test]
+fn minilm_centring_messages_have_the_documented_size() {
+    // all-MiniLM-L6-v2, r = 32, 36 modules, two classes (docs/protocol.md).
+    let shape = AdapterShape {
+        rank: 32,
+        modules: 36,
+        head_classes: 2,
+        head_hidden: 384,
+    };
+    let request = ServerMessage::CentreRequest {
+        init_samples: 64,
+        batch_size: 32,
+        adapter: AdapterState::zeros(&shape),
+    };
+    let global = ServerMessage::GlobalModel {
+        round: RoundId(0),
+        participants: 0,
+        total_samples: 0,
+        adapter: AdapterState::zeros(&shape),
+    };
+    let logits = ClientMessage::CentreLogits {
+        logit_sums: Tensor::zeros(&[2]),
+        num_samples: 64,
+    };
+    eprintln!(
+        "CentreRequest {} bytes, GlobalModel {} bytes, CentreLogits {} bytes",
+        request.encode().len(),
+        global.encode().len(),
+        logits.encode().len()
+    );
+    assert_eq!(request.encode().len(), global.encode().len() - 8);
+    assert_eq!(request.encode().len(), 150_895);
+    // magic + kind + ndim + 1 dim + 2 values + num_samples
+    assert_eq!(logits.encode().len(), 4 + 1 + 1 + 4 + 8 + 8);
 }
