@@ -822,10 +822,7 @@ impl Coordinator {
                 return;
             }
             warn!("centring deadline passed without any participant's logit sums; extending it");
-            let length = self.round_length();
-            if let Phase::Centring { deadline, .. } = &mut self.phase {
-                *deadline = Instant::now() + length;
-            }
+            self.extend_centring();
             return;
         }
         let Phase::Collecting { round, .. } = &self.phase else {
@@ -1154,6 +1151,14 @@ impl Coordinator {
         self.broadcast(request);
     }
 
+    /// Moves the centring's deadline one round length from now.
+    fn extend_centring(&mut self) {
+        let length = self.round_length();
+        if let Phase::Centring { deadline, .. } = &mut self.phase {
+            *deadline = Instant::now() + length;
+        }
+    }
+
     /// Adds the federated initialization's adapter file to the files served
     /// and to the task's file list.
     fn serve_adapter_file(&mut self, init: &FederatedInit, sha256: String, size: u64) -> FileRef {
@@ -1184,8 +1189,8 @@ impl Coordinator {
     }
 
     /// Centres round 0's head with the logit sums collected, commits round 0
-    /// and opens round 1. When the store fails, the sums are kept and the
-    /// centring goes on collecting.
+    /// and opens round 1. When that fails, the sums are kept and the
+    /// centring goes on collecting until its (extended) deadline.
     async fn finish_centring(&mut self) {
         let Phase::Centring { centring, .. } = &self.phase else {
             return;
@@ -1194,7 +1199,8 @@ impl Coordinator {
         let means = match centring.collector.centre(&mut adapter.head_bias.data) {
             Ok(m) => m,
             Err(e) => {
-                error!("cannot centre the initial head: {e}");
+                error!("cannot centre the initial head: {e}; the centring goes on collecting");
+                self.extend_centring();
                 return;
             }
         };
@@ -1220,10 +1226,7 @@ impl Coordinator {
             .await
         {
             error!("storing round 0 failed: {e}; the centring goes on collecting");
-            let length = self.round_length();
-            if let Phase::Centring { deadline, .. } = &mut self.phase {
-                *deadline = Instant::now() + length;
-            }
+            self.extend_centring();
             return;
         }
         info!(
