@@ -774,6 +774,69 @@ fn the_learning_rate_sweep_script_runs_on_a_tiny_model() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `scripts/fed_sb_over_websockets.sh` on a tiny model: with the
+/// simulator's centred initial model (INIT=file) every round's evaluation
+/// by the aggregator equals the simulation's (the script checks it with
+/// COMPARE=1); with a federated initialization that centres its head over
+/// the protocol (INIT=federated) both clients' examples make round 0 and
+/// every round commits.
+#[test]
+fn the_websocket_script_runs_the_recipe_on_a_tiny_model() -> anyhow::Result<()> {
+    let task = Task::new()?;
+    let dir = task.path();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/fed_sb_over_websockets.sh");
+    let run_script = |out: &str, init: &str, compare: &str| -> anyhow::Result<Output> {
+        let mut c = Command::new("bash");
+        c.arg(&script)
+            .arg(dir.join(out))
+            .env("FEDSB", fedsb_bin())
+            .env("MODEL", dir.join("model"))
+            .env("TRAIN", dir.join("train.tsv"))
+            .env("EVAL", dir.join("eval.tsv"))
+            .env("CLIENTS", "2")
+            .env("ROUNDS", "2")
+            .env("LOCAL_STEPS", "2")
+            .env("BATCH", BATCH.to_string())
+            .env("RANK", RANK.to_string())
+            .env("LR", "0.01")
+            .env("INIT_LR", "0.01")
+            .env("INIT_SAMPLES", "32")
+            .env("FED_INIT_SAMPLES", "8")
+            .env("MAX_SEQ_LEN", "16")
+            .env("LABELS", LABELS.join(","))
+            .env("INIT", init)
+            .env("COMPARE", compare)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let out = run(c)?;
+        check_success(
+            &format!("scripts/fed_sb_over_websockets.sh, INIT={init}"),
+            &out,
+        )?;
+        Ok(out)
+    };
+    let out = run_script("file", "file", "1")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("every round's evaluation equals the simulator's (3 rounds)"),
+        "{stdout}"
+    );
+    let out = run_script("federated", "federated", "0")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("initial head centred"), "{stderr}");
+    let rounds: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("federated/rounds.json"))?)?;
+    let rounds = rounds.as_array().context("rounds.json")?;
+    assert_eq!(rounds.len(), 3, "{rounds:?}");
+    assert_eq!(rounds[0]["participants"], 2, "{:?}", rounds[0]);
+    assert_eq!(rounds[0]["total_samples"], 16, "{:?}", rounds[0]);
+    for r in &rounds[1..] {
+        assert_eq!(r["participants"], 2, "{r}");
+    }
+    Ok(())
+}
+
 /// The WebSocket run's task: the simulation's settings; `task` holds the `[task]` settings that
 /// `shards.json` lists besides the fixed ones here (`lr_decay`, the head's
 /// learning rate, the server's step).
