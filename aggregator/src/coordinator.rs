@@ -124,18 +124,13 @@ impl CoordinatorHandle {
         participant_key: Option<String>,
         outbox: Outbox,
     ) -> Result<ParticipantId, Rejection> {
-        let (reply, rx) = oneshot::channel();
-        let internal = || Rejection::new(ErrorCode::Internal, "the aggregator is shutting down");
-        self.tx
-            .send(Command::Join {
-                client,
-                participant_key,
-                outbox,
-                reply,
-            })
-            .await
-            .map_err(|_| internal())?;
-        rx.await.map_err(|_| internal())?
+        self.ask(|reply| Command::Join {
+            client,
+            participant_key,
+            outbox,
+            reply,
+        })
+        .await
     }
 
     /// Offers an update; returns the round it was accepted into.
@@ -145,18 +140,13 @@ impl CoordinatorHandle {
         update: ClientUpdate,
         frame_bytes: u64,
     ) -> Result<RoundId, Rejection> {
-        let (reply, rx) = oneshot::channel();
-        let internal = || Rejection::new(ErrorCode::Internal, "the aggregator is shutting down");
-        self.tx
-            .send(Command::Update {
-                participant,
-                update: Box::new(update),
-                frame_bytes,
-                reply,
-            })
-            .await
-            .map_err(|_| internal())?;
-        rx.await.map_err(|_| internal())?
+        self.ask(|reply| Command::Update {
+            participant,
+            update: Box::new(update),
+            frame_bytes,
+            reply,
+        })
+        .await
     }
 
     /// Offers one module's initialization gradient.
@@ -167,19 +157,14 @@ impl CoordinatorHandle {
         gradient: Tensor,
         frame_bytes: u64,
     ) -> Result<(), Rejection> {
-        let (reply, rx) = oneshot::channel();
-        let internal = || Rejection::new(ErrorCode::Internal, "the aggregator is shutting down");
-        self.tx
-            .send(Command::InitGradient {
-                participant,
-                module,
-                gradient,
-                frame_bytes,
-                reply,
-            })
-            .await
-            .map_err(|_| internal())?;
-        rx.await.map_err(|_| internal())?
+        self.ask(|reply| Command::InitGradient {
+            participant,
+            module,
+            gradient,
+            frame_bytes,
+            reply,
+        })
+        .await
     }
 
     /// The participant has sent every initialization gradient.
@@ -188,17 +173,12 @@ impl CoordinatorHandle {
         participant: ParticipantId,
         num_samples: u64,
     ) -> Result<u64, Rejection> {
-        let (reply, rx) = oneshot::channel();
-        let internal = || Rejection::new(ErrorCode::Internal, "the aggregator is shutting down");
-        self.tx
-            .send(Command::InitDone {
-                participant,
-                num_samples,
-                reply,
-            })
-            .await
-            .map_err(|_| internal())?;
-        rx.await.map_err(|_| internal())?
+        self.ask(|reply| Command::InitDone {
+            participant,
+            num_samples,
+            reply,
+        })
+        .await
     }
 
     /// Offers the participant's logit sums for centring the initial head.
@@ -209,18 +189,26 @@ impl CoordinatorHandle {
         num_samples: u64,
         frame_bytes: u64,
     ) -> Result<u64, Rejection> {
+        self.ask(|reply| Command::CentreLogits {
+            participant,
+            logit_sums,
+            num_samples,
+            frame_bytes,
+            reply,
+        })
+        .await
+    }
+
+    /// Sends the command `make` builds around a reply channel and awaits
+    /// the coordinator's answer; a coordinator that is gone answers
+    /// [`ErrorCode::Internal`].
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, Rejection>>) -> Command,
+    ) -> Result<T, Rejection> {
         let (reply, rx) = oneshot::channel();
         let internal = || Rejection::new(ErrorCode::Internal, "the aggregator is shutting down");
-        self.tx
-            .send(Command::CentreLogits {
-                participant,
-                logit_sums,
-                num_samples,
-                frame_bytes,
-                reply,
-            })
-            .await
-            .map_err(|_| internal())?;
+        self.tx.send(make(reply)).await.map_err(|_| internal())?;
         rx.await.map_err(|_| internal())?
     }
 

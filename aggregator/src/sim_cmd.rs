@@ -842,14 +842,8 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
                 // (with --centre-head, its head centred), for the task.
                 std::fs::create_dir_all(dir)
                     .with_context(|| format!("creating {}", dir.display()))?;
-                let mut metadata = HashMap::from([
-                    ("format".to_owned(), "fedsb-lora-sb".to_owned()),
-                    ("rank".to_owned(), args.rank.to_string()),
-                    ("modules".to_owned(), args.modules.join(",")),
-                    (
-                        "labels".to_owned(),
-                        serde_json::to_string(&train.label_names)?,
-                    ),
+                let mut metadata = adapter_metadata(&args, &train)?;
+                metadata.extend([
                     (
                         "init_samples".to_owned(),
                         args.init_samples.min(train.len()).to_string(),
@@ -1134,14 +1128,8 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
     }
     if let Some(path) = &args.output {
         let (adapters, head) = state_to_engine(&frozen, &modules, &global)?;
-        let mut metadata = HashMap::from([
-            ("format".to_owned(), "fedsb-lora-sb".to_owned()),
-            ("rank".to_owned(), args.rank.to_string()),
-            ("modules".to_owned(), args.modules.join(",")),
-            (
-                "labels".to_owned(),
-                serde_json::to_string(&train.label_names)?,
-            ),
+        let mut metadata = adapter_metadata(&args, &train)?;
+        metadata.extend([
             ("round".to_owned(), args.rounds.to_string()),
             ("clients".to_owned(), args.clients.to_string()),
             ("split".to_owned(), args.split.clone()),
@@ -1178,6 +1166,20 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
         eprintln!("wrote the final global model to {}", path.display());
     }
     Ok(())
+}
+
+/// The metadata every adapter file the simulator writes starts with: its
+/// format, rank, adapted linears and class names.
+fn adapter_metadata(args: &SimArgs, train: &Dataset) -> anyhow::Result<HashMap<String, String>> {
+    Ok(HashMap::from([
+        ("format".to_owned(), "fedsb-lora-sb".to_owned()),
+        ("rank".to_owned(), args.rank.to_string()),
+        ("modules".to_owned(), args.modules.join(",")),
+        (
+            "labels".to_owned(),
+            serde_json::to_string(&train.label_names)?,
+        ),
+    ]))
 }
 
 /// The task's privacy policy from --dp-epsilon, --dp-delta and --clip, or

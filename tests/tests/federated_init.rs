@@ -96,6 +96,17 @@ fn check_success(what: &str, out: &Output) -> anyhow::Result<serde_json::Value> 
     Ok(serde_json::from_str(line)?)
 }
 
+/// The `[out, in]` shape of module `module` of the tiny model (hidden 16,
+/// intermediate 32): query, key, value and attention output 16×16, then
+/// intermediate 32×16 and output 16×32, in each of its two layers.
+fn module_shape(module: u32) -> [u32; 2] {
+    match module % 6 {
+        4 => [32, 16],
+        5 => [16, 32],
+        _ => [16, 16],
+    }
+}
+
 /// The adapter file the aggregator serves: its entry in `/api/task` and its
 /// bytes from `/files/{sha256}`, checked against the hash.
 async fn served_adapter(agg: &Aggregator) -> anyhow::Result<Vec<u8>> {
@@ -417,12 +428,7 @@ async fn centring_takes_only_valid_logit_sums_and_asks_late_joiners_too() -> any
         bail!("expected InitRequest after Welcome");
     };
     for module in 0..12u32 {
-        let shape = match module % 6 {
-            4 => [32, 16],
-            5 => [16, 32],
-            _ => [16, 16],
-        };
-        let mut g = Tensor::zeros(&shape);
+        let mut g = Tensor::zeros(&module_shape(module));
         for (i, x) in g.data.iter_mut().enumerate() {
             *x = ((i * 7919 + module as usize) % 13) as f32 - 6.0;
         }
@@ -641,12 +647,7 @@ async fn a_malformed_init_gradient_is_rejected_and_the_honest_participant_initia
     // 32×16, output 16×32, in both layers), but more examples than the
     // task's init_samples (16): refused, and nothing of it counts.
     for module in 0..12u32 {
-        let shape = match module % 6 {
-            4 => [32, 16],
-            5 => [16, 32],
-            _ => [16, 16],
-        };
-        let mut g = Tensor::zeros(&shape);
+        let mut g = Tensor::zeros(&module_shape(module));
         g.data.fill(1e30);
         bad.send(&ClientMessage::InitGradient {
             module,
