@@ -459,51 +459,7 @@ impl Coordinator {
                     task: (*self.task).clone(),
                 };
                 let mut frames = vec![Bytes::from(welcome.encode())];
-                if let Phase::Centring { centring, .. } = &self.phase {
-                    // The Welcome lists the adapter file; round 0 follows
-                    // the centring.
-                    frames.push(match centring.collector.samples_of(id) {
-                        Some(num_samples) => {
-                            Bytes::from(ServerMessage::CentreAccepted { num_samples }.encode())
-                        }
-                        None => centring.request.clone(),
-                    });
-                    info!(participant = %id, %client, keyed = participant_key.is_some(), "participant joined");
-                    self.peers.insert(id, Peer { client, outbox });
-                    for f in frames {
-                        self.send_to(id, f);
-                    }
-                    self.metrics
-                        .participants_connected
-                        .set(self.peers.len() as i64);
-                    let _ = reply.send(Ok(id));
-                    return;
-                }
-                match &self.init_request {
-                    // A participant key whose gradients are in already (it
-                    // joined before): it waits for the adapter file.
-                    Some(request) => match &self.phase {
-                        Phase::Initializing { collector, .. } => match collector.samples_of(id) {
-                            Some(num_samples) => frames.push(Bytes::from(
-                                ServerMessage::InitAccepted { num_samples }.encode(),
-                            )),
-                            None => frames.push(request.clone()),
-                        },
-                        _ => frames.push(request.clone()),
-                    },
-                    None => {
-                        frames.push(self.global_frame.clone());
-                        if let Phase::Collecting { round, .. } = &self.phase {
-                            if round.has(id) {
-                                info!(participant = %id, round = %round.id,
-                                    "the participant's update for the collecting round is in already");
-                                let accepted = ServerMessage::UpdateAccepted { round: round.id };
-                                frames.push(Bytes::from(accepted.encode()));
-                            }
-                        }
-                        frames.push(Bytes::from(self.round_announcement().encode()));
-                    }
-                }
+                frames.extend(self.frames_after_welcome(id));
                 info!(participant = %id, %client, keyed = participant_key.is_some(), "participant joined");
                 self.peers.insert(id, Peer { client, outbox });
                 for f in frames {
@@ -602,6 +558,46 @@ impl Coordinator {
                 self.maybe_commit().await;
             }
         }
+    }
+
+    /// What a participant gets after its `Welcome`, by phase: the
+    /// initialization's request (or `InitAccepted` for a participant key
+    /// whose gradients are in already: it waits for the adapter file); the
+    /// centring's request (or `CentreAccepted`; the `Welcome` lists the
+    /// adapter file, round 0 follows the centring); otherwise the global
+    /// model, `UpdateAccepted` when the key's update for the collecting
+    /// round is in already, and the round's announcement.
+    fn frames_after_welcome(&self, id: ParticipantId) -> Vec<Bytes> {
+        if let Some(request) = &self.init_request {
+            return vec![match &self.phase {
+                Phase::Initializing { collector, .. } => match collector.samples_of(id) {
+                    Some(num_samples) => {
+                        Bytes::from(ServerMessage::InitAccepted { num_samples }.encode())
+                    }
+                    None => request.clone(),
+                },
+                _ => request.clone(),
+            }];
+        }
+        if let Phase::Centring { centring, .. } = &self.phase {
+            return vec![match centring.collector.samples_of(id) {
+                Some(num_samples) => {
+                    Bytes::from(ServerMessage::CentreAccepted { num_samples }.encode())
+                }
+                None => centring.request.clone(),
+            }];
+        }
+        let mut frames = vec![self.global_frame.clone()];
+        if let Phase::Collecting { round, .. } = &self.phase {
+            if round.has(id) {
+                info!(participant = %id, round = %round.id,
+                    "the participant's update for the collecting round is in already");
+                let accepted = ServerMessage::UpdateAccepted { round: round.id };
+                frames.push(Bytes::from(accepted.encode()));
+            }
+        }
+        frames.push(Bytes::from(self.round_announcement().encode()));
+        frames
     }
 
     /// The id of a joining participant: the one its key has (refused while
