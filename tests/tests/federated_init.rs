@@ -107,6 +107,18 @@ fn module_shape(module: u32) -> [u32; 2] {
     }
 }
 
+/// A well-formed update of round 1 (8 examples) for the tiny model's task,
+/// for the phases before round 1 opens.
+fn round_one_update() -> fedsb_protocol::ClientUpdate {
+    let shape = fedsb_protocol::AdapterShape {
+        rank: RANK,
+        modules: 12,
+        head_classes: 2,
+        head_hidden: 16,
+    };
+    update(fedsb_protocol::RoundId(1), 8, known_state(&shape, 1))
+}
+
 /// The adapter file the aggregator serves: its entry in `/api/task` and its
 /// bytes from `/files/{sha256}`, checked against the hash.
 async fn served_adapter(agg: &Aggregator) -> anyhow::Result<Vec<u8>> {
@@ -477,19 +489,7 @@ async fn centring_takes_only_valid_logit_sums_and_asks_late_joiners_too() -> any
         s.expect_error(code).await?;
     }
     // No round is open yet.
-    let shape = fedsb_protocol::AdapterShape {
-        rank: RANK,
-        modules: 12,
-        head_classes: 2,
-        head_hidden: 16,
-    };
-    let answer = s
-        .submit(update(
-            fedsb_protocol::RoundId(1),
-            8,
-            known_state(&shape, 1),
-        ))
-        .await?;
+    let answer = s.submit(round_one_update()).await?;
     assert!(
         matches!(
             &answer,
@@ -584,19 +584,7 @@ async fn a_malformed_init_gradient_is_rejected_and_the_honest_participant_initia
     assert_eq!(head_weight.shape, vec![2, 16]);
     assert_eq!(head_bias.shape, vec![2]);
     // An update before round 1 is refused: no round is open yet.
-    let shape = fedsb_protocol::AdapterShape {
-        rank: RANK,
-        modules: 12,
-        head_classes: 2,
-        head_hidden: 16,
-    };
-    let answer = bad
-        .submit(update(
-            fedsb_protocol::RoundId(1),
-            8,
-            known_state(&shape, 1),
-        ))
-        .await?;
+    let answer = bad.submit(round_one_update()).await?;
     assert!(
         matches!(
             answer,
