@@ -83,7 +83,7 @@ impl Chromium {
                     if let Some(tx) = tx.take() {
                         let _ = tx.send(rest.trim().to_owned());
                     }
-                } else {
+                } else if !is_noise(&line) {
                     eprintln!("chromium: {line}");
                 }
             }
@@ -282,4 +282,14 @@ fn print_event(v: &Value) {
         }
         _ => {}
     }
+}
+
+/// Chromium's complaints about what a headless test machine lacks (no
+/// D-Bus, Debian's launcher script's memory check): dozens of lines per
+/// launch that would push a failing test's own message out of a CI log's
+/// excerpt.
+fn is_noise(line: &str) -> bool {
+    line.trim().is_empty()
+        || line.contains("ERROR:dbus/")
+        || (line.contains("/chromium:") && line.contains("unexpected operator"))
 }
