@@ -6,7 +6,8 @@
 //
 // Messages in:
 //   {type: "preview", text, fileName, columns: {text, textPair, label}}
-//   {type: "join", text, fileName, columns}
+//   {type: "join", text, fileName, columns, seed (the batch shuffle's seed,
+//    a decimal string, or null for a random one)}
 //   {type: "leave"}
 // Messages out:
 //   {type: "preview", preview} | {type: "preview", error}
@@ -152,7 +153,7 @@ let taskId = null;
 let reconnect = null; // {since, delay, timer} while reconnecting
 let reconnects = 0;
 const RECONNECT_FOR_MS = 10 * 60 * 1000;
-let local = null; // {text, fileName, columns}
+let local = null; // {text, fileName, columns, seed}
 let ended = false;
 let pendingInit = null; // federated init: {welcome, bytes} until AdapterReady
 // Federated init: {request, frames} once computed: the InitRequest frame and
@@ -417,6 +418,7 @@ async function createParticipant(frame, bytes) {
     bytes["tokenizer.json"],
     bytes["adapter.safetensors"],
   );
+  if (local.seed !== null) participant.setSeed(BigInt(local.seed));
   const preview = participant.setData(
     local.text,
     local.fileName,
@@ -702,7 +704,7 @@ async function join(data) {
   await ready;
   if (ws) throw new Error("already joined");
   if (!("gpu" in navigator)) throw new Error("this browser exposes no WebGPU (navigator.gpu) to workers");
-  local = { text: data.text, fileName: data.fileName, columns: data.columns || {} };
+  local = { text: data.text, fileName: data.fileName, columns: data.columns || {}, seed: data.seed ?? null };
   const taskResponse = await fetch(new URL("/api/task", self.location.origin));
   if (!taskResponse.ok) throw new Error(`GET /api/task: HTTP ${taskResponse.status}`);
   taskId = (await taskResponse.json()).task_id;

@@ -21,6 +21,16 @@ let lossChart = null;
 // latest status and the last 500 distinct status messages (log).
 window.fedsbParticipant = { sent: [], updates: [], status: null, log: [] };
 
+// `?seed=N` in the page's address seeds this tab's batch shuffle, as `fedsb
+// join --seed N` does (the same batches in the same order); without it each
+// join shuffles with a random seed. The DP noise is random either way.
+function shuffleSeed() {
+  const raw = new URLSearchParams(location.search).get("seed");
+  if (raw === null) return { seed: null };
+  if (/^[0-9]{1,20}$/.test(raw) && BigInt(raw) < 2n ** 64n) return { seed: raw };
+  return { error: `the address's seed=${JSON.stringify(raw)} is not a whole number from 0 to 18446744073709551615` };
+}
+
 function columns() {
   return {
     text: $("join-text-col").value || null,
@@ -245,11 +255,16 @@ demoButton.addEventListener("click", async () => {
 
 joinButton.addEventListener("click", () => {
   if (!file) return;
+  const { seed, error } = shuffleSeed();
+  if (error) {
+    showError(`Cannot join: ${error}`);
+    return;
+  }
   joined = true;
   setJoinEnabled();
   leaveButton.disabled = false;
   showError("");
-  ensureWorker().postMessage({ type: "join", text: file.text, fileName: file.fileName, columns: columns() });
+  ensureWorker().postMessage({ type: "join", text: file.text, fileName: file.fileName, columns: columns(), seed });
 });
 
 leaveButton.addEventListener("click", () => {

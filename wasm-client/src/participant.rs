@@ -10,7 +10,7 @@
 //! const r = await p.trainRound(globalModelFrame, roundOpenFrame); // r.frame: the Update frame
 //! ```
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 use fedsb_engine::data::{ColumnSpec, Dataset};
 use fedsb_engine::gpu::adamw::AdamW;
@@ -63,6 +63,9 @@ pub struct WasmParticipant {
     /// DP tasks: σ calibrated for the local data and the ledger of what this
     /// participant has spent (set by `setData`; `None` while a round trains).
     dp: RefCell<Option<DpTraining>>,
+    /// The seed of the batch shuffle (`setSeed`), as `fedsb join --seed`;
+    /// `None`: a fresh random seed for each `setData`.
+    seed: Cell<Option<u64>>,
 }
 
 impl std::fmt::Debug for WasmParticipant {
@@ -370,6 +373,7 @@ impl WasmParticipant {
             opt,
             local: RefCell::new(None),
             dp: RefCell::new(None),
+            seed: Cell::new(None),
         })
     }
 
@@ -460,11 +464,23 @@ impl WasmParticipant {
             }
             self.dp.replace(Some(dp));
         }
-        // A fresh seed per data set: the shuffle need not be reproducible here.
-        let seed = (js_sys::Math::random() * 9_007_199_254_740_992.0) as u64;
+        // A fresh seed per data set unless one was set: the shuffle need not
+        // be reproducible for a volunteer.
+        let seed = self
+            .seed
+            .get()
+            .unwrap_or_else(|| (js_sys::Math::random() * 9_007_199_254_740_992.0) as u64);
         let sampler = BatchSampler::new(data.len(), self.task.batch_size as usize, seed);
         self.local.replace(Some(LocalData { data, sampler }));
         Ok(value)
+    }
+
+    /// Seeds the batch shuffle of the next `setData` with `seed`, as `fedsb
+    /// join --seed` does, so that a tab's batch order can be reproduced (the
+    /// page's `?seed=N`). Without it each `setData` draws a random seed.
+    #[wasm_bindgen(js_name = setSeed)]
+    pub fn set_seed(&self, seed: u64) {
+        self.seed.set(Some(seed));
     }
 
     /// DP tasks: the privacy ledger (JSON) of the steps taken so far, to keep
