@@ -566,6 +566,7 @@ async function onInitRequest(frame, msg) {
       local.columns.text || null,
       local.columns.textPair || null,
       local.columns.label || null,
+      local.seed === null ? undefined : BigInt(local.seed),
     );
     initAnswer = { request: frame, frames };
   }

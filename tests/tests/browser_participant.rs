@@ -1181,8 +1181,10 @@ async fn a_tab_whose_budget_is_spent_leaves_without_training() -> anyhow::Result
 /// with one tab: the tab sends one `InitGradient` per module and `InitDone`
 /// with its init_samples examples, fetches the adapter file the aggregator
 /// makes (`AdapterReady`), then trains every round. That file equals `fedsb
-/// init`'s on the examples the tab used (its first `init_samples` of the
-/// seed-0 shuffle, as `fedsb join` draws them): the tab computed the same
+/// init --seed 3`'s on the examples the tab used (the tab is opened at
+/// `/?seed=3`: its first `init_samples` of the seed-3 shuffle, as `fedsb
+/// join --seed 3` draws them; 24 of its 32 rows, so another seed draws
+/// others), with the head of `init_seed = 3`: the tab computed the same
 /// gradients on SwiftShader as `fedsb init` on lavapipe. The task centres
 /// its initial head (`centre_head = true`): the tab then sends its logit
 /// sums (`CentreLogits`), and round 0's head bias equals that of `fedsb init
@@ -1190,16 +1192,19 @@ async fn a_tab_whose_budget_is_spent_leaves_without_training() -> anyhow::Result
 #[tokio::test(flavor = "multi_thread")]
 async fn browser_tab_takes_part_in_a_federated_initialization() -> anyhow::Result<()> {
     const INIT_SAMPLES: u64 = 24;
+    const SEED: u64 = 3;
     let task = task_dir_with(
         1,
         &format!(
-            "init = \"federated\"\ninit_samples = {INIT_SAMPLES}\ninit_seed = 0\ncentre_head = true"
+            "init = \"federated\"\ninit_samples = {INIT_SAMPLES}\ninit_seed = {SEED}\ncentre_head = true"
         ),
         "",
     )?;
     let agg = Aggregator::start_in(task.path())?;
     let started = Instant::now();
-    let mut c = open_tab(&agg, &task.path().join("shard1.tsv")).await?;
+    let page = format!("/?seed={SEED}");
+    let shard = task.path().join("shard1.tsv");
+    let mut c = open_tab_at(Chromium::launch().await?, &agg, &page, &shard).await?;
     let s = join_until_ended(&mut c, RUN_TIMEOUT).await?;
     eprintln!("federated init tab ({:.1?}): {s}", started.elapsed());
     ensure!(s["phase"] == "finished", "{s}");
@@ -1255,7 +1260,7 @@ async fn browser_tab_takes_part_in_a_federated_initialization() -> anyhow::Resul
                 "--max-seq-len",
                 "16",
                 "--seed",
-                "0",
+                &SEED.to_string(),
             ])
             .args(extra)
             .arg("--out")

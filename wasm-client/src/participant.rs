@@ -244,8 +244,8 @@ pub fn preview_data(
 /// file): decodes the `Welcome` and the `InitRequest`, reads the local data
 /// as `setData` does, computes on its own WebGPU device the summed gradients
 /// of every adapted module over the first `init_samples` examples (the
-/// shuffle `fedsb join` uses with its default seed 0) with the published
-/// head, and resolves to the frames to send, in order: one `InitGradient`
+/// shuffle seeded by `seed`, default 0, as `fedsb join --seed` draws them)
+/// with the published head, and resolves to the frames to send, in order: one `InitGradient`
 /// per module, then `InitDone`. Then wait for `AdapterReady`, fetch that
 /// file and `WasmParticipant.create` with it.
 #[allow(clippy::too_many_arguments)]
@@ -261,6 +261,7 @@ pub async fn federated_init_frames(
     text_column: Option<String>,
     text_pair_column: Option<String>,
     label_column: Option<String>,
+    seed: Option<u64>,
 ) -> Result<js_sys::Array, JsValue> {
     let task = match decode(&welcome_frame, "Welcome")? {
         ServerMessage::Welcome { task, .. } => task,
@@ -302,7 +303,7 @@ pub async fn federated_init_frames(
         &weights,
         &tokenizer,
         &data.examples,
-        0,
+        seed.unwrap_or(0),
         init_samples,
         batch_size,
         head_weight,
@@ -477,7 +478,10 @@ impl WasmParticipant {
 
     /// Seeds the batch shuffle of the next `setData` with `seed`, as `fedsb
     /// join --seed` does, so that a tab's batch order can be reproduced (the
-    /// page's `?seed=N`). Without it each `setData` draws a random seed.
+    /// page's `?seed=N`), and `centreFrame`'s draw of the initialization's
+    /// examples (pass the same seed to `federatedInitFrames`). Without it
+    /// each `setData` draws a random seed, and the initialization's draw
+    /// uses seed 0.
     #[wasm_bindgen(js_name = setSeed)]
     pub fn set_seed(&self, seed: u64) {
         self.seed.set(Some(seed));
@@ -529,8 +533,9 @@ impl WasmParticipant {
     /// Answers a `CentreRequest` frame (a task with `[adapter] centre_head`):
     /// the `CentreLogits` frame with the per-class sums of the initial
     /// model's logits over the same local examples the initialization's
-    /// gradients used (the first `init_samples` of the shuffle with seed 0,
-    /// as `federatedInitFrames` draws them), on this tab's WebGPU device.
+    /// gradients used (the first `init_samples` of the shuffle seeded by
+    /// `setSeed`'s seed, default 0, as `federatedInitFrames` draws them), on
+    /// this tab's WebGPU device.
     #[wasm_bindgen(js_name = centreFrame)]
     pub async fn centre_frame(&self, centre_request_frame: Vec<u8>) -> Result<Vec<u8>, JsValue> {
         let (init_samples, batch_size, adapter) =
@@ -563,7 +568,7 @@ impl WasmParticipant {
             &self.model.frozen,
             &self.model.modules,
             &local.data.examples,
-            0,
+            self.seed.get().unwrap_or(0),
             init_samples,
             batch_size,
             &adapter,
