@@ -6,8 +6,9 @@
 //
 // Messages in:
 //   {type: "preview", text, fileName, columns: {text, textPair, label}}
-//   {type: "join", text, fileName, columns, seed (the batch shuffle's seed,
-//    a decimal string, or null for a random one)}
+//   {type: "join", text, fileName, columns, seed (the seed of the batch
+//    shuffle and of the federated initialization's draw, as `fedsb join
+//    --seed`: a decimal string, or null for a random shuffle and seed 0)}
 //   {type: "leave"}
 // Messages out:
 //   {type: "preview", preview} | {type: "preview", error}

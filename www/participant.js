@@ -21,9 +21,11 @@ let lossChart = null;
 // latest status and the last 500 distinct status messages (log).
 window.fedsbParticipant = { sent: [], updates: [], status: null, log: [] };
 
-// `?seed=N` in the page's address seeds this tab's batch shuffle, as `fedsb
-// join --seed N` does (the same batches in the same order); without it each
-// join shuffles with a random seed. The DP noise is random either way.
+// `?seed=N` in the page's address seeds this tab's batch shuffle (and its
+// draw of a federated initialization's examples), as `fedsb join --seed N`
+// does: the same batches in the same order. Without it each join shuffles
+// with a random seed (and draws with seed 0). DP tasks sample their batches
+// and noise from OS entropy either way.
 function shuffleSeed() {
   const raw = new URLSearchParams(location.search).get("seed");
   if (raw === null) return { seed: null };

@@ -63,8 +63,9 @@ pub struct WasmParticipant {
     /// DP tasks: σ calibrated for the local data and the ledger of what this
     /// participant has spent (set by `setData`; `None` while a round trains).
     dp: RefCell<Option<DpTraining>>,
-    /// The seed of the batch shuffle (`setSeed`), as `fedsb join --seed`;
-    /// `None`: a fresh random seed for each `setData`.
+    /// The seed of the batch shuffle and of the initialization's draw
+    /// (`setSeed`), as `fedsb join --seed`; `None`: a fresh random shuffle
+    /// for each `setData`, and seed 0 for the draw.
     seed: Cell<Option<u64>>,
 }
 
@@ -245,9 +246,9 @@ pub fn preview_data(
 /// as `setData` does, computes on its own WebGPU device the summed gradients
 /// of every adapted module over the first `init_samples` examples (the
 /// shuffle seeded by `seed`, default 0, as `fedsb join --seed` draws them)
-/// with the published head, and resolves to the frames to send, in order: one `InitGradient`
-/// per module, then `InitDone`. Then wait for `AdapterReady`, fetch that
-/// file and `WasmParticipant.create` with it.
+/// with the published head, and resolves to the frames to send, in order:
+/// one `InitGradient` per module, then `InitDone`. Then wait for
+/// `AdapterReady`, fetch that file and `WasmParticipant.create` with it.
 #[allow(clippy::too_many_arguments)]
 #[wasm_bindgen(js_name = federatedInitFrames)]
 pub async fn federated_init_frames(
