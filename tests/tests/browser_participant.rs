@@ -357,16 +357,21 @@ idle_timeout_secs = {idle}
 /// Opens the page in a fresh Chromium, gives its file input `shard` and
 /// waits for the preview.
 async fn open_tab(agg: &Aggregator, shard: &Path) -> anyhow::Result<Chromium> {
-    open_tab_in(Chromium::launch().await?, agg, shard).await
+    open_tab_at(agg, "/", shard).await
+}
+
+/// [`open_tab`] on the page at `page` (a path with its query string).
+async fn open_tab_at(agg: &Aggregator, page: &str, shard: &Path) -> anyhow::Result<Chromium> {
+    open_page_in(Chromium::launch().await?, agg, page, shard).await
 }
 
 /// [`open_tab`] in an already launched Chromium `c`.
 async fn open_tab_in(c: Chromium, agg: &Aggregator, shard: &Path) -> anyhow::Result<Chromium> {
-    open_tab_at(c, agg, "/", shard).await
+    open_page_in(c, agg, "/", shard).await
 }
 
-/// [`open_tab_in`] on the page at `page` (a path with its query string).
-async fn open_tab_at(
+/// [`open_tab_at`] in an already launched Chromium `c`.
+async fn open_page_in(
     mut c: Chromium,
     agg: &Aggregator,
     page: &str,
@@ -691,7 +696,7 @@ async fn browser_tabs_train_every_round() -> anyhow::Result<()> {
         // Each tab's batch order is seeded (`?seed=`), so the run, and the
         // accuracy checked below, is the same every time.
         let page = format!("/?seed={tab}");
-        let mut c = open_tab_at(Chromium::launch().await?, &agg, &page, &shard).await?;
+        let mut c = open_tab_at(&agg, &page, &shard).await?;
         let rows = c
             .eval("document.getElementById('join-summary').textContent")
             .await?;
@@ -1204,7 +1209,7 @@ async fn browser_tab_takes_part_in_a_federated_initialization() -> anyhow::Resul
     let started = Instant::now();
     let page = format!("/?seed={SEED}");
     let shard = task.path().join("shard1.tsv");
-    let mut c = open_tab_at(Chromium::launch().await?, &agg, &page, &shard).await?;
+    let mut c = open_tab_at(&agg, &page, &shard).await?;
     let s = join_until_ended(&mut c, RUN_TIMEOUT).await?;
     eprintln!("federated init tab ({:.1?}): {s}", started.elapsed());
     ensure!(s["phase"] == "finished", "{s}");
@@ -1527,7 +1532,7 @@ async fn a_tab_with_a_seed_shuffles_as_fedsb_join_with_that_seed() -> anyhow::Re
     let task = task_dir_for(1, "")?;
     let agg = Aggregator::start_in(task.path())?;
     let shard = task.path().join(SHARD);
-    let mut c = open_tab_at(Chromium::launch().await?, &agg, "/?seed=7x", &shard).await?;
+    let mut c = open_tab_at(&agg, "/?seed=7x", &shard).await?;
     c.eval("document.getElementById('join-button').click()")
         .await?;
     let refused = c
@@ -1540,7 +1545,7 @@ async fn a_tab_with_a_seed_shuffles_as_fedsb_join_with_that_seed() -> anyhow::Re
         "a tab at /?seed=7x: {refused}"
     );
     c.close().await;
-    let mut c = open_tab_at(Chromium::launch().await?, &agg, "/?seed=7", &shard).await?;
+    let mut c = open_tab_at(&agg, "/?seed=7", &shard).await?;
     let status = join_until_ended(&mut c, RUN_TIMEOUT).await?;
     c.close().await;
     ensure!(status["phase"] == "finished", "the tab: {status}");
