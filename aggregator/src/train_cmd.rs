@@ -20,6 +20,13 @@
 //! LoRA-SB initialization reads gradients of its examples, which DP-SGD does
 //! not cover, so with DP it needs public seed data (`--init-data`).
 //!
+//! `--start-from FILE` skips step 1 and starts from an adapter file instead
+//! (`fedsb init`, `fedsb export`, `fedsb train --output`): its `A`, `B`, `R`
+//! and head. `fedsb export --round 0` of a federated task gives the
+//! federation's initial model, so centralized training can start where the
+//! federation started (BENCHMARKS.md, "Centralized training from the
+//! federated initialization").
+//!
 //! `--output FILE` writes the trained adapter in the layout `fedsb init` writes
 //! (`lora_A`, `lora_B`, `lora_R` per module, `classifier.*`).
 //!
@@ -34,13 +41,13 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use fedsb_engine::data::{read_dataset_file, Example};
+use fedsb_engine::data::{read_dataset_file, Dataset, Example};
 use fedsb_engine::gpu::adamw::AdamW;
 use fedsb_engine::gpu::encoder::GpuEncoder;
 use fedsb_engine::gpu::{GpuContext, GpuOptions};
 use fedsb_engine::model::AdaptedLinear;
-use fedsb_engine::model::{BertTokenizer, BertWeights};
-use fedsb_engine::reference::{ClassifierHead, LoraSbInitOptions};
+use fedsb_engine::model::{BertConfig, BertTokenizer, BertWeights};
+use fedsb_engine::reference::{ClassifierHead, LoraSbAdapters, LoraSbInitOptions};
 use fedsb_engine::train::{
     centre_head_bias, encode_examples, evaluate, gpu_lora_sb_init, init_batches, BatchSampler,
 };
@@ -49,7 +56,9 @@ use fedsb_protocol::PrivacyPolicy;
 
 use crate::data_args::{require_label_column, same_columns_as, DataColumns};
 use crate::dp_training::{train_steps_dp, DpTraining};
-use crate::participant::{write_adapter_file, ModuleRef};
+use crate::participant::{
+    adapter_file_info, read_adapter_file, read_head, write_adapter_file, AdapterFileInfo, ModuleRef,
+};
 use crate::privacy_cmd::AccountantArg;
 
 #[derive(Debug, Args)]
@@ -65,9 +74,9 @@ pub struct TrainArgs {
     eval: PathBuf,
     #[command(flatten)]
     columns: DataColumns,
-    /// LoRA-SB rank r.
-    #[arg(long, default_value_t = 32)]
-    rank: usize,
+    /// LoRA-SB rank r [default: 32, or the rank of --start-from's file].
+    #[arg(long)]
+    rank: Option<usize>,
     /// Optimizer steps.
     #[arg(long, default_value_t = 100)]
     steps: usize,
@@ -141,10 +150,49 @@ pub struct TrainArgs {
     /// which is refused with differential privacy).
     #[arg(long)]
     init_data: Option<PathBuf>,
+    /// Start from this adapter file (A, B, R of every adapted module and the
+    /// head, from `fedsb init`, `fedsb export` or `fedsb train --output`)
+    /// instead of a LoRA-SB initialization. Its head's classes are its
+    /// `labels` metadata, in order, when it has one. `fedsb export --round 0`
+    /// gives a task's initial model.
+    #[arg(long, conflicts_with_all = ["init_lr", "init_samples", "init_data", "centre_head"])]
+    start_from: Option<PathBuf>,
+}
+
+/// The model training starts from: an adapter file's (`--start-from`).
+struct StartFile {
+    path: String,
+    info: AdapterFileInfo,
+    bytes: Vec<u8>,
+    labels: Option<Vec<String>>,
+}
+
+impl StartFile {
+    fn read(path: &std::path::Path, num_layers: usize) -> anyhow::Result<Self> {
+        let name = path.display().to_string();
+        let bytes = std::fs::read(path).with_context(|| format!("reading {name}"))?;
+        let info = adapter_file_info(&bytes, num_layers)
+            .with_context(|| format!("adapter file {name} (--start-from)"))?;
+        let labels: Option<Vec<String>> = match info.metadata.get("labels") {
+            Some(json) => Some(serde_json::from_str(json).with_context(|| {
+                format!(
+                    "adapter file {name} (--start-from): its labels metadata {json:?} is not a \
+                     JSON list of names"
+                )
+            })?),
+            None => None,
+        };
+        Ok(Self {
+            path: name,
+            info,
+            bytes,
+            labels,
+        })
+    }
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
-    if args.batch == 0 || args.rank == 0 {
+    if args.batch == 0 || args.rank == Some(0) {
         bail!("--batch and --rank must be positive");
     }
     if !(args.lr > 0.0 && args.lr.is_finite()) {
@@ -166,7 +214,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         }
         _ => {}
     }
-    if dp_wanted && args.init_data.is_none() {
+    if dp_wanted && args.init_data.is_none() && args.start_from.is_none() {
         bail!(
             "with differential privacy the LoRA-SB initialization must not read the private \
              training data (DP-SGD does not cover it): give public seed data with --init-data"
@@ -176,7 +224,29 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         .with_context(|| format!("loading the model from {}", args.model.display()))?;
     let tokenizer = BertTokenizer::from_file(args.model.join("tokenizer.json"))?
         .with_max_length(args.max_seq_len)?;
-    let train = read_dataset_file(&args.train, &args.columns.spec(None))?;
+    let start = match &args.start_from {
+        Some(path) => Some(StartFile::read(path, weights.config.num_hidden_layers)?),
+        None => None,
+    };
+    let rank = match (&start, args.rank) {
+        (Some(s), Some(r)) if r != s.info.rank => bail!(
+            "--rank {r} does not match the rank {} of {} (--start-from); leave --rank out",
+            s.info.rank,
+            s.path
+        ),
+        (Some(s), _) => s.info.rank,
+        (None, r) => r.unwrap_or(32),
+    };
+    // Starting from a head, the training set's class ids are the head's.
+    let label_names = start.as_ref().and_then(|s| s.labels.clone());
+    let train = read_dataset_file(&args.train, &args.columns.spec(label_names.clone()))
+        .with_context(|| match &label_names {
+            Some(l) => format!(
+                "reading {}: its labels must be the classes {l:?} of --start-from's head",
+                args.train.display()
+            ),
+            None => format!("reading {}", args.train.display()),
+        })?;
     require_label_column(&train, &args.train)?;
     // The evaluation set reads its labels with the training set's class ids.
     let eval = read_dataset_file(&args.eval, &same_columns_as(&train))?;
@@ -205,59 +275,32 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     eprintln!("adapter: {adapter_name}");
 
     let config = &weights.config;
-    let mut head = ClassifierHead::<f32>::init(
-        num_labels,
-        config.hidden_size,
-        config.initializer_range,
-        args.seed ^ 0x5eed,
-    );
     let mut sampler = BatchSampler::new(train.len(), args.batch, args.seed);
-
-    // LoRA-SB initialization on the first shuffled init_samples examples.
-    let init_examples: Vec<Example> = match &args.init_data {
-        Some(path) => {
-            let d = read_dataset_file(path, &same_columns_as(&train))
-                .with_context(|| format!("reading the seed data {}", path.display()))?;
-            if d.is_empty() {
-                bail!("{}: no labelled examples", path.display());
-            }
-            d.examples
-        }
-        None => train.examples.clone(),
-    };
     let started = Instant::now();
-    let (init_batches, taken) = init_batches(
-        &tokenizer,
-        &init_examples,
-        args.batch,
-        args.seed,
-        args.init_samples,
-    )?;
-    let options = LoraSbInitOptions::new(args.rank, init_lr);
-    let adapters = pollster::block_on(gpu_lora_sb_init(
-        &ctx,
-        &weights,
-        &head,
-        &init_batches,
-        &options,
-    ))?;
+    let (adapters, head, names, modules, taken) = match &start {
+        Some(s) => {
+            let (adapters, head) = s.model(config, train.num_labels())?;
+            eprintln!(
+                "starting from {}: {} modules of rank {rank} and the head",
+                s.path,
+                s.info.names.len()
+            );
+            (
+                adapters,
+                head,
+                s.info.names.clone(),
+                s.info.modules.clone(),
+                None,
+            )
+        }
+        None => {
+            let (adapters, head, taken) =
+                initialize(&args, &ctx, &weights, &tokenizer, &train, rank, init_lr)?;
+            let (names, modules) = all_modules(config.num_hidden_layers);
+            (adapters, head, names, modules, Some(taken))
+        }
+    };
     let init_seconds = started.elapsed().as_secs_f64();
-    eprintln!(
-        "LoRA-SB init (GPU gradients, CPU SVD) on {taken} samples, rank {}, η {init_lr}: \
-         {init_seconds:.1} s",
-        args.rank
-    );
-
-    if args.centre_head {
-        let means = pollster::block_on(centre_head_bias(
-            &ctx,
-            &weights,
-            &adapters,
-            &mut head,
-            &init_batches,
-        ))?;
-        eprintln!("head centred: the initial model's mean logits were {means:.3?}");
-    }
     let mut encoder = GpuEncoder::new(&ctx, &weights, Some(&adapters), Some(&head))?;
     eprintln!(
         "trainable parameters: {} (every R and the head)",
@@ -393,21 +436,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let output = match &args.output {
         Some(path) => {
             let (trained, trained_head) = pollster::block_on(encoder.read_adapters(&adapters))?;
-            let mut names = Vec::new();
-            let mut modules: Vec<ModuleRef> = Vec::new();
-            for layer in 0..config.num_hidden_layers {
-                for which in AdaptedLinear::ALL {
-                    names.push(format!("encoder.layer.{layer}.{}", which.checkpoint_name()));
-                    modules.push((layer, which));
-                }
-            }
             let mut metadata = HashMap::from([
                 ("format".to_owned(), "fedsb-lora-sb".to_owned()),
-                ("rank".to_owned(), args.rank.to_string()),
-                (
-                    "modules".to_owned(),
-                    AdaptedLinear::ALL.map(|w| w.checkpoint_name()).join(","),
-                ),
+                ("rank".to_owned(), rank.to_string()),
+                ("modules".to_owned(), module_kinds(&modules)),
                 (
                     "labels".to_owned(),
                     serde_json::to_string(&train.label_names)?,
@@ -415,9 +447,16 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
                 ("steps".to_owned(), args.steps.to_string()),
                 ("learning_rate".to_owned(), args.lr.to_string()),
                 ("head_learning_rate".to_owned(), head_lr.to_string()),
-                ("init_learning_rate".to_owned(), init_lr.to_string()),
                 ("trained_by".to_owned(), "fedsb train".to_owned()),
             ]);
+            match &start {
+                Some(s) => {
+                    metadata.insert("start_from".to_owned(), s.path.clone());
+                }
+                None => {
+                    metadata.insert("init_learning_rate".to_owned(), init_lr.to_string());
+                }
+            }
             if args.centre_head {
                 metadata.insert("centre_head".to_owned(), "true".to_owned());
             }
@@ -438,14 +477,15 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         "eval_confusion": e.confusion,
         "steps": args.steps,
         "batch": args.batch,
-        "rank": args.rank,
+        "rank": rank,
         "samples_per_second": samples_per_second,
         "init_samples": taken,
         "learning_rate": args.lr,
         "head_learning_rate": head_lr,
-        "init_learning_rate": init_lr,
+        "init_learning_rate": start.is_none().then_some(init_lr),
         "init_seconds": init_seconds,
         "centre_head": args.centre_head,
+        "start_from": start.as_ref().map(|s| s.path.clone()),
         "eval_samples_per_second": e.samples as f64 / eval_seconds.max(1e-9),
         "adapter": adapter_name,
         "output": output,
@@ -473,4 +513,127 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     }
     println!("{summary}");
     Ok(())
+}
+
+/// The LoRA-SB initialization (step 1): a head from `--seed`, `A`, `B` and
+/// `R₀` from the gradients of the first shuffled `--init-samples` examples,
+/// and with `--centre-head` the head's bias centred. Returns the examples
+/// taken as well.
+fn initialize(
+    args: &TrainArgs,
+    ctx: &GpuContext,
+    weights: &BertWeights,
+    tokenizer: &BertTokenizer,
+    train: &Dataset,
+    rank: usize,
+    init_lr: f64,
+) -> anyhow::Result<(LoraSbAdapters<f32>, ClassifierHead<f32>, usize)> {
+    let config = &weights.config;
+    let mut head = ClassifierHead::<f32>::init(
+        train.num_labels(),
+        config.hidden_size,
+        config.initializer_range,
+        args.seed ^ 0x5eed,
+    );
+    // LoRA-SB initialization on the first shuffled init_samples examples.
+    let init_examples: Vec<Example> = match &args.init_data {
+        Some(path) => {
+            let d = read_dataset_file(path, &same_columns_as(train))
+                .with_context(|| format!("reading the seed data {}", path.display()))?;
+            if d.is_empty() {
+                bail!("{}: no labelled examples", path.display());
+            }
+            d.examples
+        }
+        None => train.examples.clone(),
+    };
+    let started = Instant::now();
+    let (init_batches, taken) = init_batches(
+        tokenizer,
+        &init_examples,
+        args.batch,
+        args.seed,
+        args.init_samples,
+    )?;
+    let options = LoraSbInitOptions::new(rank, init_lr);
+    let adapters = pollster::block_on(gpu_lora_sb_init(
+        ctx,
+        weights,
+        &head,
+        &init_batches,
+        &options,
+    ))?;
+    eprintln!(
+        "LoRA-SB init (GPU gradients, CPU SVD) on {taken} samples, rank {rank}, η {init_lr}: \
+         {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    if args.centre_head {
+        let means = pollster::block_on(centre_head_bias(
+            ctx,
+            weights,
+            &adapters,
+            &mut head,
+            &init_batches,
+        ))?;
+        eprintln!("head centred: the initial model's mean logits were {means:.3?}");
+    }
+    Ok((adapters, head, taken))
+}
+
+impl StartFile {
+    /// The file's `A`, `B`, `R` of every module and its head, checked
+    /// against the model and the training set's `classes`.
+    fn model(
+        &self,
+        config: &BertConfig,
+        classes: usize,
+    ) -> anyhow::Result<(LoraSbAdapters<f32>, ClassifierHead<f32>)> {
+        let name = &self.path;
+        let Some(file_classes) = self.info.head_classes else {
+            bail!("adapter file {name} (--start-from) has no classifier head (classifier.weight)");
+        };
+        if file_classes != classes {
+            bail!(
+                "adapter file {name} (--start-from): its head has {file_classes} classes but the \
+                 training data has {classes}"
+            );
+        }
+        let adapters = read_adapter_file(
+            &self.bytes,
+            &self.info.names,
+            &self.info.modules,
+            config,
+            self.info.rank,
+        )
+        .with_context(|| format!("adapter file {name} (--start-from)"))?;
+        let head = read_head(&self.bytes, classes, config.hidden_size)
+            .with_context(|| format!("adapter file {name} (--start-from)"))?
+            .expect("the file has classifier.weight");
+        Ok((adapters, head))
+    }
+}
+
+/// Every linear of every layer, in the engine's order, with its name in the
+/// adapter file.
+fn all_modules(num_layers: usize) -> (Vec<String>, Vec<ModuleRef>) {
+    let mut names = Vec::new();
+    let mut modules = Vec::new();
+    for layer in 0..num_layers {
+        for which in AdaptedLinear::ALL {
+            names.push(format!("encoder.layer.{layer}.{}", which.checkpoint_name()));
+            modules.push((layer, which));
+        }
+    }
+    (names, modules)
+}
+
+/// The `modules` metadata: the adapted linears' names, in the engine's order.
+fn module_kinds(modules: &[ModuleRef]) -> String {
+    AdaptedLinear::ALL
+        .into_iter()
+        .filter(|w| modules.iter().any(|(_, m)| m == w))
+        .map(|w| w.checkpoint_name())
+        .collect::<Vec<_>>()
+        .join(",")
 }

@@ -1,7 +1,7 @@
 //! `fedsb train` on a tiny random BERT (GPU: lavapipe here): `--init-lr`
 //! initializes as `fedsb init --lr η` does while AdamW runs at `--lr`;
-//! `--head-lr` trains the head at its own rate; and
-//! `fedsb init`'s report of its two phases and its refusal of a rank wider
+//! `--head-lr` trains the head at its own rate; `--start-from` trains from
+//! an adapter file's model; and `fedsb init`'s report of its two phases and its refusal of a rank wider
 //! than a layer.
 
 use std::path::Path;
@@ -256,5 +256,217 @@ fn init_refuses_a_rank_wider_than_a_layer() -> anyhow::Result<()> {
         "{stderr}"
     );
     assert!(!init.exists(), "a refused init wrote {}", init.display());
+    Ok(())
+}
+
+/// `fedsb train --start-from FILE` on `dir`'s data (seed 0, batch 8), with
+/// `extra` flags.
+fn train_from(dir: &Path, file: &Path, extra: &[&str]) -> anyhow::Result<Output> {
+    Command::new(fedsb_bin())
+        .arg("train")
+        .arg("--model")
+        .arg(dir.join("model"))
+        .arg("--train")
+        .arg(dir.join("train.tsv"))
+        .arg("--eval")
+        .arg(dir.join("eval.tsv"))
+        .arg("--start-from")
+        .arg(file)
+        .args(["--batch", BATCH, "--seed", "0", "--json"])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .output()
+        .context("running fedsb train --start-from")
+}
+
+/// Largest |a − b| over the tensors both files hold.
+fn worst_absolute(a: &Path, b: &Path) -> anyhow::Result<f64> {
+    let (a, b) = (tensors_of(a)?, tensors_of(b)?);
+    anyhow::ensure!(
+        a.keys().eq(b.keys()),
+        "different tensors: {:?} and {:?}",
+        a.keys(),
+        b.keys()
+    );
+    Ok(a.iter()
+        .flat_map(|(name, va)| va.iter().zip(&b[name]))
+        .map(|(&x, &y)| (f64::from(x) - f64::from(y)).abs())
+        .fold(0.0, f64::max))
+}
+
+/// `--start-from FILE` trains from an adapter file's A, B, R and head instead
+/// of a LoRA-SB initialization:
+/// - from `fedsb init --lr 0.003`'s file, three steps at `--lr 0.01` end
+///   where `fedsb train --init-lr 0.003` ends after the same steps (it makes
+///   the same initialization itself), and far from where they end from
+///   another initialization;
+/// - one step at a negligible rate leaves the file's model, and the final
+///   evaluation is `fedsb eval`'s of the file;
+/// - a `--rank` other than the file's, the initialization's own flags, a
+///   file without a head and training data with other classes are refused.
+#[test]
+fn start_from_trains_from_an_adapter_files_model() -> anyhow::Result<()> {
+    let tmp = tiny_task()?;
+    let dir = tmp.path();
+    let path = |name: &str| dir.join(name);
+    let s = |p: &Path| p.to_str().context("path").map(str::to_owned);
+    let init = path("init.safetensors");
+    check_success(
+        "fedsb init",
+        &fedsb(dir, "init", &["--lr", "0.003", "--out", &s(&init)?])?,
+    )?;
+    let other = path("other.safetensors");
+    check_success(
+        "fedsb init --seed 1",
+        &Command::new(fedsb_bin())
+            .arg("init")
+            .arg("--model")
+            .arg(path("model"))
+            .arg("--train")
+            .arg(path("train.tsv"))
+            .args(["--rank", RANK, "--batch", BATCH, "--seed", "1"])
+            .args(["--init-samples", INIT_SAMPLES, "--lr", "0.003", "--out"])
+            .arg(&other)
+            .output()?,
+    )?;
+
+    // Three steps from the file and three from the run's own initialization.
+    let from_file = path("from-file.safetensors");
+    let out = train_from(
+        dir,
+        &init,
+        &["--steps", "3", "--lr", "0.01", "--output", &s(&from_file)?],
+    )?;
+    check_success("fedsb train --start-from", &out)?;
+    let report = last_json_line(&out)?;
+    assert_eq!(report["start_from"], s(&init)?, "{report}");
+    assert_eq!(report["rank"], 4, "{report}");
+    assert!(report["init_samples"].is_null(), "{report}");
+    let own = path("own-init.safetensors");
+    let eval = path("eval.tsv");
+    check_success(
+        "fedsb train --init-lr 0.003",
+        &fedsb(
+            dir,
+            "train",
+            &[
+                "--eval",
+                &s(&eval)?,
+                "--init-lr",
+                "0.003",
+                "--lr",
+                "0.01",
+                "--steps",
+                "3",
+                "--output",
+                &s(&own)?,
+            ],
+        )?,
+    )?;
+    let from_other = path("from-other.safetensors");
+    check_success(
+        "fedsb train --start-from other",
+        &train_from(
+            dir,
+            &other,
+            &["--steps", "3", "--lr", "0.01", "--output", &s(&from_other)?],
+        )?,
+    )?;
+    let same = worst_absolute(&from_file, &own)?;
+    let apart = worst_absolute(&from_other, &own)?;
+    assert!(
+        same <= 1e-5 && apart > 1e-2,
+        "after 3 steps from fedsb init's file the model is {same:e} from fedsb train's own \
+         initialization's, and {apart:e} from another file's"
+    );
+    let (_, meta) = lora_r(&from_file)?;
+    assert_eq!(meta.get("start_from"), Some(&s(&init)?), "{meta:?}");
+    assert_eq!(meta.get("rank").map(String::as_str), Some("4"));
+
+    // One step at a negligible rate: the file's model, and its evaluation.
+    let still = path("still.safetensors");
+    let out = train_from(
+        dir,
+        &init,
+        &["--steps", "1", "--lr", "1e-9", "--output", &s(&still)?],
+    )?;
+    check_success("fedsb train --start-from --lr 1e-9", &out)?;
+    let trained = last_json_line(&out)?;
+    let moved = worst_absolute(&still, &init)?;
+    assert!(
+        moved <= 1e-6,
+        "one step at lr 1e-9 moved the model by {moved:e}"
+    );
+    let out = Command::new(fedsb_bin())
+        .arg("eval")
+        .arg("--model")
+        .arg(path("model"))
+        .arg("--adapter-file")
+        .arg(&init)
+        .arg("--eval")
+        .arg(path("eval.tsv"))
+        .env("RUST_LOG", "warn")
+        .output()?;
+    check_success("fedsb eval", &out)?;
+    let evaluated = last_json_line(&out)?;
+    let (a, b) = (
+        trained["eval_loss"].as_f64().context("eval_loss")?,
+        evaluated["loss"].as_f64().context("loss")?,
+    );
+    assert!(
+        (a - b).abs() <= 1e-5,
+        "train's eval loss {a} against eval's {b}"
+    );
+    assert_eq!(trained["eval_accuracy"], evaluated["accuracy"]);
+
+    // Refusals, each naming what was wrong.
+    let refused = |extra: &[&str], file: &Path, wanted: &str| -> anyhow::Result<()> {
+        let out = train_from(dir, file, extra)?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?} was accepted");
+        assert!(stderr.contains(wanted), "{extra:?}: {stderr}");
+        Ok(())
+    };
+    refused(
+        &["--rank", "8"],
+        &init,
+        "--rank 8 does not match the rank 4 of",
+    )?;
+    refused(&["--init-samples", "16"], &init, "cannot be used with")?;
+    refused(&["--centre-head"], &init, "cannot be used with")?;
+    let headless = path("headless.safetensors");
+    write_without_head(&init, &headless)?;
+    refused(&[], &headless, "has no classifier head")?;
+    std::fs::write(
+        path("train.tsv"),
+        "sentence\tlabel\ngood .\tpositive\nbad .\tneutral\n",
+    )?;
+    refused(&[], &init, "\"neutral\"")?;
+    Ok(())
+}
+
+/// Copies the adapter file `from` to `to` without its `classifier.*`
+/// tensors, keeping its metadata.
+fn write_without_head(from: &Path, to: &Path) -> anyhow::Result<()> {
+    let bytes = std::fs::read(from)?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
+    let tensors = shaped_tensors(&bytes)?;
+    let raw: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .filter(|(name, _)| !name.starts_with("classifier."))
+        .map(|(name, (shape, data))| {
+            let bytes = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+            (name, shape, bytes)
+        })
+        .collect();
+    let views = raw
+        .iter()
+        .map(|(name, shape, data)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
+                .map(|v| (name.clone(), v))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let metadata = header.metadata().clone();
+    std::fs::write(to, safetensors::serialize(views, metadata)?)?;
     Ok(())
 }
