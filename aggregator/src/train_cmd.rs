@@ -189,6 +189,37 @@ impl StartFile {
             labels,
         })
     }
+
+    /// The file's `A`, `B`, `R` of every module and its head, checked
+    /// against the model and the training set's `classes`.
+    fn model(
+        &self,
+        config: &BertConfig,
+        classes: usize,
+    ) -> anyhow::Result<(LoraSbAdapters<f32>, ClassifierHead<f32>)> {
+        let name = &self.path;
+        let Some(file_classes) = self.info.head_classes else {
+            bail!("adapter file {name} (--start-from) has no classifier head (classifier.weight)");
+        };
+        if file_classes != classes {
+            bail!(
+                "adapter file {name} (--start-from): its head has {file_classes} classes but the \
+                 training data has {classes}"
+            );
+        }
+        let adapters = read_adapter_file(
+            &self.bytes,
+            &self.info.names,
+            &self.info.modules,
+            config,
+            self.info.rank,
+        )
+        .with_context(|| format!("adapter file {name} (--start-from)"))?;
+        let head = read_head(&self.bytes, classes, config.hidden_size)
+            .with_context(|| format!("adapter file {name} (--start-from)"))?
+            .expect("the file has classifier.weight");
+        Ok((adapters, head))
+    }
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
@@ -579,39 +610,6 @@ fn initialize(
         eprintln!("head centred: the initial model's mean logits were {means:.3?}");
     }
     Ok((adapters, head, taken))
-}
-
-impl StartFile {
-    /// The file's `A`, `B`, `R` of every module and its head, checked
-    /// against the model and the training set's `classes`.
-    fn model(
-        &self,
-        config: &BertConfig,
-        classes: usize,
-    ) -> anyhow::Result<(LoraSbAdapters<f32>, ClassifierHead<f32>)> {
-        let name = &self.path;
-        let Some(file_classes) = self.info.head_classes else {
-            bail!("adapter file {name} (--start-from) has no classifier head (classifier.weight)");
-        };
-        if file_classes != classes {
-            bail!(
-                "adapter file {name} (--start-from): its head has {file_classes} classes but the \
-                 training data has {classes}"
-            );
-        }
-        let adapters = read_adapter_file(
-            &self.bytes,
-            &self.info.names,
-            &self.info.modules,
-            config,
-            self.info.rank,
-        )
-        .with_context(|| format!("adapter file {name} (--start-from)"))?;
-        let head = read_head(&self.bytes, classes, config.hidden_size)
-            .with_context(|| format!("adapter file {name} (--start-from)"))?
-            .expect("the file has classifier.weight");
-        Ok((adapters, head))
-    }
 }
 
 /// Every linear of every layer, in the engine's order, with its name in the
