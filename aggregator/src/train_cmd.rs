@@ -20,7 +20,7 @@
 //! LoRA-SB initialization reads gradients of its examples, which DP-SGD does
 //! not cover, so with DP it needs public seed data (`--init-data`).
 //!
-//! `--start-from FILE` skips step 1 and starts from an adapter file instead
+//! `--init FILE` skips step 1 and starts from an adapter file instead
 //! (`fedsb init`, `fedsb export`, `fedsb train --output`): its `A`, `B`, `R`
 //! and head. `fedsb export --round 0` of a federated task gives the
 //! federation's initial model, so centralized training can start where the
@@ -74,7 +74,7 @@ pub struct TrainArgs {
     eval: PathBuf,
     #[command(flatten)]
     columns: DataColumns,
-    /// LoRA-SB rank r [default: 32, or the rank of --start-from's file].
+    /// LoRA-SB rank r [default: 32, or the rank of the --init file].
     #[arg(long)]
     rank: Option<usize>,
     /// Optimizer steps.
@@ -152,31 +152,31 @@ pub struct TrainArgs {
     init_data: Option<PathBuf>,
     /// Start from this adapter file (A, B, R of every adapted module and the
     /// head, from `fedsb init`, `fedsb export` or `fedsb train --output`)
-    /// instead of a LoRA-SB initialization. Its head's classes are its
-    /// `labels` metadata, in order, when it has one. `fedsb export --round 0`
-    /// gives a task's initial model.
-    #[arg(long, conflicts_with_all = ["init_lr", "init_samples", "init_data", "centre_head"])]
-    start_from: Option<PathBuf>,
+    /// instead of a LoRA-SB initialization, as `fedsb sim --init` does. Its
+    /// head's classes are its `labels` metadata, in order, when it has one.
+    /// `fedsb export --round 0` gives a task's initial model.
+    #[arg(long, value_name = "ADAPTER_FILE", conflicts_with_all = ["init_lr", "init_samples", "init_data", "centre_head"])]
+    init: Option<PathBuf>,
 }
 
-/// The model training starts from: an adapter file's (`--start-from`).
-struct StartFile {
+/// The model training starts from: an adapter file's (`--init`).
+struct InitFile {
     path: String,
     info: AdapterFileInfo,
     bytes: Vec<u8>,
     labels: Option<Vec<String>>,
 }
 
-impl StartFile {
+impl InitFile {
     fn read(path: &std::path::Path, num_layers: usize) -> anyhow::Result<Self> {
         let name = path.display().to_string();
         let bytes = std::fs::read(path).with_context(|| format!("reading {name}"))?;
         let info = adapter_file_info(&bytes, num_layers)
-            .with_context(|| format!("adapter file {name} (--start-from)"))?;
+            .with_context(|| format!("adapter file {name} (--init)"))?;
         let labels: Option<Vec<String>> = match info.metadata.get("labels") {
             Some(json) => Some(serde_json::from_str(json).with_context(|| {
                 format!(
-                    "adapter file {name} (--start-from): its labels metadata {json:?} is not a \
+                    "adapter file {name} (--init): its labels metadata {json:?} is not a \
                      JSON list of names"
                 )
             })?),
@@ -199,11 +199,11 @@ impl StartFile {
     ) -> anyhow::Result<(LoraSbAdapters<f32>, ClassifierHead<f32>)> {
         let name = &self.path;
         let Some(file_classes) = self.info.head_classes else {
-            bail!("adapter file {name} (--start-from) has no classifier head (classifier.weight)");
+            bail!("adapter file {name} (--init) has no classifier head (classifier.weight)");
         };
         if file_classes != classes {
             bail!(
-                "adapter file {name} (--start-from): its head has {file_classes} classes but the \
+                "adapter file {name} (--init): its head has {file_classes} classes but the \
                  training data has {classes}"
             );
         }
@@ -214,9 +214,9 @@ impl StartFile {
             config,
             self.info.rank,
         )
-        .with_context(|| format!("adapter file {name} (--start-from)"))?;
+        .with_context(|| format!("adapter file {name} (--init)"))?;
         let head = read_head(&self.bytes, classes, config.hidden_size)
-            .with_context(|| format!("adapter file {name} (--start-from)"))?
+            .with_context(|| format!("adapter file {name} (--init)"))?
             .expect("the file has classifier.weight");
         Ok((adapters, head))
     }
@@ -245,7 +245,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         }
         _ => {}
     }
-    if dp_wanted && args.init_data.is_none() && args.start_from.is_none() {
+    if dp_wanted && args.init_data.is_none() && args.init.is_none() {
         bail!(
             "with differential privacy the LoRA-SB initialization must not read the private \
              training data (DP-SGD does not cover it): give public seed data with --init-data"
@@ -255,13 +255,13 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         .with_context(|| format!("loading the model from {}", args.model.display()))?;
     let tokenizer = BertTokenizer::from_file(args.model.join("tokenizer.json"))?
         .with_max_length(args.max_seq_len)?;
-    let start = match &args.start_from {
-        Some(path) => Some(StartFile::read(path, weights.config.num_hidden_layers)?),
+    let init_file = match &args.init {
+        Some(path) => Some(InitFile::read(path, weights.config.num_hidden_layers)?),
         None => None,
     };
-    let rank = match (&start, args.rank) {
+    let rank = match (&init_file, args.rank) {
         (Some(s), Some(r)) if r != s.info.rank => bail!(
-            "--rank {r} does not match the rank {} of {} (--start-from); leave --rank out",
+            "--rank {r} does not match the rank {} of {} (--init); leave --rank out",
             s.info.rank,
             s.path
         ),
@@ -269,11 +269,11 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         (None, r) => r.unwrap_or(32),
     };
     // Starting from a head, the training set's class ids are the head's.
-    let label_names = start.as_ref().and_then(|s| s.labels.clone());
+    let label_names = init_file.as_ref().and_then(|s| s.labels.clone());
     let train = read_dataset_file(&args.train, &args.columns.spec(label_names.clone()))
         .with_context(|| match &label_names {
             Some(l) => format!(
-                "reading {}: its labels must be the classes {l:?} of --start-from's head",
+                "reading {}: its labels must be the classes {l:?} of --init's head",
                 args.train.display()
             ),
             None => format!("reading {}", args.train.display()),
@@ -308,7 +308,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let config = &weights.config;
     let mut sampler = BatchSampler::new(train.len(), args.batch, args.seed);
     let started = Instant::now();
-    let (adapters, head, names, modules, taken) = match &start {
+    let (adapters, head, names, modules, taken) = match &init_file {
         Some(s) => {
             let (adapters, head) = s.model(config, train.num_labels())?;
             eprintln!(
@@ -480,9 +480,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
                 ("head_learning_rate".to_owned(), head_lr.to_string()),
                 ("trained_by".to_owned(), "fedsb train".to_owned()),
             ]);
-            match &start {
+            match &init_file {
                 Some(s) => {
-                    metadata.insert("start_from".to_owned(), s.path.clone());
+                    metadata.insert("init_file".to_owned(), s.path.clone());
                 }
                 None => {
                     metadata.insert("init_learning_rate".to_owned(), init_lr.to_string());
@@ -513,10 +513,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         "init_samples": taken,
         "learning_rate": args.lr,
         "head_learning_rate": head_lr,
-        "init_learning_rate": start.is_none().then_some(init_lr),
+        "init_learning_rate": init_file.is_none().then_some(init_lr),
         "init_seconds": init_seconds,
         "centre_head": args.centre_head,
-        "start_from": start.as_ref().map(|s| s.path.clone()),
+        "init_file": init_file.as_ref().map(|s| s.path.clone()),
         "eval_samples_per_second": e.samples as f64 / eval_seconds.max(1e-9),
         "adapter": adapter_name,
         "output": output,

@@ -1,6 +1,6 @@
 //! `fedsb train` on a tiny random BERT (GPU: lavapipe here): `--init-lr`
 //! initializes as `fedsb init --lr η` does while AdamW runs at `--lr`;
-//! `--head-lr` trains the head at its own rate; `--start-from` trains from
+//! `--head-lr` trains the head at its own rate; `--init FILE` trains from
 //! an adapter file's model; and `fedsb init`'s report of its two phases and its refusal of a rank wider
 //! than a layer.
 
@@ -259,7 +259,7 @@ fn init_refuses_a_rank_wider_than_a_layer() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `fedsb train --start-from FILE` on `dir`'s data (seed 0, batch 8), with
+/// `fedsb train --init FILE` on `dir`'s data (seed 0, batch 8), with
 /// `extra` flags.
 fn train_from(dir: &Path, file: &Path, extra: &[&str]) -> anyhow::Result<Output> {
     Command::new(fedsb_bin())
@@ -270,13 +270,13 @@ fn train_from(dir: &Path, file: &Path, extra: &[&str]) -> anyhow::Result<Output>
         .arg(dir.join("train.tsv"))
         .arg("--eval")
         .arg(dir.join("eval.tsv"))
-        .arg("--start-from")
+        .arg("--init")
         .arg(file)
         .args(["--batch", BATCH, "--seed", "0", "--json"])
         .args(extra)
         .env("RUST_LOG", "warn")
         .output()
-        .context("running fedsb train --start-from")
+        .context("running fedsb train --init FILE")
 }
 
 /// Largest |a − b| over the tensors both files hold.
@@ -294,7 +294,7 @@ fn worst_absolute(a: &Path, b: &Path) -> anyhow::Result<f64> {
         .fold(0.0, f64::max))
 }
 
-/// `--start-from FILE` trains from an adapter file's A, B, R and head instead
+/// `--init FILE` trains from an adapter file's A, B, R and head instead
 /// of a LoRA-SB initialization:
 /// - from `fedsb init --lr 0.003`'s file, three steps at `--lr 0.01` end
 ///   where `fedsb train --init-lr 0.003` ends after the same steps (it makes
@@ -305,7 +305,7 @@ fn worst_absolute(a: &Path, b: &Path) -> anyhow::Result<f64> {
 /// - a `--rank` other than the file's, the initialization's own flags, a
 ///   file without a head and training data with other classes are refused.
 #[test]
-fn start_from_trains_from_an_adapter_files_model() -> anyhow::Result<()> {
+fn init_file_trains_from_an_adapter_files_model() -> anyhow::Result<()> {
     let tmp = tiny_task()?;
     let dir = tmp.path();
     let path = |name: &str| dir.join(name);
@@ -337,9 +337,9 @@ fn start_from_trains_from_an_adapter_files_model() -> anyhow::Result<()> {
         &init,
         &["--steps", "3", "--lr", "0.01", "--output", &s(&from_file)?],
     )?;
-    check_success("fedsb train --start-from", &out)?;
+    check_success("fedsb train --init FILE", &out)?;
     let report = last_json_line(&out)?;
-    assert_eq!(report["start_from"], s(&init)?, "{report}");
+    assert_eq!(report["init_file"], s(&init)?, "{report}");
     assert_eq!(report["rank"], 4, "{report}");
     assert!(report["init_samples"].is_null(), "{report}");
     let own = path("own-init.safetensors");
@@ -365,7 +365,7 @@ fn start_from_trains_from_an_adapter_files_model() -> anyhow::Result<()> {
     )?;
     let from_other = path("from-other.safetensors");
     check_success(
-        "fedsb train --start-from other",
+        "fedsb train --init FILE other",
         &train_from(
             dir,
             &other,
@@ -380,7 +380,7 @@ fn start_from_trains_from_an_adapter_files_model() -> anyhow::Result<()> {
          initialization's, and {apart:e} from another file's"
     );
     let (_, meta) = lora_r(&from_file)?;
-    assert_eq!(meta.get("start_from"), Some(&s(&init)?), "{meta:?}");
+    assert_eq!(meta.get("init_file"), Some(&s(&init)?), "{meta:?}");
     assert_eq!(meta.get("rank").map(String::as_str), Some("4"));
 
     // One step at a negligible rate: the file's model, and its evaluation.
@@ -390,7 +390,7 @@ fn start_from_trains_from_an_adapter_files_model() -> anyhow::Result<()> {
         &init,
         &["--steps", "1", "--lr", "1e-9", "--output", &s(&still)?],
     )?;
-    check_success("fedsb train --start-from --lr 1e-9", &out)?;
+    check_success("fedsb train --init FILE --lr 1e-9", &out)?;
     let trained = last_json_line(&out)?;
     let moved = worst_absolute(&still, &init)?;
     assert!(
