@@ -515,7 +515,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         "head_learning_rate": head_lr,
         "init_learning_rate": init_file.is_none().then_some(init_lr),
         "init_seconds": init_seconds,
-        "centre_head": args.centre_head,
+        "centre_head": init_file.is_none().then_some(args.centre_head),
         "init_file": init_file.as_ref().map(|s| s.path.clone()),
         "eval_samples_per_second": e.samples as f64 / eval_seconds.max(1e-9),
         "adapter": adapter_name,
