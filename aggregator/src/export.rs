@@ -3,7 +3,8 @@
 //! store), in the layout of `fedsb init` (`<module>.lora_A`, `lora_B`,
 //! `lora_R`, `classifier.*`) and with the round in the metadata. `fedsb
 //! export` writes it; `/api/rounds/{n}/adapter` serves it. Equal rounds
-//! give byte-identical files.
+//! give byte-identical files. `fedsb export --average N` writes the mean of
+//! N consecutive rounds' models instead ([`export_rounds_mean`]).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -39,6 +40,14 @@ pub enum ExportError {
     State { round: u64, message: String },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(
+        "averaging {count} rounds ending at round {round} needs {count} committed rounds, \
+         but there are only {} up to it (rounds 0-{round})",
+        *.round + 1
+    )]
+    TooManyRounds { round: u64, count: u64 },
+    #[error("averaging needs at least one round, not 0")]
+    NoRoundsToAverage,
     #[error("the export task panicked")]
     Join,
 }
@@ -47,6 +56,9 @@ pub enum ExportError {
 #[derive(Debug, Clone)]
 pub struct ExportedRound {
     pub round: u64,
+    /// The first round of the mean ([`export_rounds_mean`]); `round` itself
+    /// when one round is exported.
+    pub first_round: u64,
     /// The last committed round when it was exported.
     pub last_committed: u64,
     pub meta: RoundMeta,
@@ -60,6 +72,23 @@ pub async fn export_round(
     store: &Store,
     round: Option<u64>,
 ) -> Result<ExportedRound, ExportError> {
+    export_rounds_mean(config, store, round, 1).await
+}
+
+/// The adapter file of the mean of the `count` committed rounds ending at
+/// `round` (default: the last one): every `R` and the head averaged over
+/// those rounds' global models (summed in f64), `A` and `B` the task's.
+/// Since `A` and `B` are the same in every round, this is the mean of the
+/// rounds' adapted weights `B·R·A` and heads, a post-processing of
+/// committed models that damps their round-to-round swing. The metadata
+/// names the rounds (`averaged_rounds = "first-last"`) and drops the one
+/// round's `global_sha256`; with `count` 1 it is [`export_round`]'s file.
+pub async fn export_rounds_mean(
+    config: Arc<Config>,
+    store: &Store,
+    round: Option<u64>,
+    count: u64,
+) -> Result<ExportedRound, ExportError> {
     let task = config.task.id.clone();
     let latest = store
         .last_round()
@@ -67,19 +96,35 @@ pub async fn export_round(
         .ok_or_else(|| ExportError::NoRounds { task: task.clone() })?;
     let last = latest.meta.round;
     let round = round.unwrap_or(last);
-    // The last round is read once; another one is read by its number.
-    let committed = if round == last {
-        latest
-    } else {
-        store
-            .committed_round(RoundId(round))
-            .await?
-            .ok_or_else(|| ExportError::NotCommitted {
+    if count == 0 {
+        return Err(ExportError::NoRoundsToAverage);
+    }
+    if round > last {
+        return Err(ExportError::NotCommitted {
+            task: task.clone(),
+            round,
+            last,
+        });
+    }
+    if count > round + 1 {
+        return Err(ExportError::TooManyRounds { round, count });
+    }
+    let first = round + 1 - count;
+    // The last round is read once; others by their number.
+    let mut committed = Vec::with_capacity(count as usize);
+    for n in first..=round {
+        if n == last {
+            committed.push(latest.clone());
+            continue;
+        }
+        committed.push(store.committed_round(RoundId(n)).await?.ok_or_else(|| {
+            ExportError::NotCommitted {
                 task: task.clone(),
-                round,
+                round: n,
                 last,
-            })?
-    };
+            }
+        })?);
+    }
     // DP tasks: what the participants had spent when this round committed.
     // Each report carries its participant's ε spent so far, so the largest
     // one up to this round is the model's guarantee for the worst-off
@@ -97,9 +142,64 @@ pub async fn export_round(
     } else {
         None
     };
-    tokio::task::spawn_blocking(move || adapter_file_of(&config, committed, last, privacy))
-        .await
-        .map_err(|_| ExportError::Join)?
+    tokio::task::spawn_blocking(move || {
+        let mean = mean_of(committed)?;
+        adapter_file_of(&config, mean, first, last, privacy)
+    })
+    .await
+    .map_err(|_| ExportError::Join)?
+}
+
+/// The last of `rounds` with its global state replaced by the mean of
+/// theirs (the last one unchanged when there is one).
+fn mean_of(mut rounds: Vec<CommittedRound>) -> Result<CommittedRound, ExportError> {
+    let mut last = rounds.pop().expect("at least one round");
+    if rounds.is_empty() {
+        return Ok(last);
+    }
+    let count = (rounds.len() + 1) as f64;
+    let mut sums: Vec<Vec<f64>> = last
+        .adapter
+        .named_tensors()
+        .map(|(_, t)| t.data.iter().map(|&x| f64::from(x)).collect())
+        .collect();
+    for other in &rounds {
+        let n = other.meta.round;
+        let tensors: Vec<_> = other.adapter.named_tensors().collect();
+        if tensors.len() != sums.len() {
+            return Err(ExportError::State {
+                round: n,
+                message: format!(
+                    "{} tensors, but round {} has {}",
+                    tensors.len(),
+                    last.meta.round,
+                    sums.len()
+                ),
+            });
+        }
+        for ((name, t), sum) in tensors.into_iter().zip(&mut sums) {
+            if t.data.len() != sum.len() {
+                return Err(ExportError::State {
+                    round: n,
+                    message: format!(
+                        "{name} has {} values, but {} in round {}",
+                        t.data.len(),
+                        sum.len(),
+                        last.meta.round
+                    ),
+                });
+            }
+            for (s, &x) in sum.iter_mut().zip(&t.data) {
+                *s += f64::from(x);
+            }
+        }
+    }
+    for (t, sum) in last.adapter.tensors_mut().zip(sums) {
+        for (x, s) in t.data.iter_mut().zip(sum) {
+            *x = (s / count) as f32;
+        }
+    }
+    Ok(last)
 }
 
 /// What the participants of a DP task had spent by a round.
@@ -110,10 +210,12 @@ struct PrivacySpent {
     participants: usize,
 }
 
-/// The adapter file of a committed round, `last` being the last committed.
+/// The adapter file of a committed round (or of the mean of the rounds from
+/// `first` on to it), `last` being the last committed.
 fn adapter_file_of(
     config: &Config,
     committed: CommittedRound,
+    first: u64,
     last: u64,
     privacy: Option<PrivacySpent>,
 ) -> Result<ExportedRound, ExportError> {
@@ -170,6 +272,11 @@ fn adapter_file_of(
         ("global_sha256".to_owned(), meta.global_sha256.clone()),
         ("trained_by".to_owned(), "fedsb serve".to_owned()),
     ]);
+    if first < round {
+        // Not one round's global state: name the rounds instead.
+        metadata.remove("global_sha256");
+        metadata.insert("averaged_rounds".to_owned(), format!("{first}-{round}"));
+    }
     if let Some(p) = privacy {
         metadata.insert("dp_epsilon_max".to_owned(), p.epsilon_max.to_string());
         metadata.insert("dp_delta".to_owned(), config.privacy.delta.to_string());
@@ -183,6 +290,7 @@ fn adapter_file_of(
     })?;
     Ok(ExportedRound {
         round,
+        first_round: first,
         last_committed: last,
         meta,
         bytes,

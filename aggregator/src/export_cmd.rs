@@ -3,7 +3,8 @@
 //! round's `R`s and head, in the layout of `fedsb init` and `fedsb train
 //! --output`, so the federation's result can be evaluated (`fedsb eval`),
 //! used, or compared with centralized training. The database is opened
-//! read-only, so a running `fedsb serve` is not disturbed.
+//! read-only, so a running `fedsb serve` is not disturbed. `--average N`
+//! writes the mean of the N rounds ending at `--round` instead.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use fedsb_aggregator::config::Config;
-use fedsb_aggregator::export::export_round;
+use fedsb_aggregator::export::export_rounds_mean;
 use fedsb_aggregator::store::Store;
 use sha2::{Digest, Sha256};
 
@@ -31,6 +32,12 @@ pub struct ExportArgs {
     /// Where to write the adapter file (safetensors).
     #[arg(long)]
     out: PathBuf,
+    /// Write the mean of the N committed rounds ending at --round (every R
+    /// and the head averaged; A and B are the task's, so this is the mean of
+    /// the rounds' models), which damps the accuracy's round-to-round swing
+    /// (BENCHMARKS.md). 1: the round itself.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    average: u64,
 }
 
 pub fn run(args: ExportArgs) -> anyhow::Result<()> {
@@ -47,15 +54,28 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .context("cannot start the async runtime")?;
-    let exported = rt.block_on(export_round(Arc::new(config), &store, args.round))?;
+    let exported = rt.block_on(export_rounds_mean(
+        Arc::new(config),
+        &store,
+        args.round,
+        args.average,
+    ))?;
     // Next to the target, then renamed: no half-written file under its name.
     let part = args.out.with_extension("safetensors.part");
     std::fs::write(&part, &exported.bytes)
         .with_context(|| format!("writing {}", part.display()))?;
     std::fs::rename(&part, &args.out).with_context(|| format!("writing {}", args.out.display()))?;
     let meta = &exported.meta;
+    let rounds = if exported.first_round < exported.round {
+        format!(
+            "the mean of rounds {}-{}",
+            exported.first_round, exported.round
+        )
+    } else {
+        format!("round {}", exported.round)
+    };
     eprintln!(
-        "exported round {} of task {task} ({} participants, {} samples) to {}",
+        "exported {rounds} of task {task} (round {}: {} participants, {} samples) to {}",
         exported.round,
         meta.participants,
         meta.total_samples,
@@ -66,10 +86,14 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         serde_json::json!({
             "task": task,
             "round": exported.round,
+            "averaged_rounds": (exported.first_round < exported.round)
+                .then_some([exported.first_round, exported.round]),
             "last_committed_round": exported.last_committed,
             "participants": meta.participants,
             "total_samples": meta.total_samples,
-            "global_sha256": meta.global_sha256,
+            // One round's state; a mean of rounds is none of theirs.
+            "global_sha256": (exported.first_round == exported.round)
+                .then_some(&meta.global_sha256),
             "out": args.out.display().to_string(),
             "sha256": hex::encode(Sha256::digest(&exported.bytes)),
             "bytes": exported.bytes.len(),

@@ -411,6 +411,88 @@ async fn an_exported_round_evaluates_as_the_aggregator_evaluated_it() -> anyhow:
     let measured0 = json_of("fedsb eval round 0", &eval(&first, &[])?)?;
     assert_eq!(measured0["accuracy"], list[0]["eval"]["accuracy"]);
 
+    // The mean of rounds 1 and 2: every R and the head averaged, A and B
+    // the task's, and the metadata naming the rounds.
+    let second = dir.join("round1.safetensors");
+    json_of("fedsb export --round 1", &export(Some("1"), &second)?)?;
+    let round1 = tensors_of(&second)?;
+    let mean = dir.join("mean.safetensors");
+    let averaged = |extra: &[&str], out: &Path| -> anyhow::Result<std::process::Output> {
+        Ok(Command::new(fedsb_bin())
+            .args(["export", "--config"])
+            .arg(dir.join("task.toml"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--out")
+            .arg(out)
+            .args(extra)
+            .output()?)
+    };
+    let report = json_of(
+        "fedsb export --average 2",
+        &averaged(&["--average", "2"], &mean)?,
+    )?;
+    assert_eq!(report["round"], 2, "{report}");
+    assert_eq!(
+        report["averaged_rounds"],
+        serde_json::json!([1, 2]),
+        "{report}"
+    );
+    assert!(report["global_sha256"].is_null(), "{report}");
+    let means = tensors_of(&mean)?;
+    assert_eq!(means.len(), exported.len());
+    let mut moved = 0;
+    for (name, values) in &means {
+        let (a, b) = (&round1[name], &exported[name]);
+        if name.ends_with(".lora_A") || name.ends_with(".lora_B") {
+            assert_eq!(values, &initial[name], "{name}");
+            continue;
+        }
+        for ((&m, &x), &y) in values.iter().zip(a).zip(b) {
+            let want = (f64::from(x) + f64::from(y)) / 2.0;
+            assert!(
+                (f64::from(m) - want).abs() <= 1e-7 * want.abs().max(1.0),
+                "{name}: {m} is not the mean of {x} and {y}"
+            );
+            moved += usize::from(x != y);
+        }
+    }
+    assert!(moved > 0, "rounds 1 and 2 are the same model");
+    let bytes = std::fs::read(&mean)?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    assert_eq!(meta.get("averaged_rounds").map(String::as_str), Some("1-2"));
+    assert_eq!(meta.get("round").map(String::as_str), Some("2"));
+    assert!(!meta.contains_key("global_sha256"), "{meta:?}");
+    // `--average 1` is the round itself, byte for byte.
+    let one = dir.join("one.safetensors");
+    json_of(
+        "fedsb export --average 1",
+        &averaged(&["--average", "1"], &one)?,
+    )?;
+    assert!(std::fs::read(&one)? == std::fs::read(&last)?);
+    for (extra, wanted) in [
+        (
+            &["--average", "4"][..],
+            "averaging 4 rounds ending at round 2 needs 4 committed rounds, but there are \
+             only 3 up to it (rounds 0-2)",
+        ),
+        (
+            &["--average", "2", "--round", "0"][..],
+            "but there are only 1 up to it (rounds 0-0)",
+        ),
+        (
+            &["--average", "0"][..],
+            "averaging needs at least one round, not 0",
+        ),
+    ] {
+        let out = averaged(extra, &dir.join("no.safetensors"))?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?} was accepted");
+        assert!(stderr.contains(wanted), "{extra:?}: {stderr}");
+        assert!(!dir.join("no.safetensors").exists());
+    }
+
     // Refusals.
     let out = export(Some("9"), &dir.join("no.safetensors"))?;
     let stderr = String::from_utf8_lossy(&out.stderr);
