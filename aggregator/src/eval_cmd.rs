@@ -21,7 +21,7 @@ use fedsb_engine::model::{BertTokenizer, BertWeights};
 use fedsb_engine::train::evaluate;
 
 use crate::data_args::{require_label_column, DataColumns};
-use crate::participant::{adapter_file_info, read_adapter_file, read_head};
+use crate::participant::adapter_file_info;
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
@@ -69,26 +69,21 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let bytes = std::fs::read(&args.adapter_file).with_context(|| format!("reading {file}"))?;
     let info = adapter_file_info(&bytes, config.num_hidden_layers)
         .with_context(|| format!("adapter file {file}"))?;
-    let labels: Vec<String> = match (&args.labels, info.metadata.get("labels")) {
-        (Some(l), _) => l.clone(),
-        (None, Some(json)) => serde_json::from_str(json).with_context(|| {
-            format!("adapter file {file}: its labels metadata {json:?} is not a JSON list of names")
+    let context = || format!("adapter file {file}");
+    let labels: Vec<String> = match &args.labels {
+        Some(l) => l.clone(),
+        None => info.labels().with_context(context)?.with_context(|| {
+            format!(
+                "adapter file {file} names no classes (no labels metadata): give them with \
+                 --labels, in the head's order"
+            )
         })?,
-        (None, None) => bail!(
-            "adapter file {file} names no classes (no labels metadata): give them with --labels, in the head's order"
-        ),
     };
-    let Some(classes) = info.head_classes else {
-        bail!("adapter file {file} has no classifier head (classifier.weight)");
-    };
+    let (adapters, head) = info.read_model(&bytes, config).with_context(context)?;
+    let classes = head.bias.len();
     if classes != labels.len() {
         bail!("adapter file {file}: the head has {classes} classes but the labels are {labels:?}");
     }
-    let adapters = read_adapter_file(&bytes, &info.names, &info.modules, config, info.rank)
-        .with_context(|| format!("adapter file {file}"))?;
-    let head = read_head(&bytes, classes, config.hidden_size)
-        .with_context(|| format!("adapter file {file}"))?
-        .expect("the file has classifier.weight");
     let data = read_dataset_file(&args.eval, &args.columns.spec(Some(labels.clone())))
         .with_context(|| format!("reading {}", args.eval.display()))?;
     require_label_column(&data, &args.eval)?;

@@ -56,9 +56,7 @@ use fedsb_protocol::PrivacyPolicy;
 
 use crate::data_args::{require_label_column, same_columns_as, DataColumns};
 use crate::dp_training::{train_steps_dp, DpTraining};
-use crate::participant::{
-    adapter_file_info, read_adapter_file, read_head, write_adapter_file, AdapterFileInfo, ModuleRef,
-};
+use crate::participant::{adapter_file_info, write_adapter_file, AdapterFileInfo, ModuleRef};
 use crate::privacy_cmd::AccountantArg;
 
 #[derive(Debug, Args)]
@@ -171,17 +169,9 @@ impl InitFile {
     fn read(path: &std::path::Path, num_layers: usize) -> anyhow::Result<Self> {
         let name = path.display().to_string();
         let bytes = std::fs::read(path).with_context(|| format!("reading {name}"))?;
-        let info = adapter_file_info(&bytes, num_layers)
-            .with_context(|| format!("adapter file {name} (--init)"))?;
-        let labels: Option<Vec<String>> = match info.metadata.get("labels") {
-            Some(json) => Some(serde_json::from_str(json).with_context(|| {
-                format!(
-                    "adapter file {name} (--init): its labels metadata {json:?} is not a \
-                     JSON list of names"
-                )
-            })?),
-            None => None,
-        };
+        let context = || format!("adapter file {name} (--init)");
+        let info = adapter_file_info(&bytes, num_layers).with_context(context)?;
+        let labels = info.labels().with_context(context)?;
         Ok(Self {
             path: name,
             info,
@@ -198,26 +188,17 @@ impl InitFile {
         classes: usize,
     ) -> anyhow::Result<(LoraSbAdapters<f32>, ClassifierHead<f32>)> {
         let name = &self.path;
-        let Some(file_classes) = self.info.head_classes else {
-            bail!("adapter file {name} (--init) has no classifier head (classifier.weight)");
-        };
+        let (adapters, head) = self
+            .info
+            .read_model(&self.bytes, config)
+            .with_context(|| format!("adapter file {name} (--init)"))?;
+        let file_classes = head.bias.len();
         if file_classes != classes {
             bail!(
                 "adapter file {name} (--init): its head has {file_classes} classes but the \
                  training data has {classes}"
             );
         }
-        let adapters = read_adapter_file(
-            &self.bytes,
-            &self.info.names,
-            &self.info.modules,
-            config,
-            self.info.rank,
-        )
-        .with_context(|| format!("adapter file {name} (--init)"))?;
-        let head = read_head(&self.bytes, classes, config.hidden_size)
-            .with_context(|| format!("adapter file {name} (--init)"))?
-            .expect("the file has classifier.weight");
         Ok((adapters, head))
     }
 }

@@ -293,6 +293,40 @@ pub struct AdapterFileInfo {
     pub metadata: HashMap<String, String>,
 }
 
+impl AdapterFileInfo {
+    /// The head's class names from the `labels` metadata (a JSON list), or
+    /// `None` when the file has none.
+    pub fn labels(&self) -> Result<Option<Vec<String>>> {
+        self.metadata
+            .get("labels")
+            .map(|json| {
+                serde_json::from_str(json).map_err(|_| {
+                    invalid(format!(
+                        "its labels metadata {json:?} is not a JSON list of names"
+                    ))
+                })
+            })
+            .transpose()
+    }
+
+    /// Every adapted module's `A`, `B` and `R` and the head of the file
+    /// `bytes` this describes, checked against the model `config`; a file
+    /// without a head is refused.
+    pub fn read_model(
+        &self,
+        bytes: &[u8],
+        config: &BertConfig,
+    ) -> Result<(LoraSbAdapters<f32>, ClassifierHead<f32>)> {
+        let classes = self
+            .head_classes
+            .ok_or_else(|| invalid("it has no classifier head (classifier.weight)"))?;
+        let adapters = read_adapter_file(bytes, &self.names, &self.modules, config, self.rank)?;
+        let head = read_head(bytes, classes, config.hidden_size)?
+            .ok_or_else(|| invalid("it has no classifier head (classifier.weight)"))?;
+        Ok((adapters, head))
+    }
+}
+
 /// Reads an adapter file's [`AdapterFileInfo`], checking its module names
 /// against a model of `num_layers` layers and that every R has one rank.
 pub fn adapter_file_info(bytes: &[u8], num_layers: usize) -> Result<AdapterFileInfo> {
