@@ -65,6 +65,14 @@ pub struct ExportedRound {
     pub bytes: Vec<u8>,
 }
 
+impl ExportedRound {
+    /// The first and last round of a mean of several rounds, or `None` for
+    /// one round's model.
+    pub fn averaged_rounds(&self) -> Option<[u64; 2]> {
+        (self.first_round < self.round).then_some([self.first_round, self.round])
+    }
+}
+
 /// The adapter file of committed round `round` (default: the last one);
 /// the files are read and the bytes made on a blocking thread.
 pub async fn export_round(

@@ -66,13 +66,10 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", part.display()))?;
     std::fs::rename(&part, &args.out).with_context(|| format!("writing {}", args.out.display()))?;
     let meta = &exported.meta;
-    let rounds = if exported.first_round < exported.round {
-        format!(
-            "the mean of rounds {}-{}",
-            exported.first_round, exported.round
-        )
-    } else {
-        format!("round {}", exported.round)
+    let averaged = exported.averaged_rounds();
+    let rounds = match averaged {
+        Some([first, last]) => format!("the mean of rounds {first}-{last}"),
+        None => format!("round {}", exported.round),
     };
     eprintln!(
         "exported {rounds} of task {task} (round {}: {} participants, {} samples) to {}",
@@ -86,14 +83,12 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         serde_json::json!({
             "task": task,
             "round": exported.round,
-            "averaged_rounds": (exported.first_round < exported.round)
-                .then_some([exported.first_round, exported.round]),
+            "averaged_rounds": averaged,
             "last_committed_round": exported.last_committed,
             "participants": meta.participants,
             "total_samples": meta.total_samples,
             // One round's state; a mean of rounds is none of theirs.
-            "global_sha256": (exported.first_round == exported.round)
-                .then_some(&meta.global_sha256),
+            "global_sha256": averaged.is_none().then_some(&meta.global_sha256),
             "out": args.out.display().to_string(),
             "sha256": hex::encode(Sha256::digest(&exported.bytes)),
             "bytes": exported.bytes.len(),

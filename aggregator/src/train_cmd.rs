@@ -56,7 +56,9 @@ use fedsb_protocol::PrivacyPolicy;
 
 use crate::data_args::{require_label_column, same_columns_as, DataColumns};
 use crate::dp_training::{train_steps_dp, DpTraining};
-use crate::participant::{adapter_file_info, write_adapter_file, AdapterFileInfo, ModuleRef};
+use crate::participant::{
+    adapter_file_info, layered_modules, write_adapter_file, AdapterFileInfo, ModuleRef,
+};
 use crate::privacy_cmd::AccountantArg;
 
 #[derive(Debug, Args)]
@@ -308,7 +310,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         None => {
             let (adapters, head, taken) =
                 initialize(&args, &ctx, &weights, &tokenizer, &train, rank, init_lr)?;
-            let (names, modules) = all_modules(config.num_hidden_layers);
+            let every_linear = AdaptedLinear::ALL.map(|w| w.checkpoint_name().to_owned());
+            let (names, modules) = layered_modules(&every_linear, config.num_hidden_layers)?;
             (adapters, head, names, modules, Some(taken))
         }
     };
@@ -591,20 +594,6 @@ fn initialize(
         eprintln!("head centred: the initial model's mean logits were {means:.3?}");
     }
     Ok((adapters, head, taken))
-}
-
-/// Every linear of every layer, in the engine's order, with its name in the
-/// adapter file.
-fn all_modules(num_layers: usize) -> (Vec<String>, Vec<ModuleRef>) {
-    let mut names = Vec::new();
-    let mut modules = Vec::new();
-    for layer in 0..num_layers {
-        for which in AdaptedLinear::ALL {
-            names.push(format!("encoder.layer.{layer}.{}", which.checkpoint_name()));
-            modules.push((layer, which));
-        }
-    }
-    (names, modules)
 }
 
 /// The `modules` metadata: the adapted linears' names, in the engine's order.
