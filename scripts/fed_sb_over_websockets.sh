@@ -8,7 +8,9 @@
 # 1. `fedsb sim --rounds 1 --write-shards` cuts the training file into the
 #    simulator's shards (same split, seed and batch seeds as the full
 #    simulation) and writes its initial model, `init.safetensors` (with
-#    CENTRE=1 the head centred, as `fedsb init --centre-head`).
+#    CENTRE=1 the head centred, as `fedsb init --centre-head`; with
+#    INIT=federated the simulator's own federated initialization,
+#    `--federated-init FED_INIT_SAMPLES`).
 # 2. The task: INIT=file serves that adapter file (the simulation's exact
 #    start); INIT=federated makes A, B and R₀ from the participants' own
 #    FED_INIT_SAMPLES first examples each (`[adapter] init = "federated"`),
@@ -18,9 +20,10 @@
 #    seed>` per client; quorum = CLIENTS, so every round has every client.
 # 4. The aggregator evaluates every committed round on EVAL; the rounds are
 #    written to OUT_DIR/rounds.json and printed as a table. With COMPARE=1
-#    (INIT=file only) the full simulation runs too (OUT_DIR/sim.jsonl) and
-#    the script fails unless every round's accuracy and loss are the
-#    simulator's (loss within 1e-6 relative).
+#    the full simulation runs too (OUT_DIR/sim.jsonl; with INIT=federated
+#    it initializes federatedly as well) and the script fails unless every
+#    round's accuracy and loss are the simulator's (loss within 1e-6
+#    relative) and round 0's upload is the simulator's.
 #
 # ADAPTER: part of the wgpu adapter's name, for every process. Settings
 # from the environment (defaults in brackets: the recipe of BENCHMARKS.md):
@@ -61,10 +64,6 @@ fed_init_samples=${FED_INIT_SAMPLES:-7}
 compare=${COMPARE:-0}
 [[ $centre == 0 || $centre == 1 ]] || { echo "CENTRE: 0 or 1, not $centre" >&2; exit 2; }
 [[ $init == file || $init == federated ]] || { echo "INIT: file or federated, not $init" >&2; exit 2; }
-if [[ $compare == 1 && $init != file ]]; then
-    echo "COMPARE=1 needs INIT=file: the simulator initializes from pooled examples" >&2
-    exit 2
-fi
 mkdir -p "$out"
 out=$(realpath "$out")
 rm -rf "$out/shards" "$out/state" "$out"/cache-* "$out"/join-*
@@ -74,12 +73,16 @@ label_args=()
 [[ -n ${LABELS:-} ]] && label_args=(--labels "$LABELS")
 centre_args=()
 [[ $centre == 1 ]] && centre_args=(--centre-head)
+# The simulator's initialization: the operator's from pooled examples, or
+# the clients' own (the aggregator's with INIT=federated).
+init_args=(--init-samples "$init_samples")
+[[ $init == federated ]] && init_args=(--federated-init "$fed_init_samples")
 
 sim() {
     "$fedsb" sim --model "$model" --train "$train" --eval "$eval_file" \
         --clients "$clients" --local-steps "$local_steps" --batch "$batch" \
         --rank "$rank" --lr "$lr" --init-lr "$init_lr" \
-        --init-samples "$init_samples" --seed "$seed" --split "$split" \
+        "${init_args[@]}" --seed "$seed" --split "$split" \
         --server-lr "$server_lr" --server-momentum "$server_momentum" \
         --max-seq-len "$max_seq_len" --json \
         ${centre_args[@]+"${centre_args[@]}"} ${label_args[@]+"${label_args[@]}"} \
@@ -198,6 +201,8 @@ import json, sys
 ws = json.load(open(sys.argv[1]))
 sim = [json.loads(l) for l in open(sys.argv[2]) if l.strip()]
 bad = []
+if ws and sim and ws[0]["bytes_in"] != sim[0]["bytes_up"]:
+    bad.append(("round 0 bytes", ws[0]["bytes_in"], sim[0]["bytes_up"]))
 for w, s in zip(ws, sim):
     a, l = w["eval"]["accuracy"], w["eval"]["loss"]
     if a != s["eval_accuracy"] or abs(l - s["eval_loss"]) > 1e-6 * abs(l):

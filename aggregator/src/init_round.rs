@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use fedsb_engine::model::{AdaptedLinear, BertConfig};
-use fedsb_engine::reference::{ClassifierHead, LoraSbInitOptions, Matrix};
+use fedsb_engine::reference::{ClassifierHead, LoraSbAdapters, LoraSbInitOptions, Matrix};
 use fedsb_engine::train::lora_sb_from_gradients;
 use fedsb_protocol::{ErrorCode, ParticipantId, Tensor};
 
@@ -66,7 +66,12 @@ impl InitModules {
         let bytes = std::fs::read(&path)
             .map_err(|e| InitError::Model(format!("{}: {e}", path.display())))?;
         let bert = BertConfig::from_json(&bytes).map_err(|e| InitError::Model(e.to_string()))?;
-        let names = config.module_names();
+        Self::new(bert, config.module_names())
+    }
+
+    /// The modules `names` (`encoder.layer.<i>.<linear>`) of a model with
+    /// `bert`'s shapes.
+    pub fn new(bert: BertConfig, names: Vec<String>) -> Result<Self, InitError> {
         let modules = names
             .iter()
             .map(|n| parse_module_name(n, bert.num_hidden_layers))
@@ -263,10 +268,30 @@ impl InitCollector {
         self.pending.remove(&p);
     }
 
+    /// `ΔW = −η·sign(ΣG_i)` and its truncated SVD to `rank` per module: A,
+    /// B and R₀, exactly as `fedsb init` computes them from pooled gradients.
+    pub fn adapters(
+        &self,
+        modules: &InitModules,
+        rank: usize,
+        learning_rate: f64,
+    ) -> Result<LoraSbAdapters<f32>, InitError> {
+        let mut linears: Vec<AdaptedLinear> = Vec::new();
+        for &(_, which) in &modules.modules {
+            if !linears.contains(&which) {
+                linears.push(which);
+            }
+        }
+        let mut options = LoraSbInitOptions::new(rank, learning_rate);
+        options.modules = linears;
+        let grads = self.sign_gradients(modules);
+        Ok(lora_sb_from_gradients(&modules.config, &grads, &options)?)
+    }
+
     /// The sign of every summed gradient, as the engine's per-layer matrices
     /// (only the sign of G enters `ΔW = −η·sign(G)`, so this is exact even
     /// where the f64 sum is too small for f32).
-    pub fn sign_gradients(&self, modules: &InitModules) -> Vec<[Matrix<f32>; 6]> {
+    fn sign_gradients(&self, modules: &InitModules) -> Vec<[Matrix<f32>; 6]> {
         let mut layers: Vec<[Matrix<f32>; 6]> = (0..modules.config.num_hidden_layers)
             .map(|_| std::array::from_fn(|_| Matrix::from_vec(0, 0, Vec::new())))
             .collect();
@@ -404,17 +429,11 @@ pub fn build_adapter_file(
     head: &ClassifierHead<f32>,
     path: &Path,
 ) -> Result<(), InitError> {
-    let mut linears: Vec<AdaptedLinear> = Vec::new();
-    for &(_, which) in &modules.modules {
-        if !linears.contains(&which) {
-            linears.push(which);
-        }
-    }
-    let mut options =
-        LoraSbInitOptions::new(config.adapter.rank as usize, config.init_learning_rate());
-    options.modules = linears;
-    let grads = collector.sign_gradients(modules);
-    let adapters = lora_sb_from_gradients(&modules.config, &grads, &options)?;
+    let adapters = collector.adapters(
+        modules,
+        config.adapter.rank as usize,
+        config.init_learning_rate(),
+    )?;
     let metadata = HashMap::from([
         ("format".to_owned(), "fedsb-lora-sb".to_owned()),
         ("rank".to_owned(), config.adapter.rank.to_string()),

@@ -38,11 +38,21 @@
 //! client has spent. The noise is not seeded, so DP runs do not repeat bit
 //! for bit.
 //!
+//! The initial model comes from `--init FILE`, from a LoRA-SB
+//! initialization on `--init-samples` pooled training examples (what an
+//! operator's `fedsb init` makes), or with `--federated-init N` from the
+//! federated initialization a task with `[adapter] init = "federated"` runs
+//! before round 1: every client's `InitGradient` frames over N of its own
+//! examples, summed and signed by the aggregator's [`InitCollector`] (and
+//! with `--centre-head` the head centred over the clients' `CentreLogits`
+//! by a [`CentreCollector`]).
+//!
 //! Splits ([`split_iid`], [`split_dirichlet`]) are seeded and documented on
 //! the functions. Byte counts are the sizes of the real protocol frames: per
 //! round, `bytes_up` = Σ of the clients' encoded `Update` frames and
 //! `bytes_down` = clients × the encoded `GlobalModel` frame they started the
-//! round from.
+//! round from; with `--federated-init`, round 0's are the initialization's
+//! frames (`bytes_up` as the aggregator counts its round 0's `bytes_in`).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -53,6 +63,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use fedsb_aggregator::config::{round_learning_rate, Weighting};
 use fedsb_aggregator::coordinator::check_report_against_policy;
+use fedsb_aggregator::init_round::{CentreCollector, InitCollector, InitModules};
 use fedsb_aggregator::round::{Round, ServerStep};
 use fedsb_engine::data::{read_dataset_file, Dataset, Example};
 use fedsb_engine::gpu::adamw::AdamW;
@@ -69,7 +80,7 @@ use fedsb_participant::LocalOptimizer;
 use fedsb_privacy::AccountantKind;
 use fedsb_protocol::{
     AdapterShape, AdapterState, ClientMessage, ClientUpdate, ParticipantId, PolicyField,
-    PrivacyPolicy, RoundId, ServerMessage,
+    PrivacyPolicy, RoundId, ServerMessage, TaskInfo, Tensor,
 };
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -153,13 +164,24 @@ pub struct SimArgs {
     #[arg(long, default_value_t = 128)]
     max_seq_len: usize,
     /// Training samples (a seeded choice from all of --train) whose gradients
-    /// initialize A, B and R₀, as `fedsb init` does. Ignored with --init.
+    /// initialize A, B and R₀, as `fedsb init` does. Ignored with --init;
+    /// --federated-init gives the clients' own instead.
     #[arg(long, default_value_t = 256)]
     init_samples: usize,
     /// Start from this adapter file (written by `fedsb init`) instead of
     /// initializing: its A, B, R₀ and head.
     #[arg(long)]
     init: Option<PathBuf>,
+    /// Initialize federatedly, as a task with `[adapter] init = "federated"`
+    /// and `init_samples = N` does over WebSockets: every client sums the
+    /// initialization gradients of N of its own examples (drawn with its
+    /// batch seed, as `fedsb join --seed` draws them), the aggregator adds
+    /// them up and makes A, B and R₀ from their signs; with --centre-head the
+    /// clients then send their logit sums under the initial model and the
+    /// head is centred over them. Round 0 reports the initialization's
+    /// frames. Not with --init or --init-samples (the pooled initialization).
+    #[arg(long, value_name = "N", conflicts_with_all = ["init", "init_samples"])]
+    federated_init: Option<u64>,
     /// Adapted linears in each layer, comma-separated; default all six.
     #[arg(
         long,
@@ -605,6 +627,12 @@ fn write_shards(
             "rank": args.rank,
             "modules": args.modules,
             "adapter_file": adapter_file,
+            // A task that initializes federatedly instead (`[adapter] init =
+            // "federated"`): these settings make the same initial model.
+            "federated_init_samples": args.federated_init,
+            "init_learning_rate": args.init_lr(),
+            "init_seed": args.seed,
+            "centre_head": args.centre_head,
         },
     });
     let path = dir.join("shards.json");
@@ -613,9 +641,195 @@ fn write_shards(
     Ok(())
 }
 
-/// The initial adapters (A, B, R₀) and head: from `--init`, or the LoRA-SB
-/// initialization exactly as `fedsb init --seed S --batch B --lr η` computes it
-/// on `--train`, with η = `--init-lr` (default `--lr`).
+/// What the federated initialization (`--federated-init`) exchanged, in the
+/// aggregator's accounting of its round 0.
+#[derive(Debug, Clone, Copy)]
+struct InitTraffic {
+    participants: u32,
+    /// Examples the summed gradients cover.
+    samples: u64,
+    /// The clients' `InitGradient`, `InitDone` and `CentreLogits` frames.
+    bytes_up: u64,
+    /// Every client's `InitRequest` and `CentreRequest` frames (the adapter
+    /// file with A, B and R₀ comes over HTTP and is not counted, as with
+    /// `--init`).
+    bytes_down: u64,
+}
+
+/// The federated LoRA-SB initialization of `--federated-init N`, with the
+/// code `fedsb join` and the aggregator run over WebSockets: each client's
+/// `InitGradient`s and `InitDone` (its first N examples in the order of its
+/// batch seed) encoded, decoded and summed by the aggregator's
+/// [`InitCollector`], A, B and R₀ from the signs; with --centre-head each
+/// client's `CentreLogits` under the initial model, summed by a
+/// [`CentreCollector`] that centres the head's bias.
+#[allow(clippy::too_many_arguments)]
+fn federated_initial_model(
+    args: &SimArgs,
+    per_client: u64,
+    ctx: &GpuContext,
+    weights: &BertWeights<f32>,
+    tokenizer: &BertTokenizer,
+    train: &Dataset,
+    clients: &[Client],
+    names: &[String],
+    modules: &[ModuleRef],
+) -> anyhow::Result<(LoraSbAdapters<f32>, ClassifierHead<f32>, InitTraffic)> {
+    let config = &weights.config;
+    let classes = train.num_labels();
+    let init_modules = InitModules::new(config.clone(), names.to_vec())?;
+    // The aggregator's initial head for `[adapter] init_seed` = --seed.
+    let mut head = init_modules.head(classes, args.seed);
+    let head_weight = Tensor::new(
+        vec![classes as u32, config.hidden_size as u32],
+        head.weight.data.clone(),
+    )
+    .context("the initial head's weight")?;
+    let head_bias =
+        Tensor::new(vec![classes as u32], head.bias.clone()).context("the initial head's bias")?;
+    let task = TaskInfo {
+        task_id: "fedsb-sim".into(),
+        model_id: args.model.display().to_string(),
+        model_sha256: String::new(),
+        module_names: names.to_vec(),
+        shape: AdapterShape {
+            rank: args.rank as u32,
+            modules: modules.len() as u32,
+            head_classes: classes as u32,
+            head_hidden: config.hidden_size as u32,
+        },
+        labels: train.label_names.clone(),
+        local_steps: 1,
+        batch_size: args.batch as u32,
+        learning_rate: args.lr,
+        head_learning_rate: args.head_lr(),
+        max_seq_len: args.max_seq_len as u32,
+        total_rounds: args.rounds,
+        files: Vec::new(),
+        privacy: None,
+    };
+    let request = ServerMessage::InitRequest {
+        init_samples: per_client,
+        batch_size: args.batch as u32,
+        head_weight: head_weight.clone(),
+        head_bias: head_bias.clone(),
+    }
+    .encode();
+    let mut bytes_down = request.len() as u64 * clients.len() as u64;
+    let started = Instant::now();
+    let mut collector = InitCollector::new(init_modules.shapes.clone(), per_client);
+    for (i, client) in clients.iter().enumerate() {
+        let p = ParticipantId(i as u64 + 1);
+        let (gradients, taken) = pollster::block_on(fedsb_participant::init_gradients(
+            ctx,
+            &task,
+            weights,
+            tokenizer,
+            &client.shard,
+            client.seed,
+            per_client,
+            args.batch as u32,
+            head_weight.clone(),
+            head_bias.clone(),
+        ))
+        .with_context(|| format!("client {}: the initialization's gradients", i + 1))?;
+        for frame in fedsb_participant::init_frames(gradients, taken) {
+            let bytes = frame.encode();
+            // What the aggregator receives: the decoded frame.
+            let accepted = match ClientMessage::decode(&bytes)? {
+                ClientMessage::InitGradient { module, gradient } => {
+                    collector.gradient(p, module, gradient, bytes.len() as u64)
+                }
+                ClientMessage::InitDone { num_samples } => {
+                    collector.finish_participant(p, num_samples).map(|_| ())
+                }
+                other => bail!("client {}: an initialization frame {other:?}", i + 1),
+            };
+            accepted.map_err(|r| {
+                anyhow::anyhow!("client {}'s initialization frame rejected: {r}", i + 1)
+            })?;
+        }
+    }
+    let adapters = collector.adapters(&init_modules, args.rank, f64::from(args.init_lr()))?;
+    eprintln!(
+        "federated LoRA-SB init on {} examples of {} clients ({per_client} each at most), rank {}, η {}: {:.1} s",
+        collector.total_samples(),
+        collector.contributors(),
+        args.rank,
+        args.init_lr(),
+        started.elapsed().as_secs_f64()
+    );
+    let mut bytes_up = collector.bytes_in();
+    if args.centre_head {
+        let initial = TrainableGradients {
+            r: adapters
+                .layers
+                .iter()
+                .map(|l| l.each_ref().map(|m| m.as_ref().map(|m| m.r.clone())))
+                .collect(),
+            head_weight: head.weight.clone(),
+            head_bias: head.bias.clone(),
+        };
+        let adapter = engine_to_state(&initial, modules)?;
+        let request = ServerMessage::CentreRequest {
+            init_samples: per_client,
+            batch_size: args.batch as u32,
+            adapter: adapter.clone(),
+        }
+        .encode();
+        bytes_down += request.len() as u64 * clients.len() as u64;
+        let mut centring = CentreCollector::new(classes, per_client);
+        let mut encoder = GpuEncoder::new(ctx, weights, Some(&adapters), Some(&head))?;
+        for (i, client) in clients.iter().enumerate() {
+            let message = pollster::block_on(fedsb_participant::centre_logits(
+                &mut encoder,
+                tokenizer,
+                &adapters,
+                modules,
+                &client.shard,
+                client.seed,
+                per_client,
+                args.batch as u32,
+                &adapter,
+            ))
+            .with_context(|| format!("client {}: the logit sums for centring", i + 1))?;
+            let bytes = message.encode();
+            let ClientMessage::CentreLogits {
+                logit_sums,
+                num_samples,
+            } = ClientMessage::decode(&bytes)?
+            else {
+                bail!(
+                    "client {}: a centring answer that is not CentreLogits",
+                    i + 1
+                );
+            };
+            centring
+                .add(
+                    ParticipantId(i as u64 + 1),
+                    &logit_sums,
+                    num_samples,
+                    bytes.len() as u64,
+                )
+                .map_err(|r| anyhow::anyhow!("client {}'s logit sums rejected: {r}", i + 1))?;
+        }
+        let means = centring.centre(&mut head.bias)?;
+        bytes_up += centring.bytes_in();
+        eprintln!("head centred over the clients' examples: the initial model's mean logits were {means:.3?}");
+    }
+    let traffic = InitTraffic {
+        participants: collector.contributors() as u32,
+        samples: collector.total_samples(),
+        bytes_up,
+        bytes_down,
+    };
+    Ok((adapters, head, traffic))
+}
+
+/// The initial adapters (A, B, R₀) and head: from `--init`, the federated
+/// initialization of `--federated-init` (with what it exchanged), or the
+/// LoRA-SB initialization exactly as `fedsb init --seed S --batch B --lr η`
+/// computes it on `--train`, with η = `--init-lr` (default `--lr`).
 #[allow(clippy::too_many_arguments)]
 fn initial_model(
     args: &SimArgs,
@@ -623,10 +837,21 @@ fn initial_model(
     weights: &BertWeights<f32>,
     tokenizer: &BertTokenizer,
     train: &Dataset,
+    clients: &[Client],
     names: &[String],
     modules: &[ModuleRef],
     linears: &[fedsb_engine::model::AdaptedLinear],
-) -> anyhow::Result<(LoraSbAdapters<f32>, ClassifierHead<f32>)> {
+) -> anyhow::Result<(
+    LoraSbAdapters<f32>,
+    ClassifierHead<f32>,
+    Option<InitTraffic>,
+)> {
+    if let Some(n) = args.federated_init {
+        let (adapters, head, traffic) = federated_initial_model(
+            args, n, ctx, weights, tokenizer, train, clients, names, modules,
+        )?;
+        return Ok((adapters, head, Some(traffic)));
+    }
     let config = &weights.config;
     let classes = train.num_labels();
     if let Some(path) = &args.init {
@@ -640,7 +865,7 @@ fn initial_model(
                 weight: Matrix::zeros(classes, config.hidden_size),
                 bias: vec![0.0; classes],
             });
-        return Ok((adapters, head));
+        return Ok((adapters, head, None));
     }
     let mut head = ClassifierHead::<f32>::init(
         classes,
@@ -671,7 +896,7 @@ fn initial_model(
         ))?;
         eprintln!("head centred: the initial model's mean logits were {means:.3?}");
     }
-    Ok((adapters, head))
+    Ok((adapters, head, None))
 }
 
 pub fn run(args: SimArgs) -> anyhow::Result<()> {
@@ -728,6 +953,9 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
         if args.init.is_some() {
             bail!("--init-lr sets η of the initialization, which --init skips: give one of them");
         }
+    }
+    if args.federated_init == Some(0) {
+        bail!("--federated-init must be at least 1 (examples per client)");
     }
     let policy = dp_policy(&args)?;
     if args.keep_moments && args.head_only {
@@ -831,8 +1059,8 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
         adapter: args.adapter.as_deref(),
     }))?;
     eprintln!("adapter: {}", ctx.adapter_name());
-    let (frozen, head0) = initial_model(
-        &args, &ctx, &weights, &tokenizer, &train, &names, &modules, &linears,
+    let (frozen, head0, init_traffic) = initial_model(
+        &args, &ctx, &weights, &tokenizer, &train, &clients, &names, &modules, &linears,
     )?;
     if let Some(dir) = &args.write_shards {
         let adapter_file = match &args.init {
@@ -843,11 +1071,12 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
                 std::fs::create_dir_all(dir)
                     .with_context(|| format!("creating {}", dir.display()))?;
                 let mut metadata = adapter_metadata(&args, &train)?;
+                let init_samples = match &init_traffic {
+                    Some(t) => t.samples,
+                    None => args.init_samples.min(train.len()) as u64,
+                };
                 metadata.extend([
-                    (
-                        "init_samples".to_owned(),
-                        args.init_samples.min(train.len()).to_string(),
-                    ),
+                    ("init_samples".to_owned(), init_samples.to_string()),
                     ("learning_rate".to_owned(), args.init_lr().to_string()),
                     ("seed".to_owned(), args.seed.to_string()),
                     (
@@ -857,6 +1086,10 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
                 ]);
                 if args.centre_head {
                     metadata.insert("centre_head".to_owned(), "true".to_owned());
+                }
+                if let Some(t) = &init_traffic {
+                    metadata.insert("init".to_owned(), "federated".to_owned());
+                    metadata.insert("participants".to_owned(), t.participants.to_string());
                 }
                 let path = dir.join(INIT_FILE);
                 write_adapter_file(&path, &names, &modules, &frozen, &head0, metadata)?;
@@ -956,10 +1189,10 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
         eval_accuracy: e0.accuracy,
         eval_loss: e0.loss,
         train_loss: None,
-        participants: 0,
-        samples: 0,
-        bytes_up: 0,
-        bytes_down: 0,
+        participants: init_traffic.map_or(0, |t| t.participants),
+        samples: init_traffic.map_or(0, |t| t.samples),
+        bytes_up: init_traffic.map_or(0, |t| t.bytes_up),
+        bytes_down: init_traffic.map_or(0, |t| t.bytes_down),
         seconds: started.elapsed().as_secs_f64(),
         epsilon_spent: policy.as_ref().map(|_| 0.0),
         learning_rate: None,
@@ -1154,6 +1387,10 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
         ]);
         if args.init.is_none() {
             metadata.insert("init_learning_rate".to_owned(), args.init_lr().to_string());
+        }
+        if let Some(n) = args.federated_init {
+            metadata.insert("init".to_owned(), "federated".to_owned());
+            metadata.insert("federated_init_samples".to_owned(), n.to_string());
         }
         if args.centre_head {
             metadata.insert("centre_head".to_owned(), "true".to_owned());

@@ -95,19 +95,17 @@ impl Task {
             .args(["--rank", &RANK.to_string()])
             .args(["--batch", &BATCH.to_string()])
             .args(["--local-steps", &LOCAL_STEPS.to_string()])
-            .args([
-                "--lr",
-                "0.01",
-                "--max-seq-len",
-                "16",
-                "--init-samples",
-                "32",
-            ])
+            .args(["--lr", "0.01", "--max-seq-len", "16"])
             .args(["--labels", &LABELS.join(",")])
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        // The pooled initialization's examples, unless the clients
+        // initialize federatedly (the two flags conflict).
+        if !extra.contains(&"--federated-init") {
+            c.args(["--init-samples", "32"]);
+        }
         c
     }
 }
@@ -176,6 +174,18 @@ fn flat(s: &AdapterState) -> Vec<f32> {
 /// shards of whole batches (`exact`), every client uses `LOCAL_STEPS × BATCH`
 /// samples; otherwise a client's epoch may end in a short batch.
 fn check_rounds(lines: &[serde_json::Value], rounds: u64, exact: bool) -> anyhow::Result<()> {
+    check_rounds_after(lines, rounds, exact, false)
+}
+
+/// [`check_rounds`]; with `federated_init` round 0 is the clients'
+/// federated initialization (every client took part and uploaded) instead
+/// of a model nobody sent anything for.
+fn check_rounds_after(
+    lines: &[serde_json::Value],
+    rounds: u64,
+    exact: bool,
+    federated_init: bool,
+) -> anyhow::Result<()> {
     let (update, global) = frame_sizes();
     assert_eq!(
         lines.len() as u64,
@@ -200,8 +210,13 @@ fn check_rounds(lines: &[serde_json::Value], rounds: u64, exact: bool) -> anyhow
         assert!((correct as f64 / total as f64 - acc).abs() < 1e-12, "{l}");
         assert!(l["seconds"].as_f64().context("seconds")? >= 0.0, "{l}");
         if n == 0 {
-            assert_eq!(l["participants"], 0, "{l}");
-            assert_eq!(l["bytes_up"], 0, "{l}");
+            if federated_init {
+                assert_eq!(l["participants"], CLIENTS, "{l}");
+                assert!(l["bytes_up"].as_u64().context("bytes_up")? > 0, "{l}");
+            } else {
+                assert_eq!(l["participants"], 0, "{l}");
+                assert_eq!(l["bytes_up"], 0, "{l}");
+            }
             continue;
         }
         assert_eq!(l["participants"], CLIENTS, "{l}");
@@ -526,7 +541,7 @@ fn without_json_rounds_go_to_stderr_and_the_table_to_stdout() -> anyhow::Result<
 #[test]
 fn sim_refuses_bad_input_clearly() -> anyhow::Result<()> {
     let task = Task::new()?;
-    let cases: [(usize, &[&str], &str); 22] = [
+    let cases: [(usize, &[&str], &str); 26] = [
         (CLIENTS, &["--split", "shards"], "unknown --split"),
         (CLIENTS, &["--split", "dirichlet:0"], "positive"),
         (CLIENTS, &["--split", "dirichlet:-2"], "positive"),
@@ -604,6 +619,26 @@ fn sim_refuses_bad_input_clearly() -> anyhow::Result<()> {
             CLIENTS,
             &["--centre-head", "--init", "adapter.safetensors"],
             "'--centre-head' cannot be used with '--init <INIT>'",
+        ),
+        (
+            CLIENTS,
+            &["--federated-init", "0"],
+            "--federated-init must be at least 1 (examples per client)",
+        ),
+        (
+            CLIENTS,
+            &["--federated-init", "4", "--init", "adapter.safetensors"],
+            "'--federated-init <N>' cannot be used with '--init <INIT>'",
+        ),
+        (
+            CLIENTS,
+            &["--federated-init", "4", "--init-samples", "8"],
+            "'--federated-init <N>' cannot be used with '--init-samples <INIT_SAMPLES>'",
+        ),
+        (
+            CLIENTS,
+            &["--federated-init", "4", "--dp-epsilon", "3", "--clip", "1"],
+            "must not read the private training data",
         ),
     ];
     for (clients, flags, message) in cases {
@@ -778,8 +813,9 @@ fn the_learning_rate_sweep_script_runs_on_a_tiny_model() -> anyhow::Result<()> {
 /// simulator's centred initial model (INIT=file) every round's evaluation
 /// by the aggregator equals the simulation's (the script checks it with
 /// COMPARE=1); with a federated initialization that centres its head over
-/// the protocol (INIT=federated) both clients' examples make round 0 and
-/// every round commits.
+/// the protocol (INIT=federated) both clients' examples make round 0, every
+/// round commits, and every evaluation (and round 0's upload) equals the
+/// simulation's with `--federated-init`.
 #[test]
 fn the_websocket_script_runs_the_recipe_on_a_tiny_model() -> anyhow::Result<()> {
     let task = Task::new()?;
@@ -822,9 +858,14 @@ fn the_websocket_script_runs_the_recipe_on_a_tiny_model() -> anyhow::Result<()> 
         stdout.contains("every round's evaluation equals the simulator's (3 rounds)"),
         "{stdout}"
     );
-    let out = run_script("federated", "federated", "0")?;
+    let out = run_script("federated", "federated", "1")?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("initial head centred"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("every round's evaluation equals the simulator's (3 rounds)"),
+        "{stdout}"
+    );
     let rounds: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("federated/rounds.json"))?)?;
     let rounds = rounds.as_array().context("rounds.json")?;
@@ -855,6 +896,18 @@ fn task_toml(rounds: u64, task: &serde_json::Value) -> anyhow::Result<String> {
     let warmup = task["lr_warmup_rounds"]
         .as_u64()
         .with_context(|| format!("shards.json: task.lr_warmup_rounds in {task}"))?;
+    // The operator's adapter file, or the federated initialization the
+    // simulator ran (`--federated-init`) with the settings it lists.
+    let adapter = match task["federated_init_samples"].as_u64() {
+        None => r#"file = "adapter.safetensors""#.to_owned(),
+        Some(n) => format!(
+            "init = \"federated\"\ninit_samples = {n}\ninit_learning_rate = {}\n\
+             init_seed = {}\ncentre_head = {}",
+            key("init_learning_rate")?,
+            task["init_seed"].as_u64().context("task.init_seed")?,
+            task["centre_head"].as_bool().context("task.centre_head")?
+        ),
+    };
     Ok(format!(
         r#"[task]
 id = "sim-vs-ws"
@@ -877,7 +930,7 @@ id = "tiny-random-bert"
 dir = "model"
 [adapter]
 rank = {RANK}
-file = "adapter.safetensors"
+{adapter}
 [eval]
 file = "eval.tsv"
 batch_size = {BATCH}
@@ -962,6 +1015,37 @@ async fn a_centred_head_equals_the_same_run_over_websockets() -> anyhow::Result<
     assert_eq!(centred.r, uncentred.r);
     assert_eq!(centred.head_weight, uncentred.head_weight);
     assert_ne!(centred.head_bias, uncentred.head_bias);
+    Ok(())
+}
+
+/// `--federated-init 5 --centre-head`: each client's own first 5 examples
+/// (in the order of its batch seed) give the initialization's gradients and
+/// the head's centring, as a task with `[adapter] init = "federated"` and
+/// `centre_head = true` gets them from `fedsb join`. Round 0 and every round
+/// after equal the run over WebSockets (and round 0's participants, samples
+/// and bytes the aggregator's), and the initial model is not the pooled
+/// initialization's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_federated_initialization_equals_the_same_run_over_websockets() -> anyhow::Result<()> {
+    let (task, globals, rounds) =
+        sim_against_websockets(&["--federated-init", "5", "--centre-head"]).await?;
+    let round0 = &rounds[0];
+    assert_eq!(round0["participants"], CLIENTS, "{round0}");
+    assert_eq!(round0["samples"], 5 * CLIENTS, "{round0}");
+    // Per client at least its gradients, 4 bytes per weight of every
+    // adapted linear (every layer of the tiny model, 6 linears each).
+    let config = tiny_config();
+    let (h, i) = (config.hidden_size as u64, config.intermediate_size as u64);
+    let weights = config.num_hidden_layers as u64 * (4 * h * h + 2 * h * i);
+    let up = round0["bytes_up"].as_u64().context("bytes_up")?;
+    assert!(
+        up > CLIENTS as u64 * 4 * weights,
+        "{up} bytes up for {weights} weights"
+    );
+    assert!(round0["bytes_down"].as_u64().context("bytes_down")? > 0);
+    let (pooled, _) = plain_run(&task, 1, "pooled initialization")?;
+    let (fed, pooled) = (written_global(&globals, 0)?, written_global(&pooled, 0)?);
+    assert_ne!(fed.r, pooled.r, "the federated R₀ is the pooled one");
     Ok(())
 }
 
@@ -1167,14 +1251,19 @@ async fn sim_against_websockets(
     const ROUNDS: u64 = 2;
     let task = Task::new()?;
     let dir = task.path().to_owned();
+    let federated = extra.contains(&"--federated-init");
     // The operator's adapter file; the simulator initializes by itself with
     // the same seed and settings, so round 0 checks that both agree (and
     // that `fedsb init --centre-head` centres as `fedsb sim --centre-head`).
-    let mut init = task.init(0.01, "adapter.safetensors");
-    if extra.contains(&"--centre-head") {
-        init.arg("--centre-head");
+    // With --federated-init the aggregator initializes from the joiners'
+    // gradients instead, as the simulator's clients did.
+    if !federated {
+        let mut init = task.init(0.01, "adapter.safetensors");
+        if extra.contains(&"--centre-head") {
+            init.arg("--centre-head");
+        }
+        check_success("fedsb init", &run(init)?)?;
     }
-    check_success("fedsb init", &run(init)?)?;
 
     let shards = dir.join("shards");
     let globals = dir.join("globals");
@@ -1190,7 +1279,7 @@ async fn sim_against_websockets(
     let out = tokio::task::spawn_blocking(move || run(sim)).await??;
     check_success("fedsb sim", &out)?;
     let sim_rounds = json_lines(&out)?;
-    check_rounds(&sim_rounds, ROUNDS, false)?;
+    check_rounds_after(&sim_rounds, ROUNDS, false, federated)?;
 
     // The same run over WebSockets: the aggregator, with the task settings
     // `shards.json` lists, and one `fedsb join` per shard, with the shard's
@@ -1200,25 +1289,27 @@ async fn sim_against_websockets(
     // The simulator's own initial model, written for the task's
     // `[adapter] file`: the same tensors as the operator's `fedsb init`.
     assert_eq!(manifest["task"]["adapter_file"], "init.safetensors");
-    let (ours, operators) = (
-        std::fs::read(shards.join("init.safetensors"))?,
-        std::fs::read(dir.join("adapter.safetensors"))?,
-    );
-    let (ours, operators) = (
-        safetensors::SafeTensors::deserialize(&ours)?,
-        safetensors::SafeTensors::deserialize(&operators)?,
-    );
-    let mut names = operators.names();
-    names.sort();
-    let mut our_names = ours.names();
-    our_names.sort();
-    assert_eq!(our_names, names);
-    for name in names {
-        assert_eq!(
-            ours.tensor(name)?.data(),
-            operators.tensor(name)?.data(),
-            "tensor {name} of shards/init.safetensors and fedsb init's file"
+    if !federated {
+        let (ours, operators) = (
+            std::fs::read(shards.join("init.safetensors"))?,
+            std::fs::read(dir.join("adapter.safetensors"))?,
         );
+        let (ours, operators) = (
+            safetensors::SafeTensors::deserialize(&ours)?,
+            safetensors::SafeTensors::deserialize(&operators)?,
+        );
+        let mut names = operators.names();
+        names.sort();
+        let mut our_names = ours.names();
+        our_names.sort();
+        assert_eq!(our_names, names);
+        for name in names {
+            assert_eq!(
+                ours.tensor(name)?.data(),
+                operators.tensor(name)?.data(),
+                "tensor {name} of shards/init.safetensors and fedsb init's file"
+            );
+        }
     }
     std::fs::write(dir.join("task.toml"), task_toml(ROUNDS, &manifest["task"])?)?;
     let agg = Aggregator::start_in(&dir)?;
@@ -1306,6 +1397,11 @@ async fn sim_against_websockets(
         eprintln!("round {n}: eval accuracy {sim_acc} / {ws_acc}, loss {sim_loss} / {ws_loss} (sim / aggregator)");
         // The rate the aggregator announced for the round: the simulator's.
         assert_eq!(ws["learning_rate"], sim["learning_rate"], "round {n}");
+        // What the aggregator counted: the simulator's participants,
+        // samples and upload (round 0's: the federated initialization's).
+        assert_eq!(ws["participants"], sim["participants"], "round {n}");
+        assert_eq!(ws["total_samples"], sim["samples"], "round {n}");
+        assert_eq!(ws["bytes_in"], sim["bytes_up"], "round {n}");
         assert_eq!(sim_acc, ws_acc, "round {n}: eval accuracy");
         assert!(
             (sim_loss - ws_loss).abs() <= 1e-6 * ws_loss.abs(),
