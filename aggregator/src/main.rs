@@ -2,6 +2,7 @@
 //! `fedsb join` a native participant, `fedsb export`, `fedsb eval` and
 //! `fedsb merge` take the trained model out, measure it and make it a plain
 //! Hugging Face model. `fedsb --help` lists everything.
+mod average_cmd;
 mod data_args;
 mod dp_training;
 mod embed_cmd;
@@ -59,6 +60,8 @@ enum Command {
     Eval(eval_cmd::EvalArgs),
     /// Merge an adapter file into its base model: a plain Hugging Face model directory.
     Merge(merge_cmd::MergeArgs),
+    /// The mean of adapter files with the same A and B (checkpoints, rounds).
+    Average(average_cmd::AverageArgs),
 }
 
 #[derive(Debug, Args)]
@@ -101,6 +104,7 @@ fn main() -> anyhow::Result<()> {
         Command::Export(args) => export_cmd::run(args),
         Command::Eval(args) => eval_cmd::run(args),
         Command::Merge(args) => merge_cmd::run(args),
+        Command::Average(args) => average_cmd::run(args),
     }
 }
 

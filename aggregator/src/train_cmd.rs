@@ -36,7 +36,7 @@
 //! `clip_norm` and `accountant`.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -128,6 +128,11 @@ pub struct TrainArgs {
     /// safetensors file, in the layout of `fedsb init`.
     #[arg(long)]
     output: Option<PathBuf>,
+    /// Also write the adapter after every N steps before the last, next to
+    /// --output as `<its name>.step-<n>.safetensors` (`fedsb average`
+    /// averages such checkpoints).
+    #[arg(long, value_name = "N", requires = "output")]
+    checkpoint_every: Option<usize>,
     /// Differential privacy: train with DP-SGD and calibrate σ so that
     /// --steps steps spend at most this ε (needs --clip).
     #[arg(long, conflicts_with = "noise_multiplier")]
@@ -219,6 +224,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let head_lr = args.head_lr.unwrap_or(args.lr);
     if !(head_lr > 0.0 && head_lr.is_finite()) {
         bail!("--head-lr {head_lr} must be positive");
+    }
+    let checkpoint_every = args.checkpoint_every;
+    if checkpoint_every == Some(0) {
+        bail!("--checkpoint-every must be at least 1 (steps)");
     }
     let dp_wanted = args.dp_epsilon.is_some() || args.noise_multiplier.is_some();
     match (dp_wanted, args.clip) {
@@ -368,6 +377,46 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
                 .map_or(String::new(), |e| format!(", calibrated for ε = {e} over {} steps", args.steps)),
         );
     }
+    // The adapter as `--output` and the checkpoints write it, after `steps`.
+    let write_adapter = |encoder: &GpuEncoder<'_>,
+                         dp: Option<&DpTraining>,
+                         steps: usize,
+                         path: &Path|
+     -> anyhow::Result<()> {
+        let (trained, trained_head) = pollster::block_on(encoder.read_adapters(&adapters))?;
+        let mut metadata = HashMap::from([
+            ("format".to_owned(), "fedsb-lora-sb".to_owned()),
+            ("rank".to_owned(), rank.to_string()),
+            ("modules".to_owned(), module_kinds(&modules)),
+            (
+                "labels".to_owned(),
+                serde_json::to_string(&train.label_names)?,
+            ),
+            ("steps".to_owned(), steps.to_string()),
+            ("learning_rate".to_owned(), args.lr.to_string()),
+            ("head_learning_rate".to_owned(), head_lr.to_string()),
+            ("seed".to_owned(), args.seed.to_string()),
+            ("trained_by".to_owned(), "fedsb train".to_owned()),
+        ]);
+        match &init_file {
+            Some(s) => {
+                metadata.insert("init_file".to_owned(), s.path.clone());
+            }
+            None => {
+                metadata.insert("init_learning_rate".to_owned(), init_lr.to_string());
+            }
+        }
+        if args.centre_head {
+            metadata.insert("centre_head".to_owned(), "true".to_owned());
+        }
+        if let Some(dp) = dp {
+            metadata.insert("dp_epsilon".to_owned(), dp.epsilon_spent()?.to_string());
+            metadata.insert("dp_delta".to_owned(), dp.delta().to_string());
+        }
+        write_adapter_file(path, &names, &modules, &trained, &trained_head, metadata)?;
+        Ok(())
+    };
+    let mut checkpoints: Vec<String> = Vec::new();
     let mut train_seconds = 0.0;
     let mut samples = 0usize;
     let mut loss_window = Vec::new();
@@ -406,6 +455,14 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
                 args.steps,
                 samples as f64 / train_seconds,
             );
+        }
+        if let (Some(every), Some(output)) = (checkpoint_every, &args.output) {
+            if step % every == 0 && step != args.steps {
+                let path = checkpoint_path(output, step);
+                write_adapter(&encoder, dp.as_ref(), step, &path)?;
+                eprintln!("step {step}: wrote {}", path.display());
+                checkpoints.push(path.display().to_string());
+            }
         }
         if args.eval_every > 0 && step % args.eval_every == 0 && step != args.steps {
             let e = pollster::block_on(evaluate(
@@ -450,36 +507,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     };
     let output = match &args.output {
         Some(path) => {
-            let (trained, trained_head) = pollster::block_on(encoder.read_adapters(&adapters))?;
-            let mut metadata = HashMap::from([
-                ("format".to_owned(), "fedsb-lora-sb".to_owned()),
-                ("rank".to_owned(), rank.to_string()),
-                ("modules".to_owned(), module_kinds(&modules)),
-                (
-                    "labels".to_owned(),
-                    serde_json::to_string(&train.label_names)?,
-                ),
-                ("steps".to_owned(), args.steps.to_string()),
-                ("learning_rate".to_owned(), args.lr.to_string()),
-                ("head_learning_rate".to_owned(), head_lr.to_string()),
-                ("trained_by".to_owned(), "fedsb train".to_owned()),
-            ]);
-            match &init_file {
-                Some(s) => {
-                    metadata.insert("init_file".to_owned(), s.path.clone());
-                }
-                None => {
-                    metadata.insert("init_learning_rate".to_owned(), init_lr.to_string());
-                }
-            }
-            if args.centre_head {
-                metadata.insert("centre_head".to_owned(), "true".to_owned());
-            }
-            if let Some(dp) = &dp {
-                metadata.insert("dp_epsilon".to_owned(), dp.epsilon_spent()?.to_string());
-                metadata.insert("dp_delta".to_owned(), dp.delta().to_string());
-            }
-            write_adapter_file(path, &names, &modules, &trained, &trained_head, metadata)?;
+            write_adapter(&encoder, dp.as_ref(), args.steps, path)?;
             eprintln!("wrote the trained adapter to {}", path.display());
             Some(path.display().to_string())
         }
@@ -504,6 +532,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         "eval_samples_per_second": e.samples as f64 / eval_seconds.max(1e-9),
         "adapter": adapter_name,
         "output": output,
+        "checkpoints": checkpoints,
     });
     if let Some(dp) = &dp {
         let epsilon = dp.epsilon_spent()?;
@@ -597,6 +626,15 @@ fn initialize(
 }
 
 /// The `modules` metadata: the adapted linears' names, in the engine's order.
+/// Where `--checkpoint-every` writes the adapter after `step` steps: next to
+/// `output`, `<output's stem>.step-<step>.safetensors`.
+fn checkpoint_path(output: &Path, step: usize) -> PathBuf {
+    let stem = output
+        .file_stem()
+        .map_or_else(|| "adapter".into(), |s| s.to_string_lossy().into_owned());
+    output.with_file_name(format!("{stem}.step-{step}.safetensors"))
+}
+
 fn module_kinds(modules: &[ModuleRef]) -> String {
     AdaptedLinear::ALL
         .into_iter()

@@ -1,8 +1,9 @@
 //! `fedsb train` on a tiny random BERT (GPU: lavapipe here): `--init-lr`
 //! initializes as `fedsb init --lr η` does while AdamW runs at `--lr`;
 //! `--head-lr` trains the head at its own rate; `--init FILE` trains from
-//! an adapter file's model; and `fedsb init`'s report of its two phases and its refusal of a rank wider
-//! than a layer.
+//! an adapter file's model; `--checkpoint-every` writes the model at its
+//! steps and `fedsb average` averages such files; and `fedsb init`'s report
+//! of its two phases and its refusal of a rank wider than a layer.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -471,5 +472,178 @@ fn write_without_head(from: &Path, to: &Path) -> anyhow::Result<()> {
         .collect::<Result<Vec<_>, _>>()?;
     let metadata = header.metadata().clone();
     std::fs::write(to, safetensors::serialize(views, metadata)?)?;
+    Ok(())
+}
+
+/// `fedsb train` at `--lr 0.01` for `steps` steps with `extra` flags, on
+/// `dir`'s `train.tsv` and `eval.tsv`; fails unless it succeeds.
+fn train_steps(dir: &Path, steps: &str, extra: &[&str]) -> anyhow::Result<Output> {
+    let eval = dir.join("eval.tsv");
+    let mut flags = vec!["--eval", eval.to_str().context("path")?];
+    flags.extend(["--steps", steps, "--lr", "0.01", "--json"]);
+    flags.extend_from_slice(extra);
+    let out = fedsb(dir, "train", &flags)?;
+    check_success(&format!("fedsb train --steps {steps} {extra:?}"), &out)?;
+    Ok(out)
+}
+
+/// `fedsb average` on `files`, writing `out`.
+fn average(files: &[&Path], out: &Path) -> anyhow::Result<Output> {
+    Command::new(fedsb_bin())
+        .arg("average")
+        .args(files)
+        .arg("--out")
+        .arg(out)
+        .env("RUST_LOG", "warn")
+        .output()
+        .context("running fedsb average")
+}
+
+/// `--checkpoint-every 1` in a 3-step run writes the model after steps 1
+/// and 2 next to `--output` (the last step's model is `--output` itself),
+/// each the model a run of that many steps ends with. `fedsb average` of
+/// the three is their mean: every R and the head averaged in f64, A and B
+/// copied, the metadata all three agree on kept and the files listed; one
+/// file averages to itself; files of another initialization (other A and
+/// B) or with other classes are refused, and so are bad flags.
+#[test]
+fn checkpoints_are_the_run_at_their_step_and_average_into_their_mean() -> anyhow::Result<()> {
+    let tmp = tiny_task()?;
+    let dir = tmp.path();
+    let path = |name: &str| dir.join(name);
+    let s = |p: &Path| p.to_str().context("path").map(str::to_owned);
+    let run = path("run.safetensors");
+    let out = train_steps(
+        dir,
+        "3",
+        &["--checkpoint-every", "1", "--output", &s(&run)?],
+    )?;
+    let (step1, step2) = (
+        path("run.step-1.safetensors"),
+        path("run.step-2.safetensors"),
+    );
+    let report = last_json_line(&out)?;
+    assert_eq!(
+        report["checkpoints"],
+        serde_json::json!([s(&step1)?, s(&step2)?]),
+        "{report}"
+    );
+    assert!(!path("run.step-3.safetensors").exists());
+    let two = path("two.safetensors");
+    train_steps(dir, "2", &["--output", &s(&two)?])?;
+    let (same, moved) = (
+        worst_absolute(&step2, &two)?,
+        worst_absolute(&step1, &step2)?,
+    );
+    assert!(
+        same <= 1e-6 && moved > 1e-4,
+        "the step-2 checkpoint is {same:e} from a 2-step run's model and {moved:e} from step 1's"
+    );
+    let (_, meta) = lora_r(&step1)?;
+    assert_eq!(meta.get("steps").map(String::as_str), Some("1"), "{meta:?}");
+
+    let mean = path("mean.safetensors");
+    check_success("fedsb average", &average(&[&step1, &step2, &run], &mean)?)?;
+    let inputs = [tensors_of(&step1)?, tensors_of(&step2)?, tensors_of(&run)?];
+    let got = tensors_of(&mean)?;
+    assert!(got.keys().eq(inputs[2].keys()));
+    for (name, values) in &got {
+        let trained = name.ends_with(".lora_R") || name.starts_with("classifier.");
+        let expected: Vec<f32> = if trained {
+            (0..values.len())
+                .map(|i| {
+                    let sum: f64 = inputs.iter().map(|t| f64::from(t[name][i])).sum();
+                    (sum / 3.0) as f32
+                })
+                .collect()
+        } else {
+            inputs[2][name].clone()
+        };
+        assert_eq!(values, &expected, "{name}");
+    }
+    assert_ne!(got, inputs[2], "the mean is the last file");
+    let (_, meta) = lora_r(&mean)?;
+    let listed: Vec<String> = serde_json::from_str(&meta["averaged_files"])?;
+    assert_eq!(listed, [s(&step1)?, s(&step2)?, s(&run)?]);
+    assert_eq!(meta.get("steps"), None, "the steps differ: {meta:?}");
+    assert_eq!(meta.get("rank").map(String::as_str), Some(RANK));
+    assert_eq!(meta.get("labels"), lora_r(&run)?.1.get("labels"));
+    let one = path("one.safetensors");
+    check_success("fedsb average, one file", &average(&[&run], &one)?)?;
+    assert_eq!(tensors_of(&one)?, inputs[2]);
+
+    let refused = |files: &[&Path], message: &str| -> anyhow::Result<()> {
+        let out = average(files, &path("refused.safetensors"))?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{files:?} must be refused");
+        assert!(
+            stderr.contains(message),
+            "{files:?}: {message:?} not in {stderr}"
+        );
+        assert!(!path("refused.safetensors").exists());
+        Ok(())
+    };
+    // Another seed draws other initialization examples: other A and B.
+    let other = path("other.safetensors");
+    let eval = path("eval.tsv");
+    check_success(
+        "fedsb train --seed 1",
+        &Command::new(fedsb_bin())
+            .arg("train")
+            .arg("--model")
+            .arg(path("model"))
+            .arg("--train")
+            .arg(path("train.tsv"))
+            .arg("--eval")
+            .arg(&eval)
+            .args(["--rank", RANK, "--batch", BATCH, "--seed", "1"])
+            .args(["--init-samples", INIT_SAMPLES, "--steps", "1", "--output"])
+            .arg(&other)
+            .env("RUST_LOG", "warn")
+            .output()?,
+    )?;
+    refused(&[&run, &other], "only files with the same frozen A and B")?;
+    let relabelled = path("relabelled.safetensors");
+    let bytes = std::fs::read(&run)?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
+    let mut metadata = header.metadata().clone().unwrap_or_default();
+    metadata.insert("labels".into(), r#"["bad","good"]"#.into());
+    let raw: Vec<(String, Vec<usize>, Vec<u8>)> = shaped_tensors(&bytes)?
+        .into_iter()
+        .map(|(name, (shape, data))| {
+            (
+                name,
+                shape,
+                data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            )
+        })
+        .collect();
+    let views = raw
+        .iter()
+        .map(|(name, shape, data)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
+                .map(|v| (name.clone(), v))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    std::fs::write(&relabelled, safetensors::serialize(views, Some(metadata))?)?;
+    refused(&[&run, &relabelled], "has the classes [\"bad\",\"good\"]")?;
+    refused(&[&run, &path("missing.safetensors")], "missing.safetensors")?;
+    refused(&[&eval], "is not a safetensors file")?;
+    for (flags, message) in [
+        (
+            vec!["--checkpoint-every", "0", "--output", "x.safetensors"],
+            "--checkpoint-every must be at least 1",
+        ),
+        (vec!["--checkpoint-every", "1"], "--output <OUTPUT>"),
+    ] {
+        let mut all = vec!["--eval", eval.to_str().context("path")?, "--steps", "2"];
+        all.extend(flags.iter().copied());
+        let out = fedsb(dir, "train", &all)?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(message),
+            "{flags:?}: {stderr}"
+        );
+    }
     Ok(())
 }
