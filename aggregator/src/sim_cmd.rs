@@ -761,16 +761,7 @@ fn federated_initial_model(
     );
     let mut bytes_up = collector.bytes_in();
     if args.centre_head {
-        let initial = TrainableGradients {
-            r: adapters
-                .layers
-                .iter()
-                .map(|l| l.each_ref().map(|m| m.as_ref().map(|m| m.r.clone())))
-                .collect(),
-            head_weight: head.weight.clone(),
-            head_bias: head.bias.clone(),
-        };
-        let adapter = engine_to_state(&initial, modules)?;
+        let adapter = initial_state(&adapters, &head, modules)?;
         let request = ServerMessage::CentreRequest {
             init_samples: per_client,
             batch_size: args.batch as u32,
@@ -824,6 +815,24 @@ fn federated_initial_model(
         bytes_down,
     };
     Ok((adapters, head, traffic))
+}
+
+/// The wire state of `adapters`' R's and `head`: round 0's global model.
+fn initial_state(
+    adapters: &LoraSbAdapters<f32>,
+    head: &ClassifierHead<f32>,
+    modules: &[ModuleRef],
+) -> anyhow::Result<AdapterState> {
+    let initial = TrainableGradients {
+        r: adapters
+            .layers
+            .iter()
+            .map(|l| l.each_ref().map(|m| m.as_ref().map(|m| m.r.clone())))
+            .collect(),
+        head_weight: head.weight.clone(),
+        head_bias: head.bias.clone(),
+    };
+    Ok(engine_to_state(&initial, modules)?)
 }
 
 /// The initial adapters (A, B, R₀) and head: from `--init`, the federated
@@ -1107,16 +1116,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
         )?;
         eprintln!("wrote the shards into {}", dir.display());
     }
-    let initial = TrainableGradients {
-        r: frozen
-            .layers
-            .iter()
-            .map(|l| l.each_ref().map(|m| m.as_ref().map(|m| m.r.clone())))
-            .collect(),
-        head_weight: head0.weight.clone(),
-        head_bias: head0.bias.clone(),
-    };
-    let mut global = engine_to_state(&initial, &modules)?;
+    let mut global = initial_state(&frozen, &head0, &modules)?;
     // The global model before `global` (x_{t−2} of the server's momentum).
     let mut before: Option<AdapterState> = None;
     global
