@@ -47,21 +47,14 @@ struct Input<'a> {
 /// The mean of `inputs` as the bytes of a safetensors file.
 fn mean_file(inputs: &[Input<'_>]) -> anyhow::Result<Vec<u8>> {
     let first = &inputs[0];
-    let mut names: Vec<String> = first
-        .tensors
-        .names()
-        .into_iter()
-        .map(str::to_owned)
-        .collect();
-    names.sort();
+    let sorted_names = |t: &SafeTensors<'_>| {
+        let mut names: Vec<String> = t.names().into_iter().map(str::to_owned).collect();
+        names.sort();
+        names
+    };
+    let names = sorted_names(&first.tensors);
     for input in &inputs[1..] {
-        let mut theirs: Vec<String> = input
-            .tensors
-            .names()
-            .into_iter()
-            .map(str::to_owned)
-            .collect();
-        theirs.sort();
+        let theirs = sorted_names(&input.tensors);
         if let Some(missing) = names.iter().find(|n| !theirs.contains(n)) {
             bail!(
                 "{} has no tensor {missing} ({} has)",

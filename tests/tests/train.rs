@@ -18,13 +18,19 @@ const BATCH: &str = "8";
 const INIT_SAMPLES: &str = "16";
 
 fn fedsb(dir: &Path, command: &str, extra: &[&str]) -> anyhow::Result<Output> {
+    fedsb_seeded(dir, command, "0", extra)
+}
+
+/// [`fedsb`] with another `--seed` (the initialization's examples and head,
+/// and the batch order).
+fn fedsb_seeded(dir: &Path, command: &str, seed: &str, extra: &[&str]) -> anyhow::Result<Output> {
     Command::new(fedsb_bin())
         .arg(command)
         .arg("--model")
         .arg(dir.join("model"))
         .arg("--train")
         .arg(dir.join("train.tsv"))
-        .args(["--rank", RANK, "--batch", BATCH, "--seed", "0"])
+        .args(["--rank", RANK, "--batch", BATCH, "--seed", seed])
         .args(["--init-samples", INIT_SAMPLES])
         .args(extra)
         .env("RUST_LOG", "warn")
@@ -319,16 +325,7 @@ fn init_file_trains_from_an_adapter_files_model() -> anyhow::Result<()> {
     let other = path("other.safetensors");
     check_success(
         "fedsb init --seed 1",
-        &Command::new(fedsb_bin())
-            .arg("init")
-            .arg("--model")
-            .arg(path("model"))
-            .arg("--train")
-            .arg(path("train.tsv"))
-            .args(["--rank", RANK, "--batch", BATCH, "--seed", "1"])
-            .args(["--init-samples", INIT_SAMPLES, "--lr", "0.003", "--out"])
-            .arg(&other)
-            .output()?,
+        &fedsb_seeded(dir, "init", "1", &["--lr", "0.003", "--out", &s(&other)?])?,
     )?;
 
     // Three steps from the file and three from the run's own initialization.
@@ -588,19 +585,19 @@ fn checkpoints_are_the_run_at_their_step_and_average_into_their_mean() -> anyhow
     let eval = path("eval.tsv");
     check_success(
         "fedsb train --seed 1",
-        &Command::new(fedsb_bin())
-            .arg("train")
-            .arg("--model")
-            .arg(path("model"))
-            .arg("--train")
-            .arg(path("train.tsv"))
-            .arg("--eval")
-            .arg(&eval)
-            .args(["--rank", RANK, "--batch", BATCH, "--seed", "1"])
-            .args(["--init-samples", INIT_SAMPLES, "--steps", "1", "--output"])
-            .arg(&other)
-            .env("RUST_LOG", "warn")
-            .output()?,
+        &fedsb_seeded(
+            dir,
+            "train",
+            "1",
+            &[
+                "--eval",
+                &s(&eval)?,
+                "--steps",
+                "1",
+                "--output",
+                &s(&other)?,
+            ],
+        )?,
     )?;
     refused(&[&run, &other], "only files with the same frozen A and B")?;
     let relabelled = path("relabelled.safetensors");
