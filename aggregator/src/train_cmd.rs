@@ -625,7 +625,6 @@ fn initialize(
     Ok((adapters, head, taken))
 }
 
-/// The `modules` metadata: the adapted linears' names, in the engine's order.
 /// Where `--checkpoint-every` writes the adapter after `step` steps: next to
 /// `output`, `<output's stem>.step-<step>.safetensors`.
 fn checkpoint_path(output: &Path, step: usize) -> PathBuf {
@@ -635,6 +634,7 @@ fn checkpoint_path(output: &Path, step: usize) -> PathBuf {
     output.with_file_name(format!("{stem}.step-{step}.safetensors"))
 }
 
+/// The `modules` metadata: the adapted linears' names, in the engine's order.
 fn module_kinds(modules: &[ModuleRef]) -> String {
     AdaptedLinear::ALL
         .into_iter()
