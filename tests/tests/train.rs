@@ -5,6 +5,7 @@
 //! steps and `fedsb average` averages such files; and `fedsb init`'s report
 //! of its two phases and its refusal of a rank wider than a layer.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -39,10 +40,7 @@ fn fedsb_seeded(dir: &Path, command: &str, seed: &str, extra: &[&str]) -> anyhow
 }
 
 /// Every `*.lora_R` of an adapter file, by name, and its metadata.
-type Adapter = (
-    Vec<(String, Vec<f32>)>,
-    std::collections::HashMap<String, String>,
-);
+type Adapter = (Vec<(String, Vec<f32>)>, HashMap<String, String>);
 
 fn lora_r(path: &Path) -> anyhow::Result<Adapter> {
     let rs = tensors_of(path)?
@@ -436,7 +434,12 @@ fn init_file_trains_from_an_adapter_files_model() -> anyhow::Result<()> {
     refused(&["--init-samples", "16"], &init, "cannot be used with")?;
     refused(&["--centre-head"], &init, "cannot be used with")?;
     let headless = path("headless.safetensors");
-    write_without_head(&init, &headless)?;
+    rewrite_adapter_file(
+        &init,
+        &headless,
+        |name| !name.starts_with("classifier."),
+        |_| {},
+    )?;
     refused(&[], &headless, "has no classifier head")?;
     std::fs::write(
         path("train.tsv"),
@@ -446,15 +449,19 @@ fn init_file_trains_from_an_adapter_files_model() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Copies the adapter file `from` to `to` without its `classifier.*`
-/// tensors, keeping its metadata.
-fn write_without_head(from: &Path, to: &Path) -> anyhow::Result<()> {
+/// Copies the adapter file `from` to `to`, keeping only the tensors whose
+/// names pass `keep` and letting `edit` change the metadata on the way.
+fn rewrite_adapter_file(
+    from: &Path,
+    to: &Path,
+    keep: impl Fn(&str) -> bool,
+    edit: impl FnOnce(&mut Option<HashMap<String, String>>),
+) -> anyhow::Result<()> {
     let bytes = std::fs::read(from)?;
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
-    let tensors = shaped_tensors(&bytes)?;
-    let raw: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+    let raw: Vec<(String, Vec<usize>, Vec<u8>)> = shaped_tensors(&bytes)?
         .into_iter()
-        .filter(|(name, _)| !name.starts_with("classifier."))
+        .filter(|(name, _)| keep(name))
         .map(|(name, (shape, data))| {
             let bytes = data.iter().flat_map(|x| x.to_le_bytes()).collect();
             (name, shape, bytes)
@@ -467,7 +474,8 @@ fn write_without_head(from: &Path, to: &Path) -> anyhow::Result<()> {
                 .map(|v| (name.clone(), v))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let metadata = header.metadata().clone();
+    let mut metadata = header.metadata().clone();
+    edit(&mut metadata);
     std::fs::write(to, safetensors::serialize(views, metadata)?)?;
     Ok(())
 }
@@ -601,28 +609,16 @@ fn checkpoints_are_the_run_at_their_step_and_average_into_their_mean() -> anyhow
     )?;
     refused(&[&run, &other], "only files with the same frozen A and B")?;
     let relabelled = path("relabelled.safetensors");
-    let bytes = std::fs::read(&run)?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
-    let mut metadata = header.metadata().clone().unwrap_or_default();
-    metadata.insert("labels".into(), r#"["bad","good"]"#.into());
-    let raw: Vec<(String, Vec<usize>, Vec<u8>)> = shaped_tensors(&bytes)?
-        .into_iter()
-        .map(|(name, (shape, data))| {
-            (
-                name,
-                shape,
-                data.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            )
-        })
-        .collect();
-    let views = raw
-        .iter()
-        .map(|(name, shape, data)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
-                .map(|v| (name.clone(), v))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    std::fs::write(&relabelled, safetensors::serialize(views, Some(metadata))?)?;
+    rewrite_adapter_file(
+        &run,
+        &relabelled,
+        |_| true,
+        |metadata| {
+            metadata
+                .get_or_insert_with(HashMap::new)
+                .insert("labels".into(), r#"["bad","good"]"#.into());
+        },
+    )?;
     refused(&[&run, &relabelled], "has the classes [\"bad\",\"good\"]")?;
     refused(&[&run, &path("missing.safetensors")], "missing.safetensors")?;
     refused(&[&eval], "is not a safetensors file")?;
