@@ -5,7 +5,8 @@
 //! (`fedsb serve` + three `fedsb join` processes on the shard files the
 //! simulator wrote), also with the clients' AdamW moments kept across rounds
 //! and with the learning rate decayed per round, and
-//! `scripts/fed_sb_lr_sweep.sh` at a tiny scale.
+//! `scripts/fed_sb_lr_sweep.sh`, `scripts/fed_sb_over_websockets.sh` and
+//! `scripts/fed_sb_pooled_draw.sh` at a tiny scale.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -875,6 +876,145 @@ fn the_websocket_script_runs_the_recipe_on_a_tiny_model() -> anyhow::Result<()> 
     for r in &rounds[1..] {
         assert_eq!(r["participants"], 2, "{r}");
     }
+    Ok(())
+}
+
+/// `scripts/fed_sb_pooled_draw.sh` (BENCHMARKS' pooled draws) on a tiny
+/// model, two seeds: each ORDER reorders the training file's rows (all of
+/// them, the header first), so a seed's initialization keeps its head
+/// weights but draws other sentences (another R₀); the simulation and the
+/// centralized run take the same number of steps; the summary's gap is
+/// centralized less Fed-SB; a second run with everything done runs nothing
+/// again; an unknown ORDER is refused, naming it.
+#[test]
+fn the_pooled_draw_script_runs_on_a_tiny_model() -> anyhow::Result<()> {
+    let task = Task::new()?;
+    let dir = task.path();
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data)?;
+    std::fs::copy(dir.join("train.tsv"), data.join("train.tsv"))?;
+    std::fs::copy(dir.join("eval.tsv"), data.join("dev.tsv"))?;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/fed_sb_pooled_draw.sh");
+    let run_script = |order: &str| -> anyhow::Result<Output> {
+        let mut c = Command::new("bash");
+        c.arg(&script)
+            .arg(dir.join(order))
+            .arg(order)
+            .env("FEDSB", fedsb_bin())
+            .env("MODEL", dir.join("model"))
+            .env("DATA", &data)
+            .env("SEEDS", "0 1")
+            .env("CLIENTS", "2")
+            .env("ROUNDS", "2")
+            .env("LOCAL_STEPS", "2")
+            .env("RANK", RANK.to_string())
+            .env("BATCH", BATCH.to_string())
+            .env("INIT_SAMPLES", "16")
+            .env("MAX_SEQ_LEN", "16")
+            .env("LABELS", LABELS.join(","))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        run(c)
+    };
+    let lines = |path: PathBuf| -> anyhow::Result<Vec<serde_json::Value>> {
+        std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .lines()
+            .map(|l| serde_json::from_str(l).with_context(|| format!("{}: {l}", path.display())))
+            .collect()
+    };
+    let original = std::fs::read_to_string(data.join("train.tsv"))?;
+    let rows: Vec<&str> = original.lines().collect();
+    let half = (rows.len() - 1) / 2;
+    let mut heads = Vec::new();
+    let mut rs = Vec::new();
+    for order in ["as-is", "reversed", "rotated"] {
+        let out = run_script(order)?;
+        check_success(&format!("scripts/fed_sb_pooled_draw.sh {order}"), &out)?;
+        let out_dir = dir.join(order);
+        let ordered = std::fs::read_to_string(out_dir.join(format!("train-{order}.tsv")))?;
+        let ordered: Vec<&str> = ordered.lines().collect();
+        let want: Vec<&str> = match order {
+            "as-is" => rows.clone(),
+            "reversed" => std::iter::once(rows[0])
+                .chain(rows[1..].iter().rev().copied())
+                .collect(),
+            _ => std::iter::once(rows[0])
+                .chain(rows[1 + half..].iter().copied())
+                .chain(rows[1..1 + half].iter().copied())
+                .collect(),
+        };
+        assert_eq!(ordered, want, "train-{order}.tsv");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        for seed in [0, 1] {
+            let sim = lines(out_dir.join(format!("sim-s{seed}.jsonl")))?;
+            let rounds: Vec<u64> = sim.iter().filter_map(|r| r["round"].as_u64()).collect();
+            assert_eq!(rounds, [0, 1, 2], "{order}, seed {seed}");
+            let train = lines(out_dir.join(format!("train-s{seed}.jsonl")))?;
+            let last = train.last().context("no centralized result")?;
+            // 2 clients × 2 rounds × 2 local steps.
+            assert_eq!(last["steps"], 8, "{order}, seed {seed}: {last}");
+            let central = last["eval_accuracy"].as_f64().context("eval_accuracy")?;
+            let fed = sim[2]["eval_accuracy"].as_f64().context("eval_accuracy")?;
+            let row = stdout
+                .lines()
+                .find(|l| l.split_whitespace().next() == Some(&seed.to_string()))
+                .with_context(|| format!("no summary row for seed {seed}:\n{stdout}"))?;
+            let gap: f64 = row
+                .split_whitespace()
+                .last()
+                .context("gap")?
+                .parse()
+                .with_context(|| format!("the gap in {row:?}"))?;
+            assert!(
+                (gap - 100.0 * (central - fed)).abs() < 0.006,
+                "{order}, seed {seed}: {row:?} against centralized {central}, Fed-SB {fed}"
+            );
+            let init = tensors_of(&out_dir.join(format!("init-s{seed}.safetensors")))?;
+            heads.push(init["classifier.weight"].clone());
+            rs.push(
+                init.iter()
+                    .filter(|(name, _)| name.ends_with(".lora_R"))
+                    .flat_map(|(_, v)| v.iter().copied())
+                    .collect::<Vec<f32>>(),
+            );
+        }
+        assert!(stdout.contains("mean gap"), "{stdout}");
+    }
+    // Per seed, the same head weights from every order, and other sentences
+    // (another R₀) from each.
+    for seed in 0..2 {
+        let (first, second, third) = (seed, seed + 2, seed + 4);
+        assert_eq!(heads[first], heads[second], "seed {seed}");
+        assert_eq!(heads[first], heads[third], "seed {seed}");
+        assert!(!rs[first].is_empty());
+        assert_ne!(
+            rs[first], rs[second],
+            "seed {seed}: reversed drew the same R₀"
+        );
+        assert_ne!(
+            rs[first], rs[third],
+            "seed {seed}: rotated drew the same R₀"
+        );
+        assert_ne!(rs[second], rs[third], "seed {seed}");
+    }
+    assert_ne!(heads[0], heads[1], "the seed sets the head");
+
+    // Everything is done: a second run only prints the summary.
+    let sim_file = dir.join("as-is/sim-s0.jsonl");
+    let before = std::fs::metadata(&sim_file)?.modified()?;
+    let again = run_script("as-is")?;
+    check_success("scripts/fed_sb_pooled_draw.sh as-is, again", &again)?;
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(!stderr.contains("== seed"), "it ran again:\n{stderr}");
+    assert_eq!(std::fs::metadata(&sim_file)?.modified()?, before);
+    assert!(String::from_utf8_lossy(&again.stdout).contains("mean gap"));
+
+    let bad = run_script("sideways")?;
+    assert_eq!(bad.status.code(), Some(2), "{bad:?}");
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("not sideways"), "{stderr}");
     Ok(())
 }
 
