@@ -29,6 +29,8 @@
 # train-lr<LR>.{jsonl,log}; stops at the first failure and shows the end of
 # its log.
 set -euo pipefail
+# shellcheck source=lib/runs.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/runs.sh"
 
 out=${1:?usage: scripts/fed_sb_lr_sweep.sh OUT_DIR [ADAPTER]}
 adapter=${2:-}
@@ -58,22 +60,8 @@ for sv in $servers; do
     [[ $sv =~ ^[0-9.eE+-]+:[0-9.eE+-]+$ ]] || { echo "SERVERS: η:β pairs such as 0.5:0.5, not $sv" >&2; exit 2; }
 done
 
-for f in "$fedsb" "$model/config.json" "$data/train.tsv" "$data/dev.tsv"; do
-    [[ -e $f ]] || { echo "missing $f (cargo build --release --bin fedsb; cargo xtask fetch-model; cargo xtask fetch-data)" >&2; exit 2; }
-done
+require "$fedsb" "$model/config.json" "$data/train.tsv" "$data/dev.tsv"
 mkdir -p "$out"
-# run LOG CMD...: stdout to LOG.jsonl, stderr to LOG.log; on failure shows
-# the end of the log and stops.
-run() {
-    local log=$1
-    shift
-    if ! "$@" > "$out/$log.jsonl" 2> "$out/$log.log"; then
-        echo "failed: $*" >&2
-        tail -n 20 "$out/$log.log" >&2
-        exit 1
-    fi
-    tail -n 1 "$out/$log.jsonl" >&2
-}
 pick=()
 [[ -n $adapter ]] && pick=(--adapter "$adapter")
 common=(--model "$model" --train "$data/train.tsv" --rank "$rank" --batch "$batch"

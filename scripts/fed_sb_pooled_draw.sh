@@ -32,6 +32,8 @@
 # Prints each seed's accuracies and gap, and their mean, last. About 19
 # minutes a seed on lavapipe (2 cores).
 set -euo pipefail
+# shellcheck source=lib/runs.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/runs.sh"
 
 out=${1:?usage: scripts/fed_sb_pooled_draw.sh OUT_DIR as-is|reversed|rotated [ADAPTER]}
 order=${2:?usage: scripts/fed_sb_pooled_draw.sh OUT_DIR as-is|reversed|rotated [ADAPTER]}
@@ -53,9 +55,7 @@ eval_every=$((2 * clients * local_steps))
 for s in $seeds; do
     [[ $s =~ ^[0-9]+$ ]] || { echo "SEEDS: whole numbers, not $s" >&2; exit 2; }
 done
-for f in "$fedsb" "$model/config.json" "$data/train.tsv" "$data/dev.tsv"; do
-    [[ -e $f ]] || { echo "missing $f (cargo build --release --bin fedsb; cargo xtask fetch-model; cargo xtask fetch-data)" >&2; exit 2; }
-done
+require "$fedsb" "$model/config.json" "$data/train.tsv" "$data/dev.tsv"
 mkdir -p "$out"
 
 ordered=$out/train-$order.tsv
@@ -72,18 +72,6 @@ case $order in
     *) echo "ORDER: as-is, reversed or rotated, not $order" >&2; exit 2 ;;
 esac
 
-# run LOG CMD...: stdout to LOG.jsonl, stderr to LOG.log; on failure shows
-# the end of the log and stops.
-run() {
-    local log=$1
-    shift
-    if ! "$@" > "$out/$log.jsonl" 2> "$out/$log.log"; then
-        echo "failed: $*" >&2
-        tail -n 20 "$out/$log.log" >&2
-        exit 1
-    fi
-    tail -n 1 "$out/$log.jsonl" >&2
-}
 # done_with LOG: the run finished (its last line is the final JSON).
 done_with() {
     [[ -s $out/$1.jsonl ]] && python3 -c "import json, sys; json.loads(open(sys.argv[1]).read().splitlines()[-1])" "$out/$1.jsonl" 2>/dev/null

@@ -109,6 +109,51 @@ impl Task {
         }
         c
     }
+
+    /// The task's training and evaluation files where the scripts' DATA
+    /// wants them: `data/train.tsv` and `data/dev.tsv`.
+    fn script_data(&self) -> anyhow::Result<PathBuf> {
+        let dir = self.path();
+        let data = dir.join("data");
+        std::fs::create_dir_all(&data)?;
+        std::fs::copy(dir.join("train.tsv"), data.join("train.tsv"))?;
+        std::fs::copy(dir.join("eval.tsv"), data.join("dev.tsv"))?;
+        Ok(data)
+    }
+
+    /// `bash scripts/NAME OUT` with the settings that every script takes,
+    /// at the tiny scale: the binary under test, the task's model, 2 clients
+    /// × 2 rounds × 2 local steps, the test's rank and batch, 16 tokens,
+    /// `RUST_LOG=warn`, output piped. A later `env` overrides any of them.
+    fn script(&self, name: &str, out: &Path) -> Command {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../scripts")
+            .join(name);
+        let mut c = Command::new("bash");
+        c.arg(script)
+            .arg(out)
+            .env("FEDSB", fedsb_bin())
+            .env("MODEL", self.path().join("model"))
+            .env("CLIENTS", "2")
+            .env("ROUNDS", "2")
+            .env("LOCAL_STEPS", "2")
+            .env("RANK", RANK.to_string())
+            .env("BATCH", BATCH.to_string())
+            .env("MAX_SEQ_LEN", "16")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    }
+}
+
+/// The rows of a JSON-lines file that a script wrote.
+fn json_file(path: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
+    std::fs::read_to_string(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .lines()
+        .map(|l| serde_json::from_str(l).with_context(|| format!("{}: {l}", path.display())))
+        .collect()
 }
 
 fn run(mut c: Command) -> anyhow::Result<Output> {
@@ -722,43 +767,19 @@ fn init_lr_sets_the_initialization_apart_from_the_clients_learning_rate() -> any
 #[test]
 fn the_learning_rate_sweep_script_runs_on_a_tiny_model() -> anyhow::Result<()> {
     let task = Task::new()?;
-    let dir = task.path();
-    let data = dir.join("data");
-    std::fs::create_dir_all(&data)?;
-    std::fs::copy(dir.join("train.tsv"), data.join("train.tsv"))?;
-    std::fs::copy(dir.join("eval.tsv"), data.join("dev.tsv"))?;
-    let out_dir = dir.join("sweep");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/fed_sb_lr_sweep.sh");
-    let mut c = Command::new("bash");
-    c.arg(&script)
-        .arg(&out_dir)
-        .env("FEDSB", fedsb_bin())
-        .env("MODEL", dir.join("model"))
-        .env("DATA", &data)
-        .env("CLIENTS", "2")
-        .env("ROUNDS", "2")
-        .env("LOCAL_STEPS", "2")
+    let data = task.script_data()?;
+    let out_dir = task.path().join("sweep");
+    let mut c = task.script("fed_sb_lr_sweep.sh", &out_dir);
+    c.env("DATA", &data)
         .env("LRS", "1e-2 3e-2")
         .env("INIT_LR", "1e-2")
         .env("INIT_SAMPLES", "16")
-        .env("RANK", RANK.to_string())
-        .env("BATCH", BATCH.to_string())
-        .env("MAX_SEQ_LEN", "16")
         .env("MOMENTS", "reset keep")
         .env("DECAYS", "1 0.5")
-        .env("SERVERS", "1:0 0.5:0.5")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .env("SERVERS", "1:0 0.5:0.5");
     let out = run(c)?;
     check_success("scripts/fed_sb_lr_sweep.sh", &out)?;
-    let lines = |name: &str| -> anyhow::Result<Vec<serde_json::Value>> {
-        std::fs::read_to_string(out_dir.join(name))
-            .with_context(|| format!("reading {name}"))?
-            .lines()
-            .map(|l| serde_json::from_str(l).with_context(|| format!("{name}: {l}")))
-            .collect()
-    };
+    let lines = |name: &str| json_file(&out_dir.join(name));
     assert!(out_dir.join("init.safetensors").is_file());
     for lr in ["1e-2", "3e-2"] {
         let reset = lines(&format!("sim-iid-lr{lr}.jsonl"))?;
@@ -821,31 +842,18 @@ fn the_learning_rate_sweep_script_runs_on_a_tiny_model() -> anyhow::Result<()> {
 fn the_websocket_script_runs_the_recipe_on_a_tiny_model() -> anyhow::Result<()> {
     let task = Task::new()?;
     let dir = task.path();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/fed_sb_over_websockets.sh");
     let run_script = |out: &str, init: &str, compare: &str| -> anyhow::Result<Output> {
-        let mut c = Command::new("bash");
-        c.arg(&script)
-            .arg(dir.join(out))
-            .env("FEDSB", fedsb_bin())
-            .env("MODEL", dir.join("model"))
-            .env("TRAIN", dir.join("train.tsv"))
+        let mut c = task.script("fed_sb_over_websockets.sh", &dir.join(out));
+        c.env("TRAIN", dir.join("train.tsv"))
             .env("EVAL", dir.join("eval.tsv"))
-            .env("CLIENTS", "2")
-            .env("ROUNDS", "2")
-            .env("LOCAL_STEPS", "2")
-            .env("BATCH", BATCH.to_string())
-            .env("RANK", RANK.to_string())
             .env("LR", "0.01")
             .env("INIT_LR", "0.01")
             .env("INIT_SAMPLES", "32")
             .env("FED_INIT_SAMPLES", "8")
-            .env("MAX_SEQ_LEN", "16")
             .env("LABELS", LABELS.join(","))
             .env("INIT", init)
             .env("COMPARE", compare)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .env("RUST_LOG", "info");
         let out = run(c)?;
         check_success(
             &format!("scripts/fed_sb_over_websockets.sh, INIT={init}"),
@@ -885,44 +893,20 @@ fn the_websocket_script_runs_the_recipe_on_a_tiny_model() -> anyhow::Result<()> 
 /// weights but draws other sentences (another R₀); the simulation and the
 /// centralized run take the same number of steps; the summary's gap is
 /// centralized less Fed-SB; a second run with everything done runs nothing
-/// again; an unknown ORDER is refused, naming it.
+/// again; an unknown ORDER and a missing model are refused, naming them.
 #[test]
 fn the_pooled_draw_script_runs_on_a_tiny_model() -> anyhow::Result<()> {
     let task = Task::new()?;
     let dir = task.path();
-    let data = dir.join("data");
-    std::fs::create_dir_all(&data)?;
-    std::fs::copy(dir.join("train.tsv"), data.join("train.tsv"))?;
-    std::fs::copy(dir.join("eval.tsv"), data.join("dev.tsv"))?;
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/fed_sb_pooled_draw.sh");
+    let data = task.script_data()?;
     let run_script = |order: &str| -> anyhow::Result<Output> {
-        let mut c = Command::new("bash");
-        c.arg(&script)
-            .arg(dir.join(order))
-            .arg(order)
-            .env("FEDSB", fedsb_bin())
-            .env("MODEL", dir.join("model"))
+        let mut c = task.script("fed_sb_pooled_draw.sh", &dir.join(order));
+        c.arg(order)
             .env("DATA", &data)
             .env("SEEDS", "0 1")
-            .env("CLIENTS", "2")
-            .env("ROUNDS", "2")
-            .env("LOCAL_STEPS", "2")
-            .env("RANK", RANK.to_string())
-            .env("BATCH", BATCH.to_string())
             .env("INIT_SAMPLES", "16")
-            .env("MAX_SEQ_LEN", "16")
-            .env("LABELS", LABELS.join(","))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .env("LABELS", LABELS.join(","));
         run(c)
-    };
-    let lines = |path: PathBuf| -> anyhow::Result<Vec<serde_json::Value>> {
-        std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?
-            .lines()
-            .map(|l| serde_json::from_str(l).with_context(|| format!("{}: {l}", path.display())))
-            .collect()
     };
     let original = std::fs::read_to_string(data.join("train.tsv"))?;
     let rows: Vec<&str> = original.lines().collect();
@@ -948,10 +932,10 @@ fn the_pooled_draw_script_runs_on_a_tiny_model() -> anyhow::Result<()> {
         assert_eq!(ordered, want, "train-{order}.tsv");
         let stdout = String::from_utf8_lossy(&out.stdout);
         for seed in [0, 1] {
-            let sim = lines(out_dir.join(format!("sim-s{seed}.jsonl")))?;
+            let sim = json_file(&out_dir.join(format!("sim-s{seed}.jsonl")))?;
             let rounds: Vec<u64> = sim.iter().filter_map(|r| r["round"].as_u64()).collect();
             assert_eq!(rounds, [0, 1, 2], "{order}, seed {seed}");
-            let train = lines(out_dir.join(format!("train-s{seed}.jsonl")))?;
+            let train = json_file(&out_dir.join(format!("train-s{seed}.jsonl")))?;
             let last = train.last().context("no centralized result")?;
             // 2 clients × 2 rounds × 2 local steps.
             assert_eq!(last["steps"], 8, "{order}, seed {seed}: {last}");
@@ -1015,6 +999,19 @@ fn the_pooled_draw_script_runs_on_a_tiny_model() -> anyhow::Result<()> {
     assert_eq!(bad.status.code(), Some(2), "{bad:?}");
     let stderr = String::from_utf8_lossy(&bad.stderr);
     assert!(stderr.contains("not sideways"), "{stderr}");
+
+    let no_model = dir.join("no-model");
+    let mut c = task.script("fed_sb_pooled_draw.sh", &dir.join("no-model-run"));
+    c.arg("as-is").env("DATA", &data).env("MODEL", &no_model);
+    let missing = run(c)?;
+    assert_eq!(missing.status.code(), Some(2), "{missing:?}");
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    let want = format!("missing {}", no_model.join("config.json").display());
+    assert!(stderr.contains(&want), "{stderr}");
+    assert!(
+        !dir.join("no-model-run").exists(),
+        "it wrote before checking"
+    );
     Ok(())
 }
 
