@@ -6,6 +6,7 @@
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
+use fedsb_engine::model::AdaptedLinear;
 use fedsb_protocol::{AdapterShape, PolicyField, PrivacyPolicy, MAX_MODULES, MAX_RANK};
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
@@ -16,16 +17,47 @@ use crate::round::ServerStep;
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read configuration {path}: {source}")]
+    /// figment's error is shown in the message (keys as written in the
+    /// file, see [`describe_figment_error`]), not chained as a source, so
+    /// that an error chain prints it once.
+    #[error("cannot read configuration {path}: {}", describe_figment_error(.error))]
     Load {
         path: PathBuf,
-        #[source]
-        source: Box<figment::Error>,
+        error: Box<figment::Error>,
     },
     #[error("invalid configuration: {0}")]
     Invalid(String),
     #[error("cannot read model config {path}: {message}")]
     ModelConfig { path: PathBuf, message: String },
+    #[error("adapter.file {path}: cannot read its safetensors header: {message}")]
+    AdapterFile { path: PathBuf, message: String },
+}
+
+/// figment's error (every error of its chain, `; `-separated) with the key
+/// as written in the TOML file (`task.rounds`, not figment's
+/// `default.task.rounds`) or the environment variable that set it. A TOML
+/// syntax error keeps its line and column.
+pub fn describe_figment_error(error: &figment::Error) -> String {
+    use std::fmt::Write as _;
+    let mut parts = Vec::new();
+    for e in error.clone() {
+        let mut s = e.kind.to_string();
+        let from_env = e
+            .metadata
+            .as_ref()
+            .is_some_and(|md| md.name.contains("environment variable"));
+        if !e.path.is_empty() {
+            let _ = write!(s, " for key {}", e.path.join("."));
+            if from_env {
+                let var: Vec<String> = e.path.iter().map(|k| k.to_ascii_uppercase()).collect();
+                let _ = write!(s, " (environment variable FEDSB_{})", var.join("__"));
+            }
+        } else if from_env {
+            s.push_str(" in a FEDSB_<SECTION>__<KEY> environment variable");
+        }
+        parts.push(s);
+    }
+    parts.join("; ")
 }
 
 /// How the updates of one round are weighted in the average.
@@ -167,6 +199,15 @@ pub struct ModelSection {
     /// Number of encoder layers; read from `dir/config.json` when `dir` is set.
     #[serde(default)]
     pub num_layers: Option<u32>,
+    /// Width of the feed-forward layer (`intermediate.dense`'s output,
+    /// `output.dense`'s input), from `dir/config.json`; not a key of the
+    /// file (unknown without `dir`).
+    #[serde(skip)]
+    pub intermediate_size: Option<u32>,
+    /// Longest input the model's position embeddings cover, from
+    /// `dir/config.json`; not a key of the file (unknown without `dir`).
+    #[serde(skip)]
+    pub max_position_embeddings: Option<u32>,
 }
 
 /// `[adapter]`: LoRA-SB adapters.
@@ -450,11 +491,83 @@ fn default_idle() -> u64 {
     45
 }
 
+/// Refuses `secs` of timing `key` outside 1..=[`MAX_TIMING_SECS`].
+fn check_secs(key: &str, secs: u64) -> Result<(), ConfigError> {
+    if (1..=MAX_TIMING_SECS).contains(&secs) {
+        return Ok(());
+    }
+    Err(ConfigError::Invalid(format!(
+        "{key} {secs} must be in 1..={MAX_TIMING_SECS} (at most 30 days)"
+    )))
+}
+
 /// The parts of a Hugging Face config.json the aggregator needs.
 #[derive(Deserialize)]
 struct HfConfig {
     hidden_size: u32,
     num_hidden_layers: u32,
+    #[serde(default)]
+    intermediate_size: Option<u32>,
+    #[serde(default)]
+    max_position_embeddings: Option<u32>,
+}
+
+/// The longest `round_deadline_secs`, `ping_interval_secs` and
+/// `idle_timeout_secs`: 30 days.
+pub const MAX_TIMING_SECS: u64 = 30 * 24 * 60 * 60;
+
+/// The names `[adapter] modules` may list: the adapted linear layers of an
+/// encoder layer, as in the checkpoint (and PEFT's `target_modules`).
+pub fn known_modules() -> [&'static str; 6] {
+    AdaptedLinear::ALL.map(AdaptedLinear::checkpoint_name)
+}
+
+/// `labels` of an adapter file's `__metadata__` (a JSON list), read from
+/// its safetensors header only; `None` when it has none.
+fn adapter_file_labels(path: &Path) -> Result<Option<Vec<String>>, String> {
+    use std::io::Read as _;
+    /// safetensors' own limit on the header.
+    const MAX_HEADER: u64 = 100_000_000;
+    #[derive(Deserialize)]
+    struct Header {
+        #[serde(rename = "__metadata__", default)]
+        metadata: Option<std::collections::HashMap<String, String>>,
+    }
+    let mut file = std::fs::File::open(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => "there is no such file (make it with `fedsb init`, \
+            or use adapter.init = \"federated\" without adapter.file)"
+            .to_owned(),
+        _ => e.to_string(),
+    })?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len)
+        .map_err(|e| format!("no 8-byte header length: {e}"))?;
+    let len = u64::from_le_bytes(len);
+    if len > MAX_HEADER {
+        return Err(format!(
+            "header length {len} exceeds the limit of {MAX_HEADER} bytes"
+        ));
+    }
+    let mut header = Vec::new();
+    file.take(len)
+        .read_to_end(&mut header)
+        .map_err(|e| e.to_string())?;
+    if header.len() as u64 != len {
+        return Err(format!(
+            "the file ends inside its {len}-byte header ({} bytes)",
+            header.len()
+        ));
+    }
+    let header: Header =
+        serde_json::from_slice(&header).map_err(|e| format!("header is not JSON: {e}"))?;
+    header
+        .metadata
+        .and_then(|mut m| m.remove("labels"))
+        .map(|json| {
+            serde_json::from_str(&json)
+                .map_err(|e| format!("labels metadata {json:?} is not a JSON list of strings: {e}"))
+        })
+        .transpose()
 }
 
 impl Config {
@@ -474,7 +587,7 @@ impl Config {
             .extract()
             .map_err(|e| ConfigError::Load {
                 path: path.to_owned(),
-                source: Box::new(e),
+                error: Box::new(e),
             })?;
         let base = path.parent().unwrap_or(Path::new("."));
         let resolve = |p: &mut PathBuf| {
@@ -498,7 +611,56 @@ impl Config {
         resolve(&mut config.server.www_dir);
         config.fill_from_model_dir()?;
         config.validate()?;
+        config.check_adapter_file_labels()?;
+        for warning in config.warnings() {
+            tracing::warn!("{warning}");
+        }
         Ok(config)
+    }
+
+    /// Refuses `task.labels` other than the `labels` metadata of
+    /// `[adapter] file` (when it has some): the head's rows are the
+    /// classes, in order. Reads the file's safetensors header only.
+    fn check_adapter_file_labels(&self) -> Result<(), ConfigError> {
+        let Some(path) = &self.adapter.file else {
+            return Ok(());
+        };
+        let labels = adapter_file_labels(path).map_err(|message| ConfigError::AdapterFile {
+            path: path.clone(),
+            message,
+        })?;
+        match labels {
+            Some(labels) if labels != self.task.labels => Err(ConfigError::Invalid(format!(
+                "task.labels {:?} differ from the labels {labels:?} of adapter.file {}: \
+                the head's rows are these classes in this order; list them as the file does \
+                (or make the file with `fedsb init --labels {}`)",
+                self.task.labels,
+                path.display(),
+                self.task.labels.join(",")
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// What the configuration allows but probably does not mean; logged as
+    /// warnings by [`Config::load`].
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        // A task with a model but without A and B: R = 0 and no real
+        // participant can train (`fedsb join` refuses it). Model-less tasks
+        // (tests with synthetic participants) are not warned about.
+        if self.model.dir.is_some()
+            && self.adapter.init == AdapterInit::File
+            && self.adapter.file.is_none()
+        {
+            out.push(
+                "adapter.file is not set and adapter.init is \"file\": there are no A and B, \
+                so participants cannot train this task; run `fedsb init` and set adapter.file, \
+                or use adapter.init = \"federated\""
+                    .to_owned(),
+            );
+        }
+        out
     }
 
     fn fill_from_model_dir(&mut self) -> Result<(), ConfigError> {
@@ -532,6 +694,8 @@ impl Config {
                 _ => *given = Some(found),
             }
         }
+        self.model.intermediate_size = hf.intermediate_size;
+        self.model.max_position_embeddings = hf.max_position_embeddings;
         Ok(())
     }
 
@@ -562,11 +726,23 @@ impl Config {
                 t.max_participants, t.min_participants
             ));
         }
-        if t.round_deadline_secs == 0 {
-            return bad("task.round_deadline_secs must be at least 1".into());
-        }
+        check_secs("task.round_deadline_secs", t.round_deadline_secs)?;
         if t.labels.len() < 2 {
             return bad("task.labels must name at least two classes".into());
+        }
+        for (i, label) in t.labels.iter().enumerate() {
+            if label.trim().is_empty() {
+                return bad(format!(
+                    "task.labels {:?}: class {i} has a blank name {label:?}; every class needs a name",
+                    t.labels
+                ));
+            }
+            if t.labels[..i].contains(label) {
+                return bad(format!(
+                    "task.labels {:?} names {label:?} twice; every class needs a name of its own",
+                    t.labels
+                ));
+            }
         }
         if !(t.learning_rate.is_finite() && t.learning_rate > 0.0) {
             return bad(format!(
@@ -604,10 +780,23 @@ impl Config {
         if let Err(e) = t.server_step().check() {
             return bad(format!("task.server_momentum: {e}"));
         }
-        if t.batch_size == 0 || t.max_seq_len == 0 || t.local_steps == 0 {
-            return bad(
-                "task.batch_size, task.max_seq_len and task.local_steps must be at least 1".into(),
-            );
+        if t.batch_size == 0 || t.local_steps == 0 {
+            return bad("task.batch_size and task.local_steps must be at least 1".into());
+        }
+        if t.max_seq_len < 3 {
+            return bad(format!(
+                "task.max_seq_len {} must be at least 3 ([CLS] and [SEP] take 2, and the text needs room)",
+                t.max_seq_len
+            ));
+        }
+        if let Some(max) = self.model.max_position_embeddings {
+            if t.max_seq_len > max {
+                return bad(format!(
+                    "task.max_seq_len {} exceeds the model's max_position_embeddings {max} \
+                    (model.dir's config.json): it has no position embedding beyond token {max}",
+                    t.max_seq_len
+                ));
+            }
         }
         let a = &self.adapter;
         if a.rank == 0 || a.rank > MAX_RANK {
@@ -615,6 +804,22 @@ impl Config {
         }
         if a.modules.is_empty() {
             return bad("adapter.modules must name at least one module".into());
+        }
+        let mut linears: Vec<AdaptedLinear> = Vec::with_capacity(a.modules.len());
+        for m in &a.modules {
+            let Some(which) = AdaptedLinear::ALL
+                .into_iter()
+                .find(|w| w.checkpoint_name() == m)
+            else {
+                return bad(format!(
+                    "adapter.modules: unknown module {m:?} (known: {})",
+                    known_modules().join(", ")
+                ));
+            };
+            if linears.contains(&which) {
+                return bad(format!("adapter.modules lists {m:?} twice"));
+            }
+            linears.push(which);
         }
         let Some(hidden) = self.model.hidden_size else {
             return bad("model.hidden_size is required when model.dir is not set".into());
@@ -624,6 +829,39 @@ impl Config {
         };
         if hidden == 0 || layers == 0 {
             return bad("model.hidden_size and model.num_layers must be at least 1".into());
+        }
+        // R is r×r between A (r×in) and B (out×r): r ≤ min(out, in) of every
+        // adapted linear. Without config.json only the hidden size is known,
+        // which bounds every module's smaller side.
+        for (m, which) in a.modules.iter().zip(&linears) {
+            let (out, input) = match (which, self.model.intermediate_size) {
+                (AdaptedLinear::Intermediate, Some(i)) => (i, hidden),
+                (AdaptedLinear::Output, Some(i)) => (hidden, i),
+                (AdaptedLinear::Intermediate | AdaptedLinear::Output, None) => {
+                    if a.rank > hidden {
+                        return bad(format!(
+                            "adapter.rank {} exceeds model.hidden_size {hidden}, a side of {m}: \
+                            the rank must be at most the smaller side (out, in) of every adapted module",
+                            a.rank
+                        ));
+                    }
+                    continue;
+                }
+                _ => (hidden, hidden),
+            };
+            if a.rank > out.min(input) {
+                let source = if self.model.dir.is_some() {
+                    "model.dir's config.json"
+                } else {
+                    "model.hidden_size"
+                };
+                return bad(format!(
+                    "adapter.rank {} exceeds {}, the smaller side of {m} ({out} out × {input} in, \
+                    from {source}): the rank must be at most min(out, in) of every adapted module",
+                    a.rank,
+                    out.min(input)
+                ));
+            }
         }
         if u64::from(layers) * a.modules.len() as u64 > u64::from(MAX_MODULES) {
             return bad(format!(
@@ -677,6 +915,16 @@ impl Config {
                 `fedsb init --centre-head`"
                     .into(),
             );
+        }
+        let server = &self.server;
+        check_secs("server.ping_interval_secs", server.ping_interval_secs)?;
+        check_secs("server.idle_timeout_secs", server.idle_timeout_secs)?;
+        if server.idle_timeout_secs <= server.ping_interval_secs {
+            return bad(format!(
+                "server.idle_timeout_secs {} must exceed server.ping_interval_secs {}: \
+                a participant answers the pings, and is dropped after idle_timeout_secs without any frame",
+                server.idle_timeout_secs, server.ping_interval_secs
+            ));
         }
         if let Some(policy) = self.privacy_policy() {
             if let Err((field, value)) = policy.check() {
@@ -1092,11 +1340,328 @@ rank = 4
             let e = Config::load(&jail.directory().join("task.toml")).unwrap_err();
             let msg = e.to_string();
             assert!(
-                msg.to_lowercase().contains("task.rounds") && msg.contains("FEDSB_"),
+                msg.contains("for key task.rounds")
+                    && msg.contains("environment variable FEDSB_TASK__ROUNDS")
+                    && !msg.contains("default."),
                 "{msg}"
             );
             Ok(())
         });
+    }
+
+    /// A model directory with only the config.json the configuration reads.
+    fn model_dir(dir: &Path, hidden: u32, intermediate: u32, max_positions: u32) {
+        let model = dir.join("model");
+        std::fs::create_dir_all(&model).unwrap();
+        let json = serde_json::json!({
+            "hidden_size": hidden,
+            "num_hidden_layers": 2,
+            "intermediate_size": intermediate,
+            "max_position_embeddings": max_positions,
+        });
+        std::fs::write(model.join("config.json"), json.to_string()).unwrap();
+    }
+
+    /// [`MINIMAL`] on `model_dir`'s model instead of a given shape.
+    fn with_model_dir(text: &str) -> String {
+        text.replace("hidden_size = 8\nnum_layers = 2", "dir = \"model\"")
+    }
+
+    #[test]
+    fn the_rank_must_fit_every_adapted_module() {
+        let dir = tempfile::tempdir().unwrap();
+        // all-MiniLM-L6-v2's shape: the attention's linears are 384×384.
+        model_dir(dir.path(), 384, 1536, 512);
+        let text = with_model_dir(MINIMAL);
+        let c = load(dir.path(), &text.replace("rank = 4", "rank = 384")).unwrap();
+        assert_eq!(c.model.intermediate_size, Some(1536));
+        let e = load(dir.path(), &text.replace("rank = 4", "rank = 400"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("adapter.rank 400 exceeds 384")
+                && e.contains(
+                    "attention.self.query (384 out × 384 in, from model.dir's config.json)"
+                ),
+            "{e}"
+        );
+        // The feed-forward linears: min(out, in) is the hidden size when
+        // the intermediate one is wider, and the intermediate size when not.
+        model_dir(dir.path(), 64, 32, 512);
+        let text = with_model_dir(MINIMAL).replace(
+            "rank = 4",
+            "rank = 48\nmodules = [\"attention.self.query\", \"output.dense\"]",
+        );
+        let e = load(dir.path(), &text).unwrap_err().to_string();
+        assert!(
+            e.contains("adapter.rank 48 exceeds 32") && e.contains("output.dense (64 out × 32 in,"),
+            "{e}"
+        );
+        assert!(load(dir.path(), &text.replace("rank = 48", "rank = 32")).is_ok());
+        // Without config.json only the hidden size is known: it bounds the
+        // smaller side of every module.
+        for modules in ["\"attention.self.key\"", "\"intermediate.dense\""] {
+            let text = MINIMAL.replace("rank = 4", &format!("rank = 9\nmodules = [{modules}]"));
+            let e = load(dir.path(), &text).unwrap_err().to_string();
+            assert!(
+                e.contains("adapter.rank 9 exceeds") && e.contains("model.hidden_size"),
+                "{modules}: {e}"
+            );
+            assert!(load(dir.path(), &text.replace("rank = 9", "rank = 8")).is_ok());
+        }
+    }
+
+    #[test]
+    fn max_seq_len_must_fit_the_position_embeddings() {
+        let dir = tempfile::tempdir().unwrap();
+        model_dir(dir.path(), 16, 32, 512);
+        let text = with_model_dir(MINIMAL);
+        for (len, ok) in [
+            ("512", true),
+            ("3", true),
+            ("513", false),
+            ("100000", false),
+        ] {
+            let t = text.replace("rounds = 3", &format!("rounds = 3\nmax_seq_len = {len}"));
+            match load(dir.path(), &t) {
+                Ok(c) => assert!(ok, "{len} accepted ({:?})", c.model.max_position_embeddings),
+                Err(e) => {
+                    assert!(!ok, "{len}: {e}");
+                    let e = e.to_string();
+                    assert!(
+                        e.contains(&format!("task.max_seq_len {len}"))
+                            && e.contains("max_position_embeddings 512"),
+                        "{e}"
+                    );
+                }
+            }
+        }
+        // Without the model's config.json the limit is unknown; [CLS] and
+        // [SEP] take two tokens in any case, and the text needs one.
+        let long = MINIMAL.replace("rounds = 3", "rounds = 3\nmax_seq_len = 100000");
+        assert!(load(dir.path(), &long).is_ok());
+        for len in ["0", "1", "2"] {
+            let t = MINIMAL.replace("rounds = 3", &format!("rounds = 3\nmax_seq_len = {len}"));
+            let e = load(dir.path(), &t).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("task.max_seq_len {len} must be at least 3")),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_task_with_a_model_but_no_adapter_file_is_warned_about() {
+        let dir = tempfile::tempdir().unwrap();
+        model_dir(dir.path(), 16, 32, 512);
+        let c = load(dir.path(), &with_model_dir(MINIMAL)).unwrap();
+        let w = c.warnings();
+        assert!(
+            w.len() == 1 && w[0].contains("fedsb init") && w[0].contains("federated"),
+            "{w:?}"
+        );
+        // Model-less tasks (synthetic participants in tests) and federated
+        // initializations are fine.
+        assert!(load(dir.path(), MINIMAL).unwrap().warnings().is_empty());
+        let federated =
+            with_model_dir(MINIMAL).replace("rank = 4", "rank = 4\ninit = \"federated\"");
+        assert!(load(dir.path(), &federated).unwrap().warnings().is_empty());
+    }
+
+    #[test]
+    fn adapter_modules_must_be_known_and_distinct() {
+        let dir = tempfile::tempdir().unwrap();
+        let modules =
+            |list: &str| MINIMAL.replace("rank = 4", &format!("rank = 4\nmodules = [{list}]"));
+        let c = load(
+            dir.path(),
+            &modules("\"output.dense\", \"attention.self.query\""),
+        )
+        .unwrap();
+        assert_eq!(c.module_names()[0], "encoder.layer.0.output.dense");
+        let e = load(
+            dir.path(),
+            &modules("\"attention.self.query\", \"attention.query\""),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("adapter.modules: unknown module \"attention.query\"")
+                && e.contains("intermediate.dense"),
+            "{e}"
+        );
+        let e = load(dir.path(), &modules("\"output.dense\", \"output.dense\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("adapter.modules lists \"output.dense\" twice"),
+            "{e}"
+        );
+    }
+
+    /// An adapter file holding one tensor and `metadata`.
+    fn adapter_file(path: &Path, metadata: Option<&[(&str, &str)]>) {
+        let data = [0u8; 4];
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1], &data).unwrap();
+        let metadata = metadata.map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        });
+        let bytes = safetensors::serialize([("x", view)], metadata).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    #[test]
+    fn task_labels_must_be_the_adapter_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = MINIMAL.replace("rank = 4", "rank = 4\nfile = \"a.safetensors\"");
+        let file = dir.path().join("a.safetensors");
+        adapter_file(
+            &file,
+            Some(&[("labels", r#"["neg","pos"]"#), ("rank", "4")]),
+        );
+        assert!(load(dir.path(), &text).is_ok());
+        // The order is the head's row order.
+        adapter_file(&file, Some(&[("labels", r#"["pos","neg"]"#)]));
+        let e = load(dir.path(), &text).unwrap_err().to_string();
+        assert!(
+            e.contains(r#"task.labels ["neg", "pos"] differ from the labels ["pos", "neg"]"#)
+                && e.contains("a.safetensors"),
+            "{e}"
+        );
+        adapter_file(&file, Some(&[("labels", r#"["neg","pos","neutral"]"#)]));
+        assert!(load(dir.path(), &text).is_err());
+        // A file without labels metadata is not checked.
+        adapter_file(&file, None);
+        assert!(load(dir.path(), &text).is_ok());
+        adapter_file(&file, Some(&[("labels", "neg,pos")]));
+        let e = load(dir.path(), &text).unwrap_err().to_string();
+        assert!(
+            e.contains("adapter.file") && e.contains("labels metadata"),
+            "{e}"
+        );
+        std::fs::write(&file, [1, 2, 3]).unwrap();
+        let e = load(dir.path(), &text).unwrap_err().to_string();
+        assert!(e.contains("adapter.file") && e.contains("header"), "{e}");
+        std::fs::remove_file(&file).unwrap();
+        let e = load(dir.path(), &text).unwrap_err().to_string();
+        assert!(
+            e.contains("adapter.file") && e.contains("fedsb init"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn timings_are_bounded_and_the_idle_timeout_exceeds_the_ping_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = |lines: &str| format!("{MINIMAL}[server]\n{lines}\n");
+        for (text, key) in [
+            (
+                MINIMAL.replace("rounds = 3", "rounds = 3\nround_deadline_secs = 0"),
+                "task.round_deadline_secs 0",
+            ),
+            (
+                MINIMAL.replace(
+                    "rounds = 3",
+                    "rounds = 3\nround_deadline_secs = 9223372036854775807",
+                ),
+                "task.round_deadline_secs 9223372036854775807",
+            ),
+            (
+                server("ping_interval_secs = 0"),
+                "server.ping_interval_secs 0",
+            ),
+            (
+                server("ping_interval_secs = 9223372036854775807"),
+                "server.ping_interval_secs 9223372036854775807",
+            ),
+            (
+                server("idle_timeout_secs = 0"),
+                "server.idle_timeout_secs 0",
+            ),
+            (
+                server("idle_timeout_secs = 9223372036854775807"),
+                "server.idle_timeout_secs 9223372036854775807",
+            ),
+            (
+                server("ping_interval_secs = 30\nidle_timeout_secs = 30"),
+                "server.idle_timeout_secs 30 must exceed server.ping_interval_secs 30",
+            ),
+            (
+                server("idle_timeout_secs = 5"),
+                "server.idle_timeout_secs 5 must exceed server.ping_interval_secs 10",
+            ),
+        ] {
+            let e = load(dir.path(), &text).unwrap_err().to_string();
+            assert!(e.contains(key), "{key}: {e}");
+        }
+        let c = load(
+            dir.path(),
+            &server(&format!(
+                "ping_interval_secs = 1\nidle_timeout_secs = {MAX_TIMING_SECS}"
+            )),
+        )
+        .unwrap();
+        assert_eq!(c.server.idle_timeout_secs, MAX_TIMING_SECS);
+        // The defaults, and the end-to-end tests' 1 and 5.
+        let c = load(dir.path(), MINIMAL).unwrap();
+        assert_eq!(
+            (c.server.ping_interval_secs, c.server.idle_timeout_secs),
+            (10, 45)
+        );
+        assert!(load(
+            dir.path(),
+            &server("ping_interval_secs = 1\nidle_timeout_secs = 5")
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn labels_must_be_distinct_and_named() {
+        let dir = tempfile::tempdir().unwrap();
+        for (labels, rule) in [
+            (r#"["positive", "positive"]"#, "names \"positive\" twice"),
+            (r#"["", " "]"#, "class 0 has a blank name \"\""),
+            (r#"["neg", " "]"#, "class 1 has a blank name \" \""),
+        ] {
+            let text = MINIMAL.replace(r#"labels = ["neg", "pos"]"#, &format!("labels = {labels}"));
+            let e = load(dir.path(), &text).unwrap_err().to_string();
+            assert!(
+                e.contains("task.labels") && e.contains(rule),
+                "{labels}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn load_errors_name_keys_as_written_and_show_their_cause_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = MINIMAL.replace("rounds = 3", "rounds = 3\nmin_participant = 2");
+        let e = load(dir.path(), &text).unwrap_err();
+        let shown = e.to_string();
+        assert!(!shown.contains("default."), "{shown}");
+        assert!(
+            shown.contains("unknown field: found `min_participant`") && shown.contains("task"),
+            "{shown}"
+        );
+        // As the binary prints it: the error and its chain.
+        let chain = format!("{:?}", anyhow::Error::from(e));
+        assert_eq!(chain.matches("unknown field").count(), 1, "{chain}");
+        let text = MINIMAL.replace("rounds = 3", "rounds = \"three\"");
+        let shown = load(dir.path(), &text).unwrap_err().to_string();
+        assert!(
+            shown.contains("for key task.rounds") && !shown.contains("default."),
+            "{shown}"
+        );
+        // A syntax error keeps its line and column.
+        let text = MINIMAL.replace("rounds = 3", "rounds = [3");
+        let shown = load(dir.path(), &text).unwrap_err().to_string();
+        assert!(
+            shown.contains("line") && shown.contains("column"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::{timeout_at, Instant};
 use tracing::{debug, info};
 
+use crate::config::{ServerSection, MAX_TIMING_SECS};
 use crate::coordinator::{Outbox, OUTBOX_FRAMES};
 use crate::server::App;
 
@@ -40,9 +41,8 @@ pub async fn serve_socket(socket: WebSocket, app: Arc<App>) {
         frames: frames_tx,
         kick: kick.clone(),
     };
-    let ping_every = Duration::from_secs(app.config.server.ping_interval_secs.max(1));
-    let idle = Duration::from_secs(app.config.server.idle_timeout_secs.max(1));
-    let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
+    let (ping_every, idle) = timings(&app.config.server);
+    let mut ping = tokio::time::interval_at(after(Instant::now(), ping_every), ping_every);
     let mut last_seen = Instant::now();
     let mut conn = Connection {
         app,
@@ -60,7 +60,7 @@ pub async fn serve_socket(socket: WebSocket, app: Arc<App>) {
                     break;
                 }
             }
-            received = timeout_at(last_seen + idle, conn.socket.next()) => {
+            received = timeout_at(after(last_seen, idle), conn.socket.next()) => {
                 let msg = match received {
                     Err(_) => {
                         info!(participant = ?conn.participant, "no frame within the idle timeout; disconnecting");
@@ -98,6 +98,26 @@ pub async fn serve_socket(socket: WebSocket, app: Arc<App>) {
         conn.app.coordinator.leave(p).await;
     }
     let _ = conn.socket.send(Message::Close(None)).await;
+}
+
+/// The ping period and the idle timeout. The configuration keeps both in
+/// 1..=[`MAX_TIMING_SECS`] (and the timeout above the period); here they
+/// are clamped to that range too, so that no value can panic the
+/// connection (a zero period, or an `Instant` overflow).
+fn timings(server: &ServerSection) -> (Duration, Duration) {
+    let secs = |s: u64| Duration::from_secs(s.clamp(1, MAX_TIMING_SECS));
+    (
+        secs(server.ping_interval_secs),
+        secs(server.idle_timeout_secs),
+    )
+}
+
+/// `t + d`, without panicking: `t` plus [`MAX_TIMING_SECS`] where `t + d`
+/// is beyond what `Instant` holds.
+fn after(t: Instant, d: Duration) -> Instant {
+    t.checked_add(d)
+        .or_else(|| t.checked_add(Duration::from_secs(MAX_TIMING_SECS)))
+        .unwrap_or(t)
 }
 
 impl Connection {
@@ -242,5 +262,41 @@ impl Connection {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Huge or zero timings neither panic nor reach `interval_at` as zero:
+    /// `ping_interval_secs = u64::MAX` used to panic every connection with
+    /// "overflow when adding duration to instant".
+    #[tokio::test]
+    async fn extreme_timings_do_not_panic() {
+        for (ping, idle) in [(u64::MAX, u64::MAX), (0, 0), (10, 45)] {
+            let server = ServerSection {
+                ping_interval_secs: ping,
+                idle_timeout_secs: idle,
+                ..ServerSection::default()
+            };
+            let (ping_every, idle_after) = timings(&server);
+            assert!(ping_every >= Duration::from_secs(1), "{ping}");
+            assert!(ping_every <= Duration::from_secs(MAX_TIMING_SECS), "{ping}");
+            assert!(idle_after >= Duration::from_secs(1), "{idle}");
+            assert!(idle_after <= Duration::from_secs(MAX_TIMING_SECS), "{idle}");
+            let now = Instant::now();
+            let _ping = tokio::time::interval_at(after(now, ping_every), ping_every);
+            assert!(after(now, idle_after) > now);
+        }
+        assert_eq!(
+            timings(&ServerSection::default()),
+            (Duration::from_secs(10), Duration::from_secs(45))
+        );
+        let now = Instant::now();
+        assert_eq!(
+            after(now, Duration::MAX),
+            now + Duration::from_secs(MAX_TIMING_SECS)
+        );
     }
 }

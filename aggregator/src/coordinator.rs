@@ -794,7 +794,7 @@ impl Coordinator {
             );
             let length = self.round_length();
             if let Phase::Initializing { deadline, .. } = &mut self.phase {
-                *deadline = Instant::now() + length;
+                *deadline = deadline_after(length);
             }
             return;
         }
@@ -823,7 +823,7 @@ impl Coordinator {
             "deadline passed without a quorum; extending the round");
         let length = self.round_length();
         if let Phase::Collecting { deadline, .. } = &mut self.phase {
-            *deadline = Instant::now() + length;
+            *deadline = deadline_after(length);
         }
         let open = Bytes::from(self.round_announcement().encode());
         self.broadcast(open);
@@ -850,7 +850,7 @@ impl Coordinator {
                 error!(round = %id, error = %e, "cannot read the previous global models for the server's step; keeping the round's updates and retrying");
                 self.phase = Phase::Collecting {
                     round,
-                    deadline: Instant::now() + Duration::from_secs(5),
+                    deadline: deadline_after(Duration::from_secs(5)),
                 };
                 return;
             }
@@ -862,7 +862,7 @@ impl Coordinator {
         let Some((state, contributions)) = aggregated else {
             self.phase = Phase::Collecting {
                 round,
-                deadline: Instant::now() + self.round_length(),
+                deadline: deadline_after(self.round_length()),
             };
             return;
         };
@@ -908,7 +908,7 @@ impl Coordinator {
             error!(round = %id, error = %e, "cannot persist the round; keeping its updates and retrying at the next deadline");
             self.phase = Phase::Collecting {
                 round,
-                deadline: Instant::now() + Duration::from_secs(5),
+                deadline: deadline_after(Duration::from_secs(5)),
             };
             return;
         }
@@ -976,7 +976,7 @@ impl Coordinator {
                 init.modules.shapes.clone(),
                 self.config.adapter.init_samples,
             )),
-            deadline: Instant::now() + self.round_length(),
+            deadline: deadline_after(self.round_length()),
         };
         self.init = Some(init);
         info!(
@@ -1018,7 +1018,7 @@ impl Coordinator {
             this.init = Some(init);
             this.phase = Phase::Initializing {
                 collector,
-                deadline: Instant::now() + this.round_length(),
+                deadline: deadline_after(this.round_length()),
             };
         };
         let (sha256, size) = match result {
@@ -1122,7 +1122,7 @@ impl Coordinator {
         let request = centring.request.clone();
         self.phase = Phase::Centring {
             centring: Box::new(centring),
-            deadline: Instant::now() + self.round_length(),
+            deadline: deadline_after(self.round_length()),
         };
         self.init_request = None;
         info!(
@@ -1139,7 +1139,7 @@ impl Coordinator {
     fn extend_centring(&mut self) {
         let length = self.round_length();
         if let Phase::Centring { deadline, .. } = &mut self.phase {
-            *deadline = Instant::now() + length;
+            *deadline = deadline_after(length);
         }
     }
 
@@ -1245,7 +1245,7 @@ impl Coordinator {
                 u64::from(self.config.task.local_steps) * u64::from(self.config.task.batch_size),
                 now_unix_ms(),
             ),
-            deadline: Instant::now() + self.round_length(),
+            deadline: deadline_after(self.round_length()),
         };
         self.metrics.current_round.set(id.0 as i64);
     }
@@ -1283,19 +1283,29 @@ impl Coordinator {
         }
     }
 
-    /// Queues a frame; a participant whose queue is full is dropped.
+    /// Queues a frame; a participant whose queue is full is dropped, and so
+    /// is one whose connection has ended.
     fn send_to(&mut self, id: ParticipantId, frame: Bytes) {
         let Some(peer) = self.peers.get(&id) else {
             return;
         };
-        if peer.outbox.frames.try_send(frame).is_err() {
-            warn!(participant = %id, "participant is not reading its frames; disconnecting it");
-            peer.outbox.kick.notify_one();
-            self.peers.remove(&id);
-            self.metrics
-                .participants_connected
-                .set(self.peers.len() as i64);
+        match peer.outbox.frames.try_send(frame) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                warn!(participant = %id, "participant is not reading its frames; disconnecting it");
+                peer.outbox.kick.notify_one();
+            }
+            // The connection ended and its `Leave` is on its way: a
+            // participant that leaves (e.g. after `--max-rounds`) while a
+            // round commits. Nothing is wrong.
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                info!(participant = %id, client = %peer.client, "participant left");
+            }
         }
+        self.peers.remove(&id);
+        self.metrics
+            .participants_connected
+            .set(self.peers.len() as i64);
     }
 
     fn publish_status(&self) {
@@ -1462,11 +1472,22 @@ pub fn check_report_against_policy(
     Ok(())
 }
 
+/// `length` from now. A length beyond what `Instant` can hold (the
+/// configuration refuses more than 30 days) gives a deadline a century
+/// away instead of panicking.
+fn deadline_after(length: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+    let now = Instant::now();
+    now.checked_add(length)
+        .or_else(|| now.checked_add(CENTURY))
+        .unwrap_or(now)
+}
+
 fn unix_ms_at(t: Instant) -> u64 {
     let now = Instant::now();
     let now_ms = now_unix_ms();
     if t >= now {
-        now_ms + (t - now).as_millis() as u64
+        now_ms.saturating_add(u64::try_from((t - now).as_millis()).unwrap_or(u64::MAX))
     } else {
         now_ms.saturating_sub((now - t).as_millis() as u64)
     }
@@ -1610,6 +1631,148 @@ mod tests {
             .named_tensors()
             .all(|(_, t)| t.data.iter().all(|&v| v == 1.25)));
         assert!(store.pending_updates(RoundId(1)).await.unwrap().is_empty());
+    }
+
+    /// A tiny task (quorum 2, rank 2, one layer) in `dir` with round 0
+    /// committed: its configuration, task, store and last round.
+    async fn task_at_round_0(
+        dir: &std::path::Path,
+    ) -> (Config, Arc<TaskInfo>, Store, CommittedRound) {
+        let toml = "[task]\nid = \"t\"\nrounds = 3\nmin_participants = 2\nmax_participants = 2\n\
+                    round_deadline_secs = 600\nlabels = [\"a\", \"b\"]\n\
+                    [model]\nid = \"tiny\"\nhidden_size = 8\nnum_layers = 1\n[adapter]\nrank = 2\n";
+        std::fs::write(dir.join("task.toml"), toml).unwrap();
+        let config = crate::config::load_locked(&dir.join("task.toml")).unwrap();
+        let shape = config.adapter_shape();
+        let task = Arc::new(TaskInfo {
+            task_id: "t".into(),
+            model_id: "tiny".into(),
+            model_sha256: String::new(),
+            module_names: config.module_names(),
+            shape,
+            labels: config.task.labels.clone(),
+            local_steps: 1,
+            batch_size: 1,
+            learning_rate: 0.01,
+            head_learning_rate: 0.01,
+            max_seq_len: 8,
+            total_rounds: 3,
+            files: Vec::new(),
+            privacy: None,
+        });
+        let store = Store::open(&dir.join("state"), "t", &config.identity_json(), 1).unwrap();
+        let frame0 = initial_frame(AdapterState::zeros(&shape));
+        let meta0 = RoundMeta::initial(&frame0, 1);
+        store.commit_round(meta0, frame0, Vec::new()).await.unwrap();
+        let last = store.last_round().await.unwrap().unwrap();
+        (config, task, store, last)
+    }
+
+    /// A deadline beyond what `Instant` holds (`round_deadline_secs =
+    /// 9223372036854775807` once panicked "overflow when adding duration to
+    /// instant" in `open_next_round`) is a deadline far away. The
+    /// configuration refuses such values; the coordinator must not panic
+    /// on them anyway.
+    #[tokio::test]
+    async fn a_round_deadline_beyond_instant_does_not_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut config, task, store, last) = task_at_round_0(dir.path()).await;
+        config.task.round_deadline_secs = u64::MAX;
+        let (_handle, status) = Coordinator::start(
+            Arc::new(config),
+            task,
+            store,
+            Arc::new(Metrics::new()),
+            Begin::Resume(Box::new(last)),
+            Vec::new(),
+            Vec::new(),
+        );
+        let s = status.borrow().clone();
+        assert_eq!((s.state, s.round), ("collecting", Some(1)));
+        let year_ms = 365 * 24 * 60 * 60 * 1000;
+        assert!(
+            s.deadline_unix_ms.unwrap() > now_unix_ms() + 50 * year_ms,
+            "{s:?}"
+        );
+        let fifty_years = Duration::from_secs(50 * 365 * 24 * 60 * 60);
+        assert!(deadline_after(Duration::MAX) > Instant::now() + fifty_years);
+    }
+
+    /// Log lines written while the returned guard is held on this thread
+    /// (a current-thread runtime runs the coordinator's task here too).
+    fn capture_logs() -> (
+        Arc<std::sync::Mutex<Vec<u8>>>,
+        tracing::subscriber::DefaultGuard,
+    ) {
+        #[derive(Clone)]
+        struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let logs = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = Sink(logs.clone());
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || sink.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
+
+    /// A participant whose connection has ended (its frame queue is
+    /// closed; its `Leave` is still on its way, as when it leaves while a
+    /// round commits) is dropped without the warning meant for one that
+    /// does not read its frames (a full queue), which is still given and
+    /// still kicks the connection.
+    #[tokio::test]
+    async fn a_departed_participant_is_dropped_without_a_warning() {
+        const STALLED: &str = "participant is not reading its frames";
+        let dir = tempfile::tempdir().unwrap();
+        let (config, task, store, last) = task_at_round_0(dir.path()).await;
+        let (logs, _guard) = capture_logs();
+        let (handle, mut status) = Coordinator::start(
+            Arc::new(config),
+            task,
+            store,
+            Arc::new(Metrics::new()),
+            Begin::Resume(Box::new(last)),
+            Vec::new(),
+            Vec::new(),
+        );
+        let text = || String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+
+        let (frames, closed) = mpsc::channel(OUTBOX_FRAMES);
+        drop(closed);
+        let gone = Outbox {
+            frames,
+            kick: Arc::new(Notify::new()),
+        };
+        handle.join("gone".into(), None, gone).await.unwrap();
+        status.changed().await.unwrap();
+        assert_eq!(status.borrow().participants_connected, 0);
+        let t = text();
+        assert!(!t.contains(STALLED), "{t}");
+        assert!(t.contains("participant left"), "{t}");
+
+        let (frames, _full) = mpsc::channel(1);
+        frames.try_send(Bytes::from_static(b"unread")).unwrap();
+        let kick = Arc::new(Notify::new());
+        let stalled = Outbox {
+            frames,
+            kick: kick.clone(),
+        };
+        handle.join("stalled".into(), None, stalled).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), kick.notified())
+            .await
+            .expect("the stalled participant's connection was not kicked");
+        let t = text();
+        assert_eq!(t.matches(STALLED).count(), 1, "{t}");
     }
 
     #[test]
