@@ -5,7 +5,8 @@
 use std::path::PathBuf;
 
 use fedsb_engine::data::{
-    read_dataset, read_dataset_file, ColumnSpec, DataError, DataFormat, Example,
+    read_dataset, read_dataset_file, read_texts_only, ColumnSpec, DataError, DataFormat, Example,
+    SkippedRows, MAX_CLASSES,
 };
 
 fn write(name: &str, contents: &str) -> PathBuf {
@@ -173,12 +174,13 @@ fn errors_name_file_line_and_column() {
         "train.csv:3: column `label`: label -3 is not a class id (0, 1, …)"
     );
 
+    // A short row is a syntax error, not a row padded with missing cells.
     let err = csv("sentence,label\nok,1\nshort\n", &none);
     assert_eq!(
         err.to_string(),
-        "train.csv:3: column `label`: missing value"
+        "train.csv:3: 1 field, but the header has 2"
     );
-    assert!(matches!(err, DataError::Value { line: 3, .. }));
+    assert!(matches!(err, DataError::Syntax { line: 3, .. }));
 
     let err = csv("sentence,label\nok,1\na,1,extra\n", &none);
     assert_eq!(
@@ -247,4 +249,487 @@ fn errors_name_file_line_and_column() {
     let missing = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("model_datasets/absent.csv");
     let err = read_dataset_file(&missing, &none).unwrap_err();
     assert!(err.to_string().contains("absent.csv: cannot read"), "{err}");
+}
+
+fn read(
+    bytes: &str,
+    format: DataFormat,
+    spec: &ColumnSpec,
+    file: &str,
+) -> Result<Vec<Example>, String> {
+    read_dataset(bytes.as_bytes(), format, spec, file)
+        .map(|ds| ds.examples)
+        .map_err(|e| e.to_string())
+}
+
+fn skipping() -> ColumnSpec {
+    ColumnSpec {
+        skip_rows_without_label: true,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn short_rows_are_errors_not_padded_or_dropped() {
+    // TSV with skipping: the short row used to be padded, then dropped as unlabelled.
+    let err = read(
+        "sentence\tlabel\na\t1\nb\t0\nc\t1\nd\n",
+        DataFormat::Tsv,
+        &skipping(),
+        "t.tsv",
+    )
+    .unwrap_err();
+    assert_eq!(err, "t.tsv:5: 1 field, but the header has 2");
+    let err = read(
+        "idx,sentence,label\n0,a,1\n1,b\n",
+        DataFormat::Csv,
+        &skipping(),
+        "t.csv",
+    )
+    .unwrap_err();
+    assert_eq!(err, "t.csv:3: 2 fields, but the header has 3");
+    // Blank lines are still ignored; every row complete reads fine.
+    let ds = read_dataset(
+        b"sentence\tlabel\na\t1\n\nb\t0\n",
+        DataFormat::Tsv,
+        &ColumnSpec::default(),
+        "t.tsv",
+    )
+    .unwrap();
+    assert_eq!(ds.len(), 2);
+
+    // An unterminated quote swallows the rest of the file into one field.
+    let err = read(
+        "text,label\n\"abc,1\nfoo,0\nbar,1\n",
+        DataFormat::Csv,
+        &ColumnSpec::default(),
+        "q.csv",
+    )
+    .unwrap_err();
+    assert_eq!(
+        err,
+        "q.csv:2: 1 field, but the header has 2 (a quote opened on line 2 is never closed?)"
+    );
+    // The hint names the line where the runaway field starts, after a
+    // legitimate multi-line field of the same record.
+    let err = read(
+        "id,text,pair,label\n1,\"a\nb\",\"c,0\nd,e,f,1\n",
+        DataFormat::Csv,
+        &ColumnSpec::default(),
+        "q.csv",
+    )
+    .unwrap_err();
+    assert_eq!(
+        err,
+        "q.csv:2: 3 fields, but the header has 4 (a quote opened on line 3 is never closed?)"
+    );
+}
+
+#[test]
+fn only_empty_minus_one_or_dash_labels_are_skipped_and_counted() {
+    // 12 rows, 3 without a label (-, empty, -1): a quarter is still accepted.
+    let csv = "text,label\na,0\nb,1\nc,-\nd,1\ne,\nf,0\ng,-1\nh,1\ni,0\nj,1\nk,0\nl,1\n";
+    let ds = read_dataset(csv.as_bytes(), DataFormat::Csv, &skipping(), "s.csv").unwrap();
+    assert_eq!(ds.len(), 9);
+    assert_eq!(
+        ds.skipped,
+        SkippedRows {
+            count: 3,
+            first_line: Some(4)
+        }
+    );
+    assert_eq!(
+        ds.skipped.to_string(),
+        "skipped 3 rows without a label (first at line 4)"
+    );
+    // Nothing skipped without the option: -1 is then an error.
+    let err = read(csv, DataFormat::Csv, &ColumnSpec::default(), "s.csv").unwrap_err();
+    assert_eq!(err, "s.csv:6: column `label`: missing value");
+    let ds = read_dataset(
+        b"text,label\na,0\nb,1\n",
+        DataFormat::Csv,
+        &skipping(),
+        "s.csv",
+    )
+    .unwrap();
+    assert_eq!(ds.skipped, SkippedRows::default());
+
+    // Another negative integer is not "no label".
+    let err = read(
+        "text,label\na,0\nb,1\nc,-2\nd,1\n",
+        DataFormat::Csv,
+        &skipping(),
+        "s.csv",
+    )
+    .unwrap_err();
+    assert_eq!(
+        err,
+        "s.csv:4: column `label`: label -2 is not a class id (0, 1, …)"
+    );
+    let names = ColumnSpec {
+        label_names: Some(vec!["neg".into(), "pos".into()]),
+        ..skipping()
+    };
+    let err = read(
+        "text,label\na,0\nb,1\nc,-2\nd,1\n",
+        DataFormat::Csv,
+        &names,
+        "s.csv",
+    )
+    .unwrap_err();
+    assert!(
+        err.starts_with("s.csv:4: column `label`: label \"-2\""),
+        "{err}"
+    );
+
+    // A ±1-labelled file is refused, not silently halved.
+    let err = read(
+        "text,label\na,1\nb,-1\nc,1\nd,-1\n",
+        DataFormat::Csv,
+        &skipping(),
+        "pm.csv",
+    )
+    .unwrap_err();
+    assert_eq!(
+        err,
+        "pm.csv:3: column `label`: 2 of 4 rows have no label (empty, -1 or -; first at line 3): \
+         if -1 is a class here, relabel the classes 0, 1, … or give them names"
+    );
+    // Every row unlabelled: the same error, not "no examples".
+    let err = read(
+        "{\"text\": \"a\", \"label\": -1}\n",
+        DataFormat::Jsonl,
+        &names,
+        "u.jsonl",
+    )
+    .unwrap_err();
+    assert!(
+        err.starts_with("u.jsonl:1: column `label`: 1 of 1 rows have no label"),
+        "{err}"
+    );
+}
+
+#[test]
+fn huge_integer_labels_are_refused_and_class_counts() {
+    for big in ["1000000", "4000000000", "9223372036854775807"] {
+        let err = read(
+            &format!("text,label\na,0\nb,{big}\nc,1\n"),
+            DataFormat::Csv,
+            &ColumnSpec::default(),
+            "big.csv",
+        )
+        .unwrap_err();
+        let classes = big.parse::<u64>().unwrap() as u128 + 1;
+        assert_eq!(
+            err,
+            format!(
+                "big.csv:3: column `label`: label {big}: integer labels are class ids 0, 1, …; \
+                 this one would make {classes} classes"
+            )
+        );
+    }
+    // The limit itself is accepted.
+    let ds = read_dataset(
+        format!("text,label\na,0\nb,{}\n", MAX_CLASSES - 1).as_bytes(),
+        DataFormat::Csv,
+        &ColumnSpec::default(),
+        "ok.csv",
+    )
+    .unwrap();
+    assert_eq!(ds.num_labels(), MAX_CLASSES);
+    let err = read(
+        &format!("text,label\na,0\nb,{MAX_CLASSES}\n"),
+        DataFormat::Csv,
+        &ColumnSpec::default(),
+        "big.csv",
+    )
+    .unwrap_err();
+    assert!(err.starts_with("big.csv:3: "), "{err}");
+
+    // Integer labels define every class up to the largest; counts show the gaps.
+    let ds = read_dataset(
+        b"text,label\na,0\nb,3\nc,3\nd,0\ne,0\n",
+        DataFormat::Csv,
+        &ColumnSpec::default(),
+        "c.csv",
+    )
+    .unwrap();
+    assert_eq!(ds.class_counts(), vec![3, 0, 0, 2]);
+    let ds = read_dataset(
+        b"text\na\n",
+        DataFormat::Csv,
+        &ColumnSpec::default(),
+        "c.csv",
+    )
+    .unwrap();
+    assert!(ds.class_counts().is_empty());
+}
+
+#[test]
+fn mixed_label_kinds_are_refused_and_integral_json_floats_are_integers() {
+    let err = read(
+        "text,label\na,1\nb,0\nc,1\nd,0\ne,1\nf,0\ng,1\nh,positive\ni,0\n",
+        DataFormat::Csv,
+        &ColumnSpec::default(),
+        "m.csv",
+    )
+    .unwrap_err();
+    assert_eq!(
+        err,
+        "m.csv:9: column `label`: labels mix class ids (line 2: 1) and names (line 9: positive)"
+    );
+    // Mostly names: the line of the odd class id.
+    let err = read(
+        "{\"text\": \"a\", \"label\": \"pos\"}\n{\"text\": \"b\", \"label\": \"neg\"}\n{\"text\": \"c\", \"label\": 2}\n",
+        DataFormat::Jsonl,
+        &ColumnSpec::default(),
+        "m.jsonl",
+    )
+    .unwrap_err();
+    assert_eq!(
+        err,
+        "m.jsonl:3: column `label`: labels mix class ids (line 3: 2) and names (line 1: pos)"
+    );
+
+    // 1 and 1.0 are one class; numbers in text columns read alike.
+    let ds = read_dataset(
+        b"{\"text\": \"a\", \"label\": 1}\n{\"text\": \"b\", \"label\": 1.0}\n\
+          {\"text\": \"c\", \"label\": 0.0}\n{\"text\": 2.50, \"label\": -0.0}\n{\"text\": 1e3, \"label\": 0}\n",
+        DataFormat::Jsonl,
+        &ColumnSpec::default(),
+        "f.jsonl",
+    )
+    .unwrap();
+    assert_eq!(ds.label_names, vec!["0", "1"]);
+    assert_eq!(
+        ds.examples
+            .iter()
+            .map(|e| (e.text.as_str(), e.label.unwrap()))
+            .collect::<Vec<_>>(),
+        vec![("a", 1), ("b", 1), ("c", 0), ("2.5", 0), ("1000", 0)]
+    );
+}
+
+#[test]
+fn jsonl_bom_and_nested_values() {
+    let ds = read_dataset(
+        "\u{feff}{\"text\": \"a\", \"label\": 1}\n{\"text\": \"b\", \"label\": 0}\n".as_bytes(),
+        DataFormat::Jsonl,
+        &ColumnSpec::default(),
+        "b.jsonl",
+    )
+    .unwrap();
+    assert_eq!(ds.examples[0], ex("a", None, Some(1)));
+
+    let err = read(
+        "{\"text\": \"a\", \"label\": 1}\n{\"text\": {\"en\": \"b\"}, \"label\": 0}\n",
+        DataFormat::Jsonl,
+        &ColumnSpec::default(),
+        "n.jsonl",
+    )
+    .unwrap_err();
+    assert_eq!(
+        err,
+        "n.jsonl:2: column `text`: expected a string, number or boolean, found an object"
+    );
+    let err = read(
+        "{\"text\": \"a\", \"label\": [1]}\n",
+        DataFormat::Jsonl,
+        &ColumnSpec::default(),
+        "n.jsonl",
+    )
+    .unwrap_err();
+    assert_eq!(
+        err,
+        "n.jsonl:1: column `label`: expected a string, number or boolean, found an array"
+    );
+    // Unused columns may hold anything.
+    let ds = read_dataset(
+        b"{\"text\": \"a\", \"meta\": {\"k\": [1, 2]}, \"tags\": [\"x\"], \"label\": 0}\n",
+        DataFormat::Jsonl,
+        &ColumnSpec::default(),
+        "n.jsonl",
+    )
+    .unwrap();
+    assert_eq!(ds.examples, vec![ex("a", None, Some(0))]);
+}
+
+#[test]
+fn one_column_cannot_serve_two_roles() {
+    let csv = "sentence,label\nx,1\n";
+    let err = read(
+        csv,
+        DataFormat::Csv,
+        &ColumnSpec {
+            text: Some("label".into()),
+            ..Default::default()
+        },
+        "r.csv",
+    )
+    .unwrap_err();
+    assert_eq!(
+        err,
+        "r.csv: column `label` cannot be both the text column and the label column (detected)"
+    );
+    let err = read(
+        csv,
+        DataFormat::Csv,
+        &ColumnSpec {
+            text: Some("sentence".into()),
+            text_pair: Some("SENTENCE".into()),
+            ..Default::default()
+        },
+        "r.csv",
+    )
+    .unwrap_err();
+    assert_eq!(
+        err,
+        "r.csv: column `sentence` cannot be both the text column and the text pair column"
+    );
+    let err = read_dataset(
+        b"premise,hypothesis,label\na,b,1\n",
+        DataFormat::Csv,
+        &ColumnSpec {
+            label: Some("hypothesis".into()),
+            ..Default::default()
+        },
+        "r.csv",
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, DataError::ColumnRoles { column, first: "text pair column", second: "label column", .. } if column == "hypothesis"),
+        "{err}"
+    );
+}
+
+#[test]
+fn empty_files_and_mismatched_formats() {
+    for format in [DataFormat::Csv, DataFormat::Tsv, DataFormat::Jsonl] {
+        for bytes in ["", " \n\n", "\u{feff}", "\u{feff}\r\n"] {
+            let err = read(bytes, format, &ColumnSpec::default(), "e.txt").unwrap_err();
+            assert_eq!(err, "e.txt: the file is empty", "{format:?} {bytes:?}");
+        }
+    }
+    let err = read(
+        "premise\thypothesis\tlabel\n",
+        DataFormat::Tsv,
+        &ColumnSpec::default(),
+        "h.tsv",
+    )
+    .unwrap_err();
+    assert_eq!(err, "h.tsv: no examples");
+
+    // A TSV file named .csv, and the other way round.
+    let err = read(
+        "sentence\tlabel\nhello\t1\n",
+        DataFormat::Csv,
+        &ColumnSpec::default(),
+        "x.csv",
+    )
+    .unwrap_err();
+    assert_eq!(
+        err,
+        "x.csv: cannot tell which column holds the text (columns: sentence\tlabel); \
+         the header looks tab-separated: is this a .tsv file?"
+    );
+    let err = read(
+        "sentence\tlabel\nfunny, sad\t1\n",
+        DataFormat::Csv,
+        &ColumnSpec::default(),
+        "x.csv",
+    )
+    .unwrap_err();
+    assert_eq!(
+        err,
+        "x.csv:2: 2 fields, but the header has 1 \
+         (the header looks tab-separated: is this a .tsv file?)"
+    );
+    let err = read(
+        "text,label\nhi,1\n",
+        DataFormat::Tsv,
+        &ColumnSpec {
+            text: Some("text".into()),
+            ..Default::default()
+        },
+        "x.tsv",
+    )
+    .unwrap_err();
+    assert_eq!(
+        err,
+        "x.tsv: no column `text` (columns: text,label); \
+         the header looks comma-separated: is this a .csv file?"
+    );
+    let err = read(
+        "{\"text\": \"hi\"}\n",
+        DataFormat::Tsv,
+        &ColumnSpec::default(),
+        "x.tsv",
+    )
+    .unwrap_err();
+    assert!(
+        err.ends_with("the header looks like JSON: is this a JSON Lines (.jsonl) file?"),
+        "{err}"
+    );
+
+    let err = read_dataset_file(write("notes.txt", "x"), &ColumnSpec::default()).unwrap_err();
+    let message = err.to_string();
+    for ext in [".csv", ".tsv", ".tab", ".jsonl", ".ndjson", ".json"] {
+        assert!(message.contains(ext), "{message}");
+    }
+    assert!(
+        message.contains(".json means JSON Lines, one object per line"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_json_array_is_not_json_lines() {
+    let message = "a JSON array: fedsb reads JSON Lines (one object per line); \
+                   convert it, e.g. with jq -c '.[]'";
+    let path = write(
+        "export.json",
+        "\n[\n  {\"text\": \"a\", \"label\": 1},\n  {\"text\": \"b\", \"label\": 0}\n]\n",
+    );
+    let err = read_dataset_file(&path, &ColumnSpec::default()).unwrap_err();
+    assert!(matches!(err, DataError::Syntax { line: 2, .. }), "{err:?}");
+    assert!(
+        err.to_string()
+            .ends_with(&format!("export.json:2: {message}")),
+        "{err}"
+    );
+    let err = read(
+        "\u{feff}[{\"text\": \"a\", \"label\": 1}]",
+        DataFormat::Jsonl,
+        &ColumnSpec::default(),
+        "one.json",
+    )
+    .unwrap_err();
+    assert_eq!(err, format!("one.json:1: {message}"));
+}
+
+#[test]
+fn texts_only_reads_no_labels() {
+    // A GLUE test split: labels -1 everywhere, which a labelled read refuses.
+    let tsv = "sentence\tlabel\na fine film\t-1\na dull one\t\n";
+    assert!(read_dataset(
+        tsv.as_bytes(),
+        DataFormat::Tsv,
+        &ColumnSpec::default(),
+        "t.tsv"
+    )
+    .is_err());
+    let data = read_texts_only(
+        tsv.as_bytes(),
+        DataFormat::Tsv,
+        &ColumnSpec::default(),
+        "t.tsv",
+    )
+    .unwrap();
+    let texts: Vec<_> = data
+        .examples
+        .iter()
+        .map(|e| (e.text.as_str(), e.label))
+        .collect();
+    assert_eq!(texts, [("a fine film", None), ("a dull one", None)]);
+    assert_eq!(data.label_column, None);
 }

@@ -112,3 +112,16 @@ fn vocab_txt_gives_the_same_tokenizer_and_missing_specials_are_named() {
     let e = BertTokenizer::from_vocab_txt("[PAD]\n[UNK]\nthe\n", true).unwrap_err();
     assert!(e.to_string().contains("[CLS]"), "{e}");
 }
+
+#[test]
+fn a_max_length_without_room_for_text_is_refused() {
+    // tokenizers reads 0 as "no truncation"; 1 and 2 leave no text.
+    for n in [0, 1, 2] {
+        let err = tokenizer().with_max_length(n).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("maximum sequence length of {n} tokens")),
+            "{err}"
+        );
+    }
+    assert!(tokenizer().with_max_length(3).is_ok());
+}

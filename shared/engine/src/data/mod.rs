@@ -5,11 +5,32 @@
 //! Columns are detected from the header when not named, the way GLUE/SNLI
 //! files in the Hugging Face `datasets` exports are laid out (`sentence`,
 //! `text`, `sentence1`+`sentence2`, `premise`+`hypothesis`, `label`, …).
+//! One column serves one role: text, text pair and label columns must differ.
 //! Errors name the file, the line and the column. Everything works from bytes
 //! (the browser reads a local file into memory); [`read_dataset_file`] is the
 //! native convenience.
+//!
+//! Nothing is dropped or altered silently:
+//! - every CSV/TSV row has exactly as many fields as the header (blank lines
+//!   are ignored); a row with more or fewer is an error;
+//! - JSONL cells in the columns used must be strings, numbers or booleans;
+//!   integral numbers read as integers (`1.0` is `1`);
+//! - without label names, labels are either all class ids (integers `0`,
+//!   `1`, …, defining the classes `0..=max`, at most [`MAX_CLASSES`]) or all
+//!   class names (sorted to give ids); a mix is an error;
+//! - a row is *unlabelled* when its label is empty, `-1` or `-` (the SNLI and
+//!   GLUE conventions for "no gold label"). With
+//!   [`ColumnSpec::skip_rows_without_label`] such rows are skipped and counted
+//!   in [`Dataset::skipped`], but if more than a quarter of the rows are
+//!   unlabelled the file is refused (a ±1-labelled file is never halved);
+//!   other negative integers are always errors.
 
 use std::collections::BTreeSet;
+use std::fmt;
+
+/// Most classes that integer labels may define (`0..=max`): a stray huge
+/// label must not make a giant class list.
+pub const MAX_CLASSES: usize = 1000;
 
 /// File format of a dataset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,7 +44,8 @@ pub enum DataFormat {
 }
 
 impl DataFormat {
-    /// From a file name's extension: `.csv`, `.tsv`/`.tab`, `.jsonl`/`.ndjson`/`.json`.
+    /// From a file name's extension: `.csv`, `.tsv`/`.tab`, `.jsonl`/`.ndjson`/`.json`
+    /// (`.json` is read as JSON Lines, one object per line).
     pub fn from_file_name(name: &str) -> Option<Self> {
         let ext = name.rsplit_once('.')?.1.to_ascii_lowercase();
         match ext.as_str() {
@@ -46,8 +68,11 @@ pub struct ColumnSpec {
     /// these names or an integer below their count; every participant of a
     /// task must use the same list so that class ids agree.
     pub label_names: Option<Vec<String>>,
-    /// Skip rows whose label is empty or a negative integer (SNLI marks
-    /// examples without a gold label with -1) instead of failing.
+    /// Skip rows without a label — an empty label, `-1` or `-` (SNLI marks
+    /// examples without a gold label with -1 or -) — instead of failing. The
+    /// skipped rows are counted in [`Dataset::skipped`]; more than a quarter
+    /// of the rows without a label is an error. Other negative integers are
+    /// errors either way.
     pub skip_rows_without_label: bool,
 }
 
@@ -67,6 +92,27 @@ impl Example {
     }
 }
 
+/// Rows skipped because they had no label (see
+/// [`ColumnSpec::skip_rows_without_label`]). Displays as
+/// "skipped K rows without a label (first at line L)".
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SkippedRows {
+    pub count: usize,
+    /// Line of the first skipped row.
+    pub first_line: Option<u64>,
+}
+
+impl fmt::Display for SkippedRows {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let rows = if self.count == 1 { "row" } else { "rows" };
+        write!(f, "skipped {} {rows} without a label", self.count)?;
+        if let Some(line) = self.first_line {
+            write!(f, " (first at line {line})")?;
+        }
+        Ok(())
+    }
+}
+
 /// A dataset read into memory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dataset {
@@ -76,6 +122,9 @@ pub struct Dataset {
     pub label_column: Option<String>,
     /// Class names by class id (integers as strings when labels were integers).
     pub label_names: Vec<String>,
+    /// Rows skipped for having no label (none unless
+    /// [`ColumnSpec::skip_rows_without_label`]); print it so users know.
+    pub skipped: SkippedRows,
 }
 
 impl Dataset {
@@ -90,19 +139,33 @@ impl Dataset {
     pub fn num_labels(&self) -> usize {
         self.label_names.len()
     }
+
+    /// Examples per class id (length [`Self::num_labels`]); a zero is a
+    /// class without examples (integer labels define every id up to the
+    /// largest).
+    pub fn class_counts(&self) -> Vec<usize> {
+        let mut counts = vec![0; self.num_labels()];
+        for label in self.examples.iter().filter_map(|e| e.label) {
+            if let Some(count) = counts.get_mut(label as usize) {
+                *count += 1;
+            }
+        }
+        counts
+    }
 }
 
 /// Why a dataset could not be read. Lines are 1-based; the header is line 1
 /// for CSV/TSV.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("{file}: cannot read: {source}")]
-    Io {
-        file: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{file}: cannot tell the format from the name (expected .csv, .tsv, .jsonl)")]
+    /// The I/O error is in the message (not a `source`), so that a chain
+    /// of causes shows it once.
+    #[error("{file}: cannot read: {error}")]
+    Io { file: String, error: std::io::Error },
+    #[error(
+        "{file}: cannot tell the format from the name (expected .csv, .tsv, .tab, .jsonl, \
+         .ndjson or .json; .json means JSON Lines, one object per line)"
+    )]
     UnknownFormat { file: String },
     #[error("{file}:{line}: {message}")]
     Syntax {
@@ -110,14 +173,32 @@ pub enum DataError {
         line: u64,
         message: String,
     },
-    #[error("{file}: no column `{column}` (columns: {available})")]
+    /// `hint`: why the header may be misread (e.g. a TSV file named `.csv`).
+    #[error("{file}: no column `{column}` (columns: {available}){}", hint_suffix(.hint))]
     MissingColumn {
         file: String,
         column: String,
         available: String,
+        hint: Option<String>,
     },
-    #[error("{file}: cannot tell which column holds the text (columns: {available}); name it")]
-    NoTextColumn { file: String, available: String },
+    /// `hint`: why the header may be misread (e.g. a TSV file named `.csv`).
+    #[error(
+        "{file}: cannot tell which column holds the text (columns: {available}); {}",
+        .hint.as_deref().unwrap_or("name it")
+    )]
+    NoTextColumn {
+        file: String,
+        available: String,
+        hint: Option<String>,
+    },
+    /// One column given or detected for two roles (e.g. text and label).
+    #[error("{file}: column `{column}` cannot be both the {first} and the {second}")]
+    ColumnRoles {
+        file: String,
+        column: String,
+        first: &'static str,
+        second: &'static str,
+    },
     #[error("{file}:{line}: column `{column}`: {message}")]
     Value {
         file: String,
@@ -125,8 +206,16 @@ pub enum DataError {
         column: String,
         message: String,
     },
+    /// No bytes, or only whitespace (and a byte order mark).
+    #[error("{file}: the file is empty")]
+    EmptyFile { file: String },
+    /// A header but no data rows (or none left after skipping).
     #[error("{file}: no examples")]
     Empty { file: String },
+}
+
+fn hint_suffix(hint: &Option<String>) -> String {
+    hint.as_ref().map(|h| format!("; {h}")).unwrap_or_default()
 }
 
 /// Reads a dataset file, choosing the format from its extension.
@@ -139,9 +228,9 @@ pub fn read_dataset_file(
     let file = path.display().to_string();
     let format = DataFormat::from_file_name(&file)
         .ok_or_else(|| DataError::UnknownFormat { file: file.clone() })?;
-    let bytes = std::fs::read(path).map_err(|source| DataError::Io {
+    let bytes = std::fs::read(path).map_err(|error| DataError::Io {
         file: file.clone(),
-        source,
+        error,
     })?;
     read_dataset(&bytes, format, spec, &file)
 }
@@ -153,18 +242,77 @@ pub fn read_dataset(
     spec: &ColumnSpec,
     file: &str,
 ) -> Result<Dataset, DataError> {
+    read_with(bytes, format, spec, file, true)
+}
+
+/// Reads only the text column(s) of a dataset (`fedsb embed`): no label
+/// column is looked for or read, so any labels (or none) are fine; every
+/// example's label is `None`. `spec`'s label fields are ignored.
+pub fn read_texts_only(
+    bytes: &[u8],
+    format: DataFormat,
+    spec: &ColumnSpec,
+    file: &str,
+) -> Result<Dataset, DataError> {
+    read_with(bytes, format, spec, file, false)
+}
+
+fn read_with(
+    bytes: &[u8],
+    format: DataFormat,
+    spec: &ColumnSpec,
+    file: &str,
+    labels: bool,
+) -> Result<Dataset, DataError> {
+    let content = bytes.strip_prefix(BOM).unwrap_or(bytes);
+    if content.iter().all(u8::is_ascii_whitespace) {
+        return Err(DataError::EmptyFile {
+            file: file.to_owned(),
+        });
+    }
     let table = match format {
         DataFormat::Csv => read_delimited(bytes, b',', true, file)?,
         DataFormat::Tsv => read_delimited(bytes, b'\t', false, file)?,
         DataFormat::Jsonl => read_jsonl(bytes, file)?,
     };
-    build_dataset(table, spec, file)
+    build_dataset(table, spec, file, labels)
 }
 
-/// Rows of cells, each with the line it starts on; `None` is a missing cell.
+/// UTF-8 byte order mark.
+const BOM: &[u8] = "\u{feff}".as_bytes();
+
+/// One cell of a [`Table`].
+enum Cell {
+    /// No such field (JSONL: key absent or `null`).
+    Missing,
+    Text(String),
+    /// A JSON object or array: "an object" or "an array". Only an error
+    /// where the column is used.
+    Nested(&'static str),
+}
+
+/// Rows of cells, each with the line it starts on.
 struct Table {
     columns: Vec<String>,
-    rows: Vec<(u64, Vec<Option<String>>)>,
+    rows: Vec<(u64, Vec<Cell>)>,
+}
+
+/// A hint when a header of one column looks like another format's: the
+/// file's content does not match its extension.
+fn header_hint(columns: &[String]) -> Option<String> {
+    let first = columns.first()?;
+    let looks = if first.starts_with('{') {
+        "like JSON: is this a JSON Lines (.jsonl) file?"
+    } else if columns.len() > 1 {
+        return None;
+    } else if first.contains('\t') {
+        "tab-separated: is this a .tsv file?"
+    } else if first.contains(',') {
+        "comma-separated: is this a .csv file?"
+    } else {
+        return None;
+    };
+    Some(format!("the header looks {looks}"))
 }
 
 fn read_delimited(
@@ -190,30 +338,75 @@ fn read_delimited(
         .iter()
         .map(|h| h.trim_start_matches('\u{feff}').trim().to_owned())
         .collect();
+    let hint = header_hint(&columns);
     let mut rows = Vec::new();
     for record in reader.records() {
         let record = record.map_err(syntax)?;
         let line = record.position().map_or(0, |p| p.line());
-        if record.len() == 1 && record[0].is_empty() {
+        if record.len() == 1
+            && (record[0].is_empty() || (columns.len() > 1 && record[0].trim().is_empty()))
+        {
             continue; // blank line
         }
-        if record.len() > columns.len() {
+        if record.len() != columns.len() {
+            let fields = if record.len() == 1 { "field" } else { "fields" };
+            let mut message = format!(
+                "{} {fields}, but the header has {}",
+                record.len(),
+                columns.len()
+            );
+            if let Some(hint) = &hint {
+                message.push_str(&format!(" ({hint})"));
+            } else if quoting && record.len() < columns.len() {
+                // An unterminated quote swallows the rest of the file into
+                // its field: name the line where that field starts.
+                let mut start = line;
+                let mut opened = None;
+                for field in &record {
+                    if field.contains('\n') {
+                        opened = Some(start);
+                    }
+                    start += field.matches('\n').count() as u64;
+                }
+                if let Some(opened) = opened {
+                    message.push_str(&format!(
+                        " (a quote opened on line {opened} is never closed?)"
+                    ));
+                }
+            }
             return Err(DataError::Syntax {
                 file: file.to_owned(),
                 line,
-                message: format!(
-                    "{} fields, but the header has {}",
-                    record.len(),
-                    columns.len()
-                ),
+                message,
             });
         }
-        let cells = (0..columns.len())
-            .map(|i| record.get(i).map(str::to_owned))
-            .collect();
+        let cells = record.iter().map(|f| Cell::Text(f.to_owned())).collect();
         rows.push((line, cells));
     }
     Ok(Table { columns, rows })
+}
+
+/// A JSON value as cell text; integral numbers that fit an `i64` read as
+/// integers (`1.0` is `1`), so that `1` and `1.0` are one class.
+fn json_cell(value: Option<&serde_json::Value>) -> Cell {
+    use serde_json::Value;
+    match value {
+        None | Some(Value::Null) => Cell::Missing,
+        Some(Value::String(s)) => Cell::Text(s.clone()),
+        Some(Value::Number(n)) => Cell::Text(match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => i.to_string(),
+            (None, Some(f))
+                if f.fract() == 0.0
+                    && (-9.223_372_036_854_776e18..9.223_372_036_854_776e18).contains(&f) =>
+            {
+                (f as i64).to_string()
+            }
+            _ => n.to_string(),
+        }),
+        Some(Value::Bool(b)) => Cell::Text(b.to_string()),
+        Some(Value::Object(_)) => Cell::Nested("an object"),
+        Some(Value::Array(_)) => Cell::Nested("an array"),
+    }
 }
 
 fn read_jsonl(bytes: &[u8], file: &str) -> Result<Table, DataError> {
@@ -225,6 +418,7 @@ fn read_jsonl(bytes: &[u8], file: &str) -> Result<Table, DataError> {
             .count() as u64,
         message: "not valid UTF-8".into(),
     })?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut columns: Vec<String> = Vec::new();
     let mut objects = Vec::new();
     for (i, raw) in text.lines().enumerate() {
@@ -232,6 +426,15 @@ fn read_jsonl(bytes: &[u8], file: &str) -> Result<Table, DataError> {
         let raw = raw.trim();
         if raw.is_empty() {
             continue;
+        }
+        if objects.is_empty() && raw.starts_with('[') {
+            return Err(DataError::Syntax {
+                file: file.to_owned(),
+                line,
+                message: "a JSON array: fedsb reads JSON Lines (one object per line); \
+                          convert it, e.g. with jq -c '.[]'"
+                    .into(),
+            });
         }
         let value: serde_json::Value =
             serde_json::from_str(raw).map_err(|e| DataError::Syntax {
@@ -256,14 +459,7 @@ fn read_jsonl(bytes: &[u8], file: &str) -> Result<Table, DataError> {
     let rows = objects
         .into_iter()
         .map(|(line, map)| {
-            let cells = columns
-                .iter()
-                .map(|c| match map.get(c) {
-                    None | Some(serde_json::Value::Null) => None,
-                    Some(serde_json::Value::String(s)) => Some(s.clone()),
-                    Some(other) => Some(other.to_string()),
-                })
-                .collect();
+            let cells = columns.iter().map(|c| json_cell(map.get(c))).collect();
             (line, cells)
         })
         .collect();
@@ -290,8 +486,19 @@ const LABEL_COLUMNS: &[&str] = &[
     "category",
 ];
 
-fn build_dataset(table: Table, spec: &ColumnSpec, file: &str) -> Result<Dataset, DataError> {
+/// Label values that mean "no label" (SNLI/GLUE conventions).
+fn is_unlabelled(value: &str) -> bool {
+    matches!(value, "" | "-1" | "-")
+}
+
+fn build_dataset(
+    table: Table,
+    spec: &ColumnSpec,
+    file: &str,
+    labels: bool,
+) -> Result<Dataset, DataError> {
     let available = || table.columns.join(", ");
+    let hint = || header_hint(&table.columns);
     let find = |name: &str| {
         table
             .columns
@@ -303,7 +510,13 @@ fn build_dataset(table: Table, spec: &ColumnSpec, file: &str) -> Result<Dataset,
             file: file.to_owned(),
             column: name.to_owned(),
             available: available(),
+            hint: hint(),
         })
+    };
+    let no_text = || DataError::NoTextColumn {
+        file: file.to_owned(),
+        available: available(),
+        hint: hint(),
     };
 
     let (text, pair) = match (&spec.text, &spec.text_pair) {
@@ -314,10 +527,7 @@ fn build_dataset(table: Table, spec: &ColumnSpec, file: &str) -> Result<Dataset,
                 .chain(PAIR_COLUMNS.iter().map(|(a, _)| a))
                 .filter(|c| !c.eq_ignore_ascii_case(p))
                 .find_map(|c| find(c))
-                .ok_or_else(|| DataError::NoTextColumn {
-                    file: file.to_owned(),
-                    available: available(),
-                })?;
+                .ok_or_else(no_text)?;
             (text, Some(require(p)?))
         }
         (None, None) => {
@@ -327,47 +537,99 @@ fn build_dataset(table: Table, spec: &ColumnSpec, file: &str) -> Result<Dataset,
             {
                 (a, Some(b))
             } else {
-                let text = TEXT_COLUMNS.iter().find_map(|c| find(c)).ok_or_else(|| {
-                    DataError::NoTextColumn {
-                        file: file.to_owned(),
-                        available: available(),
-                    }
-                })?;
+                let text = TEXT_COLUMNS
+                    .iter()
+                    .find_map(|c| find(c))
+                    .ok_or_else(no_text)?;
                 (text, None)
             }
         }
     };
-    let label = match &spec.label {
-        Some(l) => Some(require(l)?),
-        None => LABEL_COLUMNS.iter().find_map(|c| find(c)),
+    let (label, label_role) = match &spec.label {
+        _ if !labels => (None, "label column"),
+        Some(l) => (Some(require(l)?), "label column"),
+        None => (
+            LABEL_COLUMNS.iter().find_map(|c| find(c)),
+            "label column (detected)",
+        ),
     };
+    let roles = [
+        (Some(text), "text column"),
+        (pair, "text pair column"),
+        (label, label_role),
+    ];
+    for (i, &(a, first)) in roles.iter().enumerate() {
+        for &(b, second) in &roles[i + 1..] {
+            if let (Some(a), Some(b)) = (a, b) {
+                if a == b {
+                    return Err(DataError::ColumnRoles {
+                        file: file.to_owned(),
+                        column: table.columns[a].clone(),
+                        first,
+                        second,
+                    });
+                }
+            }
+        }
+    }
 
-    let cell = |line: u64, cells: &[Option<String>], col: usize| -> Result<String, DataError> {
-        cells[col].clone().ok_or_else(|| DataError::Value {
+    // A cell's text; `missing` for an absent cell (None: an error).
+    let cell = |line: u64, cells: &[Cell], col: usize, missing: Option<&'static str>| {
+        let error = |message: String| DataError::Value {
             file: file.to_owned(),
             line,
             column: table.columns[col].clone(),
-            message: "missing value".into(),
-        })
+            message,
+        };
+        match &cells[col] {
+            Cell::Text(s) => Ok(s.clone()),
+            Cell::Missing => missing
+                .map(str::to_owned)
+                .ok_or_else(|| error("missing value".into())),
+            Cell::Nested(kind) => Err(error(format!(
+                "expected a string, number or boolean, found {kind}"
+            ))),
+        }
     };
 
     // First pass: texts and raw label strings.
     let mut raw = Vec::with_capacity(table.rows.len());
+    let mut skipped = SkippedRows::default();
     for (line, cells) in &table.rows {
         let raw_label = match label {
             Some(col) => {
-                let value = cells[col].as_deref().unwrap_or("").trim().to_owned();
-                let unlabeled = value.is_empty() || value.parse::<i64>().is_ok_and(|v| v < 0);
-                if unlabeled && spec.skip_rows_without_label {
+                let value = cell(*line, cells, col, Some(""))?.trim().to_owned();
+                if spec.skip_rows_without_label && is_unlabelled(&value) {
+                    skipped.count += 1;
+                    skipped.first_line.get_or_insert(*line);
                     continue;
                 }
                 Some(value)
             }
             None => None,
         };
-        let text_value = cell(*line, cells, text)?;
-        let pair_value = pair.map(|col| cell(*line, cells, col)).transpose()?;
+        let text_value = cell(*line, cells, text, None)?;
+        let pair_value = pair.map(|col| cell(*line, cells, col, None)).transpose()?;
         raw.push((*line, text_value, pair_value, raw_label));
+    }
+
+    let label_error = |line: u64, message: String| DataError::Value {
+        file: file.to_owned(),
+        line,
+        column: label.map(|c| table.columns[c].clone()).unwrap_or_default(),
+        message,
+    };
+    if skipped.count * 4 > table.rows.len() {
+        let first = skipped.first_line.unwrap_or(0);
+        return Err(label_error(
+            first,
+            format!(
+                "{} of {} rows have no label (empty, -1 or -; first at line {first}): \
+                 if -1 is a class here, relabel the classes 0, 1, … or give them names",
+                skipped.count,
+                table.rows.len()
+            ),
+        ));
     }
     if raw.is_empty() {
         return Err(DataError::Empty {
@@ -376,39 +638,72 @@ fn build_dataset(table: Table, spec: &ColumnSpec, file: &str) -> Result<Dataset,
     }
 
     // Second pass: labels to class ids.
-    let label_error = |line: u64, message: String| DataError::Value {
-        file: file.to_owned(),
-        line,
-        column: label.map(|c| table.columns[c].clone()).unwrap_or_default(),
-        message,
-    };
     let label_names: Vec<String> = match (&spec.label_names, label) {
         (_, None) => Vec::new(),
         (Some(names), Some(_)) => names.clone(),
         (None, Some(_)) => {
-            let values = || {
-                raw.iter()
-                    .map(|(line, _, _, l)| (*line, l.as_deref().unwrap_or("")))
-            };
-            if values().all(|(_, v)| v.parse::<i64>().is_ok()) {
-                let mut max = 0u32;
-                for (line, v) in values() {
-                    let id = v.parse::<i64>().expect("checked");
-                    let id = u32::try_from(id).map_err(|_| {
-                        label_error(line, format!("label {v} is not a class id (0, 1, …)"))
-                    })?;
-                    max = max.max(id);
+            let values = raw
+                .iter()
+                .map(|(line, _, _, l)| (*line, l.as_deref().unwrap_or("")));
+            let mut first_id = None; // (line, value, parsed)
+            let mut first_name = None; // (line, value)
+            let (mut ids, mut names) = (0usize, 0usize);
+            for (line, v) in values.clone() {
+                if v.is_empty() {
+                    return Err(label_error(line, "missing value".into()));
                 }
-                (0..=max).map(|i| i.to_string()).collect()
-            } else {
-                let mut names = BTreeSet::new();
-                for (line, v) in values() {
-                    if v.is_empty() {
-                        return Err(label_error(line, "missing value".into()));
+                match v.parse::<i64>() {
+                    Ok(_) => {
+                        ids += 1;
+                        first_id.get_or_insert((line, v));
                     }
-                    names.insert(v.to_owned());
+                    Err(_) => {
+                        names += 1;
+                        first_name.get_or_insert((line, v));
+                    }
                 }
-                names.into_iter().collect()
+            }
+            match (first_id, first_name) {
+                (Some((id_line, id)), Some((name_line, name))) => {
+                    // Report on the line of the odd one out.
+                    let line = if names <= ids { name_line } else { id_line };
+                    return Err(label_error(
+                        line,
+                        format!(
+                            "labels mix class ids (line {id_line}: {id}) and names \
+                             (line {name_line}: {name})"
+                        ),
+                    ));
+                }
+                (Some(_), None) => {
+                    let mut max = (0u64, 0u64); // (id, line)
+                    for (line, v) in values {
+                        let id = v.parse::<i64>().expect("checked");
+                        let id = u64::try_from(id).map_err(|_| {
+                            label_error(line, format!("label {v} is not a class id (0, 1, …)"))
+                        })?;
+                        if id > max.0 {
+                            max = (id, line);
+                        }
+                    }
+                    let (max, line) = max;
+                    if max >= MAX_CLASSES as u64 {
+                        return Err(label_error(
+                            line,
+                            format!(
+                                "label {max}: integer labels are class ids 0, 1, …; \
+                                 this one would make {} classes",
+                                max + 1
+                            ),
+                        ));
+                    }
+                    (0..=max).map(|i| i.to_string()).collect()
+                }
+                _ => values
+                    .map(|(_, v)| v.to_owned())
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect(),
             }
         }
     };
@@ -446,5 +741,6 @@ fn build_dataset(table: Table, spec: &ColumnSpec, file: &str) -> Result<Dataset,
         text_pair_column: pair.map(|c| table.columns[c].clone()),
         label_column: label.map(|c| table.columns[c].clone()),
         label_names,
+        skipped,
     })
 }

@@ -101,6 +101,14 @@ impl BertTokenizer {
     }
 
     fn new(mut inner: Tokenizer, max_length: usize) -> Result<Self, ModelLoadError> {
+        // tokenizers reads a max length of 0 as "no truncation", and [CLS]
+        // and [SEP] alone take 2.
+        if max_length < 3 {
+            return Err(ModelLoadError::Tokenizer(format!(
+                "a maximum sequence length of {max_length} tokens leaves no room for text; \
+                 it counts [CLS] and [SEP], so give at least 3"
+            )));
+        }
         // tokenizer.json files often carry their own fixed padding (all-MiniLM-L6-v2
         // pads to 128); replace it by dynamic padding and our truncation.
         let pad_token = ["[PAD]", "<pad>"]
