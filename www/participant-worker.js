@@ -5,23 +5,28 @@
 // only the encoded Update frames (the r×r R matrices and the head) are sent.
 //
 // Messages in:
-//   {type: "preview", text, fileName, columns: {text, textPair, label}}
+//   {type: "preview", id, text, fileName, columns: {text, textPair, label}}
+//    (id: the page's number for the request, echoed in the answer)
 //   {type: "join", text, fileName, columns, seed (the seed of the batch
 //    shuffle and of the federated initialization's draw, as `fedsb join
 //    --seed`: a decimal string, or null for a random shuffle and seed 0)}
-//   {type: "leave"}
+//   {type: "leave"} (also while the join is still starting: no WebSocket opens)
 // Messages out:
-//   {type: "preview", preview} | {type: "preview", error}
+//   {type: "preview", id, preview} | {type: "preview", id, error}
 //   {type: "status", phase, round, adapter, adapterFallback (true when the
 //    WebGPU adapter is a software fallback: training runs on the CPU),
 //    wgpuAdapter (the adapter as the engine's wgpu sees it: its device type
 //    picks the kernels), task,
 //    participant (the id the
-//    aggregator gave this participant key, a decimal string), bytesDownloaded,
+//    aggregator gave this participant key, a decimal string), bytesDownloaded
+//    (posted at most every PROGRESS_MS while a file downloads),
 //    bytesTotal, filesCached, cacheWarning, losses: [{round, loss, samples, seconds,
-//    samplesPerSecond, epsilonSpent, epsilonBudget}], samplesPerSecond,
+//    samplesPerSecond, epsilonSpent, epsilonBudget}] (the last LOSSES_KEPT
+//    rounds), samplesPerSecond,
 //    privacy: null | {epsilon_spent, epsilon_budget, delta, noise_multiplier,
-//    sample_rate, clip_norm, steps_taken, planned_steps}, message, error}
+//    sample_rate, clip_norm, steps_taken, planned_steps}, message, error
+//    (an aggregator's rejection stays until a round's training starts or an
+//    update is accepted)}
 //     phase: connecting | downloading | initializing | loading | waiting |
 //            training | uploading | reconnecting | finished | left |
 //            disconnected | error
@@ -48,7 +53,9 @@
 // (while it downloads, initializes, loads or trains), the worker opens a new
 // one with the same participant key after 1 s, doubling the pause up to
 // 30 s, for up to 10 minutes (phase "reconnecting"); a Welcome for another
-// task ends the join. Updates not answered before the loss are kept (see
+// task, or for this task with other files than those this join loaded (the
+// aggregator restarted with another model or adapter, see taskFiles), ends
+// the join. Updates not answered before the loss are kept (see
 // unacked), so no round is trained, or spends privacy budget, twice. The
 // federated initialization's gradient frames are kept with the request they
 // answer (initAnswer): an aggregator that restarted and asks again gets the
@@ -90,6 +97,10 @@ import init, {
 import { gpuAdapterInfo } from "./gpu-adapter.js";
 
 const MODEL_FILES = ["config.json", "model.safetensors", "tokenizer.json", "adapter.safetensors"];
+// The rounds whose losses the status carries (the page lists and charts them).
+const LOSSES_KEPT = 200;
+// Least time between two posts of a download's progress.
+const PROGRESS_MS = 250;
 
 const ready = init();
 
@@ -165,6 +176,10 @@ let initAnswer = null;
 // the CentreLogits frame that answers it, sent again if asked again.
 let centreAnswer = null;
 let welcomed = false; // the first Welcome was handled (reconnect from then on)
+// The files this join loaded: name -> sha256 (the first Welcome's, and the
+// adapter file of a federated initialization); a reconnect's Welcome must
+// announce the same.
+let taskFiles = null;
 let ledgerKey = null; // DP tasks: "<task id>/<sha256 of columns and data>"
 
 const LEDGER_DB = "fedsb-participant";
@@ -368,7 +383,14 @@ async function fetchFile(file) {
   const r = await fetch(url);
   if (!r.ok) throw new Error(`GET ${url}: HTTP ${r.status}`);
   post({ bytesTotal: status.bytesTotal + Number(file.size) });
-  const bytes = await readBody(r, (n) => post({ bytesDownloaded: status.bytesDownloaded + n }));
+  let shown = Date.now();
+  const bytes = await readBody(r, (n) => {
+    status.bytesDownloaded += n;
+    if (Date.now() - shown < PROGRESS_MS) return;
+    shown = Date.now();
+    post({});
+  });
+  post({ bytesDownloaded: status.bytesDownloaded });
   const got = await sha256Hex(bytes);
   if (got !== file.sha256) {
     throw new Error(`${file.name}: downloaded ${bytes.length} bytes hash to ${got}, expected ${file.sha256}`);
@@ -386,6 +408,7 @@ async function fetchFile(file) {
 async function onWelcome(frame, msg) {
   const task = msg.task;
   welcomed = true;
+  taskFiles = new Map(task.files.map((f) => [f.name, f.sha256]));
   post({
     phase: "downloading",
     task: task.task_id,
@@ -490,6 +513,7 @@ async function onRoundOpen(frame, msg) {
   post({
     phase: "training",
     round,
+    error: null,
     message: `training round ${round} at learning rate ${lr.toPrecision(3)}${head}`,
   });
   let r;
@@ -527,7 +551,7 @@ async function onRoundOpen(frame, msg) {
   postMessage({ type: "update", ...entry, bytes: update.byteLength, frame: update });
   post({
     phase: "waiting",
-    losses: [...status.losses, entry],
+    losses: [...status.losses, entry].slice(-LOSSES_KEPT),
     samplesPerSecond: r.samplesPerSecond,
     message:
       `round ${round}: ${r.samples} samples, loss ${r.meanLoss.toFixed(4)}, ${r.samplesPerSecond.toFixed(1)} samples/s` +
@@ -617,6 +641,12 @@ async function handle(frame) {
         if (msg.task.task_id !== taskId) {
           return fail(`after reconnecting, the aggregator serves task ${msg.task.task_id}, not ${taskId}`);
         }
+        const changed = msg.task.files
+          .filter((f) => taskFiles.has(f.name) && taskFiles.get(f.name) !== f.sha256)
+          .map((f) => f.name);
+        if (changed.length > 0) {
+          return fail(`the task's files changed on the server (${changed.join(", ")}): reload the page to join again`);
+        }
         reconnect = null;
         reconnects += 1;
         post({
@@ -640,12 +670,15 @@ async function handle(frame) {
       const round = Number(msg.round);
       unacked.delete(round);
       if (submitted.has(round)) {
-        post({ message: `update of round ${round} accepted` });
+        post({ error: null, message: `update of round ${round} accepted` });
       } else {
         // Sent before this connection (a reload, or the aggregator
         // restarted): it counts, and the round is not trained again.
         submitted.add(round);
-        post({ message: `our update of round ${round} was accepted before this connection; not training it again` });
+        post({
+          error: null,
+          message: `our update of round ${round} was accepted before this connection; not training it again`,
+        });
       }
       return;
     }
@@ -697,20 +730,37 @@ async function adapterReady(file) {
   const { welcome, bytes } = pendingInit;
   pendingInit = null;
   initAnswer = null;
+  taskFiles.set(file.name, file.sha256);
   post({ phase: "downloading", message: "the initialization is done; fetching the adapter file" });
   bytes["adapter.safetensors"] = await fetchFile(file);
   return createParticipant(welcome, bytes);
 }
 
+// Leave can come while join() waits (for the bundle, /api/task, the key):
+// it ends the join before any WebSocket opens (see `ended` after each await).
 async function join(data) {
   await ready;
+  if (ended) return;
   if (ws) throw new Error("already joined");
   if (!("gpu" in navigator)) throw new Error("this browser exposes no WebGPU (navigator.gpu) to workers");
+  // The same request as wgpu's: a browser that exposes WebGPU may still
+  // offer no adapter (a blocklisted GPU), and then nothing can train.
+  const adapter = await navigator.gpu.requestAdapter({ powerPreference: "high-performance" });
+  if (ended) return;
+  if (!adapter) {
+    throw new Error(
+      "WebGPU has no usable adapter here (navigator.gpu.requestAdapter() found none: the GPU may be blocklisted " +
+        "or WebGPU turned off for it), so this tab cannot train",
+    );
+  }
   local = { text: data.text, fileName: data.fileName, columns: data.columns || {}, seed: data.seed ?? null };
   const taskResponse = await fetch(new URL("/api/task", self.location.origin));
+  if (ended) return;
   if (!taskResponse.ok) throw new Error(`GET /api/task: HTTP ${taskResponse.status}`);
   taskId = (await taskResponse.json()).task_id;
+  if (ended) return;
   participantKey = await participantKeyFor(taskId, local);
+  if (ended) return;
   const url = new URL("/ws", self.location.origin);
   url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
   wsUrl = url.href;
@@ -721,6 +771,7 @@ async function join(data) {
 // Opens a WebSocket and sends Hello; events of a socket that is no longer
 // the current one are ignored.
 function connect() {
+  if (ended) return;
   connId += 1;
   const socket = new WebSocket(wsUrl);
   ws = socket;
@@ -767,7 +818,13 @@ function connectionLost(why) {
 }
 
 function leave() {
-  if (ended || !ws) return;
+  if (ended) return;
+  if (!ws) {
+    // join() has not connected yet: it stops at its next step.
+    ended = true;
+    post({ phase: "left", message: "left the task" });
+    return;
+  }
   if (reconnect && reconnect.timer) clearTimeout(reconnect.timer);
   if (ws.readyState === 1) send(encodeLeave("left from the page"), "leave");
   ended = true;
@@ -788,7 +845,7 @@ onmessage = async (event) => {
   const data = event.data;
   try {
     if (data.type === "preview") {
-      postMessage({ type: "preview", preview: await preview(data) });
+      postMessage({ type: "preview", id: data.id, preview: await preview(data) });
     } else if (data.type === "join") {
       await join(data);
     } else if (data.type === "leave") {
@@ -797,7 +854,7 @@ onmessage = async (event) => {
       throw new Error(`unknown message type ${JSON.stringify(data.type)}`);
     }
   } catch (e) {
-    if (data.type === "preview") postMessage({ type: "preview", error: errorText(e) });
-    else fail(errorText(e));
+    if (data.type === "preview") postMessage({ type: "preview", id: data.id, error: errorText(e) });
+    else if (!ended) fail(errorText(e));
   }
 };

@@ -14,11 +14,25 @@ const errorEl = $("join-error");
 let worker = null;
 let file = null; // {text, fileName}
 let joined = false;
+// Whether this browser can train (navigator.gpu, and an adapter: see the end).
 let gpuOk = "gpu" in navigator;
 let lossChart = null;
+let lossesShown = ""; // what renderLosses last drew (see there)
+let previewId = 0; // the latest preview request: older answers are dropped
+let fileRead = 0; // the latest file read (chosen or demo): older ones are dropped
 
-// For tests and the curious: every frame this tab sent, every update, the
-// latest status and the last 500 distinct status messages (log).
+// Larger files are refused: the tab would hold the text several times over
+// (the page, the worker, the parsed rows), and `fedsb join` suits them better.
+const MAX_FILE_BYTES = 200 * 1024 * 1024;
+// Updates whose whole frame is kept in window.fedsbParticipant.updates.
+const UPDATE_FRAMES_KEPT = 32;
+const SENT_KEPT = 1000;
+
+// For tests and the curious: the last SENT_KEPT frames this tab sent ({kind,
+// bytes}), every update ({round, samples, loss, seconds, samplesPerSecond,
+// bytes, frame}; the frame only for the last UPDATE_FRAMES_KEPT, null for
+// older ones), the latest status and the last 500 distinct status messages
+// (log).
 window.fedsbParticipant = { sent: [], updates: [], status: null, log: [] };
 
 // `?seed=N` in the page's address seeds this tab's batch shuffle (and its
@@ -52,23 +66,97 @@ function setJoinEnabled() {
 
 function ensureWorker() {
   if (worker) return worker;
-  worker = new Worker(new URL("participant-worker.js", import.meta.url), { type: "module" });
-  worker.onmessage = (ev) => onWorkerMessage(ev.data);
-  worker.onerror = (ev) => showError(`participant worker: ${ev.message || "failed to start"}`);
-  return worker;
+  const w = new Worker(new URL("participant-worker.js", import.meta.url), { type: "module" });
+  // Messages of a worker this page has let go are of no interest.
+  w.onmessage = (ev) => {
+    if (worker === w) onWorkerMessage(ev.data);
+  };
+  // A worker that failed to load (the server is down) or broke is of no
+  // further use: back to not joined, a fresh one on the next preview or Join.
+  w.onerror = (ev) => {
+    if (worker !== w) return;
+    w.terminate();
+    worker = null;
+    if (joined) $("join-phase").textContent = "error";
+    joined = false;
+    leaveButton.disabled = true;
+    setJoinEnabled();
+    showError(`participant worker: ${ev.message || "failed to start"}`);
+  };
+  worker = w;
+  return w;
 }
 
-// Header columns of a CSV/TSV/JSONL text, for the column selectors.
-function headerColumns(text, fileName) {
-  const first = text.split(/\r?\n/).find((l) => l.trim() !== "") || "";
-  const lower = fileName.toLowerCase();
-  try {
-    if (/\.(jsonl|ndjson|json)$/.test(lower)) return Object.keys(JSON.parse(first));
-  } catch {
-    return [];
+// The lines of `text` that are not blank, from the start, one at a time
+// (without splitting a large file whole).
+function* nonBlankLines(text) {
+  let at = 0;
+  while (at < text.length) {
+    let end = text.indexOf("\n", at);
+    if (end < 0) end = text.length;
+    const line = text.slice(at, end).replace(/\r$/, "");
+    if (line.trim() !== "") yield { line, at };
+    at = end + 1;
   }
-  const delim = /\.(tsv|tab)$/.test(lower) ? "\t" : ",";
-  return first.split(delim).map((c) => c.trim().replace(/^"(.*)"$/, "$1"));
+}
+
+// JSON Lines: keys of the first objects (the reader takes the keys of all).
+const JSONL_LINES_SCANNED = 1000;
+
+// Header columns of a CSV/TSV/JSONL text, for the column selectors, as the
+// reader (fedsb-engine's data module) takes them: CSV with RFC 4180 quotes
+// (a quoted name may hold commas, "" is a quote), TSV with quotes as
+// ordinary characters, each name trimmed (and a leading BOM dropped).
+function headerColumns(text, fileName) {
+  const lower = fileName.toLowerCase();
+  const clean = (c) => c.replace(/^\uFEFF/, "").trim();
+  if (/\.(jsonl|ndjson|json)$/.test(lower)) {
+    const keys = new Set();
+    let n = 0;
+    for (const { line } of nonBlankLines(text)) {
+      try {
+        const row = JSON.parse(line);
+        if (row && typeof row === "object" && !Array.isArray(row)) for (const k of Object.keys(row)) keys.add(k);
+      } catch {
+        break; // the preview names the line
+      }
+      if (++n >= JSONL_LINES_SCANNED) break;
+    }
+    return [...keys];
+  }
+  const first = nonBlankLines(text).next().value;
+  if (!first) return [];
+  if (/\.(tsv|tab)$/.test(lower)) return first.line.split("\t").map(clean);
+  // CSV: one record from the first non-blank line (a quoted name may go on
+  // over a line break).
+  const names = [];
+  let cell = "";
+  let quoted = false;
+  let fresh = true; // at the start of a field
+  for (let i = first.at + (text[first.at] === "\uFEFF" ? 1 : 0); i < text.length; i++) {
+    const ch = text[i];
+    if (quoted) {
+      if (ch !== '"') cell += ch;
+      else if (text[i + 1] === '"') {
+        cell += '"';
+        i += 1;
+      } else quoted = false;
+    } else if (ch === '"' && fresh) {
+      quoted = true;
+    } else if (ch === ",") {
+      names.push(cell);
+      cell = "";
+      fresh = true;
+      continue;
+    } else if (ch === "\n" || ch === "\r") {
+      break;
+    } else {
+      cell += ch;
+    }
+    fresh = false;
+  }
+  names.push(cell);
+  return names.map(clean);
 }
 
 function fillSelect(select, names) {
@@ -82,7 +170,14 @@ function requestPreview() {
   if (!file) return;
   $("join-preview").dataset.ok = "";
   setJoinEnabled();
-  ensureWorker().postMessage({ type: "preview", text: file.text, fileName: file.fileName, columns: columns() });
+  previewId += 1;
+  ensureWorker().postMessage({
+    type: "preview",
+    id: previewId,
+    text: file.text,
+    fileName: file.fileName,
+    columns: columns(),
+  });
 }
 
 function renderPreview(p) {
@@ -102,7 +197,10 @@ function renderPreview(p) {
   el.replaceChildren();
   const summary = document.createElement("p");
   summary.id = "join-summary";
-  summary.textContent = `${p.rows} rows (${counts}); columns: ${cols.join(", ")}`;
+  const skipped = p.skipped_rows
+    ? `; ${p.skipped_rows} rows without a label skipped (first at line ${p.first_skipped_line})`
+    : "";
+  summary.textContent = `${p.rows} rows (${counts}); columns: ${cols.join(", ")}${skipped}`;
   const table = document.createElement("table");
   const head = document.createElement("tr");
   for (const h of [p.text_column, p.text_pair_column ?? "", p.label_column ?? ""]) {
@@ -116,6 +214,11 @@ function renderPreview(p) {
 }
 
 function renderLosses(losses) {
+  // Most statuses (downloads, messages) bring the same losses: draw once.
+  const last = losses[losses.length - 1];
+  const shown = last ? `${losses.length} ${last.round} ${last.loss}` : "";
+  if (shown === lossesShown) return;
+  lossesShown = shown;
   const list = $("join-losses");
   list.replaceChildren(
     ...losses.map((l) => {
@@ -146,6 +249,7 @@ function renderLosses(losses) {
 
 function onWorkerMessage(m) {
   if (m.type === "preview") {
+    if (m.id !== previewId) return; // a newer preview is on its way
     if (m.error) {
       $("join-preview").replaceChildren();
       showError(m.error);
@@ -157,11 +261,15 @@ function onWorkerMessage(m) {
     return;
   }
   if (m.type === "sent") {
-    window.fedsbParticipant.sent.push({ kind: m.kind, bytes: m.bytes });
+    const sent = window.fedsbParticipant.sent;
+    sent.push({ kind: m.kind, bytes: m.bytes });
+    if (sent.length > SENT_KEPT) sent.splice(0, sent.length - SENT_KEPT);
     return;
   }
   if (m.type === "update") {
-    window.fedsbParticipant.updates.push(m);
+    const updates = window.fedsbParticipant.updates;
+    updates.push(m);
+    if (updates.length > UPDATE_FRAMES_KEPT) updates[updates.length - 1 - UPDATE_FRAMES_KEPT].frame = null;
     return;
   }
   if (m.type !== "status") return;
@@ -215,10 +323,20 @@ function onWorkerMessage(m) {
 
 fileInput.addEventListener("change", async () => {
   const f = fileInput.files[0];
+  const read = ++fileRead;
   file = null;
   $("join-preview").replaceChildren();
   if (!f) return setJoinEnabled();
-  file = { text: await f.text(), fileName: f.name };
+  if (f.size > MAX_FILE_BYTES) {
+    showError(
+      `${f.name} is ${(f.size / 1048576).toFixed(0)} MiB: this page reads files of up to ` +
+        `${MAX_FILE_BYTES / 1048576} MiB. Use a part of it, or \`fedsb join\` for the whole file.`,
+    );
+    return setJoinEnabled();
+  }
+  const text = await f.text();
+  if (read !== fileRead) return; // another file was chosen meanwhile
+  file = { text, fileName: f.name };
   const names = headerColumns(file.text, file.fileName);
   for (const id of ["join-text-col", "join-pair-col", "join-label-col"]) fillSelect($(id), names);
   requestPreview();
@@ -240,12 +358,15 @@ fetch("/api/demo", { cache: "no-store" })
   .catch(() => {});
 demoButton.addEventListener("click", async () => {
   if (joined) return;
+  const read = ++fileRead;
   try {
     const r = await fetch("/api/demo-shard", { cache: "no-store" });
     if (!r.ok) throw new Error(`GET /api/demo-shard: HTTP ${r.status}`);
     const name = /filename="([^"]+)"/.exec(r.headers.get("content-disposition") || "");
+    const text = await r.text();
+    if (read !== fileRead) return; // a file was chosen meanwhile
     fileInput.value = "";
-    file = { text: await r.text(), fileName: name ? name[1] : "demo-shard.tsv" };
+    file = { text, fileName: name ? name[1] : "demo-shard.tsv" };
     $("join-preview").replaceChildren();
     const names = headerColumns(file.text, file.fileName);
     for (const id of ["join-text-col", "join-pair-col", "join-label-col"]) fillSelect($(id), names);
@@ -277,5 +398,24 @@ leaveButton.addEventListener("click", () => {
 if (!gpuOk) {
   gpuNote.textContent = "This browser does not expose WebGPU (navigator.gpu), so this tab cannot train. Use a browser with WebGPU enabled (Chrome/Edge 113+, or Firefox/Safari with WebGPU), or `fedsb join`.";
   gpuNote.hidden = false;
+} else {
+  // navigator.gpu is there, but a blocklisted GPU (or WebGPU turned off for
+  // it) gives no adapter: say so now rather than after a download. The same
+  // request as the worker's wgpu (which checks again before it connects, so
+  // a Join pressed before this answer fails at once, without a download).
+  navigator.gpu
+    .requestAdapter({ powerPreference: "high-performance" })
+    .catch(() => null)
+    .then((adapter) => {
+      if (!adapter && gpuOk) {
+        gpuOk = false;
+        gpuNote.textContent =
+          "This browser exposes WebGPU but has no usable adapter for it (navigator.gpu.requestAdapter() found none: " +
+          "the GPU may be blocklisted, or WebGPU turned off for it), so this tab cannot train. Enable hardware " +
+          "acceleration or WebGPU for this GPU (chrome://gpu says why it is off), use another browser, or `fedsb join`.";
+        gpuNote.hidden = false;
+        setJoinEnabled();
+      }
+    });
 }
 setJoinEnabled();
