@@ -21,6 +21,8 @@ use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use sha2::{Digest, Sha256};
 
+use crate::participant::{with_sorted_header, write_file_atomically};
+
 #[derive(Debug, Args)]
 pub struct AverageArgs {
     /// Adapter files to average (safetensors in the layout of `fedsb init`,
@@ -162,10 +164,32 @@ fn mean_file(inputs: &[Input<'_>]) -> anyhow::Result<Vec<u8>> {
         })
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
     let metadata: HashMap<String, String> = metadata.into_iter().collect();
-    Ok(safetensors::serialize(views, Some(metadata))?)
+    // safetensors writes the metadata in a HashMap's order; sorted, equal
+    // inputs give equal bytes.
+    Ok(with_sorted_header(safetensors::serialize(
+        views,
+        Some(metadata),
+    )?)?)
 }
 
 pub fn run(args: AverageArgs) -> anyhow::Result<()> {
+    // Never write the mean over one of the files it is made of.
+    if let Ok(out) = args.out.canonicalize() {
+        if let Some(input) = args
+            .files
+            .iter()
+            .find(|f| f.canonicalize().is_ok_and(|f| f == out))
+        {
+            bail!(
+                "--out {} is the input {}; write the mean to another file",
+                args.out.display(),
+                input.display()
+            );
+        }
+        if out.is_dir() {
+            bail!("--out {} is a directory; name a file", args.out.display());
+        }
+    }
     let bytes: Vec<(String, Vec<u8>)> = args
         .files
         .iter()
@@ -199,10 +223,8 @@ pub fn run(args: AverageArgs) -> anyhow::Result<()> {
         );
     }
     let out = mean_file(&inputs)?;
-    // Next to the target, then renamed: no half-written file under its name.
-    let part = args.out.with_extension("safetensors.part");
-    std::fs::write(&part, &out).with_context(|| format!("writing {}", part.display()))?;
-    std::fs::rename(&part, &args.out).with_context(|| format!("writing {}", args.out.display()))?;
+    write_file_atomically(&args.out, &out)
+        .with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!(
         "wrote the mean of {} adapter files to {}",
         inputs.len(),

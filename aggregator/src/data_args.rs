@@ -36,15 +36,25 @@ impl DataColumns {
     }
 }
 
-/// Refuses a file read without finding a label column.
+/// Refuses a file read without finding a label column, and says how many
+/// rows it skipped for having no label ([`note_skipped`]).
 pub fn require_label_column(data: &Dataset, path: &Path) -> anyhow::Result<()> {
     if data.label_column.is_none() {
         bail!(
-            "{}: no label column found (name it with --label-column)",
+            "{}: no label column found among its columns (name it with --label-column)",
             path.display()
         );
     }
+    note_skipped(data, path);
     Ok(())
+}
+
+/// Warns when rows were skipped for having no label (empty, -1 or -), so
+/// that a file never loses rows without a word.
+pub fn note_skipped(data: &Dataset, path: &Path) {
+    if data.skipped.count > 0 {
+        tracing::warn!(file = %path.display(), "{}", data.skipped);
+    }
 }
 
 /// The spec that reads another file (an evaluation set) with the columns and

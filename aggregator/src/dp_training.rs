@@ -11,6 +11,7 @@ use fedsb_engine::gpu::adamw::AdamW;
 use fedsb_engine::gpu::encoder::GpuEncoder;
 use fedsb_engine::model::BertTokenizer;
 pub use fedsb_participant::dp::{DpStepsOutcome, DpTraining};
+use fedsb_participant::write_file_atomically;
 
 /// A [`DpTraining`]'s ledger kept in a JSON file.
 pub trait LedgerFile {
@@ -40,10 +41,10 @@ impl LedgerFile for DpTraining {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        let tmp = path.with_extension("json.part");
-        std::fs::write(&tmp, self.ledger_json())
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+        // Synced before it replaces the old ledger: a crash never loses
+        // privacy already spent.
+        write_file_atomically(path, self.ledger_json().as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
         Ok(())
     }
 }

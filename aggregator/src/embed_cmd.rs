@@ -15,11 +15,13 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use fedsb_engine::data::{read_dataset_file, ColumnSpec, DataFormat};
+use fedsb_engine::data::{read_texts_only, ColumnSpec, DataFormat};
 use fedsb_engine::gpu::encoder::GpuEncoder;
 use fedsb_engine::gpu::{GpuContext, GpuOptions};
 use fedsb_engine::model::{BertTokenizer, BertWeights};
 use serde::Serialize;
+
+use crate::checks::resolve_max_seq_len;
 
 #[derive(Debug, Args)]
 pub struct EmbedArgs {
@@ -39,8 +41,9 @@ pub struct EmbedArgs {
     #[arg(long)]
     adapter: Option<String>,
     /// Truncate texts to this many tokens (special tokens included).
-    #[arg(long, default_value_t = 128)]
-    max_seq_len: usize,
+    /// [default: 128, or the model's max_position_embeddings if fewer]
+    #[arg(long, value_name = "N")]
+    max_seq_len: Option<usize>,
     /// Texts per GPU batch.
     #[arg(long, default_value_t = 32)]
     batch: usize,
@@ -55,17 +58,25 @@ fn read_texts(args: &EmbedArgs) -> anyhow::Result<Vec<String>> {
                 text: args.text_column.clone(),
                 ..ColumnSpec::default()
             };
-            let data = read_dataset_file(path, &spec)?;
+            let bytes = std::fs::read(path).with_context(|| format!("cannot read {name}"))?;
+            let format = DataFormat::from_file_name(&name).expect("checked above");
+            // Only the text is embedded: labels are neither needed nor checked.
+            let data = read_texts_only(&bytes, format, &spec, &name)?;
             texts.extend(data.examples.into_iter().map(|e| e.text));
         } else {
             let content =
                 std::fs::read_to_string(path).with_context(|| format!("cannot read {name}"))?;
+            let before = texts.len();
             texts.extend(
                 content
+                    .trim_start_matches('\u{feff}')
                     .lines()
                     .filter(|l| !l.trim().is_empty())
                     .map(str::to_owned),
             );
+            if texts.len() == before {
+                bail!("{name} has no text: every line is blank");
+            }
         }
     }
     if texts.is_empty() {
@@ -82,11 +93,15 @@ struct EmbeddingLine<'a> {
 }
 
 pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
+    if args.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
     let texts = read_texts(&args)?;
     let weights = BertWeights::from_dir(&args.model)
         .with_context(|| format!("loading the model from {}", args.model.display()))?;
+    let max_seq_len = resolve_max_seq_len(args.max_seq_len, &weights.config)?;
     let tokenizer = BertTokenizer::from_file(args.model.join("tokenizer.json"))?
-        .with_max_length(args.max_seq_len)?;
+        .with_max_length(max_seq_len)?;
     let ctx = pollster::block_on(GpuContext::new(&GpuOptions {
         adapter: args.adapter.as_deref(),
     }))?;
@@ -94,7 +109,7 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
     let mut encoder = GpuEncoder::new(&ctx, &weights, None, None)?;
     let hidden = weights.config.hidden_size;
     let mut out = std::io::stdout().lock();
-    for chunk in texts.chunks(args.batch.max(1)) {
+    for chunk in texts.chunks(args.batch) {
         let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
         let batch = tokenizer.encode_batch(&refs)?;
         let pooled = pollster::block_on(encoder.embed(&batch))?;

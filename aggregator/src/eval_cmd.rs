@@ -20,6 +20,7 @@ use fedsb_engine::gpu::{GpuContext, GpuOptions};
 use fedsb_engine::model::{BertTokenizer, BertWeights};
 use fedsb_engine::train::evaluate;
 
+use crate::checks::resolve_max_seq_len;
 use crate::data_args::{require_label_column, DataColumns};
 use crate::participant::adapter_file_info;
 
@@ -49,8 +50,9 @@ pub struct EvalArgs {
     batch: usize,
     /// Truncate sequences to this many tokens (special tokens included); the
     /// task's max_seq_len for a model trained by a task.
-    #[arg(long, default_value_t = 128)]
-    max_seq_len: usize,
+    /// [default: 128, or the model's max_position_embeddings if fewer]
+    #[arg(long, value_name = "N")]
+    max_seq_len: Option<usize>,
     /// Use the GPU adapter whose name contains this (case-insensitive).
     #[arg(long)]
     adapter: Option<String>,
@@ -58,21 +60,46 @@ pub struct EvalArgs {
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     if args.batch == 0 {
-        bail!("--batch must be positive");
+        bail!("--batch must be at least 1");
+    }
+    if let Some(labels) = &args.labels {
+        if let Some(blank) = labels.iter().position(|l| l.trim().is_empty()) {
+            bail!("--labels: class {blank} has no name");
+        }
+        if let Some((i, l)) = labels
+            .iter()
+            .enumerate()
+            .find(|(i, l)| labels[..*i].contains(l))
+        {
+            bail!(
+                "--labels names the class {l:?} twice (classes {} and {i})",
+                labels.iter().position(|x| x == l).unwrap_or(0)
+            );
+        }
     }
     let file = args.adapter_file.display().to_string();
     let weights = BertWeights::from_dir(&args.model)
         .with_context(|| format!("loading the model from {}", args.model.display()))?;
+    let max_seq_len = resolve_max_seq_len(args.max_seq_len, &weights.config)?;
     let tokenizer = BertTokenizer::from_file(args.model.join("tokenizer.json"))?
-        .with_max_length(args.max_seq_len)?;
+        .with_max_length(max_seq_len)?;
     let config = &weights.config;
     let bytes = std::fs::read(&args.adapter_file).with_context(|| format!("reading {file}"))?;
     let info = adapter_file_info(&bytes, config.num_hidden_layers)
         .with_context(|| format!("adapter file {file}"))?;
     let context = || format!("adapter file {file}");
+    let file_labels = info.labels().with_context(context)?;
     let labels: Vec<String> = match &args.labels {
-        Some(l) => l.clone(),
-        None => info.labels().with_context(context)?.with_context(|| {
+        Some(l) => {
+            if let Some(theirs) = file_labels.as_ref().filter(|f| *f != l) {
+                tracing::warn!(
+                    "--labels {l:?} differ from the classes {theirs:?} that {file} names: \
+                     the head's rows are read as --labels says"
+                );
+            }
+            l.clone()
+        }
+        None => file_labels.with_context(|| {
             format!(
                 "adapter file {file} names no classes (no labels metadata): give them with \
                  --labels, in the head's order"

@@ -92,6 +92,9 @@ fn prepare(config: &Config, file: &Path) -> Result<(Prepared, String), EvalError
             "no label column found (set eval.label_column)".into(),
         ));
     }
+    if dataset.skipped.count > 0 {
+        tracing::warn!(file = %file.display(), "eval set: {}", dataset.skipped);
+    }
     let mut examples = dataset.examples;
     if e.limit > 0 {
         examples.truncate(e.limit);

@@ -40,6 +40,7 @@ use fedsb_engine::train::{
 };
 use sha2::{Digest, Sha256};
 
+use crate::checks::{check_output_file, resolve_max_seq_len};
 use crate::data_args::{require_label_column, DataColumns};
 use crate::participant::{layered_modules, write_adapter_file};
 
@@ -78,8 +79,9 @@ pub struct InitArgs {
     #[arg(long, default_value_t = 32)]
     batch: usize,
     /// Truncate sequences to this many tokens (special tokens included).
-    #[arg(long, default_value_t = 128)]
-    max_seq_len: usize,
+    /// [default: 128, or the model's max_position_embeddings if fewer]
+    #[arg(long, value_name = "N")]
+    max_seq_len: Option<usize>,
     /// Output adapter file (safetensors).
     #[arg(long)]
     out: PathBuf,
@@ -98,14 +100,22 @@ pub struct InitArgs {
 }
 
 pub fn run(args: InitArgs) -> anyhow::Result<()> {
-    if args.batch == 0 || args.rank == 0 || args.init_samples == 0 {
-        bail!("--batch, --rank and --init-samples must be positive");
+    for (flag, value) in [
+        ("--batch", args.batch),
+        ("--rank", args.rank),
+        ("--init-samples", args.init_samples),
+    ] {
+        if value == 0 {
+            bail!("{flag} must be at least 1");
+        }
     }
+    check_output_file(&args.out, "--out")?;
     let weights = BertWeights::from_dir(&args.model)
         .with_context(|| format!("loading the model from {}", args.model.display()))?;
+    let max_seq_len = resolve_max_seq_len(args.max_seq_len, &weights.config)?;
     let config = weights.config.clone();
     let tokenizer = BertTokenizer::from_file(args.model.join("tokenizer.json"))?
-        .with_max_length(args.max_seq_len)?;
+        .with_max_length(max_seq_len)?;
     let data = read_dataset_file(&args.train, &args.columns.spec(args.labels.clone()))?;
     require_label_column(&data, &args.train)?;
     let labels = data.label_names.clone();

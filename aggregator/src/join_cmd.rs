@@ -70,7 +70,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use fedsb_engine::data::{read_dataset_file, Dataset};
+use fedsb_engine::data::{read_dataset_file, DataError, DataFormat, Dataset};
 use fedsb_engine::gpu::encoder::GpuEncoder;
 use fedsb_engine::gpu::{GpuContext, GpuOptions};
 use fedsb_engine::model::{BertTokenizer, BertWeights};
@@ -835,6 +835,15 @@ fn train_round(
 }
 
 pub fn run(args: JoinArgs) -> anyhow::Result<()> {
+    // The data file is checked before anything goes on the network (its
+    // labels need the task's classes, so it is read after the handshake).
+    if !args.data.is_file() {
+        bail!("--data {}: no such file", args.data.display());
+    }
+    let name = args.data.display().to_string();
+    if DataFormat::from_file_name(&name).is_none() {
+        return Err(DataError::UnknownFormat { file: name }.into());
+    }
     let server = Endpoint::new(&args.server, &args.ca_cert)?;
     let (http_base, http) = (&server.http_base, &server.http);
     let cache = args.cache_dir.clone().unwrap_or_else(default_cache_dir);
@@ -929,11 +938,12 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
         ) {
             bail!(
                 "task {} serves no LoRA-SB adapter file (A and B) and does not initialize them federatedly \
-                 (got {first:?} instead of InitRequest), so participants cannot train it: \
+                 (it sent {} instead of init_request), so participants cannot train it: \
                  the operator must run `fedsb init --model <dir> --train <seed data> --out adapter.safetensors` \
                  and set `[adapter] file = \"adapter.safetensors\"`, or set `[adapter] init = \"federated\"`, \
                  in the task configuration",
-                task.task_id
+                task.task_id,
+                first.kind()
             );
         }
         // The gradient frames, kept with the request they answer: an

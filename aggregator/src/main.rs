@@ -3,6 +3,7 @@
 //! `fedsb merge` take the trained model out, measure it and make it a plain
 //! Hugging Face model. `fedsb --help` lists everything.
 mod average_cmd;
+mod checks;
 mod data_args;
 mod dp_training;
 mod embed_cmd;

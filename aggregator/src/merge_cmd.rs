@@ -38,8 +38,10 @@ pub struct MergeArgs {
     /// `fedsb init`).
     #[arg(long)]
     adapter_file: PathBuf,
-    /// The directory to write; created if missing, and refused if it holds
-    /// a model.safetensors already.
+    /// The directory to write: a new one (its parents are created) or an
+    /// empty one; never one that holds files. It appears whole or not at
+    /// all: the files are written into a temporary directory beside it,
+    /// which is renamed at the end.
     #[arg(long)]
     out: PathBuf,
 }
@@ -165,22 +167,65 @@ fn model_card(
     card
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same directory.
-fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let part = path.with_extension("safetensors.part");
-    std::fs::write(&part, bytes).with_context(|| format!("writing {}", part.display()))?;
-    std::fs::rename(&part, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+/// Where the merged directory goes: `out` itself when it is new or an
+/// empty directory (made absolute, so that `.` works); refused when it is a
+/// file or holds anything, so that no file of the user's is ever replaced.
+fn output_dir(out: &Path) -> anyhow::Result<PathBuf> {
+    if !out.exists() {
+        if out.file_name().is_none() {
+            bail!("--out {} names no directory", out.display());
+        }
+        return Ok(out.to_owned());
+    }
+    if !out.is_dir() {
+        bail!(
+            "--out {} is a file; give a new or empty directory",
+            out.display()
+        );
+    }
+    let mut entries =
+        std::fs::read_dir(out).with_context(|| format!("reading {}", out.display()))?;
+    if entries.next().is_some() {
+        bail!(
+            "--out {} is not empty; give a new or empty directory (fedsb merge never \
+             writes over files)",
+            out.display()
+        );
+    }
+    out.canonicalize()
+        .with_context(|| format!("resolving {}", out.display()))
+}
+
+/// A temporary directory beside `out`, named after it and this process.
+fn staging_dir(out: &Path) -> anyhow::Result<PathBuf> {
+    let name = out
+        .file_name()
+        .with_context(|| format!("--out {} names no directory", out.display()))?;
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
+    let staging = parent.join(format!(
+        ".{}.merging-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)
+            .with_context(|| format!("removing the leftover {}", staging.display()))?;
+    }
+    std::fs::create_dir(&staging).with_context(|| format!("creating {}", staging.display()))?;
+    Ok(staging)
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
 }
 
 pub fn run(args: MergeArgs) -> anyhow::Result<()> {
     let file = args.adapter_file.display().to_string();
-    if args.out.join(MODEL_FILE).exists() {
-        bail!(
-            "{} holds a {MODEL_FILE} already; give an empty or new directory",
-            args.out.display()
-        );
-    }
+    let out = output_dir(&args.out)?;
     let weights = BertWeights::from_dir(&args.model)
         .with_context(|| format!("loading the model from {}", args.model.display()))?;
     let config = &weights.config;
@@ -248,15 +293,15 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| HashMap::from([("format".to_owned(), "pt".to_owned())]));
     let model_bytes = safetensors::tensor::serialize(views, Some(metadata))?;
 
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    let copied = copy_model_files(&args.model, &args.out)?;
-    write_atomically(&args.out.join(MODEL_FILE), &model_bytes)?;
+    // Everything is checked and made before the first file is written.
     let head = match info.head_classes {
         Some(classes) => read_head(&bytes, classes, config.hidden_size)
             .with_context(|| format!("adapter file {file}"))?,
         None => None,
     };
+    info.labels()
+        .with_context(|| format!("adapter file {file}"))?;
+    let mut files: Vec<(&str, Vec<u8>)> = vec![(MODEL_FILE, model_bytes)];
     if let Some(head) = &head {
         let data = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
         let (w, b) = (data(&head.weight.data), data(&head.bias));
@@ -280,12 +325,31 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
         if let Some(labels) = info.metadata.get("labels") {
             meta.insert("labels".to_owned(), labels.clone());
         }
-        let head_bytes = safetensors::tensor::serialize(views, Some(meta))?;
-        write_atomically(&args.out.join(HEAD_FILE), &head_bytes)?;
+        files.push((
+            HEAD_FILE,
+            safetensors::tensor::serialize(views, Some(meta))?,
+        ));
     }
     let card = model_card(&args, &info, head.as_ref().map(|h| h.bias.len()));
-    std::fs::write(args.out.join("README.md"), card)
-        .with_context(|| format!("writing {}", args.out.join("README.md").display()))?;
+    files.push(("README.md", card.into_bytes()));
+
+    let staging = staging_dir(&out)?;
+    let written = (|| {
+        let copied = copy_model_files(&args.model, &staging)?;
+        for (name, bytes) in &files {
+            write_file(&staging.join(name), bytes)?;
+        }
+        // Onto a new path, or over the empty directory `out`.
+        std::fs::rename(&staging, &out).with_context(|| format!("writing {}", out.display()))?;
+        Ok::<_, anyhow::Error>(copied)
+    })();
+    let copied = match written {
+        Ok(copied) => copied,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+    };
     eprintln!(
         "merged {} modules of rank {} into {}: {} ({} tensors; copied {})",
         info.names.len(),

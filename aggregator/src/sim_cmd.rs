@@ -84,7 +84,8 @@ use fedsb_protocol::{
 };
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::data_args::{require_label_column, same_columns_as, DataColumns};
+use crate::checks::{check_classes, check_output_file, resolve_max_seq_len, DEFAULT_MAX_SEQ_LEN};
+use crate::data_args::{note_skipped, require_label_column, same_columns_as, DataColumns};
 use crate::dp_training::DpTraining;
 use crate::participant::{
     engine_to_state, layered_modules, read_adapter_file, read_head, state_to_engine,
@@ -161,8 +162,9 @@ pub struct SimArgs {
     #[arg(long)]
     init_lr: Option<f32>,
     /// Truncate sequences to this many tokens (special tokens included).
-    #[arg(long, default_value_t = 128)]
-    max_seq_len: usize,
+    /// [default: 128, or the model's max_position_embeddings if fewer]
+    #[arg(long, value_name = "N")]
+    max_seq_len: Option<usize>,
     /// Training samples (a seeded choice from all of --train) whose gradients
     /// initialize A, B and R₀, as `fedsb init` does. Ignored with --init;
     /// --federated-init gives the clients' own instead.
@@ -262,6 +264,11 @@ pub struct SimArgs {
 }
 
 impl SimArgs {
+    /// The sequence length (set from the model by `run` when not given).
+    fn seq_len(&self) -> usize {
+        self.max_seq_len.unwrap_or(DEFAULT_MAX_SEQ_LEN)
+    }
+
     /// The head's learning rate in round 1: --head-lr, else --lr.
     fn head_lr(&self) -> f32 {
         self.head_lr.unwrap_or(self.lr)
@@ -545,7 +552,9 @@ fn read_data(args: &SimArgs) -> anyhow::Result<(Dataset, Vec<Example>)> {
             train.label_names
         );
     }
+    check_classes(&train, &args.train)?;
     let eval = read_dataset_file(&args.eval, &same_columns_as(&train))?;
+    note_skipped(&eval, &args.eval);
     let mut eval_examples = eval.examples;
     if args.eval_limit > 0 {
         eval_examples.truncate(args.eval_limit);
@@ -623,7 +632,7 @@ fn write_shards(
             "lr_warmup_rounds": args.lr_warmup_rounds,
             "server_learning_rate": args.server_lr,
             "server_momentum": args.server_momentum,
-            "max_seq_len": args.max_seq_len,
+            "max_seq_len": args.seq_len(),
             "rank": args.rank,
             "modules": args.modules,
             "adapter_file": adapter_file,
@@ -703,7 +712,7 @@ fn federated_initial_model(
         batch_size: args.batch as u32,
         learning_rate: args.lr,
         head_learning_rate: args.head_lr(),
-        max_seq_len: args.max_seq_len as u32,
+        max_seq_len: args.seq_len() as u32,
         total_rounds: args.rounds,
         files: Vec::new(),
         privacy: None,
@@ -908,10 +917,22 @@ fn initial_model(
     Ok((adapters, head, None))
 }
 
-pub fn run(args: SimArgs) -> anyhow::Result<()> {
+pub fn run(mut args: SimArgs) -> anyhow::Result<()> {
     let split: Split = args.split.parse().map_err(|e: String| anyhow::anyhow!(e))?;
-    if args.batch == 0 || args.rank == 0 {
-        bail!("--batch and --rank must be positive");
+    if args.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    if args.rank == 0 {
+        bail!("--rank must be at least 1");
+    }
+    for (flag, path) in [
+        ("--csv", &args.csv),
+        ("--plot", &args.plot),
+        ("--output", &args.output),
+    ] {
+        if let Some(path) = path {
+            check_output_file(path, flag)?;
+        }
     }
     if args.rounds == 0 {
         bail!("--rounds must be at least 1");
@@ -973,8 +994,11 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
     let weights = BertWeights::from_dir(&args.model)
         .with_context(|| format!("loading the model from {}", args.model.display()))?;
     let config = weights.config.clone();
+    let max_seq_len = resolve_max_seq_len(args.max_seq_len, &config)?;
+    // What the shards' manifest and the simulated task announce.
+    args.max_seq_len = Some(max_seq_len);
     let tokenizer = BertTokenizer::from_file(args.model.join("tokenizer.json"))?
-        .with_max_length(args.max_seq_len)?;
+        .with_max_length(max_seq_len)?;
     let (train, eval_examples) = read_data(&args)?;
 
     let labels: Vec<u32> = train

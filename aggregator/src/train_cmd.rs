@@ -54,7 +54,8 @@ use fedsb_engine::train::{
 use fedsb_privacy::{AccountantKind, PrivacyBudget};
 use fedsb_protocol::PrivacyPolicy;
 
-use crate::data_args::{require_label_column, same_columns_as, DataColumns};
+use crate::checks::{check_classes, check_output_file, resolve_max_seq_len};
+use crate::data_args::{note_skipped, require_label_column, same_columns_as, DataColumns};
 use crate::dp_training::{train_steps_dp, DpTraining};
 use crate::participant::{
     adapter_file_info, layered_modules, write_adapter_file, AdapterFileInfo, ModuleRef,
@@ -104,8 +105,9 @@ pub struct TrainArgs {
     #[arg(long)]
     centre_head: bool,
     /// Truncate sequences to this many tokens (special tokens included).
-    #[arg(long, default_value_t = 128)]
-    max_seq_len: usize,
+    /// [default: 128, or the model's max_position_embeddings if fewer]
+    #[arg(long, value_name = "N")]
+    max_seq_len: Option<usize>,
     /// Evaluate every N steps (0: only at the end).
     #[arg(long, default_value_t = 0)]
     eval_every: usize,
@@ -211,8 +213,17 @@ impl InitFile {
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
-    if args.batch == 0 || args.rank == Some(0) {
-        bail!("--batch and --rank must be positive");
+    if args.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    if args.rank == Some(0) {
+        bail!("--rank must be at least 1");
+    }
+    if args.init.is_none() && args.init_samples == 0 {
+        bail!("--init-samples must be at least 1 (examples for the LoRA-SB initialization)");
+    }
+    if let Some(out) = &args.output {
+        check_output_file(out, "--output")?;
     }
     if !(args.lr > 0.0 && args.lr.is_finite()) {
         bail!("--lr {} must be positive", args.lr);
@@ -237,6 +248,21 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         }
         _ => {}
     }
+    if let Some(e) = args.dp_epsilon.filter(|e| !(*e > 0.0 && e.is_finite())) {
+        bail!("--dp-epsilon {e} must be positive and finite");
+    }
+    if let Some(s) = args
+        .noise_multiplier
+        .filter(|s| !(*s > 0.0 && s.is_finite()))
+    {
+        bail!("--noise-multiplier {s} must be positive and finite");
+    }
+    if let Some(c) = args.clip.filter(|c| !(*c > 0.0 && c.is_finite())) {
+        bail!("--clip {c} must be positive and finite");
+    }
+    if dp_wanted && !(args.dp_delta > 0.0 && args.dp_delta < 1.0) {
+        bail!("--dp-delta {} must be between 0 and 1", args.dp_delta);
+    }
     if dp_wanted && args.init_data.is_none() && args.init.is_none() {
         bail!(
             "with differential privacy the LoRA-SB initialization must not read the private \
@@ -245,8 +271,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     }
     let weights = BertWeights::from_dir(&args.model)
         .with_context(|| format!("loading the model from {}", args.model.display()))?;
+    let max_seq_len = resolve_max_seq_len(args.max_seq_len, &weights.config)?;
     let tokenizer = BertTokenizer::from_file(args.model.join("tokenizer.json"))?
-        .with_max_length(args.max_seq_len)?;
+        .with_max_length(max_seq_len)?;
     let init_file = match &args.init {
         Some(path) => Some(InitFile::read(path, weights.config.num_hidden_layers)?),
         None => None,
@@ -271,8 +298,19 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             None => format!("reading {}", args.train.display()),
         })?;
     require_label_column(&train, &args.train)?;
+    check_classes(&train, &args.train)?;
+    if dp_wanted && args.dp_delta * train.len() as f64 >= 1.0 {
+        tracing::warn!(
+            "--dp-delta {} is not below 1/N = {:.3e} for the {} training examples: a δ that \
+             large allows publishing an example outright; the usual choice is well below 1/N",
+            args.dp_delta,
+            1.0 / train.len() as f64,
+            train.len()
+        );
+    }
     // The evaluation set reads its labels with the training set's class ids.
     let eval = read_dataset_file(&args.eval, &same_columns_as(&train))?;
+    note_skipped(&eval, &args.eval);
     let mut eval_examples: Vec<Example> = eval.examples;
     if args.eval_limit > 0 {
         eval_examples.truncate(args.eval_limit);

@@ -543,7 +543,7 @@ async fn an_exported_round_evaluates_as_the_aggregator_evaluated_it() -> anyhow:
 /// the base model's, and the configuration and tokenizer are copied. The
 /// merged model with an adapter whose R's are zero (so it adds nothing)
 /// evaluates like the base model with the adapter file; merging into a
-/// directory that holds a model already is refused.
+/// directory that holds anything is refused.
 #[test]
 fn a_merged_model_evaluates_like_the_base_model_with_its_adapter() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
@@ -682,10 +682,128 @@ fn a_merged_model_evaluates_like_the_base_model_with_its_adapter() -> anyhow::Re
     let again = merge()?;
     assert!(!again.status.success());
     let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(stderr.contains("is not empty"), "{stderr}");
+    Ok(())
+}
+
+fn run_fedsb(args: &[&std::ffi::OsStr]) -> anyhow::Result<std::process::Output> {
+    Ok(Command::new(fedsb_bin()).args(args).output()?)
+}
+
+fn stderr_of(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `fedsb merge` never writes over a file: a directory holding anything is
+/// refused and left as it was, and a merge that fails on the adapter's head
+/// leaves no directory behind (it is written beside `--out` and renamed).
+#[test]
+fn merge_writes_a_new_directory_whole_or_not_at_all() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    write_task(dir)?;
+    let model = dir.join("model");
+    let adapter = dir.join("adapter.safetensors");
+
+    let project = dir.join("project");
+    std::fs::create_dir(&project)?;
+    std::fs::write(project.join("README.md"), "my notes")?;
+    let out = run_fedsb(&[
+        "merge".as_ref(),
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--adapter-file".as_ref(),
+        adapter.as_os_str(),
+        "--out".as_ref(),
+        project.as_os_str(),
+    ])?;
+    assert!(!out.status.success());
     assert!(
-        stderr.contains("holds a model.safetensors already"),
-        "{stderr}"
+        stderr_of(&out).contains("is not empty"),
+        "{}",
+        stderr_of(&out)
     );
+    assert_eq!(
+        std::fs::read_to_string(project.join("README.md"))?,
+        "my notes"
+    );
+    assert_eq!(std::fs::read_dir(&project)?.count(), 1);
+
+    // The same adapter with a head bias of the wrong length.
+    let bytes = std::fs::read(&adapter)?;
+    let st = SafeTensors::deserialize(&bytes)?;
+    let bias = vec![0u8; 4 * 3];
+    let mut views: Vec<(String, safetensors::tensor::TensorView<'_>)> = Vec::new();
+    for (name, view) in st.tensors() {
+        if name == "classifier.bias" {
+            views.push((
+                name,
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![3], &bias)?,
+            ));
+        } else {
+            views.push((name, view));
+        }
+    }
+    let bad = dir.join("bad-head.safetensors");
+    std::fs::write(&bad, safetensors::serialize(views, None)?)?;
+    let merged = dir.join("merged");
+    let out = run_fedsb(&[
+        "merge".as_ref(),
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--adapter-file".as_ref(),
+        bad.as_os_str(),
+        "--out".as_ref(),
+        merged.as_os_str(),
+    ])?;
+    assert!(!out.status.success());
+    assert!(
+        stderr_of(&out).contains("classifier.bias"),
+        "{}",
+        stderr_of(&out)
+    );
+    assert!(!merged.exists(), "a failed merge left {}", merged.display());
+    let leftovers: Vec<_> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("merg"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    Ok(())
+}
+
+/// `fedsb average` writes the same bytes for the same inputs, and refuses
+/// to write the mean over one of its inputs.
+#[test]
+fn average_is_deterministic_and_keeps_its_inputs() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    write_task(dir)?;
+    let adapter = dir.join("adapter.safetensors");
+    let before = std::fs::read(&adapter)?;
+    let mean = |out: &Path| {
+        run_fedsb(&[
+            "average".as_ref(),
+            adapter.as_os_str(),
+            adapter.as_os_str(),
+            "--out".as_ref(),
+            out.as_os_str(),
+        ])
+    };
+    let (a, b) = (dir.join("a.safetensors"), dir.join("b.safetensors"));
+    for out in [&a, &b] {
+        let run = mean(out)?;
+        assert!(run.status.success(), "{}", stderr_of(&run));
+    }
+    assert_eq!(std::fs::read(&a)?, std::fs::read(&b)?);
+    let over = mean(&adapter)?;
+    assert!(!over.status.success());
+    assert!(
+        stderr_of(&over).contains("is the input"),
+        "{}",
+        stderr_of(&over)
+    );
+    assert_eq!(std::fs::read(&adapter)?, before);
     Ok(())
 }
 

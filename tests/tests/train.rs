@@ -264,6 +264,52 @@ fn init_refuses_a_rank_wider_than_a_layer() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Arguments that would fail a finished run fail before it starts: an
+/// `--output` in a missing directory, a `--max-seq-len` beyond the model's
+/// positions, training data of one class; each names what is wrong and the
+/// run writes nothing.
+#[test]
+fn train_refuses_what_would_fail_it_before_training() -> anyhow::Result<()> {
+    let tmp = tiny_task()?;
+    let dir = tmp.path();
+    let eval = dir.join("eval.tsv");
+    let eval = eval.to_str().context("path")?;
+    let missing = dir.join("no-such-dir/out.safetensors");
+    let cases: [(Vec<&str>, &str); 2] = [
+        (
+            vec!["--output", missing.to_str().context("path")?],
+            "no-such-dir does not exist",
+        ),
+        (
+            vec!["--max-seq-len", "100000"],
+            "--max-seq-len 100000 is longer than the model's",
+        ),
+    ];
+    for (flags, expected) in cases {
+        let mut all = vec!["--eval", eval, "--steps", "1"];
+        all.extend(flags);
+        let out = fedsb(dir, "train", &all)?;
+        assert!(!out.status.success(), "{all:?} succeeded");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "{all:?}: {stderr}");
+        // Refused before any GPU work: nothing about an adapter or a step.
+        assert!(!stderr.contains("adapter:"), "{all:?}: {stderr}");
+    }
+    std::fs::write(
+        dir.join("train.tsv"),
+        "sentence\tlabel\na fine film\tpositive\nwell made\tpositive\n",
+    )?;
+    let out = fedsb(dir, "train", &["--eval", eval, "--steps", "1"])?;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("every example has the label positive"),
+        "{stderr}"
+    );
+    assert!(!missing.exists());
+    Ok(())
+}
+
 /// `fedsb train --init FILE` on `dir`'s data (seed 0, batch 8), with
 /// `extra` flags.
 fn train_from(dir: &Path, file: &Path, extra: &[&str]) -> anyhow::Result<Output> {

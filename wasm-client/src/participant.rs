@@ -162,6 +162,9 @@ struct Preview<'a> {
     label_column: Option<&'a str>,
     /// `[class name, count]` in class order.
     label_counts: Vec<(&'a str, usize)>,
+    /// Rows skipped for having no label (empty, -1 or -), and the first's line.
+    skipped_rows: usize,
+    first_skipped_line: Option<u64>,
     first_rows: Vec<PreviewRow<'a>>,
 }
 
@@ -201,6 +204,8 @@ fn preview(data: &Dataset) -> Result<JsValue, JsValue> {
             .map(String::as_str)
             .zip(counts)
             .collect(),
+        skipped_rows: data.skipped.count,
+        first_skipped_line: data.skipped.first_line,
         first_rows: data
             .examples
             .iter()

@@ -145,18 +145,53 @@ pub fn write_adapter_file(
     metadata: HashMap<String, String>,
 ) -> Result<()> {
     let bytes = adapter_file_bytes(names, modules, adapters, head, metadata)?;
-    // Write next to the target and rename, so a crash never leaves half a file
-    // that an aggregator would then serve.
-    let tmp = path.with_extension("safetensors.part");
-    std::fs::write(&tmp, &bytes).map_err(|source| AdapterFileError::Write {
-        path: tmp.clone(),
-        source,
-    })?;
-    std::fs::rename(&tmp, path).map_err(|source| AdapterFileError::Write {
+    // A crash never leaves half a file that an aggregator would then serve.
+    write_file_atomically(path, &bytes).map_err(|source| AdapterFileError::Write {
         path: path.to_owned(),
         source,
+    })
+}
+
+/// Writes `bytes` to `path` so that nobody ever finds a half-written file
+/// under its name: a temporary file beside it (named after it, this process
+/// and this call, so two writers never share one), synced to disk, then
+/// renamed over `path`. On an error the temporary file is removed and
+/// `path` is as it was.
+pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let name = path.file_name().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the path names no file (it ends in .. or /)",
+        )
     })?;
-    Ok(())
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let tmp = dir.join(format!(
+        ".{}.{}-{}.part",
+        name.to_string_lossy(),
+        std::process::id(),
+        CALLS.fetch_add(1, Ordering::Relaxed)
+    ));
+    let written = (|| {
+        {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)?;
+            f.write_all(bytes)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// The bytes of the adapter file [`write_adapter_file`] writes; equal
@@ -210,7 +245,7 @@ pub fn adapter_file_bytes(
 /// with every object's keys sorted (padded with spaces to a multiple of 8
 /// bytes, as safetensors pads it); the tensor data and their offsets, which
 /// count from the end of the header, are unchanged.
-fn with_sorted_header(bytes: Vec<u8>) -> Result<Vec<u8>> {
+pub fn with_sorted_header(bytes: Vec<u8>) -> Result<Vec<u8>> {
     fn sorted(v: serde_json::Value) -> serde_json::Value {
         match v {
             serde_json::Value::Object(m) => {
@@ -295,9 +330,11 @@ pub struct AdapterFileInfo {
 
 impl AdapterFileInfo {
     /// The head's class names from the `labels` metadata (a JSON list), or
-    /// `None` when the file has none.
+    /// `None` when the file has none; refused when they are not as many as
+    /// the head's classes.
     pub fn labels(&self) -> Result<Option<Vec<String>>> {
-        self.metadata
+        let labels: Option<Vec<String>> = self
+            .metadata
             .get("labels")
             .map(|json| {
                 serde_json::from_str(json).map_err(|_| {
@@ -306,7 +343,17 @@ impl AdapterFileInfo {
                     ))
                 })
             })
-            .transpose()
+            .transpose()?;
+        if let (Some(labels), Some(classes)) = (&labels, self.head_classes) {
+            if labels.len() != classes {
+                return Err(invalid(format!(
+                    "its labels metadata names {} classes ({}) but its head has {classes}",
+                    labels.len(),
+                    labels.join(", ")
+                )));
+            }
+        }
+        Ok(labels)
     }
 
     /// Every adapted module's `A`, `B` and `R` and the head of the file
@@ -344,17 +391,32 @@ pub fn adapter_file_info(bytes: &[u8], num_layers: usize) -> Result<AdapterFileI
     found.sort_by_key(|&((layer, which), _, _)| (layer, which.index()));
     let rank = match found.first() {
         None => return Err(invalid("the adapter file has no <module>.lora_R tensor")),
-        Some((_, _, shape)) => shape[0],
+        Some((_, _, shape)) => match shape[..] {
+            [rank, _] if rank > 0 => rank,
+            _ => {
+                return Err(invalid(format!(
+                    "{}.lora_R has shape {shape:?}, expected [r, r] with a rank r of at least 1",
+                    found[0].1
+                )))
+            }
+        },
     };
     if let Some((_, name, shape)) = found.iter().find(|(_, _, s)| s[..] != [rank, rank]) {
         return Err(invalid(format!(
             "{name}.lora_R has shape {shape:?}, expected [{rank}, {rank}] like the first module's"
         )));
     }
-    let head_classes = st
-        .tensor("classifier.weight")
-        .ok()
-        .and_then(|v| v.shape().first().copied());
+    let head_classes = match st.tensor("classifier.weight") {
+        Err(_) => None,
+        Ok(v) => match v.shape() {
+            &[classes, _] if classes > 0 => Some(classes),
+            shape => {
+                return Err(invalid(format!(
+                    "classifier.weight has shape {shape:?}, expected [classes, hidden size]"
+                )))
+            }
+        },
+    };
     Ok(AdapterFileInfo {
         names: found.iter().map(|(_, n, _)| n.clone()).collect(),
         modules: found.iter().map(|(m, _, _)| *m).collect(),
@@ -379,6 +441,11 @@ pub fn read_head(
     let weight = read_matrix(&st, "classifier.weight", classes, hidden)?;
     let bias = crate::read_f32_tensor(&st, "classifier.bias", &[classes])
         .map_err(|e| invalid(format!("adapter file: {e}")))?;
+    if let Some(i) = bias.iter().position(|x| !x.is_finite()) {
+        return Err(invalid(format!(
+            "adapter tensor classifier.bias holds a non-finite value at index {i}"
+        )));
+    }
     Ok(Some(ClassifierHead { weight, bias }))
 }
 

@@ -894,6 +894,24 @@ mod server_kind {
 }
 
 impl ServerMessage {
+    /// The message's type as the wire's JSON names it (`"global_model"`, …),
+    /// for messages about it that should not print its tensors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Welcome { .. } => "welcome",
+            Self::GlobalModel { .. } => "global_model",
+            Self::RoundOpen { .. } => "round_open",
+            Self::UpdateAccepted { .. } => "update_accepted",
+            Self::Error { .. } => "error",
+            Self::TaskFinished { .. } => "task_finished",
+            Self::InitRequest { .. } => "init_request",
+            Self::InitAccepted { .. } => "init_accepted",
+            Self::AdapterReady { .. } => "adapter_ready",
+            Self::CentreRequest { .. } => "centre_request",
+            Self::CentreAccepted { .. } => "centre_accepted",
+        }
+    }
+
     /// Encodes the message as one binary frame.
     pub fn encode(&self) -> Vec<u8> {
         match self {

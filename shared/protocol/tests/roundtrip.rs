@@ -186,6 +186,14 @@ fn every_server_message_round_trips() {
 }
 
 #[test]
+fn every_server_message_kind_is_its_json_type() {
+    for m in all_server_messages() {
+        let json = serde_json::to_value(&m).unwrap();
+        assert_eq!(json["type"], m.kind(), "{json}");
+    }
+}
+
+#[test]
 fn every_error_code_round_trips_through_its_number() {
     for c in 0..=20u16 {
         assert_eq!(ErrorCode::from_code(c).code(), c);
