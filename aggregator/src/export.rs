@@ -5,9 +5,12 @@
 //! export` writes it; `/api/rounds/{n}/adapter` serves it. Equal rounds
 //! give byte-identical files. `fedsb export --average N` writes the mean of
 //! N consecutive rounds' models instead ([`export_rounds_mean`]).
+//! [`check_pinned_files`] refuses files other than those the task's
+//! database pins, and [`refuse_task_file`] an output that is one of the
+//! task's own files.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use fedsb_engine::model::BertConfig;
@@ -17,6 +20,7 @@ use crate::adapter_file::{
     adapter_file_bytes, parse_module_names, read_adapter_file, state_to_engine,
 };
 use crate::config::{AdapterInit, Config};
+use crate::files::{check_pin, hash_file, FileError, ADAPTER_FILE, MODEL_FILE};
 use crate::store::{CommittedRound, RoundMeta, Store, StoreError};
 
 /// Why a round could not be exported; the message names what is missing.
@@ -50,6 +54,90 @@ pub enum ExportError {
     NoRoundsToAverage,
     #[error("the export task panicked")]
     Join,
+    #[error(transparent)]
+    Files(#[from] FileError),
+    #[error(
+        "--out {out} is this task's {what} {file}: the export would overwrite it; \
+         write to another path"
+    )]
+    OutIsTaskFile {
+        out: PathBuf,
+        what: &'static str,
+        file: PathBuf,
+    },
+}
+
+/// Refuses to export with files other than the ones the task's database
+/// pins (`model.safetensors`, the adapter file): its rounds' R only mean
+/// something with those. Read-only: nothing is pinned here. A pinned file
+/// that is not there is left to the export, which needs the adapter file
+/// but not the model's weights.
+pub async fn check_pinned_files(config: Arc<Config>, store: &Store) -> Result<(), ExportError> {
+    let pinned = store.pinned_files().await?;
+    if pinned.is_empty() {
+        return Ok(());
+    }
+    tokio::task::spawn_blocking(move || {
+        for p in &pinned {
+            let path = match p.name.as_str() {
+                MODEL_FILE => config.model.dir.as_ref().map(|d| d.join(MODEL_FILE)),
+                ADAPTER_FILE => config.adapter_file_path(),
+                _ => None,
+            };
+            let Some(path) = path.filter(|p| p.is_file()) else {
+                continue;
+            };
+            let (sha256, _) = hash_file(&path)?;
+            check_pin(p, &path, &sha256)?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|_| ExportError::Join)?
+}
+
+/// Refuses an output path that is (links resolved) one of the task's own
+/// files: its adapter file, a file of its model directory, or its
+/// database.
+pub fn refuse_task_file(config: &Config, database: &Path, out: &Path) -> Result<(), ExportError> {
+    let Some(resolved) = resolve(out) else {
+        return Ok(());
+    };
+    let mut own: Vec<(&'static str, PathBuf)> = Vec::new();
+    if let Some(adapter) = config.adapter_file_path() {
+        own.push(("adapter file", adapter));
+    }
+    if let Some(dir) = &config.model.dir {
+        for name in ["config.json", MODEL_FILE, "tokenizer.json"] {
+            own.push(("model file", dir.join(name)));
+        }
+    }
+    own.push(("state database", database.to_owned()));
+    for (what, file) in own {
+        if file.canonicalize().is_ok_and(|f| f == resolved) {
+            return Err(ExportError::OutIsTaskFile {
+                out: out.to_owned(),
+                what,
+                file,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// `path` with its links resolved: the file's own path when it exists,
+/// otherwise its directory's joined with its name; `None` when neither
+/// exists.
+fn resolve(path: &Path) -> Option<PathBuf> {
+    if let Ok(p) = path.canonicalize() {
+        return Some(p);
+    }
+    let name = path.file_name()?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    dir.canonicalize().ok().map(|d| d.join(name))
 }
 
 /// One exported round: the adapter file's bytes and the round's metadata.
@@ -303,4 +391,144 @@ fn adapter_file_of(
         meta,
         bytes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{sha256_hex, PinnedFile};
+
+    /// A safetensors file with one F32 value (the configuration reads the
+    /// adapter file's header).
+    fn adapter_bytes(x: f32) -> Vec<u8> {
+        let data = x.to_le_bytes();
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1], &data).unwrap();
+        safetensors::serialize([("x", view)], None).unwrap()
+    }
+
+    /// A task directory: `model/` (config.json, model.safetensors,
+    /// tokenizer.json), `adapter.safetensors` and `task.toml`.
+    fn task_dir() -> (tempfile::TempDir, Config) {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("model");
+        std::fs::create_dir(&model).unwrap();
+        std::fs::write(
+            model.join("config.json"),
+            r#"{"hidden_size": 8, "num_hidden_layers": 2}"#,
+        )
+        .unwrap();
+        std::fs::write(model.join("model.safetensors"), b"weights").unwrap();
+        std::fs::write(model.join("tokenizer.json"), "{}").unwrap();
+        std::fs::write(dir.path().join("adapter.safetensors"), adapter_bytes(1.0)).unwrap();
+        let toml = r#"[task]
+id = "t"
+rounds = 2
+labels = ["a", "b"]
+[model]
+id = "m"
+dir = "model"
+[adapter]
+rank = 4
+file = "adapter.safetensors"
+[server]
+state_dir = "state"
+"#;
+        std::fs::write(dir.path().join("task.toml"), toml).unwrap();
+        let config = crate::config::load_locked(&dir.path().join("task.toml")).unwrap();
+        (dir, config)
+    }
+
+    #[test]
+    fn an_out_path_that_is_one_of_the_tasks_files_is_refused() {
+        let (dir, config) = task_dir();
+        let d = dir.path();
+        let database = d.join("state/t.sqlite3");
+        std::fs::create_dir(d.join("state")).unwrap();
+        std::fs::write(&database, b"").unwrap();
+        let refused = |out: PathBuf, what: &str| {
+            let err = refuse_task_file(&config, &database, &out).unwrap_err();
+            assert!(
+                matches!(&err, ExportError::OutIsTaskFile { what: w, .. } if *w == what),
+                "{out:?}: {err}"
+            );
+            assert!(
+                err.to_string().contains(&out.display().to_string()),
+                "{err}"
+            );
+        };
+        refused(d.join("adapter.safetensors"), "adapter file");
+        refused(d.join("model/../adapter.safetensors"), "adapter file");
+        refused(d.join("model/model.safetensors"), "model file");
+        refused(d.join("state/t.sqlite3"), "state database");
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::symlink(d.join("model/model.safetensors"), d.join("link")).unwrap();
+            refused(d.join("link"), "model file");
+        }
+        refuse_task_file(&config, &database, &d.join("round-3.safetensors")).unwrap();
+        refuse_task_file(&config, &database, &d.join("no/such/dir/x.safetensors")).unwrap();
+        refuse_task_file(&config, &database, Path::new("x.safetensors")).unwrap();
+    }
+
+    /// `fedsb export` refuses a model or adapter file other than the pinned
+    /// one, naming it and both hashes; a pinned file that is not there is
+    /// left to the export.
+    #[tokio::test]
+    async fn an_export_with_another_pinned_file_is_refused() {
+        let (dir, config) = task_dir();
+        let config = Arc::new(config);
+        let d = dir.path();
+        let identity = config.identity_json();
+        let store = Store::open(&d.join("state"), "t", &identity, 1).unwrap();
+        store
+            .pin_files(
+                vec![
+                    PinnedFile {
+                        name: ADAPTER_FILE.into(),
+                        path: d.join("adapter.safetensors"),
+                        sha256: sha256_hex(&adapter_bytes(1.0)),
+                    },
+                    PinnedFile {
+                        name: MODEL_FILE.into(),
+                        path: d.join("model/model.safetensors"),
+                        sha256: sha256_hex(b"weights"),
+                    },
+                ],
+                1,
+            )
+            .await
+            .unwrap();
+        // Read-only, beside the running server's store.
+        let read_only = Store::open_read_only(&d.join("state"), "t", &identity).unwrap();
+        check_pinned_files(config.clone(), &read_only)
+            .await
+            .unwrap();
+
+        std::fs::write(d.join("model/model.safetensors"), b"other weights").unwrap();
+        let err = check_pinned_files(config.clone(), &read_only)
+            .await
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!(
+                "model.safetensors {} has SHA-256 {}, but this task's database pins {}",
+                d.join("model/model.safetensors").display(),
+                sha256_hex(b"other weights"),
+                sha256_hex(b"weights")
+            )),
+            "{msg}"
+        );
+        std::fs::remove_file(d.join("model/model.safetensors")).unwrap();
+        check_pinned_files(config.clone(), &read_only)
+            .await
+            .unwrap();
+
+        std::fs::write(d.join("adapter.safetensors"), adapter_bytes(2.0)).unwrap();
+        let err = check_pinned_files(config, &read_only).await.unwrap_err();
+        assert!(
+            matches!(&err, ExportError::Files(FileError::PinnedChanged { name, .. }) if name == ADAPTER_FILE),
+            "{err}"
+        );
+    }
 }

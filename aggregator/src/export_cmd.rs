@@ -4,7 +4,9 @@
 //! --output`, so the federation's result can be evaluated (`fedsb eval`),
 //! used, or compared with centralized training. The database is opened
 //! read-only, so a running `fedsb serve` is not disturbed. `--average N`
-//! writes the mean of the N rounds ending at `--round` instead.
+//! writes the mean of the N rounds ending at `--round` instead. The task's
+//! model and adapter file must be the ones its database pins, and `--out`
+//! must not be one of the task's own files.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,9 +14,11 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use fedsb_aggregator::config::Config;
-use fedsb_aggregator::export::export_rounds_mean;
+use fedsb_aggregator::export::{check_pinned_files, export_rounds_mean, refuse_task_file};
 use fedsb_aggregator::store::Store;
 use sha2::{Digest, Sha256};
+
+use crate::participant::write_file_atomically;
 
 #[derive(Debug, Args)]
 pub struct ExportArgs {
@@ -50,21 +54,20 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         &config.task.id,
         &config.identity_json(),
     )?;
+    refuse_task_file(&config, store.path(), &args.out)?;
     let task = config.task.id.clone();
+    let config = Arc::new(config);
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .context("cannot start the async runtime")?;
-    let exported = rt.block_on(export_rounds_mean(
-        Arc::new(config),
-        &store,
-        args.round,
-        args.average,
-    ))?;
-    // Next to the target, then renamed: no half-written file under its name.
-    let part = args.out.with_extension("safetensors.part");
-    std::fs::write(&part, &exported.bytes)
-        .with_context(|| format!("writing {}", part.display()))?;
-    std::fs::rename(&part, &args.out).with_context(|| format!("writing {}", args.out.display()))?;
+    let exported = rt.block_on(async {
+        // The task's model and adapter file must be the ones its rounds
+        // were trained with.
+        check_pinned_files(config.clone(), &store).await?;
+        export_rounds_mean(config, &store, args.round, args.average).await
+    })?;
+    write_file_atomically(&args.out, &exported.bytes)
+        .with_context(|| format!("writing {}", args.out.display()))?;
     let meta = &exported.meta;
     let averaged = exported.averaged_rounds();
     let rounds = match averaged {

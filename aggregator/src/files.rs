@@ -1,23 +1,35 @@
 //! Files served to participants by content hash (model, tokenizer, adapter
-//! matrices), and the initial adapter state.
+//! matrices), the SHA-256 pins that keep a task on the files it started
+//! with, and the initial adapter state.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use fedsb_protocol::{AdapterState, Tensor};
 use safetensors::SafeTensors;
 use sha2::{Digest, Sha256};
 
 use crate::config::Config;
+use crate::store::PinnedFile;
+
+/// The served files whose SHA-256 a task's database pins: a committed
+/// round's R only means something with the model's weights and the adapter
+/// file's A and B it was trained on.
+pub const PINNED_NAMES: [&str; 2] = [MODEL_FILE, ADAPTER_FILE];
+/// The model's weights, as served.
+pub const MODEL_FILE: &str = "model.safetensors";
+/// The adapter file with A and B, as served.
+pub const ADAPTER_FILE: &str = "adapter.safetensors";
 
 /// Why a served file or the initial state could not be prepared.
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
-    #[error("cannot read {path}: {source}")]
+    /// Not a `#[source]`: the coordinator logs this by its message alone.
+    #[error("cannot read {path}: {error}")]
     Read {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(
         "model directory {dir} lacks {name} (run `cargo xtask fetch-model` for the default model)"
@@ -29,6 +41,51 @@ pub enum FileError {
     Adapter { path: PathBuf, message: String },
     #[error("file hashing task panicked")]
     Join,
+    #[error(
+        "{name} {path} has SHA-256 {found}, but this task's database pins {stored} \
+         (the file it started with, then at {stored_path}): its committed rounds only mean \
+         something with that file. Restore it, or start a new task for this file \
+         (another [task] id or state directory)"
+    )]
+    PinnedChanged {
+        name: String,
+        path: PathBuf,
+        stored: String,
+        found: String,
+        stored_path: PathBuf,
+    },
+    #[error(
+        "this task's database pins {name} (SHA-256 {stored}, then at {stored_path}), but the \
+         configuration has no {name}: its committed rounds only mean something with that \
+         file. Restore the configuration ([model] dir, [adapter] file), or start a new task \
+         (another [task] id or state directory)"
+    )]
+    PinnedMissing {
+        name: String,
+        stored: String,
+        stored_path: PathBuf,
+    },
+}
+
+/// A file's size and modification time, to notice that it changed on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    pub size: u64,
+    pub modified: Option<SystemTime>,
+}
+
+impl FileStamp {
+    /// The stamp of the file at `path` now.
+    pub fn of(path: &Path) -> std::io::Result<Self> {
+        Ok(Self::from_metadata(&std::fs::metadata(path)?))
+    }
+
+    pub fn from_metadata(m: &std::fs::Metadata) -> Self {
+        Self {
+            size: m.len(),
+            modified: m.modified().ok(),
+        }
+    }
 }
 
 /// A file available at `/files/<sha256>`.
@@ -40,12 +97,19 @@ pub struct ServedFile {
     pub size: u64,
 }
 
-fn hash_file(path: &Path) -> Result<(String, u64), FileError> {
-    let err = |source| FileError::Read {
+/// The SHA-256 (hex) and size of a file.
+pub fn hash_file(path: &Path) -> Result<(String, u64), FileError> {
+    hash_file_stamped(path).map(|(sha256, size, _)| (sha256, size))
+}
+
+/// [`hash_file`] with the file's stamp as it was when hashing began.
+pub fn hash_file_stamped(path: &Path) -> Result<(String, u64, FileStamp), FileError> {
+    let err = |error| FileError::Read {
         path: path.to_owned(),
-        source,
+        error,
     };
     let mut f = std::fs::File::open(path).map_err(err)?;
+    let stamp = FileStamp::from_metadata(&f.metadata().map_err(err)?);
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
@@ -57,11 +121,12 @@ fn hash_file(path: &Path) -> Result<(String, u64), FileError> {
         size += n as u64;
         hasher.update(&buf[..n]);
     }
-    Ok((hex::encode(hasher.finalize()), size))
+    Ok((hex::encode(hasher.finalize()), size, stamp))
 }
 
-/// Hashes the model directory's files and the adapter file.
-pub fn collect_files(config: &Config) -> Result<Vec<ServedFile>, FileError> {
+/// Hashes the model directory's files and the adapter file; each with its
+/// stamp from when it was hashed.
+pub fn collect_files(config: &Config) -> Result<Vec<(ServedFile, FileStamp)>, FileError> {
     let mut out = Vec::new();
     if let Some(dir) = &config.model.dir {
         for name in ["config.json", "model.safetensors", "tokenizer.json"] {
@@ -72,8 +137,8 @@ pub fn collect_files(config: &Config) -> Result<Vec<ServedFile>, FileError> {
                     name,
                 });
             }
-            let (sha256, size) = hash_file(&path)?;
-            if name == "model.safetensors" {
+            let (sha256, size, stamp) = hash_file_stamped(&path)?;
+            if name == MODEL_FILE {
                 if let Some(expected) = &config.model.sha256 {
                     if !expected.eq_ignore_ascii_case(&sha256) {
                         return Err(FileError::HashMismatch {
@@ -83,24 +148,81 @@ pub fn collect_files(config: &Config) -> Result<Vec<ServedFile>, FileError> {
                     }
                 }
             }
-            out.push(ServedFile {
-                name: name.to_owned(),
-                path,
-                sha256,
-                size,
-            });
+            out.push((
+                ServedFile {
+                    name: name.to_owned(),
+                    path,
+                    sha256,
+                    size,
+                },
+                stamp,
+            ));
         }
     }
     if let Some(path) = &config.adapter.file {
-        let (sha256, size) = hash_file(path)?;
-        out.push(ServedFile {
-            name: "adapter.safetensors".to_owned(),
-            path: path.clone(),
-            sha256,
-            size,
-        });
+        out.push(served_adapter_file(path)?);
     }
     Ok(out)
+}
+
+/// The adapter file at `path`, hashed, as it is served.
+pub fn served_adapter_file(path: &Path) -> Result<(ServedFile, FileStamp), FileError> {
+    let (sha256, size, stamp) = hash_file_stamped(path)?;
+    Ok((
+        ServedFile {
+            name: ADAPTER_FILE.to_owned(),
+            path: path.to_owned(),
+            sha256,
+            size,
+        },
+        stamp,
+    ))
+}
+
+/// Checks the files found now against the database's pins: a pinned file
+/// with another hash, or one no longer there, is refused. Returns the
+/// pinnable files not pinned yet (all of them for a new task or a database
+/// from before pins), for the caller to pin.
+pub fn check_pins(
+    pinned: &[PinnedFile],
+    found: &[ServedFile],
+) -> Result<Vec<PinnedFile>, FileError> {
+    for p in pinned {
+        match found.iter().find(|f| f.name == p.name) {
+            Some(f) => check_pin(p, &f.path, &f.sha256)?,
+            None => {
+                return Err(FileError::PinnedMissing {
+                    name: p.name.clone(),
+                    stored: p.sha256.clone(),
+                    stored_path: p.path.clone(),
+                })
+            }
+        }
+    }
+    Ok(found
+        .iter()
+        .filter(|f| PINNED_NAMES.contains(&f.name.as_str()))
+        .filter(|f| !pinned.iter().any(|p| p.name == f.name))
+        .map(|f| PinnedFile {
+            name: f.name.clone(),
+            path: f.path.clone(),
+            sha256: f.sha256.clone(),
+        })
+        .collect())
+}
+
+/// Whether the file at `path` with hash `sha256` is the pinned one.
+pub fn check_pin(pinned: &PinnedFile, path: &Path, sha256: &str) -> Result<(), FileError> {
+    if pinned.sha256.eq_ignore_ascii_case(sha256) {
+        return Ok(());
+    }
+    Err(FileError::PinnedChanged {
+        name: pinned.name.clone(),
+        path: path.to_owned(),
+        stored: pinned.sha256.clone(),
+        found: sha256.to_owned(),
+        stored_path: pinned.path.clone(),
+    })
 }
 
 /// The values of the F32 tensor `name` of an adapter file, checked to have
@@ -116,9 +238,9 @@ pub fn initial_adapter(config: &Config) -> Result<AdapterState, FileError> {
     let Some(path) = &config.adapter.file else {
         return Ok(state);
     };
-    let bytes = std::fs::read(path).map_err(|source| FileError::Read {
+    let bytes = std::fs::read(path).map_err(|error| FileError::Read {
         path: path.clone(),
-        source,
+        error,
     })?;
     let bad = |message: String| FileError::Adapter {
         path: path.clone(),
@@ -140,4 +262,99 @@ pub fn initial_adapter(config: &Config) -> Result<AdapterState, FileError> {
     load("classifier.bias", &mut state.head_bias, false)?;
     state.validate(&shape).map_err(|e| bad(e.to_string()))?;
     Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn served(name: &str, path: &str, sha256: &str) -> ServedFile {
+        ServedFile {
+            name: name.into(),
+            path: PathBuf::from(path),
+            sha256: sha256.into(),
+            size: 1,
+        }
+    }
+
+    fn pin(name: &str, path: &str, sha256: &str) -> PinnedFile {
+        PinnedFile {
+            name: name.into(),
+            path: PathBuf::from(path),
+            sha256: sha256.into(),
+        }
+    }
+
+    /// A task's first start pins its model and adapter file (not the
+    /// tokenizer or config.json); later starts pass with the same files,
+    /// moved or not, and are refused with another one or without one.
+    #[test]
+    fn pins_refuse_another_or_a_missing_file_and_pin_new_ones() {
+        let found = vec![
+            served("config.json", "/m/config.json", "c1"),
+            served(MODEL_FILE, "/m/model.safetensors", "m1"),
+            served("tokenizer.json", "/m/tokenizer.json", "t1"),
+            served(ADAPTER_FILE, "/a/adapter.safetensors", "a1"),
+        ];
+        assert_eq!(
+            check_pins(&[], &found).unwrap(),
+            vec![
+                pin(MODEL_FILE, "/m/model.safetensors", "m1"),
+                pin(ADAPTER_FILE, "/a/adapter.safetensors", "a1"),
+            ]
+        );
+        let pinned = vec![
+            pin(ADAPTER_FILE, "/old/adapter.safetensors", "a1"),
+            pin(MODEL_FILE, "/m/model.safetensors", "m1"),
+        ];
+        assert!(check_pins(&pinned, &found).unwrap().is_empty());
+        // Only the model pinned (a database from before the adapter file
+        // was pinned): the adapter file is pinned now.
+        assert_eq!(
+            check_pins(&pinned[1..], &found).unwrap(),
+            vec![pin(ADAPTER_FILE, "/a/adapter.safetensors", "a1")]
+        );
+
+        let mut other = found.clone();
+        other[3].sha256 = "a2".into();
+        let err = check_pins(&pinned, &other).unwrap_err();
+        assert!(matches!(err, FileError::PinnedChanged { .. }), "{err:?}");
+        let msg = err.to_string();
+        for part in [
+            "adapter.safetensors /a/adapter.safetensors has SHA-256 a2",
+            "pins a1",
+            "/old/adapter.safetensors",
+            "Restore it, or start a new task",
+        ] {
+            assert!(msg.contains(part), "{part:?} not in {msg}");
+        }
+
+        let err = check_pins(&pinned, &found[..3]).unwrap_err();
+        assert!(matches!(err, FileError::PinnedMissing { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("pins adapter.safetensors (SHA-256 a1, then at /old/adapter.safetensors), but the configuration has no adapter.safetensors"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_hashed_file_has_the_stamp_it_had_when_hashed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"abc").unwrap();
+        let (sha256, size, stamp) = hash_file_stamped(&path).unwrap();
+        assert_eq!(
+            sha256,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(size, 3);
+        assert_eq!(FileStamp::of(&path).unwrap(), stamp);
+        std::fs::write(&path, b"abcd").unwrap();
+        assert_ne!(FileStamp::of(&path).unwrap(), stamp);
+        let err = hash_file(&dir.path().join("missing")).unwrap_err();
+        // The cause once, in the message.
+        assert!(err.to_string().starts_with("cannot read "), "{err}");
+        assert!(std::error::Error::source(&err).is_none());
+    }
 }

@@ -24,7 +24,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use fedsb_aggregator::config::Config;
-use fedsb_aggregator::server::Server;
+use fedsb_aggregator::server::{Server, WwwDir};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
@@ -120,52 +120,123 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(d) = args.state_dir {
         config.server.state_dir = d;
     }
-    if let Some(w) = args.www_dir {
-        config.server.www_dir = w;
-    }
+    // `www` beside the configuration, as the configuration resolves it, is
+    // the default: a missing one only warns. Any other was given.
+    let default_www = args
+        .config
+        .parent()
+        .unwrap_or(std::path::Path::new("."))
+        .join("www");
+    let www = match args.www_dir {
+        Some(w) => {
+            config.server.www_dir = w;
+            WwwDir::Given
+        }
+        None if config.server.www_dir == default_www => WwwDir::Default,
+        None => WwwDir::Given,
+    };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    runtime.block_on(async {
-        let server = Server::start(config).await?;
+    let served = runtime.block_on(async {
+        let server = Server::start(config, www).await?;
         let status = server.app.status.borrow().clone();
         // The first line on stdout is the URL; scripts and tests read it. A
         // closed stdout must not stop the server, so write errors are ignored.
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "fedsb listening on http://{}/", server.addr);
+        let progress = match (status.round, status.state) {
+            (Some(r), _) => format!("round {r} of {}", status.total_rounds),
+            (None, "initializing") => format!(
+                "round 0 of {} (federated initialization)",
+                status.total_rounds
+            ),
+            (None, _) => format!("finished: all {} rounds committed", status.total_rounds),
+        };
         let _ = writeln!(
             out,
-            "task {} round {} of {} (state in {})",
+            "task {} {progress} (state in {})",
             status.task_id,
-            match (status.round, status.state) {
-                (Some(r), _) => r.to_string(),
-                (None, "initializing") => "0 (federated initialization)".to_string(),
-                (None, _) => "finished".to_string(),
-            },
-            status.total_rounds,
             server.app.store.path().display()
         );
         let _ = out.flush();
         drop(out);
         server.run(shutdown_signal()).await?;
         anyhow::Ok(())
-    })
+    });
+    // Blocking tasks still running (a database call) do not hold the exit up.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    served
 }
 
+/// Resolves on the first Ctrl-C or SIGTERM; a second one exits the process
+/// at once, without waiting for the graceful shutdown.
 async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+    let mut signals = Signals::new();
+    let (first, _) = signals.next().await;
+    tracing::info!(
+        signal = first,
+        grace_seconds = fedsb_aggregator::server::SHUTDOWN_GRACE.as_secs(),
+        "shutting down; a second signal exits at once"
+    );
+    tokio::spawn(async move {
+        let (second, status) = signals.next().await;
+        tracing::warn!(signal = second, "second signal: exiting now");
+        std::process::exit(status);
+    });
+}
+
+/// The signals that stop `fedsb serve`, listened to from creation on.
+struct Signals {
     #[cfg(unix)]
-    let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            s.recv().await;
+    interrupt: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    terminate: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    #[cfg(unix)]
+    fn new() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        let listen = |kind: SignalKind, name: &str| match signal(kind) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(signal = name, error = %e, "cannot listen for the signal");
+                None
+            }
+        };
+        Self {
+            interrupt: listen(SignalKind::interrupt(), "SIGINT"),
+            terminate: listen(SignalKind::terminate(), "SIGTERM"),
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
     }
-    tracing::info!("shutting down");
+
+    #[cfg(not(unix))]
+    fn new() -> Self {
+        Self {}
+    }
+
+    /// The next signal's name and the exit status of a process it kills.
+    #[cfg(unix)]
+    async fn next(&mut self) -> (&'static str, i32) {
+        async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+            let received = match s {
+                Some(s) => s.recv().await.is_some(),
+                None => false,
+            };
+            if !received {
+                std::future::pending::<()>().await;
+            }
+        }
+        tokio::select! {
+            () = recv(&mut self.interrupt) => ("SIGINT", 130),
+            () = recv(&mut self.terminate) => ("SIGTERM", 143),
+        }
+    }
+
+    #[cfg(not(unix))]
+    async fn next(&mut self) -> (&'static str, i32) {
+        match tokio::signal::ctrl_c().await {
+            Ok(()) => ("Ctrl-C", 130),
+            Err(_) => std::future::pending().await,
+        }
+    }
 }

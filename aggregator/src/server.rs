@@ -11,26 +11,31 @@
 //! | `/api/eval` | JSON: the evaluation set (rows, GPU adapter), or `enabled: false` |
 //! | `/api/events` | Server-Sent Events: `status` on every change, `eval` per finished evaluation |
 //! | `/api/rounds/{n}/global` | the committed `GlobalModel` frame of round n |
-//! | `/files/{sha256}` | model and adapter files, immutable, cached by hash |
+//! | `/api/rounds/{n}/adapter` | round n's model as an adapter file (`fedsb export`'s bytes) |
+//! | `/files/{sha256}` | model and adapter files, immutable, cached by hash (500 once changed on disk) |
 //! | `/metrics` | Prometheus text format |
 
+use std::collections::HashMap;
+use std::future::IntoFuture as _;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, Request, State, WebSocketUpgrade};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use fedsb_protocol::{FileRef, RoundId, TaskInfo, MAX_FRAME_BYTES};
+use fedsb_protocol::{AdapterState, FileRef, RoundId, TaskInfo, MAX_FRAME_BYTES};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower::ServiceExt;
 use tower_http::services::{ServeDir, ServeFile};
 use tower_http::set_header::SetResponseHeaderLayer;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::config::AdapterInit;
 use crate::config::Config;
@@ -38,7 +43,10 @@ use crate::coordinator::{
     initial_frame, now_unix_ms, Begin, Coordinator, CoordinatorHandle, FederatedInit, Status,
 };
 use crate::evaluator::{EvalError, EvalHandle};
-use crate::files::{collect_files, initial_adapter, FileError};
+use crate::files::{
+    check_pins, collect_files, hash_file_stamped, initial_adapter, served_adapter_file, FileError,
+    FileStamp, ServedFile, ADAPTER_FILE, MODEL_FILE,
+};
 use crate::init_round::{InitModules, SharedFiles};
 use crate::metrics::Metrics;
 use crate::store::{CommittedRound, RoundMeta, RoundSummary, Store, StoreError};
@@ -57,17 +65,38 @@ pub enum ServeError {
         path: std::path::PathBuf,
         message: String,
     },
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind {
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
     },
-    #[error("server failed: {0}")]
+    #[error(
+        "www_dir {path} is not a directory: set [server] www_dir (or --www-dir) to the \
+         page's directory, www/ of the fedsb repository"
+    )]
+    WwwDir { path: PathBuf },
+    #[error("server failed")]
     Io(#[from] std::io::Error),
     #[error("federated initialization: {0}")]
     Init(String),
 }
+
+/// Where `[server] www_dir` came from, which decides what a missing one does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WwwDir {
+    /// Named by `[server] www_dir`, its environment variable or
+    /// `--www-dir`: a missing directory is refused.
+    Given,
+    /// The default (`www` beside the configuration): a missing directory
+    /// is warned about and the server runs without its page (`/api/*`,
+    /// `/ws` and `/files/*` are all a native participant needs).
+    Default,
+}
+
+/// How long a shutdown waits for open requests before the server exits
+/// without them.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Shared state of every request handler.
 #[derive(Debug)]
@@ -83,9 +112,23 @@ pub struct App {
     /// Demo data handed out in shards, when `[demo] data` is set.
     pub demo: Option<DemoData>,
     files: SharedFiles,
+    /// Size and modification time of the served files: a file that changed
+    /// since it was hashed is no longer served.
+    stamps: std::sync::Mutex<FileStamps>,
     /// The task as `/api/task` shows it (with the adapter file once a
     /// federated initialization has made it).
     shared_task: Arc<std::sync::RwLock<Arc<TaskInfo>>>,
+    /// `true` once the shutdown began: ends the `/api/events` streams, which
+    /// would otherwise hold the graceful shutdown open.
+    stopping: watch::Sender<bool>,
+}
+
+/// The stamps of the served files, by path: those they had when their hash
+/// was last found right, and those they had when it was found wrong.
+#[derive(Debug, Default)]
+struct FileStamps {
+    right: HashMap<PathBuf, FileStamp>,
+    wrong: HashMap<PathBuf, FileStamp>,
 }
 
 /// A started server: its address, and a future that runs it.
@@ -96,45 +139,105 @@ pub struct Server {
     router: Router,
 }
 
+/// What round 0 is made from when the state has no committed round, read
+/// before the state is opened.
+enum RoundZero {
+    /// The adapter file's R₀ and head (zeros without one).
+    File(AdapterState),
+    /// The modules of a federated initialization.
+    Federated(InitModules),
+}
+
 impl Server {
-    /// Opens the state, restores the last committed round (or writes round 0)
-    /// and binds the listener.
-    pub async fn start(mut config: Config) -> Result<Self, ServeError> {
-        // Federated initialization: the adapter file lives in the state
-        // directory. Once round 0 is committed it exists and is served like a
-        // configured one; before that the coordinator computes it.
-        let federated_init = config.adapter.init == AdapterInit::Federated;
-        let init_path = config.federated_adapter_path();
-        let mut initialized = false;
-        if federated_init {
-            let store = Store::open(
-                &config.server.state_dir,
-                &config.task.id,
-                &config.identity_json(),
-                now_unix_ms(),
-            )?;
-            if store.last_round().await?.is_some() {
-                if !init_path.is_file() {
-                    return Err(ServeError::Init(format!(
-                        "round 0 of the federated initialization is committed but its adapter file {} is missing",
-                        init_path.display()
-                    )));
-                }
-                config.adapter.file = Some(init_path.clone());
-                initialized = true;
-            }
-        }
-        let config = Arc::new(config);
-        let files = {
+    /// Checks the page, the demo data and the served files, binds the
+    /// listener, then opens the state (locked against a second server),
+    /// checks the files against the task's pins, restores the last
+    /// committed round (or writes round 0) and starts the evaluator. When
+    /// the start fails after it created the database, the database is
+    /// removed again.
+    pub async fn start(config: Config, www: WwwDir) -> Result<Self, ServeError> {
+        // Everything that needs no state first: a start refused here writes
+        // nothing.
+        check_www_dir(&config.server.www_dir, www)?;
+        let demo = match &config.demo.data {
+            None => None,
+            Some(path) => Some(DemoData::load(
+                path,
+                config.demo.shard_rows.unwrap_or(DEFAULT_DEMO_SHARD_ROWS),
+            )?),
+        };
+        let collected = {
             let c = config.clone();
             tokio::task::spawn_blocking(move || collect_files(&c))
                 .await
                 .map_err(|_| FileError::Join)??
         };
+        let round_zero = match config.adapter.init {
+            AdapterInit::Federated => RoundZero::Federated(
+                InitModules::from_config(&config).map_err(|e| ServeError::Init(e.to_string()))?,
+            ),
+            AdapterInit::File => RoundZero::File(initial_adapter(&config)?),
+        };
+        let addr = SocketAddr::new(config.server.bind, config.server.port);
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServeError::Bind { addr, source })?;
+
+        let store = Store::open(
+            &config.server.state_dir,
+            &config.task.id,
+            &config.identity_json(),
+            now_unix_ms(),
+        )?;
+        let (created, path) = (store.created(), store.path().to_owned());
+        let started =
+            Self::start_with_state(config, store, listener, collected, demo, round_zero).await;
+        if started.is_err() && created {
+            remove_database(&path);
+        }
+        started
+    }
+
+    async fn start_with_state(
+        mut config: Config,
+        store: Store,
+        listener: TcpListener,
+        mut collected: Vec<(ServedFile, FileStamp)>,
+        demo: Option<DemoData>,
+        round_zero: RoundZero,
+    ) -> Result<Self, ServeError> {
+        let last = store.last_round().await?;
+        // Federated initialization: the adapter file lives in the state
+        // directory. Once round 0 is committed it exists and is served like a
+        // configured one; before that the coordinator computes it, and it is
+        // pinned in the transaction that commits round 0.
+        let init_path = config.federated_adapter_path();
+        let federated_init = config.adapter.init == AdapterInit::Federated;
+        if federated_init && last.is_some() {
+            if !init_path.is_file() {
+                return Err(ServeError::Init(format!(
+                    "round 0 of the federated initialization is committed but its adapter file {} is missing",
+                    init_path.display()
+                )));
+            }
+            config.adapter.file = Some(init_path.clone());
+            let p = init_path.clone();
+            collected.push(
+                tokio::task::spawn_blocking(move || served_adapter_file(&p))
+                    .await
+                    .map_err(|_| FileError::Join)??,
+            );
+        } else if federated_init {
+            store.pin_with_round_zero(ADAPTER_FILE, init_path.clone());
+        }
+        let files: Vec<ServedFile> = collected.iter().map(|(f, _)| f.clone()).collect();
+        pin_files(&store, &files, last.is_some()).await?;
+
+        let config = Arc::new(config);
         let shape = config.adapter_shape();
         let model_sha256 = files
             .iter()
-            .find(|f| f.name == "model.safetensors")
+            .find(|f| f.name == MODEL_FILE)
             .map(|f| f.sha256.clone())
             .or_else(|| config.model.sha256.clone())
             .unwrap_or_default();
@@ -162,30 +265,24 @@ impl Server {
                 .collect(),
             privacy: config.privacy_policy(),
         });
-
-        let store = Store::open(
-            &config.server.state_dir,
-            &config.task.id,
-            &config.identity_json(),
-            now_unix_ms(),
-        )?;
+        let stamps = FileStamps {
+            right: collected
+                .iter()
+                .map(|(f, stamp)| (f.path.clone(), *stamp))
+                .collect(),
+            wrong: HashMap::new(),
+        };
         let files: SharedFiles = Arc::new(std::sync::RwLock::new(
             files.into_iter().map(|f| (f.sha256.clone(), f)).collect(),
         ));
         let shared_task = Arc::new(std::sync::RwLock::new(task.clone()));
-        let last = store.last_round().await?;
-        let begin = match last {
-            Some(last) => {
+        let begin = match (last, round_zero) {
+            (Some(last), _) => {
                 info!(round = last.meta.round, sha256 = %last.meta.global_sha256,
                     "resuming from the last committed round");
                 Begin::Resume(Box::new(last))
             }
-            None if federated_init && !initialized => {
-                let c = config.clone();
-                let modules = tokio::task::spawn_blocking(move || InitModules::from_config(&c))
-                    .await
-                    .map_err(|_| FileError::Join)?
-                    .map_err(|e| ServeError::Init(e.to_string()))?;
+            (None, RoundZero::Federated(modules)) => {
                 let head = modules.head(config.task.labels.len(), config.adapter.init_seed);
                 Begin::Initialize(Box::new(FederatedInit {
                     modules,
@@ -195,8 +292,7 @@ impl Server {
                     shared_task: shared_task.clone(),
                 }))
             }
-            None => {
-                let adapter = initial_adapter(&config)?;
+            (None, RoundZero::File(adapter)) => {
                 let frame = initial_frame(adapter.clone());
                 let meta = RoundMeta::initial(&frame, now_unix_ms());
                 store
@@ -238,13 +334,6 @@ impl Server {
             pending,
         );
         let eval = crate::evaluator::spawn(config.clone(), store.clone(), status.clone()).await?;
-        let demo = match &config.demo.data {
-            None => None,
-            Some(path) => Some(DemoData::load(
-                path,
-                config.demo.shard_rows.unwrap_or(DEFAULT_DEMO_SHARD_ROWS),
-            )?),
-        };
         let app = Arc::new(App {
             demo,
             config: config.clone(),
@@ -255,12 +344,10 @@ impl Server {
             metrics,
             eval,
             files,
+            stamps: std::sync::Mutex::new(stamps),
             shared_task,
+            stopping: watch::channel(false).0,
         });
-        let addr = SocketAddr::new(config.server.bind, config.server.port);
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| ServeError::Bind { addr, source })?;
         let addr = listener.local_addr()?;
         let router = router(app.clone());
         Ok(Self {
@@ -271,15 +358,100 @@ impl Server {
         })
     }
 
-    /// Serves until `shutdown` resolves.
+    /// Serves until `shutdown` resolves, then ends the `/api/events`
+    /// streams, waits for the open requests up to [`SHUTDOWN_GRACE`] and
+    /// returns (with a warning when requests were still open).
     pub async fn run(
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown)
-            .await?;
+        let app = self.app.clone();
+        let (began_tx, began_rx) = tokio::sync::oneshot::channel::<()>();
+        let signal = async move {
+            shutdown.await;
+            app.stopping.send_replace(true);
+            let _ = began_tx.send(());
+        };
+        let serve = axum::serve(self.listener, self.router).with_graceful_shutdown(signal);
+        let grace = async {
+            if began_rx.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        };
+        tokio::select! {
+            served = serve.into_future() => served?,
+            () = grace => warn!(
+                seconds = SHUTDOWN_GRACE.as_secs(),
+                "requests still open after the shutdown began; exiting without them"
+            ),
+        }
         Ok(())
+    }
+}
+
+/// Refuses a given `www_dir` that is not a directory; warns about a page
+/// that will not work: a missing default `www_dir`, no `index.html`, or no
+/// WebAssembly bundle.
+fn check_www_dir(dir: &std::path::Path, www: WwwDir) -> Result<(), ServeError> {
+    if !dir.is_dir() {
+        if www == WwwDir::Given {
+            return Err(ServeError::WwwDir {
+                path: dir.to_owned(),
+            });
+        }
+        warn!(www_dir = %dir.display(),
+            "no web page: the default www_dir does not exist (set [server] www_dir or \
+             --www-dir); / answers 404, the API and /ws work");
+        return Ok(());
+    }
+    if !dir.join("index.html").is_file() {
+        warn!(www_dir = %dir.display(), "www_dir has no index.html: / answers 404");
+    }
+    let bundle = dir.join("pkg/fedsb_wasm_client.js");
+    if !bundle.is_file() {
+        warn!(missing = %bundle.display(),
+            "the page's WebAssembly bundle is missing: browsers get the page but cannot \
+             train or evaluate; `cargo xtask build-wasm` builds it");
+    }
+    Ok(())
+}
+
+/// Checks the served files against the database's pins and pins the ones
+/// not pinned yet (all of them at a task's first start).
+async fn pin_files(store: &Store, files: &[ServedFile], resumed: bool) -> Result<(), ServeError> {
+    let pinned = store.pinned_files().await?;
+    let new = check_pins(&pinned, files)?;
+    if new.is_empty() {
+        return Ok(());
+    }
+    for f in &new {
+        if resumed {
+            // A database from before pins, or a file the task had not served.
+            info!(file = %f.name, path = %f.path.display(), sha256 = %f.sha256,
+                "pinning the file's SHA-256 at this start (the database had none for it): \
+                 later starts refuse another file");
+        } else {
+            info!(file = %f.name, sha256 = %f.sha256,
+                "pinned the file's SHA-256: later starts refuse another file");
+        }
+    }
+    store.pin_files(new, now_unix_ms()).await?;
+    Ok(())
+}
+
+/// Removes a database a failed start created (with its write-ahead log and
+/// shared memory), so that the next start begins afresh.
+fn remove_database(path: &std::path::Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        match std::fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => warn!(path = %PathBuf::from(p).display(), error = %e,
+                "cannot remove the database of the failed start"),
+        }
     }
 }
 
@@ -465,15 +637,20 @@ async fn demo_info(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
     })
 }
 
-/// The next demo shard (round-robin over the data), as a file download.
-async fn demo_shard(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
+/// The next demo shard (round-robin over the data), as a file download. A
+/// HEAD request describes the next shard without handing it out.
+async fn demo_shard(State(app): State<Arc<App>>, method: Method) -> Result<Response, ApiError> {
     let d = app.demo.as_ref().ok_or_else(|| {
         ApiError(
             StatusCode::NOT_FOUND,
             "this task hands out no demo data ([demo] data is not set)".into(),
         )
     })?;
-    let k = d.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let k = if method == Method::HEAD {
+        d.next.load(std::sync::atomic::Ordering::Relaxed)
+    } else {
+        d.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    };
     let content_type = match d.extension.as_str() {
         "csv" => "text/csv; charset=utf-8",
         "jsonl" | "ndjson" => "application/jsonl; charset=utf-8",
@@ -504,20 +681,26 @@ async fn eval_info(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
 
 /// `/api/events`: the status (at once and on every change) and each finished
 /// evaluation, as Server-Sent Events, so the page updates as rounds commit.
+/// The stream ends when the server begins to shut down.
 async fn events(
     State(app): State<Arc<App>>,
 ) -> Sse<impl futures_util::Stream<Item = Result<Event, std::convert::Infallible>>> {
     let status = app.status.clone();
     let evals = app.eval.as_ref().map(|e| e.events.subscribe());
+    let stopping = app.stopping.subscribe();
     let first = true;
     let stream = futures_util::stream::unfold(
-        (status, evals, first),
-        |(mut status, mut evals, first)| async move {
+        (status, evals, stopping, first),
+        |(mut status, mut evals, mut stopping, first)| async move {
+            if *stopping.borrow_and_update() {
+                return None;
+            }
             let event = if first {
                 let s = status.borrow_and_update().clone();
                 status_event(&s)
             } else {
                 tokio::select! {
+                    _ = stopping.wait_for(|stop| *stop) => return None,
                     changed = status.changed() => {
                         changed.ok()?;
                         let s = status.borrow_and_update().clone();
@@ -532,7 +715,7 @@ async fn events(
                     },
                 }
             };
-            Some((Ok(event), (status, evals, false)))
+            Some((Ok(event), (status, evals, stopping, false)))
         },
     );
     Sse::new(stream).keep_alive(KeepAlive::default())
@@ -601,6 +784,22 @@ async fn adapter(
 ) -> Result<Response, ApiError> {
     use crate::export::{export_round, ExportError};
     let n = round_number(&round)?;
+    // The export reads the adapter file's A and B and the model's
+    // config.json: both must still be the files the server started with.
+    let read: Vec<ServedFile> = app
+        .files
+        .read()
+        .map(|files| {
+            files
+                .values()
+                .filter(|f| f.name == ADAPTER_FILE || f.name == "config.json")
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    for f in &read {
+        check_unchanged(&app, f).await?;
+    }
     let exported = export_round(app.config.clone(), &app.store, Some(n))
         .await
         .map_err(|e| match e {
@@ -650,6 +849,7 @@ async fn file(
                 format!("no file with content hash {sha256}"),
             )
         })?;
+    check_unchanged(&app, &f).await?;
     let etag = format!("\"{sha256}\"");
     let cache = HeaderValue::from_static("public, max-age=31536000, immutable");
     let matches = req
@@ -675,6 +875,68 @@ async fn file(
     Ok(resp)
 }
 
+/// Whether a served file is still the one hashed at start. Its size and
+/// modification time are checked on every request; when they differ from
+/// those it was hashed with (or it was not hashed here: the federated
+/// initialization's adapter file), it is hashed again, once per change. A
+/// file with another hash is logged and answered with 500: served under its
+/// old hash and cached as immutable, its new bytes would be taken for the
+/// old ones. Restored, it is served again.
+async fn check_unchanged(app: &App, f: &ServedFile) -> Result<(), ApiError> {
+    let now = tokio::fs::metadata(&f.path)
+        .await
+        .ok()
+        .map(|m| FileStamp::from_metadata(&m));
+    let known = {
+        let stamps = app.stamps.lock().unwrap_or_else(|e| e.into_inner());
+        match now {
+            Some(now) if stamps.right.get(&f.path) == Some(&now) => Some(true),
+            Some(now) if stamps.wrong.get(&f.path) == Some(&now) => Some(false),
+            // Changed, new to this server, or gone (the read fails and is logged).
+            _ => None,
+        }
+    };
+    let right = match known {
+        Some(right) => right,
+        None => {
+            let path = f.path.clone();
+            let hashed = tokio::task::spawn_blocking(move || hash_file_stamped(&path)).await;
+            let mut stamps = app.stamps.lock().unwrap_or_else(|e| e.into_inner());
+            match hashed {
+                Ok(Ok((sha256, _, stamp))) if sha256 == f.sha256 => {
+                    stamps.wrong.remove(&f.path);
+                    stamps.right.insert(f.path.clone(), stamp);
+                    true
+                }
+                Ok(Ok((sha256, _, stamp))) => {
+                    error!(file = %f.name, path = %f.path.display(), sha256 = %f.sha256,
+                        now = %sha256,
+                        "the file changed on disk since the server hashed it, so it is no longer \
+                         served: restore it, or restart fedsb serve (which refuses a changed \
+                         model or adapter file of a task with committed rounds)");
+                    stamps.wrong.insert(f.path.clone(), stamp);
+                    false
+                }
+                Ok(Err(e)) => {
+                    error!(file = %f.name, error = %e, "a served file cannot be read");
+                    false
+                }
+                Err(_) => false,
+            }
+        }
+    };
+    if right {
+        return Ok(());
+    }
+    Err(ApiError(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!(
+            "{} changed on the server since it started; the operator must restore it or restart the server",
+            f.name
+        ),
+    ))
+}
+
 async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
     (
         [(
@@ -683,4 +945,45 @@ async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
         )],
         app.metrics.encode(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `www_dir` the configuration or `--www-dir` names must exist; the
+    /// default one may be missing (the server runs without its page), and
+    /// a page without its bundle only warns.
+    #[test]
+    fn a_given_www_dir_must_exist_and_a_default_one_may_be_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("www");
+        let err = check_www_dir(&missing, WwwDir::Given).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with(&format!("www_dir {} is not a directory", missing.display())),
+            "{err}"
+        );
+        check_www_dir(&missing, WwwDir::Default).unwrap();
+        std::fs::create_dir(&missing).unwrap();
+        std::fs::write(missing.join("index.html"), "<html>").unwrap();
+        check_www_dir(&missing, WwwDir::Given).unwrap();
+    }
+
+    #[test]
+    fn a_failed_start_removes_the_database_it_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("t.sqlite3");
+        for suffix in ["", "-wal", "-shm"] {
+            std::fs::write(dir.path().join(format!("t.sqlite3{suffix}")), b"x").unwrap();
+        }
+        std::fs::write(dir.path().join("t.lock"), b"1").unwrap();
+        remove_database(&db);
+        let mut left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, vec!["t.lock"]);
+    }
 }

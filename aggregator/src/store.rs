@@ -19,7 +19,20 @@
 //! (what the first releases created), and [`MIGRATIONS`] bring any older
 //! database up to [`SCHEMA_VERSION`] when it is opened, each in one
 //! transaction, keeping every row.
+//!
+//! The read-write [`Store::open`] holds an exclusive lock on
+//! `<state_dir>/<task id>.lock` (with the holder's pid in it) for as long as
+//! the store lives, so a second `fedsb serve` on the same state refuses to
+//! start instead of writing rounds beside the first. The read-only
+//! [`Store::open_read_only`] (`fedsb export`) takes no lock.
+//!
+//! The SHA-256 of the files a committed round's R only means something with
+//! (`model.safetensors`, the adapter file with A and B) are pinned in
+//! `pinned_files` ([`Store::pinned_files`]), so that a restart or an export
+//! with other files is refused instead of pairing stored rounds with them.
 
+use std::fs::File;
+use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -35,19 +48,48 @@ use crate::round::Contribution;
 /// Why the state directory could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot create state directory {path}: {source}")]
+    #[error("cannot create state directory {path}")]
     CreateDir {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
+    /// Not a `#[source]`: the coordinator logs store errors by their
+    /// message alone, which must name the cause.
     #[error("database error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(rusqlite::Error),
     #[error(
-        "state directory {path} holds task {stored_id:?} with a different configuration; \
-         use another --state-dir or restore the original configuration"
+        "database {path} holds task {stored_id:?} with a different configuration \
+         ({differences}); use another --state-dir or restore the original configuration"
     )]
-    TaskMismatch { path: PathBuf, stored_id: String },
+    TaskMismatch {
+        path: PathBuf,
+        stored_id: String,
+        /// The differing keys with both values, `; `-separated.
+        differences: String,
+    },
+    #[error(
+        "another fedsb serve (pid {pid}) is using {path} (it holds the lock file {lock}); \
+         stop it first, or give this one another --state-dir"
+    )]
+    Locked {
+        path: PathBuf,
+        lock: PathBuf,
+        /// The holder's pid as it wrote it, or `unknown`.
+        pid: String,
+    },
+    #[error("cannot lock the state with {path}: {error}")]
+    Lock {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    /// `message` names the path and the cause.
+    #[error("cannot pin {name}: {message}")]
+    Pin {
+        name: String,
+        path: PathBuf,
+        message: String,
+    },
     #[error("stored global state of round {round} is corrupt: {message}")]
     Corrupt { round: u64, message: String },
     #[error("database task panicked")]
@@ -66,6 +108,12 @@ pub enum StoreError {
         found: i64,
         supported: i64,
     },
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::Sqlite(e)
+    }
 }
 
 /// A committed round as stored.
@@ -119,6 +167,23 @@ impl RoundMeta {
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
     path: PathBuf,
+    /// The locked `<task id>.lock` of a read-write store: the lock lasts as
+    /// long as the last clone.
+    _lock: Option<Arc<File>>,
+    /// Whether this open created the database file.
+    created: bool,
+    /// A file to pin when round 0 is committed ([`Store::pin_with_round_zero`]).
+    pin_at_round_zero: Arc<Mutex<Option<(String, PathBuf)>>>,
+}
+
+/// A served file's SHA-256 as the task's database pins it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PinnedFile {
+    /// The name it is served under (`model.safetensors`, `adapter.safetensors`).
+    pub name: String,
+    /// Where it was when it was pinned (for messages; the hash is what counts).
+    pub path: PathBuf,
+    pub sha256: String,
 }
 
 /// Schema version 0, as the first releases created it. Never edit: later
@@ -200,6 +265,16 @@ const MIGRATIONS: &[&str] = &[
     // so that `/api/rounds` shows which classes a round's model gets wrong.
     // Evaluations stored before have none (NULL).
     "ALTER TABLE round_eval ADD COLUMN confusion_json TEXT;",
+    // 4: the SHA-256 of the files the task's rounds are only meaningful with
+    // (the model's weights, the adapter file with A and B), pinned at the
+    // first start that serves them. Databases from before pin them at their
+    // next start.
+    "CREATE TABLE pinned_files (
+         name TEXT PRIMARY KEY,
+         path TEXT NOT NULL,
+         sha256 TEXT NOT NULL,
+         pinned_unix_ms INTEGER NOT NULL
+     );",
 ];
 
 /// How long a statement waits for another connection's write (a running
@@ -223,14 +298,99 @@ fn same_task(
         .optional()?;
     match stored {
         Some((id, identity)) if id != task_id || identity != identity_json => {
+            let mut differences = Vec::new();
+            if id != task_id {
+                differences.push(format!("task id: stored {id:?}, now {task_id:?}"));
+            }
+            differences.extend(identity_differences(&identity, identity_json));
+            if differences.is_empty() {
+                differences.push("the same keys and values, written differently".into());
+            }
             Err(StoreError::TaskMismatch {
                 path: path.to_owned(),
                 stored_id: id,
+                differences: differences.join("; "),
             })
         }
         Some(_) => Ok(true),
         None => Ok(false),
     }
+}
+
+/// The keys (dotted paths) whose values differ between two identity JSONs,
+/// each as `key: stored X, now Y` (`none` for a key one of them lacks).
+/// Arrays and other values are compared whole.
+fn identity_differences(stored: &str, now: &str) -> Vec<String> {
+    use serde_json::Value;
+    let parse = |s: &str| serde_json::from_str::<Value>(s);
+    let (Ok(stored), Ok(now)) = (parse(stored), parse(now)) else {
+        return vec![format!("identity: stored {stored}, now {now}")];
+    };
+    fn walk(key: &str, stored: Option<&Value>, now: Option<&Value>, out: &mut Vec<String>) {
+        if let (Some(Value::Object(a)), Some(Value::Object(b))) = (stored, now) {
+            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for k in keys {
+                let sub = if key.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{key}.{k}")
+                };
+                walk(&sub, a.get(k), b.get(k), out);
+            }
+            return;
+        }
+        if stored != now {
+            let show = |v: Option<&Value>| v.map_or_else(|| "none".to_owned(), Value::to_string);
+            let key = if key.is_empty() { "identity" } else { key };
+            out.push(format!("{key}: stored {}, now {}", show(stored), show(now)));
+        }
+    }
+    let mut out = Vec::new();
+    walk("", Some(&stored), Some(&now), &mut out);
+    out
+}
+
+/// Takes the exclusive lock of a task's state, `<state_dir>/<task_id>.lock`,
+/// and writes this process's pid into it; refuses when another process
+/// holds it.
+fn lock_state(state_dir: &Path, task_id: &str, database: &Path) -> Result<File, StoreError> {
+    let path = state_dir.join(format!("{task_id}.lock"));
+    let lock_err = |error| StoreError::Lock {
+        path: path.clone(),
+        error,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(lock_err)?;
+    // `File::try_lock` (an advisory lock, released when the file is closed,
+    // the process killed included) is stable since Rust 1.89.
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            let pid = match pid.trim() {
+                "" => "unknown".to_owned(),
+                p => p.to_owned(),
+            };
+            return Err(StoreError::Locked {
+                path: database.to_owned(),
+                lock: path,
+                pid,
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(lock_err(e)),
+    }
+    file.set_len(0)
+        .and_then(|()| writeln!(file, "{}", std::process::id()))
+        .map_err(lock_err)?;
+    Ok(file)
 }
 
 /// The schema version this code writes.
@@ -290,8 +450,10 @@ pub struct PendingUpdate {
 }
 
 impl Store {
-    /// Opens (or creates) `<state_dir>/<task_id>.sqlite3` for a task. A
-    /// database made for a different task identity is refused.
+    /// Opens (or creates) `<state_dir>/<task_id>.sqlite3` for a task, locked
+    /// against a second `fedsb serve` (`<state_dir>/<task_id>.lock`) for as
+    /// long as the store lives. A database made for a different task
+    /// identity is refused.
     pub fn open(
         state_dir: &Path,
         task_id: &str,
@@ -303,6 +465,9 @@ impl Store {
             source,
         })?;
         let path = state_dir.join(format!("{task_id}.sqlite3"));
+        let lock = lock_state(state_dir, task_id, &path)?;
+        // Under the lock, so no other process creates it meanwhile.
+        let created = !path.exists();
         let mut conn = Connection::open(&path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
@@ -320,6 +485,9 @@ impl Store {
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
             path,
+            _lock: Some(Arc::new(lock)),
+            created,
+            pin_at_round_zero: Arc::default(),
         })
     }
 
@@ -355,12 +523,75 @@ impl Store {
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
             path,
+            _lock: None,
+            created: false,
+            pin_at_round_zero: Arc::default(),
         })
     }
 
     /// Path of the database file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether [`Store::open`] created the database (it did not exist).
+    pub fn created(&self) -> bool {
+        self.created
+    }
+
+    /// The files the task's database pins, by name (none for a database
+    /// from before schema version 4 that no server has opened since).
+    pub async fn pinned_files(&self) -> Result<Vec<PinnedFile>, StoreError> {
+        self.run(|conn| {
+            // A read-only open does not migrate: an older database has no table.
+            let has_table: bool = conn.query_row(
+                "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'pinned_files'",
+                [],
+                |r| r.get(0),
+            )?;
+            if !has_table {
+                return Ok(Vec::new());
+            }
+            let mut stmt = conn.prepare("SELECT name, path, sha256 FROM pinned_files ORDER BY name")?;
+            let rows = stmt.query_map([], |r| {
+                Ok(PinnedFile {
+                    name: r.get(0)?,
+                    path: PathBuf::from(r.get::<_, String>(1)?),
+                    sha256: r.get(2)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    /// Pins files that are not pinned yet; a name pinned already is an error.
+    pub async fn pin_files(
+        &self,
+        files: Vec<PinnedFile>,
+        now_unix_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.run(move |conn| {
+            let tx = conn.transaction()?;
+            for f in &files {
+                insert_pin(&tx, f, now_unix_ms, false)?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Pins the file at `path` as `name` in the transaction that commits
+    /// round 0, hashing it then: the federated initialization's adapter
+    /// file, which the coordinator writes just before it commits round 0.
+    /// A file that cannot be read fails that commit.
+    pub fn pin_with_round_zero(&self, name: &str, path: PathBuf) {
+        let mut pending = self
+            .pin_at_round_zero
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        *pending = Some((name.to_owned(), path));
     }
 
     async fn run<T: Send + 'static>(
@@ -384,8 +615,32 @@ impl Store {
         frame: Vec<u8>,
         contributions: Vec<Contribution>,
     ) -> Result<(), StoreError> {
+        let pin = match meta.round {
+            0 => self
+                .pin_at_round_zero
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+            _ => None,
+        };
         self.run(move |conn| {
+            let pin = match pin {
+                None => None,
+                Some((name, path)) => {
+                    let (sha256, _) = crate::files::hash_file(&path).map_err(|e| {
+                        StoreError::Pin {
+                            name: name.clone(),
+                            path: path.clone(),
+                            message: e.to_string(),
+                        }
+                    })?;
+                    Some(PinnedFile { name, path, sha256 })
+                }
+            };
             let tx = conn.transaction()?;
+            if let Some(pin) = &pin {
+                insert_pin(&tx, pin, meta.committed_unix_ms, true)?;
+            }
             tx.execute(
                 "INSERT INTO rounds (round, opened_unix_ms, committed_unix_ms, aggregation_ms, participants,
                      total_samples, bytes_in, bytes_out, mean_train_loss, global_sha256, global_frame)
@@ -787,6 +1042,32 @@ impl Store {
         })
         .await
     }
+}
+
+/// Writes one pin (replacing the name's pin when `replace`).
+fn insert_pin(
+    conn: &Connection,
+    f: &PinnedFile,
+    now_unix_ms: u64,
+    replace: bool,
+) -> Result<(), StoreError> {
+    let verb = if replace {
+        "INSERT OR REPLACE"
+    } else {
+        "INSERT"
+    };
+    conn.execute(
+        &format!(
+            "{verb} INTO pinned_files (name, path, sha256, pinned_unix_ms) VALUES (?1, ?2, ?3, ?4)"
+        ),
+        params![
+            f.name,
+            f.path.to_string_lossy(),
+            f.sha256,
+            now_unix_ms as i64
+        ],
+    )?;
+    Ok(())
 }
 
 const META_COLUMNS: &str =
@@ -1201,6 +1482,154 @@ mod tests {
         let store = Store::open(dir.path(), "t", IDENTITY, 3).unwrap();
         assert_eq!(user_version(&path), SCHEMA_VERSION);
         assert_eq!(store.privacy_reports().await.unwrap(), got);
+    }
+
+    /// A second read-write open of a task's state (a second `fedsb serve`)
+    /// is refused while the first holds it, naming the holder's pid and the
+    /// database; the read-only open of `fedsb export` works beside it; once
+    /// the first is gone the state opens again.
+    #[test]
+    fn a_second_open_of_the_same_state_is_refused_until_the_first_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Store::open(dir.path(), "t", IDENTITY, 1).unwrap();
+        assert!(first.created());
+        let clone = first.clone();
+        let err = Store::open(dir.path(), "t", IDENTITY, 2).unwrap_err();
+        assert!(matches!(err, StoreError::Locked { .. }), "{err:?}");
+        let msg = err.to_string();
+        let want = format!(
+            "another fedsb serve (pid {}) is using {}",
+            std::process::id(),
+            dir.path().join("t.sqlite3").display()
+        );
+        assert!(msg.contains(&want), "{msg}");
+        assert!(msg.contains("t.lock"), "{msg}");
+        // Another task in the same directory has its own lock.
+        Store::open(dir.path(), "other", IDENTITY, 2).unwrap();
+        Store::open_read_only(dir.path(), "t", IDENTITY).unwrap();
+        drop(first);
+        // The lock lasts as long as the last clone.
+        assert!(matches!(
+            Store::open(dir.path(), "t", IDENTITY, 2),
+            Err(StoreError::Locked { .. })
+        ));
+        drop(clone);
+        let again = Store::open(dir.path(), "t", IDENTITY, 3).unwrap();
+        assert!(!again.created());
+        let pid = std::fs::read_to_string(dir.path().join("t.lock")).unwrap();
+        assert_eq!(pid.trim(), std::process::id().to_string());
+    }
+
+    /// The refusal of another configuration names the database and every
+    /// key that differs, with both values.
+    #[test]
+    fn a_changed_identity_is_refused_naming_the_differing_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let stored = r#"{"adapter":{"modules":["q","v"],"rank":8},"task":{"id":"t","rounds":3}}"#;
+        drop(Store::open(dir.path(), "t", stored, 1).unwrap());
+        let now = r#"{"adapter":{"modules":["q","v"],"rank":4},"task":{"id":"t","rounds":3,"lr_decay":0.5}}"#;
+        let err = Store::open(dir.path(), "t", now, 2).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with(&format!(
+                "database {} holds task \"t\" with a different configuration",
+                dir.path().join("t.sqlite3").display()
+            )),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("(adapter.rank: stored 8, now 4; task.lr_decay: stored none, now 0.5)"),
+            "{msg}"
+        );
+        assert!(!msg.contains("state directory"), "{msg}");
+        let err = Store::open_read_only(dir.path(), "t", now).unwrap_err();
+        assert!(
+            err.to_string().contains("adapter.rank: stored 8, now 4"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn identity_differences_are_listed_by_dotted_key() {
+        assert_eq!(
+            identity_differences(
+                r#"{"a":{"b":{"c":1,"d":[1,2]},"e":"x"},"f":null}"#,
+                r#"{"a":{"b":{"c":2,"d":[1,2]},"e":"y"},"g":true}"#
+            ),
+            vec![
+                "a.b.c: stored 1, now 2",
+                "a.e: stored \"x\", now \"y\"",
+                "f: stored null, now none",
+                "g: stored none, now true",
+            ]
+        );
+        assert!(identity_differences(r#"{"a":1}"#, r#"{"a":1}"#).is_empty());
+    }
+
+    /// Pins are written once, read back after a reopen and by a read-only
+    /// open; a file to pin with round 0 is hashed and pinned in the
+    /// transaction that commits round 0, and only then.
+    #[tokio::test]
+    async fn pinned_files_are_stored_and_round_zero_pins_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "t", IDENTITY, 1).unwrap();
+        assert!(store.pinned_files().await.unwrap().is_empty());
+        let model = PinnedFile {
+            name: "model.safetensors".into(),
+            path: dir.path().join("model.safetensors"),
+            sha256: sha256_hex(b"weights"),
+        };
+        store.pin_files(vec![model.clone()], 5).await.unwrap();
+        // A name is pinned once.
+        assert!(store.pin_files(vec![model.clone()], 6).await.is_err());
+
+        let adapter = dir.path().join("t.adapter.safetensors");
+        store.pin_with_round_zero("adapter.safetensors", adapter.clone());
+        // The file is not there yet: round 0 cannot commit.
+        let err = store
+            .commit_round(meta(0, b"r0"), b"r0".to_vec(), Vec::new())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Pin { name, .. } if name == "adapter.safetensors"),
+            "{err}"
+        );
+        assert!(store.rounds().await.unwrap().is_empty());
+        std::fs::write(&adapter, b"A and B").unwrap();
+        store
+            .commit_round(meta(0, b"r0"), b"r0".to_vec(), Vec::new())
+            .await
+            .unwrap();
+        // Later rounds pin nothing again.
+        std::fs::write(&adapter, b"other").unwrap();
+        store
+            .commit_round(meta(1, b"r1"), b"r1".to_vec(), Vec::new())
+            .await
+            .unwrap();
+        drop(store);
+
+        let want = vec![
+            PinnedFile {
+                name: "adapter.safetensors".into(),
+                path: adapter,
+                sha256: sha256_hex(b"A and B"),
+            },
+            model,
+        ];
+        let store = Store::open(dir.path(), "t", IDENTITY, 2).unwrap();
+        assert_eq!(store.pinned_files().await.unwrap(), want);
+        let read_only = Store::open_read_only(dir.path(), "t", IDENTITY).unwrap();
+        assert_eq!(read_only.pinned_files().await.unwrap(), want);
+    }
+
+    /// `fedsb export` reads a database no server has migrated to pins yet:
+    /// nothing is pinned.
+    #[tokio::test]
+    async fn a_database_from_before_pins_reads_as_pinning_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        write_version_0_database(dir.path());
+        let store = Store::open_read_only(dir.path(), "t", IDENTITY).unwrap();
+        assert!(store.pinned_files().await.unwrap().is_empty());
     }
 
     #[test]

@@ -157,3 +157,152 @@ fn unreadable_demo_data_stops_the_server_with_its_name() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A served file that changes on disk while the server runs is no longer
+/// served under its startup hash (clients would cache the new bytes as the
+/// old, immutable ones): 500 with a JSON error naming it, until it is
+/// restored.
+#[tokio::test]
+async fn a_file_changed_on_disk_is_not_served_under_its_old_hash() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model)?;
+    std::fs::write(
+        model.join("config.json"),
+        r#"{"hidden_size": 8, "num_hidden_layers": 2}"#,
+    )?;
+    std::fs::write(model.join("model.safetensors"), vec![7u8; 1000])?;
+    std::fs::write(model.join("tokenizer.json"), "{}")?;
+    let config = test_config(1, 1, 1, 60, "")
+        .replace("hidden_size = 8\nnum_layers = 2\n", "dir = \"model\"\n");
+    std::fs::write(dir.path().join("task.toml"), config)?;
+    let agg = Aggregator::start_in(dir.path())?;
+    let task = agg.json("/api/task").await?;
+    let url = |name: &str| {
+        let f = task["files"]
+            .as_array()
+            .and_then(|files| files.iter().find(|f| f["name"] == name))
+            .and_then(|f| f["url"].as_str())
+            .map(|u| agg.url(u));
+        f.unwrap_or_default()
+    };
+    let r = reqwest::get(url("model.safetensors")).await?;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await?.len(), 1000);
+
+    std::fs::write(model.join("model.safetensors"), vec![8u8; 1001])?;
+    let r = reqwest::get(url("model.safetensors")).await?;
+    assert_eq!(r.status(), 500);
+    assert!(!r.headers().contains_key("etag"));
+    let body: serde_json::Value = r.json().await?;
+    let err = body["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("model.safetensors changed on the server since it started"),
+        "{body}"
+    );
+    assert_eq!(reqwest::get(url("model.safetensors")).await?.status(), 500);
+    // The files that did not change are still served.
+    assert_eq!(reqwest::get(url("tokenizer.json")).await?.status(), 200);
+    // Restored (with a new modification time), it is served again.
+    std::fs::write(model.join("model.safetensors"), vec![7u8; 1000])?;
+    let r = reqwest::get(url("model.safetensors")).await?;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await?.as_ref(), &[7u8; 1000][..]);
+    Ok(())
+}
+
+/// A HEAD request describes the next demo shard without handing it out.
+#[tokio::test]
+async fn a_head_request_does_not_hand_out_a_demo_shard() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    std::fs::write(
+        dir.path().join("demo.tsv"),
+        "sentence\tlabel\nr0\t0\nr1\t1\nr2\t0\n",
+    )?;
+    let config = format!(
+        "{}[demo]\ndata = \"demo.tsv\"\nshard_rows = 1\n",
+        test_config(1, 1, 1, 60, "")
+    );
+    std::fs::write(dir.path().join("task.toml"), config)?;
+    let agg = Aggregator::start_in(dir.path())?;
+    let client = reqwest::Client::new();
+    for _ in 0..2 {
+        let r = client.head(agg.url("/api/demo-shard")).send().await?;
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.headers()["content-disposition"],
+            "attachment; filename=\"demo-shard-0.tsv\""
+        );
+    }
+    let r = reqwest::get(agg.url("/api/demo-shard")).await?;
+    assert_eq!(
+        r.headers()["content-disposition"],
+        "attachment; filename=\"demo-shard-0.tsv\""
+    );
+    assert_eq!(r.text().await?, "sentence\tlabel\nr0\t0\n");
+    let r = reqwest::get(agg.url("/api/demo-shard")).await?;
+    assert_eq!(r.text().await?, "sentence\tlabel\nr1\t1\n");
+    Ok(())
+}
+
+/// A `--www-dir` (or `[server] www_dir`) that does not exist is refused,
+/// naming it, and nothing is written; a page without its WebAssembly
+/// bundle starts with a warning saying how to build it.
+#[test]
+fn a_missing_www_dir_is_refused_and_a_page_without_its_bundle_warns() -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("task.toml"), test_config(1, 1, 1, 60, ""))?;
+    let serve = |www: &std::path::Path| {
+        let mut cmd = Command::new(fedsb_bin());
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(dir.path().join("task.toml"))
+            .args(["--port", "0", "--bind", "127.0.0.1", "--state-dir"])
+            .arg(dir.path().join("state"))
+            .arg("--www-dir")
+            .arg(www)
+            .env("RUST_LOG", "warn");
+        cmd
+    };
+    let missing = dir.path().join("no-such-www");
+    let out = serve(&missing).output()?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("www_dir {} is not a directory", missing.display())),
+        "{err}"
+    );
+    assert!(!dir.path().join("state/e2e.sqlite3").exists());
+
+    let www = dir.path().join("www");
+    std::fs::create_dir(&www)?;
+    std::fs::write(www.join("index.html"), "<html></html>")?;
+    let mut child = serve(&www)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stderr = child.stderr.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let warned = loop {
+        match rx.recv_timeout(std::time::Duration::from_secs(30)) {
+            Ok(line) if line.contains("cargo xtask build-wasm") => break Some(line),
+            Ok(line) => seen.push(line),
+            Err(_) => break None,
+        }
+    };
+    let running = child.try_wait()?.is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    let warned = warned.unwrap_or_else(|| panic!("no warning; stderr:\n{}", seen.join("\n")));
+    assert!(warned.contains("pkg/fedsb_wasm_client.js"), "{warned}");
+    assert!(running, "the server did not start");
+    Ok(())
+}

@@ -325,3 +325,354 @@ async fn the_server_step_with_momentum_resumes_after_kill_nine() -> anyhow::Resu
     }
     Ok(())
 }
+
+/// Runs `fedsb serve` on `dir/task.toml` with its state in `dir/state` and
+/// `extra` flags, expecting it to fail; returns its stderr.
+fn serve_fails(dir: &std::path::Path, extra: &[&str]) -> anyhow::Result<String> {
+    let mut child = Command::new(fedsb_bin())
+        .arg("serve")
+        .arg("--config")
+        .arg(dir.join("task.toml"))
+        .args(["--bind", "127.0.0.1", "--state-dir"])
+        .arg(dir.join("state"))
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    // A server that started after all is stopped, and the test fails.
+    let started = std::time::Instant::now();
+    while child.try_wait()?.is_none() {
+        if started.elapsed() > Duration::from_secs(30) {
+            child.kill()?;
+            let out = child.wait_with_output()?;
+            anyhow::bail!(
+                "fedsb serve {extra:?} started:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output()?;
+    assert!(!out.status.success());
+    Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// SHA-256 via coreutils' `sha256sum`, independent of the server's code.
+fn sha256sum(path: &std::path::Path) -> anyhow::Result<String> {
+    let out = Command::new("sha256sum").arg(path).output()?;
+    Ok(String::from_utf8(out.stdout)?
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned())
+}
+
+/// A model directory the server hashes and serves (it reads only
+/// config.json), with `weights` as its model.safetensors.
+fn write_model_dir(dir: &std::path::Path, weights: &[u8]) -> anyhow::Result<()> {
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model)?;
+    std::fs::write(
+        model.join("config.json"),
+        r#"{"hidden_size": 8, "num_hidden_layers": 2}"#,
+    )?;
+    std::fs::write(model.join("model.safetensors"), weights)?;
+    std::fs::write(model.join("tokenizer.json"), "{}")?;
+    Ok(())
+}
+
+/// A restart (and `fedsb export`) with another model.safetensors than the
+/// task started with, [model] sha256 not set, is refused with a message
+/// naming the file and both hashes: the stored rounds were trained on the
+/// first. Restored, the task resumes. A database of a task that ran before
+/// pins existed gets its files pinned at its next start.
+#[tokio::test]
+async fn another_model_file_is_refused_at_restart_and_by_export() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    write_model_dir(d, &[7u8; 1000])?;
+    let config = test_config(3, 1, 1, 60, "")
+        .replace("hidden_size = 8\nnum_layers = 2\n", "dir = \"model\"\n");
+    std::fs::write(d.join("task.toml"), config)?;
+    let model = d.join("model/model.safetensors");
+    let pinned = sha256sum(&model)?;
+    {
+        let agg = Aggregator::start_in(d)?;
+        let (mut p, _) = Participant::join(agg.addr, "p").await?;
+        run_round(std::slice::from_mut(&mut p), RoundId(1)).await?;
+    }
+
+    // Same size, other bytes.
+    std::fs::write(&model, [8u8; 1000])?;
+    let found = sha256sum(&model)?;
+    let err = serve_fails(d, &["--port", "0"])?;
+    for part in [
+        format!("model.safetensors {} has SHA-256 {found}", model.display()),
+        format!("this task's database pins {pinned}"),
+        "Restore it, or start a new task".to_owned(),
+    ] {
+        assert!(err.contains(&part), "{part:?} not in:\n{err}");
+    }
+    let out = Command::new(fedsb_bin())
+        .args(["export", "--config"])
+        .arg(d.join("task.toml"))
+        .arg("--state-dir")
+        .arg(d.join("state"))
+        .arg("--out")
+        .arg(d.join("out.safetensors"))
+        .output()?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "has SHA-256 {found}, but this task's database pins {pinned}"
+        )),
+        "{err}"
+    );
+    assert!(!d.join("out.safetensors").exists());
+
+    std::fs::write(&model, [7u8; 1000])?;
+    let agg = Aggregator::start_in(d)?;
+    let status = agg.json("/api/status").await?;
+    assert_eq!(status["last_committed_round"], 1, "{status}");
+    drop(agg);
+
+    // A database from before pins (schema version 3, no pinned_files):
+    // it starts with whatever files it finds and pins them.
+    let db = d.join("state/e2e.sqlite3");
+    let sql = "DROP TABLE pinned_files; PRAGMA user_version = 3;";
+    let out = Command::new("sqlite3").arg(&db).arg(sql).output();
+    if !matches!(&out, Ok(o) if o.status.success()) {
+        eprintln!("sqlite3 is not installed: skipping the database from before pins");
+        return Ok(());
+    }
+    std::fs::write(&model, [9u8; 1000])?;
+    drop(Aggregator::start_in(d)?);
+    std::fs::write(&model, [7u8; 1000])?;
+    let err = serve_fails(d, &["--port", "0"])?;
+    assert!(err.contains("this task's database pins"), "{err}");
+    Ok(())
+}
+
+/// The module names of [`test_config`], as the server lists them.
+async fn test_module_names() -> anyhow::Result<Vec<String>> {
+    let agg = Aggregator::start(&test_config(1, 1, 1, 60, ""))?;
+    let task = agg.json("/api/task").await?;
+    Ok(task["module_names"]
+        .as_array()
+        .ok_or_else(|| anyhow::anyhow!("no module_names in {task}"))?
+        .iter()
+        .filter_map(|n| n.as_str().map(str::to_owned))
+        .collect())
+}
+
+/// An adapter file with every module's R₀ = `value`·I (no A and B: the
+/// server reads R₀ and the head only).
+fn write_adapter(path: &std::path::Path, names: &[String], value: f32) -> anyhow::Result<()> {
+    let rank = TEST_SHAPE.rank as usize;
+    let r: Vec<u8> = (0..rank * rank)
+        .map(|i| if i % (rank + 1) == 0 { value } else { 0.0 })
+        .flat_map(f32::to_le_bytes)
+        .collect();
+    let tensors = names
+        .iter()
+        .map(|n| {
+            let view = safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                vec![rank, rank],
+                &r,
+            )?;
+            Ok((format!("{n}.lora_R"), view))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    std::fs::write(path, safetensors::serialize(tensors, None)?)?;
+    Ok(())
+}
+
+/// A restart with another adapter file (other A, B and R₀ under the same
+/// name) is refused: round 1's stored R would be paired with the new A and B.
+#[tokio::test]
+async fn another_adapter_file_is_refused_at_restart() -> anyhow::Result<()> {
+    let names = test_module_names().await?;
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let adapter = d.join("adapter.safetensors");
+    write_adapter(&adapter, &names, 0.5)?;
+    let config = test_config(3, 1, 1, 60, "")
+        .replace("rank = 4\n", "rank = 4\nfile = \"adapter.safetensors\"\n");
+    std::fs::write(d.join("task.toml"), config)?;
+    let pinned = sha256sum(&adapter)?;
+    {
+        let agg = Aggregator::start_in(d)?;
+        let round0 = agg.global_state(0).await?;
+        assert_eq!(round0.r[0].data[0], 0.5);
+    }
+    write_adapter(&adapter, &names, 0.25)?;
+    let found = sha256sum(&adapter)?;
+    let err = serve_fails(d, &["--port", "0"])?;
+    assert!(
+        err.contains(&format!(
+            "adapter.safetensors {} has SHA-256 {found}, but this task's database pins {pinned}",
+            adapter.display()
+        )),
+        "{err}"
+    );
+    write_adapter(&adapter, &names, 0.5)?;
+    let agg = Aggregator::start_in(d)?;
+    assert_eq!(agg.json("/api/status").await?["round"], 1);
+    Ok(())
+}
+
+/// A second `fedsb serve` on the state of a running one is refused, naming
+/// the running one's pid; the running one goes on.
+#[tokio::test]
+async fn a_second_server_on_the_same_state_is_refused() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("task.toml"), test_config(3, 1, 1, 60, ""))?;
+    let mut agg = Aggregator::start_in(dir.path())?;
+    let err = serve_fails(dir.path(), &["--port", "0"])?;
+    let want = format!(
+        "another fedsb serve (pid {}) is using {}",
+        agg.child.id(),
+        dir.path().join("state/e2e.sqlite3").display()
+    );
+    assert!(err.contains(&want), "{want:?} not in:\n{err}");
+    assert!(agg.is_running());
+    assert_eq!(agg.json("/api/status").await?["round"], 1);
+    // Once it is gone, the state is free.
+    agg.kill9();
+    let agg = Aggregator::start_in(dir.path())?;
+    assert_eq!(agg.json("/api/status").await?["round"], 1);
+    Ok(())
+}
+
+/// A start that fails on its port or its eval file leaves no database
+/// behind: the next start begins afresh.
+#[tokio::test]
+async fn a_failed_start_leaves_no_database() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    std::fs::write(d.join("task.toml"), test_config(3, 1, 1, 60, ""))?;
+    let db = d.join("state/e2e.sqlite3");
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = taken.local_addr()?.port().to_string();
+    let err = serve_fails(d, &["--port", &port])?;
+    assert!(
+        err.contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{err}"
+    );
+    assert!(!db.exists(), "{} was left", db.display());
+    drop(taken);
+
+    write_model_dir(d, b"weights")?;
+    let config = format!(
+        "{}[eval]\nfile = \"missing-eval.tsv\"\n",
+        test_config(3, 1, 1, 60, "")
+            .replace("hidden_size = 8\nnum_layers = 2\n", "dir = \"model\"\n")
+    );
+    std::fs::write(d.join("task.toml"), config)?;
+    let err = serve_fails(d, &["--port", "0"])?;
+    assert!(err.contains("missing-eval.tsv"), "{err}");
+    for suffix in ["", "-wal", "-shm"] {
+        let f = d.join(format!("state/e2e.sqlite3{suffix}"));
+        assert!(!f.exists(), "{} was left", f.display());
+    }
+    Ok(())
+}
+
+/// Sends `signal` (`-TERM`, `-INT`) to a process.
+fn send_signal(pid: u32, signal: &str) -> anyhow::Result<()> {
+    let status = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()?;
+    anyhow::ensure!(status.success(), "kill {signal} {pid}: {status}");
+    Ok(())
+}
+
+/// Waits up to `limit` for the aggregator to exit; its exit status.
+async fn exit_within(
+    agg: &mut Aggregator,
+    limit: Duration,
+) -> anyhow::Result<Option<std::process::ExitStatus>> {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(status) = agg.child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if started.elapsed() > limit {
+            return Ok(None);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// SIGTERM stops the server at once although a page holds `/api/events`
+/// open (the page always does) and a participant is connected.
+#[tokio::test]
+async fn sigterm_stops_the_server_while_a_page_listens_to_its_events() -> anyhow::Result<()> {
+    let mut agg = Aggregator::start(&test_config(3, 2, 2, 60, ""))?;
+    let (_p, _) = Participant::join(agg.addr, "p").await?;
+    let mut events = reqwest::get(agg.url("/api/events")).await?;
+    assert_eq!(events.status(), 200);
+    let first = events.chunk().await?.unwrap_or_default();
+    assert!(
+        String::from_utf8_lossy(&first).contains("event: status"),
+        "{first:?}"
+    );
+    send_signal(agg.child.id(), "-TERM")?;
+    let status = exit_within(&mut agg, Duration::from_secs(5)).await?;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "fedsb serve did not exit within 5 s of SIGTERM: {status:?}"
+    );
+    // The page's stream ended with the server.
+    let rest = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Ok(Some(_)) = events.chunk().await {}
+    })
+    .await;
+    assert!(rest.is_ok(), "the event stream did not end");
+    Ok(())
+}
+
+/// A request that never completes holds the graceful shutdown up for at
+/// most its grace time (10 s); a second signal exits at once.
+#[tokio::test]
+async fn a_second_signal_exits_at_once_and_the_grace_time_is_bounded() -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt as _;
+    let stuck = |agg: &Aggregator| {
+        let addr = agg.addr;
+        async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await?;
+            // Headers without their end: the request stays open.
+            s.write_all(b"GET /api/status HTTP/1.1\r\nHost: x\r\n")
+                .await?;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            anyhow::Ok(s)
+        }
+    };
+    let mut agg = Aggregator::start(&test_config(3, 1, 1, 60, ""))?;
+    let _open = stuck(&agg).await?;
+    send_signal(agg.child.id(), "-TERM")?;
+    assert_eq!(exit_within(&mut agg, Duration::from_secs(1)).await?, None);
+    send_signal(agg.child.id(), "-INT")?;
+    let status = exit_within(&mut agg, Duration::from_secs(3)).await?;
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(130),
+        "a second signal (SIGINT) must exit at once: {status:?}"
+    );
+
+    let mut agg = Aggregator::start(&test_config(3, 1, 1, 60, ""))?;
+    let _open = stuck(&agg).await?;
+    let started = std::time::Instant::now();
+    send_signal(agg.child.id(), "-TERM")?;
+    let status = exit_within(&mut agg, Duration::from_secs(20)).await?;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "no exit within 20 s: {status:?}"
+    );
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_secs(9), "exited after {waited:?}");
+    Ok(())
+}
