@@ -1542,28 +1542,9 @@ mod tests {
     #[tokio::test]
     async fn a_round_restored_full_commits_at_start() {
         let dir = tempfile::tempdir().unwrap();
-        let toml = "[task]\nid = \"t\"\nrounds = 3\nmin_participants = 2\nmax_participants = 2\n\
-                    round_deadline_secs = 600\nlabels = [\"a\", \"b\"]\n\
-                    [model]\nid = \"tiny\"\nhidden_size = 8\nnum_layers = 1\n[adapter]\nrank = 2\n";
-        std::fs::write(dir.path().join("task.toml"), toml).unwrap();
-        let config = Arc::new(crate::config::load_locked(&dir.path().join("task.toml")).unwrap());
-        let shape = config.adapter_shape();
-        let task = Arc::new(TaskInfo {
-            task_id: "t".into(),
-            model_id: "tiny".into(),
-            model_sha256: String::new(),
-            module_names: config.module_names(),
-            shape,
-            labels: config.task.labels.clone(),
-            local_steps: 1,
-            batch_size: 1,
-            learning_rate: 0.01,
-            head_learning_rate: 0.01,
-            max_seq_len: 8,
-            total_rounds: 3,
-            files: Vec::new(),
-            privacy: None,
-        });
+        let (config, task) = tiny_task(dir.path());
+        let config = Arc::new(config);
+        let shape = task.shape;
         let state = |x: f32| {
             let r = shape.rank as usize;
             AdapterState {
@@ -1638,6 +1619,18 @@ mod tests {
     async fn task_at_round_0(
         dir: &std::path::Path,
     ) -> (Config, Arc<TaskInfo>, Store, CommittedRound) {
+        let (config, task) = tiny_task(dir);
+        let store = Store::open(&dir.join("state"), "t", &config.identity_json(), 1).unwrap();
+        let frame0 = initial_frame(AdapterState::zeros(&task.shape));
+        let meta0 = RoundMeta::initial(&frame0, 1);
+        store.commit_round(meta0, frame0, Vec::new()).await.unwrap();
+        let last = store.last_round().await.unwrap().unwrap();
+        (config, task, store, last)
+    }
+
+    /// A tiny task (quorum 2, rank 2, one layer) written to `dir`: its
+    /// configuration and the task participants are told.
+    fn tiny_task(dir: &std::path::Path) -> (Config, Arc<TaskInfo>) {
         let toml = "[task]\nid = \"t\"\nrounds = 3\nmin_participants = 2\nmax_participants = 2\n\
                     round_deadline_secs = 600\nlabels = [\"a\", \"b\"]\n\
                     [model]\nid = \"tiny\"\nhidden_size = 8\nnum_layers = 1\n[adapter]\nrank = 2\n";
@@ -1660,12 +1653,7 @@ mod tests {
             files: Vec::new(),
             privacy: None,
         });
-        let store = Store::open(&dir.join("state"), "t", &config.identity_json(), 1).unwrap();
-        let frame0 = initial_frame(AdapterState::zeros(&shape));
-        let meta0 = RoundMeta::initial(&frame0, 1);
-        store.commit_round(meta0, frame0, Vec::new()).await.unwrap();
-        let last = store.last_round().await.unwrap().unwrap();
-        (config, task, store, last)
+        (config, task)
     }
 
     /// A deadline beyond what `Instant` holds (`round_deadline_secs =

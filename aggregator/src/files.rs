@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::Config;
 use crate::store::PinnedFile;
+use fedsb_engine::model::AdaptedLinear;
 
 /// The served files whose SHA-256 a task's database pins: a committed
 /// round's R only means something with the model's weights and the adapter
@@ -257,11 +258,62 @@ pub fn initial_adapter(config: &Config) -> Result<AdapterState, FileError> {
     };
     for (name, r) in config.module_names().iter().zip(state.r.iter_mut()) {
         load(&format!("{name}.lora_R"), r, true)?;
+        // With a model to serve, participants train with this file's A and B.
+        if config.model.dir.is_some() {
+            check_frozen(&st, name, config, shape.rank as usize).map_err(bad)?;
+        }
     }
     load("classifier.weight", &mut state.head_weight, false)?;
     load("classifier.bias", &mut state.head_bias, false)?;
     state.validate(&shape).map_err(|e| bad(e.to_string()))?;
     Ok(state)
+}
+
+/// Refuses a module whose frozen `lora_A` or `lora_B` is missing or not
+/// `[rank, in]` and `[out, rank]` (where the model's sizes are known): the
+/// aggregator never reads them, but no participant could train without.
+fn check_frozen(
+    st: &SafeTensors<'_>,
+    name: &str,
+    config: &Config,
+    rank: usize,
+) -> Result<(), String> {
+    let hidden = config.model.hidden_size.map(|h| h as usize);
+    let inner = config.model.intermediate_size.map(|i| i as usize);
+    let which = fedsb_participant::parse_module_name(name, usize::MAX)
+        .map(|(_, which)| which)
+        .map_err(|e| e.to_string())?;
+    let (out, input) = match which {
+        AdaptedLinear::Intermediate => (inner, hidden),
+        AdaptedLinear::Output => (hidden, inner),
+        _ => (hidden, hidden),
+    };
+    for (suffix, want) in [
+        ("lora_A", [Some(rank), input]),
+        ("lora_B", [out, Some(rank)]),
+    ] {
+        let tensor = format!("{name}.{suffix}");
+        let view = st.tensor(&tensor).map_err(|_| {
+            format!("it has no tensor {tensor}: participants need every module's A and B")
+        })?;
+        let shape = view.shape();
+        let fits = shape.len() == 2
+            && want
+                .iter()
+                .zip(shape)
+                .all(|(w, &d)| w.is_none_or(|w| w == d));
+        if !fits {
+            let want: Vec<String> = want
+                .iter()
+                .map(|w| w.map_or("?".to_owned(), |w| w.to_string()))
+                .collect();
+            return Err(format!(
+                "tensor {tensor} has shape {shape:?}, expected [{}]",
+                want.join(", ")
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

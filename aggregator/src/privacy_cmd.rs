@@ -167,6 +167,9 @@ fn render(cmd: &PrivacyCommand) -> anyhow::Result<String> {
                 &[TrainingSegment::new(c.sample_rate, sigma, c.steps)?],
                 args.delta,
             )?;
+            if let Some(note) = floor_note(sigma, achieved, args.epsilon, args.sigma_min, kind) {
+                eprintln!("{note}");
+            }
             Ok(if c.json {
                 format!(
                     "{{\"accountant\":\"{kind}\",\"sample_rate\":{},\"steps\":{},\"delta\":{},\
@@ -210,6 +213,27 @@ fn render(cmd: &PrivacyCommand) -> anyhow::Result<String> {
 }
 
 /// Six decimals, or `inf` when no finite bound exists.
+/// The search answers from above: a σ that spends well below the target
+/// ε is where the search stopped (its floor), and a smaller σ may meet the
+/// target too; that is said, since σ is usually read as the smallest.
+fn floor_note(
+    sigma: f64,
+    achieved: f64,
+    target: f64,
+    sigma_min: f64,
+    kind: AccountantKind,
+) -> Option<String> {
+    (achieved < 0.99 * target).then(|| {
+        format!(
+            "note: σ = {} spends only ε = {} of the target {target}: the search stopped at \
+             its lowest σ (--sigma-min {sigma_min}, or the smallest σ the {kind} accountant \
+             can evaluate), so a smaller σ may meet the target too",
+            plain_number(sigma),
+            plain_number(achieved),
+        )
+    })
+}
+
 fn plain_number(x: f64) -> String {
     if x.is_finite() {
         format!("{x:.6}")
@@ -245,6 +269,16 @@ mod tests {
     fn output(args: &str) -> anyhow::Result<String> {
         let argv = std::iter::once("privacy").chain(args.split_whitespace());
         render(&Harness::try_parse_from(argv)?.cmd)
+    }
+
+    #[test]
+    fn a_sigma_at_the_search_floor_is_said_to_be_one() {
+        assert!(floor_note(1.2, 2.995, 3.0, 0.1, AccountantKind::Pld).is_none());
+        let note = floor_note(0.1, 0.5, 3.0, 0.1, AccountantKind::Rdp).unwrap();
+        assert!(
+            note.contains("a smaller σ may meet the target too"),
+            "{note}"
+        );
     }
 
     #[test]

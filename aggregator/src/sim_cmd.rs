@@ -553,7 +553,12 @@ fn read_data(args: &SimArgs) -> anyhow::Result<(Dataset, Vec<Example>)> {
         );
     }
     check_classes(&train, &args.train)?;
-    let eval = read_dataset_file(&args.eval, &same_columns_as(&train))?;
+    let eval = read_dataset_file(&args.eval, &same_columns_as(&train)).with_context(|| {
+        format!(
+            "reading {} with the columns and classes found in --train",
+            args.eval.display()
+        )
+    })?;
     note_skipped(&eval, &args.eval);
     let mut eval_examples = eval.examples;
     if args.eval_limit > 0 {

@@ -309,7 +309,12 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         );
     }
     // The evaluation set reads its labels with the training set's class ids.
-    let eval = read_dataset_file(&args.eval, &same_columns_as(&train))?;
+    let eval = read_dataset_file(&args.eval, &same_columns_as(&train)).with_context(|| {
+        format!(
+            "reading {} with the columns and classes found in --train",
+            args.eval.display()
+        )
+    })?;
     note_skipped(&eval, &args.eval);
     let mut eval_examples: Vec<Example> = eval.examples;
     if args.eval_limit > 0 {

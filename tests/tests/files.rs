@@ -306,3 +306,51 @@ fn a_missing_www_dir_is_refused_and_a_page_without_its_bundle_warns() -> anyhow:
     assert!(running, "the server did not start");
     Ok(())
 }
+
+/// An adapter file whose frozen A or B is missing or misshapen is refused
+/// at start, naming the tensor: the aggregator reads only R₀ and the head,
+/// but no participant could train with it.
+#[tokio::test]
+async fn an_adapter_file_without_a_and_b_is_refused_at_start() -> anyhow::Result<()> {
+    use fedsb_e2e::tiny_model::{labelled_tsv, write_tiny_model};
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    write_tiny_model(&d.join("model"), 3)?;
+    std::fs::write(d.join("seed.tsv"), labelled_tsv(16, 1, 0.5))?;
+    fedsb_e2e::process::fedsb_init(d, 4, &["--init-samples", "8", "--batch", "8"])?;
+    let adapter = d.join("adapter.safetensors");
+    let bytes = std::fs::read(&adapter)?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)?;
+    let dropped = "encoder.layer.1.output.dense.lora_A";
+    let kept: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| n != dropped)
+        .collect();
+    std::fs::write(
+        d.join("no-a.safetensors"),
+        safetensors::serialize(kept, None)?,
+    )?;
+    let config = "[task]\nid = \"frozen\"\nrounds = 1\nmin_participants = 1\n\
+                  max_participants = 1\nround_deadline_secs = 60\n\
+                  labels = [\"negative\", \"positive\"]\nmax_seq_len = 16\n\
+                  [model]\nid = \"tiny\"\ndir = \"model\"\n\
+                  [adapter]\nrank = 4\nfile = \"no-a.safetensors\"\n";
+    std::fs::write(d.join("task.toml"), config)?;
+    // A server that started would run on: wait for its exit with a limit.
+    let child = std::process::Command::new(fedsb_bin())
+        .args(["serve", "--port", "0", "--config"])
+        .arg(d.join("task.toml"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let out = fedsb_e2e::process::wait_child(child, std::time::Duration::from_secs(60)).await?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("it has no tensor {dropped}")),
+        "{err}"
+    );
+    assert!(!d.join("state/frozen.sqlite3").exists(), "{err}");
+    Ok(())
+}
