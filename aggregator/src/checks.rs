@@ -48,12 +48,7 @@ pub fn resolve_max_seq_len(given: Option<usize>, config: &BertConfig) -> anyhow:
 /// Refuses training data with examples of fewer than two classes (nothing
 /// to tell apart) and warns about classes without an example.
 pub fn check_classes(data: &Dataset, path: &Path) -> anyhow::Result<()> {
-    let mut counts = vec![0usize; data.num_labels()];
-    for e in &data.examples {
-        if let Some(c) = e.label.and_then(|l| counts.get_mut(l as usize)) {
-            *c += 1;
-        }
-    }
+    let counts = data.class_counts();
     let present: Vec<&str> = data
         .label_names
         .iter()

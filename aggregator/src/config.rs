@@ -29,7 +29,7 @@ pub enum ConfigError {
     Invalid(String),
     #[error("cannot read model config {path}: {message}")]
     ModelConfig { path: PathBuf, message: String },
-    #[error("adapter.file {path}: cannot read its safetensors header: {message}")]
+    #[error("adapter.file {path}: {message}")]
     AdapterFile { path: PathBuf, message: String },
 }
 
@@ -522,49 +522,23 @@ pub fn known_modules() -> [&'static str; 6] {
     AdaptedLinear::ALL.map(AdaptedLinear::checkpoint_name)
 }
 
-/// `labels` of an adapter file's `__metadata__` (a JSON list), read from
-/// its safetensors header only; `None` when it has none.
+/// `labels` of an adapter file's `__metadata__` (a JSON list); `None` when
+/// it has none.
 fn adapter_file_labels(path: &Path) -> Result<Option<Vec<String>>, String> {
-    use std::io::Read as _;
-    /// safetensors' own limit on the header.
-    const MAX_HEADER: u64 = 100_000_000;
-    #[derive(Deserialize)]
-    struct Header {
-        #[serde(rename = "__metadata__", default)]
-        metadata: Option<std::collections::HashMap<String, String>>,
-    }
-    let mut file = std::fs::File::open(path).map_err(|e| match e.kind() {
+    let bytes = std::fs::read(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => "there is no such file (make it with `fedsb init`, \
             or use adapter.init = \"federated\" without adapter.file)"
             .to_owned(),
         _ => e.to_string(),
     })?;
-    let mut len = [0u8; 8];
-    file.read_exact(&mut len)
-        .map_err(|e| format!("no 8-byte header length: {e}"))?;
-    let len = u64::from_le_bytes(len);
-    if len > MAX_HEADER {
-        return Err(format!(
-            "header length {len} exceeds the limit of {MAX_HEADER} bytes"
-        ));
-    }
-    let mut header = Vec::new();
-    file.take(len)
-        .read_to_end(&mut header)
-        .map_err(|e| e.to_string())?;
-    if header.len() as u64 != len {
-        return Err(format!(
-            "the file ends inside its {len}-byte header ({} bytes)",
-            header.len()
-        ));
-    }
-    let header: Header =
-        serde_json::from_slice(&header).map_err(|e| format!("header is not JSON: {e}"))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| format!("not a safetensors file: {e}"))?;
     header
-        .metadata
-        .and_then(|mut m| m.remove("labels"))
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("labels"))
         .map(|json| {
-            serde_json::from_str(&json)
+            serde_json::from_str(json)
                 .map_err(|e| format!("labels metadata {json:?} is not a JSON list of strings: {e}"))
         })
         .transpose()
@@ -620,7 +594,7 @@ impl Config {
 
     /// Refuses `task.labels` other than the `labels` metadata of
     /// `[adapter] file` (when it has some): the head's rows are the
-    /// classes, in order. Reads the file's safetensors header only.
+    /// classes, in order.
     fn check_adapter_file_labels(&self) -> Result<(), ConfigError> {
         let Some(path) = &self.adapter.file else {
             return Ok(());

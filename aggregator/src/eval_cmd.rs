@@ -66,15 +66,10 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         if let Some(blank) = labels.iter().position(|l| l.trim().is_empty()) {
             bail!("--labels: class {blank} has no name");
         }
-        if let Some((i, l)) = labels
-            .iter()
-            .enumerate()
-            .find(|(i, l)| labels[..*i].contains(l))
-        {
-            bail!(
-                "--labels names the class {l:?} twice (classes {} and {i})",
-                labels.iter().position(|x| x == l).unwrap_or(0)
-            );
+        for (i, l) in labels.iter().enumerate() {
+            if let Some(first) = labels[..i].iter().position(|x| x == l) {
+                bail!("--labels names the class {l:?} twice (classes {first} and {i})");
+            }
         }
     }
     let file = args.adapter_file.display().to_string();

@@ -187,12 +187,6 @@ fn read_local(
 }
 
 fn preview(data: &Dataset) -> Result<JsValue, JsValue> {
-    let mut counts = vec![0usize; data.label_names.len()];
-    for e in &data.examples {
-        if let Some(l) = e.label {
-            counts[l as usize] += 1;
-        }
-    }
     let preview = Preview {
         rows: data.len(),
         text_column: &data.text_column,
@@ -202,7 +196,7 @@ fn preview(data: &Dataset) -> Result<JsValue, JsValue> {
             .label_names
             .iter()
             .map(String::as_str)
-            .zip(counts)
+            .zip(data.class_counts())
             .collect(),
         skipped_rows: data.skipped.count,
         first_skipped_line: data.skipped.first_line,
