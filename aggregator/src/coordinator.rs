@@ -1628,6 +1628,24 @@ mod tests {
         (config, task, store, last)
     }
 
+    /// A coordinator resuming from `last` with nothing pending.
+    fn resume(
+        config: Config,
+        task: Arc<TaskInfo>,
+        store: Store,
+        last: CommittedRound,
+    ) -> (CoordinatorHandle, watch::Receiver<Status>) {
+        Coordinator::start(
+            Arc::new(config),
+            task,
+            store,
+            Arc::new(Metrics::new()),
+            Begin::Resume(Box::new(last)),
+            Vec::new(),
+            Vec::new(),
+        )
+    }
+
     /// A tiny task (quorum 2, rank 2, one layer) written to `dir`: its
     /// configuration and the task participants are told.
     fn tiny_task(dir: &std::path::Path) -> (Config, Arc<TaskInfo>) {
@@ -1666,15 +1684,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut config, task, store, last) = task_at_round_0(dir.path()).await;
         config.task.round_deadline_secs = u64::MAX;
-        let (_handle, status) = Coordinator::start(
-            Arc::new(config),
-            task,
-            store,
-            Arc::new(Metrics::new()),
-            Begin::Resume(Box::new(last)),
-            Vec::new(),
-            Vec::new(),
-        );
+        let (_handle, status) = resume(config, task, store, last);
         let s = status.borrow().clone();
         assert_eq!((s.state, s.round), ("collecting", Some(1)));
         let year_ms = 365 * 24 * 60 * 60 * 1000;
@@ -1724,15 +1734,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (config, task, store, last) = task_at_round_0(dir.path()).await;
         let (logs, _guard) = capture_logs();
-        let (handle, mut status) = Coordinator::start(
-            Arc::new(config),
-            task,
-            store,
-            Arc::new(Metrics::new()),
-            Begin::Resume(Box::new(last)),
-            Vec::new(),
-            Vec::new(),
-        );
+        let (handle, mut status) = resume(config, task, store, last);
         let text = || String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
 
         let (frames, closed) = mpsc::channel(OUTBOX_FRAMES);

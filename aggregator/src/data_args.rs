@@ -3,9 +3,9 @@
 
 use std::path::Path;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use clap::Args;
-use fedsb_engine::data::{ColumnSpec, Dataset};
+use fedsb_engine::data::{read_dataset_file, ColumnSpec, Dataset};
 
 /// `--text-column`, `--text-pair-column`, `--label-column`.
 #[derive(Debug, Clone, Args)]
@@ -55,6 +55,19 @@ pub fn note_skipped(data: &Dataset, path: &Path) {
     if data.skipped.count > 0 {
         tracing::warn!(file = %path.display(), "{}", data.skipped);
     }
+}
+
+/// Reads an evaluation set with the columns and class ids of the training
+/// set `train` ([`same_columns_as`]), saying how many rows it skipped.
+pub fn read_eval_set(path: &Path, train: &Dataset) -> anyhow::Result<Dataset> {
+    let eval = read_dataset_file(path, &same_columns_as(train)).with_context(|| {
+        format!(
+            "reading {} with the columns and classes found in --train",
+            path.display()
+        )
+    })?;
+    note_skipped(&eval, path);
+    Ok(eval)
 }
 
 /// The spec that reads another file (an evaluation set) with the columns and

@@ -85,7 +85,7 @@ use fedsb_protocol::{
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::checks::{check_classes, check_output_file, resolve_max_seq_len, DEFAULT_MAX_SEQ_LEN};
-use crate::data_args::{note_skipped, require_label_column, same_columns_as, DataColumns};
+use crate::data_args::{read_eval_set, require_label_column, DataColumns};
 use crate::dp_training::DpTraining;
 use crate::participant::{
     engine_to_state, layered_modules, read_adapter_file, read_head, state_to_engine,
@@ -553,13 +553,7 @@ fn read_data(args: &SimArgs) -> anyhow::Result<(Dataset, Vec<Example>)> {
         );
     }
     check_classes(&train, &args.train)?;
-    let eval = read_dataset_file(&args.eval, &same_columns_as(&train)).with_context(|| {
-        format!(
-            "reading {} with the columns and classes found in --train",
-            args.eval.display()
-        )
-    })?;
-    note_skipped(&eval, &args.eval);
+    let eval = read_eval_set(&args.eval, &train)?;
     let mut eval_examples = eval.examples;
     if args.eval_limit > 0 {
         eval_examples.truncate(args.eval_limit);

@@ -55,7 +55,7 @@ use fedsb_privacy::{AccountantKind, PrivacyBudget};
 use fedsb_protocol::PrivacyPolicy;
 
 use crate::checks::{check_classes, check_output_file, resolve_max_seq_len};
-use crate::data_args::{note_skipped, require_label_column, same_columns_as, DataColumns};
+use crate::data_args::{read_eval_set, require_label_column, same_columns_as, DataColumns};
 use crate::dp_training::{train_steps_dp, DpTraining};
 use crate::participant::{
     adapter_file_info, layered_modules, write_adapter_file, AdapterFileInfo, ModuleRef,
@@ -309,13 +309,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         );
     }
     // The evaluation set reads its labels with the training set's class ids.
-    let eval = read_dataset_file(&args.eval, &same_columns_as(&train)).with_context(|| {
-        format!(
-            "reading {} with the columns and classes found in --train",
-            args.eval.display()
-        )
-    })?;
-    note_skipped(&eval, &args.eval);
+    let eval = read_eval_set(&args.eval, &train)?;
     let mut eval_examples: Vec<Example> = eval.examples;
     if args.eval_limit > 0 {
         eval_examples.truncate(args.eval_limit);
