@@ -11,6 +11,10 @@
 //!
 //! Evaluation never holds up a round: the coordinator commits and broadcasts
 //! without waiting, and a slow evaluation only lags behind.
+//!
+//! The eval set and the model are read and checked by [`prepare`] before
+//! `fedsb serve` opens its state, so a wrong eval file is refused before a
+//! database is created or touched; [`spawn`] then takes the GPU device.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -68,12 +72,35 @@ struct Prepared {
     batch: usize,
 }
 
+/// The eval set, tokenizer and model of `[eval]`, read and checked by
+/// [`prepare`] before the state is opened, for [`spawn`].
+pub struct PreparedEval {
+    prepared: Prepared,
+    /// Key of the eval set in the database (content hash and row limit).
+    eval_set: String,
+}
+
+/// Reads and checks the eval set of `[eval] file` (columns, labels against
+/// the task's) and loads the model it is evaluated with; `None` when no eval
+/// file is set. Needs no state: `fedsb serve` calls it before it opens the
+/// database, so a wrong eval file creates and touches nothing.
+pub async fn prepare(config: &Config) -> Result<Option<PreparedEval>, EvalError> {
+    let Some(file) = config.eval.file.clone() else {
+        return Ok(None);
+    };
+    let cfg = config.clone();
+    let (prepared, eval_set) = tokio::task::spawn_blocking(move || prepare_blocking(&cfg, &file))
+        .await
+        .map_err(|_| EvalError::Model("loading task panicked".into()))??;
+    Ok(Some(PreparedEval { prepared, eval_set }))
+}
+
 fn sha256_file(path: &Path) -> std::io::Result<String> {
     let bytes = std::fs::read(path)?;
     Ok(hex::encode(Sha256::digest(&bytes)))
 }
 
-fn prepare(config: &Config, file: &Path) -> Result<(Prepared, String), EvalError> {
+fn prepare_blocking(config: &Config, file: &Path) -> Result<(Prepared, String), EvalError> {
     let e = &config.eval;
     let data_err = |message: String| EvalError::Data {
         path: file.to_owned(),
@@ -158,26 +185,45 @@ fn load_frozen(
     Ok((adapters, modules))
 }
 
-/// Starts the evaluator when `[eval] file` is set. Returns once the eval set,
-/// the model and the GPU device are ready (or with the reason they are not).
+/// Starts the evaluator with what [`prepare`] read (nothing to start when it
+/// is `None`). Returns once the GPU device is ready (or with the reason it is
+/// not).
 pub async fn spawn(
     config: Arc<Config>,
+    prepared: Option<PreparedEval>,
     store: Store,
     mut status: watch::Receiver<Status>,
 ) -> Result<Option<EvalHandle>, EvalError> {
-    let Some(file) = config.eval.file.clone() else {
+    let Some(PreparedEval {
+        mut prepared,
+        eval_set,
+    }) = prepared
+    else {
         return Ok(None);
     };
-    let cfg = config.clone();
+    // The adapter file of a federated initialization whose round 0 is
+    // committed: the server sets it in `config` once it has read the state,
+    // after `prepare`.
+    let resumed_init_file = config
+        .adapter
+        .file
+        .clone()
+        .filter(|_| prepared.frozen.is_none());
+    if let Some(path) = resumed_init_file {
+        let cfg = config.clone();
+        prepared = tokio::task::spawn_blocking(move || {
+            prepared.frozen = Some(load_frozen(&cfg, &prepared.weights, &path)?);
+            Ok::<_, EvalError>(prepared)
+        })
+        .await
+        .map_err(|_| EvalError::Model("loading task panicked".into()))??;
+    }
     // A task still to be initialized federatedly has no adapter file yet:
     // A and B are read from the state directory once round 0 is committed.
     let init_file = (config.adapter.init == AdapterInit::Federated
         && config.adapter.file.is_none())
     .then(|| config.federated_adapter_path());
     let load_cfg = config.clone();
-    let (mut prepared, eval_set) = tokio::task::spawn_blocking(move || prepare(&cfg, &file))
-        .await
-        .map_err(|_| EvalError::Model("loading task panicked".into()))??;
     let (events, _) = broadcast::channel(256);
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let runtime = tokio::runtime::Handle::current();

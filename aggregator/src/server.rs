@@ -42,7 +42,7 @@ use crate::config::Config;
 use crate::coordinator::{
     initial_frame, now_unix_ms, Begin, Coordinator, CoordinatorHandle, FederatedInit, Status,
 };
-use crate::evaluator::{EvalError, EvalHandle};
+use crate::evaluator::{EvalError, EvalHandle, PreparedEval};
 use crate::files::{
     check_pins, collect_files, hash_file_stamped, initial_adapter, served_adapter_file, FileError,
     FileStamp, ServedFile, ADAPTER_FILE, MODEL_FILE,
@@ -149,12 +149,12 @@ enum RoundZero {
 }
 
 impl Server {
-    /// Checks the page, the demo data and the served files, binds the
-    /// listener, then opens the state (locked against a second server),
-    /// checks the files against the task's pins, restores the last
-    /// committed round (or writes round 0) and starts the evaluator. When
-    /// the start fails after it created the database, the database is
-    /// removed again.
+    /// Checks the page, the demo data, the served files and the eval set
+    /// (read and checked, its model loaded), binds the listener, then opens
+    /// the state (locked against a second server), checks the files against
+    /// the task's pins, restores the last committed round (or writes round
+    /// 0) and starts the evaluator. When the start fails after it created
+    /// the database, the database is removed again.
     pub async fn start(config: Config, www: WwwDir) -> Result<Self, ServeError> {
         // Everything that needs no state first: a start refused here writes
         // nothing.
@@ -178,6 +178,7 @@ impl Server {
             ),
             AdapterInit::File => RoundZero::File(initial_adapter(&config)?),
         };
+        let eval = crate::evaluator::prepare(&config).await?;
         let addr = SocketAddr::new(config.server.bind, config.server.port);
         let listener = TcpListener::bind(addr)
             .await
@@ -191,7 +192,8 @@ impl Server {
         )?;
         let (created, path) = (store.created(), store.path().to_owned());
         let started =
-            Self::start_with_state(config, store, listener, collected, demo, round_zero).await;
+            Self::start_with_state(config, store, listener, collected, demo, round_zero, eval)
+                .await;
         if started.is_err() && created {
             remove_database(&path);
         }
@@ -205,6 +207,7 @@ impl Server {
         mut collected: Vec<(ServedFile, FileStamp)>,
         demo: Option<DemoData>,
         round_zero: RoundZero,
+        eval: Option<PreparedEval>,
     ) -> Result<Self, ServeError> {
         let last = store.last_round().await?;
         // Federated initialization: the adapter file lives in the state
@@ -232,6 +235,11 @@ impl Server {
         }
         let files: Vec<ServedFile> = collected.iter().map(|(f, _)| f.clone()).collect();
         pin_files(&store, &files, last.is_some()).await?;
+        if demo.is_some() {
+            // Where the shards handed out before the restart stopped.
+            let next = store.next_demo_shard().await?;
+            info!(next_shard = next, "handing out demo shards round robin");
+        }
 
         let config = Arc::new(config);
         let shape = config.adapter_shape();
@@ -333,7 +341,8 @@ impl Server {
             privacy,
             pending,
         );
-        let eval = crate::evaluator::spawn(config.clone(), store.clone(), status.clone()).await?;
+        let eval =
+            crate::evaluator::spawn(config.clone(), eval, store.clone(), status.clone()).await?;
         let app = Arc::new(App {
             demo,
             config: config.clone(),
@@ -565,7 +574,6 @@ pub struct DemoData {
     rows: Vec<String>,
     shard_rows: usize,
     extension: String,
-    next: std::sync::atomic::AtomicU64,
 }
 
 impl DemoData {
@@ -604,7 +612,6 @@ impl DemoData {
             rows,
             shard_rows,
             extension,
-            next: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -612,7 +619,8 @@ impl DemoData {
     /// wrapping around the end of the data.
     fn shard(&self, k: u64) -> String {
         let n = self.rows.len();
-        let start = (k as usize).wrapping_mul(self.shard_rows) % n;
+        // (k·shard_rows) mod n, without overflowing for any k.
+        let start = ((k % n as u64) as usize).wrapping_mul(self.shard_rows) % n;
         let mut out = String::new();
         if let Some(h) = &self.header {
             out.push_str(h);
@@ -637,8 +645,10 @@ async fn demo_info(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
     })
 }
 
-/// The next demo shard (round-robin over the data), as a file download. A
-/// HEAD request describes the next shard without handing it out.
+/// The next demo shard (round-robin over the data), as a file download. The
+/// shard's index is taken in the task's database, so that a restarted server
+/// goes on with the next one. A HEAD request describes the next shard
+/// without handing it out.
 async fn demo_shard(State(app): State<Arc<App>>, method: Method) -> Result<Response, ApiError> {
     let d = app.demo.as_ref().ok_or_else(|| {
         ApiError(
@@ -646,11 +656,18 @@ async fn demo_shard(State(app): State<Arc<App>>, method: Method) -> Result<Respo
             "this task hands out no demo data ([demo] data is not set)".into(),
         )
     })?;
-    let k = if method == Method::HEAD {
-        d.next.load(std::sync::atomic::Ordering::Relaxed)
+    let taken = if method == Method::HEAD {
+        app.store.next_demo_shard().await
     } else {
-        d.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        app.store.take_demo_shard().await
     };
+    let k = taken.map_err(|e| {
+        error!(error = %e, "cannot hand out a demo shard");
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "cannot hand out a demo shard: the server's database failed (its log says why)".into(),
+        )
+    })?;
     let content_type = match d.extension.as_str() {
         "csv" => "text/csv; charset=utf-8",
         "jsonl" | "ndjson" => "application/jsonl; charset=utf-8",

@@ -30,6 +30,10 @@
 //! (`model.safetensors`, the adapter file with A and B) are pinned in
 //! `pinned_files` ([`Store::pinned_files`]), so that a restart or an export
 //! with other files is refused instead of pairing stored rounds with them.
+//!
+//! The index of the next demo shard `/api/demo-shard` hands out is kept in
+//! `demo_shards` ([`Store::take_demo_shard`]), so that volunteers after a
+//! restart get other rows than those before it.
 
 use std::fs::File;
 use std::io::{Read as _, Write as _};
@@ -275,6 +279,14 @@ const MIGRATIONS: &[&str] = &[
          sha256 TEXT NOT NULL,
          pinned_unix_ms INTEGER NOT NULL
      );",
+    // 5: the next shard of the demo data that `/api/demo-shard` hands out,
+    // so that a restart goes on with the next shard instead of handing the
+    // first ones out again. Databases from before start at shard 0.
+    "CREATE TABLE IF NOT EXISTS demo_shards (
+         id INTEGER PRIMARY KEY CHECK (id = 1),
+         next_shard INTEGER NOT NULL
+     );
+     INSERT OR IGNORE INTO demo_shards (id, next_shard) VALUES (1, 0);",
 ];
 
 /// How long a statement waits for another connection's write (a running
@@ -917,6 +929,39 @@ impl Store {
         .await
     }
 
+    /// Takes the next demo shard: returns its index and counts it as handed
+    /// out, in one transaction, so that no two requests (and no request
+    /// after a restart) get the same index.
+    pub async fn take_demo_shard(&self) -> Result<u64, StoreError> {
+        self.run(|conn| {
+            let tx = conn.transaction()?;
+            let k: i64 =
+                tx.query_row("SELECT next_shard FROM demo_shards WHERE id = 1", [], |r| {
+                    r.get(0)
+                })?;
+            tx.execute(
+                "UPDATE demo_shards SET next_shard = ?1 WHERE id = 1",
+                [k + 1],
+            )?;
+            tx.commit()?;
+            Ok(k as u64)
+        })
+        .await
+    }
+
+    /// The index of the next demo shard, without taking it (a HEAD request,
+    /// the start-up's log).
+    pub async fn next_demo_shard(&self) -> Result<u64, StoreError> {
+        self.run(|conn| {
+            let k: i64 =
+                conn.query_row("SELECT next_shard FROM demo_shards WHERE id = 1", [], |r| {
+                    r.get(0)
+                })?;
+            Ok(k as u64)
+        })
+        .await
+    }
+
     /// The `GlobalModel` frame of one committed round.
     pub async fn global_frame(&self, round: RoundId) -> Result<Option<Vec<u8>>, StoreError> {
         self.run(move |conn| {
@@ -1476,6 +1521,8 @@ mod tests {
         assert_eq!(got[1].delta, Some(1e-6));
         assert_eq!(got[1].clip_norm, Some(0.5));
         assert_eq!(got[1].epsilon_spent, 1.5);
+        // A database from before demo shards hands out shard 0 next.
+        assert_eq!(store.next_demo_shard().await.unwrap(), 0);
         drop(store);
 
         // Opening again migrates nothing twice.
@@ -1620,6 +1667,34 @@ mod tests {
         assert_eq!(store.pinned_files().await.unwrap(), want);
         let read_only = Store::open_read_only(dir.path(), "t", IDENTITY).unwrap();
         assert_eq!(read_only.pinned_files().await.unwrap(), want);
+    }
+
+    /// The next demo shard is taken once per call, read without being
+    /// taken, and goes on where it stopped after a reopen.
+    #[tokio::test]
+    async fn the_next_demo_shard_is_taken_once_and_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "t", IDENTITY, 1).unwrap();
+        assert_eq!(store.next_demo_shard().await.unwrap(), 0);
+        assert_eq!(store.take_demo_shard().await.unwrap(), 0);
+        assert_eq!(store.take_demo_shard().await.unwrap(), 1);
+        // Reading does not take it.
+        assert_eq!(store.next_demo_shard().await.unwrap(), 2);
+        assert_eq!(store.next_demo_shard().await.unwrap(), 2);
+        drop(store);
+
+        let store = Store::open(dir.path(), "t", IDENTITY, 2).unwrap();
+        assert_eq!(store.next_demo_shard().await.unwrap(), 2);
+        assert_eq!(store.take_demo_shard().await.unwrap(), 2);
+        // Requests at the same time each get their own shard.
+        let mut taken = futures_util::future::join_all((0..16).map(|_| {
+            let store = store.clone();
+            async move { store.take_demo_shard().await.unwrap() }
+        }))
+        .await;
+        taken.sort_unstable();
+        assert_eq!(taken, (3..19).collect::<Vec<u64>>());
+        assert_eq!(store.next_demo_shard().await.unwrap(), 19);
     }
 
     /// `fedsb export` reads a database no server has migrated to pins yet:

@@ -1,10 +1,16 @@
 //! `kill -9` after round 3: the restarted aggregator resumes at round 4 from
 //! a bit-identical global state, and refuses a state directory that belongs
 //! to a different task configuration. `kill -9` in the middle of a round: the
-//! updates it had accepted count in the reopened round, once.
+//! updates it had accepted count in the reopened round, once. The demo
+//! shards go on where they stopped, and a start refused for its eval file
+//! creates and touches no state.
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
+
+use reqwest::Method;
 
 use fedsb_e2e::*;
 use fedsb_protocol::*;
@@ -440,7 +446,7 @@ async fn another_model_file_is_refused_at_restart_and_by_export() -> anyhow::Res
     // A database from before pins (schema version 3, no pinned_files):
     // it starts with whatever files it finds and pins them.
     let db = d.join("state/e2e.sqlite3");
-    let sql = "DROP TABLE pinned_files; PRAGMA user_version = 3;";
+    let sql = "DROP TABLE pinned_files; DROP TABLE demo_shards; PRAGMA user_version = 3;";
     let out = Command::new("sqlite3").arg(&db).arg(sql).output();
     if !matches!(&out, Ok(o) if o.status.success()) {
         eprintln!("sqlite3 is not installed: skipping the database from before pins");
@@ -578,6 +584,142 @@ async fn a_failed_start_leaves_no_database() -> anyhow::Result<()> {
         let f = d.join(format!("state/e2e.sqlite3{suffix}"));
         assert!(!f.exists(), "{} was left", f.display());
     }
+    Ok(())
+}
+
+/// Every file under `dir` (recursively) with its bytes, by path relative to
+/// `dir`.
+fn files_under(dir: &std::path::Path) -> anyhow::Result<BTreeMap<PathBuf, Vec<u8>>> {
+    let mut out = BTreeMap::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                out.insert(path.strip_prefix(dir)?.to_owned(), std::fs::read(&path)?);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A bad eval file (a label that is not one of the task's, a missing
+/// column) is refused before the state is opened, with a message naming the
+/// file and what is wrong: a new task gets no state directory at all, and
+/// the state of a task that ran before stays byte for byte as it was, its
+/// lock file (with the pid of the server that ran) included.
+#[tokio::test]
+async fn a_bad_eval_file_is_refused_before_the_state_is_opened() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    write_model_dir(d, b"weights")?;
+    let task = test_config(3, 1, 1, 60, "")
+        .replace("hidden_size = 8\nnum_layers = 2\n", "dir = \"model\"\n");
+    std::fs::write(
+        d.join("bad-label.tsv"),
+        "sentence\tlabel\ngood\tpositive\nso so\tneutral\n",
+    )?;
+    std::fs::write(d.join("no-label.tsv"), "sentence\tstars\ngood\t5\n")?;
+    let bad = [
+        (
+            "bad-label.tsv",
+            "label \"neutral\" is not one of the classes [negative, positive]",
+        ),
+        ("no-label.tsv", "no column `label`"),
+    ];
+    let serve_with_bad_eval = |file: &str, why: &str| -> anyhow::Result<()> {
+        std::fs::write(
+            d.join("task.toml"),
+            format!("{task}[eval]\nfile = \"{file}\"\nlabel_column = \"label\"\n"),
+        )?;
+        let err = serve_fails(d, &["--port", "0"])?;
+        let named = format!("eval.file {}", d.join(file).display());
+        assert!(err.contains(&named), "{named:?} not in:\n{err}");
+        assert!(err.contains(why), "{why:?} not in:\n{err}");
+        Ok(())
+    };
+
+    let state = d.join("state");
+    for (file, why) in bad {
+        serve_with_bad_eval(file, why)?;
+        assert!(
+            !state.exists(),
+            "the refused start made {}",
+            state.display()
+        );
+    }
+
+    std::fs::write(d.join("task.toml"), &task)?;
+    let mut agg = Aggregator::start_in(d)?;
+    assert_eq!(agg.json("/api/status").await?["round"], 1);
+    agg.kill9();
+    let before = files_under(&state)?;
+    assert!(before.contains_key(std::path::Path::new("e2e.sqlite3")));
+    for (file, why) in bad {
+        serve_with_bad_eval(file, why)?;
+        let after = files_under(&state)?;
+        assert!(
+            after == before,
+            "the refused start changed the state: {:?} before, {:?} after",
+            before.keys().collect::<Vec<_>>(),
+            after.keys().collect::<Vec<_>>()
+        );
+    }
+    Ok(())
+}
+
+/// The Content-Disposition and the rows of the next demo shard, which a GET
+/// takes and a HEAD only names (its rows are empty).
+async fn next_demo_shard(agg: &Aggregator, method: Method) -> anyhow::Result<(String, String)> {
+    let r = reqwest::Client::new()
+        .request(method, agg.url("/api/demo-shard"))
+        .send()
+        .await?;
+    anyhow::ensure!(r.status() == 200, "/api/demo-shard: {}", r.status());
+    let disposition = r.headers()[reqwest::header::CONTENT_DISPOSITION]
+        .to_str()?
+        .to_owned();
+    Ok((disposition, r.text().await?))
+}
+
+/// The demo data's shards go on where they stopped after a restart (after
+/// `kill -9` too): volunteers after it get other rows than those before.
+#[tokio::test]
+async fn demo_shards_go_on_after_a_restart() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    std::fs::write(
+        d.join("demo.tsv"),
+        "sentence\tlabel\nr0\t0\nr1\t1\nr2\t0\nr3\t1\nr4\t0\n",
+    )?;
+    let config = format!(
+        "{}[demo]\ndata = \"demo.tsv\"\nshard_rows = 2\n",
+        test_config(3, 1, 1, 60, "")
+    );
+    std::fs::write(d.join("task.toml"), config)?;
+    let file = |k: u64| format!("attachment; filename=\"demo-shard-{k}.tsv\"");
+
+    let mut agg = Aggregator::start_in(d)?;
+    assert_eq!(
+        next_demo_shard(&agg, Method::GET).await?,
+        (file(0), "sentence\tlabel\nr0\t0\nr1\t1\n".to_owned())
+    );
+    assert_eq!(
+        next_demo_shard(&agg, Method::GET).await?,
+        (file(1), "sentence\tlabel\nr2\t0\nr3\t1\n".to_owned())
+    );
+    agg.kill9();
+
+    let agg = Aggregator::start_in(d)?;
+    // HEAD names the next shard without handing it out.
+    assert_eq!(next_demo_shard(&agg, Method::HEAD).await?.0, file(2));
+    assert_eq!(
+        next_demo_shard(&agg, Method::GET).await?,
+        (file(2), "sentence\tlabel\nr4\t0\nr0\t0\n".to_owned())
+    );
+    assert_eq!(next_demo_shard(&agg, Method::HEAD).await?.0, file(3));
     Ok(())
 }
 
