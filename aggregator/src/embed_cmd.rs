@@ -15,7 +15,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use fedsb_engine::data::{read_texts_only, ColumnSpec, DataFormat};
+use fedsb_engine::data::{read_text_lines, read_texts_only, ColumnSpec, DataFormat};
 use fedsb_engine::gpu::encoder::GpuEncoder;
 use fedsb_engine::gpu::{GpuContext, GpuOptions};
 use fedsb_engine::model::{BertTokenizer, BertWeights};
@@ -64,19 +64,13 @@ fn read_texts(args: &EmbedArgs) -> anyhow::Result<Vec<String>> {
             let data = read_texts_only(&bytes, format, &spec, &name)?;
             texts.extend(data.examples.into_iter().map(|e| e.text));
         } else {
-            let content =
-                std::fs::read_to_string(path).with_context(|| format!("cannot read {name}"))?;
-            let before = texts.len();
-            texts.extend(
-                content
-                    .trim_start_matches('\u{feff}')
-                    .lines()
-                    .filter(|l| !l.trim().is_empty())
-                    .map(str::to_owned),
-            );
-            if texts.len() == before {
+            let bytes = std::fs::read(path).with_context(|| format!("cannot read {name}"))?;
+            // Bytes that are not UTF-8 are an error naming the line.
+            let lines = read_text_lines(&bytes, &name)?;
+            if lines.is_empty() {
                 bail!("{name} has no text: every line is blank");
             }
+            texts.extend(lines);
         }
     }
     if texts.is_empty() {

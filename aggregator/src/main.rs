@@ -22,7 +22,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use fedsb_aggregator::config::Config;
 use fedsb_aggregator::server::{Server, WwwDir};
 use tracing_subscriber::EnvFilter;
@@ -93,7 +93,7 @@ fn main() -> anyhow::Result<()> {
         // Colours only on a terminal: log files and pipes get plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
+    let cli = parse_cli();
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Privacy(cmd) => privacy_cmd::run(cmd),
@@ -107,6 +107,35 @@ fn main() -> anyhow::Result<()> {
         Command::Merge(args) => merge_cmd::run(args),
         Command::Average(args) => average_cmd::run(args),
     }
+}
+
+/// [`Cli::parse`], except that an option's value may be a negative number
+/// in every subcommand: `--lr -1` is `--lr=-1`, which the command's own
+/// check then names, not clap's "unexpected argument '-1'". Help, version
+/// and usage errors are clap's, with its exit statuses.
+fn parse_cli() -> Cli {
+    let mut matches = with_negative_numbers(Cli::command()).get_matches();
+    Cli::from_arg_matches_mut(&mut matches).unwrap_or_else(|e| e.format(&mut Cli::command()).exit())
+}
+
+/// `command` and its subcommands taking negative numbers as values. Clap's
+/// test for one misses negative exponents and infinities (`-2.5e-4`,
+/// `-inf`), so a float option takes any value that starts with `-`: a flag
+/// given as its value (`--lr --json`) is then clap's "invalid value" error.
+fn with_negative_numbers(command: clap::Command) -> clap::Command {
+    use std::any::TypeId;
+    let floats = [TypeId::of::<f64>(), TypeId::of::<f32>()];
+    command
+        .allow_negative_numbers(true)
+        .mut_args(move |arg| {
+            let value = arg.get_value_parser().type_id();
+            if floats.iter().any(|&f| value == f) {
+                arg.allow_hyphen_values(true)
+            } else {
+                arg
+            }
+        })
+        .mut_subcommands(with_negative_numbers)
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {

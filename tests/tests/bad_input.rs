@@ -2,8 +2,11 @@
 //! `/metrics`, and never changes a round's result: in each test one honest
 //! participant submits, the bad input arrives, a second honest participant
 //! submits, and the committed mean must be that of the two honest updates.
+//! The last tests give the `fedsb` command bad arguments and files: each is
+//! answered by the command's own check, naming the option or the line.
 
 use std::net::SocketAddr;
+use std::process::Command;
 use std::time::Duration;
 
 use fedsb_e2e::*;
@@ -287,4 +290,94 @@ async fn sample_counts_outside_one_round_of_training_are_rejected() -> anyhow::R
         Ok(())
     })
     .await
+}
+
+/// Runs `fedsb args`, which must fail with exit status `code` (1: the
+/// command's own error; 2: clap's usage error); returns its stderr.
+fn fedsb_fails(args: &[&str], code: i32) -> anyhow::Result<String> {
+    let out = Command::new(fedsb_bin()).args(args).output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    anyhow::ensure!(
+        out.status.code() == Some(code),
+        "fedsb {} exited with {} instead of {code}; stderr:\n{stderr}",
+        args.join(" "),
+        out.status
+    );
+    Ok(stderr)
+}
+
+/// `fedsb train` with the options `extra` (split at spaces); its checks of
+/// them run before the (absent) model and data files are read.
+fn train_with(extra: &str) -> Vec<&str> {
+    let args = "train --model absent --train a.tsv --eval a.tsv";
+    args.split(' ').chain(extra.split(' ')).collect()
+}
+
+/// `--lr -1` is the value -1 for `--lr` (as `--lr=-1` is), not an unknown
+/// flag: it reaches the command's own check, which names the option. Every
+/// subcommand reads negative numbers so.
+#[test]
+fn negative_option_values_reach_the_commands_own_checks() -> anyhow::Result<()> {
+    let err = fedsb_fails(&train_with("--lr -1"), 1)?;
+    assert!(err.contains("--lr -1 must be positive"), "{err}");
+    // A flag after a value is still a flag, and a negative exponent a value.
+    let err = fedsb_fails(&train_with("--lr 1e-3 --json --dp-epsilon -3 --clip 1"), 1)?;
+    assert!(err.contains("--dp-epsilon -3 must be positive"), "{err}");
+    let err = fedsb_fails(&train_with("--head-lr -2.5e-4"), 1)?;
+    assert!(err.contains("--head-lr -0.00025 must be positive"), "{err}");
+    let err = fedsb_fails(&train_with("--init-lr -inf"), 1)?;
+    assert!(err.contains("--init-lr -inf must be positive"), "{err}");
+    // A flag given as a value is no value.
+    let err = fedsb_fails(&train_with("--lr --json"), 2)?;
+    assert!(
+        err.contains("invalid value '--json' for '--lr <LR>'"),
+        "{err}"
+    );
+    // An unsigned option gets clap's "invalid value", not "unexpected argument".
+    let err = fedsb_fails(&train_with("--seed -1"), 2)?;
+    assert!(
+        err.contains("invalid value '-1' for '--seed <SEED>'"),
+        "{err}"
+    );
+
+    for sigma in ["--noise-multiplier -1.5", "-s -1.5"] {
+        let args = format!("privacy epsilon -q 0.01 -t 100 -d 1e-5 {sigma}");
+        let err = fedsb_fails(&args.split(' ').collect::<Vec<_>>(), 1)?;
+        assert!(
+            err.contains("noise multiplier -1.5 must be a finite number > 0"),
+            "{err}"
+        );
+    }
+
+    // Clap's own errors and exits are unchanged.
+    let err = fedsb_fails(&train_with("--no-such-flag"), 2)?;
+    assert!(
+        err.contains("unexpected argument '--no-such-flag'"),
+        "{err}"
+    );
+    let err = fedsb_fails(&train_with("-7"), 2)?;
+    assert!(err.contains("unexpected argument '-7'"), "{err}");
+    let out = Command::new(fedsb_bin()).arg("--version").output()?;
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("fedsb "));
+    Ok(())
+}
+
+/// A plain-text `fedsb embed --input` file that is not UTF-8: the error
+/// names the file, the line and the byte (before the model is loaded).
+#[test]
+fn embed_input_that_is_not_utf8_names_the_line() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let input = dir.path().join("texts.txt");
+    std::fs::write(&input, b"first\nsecond\nthi\xffrd\n")?;
+    let input = input.display().to_string();
+    let model = dir.path().join("absent").display().to_string();
+    let err = fedsb_fails(&["embed", "--model", &model, "--input", &input], 1)?;
+    assert!(
+        err.contains(&format!(
+            "{input}:3: not valid UTF-8 (byte 0xff at offset 16)"
+        )),
+        "{err}"
+    );
+    Ok(())
 }

@@ -1,12 +1,12 @@
 //! Reading datasets (CSV, TSV, JSONL) from small generated files: column
-//! detection, sentence pairs, integer and string labels, and errors that
-//! name the file, line and column.
+//! detection, sentence pairs, integer and string labels, line endings and
+//! encodings, and errors that name the file, line and column.
 
 use std::path::PathBuf;
 
 use fedsb_engine::data::{
-    read_dataset, read_dataset_file, read_texts_only, ColumnSpec, DataError, DataFormat, Example,
-    SkippedRows, MAX_CLASSES,
+    read_dataset, read_dataset_file, read_text_lines, read_texts_only, ColumnSpec, DataError,
+    DataFormat, Example, SkippedRows, MAX_CLASSES,
 };
 
 fn write(name: &str, contents: &str) -> PathBuf {
@@ -732,4 +732,214 @@ fn texts_only_reads_no_labels() {
         .collect();
     assert_eq!(texts, [("a fine film", None), ("a dull one", None)]);
     assert_eq!(data.label_column, None);
+}
+
+/// `lines` joined with `ending` after every line.
+fn with_endings(lines: &[&str], ending: &str) -> String {
+    lines.iter().map(|l| format!("{l}{ending}")).collect()
+}
+
+#[test]
+fn carriage_return_only_line_endings_read_like_newlines() {
+    let files = [
+        (
+            DataFormat::Csv,
+            "c.csv",
+            &["sentence,label", "\"fun, witty\",1", "", "dull,0"][..],
+        ),
+        (
+            DataFormat::Tsv,
+            "t.tsv",
+            &["sentence\tlabel", "fun, witty\t1", "", "dull\t0"],
+        ),
+        (
+            DataFormat::Jsonl,
+            "j.jsonl",
+            &[
+                r#"{"sentence": "fun, witty", "label": 1}"#,
+                "",
+                r#"{"sentence": "dull", "label": 0}"#,
+            ],
+        ),
+    ];
+    let want = vec![ex("fun, witty", None, Some(1)), ex("dull", None, Some(0))];
+    for (format, file, lines) in files {
+        for ending in ["\n", "\r\n", "\r"] {
+            let got = read(&with_endings(lines, ending), format, &skipping(), file);
+            assert_eq!(got, Ok(want.clone()), "{file} with {ending:?}");
+        }
+        // No line ending after the last line.
+        let text = with_endings(lines, "\r");
+        let got = read(text.trim_end(), format, &skipping(), file);
+        assert_eq!(got, Ok(want.clone()), "{file} without a last \\r");
+    }
+
+    // Errors count lines by the \r.
+    let csv = read(
+        "text,label\ra,1\rb\rc,0\r",
+        DataFormat::Csv,
+        &skipping(),
+        "c.csv",
+    );
+    assert_eq!(csv.unwrap_err(), "c.csv:3: 1 field, but the header has 2");
+    let bom = "\u{feff}text,label\ra,1\rb\r";
+    let csv = read(bom, DataFormat::Csv, &skipping(), "c.csv");
+    assert_eq!(csv.unwrap_err(), "c.csv:3: 1 field, but the header has 2");
+    let tsv = read(
+        "text\tlabel\r\ra\t1\rb\t-7\r",
+        DataFormat::Tsv,
+        &skipping(),
+        "t.tsv",
+    );
+    assert_eq!(
+        tsv.unwrap_err(),
+        "t.tsv:4: column `label`: label -7 is not a class id (0, 1, …)"
+    );
+    let jsonl = read(
+        "{\"text\": \"a\", \"label\": 1}\r\r{\"text\": \r",
+        DataFormat::Jsonl,
+        &skipping(),
+        "j.jsonl",
+    );
+    assert!(
+        jsonl.as_ref().unwrap_err().starts_with("j.jsonl:3: "),
+        "{jsonl:?}"
+    );
+    let err = read(
+        "text,label\r\"abc,1\rfoo,0\rbar,1\r",
+        DataFormat::Csv,
+        &ColumnSpec::default(),
+        "q.csv",
+    )
+    .unwrap_err();
+    assert_eq!(
+        err,
+        "q.csv:2: 1 field, but the header has 2 (a quote opened on line 2 is never closed?)"
+    );
+    // A quoted field keeps its line break as it is.
+    let ds = read(
+        "text,label\r\"two\rlines\",1\r",
+        DataFormat::Csv,
+        &skipping(),
+        "m.csv",
+    );
+    assert_eq!(ds, Ok(vec![ex("two\rlines", None, Some(1))]));
+
+    // In a file with \n, a \r inside a line is no line break for JSON Lines
+    // (JSON allows it between tokens).
+    let ds = read(
+        "{\"text\": \"a\",\r \"label\": 1}\n",
+        DataFormat::Jsonl,
+        &skipping(),
+        "j.jsonl",
+    );
+    assert_eq!(ds, Ok(vec![ex("a", None, Some(1))]));
+}
+
+#[test]
+fn bytes_that_are_not_utf8_are_errors_naming_line_and_offset() {
+    let bad = |bytes: &[u8], format: DataFormat, file: &str| {
+        read_dataset(bytes, format, &ColumnSpec::default(), file).unwrap_err()
+    };
+    // Latin-1 "café" on line 3, at byte 23 of the file.
+    let err = bad(
+        b"sentence,label\nok,1\ncaf\xe9,0\n",
+        DataFormat::Csv,
+        "l.csv",
+    );
+    assert_eq!(
+        err.to_string(),
+        "l.csv:3: not valid UTF-8 (byte 0xe9 at offset 23); save the file as UTF-8"
+    );
+    assert!(
+        matches!(
+            err,
+            DataError::NotUtf8 {
+                line: 3,
+                offset: 23,
+                byte: 0xe9,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // In the header, in the last field, in a CR-only file, after a BOM (the
+    // offset counts it: it is the file's).
+    let err = bad(b"sentence\tlab\xffel\nok\t1\n", DataFormat::Tsv, "h.tsv");
+    assert!(
+        err.to_string()
+            .starts_with("h.tsv:1: not valid UTF-8 (byte 0xff at offset 12)"),
+        "{err}"
+    );
+    let err = bad(
+        b"sentence\tlabel\r\rok\t1\rno\t0\xc3\r",
+        DataFormat::Tsv,
+        "r.tsv",
+    );
+    assert!(
+        err.to_string()
+            .starts_with("r.tsv:4: not valid UTF-8 (byte 0xc3 at offset 25)"),
+        "{err}"
+    );
+    let err = bad(
+        b"\xef\xbb\xbf{\"text\": \"a\", \"label\": 1}\r\n{\"text\": \"\x80\", \"label\": 0}\r\n",
+        DataFormat::Jsonl,
+        "b.jsonl",
+    );
+    assert!(
+        err.to_string()
+            .starts_with("b.jsonl:2: not valid UTF-8 (byte 0x80 at offset 40)"),
+        "{err}"
+    );
+    // A UTF-8 sequence cut off at the end of the file.
+    let err = bad(b"text,label\na,1\n\xe2\x82", DataFormat::Csv, "e.csv");
+    assert!(
+        err.to_string()
+            .starts_with("e.csv:3: not valid UTF-8 (byte 0xe2 at offset 15)"),
+        "{err}"
+    );
+    // Texts only reads the same way.
+    let err = read_texts_only(
+        b"text\n\xff\n",
+        DataFormat::Csv,
+        &ColumnSpec::default(),
+        "t.csv",
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DataError::NotUtf8 {
+                line: 2,
+                offset: 5,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn plain_text_lines() {
+    let want = vec!["first".to_owned(), "  second ".into(), "third".into()];
+    for ending in ["\n", "\r\n", "\r"] {
+        let text = with_endings(&["\u{feff}first", "", "  second ", " ", "third"], ending);
+        assert_eq!(
+            read_text_lines(text.as_bytes(), "t.txt").unwrap(),
+            want,
+            "{ending:?}"
+        );
+        let text = text.trim_end_matches(ending);
+        assert_eq!(
+            read_text_lines(text.as_bytes(), "t.txt").unwrap(),
+            want,
+            "{ending:?}"
+        );
+    }
+    assert!(read_text_lines(b"\n \r\n", "t.txt").unwrap().is_empty());
+    let err = read_text_lines(b"one\rtw\xf0o\r", "m.txt").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "m.txt:2: not valid UTF-8 (byte 0xf0 at offset 6); save the file as UTF-8"
+    );
 }

@@ -10,6 +10,12 @@
 //! (the browser reads a local file into memory); [`read_dataset_file`] is the
 //! native convenience.
 //!
+//! Files are UTF-8 (a byte order mark is fine); a byte that is not is an
+//! error naming its line and offset. Lines end in `\n`, `\r\n` or, in a
+//! file without any `\n`, a bare `\r` (classic Mac OS), for every format.
+//! [`read_text_lines`] reads a plain text file, one text per line, the same
+//! way.
+//!
 //! Nothing is dropped or altered silently:
 //! - every CSV/TSV row has exactly as many fields as the header (blank lines
 //!   are ignored); a row with more or fewer is an error;
@@ -206,6 +212,18 @@ pub enum DataError {
         column: String,
         message: String,
     },
+    /// A byte that is not UTF-8: the first one, `offset` bytes from the
+    /// file's start (a byte order mark included), on line `line`.
+    #[error(
+        "{file}:{line}: not valid UTF-8 (byte {byte:#04x} at offset {offset}); \
+         save the file as UTF-8"
+    )]
+    NotUtf8 {
+        file: String,
+        line: u64,
+        offset: usize,
+        byte: u8,
+    },
     /// No bytes, or only whitespace (and a byte order mark).
     #[error("{file}: the file is empty")]
     EmptyFile { file: String },
@@ -270,16 +288,96 @@ fn read_with(
             file: file.to_owned(),
         });
     }
+    let text = utf8(bytes, file)?;
     let table = match format {
-        DataFormat::Csv => read_delimited(bytes, b',', true, file)?,
-        DataFormat::Tsv => read_delimited(bytes, b'\t', false, file)?,
-        DataFormat::Jsonl => read_jsonl(bytes, file)?,
+        DataFormat::Csv => read_delimited(text, b',', true, file)?,
+        DataFormat::Tsv => read_delimited(text, b'\t', false, file)?,
+        DataFormat::Jsonl => read_jsonl(text, file)?,
     };
     build_dataset(table, spec, file, labels)
 }
 
+/// Reads a plain text file of one text per line (`fedsb embed --input
+/// texts.txt`): its lines that are not blank, as they are. UTF-8, with or
+/// without a byte order mark; lines end as in the datasets.
+pub fn read_text_lines(bytes: &[u8], file: &str) -> Result<Vec<String>, DataError> {
+    let text = utf8(bytes, file)?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    Ok(lines(text)
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_owned)
+        .collect())
+}
+
 /// UTF-8 byte order mark.
 const BOM: &[u8] = "\u{feff}".as_bytes();
+
+/// The byte that ends a line: `\n` (after an optional `\r`), or `\r` in a
+/// file without any `\n` (classic Mac OS line endings). The csv crate ends
+/// records at either; lines are counted by this one.
+fn line_break(bytes: &[u8]) -> u8 {
+    if !bytes.contains(&b'\n') && bytes.contains(&b'\r') {
+        b'\r'
+    } else {
+        b'\n'
+    }
+}
+
+/// The lines of `text`, without their `\n`, `\r\n` or bare `\r` (see
+/// [`line_break`]).
+fn lines(text: &str) -> impl Iterator<Item = &str> {
+    let split = char::from(line_break(text.as_bytes()));
+    text.split(split).map(|l| l.strip_suffix('\r').unwrap_or(l))
+}
+
+/// 1-based line numbers of byte offsets into a file, counted on from the
+/// last offset asked for (offsets mostly come in order).
+struct LineCounter<'a> {
+    bytes: &'a [u8],
+    line_break: u8,
+    offset: usize,
+    line: u64,
+}
+
+impl<'a> LineCounter<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        Self {
+            bytes,
+            line_break: line_break(bytes),
+            offset: 0,
+            line: 1,
+        }
+    }
+
+    /// The line of the byte at `offset`.
+    fn line_at(&mut self, offset: usize) -> u64 {
+        let offset = offset.min(self.bytes.len());
+        if offset < self.offset {
+            (self.offset, self.line) = (0, 1);
+        }
+        let breaks = self.bytes[self.offset..offset]
+            .iter()
+            .filter(|&&b| b == self.line_break)
+            .count();
+        self.line += breaks as u64;
+        self.offset = offset;
+        self.line
+    }
+}
+
+/// `bytes` as text; an error names the line and offset of the first byte
+/// that is not UTF-8.
+fn utf8<'a>(bytes: &'a [u8], file: &str) -> Result<&'a str, DataError> {
+    std::str::from_utf8(bytes).map_err(|e| {
+        let offset = e.valid_up_to();
+        DataError::NotUtf8 {
+            file: file.to_owned(),
+            line: LineCounter::new(bytes).line_at(offset),
+            offset,
+            byte: bytes[offset],
+        }
+    })
+}
 
 /// One cell of a [`Table`].
 enum Cell {
@@ -315,21 +413,29 @@ fn header_hint(columns: &[String]) -> Option<String> {
     Some(format!("the header looks {looks}"))
 }
 
+/// CSV or TSV. Lines are counted here, not by the csv crate, which counts
+/// only `\n` (a file with bare `\r` line endings would be all line 1).
 fn read_delimited(
-    bytes: &[u8],
+    text: &str,
     delimiter: u8,
     quoting: bool,
     file: &str,
 ) -> Result<Table, DataError> {
+    let bytes = text.as_bytes();
+    // The default terminator ends records at `\r`, `\n` or `\r\n`.
     let mut reader = csv::ReaderBuilder::new()
         .delimiter(delimiter)
         .quoting(quoting)
         .has_headers(true)
         .flexible(true)
         .from_reader(bytes);
+    let mut counter = LineCounter::new(bytes);
+    let line_break = char::from(counter.line_break);
     let syntax = |e: csv::Error| DataError::Syntax {
         file: file.to_owned(),
-        line: e.position().map_or(0, |p| p.line()),
+        line: e
+            .position()
+            .map_or(0, |p| LineCounter::new(bytes).line_at(p.byte() as usize)),
         message: e.to_string(),
     };
     let columns: Vec<String> = reader
@@ -342,7 +448,9 @@ fn read_delimited(
     let mut rows = Vec::new();
     for record in reader.records() {
         let record = record.map_err(syntax)?;
-        let line = record.position().map_or(0, |p| p.line());
+        let line = record
+            .position()
+            .map_or(0, |p| counter.line_at(p.byte() as usize));
         if record.len() == 1
             && (record[0].is_empty() || (columns.len() > 1 && record[0].trim().is_empty()))
         {
@@ -363,10 +471,10 @@ fn read_delimited(
                 let mut start = line;
                 let mut opened = None;
                 for field in &record {
-                    if field.contains('\n') {
+                    if field.contains(line_break) {
                         opened = Some(start);
                     }
-                    start += field.matches('\n').count() as u64;
+                    start += field.matches(line_break).count() as u64;
                 }
                 if let Some(opened) = opened {
                     message.push_str(&format!(
@@ -409,19 +517,11 @@ fn json_cell(value: Option<&serde_json::Value>) -> Cell {
     }
 }
 
-fn read_jsonl(bytes: &[u8], file: &str) -> Result<Table, DataError> {
-    let text = std::str::from_utf8(bytes).map_err(|e| DataError::Syntax {
-        file: file.to_owned(),
-        line: 1 + bytes[..e.valid_up_to()]
-            .iter()
-            .filter(|&&b| b == b'\n')
-            .count() as u64,
-        message: "not valid UTF-8".into(),
-    })?;
+fn read_jsonl(text: &str, file: &str) -> Result<Table, DataError> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut columns: Vec<String> = Vec::new();
     let mut objects = Vec::new();
-    for (i, raw) in text.lines().enumerate() {
+    for (i, raw) in lines(text).enumerate() {
         let line = i as u64 + 1;
         let raw = raw.trim();
         if raw.is_empty() {
