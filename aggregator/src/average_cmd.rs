@@ -7,10 +7,12 @@
 //! the mean of the files' updates `B·R·A`, so the result is the mean of
 //! their models, as `fedsb export --average` makes it from stored rounds.
 //!
-//! Files whose tensors, shapes, dtypes, `A`, `B` or class names differ are
-//! refused, naming the file and the first difference. Metadata keys with
-//! the same value in every file are kept; the others (the step, the round)
-//! are dropped, and `averaged_files` lists the inputs.
+//! Files whose tensors, shapes, dtypes, `A`, `B`, class names or recorded
+//! base models (`base_model_sha256`) differ are refused, naming the file
+//! and the first difference. Metadata keys with the same value in every
+//! file are kept (the base model only when every file records it); the
+//! others (the step, the round) are dropped, and `averaged_files` lists the
+//! inputs.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -21,7 +23,7 @@ use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use sha2::{Digest, Sha256};
 
-use crate::participant::{with_sorted_header, write_file_atomically};
+use crate::participant::{with_sorted_header, write_file_atomically, BASE_MODEL_SHA256};
 
 #[derive(Debug, Args)]
 pub struct AverageArgs {
@@ -46,9 +48,32 @@ struct Input<'a> {
     metadata: HashMap<String, String>,
 }
 
+/// Refuses inputs that record different base models: their `A` and `B`
+/// come from different models' gradients, and their mean means nothing on
+/// either. Files that record none are not compared.
+fn check_base_models(inputs: &[Input<'_>]) -> anyhow::Result<()> {
+    let mut recorded = inputs
+        .iter()
+        .filter_map(|i| i.metadata.get(BASE_MODEL_SHA256).map(|sha| (i, sha)));
+    let Some((first, sha)) = recorded.next() else {
+        return Ok(());
+    };
+    if let Some((other, theirs)) = recorded.find(|(_, s)| !s.eq_ignore_ascii_case(sha)) {
+        bail!(
+            "{} was made for the base model with SHA-256 {theirs} but {} for the one with \
+             {sha} ({BASE_MODEL_SHA256} in their metadata): only adapters of one base model \
+             can be averaged",
+            other.name,
+            first.name
+        );
+    }
+    Ok(())
+}
+
 /// The mean of `inputs` as the bytes of a safetensors file.
 fn mean_file(inputs: &[Input<'_>]) -> anyhow::Result<Vec<u8>> {
     let first = &inputs[0];
+    check_base_models(inputs)?;
     let sorted_names = |t: &SafeTensors<'_>| {
         let mut names: Vec<String> = t.names().into_iter().map(str::to_owned).collect();
         names.sort();
@@ -240,4 +265,58 @@ pub fn run(args: AverageArgs) -> anyhow::Result<()> {
         })
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A one-tensor adapter file with `metadata`.
+    fn file_bytes(metadata: &[(&str, &str)]) -> Vec<u8> {
+        let data = 1f32.to_le_bytes();
+        let view = TensorView::new(Dtype::F32, vec![1, 1], &data).unwrap();
+        let metadata = metadata
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        safetensors::serialize(
+            [("encoder.layer.0.output.dense.lora_R", view)],
+            Some(metadata),
+        )
+        .unwrap()
+    }
+
+    fn input<'a>(name: &str, bytes: &'a [u8]) -> Input<'a> {
+        let (_, meta) = SafeTensors::read_metadata(bytes).unwrap();
+        Input {
+            name: name.to_owned(),
+            tensors: SafeTensors::deserialize(bytes).unwrap(),
+            metadata: meta.metadata().clone().unwrap_or_default(),
+        }
+    }
+
+    /// Files recording different base models are refused, naming both; the
+    /// base model is kept when every file records the same one, and
+    /// dropped when one records none.
+    #[test]
+    fn files_of_different_base_models_are_refused() {
+        let (m1, m2) = ("1a".repeat(32), "9f".repeat(32));
+        let a = file_bytes(&[(BASE_MODEL_SHA256, &m1)]);
+        let b = file_bytes(&[(BASE_MODEL_SHA256, &m2)]);
+        let none = file_bytes(&[]);
+        let err = mean_file(&[input("a.safetensors", &a), input("b.safetensors", &b)])
+            .unwrap_err()
+            .to_string();
+        for part in [
+            format!("b.safetensors was made for the base model with SHA-256 {m2}"),
+            format!("but a.safetensors for the one with {m1}"),
+        ] {
+            assert!(err.contains(&part), "{part:?} not in {err}");
+        }
+        let metadata_of = |bytes: &[u8]| input("out", bytes).metadata;
+        let same = mean_file(&[input("a", &a), input("a2", &a)]).unwrap();
+        assert_eq!(metadata_of(&same).get(BASE_MODEL_SHA256), Some(&m1));
+        let mixed = mean_file(&[input("a", &a), input("none", &none)]).unwrap();
+        assert_eq!(metadata_of(&mixed).get(BASE_MODEL_SHA256), None);
+    }
 }

@@ -1,12 +1,70 @@
 //! Checks the commands make on their arguments before any long work (model
 //! loading, GPU setup, training), so that a wrong path or value fails in a
-//! second, naming the flag, instead of after the run it would have ended.
+//! second, naming the flag, instead of after the run it would have ended;
+//! and the base model ([`load_base_model`]) whose SHA-256 the adapter files
+//! a command reads must record, if they record one.
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
 use anyhow::bail;
+use fedsb_aggregator::store::sha256_hex;
 use fedsb_engine::data::Dataset;
-use fedsb_engine::model::BertConfig;
+use fedsb_engine::model::{BertConfig, BertWeights, ModelLoadError};
+
+use crate::participant::{check_base_model, BASE_MODEL_SHA256};
+
+/// The base model of a command: its `model.safetensors` and that file's
+/// SHA-256, which the adapter files the command writes record
+/// ([`BASE_MODEL_SHA256`]) and those it reads must match.
+#[derive(Debug, Clone)]
+pub struct BaseModel {
+    pub file: PathBuf,
+    pub sha256: String,
+}
+
+impl BaseModel {
+    /// Refuses the adapter file `path` (header `metadata`) when it records
+    /// another base model; one that records none is accepted.
+    pub fn check_adapter_file(
+        &self,
+        path: &Path,
+        metadata: &HashMap<String, String>,
+    ) -> anyhow::Result<()> {
+        check_base_model(
+            metadata,
+            &path.display().to_string(),
+            &self.file.display().to_string(),
+            &self.sha256,
+        )?;
+        Ok(())
+    }
+
+    /// The metadata entry that records this model in an adapter file.
+    pub fn metadata_entry(&self) -> (String, String) {
+        (BASE_MODEL_SHA256.to_owned(), self.sha256.clone())
+    }
+}
+
+/// Loads a Hugging Face model directory's weights as
+/// [`BertWeights::from_dir`] does, hashing `model.safetensors` from the
+/// bytes read for loading (the file is read once).
+pub fn load_base_model(dir: &Path) -> Result<(BertWeights, BaseModel), ModelLoadError> {
+    let read = |name: &str| {
+        let path = dir.join(name);
+        std::fs::read(&path)
+            .map(|bytes| (bytes, path.clone()))
+            .map_err(|source| ModelLoadError::Io {
+                path: path.display().to_string(),
+                source,
+            })
+    };
+    let (config, _) = read("config.json")?;
+    let (tensors, file) = read("model.safetensors")?;
+    let sha256 = sha256_hex(&tensors);
+    let weights = BertWeights::from_bytes(&config, &tensors)?;
+    Ok((weights, BaseModel { file, sha256 }))
+}
 
 /// Refuses an output file `path` (given as `flag`) that could not be
 /// written: a directory, or one whose directory does not exist.
@@ -119,6 +177,61 @@ mod tests {
             ..BertConfig::default()
         };
         assert_eq!(resolve_max_seq_len(None, &short).unwrap(), 32);
+    }
+
+    /// The model loads as from its directory, its hash is its
+    /// model.safetensors's, and an adapter file recording another is
+    /// refused, naming both files.
+    #[test]
+    fn a_base_model_is_hashed_as_it_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = BertConfig {
+            vocab_size: 10,
+            hidden_size: 8,
+            num_hidden_layers: 1,
+            num_attention_heads: 2,
+            intermediate_size: 12,
+            max_position_embeddings: 16,
+            ..BertConfig::default()
+        };
+        let weights = BertWeights::random(&config, 3, 0.3);
+        let model = weights.to_safetensors();
+        std::fs::write(
+            dir.path().join("config.json"),
+            serde_json::to_vec(&config).unwrap(),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("model.safetensors"), &model).unwrap();
+        let (loaded, base) = load_base_model(dir.path()).unwrap();
+        assert_eq!(loaded.config, config);
+        assert_eq!(base.sha256, sha256_hex(&model));
+        assert_eq!(base.file, dir.path().join("model.safetensors"));
+        assert_eq!(
+            base.metadata_entry(),
+            ("base_model_sha256".to_owned(), sha256_hex(&model))
+        );
+
+        let adapter = Path::new("run.safetensors");
+        let mut metadata = HashMap::from([base.metadata_entry()]);
+        base.check_adapter_file(adapter, &metadata).unwrap();
+        metadata.insert(BASE_MODEL_SHA256.to_owned(), sha256_hex(b"other"));
+        let err = base
+            .check_adapter_file(adapter, &metadata)
+            .unwrap_err()
+            .to_string();
+        for part in [
+            "run.safetensors was made for a base model",
+            &format!("but {} has", base.file.display()),
+            &sha256_hex(b"other")[..12],
+            &base.sha256[..12],
+        ] {
+            assert!(err.contains(part), "{part:?} not in {err}");
+        }
+        base.check_adapter_file(adapter, &HashMap::new()).unwrap();
+
+        std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
+        let err = load_base_model(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("model.safetensors"), "{err}");
     }
 
     #[test]

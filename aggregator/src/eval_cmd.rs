@@ -1,7 +1,9 @@
 //! `fedsb eval`: accuracy and mean cross-entropy of an adapter file on a
 //! labelled file, on the GPU: the evaluation the aggregator runs on every
 //! committed round, for any adapter file (`fedsb export`, `fedsb train
-//! --output`, `fedsb init`). Prints one JSON line on stdout:
+//! --output`, `fedsb init`). An adapter file that records another base
+//! model (`base_model_sha256`) than `--model`'s `model.safetensors` is
+//! refused. Prints one JSON line on stdout:
 //!
 //! ```text
 //! fedsb export --config configs/sst2-demo.toml --out round.safetensors
@@ -17,10 +19,10 @@ use clap::Args;
 use fedsb_engine::data::read_dataset_file;
 use fedsb_engine::gpu::encoder::GpuEncoder;
 use fedsb_engine::gpu::{GpuContext, GpuOptions};
-use fedsb_engine::model::{BertTokenizer, BertWeights};
+use fedsb_engine::model::BertTokenizer;
 use fedsb_engine::train::evaluate;
 
-use crate::checks::resolve_max_seq_len;
+use crate::checks::{load_base_model, resolve_max_seq_len};
 use crate::data_args::{require_label_column, DataColumns};
 use crate::participant::adapter_file_info;
 
@@ -73,7 +75,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         }
     }
     let file = args.adapter_file.display().to_string();
-    let weights = BertWeights::from_dir(&args.model)
+    let (weights, base_model) = load_base_model(&args.model)
         .with_context(|| format!("loading the model from {}", args.model.display()))?;
     let max_seq_len = resolve_max_seq_len(args.max_seq_len, &weights.config)?;
     let tokenizer = BertTokenizer::from_file(args.model.join("tokenizer.json"))?
@@ -82,6 +84,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let bytes = std::fs::read(&args.adapter_file).with_context(|| format!("reading {file}"))?;
     let info = adapter_file_info(&bytes, config.num_hidden_layers)
         .with_context(|| format!("adapter file {file}"))?;
+    base_model.check_adapter_file(&args.adapter_file, &info.metadata)?;
     let context = || format!("adapter file {file}");
     let file_labels = info.labels().with_context(context)?;
     let labels: Vec<String> = match &args.labels {

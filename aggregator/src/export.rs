@@ -8,6 +8,13 @@
 //! [`check_pinned_files`] refuses files other than those the task's
 //! database pins, and [`refuse_task_file`] an output that is one of the
 //! task's own files.
+//!
+//! The file records the task's base model (`base_model_sha256`): the
+//! SHA-256 of `model.safetensors` that the database pins, else `[model]
+//! sha256`, else that of the model directory's file; with none of them
+//! (the weights are not needed to export), the adapter file's own record
+//! if it has one. An adapter file that records another base model than
+//! the task's is refused.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -17,7 +24,8 @@ use fedsb_engine::model::BertConfig;
 use fedsb_protocol::RoundId;
 
 use crate::adapter_file::{
-    adapter_file_bytes, parse_module_names, read_adapter_file, state_to_engine,
+    adapter_file_bytes, adapter_file_metadata, check_base_model, parse_module_names,
+    read_adapter_file, state_to_engine, BASE_MODEL_SHA256,
 };
 use crate::config::{AdapterInit, Config};
 use crate::files::{check_pin, hash_file, FileError, ADAPTER_FILE, MODEL_FILE};
@@ -54,6 +62,10 @@ pub enum ExportError {
     NoRoundsToAverage,
     #[error("the export task panicked")]
     Join,
+    /// The task's adapter file records another base model than the task's;
+    /// the message names both files and hashes.
+    #[error("{0}")]
+    OtherBaseModel(String),
     #[error(transparent)]
     Files(#[from] FileError),
     #[error(
@@ -238,9 +250,16 @@ pub async fn export_rounds_mean(
     } else {
         None
     };
+    // The model the rounds were trained on, as the task pinned it.
+    let pinned_model = store
+        .pinned_files()
+        .await?
+        .into_iter()
+        .find(|p| p.name == MODEL_FILE)
+        .map(|p| p.sha256.to_ascii_lowercase());
     tokio::task::spawn_blocking(move || {
         let mean = mean_of(committed)?;
-        adapter_file_of(&config, mean, first, last, privacy)
+        adapter_file_of(&config, mean, first, last, privacy, pinned_model)
     })
     .await
     .map_err(|_| ExportError::Join)?
@@ -306,14 +325,40 @@ struct PrivacySpent {
     participants: usize,
 }
 
+/// The SHA-256 of the task's base model and the file it stands for in
+/// messages: the one the database pins (`pinned`), else `[model] sha256`,
+/// else the hash of the model directory's file if it is there.
+fn task_base_model(
+    config: &Config,
+    model_dir: &Path,
+    pinned: Option<String>,
+) -> Result<Option<(String, String)>, ExportError> {
+    let file = model_dir.join(MODEL_FILE);
+    if let Some(sha256) = pinned {
+        let name = format!("{} (as this task's database pins it)", file.display());
+        return Ok(Some((name, sha256)));
+    }
+    if let Some(sha256) = &config.model.sha256 {
+        let name = format!("{} (model.sha256 in the configuration)", file.display());
+        return Ok(Some((name, sha256.to_ascii_lowercase())));
+    }
+    if file.is_file() {
+        let (sha256, _) = hash_file(&file)?;
+        return Ok(Some((file.display().to_string(), sha256)));
+    }
+    Ok(None)
+}
+
 /// The adapter file of a committed round (or of the mean of the rounds from
-/// `first` on to it), `last` being the last committed.
+/// `first` on to it), `last` being the last committed; `pinned_model` is the
+/// SHA-256 of `model.safetensors` that the task's database pins.
 fn adapter_file_of(
     config: &Config,
     committed: CommittedRound,
     first: u64,
     last: u64,
     privacy: Option<PrivacySpent>,
+    pinned_model: Option<String>,
 ) -> Result<ExportedRound, ExportError> {
     let task = config.task.id.clone();
     let round = committed.meta.round;
@@ -346,6 +391,22 @@ fn adapter_file_of(
         config.adapter.rank as usize,
     )
     .map_err(|e| file_err(&adapter_path, e.to_string()))?;
+    let adapter_metadata = adapter_file_metadata(&adapter_bytes)
+        .map_err(|e| file_err(&adapter_path, e.to_string()))?;
+    let base_model = match task_base_model(config, model_dir, pinned_model)? {
+        Some((model_file, sha256)) => {
+            check_base_model(
+                &adapter_metadata,
+                &adapter_path.display().to_string(),
+                &model_file,
+                &sha256,
+            )
+            .map_err(|e| ExportError::OtherBaseModel(e.to_string()))?;
+            Some(sha256)
+        }
+        // A and B were made for the model the adapter file records.
+        None => adapter_metadata.get(BASE_MODEL_SHA256).cloned(),
+    };
     let (adapters, head) =
         state_to_engine(&frozen, &modules, &committed.adapter).map_err(|e| ExportError::State {
             round,
@@ -372,6 +433,9 @@ fn adapter_file_of(
         // Not one round's global state: name the rounds instead.
         metadata.remove("global_sha256");
         metadata.insert("averaged_rounds".to_owned(), format!("{first}-{round}"));
+    }
+    if let Some(sha256) = base_model {
+        metadata.insert(BASE_MODEL_SHA256.to_owned(), sha256);
     }
     if let Some(p) = privacy {
         metadata.insert("dp_epsilon_max".to_owned(), p.epsilon_max.to_string());

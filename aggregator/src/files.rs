@@ -1,6 +1,7 @@
 //! Files served to participants by content hash (model, tokenizer, adapter
 //! matrices), the SHA-256 pins that keep a task on the files it started
-//! with, and the initial adapter state.
+//! with, the check that the adapter file was made for the served model
+//! (its `base_model_sha256`), and the initial adapter state.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -10,6 +11,7 @@ use fedsb_protocol::{AdapterState, Tensor};
 use safetensors::SafeTensors;
 use sha2::{Digest, Sha256};
 
+use crate::adapter_file::{adapter_file_metadata, check_base_model};
 use crate::config::Config;
 use crate::store::PinnedFile;
 use fedsb_engine::model::AdaptedLinear;
@@ -40,6 +42,10 @@ pub enum FileError {
     HashMismatch { expected: String, found: String },
     #[error("adapter file {path}: {message}")]
     Adapter { path: PathBuf, message: String },
+    /// The adapter file records another base model than the task's; the
+    /// message names both files and hashes.
+    #[error("{0}")]
+    OtherBaseModel(String),
     #[error("file hashing task panicked")]
     Join,
     #[error(
@@ -126,7 +132,10 @@ pub fn hash_file_stamped(path: &Path) -> Result<(String, u64, FileStamp), FileEr
 }
 
 /// Hashes the model directory's files and the adapter file; each with its
-/// stamp from when it was hashed.
+/// stamp from when it was hashed. An adapter file made for another base
+/// model than the task's (its `base_model_sha256` against the hash of
+/// `model.safetensors`, or `model.sha256` without a model directory) is
+/// refused.
 pub fn collect_files(config: &Config) -> Result<Vec<(ServedFile, FileStamp)>, FileError> {
     let mut out = Vec::new();
     if let Some(dir) = &config.model.dir {
@@ -161,9 +170,40 @@ pub fn collect_files(config: &Config) -> Result<Vec<(ServedFile, FileStamp)>, Fi
         }
     }
     if let Some(path) = &config.adapter.file {
+        let model = match out.iter().find(|(f, _)| f.name == MODEL_FILE) {
+            Some((f, _)) => Some((f.path.display().to_string(), f.sha256.clone())),
+            None => config.model.sha256.as_ref().map(|sha256| {
+                (
+                    "the model.safetensors of model.sha256 in the configuration".to_owned(),
+                    sha256.to_ascii_lowercase(),
+                )
+            }),
+        };
+        if let Some((model_file, sha256)) = model {
+            check_adapter_base_model(path, &model_file, &sha256)?;
+        }
         out.push(served_adapter_file(path)?);
     }
     Ok(out)
+}
+
+/// Refuses the adapter file at `path` when its metadata records another
+/// base model than `model_file`, whose SHA-256 is `sha256`.
+pub fn check_adapter_base_model(
+    path: &Path,
+    model_file: &str,
+    sha256: &str,
+) -> Result<(), FileError> {
+    let bytes = std::fs::read(path).map_err(|error| FileError::Read {
+        path: path.to_owned(),
+        error,
+    })?;
+    let metadata = adapter_file_metadata(&bytes).map_err(|e| FileError::Adapter {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    check_base_model(&metadata, &path.display().to_string(), model_file, sha256)
+        .map_err(|e| FileError::OtherBaseModel(e.to_string()))
 }
 
 /// The adapter file at `path`, hashed, as it is served.
@@ -388,6 +428,80 @@ mod tests {
             msg.contains("pins adapter.safetensors (SHA-256 a1, then at /old/adapter.safetensors), but the configuration has no adapter.safetensors"),
             "{msg}"
         );
+    }
+
+    /// A task whose adapter file records another base model than its
+    /// `model.safetensors` does not start, the message naming both files
+    /// and hashes; the right one, or a file recording none, passes.
+    #[test]
+    fn an_adapter_file_for_another_base_model_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("model");
+        std::fs::create_dir(&model).unwrap();
+        std::fs::write(
+            model.join("config.json"),
+            r#"{"hidden_size": 8, "num_hidden_layers": 2}"#,
+        )
+        .unwrap();
+        std::fs::write(model.join(MODEL_FILE), b"weights").unwrap();
+        std::fs::write(model.join("tokenizer.json"), "{}").unwrap();
+        let adapter = dir.path().join(ADAPTER_FILE);
+        let write_adapter = |base_model: Option<&[u8]>| {
+            let data = 1f32.to_le_bytes();
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1], &data)
+                    .unwrap();
+            let metadata = base_model.map(|b| {
+                std::collections::HashMap::from([(
+                    crate::adapter_file::BASE_MODEL_SHA256.to_owned(),
+                    crate::store::sha256_hex(b),
+                )])
+            });
+            std::fs::write(
+                &adapter,
+                safetensors::serialize([("x", view)], metadata).unwrap(),
+            )
+            .unwrap();
+        };
+        let toml = r#"[task]
+id = "t"
+rounds = 2
+labels = ["a", "b"]
+[model]
+id = "m"
+dir = "model"
+[adapter]
+rank = 4
+file = "adapter.safetensors"
+"#;
+        std::fs::write(dir.path().join("task.toml"), toml).unwrap();
+        write_adapter(Some(b"other weights"));
+        let config = crate::config::load_locked(&dir.path().join("task.toml")).unwrap();
+
+        let err = collect_files(&config).unwrap_err();
+        assert!(matches!(err, FileError::OtherBaseModel(_)), "{err:?}");
+        let msg = err.to_string();
+        for part in [
+            format!("{} was made for a base model", adapter.display()),
+            crate::store::sha256_hex(b"other weights")[..12].to_owned(),
+            format!(
+                "but {} has {}",
+                config
+                    .model
+                    .dir
+                    .as_ref()
+                    .unwrap()
+                    .join(MODEL_FILE)
+                    .display(),
+                &crate::store::sha256_hex(b"weights")[..12]
+            ),
+        ] {
+            assert!(msg.contains(&part), "{part:?} not in {msg}");
+        }
+        write_adapter(Some(b"weights"));
+        assert_eq!(collect_files(&config).unwrap().len(), 4);
+        write_adapter(None);
+        assert_eq!(collect_files(&config).unwrap().len(), 4);
     }
 
     #[test]

@@ -14,7 +14,9 @@
 //!    `ΔW = −η·sign(G)` with η = `--lr`, truncated SVD of `ΔWᵀ` (CPU):
 //!    `A = Uᵀ`, `B = V`, `R₀ = diag(S)`.
 //! 3. The file holds `encoder.layer.<i>.<module>.lora_{A,B,R}` for every
-//!    adapted module and `classifier.{weight,bias}` (see `participant.rs`).
+//!    adapted module and `classifier.{weight,bias}` (see `participant.rs`),
+//!    and records the base model (`base_model_sha256`: the SHA-256 of
+//!    `--model`'s `model.safetensors`), which every reader checks.
 //!
 //! 4. With `--centre-head`, the head's bias is then shifted so that every
 //!    class has the same mean logit over the seed examples under the initial
@@ -33,14 +35,14 @@ use anyhow::{bail, Context};
 use clap::Args;
 use fedsb_engine::data::read_dataset_file;
 use fedsb_engine::gpu::{GpuContext, GpuOptions};
-use fedsb_engine::model::{BertTokenizer, BertWeights};
+use fedsb_engine::model::BertTokenizer;
 use fedsb_engine::reference::{ClassifierHead, LoraSbInitOptions};
 use fedsb_engine::train::{
     centre_head_bias, check_init_options, gpu_init_gradients, init_batches, lora_sb_from_gradients,
 };
 use sha2::{Digest, Sha256};
 
-use crate::checks::{check_output_file, resolve_max_seq_len};
+use crate::checks::{check_output_file, load_base_model, resolve_max_seq_len};
 use crate::data_args::{require_label_column, DataColumns};
 use crate::participant::{layered_modules, write_adapter_file};
 
@@ -110,7 +112,7 @@ pub fn run(args: InitArgs) -> anyhow::Result<()> {
         }
     }
     check_output_file(&args.out, "--out")?;
-    let weights = BertWeights::from_dir(&args.model)
+    let (weights, base_model) = load_base_model(&args.model)
         .with_context(|| format!("loading the model from {}", args.model.display()))?;
     let max_seq_len = resolve_max_seq_len(args.max_seq_len, &weights.config)?;
     let config = weights.config.clone();
@@ -192,6 +194,7 @@ pub fn run(args: InitArgs) -> anyhow::Result<()> {
             "head".to_owned(),
             "uniform(std = initializer_range) weight, zero bias".to_owned(),
         ),
+        base_model.metadata_entry(),
     ]);
     if args.centre_head {
         metadata.insert(
@@ -216,6 +219,7 @@ pub fn run(args: InitArgs) -> anyhow::Result<()> {
             "out": args.out.display().to_string(),
             "sha256": sha256,
             "bytes": bytes.len(),
+            "base_model_sha256": base_model.sha256,
             "rank": args.rank,
             "modules": names.len(),
             "labels": labels,

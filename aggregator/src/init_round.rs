@@ -4,7 +4,8 @@
 //! aggregator published in `InitRequest`. The aggregator sums them in f64
 //! ([`InitCollector`]), then computes `ΔW = −η·sign(ΣG_i)` and the truncated
 //! SVD exactly as `fedsb init` does ([`build_adapter_file`]), writes the
-//! adapter file and serves it by hash.
+//! adapter file (recording the task's base model, `base_model_sha256`, as
+//! `fedsb init` does) and serves it by hash.
 //!
 //! A participant's gradients are kept aside until its `InitDone`, and only
 //! then added to the sum: a participant that sends a bad frame, leaves, or
@@ -18,7 +19,7 @@ use fedsb_engine::reference::{ClassifierHead, LoraSbAdapters, LoraSbInitOptions,
 use fedsb_engine::train::lora_sb_from_gradients;
 use fedsb_protocol::{ErrorCode, ParticipantId, Tensor};
 
-use crate::adapter_file::{parse_module_name, write_adapter_file, ModuleRef};
+use crate::adapter_file::{parse_module_name, write_adapter_file, ModuleRef, BASE_MODEL_SHA256};
 use crate::config::Config;
 use crate::files::ServedFile;
 use crate::round::Rejection;
@@ -43,6 +44,23 @@ pub enum InitError {
     Adapter(#[from] crate::adapter_file::AdapterFileError),
     #[error("LoRA-SB initialization: {0}")]
     Train(#[from] fedsb_engine::train::TrainError),
+    #[error("hashing the model's weights: {0}")]
+    Hash(String),
+}
+
+/// The SHA-256 of the task's base model, which the adapter file records:
+/// `[model] sha256` (checked against the file at start) or the hash of
+/// `model.safetensors` in `[model] dir`; `None` without either.
+fn base_model_sha256(config: &Config) -> Result<Option<String>, InitError> {
+    if let Some(sha256) = &config.model.sha256 {
+        return Ok(Some(sha256.to_ascii_lowercase()));
+    }
+    let Some(dir) = &config.model.dir else {
+        return Ok(None);
+    };
+    let (sha256, _) = crate::files::hash_file(&dir.join(crate::files::MODEL_FILE))
+        .map_err(|e| InitError::Hash(e.to_string()))?;
+    Ok(Some(sha256))
 }
 
 /// The task's adapted modules with their gradient shapes (`out × in`).
@@ -421,7 +439,8 @@ impl CentreCollector {
 }
 
 /// `ΔW = −η·sign(G)`, the truncated SVD per module (`A`, `B`, `R₀`) and the
-/// head, written atomically to `path` as the adapter file `fedsb init` writes.
+/// head, written atomically to `path` as the adapter file `fedsb init` writes
+/// (with the task's base model, when it has one).
 pub fn build_adapter_file(
     config: &Config,
     modules: &InitModules,
@@ -434,7 +453,7 @@ pub fn build_adapter_file(
         config.adapter.rank as usize,
         config.init_learning_rate(),
     )?;
-    let metadata = HashMap::from([
+    let mut metadata = HashMap::from([
         ("format".to_owned(), "fedsb-lora-sb".to_owned()),
         ("rank".to_owned(), config.adapter.rank.to_string()),
         ("modules".to_owned(), config.adapter.modules.join(",")),
@@ -461,6 +480,9 @@ pub fn build_adapter_file(
             "uniform(std = initializer_range) weight, zero bias".to_owned(),
         ),
     ]);
+    if let Some(sha256) = base_model_sha256(config)? {
+        metadata.insert(BASE_MODEL_SHA256.to_owned(), sha256);
+    }
     write_adapter_file(
         path,
         &modules.names,
@@ -543,6 +565,43 @@ mod tests {
         assert!(c.sum[0].iter().all(|&x| x == -0.5));
         assert!(c.sum[1].iter().all(|&x| x == 3.0));
         assert_eq!(c.total_samples(), 10);
+    }
+
+    /// The federated initialization's file records the task's model:
+    /// `[model] sha256` when set, else the hash of its model.safetensors,
+    /// and nothing without a model.
+    #[test]
+    fn the_base_model_is_the_tasks() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("model");
+        std::fs::create_dir(&model).unwrap();
+        std::fs::write(
+            model.join("config.json"),
+            r#"{"hidden_size": 8, "num_hidden_layers": 2}"#,
+        )
+        .unwrap();
+        std::fs::write(model.join("model.safetensors"), b"weights").unwrap();
+        let load = |model_section: &str| {
+            let toml = format!(
+                "[task]\nid = \"t\"\nrounds = 2\nlabels = [\"a\", \"b\"]\n\
+                 [model]\nid = \"m\"\n{model_section}\n[adapter]\nrank = 4\n"
+            );
+            std::fs::write(dir.path().join("task.toml"), toml).unwrap();
+            crate::config::load_locked(&dir.path().join("task.toml")).unwrap()
+        };
+        let config = load("dir = \"model\"");
+        assert_eq!(
+            base_model_sha256(&config).unwrap(),
+            Some(sha256_hex(b"weights"))
+        );
+        let pinned = "AB".repeat(32);
+        let config = load(&format!("dir = \"model\"\nsha256 = \"{pinned}\""));
+        assert_eq!(
+            base_model_sha256(&config).unwrap(),
+            Some(pinned.to_ascii_lowercase())
+        );
+        let config = load("hidden_size = 8\nnum_layers = 2");
+        assert_eq!(base_model_sha256(&config).unwrap(), None);
     }
 
     #[test]

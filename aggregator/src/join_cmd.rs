@@ -11,7 +11,7 @@
 //!    sends `Hello` with its participant key, reads `Welcome` (the task) and
 //!    the round-0 or latest `GlobalModel`. The key (32 hex digits from the
 //!    OS's random generator) is kept in
-//!    `<cache-dir>/participants/<task id>-<SHA-256 of the data file>.key`
+//!    `<cache-dir>/participants/<task id>-<first 16 hex digits of the data file's SHA-256>.key`
 //!    (or `--participant-key-file`), so the same data joining again, after
 //!    this process or the aggregator restarted, is the same participant: the
 //!    aggregator keeps its id and its privacy spending, and an update it
@@ -137,13 +137,13 @@ pub struct JoinArgs {
     accountant: AccountantArg,
     /// Tasks with differential privacy: where the steps this participant has
     /// taken are recorded, so a restart does not reset its budget (default:
-    /// <cache-dir>/privacy/<task id>-<SHA-256 of the data file>.json).
+    /// <cache-dir>/privacy/<task id>-<first 16 hex digits of the data file's SHA-256>.json).
     #[arg(long)]
     privacy_ledger: Option<PathBuf>,
     /// Where this participant's key is kept (created when missing): the
     /// secret that makes it the same participant to the aggregator across
     /// reconnects and restarts (default:
-    /// <cache-dir>/participants/<task id>-<SHA-256 of the data file>.key).
+    /// <cache-dir>/participants/<task id>-<first 16 hex digits of the data file's SHA-256>.key).
     #[arg(long)]
     participant_key_file: Option<PathBuf>,
     /// When the connection is lost after the handshake (the aggregator

@@ -11,17 +11,19 @@
 //! which reads the attention-masked mean of the last hidden state, is
 //! written beside it as `fedsb-head.safetensors` (`classifier.weight`,
 //! `classifier.bias`, the class names in its metadata), and a `README.md`
-//! model card says what the directory is and how to run it.
+//! model card says what the directory is and how to run it. An adapter
+//! file that records another base model (`base_model_sha256`) than
+//! `--model`'s is refused before anything is written.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use fedsb_engine::model::BertWeights;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
+use crate::checks::load_base_model;
 use crate::participant::{adapter_file_info, read_adapter_file, read_head};
 
 /// The merged model's file names.
@@ -226,12 +228,13 @@ fn write_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 pub fn run(args: MergeArgs) -> anyhow::Result<()> {
     let file = args.adapter_file.display().to_string();
     let out = output_dir(&args.out)?;
-    let weights = BertWeights::from_dir(&args.model)
+    let (weights, base_model) = load_base_model(&args.model)
         .with_context(|| format!("loading the model from {}", args.model.display()))?;
     let config = &weights.config;
     let bytes = std::fs::read(&args.adapter_file).with_context(|| format!("reading {file}"))?;
     let info = adapter_file_info(&bytes, config.num_hidden_layers)
         .with_context(|| format!("adapter file {file}"))?;
+    base_model.check_adapter_file(&args.adapter_file, &info.metadata)?;
     let adapters = read_adapter_file(&bytes, &info.names, &info.modules, config, info.rank)
         .with_context(|| format!("adapter file {file}"))?;
     let merged = adapters.merged_into(&weights);

@@ -94,6 +94,16 @@ impl Metrics {
             "Time to average a round's updates and write them to disk",
             m.aggregation_duration.clone(),
         );
+        // Every reason starts at zero, so that an alert on one of them sees
+        // a series before the first rejection rather than no metric at all.
+        for code in (1..=u16::MAX).map(ErrorCode::from_code) {
+            if matches!(code, ErrorCode::Other(_)) {
+                break;
+            }
+            let _ = m.rejected.get_or_create(&ReasonLabel {
+                reason: code.as_str(),
+            });
+        }
         Self { registry, ..m }
     }
 
@@ -112,5 +122,33 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every rejection reason is exposed at zero before the first rejection.
+    #[test]
+    fn every_rejection_reason_is_exposed_from_the_start() {
+        let m = Metrics::new();
+        let text = m.encode();
+        for code in [
+            ErrorCode::VersionMismatch,
+            ErrorCode::Malformed,
+            ErrorCode::StaleRound,
+            ErrorCode::AlreadyConnected,
+        ] {
+            let line = format!(
+                "fedsb_messages_rejected_total{{reason=\"{}\"}} 0\n",
+                code.as_str()
+            );
+            assert!(text.contains(&line), "{line:?} missing from:\n{text}");
+        }
+        m.reject(ErrorCode::Malformed);
+        assert!(m
+            .encode()
+            .contains("fedsb_messages_rejected_total{reason=\"malformed\"} 1\n"));
     }
 }

@@ -46,6 +46,10 @@
 //! examples, summed and signed by the aggregator's [`InitCollector`] (and
 //! with `--centre-head` the head centred over the clients' `CentreLogits`
 //! by a [`CentreCollector`]).
+//! The adapter files the simulator writes (`--output`, `--write-shards`'s
+//! initial model) record the base model (`base_model_sha256`, the SHA-256
+//! of `--model`'s `model.safetensors`), and an `--init` file recording
+//! another one is refused.
 //!
 //! Splits ([`split_iid`], [`split_dirichlet`]) are seeded and documented on
 //! the functions. Byte counts are the sizes of the real protocol frames: per
@@ -84,12 +88,15 @@ use fedsb_protocol::{
 };
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::checks::{check_classes, check_output_file, resolve_max_seq_len, DEFAULT_MAX_SEQ_LEN};
+use crate::checks::{
+    check_classes, check_output_file, load_base_model, resolve_max_seq_len, BaseModel,
+    DEFAULT_MAX_SEQ_LEN,
+};
 use crate::data_args::{read_eval_set, require_label_column, DataColumns};
 use crate::dp_training::DpTraining;
 use crate::participant::{
-    engine_to_state, layered_modules, read_adapter_file, read_head, state_to_engine,
-    write_adapter_file, ModuleRef,
+    adapter_file_metadata, engine_to_state, layered_modules, read_adapter_file, read_head,
+    state_to_engine, write_adapter_file, ModuleRef,
 };
 use crate::privacy_cmd::AccountantArg;
 
@@ -843,7 +850,8 @@ fn initial_state(
     Ok(engine_to_state(&initial, modules)?)
 }
 
-/// The initial adapters (A, B, R₀) and head: from `--init`, the federated
+/// The initial adapters (A, B, R₀) and head: from `--init` (refused when
+/// it was made for another base model than `base_model`), the federated
 /// initialization of `--federated-init` (with what it exchanged), or the
 /// LoRA-SB initialization exactly as `fedsb init --seed S --batch B --lr η`
 /// computes it on `--train`, with η = `--init-lr` (default `--lr`).
@@ -852,6 +860,7 @@ fn initial_model(
     args: &SimArgs,
     ctx: &GpuContext,
     weights: &BertWeights<f32>,
+    base_model: &BaseModel,
     tokenizer: &BertTokenizer,
     train: &Dataset,
     clients: &[Client],
@@ -873,6 +882,11 @@ fn initial_model(
     let classes = train.num_labels();
     if let Some(path) = &args.init {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let metadata = adapter_file_metadata(&bytes)
+            .with_context(|| format!("adapter file {}", path.display()))?;
+        base_model
+            .check_adapter_file(path, &metadata)
+            .with_context(|| format!("adapter file {} (--init)", path.display()))?;
         let adapters = read_adapter_file(&bytes, names, modules, config, args.rank)
             .with_context(|| format!("adapter file {}", path.display()))?;
         // As the aggregator's round 0: the file's head when it has one, else zeros.
@@ -990,7 +1004,7 @@ pub fn run(mut args: SimArgs) -> anyhow::Result<()> {
     if args.keep_moments && args.head_only {
         bail!("--keep-moments applies to the adapters' AdamW; --head-only trains the head alone");
     }
-    let weights = BertWeights::from_dir(&args.model)
+    let (weights, base_model) = load_base_model(&args.model)
         .with_context(|| format!("loading the model from {}", args.model.display()))?;
     let config = weights.config.clone();
     let max_seq_len = resolve_max_seq_len(args.max_seq_len, &config)?;
@@ -1092,7 +1106,16 @@ pub fn run(mut args: SimArgs) -> anyhow::Result<()> {
     }))?;
     eprintln!("adapter: {}", ctx.adapter_name());
     let (frozen, head0, init_traffic) = initial_model(
-        &args, &ctx, &weights, &tokenizer, &train, &clients, &names, &modules, &linears,
+        &args,
+        &ctx,
+        &weights,
+        &base_model,
+        &tokenizer,
+        &train,
+        &clients,
+        &names,
+        &modules,
+        &linears,
     )?;
     if let Some(dir) = &args.write_shards {
         let adapter_file = match &args.init {
@@ -1102,7 +1125,7 @@ pub fn run(mut args: SimArgs) -> anyhow::Result<()> {
                 // (with --centre-head, its head centred), for the task.
                 std::fs::create_dir_all(dir)
                     .with_context(|| format!("creating {}", dir.display()))?;
-                let mut metadata = adapter_metadata(&args, &train)?;
+                let mut metadata = adapter_metadata(&args, &train, &base_model)?;
                 let init_samples = match &init_traffic {
                     Some(t) => t.samples,
                     None => args.init_samples.min(train.len()) as u64,
@@ -1384,7 +1407,7 @@ pub fn run(mut args: SimArgs) -> anyhow::Result<()> {
     }
     if let Some(path) = &args.output {
         let (adapters, head) = state_to_engine(&frozen, &modules, &global)?;
-        let mut metadata = adapter_metadata(&args, &train)?;
+        let mut metadata = adapter_metadata(&args, &train, &base_model)?;
         metadata.extend([
             ("round".to_owned(), args.rounds.to_string()),
             ("clients".to_owned(), args.clients.to_string()),
@@ -1429,8 +1452,12 @@ pub fn run(mut args: SimArgs) -> anyhow::Result<()> {
 }
 
 /// The metadata every adapter file the simulator writes starts with: its
-/// format, rank, adapted linears and class names.
-fn adapter_metadata(args: &SimArgs, train: &Dataset) -> anyhow::Result<HashMap<String, String>> {
+/// format, rank, adapted linears, class names and base model.
+fn adapter_metadata(
+    args: &SimArgs,
+    train: &Dataset,
+    base_model: &BaseModel,
+) -> anyhow::Result<HashMap<String, String>> {
     Ok(HashMap::from([
         ("format".to_owned(), "fedsb-lora-sb".to_owned()),
         ("rank".to_owned(), args.rank.to_string()),
@@ -1439,6 +1466,7 @@ fn adapter_metadata(args: &SimArgs, train: &Dataset) -> anyhow::Result<HashMap<S
             "labels".to_owned(),
             serde_json::to_string(&train.label_names)?,
         ),
+        base_model.metadata_entry(),
     ]))
 }
 

@@ -28,7 +28,9 @@
 //! federated initialization").
 //!
 //! `--output FILE` writes the trained adapter in the layout `fedsb init` writes
-//! (`lora_A`, `lora_B`, `lora_R` per module, `classifier.*`).
+//! (`lora_A`, `lora_B`, `lora_R` per module, `classifier.*`), recording the
+//! base model (`base_model_sha256`) as it does; an `--init` file that
+//! records another base model than `--model` is refused.
 //!
 //! Progress goes to stderr; the last line on stdout is one JSON object with
 //! `eval_accuracy`, `eval_loss`, `steps`, `samples_per_second` and `adapter`,
@@ -54,7 +56,9 @@ use fedsb_engine::train::{
 use fedsb_privacy::{AccountantKind, PrivacyBudget};
 use fedsb_protocol::PrivacyPolicy;
 
-use crate::checks::{check_classes, check_output_file, resolve_max_seq_len};
+use crate::checks::{
+    check_classes, check_output_file, load_base_model, resolve_max_seq_len, BaseModel,
+};
 use crate::data_args::{read_eval_set, require_label_column, same_columns_as, DataColumns};
 use crate::dp_training::{train_steps_dp, DpTraining};
 use crate::participant::{
@@ -175,11 +179,20 @@ struct InitFile {
 }
 
 impl InitFile {
-    fn read(path: &std::path::Path, num_layers: usize) -> anyhow::Result<Self> {
+    /// Reads the file at `path`, refused when it was made for another
+    /// base model than `base_model`.
+    fn read(
+        path: &std::path::Path,
+        num_layers: usize,
+        base_model: &BaseModel,
+    ) -> anyhow::Result<Self> {
         let name = path.display().to_string();
         let bytes = std::fs::read(path).with_context(|| format!("reading {name}"))?;
         let context = || format!("adapter file {name} (--init)");
         let info = adapter_file_info(&bytes, num_layers).with_context(context)?;
+        base_model
+            .check_adapter_file(path, &info.metadata)
+            .with_context(context)?;
         let labels = info.labels().with_context(context)?;
         Ok(Self {
             path: name,
@@ -269,13 +282,17 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
              training data (DP-SGD does not cover it): give public seed data with --init-data"
         );
     }
-    let weights = BertWeights::from_dir(&args.model)
+    let (weights, base_model) = load_base_model(&args.model)
         .with_context(|| format!("loading the model from {}", args.model.display()))?;
     let max_seq_len = resolve_max_seq_len(args.max_seq_len, &weights.config)?;
     let tokenizer = BertTokenizer::from_file(args.model.join("tokenizer.json"))?
         .with_max_length(max_seq_len)?;
     let init_file = match &args.init {
-        Some(path) => Some(InitFile::read(path, weights.config.num_hidden_layers)?),
+        Some(path) => Some(InitFile::read(
+            path,
+            weights.config.num_hidden_layers,
+            &base_model,
+        )?),
         None => None,
     };
     let rank = match (&init_file, args.rank) {
@@ -434,6 +451,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             ("head_learning_rate".to_owned(), head_lr.to_string()),
             ("seed".to_owned(), args.seed.to_string()),
             ("trained_by".to_owned(), "fedsb train".to_owned()),
+            base_model.metadata_entry(),
         ]);
         match &init_file {
             Some(s) => {

@@ -464,6 +464,12 @@ async fn an_exported_round_evaluates_as_the_aggregator_evaluated_it() -> anyhow:
     assert_eq!(meta.get("averaged_rounds").map(String::as_str), Some("1-2"));
     assert_eq!(meta.get("round").map(String::as_str), Some("2"));
     assert!(!meta.contains_key("global_sha256"), "{meta:?}");
+    // The task's base model, as its database pins it.
+    assert_eq!(
+        meta.get("base_model_sha256"),
+        Some(&sha256sum(&dir.join("model/model.safetensors"))?),
+        "{meta:?}"
+    );
     // `--average 1` is the round itself, byte for byte.
     let one = dir.join("one.safetensors");
     json_of(
@@ -647,10 +653,14 @@ fn a_merged_model_evaluates_like_the_base_model_with_its_adapter() -> anyhow::Re
             safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap(),
         )
     });
+    // The merged model is another base model: the hand-made file claims
+    // none, so that it is accepted with both.
+    let mut metadata = header.metadata().clone().unwrap_or_default();
+    metadata.remove("base_model_sha256");
     let zero_r = dir.join("zero-r.safetensors");
     std::fs::write(
         &zero_r,
-        safetensors::tensor::serialize(views, header.metadata().clone())?,
+        safetensors::tensor::serialize(views, Some(metadata))?,
     )?;
     let eval = |model: &Path, file: &Path| -> anyhow::Result<serde_json::Value> {
         let out = Command::new(fedsb_bin())
@@ -683,6 +693,146 @@ fn a_merged_model_evaluates_like_the_base_model_with_its_adapter() -> anyhow::Re
     assert!(!again.status.success());
     let stderr = String::from_utf8_lossy(&again.stderr);
     assert!(stderr.contains("is not empty"), "{stderr}");
+    Ok(())
+}
+
+/// The SHA-256 of a file as `sha256sum` prints it (lowercase hex).
+fn sha256sum(path: &Path) -> anyhow::Result<String> {
+    let out = Command::new("sha256sum").arg(path).output()?;
+    fedsb_e2e::process::check_success("sha256sum", &out)?;
+    Ok(String::from_utf8(out.stdout)?
+        .split_whitespace()
+        .next()
+        .context("sha256sum printed nothing")?
+        .to_owned())
+}
+
+/// An adapter file's header metadata.
+fn metadata_of(path: &Path) -> anyhow::Result<std::collections::HashMap<String, String>> {
+    let bytes = std::fs::read(path)?;
+    let (_, header) = SafeTensors::read_metadata(&bytes)?;
+    Ok(header.metadata().clone().unwrap_or_default())
+}
+
+/// An adapter file records the base model it was made for
+/// (`base_model_sha256`, the SHA-256 of its model.safetensors). With
+/// another checkpoint of the same architecture (a tiny random BERT of
+/// identical shapes, other weights), which used to give garbage silently,
+/// `fedsb eval`, `fedsb merge` and `fedsb serve` refuse it, naming the
+/// adapter file, the model file and both hashes; with its own model it
+/// evaluates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adapter_file_is_refused_with_another_base_model() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    // M1 in model/, fedsb init's adapter.safetensors made on it.
+    write_task(dir)?;
+    // M2: the same configuration (every shape), other random weights.
+    write_tiny_model(&dir.join("model2"), 6)?;
+    assert_eq!(
+        std::fs::read(dir.join("model/config.json"))?,
+        std::fs::read(dir.join("model2/config.json"))?
+    );
+    let (m1, m2) = (
+        sha256sum(&dir.join("model/model.safetensors"))?,
+        sha256sum(&dir.join("model2/model.safetensors"))?,
+    );
+    assert_ne!(m1, m2);
+
+    // Trained on M1: two steps from the initialization.
+    let trained = dir.join("trained.safetensors");
+    let out = Command::new(fedsb_bin())
+        .args(["train", "--model"])
+        .arg(dir.join("model"))
+        .arg("--train")
+        .arg(dir.join("seed.tsv"))
+        .arg("--eval")
+        .arg(dir.join("eval.tsv"))
+        .arg("--init")
+        .arg(dir.join("adapter.safetensors"))
+        .args(["--steps", "2", "--batch", "8", "--lr", "0.01"])
+        .args(["--max-seq-len", &MAX_SEQ.to_string()])
+        .arg("--output")
+        .arg(&trained)
+        .env("RUST_LOG", "warn")
+        .output()?;
+    json_of("fedsb train --init", &out)?;
+    assert_eq!(metadata_of(&trained)?.get("base_model_sha256"), Some(&m1));
+
+    let eval = |model: &str| -> anyhow::Result<std::process::Output> {
+        Ok(Command::new(fedsb_bin())
+            .args(["eval", "--model"])
+            .arg(dir.join(model))
+            .arg("--adapter-file")
+            .arg(&trained)
+            .arg("--eval")
+            .arg(dir.join("eval.tsv"))
+            .args(["--max-seq-len", &MAX_SEQ.to_string()])
+            .env("RUST_LOG", "warn")
+            .output()?)
+    };
+    let measured = json_of("fedsb eval with M1", &eval("model")?)?;
+    assert_eq!(measured["samples"], EVAL_ROWS + 7, "{measured}");
+    let says_other_model = |stderr: &str, adapter: &Path, model: &str| {
+        for part in [
+            format!(
+                "{} was made for a base model whose model.safetensors has SHA-256 {}",
+                adapter.display(),
+                &m1[..12]
+            ),
+            format!(
+                "but {} has {}",
+                dir.join(model).join("model.safetensors").display(),
+                &m2[..12]
+            ),
+            "use the model it was trained on".to_owned(),
+        ] {
+            assert!(stderr.contains(&part), "{part:?} not in:\n{stderr}");
+        }
+    };
+    let out = eval("model2")?;
+    assert!(!out.status.success(), "fedsb eval with M2 was accepted");
+    says_other_model(&stderr_of(&out), &trained, "model2");
+
+    let merged = dir.join("merged");
+    let out = run_fedsb(&[
+        "merge".as_ref(),
+        "--model".as_ref(),
+        dir.join("model2").as_os_str(),
+        "--adapter-file".as_ref(),
+        trained.as_os_str(),
+        "--out".as_ref(),
+        merged.as_os_str(),
+    ])?;
+    assert!(!out.status.success(), "fedsb merge with M2 was accepted");
+    says_other_model(&stderr_of(&out), &trained, "model2");
+    assert!(!merged.exists());
+
+    // The task served with M2 and the adapter file made on M1.
+    let task = std::fs::read_to_string(dir.join("task.toml"))?;
+    std::fs::write(
+        dir.join("task.toml"),
+        task.replace("dir = \"model\"", "dir = \"model2\""),
+    )?;
+    let child = Command::new(fedsb_bin())
+        .args(["serve", "--port", "0", "--config"])
+        .arg(dir.join("task.toml"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let out = fedsb_e2e::process::wait_child(child, Duration::from_secs(60)).await?;
+    assert!(!out.status.success(), "fedsb serve with M2 was accepted");
+    let stderr = stderr_of(&out);
+    for part in [
+        "adapter.safetensors was made for a base model",
+        &m1[..12],
+        &m2[..12],
+        "model2",
+    ] {
+        assert!(stderr.contains(part), "{part:?} not in:\n{stderr}");
+    }
     Ok(())
 }
 

@@ -2,8 +2,9 @@
 //! initializes as `fedsb init --lr η` does while AdamW runs at `--lr`;
 //! `--head-lr` trains the head at its own rate; `--init FILE` trains from
 //! an adapter file's model; `--checkpoint-every` writes the model at its
-//! steps and `fedsb average` averages such files; and `fedsb init`'s report
-//! of its two phases and its refusal of a rank wider than a layer.
+//! steps and `fedsb average` averages such files; `fedsb init` and `fedsb
+//! train` record their base model; and `fedsb init`'s report of its two
+//! phases and its refusal of a rank wider than a layer.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -492,6 +493,114 @@ fn init_file_trains_from_an_adapter_files_model() -> anyhow::Result<()> {
         "sentence\tlabel\ngood .\tpositive\nbad .\tneutral\n",
     )?;
     refused(&[], &init, "\"neutral\"")?;
+    Ok(())
+}
+
+/// The SHA-256 of a file as `sha256sum` prints it (lowercase hex).
+fn sha256sum(path: &Path) -> anyhow::Result<String> {
+    let out = Command::new("sha256sum").arg(path).output()?;
+    check_success("sha256sum", &out)?;
+    Ok(String::from_utf8(out.stdout)?
+        .split_whitespace()
+        .next()
+        .context("sha256sum printed nothing")?
+        .to_owned())
+}
+
+/// `fedsb init` and `fedsb train --output` (and its checkpoints) record
+/// their base model: `base_model_sha256` is the SHA-256 of the model's
+/// model.safetensors (init's report names it too). `fedsb train --init`
+/// with a file made on another model of the same shapes is refused, naming
+/// both files and hashes, and `fedsb average` refuses files recorded for
+/// different models.
+#[test]
+fn init_and_train_record_their_base_model() -> anyhow::Result<()> {
+    let tmp = tiny_task()?;
+    let dir = tmp.path();
+    let path = |name: &str| dir.join(name);
+    let s = |p: &Path| p.to_str().context("path").map(str::to_owned);
+    let m1 = sha256sum(&path("model/model.safetensors"))?;
+    let base_model = |file: &Path| -> anyhow::Result<Option<String>> {
+        Ok(lora_r(file)?.1.get("base_model_sha256").cloned())
+    };
+
+    let init = path("init.safetensors");
+    let out = fedsb(dir, "init", &["--out", &s(&init)?])?;
+    check_success("fedsb init", &out)?;
+    assert_eq!(last_json_line(&out)?["base_model_sha256"], m1.as_str());
+    assert_eq!(base_model(&init)?, Some(m1.clone()), "fedsb init's file");
+    let run = path("run.safetensors");
+    train_steps(
+        dir,
+        "2",
+        &["--checkpoint-every", "1", "--output", &s(&run)?],
+    )?;
+    for file in [&run, &path("run.step-1.safetensors")] {
+        assert_eq!(base_model(file)?, Some(m1.clone()), "{}", file.display());
+    }
+
+    // Another random checkpoint of the same architecture.
+    write_tiny_model(&path("model2"), 12)?;
+    let m2 = sha256sum(&path("model2/model.safetensors"))?;
+    assert_ne!(m1, m2);
+    let out = Command::new(fedsb_bin())
+        .arg("train")
+        .arg("--model")
+        .arg(path("model2"))
+        .arg("--train")
+        .arg(path("train.tsv"))
+        .arg("--eval")
+        .arg(path("eval.tsv"))
+        .arg("--init")
+        .arg(&init)
+        .args(["--batch", BATCH, "--steps", "1"])
+        .env("RUST_LOG", "warn")
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "--init with another model was accepted"
+    );
+    for part in [
+        format!(
+            "{} was made for a base model whose model.safetensors has SHA-256 {}",
+            init.display(),
+            &m1[..12]
+        ),
+        format!(
+            "but {} has {}",
+            path("model2/model.safetensors").display(),
+            &m2[..12]
+        ),
+    ] {
+        assert!(stderr.contains(&part), "{part:?} not in:\n{stderr}");
+    }
+
+    let elsewhere = path("elsewhere.safetensors");
+    rewrite_adapter_file(
+        &run,
+        &elsewhere,
+        |_| true,
+        |metadata| {
+            metadata
+                .get_or_insert_with(HashMap::new)
+                .insert("base_model_sha256".into(), m2.clone());
+        },
+    )?;
+    let out = average(&[&run, &elsewhere], &path("mean.safetensors"))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "files of two base models were averaged"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "{} was made for the base model with SHA-256 {m2} but {} for the one with {m1}",
+            elsewhere.display(),
+            run.display()
+        )),
+        "{stderr}"
+    );
     Ok(())
 }
 

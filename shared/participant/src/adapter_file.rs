@@ -16,6 +16,13 @@
 //!
 //! The aggregator reads `lora_R` and `classifier.*` for round 0
 //! (`files::initial_adapter`); participants read `lora_A` and `lora_B`.
+//!
+//! The header's metadata records what the file is (`rank`, `labels`, …)
+//! and, under [`BASE_MODEL_SHA256`], the base model it was made for: `A`
+//! and `B` come from that model's gradients and every `R` was trained on
+//! its weights, so on another checkpoint of the same architecture (same
+//! shapes) the file silently means nothing. [`check_base_model`] refuses
+//! that.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -127,6 +134,59 @@ pub fn layered_modules(
         }
     }
     Ok((names, refs))
+}
+
+/// The metadata key of the base model an adapter file was made for: the
+/// lowercase hex SHA-256 of the bytes of the model directory's
+/// `model.safetensors`. Files written before fedsb recorded it lack it.
+pub const BASE_MODEL_SHA256: &str = "base_model_sha256";
+
+/// Refuses an adapter file whose metadata records ([`BASE_MODEL_SHA256`])
+/// another base model than the one at hand, `model_file` with SHA-256
+/// `model_sha256`; the message names `adapter`, `model_file` and both
+/// hashes (abbreviated). A file without the key (from a fedsb that did not
+/// record it) is accepted. Every command that reads an adapter file
+/// together with a model calls this before using them together.
+pub fn check_base_model(
+    metadata: &HashMap<String, String>,
+    adapter: &str,
+    model_file: &str,
+    model_sha256: &str,
+) -> Result<()> {
+    let Some(recorded) = metadata.get(BASE_MODEL_SHA256) else {
+        tracing::debug!(
+            adapter,
+            "the adapter file records no base model ({BASE_MODEL_SHA256}): not checked"
+        );
+        return Ok(());
+    };
+    if recorded.trim().eq_ignore_ascii_case(model_sha256) {
+        return Ok(());
+    }
+    Err(invalid(format!(
+        "{adapter} was made for a base model whose model.safetensors has SHA-256 {} \
+         (its {BASE_MODEL_SHA256} metadata), but {model_file} has {}; use the model it was \
+         trained on",
+        abbreviated(recorded),
+        abbreviated(model_sha256)
+    )))
+}
+
+/// The first 12 characters of a hash, with `…` when there were more.
+fn abbreviated(sha256: &str) -> String {
+    let mut short: String = sha256.trim().chars().take(12).collect();
+    if sha256.trim().chars().count() > 12 {
+        short.push('…');
+    }
+    short
+}
+
+/// An adapter file's header metadata (empty when it has none), read
+/// without its tensors' values.
+pub fn adapter_file_metadata(bytes: &[u8]) -> Result<HashMap<String, String>> {
+    let (_, header) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| invalid(format!("the adapter file is not valid safetensors: {e}")))?;
+    Ok(header.metadata().clone().unwrap_or_default())
 }
 
 fn f32_bytes(data: &[f32]) -> Vec<u8> {
@@ -709,6 +769,50 @@ mod tests {
             "{e}"
         );
         let e = adapter_file_info(b"not safetensors", 2).unwrap_err();
+        assert!(e.to_string().contains("not valid safetensors"), "{e}");
+    }
+
+    /// A file recording another base model is refused, naming the file, the
+    /// model file and both hashes; the recorded one passes whatever its
+    /// case, and a file recording none passes.
+    #[test]
+    fn an_adapter_file_for_another_base_model_is_refused() {
+        let ours = "9f8e".repeat(16);
+        let theirs = "1a2b".repeat(16);
+        let recorded = |sha: &str| HashMap::from([(BASE_MODEL_SHA256.to_owned(), sha.to_owned())]);
+        let e = check_base_model(
+            &recorded(&theirs),
+            "run.safetensors",
+            "other/model.safetensors",
+            &ours,
+        )
+        .unwrap_err()
+        .to_string();
+        for part in [
+            "run.safetensors was made for a base model whose model.safetensors has SHA-256 \
+             1a2b1a2b1a2b…",
+            "but other/model.safetensors has 9f8e9f8e9f8e…",
+            "use the model it was trained on",
+        ] {
+            assert!(e.contains(part), "{part:?} not in {e}");
+        }
+        check_base_model(&recorded(&ours), "a", "m", &ours).unwrap();
+        check_base_model(&recorded(&ours.to_uppercase()), "a", "m", &ours).unwrap();
+        check_base_model(&HashMap::new(), "a", "m", &ours).unwrap();
+
+        // The key survives the file, and is read back without the tensors.
+        let config = tiny_config(1);
+        let adapters = LoraSbAdapters::<f32>::random(&config, 3, 7, 0.5);
+        let head = ClassifierHead::<f32>::init(2, 8, 0.02, 1);
+        let names = vec!["encoder.layer.0.output.dense".to_owned()];
+        let modules = parse_module_names(&names, 1).unwrap();
+        let bytes =
+            adapter_file_bytes(&names, &modules, &adapters, &head, recorded(&theirs)).unwrap();
+        let metadata = adapter_file_metadata(&bytes).unwrap();
+        assert_eq!(metadata[BASE_MODEL_SHA256], theirs);
+        assert_eq!(adapter_file_info(&bytes, 1).unwrap().metadata, metadata);
+        assert!(check_base_model(&metadata, "a", "m", &ours).is_err());
+        let e = adapter_file_metadata(b"not safetensors").unwrap_err();
         assert!(e.to_string().contains("not valid safetensors"), "{e}");
     }
 

@@ -28,8 +28,9 @@ pub mod task;
 pub mod train;
 
 pub use adapter_file::{
-    engine_to_state, parse_linear, parse_module_name, parse_module_names, read_adapter_file,
-    state_to_engine, write_adapter_file, write_file_atomically, AdapterFileError, ModuleRef,
+    check_base_model, engine_to_state, parse_linear, parse_module_name, parse_module_names,
+    read_adapter_file, state_to_engine, write_adapter_file, write_file_atomically,
+    AdapterFileError, ModuleRef, BASE_MODEL_SHA256,
 };
 pub use dp::{train_round_dp, train_steps_dp, DpStepsOutcome, DpTraining};
 pub use init::{centre_logits, init_frames, init_gradients};
