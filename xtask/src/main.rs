@@ -157,7 +157,7 @@ fn demo(root: &Path, port: u16) -> Result<()> {
     // with the head centred on them (README "Centring the initial head").
     let adapter = root.join(DEMO_ADAPTER);
     if !adapter.is_file() {
-        eprintln!("\nInitializing the demo adapter (LoRA-SB init on 64 SST-2 sentences, about a minute on a CPU)…");
+        eprintln!("\nInitializing the demo adapter (LoRA-SB init on 64 SST-2 sentences, under a minute on a CPU)…");
         fs::create_dir_all(adapter.parent().expect("has a parent"))?;
         run(Command::new(&bin)
             .args(["init", "--model", "models/all-MiniLM-L6-v2"])
