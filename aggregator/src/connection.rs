@@ -2,8 +2,9 @@
 //! checked without the round, pings and idle timeout.
 //!
 //! Every rejected message is answered with a typed `Error` frame and counted
-//! in `fedsb_messages_rejected_total{reason}`; only an unsupported protocol
-//! version also closes the connection.
+//! in `fedsb_messages_rejected_total{reason}`; a refused `Hello` (an
+//! unsupported protocol version, a key already connected, a server error)
+//! also closes the connection, as a participant's `Leave` does.
 
 use std::sync::Arc;
 use std::time::Duration;

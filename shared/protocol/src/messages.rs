@@ -689,8 +689,8 @@ pub enum ErrorCode {
     /// `Hello` carried a protocol version this server does not speak. The
     /// connection is closed after this error.
     VersionMismatch,
-    /// The frame could not be decoded (bad magic, truncated, unknown kind…),
-    /// or it was a text frame.
+    /// The frame could not be decoded (bad magic, truncated, unknown kind, a
+    /// limit exceeded, an invalid participant key…), or it was a text frame.
     Malformed,
     /// The frame exceeded [`crate::MAX_FRAME_BYTES`].
     FrameTooLarge,
@@ -700,15 +700,21 @@ pub enum ErrorCode {
     DuplicateHello,
     /// Wrong number of R matrices or a tensor of the wrong shape.
     ShapeMismatch,
-    /// NaN or infinite values in an update.
+    /// NaN or infinite values in an update, an `InitGradient` or a
+    /// `CentreLogits`.
     NonFinite,
     /// Update for a round that is already closed.
     StaleRound,
     /// Update for a round that is not open yet.
     FutureRound,
-    /// A second update from the same participant in the same round.
+    /// A second update from the same participant in the same round; also a
+    /// second `InitGradient` of one module, anything of the initialization
+    /// after the participant's accepted `InitDone`, or a `CentreLogits`
+    /// after its accepted one.
     DuplicateUpdate,
-    /// `num_samples` is zero.
+    /// `num_samples` is zero, or more than the participant could have used:
+    /// for an `Update`, `local_steps × batch_size`; for `InitDone` and
+    /// `CentreLogits`, the task's `init_samples`.
     InvalidSampleCount,
     /// The round already has `max_participants` updates.
     RoundFull,
@@ -717,10 +723,13 @@ pub enum ErrorCode {
     /// An invalid privacy report (non-finite or out-of-range values).
     InvalidPrivacyReport,
     /// The server failed; the message says nothing more to the participant.
+    /// In answer to `Hello` (the participant key could not be looked up, or
+    /// the server is shutting down) the connection is closed after it.
     Internal,
     /// An initialization message (`InitGradient`, `InitDone`) while the task
-    /// is not collecting initialization gradients, or an `InitDone` without
-    /// every module's gradient.
+    /// is not collecting initialization gradients, an `InitDone` without
+    /// every module's gradient, or a `CentreLogits` while the task is not
+    /// centring its initial head.
     NotInitializing,
     /// `Hello` presented a participant key that another open connection
     /// presented too (the same data joined twice). The connection is closed
@@ -894,8 +903,9 @@ mod server_kind {
 }
 
 impl ServerMessage {
-    /// The message's type as the wire's JSON names it (`"global_model"`, …),
-    /// for messages about it that should not print its tensors.
+    /// The message's `type` tag in its serde form (`"global_model"`, …: what
+    /// the wasm bindings hand JavaScript; the wire itself is binary, with no
+    /// JSON), for messages about it that should not print its tensors.
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Welcome { .. } => "welcome",
