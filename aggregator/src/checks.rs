@@ -1,18 +1,22 @@
 //! Checks the commands make on their arguments before any long work (model
 //! loading, GPU setup, training), so that a wrong path or value fails in a
 //! second, naming the flag, instead of after the run it would have ended;
-//! and the base model ([`load_base_model`]) whose SHA-256 the adapter files
-//! a command reads must record, if they record one.
+//! the base model ([`load_base_model`]) whose SHA-256 the adapter files
+//! a command reads must record, if they record one; and the adapter file
+//! a training command starts from ([`InitFile`], `--init`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use fedsb_aggregator::store::sha256_hex;
 use fedsb_engine::data::Dataset;
 use fedsb_engine::model::{BertConfig, BertWeights, ModelLoadError};
+use fedsb_engine::reference::{ClassifierHead, LoraSbAdapters};
 
-use crate::participant::{check_base_model, BASE_MODEL_SHA256};
+use crate::participant::{
+    adapter_file_info, check_base_model, AdapterFileInfo, BASE_MODEL_SHA256, MAX_SEQ_LEN,
+};
 
 /// The base model of a command: its `model.safetensors` and that file's
 /// SHA-256, which the adapter files the command writes record
@@ -43,6 +47,64 @@ impl BaseModel {
     /// The metadata entry that records this model in an adapter file.
     pub fn metadata_entry(&self) -> (String, String) {
         (BASE_MODEL_SHA256.to_owned(), self.sha256.clone())
+    }
+}
+
+/// The adapter file a training command starts from (`fedsb train --init`,
+/// `fedsb sim --init`): its bytes, what it holds and its head's class names
+/// (its `labels` metadata, in the head's order), which fix the classes the
+/// command reads its data with ([`crate::data_args::head_classes`]).
+#[derive(Debug)]
+pub struct InitFile {
+    /// The path, for messages.
+    pub path: String,
+    pub info: AdapterFileInfo,
+    pub bytes: Vec<u8>,
+    /// The head's classes, in order, when the file names them.
+    pub labels: Option<Vec<String>>,
+}
+
+impl InitFile {
+    /// Reads the file at `path` for a model of `num_layers` layers, refused
+    /// when it was made for another base model than `base_model` or when
+    /// its `labels` metadata does not name its head's classes.
+    pub fn read(path: &Path, num_layers: usize, base_model: &BaseModel) -> anyhow::Result<Self> {
+        let name = path.display().to_string();
+        let bytes = std::fs::read(path).with_context(|| format!("reading {name}"))?;
+        let context = || format!("adapter file {name} (--init)");
+        let info = adapter_file_info(&bytes, num_layers).with_context(context)?;
+        base_model
+            .check_adapter_file(path, &info.metadata)
+            .with_context(context)?;
+        let labels = info.labels().with_context(context)?;
+        Ok(Self {
+            path: name,
+            info,
+            bytes,
+            labels,
+        })
+    }
+
+    /// The file's `A`, `B`, `R` of every module and its head, checked
+    /// against the model and the training set's `classes`.
+    pub fn model(
+        &self,
+        config: &BertConfig,
+        classes: usize,
+    ) -> anyhow::Result<(LoraSbAdapters<f32>, ClassifierHead<f32>)> {
+        let name = &self.path;
+        let (adapters, head) = self
+            .info
+            .read_model(&self.bytes, config)
+            .with_context(|| format!("adapter file {name} (--init)"))?;
+        let file_classes = head.bias.len();
+        if file_classes != classes {
+            bail!(
+                "adapter file {name} (--init): its head has {file_classes} classes but the \
+                 training data has {classes}"
+            );
+        }
+        Ok((adapters, head))
     }
 }
 
@@ -89,6 +151,9 @@ pub fn check_output_file(path: &Path, flag: &str) -> anyhow::Result<()> {
 /// table if it is shorter.
 pub const DEFAULT_MAX_SEQ_LEN: usize = 128;
 
+/// `--rank` when not given and no `--init` file fixes it.
+pub const DEFAULT_RANK: usize = 32;
+
 /// The sequence length a command truncates at: `given`, refused when longer
 /// than the model's position table, or [`DEFAULT_MAX_SEQ_LEN`] capped by it.
 pub fn resolve_max_seq_len(given: Option<usize>, config: &BertConfig) -> anyhow::Result<usize> {
@@ -101,6 +166,35 @@ pub fn resolve_max_seq_len(given: Option<usize>, config: &BertConfig) -> anyhow:
         Some(n) => Ok(n),
         None => Ok(DEFAULT_MAX_SEQ_LEN.min(config.max_position_embeddings)),
     }
+}
+
+/// The sequence length `fedsb eval` truncates at: `given`, checked as
+/// [`resolve_max_seq_len`] checks it; else the length the adapter file
+/// `file` was made at ([`MAX_SEQ_LEN`] in its `metadata`), so that the file
+/// evaluates as it was evaluated when made; else [`resolve_max_seq_len`]'s
+/// default. A recorded length that is not a number from 3 (`[CLS]`, `[SEP]`
+/// and a token) up to the model's position table is passed over with a
+/// warning.
+pub fn resolve_eval_max_seq_len(
+    given: Option<usize>,
+    metadata: &HashMap<String, String>,
+    file: &str,
+    config: &BertConfig,
+) -> anyhow::Result<usize> {
+    if given.is_some() {
+        return resolve_max_seq_len(given, config);
+    }
+    if let Some(recorded) = metadata.get(MAX_SEQ_LEN) {
+        let positions = config.max_position_embeddings;
+        match recorded.trim().parse::<usize>() {
+            Ok(n) if (3..=positions).contains(&n) => return Ok(n),
+            _ => tracing::warn!(
+                "{file} records {MAX_SEQ_LEN} {recorded:?}, which is not a length from 3 to the \
+                 model's {positions} positions: not used"
+            ),
+        }
+    }
+    resolve_max_seq_len(None, config)
 }
 
 /// Refuses training data with examples of fewer than two classes (nothing
@@ -177,6 +271,32 @@ mod tests {
             ..BertConfig::default()
         };
         assert_eq!(resolve_max_seq_len(None, &short).unwrap(), 32);
+    }
+
+    /// Without --max-seq-len, eval truncates at the length the file
+    /// records when the model has the positions for it, else at the
+    /// default; --max-seq-len wins either way.
+    #[test]
+    fn eval_uses_the_sequence_length_the_file_records() {
+        let config = BertConfig {
+            max_position_embeddings: 64,
+            ..BertConfig::default()
+        };
+        let recorded = |n: &str| HashMap::from([(MAX_SEQ_LEN.to_owned(), n.to_owned())]);
+        let resolve = |given, metadata: &HashMap<String, String>| {
+            resolve_eval_max_seq_len(given, metadata, "a.safetensors", &config).unwrap()
+        };
+        assert_eq!(resolve(None, &recorded("32")), 32);
+        assert_eq!(resolve(None, &recorded("64")), 64);
+        assert_eq!(resolve(Some(16), &recorded("32")), 16);
+        assert_eq!(resolve(None, &HashMap::new()), 64);
+        for unusable in ["65", "2", "0", "many", ""] {
+            assert_eq!(resolve(None, &recorded(unusable)), 64, "{unusable:?}");
+        }
+        let err = resolve_eval_max_seq_len(Some(65), &recorded("32"), "a", &config)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--max-seq-len 65 is longer"), "{err}");
     }
 
     /// The model loads as from its directory, its hash is its

@@ -1,5 +1,7 @@
 //! The data-file column flags shared by `fedsb init`, `train`, `sim` and
-//! `join`, and the checks every one of them makes on a labelled file.
+//! `join`, the checks every one of them makes on a labelled file, and the
+//! classes a command that trains a head reads its training data with
+//! ([`head_classes`], [`read_training_set`]).
 
 use std::path::Path;
 
@@ -34,6 +36,65 @@ impl DataColumns {
             skip_rows_without_label: true,
         }
     }
+}
+
+/// The classes of the head a command trains, in head order, and where they
+/// come from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeadClasses {
+    pub names: Vec<String>,
+    /// `--labels`, or the `--init` file whose head they are (for messages).
+    pub source: String,
+}
+
+/// The classes a command that trains a head (`fedsb train`, `fedsb sim`)
+/// reads its training data with. Starting from an adapter file's head
+/// (`init`: its path and its `labels` metadata), they are that head's, in
+/// its order, which `--labels` (`given`) must then name in the same order;
+/// otherwise `--labels`; otherwise `None`: the training data's own classes
+/// (names sorted, or ids).
+pub fn head_classes(
+    init: Option<(&str, Option<&[String]>)>,
+    given: Option<&[String]>,
+) -> anyhow::Result<Option<HeadClasses>> {
+    match (init, given) {
+        (Some((file, Some(head))), Some(given)) if given != head => bail!(
+            "--labels {given:?} differ from the classes {head:?} of the head of {file} \
+             (--init, its labels metadata): leave --labels out, or give them in that order"
+        ),
+        (Some((file, Some(head))), _) => Ok(Some(HeadClasses {
+            names: head.to_vec(),
+            source: format!("the head of {file} (--init)"),
+        })),
+        (_, Some(given)) => Ok(Some(HeadClasses {
+            names: given.to_vec(),
+            source: "--labels".to_owned(),
+        })),
+        (_, None) => Ok(None),
+    }
+}
+
+/// Reads the training data `path` with `columns` and the head's `classes`
+/// (none: the data's own), refusing a file without a label column; a label
+/// that is not one of `classes` is refused, naming them and where they come
+/// from.
+pub fn read_training_set(
+    path: &Path,
+    columns: &DataColumns,
+    classes: Option<&HeadClasses>,
+) -> anyhow::Result<Dataset> {
+    let names = classes.map(|c| c.names.clone());
+    let data = read_dataset_file(path, &columns.spec(names)).with_context(|| match classes {
+        Some(c) => format!(
+            "reading {}: its labels must be the classes {:?} of {}",
+            path.display(),
+            c.names,
+            c.source
+        ),
+        None => format!("reading {}", path.display()),
+    })?;
+    require_label_column(&data, path)?;
+    Ok(data)
 }
 
 /// Refuses a file read without finding a label column, and says how many
@@ -79,5 +140,84 @@ pub fn same_columns_as(data: &Dataset) -> ColumnSpec {
         label: data.label_column.clone(),
         label_names: Some(data.label_names.clone()),
         skip_rows_without_label: true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(n: &[&str]) -> Vec<String> {
+        n.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// An init file's classes win, in their order, and `--labels` must
+    /// agree; without them `--labels`, and without both the data's own.
+    #[test]
+    fn an_init_files_classes_fix_the_heads() {
+        let file = names(&["pos", "neg"]);
+        let init = Some(("run.safetensors", Some(file.as_slice())));
+        let got = head_classes(init, None).unwrap().unwrap();
+        assert_eq!(got.names, file);
+        assert!(got.source.contains("run.safetensors"), "{got:?}");
+        assert_eq!(
+            head_classes(init, Some(&file)).unwrap().unwrap().names,
+            file
+        );
+        let err = head_classes(init, Some(&names(&["neg", "pos"])))
+            .unwrap_err()
+            .to_string();
+        for part in [
+            "--labels [\"neg\", \"pos\"]",
+            "[\"pos\", \"neg\"]",
+            "run.safetensors",
+        ] {
+            assert!(err.contains(part), "{part:?} not in {err}");
+        }
+        // A file that names no classes leaves them to --labels or the data.
+        let unnamed = Some(("old.safetensors", None));
+        let given = names(&["b", "a"]);
+        let got = head_classes(unnamed, Some(&given)).unwrap().unwrap();
+        assert_eq!((got.names, got.source.as_str()), (given, "--labels"));
+        assert_eq!(head_classes(unnamed, None).unwrap(), None);
+        assert_eq!(head_classes(None, None).unwrap(), None);
+    }
+
+    /// The training data is read with the head's class ids; a label that
+    /// is not one of them is refused, naming the classes and their source.
+    #[test]
+    fn the_training_set_is_read_with_the_heads_classes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("train.tsv");
+        std::fs::write(&path, "sentence\tlabel\na\tpos\nb\tneg\n").unwrap();
+        let columns = DataColumns {
+            text_column: None,
+            text_pair_column: None,
+            label_column: None,
+        };
+        let own = read_training_set(&path, &columns, None).unwrap();
+        assert_eq!(own.label_names, ["neg", "pos"]);
+        let head = HeadClasses {
+            names: names(&["pos", "neg"]),
+            source: "the head of run.safetensors (--init)".to_owned(),
+        };
+        let data = read_training_set(&path, &columns, Some(&head)).unwrap();
+        assert_eq!(data.label_names, ["pos", "neg"]);
+        let labels: Vec<_> = data.examples.iter().map(|e| e.label).collect();
+        assert_eq!(labels, [Some(0), Some(1)]);
+        let ids = HeadClasses {
+            names: names(&["0", "1"]),
+            ..head
+        };
+        let err = format!(
+            "{:#}",
+            read_training_set(&path, &columns, Some(&ids)).unwrap_err()
+        );
+        for part in [
+            "its labels must be the classes [\"0\", \"1\"] of the head of run.safetensors",
+            "label \"pos\" is not one of the classes [0, 1]",
+        ] {
+            assert!(err.contains(part), "{part:?} not in {err}");
+        }
     }
 }

@@ -3,7 +3,10 @@
 //! committed round, for any adapter file (`fedsb export`, `fedsb train
 //! --output`, `fedsb init`). An adapter file that records another base
 //! model (`base_model_sha256`) than `--model`'s `model.safetensors` is
-//! refused. Prints one JSON line on stdout:
+//! refused. Sequences are truncated at `--max-seq-len`, else at the length
+//! the file records (`max_seq_len`: the task's for an exported round), so
+//! that an exported round evaluates as the aggregator evaluated it. Prints
+//! one JSON line on stdout (with the `max_seq_len` used):
 //!
 //! ```text
 //! fedsb export --config configs/sst2-demo.toml --out round.safetensors
@@ -22,7 +25,7 @@ use fedsb_engine::gpu::{GpuContext, GpuOptions};
 use fedsb_engine::model::BertTokenizer;
 use fedsb_engine::train::evaluate;
 
-use crate::checks::{load_base_model, resolve_max_seq_len};
+use crate::checks::{load_base_model, resolve_eval_max_seq_len};
 use crate::data_args::{require_label_column, DataColumns};
 use crate::participant::adapter_file_info;
 
@@ -50,9 +53,10 @@ pub struct EvalArgs {
     /// Batch size.
     #[arg(long, default_value_t = 32)]
     batch: usize,
-    /// Truncate sequences to this many tokens (special tokens included); the
-    /// task's max_seq_len for a model trained by a task.
-    /// [default: 128, or the model's max_position_embeddings if fewer]
+    /// Truncate sequences to this many tokens (special tokens included).
+    /// [default: the adapter file's max_seq_len metadata (the task's for an
+    /// exported round, the length `fedsb train`, `sim` or `init` ran at);
+    /// without it 128, or the model's max_position_embeddings if fewer]
     #[arg(long, value_name = "N")]
     max_seq_len: Option<usize>,
     /// Use the GPU adapter whose name contains this (case-insensitive).
@@ -77,14 +81,14 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let file = args.adapter_file.display().to_string();
     let (weights, base_model) = load_base_model(&args.model)
         .with_context(|| format!("loading the model from {}", args.model.display()))?;
-    let max_seq_len = resolve_max_seq_len(args.max_seq_len, &weights.config)?;
-    let tokenizer = BertTokenizer::from_file(args.model.join("tokenizer.json"))?
-        .with_max_length(max_seq_len)?;
     let config = &weights.config;
     let bytes = std::fs::read(&args.adapter_file).with_context(|| format!("reading {file}"))?;
     let info = adapter_file_info(&bytes, config.num_hidden_layers)
         .with_context(|| format!("adapter file {file}"))?;
     base_model.check_adapter_file(&args.adapter_file, &info.metadata)?;
+    let max_seq_len = resolve_eval_max_seq_len(args.max_seq_len, &info.metadata, &file, config)?;
+    let tokenizer = BertTokenizer::from_file(args.model.join("tokenizer.json"))?
+        .with_max_length(max_seq_len)?;
     let context = || format!("adapter file {file}");
     let file_labels = info.labels().with_context(context)?;
     let labels: Vec<String> = match &args.labels {
@@ -120,7 +124,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         bail!("{}: no labelled rows", args.eval.display());
     }
     eprintln!(
-        "{}: {} modules of rank {}, classes {labels:?}; {}: {} examples",
+        "{}: {} modules of rank {}, classes {labels:?}; {}: {} examples, truncated at \
+         {max_seq_len} tokens",
         file,
         info.names.len(),
         info.rank,
@@ -151,6 +156,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             "samples": result.samples,
             "confusion": result.confusion,
             "labels": labels,
+            "max_seq_len": max_seq_len,
             "seconds": seconds,
             "adapter_file": file,
             "round": round,

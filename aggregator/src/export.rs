@@ -1,7 +1,8 @@
 //! A committed global model as an adapter file: the task's frozen `A` and
 //! `B` (from its adapter file) with the round's `R`s and head (from the
 //! store), in the layout of `fedsb init` (`<module>.lora_A`, `lora_B`,
-//! `lora_R`, `classifier.*`) and with the round in the metadata. `fedsb
+//! `lora_R`, `classifier.*`) and with the round and the task's
+//! `max_seq_len` ([`MAX_SEQ_LEN`]) in the metadata. `fedsb
 //! export` writes it; `/api/rounds/{n}/adapter` serves it. Equal rounds
 //! give byte-identical files. `fedsb export --average N` writes the mean of
 //! N consecutive rounds' models instead ([`export_rounds_mean`]).
@@ -25,7 +26,7 @@ use fedsb_protocol::RoundId;
 
 use crate::adapter_file::{
     adapter_file_bytes, adapter_file_metadata, check_base_model, parse_module_names,
-    read_adapter_file, state_to_engine, BASE_MODEL_SHA256,
+    read_adapter_file, state_to_engine, BASE_MODEL_SHA256, MAX_SEQ_LEN,
 };
 use crate::config::{AdapterInit, Config};
 use crate::files::{check_pin, hash_file, FileError, ADAPTER_FILE, MODEL_FILE};
@@ -424,6 +425,9 @@ fn adapter_file_of(
         ("model_id".to_owned(), config.model.id.clone()),
         ("task_id".to_owned(), task),
         ("round".to_owned(), round.to_string()),
+        // The length the rounds were trained and evaluated at, which
+        // `fedsb eval` then uses.
+        (MAX_SEQ_LEN.to_owned(), config.task.max_seq_len.to_string()),
         ("participants".to_owned(), meta.participants.to_string()),
         ("total_samples".to_owned(), meta.total_samples.to_string()),
         ("global_sha256".to_owned(), meta.global_sha256.clone()),

@@ -44,7 +44,7 @@ use sha2::{Digest, Sha256};
 
 use crate::checks::{check_output_file, load_base_model, resolve_max_seq_len};
 use crate::data_args::{require_label_column, DataColumns};
-use crate::participant::{layered_modules, write_adapter_file};
+use crate::participant::{layered_modules, write_adapter_file, MAX_SEQ_LEN};
 
 #[derive(Debug, Args)]
 pub struct InitArgs {
@@ -190,6 +190,7 @@ pub fn run(args: InitArgs) -> anyhow::Result<()> {
         ("init_samples".to_owned(), taken.to_string()),
         ("learning_rate".to_owned(), args.lr.to_string()),
         ("seed".to_owned(), args.seed.to_string()),
+        (MAX_SEQ_LEN.to_owned(), max_seq_len.to_string()),
         (
             "head".to_owned(),
             "uniform(std = initializer_range) weight, zero bias".to_owned(),

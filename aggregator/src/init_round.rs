@@ -19,7 +19,9 @@ use fedsb_engine::reference::{ClassifierHead, LoraSbAdapters, LoraSbInitOptions,
 use fedsb_engine::train::lora_sb_from_gradients;
 use fedsb_protocol::{ErrorCode, ParticipantId, Tensor};
 
-use crate::adapter_file::{parse_module_name, write_adapter_file, ModuleRef, BASE_MODEL_SHA256};
+use crate::adapter_file::{
+    parse_module_name, write_adapter_file, ModuleRef, BASE_MODEL_SHA256, MAX_SEQ_LEN,
+};
 use crate::config::Config;
 use crate::files::ServedFile;
 use crate::round::Rejection;
@@ -470,6 +472,7 @@ pub fn build_adapter_file(
             config.init_learning_rate().to_string(),
         ),
         ("seed".to_owned(), config.adapter.init_seed.to_string()),
+        (MAX_SEQ_LEN.to_owned(), config.task.max_seq_len.to_string()),
         ("init".to_owned(), "federated".to_owned()),
         (
             "participants".to_owned(),

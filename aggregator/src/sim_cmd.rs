@@ -46,10 +46,14 @@
 //! examples, summed and signed by the aggregator's [`InitCollector`] (and
 //! with `--centre-head` the head centred over the clients' `CentreLogits`
 //! by a [`CentreCollector`]).
+//! The head of an `--init` file keeps its classes: when the file names
+//! them (its `labels` metadata) the training and evaluation data are read
+//! with them, in the head's order, and `--labels` must agree, as with
+//! `fedsb train --init`.
 //! The adapter files the simulator writes (`--output`, `--write-shards`'s
 //! initial model) record the base model (`base_model_sha256`, the SHA-256
-//! of `--model`'s `model.safetensors`), and an `--init` file recording
-//! another one is refused.
+//! of `--model`'s `model.safetensors`) and the `max_seq_len` of the run,
+//! and an `--init` file recording another base model is refused.
 //!
 //! Splits ([`split_iid`], [`split_dirichlet`]) are seeded and documented on
 //! the functions. Byte counts are the sizes of the real protocol frames: per
@@ -69,7 +73,7 @@ use fedsb_aggregator::config::{round_learning_rate, Weighting};
 use fedsb_aggregator::coordinator::check_report_against_policy;
 use fedsb_aggregator::init_round::{CentreCollector, InitCollector, InitModules};
 use fedsb_aggregator::round::{Round, ServerStep};
-use fedsb_engine::data::{read_dataset_file, Dataset, Example};
+use fedsb_engine::data::{Dataset, Example};
 use fedsb_engine::gpu::adamw::AdamW;
 use fedsb_engine::gpu::encoder::{GpuEncoder, GradientMode};
 use fedsb_engine::gpu::{GpuContext, GpuOptions};
@@ -89,14 +93,14 @@ use fedsb_protocol::{
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::checks::{
-    check_classes, check_output_file, load_base_model, resolve_max_seq_len, BaseModel,
-    DEFAULT_MAX_SEQ_LEN,
+    check_classes, check_output_file, load_base_model, resolve_max_seq_len, BaseModel, InitFile,
+    DEFAULT_MAX_SEQ_LEN, DEFAULT_RANK,
 };
-use crate::data_args::{read_eval_set, require_label_column, DataColumns};
+use crate::data_args::{head_classes, read_eval_set, read_training_set, DataColumns};
 use crate::dp_training::DpTraining;
 use crate::participant::{
-    adapter_file_metadata, engine_to_state, layered_modules, read_adapter_file, read_head,
-    state_to_engine, write_adapter_file, ModuleRef,
+    engine_to_state, layered_modules, read_adapter_file, read_head, state_to_engine,
+    write_adapter_file, ModuleRef, MAX_SEQ_LEN,
 };
 use crate::privacy_cmd::AccountantArg;
 
@@ -129,9 +133,9 @@ pub struct SimArgs {
     /// shard, ⌈train rows / clients / batch⌉, the same for every client).
     #[arg(long)]
     local_steps: Option<u32>,
-    /// LoRA-SB rank r.
-    #[arg(long, default_value_t = 32)]
-    rank: usize,
+    /// LoRA-SB rank r [default: 32, or the rank of the --init file].
+    #[arg(long)]
+    rank: Option<usize>,
     /// Batch size (training, LoRA-SB init and evaluation).
     #[arg(long, default_value_t = 32)]
     batch: usize,
@@ -178,7 +182,9 @@ pub struct SimArgs {
     #[arg(long, default_value_t = 256)]
     init_samples: usize,
     /// Start from this adapter file (written by `fedsb init`) instead of
-    /// initializing: its A, B, R₀ and head.
+    /// initializing: its A, B, R₀ and head. Its head's classes are its
+    /// `labels` metadata, in order, when it has one (as `fedsb train
+    /// --init`): the data are read with them and --labels must agree.
     #[arg(long)]
     init: Option<PathBuf>,
     /// Initialize federatedly, as a task with `[adapter] init = "federated"`
@@ -199,7 +205,8 @@ pub struct SimArgs {
     )]
     modules: Vec<String>,
     /// Class names in head order, comma-separated (the task's `[task]
-    /// labels`); default: the classes of --train.
+    /// labels`); default: those of the --init file's head, else the classes
+    /// of --train.
     #[arg(long, value_delimiter = ',')]
     labels: Option<Vec<String>>,
     /// Train only the head; every R stays at its initial value (a baseline
@@ -222,7 +229,8 @@ pub struct SimArgs {
     /// Evaluate on the first N evaluation examples only (0: all).
     #[arg(long, default_value_t = 0)]
     eval_limit: usize,
-    /// Write one CSV row per round here.
+    /// Write one CSV row per round here, with the fields of the --json
+    /// lines but the confusion matrix, in their order.
     #[arg(long)]
     csv: Option<PathBuf>,
     /// Draw the evaluation accuracy per round as a PNG here.
@@ -271,6 +279,11 @@ pub struct SimArgs {
 }
 
 impl SimArgs {
+    /// The rank (set from the `--init` file by `run` when not given).
+    fn rank(&self) -> usize {
+        self.rank.unwrap_or(DEFAULT_RANK)
+    }
+
     /// The sequence length (set from the model by `run` when not given).
     fn seq_len(&self) -> usize {
         self.max_seq_len.unwrap_or(DEFAULT_MAX_SEQ_LEN)
@@ -549,9 +562,18 @@ impl HeadAdam {
     }
 }
 
-fn read_data(args: &SimArgs) -> anyhow::Result<(Dataset, Vec<Example>)> {
-    let train = read_dataset_file(&args.train, &args.columns.spec(args.labels.clone()))?;
-    require_label_column(&train, &args.train)?;
+/// The training set, read with the classes of `--init`'s head when the
+/// file names them (`--labels` must then agree), else `--labels`, else its
+/// own; and the evaluation examples, read with the same class ids.
+fn read_data(
+    args: &SimArgs,
+    init_file: Option<&InitFile>,
+) -> anyhow::Result<(Dataset, Vec<Example>)> {
+    let classes = head_classes(
+        init_file.map(|f| (f.path.as_str(), f.labels.as_deref())),
+        args.labels.as_deref(),
+    )?;
+    let train = read_training_set(&args.train, &args.columns, classes.as_ref())?;
     if train.num_labels() < 2 {
         bail!(
             "{}: the head needs at least two classes, found {:?} (give them with --labels)",
@@ -639,7 +661,7 @@ fn write_shards(
             "server_learning_rate": args.server_lr,
             "server_momentum": args.server_momentum,
             "max_seq_len": args.seq_len(),
-            "rank": args.rank,
+            "rank": args.rank(),
             "modules": args.modules,
             "adapter_file": adapter_file,
             // A task that initializes federatedly instead (`[adapter] init =
@@ -708,7 +730,7 @@ fn federated_initial_model(
         model_sha256: String::new(),
         module_names: names.to_vec(),
         shape: AdapterShape {
-            rank: args.rank as u32,
+            rank: args.rank() as u32,
             modules: modules.len() as u32,
             head_classes: classes as u32,
             head_hidden: config.hidden_size as u32,
@@ -765,12 +787,12 @@ fn federated_initial_model(
             })?;
         }
     }
-    let adapters = collector.adapters(&init_modules, args.rank, f64::from(args.init_lr()))?;
+    let adapters = collector.adapters(&init_modules, args.rank(), f64::from(args.init_lr()))?;
     eprintln!(
         "federated LoRA-SB init on {} examples of {} clients ({per_client} each at most), rank {}, η {}: {:.1} s",
         collector.total_samples(),
         collector.contributors(),
-        args.rank,
+        args.rank(),
         args.init_lr(),
         started.elapsed().as_secs_f64()
     );
@@ -850,17 +872,18 @@ fn initial_state(
     Ok(engine_to_state(&initial, modules)?)
 }
 
-/// The initial adapters (A, B, R₀) and head: from `--init` (refused when
-/// it was made for another base model than `base_model`), the federated
-/// initialization of `--federated-init` (with what it exchanged), or the
-/// LoRA-SB initialization exactly as `fedsb init --seed S --batch B --lr η`
-/// computes it on `--train`, with η = `--init-lr` (default `--lr`).
+/// The initial adapters (A, B, R₀) and head: from the `--init` file
+/// `init_file` (its head's classes are those of `train`, [`read_data`]),
+/// the federated initialization of `--federated-init` (with what it
+/// exchanged), or the LoRA-SB initialization exactly as `fedsb init --seed
+/// S --batch B --lr η` computes it on `--train`, with η = `--init-lr`
+/// (default `--lr`).
 #[allow(clippy::too_many_arguments)]
 fn initial_model(
     args: &SimArgs,
     ctx: &GpuContext,
     weights: &BertWeights<f32>,
-    base_model: &BaseModel,
+    init_file: Option<&InitFile>,
     tokenizer: &BertTokenizer,
     train: &Dataset,
     clients: &[Client],
@@ -880,18 +903,13 @@ fn initial_model(
     }
     let config = &weights.config;
     let classes = train.num_labels();
-    if let Some(path) = &args.init {
-        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let metadata = adapter_file_metadata(&bytes)
-            .with_context(|| format!("adapter file {}", path.display()))?;
-        base_model
-            .check_adapter_file(path, &metadata)
-            .with_context(|| format!("adapter file {} (--init)", path.display()))?;
-        let adapters = read_adapter_file(&bytes, names, modules, config, args.rank)
-            .with_context(|| format!("adapter file {}", path.display()))?;
+    if let Some(file) = init_file {
+        let path = &file.path;
+        let adapters = read_adapter_file(&file.bytes, names, modules, config, args.rank())
+            .with_context(|| format!("adapter file {path} (--init)"))?;
         // As the aggregator's round 0: the file's head when it has one, else zeros.
-        let head = read_head(&bytes, classes, config.hidden_size)
-            .with_context(|| format!("adapter file {} ({classes} classes)", path.display()))?
+        let head = read_head(&file.bytes, classes, config.hidden_size)
+            .with_context(|| format!("adapter file {path} (--init, {classes} classes)"))?
             .unwrap_or_else(|| ClassifierHead {
                 weight: Matrix::zeros(classes, config.hidden_size),
                 bias: vec![0.0; classes],
@@ -911,13 +929,13 @@ fn initial_model(
         args.seed,
         args.init_samples,
     )?;
-    let mut options = LoraSbInitOptions::new(args.rank, f64::from(args.init_lr()));
+    let mut options = LoraSbInitOptions::new(args.rank(), f64::from(args.init_lr()));
     options.modules = linears.to_vec();
     let started = Instant::now();
     let adapters = pollster::block_on(gpu_lora_sb_init(ctx, weights, &head, &batches, &options))?;
     eprintln!(
         "LoRA-SB init on {taken} training samples, rank {}, η {}: {:.1} s",
-        args.rank,
+        args.rank(),
         args.init_lr(),
         started.elapsed().as_secs_f64()
     );
@@ -935,7 +953,7 @@ pub fn run(mut args: SimArgs) -> anyhow::Result<()> {
     if args.batch == 0 {
         bail!("--batch must be at least 1");
     }
-    if args.rank == 0 {
+    if args.rank == Some(0) {
         bail!("--rank must be at least 1");
     }
     for (flag, path) in [
@@ -1012,7 +1030,21 @@ pub fn run(mut args: SimArgs) -> anyhow::Result<()> {
     args.max_seq_len = Some(max_seq_len);
     let tokenizer = BertTokenizer::from_file(args.model.join("tokenizer.json"))?
         .with_max_length(max_seq_len)?;
-    let (train, eval_examples) = read_data(&args)?;
+    let init_file = match &args.init {
+        Some(path) => Some(InitFile::read(path, config.num_hidden_layers, &base_model)?),
+        None => None,
+    };
+    if let Some(file) = &init_file {
+        match args.rank {
+            Some(r) if r != file.info.rank => bail!(
+                "--rank {r} does not match the rank {} of {} (--init); leave --rank out",
+                file.info.rank,
+                file.path
+            ),
+            _ => args.rank = Some(file.info.rank),
+        }
+    }
+    let (train, eval_examples) = read_data(&args, init_file.as_ref())?;
 
     let labels: Vec<u32> = train
         .examples
@@ -1095,7 +1127,7 @@ pub fn run(mut args: SimArgs) -> anyhow::Result<()> {
         .map(|&(_, which)| which)
         .collect();
     let shape = AdapterShape {
-        rank: args.rank as u32,
+        rank: args.rank() as u32,
         modules: modules.len() as u32,
         head_classes: train.num_labels() as u32,
         head_hidden: config.hidden_size as u32,
@@ -1109,7 +1141,7 @@ pub fn run(mut args: SimArgs) -> anyhow::Result<()> {
         &args,
         &ctx,
         &weights,
-        &base_model,
+        init_file.as_ref(),
         &tokenizer,
         &train,
         &clients,
@@ -1452,7 +1484,8 @@ pub fn run(mut args: SimArgs) -> anyhow::Result<()> {
 }
 
 /// The metadata every adapter file the simulator writes starts with: its
-/// format, rank, adapted linears, class names and base model.
+/// format, rank, adapted linears, class names, sequence length and base
+/// model.
 fn adapter_metadata(
     args: &SimArgs,
     train: &Dataset,
@@ -1460,12 +1493,13 @@ fn adapter_metadata(
 ) -> anyhow::Result<HashMap<String, String>> {
     Ok(HashMap::from([
         ("format".to_owned(), "fedsb-lora-sb".to_owned()),
-        ("rank".to_owned(), args.rank.to_string()),
+        ("rank".to_owned(), args.rank().to_string()),
         ("modules".to_owned(), args.modules.join(",")),
         (
             "labels".to_owned(),
             serde_json::to_string(&train.label_names)?,
         ),
+        (MAX_SEQ_LEN.to_owned(), args.seq_len().to_string()),
         base_model.metadata_entry(),
     ]))
 }
@@ -1610,25 +1644,49 @@ fn summary_table(rows: &[RoundRow]) -> String {
     s
 }
 
+impl RoundRow {
+    /// The columns of `--csv`: every field of the JSON line but the
+    /// confusion matrix, in the JSON line's order.
+    const CSV_COLUMNS: [&'static str; 11] = [
+        "round",
+        "eval_accuracy",
+        "eval_loss",
+        "train_loss",
+        "participants",
+        "samples",
+        "bytes_up",
+        "bytes_down",
+        "seconds",
+        "epsilon_spent",
+        "learning_rate",
+    ];
+
+    /// The row's [`Self::CSV_COLUMNS`]; a missing value is empty.
+    fn csv_cells(&self) -> [String; 11] {
+        fn optional(v: Option<impl ToString>) -> String {
+            v.map_or(String::new(), |v| v.to_string())
+        }
+        [
+            self.round.to_string(),
+            self.eval_accuracy.to_string(),
+            self.eval_loss.to_string(),
+            optional(self.train_loss),
+            self.participants.to_string(),
+            self.samples.to_string(),
+            self.bytes_up.to_string(),
+            self.bytes_down.to_string(),
+            self.seconds.to_string(),
+            optional(self.epsilon_spent),
+            optional(self.learning_rate),
+        ]
+    }
+}
+
 fn write_csv(path: &Path, rows: &[RoundRow]) -> anyhow::Result<()> {
-    let mut s = String::from(
-        "round,eval_accuracy,eval_loss,train_loss,participants,samples,bytes_up,bytes_down,seconds,epsilon_spent\n",
-    );
+    let mut s = RoundRow::CSV_COLUMNS.join(",");
+    s.push('\n');
     for r in rows {
-        let _ = writeln!(
-            s,
-            "{},{},{},{},{},{},{},{},{},{}",
-            r.round,
-            r.eval_accuracy,
-            r.eval_loss,
-            r.train_loss.map_or(String::new(), |l| l.to_string()),
-            r.participants,
-            r.samples,
-            r.bytes_up,
-            r.bytes_down,
-            r.seconds,
-            r.epsilon_spent.map_or(String::new(), |e| e.to_string())
-        );
+        let _ = writeln!(s, "{}", r.csv_cells().join(","));
     }
     std::fs::write(path, s).with_context(|| format!("writing {}", path.display()))
 }
@@ -1752,6 +1810,51 @@ mod tests {
         assert!(s.iter().all(|c| c.len() == 1));
         assert!(split_dirichlet(&labels, 2, 3, 0.0, 0).is_err());
         assert!(split_dirichlet(&labels[..2], 2, 3, 1.0, 0).is_err());
+    }
+
+    /// The CSV's columns are the JSON line's fields but the confusion
+    /// matrix, in its order, and a row's cells are its values.
+    #[test]
+    fn the_csv_has_the_json_lines_scalar_fields_in_order() {
+        let row = RoundRow {
+            round: 2,
+            eval_accuracy: 0.75,
+            eval_loss: 0.5,
+            train_loss: Some(0.625),
+            participants: 3,
+            samples: 96,
+            bytes_up: 1000,
+            bytes_down: 2000,
+            seconds: 1.5,
+            epsilon_spent: None,
+            learning_rate: Some(0.01),
+            eval_confusion: vec![vec![1, 0], vec![0, 1]],
+        };
+        let json = serde_json::to_string(&row).unwrap();
+        let value: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let mut scalars: Vec<&str> = value
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(_, v)| !v.is_array())
+            .map(|(k, _)| k.as_str())
+            .collect();
+        let mut columns = RoundRow::CSV_COLUMNS.to_vec();
+        scalars.sort_unstable();
+        columns.sort_unstable();
+        assert_eq!(columns, scalars);
+        // The JSON text has its fields in the struct's order.
+        let at: Vec<usize> = RoundRow::CSV_COLUMNS
+            .iter()
+            .map(|c| json.find(&format!("\"{c}\":")).unwrap())
+            .collect();
+        assert!(at.windows(2).all(|w| w[0] < w[1]), "{json}");
+        for (column, cell) in RoundRow::CSV_COLUMNS.iter().zip(row.csv_cells()) {
+            match &value[*column] {
+                serde_json::Value::Null => assert_eq!(cell, "", "{column}"),
+                v => assert_eq!(cell.parse::<f64>().ok(), v.as_f64(), "{column}"),
+            }
+        }
     }
 
     #[test]

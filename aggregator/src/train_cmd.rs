@@ -29,7 +29,8 @@
 //!
 //! `--output FILE` writes the trained adapter in the layout `fedsb init` writes
 //! (`lora_A`, `lora_B`, `lora_R` per module, `classifier.*`), recording the
-//! base model (`base_model_sha256`) as it does; an `--init` file that
+//! base model (`base_model_sha256`) as it does and the `max_seq_len` it
+//! trained at (which `fedsb eval` then uses); an `--init` file that
 //! records another base model than `--model` is refused.
 //!
 //! Progress goes to stderr; the last line on stdout is one JSON object with
@@ -48,7 +49,7 @@ use fedsb_engine::gpu::adamw::AdamW;
 use fedsb_engine::gpu::encoder::GpuEncoder;
 use fedsb_engine::gpu::{GpuContext, GpuOptions};
 use fedsb_engine::model::AdaptedLinear;
-use fedsb_engine::model::{BertConfig, BertTokenizer, BertWeights};
+use fedsb_engine::model::{BertTokenizer, BertWeights};
 use fedsb_engine::reference::{ClassifierHead, LoraSbAdapters, LoraSbInitOptions};
 use fedsb_engine::train::{
     centre_head_bias, encode_examples, evaluate, gpu_lora_sb_init, init_batches, BatchSampler,
@@ -57,13 +58,13 @@ use fedsb_privacy::{AccountantKind, PrivacyBudget};
 use fedsb_protocol::PrivacyPolicy;
 
 use crate::checks::{
-    check_classes, check_output_file, load_base_model, resolve_max_seq_len, BaseModel,
+    check_classes, check_output_file, load_base_model, resolve_max_seq_len, InitFile, DEFAULT_RANK,
 };
-use crate::data_args::{read_eval_set, require_label_column, same_columns_as, DataColumns};
+use crate::data_args::{
+    head_classes, read_eval_set, read_training_set, same_columns_as, DataColumns,
+};
 use crate::dp_training::{train_steps_dp, DpTraining};
-use crate::participant::{
-    adapter_file_info, layered_modules, write_adapter_file, AdapterFileInfo, ModuleRef,
-};
+use crate::participant::{layered_modules, write_adapter_file, ModuleRef, MAX_SEQ_LEN};
 use crate::privacy_cmd::AccountantArg;
 
 #[derive(Debug, Args)]
@@ -170,61 +171,6 @@ pub struct TrainArgs {
     init: Option<PathBuf>,
 }
 
-/// The model training starts from: an adapter file's (`--init`).
-struct InitFile {
-    path: String,
-    info: AdapterFileInfo,
-    bytes: Vec<u8>,
-    labels: Option<Vec<String>>,
-}
-
-impl InitFile {
-    /// Reads the file at `path`, refused when it was made for another
-    /// base model than `base_model`.
-    fn read(
-        path: &std::path::Path,
-        num_layers: usize,
-        base_model: &BaseModel,
-    ) -> anyhow::Result<Self> {
-        let name = path.display().to_string();
-        let bytes = std::fs::read(path).with_context(|| format!("reading {name}"))?;
-        let context = || format!("adapter file {name} (--init)");
-        let info = adapter_file_info(&bytes, num_layers).with_context(context)?;
-        base_model
-            .check_adapter_file(path, &info.metadata)
-            .with_context(context)?;
-        let labels = info.labels().with_context(context)?;
-        Ok(Self {
-            path: name,
-            info,
-            bytes,
-            labels,
-        })
-    }
-
-    /// The file's `A`, `B`, `R` of every module and its head, checked
-    /// against the model and the training set's `classes`.
-    fn model(
-        &self,
-        config: &BertConfig,
-        classes: usize,
-    ) -> anyhow::Result<(LoraSbAdapters<f32>, ClassifierHead<f32>)> {
-        let name = &self.path;
-        let (adapters, head) = self
-            .info
-            .read_model(&self.bytes, config)
-            .with_context(|| format!("adapter file {name} (--init)"))?;
-        let file_classes = head.bias.len();
-        if file_classes != classes {
-            bail!(
-                "adapter file {name} (--init): its head has {file_classes} classes but the \
-                 training data has {classes}"
-            );
-        }
-        Ok((adapters, head))
-    }
-}
-
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     if args.batch == 0 {
         bail!("--batch must be at least 1");
@@ -302,19 +248,16 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             s.path
         ),
         (Some(s), _) => s.info.rank,
-        (None, r) => r.unwrap_or(32),
+        (None, r) => r.unwrap_or(DEFAULT_RANK),
     };
     // Starting from a head, the training set's class ids are the head's.
-    let label_names = init_file.as_ref().and_then(|s| s.labels.clone());
-    let train = read_dataset_file(&args.train, &args.columns.spec(label_names.clone()))
-        .with_context(|| match &label_names {
-            Some(l) => format!(
-                "reading {}: its labels must be the classes {l:?} of --init's head",
-                args.train.display()
-            ),
-            None => format!("reading {}", args.train.display()),
-        })?;
-    require_label_column(&train, &args.train)?;
+    let classes = head_classes(
+        init_file
+            .as_ref()
+            .map(|s| (s.path.as_str(), s.labels.as_deref())),
+        None,
+    )?;
+    let train = read_training_set(&args.train, &args.columns, classes.as_ref())?;
     check_classes(&train, &args.train)?;
     if dp_wanted && args.dp_delta * train.len() as f64 >= 1.0 {
         tracing::warn!(
@@ -450,6 +393,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             ("learning_rate".to_owned(), args.lr.to_string()),
             ("head_learning_rate".to_owned(), head_lr.to_string()),
             ("seed".to_owned(), args.seed.to_string()),
+            (MAX_SEQ_LEN.to_owned(), max_seq_len.to_string()),
             ("trained_by".to_owned(), "fedsb train".to_owned()),
             base_model.metadata_entry(),
         ]);

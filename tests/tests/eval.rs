@@ -23,7 +23,9 @@ use safetensors::SafeTensors;
 
 const RANK: usize = 4;
 const EVAL_ROWS: usize = 30;
-const MAX_SEQ: usize = 16;
+/// The task's sequence length: shorter than most eval sentences (7 to 10
+/// tokens), so that evaluating at another length gives another loss.
+const MAX_SEQ: usize = 8;
 
 fn write_task(dir: &Path) -> anyhow::Result<()> {
     write_tiny_model(&dir.join("model"), 5)?;
@@ -291,7 +293,8 @@ fn json_of(what: &str, out: &std::process::Output) -> anyhow::Result<serde_json:
 /// running aggregator, which serves the same bytes at
 /// `/api/rounds/{n}/adapter`; `fedsb eval` of that file on the task's eval rows
 /// gives the accuracy and loss the aggregator's evaluator stored for the
-/// round. Round 0 exports the task's adapter file's values, and a round that
+/// round, at the task's max_seq_len, which the file records (`fedsb eval`
+/// reports the length it used, and `--max-seq-len` overrides it). Round 0 exports the task's adapter file's values, and a round that
 /// is not committed, a missing state directory, a changed configuration and
 /// labels that do not fit the head are refused with messages naming them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -325,12 +328,12 @@ async fn an_exported_round_evaluates_as_the_aggregator_evaluated_it() -> anyhow:
             .arg("--eval")
             .arg(dir.join("eval.tsv"))
             .args(["--limit", &EVAL_ROWS.to_string(), "--batch", "7"])
-            .args(["--max-seq-len", &MAX_SEQ.to_string()])
             .args(extra)
             .output()?)
     };
 
-    // The last round (the default), evaluated as the aggregator did.
+    // The last round (the default), evaluated as the aggregator did: at
+    // the task's max_seq_len, which the file records.
     let last = dir.join("last.safetensors");
     let report = json_of("fedsb export", &export(None, &last)?)?;
     assert_eq!(report["round"], 2, "{report}");
@@ -356,10 +359,17 @@ async fn an_exported_round_evaluates_as_the_aggregator_evaluated_it() -> anyhow:
     }
     assert_eq!(exported["classifier.weight"], global2.head_weight.data);
     assert_eq!(exported["classifier.bias"], global2.head_bias.data);
+    let max_seq = MAX_SEQ.to_string();
+    assert_eq!(
+        metadata_of(&last)?.get("max_seq_len"),
+        Some(&max_seq),
+        "the exported file's max_seq_len"
+    );
     let measured = json_of("fedsb eval", &eval(&last, &[])?)?;
     let stored = &list[2]["eval"];
     assert_eq!(measured["samples"], EVAL_ROWS, "{measured}");
     assert_eq!(measured["round"], 2, "{measured}");
+    assert_eq!(measured["max_seq_len"], MAX_SEQ, "{measured}");
     assert_eq!(
         measured["accuracy"], stored["accuracy"],
         "{measured} vs {stored}"
@@ -383,6 +393,17 @@ async fn an_exported_round_evaluates_as_the_aggregator_evaluated_it() -> anyhow:
     assert!(
         (got - want).abs() <= 1e-6 * want.abs(),
         "fedsb eval: loss {got}, the aggregator: {want}"
+    );
+    // --max-seq-len wins over the file's, and the length matters here.
+    let measured = json_of(
+        "fedsb eval --max-seq-len 32",
+        &eval(&last, &["--max-seq-len", "32"])?,
+    )?;
+    assert_eq!(measured["max_seq_len"], 32, "{measured}");
+    let longer = measured["loss"].as_f64().context("loss")?;
+    assert!(
+        (longer - want).abs() > 1e-4 * want.abs(),
+        "at 32 tokens the loss {longer} is the task's {want}: the sequence length does not matter"
     );
 
     // The page's download of the round is the same file, byte for byte.
@@ -410,6 +431,15 @@ async fn an_exported_round_evaluates_as_the_aggregator_evaluated_it() -> anyhow:
     }
     let measured0 = json_of("fedsb eval round 0", &eval(&first, &[])?)?;
     assert_eq!(measured0["accuracy"], list[0]["eval"]["accuracy"]);
+    let (got, want) = (
+        measured0["loss"].as_f64().context("loss")?,
+        list[0]["eval"]["loss"].as_f64().context("loss")?,
+    );
+    assert!(
+        (got - want).abs() <= 1e-6 * want.abs(),
+        "round 0: fedsb eval's loss {got}, the aggregator's {want}"
+    );
+    assert_eq!(measured0["max_seq_len"], MAX_SEQ, "{measured0}");
 
     // The mean of rounds 1 and 2: every R and the head averaged, A and B
     // the task's, and the metadata naming the rounds.
@@ -463,6 +493,7 @@ async fn an_exported_round_evaluates_as_the_aggregator_evaluated_it() -> anyhow:
     let meta = header.metadata().clone().unwrap_or_default();
     assert_eq!(meta.get("averaged_rounds").map(String::as_str), Some("1-2"));
     assert_eq!(meta.get("round").map(String::as_str), Some("2"));
+    assert_eq!(meta.get("max_seq_len"), Some(&max_seq), "{meta:?}");
     assert!(!meta.contains_key("global_sha256"), "{meta:?}");
     // The task's base model, as its database pins it.
     assert_eq!(

@@ -200,6 +200,20 @@ async fn two_participants_initialize_federatedly_then_train_two_rounds() -> anyh
     let bytes = served_adapter(&agg).await?;
     let t = shaped_tensors(&bytes)?;
     assert_eq!(t.len(), 12 * 3 + 2);
+    // Its metadata names the model it was made for and the length the
+    // participants' gradients ran at, so `fedsb eval` of it needs no flags.
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
+    let metadata = header.metadata().clone().unwrap_or_default();
+    assert_eq!(metadata.get("max_seq_len").map(String::as_str), Some("16"));
+    let task = agg.json("/api/task").await?;
+    let model_file = task["files"]
+        .as_array()
+        .and_then(|f| f.iter().find(|f| f["name"] == "model.safetensors"))
+        .with_context(|| format!("no model file in /api/task: {task}"))?;
+    assert_eq!(
+        metadata.get("base_model_sha256").map(String::as_str),
+        model_file["sha256"].as_str(),
+    );
     let r = RANK as usize;
     for (name, (shape, data)) in &t {
         assert!(data.iter().all(|x| x.is_finite()), "{name}");

@@ -49,15 +49,23 @@ impl Task {
     /// simulator's initialization settings (seed 0) and η = `lr`, writing
     /// `out` in the task's directory.
     fn init(&self, lr: f64, out: &str) -> Command {
+        self.init_from("train.tsv", Some(&LABELS.join(",")), lr, out)
+    }
+
+    /// [`Task::init`] on the task's file `train`, with `--labels` `labels`
+    /// (none: the classes of `train`).
+    fn init_from(&self, train: &str, labels: Option<&str>, lr: f64, out: &str) -> Command {
         let dir = self.path();
         let mut c = Command::new(fedsb_bin());
         c.arg("init")
             .arg("--model")
             .arg(dir.join("model"))
             .arg("--train")
-            .arg(dir.join("train.tsv"))
-            .args(["--labels", &LABELS.join(",")])
-            .args(["--rank", &RANK.to_string()])
+            .arg(dir.join(train));
+        if let Some(labels) = labels {
+            c.args(["--labels", labels]);
+        }
+        c.args(["--rank", &RANK.to_string()])
             .args(["--init-samples", "32", "--batch", &BATCH.to_string()])
             .args([
                 "--lr",
@@ -82,6 +90,17 @@ impl Task {
     }
 
     fn sim_with(&self, clients: usize, rounds: u64, extra: &[&str]) -> Command {
+        self.sim_labelled(clients, rounds, Some(&LABELS.join(",")), extra)
+    }
+
+    /// [`Task::sim_with`] with `--labels` `labels` (none: no `--labels`).
+    fn sim_labelled(
+        &self,
+        clients: usize,
+        rounds: u64,
+        labels: Option<&str>,
+        extra: &[&str],
+    ) -> Command {
         let dir = self.path();
         let mut c = Command::new(fedsb_bin());
         c.arg("sim")
@@ -96,9 +115,11 @@ impl Task {
             .args(["--rank", &RANK.to_string()])
             .args(["--batch", &BATCH.to_string()])
             .args(["--local-steps", &LOCAL_STEPS.to_string()])
-            .args(["--lr", "0.01", "--max-seq-len", "16"])
-            .args(["--labels", &LABELS.join(",")])
-            .args(extra)
+            .args(["--lr", "0.01", "--max-seq-len", "16"]);
+        if let Some(labels) = labels {
+            c.args(["--labels", labels]);
+        }
+        c.args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -325,16 +346,51 @@ fn sim_reports_every_round_with_real_frame_sizes_iid_and_dirichlet() -> anyhow::
             rounds + 2,
             "header + round 0..{rounds}: {csv}"
         );
-        assert!(
-            rows[0].starts_with("round,eval_accuracy,eval_loss"),
+        // The JSON lines' scalar fields (all but the confusion matrix), in
+        // their order, and in every row the same values.
+        let columns: Vec<&str> = rows[0].split(',').collect();
+        assert_eq!(
+            columns,
+            [
+                "round",
+                "eval_accuracy",
+                "eval_loss",
+                "train_loss",
+                "participants",
+                "samples",
+                "bytes_up",
+                "bytes_down",
+                "seconds",
+                "epsilon_spent",
+                "learning_rate",
+            ],
             "{csv}"
         );
+        let mut scalars: Vec<&str> = lines[0]
+            .as_object()
+            .context("a round line is not an object")?
+            .keys()
+            .map(String::as_str)
+            .filter(|k| *k != "eval_confusion")
+            .collect();
+        scalars.sort_unstable();
+        let mut sorted = columns.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, scalars, "the CSV's columns and the JSON's fields");
         for (n, row) in rows[1..].iter().enumerate() {
             let cells: Vec<&str> = row.split(',').collect();
-            assert_eq!(cells[0], n.to_string(), "{row}");
-            let acc: f64 = cells[1].parse()?;
-            assert_eq!(acc, lines[n]["eval_accuracy"].as_f64().context("acc")?);
+            assert_eq!(cells.len(), columns.len(), "{row}");
+            for (column, cell) in columns.iter().zip(cells) {
+                let json = &lines[n][*column];
+                if json.is_null() {
+                    assert_eq!(cell, "", "{column} in {row}");
+                } else {
+                    let value: f64 = cell.parse().with_context(|| format!("{column}: {cell}"))?;
+                    assert_eq!(Some(value), json.as_f64(), "{column} in {row}");
+                }
+            }
         }
+        assert!(lines[1]["learning_rate"].as_f64().is_some());
         let png = std::fs::read(&png)?;
         assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
 
@@ -429,33 +485,171 @@ fn the_final_global_model_is_written_and_evaluates_as_the_last_round() -> anyhow
     let lines = json_lines(&out)?;
     let last = lines.last().context("no round line")?;
     assert_eq!(last["round"], 2, "{last}");
-    let out = Command::new(fedsb_bin())
-        .args(["eval", "--model"])
-        .arg(task.path().join("model"))
-        .arg("--adapter-file")
-        .arg(&file)
-        .arg("--eval")
-        .arg(task.path().join("eval.tsv"))
-        .args(["--batch", &BATCH.to_string(), "--max-seq-len", "16"])
-        .output()?;
-    check_success("fedsb eval of the sim's output", &out)?;
-    let measured = json_lines(&out)?.pop().context("no eval line")?;
+    let measured = task.eval(&file)?;
     assert_eq!(measured["round"], 2, "{measured}");
+    assert_evaluated_alike(&measured, last);
+    Ok(())
+}
+
+impl Task {
+    /// `fedsb eval` of the adapter file `file` on the task's eval file, at
+    /// the simulator's batch and sequence length: its JSON report.
+    fn eval(&self, file: &Path) -> anyhow::Result<serde_json::Value> {
+        let out = Command::new(fedsb_bin())
+            .args(["eval", "--model"])
+            .arg(self.path().join("model"))
+            .arg("--adapter-file")
+            .arg(file)
+            .arg("--eval")
+            .arg(self.path().join("eval.tsv"))
+            .args(["--batch", &BATCH.to_string(), "--max-seq-len", "16"])
+            .env("RUST_LOG", "warn")
+            .output()?;
+        check_success(&format!("fedsb eval of {}", file.display()), &out)?;
+        json_lines(&out)?.pop().context("no eval line")
+    }
+}
+
+/// `fedsb eval`'s report `measured` has the accuracy, confusion matrix and
+/// loss of the simulator's round line `round`.
+fn assert_evaluated_alike(measured: &serde_json::Value, round: &serde_json::Value) {
     assert_eq!(
-        measured["accuracy"], last["eval_accuracy"],
-        "{measured} vs {last}"
+        measured["accuracy"], round["eval_accuracy"],
+        "{measured} vs {round}"
     );
     assert_eq!(
-        measured["confusion"], last["eval_confusion"],
-        "{measured} vs {last}"
+        measured["confusion"], round["eval_confusion"],
+        "{measured} vs {round}"
     );
     let (got, want) = (
-        measured["loss"].as_f64().context("loss")?,
-        last["eval_loss"].as_f64().context("eval_loss")?,
+        measured["loss"].as_f64().unwrap_or(f64::NAN),
+        round["eval_loss"].as_f64().unwrap_or(f64::NAN),
     );
     assert!(
         (got - want).abs() <= 1e-6 * want,
         "fedsb eval {got}, sim {want}"
+    );
+}
+
+/// `--init FILE` starts from the file's head with the classes its `labels`
+/// metadata names, in that order, as `fedsb train --init` does: from a
+/// file whose classes are not in sorted order, on data labelled by name,
+/// round 0 evaluates as `fedsb eval` of the file and `--output` keeps the
+/// file's order. `--labels` in another order, and a file whose classes are
+/// ids ("0", "1") that the data's names are not, are refused, naming the
+/// classes.
+#[test]
+fn an_init_files_labels_fix_the_heads_classes() -> anyhow::Result<()> {
+    let task = Task::new()?;
+    let dir = task.path();
+    let s = |p: &Path| p.to_str().context("path").map(str::to_owned);
+    let reversed = [LABELS[1], LABELS[0]];
+    let out = run(task.init_from(
+        "train.tsv",
+        Some(&reversed.join(",")),
+        0.01,
+        "reversed.safetensors",
+    ))?;
+    check_success("fedsb init --labels positive,negative", &out)?;
+    let init = dir.join("reversed.safetensors");
+    let output = dir.join("final.safetensors");
+    let out = run(task.sim_labelled(
+        CLIENTS,
+        1,
+        None,
+        &["--init", &s(&init)?, "--json", "--output", &s(&output)?],
+    ))?;
+    check_success("fedsb sim --init reversed.safetensors", &out)?;
+    let lines = json_lines(&out)?;
+    check_rounds(&lines, 1, true)?;
+    assert_evaluated_alike(&task.eval(&init)?, &lines[0]);
+    let metadata = |file: &Path, key: &str| -> anyhow::Result<String> {
+        let bytes = std::fs::read(file)?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
+        header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(key).cloned())
+            .with_context(|| format!("{} has no {key} metadata", file.display()))
+    };
+    let labels = |file: &Path| -> anyhow::Result<Vec<String>> {
+        Ok(serde_json::from_str(&metadata(file, "labels")?)?)
+    };
+    assert_eq!(labels(&output)?, reversed, "the output's classes");
+    assert_eq!(metadata(&output, "max_seq_len")?, "16");
+    assert_evaluated_alike(&task.eval(&output)?, &lines[1]);
+
+    let refused = |labels: Option<&str>, file: &Path, wanted: &[&str]| -> anyhow::Result<()> {
+        let out = run(task.sim_labelled(CLIENTS, 1, labels, &["--init", &s(file)?]))?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{labels:?} with {file:?} was accepted"
+        );
+        for part in wanted {
+            assert!(stderr.contains(part), "{part:?} not in {stderr}");
+        }
+        Ok(())
+    };
+    refused(
+        Some(&LABELS.join(",")),
+        &init,
+        &[
+            "--labels [\"negative\", \"positive\"]",
+            "[\"positive\", \"negative\"]",
+            "reversed.safetensors",
+        ],
+    )?;
+    // Classes by id: what a run on data labelled 0 and 1 records.
+    let ids = std::fs::read_to_string(dir.join("train.tsv"))?
+        .replace(&format!("\t{}", LABELS[0]), "\t0")
+        .replace(&format!("\t{}", LABELS[1]), "\t1");
+    std::fs::write(dir.join("ids.tsv"), ids)?;
+    let out = run(task.init_from("ids.tsv", None, 0.01, "ids.safetensors"))?;
+    check_success("fedsb init on labels 0 and 1", &out)?;
+    assert_eq!(labels(&dir.join("ids.safetensors"))?, ["0", "1"]);
+    refused(
+        None,
+        &dir.join("ids.safetensors"),
+        &[
+            "label \"positive\" is not one of the classes [0, 1]",
+            "ids.safetensors",
+        ],
+    )?;
+
+    // The rank is the file's: without --rank the run takes it (the default
+    // 32 would not fit this file of rank 4), and another --rank is refused.
+    let with_rank = |rank: Option<usize>| -> anyhow::Result<Output> {
+        let mut c = Command::new(fedsb_bin());
+        c.arg("sim")
+            .arg("--model")
+            .arg(dir.join("model"))
+            .arg("--train")
+            .arg(dir.join("train.tsv"))
+            .arg("--eval")
+            .arg(dir.join("eval.tsv"))
+            .args(["--clients", "2", "--rounds", "1", "--local-steps", "1"])
+            .args(["--batch", &BATCH.to_string(), "--max-seq-len", "16"])
+            .arg("--init")
+            .arg(&init)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(rank) = rank {
+            c.args(["--rank", &rank.to_string()]);
+        }
+        run(c)
+    };
+    check_success("fedsb sim --init without --rank", &with_rank(None)?)?;
+    let out = with_rank(Some(RANK + 1))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "--rank {} was accepted", RANK + 1);
+    assert!(
+        stderr.contains(&format!(
+            "--rank {} does not match the rank {RANK}",
+            RANK + 1
+        )),
+        "{stderr}"
     );
     Ok(())
 }
@@ -546,13 +740,18 @@ fn dp_clients_train_with_dp_sgd_and_epsilon_rises_to_the_target() -> anyhow::Res
         last <= EPSILON && last > 0.5 * EPSILON,
         "σ is calibrated so that all the steps spend at most (and about) ε = {EPSILON}: {spent:?}"
     );
+    // The CSV's epsilon_spent column has the ε of every round.
     let csv = std::fs::read_to_string(&csv)?;
-    assert!(
-        csv.lines()
-            .next()
-            .is_some_and(|h| h.ends_with(",epsilon_spent")),
-        "{csv}"
-    );
+    let mut rows = csv.lines().map(|l| l.split(',').collect::<Vec<_>>());
+    let header = rows.next().context("an empty CSV")?;
+    let column = header
+        .iter()
+        .position(|c| *c == "epsilon_spent")
+        .with_context(|| format!("no epsilon_spent column: {csv}"))?;
+    let in_csv = rows
+        .map(|cells| Ok(cells.get(column).context("a short row")?.parse()?))
+        .collect::<anyhow::Result<Vec<f64>>>()?;
+    assert_eq!(in_csv, spent, "{csv}");
     let (_, _, _, r0) = decode_global(&std::fs::read(globals.join("round-0.bin"))?)?;
     let (round, participants, _, last_state) =
         decode_global(&std::fs::read(globals.join(format!("round-{ROUNDS}.bin")))?)?;

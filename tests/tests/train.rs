@@ -509,7 +509,8 @@ fn sha256sum(path: &Path) -> anyhow::Result<String> {
 
 /// `fedsb init` and `fedsb train --output` (and its checkpoints) record
 /// their base model: `base_model_sha256` is the SHA-256 of the model's
-/// model.safetensors (init's report names it too). `fedsb train --init`
+/// model.safetensors (init's report names it too); the trained files also
+/// record the `max_seq_len` they trained at. `fedsb train --init`
 /// with a file made on another model of the same shapes is refused, naming
 /// both files and hashes, and `fedsb average` refuses files recorded for
 /// different models.
@@ -529,6 +530,11 @@ fn init_and_train_record_their_base_model() -> anyhow::Result<()> {
     check_success("fedsb init", &out)?;
     assert_eq!(last_json_line(&out)?["base_model_sha256"], m1.as_str());
     assert_eq!(base_model(&init)?, Some(m1.clone()), "fedsb init's file");
+    assert_eq!(
+        lora_r(&init)?.1.get("max_seq_len").map(String::as_str),
+        Some("32"),
+        "fedsb init's file records the length its gradients ran at"
+    );
     let run = path("run.safetensors");
     train_steps(
         dir,
@@ -537,6 +543,14 @@ fn init_and_train_record_their_base_model() -> anyhow::Result<()> {
     )?;
     for file in [&run, &path("run.step-1.safetensors")] {
         assert_eq!(base_model(file)?, Some(m1.clone()), "{}", file.display());
+        // And the sequence length it trained at: the tiny model's 32
+        // positions, below the default of 128.
+        assert_eq!(
+            lora_r(file)?.1.get("max_seq_len").map(String::as_str),
+            Some("32"),
+            "{}",
+            file.display()
+        );
     }
 
     // Another random checkpoint of the same architecture.
@@ -728,6 +742,8 @@ fn checkpoints_are_the_run_at_their_step_and_average_into_their_mean() -> anyhow
     assert_eq!(meta.get("steps"), None, "the steps differ: {meta:?}");
     assert_eq!(meta.get("rank").map(String::as_str), Some(RANK));
     assert_eq!(meta.get("labels"), lora_r(&run)?.1.get("labels"));
+    // The sequence length they all trained at, which `fedsb eval` uses.
+    assert_eq!(meta.get("max_seq_len").map(String::as_str), Some("32"));
     let one = path("one.safetensors");
     check_success("fedsb average, one file", &average(&[&run], &one)?)?;
     assert_eq!(tensors_of(&one)?, inputs[2]);

@@ -141,6 +141,14 @@ pub fn layered_modules(
 /// `model.safetensors`. Files written before fedsb recorded it lack it.
 pub const BASE_MODEL_SHA256: &str = "base_model_sha256";
 
+/// The metadata key of the sequence length (in tokens, `[CLS]` and `[SEP]`
+/// included) the file's model was made and evaluated at: the task's
+/// `max_seq_len` for an exported round, the `--max-seq-len` of `fedsb
+/// train`, `fedsb sim` or `fedsb init`. `fedsb eval` truncates at it unless
+/// told otherwise, so that it reproduces the evaluation the file was made
+/// with. Files written before fedsb recorded it lack it.
+pub const MAX_SEQ_LEN: &str = "max_seq_len";
+
 /// Refuses an adapter file whose metadata records ([`BASE_MODEL_SHA256`])
 /// another base model than the one at hand, `model_file` with SHA-256
 /// `model_sha256`; the message names `adapter`, `model_file` and both

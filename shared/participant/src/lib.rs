@@ -30,7 +30,7 @@ pub mod train;
 pub use adapter_file::{
     check_base_model, engine_to_state, parse_linear, parse_module_name, parse_module_names,
     read_adapter_file, state_to_engine, write_adapter_file, write_file_atomically,
-    AdapterFileError, ModuleRef, BASE_MODEL_SHA256,
+    AdapterFileError, ModuleRef, BASE_MODEL_SHA256, MAX_SEQ_LEN,
 };
 pub use dp::{train_round_dp, train_steps_dp, DpStepsOutcome, DpTraining};
 pub use init::{centre_logits, init_frames, init_gradients};
