@@ -2132,8 +2132,8 @@ async fn a_tab_trains_all_minilm_as_fedsb_join_does() -> anyhow::Result<()> {
 
 /// `cargo xtask demo`'s task as a person runs it, on this machine: the
 /// aggregator on `configs/sst2-demo.toml` (all-MiniLM-L6-v2, rank 32, the
-/// adapter `fedsb init` makes on 64 SST-2 sentences as `cargo xtask demo`
-/// does, the evaluation on the first 200 dev rows) and two browser windows,
+/// adapter `fedsb init --centre-head` makes on 64 SST-2 sentences as `cargo
+/// xtask demo` does, the evaluation on the first 200 dev rows) and two browser windows,
 /// each joining with a different local file through the page: a TSV and a
 /// CSV of 200 different SST-2 training sentences each. Every round commits
 /// with both tabs, the rounds view shows it, and the aggregator's accuracy
@@ -2144,7 +2144,7 @@ async fn a_tab_trains_all_minilm_as_fedsb_join_does() -> anyhow::Result<()> {
 /// rounds, quorum, local steps and batch as an operator would
 /// (`FEDSB_DEMO_ROUNDS`, default 4; `FEDSB_DEMO_LOCAL_STEPS`, default 8;
 /// `FEDSB_DEMO_BATCH`, default 16; the quorum is 2, the deadline an hour)
-/// and is not part of `cargo xtask test` (about 20 minutes on 2 cores):
+/// and is not part of `cargo xtask test` (11–20 minutes on 2 cores):
 ///
 /// ```sh
 /// cargo xtask fetch-data && cargo xtask fetch-model && cargo xtask build-wasm
@@ -2153,7 +2153,7 @@ async fn a_tab_trains_all_minilm_as_fedsb_join_does() -> anyhow::Result<()> {
 ///     --test browser_participant two_tabs_train_the_demo_task -- --ignored --nocapture
 /// ```
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "about 20 minutes on 2 CPU cores; run with --ignored (see its doc comment)"]
+#[ignore = "11-20 minutes on 2 CPU cores; run with --ignored (see its doc comment)"]
 async fn two_tabs_train_the_demo_task_on_minilm() -> anyhow::Result<()> {
     use fedsb_e2e::tiny_model::{read_labelled_tsv, to_labelled_tsv};
     let env = |name: &str, default: u64| -> anyhow::Result<u64> {
@@ -2192,7 +2192,14 @@ async fn two_tabs_train_the_demo_task_on_minilm() -> anyhow::Result<()> {
         .arg("--train")
         .arg(sst2.join("train.tsv"))
         .args(["--labels", "negative,positive", "--rank", "32"])
-        .args(["--init-samples", "64", "--lr", "1e-3", "--out"])
+        .args([
+            "--init-samples",
+            "64",
+            "--lr",
+            "1e-3",
+            "--centre-head",
+            "--out",
+        ])
         .arg(&adapter)
         .output()
         .context("running fedsb init")?;
