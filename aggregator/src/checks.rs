@@ -168,14 +168,14 @@ pub fn resolve_max_seq_len(given: Option<usize>, config: &BertConfig) -> anyhow:
     }
 }
 
-/// The sequence length `fedsb eval` truncates at: `given`, checked as
-/// [`resolve_max_seq_len`] checks it; else the length the adapter file
-/// `file` was made at ([`MAX_SEQ_LEN`] in its `metadata`), so that the file
-/// evaluates as it was evaluated when made; else [`resolve_max_seq_len`]'s
-/// default. A recorded length that is not a number from 3 (`[CLS]`, `[SEP]`
+/// The sequence length a command reading the adapter file `file` truncates
+/// at (`fedsb eval`, and `fedsb train`/`sim` with `--init`): `given`,
+/// checked as [`resolve_max_seq_len`] checks it; else the length the file
+/// was made at ([`MAX_SEQ_LEN`] in its `metadata`), so that it evaluates
+/// and trains on as it was made; else [`resolve_max_seq_len`]'s default. A recorded length that is not a number from 3 (`[CLS]`, `[SEP]`
 /// and a token) up to the model's position table is passed over with a
 /// warning.
-pub fn resolve_eval_max_seq_len(
+pub fn resolve_file_max_seq_len(
     given: Option<usize>,
     metadata: &HashMap<String, String>,
     file: &str,
@@ -284,7 +284,7 @@ mod tests {
         };
         let recorded = |n: &str| HashMap::from([(MAX_SEQ_LEN.to_owned(), n.to_owned())]);
         let resolve = |given, metadata: &HashMap<String, String>| {
-            resolve_eval_max_seq_len(given, metadata, "a.safetensors", &config).unwrap()
+            resolve_file_max_seq_len(given, metadata, "a.safetensors", &config).unwrap()
         };
         assert_eq!(resolve(None, &recorded("32")), 32);
         assert_eq!(resolve(None, &recorded("64")), 64);
@@ -293,7 +293,7 @@ mod tests {
         for unusable in ["65", "2", "0", "many", ""] {
             assert_eq!(resolve(None, &recorded(unusable)), 64, "{unusable:?}");
         }
-        let err = resolve_eval_max_seq_len(Some(65), &recorded("32"), "a", &config)
+        let err = resolve_file_max_seq_len(Some(65), &recorded("32"), "a", &config)
             .unwrap_err()
             .to_string();
         assert!(err.contains("--max-seq-len 65 is longer"), "{err}");

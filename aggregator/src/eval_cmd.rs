@@ -25,7 +25,7 @@ use fedsb_engine::gpu::{GpuContext, GpuOptions};
 use fedsb_engine::model::BertTokenizer;
 use fedsb_engine::train::evaluate;
 
-use crate::checks::{load_base_model, resolve_eval_max_seq_len};
+use crate::checks::{load_base_model, resolve_file_max_seq_len};
 use crate::data_args::{require_label_column, DataColumns};
 use crate::participant::adapter_file_info;
 
@@ -86,7 +86,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let info = adapter_file_info(&bytes, config.num_hidden_layers)
         .with_context(|| format!("adapter file {file}"))?;
     base_model.check_adapter_file(&args.adapter_file, &info.metadata)?;
-    let max_seq_len = resolve_eval_max_seq_len(args.max_seq_len, &info.metadata, &file, config)?;
+    let max_seq_len = resolve_file_max_seq_len(args.max_seq_len, &info.metadata, &file, config)?;
     let tokenizer = BertTokenizer::from_file(args.model.join("tokenizer.json"))?
         .with_max_length(max_seq_len)?;
     let context = || format!("adapter file {file}");

@@ -93,8 +93,8 @@ use fedsb_protocol::{
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::checks::{
-    check_classes, check_output_file, load_base_model, resolve_max_seq_len, BaseModel, InitFile,
-    DEFAULT_MAX_SEQ_LEN, DEFAULT_RANK,
+    check_classes, check_output_file, load_base_model, resolve_file_max_seq_len,
+    resolve_max_seq_len, BaseModel, InitFile, DEFAULT_MAX_SEQ_LEN, DEFAULT_RANK,
 };
 use crate::data_args::{head_classes, read_eval_set, read_training_set, DataColumns};
 use crate::dp_training::DpTraining;
@@ -173,7 +173,8 @@ pub struct SimArgs {
     #[arg(long)]
     init_lr: Option<f32>,
     /// Truncate sequences to this many tokens (special tokens included).
-    /// [default: 128, or the model's max_position_embeddings if fewer]
+    /// [default: the --init file's max_seq_len metadata; without it 128, or
+    /// the model's max_position_embeddings if fewer]
     #[arg(long, value_name = "N")]
     max_seq_len: Option<usize>,
     /// Training samples (a seeded choice from all of --train) whose gradients
@@ -1025,15 +1026,18 @@ pub fn run(mut args: SimArgs) -> anyhow::Result<()> {
     let (weights, base_model) = load_base_model(&args.model)
         .with_context(|| format!("loading the model from {}", args.model.display()))?;
     let config = weights.config.clone();
-    let max_seq_len = resolve_max_seq_len(args.max_seq_len, &config)?;
-    // What the shards' manifest and the simulated task announce.
-    args.max_seq_len = Some(max_seq_len);
-    let tokenizer = BertTokenizer::from_file(args.model.join("tokenizer.json"))?
-        .with_max_length(max_seq_len)?;
     let init_file = match &args.init {
         Some(path) => Some(InitFile::read(path, config.num_hidden_layers, &base_model)?),
         None => None,
     };
+    let max_seq_len = match &init_file {
+        Some(f) => resolve_file_max_seq_len(args.max_seq_len, &f.info.metadata, &f.path, &config)?,
+        None => resolve_max_seq_len(args.max_seq_len, &config)?,
+    };
+    // What the shards' manifest and the simulated task announce.
+    args.max_seq_len = Some(max_seq_len);
+    let tokenizer = BertTokenizer::from_file(args.model.join("tokenizer.json"))?
+        .with_max_length(max_seq_len)?;
     if let Some(file) = &init_file {
         match args.rank {
             Some(r) if r != file.info.rank => bail!(

@@ -58,7 +58,8 @@ use fedsb_privacy::{AccountantKind, PrivacyBudget};
 use fedsb_protocol::PrivacyPolicy;
 
 use crate::checks::{
-    check_classes, check_output_file, load_base_model, resolve_max_seq_len, InitFile, DEFAULT_RANK,
+    check_classes, check_output_file, load_base_model, resolve_file_max_seq_len,
+    resolve_max_seq_len, InitFile, DEFAULT_RANK,
 };
 use crate::data_args::{
     head_classes, read_eval_set, read_training_set, same_columns_as, DataColumns,
@@ -110,7 +111,8 @@ pub struct TrainArgs {
     #[arg(long)]
     centre_head: bool,
     /// Truncate sequences to this many tokens (special tokens included).
-    /// [default: 128, or the model's max_position_embeddings if fewer]
+    /// [default: the --init file's max_seq_len metadata; without it 128, or
+    /// the model's max_position_embeddings if fewer]
     #[arg(long, value_name = "N")]
     max_seq_len: Option<usize>,
     /// Evaluate every N steps (0: only at the end).
@@ -230,9 +232,6 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     }
     let (weights, base_model) = load_base_model(&args.model)
         .with_context(|| format!("loading the model from {}", args.model.display()))?;
-    let max_seq_len = resolve_max_seq_len(args.max_seq_len, &weights.config)?;
-    let tokenizer = BertTokenizer::from_file(args.model.join("tokenizer.json"))?
-        .with_max_length(max_seq_len)?;
     let init_file = match &args.init {
         Some(path) => Some(InitFile::read(
             path,
@@ -241,6 +240,14 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         )?),
         None => None,
     };
+    let max_seq_len = match &init_file {
+        Some(f) => {
+            resolve_file_max_seq_len(args.max_seq_len, &f.info.metadata, &f.path, &weights.config)?
+        }
+        None => resolve_max_seq_len(args.max_seq_len, &weights.config)?,
+    };
+    let tokenizer = BertTokenizer::from_file(args.model.join("tokenizer.json"))?
+        .with_max_length(max_seq_len)?;
     let rank = match (&init_file, args.rank) {
         (Some(s), Some(r)) if r != s.info.rank => bail!(
             "--rank {r} does not match the rank {} of {} (--init); leave --rank out",

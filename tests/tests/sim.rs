@@ -619,6 +619,9 @@ fn an_init_files_labels_fix_the_heads_classes() -> anyhow::Result<()> {
 
     // The rank is the file's: without --rank the run takes it (the default
     // 32 would not fit this file of rank 4), and another --rank is refused.
+    // So is the sequence length: without --max-seq-len the run trains at
+    // the file's 16 (the model would allow more), and its output says so.
+    let from_file = dir.join("from-file.safetensors");
     let with_rank = |rank: Option<usize>| -> anyhow::Result<Output> {
         let mut c = Command::new(fedsb_bin());
         c.arg("sim")
@@ -629,9 +632,11 @@ fn an_init_files_labels_fix_the_heads_classes() -> anyhow::Result<()> {
             .arg("--eval")
             .arg(dir.join("eval.tsv"))
             .args(["--clients", "2", "--rounds", "1", "--local-steps", "1"])
-            .args(["--batch", &BATCH.to_string(), "--max-seq-len", "16"])
+            .args(["--batch", &BATCH.to_string()])
             .arg("--init")
             .arg(&init)
+            .arg("--output")
+            .arg(&from_file)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -641,6 +646,7 @@ fn an_init_files_labels_fix_the_heads_classes() -> anyhow::Result<()> {
         run(c)
     };
     check_success("fedsb sim --init without --rank", &with_rank(None)?)?;
+    assert_eq!(metadata(&from_file, "max_seq_len")?, "16");
     let out = with_rank(Some(RANK + 1))?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "--rank {} was accepted", RANK + 1);

@@ -618,6 +618,39 @@ fn init_and_train_record_their_base_model() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `fedsb train --init FILE` trains at the sequence length the file
+/// records unless `--max-seq-len` says otherwise, and its output records
+/// the length it trained at: a run from an exported round goes on at the
+/// task's length without the flag.
+#[test]
+fn training_from_a_file_keeps_its_sequence_length() -> anyhow::Result<()> {
+    let tmp = tiny_task()?;
+    let dir = tmp.path();
+    let path = |name: &str| dir.join(name);
+    let s = |p: &Path| p.to_str().context("path").map(str::to_owned);
+    let recorded = |file: &Path| -> anyhow::Result<Option<String>> {
+        Ok(lora_r(file)?.1.get("max_seq_len").cloned())
+    };
+    // The tiny model has 32 positions: 32 would be the default.
+    let init = path("init-12.safetensors");
+    let out = fedsb(dir, "init", &["--max-seq-len", "12", "--out", &s(&init)?])?;
+    check_success("fedsb init --max-seq-len 12", &out)?;
+    assert_eq!(recorded(&init)?.as_deref(), Some("12"));
+    for (extra, want) in [(None, "12"), (Some("20"), "20")] {
+        let output = path(&format!("from-init-{want}.safetensors"));
+        let mut flags = vec!["--steps", "1", "--lr", "0.01", "--output"];
+        let output_path = s(&output)?;
+        flags.push(&output_path);
+        if let Some(n) = extra {
+            flags.extend(["--max-seq-len", n]);
+        }
+        let out = train_from(dir, &init, &flags)?;
+        check_success(&format!("fedsb train --init {flags:?}"), &out)?;
+        assert_eq!(recorded(&output)?.as_deref(), Some(want), "{flags:?}");
+    }
+    Ok(())
+}
+
 /// Copies the adapter file `from` to `to`, keeping only the tensors whose
 /// names pass `keep` and letting `edit` change the metadata on the way.
 fn rewrite_adapter_file(
