@@ -15,17 +15,24 @@
 //! The eval set and the model are read and checked by [`prepare`] before
 //! `fedsb serve` opens its state, so a wrong eval file is refused before a
 //! database is created or touched; [`spawn`] then takes the GPU device.
+//!
+//! At shutdown [`EvalHandle::stop`] stops the thread before its next batch
+//! and waits for it to release the device: a process that exited while the
+//! thread still held (or was dropping) a lavapipe device crashed in the
+//! driver's exit-time teardown (SIGSEGV). A round whose evaluation was cut
+//! short has none stored, so the next start evaluates it.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use fedsb_engine::data::{read_dataset_file, ColumnSpec, Example};
 use fedsb_engine::gpu::encoder::GpuEncoder;
 use fedsb_engine::gpu::{GpuContext, GpuOptions};
 use fedsb_engine::model::{BertTokenizer, BertWeights};
 use fedsb_engine::reference::LoraSbAdapters;
-use fedsb_engine::train::evaluate;
+use fedsb_engine::train::evaluate_unless;
 use fedsb_protocol::RoundId;
 use sha2::{Digest, Sha256};
 use tokio::sync::{broadcast, watch};
@@ -60,6 +67,48 @@ pub struct EvalHandle {
     pub adapter_name: String,
     /// Every finished evaluation.
     pub events: broadcast::Sender<RoundEval>,
+    shutdown: Arc<Shutdown>,
+}
+
+/// How [`EvalHandle::stop`] reaches the evaluation thread and learns that it
+/// ended.
+#[derive(Debug)]
+struct Shutdown {
+    /// Checked before every batch.
+    stop: Arc<AtomicBool>,
+    /// Wakes the thread from its wait for the next commit.
+    wake: watch::Sender<bool>,
+    /// Disconnected once the thread has ended, its GPU device dropped.
+    ended: std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+}
+
+impl EvalHandle {
+    /// Stops the evaluation before its next batch and waits up to `timeout`
+    /// for the thread to end and release its GPU device; `false` when it
+    /// did not end in time (or was already waited for).
+    pub fn stop(&self, timeout: Duration) -> bool {
+        self.shutdown.stop.store(true, Ordering::Relaxed);
+        self.shutdown.wake.send_replace(true);
+        let ended = self
+            .shutdown
+            .ended
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        let Some(ended) = ended else {
+            return false;
+        };
+        match ended.recv_timeout(timeout) {
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) | Ok(()) => true,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                warn!(
+                    seconds = timeout.as_secs_f64(),
+                    "the evaluation thread did not stop in time; exiting without it"
+                );
+                false
+            }
+        }
+    }
 }
 
 /// Everything the evaluation thread needs, loaded and checked up front so a
@@ -231,9 +280,16 @@ pub async fn spawn(
     let key = eval_set.clone();
     let gpu_adapter = config.eval.gpu_adapter.clone();
     let samples = prepared.examples.len();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (wake, mut woken) = watch::channel(false);
+    let (ended_tx, ended) = std::sync::mpsc::channel::<()>();
+    let thread_stop = stop.clone();
     std::thread::Builder::new()
         .name("fedsb-eval".into())
         .spawn(move || {
+            // Declared first, dropped last: after the GPU context.
+            let _ended = ended_tx;
+            let stop = thread_stop;
             let ctx = match pollster::block_on(GpuContext::new(&GpuOptions {
                 adapter: gpu_adapter.as_deref(),
             })) {
@@ -262,18 +318,28 @@ pub async fn spawn(
                         Err(e) => error!(error = %e, "the federated initialization's adapter file"),
                     }
                 }
-                if let Err(e) =
-                    runtime.block_on(catch_up(&ctx, &prepared, &store, &key, &handle_events))
-                {
+                if let Err(e) = runtime.block_on(catch_up(
+                    &ctx,
+                    &prepared,
+                    &store,
+                    &key,
+                    &handle_events,
+                    &stop,
+                )) {
                     error!(error = %e, "evaluation failed; retrying after the next commit");
                 }
-                if finished {
+                if finished || stop.load(Ordering::Relaxed) {
                     return;
                 }
-                let woke = runtime.block_on(
-                    status.wait_for(|s| s.last_committed_round > seen || s.state == "finished"),
-                );
-                if woke.is_err() {
+                let next = runtime.block_on(async {
+                    tokio::select! {
+                        woke = status.wait_for(
+                            |s| s.last_committed_round > seen || s.state == "finished",
+                        ) => woke.is_ok(),
+                        _ = woken.wait_for(|stop| *stop) => false,
+                    }
+                });
+                if !next {
                     return; // the server stopped
                 }
             }
@@ -288,6 +354,11 @@ pub async fn spawn(
         samples,
         adapter_name,
         events,
+        shutdown: Arc::new(Shutdown {
+            stop,
+            wake,
+            ended: std::sync::Mutex::new(Some(ended)),
+        }),
     }))
 }
 
@@ -298,6 +369,7 @@ async fn catch_up(
     store: &Store,
     key: &str,
     events: &broadcast::Sender<RoundEval>,
+    stop: &AtomicBool,
 ) -> Result<(), String> {
     let pending = store
         .rounds_without_eval(key.to_owned())
@@ -319,7 +391,7 @@ async fn catch_up(
                     state_to_engine(frozen, modules, &state).map_err(|e| e.to_string())?;
                 let mut encoder = GpuEncoder::new(ctx, &p.weights, Some(&adapters), Some(&head))
                     .map_err(|e| e.to_string())?;
-                evaluate(&mut encoder, &p.tokenizer, &p.examples, p.batch).await
+                evaluate_unless(&mut encoder, &p.tokenizer, &p.examples, p.batch, stop).await
             }
             None => {
                 // Without an adapter file every R multiplies nothing: the
@@ -333,10 +405,17 @@ async fn catch_up(
                 }
                 let mut encoder = GpuEncoder::new(ctx, &p.weights, None, Some(&head))
                     .map_err(|e| e.to_string())?;
-                evaluate(&mut encoder, &p.tokenizer, &p.examples, p.batch).await
+                evaluate_unless(&mut encoder, &p.tokenizer, &p.examples, p.batch, stop).await
             }
         }
         .map_err(|e| format!("round {round}: {e}"))?;
+        let Some(result) = result else {
+            info!(
+                round,
+                "evaluation stopped for the shutdown; the next start evaluates this round"
+            );
+            return Ok(());
+        };
         let eval = RoundEval {
             round,
             accuracy: result.accuracy,

@@ -138,6 +138,11 @@ fn with_negative_numbers(command: clap::Command) -> clap::Command {
         .mut_subcommands(with_negative_numbers)
 }
 
+/// How long a stopping server waits for its evaluation thread to finish
+/// the batch it is on and release the GPU (a batch takes about a second on
+/// lavapipe, milliseconds on a GPU).
+const EVALUATOR_STOP: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut config = Config::load(&args.config)?;
     if let Some(p) = args.port {
@@ -165,8 +170,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         None => WwwDir::Given,
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let mut evaluator = None;
     let served = runtime.block_on(async {
         let server = Server::start(config, www).await?;
+        evaluator = server.app.eval.clone();
         let status = server.app.status.borrow().clone();
         // The first line on stdout is the URL; scripts and tests read it. A
         // closed stdout must not stop the server, so write errors are ignored.
@@ -191,6 +198,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         server.run(shutdown_signal()).await?;
         anyhow::Ok(())
     });
+    // The evaluation thread releases its GPU device before the process
+    // exits (it uses the runtime to read rounds, so before that stops too).
+    if let Some(evaluator) = evaluator {
+        evaluator.stop(EVALUATOR_STOP);
+    }
     // Blocking tasks still running (a database call) do not hold the exit up.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     served

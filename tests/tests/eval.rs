@@ -1014,3 +1014,85 @@ async fn the_round_model_download_explains_its_refusals() -> anyhow::Result<()> 
     }
     Ok(())
 }
+
+/// SIGTERM while the evaluator is in the middle of a round stops it before
+/// its next batch and waits for its thread to release the GPU device before
+/// the process exits (a process exiting while that thread still held or
+/// dropped a lavapipe device crashed in the driver's teardown, SIGSEGV, now
+/// and then). Nothing is stored for the round cut short, so the next start
+/// evaluates it afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_an_evaluation_and_stores_nothing_of_it() -> anyhow::Result<()> {
+    use std::io::BufRead as _;
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    write_task(dir)?;
+    // An eval set long enough that the signal lands in its first round.
+    std::fs::write(dir.join("eval.tsv"), labelled_tsv(40_000, 9, 0.4))?;
+    let config = std::fs::read_to_string(dir.join("task.toml"))?
+        .replace(&format!("limit = {EVAL_ROWS}"), "limit = 0");
+    std::fs::write(dir.join("task.toml"), config)?;
+
+    let serve = |log: &str| -> anyhow::Result<(std::process::Child, String)> {
+        let mut child = Command::new(fedsb_bin())
+            .args(["serve", "--config"])
+            .arg(dir.join("task.toml"))
+            .args(["--port", "0"])
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(dir.join(log))?)
+            .spawn()
+            .context("spawning fedsb serve")?;
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+        let url = line
+            .trim()
+            .strip_prefix("fedsb listening on ")
+            .with_context(|| format!("first line {line:?}"))?
+            .to_owned();
+        Ok((child, url))
+    };
+    let stop = |mut child: std::process::Child, log: &str| -> anyhow::Result<String> {
+        std::thread::sleep(Duration::from_millis(500));
+        let pid = child.id().to_string();
+        let killed = Command::new("kill").args(["-TERM", &pid]).status()?;
+        anyhow::ensure!(killed.success(), "kill -TERM {pid}");
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if started.elapsed() > Duration::from_secs(15) {
+                let _ = child.kill();
+                bail!("fedsb serve did not exit within 15 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let log_text = std::fs::read_to_string(dir.join(log))?;
+        anyhow::ensure!(
+            status.success(),
+            "fedsb serve exited with {status} after SIGTERM:\n{log_text}"
+        );
+        Ok(log_text)
+    };
+
+    let (child, _) = serve("first.log")?;
+    let log = stop(child, "first.log")?;
+    assert!(
+        log.contains("evaluation stopped for the shutdown"),
+        "the evaluation was not stopped:\n{log}"
+    );
+    assert!(!log.contains("global model evaluated"), "{log}");
+
+    // The next start finds round 0 without an evaluation and begins again.
+    let (child, url) = serve("second.log")?;
+    let rounds: serde_json::Value = reqwest::get(format!("{url}api/rounds"))
+        .await?
+        .json()
+        .await?;
+    assert_eq!(rounds[0]["round"], 0, "{rounds}");
+    assert!(rounds[0]["eval"].is_null(), "{rounds}");
+    let log = stop(child, "second.log")?;
+    assert!(log.contains("evaluation stopped for the shutdown"), "{log}");
+    Ok(())
+}

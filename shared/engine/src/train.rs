@@ -417,12 +417,29 @@ pub async fn evaluate(
     examples: &[Example],
     batch: usize,
 ) -> Result<Evaluation, TrainError> {
+    let never = std::sync::atomic::AtomicBool::new(false);
+    let evaluation = evaluate_unless(encoder, tokenizer, examples, batch, &never).await?;
+    Ok(evaluation.expect("never stopped"))
+}
+
+/// [`evaluate`], stopping before the next batch once `stop` is set (a
+/// server shutting down): `None` when it stopped before the end.
+pub async fn evaluate_unless(
+    encoder: &mut GpuEncoder<'_>,
+    tokenizer: &BertTokenizer,
+    examples: &[Example],
+    batch: usize,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<Option<Evaluation>, TrainError> {
     let nl = encoder.num_labels();
     let (mut correct, mut loss_sum) = (0usize, 0f64);
     let mut confusion = vec![vec![0u64; nl]; nl];
     // A stack, so that a split batch's parts are evaluated in order.
     let mut pending: Vec<&[Example]> = examples.chunks(batch.max(1)).rev().collect();
     while let Some(chunk) = pending.pop() {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(None);
+        }
         let refs: Vec<&Example> = chunk.iter().collect();
         let (b, labels) = encode_examples(tokenizer, &refs)?;
         let fit = encoder.pass_sequences(b.seq_len, false);
@@ -452,12 +469,12 @@ pub async fn evaluate(
         loss_sum += losses.iter().map(|&l| l as f64).sum::<f64>();
     }
     let samples = examples.len();
-    Ok(Evaluation {
+    Ok(Some(Evaluation {
         accuracy: correct as f64 / samples.max(1) as f64,
         loss: loss_sum / samples.max(1) as f64,
         samples,
         confusion,
-    })
+    }))
 }
 
 #[cfg(test)]
