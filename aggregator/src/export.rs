@@ -479,15 +479,7 @@ mod tests {
     /// tokenizer.json), `adapter.safetensors` and `task.toml`.
     fn task_dir() -> (tempfile::TempDir, Config) {
         let dir = tempfile::tempdir().unwrap();
-        let model = dir.path().join("model");
-        std::fs::create_dir(&model).unwrap();
-        std::fs::write(
-            model.join("config.json"),
-            r#"{"hidden_size": 8, "num_hidden_layers": 2}"#,
-        )
-        .unwrap();
-        std::fs::write(model.join("model.safetensors"), b"weights").unwrap();
-        std::fs::write(model.join("tokenizer.json"), "{}").unwrap();
+        crate::test_support::write_fake_model(dir.path());
         std::fs::write(dir.path().join("adapter.safetensors"), adapter_bytes(1.0)).unwrap();
         let toml = r#"[task]
 id = "t"

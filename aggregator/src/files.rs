@@ -436,15 +436,7 @@ mod tests {
     #[test]
     fn an_adapter_file_for_another_base_model_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let model = dir.path().join("model");
-        std::fs::create_dir(&model).unwrap();
-        std::fs::write(
-            model.join("config.json"),
-            r#"{"hidden_size": 8, "num_hidden_layers": 2}"#,
-        )
-        .unwrap();
-        std::fs::write(model.join(MODEL_FILE), b"weights").unwrap();
-        std::fs::write(model.join("tokenizer.json"), "{}").unwrap();
+        crate::test_support::write_fake_model(dir.path());
         let adapter = dir.path().join(ADAPTER_FILE);
         let write_adapter = |base_model: Option<&[u8]>| {
             let data = 1f32.to_le_bytes();

@@ -576,14 +576,7 @@ mod tests {
     #[test]
     fn the_base_model_is_the_tasks() {
         let dir = tempfile::tempdir().unwrap();
-        let model = dir.path().join("model");
-        std::fs::create_dir(&model).unwrap();
-        std::fs::write(
-            model.join("config.json"),
-            r#"{"hidden_size": 8, "num_hidden_layers": 2}"#,
-        )
-        .unwrap();
-        std::fs::write(model.join("model.safetensors"), b"weights").unwrap();
+        crate::test_support::write_fake_model(dir.path());
         let load = |model_section: &str| {
             let toml = format!(
                 "[task]\nid = \"t\"\nrounds = 2\nlabels = [\"a\", \"b\"]\n\

@@ -28,3 +28,25 @@ pub mod metrics;
 pub mod round;
 pub mod server;
 pub mod store;
+
+/// Fixtures the unit tests of several modules share.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::path::{Path, PathBuf};
+
+    /// `dir/model`: a model directory that is enough for a task's checks
+    /// and hashes (hidden size 8, 2 layers; `model.safetensors` holds the
+    /// bytes `weights`, not tensors). Returns its path.
+    pub fn write_fake_model(dir: &Path) -> PathBuf {
+        let model = dir.join("model");
+        std::fs::create_dir(&model).unwrap();
+        std::fs::write(
+            model.join("config.json"),
+            r#"{"hidden_size": 8, "num_hidden_layers": 2}"#,
+        )
+        .unwrap();
+        std::fs::write(model.join("model.safetensors"), b"weights").unwrap();
+        std::fs::write(model.join("tokenizer.json"), "{}").unwrap();
+        model
+    }
+}
