@@ -7,7 +7,9 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use fedsb_engine::model::AdaptedLinear;
-use fedsb_protocol::{AdapterShape, PolicyField, PrivacyPolicy, MAX_MODULES, MAX_RANK};
+use fedsb_protocol::{
+    AdapterShape, PolicyField, PrivacyPolicy, MAX_LIST_LEN, MAX_MODULES, MAX_RANK, MAX_STRING_BYTES,
+};
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
@@ -703,6 +705,26 @@ impl Config {
         check_secs("task.round_deadline_secs", t.round_deadline_secs)?;
         if t.labels.len() < 2 {
             return bad("task.labels must name at least two classes".into());
+        }
+        if t.labels.len() > MAX_LIST_LEN {
+            return bad(format!(
+                "task.labels names {} classes; the protocol carries at most {MAX_LIST_LEN}",
+                t.labels.len()
+            ));
+        }
+        // Sent to every participant in the task description: the protocol
+        // carries strings of at most MAX_STRING_BYTES, so a longer one would
+        // reach participants cut short.
+        for (key, value) in std::iter::once(("model.id", &self.model.id))
+            .chain(t.labels.iter().map(|l| ("task.labels", l)))
+        {
+            if value.len() > MAX_STRING_BYTES {
+                let start: String = value.chars().take(40).collect();
+                return bad(format!(
+                    "{key}: {start:?}... is {} bytes long; the protocol carries at most {MAX_STRING_BYTES} bytes per name",
+                    value.len()
+                ));
+            }
         }
         for (i, label) in t.labels.iter().enumerate() {
             if label.trim().is_empty() {
@@ -1607,6 +1629,37 @@ rank = 4
                 "{labels}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn names_sent_to_participants_fit_the_protocol() {
+        let dir = tempfile::tempdir().unwrap();
+        let longest = "é".repeat(MAX_STRING_BYTES / 2);
+        let too_long = format!("{longest}x");
+        // At the limit (2,048 two-byte characters): accepted.
+        let text = MINIMAL.replace(r#""pos""#, &format!("{longest:?}"));
+        let c = load(dir.path(), &text).unwrap();
+        assert_eq!(c.task.labels[1], longest);
+        for (key, text) in [
+            (
+                "task.labels",
+                MINIMAL.replace(r#""pos""#, &format!("{too_long:?}")),
+            ),
+            (
+                "model.id",
+                MINIMAL.replace(r#"id = "tiny""#, &format!("id = {too_long:?}")),
+            ),
+        ] {
+            let e = load(dir.path(), &text).unwrap_err().to_string();
+            assert!(
+                e.contains(key) && e.contains("4097 bytes long") && e.contains("at most 4096"),
+                "{key}: {e}"
+            );
+        }
+        let many: Vec<String> = (0..=MAX_LIST_LEN).map(|i| format!("c{i}")).collect();
+        let text = MINIMAL.replace(r#"["neg", "pos"]"#, &format!("{many:?}"));
+        let e = load(dir.path(), &text).unwrap_err().to_string();
+        assert!(e.contains("task.labels names 4097 classes"), "{e}");
     }
 
     #[test]
