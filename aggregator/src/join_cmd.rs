@@ -74,7 +74,7 @@ use fedsb_engine::data::{read_dataset_file, DataError, DataFormat, Dataset};
 use fedsb_engine::gpu::encoder::GpuEncoder;
 use fedsb_engine::gpu::{GpuContext, GpuOptions};
 use fedsb_engine::model::{BertTokenizer, BertWeights};
-use fedsb_engine::reference::{ClassifierHead, LoraSbAdapters, Matrix};
+use fedsb_engine::reference::{ClassifierHead, Matrix};
 use fedsb_engine::train::BatchSampler;
 use fedsb_protocol::{
     AdapterState, ClientMessage, ClientUpdate, ErrorCode, FileRef, ParticipantId, RoundId,
@@ -87,9 +87,8 @@ use tracing::{info, warn};
 
 use crate::data_args::{require_label_column, DataColumns};
 use crate::dp_training::{DpTraining, LedgerFile};
-use crate::participant::{parse_module_names, read_adapter_file, ModuleRef};
 use crate::privacy_cmd::AccountantArg;
-use fedsb_participant::{task_adamw, LocalOptimizer};
+use fedsb_participant::{task_adamw, LocalOptimizer, TaskModel};
 
 /// The files a participant needs, by their names in `TaskInfo.files`.
 const MODEL_FILES: [&str; 3] = ["config.json", "model.safetensors", "tokenizer.json"];
@@ -688,62 +687,21 @@ fn init_gradients(
     ))?)
 }
 
-/// Everything needed to train, loaded from the downloaded files.
-struct Loaded {
-    weights: BertWeights<f32>,
-    tokenizer: BertTokenizer,
-    frozen: LoraSbAdapters<f32>,
-    modules: Vec<ModuleRef>,
-}
-
-fn load_task_files(task: &TaskInfo, paths: &HashMap<String, PathBuf>) -> anyhow::Result<Loaded> {
+/// Loads the downloaded files with the same checks as a browser tab
+/// ([`TaskModel::load`]).
+fn load_task_files(task: &TaskInfo, paths: &HashMap<String, PathBuf>) -> anyhow::Result<TaskModel> {
     let read = |name: &str| -> anyhow::Result<Vec<u8>> {
         let p = &paths[name];
         std::fs::read(p).with_context(|| format!("reading {name} ({})", p.display()))
     };
-    let weights = BertWeights::from_bytes(&read("config.json")?, &read("model.safetensors")?)
-        .context("loading the task's model")?;
-    let tokenizer = BertTokenizer::from_bytes(&read("tokenizer.json")?)
-        .context("loading the task's tokenizer")?
-        .with_max_length(task.max_seq_len as usize)?;
-    let config = &weights.config;
-    let shape = &task.shape;
-    if shape.head_hidden as usize != config.hidden_size {
-        bail!(
-            "the task's head expects hidden size {}, the model has {}",
-            shape.head_hidden,
-            config.hidden_size
-        );
-    }
-    if shape.modules as usize != task.module_names.len() {
-        bail!(
-            "the task announces {} modules but names {}",
-            shape.modules,
-            task.module_names.len()
-        );
-    }
-    if shape.head_classes as usize != task.labels.len() {
-        bail!(
-            "the task's head has {} classes but {} labels",
-            shape.head_classes,
-            task.labels.len()
-        );
-    }
-    let modules = parse_module_names(&task.module_names, config.num_hidden_layers)?;
-    let frozen = read_adapter_file(
+    TaskModel::load(
+        task,
+        &read("config.json")?,
+        &read("model.safetensors")?,
+        &read("tokenizer.json")?,
         &read(ADAPTER_FILE)?,
-        &task.module_names,
-        &modules,
-        config,
-        shape.rank as usize,
     )
-    .context("loading the task's adapter file")?;
-    Ok(Loaded {
-        weights,
-        tokenizer,
-        frozen,
-        modules,
-    })
+    .context("loading the task's files")
 }
 
 fn read_local_data(args: &JoinArgs, task: &TaskInfo) -> anyhow::Result<Dataset> {
@@ -774,7 +732,7 @@ fn read_local_data(args: &JoinArgs, task: &TaskInfo) -> anyhow::Result<Dataset> 
 #[allow(clippy::too_many_arguments)]
 fn train_round(
     encoder: &mut GpuEncoder<'_>,
-    loaded: &Loaded,
+    loaded: &TaskModel,
     data: &Dataset,
     sampler: &mut BatchSampler,
     dp: Option<&mut DpTraining>,

@@ -5,7 +5,9 @@ use fedsb_engine::model::{BertTokenizer, BertWeights};
 use fedsb_engine::reference::LoraSbAdapters;
 use fedsb_protocol::TaskInfo;
 
-use crate::adapter_file::{parse_module_names, read_adapter_file, ModuleRef};
+use crate::adapter_file::{
+    adapter_file_metadata, check_base_model, parse_module_names, read_adapter_file, ModuleRef,
+};
 use crate::ParticipantError;
 
 fn invalid(message: impl Into<String>) -> ParticipantError {
@@ -57,6 +59,19 @@ impl TaskModel {
                 shape.head_classes,
                 task.labels.len()
             )));
+        }
+        // The aggregator checked its adapter file against its model at
+        // start; a participant checks the pair it downloaded too, so that a
+        // file made for another checkpoint of the same shapes is never
+        // trained on. A task without a model file (`model_sha256` empty)
+        // announces nothing to check against.
+        if !task.model_sha256.is_empty() {
+            check_base_model(
+                &adapter_file_metadata(adapter_safetensors)?,
+                "the task's adapter file",
+                "the task's model.safetensors",
+                &task.model_sha256,
+            )?;
         }
         let modules = parse_module_names(&task.module_names, config.num_hidden_layers)?;
         let frozen = read_adapter_file(
@@ -115,4 +130,91 @@ pub fn read_task_data(
         )));
     }
     Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use fedsb_engine::model::{wordpiece_tokenizer_json, BertConfig};
+    use fedsb_engine::reference::{ClassifierHead, Matrix};
+    use fedsb_protocol::AdapterShape;
+
+    use super::*;
+    use crate::adapter_file::{adapter_file_bytes, layered_modules, BASE_MODEL_SHA256};
+
+    #[test]
+    fn an_adapter_file_for_another_base_model_is_not_trained_on() {
+        let vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "good", "bad"];
+        let config = BertConfig {
+            vocab_size: vocab.len(),
+            hidden_size: 8,
+            num_hidden_layers: 1,
+            num_attention_heads: 2,
+            intermediate_size: 16,
+            max_position_embeddings: 16,
+            type_vocab_size: 2,
+            ..BertConfig::default()
+        };
+        let config_json = serde_json::to_vec(&config).unwrap();
+        let model = BertWeights::random(&config, 1, 0.3).to_safetensors();
+        let tokenizer = wordpiece_tokenizer_json(&vocab, true).unwrap();
+        let rank = 2;
+        let (names, modules) = layered_modules(&["attention.self.query".into()], 1).unwrap();
+        let adapters = LoraSbAdapters::<f32>::random(&config, rank, 2, 0.1);
+        let head = ClassifierHead {
+            weight: Matrix::zeros(2, config.hidden_size),
+            bias: vec![0.0; 2],
+        };
+        let ours = "ab".repeat(32);
+        let task = |model_sha256: &str| TaskInfo {
+            task_id: "t".into(),
+            model_id: "m".into(),
+            model_sha256: model_sha256.into(),
+            module_names: names.clone(),
+            shape: AdapterShape {
+                rank: rank as u32,
+                modules: names.len() as u32,
+                head_classes: 2,
+                head_hidden: config.hidden_size as u32,
+            },
+            labels: vec!["neg".into(), "pos".into()],
+            local_steps: 1,
+            batch_size: 1,
+            learning_rate: 1e-3,
+            head_learning_rate: 1e-3,
+            max_seq_len: 8,
+            total_rounds: 1,
+            files: Vec::new(),
+            privacy: None,
+        };
+        let adapter_for = |base: Option<&str>| {
+            let metadata: HashMap<String, String> = base
+                .map(|b| (BASE_MODEL_SHA256.to_owned(), b.to_owned()))
+                .into_iter()
+                .collect();
+            adapter_file_bytes(&names, &modules, &adapters, &head, metadata).unwrap()
+        };
+        let load = |task: &TaskInfo, adapter: &[u8]| {
+            TaskModel::load(task, &config_json, &model, &tokenizer, adapter)
+        };
+
+        // Made for the task's model, or recording none: loaded.
+        let loaded = load(&task(&ours), &adapter_for(Some(&ours))).unwrap();
+        assert_eq!(loaded.modules, modules);
+        load(&task(&ours), &adapter_for(None)).unwrap();
+        // A task that announces no model hash has nothing to check against.
+        load(&task(""), &adapter_for(Some(&ours))).unwrap();
+        // Made for another checkpoint of the same shapes: refused.
+        let theirs = "cd".repeat(32);
+        let e = load(&task(&ours), &adapter_for(Some(&theirs)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("the task's adapter file was made for a base model")
+                && e.contains(&theirs[..12])
+                && e.contains(&ours[..12]),
+            "{e}"
+        );
+    }
 }
