@@ -15,7 +15,7 @@
 //! inputs.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::Args;
@@ -23,6 +23,7 @@ use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use sha2::{Digest, Sha256};
 
+use crate::checks::check_output_file;
 use crate::participant::{with_sorted_header, write_file_atomically, BASE_MODEL_SHA256};
 
 #[derive(Debug, Args)]
@@ -198,23 +199,14 @@ fn mean_file(inputs: &[Input<'_>]) -> anyhow::Result<Vec<u8>> {
 }
 
 pub fn run(args: AverageArgs) -> anyhow::Result<()> {
-    // Never write the mean over one of the files it is made of.
-    if let Ok(out) = args.out.canonicalize() {
-        if let Some(input) = args
-            .files
-            .iter()
-            .find(|f| f.canonicalize().is_ok_and(|f| f == out))
-        {
-            bail!(
-                "--out {} is the input {}; write the mean to another file",
-                args.out.display(),
-                input.display()
-            );
-        }
-        if out.is_dir() {
-            bail!("--out {} is a directory; name a file", args.out.display());
-        }
-    }
+    // Never write the mean over one of the files it is made of, and find a
+    // missing directory before the files are read.
+    let inputs: Vec<(&str, &Path)> = args
+        .files
+        .iter()
+        .map(|f| ("the input", f.as_path()))
+        .collect();
+    check_output_file(&args.out, "--out", &inputs)?;
     let bytes: Vec<(String, Vec<u8>)> = args
         .files
         .iter()

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use fedsb_aggregator::export::resolve_path;
 use fedsb_aggregator::store::sha256_hex;
 use fedsb_engine::data::Dataset;
 use fedsb_engine::model::{BertConfig, BertWeights, ModelLoadError};
@@ -129,22 +130,44 @@ pub fn load_base_model(dir: &Path) -> Result<(BertWeights, BaseModel), ModelLoad
 }
 
 /// Refuses an output file `path` (given as `flag`) that could not be
-/// written: a directory, or one whose directory does not exist.
-pub fn check_output_file(path: &Path, flag: &str) -> anyhow::Result<()> {
+/// written (a directory, or one whose directory does not exist), or that
+/// is, links resolved, one of the command's `inputs` (`(what, path)`: its
+/// data files, `--init` file, the model's files, its other outputs), which
+/// writing it would destroy. Checked before any work is done.
+pub fn check_output_file(path: &Path, flag: &str, inputs: &[(&str, &Path)]) -> anyhow::Result<()> {
     if path.is_dir() {
         bail!("{flag} {} is a directory; name a file", path.display());
     }
     if path.file_name().is_none() {
         bail!("{flag} {} names no file", path.display());
     }
-    match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => bail!(
-            "{flag} {}: the directory {} does not exist",
-            path.display(),
-            dir.display()
-        ),
-        _ => Ok(()),
+    if let Some(dir) = path.parent() {
+        if !dir.as_os_str().is_empty() && !dir.is_dir() {
+            bail!(
+                "{flag} {}: the directory {} does not exist",
+                path.display(),
+                dir.display()
+            );
+        }
     }
+    if let Some(out) = resolve_path(path) {
+        for (what, input) in inputs {
+            if resolve_path(input).is_some_and(|i| i == out) {
+                bail!(
+                    "{flag} {} is {what} {}; writing it would destroy that file, so name another",
+                    path.display(),
+                    input.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The files of a Hugging Face model directory a command reads, as inputs
+/// for [`check_output_file`].
+pub fn model_files(dir: &Path) -> [PathBuf; 3] {
+    ["config.json", "model.safetensors", "tokenizer.json"].map(|name| dir.join(name))
 }
 
 /// `--max-seq-len` when not given: 128 tokens, or the model's position
@@ -241,16 +264,65 @@ mod tests {
     #[test]
     fn output_files_in_missing_directories_or_on_directories_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let err = check_output_file(&dir.path().join("no/such/a.safetensors"), "--output")
+        let err = check_output_file(&dir.path().join("no/such/a.safetensors"), "--output", &[])
             .unwrap_err()
             .to_string();
         assert!(err.contains("does not exist"), "{err}");
-        let err = check_output_file(dir.path(), "--out")
+        let err = check_output_file(dir.path(), "--out", &[])
             .unwrap_err()
             .to_string();
         assert!(err.contains("is a directory"), "{err}");
-        check_output_file(&dir.path().join("a.safetensors"), "--output").unwrap();
-        check_output_file(Path::new("a.safetensors"), "--output").unwrap();
+        check_output_file(&dir.path().join("a.safetensors"), "--output", &[]).unwrap();
+        check_output_file(Path::new("a.safetensors"), "--output", &[]).unwrap();
+    }
+
+    #[test]
+    fn an_output_that_is_an_input_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let train = dir.path().join("train.tsv");
+        std::fs::write(&train, "sentence\tlabel\nok\t1\n").unwrap();
+        let link = dir.path().join("link.tsv");
+        std::os::unix::fs::symlink(&train, &link).unwrap();
+        let other = dir.path().join("out.safetensors");
+        let inputs = [("the training file", train.as_path())];
+        // The same file by another spelling, or through a link: refused, and
+        // the file is left as it was.
+        for out in [
+            dir.path().join("sub/../train.tsv"),
+            dir.path().join("./train.tsv"),
+            link,
+        ] {
+            if let Some(parent) = out.parent() {
+                std::fs::create_dir_all(parent).unwrap();
+            }
+            let err = check_output_file(&out, "--output", &inputs)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("--output")
+                    && err.contains(&format!("is the training file {}", train.display()))
+                    && err.contains("would destroy"),
+                "{err}"
+            );
+        }
+        assert_eq!(std::fs::read(&train).unwrap(), b"sentence\tlabel\nok\t1\n");
+        // A new file, or an input that does not exist (yet): fine.
+        check_output_file(&other, "--output", &inputs).unwrap();
+        let missing = dir.path().join("missing.tsv");
+        check_output_file(&other, "--output", &[("the eval file", missing.as_path())]).unwrap();
+        // The model's files count as inputs.
+        let model = dir.path().join("model");
+        std::fs::create_dir(&model).unwrap();
+        std::fs::write(model.join("model.safetensors"), b"w").unwrap();
+        let files = model_files(&model);
+        let inputs: Vec<(&str, &Path)> = files
+            .iter()
+            .map(|f| ("a model file", f.as_path()))
+            .collect();
+        let err = check_output_file(&model.join("model.safetensors"), "--out", &inputs)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is a model file"), "{err}");
     }
 
     #[test]

@@ -110,10 +110,10 @@ pub async fn check_pinned_files(config: Arc<Config>, store: &Store) -> Result<()
 }
 
 /// Refuses an output path that is (links resolved) one of the task's own
-/// files: its adapter file, a file of its model directory, or its
-/// database.
+/// files: its adapter file, a file of its model directory, its `[eval]` or
+/// `[demo]` data, or its database.
 pub fn refuse_task_file(config: &Config, database: &Path, out: &Path) -> Result<(), ExportError> {
-    let Some(resolved) = resolve(out) else {
+    let Some(resolved) = resolve_path(out) else {
         return Ok(());
     };
     let mut own: Vec<(&'static str, PathBuf)> = Vec::new();
@@ -124,6 +124,12 @@ pub fn refuse_task_file(config: &Config, database: &Path, out: &Path) -> Result<
         for name in ["config.json", MODEL_FILE, "tokenizer.json"] {
             own.push(("model file", dir.join(name)));
         }
+    }
+    if let Some(file) = &config.eval.file {
+        own.push(("evaluation file", file.clone()));
+    }
+    if let Some(file) = &config.demo.data {
+        own.push(("demo data file", file.clone()));
     }
     own.push(("state database", database.to_owned()));
     for (what, file) in own {
@@ -140,8 +146,9 @@ pub fn refuse_task_file(config: &Config, database: &Path, out: &Path) -> Result<
 
 /// `path` with its links resolved: the file's own path when it exists,
 /// otherwise its directory's joined with its name; `None` when neither
-/// exists.
-fn resolve(path: &Path) -> Option<PathBuf> {
+/// exists. Two paths name the same file when their resolved paths are
+/// equal, which is how output paths are checked against a command's inputs.
+pub fn resolve_path(path: &Path) -> Option<PathBuf> {
     if let Ok(p) = path.canonicalize() {
         return Some(p);
     }
@@ -501,8 +508,13 @@ state_dir = "state"
 
     #[test]
     fn an_out_path_that_is_one_of_the_tasks_files_is_refused() {
-        let (dir, config) = task_dir();
+        let (dir, mut config) = task_dir();
         let d = dir.path();
+        for name in ["dev.tsv", "demo.tsv"] {
+            std::fs::write(d.join(name), "sentence\tlabel\nok\ta\n").unwrap();
+        }
+        config.eval.file = Some(d.join("dev.tsv"));
+        config.demo.data = Some(d.join("demo.tsv"));
         let database = d.join("state/t.sqlite3");
         std::fs::create_dir(d.join("state")).unwrap();
         std::fs::write(&database, b"").unwrap();
@@ -521,6 +533,8 @@ state_dir = "state"
         refused(d.join("model/../adapter.safetensors"), "adapter file");
         refused(d.join("model/model.safetensors"), "model file");
         refused(d.join("state/t.sqlite3"), "state database");
+        refused(d.join("dev.tsv"), "evaluation file");
+        refused(d.join("demo.tsv"), "demo data file");
         #[cfg(unix)]
         {
             std::os::unix::fs::symlink(d.join("model/model.safetensors"), d.join("link")).unwrap();

@@ -18,6 +18,7 @@ use fedsb_aggregator::export::{check_pinned_files, export_rounds_mean, refuse_ta
 use fedsb_aggregator::store::Store;
 use sha2::{Digest, Sha256};
 
+use crate::checks::check_output_file;
 use crate::participant::write_file_atomically;
 
 #[derive(Debug, Args)]
@@ -45,6 +46,7 @@ pub struct ExportArgs {
 }
 
 pub fn run(args: ExportArgs) -> anyhow::Result<()> {
+    check_output_file(&args.out, "--out", &[])?;
     let mut config = Config::load(&args.config)?;
     if let Some(d) = args.state_dir {
         config.server.state_dir = d;

@@ -28,7 +28,7 @@
 //! one JSON object describing the file.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -42,7 +42,7 @@ use fedsb_engine::train::{
 };
 use sha2::{Digest, Sha256};
 
-use crate::checks::{check_output_file, load_base_model, resolve_max_seq_len};
+use crate::checks::{check_output_file, load_base_model, model_files, resolve_max_seq_len};
 use crate::data_args::{require_label_column, DataColumns};
 use crate::participant::{layered_modules, write_adapter_file, MAX_SEQ_LEN};
 
@@ -111,7 +111,14 @@ pub fn run(args: InitArgs) -> anyhow::Result<()> {
             bail!("{flag} must be at least 1");
         }
     }
-    check_output_file(&args.out, "--out")?;
+    let model_files = model_files(&args.model);
+    let mut inputs: Vec<(&str, &Path)> = vec![("the --train file", &args.train)];
+    inputs.extend(
+        model_files
+            .iter()
+            .map(|f| ("a file of the --model", f.as_path())),
+    );
+    check_output_file(&args.out, "--out", &inputs)?;
     let (weights, base_model) = load_base_model(&args.model)
         .with_context(|| format!("loading the model from {}", args.model.display()))?;
     let max_seq_len = resolve_max_seq_len(args.max_seq_len, &weights.config)?;

@@ -58,7 +58,7 @@ use fedsb_privacy::{AccountantKind, PrivacyBudget};
 use fedsb_protocol::PrivacyPolicy;
 
 use crate::checks::{
-    check_classes, check_output_file, load_base_model, resolve_file_max_seq_len,
+    check_classes, check_output_file, load_base_model, model_files, resolve_file_max_seq_len,
     resolve_max_seq_len, InitFile, DEFAULT_RANK,
 };
 use crate::data_args::{
@@ -184,7 +184,20 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         bail!("--init-samples must be at least 1 (examples for the LoRA-SB initialization)");
     }
     if let Some(out) = &args.output {
-        check_output_file(out, "--output")?;
+        let model_files = model_files(&args.model);
+        let mut inputs: Vec<(&str, &Path)> = vec![
+            ("the --train file", &args.train),
+            ("the --eval file", &args.eval),
+        ];
+        if let Some(init) = &args.init {
+            inputs.push(("the --init file", init));
+        }
+        inputs.extend(
+            model_files
+                .iter()
+                .map(|f| ("a file of the --model", f.as_path())),
+        );
+        check_output_file(out, "--output", &inputs)?;
     }
     if !(args.lr > 0.0 && args.lr.is_finite()) {
         bail!("--lr {} must be positive", args.lr);

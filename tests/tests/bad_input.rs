@@ -381,3 +381,100 @@ fn embed_input_that_is_not_utf8_names_the_line() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// An output path that names one of the command's inputs (the same file by
+/// any spelling or link) is refused before anything runs, naming both, and
+/// the input is left as it was: one typo must not cost a data set.
+#[test]
+fn outputs_never_overwrite_the_commands_inputs() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let data = "sentence\tlabel\ngood\t1\nbad\t0\n";
+    for name in ["train.tsv", "dev.tsv", "init.safetensors"] {
+        std::fs::write(d.join(name), data)?;
+    }
+    std::fs::create_dir(d.join("model"))?;
+    std::fs::write(d.join("model/model.safetensors"), data)?;
+    let p = |name: &str| d.join(name).display().to_string();
+    let (train, dev, init, model) = (
+        p("train.tsv"),
+        p("dev.tsv"),
+        p("init.safetensors"),
+        p("model"),
+    );
+    let weights = p("model/model.safetensors");
+    let respelled = p("model/../dev.tsv");
+    let csv = p("r.csv");
+    let fit = ["--train", &train, "--eval", &dev];
+    let sim = ["sim", "--model", &model, "--clients", "2", "--rounds", "1"];
+    let cases: Vec<(Vec<&str>, String)> = vec![
+        (
+            [
+                &["train", "--model", &model][..],
+                &fit,
+                &["--output", &train],
+            ]
+            .concat(),
+            format!("--output {train} is the --train file {train}"),
+        ),
+        (
+            [
+                &["train", "--model", &model][..],
+                &fit,
+                &["--output", &respelled],
+            ]
+            .concat(),
+            format!("--output {respelled} is the --eval file {dev}"),
+        ),
+        (
+            [
+                &["train", "--model", &model, "--init", &init][..],
+                &fit,
+                &["--output", &init],
+            ]
+            .concat(),
+            format!("--output {init} is the --init file {init}"),
+        ),
+        (
+            [
+                &["train", "--model", &model][..],
+                &fit,
+                &["--output", &weights],
+            ]
+            .concat(),
+            format!("--output {weights} is a file of the --model {weights}"),
+        ),
+        (
+            vec![
+                "init", "--model", &model, "--train", &train, "--labels", "0,1", "--out", &train,
+            ],
+            format!("--out {train} is the --train file {train}"),
+        ),
+        (
+            [
+                &["sim", "--model", &model, "--clients", "2", "--rounds", "1"][..],
+                &fit,
+                &["--csv", &dev],
+            ]
+            .concat(),
+            format!("--csv {dev} is the --eval file {dev}"),
+        ),
+        (
+            [&sim[..], &fit, &["--csv", &csv, "--plot", &csv]].concat(),
+            format!("--plot {csv} is the --csv file {csv}"),
+        ),
+    ];
+    for (args, expected) in cases {
+        let err = fedsb_fails(&args, 1)?;
+        assert!(
+            err.contains(&expected) && err.contains("would destroy that file"),
+            "fedsb {}: {err}",
+            args.join(" ")
+        );
+    }
+    for file in [&train, &dev, &init, &weights] {
+        assert_eq!(std::fs::read_to_string(file)?, data, "{file}");
+    }
+    assert!(!d.join("r.csv").exists());
+    Ok(())
+}
