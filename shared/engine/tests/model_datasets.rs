@@ -739,6 +739,64 @@ fn with_endings(lines: &[&str], ending: &str) -> String {
     lines.iter().map(|l| format!("{l}{ending}")).collect()
 }
 
+/// Every error and the skipped-rows note name the same line whatever the
+/// file's line endings: `\n`, Windows' `\r\n` or a bare `\r`.
+#[test]
+fn row_errors_name_the_same_line_with_every_line_ending() {
+    let cases: [(DataFormat, &str, &[&str], &str); 5] = [
+        // The first data row: line 2, not the header's 1.
+        (
+            DataFormat::Tsv,
+            "t.tsv",
+            &["sentence\tlabel", "fun\t-5"],
+            "t.tsv:2: column `label`: label -5 is not a class id (0, 1, …)",
+        ),
+        (
+            DataFormat::Csv,
+            "c.csv",
+            &["text,label", "a,1", "", "b", "c,0"],
+            "c.csv:4: 1 field, but the header has 2",
+        ),
+        (
+            DataFormat::Csv,
+            "q.csv",
+            &["text,label", "a,1", "\"abc,1", "foo,0"],
+            "q.csv:3: 1 field, but the header has 2 (a quote opened on line 3 is never closed?)",
+        ),
+        // A quoted line break counts as a line.
+        (
+            DataFormat::Csv,
+            "m.csv",
+            &["text,label", "\"two", "lines\",1", "x,-4"],
+            "m.csv:4: column `label`: label -4 is not a class id (0, 1, …)",
+        ),
+        (
+            DataFormat::Jsonl,
+            "j.jsonl",
+            &[r#"{"text": "a", "label": 1}"#, "", r#"{"text": "#],
+            "j.jsonl:3: ",
+        ),
+    ];
+    for ending in ["\n", "\r\n", "\r"] {
+        for (format, file, lines, error) in cases {
+            let err = read(
+                &with_endings(lines, ending),
+                format,
+                &ColumnSpec::default(),
+                file,
+            )
+            .unwrap_err();
+            assert!(err.starts_with(error), "{file} with {ending:?}: {err}");
+        }
+        let text = with_endings(
+            &["text,label", "a,0", "b,1", "", "c,-", "d,1", "e,0"],
+            ending,
+        );
+        let ds = read_dataset(text.as_bytes(), DataFormat::Csv, &skipping(), "s.csv").unwrap();
+        assert_eq!(ds.skipped.first_line, Some(5), "{ending:?}");
+    }
+}
+
 #[test]
 fn carriage_return_only_line_endings_read_like_newlines() {
     let files = [

@@ -349,6 +349,22 @@ impl<'a> LineCounter<'a> {
         }
     }
 
+    /// The line of the record the csv reader positions at `offset`. The
+    /// position can be that of line breaks before the record's first byte:
+    /// the `\n` of its predecessor's `\r\n` (the reader ends a record at
+    /// the `\r`) and blank lines, which the reader skips. The record starts
+    /// on the line of its first byte after them.
+    fn record_line(&mut self, offset: usize) -> u64 {
+        let breaks = self
+            .bytes
+            .get(offset..)
+            .unwrap_or_default()
+            .iter()
+            .take_while(|&&b| b == b'\n' || b == b'\r')
+            .count();
+        self.line_at(offset + breaks)
+    }
+
     /// The line of the byte at `offset`.
     fn line_at(&mut self, offset: usize) -> u64 {
         let offset = offset.min(self.bytes.len());
@@ -435,7 +451,7 @@ fn read_delimited(
         file: file.to_owned(),
         line: e
             .position()
-            .map_or(0, |p| LineCounter::new(bytes).line_at(p.byte() as usize)),
+            .map_or(0, |p| LineCounter::new(bytes).record_line(p.byte() as usize)),
         message: e.to_string(),
     };
     let columns: Vec<String> = reader
@@ -450,7 +466,7 @@ fn read_delimited(
         let record = record.map_err(syntax)?;
         let line = record
             .position()
-            .map_or(0, |p| counter.line_at(p.byte() as usize));
+            .map_or(0, |p| counter.record_line(p.byte() as usize));
         if record.len() == 1
             && (record[0].is_empty() || (columns.len() > 1 && record[0].trim().is_empty()))
         {
