@@ -38,6 +38,17 @@ impl DataColumns {
     }
 }
 
+/// Refuses a `--labels` list with a blank class or a class named twice
+/// (`fedsb init`, `train`, `sim`, `eval`).
+pub fn check_labels_flag(labels: Option<&[String]>) -> anyhow::Result<()> {
+    if let Some(labels) = labels {
+        if let Err(e) = crate::participant::check_class_names(labels) {
+            bail!("--labels {}: {e}", labels.join(","));
+        }
+    }
+    Ok(())
+}
+
 /// The classes of the head a command trains, in head order, and where they
 /// come from.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,6 +68,7 @@ pub fn head_classes(
     init: Option<(&str, Option<&[String]>)>,
     given: Option<&[String]>,
 ) -> anyhow::Result<Option<HeadClasses>> {
+    check_labels_flag(given)?;
     match (init, given) {
         (Some((file, Some(head))), Some(given)) if given != head => bail!(
             "--labels {given:?} differ from the classes {head:?} of the head of {file} \

@@ -26,7 +26,7 @@ use fedsb_engine::model::BertTokenizer;
 use fedsb_engine::train::evaluate;
 
 use crate::checks::{load_base_model, resolve_file_max_seq_len};
-use crate::data_args::{require_label_column, DataColumns};
+use crate::data_args::{check_labels_flag, require_label_column, DataColumns};
 use crate::participant::adapter_file_info;
 
 #[derive(Debug, Args)]
@@ -68,16 +68,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     if args.batch == 0 {
         bail!("--batch must be at least 1");
     }
-    if let Some(labels) = &args.labels {
-        if let Some(blank) = labels.iter().position(|l| l.trim().is_empty()) {
-            bail!("--labels: class {blank} has no name");
-        }
-        for (i, l) in labels.iter().enumerate() {
-            if let Some(first) = labels[..i].iter().position(|x| x == l) {
-                bail!("--labels names the class {l:?} twice (classes {first} and {i})");
-            }
-        }
-    }
+    check_labels_flag(args.labels.as_deref())?;
     let file = args.adapter_file.display().to_string();
     let (weights, base_model) = load_base_model(&args.model)
         .with_context(|| format!("loading the model from {}", args.model.display()))?;

@@ -42,8 +42,10 @@ use fedsb_engine::train::{
 };
 use sha2::{Digest, Sha256};
 
-use crate::checks::{check_output_file, load_base_model, model_files, resolve_max_seq_len};
-use crate::data_args::{require_label_column, DataColumns};
+use crate::checks::{
+    check_classes, check_output_file, load_base_model, model_files, resolve_max_seq_len,
+};
+use crate::data_args::{check_labels_flag, require_label_column, DataColumns};
 use crate::participant::{layered_modules, write_adapter_file, MAX_SEQ_LEN};
 
 #[derive(Debug, Args)]
@@ -111,6 +113,10 @@ pub fn run(args: InitArgs) -> anyhow::Result<()> {
             bail!("{flag} must be at least 1");
         }
     }
+    if !(args.lr > 0.0 && args.lr.is_finite()) {
+        bail!("--lr {} must be positive (η of ΔW = −η·sign(G))", args.lr);
+    }
+    check_labels_flag(args.labels.as_deref())?;
     let model_files = model_files(&args.model);
     let mut inputs: Vec<(&str, &Path)> = vec![("the --train file", &args.train)];
     inputs.extend(
@@ -134,6 +140,10 @@ pub fn run(args: InitArgs) -> anyhow::Result<()> {
             args.train.display()
         );
     }
+    // As `fedsb train` and `sim` do: seed data of one class would make the
+    // initial head's gradients, and so A, B and R₀, those of a
+    // one-class problem.
+    check_classes(&data, &args.train)?;
 
     // The aggregator's order: layer by layer, then the modules as listed.
     let (names, modules) = layered_modules(&args.modules, config.num_hidden_layers)?;

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
+use fedsb_e2e::tiny_model::write_tiny_model;
 use fedsb_e2e::*;
 use fedsb_protocol::*;
 
@@ -476,5 +477,58 @@ fn outputs_never_overwrite_the_commands_inputs() -> anyhow::Result<()> {
         assert_eq!(std::fs::read_to_string(file)?, data, "{file}");
     }
     assert!(!d.join("r.csv").exists());
+    Ok(())
+}
+
+/// `fedsb init` checks what `fedsb train` checks: η must be a positive
+/// number (NaN made the SVD panic; 0 wrote all-zero R₀s), `--labels` needs
+/// distinct names, and seed data of one class is refused. Nothing is
+/// written.
+#[test]
+fn init_refuses_what_train_refuses() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    write_tiny_model(&d.join("model"), 1)?;
+    std::fs::write(d.join("one.tsv"), "sentence\tlabel\ngood\t1\nfine\t1\n")?;
+    std::fs::write(d.join("two.tsv"), "sentence\tlabel\ngood\t1\nbad\t0\n")?;
+    let p = |name: &str| d.join(name).display().to_string();
+    let (model, out) = (p("model"), p("init.safetensors"));
+    let init = |train: &str, extra: &[&str]| -> Vec<String> {
+        [
+            "init",
+            "--model",
+            &model,
+            "--train",
+            &p(train),
+            "--out",
+            &out,
+        ]
+        .iter()
+        .chain(extra)
+        .map(|s| s.to_string())
+        .collect()
+    };
+    for (args, expected) in [
+        (init("two.tsv", &["--lr", "nan"]), "--lr NaN must be positive"),
+        (init("two.tsv", &["--lr", "0"]), "--lr 0 must be positive"),
+        (init("two.tsv", &["--lr", "-1"]), "--lr -1 must be positive"),
+        (
+            init("two.tsv", &["--labels", "0,0"]),
+            "--labels 0,0: the class \"0\" is named twice (classes 0 and 1)",
+        ),
+        (
+            init("two.tsv", &["--labels", "0,,1"]),
+            "--labels 0,,1: class 1 has no name",
+        ),
+        (
+            init("one.tsv", &[]),
+            "one.tsv: every example has the label 1; a classifier needs examples of at least two classes",
+        ),
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let err = fedsb_fails(&args, 1)?;
+        assert!(err.contains(expected), "fedsb {}: {err}", args.join(" "));
+        assert!(!d.join("init.safetensors").exists());
+    }
     Ok(())
 }

@@ -396,10 +396,27 @@ pub struct AdapterFileInfo {
     pub metadata: HashMap<String, String>,
 }
 
+/// Refuses class names a head cannot have: a blank name, or one named
+/// twice (a label would then map to the first of them). The message says
+/// which, by class index.
+pub fn check_class_names(names: &[String]) -> std::result::Result<(), String> {
+    for (i, name) in names.iter().enumerate() {
+        if name.trim().is_empty() {
+            return Err(format!("class {i} has no name ({name:?})"));
+        }
+        if let Some(first) = names[..i].iter().position(|x| x == name) {
+            return Err(format!(
+                "the class {name:?} is named twice (classes {first} and {i})"
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl AdapterFileInfo {
     /// The head's class names from the `labels` metadata (a JSON list), or
     /// `None` when the file has none; refused when they are not as many as
-    /// the head's classes.
+    /// the head's classes, or blank or named twice ([`check_class_names`]).
     pub fn labels(&self) -> Result<Option<Vec<String>>> {
         let labels: Option<Vec<String>> = self
             .metadata
@@ -412,6 +429,10 @@ impl AdapterFileInfo {
                 })
             })
             .transpose()?;
+        if let Some(labels) = &labels {
+            check_class_names(labels)
+                .map_err(|e| invalid(format!("its labels metadata {labels:?}: {e}")))?;
+        }
         if let (Some(labels), Some(classes)) = (&labels, self.head_classes) {
             if labels.len() != classes {
                 return Err(invalid(format!(
@@ -778,6 +799,36 @@ mod tests {
         );
         let e = adapter_file_info(b"not safetensors", 2).unwrap_err();
         assert!(e.to_string().contains("not valid safetensors"), "{e}");
+    }
+
+    /// A head's classes must have names, each its own: a label would
+    /// otherwise map to the first of two equal names.
+    #[test]
+    fn blank_or_repeated_class_names_are_refused() {
+        let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        check_class_names(&names(&["neg", "pos"])).unwrap();
+        let e = check_class_names(&names(&["0", "0"])).unwrap_err();
+        assert_eq!(e, "the class \"0\" is named twice (classes 0 and 1)");
+        let e = check_class_names(&names(&["0", " ", "1"])).unwrap_err();
+        assert_eq!(e, "class 1 has no name (\" \")");
+
+        let config = tiny_config(1);
+        let adapters = LoraSbAdapters::<f32>::random(&config, 2, 7, 0.5);
+        let names = vec!["encoder.layer.0.attention.self.query".to_owned()];
+        let modules = parse_module_names(&names, 1).unwrap();
+        for (labels, head, error) in [
+            (r#"["0","0"]"#, 2, "is named twice"),
+            (r#"["0","","1"]"#, 3, "class 1 has no name"),
+        ] {
+            let head = ClassifierHead::<f32>::init(head, 8, 0.02, 1);
+            let metadata = HashMap::from([("labels".to_owned(), labels.to_owned())]);
+            let bytes = adapter_file_bytes(&names, &modules, &adapters, &head, metadata).unwrap();
+            let e = adapter_file_info(&bytes, 1).unwrap().labels().unwrap_err();
+            assert!(
+                e.to_string().contains("its labels metadata") && e.to_string().contains(error),
+                "{labels}: {e}"
+            );
+        }
     }
 
     /// A file recording another base model is refused, naming the file, the
