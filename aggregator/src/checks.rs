@@ -164,6 +164,31 @@ pub fn check_output_file(path: &Path, flag: &str, inputs: &[(&str, &Path)]) -> a
     Ok(())
 }
 
+/// Refuses an output directory `dir` (given as `flag`) that a command
+/// could not write its files into alone: a file, or a directory that is not
+/// empty, where files of an earlier run would stay beside this run's (a
+/// 3-client run's `client-3.jsonl` beside a 2-client run's shards). A
+/// missing directory is created by the command. Checked before any work.
+pub fn check_output_dir(dir: &Path, flag: &str) -> anyhow::Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        bail!("{flag} {} is a file; name a directory", dir.display());
+    }
+    if dir.is_dir() {
+        let mut entries =
+            std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+        if let Some(entry) = entries.next() {
+            let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
+            bail!(
+                "{flag} {} is not empty (it holds {}); give a new or empty directory, so that \
+                 no file of an earlier run is taken for one of this run's",
+                dir.display(),
+                entry.file_name().to_string_lossy()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The files of a Hugging Face model directory a command reads, as inputs
 /// for [`check_output_file`].
 pub fn model_files(dir: &Path) -> [PathBuf; 3] {
@@ -274,6 +299,27 @@ mod tests {
         assert!(err.contains("is a directory"), "{err}");
         check_output_file(&dir.path().join("a.safetensors"), "--output", &[]).unwrap();
         check_output_file(Path::new("a.safetensors"), "--output", &[]).unwrap();
+    }
+
+    #[test]
+    fn output_directories_must_be_new_or_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        check_output_dir(&d.join("new/sub"), "--write-shards").unwrap();
+        check_output_dir(d, "--write-shards").unwrap();
+        std::fs::write(d.join("client-3.jsonl"), "{}").unwrap();
+        let err = check_output_dir(d, "--write-shards")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--write-shards")
+                && err.contains("is not empty (it holds client-3.jsonl)"),
+            "{err}"
+        );
+        let err = check_output_dir(&d.join("client-3.jsonl"), "--write-globals")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is a file; name a directory"), "{err}");
     }
 
     #[test]

@@ -93,8 +93,9 @@ use fedsb_protocol::{
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::checks::{
-    check_classes, check_output_file, load_base_model, model_files, resolve_file_max_seq_len,
-    resolve_max_seq_len, BaseModel, InitFile, DEFAULT_MAX_SEQ_LEN, DEFAULT_RANK,
+    check_classes, check_output_dir, check_output_file, load_base_model, model_files,
+    resolve_file_max_seq_len, resolve_max_seq_len, BaseModel, InitFile, DEFAULT_MAX_SEQ_LEN,
+    DEFAULT_RANK,
 };
 use crate::data_args::{head_classes, read_eval_set, read_training_set, DataColumns};
 use crate::dp_training::DpTraining;
@@ -981,6 +982,15 @@ pub fn run(mut args: SimArgs) -> anyhow::Result<()> {
             inputs.push((what, path));
         }
     }
+    for (flag, dir) in [
+        ("--write-shards", &args.write_shards),
+        ("--write-globals", &args.write_globals),
+    ] {
+        if let Some(dir) = dir {
+            check_output_dir(dir, flag)?;
+        }
+    }
+
     if args.rounds == 0 {
         bail!("--rounds must be at least 1");
     }

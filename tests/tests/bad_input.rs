@@ -473,6 +473,21 @@ fn outputs_never_overwrite_the_commands_inputs() -> anyhow::Result<()> {
             args.join(" ")
         );
     }
+    // Output directories: never a file, never one holding an earlier run's.
+    let shards = [&sim[..], &fit, &["--write-shards", &train]].concat();
+    let err = fedsb_fails(&shards, 1)?;
+    assert!(
+        err.contains(&format!("--write-shards {train} is a file")),
+        "{err}"
+    );
+    let globals = [&sim[..], &fit, &["--write-globals", &model]].concat();
+    let err = fedsb_fails(&globals, 1)?;
+    assert!(
+        err.contains(&format!(
+            "--write-globals {model} is not empty (it holds model.safetensors)"
+        )),
+        "{err}"
+    );
     for file in [&train, &dev, &init, &weights] {
         assert_eq!(std::fs::read_to_string(file)?, data, "{file}");
     }
