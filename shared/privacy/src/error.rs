@@ -44,7 +44,9 @@ pub enum PrivacyError {
     /// steps). Use a coarser discretization or the RDP accountant.
     #[error(
         "the privacy loss distribution would need {points} grid points \
-         (limit {limit}); use a coarser discretization or the RDP accountant"
+         (limit {limit}) for a noise multiplier this small over this many steps; \
+         use the RDP accountant (`--accountant rdp` in fedsb's commands) or, \
+         calling the library, a coarser discretization interval"
     )]
     PldTooLarge {
         /// Grid points that would have been needed.
