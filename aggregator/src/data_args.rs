@@ -110,7 +110,7 @@ pub fn read_training_set(
 }
 
 /// Refuses a file read without finding a label column, and says how many
-/// rows it skipped for having no label ([`note_skipped`]).
+/// rows it skipped for having no label ([`note_labels`]).
 pub fn require_label_column(data: &Dataset, path: &Path) -> anyhow::Result<()> {
     if data.label_column.is_none() {
         bail!(
@@ -118,15 +118,19 @@ pub fn require_label_column(data: &Dataset, path: &Path) -> anyhow::Result<()> {
             path.display()
         );
     }
-    note_skipped(data, path);
+    note_labels(data, path);
     Ok(())
 }
 
 /// Warns when rows were skipped for having no label (empty, -1 or -), so
-/// that a file never loses rows without a word.
-pub fn note_skipped(data: &Dataset, path: &Path) {
+/// that a file never loses rows without a word, and says how class ids
+/// were read when the classes have names ([`Dataset::class_ids_note`]).
+pub fn note_labels(data: &Dataset, path: &Path) {
     if data.skipped.count > 0 {
         tracing::warn!(file = %path.display(), "{}", data.skipped);
+    }
+    if let Some(note) = data.class_ids_note() {
+        tracing::info!(file = %path.display(), "{note}");
     }
 }
 
@@ -139,7 +143,7 @@ pub fn read_eval_set(path: &Path, train: &Dataset) -> anyhow::Result<Dataset> {
             path.display()
         )
     })?;
-    note_skipped(&eval, path);
+    note_labels(&eval, path);
     Ok(eval)
 }
 

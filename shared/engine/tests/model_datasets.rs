@@ -1001,3 +1001,34 @@ fn plain_text_lines() {
         "m.txt:2: not valid UTF-8 (byte 0xf0 at offset 6); save the file as UTF-8"
     );
 }
+
+/// Integer labels read against named classes are positions in the names,
+/// and the dataset says so with the mapping; labels matched by name, or
+/// classes named by the integers themselves, need no note.
+#[test]
+fn class_ids_read_as_named_classes_are_noted() {
+    let named = |names: &[&str]| ColumnSpec {
+        label_names: Some(names.iter().map(|n| n.to_string()).collect()),
+        ..Default::default()
+    };
+    let mnli = named(&["contradiction", "entailment", "neutral"]);
+    let ds = read_dataset(b"text,label\na,0\nb,2\n", DataFormat::Csv, &mnli, "d.csv").unwrap();
+    assert_eq!(
+        ds.examples.iter().map(|e| e.label).collect::<Vec<_>>(),
+        [Some(0), Some(2)]
+    );
+    assert!(ds.labels_were_ids);
+    assert_eq!(
+        ds.class_ids_note().as_deref(),
+        Some("labels are class ids, read in the order of the classes: 0 = contradiction, 1 = entailment, 2 = neutral")
+    );
+    for (text, spec) in [
+        ("text,label\na,neutral\nb,entailment\n", &mnli),
+        ("text,label\na,0\nb,1\n", &named(&["0", "1"])),
+        ("text,label\na,0\nb,1\n", &ColumnSpec::default()),
+    ] {
+        let ds = read_dataset(text.as_bytes(), DataFormat::Csv, spec, "d.csv").unwrap();
+        assert!(!ds.labels_were_ids, "{text}");
+        assert_eq!(ds.class_ids_note(), None);
+    }
+}

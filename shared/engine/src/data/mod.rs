@@ -131,6 +131,12 @@ pub struct Dataset {
     /// Rows skipped for having no label (none unless
     /// [`ColumnSpec::skip_rows_without_label`]); print it so users know.
     pub skipped: SkippedRows,
+    /// Whether labels were class ids read as positions in given class names
+    /// ([`ColumnSpec::label_names`] that are not those integers): `1` meant
+    /// `label_names[1]`. Say so, with the mapping ([`Self::class_ids_note`]),
+    /// since ids numbered in another order (GLUE's MNLI against sorted
+    /// names) would otherwise swap classes without a word.
+    pub labels_were_ids: bool,
 }
 
 impl Dataset {
@@ -144,6 +150,23 @@ impl Dataset {
 
     pub fn num_labels(&self) -> usize {
         self.label_names.len()
+    }
+
+    /// When [`Self::labels_were_ids`], what they were read as: "labels are
+    /// class ids, read in the order of the classes: 0 = neg, 1 = pos".
+    pub fn class_ids_note(&self) -> Option<String> {
+        self.labels_were_ids.then(|| {
+            let mapping: Vec<String> = self
+                .label_names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| format!("{i} = {n}"))
+                .collect();
+            format!(
+                "labels are class ids, read in the order of the classes: {}",
+                mapping.join(", ")
+            )
+        })
     }
 
     /// Examples per class id (length [`Self::num_labels`]); a zero is a
@@ -823,6 +846,7 @@ fn build_dataset(
             }
         }
     };
+    let mut labels_were_ids = false;
     let examples = raw
         .into_iter()
         .map(|(line, text, text_pair, raw_label)| {
@@ -832,7 +856,10 @@ fn build_dataset(
                         return Ok(id as u32);
                     }
                     match v.parse::<u32>() {
-                        Ok(id) if (id as usize) < label_names.len() => Ok(id),
+                        Ok(id) if (id as usize) < label_names.len() => {
+                            labels_were_ids = true;
+                            Ok(id)
+                        }
                         _ => Err(label_error(
                             line,
                             format!(
@@ -858,5 +885,6 @@ fn build_dataset(
         label_column: label.map(|c| table.columns[c].clone()),
         label_names,
         skipped,
+        labels_were_ids,
     })
 }
