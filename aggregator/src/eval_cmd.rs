@@ -115,13 +115,18 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         bail!("{}: no labelled rows", args.eval.display());
     }
     eprintln!(
-        "{}: {} modules of rank {}, classes {labels:?}; {}: {} examples, truncated at \
-         {max_seq_len} tokens",
+        "{}: {} modules of rank {}, classes {labels:?}; {}: {} examples (text column {:?}{}, \
+         label column {:?}), truncated at {max_seq_len} tokens",
         file,
         info.names.len(),
         info.rank,
         args.eval.display(),
-        examples.len()
+        examples.len(),
+        data.text_column,
+        data.text_pair_column
+            .as_ref()
+            .map_or(String::new(), |c| format!(" + {c:?}")),
+        data.label_column.as_deref().unwrap_or_default(),
     );
     let ctx = pollster::block_on(GpuContext::new(&GpuOptions {
         adapter: args.adapter.as_deref(),

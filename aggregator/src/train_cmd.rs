@@ -314,6 +314,13 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let adapter_name = ctx.adapter_name().to_owned();
     eprintln!("adapter: {adapter_name}");
 
+    if args.batch > train.len() {
+        tracing::warn!(
+            "--batch {} is more than the {} training examples: every step trains on all of them",
+            args.batch,
+            train.len()
+        );
+    }
     let config = &weights.config;
     let mut sampler = BatchSampler::new(train.len(), args.batch, args.seed);
     let started = Instant::now();
@@ -539,6 +546,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         "eval_confusion": e.confusion,
         "steps": args.steps,
         "batch": args.batch,
+        "seed": args.seed,
+        "max_seq_len": max_seq_len,
         "rank": rank,
         "samples_per_second": samples_per_second,
         "init_samples": taken,

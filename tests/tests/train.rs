@@ -384,6 +384,10 @@ fn init_file_trains_from_an_adapter_files_model() -> anyhow::Result<()> {
     let report = last_json_line(&out)?;
     assert_eq!(report["init_file"], s(&init)?, "{report}");
     assert_eq!(report["rank"], 4, "{report}");
+    // The run's record: its seed and the file's length (the tiny model's 32
+    // positions, what fedsb init took without --max-seq-len).
+    assert_eq!(report["seed"], 0, "{report}");
+    assert_eq!(report["max_seq_len"], 32, "{report}");
     // Nothing of the initialization ran: no samples, η or centring.
     for key in ["init_samples", "init_learning_rate", "centre_head"] {
         assert!(report[key].is_null(), "{key} in {report}");
