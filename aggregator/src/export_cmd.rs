@@ -46,7 +46,7 @@ pub struct ExportArgs {
 }
 
 pub fn run(args: ExportArgs) -> anyhow::Result<()> {
-    check_output_file(&args.out, "--out", &[])?;
+    check_output_file(&args.out, "--out", &[("the --config file", &args.config)])?;
     let mut config = Config::load(&args.config)?;
     if let Some(d) = args.state_dir {
         config.server.state_dir = d;

@@ -391,7 +391,7 @@ fn outputs_never_overwrite_the_commands_inputs() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let d = dir.path();
     let data = "sentence\tlabel\ngood\t1\nbad\t0\n";
-    for name in ["train.tsv", "dev.tsv", "init.safetensors"] {
+    for name in ["train.tsv", "dev.tsv", "init.safetensors", "task.toml"] {
         std::fs::write(d.join(name), data)?;
     }
     std::fs::create_dir(d.join("model"))?;
@@ -406,6 +406,7 @@ fn outputs_never_overwrite_the_commands_inputs() -> anyhow::Result<()> {
     let weights = p("model/model.safetensors");
     let respelled = p("model/../dev.tsv");
     let csv = p("r.csv");
+    let task = p("task.toml");
     let fit = ["--train", &train, "--eval", &dev];
     let sim = ["sim", "--model", &model, "--clients", "2", "--rounds", "1"];
     let cases: Vec<(Vec<&str>, String)> = vec![
@@ -464,6 +465,10 @@ fn outputs_never_overwrite_the_commands_inputs() -> anyhow::Result<()> {
             [&sim[..], &fit, &["--csv", &csv, "--plot", &csv]].concat(),
             format!("--plot {csv} is the --csv file {csv}"),
         ),
+        (
+            vec!["export", "--config", &task, "--out", &task],
+            format!("--out {task} is the --config file {task}"),
+        ),
     ];
     for (args, expected) in cases {
         let err = fedsb_fails(&args, 1)?;
@@ -488,7 +493,7 @@ fn outputs_never_overwrite_the_commands_inputs() -> anyhow::Result<()> {
         )),
         "{err}"
     );
-    for file in [&train, &dev, &init, &weights] {
+    for file in [&train, &dev, &init, &weights, &task] {
         assert_eq!(std::fs::read_to_string(file)?, data, "{file}");
     }
     assert!(!d.join("r.csv").exists());
