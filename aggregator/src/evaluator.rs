@@ -300,6 +300,10 @@ pub async fn spawn(
                 }
             };
             let _ = ready_tx.send(Ok(ctx.adapter_name().to_owned()));
+            // Rounds whose global model evaluates to a non-finite loss: not
+            // stored (the database holds numbers), and not redone at every
+            // commit; the next start tries them once more.
+            let mut unevaluable = std::collections::BTreeSet::new();
             loop {
                 // Rounds are in the database before the status says they are
                 // committed, so the catch-up below covers `seen`; a commit
@@ -325,6 +329,7 @@ pub async fn spawn(
                     &key,
                     &handle_events,
                     &stop,
+                    &mut unevaluable,
                 )) {
                     error!(error = %e, "evaluation failed; retrying after the next commit");
                 }
@@ -362,7 +367,9 @@ pub async fn spawn(
     }))
 }
 
-/// Evaluates every committed round without an evaluation on `key`.
+/// Evaluates every committed round without an evaluation on `key`, in
+/// order, except the `unevaluable` ones; a round whose loss is not finite
+/// joins them and the later rounds are still evaluated.
 async fn catch_up(
     ctx: &GpuContext,
     p: &Prepared,
@@ -370,12 +377,16 @@ async fn catch_up(
     key: &str,
     events: &broadcast::Sender<RoundEval>,
     stop: &AtomicBool,
+    unevaluable: &mut std::collections::BTreeSet<u64>,
 ) -> Result<(), String> {
     let pending = store
         .rounds_without_eval(key.to_owned())
         .await
         .map_err(|e| e.to_string())?;
     for round in pending {
+        if unevaluable.contains(&round) {
+            continue;
+        }
         // Decoded and checked against its checksum by the store.
         let state = store
             .committed_round(RoundId(round))
@@ -416,6 +427,17 @@ async fn catch_up(
             );
             return Ok(());
         };
+        if !(result.loss.is_finite() && result.accuracy.is_finite()) {
+            error!(
+                round,
+                loss = result.loss,
+                "the global model's evaluation loss is not finite (its outputs overflow); \
+                 nothing is stored for this round and the later rounds are evaluated \
+                 (the next start tries it again)"
+            );
+            unevaluable.insert(round);
+            continue;
+        }
         let eval = RoundEval {
             round,
             accuracy: result.accuracy,

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 
 use fedsb_protocol::{
     AdapterShape, AdapterState, ClientUpdate, ErrorCode, ParticipantId, PrivacyReport, RoundId,
+    MAX_UPDATE_ABS,
 };
 
 use crate::config::Weighting;
@@ -285,6 +286,22 @@ impl Round {
             };
             Rejection::new(code, e.to_string())
         })?;
+        for (name, t) in update.adapter.named_tensors() {
+            if let Some((index, value)) = t
+                .data
+                .iter()
+                .enumerate()
+                .find(|(_, v)| v.abs() > MAX_UPDATE_ABS)
+            {
+                return Err(Rejection::new(
+                    ErrorCode::NonFinite,
+                    format!(
+                        "tensor {name} holds {value:e} at index {index}, beyond the ±{MAX_UPDATE_ABS:e} \
+                         any update value may have"
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -459,6 +476,11 @@ mod tests {
             .unwrap();
         let mut nan = state(|_| 1.0);
         nan.r[1].data[0] = f32::NAN;
+        // Finite but huge: it would overflow the mean or the server's step.
+        let mut huge = state(|_| 1.0);
+        huge.r[0].data[1] = 3e38;
+        let mut huge_head = state(|_| 1.0);
+        huge_head.head_bias.data[0] = -MAX_UPDATE_ABS * 1.0001;
         let mut wrong_count = state(|_| 1.0);
         wrong_count.r.pop();
         let mut wrong_shape = state(|_| 1.0);
@@ -499,6 +521,12 @@ mod tests {
                 ErrorCode::InvalidSampleCount,
             ),
             (ParticipantId(2), update(2, 1, nan), ErrorCode::NonFinite),
+            (ParticipantId(2), update(2, 1, huge), ErrorCode::NonFinite),
+            (
+                ParticipantId(2),
+                update(2, 1, huge_head),
+                ErrorCode::NonFinite,
+            ),
             (
                 ParticipantId(2),
                 update(2, 1, wrong_count),
@@ -519,6 +547,10 @@ mod tests {
             let e = r.accept(p, "x", u, 10, 0).unwrap_err();
             assert_eq!(e.code, code, "{}", e.message);
         }
+        // At the limit: accepted by the check.
+        let mut limit = update(2, 1, state(|_| 1.0));
+        limit.adapter.r[0].data[0] = -MAX_UPDATE_ABS;
+        r.check(ParticipantId(2), &limit).unwrap();
         r.accept(ParticipantId(2), "b", update(2, 2, state(|_| 3.0)), 10, 0)
             .unwrap();
         let e = r

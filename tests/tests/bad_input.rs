@@ -166,13 +166,16 @@ async fn wrong_module_count_or_shape_is_rejected() -> anyhow::Result<()> {
     .await
 }
 
+/// NaN, ±∞, and finite values too large for any honest update (3e38 would
+/// overflow the mean and the server's step to ∞): each refused.
 #[tokio::test]
 async fn nan_or_infinite_values_are_rejected() -> anyhow::Result<()> {
-    scenario(ErrorCode::NonFinite, 3.0, async |_, evil| {
+    scenario(ErrorCode::NonFinite, 4.0, async |_, evil| {
         for (t, i, v) in [
             (0usize, 5usize, f32::NAN),
             (11, 0, f32::INFINITY),
             (12, 3, f32::NEG_INFINITY),
+            (1, 2, 3e38),
         ] {
             let mut u = good(2);
             let tensor = u.adapter.tensors_mut().nth(t).unwrap();

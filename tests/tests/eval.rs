@@ -1096,3 +1096,82 @@ async fn sigterm_stops_an_evaluation_and_stores_nothing_of_it() -> anyhow::Resul
     assert!(log.contains("evaluation stopped for the shutdown"), "{log}");
     Ok(())
 }
+
+/// A global model whose evaluation overflows (its loss is NaN) is not
+/// stored and does not stop the evaluation of the rounds after it. Here
+/// the adapter file's A and B are scaled by 1e30: round 0's R₀ then sends
+/// the adapted layers to ∞, while rounds 1 and 2, whose R are 0, leave the
+/// base model's outputs finite.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_that_evaluates_to_nan_does_not_stop_the_later_ones() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    write_task(dir)?;
+    let path = dir.join("adapter.safetensors");
+    let bytes = std::fs::read(&path)?;
+    let (_, header) = SafeTensors::read_metadata(&bytes)?;
+    let file = SafeTensors::deserialize(&bytes)?;
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, view) in file.tensors() {
+        let scale = if name.ends_with("lora_A") || name.ends_with("lora_B") {
+            1e30f32
+        } else {
+            1.0
+        };
+        let data = view
+            .data()
+            .chunks_exact(4)
+            .flat_map(|b| (f32::from_le_bytes(b.try_into().unwrap()) * scale).to_le_bytes())
+            .collect();
+        tensors.push((name, view.shape().to_vec(), data));
+    }
+    let views = tensors
+        .iter()
+        .map(|(name, shape, data)| {
+            Ok((
+                name.as_str(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)?,
+            ))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    std::fs::write(
+        &path,
+        safetensors::serialize(views, header.metadata().clone())?,
+    )?;
+
+    let agg = Aggregator::start_in(dir)?;
+    let (mut p, _) = Participant::join(agg.addr, "scripted").await?;
+    let global0 = p.wait_global(RoundId(0)).await?;
+    for _ in 1..=2 {
+        let round = p.wait_round_open().await?;
+        let mut mine = global0.clone();
+        for r in &mut mine.r {
+            r.data.fill(0.0);
+        }
+        let answer = p.submit(update(round, 10, mine)).await?;
+        anyhow::ensure!(
+            matches!(answer, ServerMessage::UpdateAccepted { .. }),
+            "{answer:?}"
+        );
+    }
+    let started = Instant::now();
+    let list = loop {
+        let list = agg.json("/api/rounds").await?;
+        let arr = list.as_array().context("/api/rounds is not an array")?;
+        if arr.len() == 3 && arr[1..].iter().all(|r| !r["eval"].is_null()) {
+            break list;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(300),
+            "rounds 1 and 2 not evaluated after 300 s: {list}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let rounds = list.as_array().unwrap();
+    assert!(rounds[0]["eval"].is_null(), "{}", rounds[0]);
+    for r in &rounds[1..] {
+        let loss = r["eval"]["loss"].as_f64().context("loss")?;
+        assert!(loss.is_finite(), "{r}");
+    }
+    Ok(())
+}

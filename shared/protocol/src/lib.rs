@@ -79,6 +79,15 @@ pub const MAX_STRING_BYTES: usize = 4096;
 /// (module names, files).
 pub const MAX_LIST_LEN: usize = 4096;
 
+/// Largest magnitude of any value (an R entry, a head weight or bias) of an
+/// `Update` the aggregator accepts. Honest training stays orders of
+/// magnitude below it (R₀'s entries are about 1 and AdamW moves each by at
+/// most its learning rate a step); a larger value is refused with
+/// [`ErrorCode::NonFinite`], so that one participant's finite but huge
+/// update (3e38) cannot overflow the mean or the server's step to ∞ or
+/// make the global model's evaluation NaN.
+pub const MAX_UPDATE_ABS: f32 = 1e4;
+
 /// Shortest participant key, in bytes.
 pub const MIN_PARTICIPANT_KEY_BYTES: usize = 16;
 
