@@ -210,7 +210,7 @@ impl Connection {
                 .await
             }
             (Some(_), ClientMessage::Leave { reason }) => {
-                info!(participant = ?self.participant, %reason, "participant leaves");
+                info!(participant = ?self.participant, ?reason, "participant leaves");
                 Flow::Close
             }
             (Some(p), ClientMessage::InitGradient { module, gradient }) => {

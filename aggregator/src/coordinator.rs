@@ -448,7 +448,7 @@ impl Coordinator {
                 let id = match self.participant_id(participant_key.as_deref()).await {
                     Ok(id) => id,
                     Err(r) => {
-                        warn!(%client, code = r.code.as_str(), message = %r.message, "join refused");
+                        warn!(?client, code = r.code.as_str(), message = %r.message, "join refused");
                         let _ = reply.send(Err(r));
                         return;
                     }
@@ -460,7 +460,7 @@ impl Coordinator {
                 };
                 let mut frames = vec![Bytes::from(welcome.encode())];
                 frames.extend(self.frames_after_welcome(id));
-                info!(participant = %id, %client, keyed = participant_key.is_some(), "participant joined");
+                info!(participant = %id, ?client, keyed = participant_key.is_some(), "participant joined");
                 self.peers.insert(id, Peer { client, outbox });
                 for f in frames {
                     self.send_to(id, f);
@@ -550,7 +550,7 @@ impl Coordinator {
                     collector.leave(participant);
                 }
                 if let Some(p) = self.peers.remove(&participant) {
-                    info!(participant = %participant, client = %p.client, "participant left");
+                    info!(participant = %participant, client = ?p.client, "participant left");
                 }
                 self.metrics
                     .participants_connected
@@ -1299,7 +1299,7 @@ impl Coordinator {
             // participant that leaves (e.g. after `--max-rounds`) while a
             // round commits. Nothing is wrong.
             Err(mpsc::error::TrySendError::Closed(_)) => {
-                info!(participant = %id, client = %peer.client, "participant left");
+                info!(participant = %id, client = ?peer.client, "participant left");
             }
         }
         self.peers.remove(&id);
