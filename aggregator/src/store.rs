@@ -103,6 +103,10 @@ pub enum StoreError {
          (check --state-dir or [server] state_dir)"
     )]
     Missing { path: PathBuf },
+    /// The database could not be read (`fedsb export`): not a database,
+    /// damaged, or unreadable; the message names the file.
+    #[error("cannot read the state database {path}: {message}")]
+    Unreadable { path: PathBuf, message: String },
     #[error(
         "database {path} has schema version {found}, newer than this fedsb understands \
          ({supported}); use a newer fedsb"
@@ -295,6 +299,67 @@ const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Whether the database's task row is this task: `false` when it has none
 /// yet, an error when it is another task or another configuration.
+/// A read-only connection to the database at `path` and its schema
+/// version (reading it makes SQLite open the file for real); `immutable`
+/// reads the file alone, without locks, the shared-memory file or a
+/// write-ahead log.
+fn read_only_connection(path: &Path, immutable: bool) -> rusqlite::Result<(Connection, i64)> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = if immutable {
+        Connection::open_with_flags(
+            format!("{}?immutable=1", url_path(path)),
+            flags | OpenFlags::SQLITE_OPEN_URI,
+        )?
+    } else {
+        Connection::open_with_flags(path, flags)?
+    };
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    Ok((conn, version))
+}
+
+/// [`Store::open_read_only`] when SQLite could not open the database
+/// (`first`): a WAL database is read through its shared-memory file, which
+/// SQLite must create when no server has it open, and that fails without
+/// write access to the state directory (another user, a read-only backup).
+/// With no write-ahead log left (a server that stopped cleanly checkpoints
+/// and removes it) the file alone is the whole database, read as immutable;
+/// a log that holds data is refused, since the file alone would be stale.
+fn read_immutable(path: &Path, first: rusqlite::Error) -> Result<(Connection, i64), StoreError> {
+    let wal = PathBuf::from(format!("{}-wal", path.display()));
+    let wal_bytes = std::fs::metadata(&wal).map_or(0, |m| m.len());
+    if wal_bytes > 0 {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        return Err(StoreError::Unreadable {
+            path: path.to_owned(),
+            message: format!(
+                "{first}; its write-ahead log {} holds {wal_bytes} bytes not yet in the \
+                 database, which only a reader with write access to {} can see (or a \
+                 server that opens and closes it)",
+                wal.display(),
+                dir.display()
+            ),
+        });
+    }
+    read_only_connection(path, true).map_err(|_| StoreError::Unreadable {
+        path: path.to_owned(),
+        message: first.to_string(),
+    })
+}
+
+/// `path` as an SQLite `file:` URI, the characters a URI reserves
+/// percent-encoded.
+fn url_path(path: &Path) -> String {
+    let mut url = String::from("file:");
+    for c in path.to_string_lossy().chars() {
+        match c {
+            '%' | '?' | '#' => url.push_str(&format!("%{:02X}", u32::from(c))),
+            _ => url.push(c),
+        }
+    }
+    url
+}
+
 fn same_task(
     conn: &Connection,
     path: &Path,
@@ -516,12 +581,10 @@ impl Store {
         if !path.is_file() {
             return Err(StoreError::Missing { path });
         }
-        let conn = Connection::open_with_flags(
-            &path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        conn.busy_timeout(BUSY_TIMEOUT)?;
-        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        let (conn, version) = match read_only_connection(&path, false) {
+            Ok(c) => c,
+            Err(first) => read_immutable(&path, first)?,
+        };
         if version > SCHEMA_VERSION {
             return Err(StoreError::NewerSchema {
                 path,
@@ -529,7 +592,14 @@ impl Store {
                 supported: SCHEMA_VERSION,
             });
         }
-        if !same_task(&conn, &path, task_id, identity_json)? {
+        let same = same_task(&conn, &path, task_id, identity_json).map_err(|e| match e {
+            StoreError::Sqlite(e) => StoreError::Unreadable {
+                path: path.clone(),
+                message: e.to_string(),
+            },
+            e => e,
+        })?;
+        if !same {
             return Err(StoreError::Missing { path });
         }
         Ok(Self {
@@ -1667,6 +1737,56 @@ mod tests {
         assert_eq!(store.pinned_files().await.unwrap(), want);
         let read_only = Store::open_read_only(dir.path(), "t", IDENTITY).unwrap();
         assert_eq!(read_only.pinned_files().await.unwrap(), want);
+    }
+
+    /// A stopped task's database that SQLite cannot open read-only (no
+    /// write access to the state directory, where it must create the
+    /// shared-memory file) is read as immutable when no write-ahead log
+    /// holds data, and refused naming the log when one does; a damaged
+    /// file's error names the file.
+    #[tokio::test]
+    async fn a_stopped_tasks_database_is_read_without_write_access() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "t", IDENTITY, 1).unwrap();
+        store
+            .commit_round(meta(0, b"r0"), b"r0".to_vec(), Vec::new())
+            .await
+            .unwrap();
+        drop(store);
+        let db = dir.path().join("t.sqlite3");
+        let wal = dir.path().join("t.sqlite3-wal");
+        let refused = || {
+            rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_READONLY),
+                Some("attempt to write a readonly database".into()),
+            )
+        };
+        let (conn, version) = read_immutable(&db, refused()).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let rounds: i64 = conn
+            .query_row("SELECT COUNT(*) FROM rounds", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rounds, 1);
+        drop(conn);
+
+        std::fs::write(&wal, b"frames not yet checkpointed").unwrap();
+        let err = read_immutable(&db, refused()).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("cannot read the state database {}", db.display()))
+                && err.contains("attempt to write a readonly database")
+                && err.contains(&format!("write-ahead log {} holds 27 bytes", wal.display())),
+            "{err}"
+        );
+        std::fs::remove_file(&wal).unwrap();
+
+        std::fs::write(&db, vec![7u8; 8192]).unwrap();
+        let err = Store::open_read_only(dir.path(), "t", IDENTITY)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(&format!("cannot read the state database {}", db.display())),
+            "{err}"
+        );
     }
 
     /// The next demo shard is taken once per call, read without being
