@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{Message, WebSocket};
+use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket};
 use bytes::Bytes;
 use fedsb_protocol::{
     ClientMessage, ErrorCode, ParticipantId, ServerMessage, MAX_FRAME_BYTES, PROTOCOL_VERSION,
@@ -17,6 +17,7 @@ use fedsb_protocol::{
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::{timeout_at, Instant};
+use tokio_tungstenite::tungstenite;
 use tracing::{debug, info};
 
 use crate::config::{ServerSection, MAX_TIMING_SECS};
@@ -51,7 +52,8 @@ pub async fn serve_socket(socket: WebSocket, app: Arc<App>) {
         participant: None,
     };
     let mut outbox = Some(outbox);
-
+    // The close frame to end with (none: a plain close).
+    let mut close = None;
     loop {
         tokio::select! {
             biased;
@@ -69,7 +71,25 @@ pub async fn serve_socket(socket: WebSocket, app: Arc<App>) {
                     }
                     Ok(None) => break,
                     Ok(Some(Err(e))) => {
-                        debug!(error = %e, "websocket error");
+                        let error = e.to_string();
+                        let too_large = e
+                            .into_inner()
+                            .downcast::<tungstenite::Error>()
+                            .is_ok_and(|e| matches!(*e, tungstenite::Error::Capacity(_)));
+                        if too_large {
+                            // Beyond even the 1 MiB the reader lets through
+                            // for a typed FrameTooLarge: counted, and closed
+                            // with 1009 (message too big).
+                            conn.app.metrics.reject(ErrorCode::FrameTooLarge);
+                            info!(participant = ?conn.participant,
+                                "a frame far above the protocol's limit; closing with 1009");
+                            close = Some(CloseFrame {
+                                code: close_code::SIZE,
+                                reason: format!("frame above {MAX_FRAME_BYTES} bytes").into(),
+                            });
+                        } else {
+                            debug!(%error, "websocket error");
+                        }
                         break;
                     }
                     Ok(Some(Ok(m))) => m,
@@ -98,7 +118,7 @@ pub async fn serve_socket(socket: WebSocket, app: Arc<App>) {
     if let Some(p) = conn.participant {
         conn.app.coordinator.leave(p).await;
     }
-    let _ = conn.socket.send(Message::Close(None)).await;
+    let _ = conn.socket.send(Message::Close(close)).await;
 }
 
 /// The ping period and the idle timeout. The configuration keeps both in

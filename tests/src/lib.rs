@@ -322,6 +322,19 @@ impl Participant {
         }
     }
 
+    /// The close code the server ends the connection with within `wait`
+    /// (`None`: a close without a code, or no close at all).
+    pub async fn close_code_within(&mut self, wait: Duration) -> Option<u16> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Ok(Some(Ok(Message::Close(frame)))) => return frame.map(|f| f.code.into()),
+                Err(_) | Ok(None) | Ok(Some(Err(_))) => return None,
+                Ok(Some(Ok(_))) => continue,
+            }
+        }
+    }
+
     /// Receives until a message matches `f`, failing on `Error` frames.
     pub async fn recv_until<T>(
         &mut self,

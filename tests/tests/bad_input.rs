@@ -124,12 +124,18 @@ async fn undecodable_frames_are_rejected() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn frames_above_the_limit_are_rejected() -> anyhow::Result<()> {
-    scenario(ErrorCode::FrameTooLarge, 1.0, async |_, evil| {
+    scenario(ErrorCode::FrameTooLarge, 2.0, async |addr, evil| {
         let mut frame = ClientMessage::Update(good(2)).encode();
         frame.resize(MAX_FRAME_BYTES + 1, 0);
         evil.send_raw(frame).await?;
         let msg = evil.expect_error(ErrorCode::FrameTooLarge).await?;
         assert!(msg.contains(&MAX_FRAME_BYTES.to_string()), "{msg}");
+        // Beyond the 1 MiB the reader lets through: counted too, and the
+        // connection closed with 1009 (message too big).
+        let mut huge = Participant::connect_raw(addr).await?;
+        // The server stops reading mid-frame, so the send may fail.
+        let _ = huge.send_raw(vec![0; MAX_FRAME_BYTES + (2 << 20)]).await;
+        assert_eq!(huge.close_code_within(STEP_TIMEOUT).await, Some(1009));
         Ok(())
     })
     .await
