@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, Request, State, WebSocketUpgrade};
-use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -774,23 +774,59 @@ fn round_number(round: &str) -> Result<u64, ApiError> {
     })
 }
 
+/// A committed round's bytes with an ETag of their SHA-256, revalidated
+/// on every use (`no-cache`), not cached as immutable: the URL names a task
+/// id and a round, not the bytes, and another state directory (a new task
+/// of the same id) serves other bytes under it. A request whose
+/// `If-None-Match` names the same bytes gets 304.
+fn round_bytes(
+    request: &HeaderMap,
+    bytes: Vec<u8>,
+    headers: Vec<(header::HeaderName, String)>,
+) -> Response {
+    let etag = format!("\"{}\"", crate::store::sha256_hex(&bytes));
+    let matches = request
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            let t = t.trim();
+            t == "*" || t.trim_start_matches("W/") == etag
+        });
+    let mut response = if matches {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        bytes.into_response()
+    };
+    let h = response.headers_mut();
+    for (name, value) in headers {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            h.insert(name, v);
+        }
+    }
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        h.insert(header::ETAG, v);
+    }
+    response
+}
+
 async fn global(
     State(app): State<Arc<App>>,
     Path(round): Path<String>,
+    request: HeaderMap,
 ) -> Result<Response, ApiError> {
     let n = round_number(&round)?;
     let frame =
         app.store.global_frame(RoundId(n)).await?.ok_or_else(|| {
             ApiError(StatusCode::NOT_FOUND, format!("round {n} is not committed"))
         })?;
-    Ok((
-        [
-            (header::CONTENT_TYPE, "application/octet-stream"),
-            (header::CACHE_CONTROL, "public, max-age=31536000, immutable"),
-        ],
+    Ok(round_bytes(
+        &request,
         frame,
-    )
-        .into_response())
+        vec![(header::CONTENT_TYPE, "application/octet-stream".to_owned())],
+    ))
 }
 
 /// The committed round's model as an adapter file (`fedsb export`'s file):
@@ -798,6 +834,7 @@ async fn global(
 async fn adapter(
     State(app): State<Arc<App>>,
     Path(round): Path<String>,
+    request: HeaderMap,
 ) -> Result<Response, ApiError> {
     use crate::export::{export_round, ExportError};
     let n = round_number(&round)?;
@@ -833,21 +870,17 @@ async fn adapter(
             }
         })?;
     let name = format!("{}-round-{n}.safetensors", app.config.task.id);
-    Ok((
-        [
+    Ok(round_bytes(
+        &request,
+        exported.bytes,
+        vec![
             (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
             (
                 header::CONTENT_DISPOSITION,
                 format!("attachment; filename=\"{name}\""),
             ),
-            (
-                header::CACHE_CONTROL,
-                "public, max-age=31536000, immutable".to_owned(),
-            ),
         ],
-        exported.bytes,
-    )
-        .into_response())
+    ))
 }
 
 async fn file(

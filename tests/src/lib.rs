@@ -27,6 +27,25 @@ pub mod tiny_model;
 /// How long any single expected event may take before a test fails.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The SHA-256 of a file as coreutils' `sha256sum` prints it (lowercase
+/// hex): independent of the server's own hashing.
+pub fn sha256sum(path: &Path) -> anyhow::Result<String> {
+    let out = Command::new("sha256sum").arg(path).output()?;
+    process::check_success("sha256sum", &out)?;
+    Ok(String::from_utf8(out.stdout)?
+        .split_whitespace()
+        .next()
+        .context("sha256sum printed nothing")?
+        .to_owned())
+}
+
+/// The SHA-256 of `bytes` by [`sha256sum`] (through a temporary file).
+pub fn sha256_hex(bytes: &[u8]) -> anyhow::Result<String> {
+    let file = tempfile::NamedTempFile::new()?;
+    std::fs::write(file.path(), bytes)?;
+    sha256sum(file.path())
+}
+
 /// The `fedsb` binary under test.
 pub fn fedsb_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("FEDSB_BIN") {

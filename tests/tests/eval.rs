@@ -413,7 +413,30 @@ async fn an_exported_round_evaluates_as_the_aggregator_evaluated_it() -> anyhow:
         r.headers()["content-disposition"],
         "attachment; filename=\"eval-round-2.safetensors\""
     );
-    assert!(r.bytes().await? == std::fs::read(&last)?);
+    // Revalidated by the bytes' hash, never kept as immutable: a new task
+    // of the same id serves other bytes at this URL.
+    let etag = r.headers()["etag"].to_str()?.to_owned();
+    assert_eq!(r.headers()["cache-control"], "no-cache");
+    let bytes = r.bytes().await?;
+    assert!(bytes == std::fs::read(&last)?);
+    assert_eq!(etag, format!("\"{}\"", sha256_hex(&bytes)?));
+    let client = reqwest::Client::new();
+    for (path, tag, status) in [
+        ("/api/rounds/2/adapter", etag.as_str(), 304),
+        ("/api/rounds/2/adapter", "\"0000\"", 200),
+    ] {
+        let r = client
+            .get(agg.url(path))
+            .header("if-none-match", tag)
+            .send()
+            .await?;
+        assert_eq!(r.status(), status, "{path} {tag}");
+        assert_eq!(r.headers()["etag"], etag.as_str());
+    }
+    let r = reqwest::get(agg.url("/api/rounds/2/global")).await?;
+    assert_eq!(r.headers()["cache-control"], "no-cache");
+    let tag = r.headers()["etag"].to_str()?.to_owned();
+    assert_eq!(tag, format!("\"{}\"", sha256_hex(&r.bytes().await?)?));
     let r = reqwest::get(agg.url("/api/rounds/9/adapter")).await?;
     assert_eq!(r.status(), 404);
     let body = r.text().await?;
@@ -725,17 +748,6 @@ fn a_merged_model_evaluates_like_the_base_model_with_its_adapter() -> anyhow::Re
     let stderr = String::from_utf8_lossy(&again.stderr);
     assert!(stderr.contains("is not empty"), "{stderr}");
     Ok(())
-}
-
-/// The SHA-256 of a file as `sha256sum` prints it (lowercase hex).
-fn sha256sum(path: &Path) -> anyhow::Result<String> {
-    let out = Command::new("sha256sum").arg(path).output()?;
-    fedsb_e2e::process::check_success("sha256sum", &out)?;
-    Ok(String::from_utf8(out.stdout)?
-        .split_whitespace()
-        .next()
-        .context("sha256sum printed nothing")?
-        .to_owned())
 }
 
 /// An adapter file's header metadata.

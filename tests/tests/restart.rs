@@ -363,16 +363,6 @@ fn serve_fails(dir: &std::path::Path, extra: &[&str]) -> anyhow::Result<String> 
     Ok(String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
-/// SHA-256 via coreutils' `sha256sum`, independent of the server's code.
-fn sha256sum(path: &std::path::Path) -> anyhow::Result<String> {
-    let out = Command::new("sha256sum").arg(path).output()?;
-    Ok(String::from_utf8(out.stdout)?
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_owned())
-}
-
 /// A model directory the server hashes and serves (it reads only
 /// config.json), with `weights` as its model.safetensors.
 fn write_model_dir(dir: &std::path::Path, weights: &[u8]) -> anyhow::Result<()> {

@@ -500,17 +500,6 @@ fn init_file_trains_from_an_adapter_files_model() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The SHA-256 of a file as `sha256sum` prints it (lowercase hex).
-fn sha256sum(path: &Path) -> anyhow::Result<String> {
-    let out = Command::new("sha256sum").arg(path).output()?;
-    check_success("sha256sum", &out)?;
-    Ok(String::from_utf8(out.stdout)?
-        .split_whitespace()
-        .next()
-        .context("sha256sum printed nothing")?
-        .to_owned())
-}
-
 /// `fedsb init` and `fedsb train --output` (and its checkpoints) record
 /// their base model: `base_model_sha256` is the SHA-256 of the model's
 /// model.safetensors (init's report names it too); the trained files also
