@@ -80,6 +80,12 @@ struct Shutdown {
     wake: watch::Sender<bool>,
     /// Disconnected once the thread has ended, its GPU device dropped.
     ended: std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    /// The thread, joined once it has ended: it still runs its
+    /// thread-local destructors after its closure returns (the GL
+    /// dispatch library's among them, loaded when wgpu probes its
+    /// backends), and a process that exits meanwhile frees them twice
+    /// ("double free or corruption", SIGABRT).
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl EvalHandle {
@@ -99,7 +105,20 @@ impl EvalHandle {
             return false;
         };
         match ended.recv_timeout(timeout) {
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) | Ok(()) => true,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) | Ok(()) => {
+                let thread = self
+                    .shutdown
+                    .thread
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .take();
+                if let Some(thread) = thread {
+                    // Its closure has returned: this waits only for the
+                    // thread's own exit.
+                    let _ = thread.join();
+                }
+                true
+            }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 warn!(
                     seconds = timeout.as_secs_f64(),
@@ -284,7 +303,7 @@ pub async fn spawn(
     let (wake, mut woken) = watch::channel(false);
     let (ended_tx, ended) = std::sync::mpsc::channel::<()>();
     let thread_stop = stop.clone();
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("fedsb-eval".into())
         .spawn(move || {
             // Declared first, dropped last: after the GPU context.
@@ -363,6 +382,7 @@ pub async fn spawn(
             stop,
             wake,
             ended: std::sync::Mutex::new(Some(ended)),
+            thread: std::sync::Mutex::new(Some(thread)),
         }),
     }))
 }
