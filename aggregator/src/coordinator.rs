@@ -1388,7 +1388,9 @@ fn record_privacy(
             last_round: round,
             connected: true,
         });
-    entry.epsilon_spent = r.epsilon_spent;
+    // ε spent is cumulative: a later, smaller report (a participant that
+    // lost its ledger) never lowers what the status shows it has spent.
+    entry.epsilon_spent = entry.epsilon_spent.max(r.epsilon_spent);
     entry.delta = r.delta;
     entry.noise_multiplier = r.noise_multiplier;
     entry.sample_rate = r.sample_rate;
@@ -1804,6 +1806,16 @@ mod tests {
                 entry(2, "c2", 2.0, 3, 1, 1, 0.25),
             ]
         );
+        // A smaller ε after a larger one: the largest stands.
+        let map = restore_privacy(
+            vec![
+                stored(1, 1, 4, 2.0, Some((0.5, 1e-5))),
+                stored(2, 1, 4, 0.5, Some((0.5, 1e-5))),
+            ],
+            Some(&policy),
+        );
+        let p = &map[&ParticipantId(1)];
+        assert_eq!((p.epsilon_spent, p.steps, p.updates), (2.0, 8, 2));
         // An old report on a task without a policy: δ and C stay unknown.
         let map = restore_privacy(vec![stored(1, 3, 4, 0.5, None)], None);
         let p = &map[&ParticipantId(3)];
