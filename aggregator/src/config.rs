@@ -690,6 +690,13 @@ impl Config {
                 t.id
             ));
         }
+        if t.id.starts_with('.') {
+            // It names the state files: ".." would make "...sqlite3", hidden.
+            return bad(format!(
+                "task.id {:?} must not start with '.' (it names the task's state files)",
+                t.id
+            ));
+        }
         if t.rounds == 0 {
             return bad("task.rounds must be at least 1".into());
         }
@@ -1629,6 +1636,23 @@ rank = 4
                 "{labels}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn task_ids_name_plain_visible_files() {
+        let dir = tempfile::tempdir().unwrap();
+        for (id, rule) in [
+            ("..", "must not start with '.'"),
+            (".hidden", "must not start with '.'"),
+            ("a/b", "use only letters"),
+            ("", "must be non-empty"),
+        ] {
+            let text = MINIMAL.replace(r#"id = "t1""#, &format!("id = {id:?}"));
+            let e = load(dir.path(), &text).unwrap_err().to_string();
+            assert!(e.contains("task.id") && e.contains(rule), "{id}: {e}");
+        }
+        let text = MINIMAL.replace(r#"id = "t1""#, r#"id = "sst2.v2""#);
+        assert_eq!(load(dir.path(), &text).unwrap().task.id, "sst2.v2");
     }
 
     #[test]
