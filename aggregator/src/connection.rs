@@ -54,10 +54,20 @@ pub async fn serve_socket(socket: WebSocket, app: Arc<App>) {
     let mut outbox = Some(outbox);
     // The close frame to end with (none: a plain close).
     let mut close = None;
+    let mut stopping = conn.app.stopping.subscribe();
     loop {
         tokio::select! {
             biased;
             () = kick.notified() => break,
+            () = async { drop(stopping.wait_for(|stop| *stop).await) } => {
+                // Participants reconnect after a restart; 1001 tells them
+                // this is one, not a failure.
+                close = Some(CloseFrame {
+                    code: close_code::AWAY,
+                    reason: "the server is shutting down".into(),
+                });
+                break;
+            }
             Some(frame) = frames_rx.recv() => {
                 if conn.send_bytes(frame).await.is_err() {
                     break;

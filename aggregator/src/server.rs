@@ -119,8 +119,9 @@ pub struct App {
     /// federated initialization has made it).
     shared_task: Arc<std::sync::RwLock<Arc<TaskInfo>>>,
     /// `true` once the shutdown began: ends the `/api/events` streams, which
-    /// would otherwise hold the graceful shutdown open.
-    stopping: watch::Sender<bool>,
+    /// would otherwise hold the graceful shutdown open, and closes the
+    /// participants' WebSockets with 1001 (going away).
+    pub(crate) stopping: watch::Sender<bool>,
 }
 
 /// The stamps of the served files, by path: those they had when their hash

@@ -740,11 +740,12 @@ async fn exit_within(
 }
 
 /// SIGTERM stops the server at once although a page holds `/api/events`
-/// open (the page always does) and a participant is connected.
+/// open (the page always does) and a participant is connected, whose
+/// WebSocket is closed with 1001 (going away), not dropped.
 #[tokio::test]
 async fn sigterm_stops_the_server_while_a_page_listens_to_its_events() -> anyhow::Result<()> {
     let mut agg = Aggregator::start(&test_config(3, 2, 2, 60, ""))?;
-    let (_p, _) = Participant::join(agg.addr, "p").await?;
+    let (mut p, _) = Participant::join(agg.addr, "p").await?;
     let mut events = reqwest::get(agg.url("/api/events")).await?;
     assert_eq!(events.status(), 200);
     let first = events.chunk().await?.unwrap_or_default();
@@ -764,6 +765,7 @@ async fn sigterm_stops_the_server_while_a_page_listens_to_its_events() -> anyhow
     })
     .await;
     assert!(rest.is_ok(), "the event stream did not end");
+    assert_eq!(p.close_code_within(Duration::from_secs(5)).await, Some(1001));
     Ok(())
 }
 
