@@ -17,7 +17,7 @@ use std::path::Path;
 use fedsb_engine::model::{AdaptedLinear, BertConfig};
 use fedsb_engine::reference::{ClassifierHead, LoraSbAdapters, LoraSbInitOptions, Matrix};
 use fedsb_engine::train::lora_sb_from_gradients;
-use fedsb_protocol::{ErrorCode, ParticipantId, Tensor};
+use fedsb_protocol::{ErrorCode, ParticipantId, Tensor, MAX_UPDATE_ABS};
 
 use crate::adapter_file::{
     parse_module_name, write_adapter_file, ModuleRef, BASE_MODEL_SHA256, MAX_SEQ_LEN,
@@ -425,6 +425,24 @@ impl CentreCollector {
                 ),
             ));
         }
+        // The initial model's logits are about ±1; a mean beyond the bound
+        // updates have would shift the initial head's bias out of any
+        // trainable range (and every round after it to NaN).
+        let bound = f64::from(MAX_UPDATE_ABS) * num_samples as f64;
+        if let Some((i, v)) = logit_sums
+            .data
+            .iter()
+            .enumerate()
+            .find(|(_, v)| f64::from(v.abs()) > bound)
+        {
+            return Err(Rejection::new(
+                ErrorCode::NonFinite,
+                format!(
+                    "the logit sum of class {i} is {v:e} over {num_samples} samples, a mean \
+                     logit beyond ±{MAX_UPDATE_ABS:e}"
+                ),
+            ));
+        }
         for (s, &x) in self.sums.iter_mut().zip(&logit_sums.data) {
             *s += f64::from(x);
         }
@@ -617,6 +635,10 @@ mod tests {
         );
         let e = c.add(a, &sums(1.0, 1.0), 65, 10).unwrap_err();
         assert!(e.message.contains("1..=64"), "{}", e.message);
+        // Finite, but a mean logit no initial model gives.
+        let e = c.add(a, &sums(3e38, 0.0), 8, 10).unwrap_err();
+        assert_eq!(e.code, ErrorCode::NonFinite, "{}", e.message);
+        assert!(e.message.contains("class 0"), "{}", e.message);
         assert_eq!((c.contributors(), c.bytes_in()), (0, 0));
         // Nothing in: centring is refused and leaves the bias alone.
         let mut bias = vec![0.5f32, -0.5];

@@ -701,7 +701,8 @@ pub enum ErrorCode {
     /// Wrong number of R matrices or a tensor of the wrong shape.
     ShapeMismatch,
     /// NaN or infinite values in an update, an `InitGradient` or a
-    /// `CentreLogits`; also an update value beyond ±[`crate::MAX_UPDATE_ABS`].
+    /// `CentreLogits`; also an update value, or a `CentreLogits` sum's mean
+    /// per sample, beyond ±[`crate::MAX_UPDATE_ABS`].
     NonFinite,
     /// Update for a round that is already closed.
     StaleRound,
