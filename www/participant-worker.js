@@ -168,6 +168,7 @@ const RECONNECT_FOR_MS = 10 * 60 * 1000;
 let local = null; // {text, fileName, columns, seed}
 let ended = false;
 let pendingInit = null; // federated init: {welcome, bytes} until AdapterReady
+let initLeftOut = false; // the initialization turned our gradients away (round_full)
 // Federated init: {request, frames} once computed: the InitRequest frame and
 // the gradient frames that answer it, sent again if the same request comes
 // again (after a reconnect).
@@ -685,6 +686,19 @@ async function handle(frame) {
     case "error": {
       const text = `the aggregator rejected a message (${JSON.stringify(msg.code)}): ${msg.message}`;
       if (msg.code === "version_mismatch") return fail(text);
+      if (pendingInit && (msg.code === "round_full" || (msg.code === "not_initializing" && initLeftOut))) {
+        // The initialization has as many participants as it takes
+        // (max_participants): our gradients (and then our InitDone) are
+        // turned away, and the tab waits for its adapter file.
+        if (!initLeftOut) {
+          initLeftOut = true;
+          post({
+            phase: "initializing",
+            message: "the initialization has as many participants as it takes; waiting for it, then training in the rounds",
+          });
+        }
+        return;
+      }
       if (msg.code === "already_connected") {
         // While reconnecting: the aggregator has not noticed yet that the
         // lost connection is gone; the close below schedules another try.

@@ -975,6 +975,7 @@ impl Coordinator {
             collector: Box::new(InitCollector::new(
                 init.modules.shapes.clone(),
                 self.config.adapter.init_samples,
+                self.config.task.max_participants as usize,
             )),
             deadline: deadline_after(self.round_length()),
         };

@@ -127,6 +127,9 @@ impl InitModules {
 pub struct InitCollector {
     shapes: Vec<[u32; 2]>,
     max_samples: u64,
+    /// The most participants whose gradients are held or summed at once
+    /// (the task's `max_participants`, where the initialization ends).
+    max_participants: usize,
     sum: Vec<Vec<f64>>,
     pending: HashMap<ParticipantId, Vec<Option<Tensor>>>,
     done: BTreeMap<ParticipantId, u64>,
@@ -136,7 +139,11 @@ pub struct InitCollector {
 impl InitCollector {
     /// `max_samples` is the task's `init_samples`: participants sum the
     /// gradients of at most that many of their first examples.
-    pub fn new(shapes: Vec<[u32; 2]>, max_samples: u64) -> Self {
+    /// `max_participants` caps the participants whose gradients are held
+    /// (until their `InitDone`) or summed: each holds one f32 per adapted
+    /// weight (42 MB for all-MiniLM-L6-v2), so the cap bounds the memory a
+    /// crowd of participants that never finish could take.
+    pub fn new(shapes: Vec<[u32; 2]>, max_samples: u64, max_participants: usize) -> Self {
         let sum = shapes
             .iter()
             .map(|s| vec![0.0; s[0] as usize * s[1] as usize])
@@ -144,6 +151,7 @@ impl InitCollector {
         Self {
             shapes,
             max_samples,
+            max_participants,
             sum,
             pending: HashMap::new(),
             done: BTreeMap::new(),
@@ -217,6 +225,18 @@ impl InitCollector {
             return Err(Rejection::new(
                 ErrorCode::NonFinite,
                 format!("init gradient of module {module} holds {v} at index {i}"),
+            ));
+        }
+        if !self.pending.contains_key(&p)
+            && self.pending.len() + self.done.len() >= self.max_participants
+        {
+            return Err(Rejection::new(
+                ErrorCode::RoundFull,
+                format!(
+                    "the initialization already takes the gradients of {} participants (the \
+                     task's max_participants); this one trains in the rounds after it",
+                    self.max_participants
+                ),
             ));
         }
         let n = self.shapes.len();
@@ -526,7 +546,7 @@ mod tests {
 
     #[test]
     fn gradients_count_only_after_init_done_and_bad_ones_change_nothing() {
-        let mut c = InitCollector::new(vec![[2, 3], [3, 2]], 16);
+        let mut c = InitCollector::new(vec![[2, 3], [3, 2]], 16, 10);
         let (a, b) = (ParticipantId(1), ParticipantId(2));
         // Wrong shape, unknown module, non-finite: typed errors.
         let e = c.gradient(a, 0, t(&[3, 2], 1.0), 10).unwrap_err();
@@ -586,6 +606,29 @@ mod tests {
         assert!(c.sum[0].iter().all(|&x| x == -0.5));
         assert!(c.sum[1].iter().all(|&x| x == 3.0));
         assert_eq!(c.total_samples(), 10);
+    }
+
+    /// At most `max_participants` participants' gradients are held or
+    /// summed: one more is refused (`RoundFull`) until a held one leaves.
+    #[test]
+    fn gradients_are_held_for_at_most_max_participants() {
+        let mut c = InitCollector::new(vec![[2, 3]], 16, 2);
+        let (a, b, z) = (ParticipantId(1), ParticipantId(2), ParticipantId(3));
+        c.gradient(a, 0, t(&[2, 3], 1.0), 10).unwrap();
+        c.finish_participant(a, 4).unwrap();
+        // b is held (no InitDone yet): z is one too many.
+        let b_grad = t(&[2, 3], 1.0);
+        c.gradient(b, 0, b_grad, 10).unwrap();
+        let e = c.gradient(z, 0, t(&[2, 3], 1.0), 10).unwrap_err();
+        assert_eq!(e.code, ErrorCode::RoundFull);
+        assert!(e.message.contains("max_participants"), "{}", e.message);
+        assert_eq!(c.bytes_in(), 20);
+        // Once b leaves, z's gradients are taken.
+        c.leave(b);
+        c.gradient(z, 0, t(&[2, 3], 2.0), 10).unwrap();
+        c.finish_participant(z, 4).unwrap();
+        assert_eq!(c.contributors(), 2);
+        assert!(c.sum[0].iter().all(|&x| x == 3.0));
     }
 
     /// The federated initialization's file records the task's model:

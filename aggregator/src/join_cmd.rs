@@ -908,6 +908,9 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
         // aggregator that restarted asks again with the same request, and
         // gets the same frames without computing them again.
         let mut answered: Option<(ServerMessage, Vec<ClientMessage>)> = None;
+        // Whether the initialization turned our gradients away for having
+        // as many participants as it takes: we wait for its adapter file.
+        let mut left_out = false;
         let mut next_msg = Some(first);
         let file = loop {
             let msg = match next_msg.take() {
@@ -984,6 +987,20 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
                 ServerMessage::InitAccepted { num_samples } => {
                     info!(num_samples, "initialization gradients accepted");
                 }
+                ServerMessage::Error {
+                    code: ErrorCode::RoundFull,
+                    message,
+                } => {
+                    if !left_out {
+                        info!(%message, "the initialization has as many participants as it takes; waiting for its adapter file, then training in the rounds");
+                    }
+                    left_out = true;
+                }
+                // Our InitDone, after every gradient was turned away.
+                ServerMessage::Error {
+                    code: ErrorCode::NotInitializing,
+                    ..
+                } if left_out => {}
                 ServerMessage::Error { code, message } => bail!(
                     "the server rejected our initialization gradients: {}: {message}",
                     code.as_str()

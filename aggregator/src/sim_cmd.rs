@@ -756,7 +756,7 @@ fn federated_initial_model(
     .encode();
     let mut bytes_down = request.len() as u64 * clients.len() as u64;
     let started = Instant::now();
-    let mut collector = InitCollector::new(init_modules.shapes.clone(), per_client);
+    let mut collector = InitCollector::new(init_modules.shapes.clone(), per_client, clients.len());
     for (i, client) in clients.iter().enumerate() {
         let p = ParticipantId(i as u64 + 1);
         let (gradients, taken) = pollster::block_on(fedsb_participant::init_gradients(

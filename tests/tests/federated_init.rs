@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::{bail, ensure, Context};
 use fedsb_e2e::process::{spawn_join, wait_child};
 use fedsb_e2e::tiny_model::{labelled_tsv, write_tiny_model, LABELS};
 use fedsb_e2e::*;
@@ -825,5 +825,73 @@ async fn a_participant_reconnects_when_the_aggregator_restarts_during_the_initia
     let rounds = agg.json("/api/rounds").await?;
     assert_eq!(rounds[0]["participants"], 2, "{rounds}");
     assert_eq!(rounds[0]["total_samples"], 32, "{rounds}");
+    Ok(())
+}
+
+/// The initialization holds the gradients of at most `max_participants`
+/// participants (each 4 bytes per adapted weight): with one, whose place a
+/// participant holds with its first module, another's gradients are turned
+/// away (`RoundFull`), and `fedsb join` then waits for the adapter file and
+/// trains in the rounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gradients_beyond_max_participants_wait_for_the_rounds() -> anyhow::Result<()> {
+    let tmp = setup()?;
+    let dir = tmp.path();
+    write_config(dir, 1, 1, 16)?;
+    let agg = Aggregator::start_in(dir)?;
+    let gradient = |module: u32| {
+        let mut g = Tensor::zeros(&module_shape(module));
+        g.data.fill(if module.is_multiple_of(2) { 1.0 } else { -1.0 });
+        ClientMessage::InitGradient {
+            module,
+            gradient: g,
+        }
+    };
+    let (mut first, _) = Participant::join(agg.addr, "first").await?;
+    let ServerMessage::InitRequest { .. } = first.recv().await? else {
+        bail!("expected InitRequest after Welcome");
+    };
+    first.send(&gradient(0)).await?;
+
+    let (mut second, _) = Participant::join(agg.addr, "second").await?;
+    let ServerMessage::InitRequest { .. } = second.recv().await? else {
+        bail!("expected InitRequest after Welcome");
+    };
+    second.send(&gradient(0)).await?;
+    let m = second.expect_error(ErrorCode::RoundFull).await?;
+    assert!(m.contains("max_participants"), "{m}");
+    drop(second);
+
+    // fedsb join is turned away too (one error per module), and waits.
+    let join = spawn_join(dir, &agg, "a.tsv", "waiting", &[])?;
+    let started = Instant::now();
+    while agg
+        .metric("fedsb_messages_rejected_total{reason=\"round_full\"}")
+        .await?
+        < 13.0
+    {
+        ensure!(
+            started.elapsed() < JOIN_TIMEOUT,
+            "fedsb join's gradients were not turned away"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(agg.json("/api/status").await?["state"], "initializing");
+
+    // The first participant finishes: the initialization is its alone, and
+    // the waiting participant trains round 1.
+    for module in 1..12u32 {
+        first.send(&gradient(module)).await?;
+    }
+    first
+        .send(&ClientMessage::InitDone { num_samples: 4 })
+        .await?;
+    let out = wait_child(join, JOIN_TIMEOUT).await?;
+    let report = check_success("fedsb join", &out)?;
+    assert_eq!(report["finished"], true, "{report}");
+    let rounds = agg.json("/api/rounds").await?;
+    assert_eq!(rounds[0]["participants"], 1, "{rounds}");
+    assert_eq!(rounds[0]["total_samples"], 4, "{rounds}");
+    assert_eq!(rounds[1]["participants"], 1, "{rounds}");
     Ok(())
 }

@@ -717,7 +717,9 @@ pub enum ErrorCode {
     /// for an `Update`, `local_steps × batch_size`; for `InitDone` and
     /// `CentreLogits`, the task's `init_samples`.
     InvalidSampleCount,
-    /// The round already has `max_participants` updates.
+    /// The round already has `max_participants` updates; or an
+    /// `InitGradient` from one participant more than the `max_participants`
+    /// whose gradients the initialization holds or has summed.
     RoundFull,
     /// The task has finished all its rounds.
     TaskFinished,
