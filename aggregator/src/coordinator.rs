@@ -705,6 +705,17 @@ impl Coordinator {
                 }
                 let report = update.privacy.clone();
                 round.check(participant, &update)?;
+                if let (Some(r), Some(before)) = (&report, self.privacy.get(&participant)) {
+                    if r.epsilon_spent < before.epsilon_spent {
+                        // Cumulative ε does not go down by itself: a lost
+                        // privacy ledger restarts the count (or another
+                        // accountant gives a tighter bound). The status keeps
+                        // the largest.
+                        warn!(participant = %participant, epsilon_spent = r.epsilon_spent,
+                            before = before.epsilon_spent,
+                            "a participant reports less ε spent than before: its privacy ledger may have been reset");
+                    }
+                }
                 // Durable before it counts and before the participant hears
                 // that it does.
                 let received = now_unix_ms();

@@ -120,8 +120,9 @@ pub struct JoinArgs {
     /// A name for this participant, shown in the aggregator's logs.
     #[arg(long)]
     name: Option<String>,
-    /// Leave after this many updates have been answered (accepted or rejected).
-    #[arg(long)]
+    /// Leave after this many updates have been answered (accepted or
+    /// rejected); at least 1.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     max_rounds: Option<u64>,
     /// Seed of the batch shuffling.
     #[arg(long, default_value_t = 0)]
@@ -177,8 +178,20 @@ struct Link {
     events: mpsc::Receiver<Event>,
     out: tokio::sync::mpsc::UnboundedSender<Outgoing>,
     reader: tokio::task::JoinHandle<()>,
-    writer: tokio::task::JoinHandle<()>,
+    /// `None` once closed.
+    writer: Option<tokio::task::JoinHandle<()>>,
 }
+
+/// How often the participant pings the aggregator, and how long a
+/// connection may stay silent (no frame, not even a pong or the server's
+/// own pings) before it counts as lost and the participant reconnects: a
+/// half-open connection (a NAT mapping that expired, a laptop that slept,
+/// a server that froze) never ends by itself.
+const CLIENT_PING: Duration = Duration::from_secs(15);
+const SILENCE_LIMIT: Duration = Duration::from_secs(60);
+
+/// The longest a TCP/TLS connection and the WebSocket handshake may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why a handshake did not end in `Welcome`.
 enum Handshake {
@@ -195,19 +208,39 @@ impl Link {
         let ws_url = &server.ws_url;
         let connector = tokio_tungstenite::Connector::Rustls(server.tls.clone());
         let (ws, _) = rt
-            .block_on(tokio_tungstenite::connect_async_tls_with_config(
-                ws_url.as_str(),
-                None,
-                false,
-                Some(connector),
-            ))
+            .block_on(async {
+                tokio::time::timeout(
+                    CONNECT_TIMEOUT,
+                    tokio_tungstenite::connect_async_tls_with_config(
+                        ws_url.as_str(),
+                        None,
+                        false,
+                        Some(connector),
+                    ),
+                )
+                .await
+            })
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "connecting to {ws_url}: no WebSocket handshake within {} s",
+                    CONNECT_TIMEOUT.as_secs()
+                )
+            })?
             .with_context(|| format!("connecting to {ws_url}"))?;
         info!(url = %ws_url, "connected");
         let (mut sink, mut stream) = ws.split();
         let (event_tx, events) = mpsc::channel::<Event>();
         let reader = rt.spawn(async move {
             loop {
-                let why = match stream.next().await {
+                let Ok(next) = tokio::time::timeout(SILENCE_LIMIT, stream.next()).await else {
+                    let why = format!(
+                        "no frame from the server for {} s, not even a pong: the connection is dead",
+                        SILENCE_LIMIT.as_secs()
+                    );
+                    let _ = event_tx.send(Event::Closed(why));
+                    return;
+                };
+                let why = match next {
                     None => "connection closed".to_owned(),
                     Some(Err(e)) => format!("connection failed: {e}"),
                     Some(Ok(Message::Binary(b))) => match ServerMessage::decode(&b) {
@@ -229,7 +262,22 @@ impl Link {
         });
         let (out, mut out_rx) = tokio::sync::mpsc::unbounded_channel::<Outgoing>();
         let writer = rt.spawn(async move {
-            while let Some(o) = out_rx.recv().await {
+            let mut ping =
+                tokio::time::interval_at(tokio::time::Instant::now() + CLIENT_PING, CLIENT_PING);
+            loop {
+                let o = tokio::select! {
+                    o = out_rx.recv() => match o {
+                        Some(o) => o,
+                        None => return,
+                    },
+                    _ = ping.tick() => {
+                        // Its pong keeps the reader's silence limit away.
+                        if sink.send(Message::Ping(Default::default())).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                };
                 match o {
                     Outgoing::Frame(f) => {
                         if let Err(e) = sink.send(Message::Binary(f.into())).await {
@@ -249,7 +297,7 @@ impl Link {
             events,
             out,
             reader,
-            writer,
+            writer: Some(writer),
         };
         link.send_frame(hello.to_vec()).context("sending Hello")?;
         Ok(link)
@@ -313,10 +361,13 @@ impl Link {
     }
 
     /// Closes politely (waiting up to 5 s for the close frame to go out).
-    /// Closing twice does nothing more.
+    /// Closing twice does nothing more (a finished task's handle must not
+    /// be awaited again: tokio panics).
     fn close(&mut self, rt: &tokio::runtime::Runtime) {
+        let Some(writer) = self.writer.take() else {
+            return;
+        };
         let _ = self.out.send(Outgoing::Close);
-        let writer = &mut self.writer;
         let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), writer).await });
         self.reader.abort();
     }
@@ -437,7 +488,12 @@ impl Endpoint {
         let mut roots = rustls::RootCertStore {
             roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
         };
-        let mut http = reqwest::Client::builder().use_rustls_tls();
+        // A server that stops answering mid-download fails the download
+        // instead of hanging it.
+        let mut http = reqwest::Client::builder()
+            .use_rustls_tls()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .read_timeout(SILENCE_LIMIT);
         for path in ca_certs {
             let what = || format!("--ca-cert {}", path.display());
             let certs = CertificateDer::pem_file_iter(path)
@@ -498,22 +554,26 @@ fn task_data_stem(task_id: &str, data_sha256: &str) -> String {
 /// Reads the participant key at `path`, or creates it (16 random bytes from
 /// the OS as 32 hex digits; owner-only permissions on Unix).
 fn participant_key(path: &Path) -> anyhow::Result<String> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => {
-            let key = text.trim().to_owned();
-            fedsb_protocol::check_participant_key(&key).map_err(|e| {
-                anyhow::anyhow!(
-                    "the participant key in {} is not valid ({e}); delete the file to make a new one",
-                    path.display()
-                )
-            })?;
-            return Ok(key);
+    let read = || -> anyhow::Result<Option<String>> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                let key = text.trim().to_owned();
+                fedsb_protocol::check_participant_key(&key).map_err(|e| {
+                    anyhow::anyhow!(
+                        "the participant key in {} is not valid ({e}); delete the file to make a new one",
+                        path.display()
+                    )
+                })?;
+                Ok(Some(key))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => {
+                Err(e).with_context(|| format!("reading the participant key {}", path.display()))
+            }
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(e)
-                .with_context(|| format!("reading the participant key {}", path.display()))
-        }
+    };
+    if let Some(key) = read()? {
+        return Ok(key);
     }
     let mut bytes = [0u8; 16];
     getrandom::fill(&mut bytes)
@@ -522,18 +582,41 @@ fn participant_key(path: &Path) -> anyhow::Result<String> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    // Written whole to a file of this process's own, then linked under the
+    // key's name, which fails if another participant (the same data joined
+    // twice at once) linked its key first: then that key is the one, and
+    // no reader ever sees half a key.
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = PathBuf::from(format!(
+        "{}.{}-{call}.tmp",
+        path.display(),
+        std::process::id()
+    ));
     let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
+    options.write(true).create(true).truncate(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut f = options
-        .open(path)
-        .with_context(|| format!("creating the participant key {}", path.display()))?;
-    std::io::Write::write_all(&mut f, format!("{key}\n").as_bytes())
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("writing the participant key {}", path.display()))?;
-    info!(path = %path.display(), "created a participant key");
-    Ok(key)
+    let written = options
+        .open(&tmp)
+        .and_then(|mut f| {
+            std::io::Write::write_all(&mut f, format!("{key}\n").as_bytes())?;
+            f.sync_all()
+        })
+        .with_context(|| format!("writing the participant key {}", tmp.display()));
+    let linked = written.and_then(|()| match std::fs::hard_link(&tmp, path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => {
+            Err(e).with_context(|| format!("creating the participant key {}", path.display()))
+        }
+    });
+    let _ = std::fs::remove_file(&tmp);
+    if linked? {
+        info!(path = %path.display(), "created a participant key");
+        return Ok(key);
+    }
+    read()?.with_context(|| format!("the participant key {} vanished", path.display()))
 }
 
 fn sha256_of_file(path: &Path) -> anyhow::Result<String> {
@@ -615,34 +698,42 @@ async fn fetch_file(
             response.status()
         );
     }
-    // One partial file per process: participants may share a cache.
+    // One partial file per process: participants may share a cache. It
+    // is removed on every failure, so none piles up (a model is 90 MB).
     let part = cache.join(format!("{expected}.{}.part", std::process::id()));
-    let mut out =
-        std::fs::File::create(&part).with_context(|| format!("writing {}", part.display()))?;
-    let mut hasher = Sha256::new();
-    let mut size = 0u64;
-    while let Some(chunk) = response
-        .chunk()
-        .await
-        .with_context(|| format!("downloading {} from {url}", file.name))?
-    {
-        hasher.update(&chunk);
-        size += chunk.len() as u64;
-        std::io::Write::write_all(&mut out, &chunk)
+    let written = async {
+        let mut out =
+            std::fs::File::create(&part).with_context(|| format!("writing {}", part.display()))?;
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .with_context(|| format!("downloading {} from {url}", file.name))?
+        {
+            hasher.update(&chunk);
+            size += chunk.len() as u64;
+            std::io::Write::write_all(&mut out, &chunk)
+                .with_context(|| format!("writing {}", part.display()))?;
+        }
+        out.sync_all()
             .with_context(|| format!("writing {}", part.display()))?;
+        drop(out);
+        let found = hex::encode(hasher.finalize());
+        if found != expected {
+            bail!(
+                "{} from {url} has SHA-256 {found} ({size} bytes), but the server announced {expected} ({} bytes): refusing it",
+                file.name,
+                file.size
+            );
+        }
+        std::fs::rename(&part, &path).with_context(|| format!("writing {}", path.display()))?;
+        Ok(size)
     }
-    out.sync_all()?;
-    drop(out);
-    let found = hex::encode(hasher.finalize());
-    if found != expected {
+    .await;
+    let size = written.inspect_err(|_| {
         let _ = std::fs::remove_file(&part);
-        bail!(
-            "{} from {url} has SHA-256 {found} ({size} bytes), but the server announced {expected} ({} bytes): refusing it",
-            file.name,
-            file.size
-        );
-    }
-    std::fs::rename(&part, &path).with_context(|| format!("writing {}", path.display()))?;
+    })?;
     info!(file = %file.name, bytes = size, seconds = started.elapsed().as_secs_f64(), "downloaded");
     Ok(path)
 }
@@ -708,10 +799,10 @@ fn read_local_data(args: &JoinArgs, task: &TaskInfo) -> anyhow::Result<Dataset> 
     let spec = args.columns.spec(Some(task.labels.clone()));
     let data = read_dataset_file(&args.data, &spec).with_context(|| {
         format!(
-            "reading {}: its labels must be the task's classes {:?} (names, or class ids 0..{})",
+            "reading {}: its labels must be the task's classes {:?} (names, or class ids 0 to {})",
             args.data.display(),
             task.labels,
-            task.labels.len()
+            task.labels.len().saturating_sub(1)
         )
     })?;
     require_label_column(&data, &args.data)?;
@@ -1401,6 +1492,29 @@ mod tests {
         let err = participant_key(&path).unwrap_err().to_string();
         assert!(err.contains("t-0123456789abcdef.key"), "{err}");
         assert!(err.contains("delete the file"), "{err}");
+    }
+
+    /// Participants that make the same key file at once all end with the
+    /// one key that was written first, whole; no temporary file stays.
+    #[test]
+    fn participants_making_one_key_at_once_share_it() {
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("k").join("t.key");
+            let keys: Vec<String> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..8)
+                    .map(|_| s.spawn(|| participant_key(&path).unwrap()))
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            assert!(keys.iter().all(|k| k == &keys[0]), "{keys:?}");
+            assert_eq!(std::fs::read_to_string(&path).unwrap().trim(), keys[0]);
+            let names: Vec<_> = std::fs::read_dir(dir.path().join("k"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert_eq!(names, ["t.key"]);
+        }
     }
 
     #[test]

@@ -579,3 +579,37 @@ async fn a_participant_joins_over_tls_through_a_reverse_proxy() -> anyhow::Resul
     assert_eq!(rounds[1]["participants"], 1, "{rounds}");
     Ok(())
 }
+
+/// A participant whose reconnect window runs out exits with an error that
+/// says so (status 1), not a panic: it closed its lost connection twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_that_cannot_reconnect_says_why() -> anyhow::Result<()> {
+    let task = TaskDir::new(true)?;
+    task.write_config(true)?;
+    let mut agg = Aggregator::start_in(task.path())?;
+    // The round waits for a second participant, so `a` stays connected
+    // after its update was accepted.
+    let a = spawn_join(task.path(), &agg, "a.tsv", "a", &["--reconnect-for", "2"])?;
+    let started = std::time::Instant::now();
+    while agg.metric("fedsb_updates_accepted_total").await? < 1.0 {
+        if started.elapsed() > Duration::from_secs(60) {
+            let mut a = a;
+            let _ = a.kill();
+            let out = a.wait_with_output()?;
+            bail!(
+                "fedsb join sent no update: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    agg.kill9();
+    let out = wait_child(a, JOIN_TIMEOUT).await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("could not reconnect") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+    Ok(())
+}

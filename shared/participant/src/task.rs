@@ -113,9 +113,9 @@ pub fn read_task_data(
     };
     let data = read_dataset(bytes, format, &spec, file_name).map_err(|e| {
         invalid(format!(
-            "{e} (labels must be the task's classes {:?}: names, or class ids 0..{})",
+            "{e} (labels must be the task's classes {:?}: names, or class ids 0 to {})",
             labels,
-            labels.len()
+            labels.len().saturating_sub(1)
         ))
     })?;
     if data.label_column.is_none() {
