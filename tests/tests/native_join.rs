@@ -613,3 +613,38 @@ async fn a_participant_that_cannot_reconnect_says_why() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A server that goes silent with its connections open (here stopped with
+/// SIGSTOP, as a frozen host or a half-open connection looks) is noticed:
+/// the participant pings, hears nothing for 60 s, counts the connection
+/// lost and tries to reconnect; with nobody answering, its window runs out
+/// and it exits 1 saying so, instead of waiting forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_server_is_noticed_and_left() -> anyhow::Result<()> {
+    let task = TaskDir::new(true)?;
+    task.write_config(true)?;
+    let agg = Aggregator::start_in(task.path())?;
+    let a = spawn_join(task.path(), &agg, "a.tsv", "a", &["--reconnect-for", "1"])?;
+    let started = std::time::Instant::now();
+    while agg.metric("fedsb_updates_accepted_total").await? < 1.0 {
+        anyhow::ensure!(
+            started.elapsed() < JOIN_TIMEOUT,
+            "fedsb join sent no update"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pid = agg.child.id().to_string();
+    let signal = |s: &str| std::process::Command::new("kill").args([s, &pid]).status();
+    anyhow::ensure!(signal("-STOP")?.success(), "kill -STOP {pid}");
+    let out = wait_child(a, Duration::from_secs(240)).await;
+    signal("-CONT")?;
+    let out = out?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("no frame from the server for 60 s")
+            && stderr.contains("could not reconnect"),
+        "{stderr}"
+    );
+    Ok(())
+}
