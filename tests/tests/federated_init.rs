@@ -841,7 +841,8 @@ async fn gradients_beyond_max_participants_wait_for_the_rounds() -> anyhow::Resu
     let agg = Aggregator::start_in(dir)?;
     let gradient = |module: u32| {
         let mut g = Tensor::zeros(&module_shape(module));
-        g.data.fill(if module.is_multiple_of(2) { 1.0 } else { -1.0 });
+        g.data
+            .fill(if module.is_multiple_of(2) { 1.0 } else { -1.0 });
         ClientMessage::InitGradient {
             module,
             gradient: g,

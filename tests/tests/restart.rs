@@ -765,7 +765,10 @@ async fn sigterm_stops_the_server_while_a_page_listens_to_its_events() -> anyhow
     })
     .await;
     assert!(rest.is_ok(), "the event stream did not end");
-    assert_eq!(p.close_code_within(Duration::from_secs(5)).await, Some(1001));
+    assert_eq!(
+        p.close_code_within(Duration::from_secs(5)).await,
+        Some(1001)
+    );
     Ok(())
 }
 

@@ -472,9 +472,9 @@ fn read_delimited(
     let line_break = char::from(counter.line_break);
     let syntax = |e: csv::Error| DataError::Syntax {
         file: file.to_owned(),
-        line: e
-            .position()
-            .map_or(0, |p| LineCounter::new(bytes).record_line(p.byte() as usize)),
+        line: e.position().map_or(0, |p| {
+            LineCounter::new(bytes).record_line(p.byte() as usize)
+        }),
         message: e.to_string(),
     };
     let columns: Vec<String> = reader
