@@ -134,7 +134,11 @@ pub fn load_base_model(dir: &Path) -> Result<(BertWeights, BaseModel), ModelLoad
 /// is, links resolved, one of the command's `inputs` (`(what, path)`: its
 /// data files, `--init` file, the model's files, its other outputs), which
 /// writing it would destroy. Checked before any work is done.
-pub fn check_output_file(path: &Path, flag: &str, inputs: &[(&str, &Path)]) -> anyhow::Result<()> {
+pub fn check_output_file<P: AsRef<Path>>(
+    path: &Path,
+    flag: &str,
+    inputs: &[(&str, P)],
+) -> anyhow::Result<()> {
     if path.is_dir() {
         bail!("{flag} {} is a directory; name a file", path.display());
     }
@@ -152,6 +156,7 @@ pub fn check_output_file(path: &Path, flag: &str, inputs: &[(&str, &Path)]) -> a
     }
     if let Some(out) = resolve_path(path) {
         for (what, input) in inputs {
+            let input = input.as_ref();
             if resolve_path(input).is_some_and(|i| i == out) {
                 bail!(
                     "{flag} {} is {what} {}; writing it would destroy that file, so name another",
@@ -189,10 +194,23 @@ pub fn check_output_dir(dir: &Path, flag: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The files of a Hugging Face model directory a command reads, as inputs
-/// for [`check_output_file`].
-pub fn model_files(dir: &Path) -> [PathBuf; 3] {
-    ["config.json", "model.safetensors", "tokenizer.json"].map(|name| dir.join(name))
+/// What a command that trains reads, as inputs for [`check_output_file`]:
+/// `--train`, `--eval`, the `--init` file if any and the files of the
+/// `--model` directory.
+pub fn training_inputs(
+    model: &Path,
+    train: &Path,
+    eval: Option<&Path>,
+    init: Option<&Path>,
+) -> Vec<(&'static str, PathBuf)> {
+    let mut inputs = vec![("the --train file", train.to_owned())];
+    inputs.extend(eval.map(|e| ("the --eval file", e.to_owned())));
+    inputs.extend(init.map(|i| ("the --init file", i.to_owned())));
+    inputs.extend(
+        ["config.json", "model.safetensors", "tokenizer.json"]
+            .map(|name| ("a file of the --model", model.join(name))),
+    );
+    inputs
 }
 
 /// `--max-seq-len` when not given: 128 tokens, or the model's position
@@ -286,19 +304,25 @@ mod tests {
     use super::*;
     use fedsb_engine::data::{read_dataset, ColumnSpec, DataFormat};
 
+    const NO_INPUTS: &[(&str, &Path)] = &[];
+
     #[test]
     fn output_files_in_missing_directories_or_on_directories_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let err = check_output_file(&dir.path().join("no/such/a.safetensors"), "--output", &[])
-            .unwrap_err()
-            .to_string();
+        let err = check_output_file(
+            &dir.path().join("no/such/a.safetensors"),
+            "--output",
+            NO_INPUTS,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("does not exist"), "{err}");
-        let err = check_output_file(dir.path(), "--out", &[])
+        let err = check_output_file(dir.path(), "--out", NO_INPUTS)
             .unwrap_err()
             .to_string();
         assert!(err.contains("is a directory"), "{err}");
-        check_output_file(&dir.path().join("a.safetensors"), "--output", &[]).unwrap();
-        check_output_file(Path::new("a.safetensors"), "--output", &[]).unwrap();
+        check_output_file(&dir.path().join("a.safetensors"), "--output", NO_INPUTS).unwrap();
+        check_output_file(Path::new("a.safetensors"), "--output", NO_INPUTS).unwrap();
     }
 
     #[test]
@@ -360,15 +384,11 @@ mod tests {
         let model = dir.path().join("model");
         std::fs::create_dir(&model).unwrap();
         std::fs::write(model.join("model.safetensors"), b"w").unwrap();
-        let files = model_files(&model);
-        let inputs: Vec<(&str, &Path)> = files
-            .iter()
-            .map(|f| ("a model file", f.as_path()))
-            .collect();
+        let inputs = training_inputs(&model, &dir.path().join("t.tsv"), None, None);
         let err = check_output_file(&model.join("model.safetensors"), "--out", &inputs)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("is a model file"), "{err}");
+        assert!(err.contains("is a file of the --model"), "{err}");
     }
 
     #[test]

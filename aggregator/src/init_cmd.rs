@@ -28,7 +28,7 @@
 //! one JSON object describing the file.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -43,7 +43,7 @@ use fedsb_engine::train::{
 use sha2::{Digest, Sha256};
 
 use crate::checks::{
-    check_classes, check_output_file, load_base_model, model_files, resolve_max_seq_len,
+    check_classes, check_output_file, load_base_model, resolve_max_seq_len, training_inputs,
 };
 use crate::data_args::{check_labels_flag, require_label_column, DataColumns};
 use crate::participant::{layered_modules, write_adapter_file, MAX_SEQ_LEN};
@@ -117,13 +117,7 @@ pub fn run(args: InitArgs) -> anyhow::Result<()> {
         bail!("--lr {} must be positive (η of ΔW = −η·sign(G))", args.lr);
     }
     check_labels_flag(args.labels.as_deref())?;
-    let model_files = model_files(&args.model);
-    let mut inputs: Vec<(&str, &Path)> = vec![("the --train file", &args.train)];
-    inputs.extend(
-        model_files
-            .iter()
-            .map(|f| ("a file of the --model", f.as_path())),
-    );
+    let inputs = training_inputs(&args.model, &args.train, None, None);
     check_output_file(&args.out, "--out", &inputs)?;
     let (weights, base_model) = load_base_model(&args.model)
         .with_context(|| format!("loading the model from {}", args.model.display()))?;

@@ -93,9 +93,8 @@ use fedsb_protocol::{
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::checks::{
-    check_classes, check_output_dir, check_output_file, load_base_model, model_files,
-    resolve_file_max_seq_len, resolve_max_seq_len, BaseModel, InitFile, DEFAULT_MAX_SEQ_LEN,
-    DEFAULT_RANK,
+    check_classes, check_output_dir, check_output_file, load_base_model, resolve_file_max_seq_len,
+    resolve_max_seq_len, training_inputs, BaseModel, InitFile, DEFAULT_MAX_SEQ_LEN, DEFAULT_RANK,
 };
 use crate::data_args::{head_classes, read_eval_set, read_training_set, DataColumns};
 use crate::dp_training::DpTraining;
@@ -958,18 +957,11 @@ pub fn run(mut args: SimArgs) -> anyhow::Result<()> {
     if args.rank == Some(0) {
         bail!("--rank must be at least 1");
     }
-    let model_files = model_files(&args.model);
-    let mut inputs: Vec<(&str, &Path)> = vec![
-        ("the --train file", &args.train),
-        ("the --eval file", &args.eval),
-    ];
-    if let Some(init) = &args.init {
-        inputs.push(("the --init file", init));
-    }
-    inputs.extend(
-        model_files
-            .iter()
-            .map(|f| ("a file of the --model", f.as_path())),
+    let mut inputs = training_inputs(
+        &args.model,
+        &args.train,
+        Some(&args.eval),
+        args.init.as_deref(),
     );
     // Each output is checked against the inputs and the outputs before it.
     for (flag, what, path) in [
@@ -979,7 +971,7 @@ pub fn run(mut args: SimArgs) -> anyhow::Result<()> {
     ] {
         if let Some(path) = path {
             check_output_file(path, flag, &inputs)?;
-            inputs.push((what, path));
+            inputs.push((what, path.clone()));
         }
     }
     for (flag, dir) in [

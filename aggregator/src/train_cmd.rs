@@ -58,8 +58,8 @@ use fedsb_privacy::{AccountantKind, PrivacyBudget};
 use fedsb_protocol::PrivacyPolicy;
 
 use crate::checks::{
-    check_classes, check_output_file, load_base_model, model_files, resolve_file_max_seq_len,
-    resolve_max_seq_len, InitFile, DEFAULT_RANK,
+    check_classes, check_output_file, load_base_model, resolve_file_max_seq_len,
+    resolve_max_seq_len, training_inputs, InitFile, DEFAULT_RANK,
 };
 use crate::data_args::{
     head_classes, read_eval_set, read_training_set, same_columns_as, DataColumns,
@@ -184,18 +184,11 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         bail!("--init-samples must be at least 1 (examples for the LoRA-SB initialization)");
     }
     if let Some(out) = &args.output {
-        let model_files = model_files(&args.model);
-        let mut inputs: Vec<(&str, &Path)> = vec![
-            ("the --train file", &args.train),
-            ("the --eval file", &args.eval),
-        ];
-        if let Some(init) = &args.init {
-            inputs.push(("the --init file", init));
-        }
-        inputs.extend(
-            model_files
-                .iter()
-                .map(|f| ("a file of the --model", f.as_path())),
+        let inputs = training_inputs(
+            &args.model,
+            &args.train,
+            Some(&args.eval),
+            args.init.as_deref(),
         );
         check_output_file(out, "--output", &inputs)?;
     }
