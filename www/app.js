@@ -25,6 +25,12 @@ async function getJson(path) {
 
 let task = null;
 
+// The larger of what a participant reports and what the aggregator
+// accounts for its accepted updates (a reset ledger reports less).
+function spentOf(p) {
+  return p.epsilon_accounted == null ? Infinity : Math.max(p.epsilon_spent, p.epsilon_accounted);
+}
+
 function renderPrivacy(list) {
   const section = $("privacy");
   if (!task || !task.privacy) {
@@ -38,7 +44,8 @@ function renderPrivacy(list) {
     const cells = [
       p.client || String(p.participant),
       p.epsilon_spent.toFixed(3),
-      `${Math.min(100, (100 * p.epsilon_spent) / budget).toFixed(0)} % of ε = ${budget}`,
+      p.epsilon_accounted == null ? "unbounded" : p.epsilon_accounted.toFixed(3),
+      `${Math.min(100, (100 * spentOf(p)) / budget).toFixed(0)} % of ε = ${budget}`,
       p.delta.toExponential(0),
       p.noise_multiplier.toFixed(3),
       p.sample_rate.toPrecision(3),
@@ -50,7 +57,7 @@ function renderPrivacy(list) {
     for (const [i, c] of cells.entries()) {
       const td = document.createElement("td");
       td.textContent = c;
-      if (i === 3) td.className = "recall";
+      if (i === 4) td.className = "recall";
       tr.appendChild(td);
     }
     return tr;
@@ -138,7 +145,7 @@ function renderRounds(rounds) {
     for (const [i, c] of cells.entries()) {
       const td = document.createElement("td");
       td.textContent = c;
-      if (i === 3) td.className = "recall";
+      if (i === 4) td.className = "recall";
       tr.appendChild(td);
     }
     // The round's model: A, B, this round's R's and head (fedsb export's file).

@@ -713,6 +713,14 @@ async function handle(frame) {
           break;
         }
       }
+      if (msg.code === "invalid_privacy_report") {
+        // Our DP training does not fit the task (the aggregator accounts
+        // more privacy spent under this tab's key than the budget allows,
+        // or another policy): every later update would be refused too, and
+        // would spend privacy for nothing.
+        send(encodeLeave("privacy report refused"), "leave");
+        return fail(`the aggregator refused this tab's privacy report, so it stops: ${msg.message}`);
+      }
       post({ error: text, message: text });
       return;
     }

@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use fedsb_privacy::{append_segment, epsilon_spent, AccountantKind, TrainingSegment};
 use fedsb_protocol::{
     AdapterState, ClientUpdate, ErrorCode, FileRef, ParticipantId, PrivacyPolicy, PrivacyReport,
     RoundId, ServerMessage, TaskInfo, Tensor, PROTOCOL_VERSION,
@@ -243,13 +244,22 @@ pub struct Status {
 }
 
 /// What one participant reported spending (its latest accepted update's
-/// [`fedsb_protocol::PrivacyReport`], with steps summed over its updates).
+/// [`fedsb_protocol::PrivacyReport`], with steps summed over its updates),
+/// and what the aggregator accounts for it.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ParticipantPrivacy {
     pub participant: u64,
     pub client: String,
-    /// ε spent over all its updates, at `delta`.
+    /// ε spent over all its updates, at `delta`, as the participant reports
+    /// it (the largest report: a participant that lost its ledger reports
+    /// less).
     pub epsilon_spent: f64,
+    /// ε at `delta` that the aggregator itself accounts for the (σ, q,
+    /// steps) of every update it accepted from this participant, with
+    /// [`account_epsilon`]: it does not rely on the participant's ledger.
+    /// `None` where no accountant bounds it (an update without noise, on a
+    /// task without DP).
+    pub epsilon_accounted: Option<f64>,
     pub delta: f64,
     pub noise_multiplier: f64,
     pub sample_rate: f64,
@@ -260,7 +270,32 @@ pub struct ParticipantPrivacy {
     pub updates: u64,
     pub last_round: u64,
     pub connected: bool,
+    /// The accepted updates' DP-SGD steps, as a participant's ledger holds
+    /// them ([`fedsb_privacy::append_segment`]); `None` once an update
+    /// could not be accounted (σ = 0).
+    #[serde(skip)]
+    segments: Option<Vec<TrainingSegment>>,
 }
+
+/// The accountant the aggregator's ε of a participant comes from: the
+/// privacy-loss-distribution accountant that participants use by default,
+/// at its default spacing, so the aggregator and a participant whose
+/// ledger holds the same steps compute the same ε; the RDP bound (looser,
+/// never below the true ε) where the PLD would need too many grid points.
+/// `None` where neither bounds it.
+pub fn account_epsilon(segments: &[TrainingSegment], delta: f64) -> Option<f64> {
+    [AccountantKind::Pld, AccountantKind::Rdp]
+        .into_iter()
+        .find_map(|kind| epsilon_spent(kind, segments, delta).ok())
+        .filter(|e| e.is_finite())
+}
+
+/// How far the ε the aggregator accounts may exceed a task's target before
+/// it refuses an update: a participant checks its budget with the same
+/// accountant on a superset of the same steps, and the browser's
+/// floating-point functions may round a few grid points of the PLD
+/// differently from the native ones.
+pub const ACCOUNTING_TOLERANCE: f64 = 1e-3;
 
 struct Peer {
     client: String,
@@ -406,6 +441,7 @@ impl Coordinator {
                 c.restore_pending(pending);
             }
         }
+        account_all(&mut c.privacy);
         c.publish_status();
         tokio::spawn(c.run(rx));
         (CoordinatorHandle { tx }, status_rx)
@@ -705,17 +741,28 @@ impl Coordinator {
                 }
                 let report = update.privacy.clone();
                 round.check(participant, &update)?;
-                if let (Some(r), Some(before)) = (&report, self.privacy.get(&participant)) {
-                    if r.epsilon_spent < before.epsilon_spent {
-                        // Cumulative ε does not go down by itself: a lost
-                        // privacy ledger restarts the count (or another
-                        // accountant gives a tighter bound). The status keeps
-                        // the largest.
-                        warn!(participant = %participant, epsilon_spent = r.epsilon_spent,
-                            before = before.epsilon_spent,
-                            "a participant reports less ε spent than before: its privacy ledger may have been reset");
-                    }
+                let local_steps = u64::from(self.config.task.local_steps);
+                if let Some(r) = report.as_ref().filter(|r| r.steps > local_steps) {
+                    return Err(Rejection::new(
+                        ErrorCode::InvalidPrivacyReport,
+                        format!(
+                            "privacy report of {} DP-SGD steps, but a round of this task has {local_steps} local steps",
+                            r.steps
+                        ),
+                    ));
                 }
+                let accounted = match &report {
+                    Some(r) => Some(
+                        account_update(
+                            self.privacy.get(&participant),
+                            participant,
+                            r,
+                            self.task.privacy.as_ref(),
+                        )
+                        .await?,
+                    ),
+                    None => None,
+                };
                 // Durable before it counts and before the participant hears
                 // that it does.
                 let received = now_unix_ms();
@@ -741,10 +788,13 @@ impl Coordinator {
                 }
                 round.add(participant, &client, update, frame_bytes, received);
                 if let Some(r) = report {
-                    record_privacy(&mut self.privacy, participant, &client, round.id.0, &r);
+                    let entry =
+                        record_privacy(&mut self.privacy, participant, &client, round.id.0, &r);
+                    entry.epsilon_accounted = accounted.flatten();
                     info!(
                         participant = %participant,
                         epsilon_spent = r.epsilon_spent,
+                        epsilon_accounted = ?entry.epsilon_accounted,
                         delta = r.delta,
                         noise_multiplier = r.noise_multiplier,
                         "privacy report"
@@ -1376,21 +1426,102 @@ impl Coordinator {
 
 type PrivacyMap = std::collections::BTreeMap<ParticipantId, ParticipantPrivacy>;
 
+/// The steps of `before` (what the aggregator accepted from `participant`
+/// so far) and those of the update reporting `r`.
+fn segments_with(
+    before: Option<&ParticipantPrivacy>,
+    r: &PrivacyReport,
+) -> Option<Vec<TrainingSegment>> {
+    let mut segments = match before {
+        Some(p) => p.segments.clone()?,
+        None => Vec::new(),
+    };
+    TrainingSegment::new(r.sample_rate, r.noise_multiplier, r.steps)
+        .and_then(|s| append_segment(&mut segments, s))
+        .ok()?;
+    Some(segments)
+}
+
+/// The ε the aggregator accounts for `participant` once the update
+/// reporting `r` is added to the updates it accepted from it (`before`),
+/// computed off the async threads (a PLD takes tens of milliseconds).
+///
+/// A task with DP refuses an update that would take it beyond the task's
+/// ε: the aggregator's own count, kept under the participant's key, holds
+/// where the participant's ledger was lost or reset and it reports less.
+/// A report of less ε than the aggregator accounts is logged.
+async fn account_update(
+    before: Option<&ParticipantPrivacy>,
+    participant: ParticipantId,
+    r: &PrivacyReport,
+    policy: Option<&PrivacyPolicy>,
+) -> Result<Option<f64>, Rejection> {
+    let delta = r.delta;
+    let accounted = match segments_with(before, r) {
+        Some(s) => tokio::task::spawn_blocking(move || account_epsilon(&s, delta))
+            .await
+            .unwrap_or(None),
+        None => None,
+    };
+    let reported_before = before.map_or(0.0, |p| p.epsilon_spent);
+    let reset = r.epsilon_spent < reported_before
+        || accounted.is_some_and(|a| r.epsilon_spent < a * (1.0 - ACCOUNTING_TOLERANCE));
+    if reset {
+        // Cumulative ε does not go down by itself, and a participant's
+        // ledger holds at least the steps of its accepted updates: a lost
+        // ledger restarts its count (or a tighter accountant gives less).
+        warn!(participant = %participant, epsilon_spent = r.epsilon_spent,
+            reported_before, epsilon_accounted = ?accounted,
+            "a participant reports less ε spent than before or than the aggregator accounts: \
+             its privacy ledger may have been reset");
+    }
+    let Some(policy) = policy else {
+        return Ok(accounted);
+    };
+    let steps = before.map_or(0, |p| p.steps).saturating_add(r.steps);
+    let updates = before.map_or(0, |p| p.updates) + 1;
+    let why = match accounted {
+        Some(a) if a <= policy.epsilon * (1.0 + ACCOUNTING_TOLERANCE) => return Ok(accounted),
+        Some(a) => format!(
+            "this update would bring the ε the aggregator accounts for participant {participant} \
+             to {a:.4} (δ = {delta}; {steps} DP-SGD steps in {updates} updates), beyond the \
+             task's ε = {}; the participant reports ε = {}",
+            policy.epsilon, r.epsilon_spent
+        ),
+        None => format!(
+            "the aggregator cannot bound the ε of participant {participant}'s {steps} DP-SGD \
+             steps in {updates} updates; the task's ε is {}",
+            policy.epsilon
+        ),
+    };
+    let hint = if reset {
+        ": its privacy ledger may have been reset or lost (the aggregator counts every update \
+         it accepted under this participant's key)"
+    } else {
+        ""
+    };
+    Err(Rejection::new(
+        ErrorCode::InvalidPrivacyReport,
+        format!("{why}{hint}"),
+    ))
+}
+
 /// Adds one accepted update's report to its participant's entry: ε spent, δ,
 /// σ, q and clip norm are the latest report's, steps are summed.
-fn record_privacy(
-    map: &mut PrivacyMap,
+fn record_privacy<'m>(
+    map: &'m mut PrivacyMap,
     participant: ParticipantId,
     client: &str,
     round: u64,
     r: &PrivacyReport,
-) {
+) -> &'m mut ParticipantPrivacy {
     let entry = map
         .entry(participant)
         .or_insert_with(|| ParticipantPrivacy {
             participant: participant.0,
             client: client.to_owned(),
             epsilon_spent: 0.0,
+            epsilon_accounted: Some(0.0),
             delta: r.delta,
             noise_multiplier: r.noise_multiplier,
             sample_rate: r.sample_rate,
@@ -1399,6 +1530,7 @@ fn record_privacy(
             updates: 0,
             last_round: round,
             connected: true,
+            segments: Some(Vec::new()),
         });
     // ε spent is cumulative: a later, smaller report (a participant that
     // lost its ledger) never lowers what the status shows it has spent.
@@ -1410,6 +1542,27 @@ fn record_privacy(
     entry.steps = entry.steps.saturating_add(r.steps);
     entry.updates += 1;
     entry.last_round = round;
+    entry.segments = segments_with(Some(&*entry), r);
+    entry
+}
+
+/// Sets every participant's [`ParticipantPrivacy::epsilon_accounted`] from
+/// its steps (after a restart; live updates are accounted as they come).
+fn account_all(map: &mut PrivacyMap) {
+    let started = Instant::now();
+    for p in map.values_mut() {
+        p.epsilon_accounted = p
+            .segments
+            .as_deref()
+            .and_then(|s| account_epsilon(s, p.delta));
+    }
+    if !map.is_empty() {
+        info!(
+            participants = map.len(),
+            seconds = started.elapsed().as_secs_f64(),
+            "privacy accounted for the restored updates"
+        );
+    }
 }
 
 /// The per-participant map as it stood after the last committed round,
@@ -1779,6 +1932,117 @@ mod tests {
         assert_eq!(t.matches(STALLED).count(), 1, "{t}");
     }
 
+    /// The aggregator's own ε: what a participant's ledger of the same
+    /// steps says, grown by every accepted update; an update taking it
+    /// beyond the task's ε is refused even when the participant reports
+    /// less (a lost ledger).
+    #[tokio::test]
+    async fn the_aggregator_accounts_each_participants_epsilon_itself() {
+        let policy = PrivacyPolicy {
+            epsilon: 1.5,
+            delta: 1e-5,
+            clip_norm: 1.0,
+        };
+        let report = |steps, epsilon_spent| PrivacyReport {
+            noise_multiplier: 1.5,
+            sample_rate: 0.1,
+            steps,
+            clip_norm: 1.0,
+            delta: 1e-5,
+            epsilon_spent,
+        };
+        let ledger_after = |rounds: u64| {
+            let s = TrainingSegment::new(0.1, 1.5, 4 * rounds).unwrap();
+            epsilon_spent(AccountantKind::Pld, &[s], 1e-5).unwrap()
+        };
+        let id = ParticipantId(7);
+        let mut map = PrivacyMap::new();
+        let mut rounds = 0;
+        loop {
+            let r = report(4, ledger_after(rounds + 1));
+            match account_update(map.get(&id), id, &r, Some(&policy)).await {
+                Ok(accounted) => {
+                    rounds += 1;
+                    // The participant's ledger holds the same steps.
+                    assert_eq!(accounted, Some(r.epsilon_spent), "round {rounds}");
+                    let entry = record_privacy(&mut map, id, "c", rounds, &r);
+                    entry.epsilon_accounted = accounted;
+                }
+                Err(e) => {
+                    // Refused exactly where the participant's own check
+                    // would have stopped it.
+                    assert!(r.epsilon_spent > policy.epsilon, "{}", e.message);
+                    assert_eq!(e.code, ErrorCode::InvalidPrivacyReport);
+                    assert!(
+                        e.message.contains("beyond the task's ε = 1.5"),
+                        "{}",
+                        e.message
+                    );
+                    assert!(!e.message.contains("reset"), "{}", e.message);
+                    break;
+                }
+            }
+            assert!(rounds < 100, "never refused");
+        }
+        assert!(rounds >= 2, "{rounds}");
+        let spent = map[&id].epsilon_accounted.unwrap();
+        assert!(
+            spent <= policy.epsilon && spent > 0.5 * policy.epsilon,
+            "{spent}"
+        );
+
+        // The same participant after losing its ledger: it reports a fresh
+        // count, the aggregator refuses the update its own count forbids.
+        let fresh = report(4, ledger_after(1));
+        let e = account_update(map.get(&id), id, &fresh, Some(&policy))
+            .await
+            .unwrap_err();
+        assert!(
+            e.message.contains("may have been reset")
+                && e.message.contains(&format!(
+                    "{} DP-SGD steps in {} updates",
+                    4 * (rounds + 1),
+                    rounds + 1
+                )),
+            "{}",
+            e.message
+        );
+        // Another participant with the same report is within its budget.
+        let other = account_update(None, ParticipantId(8), &fresh, Some(&policy)).await;
+        assert_eq!(other.unwrap(), Some(fresh.epsilon_spent));
+
+        // Within the tolerance for a browser's rounding: accepted.
+        let tight = PrivacyPolicy {
+            epsilon: ledger_after(1) * (1.0 - 0.5 * ACCOUNTING_TOLERANCE),
+            ..policy
+        };
+        account_update(None, id, &fresh, Some(&tight))
+            .await
+            .unwrap();
+        let tighter = PrivacyPolicy {
+            epsilon: ledger_after(1) * (1.0 - 2.0 * ACCOUNTING_TOLERANCE),
+            ..policy
+        };
+        account_update(None, id, &fresh, Some(&tighter))
+            .await
+            .unwrap_err();
+
+        // Without noise (a task without DP), nothing bounds it; the task
+        // takes the update.
+        let noiseless = PrivacyReport {
+            noise_multiplier: 0.0,
+            ..fresh.clone()
+        };
+        assert_eq!(
+            account_update(None, id, &noiseless, None).await.unwrap(),
+            None
+        );
+        // Steps too many for the PLD's grid: the RDP bound.
+        let long = TrainingSegment::new(0.1, 1.5, 10_000_000).unwrap();
+        let rdp = epsilon_spent(AccountantKind::Rdp, &[long], 1e-5).unwrap();
+        assert_eq!(account_epsilon(&[long], 1e-5), Some(rdp));
+    }
+
     #[test]
     fn restored_privacy_is_what_the_live_reports_built() {
         let policy = PrivacyPolicy {
@@ -1788,7 +2052,7 @@ mod tests {
         };
         // Participant 1: a report from before schema version 1 (δ and C
         // unknown), then a newer one; participant 2: one report.
-        let map = restore_privacy(
+        let mut map = restore_privacy(
             vec![
                 stored(1, 1, 4, 0.5, None),
                 stored(1, 2, 3, 0.25, Some((0.5, 1e-5))),
@@ -1796,11 +2060,37 @@ mod tests {
             ],
             Some(&policy),
         );
+        account_all(&mut map);
+        // The aggregator's ε is what a participant's ledger holding the
+        // same steps says.
+        let ledger_epsilon = |steps: &[(f64, u64)]| {
+            let mut ledger = fedsb_privacy::PrivacyLedger::new(
+                fedsb_privacy::PrivacyBudget::new(8.0, 1e-5).unwrap(),
+                AccountantKind::Pld,
+            )
+            .unwrap();
+            for &(sigma, n) in steps {
+                ledger
+                    .record(TrainingSegment::new(0.125, sigma, n).unwrap())
+                    .unwrap();
+            }
+            (ledger.segments().to_vec(), ledger.epsilon_spent().unwrap())
+        };
+        let (segments_1, epsilon_1) = ledger_epsilon(&[(2.0, 4), (3.0, 6)]);
+        let (segments_2, epsilon_2) = ledger_epsilon(&[(2.0, 3)]);
+        assert!(epsilon_1 > epsilon_2 && epsilon_2 > 0.0);
         let entry = |participant: u64, client: &str, sigma, steps, updates, last_round, eps| {
+            let (segments, accounted) = if participant == 1 {
+                (segments_1.clone(), epsilon_1)
+            } else {
+                (segments_2.clone(), epsilon_2)
+            };
             ParticipantPrivacy {
                 participant,
                 client: client.into(),
                 epsilon_spent: eps,
+                epsilon_accounted: Some(accounted),
+                segments: Some(segments),
                 delta: 1e-5,
                 noise_multiplier: sigma,
                 sample_rate: 0.125,

@@ -1363,6 +1363,19 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
                     let (round, _, _) = awaiting.remove(0);
                     summary.rejected_rounds.push(round.0);
                 }
+                if code == ErrorCode::InvalidPrivacyReport {
+                    // Our DP training does not fit the task (the aggregator
+                    // accounts more ε for our key than the budget allows, or
+                    // another policy): every later update would be refused
+                    // too, and would spend privacy for nothing.
+                    let _ = link.send(&ClientMessage::Leave {
+                        reason: "privacy report refused".into(),
+                    });
+                    break Err(anyhow::anyhow!(
+                        "the aggregator refused our update's privacy report, so this \
+                         participant stops: {message}"
+                    ));
+                }
                 leave = args
                     .max_rounds
                     .is_some_and(|m| submitted.len() as u64 >= m && awaiting.is_empty());

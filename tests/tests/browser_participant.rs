@@ -992,7 +992,7 @@ async fn browser_tabs_train_every_round() -> anyhow::Result<()> {
 /// A DP task in the browser: two tabs train every round with DP-SGD, each
 /// Update carries a privacy report whose ε grows and stays within the
 /// budget, the aggregator's `/api/status` lists ε > 0 and ≤ the target per
-/// tab, the page shows "privacy spent ε = x of y", and a tab that joins
+/// tab (and accounts the same ε itself), the page shows "privacy spent ε = x of y", and a tab that joins
 /// again restores its ledger from IndexedDB (the budget is not reset).
 #[tokio::test(flavor = "multi_thread")]
 async fn browser_tabs_train_a_dp_task() -> anyhow::Result<()> {
@@ -1088,6 +1088,14 @@ async fn browser_tabs_train_a_dp_task() -> anyhow::Result<()> {
         let eps = p["epsilon_spent"].as_f64().context("epsilon_spent")?;
         ensure!(eps > 0.0 && eps <= EPSILON, "{p}");
         ensure!(p["updates"] == ROUNDS && p["steps"] == ROUNDS * 3, "{p}");
+        // The tab's ledger (the PLD accountant in wasm) and the aggregator
+        // (the same accountant, native) account the same steps: the same ε
+        // up to the aggregator's tolerance for the browser's rounding (0.1 %).
+        let accounted = p["epsilon_accounted"]
+            .as_f64()
+            .context("epsilon_accounted")?;
+        eprintln!("ε reported by a tab {eps}, accounted by the aggregator {accounted}");
+        ensure!((accounted - eps).abs() <= 1e-3 * eps, "{p}");
     }
     // Each entry is one tab's: the ids the tabs were welcomed with.
     let mut entry_ids: Vec<String> = entries

@@ -153,6 +153,16 @@ async fn dp_task_commits_rounds_and_reports_epsilon_per_participant() -> anyhow:
         assert_eq!(p["clip_norm"], 1.0, "{name}: {p}");
         assert_eq!(p["delta"], 1e-5, "{name}: {p}");
         assert_eq!(p["last_round"], ROUNDS, "{name}: {p}");
+        // The aggregator's own account of the accepted steps: the same
+        // PLD as a's ledger of the same steps; below b's looser RDP bound.
+        let accounted = p["epsilon_accounted"]
+            .as_f64()
+            .context("epsilon_accounted")?;
+        if name == "a" {
+            assert_eq!(accounted, eps, "{name}: {p}");
+        } else {
+            assert!(accounted > 0.0 && accounted < eps, "{name}: {p}");
+        }
     }
 
     // The exported model of each round names the largest ε any participant
@@ -256,7 +266,7 @@ async fn privacy_spending_is_restored_after_a_restart() -> anyhow::Result<()> {
     std::fs::write(
         dir.join("task.toml"),
         test_config(3, 2, 2, 600, "")
-            + "[privacy]\nenabled = true\nepsilon = 2.0\ndelta = 1e-5\nclip_norm = 0.5\n",
+            + "[privacy]\nenabled = true\nepsilon = 5.0\ndelta = 1e-5\nclip_norm = 0.5\n",
     )?;
     let mut agg = Aggregator::start_in(dir)?;
     const KEY_P: &str = "scripted-p-key-0123456789";
@@ -347,6 +357,11 @@ async fn privacy_spending_is_restored_after_a_restart() -> anyhow::Result<()> {
     assert_eq!(e["updates"], 3, "{e}");
     assert_eq!(e["last_round"], 3, "{e}");
     assert_eq!(e["connected"], false, "{e}");
+    // The aggregator's own ε of those 12 steps, accounted again at start.
+    assert!(
+        e["epsilon_accounted"].as_f64().is_some_and(|a| a > 0.0),
+        "{e}"
+    );
     assert_eq!(
         without_connected(e),
         without_connected(privacy_of(&live, "scripted-p"))
@@ -443,6 +458,28 @@ async fn participant_stops_when_its_budget_is_spent() -> anyhow::Result<()> {
     assert_eq!(report["rounds"], serde_json::json!([]), "{report}");
     assert_eq!(report["epsilon_spent"].as_f64(), Some(eps), "{report}");
     assert_eq!(agg.metric("fedsb_updates_accepted_total").await?, 1.0);
+
+    // Its ledger lost (the participant key kept): it believes the budget
+    // unspent and trains round 2, but the aggregator accounts the steps it
+    // accepted under that key, refuses the update and says why; the
+    // participant stops.
+    std::fs::remove_dir_all(dir.join("cache-a").join("privacy"))?;
+    let child = spawn_join(dir, &agg, "a.tsv", "a", &["--dp-rounds", "1"])?;
+    let out = wait_child(child, JOIN_TIMEOUT).await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("beyond the task's ε = 3")
+            && stderr.contains("8 DP-SGD steps in 2 updates")
+            && stderr.contains("ledger may have been reset"),
+        "{}: {stderr}",
+        out.status
+    );
+    assert_eq!(agg.metric("fedsb_updates_accepted_total").await?, 1.0);
+    let status = agg.json("/api/status").await?;
+    let p = privacy_of(&status, "a");
+    assert_eq!(p["updates"], 1, "{p}");
+    assert_eq!(p["epsilon_accounted"].as_f64(), Some(eps), "{p}");
     Ok(())
 }
 
@@ -578,6 +615,24 @@ async fn dp_task_rejects_updates_without_a_fitting_privacy_report() -> anyhow::R
                 ..good.clone()
             }),
             "beyond the task's target",
+        ),
+        // More steps than a round has (the task's local_steps, 20 here).
+        (
+            Some(PrivacyReport {
+                steps: 21,
+                ..good.clone()
+            }),
+            "21 DP-SGD steps, but a round of this task has 20 local steps",
+        ),
+        // Honestly reported, but more than the budget by the aggregator's
+        // own account.
+        (
+            Some(PrivacyReport {
+                noise_multiplier: 0.5,
+                steps: 20,
+                ..good.clone()
+            }),
+            "beyond the task's ε = 2",
         ),
     ];
     for (i, (report, why)) in cases.into_iter().enumerate() {

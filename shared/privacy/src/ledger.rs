@@ -5,8 +5,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{PrivacyError, Result};
 use crate::rdp::{check_delta, epsilon_from_rdp, poisson_subsampled_gaussian_rdp};
 use crate::{
-    epsilon_spent, AccountantKind, PldAccountant, RdpAccountant, SubsampledGaussianStep,
-    TrainingSegment, DEFAULT_VALUE_DISCRETIZATION_INTERVAL,
+    append_segment, epsilon_spent, AccountantKind, PldAccountant, RdpAccountant,
+    SubsampledGaussianStep, TrainingSegment, DEFAULT_VALUE_DISCRETIZATION_INTERVAL,
 };
 
 /// A target (ε, δ) that a participant must not exceed.
@@ -106,20 +106,7 @@ impl PrivacyLedger {
     /// Records steps that were taken. Recording is unconditional: steps that
     /// happened have been spent, whether or not they fit the budget.
     pub fn record(&mut self, segment: TrainingSegment) -> Result<()> {
-        segment.validate()?;
-        if segment.steps == 0 {
-            return Ok(());
-        }
-        match self.segments.last_mut() {
-            Some(last)
-                if last.sample_rate == segment.sample_rate
-                    && last.noise_multiplier == segment.noise_multiplier =>
-            {
-                last.steps = last.steps.saturating_add(segment.steps);
-            }
-            _ => self.segments.push(segment),
-        }
-        Ok(())
+        append_segment(&mut self.segments, segment)
     }
 
     /// ε spent so far at the budget's δ.

@@ -115,6 +115,28 @@ impl TrainingSegment {
     }
 }
 
+/// Appends `segment` to `segments` as a [`PrivacyLedger`] records it: steps
+/// with the sample rate and noise multiplier of the last segment extend it,
+/// others start a new one; zero steps add nothing. Whoever accounts the same
+/// steps this way (a participant's ledger, the aggregator's record of its
+/// accepted updates) gets the same segments and so the same ε.
+pub fn append_segment(segments: &mut Vec<TrainingSegment>, segment: TrainingSegment) -> Result<()> {
+    segment.validate()?;
+    if segment.steps == 0 {
+        return Ok(());
+    }
+    match segments.last_mut() {
+        Some(last)
+            if last.sample_rate == segment.sample_rate
+                && last.noise_multiplier == segment.noise_multiplier =>
+        {
+            last.steps = last.steps.saturating_add(segment.steps);
+        }
+        _ => segments.push(segment),
+    }
+    Ok(())
+}
+
 /// Which accountant to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
