@@ -655,6 +655,26 @@ async fn task_id(server: &Endpoint) -> anyhow::Result<String> {
         .ok_or_else(|| anyhow::anyhow!("GET {url}: no task_id in {v}"))
 }
 
+/// The rounds a finished task committed, from `/api/status`; `None` while
+/// it runs.
+async fn finished_rounds(server: &Endpoint) -> anyhow::Result<Option<u64>> {
+    let url = format!("{}/api/status", server.http_base);
+    let r = server
+        .http
+        .get(&url)
+        .send()
+        .await
+        .with_context(|| format!("GET {url}"))?;
+    if !r.status().is_success() {
+        bail!("GET {url}: HTTP {}", r.status());
+    }
+    let v: serde_json::Value = r
+        .json()
+        .await
+        .with_context(|| format!("GET {url}: not JSON"))?;
+    Ok((v["state"] == "finished").then(|| v["last_committed_round"].as_u64().unwrap_or(0)))
+}
+
 /// Downloads `file` into `cache` unless a file with its hash is there already;
 /// returns its path. The hash of what arrives must be the announced one.
 async fn fetch_file(
@@ -941,6 +961,18 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
         "joined"
     );
     let mut task = task;
+    // A finished task trains nothing: say so before downloading its model.
+    if let Some(rounds) = rt.block_on(finished_rounds(&server))? {
+        info!(rounds, "the task has finished; nothing to train");
+        link.close(&rt);
+        rt.shutdown_timeout(Duration::from_secs(1));
+        let summary = Summary {
+            finished: true,
+            ..Summary::default()
+        };
+        println!("{}", summary.json(participant, &task.task_id, None)?);
+        return Ok(());
+    }
     // A task without an adapter file starts with a federated initialization
     // (an `InitRequest` follows `Welcome`); otherwise it cannot be trained.
     let federated_init = !task.files.iter().any(|f| f.name == ADAPTER_FILE);
@@ -1454,26 +1486,35 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
     link.close(&rt);
     rt.shutdown_timeout(Duration::from_secs(1));
     outcome?;
-    println!(
-        "{}",
-        serde_json::json!({
-            "participant": participant.0,
-            "task_id": task.task_id,
-            "finished": summary.finished,
-            "rounds_participated": summary.accepted_rounds.len(),
-            "rounds": summary.accepted_rounds,
-            "rounds_rejected": summary.rejected_rounds,
-            "samples": summary.samples_accepted,
-            "samples_trained": summary.samples_trained,
-            "reconnects": summary.reconnects,
-            "steps": summary.steps,
-            "budget_exhausted": summary.budget_exhausted,
-            "epsilon_spent": dp.as_ref().map(|d| d.epsilon_spent()).transpose()?,
-            "noise_multiplier": dp.as_ref().map(|d| d.config.noise_multiplier),
-            "sample_rate": dp.as_ref().map(|d| d.config.sample_rate),
-        })
-    );
+    println!("{}", summary.json(participant, &task.task_id, dp.as_ref())?);
     Ok(())
+}
+
+impl Summary {
+    /// The JSON line `fedsb join` ends with.
+    fn json(
+        &self,
+        participant: ParticipantId,
+        task_id: &str,
+        dp: Option<&DpTraining>,
+    ) -> anyhow::Result<serde_json::Value> {
+        Ok(serde_json::json!({
+            "participant": participant.0,
+            "task_id": task_id,
+            "finished": self.finished,
+            "rounds_participated": self.accepted_rounds.len(),
+            "rounds": self.accepted_rounds,
+            "rounds_rejected": self.rejected_rounds,
+            "samples": self.samples_accepted,
+            "samples_trained": self.samples_trained,
+            "reconnects": self.reconnects,
+            "steps": self.steps,
+            "budget_exhausted": self.budget_exhausted,
+            "epsilon_spent": dp.map(|d| d.epsilon_spent()).transpose()?,
+            "noise_multiplier": dp.map(|d| d.config.noise_multiplier),
+            "sample_rate": dp.map(|d| d.config.sample_rate),
+        }))
+    }
 }
 
 #[cfg(test)]

@@ -250,6 +250,24 @@ async fn two_native_participants_train_three_rounds() -> anyhow::Result<()> {
         name.starts_with("native-join-") && name.ends_with(".key"),
         "{name}"
     );
+
+    // A participant joining the finished task is told so before it
+    // downloads anything.
+    let late = spawn_join(task.path(), &agg, "a.tsv", "late", &[])?;
+    let late = wait_child(late, JOIN_TIMEOUT).await?;
+    check_success("fedsb join (late)", &late)?;
+    let report = last_json_line(&late)?;
+    assert_eq!(report["finished"], true, "{report}");
+    assert_eq!(report["rounds_participated"], 0, "{report}");
+    let stderr = String::from_utf8_lossy(&late.stderr);
+    assert!(
+        stderr.contains("the task has finished; nothing to train rounds=3"),
+        "{stderr}"
+    );
+    let downloaded = std::fs::read_dir(task.path().join("cache-late"))?
+        .filter(|e| e.as_ref().is_ok_and(|e| e.path().is_file()))
+        .count();
+    assert_eq!(downloaded, 0, "the late participant downloaded files");
     Ok(())
 }
 
