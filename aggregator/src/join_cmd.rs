@@ -706,40 +706,43 @@ async fn fetch_file(
         format!("{base}/{}", file.url.trim_start_matches('/'))
     };
     let started = Instant::now();
-    let mut response = client
-        .get(&url)
-        .send()
-        .await
-        .with_context(|| format!("downloading {} from {url}", file.name))?;
-    if !response.status().is_success() {
-        bail!(
-            "downloading {} from {url}: HTTP {}",
-            file.name,
-            response.status()
-        );
-    }
     // One partial file per process: participants may share a cache. It
     // is removed on every failure, so none piles up (a model is 90 MB).
     let part = cache.join(format!("{expected}.{}.part", std::process::id()));
     let written = async {
-        let mut out =
-            std::fs::File::create(&part).with_context(|| format!("writing {}", part.display()))?;
-        let mut hasher = Sha256::new();
-        let mut size = 0u64;
-        while let Some(chunk) = response
-            .chunk()
-            .await
-            .with_context(|| format!("downloading {} from {url}", file.name))?
-        {
-            hasher.update(&chunk);
-            size += chunk.len() as u64;
-            std::io::Write::write_all(&mut out, &chunk)
-                .with_context(|| format!("writing {}", part.display()))?;
+        let mut out = Partial {
+            file: std::fs::File::create(&part)
+                .with_context(|| format!("writing {}", part.display()))?,
+            path: &part,
+            hasher: Sha256::new(),
+            size: 0,
+        };
+        let mut attempt = 1;
+        loop {
+            match download_into(client, &url, file, &mut out).await {
+                Ok(()) => break,
+                Err(Transfer::Fatal(e)) => return Err(e),
+                Err(Transfer::Retry(e)) if attempt < DOWNLOAD_ATTEMPTS => {
+                    let pause = DOWNLOAD_RETRY_PAUSE * (1 << (attempt - 1));
+                    warn!(file = %file.name, bytes_so_far = out.size, attempt,
+                        error = format!("{e:#}"),
+                        "download interrupted; resuming in {pause:?}");
+                    tokio::time::sleep(pause).await;
+                    attempt += 1;
+                }
+                Err(Transfer::Retry(e)) => {
+                    return Err(e.context(format!(
+                        "downloading {} from {url} failed {DOWNLOAD_ATTEMPTS} times",
+                        file.name
+                    )))
+                }
+            }
         }
-        out.sync_all()
+        out.file
+            .sync_all()
             .with_context(|| format!("writing {}", part.display()))?;
-        drop(out);
-        let found = hex::encode(hasher.finalize());
+        let (size, found) = (out.size, hex::encode(out.hasher.finalize()));
+        drop(out.file);
         if found != expected {
             bail!(
                 "{} from {url} has SHA-256 {found} ({size} bytes), but the server announced {expected} ({} bytes): refusing it",
@@ -756,6 +759,112 @@ async fn fetch_file(
     })?;
     info!(file = %file.name, bytes = size, seconds = started.elapsed().as_secs_f64(), "downloaded");
     Ok(path)
+}
+
+/// Tries a download gets before it fails; the pauses between them double
+/// from [`DOWNLOAD_RETRY_PAUSE`] (1 + 2 + 4 + 8 s).
+const DOWNLOAD_ATTEMPTS: u32 = 5;
+const DOWNLOAD_RETRY_PAUSE: Duration = if cfg!(test) {
+    Duration::from_millis(20)
+} else {
+    Duration::from_secs(1)
+};
+
+/// A download in progress: the bytes written so far and their hash.
+struct Partial<'a> {
+    file: std::fs::File,
+    path: &'a Path,
+    hasher: Sha256,
+    size: u64,
+}
+
+impl Partial<'_> {
+    /// Drops what was written: the server sends the file from its start.
+    fn restart(&mut self) -> anyhow::Result<()> {
+        use std::io::Seek;
+        self.file
+            .set_len(0)
+            .and_then(|()| self.file.rewind())
+            .with_context(|| format!("writing {}", self.path.display()))?;
+        self.hasher = Sha256::new();
+        self.size = 0;
+        Ok(())
+    }
+}
+
+/// Why a download attempt ended early.
+enum Transfer {
+    /// The connection failed or was cut off, or the server is briefly
+    /// unavailable: worth resuming.
+    Retry(anyhow::Error),
+    /// The server refuses the file or sends something else: not.
+    Fatal(anyhow::Error),
+}
+
+/// One attempt: asks for the bytes after those `out` holds (HTTP `Range`)
+/// and appends them; a server that answers with the whole file (200) has
+/// it written from the start.
+async fn download_into(
+    client: &reqwest::Client,
+    url: &str,
+    file: &FileRef,
+    out: &mut Partial<'_>,
+) -> Result<(), Transfer> {
+    let what = || format!("downloading {} from {url}", file.name);
+    let mut request = client.get(url);
+    if out.size > 0 {
+        request = request.header(reqwest::header::RANGE, format!("bytes={}-", out.size));
+    }
+    let mut response = request
+        .send()
+        .await
+        .with_context(what)
+        .map_err(Transfer::Retry)?;
+    let status = response.status();
+    let resumed = status == reqwest::StatusCode::PARTIAL_CONTENT
+        && response
+            .headers()
+            .get(reqwest::header::CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with(&format!("bytes {}-", out.size)));
+    if !resumed {
+        if status == reqwest::StatusCode::RANGE_NOT_SATISFIABLE {
+            let e = anyhow::anyhow!("{}: the server cannot resume at byte {}", what(), out.size);
+            out.restart().map_err(Transfer::Fatal)?;
+            return Err(Transfer::Retry(e));
+        }
+        if !status.is_success() {
+            let e = anyhow::anyhow!("{}: HTTP {status}", what());
+            return Err(match status.as_u16() {
+                502..=504 => Transfer::Retry(e),
+                _ => Transfer::Fatal(e),
+            });
+        }
+        if out.size > 0 {
+            info!(file = %file.name, "the server sends the whole file again");
+            out.restart().map_err(Transfer::Fatal)?;
+        }
+    }
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .with_context(what)
+        .map_err(Transfer::Retry)?
+    {
+        out.size += chunk.len() as u64;
+        if out.size > file.size {
+            return Err(Transfer::Fatal(anyhow::anyhow!(
+                "{}: the server sends more than the {} bytes it announced: refusing it",
+                what(),
+                file.size
+            )));
+        }
+        out.hasher.update(&chunk);
+        std::io::Write::write_all(&mut out.file, &chunk)
+            .with_context(|| format!("writing {}", out.path.display()))
+            .map_err(Transfer::Fatal)?;
+    }
+    Ok(())
 }
 
 /// The participant's half of the federated LoRA-SB initialization: the
@@ -1591,6 +1700,101 @@ mod tests {
         format!("http://{addr}")
     }
 
+    /// A file server whose first answer stops after `cut` bytes of `body`
+    /// (`cut_every`: every answer does); later ones honour `Range` when
+    /// `ranges`, or send the whole file. Returns its URL and the `Range`
+    /// header of each request ("" without one).
+    async fn cutting_server(
+        body: &'static [u8],
+        cut: usize,
+        ranges: bool,
+        cut_every: bool,
+    ) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            let mut n = 0;
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => head.extend_from_slice(&buf[..k]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                let from: Option<usize> = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("range: bytes="))
+                    .and_then(|r| r.trim().trim_end_matches('-').parse().ok());
+                log.lock()
+                    .unwrap()
+                    .push(from.map_or(String::new(), |f| format!("bytes={f}-")));
+                let len = body.len();
+                let (status, start) = match from {
+                    Some(f) if ranges => (
+                        format!(
+                            "206 Partial Content\r\nContent-Range: bytes {f}-{}/{len}",
+                            len - 1
+                        ),
+                        f,
+                    ),
+                    _ => ("200 OK".to_owned(), 0),
+                };
+                let rest = &body[start..];
+                let reply = format!(
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    rest.len()
+                );
+                let _ = sock.write_all(reply.as_bytes()).await;
+                let send = if n == 0 || cut_every {
+                    &rest[..cut.min(rest.len())]
+                } else {
+                    rest
+                };
+                let _ = sock.write_all(send).await;
+                let _ = sock.shutdown().await;
+                n += 1;
+            }
+        });
+        (format!("http://{addr}"), seen)
+    }
+
+    /// A download cut off is resumed where it stopped (or started again by
+    /// a server without ranges), and gives up after the set attempts.
+    #[tokio::test]
+    async fn interrupted_downloads_resume() {
+        const BODY: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+        let sha = hex::encode(Sha256::digest(BODY));
+        let client = reqwest::Client::new();
+        for ranges in [true, false] {
+            let cache = tempfile::tempdir().unwrap();
+            let (base, seen) = cutting_server(BODY, 10, ranges, false).await;
+            let path = fetch_file(&client, &base, &file_ref(sha.clone(), 36), cache.path())
+                .await
+                .unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), BODY, "ranges: {ranges}");
+            assert_eq!(*seen.lock().unwrap(), ["", "bytes=10-"], "ranges: {ranges}");
+            assert_eq!(std::fs::read_dir(cache.path()).unwrap().count(), 1);
+        }
+        // Cut off every time: the error says so; no partial file is left.
+        let cache = tempfile::tempdir().unwrap();
+        let (base, seen) = cutting_server(BODY, 4, true, true).await;
+        let e = fetch_file(&client, &base, &file_ref(sha.clone(), 36), cache.path())
+            .await
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("failed 5 times"), "{e:#}");
+        assert_eq!(
+            *seen.lock().unwrap(),
+            ["", "bytes=4-", "bytes=8-", "bytes=12-", "bytes=16-"]
+        );
+        assert_eq!(std::fs::read_dir(cache.path()).unwrap().count(), 0);
+    }
+
     fn file_ref(sha256: String, size: u64) -> FileRef {
         FileRef {
             name: "model.safetensors".into(),
@@ -1631,7 +1835,7 @@ mod tests {
 
         // The server's bytes do not have the announced hash: refused, nothing kept.
         let other = hex::encode(Sha256::digest(b"other bytes"));
-        let e = fetch_file(&client, &base, &file_ref(other.clone(), 11), cache.path())
+        let e = fetch_file(&client, &base, &file_ref(other.clone(), 14), cache.path())
             .await
             .unwrap_err()
             .to_string();
@@ -1639,6 +1843,12 @@ mod tests {
             e.contains("refusing") && e.contains(&right) && e.contains(&other),
             "{e}"
         );
+        // Nor are more bytes than announced.
+        let e = fetch_file(&client, &base, &file_ref(other.clone(), 11), cache.path())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("more than the 11 bytes it announced"), "{e}");
         assert!(!cache.path().join(&other).exists());
         let leftovers = std::fs::read_dir(cache.path()).unwrap().count();
         assert_eq!(leftovers, 1, "only the verified file stays in the cache");
