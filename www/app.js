@@ -145,7 +145,7 @@ function renderRounds(rounds) {
     for (const [i, c] of cells.entries()) {
       const td = document.createElement("td");
       td.textContent = c;
-      if (i === 4) td.className = "recall";
+      if (i === 3) td.className = "recall";
       tr.appendChild(td);
     }
     // The round's model: A, B, this round's R's and head (fedsb export's file).
