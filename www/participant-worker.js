@@ -313,26 +313,78 @@ async function ledgerKeyFor(taskId, { text, columns }) {
   return `${taskId}/${await sha256Hex(bytes)}`;
 }
 
-async function readBody(response, onBytes) {
-  const total = Number(response.headers.get("content-length")) || 0;
-  if (!response.body) return new Uint8Array(await response.arrayBuffer());
-  const reader = response.body.getReader();
+// Tries a download gets; the pauses between them double from 1 s.
+const DOWNLOAD_ATTEMPTS = 5;
+const DOWNLOAD_RETRY_MS = 1000;
+
+// An error that another attempt would not mend.
+function fatal(message) {
+  const e = new Error(message);
+  e.fatal = true;
+  return e;
+}
+
+// Downloads `file` (its `size` bytes) from `url`. A transfer that is cut off
+// (a network error, HTTP 502-504) is resumed where it stopped with a Range
+// request, up to DOWNLOAD_ATTEMPTS tries; a server that answers with the
+// whole file again has it read from the start. `onBytes(n)` counts the bytes
+// as they arrive (negative when a restart drops them).
+async function download(url, file, onBytes) {
+  const size = Number(file.size);
   const chunks = [];
-  let n = 0;
-  for (;;) {
-    const { done, value } = await reader.read();
-    if (done) break;
-    chunks.push(value);
-    n += value.length;
-    onBytes(value.length, total);
+  let have = 0;
+  const restart = () => {
+    onBytes(-have);
+    chunks.length = 0;
+    have = 0;
+  };
+  for (let attempt = 1; ; attempt++) {
+    try {
+      const r = await fetch(url, have > 0 ? { headers: { Range: `bytes=${have}-` } } : {});
+      const resumed =
+        have > 0 && r.status === 206 && (r.headers.get("content-range") || "").startsWith(`bytes ${have}-`);
+      if (!resumed) {
+        if (r.status === 416) {
+          restart();
+          throw new Error(`GET ${url}: the server cannot resume`);
+        }
+        if (!r.ok) {
+          const text = `GET ${url}: HTTP ${r.status}`;
+          throw r.status >= 502 && r.status <= 504 ? new Error(text) : fatal(text);
+        }
+        if (have > 0) restart();
+      }
+      if (!r.body) throw fatal(`GET ${url}: no body`);
+      const reader = r.body.getReader();
+      for (;;) {
+        const { done, value } = await reader.read();
+        if (done) break;
+        if (have + value.length > size) {
+          throw fatal(`${file.name}: the server sends more than the ${size} bytes it announced`);
+        }
+        chunks.push(value);
+        have += value.length;
+        onBytes(value.length);
+      }
+      const out = new Uint8Array(have);
+      let at = 0;
+      for (const c of chunks) {
+        out.set(c, at);
+        at += c.length;
+      }
+      return out;
+    } catch (e) {
+      if (e.fatal) throw e;
+      if (attempt >= DOWNLOAD_ATTEMPTS) {
+        throw new Error(`downloading ${file.name} failed ${DOWNLOAD_ATTEMPTS} times: ${errorText(e)}`);
+      }
+      const pause = DOWNLOAD_RETRY_MS * 2 ** (attempt - 1);
+      post({
+        message: `downloading ${file.name} was cut off after ${have} bytes (${errorText(e)}); resuming in ${pause / 1000} s`,
+      });
+      await new Promise((done) => setTimeout(done, pause));
+    }
   }
-  const out = new Uint8Array(n);
-  let at = 0;
-  for (const c of chunks) {
-    out.set(c, at);
-    at += c.length;
-  }
-  return out;
 }
 
 // A storage error with its kind ("QuotaExceededError: Quota exceeded.").
@@ -381,11 +433,9 @@ async function fetchFile(file) {
       noteCacheProblem(`reading the cache failed (${storageErrorText(e)}): downloading instead`);
     }
   }
-  const r = await fetch(url);
-  if (!r.ok) throw new Error(`GET ${url}: HTTP ${r.status}`);
   post({ bytesTotal: status.bytesTotal + Number(file.size) });
   let shown = Date.now();
-  const bytes = await readBody(r, (n) => {
+  const bytes = await download(url, file, (n) => {
     status.bytesDownloaded += n;
     if (Date.now() - shown < PROGRESS_MS) return;
     shown = Date.now();

@@ -372,11 +372,16 @@ async fn open_tab_in(c: Chromium, agg: &Aggregator, shard: &Path) -> anyhow::Res
 
 /// [`open_tab_at`] in an already launched Chromium `c`.
 async fn open_page_in(
-    mut c: Chromium,
+    c: Chromium,
     agg: &Aggregator,
     page: &str,
     shard: &Path,
 ) -> anyhow::Result<Chromium> {
+    open_url_in(c, &agg.url(page), shard).await
+}
+
+/// [`open_page_in`] on the page at `url`.
+async fn open_url_in(mut c: Chromium, url: &str, shard: &Path) -> anyhow::Result<Chromium> {
     // Record the WebSocket frames of the page and of its workers (the
     // participant's WebSocket lives in its worker).
     c.keep_events = vec![
@@ -390,7 +395,7 @@ async fn open_page_in(
         json!({ "autoAttach": true, "waitForDebuggerOnStart": false, "flatten": true }),
     )
     .await?;
-    c.navigate(&agg.url(page)).await?;
+    c.navigate(url).await?;
     c.wait_for(
         "document.readyState === 'complete' && window.fedsbParticipant !== undefined",
         Duration::from_millis(200),
@@ -2302,5 +2307,129 @@ async fn two_tabs_train_the_demo_task_on_minilm() -> anyhow::Result<()> {
         final_ > first,
         "accuracy did not rise: {first} at round 0, {final_} after round {rounds}"
     );
+    Ok(())
+}
+
+/// A TCP proxy in front of `upstream` that cuts off the response to the
+/// first request whose text holds `cut` after `keep` bytes of it (closing
+/// both connections). Returns its address and, for every request holding
+/// `cut`, its `Range` header ("" without one).
+async fn cutting_proxy(
+    upstream: std::net::SocketAddr,
+    cut: String,
+    keep: usize,
+) -> anyhow::Result<(
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+)> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let done = Arc::new(AtomicBool::new(false));
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                continue;
+            };
+            let (mut client_rx, mut client_tx) = client.into_split();
+            let (mut server_rx, mut server_tx) = server.into_split();
+            let cutting = Arc::new(AtomicBool::new(false));
+            let (log, done, cut, flag) = (log.clone(), done.clone(), cut.clone(), cutting.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n) = client_rx.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    let text = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+                    if text.contains(&cut) {
+                        let range = text
+                            .lines()
+                            .find_map(|l| l.strip_prefix("range: "))
+                            .unwrap_or("")
+                            .trim()
+                            .to_owned();
+                        log.lock().unwrap().push(range);
+                        if !done.swap(true, Ordering::SeqCst) {
+                            flag.store(true, Ordering::SeqCst);
+                        }
+                    }
+                    if server_tx.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut left = keep;
+                while let Ok(n) = server_rx.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    let n = if cutting.load(Ordering::SeqCst) {
+                        let k = n.min(left);
+                        left -= k;
+                        k
+                    } else {
+                        n
+                    };
+                    if client_tx.write_all(&buf[..n]).await.is_err()
+                        || cutting.load(Ordering::SeqCst) && left == 0
+                    {
+                        break;
+                    }
+                }
+                // Dropping both halves closes the connection.
+            });
+        }
+    });
+    Ok((addr, seen))
+}
+
+/// A download cut off mid-file (a proxy closes the connection after 4 KB
+/// of the model's weights) is resumed by the tab with a `Range` request
+/// for the rest; the tab verifies the file's SHA-256 and trains the task.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tab_resumes_a_download_that_is_cut_off() -> anyhow::Result<()> {
+    use sha2::Digest;
+    let task = task_dir_for(1, "")?;
+    let weights = std::fs::read(task.path().join("model").join("model.safetensors"))?;
+    ensure!(weights.len() > 16 * 1024, "{} bytes", weights.len());
+    let sha = hex::encode(sha2::Sha256::digest(&weights));
+    let agg = Aggregator::start_in(task.path())?;
+    let (proxy, seen) = cutting_proxy(agg.addr, format!("get /files/{sha}"), 4096).await?;
+    let mut c = open_url_in(
+        Chromium::launch().await?,
+        &format!("http://{proxy}/"),
+        &task.path().join("shard1.tsv"),
+    )
+    .await?;
+    let s = join_until_ended(&mut c, RUN_TIMEOUT).await?;
+    ensure!(s["phase"] == "finished", "{s}");
+    let ranges = seen.lock().unwrap().clone();
+    eprintln!("requests for the weights, by Range: {ranges:?}");
+    // The first request is cut off; the others ask for the rest (Chrome's
+    // HTTP cache, holding the first bytes, may split the tab's `bytes=N-`
+    // into a check of byte N and the rest).
+    ensure!(ranges.len() >= 2 && ranges[0].is_empty(), "{ranges:?}");
+    let from: Vec<usize> = ranges[1..]
+        .iter()
+        .filter_map(|r| r.strip_prefix("bytes=")?.split('-').next()?.parse().ok())
+        .collect();
+    ensure!(from.len() == ranges.len() - 1, "{ranges:?}");
+    ensure!(
+        from.iter().all(|&f| f == from[0] && f > 0 && f < 4096),
+        "{ranges:?}"
+    );
+    let rounds = agg.json("/api/rounds").await?;
+    ensure!(
+        rounds.as_array().map(Vec::len) == Some(ROUNDS as usize + 1),
+        "{rounds}"
+    );
+    c.close().await;
     Ok(())
 }
