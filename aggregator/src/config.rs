@@ -351,6 +351,12 @@ pub struct ServerSection {
     /// disconnected.
     #[serde(default = "default_idle")]
     pub idle_timeout_secs: u64,
+    /// An HTTP connection that has not sent a whole request head (request
+    /// line and headers) this long after it opened, or after its last
+    /// response, is closed: a client that trickles its headers cannot hold
+    /// a connection open.
+    #[serde(default = "default_header_read")]
+    pub header_read_timeout_secs: u64,
 }
 
 impl Default for ServerSection {
@@ -362,6 +368,7 @@ impl Default for ServerSection {
             www_dir: default_www(),
             ping_interval_secs: default_ping(),
             idle_timeout_secs: default_idle(),
+            header_read_timeout_secs: default_header_read(),
         }
     }
 }
@@ -491,6 +498,9 @@ fn default_ping() -> u64 {
 }
 fn default_idle() -> u64 {
     45
+}
+fn default_header_read() -> u64 {
+    30
 }
 
 /// Refuses `secs` of timing `key` outside 1..=[`MAX_TIMING_SECS`].
@@ -922,6 +932,10 @@ impl Config {
         let server = &self.server;
         check_secs("server.ping_interval_secs", server.ping_interval_secs)?;
         check_secs("server.idle_timeout_secs", server.idle_timeout_secs)?;
+        check_secs(
+            "server.header_read_timeout_secs",
+            server.header_read_timeout_secs,
+        )?;
         if server.idle_timeout_secs <= server.ping_interval_secs {
             return bad(format!(
                 "server.idle_timeout_secs {} must exceed server.ping_interval_secs {}: \

@@ -16,7 +16,6 @@
 //! | `/metrics` | Prometheus text format |
 
 use std::collections::HashMap;
-use std::future::IntoFuture as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -368,30 +367,77 @@ impl Server {
         })
     }
 
-    /// Serves until `shutdown` resolves, then ends the `/api/events`
-    /// streams, waits for the open requests up to [`SHUTDOWN_GRACE`] and
-    /// returns (with a warning when requests were still open).
+    /// Serves until `shutdown` resolves, then stops accepting, ends the
+    /// `/api/events` streams and the WebSockets, waits for the open
+    /// requests up to [`SHUTDOWN_GRACE`] and returns (with a warning when
+    /// requests were still open).
+    ///
+    /// Each connection is served by hyper's HTTP/1.1 server (with WebSocket
+    /// upgrades) with a timer, so `[server] header_read_timeout_secs`
+    /// holds: a connection that has not sent a whole request head that
+    /// long after it opened, or after its last response, is closed.
+    /// (`axum::serve` sets no timer, and first waits for bytes to tell
+    /// HTTP/1 from HTTP/2, so a client that sent nothing, or trickled its
+    /// headers, held a connection and a file descriptor for good.)
     pub async fn run(
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
-        let app = self.app.clone();
-        let (began_tx, began_rx) = tokio::sync::oneshot::channel::<()>();
-        let signal = async move {
-            shutdown.await;
-            app.stopping.send_replace(true);
-            let _ = began_tx.send(());
-        };
-        let serve = axum::serve(self.listener, self.router).with_graceful_shutdown(signal);
-        let grace = async {
-            if began_rx.await.is_err() {
-                std::future::pending::<()>().await;
-            }
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
-        };
+        use hyper_util::rt::{TokioIo, TokioTimer};
+        use hyper_util::service::TowerToHyperService;
+
+        let header_read = Duration::from_secs(self.app.config.server.header_read_timeout_secs);
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_read);
+        // Each connection's task holds a receiver: `closed()` resolves once
+        // they have all ended.
+        let (open_tx, open_rx) = watch::channel(());
+        let stopping = self.app.stopping.subscribe();
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            let stream = tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Out of file descriptors and the like: the
+                        // listener stays; accept again after a pause.
+                        warn!(error = %e, "accepting a connection failed; trying again in 1 s");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                },
+                () = &mut shutdown => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let service = TowerToHyperService::new(self.router.clone());
+            let conn = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            let (open, mut stopping) = (open_rx.clone(), stopping.clone());
+            tokio::spawn(async move {
+                let mut conn = std::pin::pin!(conn);
+                let ended = tokio::select! {
+                    ended = conn.as_mut() => ended,
+                    () = async { drop(stopping.wait_for(|s| *s).await) } => {
+                        // Finish the request in progress, take no other.
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                };
+                if let Err(e) = ended {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                drop(open);
+            });
+        }
+        drop(self.listener);
+        drop(open_rx);
+        self.app.stopping.send_replace(true);
         tokio::select! {
-            served = serve.into_future() => served?,
-            () = grace => warn!(
+            () = open_tx.closed() => {}
+            () = tokio::time::sleep(SHUTDOWN_GRACE) => warn!(
                 seconds = SHUTDOWN_GRACE.as_secs(),
                 "requests still open after the shutdown began; exiting without them"
             ),

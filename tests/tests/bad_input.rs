@@ -9,6 +9,8 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
+use anyhow::Context;
+
 use fedsb_e2e::tiny_model::write_tiny_model;
 use fedsb_e2e::*;
 use fedsb_protocol::*;
@@ -559,5 +561,93 @@ fn init_refuses_what_train_refuses() -> anyhow::Result<()> {
         assert!(err.contains(expected), "fedsb {}: {err}", args.join(" "));
         assert!(!d.join("init.safetensors").exists());
     }
+    Ok(())
+}
+
+/// Reads from `stream` until the server closes it (or `limit` passes);
+/// returns how long that took, or `None` when it stayed open.
+async fn closed_after(
+    stream: &mut tokio::net::TcpStream,
+    limit: Duration,
+) -> Option<std::time::Duration> {
+    use tokio::io::AsyncReadExt;
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(
+            tokio::time::Instant::from_std(started + limit),
+            stream.read(&mut buf),
+        )
+        .await
+        {
+            Err(_) => return None,
+            Ok(Ok(0) | Err(_)) => return Some(started.elapsed()),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// A client that opens connections and never finishes a request head (or
+/// trickles it a header at a time) is disconnected after
+/// `header_read_timeout_secs`; complete requests and a WebSocket that
+/// lives longer are not affected.
+#[tokio::test]
+async fn connections_that_never_finish_a_request_are_closed() -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let config = test_config(2, 1, 2, 600, "") + "header_read_timeout_secs = 2\n";
+    let agg = Aggregator::start(&config)?;
+    let (mut p, _) = Participant::join(agg.addr, "patient").await?;
+    let round = p.wait_round_open().await?;
+
+    // Nothing sent at all.
+    let mut silent = tokio::net::TcpStream::connect(agg.addr).await?;
+    // A request line, then a header every 500 ms, never the blank line.
+    let mut trickle = tokio::net::TcpStream::connect(agg.addr).await?;
+    trickle
+        .write_all(b"GET /api/status HTTP/1.1\r\nHost: x\r\n")
+        .await?;
+    let dripping = async {
+        let started = std::time::Instant::now();
+        for i in 0..20 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if trickle
+                .write_all(format!("X-Drip-{i}: .\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                // Refused: the server closed the connection.
+                return Some(started.elapsed());
+            }
+        }
+        None
+    };
+    let (silent_closed, dripped, ws_closed) = tokio::join!(
+        closed_after(&mut silent, Duration::from_secs(8)),
+        dripping,
+        // The participant's WebSocket meanwhile: open, answering pings.
+        p.closed_within(Duration::from_secs(9)),
+    );
+    assert!(!ws_closed, "the WebSocket was closed");
+    let silent_closed = silent_closed.context("a connection that sent nothing stayed open")?;
+    assert!(
+        silent_closed >= Duration::from_millis(1500),
+        "{silent_closed:?}"
+    );
+    let dripped = dripped.context("a connection trickling its headers stayed open")?;
+    eprintln!("closed after {silent_closed:?} (silent); a trickling one's writes failed after {dripped:?}");
+    assert!(dripped < Duration::from_secs(6), "{dripped:?}");
+
+    // A whole request on a fresh connection is answered.
+    let mut reader = tokio::net::TcpStream::connect(agg.addr).await?;
+    reader
+        .write_all(b"GET /api/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut answer = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut reader, &mut answer).await?;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // The WebSocket, open for more than the timeout, still works.
+    let u = update(round, 5, known_state(&TEST_SHAPE, 1));
+    assert_eq!(p.submit(u).await?, ServerMessage::UpdateAccepted { round });
     Ok(())
 }
