@@ -1195,6 +1195,120 @@ async fn a_tab_whose_budget_is_spent_leaves_without_training() -> anyhow::Result
     Ok(())
 }
 
+/// The aggregator's own account holds where a tab's ledger does not: the
+/// tab's participant key (put in IndexedDB under the documented id, `<task
+/// id>/<SHA-256 of the columns line and the data>`) already spent most of
+/// the budget in round 1 through a scripted participant, so the tab, whose
+/// ledger is empty, trains round 2, and the aggregator refuses its update
+/// (`invalid_privacy_report`); the tab says why and stops (`Leave`).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tab_is_refused_when_the_aggregators_account_of_its_key_is_spent() -> anyhow::Result<()> {
+    use fedsb_privacy::{epsilon_spent, AccountantKind, TrainingSegment};
+    use fedsb_protocol::PrivacyReport;
+    use sha2::Digest;
+    const EPSILON: f64 = 8.0;
+    const KEY: &str = "0123456789abcdef0123456789abcdef";
+    let task = task_dir_for(
+        1,
+        &format!(
+            "[privacy]\nenabled = true\nepsilon = {EPSILON:?}\ndelta = 1e-5\nclip_norm = 1.0\n"
+        ),
+    )?;
+    let agg = Aggregator::start_in(task.path())?;
+    let shard = task.path().join("shard1.tsv");
+    let data = std::fs::read_to_string(&shard)?;
+    let mut hasher = sha2::Sha256::new();
+    // Text, pair and label columns: none chosen (detected), as the page
+    // leaves them unless the user picks.
+    hasher.update(format!("{}\n", json!([null, null, null])));
+    hasher.update(&data);
+    let id = format!("browser-participants/{}", hex::encode(hasher.finalize()));
+
+    // Round 1, under the tab's key: 3 steps at q = 8/32 with σ set so that
+    // they spend ε = 7.9 by the aggregator's account.
+    let ledger_of = |sigma: f64| -> anyhow::Result<f64> {
+        Ok(epsilon_spent(
+            AccountantKind::Pld,
+            &[TrainingSegment::new(0.25, sigma, 3)?],
+            1e-5,
+        )?)
+    };
+    let (mut lo, mut hi) = (0.3, 20.0);
+    for _ in 0..60 {
+        let mid = 0.5 * (lo + hi);
+        if ledger_of(mid)? > 7.9 {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    let spent = ledger_of(hi)?;
+    ensure!(spent <= 7.9 && spent > 7.8, "{spent}");
+    let (mut p, _) = Participant::join_as(agg.addr, "same key", Some(KEY)).await?;
+    let state = p.wait_global(RoundId(0)).await?;
+    let round = p.wait_round_open().await?;
+    let mut u = fedsb_e2e::update(round, 24, state);
+    u.privacy = Some(PrivacyReport {
+        noise_multiplier: hi,
+        sample_rate: 0.25,
+        steps: 3,
+        clip_norm: 1.0,
+        delta: 1e-5,
+        epsilon_spent: spent,
+    });
+    ensure!(
+        p.submit(u).await? == ServerMessage::UpdateAccepted { round },
+        "round 1 refused"
+    );
+    p.wait_global(round).await?;
+    drop(p);
+    wait_no_participant(&agg).await?;
+
+    let mut c = open_tab(&agg, &shard).await?;
+    let stored = c
+        .eval(&format!(
+            "new Promise((resolve, reject) => {{ \
+               const req = indexedDB.open('fedsb-participant', 2); \
+               req.onupgradeneeded = () => {{ \
+                 req.result.createObjectStore('privacy-ledgers'); \
+                 req.result.createObjectStore('participant-keys'); }}; \
+               req.onerror = () => reject(String(req.error)); \
+               req.onsuccess = () => {{ \
+                 const db = req.result; \
+                 const tx = db.transaction('participant-keys', 'readwrite'); \
+                 tx.objectStore('participant-keys').put('{KEY}', {}); \
+                 tx.oncomplete = () => {{ db.close(); resolve('stored'); }}; \
+                 tx.onerror = () => reject(String(tx.error)); \
+               }}; }})",
+            json!(id)
+        ))
+        .await?;
+    ensure!(stored == "stored", "{stored}");
+    let s = join_until_ended(&mut c, Duration::from_secs(120)).await?;
+    eprintln!("refused tab: {s}");
+    ensure!(s["phase"] == "error", "{s}");
+    let message = s["message"].as_str().unwrap_or("");
+    ensure!(
+        message.contains("refused this tab's privacy report")
+            && message.contains("beyond the task's ε = 8")
+            && message.contains("6 DP-SGD steps in 2 updates"),
+        "{message}"
+    );
+    let kinds = c
+        .eval("JSON.stringify(window.fedsbParticipant.sent.map((f) => f.kind))")
+        .await?;
+    ensure!(
+        kinds.as_str() == Some(r#"["hello","update","leave"]"#),
+        "{kinds}"
+    );
+    ensure!(agg.metric("fedsb_updates_accepted_total").await? == 1.0);
+    let status = agg.json("/api/status").await?;
+    let entries = status["privacy"].as_array().context("privacy")?;
+    ensure!(entries.len() == 1 && entries[0]["updates"] == 1, "{status}");
+    c.close().await;
+    Ok(())
+}
+
 /// A federated-init task (`[adapter] init = "federated"`, no adapter file)
 /// with one tab: the tab sends one `InitGradient` per module and `InitDone`
 /// with its init_samples examples, fetches the adapter file the aggregator
