@@ -554,6 +554,15 @@ fn task_data_stem(task_id: &str, data_sha256: &str) -> String {
 /// Reads the participant key at `path`, or creates it (16 random bytes from
 /// the OS as 32 hex digits; owner-only permissions on Unix).
 fn participant_key(path: &Path) -> anyhow::Result<String> {
+    participant_key_with(path, |from, to| std::fs::hard_link(from, to))
+}
+
+/// [`participant_key`], publishing a new key with `link` (a hard link
+/// where the file system has them).
+fn participant_key_with(
+    path: &Path,
+    link: impl Fn(&Path, &Path) -> std::io::Result<()>,
+) -> anyhow::Result<String> {
     let read = || -> anyhow::Result<Option<String>> {
         match std::fs::read_to_string(path) {
             Ok(text) => {
@@ -572,7 +581,17 @@ fn participant_key(path: &Path) -> anyhow::Result<String> {
             }
         }
     };
-    if let Some(key) = read()? {
+    // Read again for a second before calling a key not valid: another join
+    // may be writing it (see the fallback below).
+    let mut found = read();
+    for _ in 0..20 {
+        if found.is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        found = read();
+    }
+    if let Some(key) = found? {
         return Ok(key);
     }
     let mut bytes = [0u8; 16];
@@ -593,28 +612,52 @@ fn participant_key(path: &Path) -> anyhow::Result<String> {
         path.display(),
         std::process::id()
     ));
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let written = options
-        .open(&tmp)
-        .and_then(|mut f| {
-            std::io::Write::write_all(&mut f, format!("{key}\n").as_bytes())?;
-            f.sync_all()
-        })
+    let write_key = |at: &Path, create_new: bool| -> std::io::Result<()> {
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true);
+        if create_new {
+            options.create_new(true);
+        } else {
+            options.create(true).truncate(true);
+        }
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut f = options.open(at)?;
+        std::io::Write::write_all(&mut f, format!("{key}\n").as_bytes())?;
+        f.sync_all()
+    };
+    let written = write_key(&tmp, false)
         .with_context(|| format!("writing the participant key {}", tmp.display()));
-    let linked = written.and_then(|()| match std::fs::hard_link(&tmp, path) {
+    let linked = written.and_then(|()| match link(&tmp, path) {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
         Err(e) => {
-            Err(e).with_context(|| format!("creating the participant key {}", path.display()))
+            // No hard links here (FAT and exFAT drives, some network
+            // shares): create the key's file itself, which also only one
+            // process can do; one that loses may find it half written and
+            // reads it again below.
+            warn!(path = %path.display(), error = %e,
+                "cannot hard-link the participant key; creating its file directly");
+            match write_key(path, true) {
+                Ok(()) => Ok(true),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+                Err(e) => Err(e)
+                    .with_context(|| format!("creating the participant key {}", path.display())),
+            }
         }
     });
     let _ = std::fs::remove_file(&tmp);
     if linked? {
         info!(path = %path.display(), "created a participant key");
         return Ok(key);
+    }
+    // Another process made the key first: read it, giving a key it is
+    // still writing a moment to be whole.
+    for _ in 0..20 {
+        if let Ok(Some(key)) = read() {
+            return Ok(key);
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
     read()?.with_context(|| format!("the participant key {} vanished", path.display()))
 }
@@ -635,7 +678,16 @@ fn sha256_of_file(path: &Path) -> anyhow::Result<String> {
 
 /// The task id the aggregator serves (`/api/task`).
 async fn task_id(server: &Endpoint) -> anyhow::Result<String> {
-    let url = format!("{}/api/task", server.http_base);
+    let v = get_json(server, "/api/task").await?;
+    v.get("task_id")
+        .and_then(|t| t.as_str())
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow::anyhow!("GET {}/api/task: no task_id in {v}", server.http_base))
+}
+
+/// GET `path` of the aggregator's HTTP API as JSON.
+async fn get_json(server: &Endpoint, path: &str) -> anyhow::Result<serde_json::Value> {
+    let url = format!("{}{path}", server.http_base);
     let r = server
         .http
         .get(&url)
@@ -645,33 +697,15 @@ async fn task_id(server: &Endpoint) -> anyhow::Result<String> {
     if !r.status().is_success() {
         bail!("GET {url}: HTTP {}", r.status());
     }
-    let v: serde_json::Value = r
-        .json()
+    r.json()
         .await
-        .with_context(|| format!("GET {url}: not JSON"))?;
-    v.get("task_id")
-        .and_then(|t| t.as_str())
-        .map(str::to_owned)
-        .ok_or_else(|| anyhow::anyhow!("GET {url}: no task_id in {v}"))
+        .with_context(|| format!("GET {url}: not JSON"))
 }
 
 /// The rounds a finished task committed, from `/api/status`; `None` while
 /// it runs.
 async fn finished_rounds(server: &Endpoint) -> anyhow::Result<Option<u64>> {
-    let url = format!("{}/api/status", server.http_base);
-    let r = server
-        .http
-        .get(&url)
-        .send()
-        .await
-        .with_context(|| format!("GET {url}"))?;
-    if !r.status().is_success() {
-        bail!("GET {url}: HTTP {}", r.status());
-    }
-    let v: serde_json::Value = r
-        .json()
-        .await
-        .with_context(|| format!("GET {url}: not JSON"))?;
+    let v = get_json(server, "/api/status").await?;
     Ok((v["state"] == "finished").then(|| v["last_committed_round"].as_u64().unwrap_or(0)))
 }
 
@@ -1659,6 +1693,42 @@ mod tests {
 
     /// Participants that make the same key file at once all end with the
     /// one key that was written first, whole; no temporary file stays.
+    /// Where the file system has no hard links, the key's file is created
+    /// directly: still one key, made once and shared by joins racing to
+    /// make it.
+    #[test]
+    fn keys_are_made_without_hard_links_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("participants").join("fat.key");
+        let no_links =
+            |_: &Path, _: &Path| Err(std::io::Error::from(std::io::ErrorKind::Unsupported));
+        let key = participant_key_with(&path, no_links).unwrap();
+        assert_eq!(participant_key_with(&path, no_links).unwrap(), key);
+        assert_eq!(participant_key(&path).unwrap(), key);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        for round in 0..20 {
+            let path = dir.path().join(format!("race-{round}.key"));
+            let keys: Vec<String> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..8)
+                    .map(|_| s.spawn(|| participant_key_with(&path, no_links).unwrap()))
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            assert!(keys.iter().all(|k| *k == keys[0]), "{keys:?}");
+        }
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
     #[test]
     fn participants_making_one_key_at_once_share_it() {
         for _ in 0..20 {

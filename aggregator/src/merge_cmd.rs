@@ -23,7 +23,7 @@ use clap::Args;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
-use crate::checks::load_base_model;
+use crate::checks::{check_output_dir, load_base_model};
 use crate::participant::{adapter_file_info, read_adapter_file, read_head};
 
 /// The merged model's file names.
@@ -179,21 +179,9 @@ fn output_dir(out: &Path) -> anyhow::Result<PathBuf> {
         }
         return Ok(out.to_owned());
     }
-    if !out.is_dir() {
-        bail!(
-            "--out {} is a file; give a new or empty directory",
-            out.display()
-        );
-    }
-    let mut entries =
-        std::fs::read_dir(out).with_context(|| format!("reading {}", out.display()))?;
-    if entries.next().is_some() {
-        bail!(
-            "--out {} is not empty; give a new or empty directory (fedsb merge never \
-             writes over files)",
-            out.display()
-        );
-    }
+    // A file, or a directory holding anything: fedsb merge never writes
+    // over files.
+    check_output_dir(out, "--out")?;
     out.canonicalize()
         .with_context(|| format!("resolving {}", out.display()))
 }
