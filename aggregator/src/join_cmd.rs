@@ -581,17 +581,20 @@ fn participant_key_with(
             }
         }
     };
-    // Read again for a second before calling a key not valid: another join
-    // may be writing it (see the fallback below).
-    let mut found = read();
-    for _ in 0..20 {
-        if found.is_ok() {
-            break;
+    // Reads again, for up to a second, while `again` holds for what it
+    // read: another join may be writing the key (see the fallback below).
+    let read_patiently = |again: fn(&anyhow::Result<Option<String>>) -> bool| {
+        let mut found = read();
+        for _ in 0..20 {
+            if !again(&found) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            found = read();
         }
-        std::thread::sleep(Duration::from_millis(50));
-        found = read();
-    }
-    if let Some(key) = found? {
+        found
+    };
+    if let Some(key) = read_patiently(|found| found.is_err())? {
         return Ok(key);
     }
     let mut bytes = [0u8; 16];
@@ -651,15 +654,9 @@ fn participant_key_with(
         info!(path = %path.display(), "created a participant key");
         return Ok(key);
     }
-    // Another process made the key first: read it, giving a key it is
-    // still writing a moment to be whole.
-    for _ in 0..20 {
-        if let Ok(Some(key)) = read() {
-            return Ok(key);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    read()?.with_context(|| format!("the participant key {} vanished", path.display()))
+    // Another process made the key first: read it.
+    read_patiently(|found| !matches!(found, Ok(Some(_))))?
+        .with_context(|| format!("the participant key {} vanished", path.display()))
 }
 
 fn sha256_of_file(path: &Path) -> anyhow::Result<String> {
