@@ -46,6 +46,9 @@ pub async fn serve_socket(socket: WebSocket, app: Arc<App>) {
     let (ping_every, idle) = timings(&app.config.server);
     let mut ping = tokio::time::interval_at(after(Instant::now(), ping_every), ping_every);
     let mut last_seen = Instant::now();
+    // A connection must say Hello within the idle timeout: answering pings
+    // alone does not hold a connection that never joins.
+    let hello_by = after(last_seen, idle);
     let mut conn = Connection {
         app,
         socket,
@@ -72,6 +75,14 @@ pub async fn serve_socket(socket: WebSocket, app: Arc<App>) {
                 if conn.send_bytes(frame).await.is_err() {
                     break;
                 }
+            }
+            () = tokio::time::sleep_until(hello_by), if conn.participant.is_none() => {
+                info!("no Hello within the idle timeout; closing with 1008");
+                close = Some(CloseFrame {
+                    code: close_code::POLICY,
+                    reason: format!("no Hello within {} s", idle.as_secs()).into(),
+                });
+                break;
             }
             received = timeout_at(after(last_seen, idle), conn.socket.next()) => {
                 let msg = match received {

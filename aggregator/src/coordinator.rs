@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use fedsb_privacy::pld::single_step_delta;
 use fedsb_privacy::{append_segment, epsilon_spent, AccountantKind, TrainingSegment};
 use fedsb_protocol::{
     AdapterState, ClientUpdate, ErrorCode, FileRef, ParticipantId, PrivacyPolicy, PrivacyReport,
@@ -277,7 +278,8 @@ pub struct ParticipantPrivacy {
     segments: Option<Vec<TrainingSegment>>,
 }
 
-/// The accountant the aggregator's ε of a participant comes from: the
+/// The accountant the aggregator's ε of a participant on a DP task comes
+/// from (a task without DP shows [`rdp_epsilon`]): the
 /// privacy-loss-distribution accountant that participants use by default,
 /// at its default spacing, so the aggregator and a participant whose
 /// ledger holds the same steps compute the same ε; the RDP bound (looser,
@@ -286,7 +288,16 @@ pub struct ParticipantPrivacy {
 pub fn account_epsilon(segments: &[TrainingSegment], delta: f64) -> Option<f64> {
     [AccountantKind::Pld, AccountantKind::Rdp]
         .into_iter()
-        .find_map(|kind| epsilon_spent(kind, segments, delta).ok())
+        .filter_map(|kind| epsilon_spent(kind, segments, delta).ok())
+        .find(|e| e.is_finite())
+}
+
+/// The RDP bound of `segments` at `delta` (milliseconds, any σ): what the
+/// aggregator shows for reports on a task without DP, which sets no budget
+/// to hold them to.
+fn rdp_epsilon(segments: &[TrainingSegment], delta: f64) -> Option<f64> {
+    epsilon_spent(AccountantKind::Rdp, segments, delta)
+        .ok()
         .filter(|e| e.is_finite())
 }
 
@@ -441,7 +452,7 @@ impl Coordinator {
                 c.restore_pending(pending);
             }
         }
-        account_all(&mut c.privacy);
+        account_all(&mut c.privacy, c.task.privacy.is_some());
         c.publish_status();
         tokio::spawn(c.run(rx));
         (CoordinatorHandle { tx }, status_rx)
@@ -1457,15 +1468,35 @@ async fn account_update(
     policy: Option<&PrivacyPolicy>,
 ) -> Result<Option<f64>, Rejection> {
     let delta = r.delta;
+    let refuse = |why: String| Err(Rejection::new(ErrorCode::InvalidPrivacyReport, why));
+    if let Some(policy) = policy {
+        // The PLD of a tiny σ can take a second and hundreds of MB, on the
+        // coordinator's time: one step's exact δ (microseconds) refuses
+        // first what no count of steps could fit, as the PLD would.
+        let limit = policy.epsilon * (1.0 + ACCOUNTING_TOLERANCE);
+        let one_step = single_step_delta(r.sample_rate, r.noise_multiplier, limit);
+        if one_step.is_ok_and(|d| d > policy.delta * (1.0 + ACCOUNTING_TOLERANCE)) {
+            return refuse(format!(
+                "one DP-SGD step at q = {}, σ = {} alone spends more than the task's ε = {} \
+                 at δ = {}",
+                r.sample_rate, r.noise_multiplier, policy.epsilon, policy.delta
+            ));
+        }
+    }
     let accounted = match segments_with(before, r) {
-        Some(s) => tokio::task::spawn_blocking(move || account_epsilon(&s, delta))
-            .await
-            .unwrap_or(None),
+        Some(s) if policy.is_some() => {
+            tokio::task::spawn_blocking(move || account_epsilon(&s, delta))
+                .await
+                .unwrap_or(None)
+        }
+        Some(s) => rdp_epsilon(&s, delta),
         None => None,
     };
     let reported_before = before.map_or(0.0, |p| p.epsilon_spent);
-    let reset = r.epsilon_spent < reported_before
-        || accounted.is_some_and(|a| r.epsilon_spent < a * (1.0 - ACCOUNTING_TOLERANCE));
+    // Only a participant with accepted updates can have lost a ledger.
+    let reset = before.is_some()
+        && (r.epsilon_spent < reported_before
+            || accounted.is_some_and(|a| r.epsilon_spent < a * (1.0 - ACCOUNTING_TOLERANCE)));
     if reset {
         // Cumulative ε does not go down by itself, and a participant's
         // ledger holds at least the steps of its accepted updates: a lost
@@ -1500,10 +1531,7 @@ async fn account_update(
     } else {
         ""
     };
-    Err(Rejection::new(
-        ErrorCode::InvalidPrivacyReport,
-        format!("{why}{hint}"),
-    ))
+    refuse(format!("{why}{hint}"))
 }
 
 /// Adds one accepted update's report to its participant's entry: ε spent, δ,
@@ -1548,13 +1576,16 @@ fn record_privacy<'m>(
 
 /// Sets every participant's [`ParticipantPrivacy::epsilon_accounted`] from
 /// its steps (after a restart; live updates are accounted as they come).
-fn account_all(map: &mut PrivacyMap) {
+fn account_all(map: &mut PrivacyMap, dp_task: bool) {
     let started = Instant::now();
     for p in map.values_mut() {
-        p.epsilon_accounted = p
-            .segments
-            .as_deref()
-            .and_then(|s| account_epsilon(s, p.delta));
+        p.epsilon_accounted = p.segments.as_deref().and_then(|s| {
+            if dp_task {
+                account_epsilon(s, p.delta)
+            } else {
+                rdp_epsilon(s, p.delta)
+            }
+        });
     }
     if !map.is_empty() {
         info!(
@@ -1628,7 +1659,17 @@ pub fn check_report_against_policy(
         ));
     }
     if r.noise_multiplier.is_nan() || r.noise_multiplier <= 0.0 {
-        return reject("privacy report without noise (σ = 0)".into());
+        return reject(format!(
+            "privacy report without noise (σ = {}): DP-SGD needs σ > 0",
+            r.noise_multiplier
+        ));
+    }
+    if r.steps == 0 {
+        // No adapter is trained in zero DP-SGD steps: it would add a
+        // trained update that no privacy account counts.
+        return reject(
+            "privacy report of 0 DP-SGD steps: an update is trained in at least one".into(),
+        );
     }
     if r.epsilon_spent.is_nan() || r.epsilon_spent > policy.epsilon {
         return reject(format!(
@@ -2037,6 +2078,54 @@ mod tests {
             account_update(None, id, &noiseless, None).await.unwrap(),
             None
         );
+        // A σ so small that one step spends the whole budget: refused by
+        // one step's exact δ, before any PLD (whose grid for σ = 0.15 at
+        // q = 0.5 takes a second and 400 MB); a first update gets no hint
+        // of a lost ledger.
+        let tiny = PrivacyReport {
+            noise_multiplier: 0.15,
+            sample_rate: 0.5,
+            steps: 20,
+            epsilon_spent: 0.5,
+            ..fresh.clone()
+        };
+        let e = account_update(None, ParticipantId(9), &tiny, Some(&policy))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidPrivacyReport);
+        assert!(
+            e.message
+                .contains("one DP-SGD step at q = 0.5, σ = 0.15 alone spends more")
+                && !e.message.contains("reset"),
+            "{}",
+            e.message
+        );
+        // Many steps, each within the budget alone: the PLD decides, and a
+        // first update still gets no hint of a lost ledger.
+        let many = PrivacyReport {
+            steps: 400,
+            epsilon_spent: 0.5,
+            ..fresh.clone()
+        };
+        let e = account_update(None, ParticipantId(10), &many, Some(&policy))
+            .await
+            .unwrap_err();
+        assert!(
+            e.message.contains("400 DP-SGD steps in 1 updates") && !e.message.contains("reset"),
+            "{}",
+            e.message
+        );
+        // A task without DP shows the RDP bound (no PLD, any σ).
+        let rdp = epsilon_spent(
+            AccountantKind::Rdp,
+            &[TrainingSegment::new(0.5, 0.15, 20).unwrap()],
+            1e-5,
+        )
+        .unwrap();
+        assert_eq!(
+            account_update(None, id, &tiny, None).await.unwrap(),
+            Some(rdp)
+        );
         // Steps too many for the PLD's grid: the RDP bound.
         let long = TrainingSegment::new(0.1, 1.5, 10_000_000).unwrap();
         let rdp = epsilon_spent(AccountantKind::Rdp, &[long], 1e-5).unwrap();
@@ -2060,7 +2149,7 @@ mod tests {
             ],
             Some(&policy),
         );
-        account_all(&mut map);
+        account_all(&mut map, true);
         // The aggregator's ε is what a participant's ledger holding the
         // same steps says.
         let ledger_epsilon = |steps: &[(f64, u64)]| {

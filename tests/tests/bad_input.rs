@@ -651,3 +651,20 @@ async fn connections_that_never_finish_a_request_are_closed() -> anyhow::Result<
     assert_eq!(p.submit(u).await?, ServerMessage::UpdateAccepted { round });
     Ok(())
 }
+
+/// A WebSocket that answers the server's pings but never says Hello is
+/// closed with 1008 after `idle_timeout_secs` (5 s here): it cannot hold a
+/// connection without joining. One that joined stays.
+#[tokio::test]
+async fn a_websocket_that_never_says_hello_is_closed() -> anyhow::Result<()> {
+    let agg = Aggregator::start(&test_config(2, 1, 2, 600, ""))?;
+    let mut silent = Participant::connect_raw(agg.addr).await?;
+    let (mut joined, _) = Participant::join(agg.addr, "joined").await?;
+    let (code, joined_closed) = tokio::join!(
+        silent.close_code_within(Duration::from_secs(12)),
+        joined.closed_within(Duration::from_secs(8)),
+    );
+    assert_eq!(code, Some(1008));
+    assert!(!joined_closed, "the participant that joined was closed");
+    Ok(())
+}

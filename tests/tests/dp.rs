@@ -616,6 +616,30 @@ async fn dp_task_rejects_updates_without_a_fitting_privacy_report() -> anyhow::R
             }),
             "beyond the task's target",
         ),
+        (
+            Some(PrivacyReport {
+                noise_multiplier: f64::NAN,
+                ..good.clone()
+            }),
+            "without noise (σ = NaN)",
+        ),
+        // Trained without any DP-SGD step.
+        (
+            Some(PrivacyReport {
+                steps: 0,
+                ..good.clone()
+            }),
+            "0 DP-SGD steps",
+        ),
+        // A σ that spends the budget in one step: refused before any PLD.
+        (
+            Some(PrivacyReport {
+                noise_multiplier: 0.15,
+                sample_rate: 0.5,
+                ..good.clone()
+            }),
+            "one DP-SGD step at q = 0.5, σ = 0.15 alone spends more than the task's ε = 2",
+        ),
         // More steps than a round has (the task's local_steps, 20 here).
         (
             Some(PrivacyReport {
@@ -625,10 +649,10 @@ async fn dp_task_rejects_updates_without_a_fitting_privacy_report() -> anyhow::R
             "21 DP-SGD steps, but a round of this task has 20 local steps",
         ),
         // Honestly reported, but more than the budget by the aggregator's
-        // own account.
+        // own account (one step of it alone is within the budget).
         (
             Some(PrivacyReport {
-                noise_multiplier: 0.5,
+                noise_multiplier: 1.0,
                 steps: 20,
                 ..good.clone()
             }),

@@ -693,6 +693,43 @@ impl SubsampledGaussianStep {
     }
 }
 
+/// The exact δ at `epsilon` of **one** step of the Poisson-subsampled
+/// Gaussian mechanism at rate q and noise multiplier σ (the larger of the
+/// remove and add directions, as [`PldAccountant`] takes them), from the
+/// mechanism's hockey-stick divergence in closed form: a few special
+/// functions, no grid.
+///
+/// More steps only add privacy loss, so this is a lower bound on the δ at
+/// `epsilon` of any number of steps at (q, σ): when it exceeds δ, the steps
+/// spend more than `epsilon` at δ by any accountant's count, which an
+/// aggregator can tell without building a PLD (that of a tiny σ can take a
+/// second and hundreds of MB).
+///
+/// ```
+/// use fedsb_privacy::pld::single_step_delta;
+/// // σ = 0.2 at q = 0.5: one step alone spends far more than ε = 3 at δ = 1e-5.
+/// assert!(single_step_delta(0.5, 0.2, 3.0).unwrap() > 1e-5);
+/// assert!(single_step_delta(0.01, 1.0, 3.0).unwrap() < 1e-5);
+/// ```
+pub fn single_step_delta(sample_rate: f64, noise_multiplier: f64, epsilon: f64) -> Result<f64> {
+    TrainingSegment {
+        sample_rate,
+        noise_multiplier,
+        steps: 1,
+    }
+    .validate()?;
+    crate::rdp::check_epsilon(epsilon)?;
+    let delta = |adjacency| {
+        SubsampledGaussianLoss {
+            sigma: noise_multiplier,
+            q: sample_rate,
+            adjacency,
+        }
+        .delta_for_epsilon(epsilon)
+    };
+    Ok(delta(Adjacency::Remove).max(delta(Adjacency::Add)))
+}
+
 fn check_interval(interval: f64) -> Result<()> {
     if interval.is_finite() && interval > 0.0 {
         Ok(())
@@ -772,6 +809,37 @@ impl PldAccountant {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One step's exact δ is what the (pessimistic) PLD of one step gives,
+    /// up to its discretisation, and never more than the δ of more steps.
+    #[test]
+    fn single_step_delta_matches_the_pld_and_bounds_more_steps() {
+        for (q, sigma, eps) in [
+            (0.01, 1.0, 0.5),
+            (0.1, 0.8, 1.0),
+            (0.25, 1.2, 0.8),
+            (0.5, 0.6, 3.0),
+            (1.0, 1.0, 2.0),
+            (1.0, 0.5, 5.0),
+        ] {
+            let exact = single_step_delta(q, sigma, eps).unwrap();
+            let step = SubsampledGaussianStep::new(q, sigma, 1e-4).unwrap();
+            let one = step.repeated(1).unwrap().delta(eps).unwrap();
+            assert!(exact > 0.0, "q {q} σ {sigma} ε {eps}");
+            assert!(
+                one >= exact * (1.0 - 1e-9) && one <= exact * 1.02 + 1e-12,
+                "q {q} σ {sigma} ε {eps}: exact {exact}, PLD {one}"
+            );
+            let twenty = step.repeated(20).unwrap().delta(eps).unwrap();
+            assert!(
+                twenty >= exact,
+                "q {q} σ {sigma} ε {eps}: {twenty} < {exact}"
+            );
+        }
+        assert!(single_step_delta(0.5, 0.0, 1.0).is_err());
+        assert!(single_step_delta(0.5, 1.0, f64::NAN).is_err());
+        assert!(single_step_delta(1.5, 1.0, 1.0).is_err());
+    }
 
     #[test]
     fn next_fast_len_is_smooth_and_minimal() {
