@@ -81,7 +81,15 @@ enum Command {
         participant: ParticipantId,
         update: Box<ClientUpdate>,
         frame_bytes: u64,
+        /// The update's privacy report accounted off the coordinator's
+        /// task ([`CoordinatorHandle::update`]).
+        accounted: Option<Accounted>,
         reply: oneshot::Sender<Result<RoundId, Rejection>>,
+    },
+    /// The participant's privacy entry, for accounting an update.
+    PrivacyOf {
+        participant: ParticipantId,
+        reply: oneshot::Sender<Result<Option<ParticipantPrivacy>, Rejection>>,
     },
     Leave {
         participant: ParticipantId,
@@ -107,10 +115,24 @@ enum Command {
     },
 }
 
+/// An update's privacy report as [`account_update`] accounted it, and the
+/// number of the participant's accepted updates it was accounted after (so
+/// the coordinator can tell whether its entry changed since).
+struct Accounted {
+    epsilon: Option<f64>,
+    after_updates: u64,
+}
+
 /// Cheap handle to the coordinator task.
 #[derive(Clone, Debug)]
 pub struct CoordinatorHandle {
     tx: mpsc::Sender<Command>,
+    /// The task's DP policy, for accounting updates on the connections'
+    /// tasks.
+    policy: Option<PrivacyPolicy>,
+    /// How many accountings run at once (one per CPU): a PLD can take
+    /// hundreds of MB.
+    accounting: Arc<tokio::sync::Semaphore>,
 }
 
 impl CoordinatorHandle {
@@ -136,16 +158,43 @@ impl CoordinatorHandle {
     }
 
     /// Offers an update; returns the round it was accepted into.
+    ///
+    /// An update with a privacy report is accounted first, here, on the
+    /// connection's task ([`account_update`]: a PLD takes 60–90 ms, more
+    /// for many steps), so that the coordinator, which serves every other
+    /// participant, only checks and records it.
     pub async fn update(
         &self,
         participant: ParticipantId,
         update: ClientUpdate,
         frame_bytes: u64,
     ) -> Result<RoundId, Rejection> {
+        let accounted = match &update.privacy {
+            Some(report) => {
+                if let Some(policy) = &self.policy {
+                    check_report_against_policy(Some(report), policy)?;
+                }
+                let before = self
+                    .ask(|reply| Command::PrivacyOf { participant, reply })
+                    .await?;
+                let _permit = self.accounting.acquire().await.map_err(|_| {
+                    Rejection::new(ErrorCode::Internal, "the aggregator is shutting down")
+                })?;
+                let epsilon =
+                    account_update(before.as_ref(), participant, report, self.policy.as_ref())
+                        .await?;
+                Some(Accounted {
+                    epsilon,
+                    after_updates: before.map_or(0, |p| p.updates),
+                })
+            }
+            None => None,
+        };
         self.ask(|reply| Command::Update {
             participant,
             update: Box::new(update),
             frame_bytes,
+            accounted,
             reply,
         })
         .await
@@ -409,6 +458,7 @@ impl Coordinator {
         pending: Vec<PendingUpdate>,
     ) -> (CoordinatorHandle, watch::Receiver<Status>) {
         let (tx, rx) = mpsc::channel(1024);
+        let policy = task.privacy.clone();
         let (global_round, global_frame, init) = match begin {
             Begin::Resume(last) => (RoundId(last.meta.round), Bytes::from(last.frame), None),
             Begin::Initialize(init) => (RoundId(0), Bytes::new(), Some(init)),
@@ -455,7 +505,14 @@ impl Coordinator {
         account_all(&mut c.privacy, c.task.privacy.is_some());
         c.publish_status();
         tokio::spawn(c.run(rx));
-        (CoordinatorHandle { tx }, status_rx)
+        let handle = CoordinatorHandle {
+            tx,
+            policy,
+            accounting: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(1, |n| n.get()),
+            )),
+        };
+        (handle, status_rx)
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
@@ -517,13 +574,19 @@ impl Coordinator {
                     .set(self.peers.len() as i64);
                 let _ = reply.send(Ok(id));
             }
+            Command::PrivacyOf { participant, reply } => {
+                let _ = reply.send(Ok(self.privacy.get(&participant).cloned()));
+            }
             Command::Update {
                 participant,
                 update,
                 frame_bytes,
+                accounted,
                 reply,
             } => {
-                let result = self.accept(participant, *update, frame_bytes).await;
+                let result = self
+                    .accept(participant, *update, frame_bytes, accounted)
+                    .await;
                 let accepted = result.is_ok();
                 let _ = reply.send(result);
                 if accepted {
@@ -724,6 +787,7 @@ impl Coordinator {
         participant: ParticipantId,
         update: ClientUpdate,
         frame_bytes: u64,
+        accounted: Option<Accounted>,
     ) -> Result<RoundId, Rejection> {
         let client = self
             .peers
@@ -762,17 +826,19 @@ impl Coordinator {
                         ),
                     ));
                 }
-                let accounted = match &report {
-                    Some(r) => Some(
-                        account_update(
-                            self.privacy.get(&participant),
-                            participant,
-                            r,
-                            self.task.privacy.as_ref(),
-                        )
-                        .await?,
+                let before = self.privacy.get(&participant);
+                let accounted = match (&report, accounted) {
+                    // Accounted on the connection's task against the
+                    // entry as it still is.
+                    (Some(_), Some(a)) if a.after_updates == before.map_or(0, |p| p.updates) => {
+                        Some(a.epsilon)
+                    }
+                    // Not accounted, or the entry changed since (another
+                    // update of this participant was accepted meanwhile).
+                    (Some(r), _) => Some(
+                        account_update(before, participant, r, self.task.privacy.as_ref()).await?,
                     ),
-                    None => None,
+                    (None, _) => None,
                 };
                 // Durable before it counts and before the participant hears
                 // that it does.

@@ -225,9 +225,10 @@ fn floor_note(
 ) -> Option<String> {
     (achieved < 0.99 * target).then(|| {
         format!(
-            "note: σ = {} spends only ε = {} of the target {target}: the search stopped at \
-             its lowest σ (--sigma-min {sigma_min}, or the smallest σ the {kind} accountant \
-             can evaluate), so a smaller σ may meet the target too",
+            "note: σ = {} spends only ε = {} of the target {target}: either the {kind} \
+             accountant's ε jumps just below this σ (the RDP bound drops to 0 where its KL \
+             form applies) or the search reached its lowest σ (--sigma-min {sigma_min}, or the \
+             smallest σ the accountant can evaluate), so a smaller σ may meet the target too",
             plain_number(sigma),
             plain_number(achieved),
         )

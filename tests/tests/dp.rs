@@ -685,3 +685,44 @@ async fn dp_task_rejects_updates_without_a_fitting_privacy_report() -> anyhow::R
     assert_eq!(entry["steps"], 4, "{entry}");
     Ok(())
 }
+
+/// Accounting a report runs beside the coordinator, not on it: while the
+/// PLD of an expensive report (2,000 steps at σ = 0.8, q = 0.5: seconds
+/// and hundreds of MB; one step of it alone is within ε = 10) is built,
+/// another participant joins and is welcomed; then the report is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expensive_report_does_not_hold_up_the_other_participants() -> anyhow::Result<()> {
+    use fedsb_protocol::{ClientMessage, ErrorCode, PrivacyReport, ServerMessage};
+    let config = test_config(2, 2, 2, 600, "local_steps = 2000")
+        + "[privacy]\nenabled = true\nepsilon = 10.0\ndelta = 1e-5\nclip_norm = 0.5\n";
+    let agg = Aggregator::start(&config)?;
+    let (mut heavy, _) = Participant::join(agg.addr, "heavy").await?;
+    let round = heavy.wait_round_open().await?;
+    let mut u = update(round, 10, known_state(&TEST_SHAPE, 1));
+    u.privacy = Some(PrivacyReport {
+        noise_multiplier: 0.8,
+        sample_rate: 0.5,
+        steps: 2000,
+        clip_norm: 0.5,
+        delta: 1e-5,
+        epsilon_spent: 9.0,
+    });
+    heavy.send(&ClientMessage::Update(u)).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Welcomed while the report is still being accounted.
+    let (_other, welcome) = Participant::join(agg.addr, "other").await?;
+    assert!(
+        matches!(welcome, ServerMessage::Welcome { .. }),
+        "{welcome:?}"
+    );
+    let early = tokio::time::timeout(Duration::from_millis(10), heavy.recv()).await;
+    assert!(early.is_err(), "the report was answered first: {early:?}");
+    match heavy.recv().await? {
+        ServerMessage::Error { code, message } => {
+            assert_eq!(code, ErrorCode::InvalidPrivacyReport, "{message}");
+            assert!(message.contains("beyond the task's ε = 10"), "{message}");
+        }
+        other => bail!("expected a refusal, got {other:?}"),
+    }
+    Ok(())
+}

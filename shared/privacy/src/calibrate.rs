@@ -119,6 +119,10 @@ pub fn calibrate_noise_multiplier_within(
     let mut f_hi = excess(hi)?;
     while f_hi > 0.0 {
         if hi >= search.max {
+            if f_hi.is_infinite() {
+                // Say why: usually the PLD's grid limit, not an infinite ε.
+                eps_at(hi)?;
+            }
             return Err(PrivacyError::Unreachable {
                 target: target.epsilon,
                 sigma_max: search.max,

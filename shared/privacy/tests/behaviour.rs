@@ -338,6 +338,16 @@ fn calibration_reports_unreachable_targets_and_bad_bounds() {
         );
         assert!(err.to_string().contains("unreachable"), "{err}");
     }
+    // Out of reach because even the largest σ needs a PLD grid above the
+    // limit: that is the error, not "epsilon inf".
+    let endless = CalibrationTarget {
+        epsilon: 1.0,
+        delta: 1e-5,
+        sample_rate: 0.01,
+        steps: 1_000_000_000_000,
+    };
+    let err = calibrate_noise_multiplier(&endless, AccountantKind::Pld).unwrap_err();
+    assert!(matches!(err, PrivacyError::PldTooLarge { .. }), "{err}");
     let bad_bounds = SigmaSearch {
         min: 2.0,
         max: 1.0,
