@@ -127,9 +127,10 @@ struct Accounted {
 #[derive(Clone, Debug)]
 pub struct CoordinatorHandle {
     tx: mpsc::Sender<Command>,
-    /// The task's DP policy, for accounting updates on the connections'
-    /// tasks.
+    /// The task's DP policy and local steps, for checking and accounting
+    /// updates on the connections' tasks.
     policy: Option<PrivacyPolicy>,
+    local_steps: u64,
     /// How many accountings run at once (one per CPU): a PLD can take
     /// hundreds of MB.
     accounting: Arc<tokio::sync::Semaphore>,
@@ -171,9 +172,7 @@ impl CoordinatorHandle {
     ) -> Result<RoundId, Rejection> {
         let accounted = match &update.privacy {
             Some(report) => {
-                if let Some(policy) = &self.policy {
-                    check_report_against_policy(Some(report), policy)?;
-                }
+                check_report(report, self.policy.as_ref(), self.local_steps)?;
                 let before = self
                     .ask(|reply| Command::PrivacyOf { participant, reply })
                     .await?;
@@ -459,6 +458,7 @@ impl Coordinator {
     ) -> (CoordinatorHandle, watch::Receiver<Status>) {
         let (tx, rx) = mpsc::channel(1024);
         let policy = task.privacy.clone();
+        let local_steps = config.task.local_steps;
         let (global_round, global_frame, init) = match begin {
             Begin::Resume(last) => (RoundId(last.meta.round), Bytes::from(last.frame), None),
             Begin::Initialize(init) => (RoundId(0), Bytes::new(), Some(init)),
@@ -508,6 +508,7 @@ impl Coordinator {
         let handle = CoordinatorHandle {
             tx,
             policy,
+            local_steps: u64::from(local_steps),
             accounting: Arc::new(tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(1, |n| n.get()),
             )),
@@ -815,17 +816,11 @@ impl Coordinator {
                     check_report_against_policy(update.privacy.as_ref(), policy)?;
                 }
                 let report = update.privacy.clone();
-                round.check(participant, &update)?;
-                let local_steps = u64::from(self.config.task.local_steps);
-                if let Some(r) = report.as_ref().filter(|r| r.steps > local_steps) {
-                    return Err(Rejection::new(
-                        ErrorCode::InvalidPrivacyReport,
-                        format!(
-                            "privacy report of {} DP-SGD steps, but a round of this task has {local_steps} local steps",
-                            r.steps
-                        ),
-                    ));
+                if let Some(r) = &report {
+                    let local_steps = u64::from(self.config.task.local_steps);
+                    check_report(r, self.task.privacy.as_ref(), local_steps)?;
                 }
+                round.check(participant, &update)?;
                 let before = self.privacy.get(&participant);
                 let accounted = match (&report, accounted) {
                     // Accounted on the connection's task against the
@@ -1703,6 +1698,31 @@ fn not_initializing() -> Rejection {
         ErrorCode::NotInitializing,
         "the task is not collecting initialization gradients",
     )
+}
+
+/// The checks of a privacy report that need no round: the task's policy
+/// ([`check_report_against_policy`]), the values' ranges, and at most the
+/// `local_steps` a round has. [`CoordinatorHandle::update`] applies them
+/// before accounting a report, the coordinator again before accepting it.
+fn check_report(
+    report: &PrivacyReport,
+    policy: Option<&PrivacyPolicy>,
+    local_steps: u64,
+) -> Result<(), Rejection> {
+    if let Some(policy) = policy {
+        check_report_against_policy(Some(report), policy)?;
+    }
+    crate::round::check_privacy(report)?;
+    if report.steps > local_steps {
+        return Err(Rejection::new(
+            ErrorCode::InvalidPrivacyReport,
+            format!(
+                "privacy report of {} DP-SGD steps, but a round of this task has {local_steps} local steps",
+                report.steps
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A task with differential privacy accepts only updates whose report says

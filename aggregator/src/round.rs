@@ -372,7 +372,7 @@ impl Round {
     }
 }
 
-fn check_privacy(p: &PrivacyReport) -> Result<(), Rejection> {
+pub(crate) fn check_privacy(p: &PrivacyReport) -> Result<(), Rejection> {
     let ok = p.noise_multiplier.is_finite()
         && p.noise_multiplier >= 0.0
         && p.sample_rate > 0.0

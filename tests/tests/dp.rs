@@ -640,6 +640,14 @@ async fn dp_task_rejects_updates_without_a_fitting_privacy_report() -> anyhow::R
             }),
             "one DP-SGD step at q = 0.5, σ = 0.15 alone spends more than the task's ε = 2",
         ),
+        // Out of range: said so, not "cannot bound".
+        (
+            Some(PrivacyReport {
+                sample_rate: 1.5,
+                ..good.clone()
+            }),
+            "privacy report out of range",
+        ),
         // More steps than a round has (the task's local_steps, 20 here).
         (
             Some(PrivacyReport {
