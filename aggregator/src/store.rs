@@ -1418,14 +1418,20 @@ mod tests {
             .unwrap()
     }
 
-    #[tokio::test]
-    async fn pending_updates_survive_a_reopen_and_go_with_their_commit() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), "t", IDENTITY, 1).unwrap();
+    /// A new task's store in `dir` with round 0 committed.
+    async fn store_at_round_zero(dir: &Path) -> Store {
+        let store = Store::open(dir, "t", IDENTITY, 1).unwrap();
         store
             .commit_round(meta(0, b"r0"), b"r0".to_vec(), Vec::new())
             .await
             .unwrap();
+        store
+    }
+
+    #[tokio::test]
+    async fn pending_updates_survive_a_reopen_and_go_with_their_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_at_round_zero(dir.path()).await;
         // Accepted in the order 9, 4: restored in that order, not by id.
         store
             .put_pending(RoundId(1), pending(9, 0, 1, 1.5))
@@ -1747,11 +1753,7 @@ mod tests {
     #[tokio::test]
     async fn a_stopped_tasks_database_is_read_without_write_access() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), "t", IDENTITY, 1).unwrap();
-        store
-            .commit_round(meta(0, b"r0"), b"r0".to_vec(), Vec::new())
-            .await
-            .unwrap();
+        let store = store_at_round_zero(dir.path()).await;
         drop(store);
         let db = dir.path().join("t.sqlite3");
         let wal = dir.path().join("t.sqlite3-wal");

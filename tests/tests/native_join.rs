@@ -598,6 +598,29 @@ async fn a_participant_joins_over_tls_through_a_reverse_proxy() -> anyhow::Resul
     Ok(())
 }
 
+/// Waits until the aggregator has accepted an update, which `join` (a
+/// `fedsb join`) sends; returns it. Without one within `within`, `join` is
+/// killed and the error shows its log.
+async fn first_update_from(
+    agg: &Aggregator,
+    mut join: std::process::Child,
+    within: Duration,
+) -> anyhow::Result<std::process::Child> {
+    let started = std::time::Instant::now();
+    while agg.metric("fedsb_updates_accepted_total").await? < 1.0 {
+        if started.elapsed() > within {
+            let _ = join.kill();
+            let out = join.wait_with_output()?;
+            bail!(
+                "fedsb join sent no update: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(join)
+}
+
 /// A participant whose reconnect window runs out exits with an error that
 /// says so (status 1), not a panic: it closed its lost connection twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -608,19 +631,7 @@ async fn a_participant_that_cannot_reconnect_says_why() -> anyhow::Result<()> {
     // The round waits for a second participant, so `a` stays connected
     // after its update was accepted.
     let a = spawn_join(task.path(), &agg, "a.tsv", "a", &["--reconnect-for", "2"])?;
-    let started = std::time::Instant::now();
-    while agg.metric("fedsb_updates_accepted_total").await? < 1.0 {
-        if started.elapsed() > Duration::from_secs(60) {
-            let mut a = a;
-            let _ = a.kill();
-            let out = a.wait_with_output()?;
-            bail!(
-                "fedsb join sent no update: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let a = first_update_from(&agg, a, Duration::from_secs(60)).await?;
     agg.kill9();
     let out = wait_child(a, JOIN_TIMEOUT).await?;
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -643,14 +654,7 @@ async fn a_silent_server_is_noticed_and_left() -> anyhow::Result<()> {
     task.write_config(true)?;
     let agg = Aggregator::start_in(task.path())?;
     let a = spawn_join(task.path(), &agg, "a.tsv", "a", &["--reconnect-for", "1"])?;
-    let started = std::time::Instant::now();
-    while agg.metric("fedsb_updates_accepted_total").await? < 1.0 {
-        anyhow::ensure!(
-            started.elapsed() < JOIN_TIMEOUT,
-            "fedsb join sent no update"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let a = first_update_from(&agg, a, JOIN_TIMEOUT).await?;
     let pid = agg.child.id().to_string();
     let signal = |s: &str| std::process::Command::new("kill").args([s, &pid]).status();
     anyhow::ensure!(signal("-STOP")?.success(), "kill -STOP {pid}");
