@@ -324,6 +324,13 @@ pub struct ParticipantPrivacy {
     /// could not be accounted (σ = 0).
     #[serde(skip)]
     segments: Option<Vec<TrainingSegment>>,
+    /// Whether `epsilon_accounted` may be behind `segments`: restored from
+    /// rows stored without it (before schema version 6, or unbounded), or
+    /// a restored pending update added since. [`account_all`] accounts
+    /// these at start; every other entry's is the one stored with its
+    /// latest update.
+    #[serde(skip)]
+    stale: bool,
 }
 
 /// The accountant the aggregator's ε of a participant on a DP task comes
@@ -479,6 +486,12 @@ impl Coordinator {
         };
         let (status, status_rx) = watch::channel(placeholder);
         let restored = restore_privacy(privacy, task.privacy.as_ref());
+        if !restored.is_empty() {
+            info!(
+                participants = restored.len(),
+                "per-participant privacy spending restored from the store"
+            );
+        }
         let mut c = Self {
             config,
             task,
@@ -502,7 +515,15 @@ impl Coordinator {
                 c.restore_pending(pending);
             }
         }
-        account_all(&mut c.privacy, c.task.privacy.is_some());
+        let started = Instant::now();
+        let accounted = account_all(&mut c.privacy, c.task.privacy.is_some());
+        if accounted > 0 {
+            info!(
+                participants = accounted,
+                seconds = started.elapsed().as_secs_f64(),
+                "privacy accounted again for restored updates stored without the aggregator's ε"
+            );
+        }
         c.publish_status();
         tokio::spawn(c.run(rx));
         let handle = CoordinatorHandle {
@@ -863,6 +884,7 @@ impl Coordinator {
                     let entry =
                         record_privacy(&mut self.privacy, participant, &client, round.id.0, &r);
                     entry.epsilon_accounted = accounted.flatten();
+                    entry.stale = false;
                     info!(
                         participant = %participant,
                         epsilon_spent = r.epsilon_spent,
@@ -992,13 +1014,23 @@ impl Coordinator {
             None => round.aggregate(),
             Some((previous, before)) => round.aggregate_step(step, previous, before.as_ref()),
         };
-        let Some((state, contributions)) = aggregated else {
+        let Some((state, mut contributions)) = aggregated else {
             self.phase = Phase::Collecting {
                 round,
                 deadline: deadline_after(self.round_length()),
             };
             return;
         };
+        // Each participant has one update in the round, its latest: what
+        // the aggregator accounts for it now is its ε with that update.
+        for c in &mut contributions {
+            if c.privacy.is_some() {
+                c.epsilon_accounted = self
+                    .privacy
+                    .get(&c.participant)
+                    .and_then(|p| p.epsilon_accounted);
+            }
+        }
         let total_samples: u64 = contributions.iter().map(|c| c.num_samples).sum();
         let frame = ServerMessage::GlobalModel {
             round: id,
@@ -1620,6 +1652,7 @@ fn record_privacy<'m>(
             last_round: round,
             connected: true,
             segments: Some(Vec::new()),
+            stale: false,
         });
     // ε spent is cumulative: a later, smaller report (a participant that
     // lost its ledger) never lowers what the status shows it has spent.
@@ -1632,14 +1665,19 @@ fn record_privacy<'m>(
     entry.updates += 1;
     entry.last_round = round;
     entry.segments = segments_with(Some(&*entry), r);
+    // Whoever records a report sets the ε accounted with it.
+    entry.stale = true;
     entry
 }
 
-/// Sets every participant's [`ParticipantPrivacy::epsilon_accounted`] from
-/// its steps (after a restart; live updates are accounted as they come).
-fn account_all(map: &mut PrivacyMap, dp_task: bool) {
-    let started = Instant::now();
-    for p in map.values_mut() {
+/// Sets [`ParticipantPrivacy::epsilon_accounted`] from its steps for every
+/// participant whose stored value is behind them (after a restart; live
+/// updates are accounted as they come).
+fn account_all(map: &mut PrivacyMap, dp_task: bool) -> usize {
+    let mut accounted = 0;
+    for p in map.values_mut().filter(|p| p.stale) {
+        accounted += 1;
+        p.stale = false;
         p.epsilon_accounted = p.segments.as_deref().and_then(|s| {
             if dp_task {
                 account_epsilon(s, p.delta)
@@ -1648,13 +1686,7 @@ fn account_all(map: &mut PrivacyMap, dp_task: bool) {
             }
         });
     }
-    if !map.is_empty() {
-        info!(
-            participants = map.len(),
-            seconds = started.elapsed().as_secs_f64(),
-            "privacy accounted for the restored updates"
-        );
-    }
+    accounted
 }
 
 /// The per-participant map as it stood after the last committed round,
@@ -1679,18 +1711,35 @@ fn restore_privacy(
             delta: s.delta.or(policy.map(|p| p.delta)).unwrap_or(f64::NAN),
             epsilon_spent: s.epsilon_spent,
         };
-        record_privacy(&mut map, s.participant, &s.client, s.round, &report);
+        let entry = record_privacy(&mut map, s.participant, &s.client, s.round, &report);
+        // Stored with the update since schema version 6.
+        entry.epsilon_accounted = s.epsilon_accounted;
+        entry.stale = s.epsilon_accounted.is_none();
     }
     for p in map.values_mut() {
         p.connected = false;
     }
-    if !map.is_empty() {
-        info!(
-            participants = map.len(),
-            "per-participant privacy spending restored from the store"
-        );
-    }
     map
+}
+
+/// The largest ε the aggregator accounts for any participant of the stored
+/// `reports` (those of the rounds up to one: what the participants had
+/// spent on that round's model), from the ε stored with each update, and
+/// accounted again where it was not stored; `None` without reports, or
+/// where one participant's steps have no bound (σ = 0 on a task without
+/// DP). A DP task's exported rounds name it.
+pub fn accounted_epsilon_max(
+    reports: Vec<StoredPrivacyReport>,
+    policy: Option<&PrivacyPolicy>,
+) -> Option<f64> {
+    let mut map = restore_privacy(reports, policy);
+    account_all(&mut map, policy.is_some());
+    map.values()
+        .map(|p| p.epsilon_accounted)
+        .try_fold(None::<f64>, |most, e| {
+            e.map(|e| Some(most.map_or(e, |m| m.max(e))))
+        })
+        .flatten()
 }
 
 fn not_initializing() -> Rejection {
@@ -1826,6 +1875,8 @@ mod tests {
             clip_norm: clip_delta.map(|c| c.0),
             delta: clip_delta.map(|c| c.1),
             epsilon_spent,
+            // As stored before schema version 6.
+            epsilon_accounted: None,
         }
     }
 
@@ -2274,6 +2325,7 @@ mod tests {
                 updates,
                 last_round,
                 connected: false,
+                stale: false,
             }
         };
         assert_eq!(
@@ -2298,5 +2350,79 @@ mod tests {
         let p = &map[&ParticipantId(3)];
         assert!(p.delta.is_nan() && p.clip_norm.is_nan(), "{p:?}");
         assert_eq!((p.epsilon_spent, p.steps, p.updates), (0.5, 4, 1));
+    }
+
+    #[test]
+    fn the_epsilon_stored_with_an_update_is_read_back_not_accounted_again() {
+        let policy = PrivacyPolicy {
+            epsilon: 8.0,
+            delta: 1e-5,
+            clip_norm: 0.5,
+        };
+        let with = |mut s: StoredPrivacyReport, accounted| {
+            s.epsilon_accounted = accounted;
+            s
+        };
+        // (round, participant): σ is 1 + round. Participant 1: a row from
+        // before version 6, then one holding the aggregator's ε (a value no
+        // accountant gives for these steps, so a recount would show);
+        // participant 2: one row without it; participant 3: one row with it.
+        let reports = vec![
+            with(stored(1, 1, 4, 0.5, Some((0.5, 1e-5))), None),
+            with(stored(1, 2, 4, 0.5, Some((0.5, 1e-5))), None),
+            with(stored(1, 3, 4, 0.5, Some((0.5, 1e-5))), Some(0.2345)),
+            with(stored(2, 1, 4, 0.75, Some((0.5, 1e-5))), Some(0.1234)),
+        ];
+        let recount = |steps: &[(u64, f64)]| {
+            let mut segments = Vec::new();
+            for &(n, sigma) in steps {
+                fedsb_privacy::append_segment(
+                    &mut segments,
+                    TrainingSegment::new(0.125, sigma, n).unwrap(),
+                )
+                .unwrap();
+            }
+            account_epsilon(&segments, 1e-5).unwrap()
+        };
+        let mut map = restore_privacy(reports.clone(), Some(&policy));
+        assert_eq!(account_all(&mut map, true), 1);
+        assert_eq!(map[&ParticipantId(1)].epsilon_accounted, Some(0.1234));
+        assert_eq!(
+            map[&ParticipantId(2)].epsilon_accounted,
+            Some(recount(&[(4, 2.0)]))
+        );
+        assert_eq!(map[&ParticipantId(3)].epsilon_accounted, Some(0.2345));
+        // A pending update restored after the committed rounds: its
+        // participant's ε is accounted again with it; the others stay.
+        let pending = PrivacyReport {
+            noise_multiplier: 4.0,
+            sample_rate: 0.125,
+            steps: 4,
+            clip_norm: 0.5,
+            delta: 1e-5,
+            epsilon_spent: 0.9,
+        };
+        let mut map = restore_privacy(reports.clone(), Some(&policy));
+        record_privacy(&mut map, ParticipantId(3), "c3", 4, &pending);
+        assert_eq!(account_all(&mut map, true), 2);
+        assert_eq!(map[&ParticipantId(1)].epsilon_accounted, Some(0.1234));
+        assert_eq!(
+            map[&ParticipantId(3)].epsilon_accounted,
+            Some(recount(&[(4, 2.0), (4, 4.0)]))
+        );
+        assert_eq!(account_all(&mut map, true), 0, "accounted once");
+
+        // An export's ε: the largest over the participants, as stored or
+        // accounted again.
+        let most = recount(&[(4, 2.0)]).max(0.2345);
+        assert_eq!(
+            accounted_epsilon_max(reports.clone(), Some(&policy)),
+            Some(most)
+        );
+        assert_eq!(accounted_epsilon_max(Vec::new(), Some(&policy)), None);
+        // σ = 0 on a task without DP: no bound, none named.
+        let mut unbounded = stored(1, 4, 4, 0.0, Some((0.5, 1e-5)));
+        unbounded.noise_multiplier = 0.0;
+        assert_eq!(accounted_epsilon_max(vec![unbounded], None), None);
     }
 }

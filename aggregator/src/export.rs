@@ -29,6 +29,7 @@ use crate::adapter_file::{
     read_adapter_file, state_to_engine, BASE_MODEL_SHA256, MAX_SEQ_LEN,
 };
 use crate::config::{AdapterInit, Config};
+use crate::coordinator::accounted_epsilon_max;
 use crate::files::{check_pin, hash_file, FileError, ADAPTER_FILE, MODEL_FILE};
 use crate::store::{CommittedRound, RoundMeta, Store, StoreError};
 
@@ -243,18 +244,13 @@ pub async fn export_rounds_mean(
     }
     // DP tasks: what the participants had spent when this round committed.
     // Each report carries its participant's ε spent so far, so the largest
-    // one up to this round is the model's guarantee for the worst-off
-    // participant's data.
-    let privacy = if config.privacy.enabled {
-        let reports = store.privacy_reports().await?;
-        let upto: Vec<_> = reports.iter().filter(|r| r.round <= round).collect();
-        let mut participants: Vec<_> = upto.iter().map(|r| r.participant).collect();
-        participants.sort_unstable();
-        participants.dedup();
-        Some(PrivacySpent {
-            epsilon_max: upto.iter().map(|r| r.epsilon_spent).fold(0.0, f64::max),
-            participants: participants.len(),
-        })
+    // one up to this round is the worst-off participant's own count; the
+    // aggregator's account of the updates up to this round (the only ones
+    // the model depends on) does not rely on the participants' ledgers.
+    let reports = if config.privacy.enabled {
+        let mut reports = store.privacy_reports().await?;
+        reports.retain(|r| r.round <= round);
+        Some(reports)
     } else {
         None
     };
@@ -266,6 +262,19 @@ pub async fn export_rounds_mean(
         .find(|p| p.name == MODEL_FILE)
         .map(|p| p.sha256.to_ascii_lowercase());
     tokio::task::spawn_blocking(move || {
+        let privacy = reports.map(|reports| {
+            let mut participants: Vec<_> = reports.iter().map(|r| r.participant).collect();
+            participants.sort_unstable();
+            participants.dedup();
+            PrivacySpent {
+                epsilon_max: reports.iter().map(|r| r.epsilon_spent).fold(0.0, f64::max),
+                participants: participants.len(),
+                epsilon_accounted_max: accounted_epsilon_max(
+                    reports,
+                    config.privacy_policy().as_ref(),
+                ),
+            }
+        });
         let mean = mean_of(committed)?;
         adapter_file_of(&config, mean, first, last, privacy, pinned_model)
     })
@@ -327,8 +336,11 @@ fn mean_of(mut rounds: Vec<CommittedRound>) -> Result<CommittedRound, ExportErro
 
 /// What the participants of a DP task had spent by a round.
 struct PrivacySpent {
-    /// The largest ε any participant had spent.
+    /// The largest ε any participant had spent, as they reported it.
     epsilon_max: f64,
+    /// The largest ε the aggregator accounts for any participant's
+    /// updates up to the round (`None` without reports).
+    epsilon_accounted_max: Option<f64>,
     /// Participants with a privacy report up to the round.
     participants: usize,
 }
@@ -450,6 +462,9 @@ fn adapter_file_of(
     }
     if let Some(p) = privacy {
         metadata.insert("dp_epsilon_max".to_owned(), p.epsilon_max.to_string());
+        if let Some(e) = p.epsilon_accounted_max {
+            metadata.insert("dp_epsilon_accounted_max".to_owned(), e.to_string());
+        }
         metadata.insert("dp_delta".to_owned(), config.privacy.delta.to_string());
         metadata.insert("dp_participants".to_owned(), p.participants.to_string());
     }

@@ -46,6 +46,10 @@ pub struct Contribution {
     pub received_unix_ms: u64,
     pub train_loss: Option<f32>,
     pub privacy: Option<PrivacyReport>,
+    /// The ε the aggregator accounts for the participant with this update
+    /// (the coordinator sets it before the round is stored); `None` without
+    /// a report or a bound.
+    pub epsilon_accounted: Option<f64>,
 }
 
 /// How the server moves the global model with a round's mean update:
@@ -204,6 +208,7 @@ impl Round {
                 received_unix_ms: now_unix_ms,
                 train_loss: update.train_loss,
                 privacy: update.privacy,
+                epsilon_accounted: None,
             },
         );
     }

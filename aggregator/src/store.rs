@@ -291,6 +291,12 @@ const MIGRATIONS: &[&str] = &[
          next_shard INTEGER NOT NULL
      );
      INSERT OR IGNORE INTO demo_shards (id, next_shard) VALUES (1, 0);",
+    // 6: the ε the aggregator itself accounted for each update's participant
+    // after that update (all its accepted updates up to it), so that a
+    // restart reads it back instead of accounting every participant again,
+    // and an exported round names the accounted ε of its participants.
+    // Rows written before have none (NULL): they are accounted again.
+    "ALTER TABLE round_participants ADD COLUMN epsilon_accounted REAL;",
 ];
 
 /// How long a statement waits for another connection's write (a running
@@ -510,6 +516,10 @@ pub struct StoredPrivacyReport {
     /// `None` for updates stored before schema version 1.
     pub delta: Option<f64>,
     pub epsilon_spent: f64,
+    /// The ε the aggregator accounted for the participant after this
+    /// update; `None` for updates stored before schema version 6, and where
+    /// no accountant bounded it.
+    pub epsilon_accounted: Option<f64>,
 }
 
 /// An update the collecting round accepted, as written before the
@@ -746,8 +756,8 @@ impl Store {
                 tx.execute(
                     "INSERT INTO round_participants (round, participant_id, client, num_samples, weight,
                          frame_bytes, received_unix_ms, train_loss, noise_multiplier, sample_rate, dp_steps,
-                         epsilon_spent, delta, clip_norm)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                         epsilon_spent, delta, clip_norm, epsilon_accounted)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
                     params![
                         meta.round as i64,
                         c.participant.0 as i64,
@@ -763,6 +773,7 @@ impl Store {
                         p.map(|p| p.epsilon_spent),
                         p.map(|p| p.delta),
                         p.map(|p| p.clip_norm),
+                        p.and(c.epsilon_accounted),
                     ],
                 )?;
             }
@@ -975,7 +986,7 @@ impl Store {
         self.run(|conn| {
             let mut stmt = conn.prepare(
                 "SELECT round, participant_id, client, noise_multiplier, sample_rate, dp_steps,
-                        clip_norm, delta, epsilon_spent
+                        clip_norm, delta, epsilon_spent, epsilon_accounted
                  FROM round_participants
                  WHERE noise_multiplier IS NOT NULL AND sample_rate IS NOT NULL
                      AND dp_steps IS NOT NULL AND epsilon_spent IS NOT NULL
@@ -992,6 +1003,7 @@ impl Store {
                     clip_norm: r.get(6)?,
                     delta: r.get(7)?,
                     epsilon_spent: r.get(8)?,
+                    epsilon_accounted: r.get(9)?,
                 })
             })?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
@@ -1244,6 +1256,7 @@ mod tests {
             frame_bytes: 200,
             received_unix_ms: 5,
             train_loss: Some(0.5),
+            epsilon_accounted: privacy.as_ref().map(|p| p.epsilon_spent / 2.0),
             privacy,
         }
     }
@@ -1377,6 +1390,8 @@ mod tests {
             clip_norm: Some(0.5),
             delta: Some(1e-6),
             epsilon_spent,
+            // The test's contributions carry half their reported ε.
+            epsilon_accounted: Some(epsilon_spent / 2.0),
         };
         assert_eq!(
             got,
@@ -1580,6 +1595,8 @@ mod tests {
                 clip_norm: None,
                 delta: None,
                 epsilon_spent: 0.875,
+                // Not accounted before schema version 6.
+                epsilon_accounted: None,
             }]
         );
 
@@ -1597,6 +1614,7 @@ mod tests {
         assert_eq!(got[1].delta, Some(1e-6));
         assert_eq!(got[1].clip_norm, Some(0.5));
         assert_eq!(got[1].epsilon_spent, 1.5);
+        assert_eq!(got[1].epsilon_accounted, Some(0.75));
         // A database from before demo shards hands out shard 0 next.
         assert_eq!(store.next_demo_shard().await.unwrap(), 0);
         drop(store);

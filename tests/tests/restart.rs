@@ -433,10 +433,13 @@ async fn another_model_file_is_refused_at_restart_and_by_export() -> anyhow::Res
     assert_eq!(status["last_committed_round"], 1, "{status}");
     drop(agg);
 
-    // A database from before pins (schema version 3, no pinned_files):
-    // it starts with whatever files it finds and pins them.
+    // A database from before pins (schema version 3, no pinned_files, nor
+    // the later tables and columns): it starts with whatever files it finds
+    // and pins them.
     let db = d.join("state/e2e.sqlite3");
-    let sql = "DROP TABLE pinned_files; DROP TABLE demo_shards; PRAGMA user_version = 3;";
+    let sql = "DROP TABLE pinned_files; DROP TABLE demo_shards; \
+               ALTER TABLE round_participants DROP COLUMN epsilon_accounted; \
+               PRAGMA user_version = 3;";
     let out = Command::new("sqlite3").arg(&db).arg(sql).output();
     if !matches!(&out, Ok(o) if o.status.success()) {
         eprintln!("sqlite3 is not installed: skipping the database from before pins");
