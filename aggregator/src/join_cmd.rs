@@ -30,7 +30,10 @@
 //!    `Update { round, num_samples, train_loss, adapter }`.
 //! 4. Exits 0 at `TaskFinished` (or after `--max-rounds` answered updates,
 //!    or when its privacy budget is spent), printing one JSON line on stdout;
-//!    progress goes to stderr.
+//!    progress goes to stderr. Ctrl-C or SIGTERM in the rounds finishes the
+//!    round being trained, waits up to 10 s for the answers to the updates
+//!    sent, sends `Leave`, prints the line with `"stopped": true` and exits
+//!    130 or 143; a second signal quits at once.
 //!
 //! Tasks with differential privacy (`TaskInfo.privacy`: target ε, δ, clip
 //! norm C): the participant calibrates σ so that all the steps it plans to
@@ -65,7 +68,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -88,6 +92,7 @@ use tracing::{info, warn};
 use crate::data_args::{require_label_column, DataColumns};
 use crate::dp_training::{DpTraining, LedgerFile};
 use crate::privacy_cmd::AccountantArg;
+use crate::signals::Signals;
 use fedsb_participant::{task_adamw, LocalOptimizer, TaskModel};
 
 /// The files a participant needs, by their names in `TaskInfo.files`.
@@ -192,6 +197,12 @@ const SILENCE_LIMIT: Duration = Duration::from_secs(60);
 
 /// The longest a TCP/TLS connection and the WebSocket handshake may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// After Ctrl-C or SIGTERM in the rounds: how long the participant waits
+/// for the answers to updates it has sent before it leaves, and how often
+/// it looks for the signal while it waits for the server.
+const STOP_WAIT: Duration = Duration::from_secs(10);
+const STOP_POLL: Duration = Duration::from_millis(200);
 
 /// Why a handshake did not end in `Welcome`.
 enum Handshake {
@@ -313,6 +324,17 @@ impl Link {
         self.send_frame(m.encode())
     }
 
+    /// The next event, or `None` after `wait` without one.
+    fn poll(&self, wait: Duration) -> anyhow::Result<Option<Event>> {
+        match self.events.recv_timeout(wait) {
+            Ok(e) => Ok(Some(e)),
+            Err(mpsc::RecvTimeoutError::Timeout) => Ok(None),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                Err(anyhow::anyhow!("the connection reader stopped"))
+            }
+        }
+    }
+
     /// The next event, waiting at most `wait` (forever with `None`).
     fn next(&self, wait: Option<Duration>) -> anyhow::Result<Event> {
         match wait {
@@ -386,20 +408,27 @@ fn reconnect(
     hello: &[u8],
     task_id: &str,
     window: Duration,
-) -> anyhow::Result<TaskInfo> {
+    stop: &AtomicI32,
+) -> anyhow::Result<Option<TaskInfo>> {
     link.close(rt);
     let started = Instant::now();
     let mut pause = Duration::from_secs(1);
     let mut attempts = 0u32;
     loop {
-        std::thread::sleep(pause.min(window.saturating_sub(started.elapsed())));
+        let until = Instant::now() + pause.min(window.saturating_sub(started.elapsed()));
+        while Instant::now() < until {
+            if stop.load(Ordering::SeqCst) != 0 {
+                return Ok(None);
+            }
+            std::thread::sleep(STOP_POLL.min(until.saturating_duration_since(Instant::now())));
+        }
         attempts += 1;
         let why = match Link::open(rt, server, hello) {
             Ok(mut new) => match new.welcome() {
                 Ok((participant, task)) if task.task_id == task_id => {
                     info!(%participant, attempts, "reconnected");
                     *link = new;
-                    return Ok(task);
+                    return Ok(Some(task));
                 }
                 Ok((_, task)) => {
                     new.close(rt);
@@ -445,6 +474,8 @@ struct Summary {
     finished: bool,
     budget_exhausted: bool,
     reconnects: u64,
+    /// Left because of Ctrl-C or SIGTERM.
+    stopped: bool,
 }
 
 /// `http://h:p` → (`http://h:p`, `ws://h:p/ws`), `https://h` → (`https://h`,
@@ -1185,6 +1216,7 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
                             bail!("{why} during the federated initialization");
                         }
                         warn!("{why} during the federated initialization; reconnecting for up to {} s", args.reconnect_for);
+                        // Signals are the default ones until the rounds.
                         let t = reconnect(
                             &mut link,
                             &rt,
@@ -1192,7 +1224,9 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
                             &hello,
                             &task.task_id,
                             Duration::from_secs(args.reconnect_for),
-                        )?;
+                            &AtomicI32::new(0),
+                        )?
+                        .expect("no stop without a signal handler");
                         summary.reconnects += 1;
                         // Finished meanwhile: the adapter file is in the task.
                         if let Some(f) = t.files.into_iter().find(|f| f.name == ADAPTER_FILE) {
@@ -1369,27 +1403,81 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
     // The answer to the centring request, kept with the request: asked
     // again after a reconnect, the same frame is sent again.
     let mut centred: Option<(ServerMessage, ClientMessage)> = None;
+    // From here on, Ctrl-C or SIGTERM stops training (a round in progress
+    // is finished and sent: its privacy is spent), waits up to STOP_WAIT
+    // for the answers to the updates sent, sends `Leave` and exits with the
+    // signal's status after the summary; a second signal quits at once.
+    let stop = Arc::new(AtomicI32::new(0));
+    {
+        let _runtime = rt.enter();
+        let mut signals = Signals::new();
+        let stop = Arc::clone(&stop);
+        rt.spawn(async move {
+            let (first, status) = signals.next().await;
+            warn!(
+                signal = first,
+                "stopping: leaving the task once the updates sent are answered \
+                 (a second signal quits at once)"
+            );
+            stop.store(status, Ordering::SeqCst);
+            let (second, status) = signals.next().await;
+            warn!(signal = second, "second signal: exiting now");
+            std::process::exit(status);
+        });
+    }
+    let mut stopping: Option<Instant> = None;
     let outcome: anyhow::Result<()> = loop {
-        let event = match link.next(None) {
-            Ok(e) => e,
+        if stopping.is_none() && stop.load(Ordering::SeqCst) != 0 {
+            stopping = Some(Instant::now());
+        }
+        if let Some(since) = stopping {
+            if awaiting.is_empty() || since.elapsed() >= STOP_WAIT {
+                if !awaiting.is_empty() {
+                    warn!(
+                        updates = awaiting.len(),
+                        "leaving without the aggregator's answer to the updates sent"
+                    );
+                }
+                let _ = link.send(&ClientMessage::Leave {
+                    reason: "stopped by a signal".into(),
+                });
+                summary.stopped = true;
+                break Ok(());
+            }
+        }
+        let event = match link.poll(STOP_POLL) {
+            Ok(Some(e)) => e,
+            Ok(None) => continue,
             Err(e) => break Err(e),
         };
         let msg = match event {
             Event::Message(m) => *m,
+            Event::Closed(why) if stopping.is_some() => {
+                warn!("{why} while stopping");
+                summary.stopped = true;
+                break Ok(());
+            }
             Event::Closed(why) => {
                 if args.reconnect_for == 0 {
                     break Err(anyhow::anyhow!("{why} before the task finished"));
                 }
                 warn!("{why}; reconnecting for up to {} s", args.reconnect_for);
-                if let Err(e) = reconnect(
+                match reconnect(
                     &mut link,
                     &rt,
                     &server,
                     &hello,
                     &task.task_id,
                     Duration::from_secs(args.reconnect_for),
+                    &stop,
                 ) {
-                    break Err(e);
+                    Ok(Some(_)) => {}
+                    // Stopped while reconnecting: nobody to leave.
+                    Ok(None) => {
+                        summary.stopped = true;
+                        break Ok(());
+                    }
+                    Err(e) => break Err(e),
                 }
                 summary.reconnects += 1;
                 for (round, samples, frame) in awaiting.drain(..) {
@@ -1422,6 +1510,9 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
             } => {
                 if submitted.contains(&round) {
                     info!(%round, "round extended; our update is already in");
+                    continue;
+                }
+                if stopping.is_some() {
                     continue;
                 }
                 // Updates of earlier rounds lost with a connection: those
@@ -1560,6 +1651,7 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
             ServerMessage::Welcome { .. } => {
                 warn!("ignoring a second Welcome");
             }
+            ServerMessage::CentreRequest { .. } if stopping.is_some() => {}
             request @ ServerMessage::CentreRequest { .. } => {
                 let answer = match centred.take() {
                     Some((asked, answer)) if asked == request => {
@@ -1627,6 +1719,12 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
     rt.shutdown_timeout(Duration::from_secs(1));
     outcome?;
     println!("{}", summary.json(participant, &task.task_id, dp.as_ref())?);
+    if summary.stopped {
+        // 130 after SIGINT, 143 after SIGTERM, as if the signal had ended it.
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+        std::process::exit(stop.load(Ordering::SeqCst));
+    }
     Ok(())
 }
 
@@ -1650,6 +1748,7 @@ impl Summary {
             "reconnects": self.reconnects,
             "steps": self.steps,
             "budget_exhausted": self.budget_exhausted,
+            "stopped": self.stopped,
             "epsilon_spent": dp.map(|d| d.epsilon_spent()).transpose()?,
             "noise_multiplier": dp.map(|d| d.config.noise_multiplier),
             "sample_rate": dp.map(|d| d.config.sample_rate),

@@ -14,6 +14,7 @@ mod join_cmd;
 mod merge_cmd;
 mod participant;
 mod privacy_cmd;
+mod signals;
 mod sim_cmd;
 mod train_cmd;
 
@@ -25,6 +26,7 @@ use anyhow::Context;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use fedsb_aggregator::config::Config;
 use fedsb_aggregator::server::{Server, WwwDir};
+use signals::Signals;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
@@ -223,61 +225,4 @@ async fn shutdown_signal() {
         tracing::warn!(signal = second, "second signal: exiting now");
         std::process::exit(status);
     });
-}
-
-/// The signals that stop `fedsb serve`, listened to from creation on.
-struct Signals {
-    #[cfg(unix)]
-    interrupt: Option<tokio::signal::unix::Signal>,
-    #[cfg(unix)]
-    terminate: Option<tokio::signal::unix::Signal>,
-}
-
-impl Signals {
-    #[cfg(unix)]
-    fn new() -> Self {
-        use tokio::signal::unix::{signal, SignalKind};
-        let listen = |kind: SignalKind, name: &str| match signal(kind) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::warn!(signal = name, error = %e, "cannot listen for the signal");
-                None
-            }
-        };
-        Self {
-            interrupt: listen(SignalKind::interrupt(), "SIGINT"),
-            terminate: listen(SignalKind::terminate(), "SIGTERM"),
-        }
-    }
-
-    #[cfg(not(unix))]
-    fn new() -> Self {
-        Self {}
-    }
-
-    /// The next signal's name and the exit status of a process it kills.
-    #[cfg(unix)]
-    async fn next(&mut self) -> (&'static str, i32) {
-        async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
-            let received = match s {
-                Some(s) => s.recv().await.is_some(),
-                None => false,
-            };
-            if !received {
-                std::future::pending::<()>().await;
-            }
-        }
-        tokio::select! {
-            () = recv(&mut self.interrupt) => ("SIGINT", 130),
-            () = recv(&mut self.terminate) => ("SIGTERM", 143),
-        }
-    }
-
-    #[cfg(not(unix))]
-    async fn next(&mut self) -> (&'static str, i32) {
-        match tokio::signal::ctrl_c().await {
-            Ok(()) => ("Ctrl-C", 130),
-            Err(_) => std::future::pending().await,
-        }
-    }
 }

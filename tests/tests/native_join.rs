@@ -670,3 +670,60 @@ async fn a_silent_server_is_noticed_and_left() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Ctrl-C (SIGINT) or SIGTERM in the rounds: the participant waits for the
+/// answers to the updates it sent, sends `Leave`, prints its summary with
+/// `"stopped": true` and exits with the signal's status (130, 143). Its
+/// accepted update stays in the round, which commits when another
+/// participant's comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_stopped_by_a_signal_leaves_and_reports() -> anyhow::Result<()> {
+    let task = TaskDir::new(true)?;
+    task.write_config(true)?;
+    let agg = Aggregator::start_in(task.path())?;
+    let signal = |s: &str, child: &std::process::Child| {
+        std::process::Command::new("kill")
+            .args([s, &child.id().to_string()])
+            .status()
+    };
+    let updates = |n: f64| {
+        let agg = &agg;
+        async move {
+            let started = std::time::Instant::now();
+            while agg.metric("fedsb_updates_accepted_total").await? < n {
+                anyhow::ensure!(started.elapsed() < JOIN_TIMEOUT, "not {n} updates");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            anyhow::Ok(())
+        }
+    };
+    // Round 1 waits for a second participant after a's update.
+    let a = spawn_join(task.path(), &agg, "a.tsv", "a", &[])?;
+    let a = first_update_from(&agg, a, JOIN_TIMEOUT).await?;
+    anyhow::ensure!(signal("-INT", &a)?.success(), "kill -INT");
+    let out = wait_child(a, Duration::from_secs(30)).await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("stopping: leaving the task"), "{stderr}");
+    let report = last_json_line(&out)?;
+    assert_eq!(report["stopped"], true, "{report}");
+    assert_eq!(report["finished"], false, "{report}");
+    assert_eq!(report["rounds"], serde_json::json!([1]), "{report}");
+    let status = agg.json("/api/status").await?;
+    assert_eq!(status["participants_connected"], 0, "{status}");
+    assert_eq!(status["updates_in_round"], 1, "{status}");
+
+    // b completes round 1 with a's update and waits in round 2: SIGTERM.
+    let b = spawn_join(task.path(), &agg, "b.tsv", "b", &[])?;
+    updates(3.0).await?;
+    anyhow::ensure!(signal("-TERM", &b)?.success(), "kill -TERM");
+    let out = wait_child(b, Duration::from_secs(30)).await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(143), "{stderr}");
+    let report = last_json_line(&out)?;
+    assert_eq!(report["stopped"], true, "{report}");
+    assert_eq!(report["rounds"], serde_json::json!([1, 2]), "{report}");
+    let rounds = agg.json("/api/rounds").await?;
+    assert_eq!(rounds[1]["participants"], 2, "{rounds}");
+    Ok(())
+}
