@@ -1416,8 +1416,8 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
             let (first, status) = signals.next().await;
             warn!(
                 signal = first,
-                "stopping: leaving the task once the updates sent are answered \
-                 (a second signal quits at once)"
+                "stopping: leaving the task after the round in training, if any, and \
+                 the answers to the updates sent (a second signal quits at once)"
             );
             stop.store(status, Ordering::SeqCst);
             let (second, status) = signals.next().await;
