@@ -768,56 +768,81 @@ async fn fetch_file(
         format!("{base}/{}", file.url.trim_start_matches('/'))
     };
     let started = Instant::now();
-    // One partial file per process: participants may share a cache. It
-    // is removed on every failure, so none piles up (a model is 90 MB).
-    let part = cache.join(format!("{expected}.{}.part", std::process::id()));
-    let written = async {
-        let mut out = Partial {
-            file: std::fs::File::create(&part)
-                .with_context(|| format!("writing {}", part.display()))?,
-            path: &part,
-            hasher: Sha256::new(),
-            size: 0,
-        };
-        let mut attempt = 1;
+    let (mut out, resumable) = Partial::open(cache, &expected, file.size)?;
+    let resumed_from = out.size;
+    if resumed_from > 0 {
+        info!(file = %file.name, bytes = resumed_from, of = file.size,
+            "resuming the download an earlier run left");
+    }
+    let written: Result<u64, Transfer> = async {
+        let mut started_over = false;
         loop {
-            match download_into(client, &url, file, &mut out).await {
-                Ok(()) => break,
-                Err(Transfer::Fatal(e)) => return Err(e),
-                Err(Transfer::Retry(e)) if attempt < DOWNLOAD_ATTEMPTS => {
-                    let pause = DOWNLOAD_RETRY_PAUSE * (1 << (attempt - 1));
-                    warn!(file = %file.name, bytes_so_far = out.size, attempt,
-                        error = format!("{e:#}"),
-                        "download interrupted; resuming in {pause:?}");
-                    tokio::time::sleep(pause).await;
-                    attempt += 1;
-                }
-                Err(Transfer::Retry(e)) => {
-                    return Err(e.context(format!(
-                        "downloading {} from {url} failed {DOWNLOAD_ATTEMPTS} times",
-                        file.name
-                    )))
+            let mut attempt = 1;
+            loop {
+                match download_into(client, &url, file, &mut out).await {
+                    Ok(()) => break,
+                    Err(Transfer::Retry(e)) if attempt < DOWNLOAD_ATTEMPTS => {
+                        let pause = DOWNLOAD_RETRY_PAUSE * (1 << (attempt - 1));
+                        warn!(file = %file.name, bytes_so_far = out.size, attempt,
+                            error = format!("{e:#}"),
+                            "download interrupted; resuming in {pause:?}");
+                        tokio::time::sleep(pause).await;
+                        attempt += 1;
+                    }
+                    Err(Transfer::Retry(e)) => {
+                        return Err(Transfer::Retry(e.context(format!(
+                            "downloading {} from {url} failed {DOWNLOAD_ATTEMPTS} times",
+                            file.name
+                        ))))
+                    }
+                    Err(fatal) => return Err(fatal),
                 }
             }
-        }
-        out.file
-            .sync_all()
-            .with_context(|| format!("writing {}", part.display()))?;
-        let (size, found) = (out.size, hex::encode(out.hasher.finalize()));
-        drop(out.file);
-        if found != expected {
-            bail!(
+            out.file
+                .sync_all()
+                .with_context(|| format!("writing {}", out.path.display()))
+                .map_err(Transfer::Fatal)?;
+            let (size, found) = (out.size, hex::encode(out.hasher.clone().finalize()));
+            if found == expected {
+                // Renamed while this process holds the partial file's lock.
+                std::fs::rename(&out.path, &path)
+                    .with_context(|| format!("writing {}", path.display()))
+                    .map_err(Transfer::Fatal)?;
+                return Ok(size);
+            }
+            if resumed_from > 0 && !started_over {
+                // What the earlier run left may be what is wrong.
+                warn!(file = %file.name, "the resumed download does not have the announced \
+                    SHA-256; downloading the whole file again");
+                out.restart().map_err(Transfer::Fatal)?;
+                started_over = true;
+                continue;
+            }
+            return Err(Transfer::Fatal(anyhow::anyhow!(
                 "{} from {url} has SHA-256 {found} ({size} bytes), but the server announced {expected} ({} bytes): refusing it",
                 file.name,
                 file.size
-            );
+            )));
         }
-        std::fs::rename(&part, &path).with_context(|| format!("writing {}", path.display()))?;
-        Ok(size)
     }
     .await;
-    let size = written.inspect_err(|_| {
-        let _ = std::fs::remove_file(&part);
+    let part = out.path.clone();
+    drop(out);
+    let size = written.map_err(|e| {
+        // A download cut off is kept for the next run where it is the
+        // cache's one partial file of this hash; anything else is removed,
+        // so none piles up (a model is 90 MB).
+        let (e, keep) = match e {
+            Transfer::Retry(e) => (e, resumable),
+            Transfer::Fatal(e) => (e, false),
+        };
+        if keep {
+            info!(file = %file.name, part = %part.display(),
+                "the part downloaded is kept: the next run resumes it");
+        } else {
+            let _ = std::fs::remove_file(&part);
+        }
+        e
     })?;
     info!(file = %file.name, bytes = size, seconds = started.elapsed().as_secs_f64(), "downloaded");
     Ok(path)
@@ -833,14 +858,67 @@ const DOWNLOAD_RETRY_PAUSE: Duration = if cfg!(test) {
 };
 
 /// A download in progress: the bytes written so far and their hash.
-struct Partial<'a> {
+struct Partial {
     file: std::fs::File,
-    path: &'a Path,
+    path: PathBuf,
     hasher: Sha256,
     size: u64,
 }
 
-impl Partial<'_> {
+impl Partial {
+    /// The partial file of the file with SHA-256 `sha256` in `cache`, and
+    /// whether it outlives this process: `<sha256>.part`, locked while this
+    /// process writes it, with what an earlier run left in it (hashed, to
+    /// go on from its end; dropped if longer than the `announced` size);
+    /// or, where another process writes that one (two participants sharing
+    /// a cache) or the file system has no locks, `<sha256>.<pid>.part`, new,
+    /// which the caller removes whatever happens.
+    fn open(cache: &Path, sha256: &str, announced: u64) -> anyhow::Result<(Self, bool)> {
+        use std::io::Read as _;
+        let shared = cache.join(format!("{sha256}.part"));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&shared)
+            .with_context(|| format!("writing {}", shared.display()))?;
+        if file.try_lock().is_ok() {
+            let mut p = Self {
+                file,
+                path: shared,
+                hasher: Sha256::new(),
+                size: 0,
+            };
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = p
+                    .file
+                    .read(&mut buf)
+                    .with_context(|| format!("reading {}", p.path.display()))?;
+                if n == 0 {
+                    break;
+                }
+                p.hasher.update(&buf[..n]);
+                p.size += n as u64;
+            }
+            if p.size > announced {
+                p.restart()?;
+            }
+            return Ok((p, true));
+        }
+        let own = cache.join(format!("{sha256}.{}.part", std::process::id()));
+        let file =
+            std::fs::File::create(&own).with_context(|| format!("writing {}", own.display()))?;
+        let p = Self {
+            file,
+            path: own,
+            hasher: Sha256::new(),
+            size: 0,
+        };
+        Ok((p, false))
+    }
+
     /// Drops what was written: the server sends the file from its start.
     fn restart(&mut self) -> anyhow::Result<()> {
         use std::io::Seek;
@@ -870,7 +948,7 @@ async fn download_into(
     client: &reqwest::Client,
     url: &str,
     file: &FileRef,
-    out: &mut Partial<'_>,
+    out: &mut Partial,
 ) -> Result<(), Transfer> {
     let what = || format!("downloading {} from {url}", file.name);
     let mut request = client.get(url);
@@ -1947,7 +2025,8 @@ mod tests {
             assert_eq!(*seen.lock().unwrap(), ["", "bytes=10-"], "ranges: {ranges}");
             assert_eq!(std::fs::read_dir(cache.path()).unwrap().count(), 1);
         }
-        // Cut off every time: the error says so; no partial file is left.
+        // Cut off every time: the error says so; the part is kept, and the
+        // next run (a server that sends it all) resumes it.
         let cache = tempfile::tempdir().unwrap();
         let (base, seen) = cutting_server(BODY, 4, true, true).await;
         let e = fetch_file(&client, &base, &file_ref(sha.clone(), 36), cache.path())
@@ -1958,7 +2037,59 @@ mod tests {
             *seen.lock().unwrap(),
             ["", "bytes=4-", "bytes=8-", "bytes=12-", "bytes=16-"]
         );
-        assert_eq!(std::fs::read_dir(cache.path()).unwrap().count(), 0);
+        let part = cache.path().join(format!("{sha}.part"));
+        assert_eq!(std::fs::read(&part).unwrap(), &BODY[..20]);
+        let (base, seen) = cutting_server(BODY, usize::MAX, true, false).await;
+        let path = fetch_file(&client, &base, &file_ref(sha.clone(), 36), cache.path())
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), BODY);
+        assert_eq!(*seen.lock().unwrap(), ["bytes=20-"]);
+        assert_eq!(std::fs::read_dir(cache.path()).unwrap().count(), 1);
+    }
+
+    /// What an earlier run left that is not the start of the file (a disk
+    /// error, another file's bytes) is found by the hash and downloaded
+    /// again whole, once; a part longer than announced is dropped; a part
+    /// another process is writing is left alone (this one downloads into
+    /// a part of its own, removed when done).
+    #[tokio::test]
+    async fn parts_left_by_earlier_runs_are_checked() {
+        const BODY: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+        let sha = hex::encode(Sha256::digest(BODY));
+        let client = reqwest::Client::new();
+        let cache = tempfile::tempdir().unwrap();
+        let part = cache.path().join(format!("{sha}.part"));
+        for (left, requests) in [
+            (&b"0123XXXX"[..], &["bytes=8-", ""][..]),
+            (&[b'0'; 40][..], &[""][..]),
+        ] {
+            std::fs::write(&part, left).unwrap();
+            let (base, seen) = cutting_server(BODY, usize::MAX, true, false).await;
+            let path = fetch_file(&client, &base, &file_ref(sha.clone(), 36), cache.path())
+                .await
+                .unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), BODY);
+            assert_eq!(*seen.lock().unwrap(), requests);
+            assert!(!part.exists());
+            std::fs::remove_file(&path).unwrap();
+        }
+        // Another process's part, locked: untouched.
+        std::fs::write(&part, b"0123").unwrap();
+        let other = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&part)
+            .unwrap();
+        other.try_lock().unwrap();
+        let (base, seen) = cutting_server(BODY, usize::MAX, true, false).await;
+        let path = fetch_file(&client, &base, &file_ref(sha.clone(), 36), cache.path())
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), BODY);
+        assert_eq!(*seen.lock().unwrap(), [""]);
+        assert_eq!(std::fs::read(&part).unwrap(), b"0123");
+        assert_eq!(std::fs::read_dir(cache.path()).unwrap().count(), 2);
     }
 
     fn file_ref(sha256: String, size: u64) -> FileRef {
