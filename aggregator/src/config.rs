@@ -357,6 +357,12 @@ pub struct ServerSection {
     /// a connection open.
     #[serde(default = "default_header_read")]
     pub header_read_timeout_secs: u64,
+    /// A connection whose writes make no progress this long (the client
+    /// stopped reading a file, the event stream or its WebSocket) is
+    /// closed: a client that asks for the model and never reads it cannot
+    /// hold a connection open.
+    #[serde(default = "default_write_stall")]
+    pub write_timeout_secs: u64,
 }
 
 impl Default for ServerSection {
@@ -369,6 +375,7 @@ impl Default for ServerSection {
             ping_interval_secs: default_ping(),
             idle_timeout_secs: default_idle(),
             header_read_timeout_secs: default_header_read(),
+            write_timeout_secs: default_write_stall(),
         }
     }
 }
@@ -501,6 +508,9 @@ fn default_idle() -> u64 {
 }
 fn default_header_read() -> u64 {
     30
+}
+fn default_write_stall() -> u64 {
+    60
 }
 
 /// Refuses `secs` of timing `key` outside 1..=[`MAX_TIMING_SECS`].
@@ -936,6 +946,7 @@ impl Config {
             "server.header_read_timeout_secs",
             server.header_read_timeout_secs,
         )?;
+        check_secs("server.write_timeout_secs", server.write_timeout_secs)?;
         if server.idle_timeout_secs <= server.ping_interval_secs {
             return bad(format!(
                 "server.idle_timeout_secs {} must exceed server.ping_interval_secs {}: \

@@ -378,7 +378,9 @@ impl Server {
     /// long after it opened, or after its last response, is closed.
     /// (`axum::serve` sets no timer, and first waits for bytes to tell
     /// HTTP/1 from HTTP/2, so a client that sent nothing, or trickled its
-    /// headers, held a connection and a file descriptor for good.)
+    /// headers, held a connection and a file descriptor for good.) A
+    /// connection whose writes stall for `[server] write_timeout_secs` (a
+    /// client that asked for a file and does not read it) is closed too.
     pub async fn run(
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -387,6 +389,7 @@ impl Server {
         use hyper_util::service::TowerToHyperService;
 
         let header_read = Duration::from_secs(self.app.config.server.header_read_timeout_secs);
+        let write_stall = Duration::from_secs(self.app.config.server.write_timeout_secs);
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             .timer(TokioTimer::new())
@@ -411,9 +414,11 @@ impl Server {
                 () = &mut shutdown => break,
             };
             let _ = stream.set_nodelay(true);
+            let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+            stream.set_write_timeout(Some(write_stall));
             let service = TowerToHyperService::new(self.router.clone());
             let conn = builder
-                .serve_connection(TokioIo::new(stream), service)
+                .serve_connection(TokioIo::new(Box::pin(stream)), service)
                 .with_upgrades();
             let (open, mut stopping) = (open_rx.clone(), stopping.clone());
             tokio::spawn(async move {

@@ -652,6 +652,61 @@ async fn connections_that_never_finish_a_request_are_closed() -> anyhow::Result<
     Ok(())
 }
 
+/// A client that asks for a large file and stops reading it is
+/// disconnected once the server's writes have made no progress for
+/// `write_timeout_secs`; a client that reads gets the whole file.
+#[tokio::test]
+async fn a_client_that_stops_reading_a_file_is_disconnected() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const SIZE: usize = 48 << 20;
+    let www = tempfile::tempdir()?;
+    std::fs::write(www.path().join("big.bin"), vec![7u8; SIZE])?;
+    let config = test_config(2, 1, 2, 600, "")
+        + &format!(
+            "write_timeout_secs = 2\nwww_dir = {:?}\n",
+            www.path().display().to_string()
+        );
+    let agg = Aggregator::start(&config)?;
+    let request = b"GET /big.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let read_all = |mut s: tokio::net::TcpStream| async move {
+        let mut total = 0usize;
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return total,
+                Ok(n) => total += n,
+            }
+        }
+    };
+
+    // Reads a little, then nothing for 5 s: the server's writes stall.
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(4096)?;
+    let mut stalled = socket.connect(agg.addr).await?;
+    stalled.write_all(request).await?;
+    let mut head = [0u8; 1024];
+    let n = stalled.read(&mut head).await?;
+    assert!(head[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &head[..n]);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // What the socket buffers held, then the end the server made.
+    let got = tokio::time::timeout(Duration::from_secs(20), read_all(stalled))
+        .await
+        .context("the stalled connection was not closed")?;
+    eprintln!("the stalled client got {} of {SIZE} bytes", got + n);
+    assert!(
+        got + n < SIZE,
+        "{} bytes: the server waited for the reader",
+        got + n
+    );
+
+    // A reader gets it all.
+    let mut reader = tokio::net::TcpStream::connect(agg.addr).await?;
+    reader.write_all(request).await?;
+    let got = tokio::time::timeout(Duration::from_secs(60), read_all(reader)).await?;
+    assert!(got > SIZE, "{got} bytes with the head");
+    Ok(())
+}
+
 /// A WebSocket that answers the server's pings but never says Hello is
 /// closed with 1008 after `idle_timeout_secs` (5 s here): it cannot hold a
 /// connection without joining. One that joined stays.
