@@ -172,6 +172,9 @@ pub struct ExportedRound {
     pub last_committed: u64,
     pub meta: RoundMeta,
     pub bytes: Vec<u8>,
+    /// DP tasks: the file's `dp_epsilon_max` and `dp_epsilon_accounted_max`.
+    pub dp_epsilon_max: Option<f64>,
+    pub dp_epsilon_accounted_max: Option<f64>,
 }
 
 impl ExportedRound {
@@ -460,6 +463,8 @@ fn adapter_file_of(
     if let Some(sha256) = base_model {
         metadata.insert(BASE_MODEL_SHA256.to_owned(), sha256);
     }
+    let dp_epsilon_max = privacy.as_ref().map(|p| p.epsilon_max);
+    let dp_epsilon_accounted_max = privacy.as_ref().and_then(|p| p.epsilon_accounted_max);
     if let Some(p) = privacy {
         metadata.insert("dp_epsilon_max".to_owned(), p.epsilon_max.to_string());
         if let Some(e) = p.epsilon_accounted_max {
@@ -480,6 +485,8 @@ fn adapter_file_of(
         last_committed: last,
         meta,
         bytes,
+        dp_epsilon_max,
+        dp_epsilon_accounted_max,
     })
 }
 

@@ -97,6 +97,10 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
             "out": args.out.display().to_string(),
             "sha256": hex::encode(Sha256::digest(&exported.bytes)),
             "bytes": exported.bytes.len(),
+            // DP tasks (null otherwise): the largest ε a participant
+            // reported, and the largest the aggregator accounts.
+            "dp_epsilon_max": exported.dp_epsilon_max,
+            "dp_epsilon_accounted_max": exported.dp_epsilon_accounted_max,
         })
     );
     Ok(())

@@ -235,6 +235,29 @@ async fn dp_task_commits_rounds_and_reports_epsilon_per_participant() -> anyhow:
             "{name}"
         );
     }
+
+    // `fedsb export` names both in its JSON line, as in the file.
+    let out = Command::new(fedsb_bin())
+        .args(["export", "--config"])
+        .arg(dir.join("task.toml"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--out")
+        .arg(dir.join("exported.safetensors"))
+        .output()?;
+    check_success("fedsb export", &out)?;
+    let line = last_json_line(&out)?;
+    let number = |key: &str| line[key].as_f64().unwrap_or(f64::NAN);
+    assert!(close(number("dp_epsilon_max"), last_eps), "{line}");
+    assert!(
+        close(number("dp_epsilon_accounted_max"), last_accounted),
+        "{line}"
+    );
+    let meta = metadata_of(&std::fs::read(dir.join("exported.safetensors"))?)?;
+    assert_eq!(
+        meta["dp_epsilon_accounted_max"].parse::<f64>()?,
+        last_accounted
+    );
     Ok(())
 }
 
