@@ -39,10 +39,15 @@ function renderPrivacy(list) {
   }
   section.hidden = false;
   const budget = task.privacy.epsilon;
+  // This tab's own row, once it has joined (participant.js keeps its id).
+  const mine = window.fedsbParticipant?.status?.participant ?? null;
   const rows = (list || []).map((p) => {
     const tr = document.createElement("tr");
+    const own = mine !== null && String(p.participant) === mine;
+    if (own) tr.className = "own";
     const cells = [
-      p.client || String(p.participant),
+      (p.client || String(p.participant)) + (own ? " (this tab)" : ""),
+      String(p.participant),
       p.epsilon_spent.toFixed(3),
       p.epsilon_accounted == null ? "unbounded" : p.epsilon_accounted.toFixed(3),
       `${Math.min(100, (100 * spentOf(p)) / budget).toFixed(0)} % of ε = ${budget}`,
@@ -54,10 +59,9 @@ function renderPrivacy(list) {
       String(p.last_round),
       p.connected ? "yes" : "no",
     ];
-    for (const [i, c] of cells.entries()) {
+    for (const c of cells) {
       const td = document.createElement("td");
       td.textContent = c;
-      if (i === 4) td.className = "recall";
       tr.appendChild(td);
     }
     return tr;
@@ -67,6 +71,9 @@ function renderPrivacy(list) {
 
 function renderTask(t) {
   task = t;
+  // A federated initialization sends more than r×r matrices: say so where
+  // volunteers read what leaves their tab.
+  $("join-init-note").hidden = hasAdapterFile(t);
   if (lastRounds) renderRounds(lastRounds);
   setText("task-id", `${t.task_id} — ${t.total_rounds} rounds, ${t.local_steps} local steps of batch ${t.batch_size}`);
   setText("task-model", `${t.model_id}${t.model_sha256 ? ` (sha256 ${t.model_sha256.slice(0, 12)}…)` : ""}`);
@@ -116,6 +123,10 @@ function hasAdapterFile(t) {
 }
 let taskLookedUpAgain = false;
 let lastRounds = null; // the rounds rendered last, rendered again with the task
+let evalEnabled = null; // whether the aggregator evaluates rounds (/api/eval)
+// An error that stays shown until it is mended (the task could not be
+// loaded): a status that arrives does not clear it.
+let standingError = "";
 
 function renderRounds(rounds) {
   const body = $("rounds");
@@ -128,11 +139,13 @@ function renderRounds(rounds) {
   const rows = rounds.slice().reverse().map((r) => {
     const tr = document.createElement("tr");
     tr.dataset.round = String(r.round);
+    // Not evaluated yet ("…"), or never: the task has no eval set ("—").
+    const none = evalEnabled === false ? "—" : "…";
     const cells = [
       r.round === 0 ? "0 (initial)" : String(r.round),
-      r.eval ? `${(100 * r.eval.accuracy).toFixed(1)} %` : "…",
-      r.eval ? fmt(r.eval.loss, 4) : "…",
-      r.eval ? recallText(r.eval.confusion) : "…",
+      r.eval ? `${(100 * r.eval.accuracy).toFixed(1)} %` : none,
+      r.eval ? fmt(r.eval.loss, 4) : none,
+      r.eval ? recallText(r.eval.confusion) : none,
       String(r.participants),
       String(r.total_samples),
       fmt(r.mean_train_loss, 4),
@@ -238,7 +251,7 @@ async function refreshRounds() {
 function onStatus(s) {
   renderStatus(s);
   renderPrivacy(s.privacy);
-  showError("");
+  showError(standingError);
   if (s.last_committed_round !== lastCommitted) {
     lastCommitted = s.last_committed_round;
     refreshRounds();
@@ -262,9 +275,26 @@ async function poll() {
   setTimeout(poll, POLL_MS);
 }
 
-getJson("/api/task").then(renderTask).catch((e) => showError(`Cannot load the task: ${e.message}`));
+// The task, tried again (2 s, doubling up to 30 s) until it loads: the
+// page names its model, classes and downloads from it.
+function loadTask(pause = 2000) {
+  getJson("/api/task")
+    .then((t) => {
+      standingError = "";
+      showError("");
+      renderTask(t);
+    })
+    .catch((e) => {
+      standingError = `Cannot load the task: ${e.message}; trying again`;
+      showError(standingError);
+      setTimeout(() => loadTask(Math.min(2 * pause, 30000)), pause);
+    });
+}
+loadTask();
 getJson("/api/eval")
   .then((e) => {
+    evalEnabled = Boolean(e.enabled);
+    if (lastRounds) renderRounds(lastRounds);
     $("eval-info").textContent = e.enabled
       ? `Each committed global model is evaluated by the aggregator on ${e.samples} held-out examples (${e.adapter}).`
       : "The aggregator has no evaluation set ([eval] file in the task config), so only training figures are shown.";

@@ -25,6 +25,8 @@
 //    rounds), samplesPerSecond,
 //    privacy: null | {epsilon_spent, epsilon_budget, delta, noise_multiplier,
 //    sample_rate, clip_norm, steps_taken, planned_steps}, message, error
+//    (a loss entry gets counted: true once the aggregator accepted its
+//    update, or counted: false and notCounted: why, e.g. "stale_round")
 //    (an aggregator's rejection stays until a round's training starts or an
 //    update is accepted)}
 //     phase: connecting | downloading | initializing | loading | waiting |
@@ -456,16 +458,56 @@ async function fetchFile(file) {
   return bytes;
 }
 
+// The rounds a finished task committed (from /api/status), or null while
+// it runs or when the status cannot be read (the join goes on; a finished
+// task then says so itself).
+async function finishedRounds() {
+  try {
+    const r = await fetch(new URL("/api/status", self.location.origin).href, { cache: "no-store" });
+    if (!r.ok) return null;
+    const s = await r.json();
+    return s.state === "finished" ? Number(s.last_committed_round) : null;
+  } catch (e) {
+    return null;
+  }
+}
+
+// Whether every file this task's join would fetch is in the Cache API.
+async function allCached(task) {
+  const cache = await openCache();
+  if (!cache) return false;
+  try {
+    for (const f of task.files) {
+      if (!MODEL_FILES.includes(f.name)) continue;
+      if (!(await cache.match(new URL(`/files/${f.sha256}`, self.location.origin).href))) return false;
+    }
+    return true;
+  } catch (e) {
+    return false;
+  }
+}
+
 async function onWelcome(frame, msg) {
   const task = msg.task;
   welcomed = true;
   taskFiles = new Map(task.files.map((f) => [f.name, f.sha256]));
   post({
-    phase: "downloading",
     task: task.task_id,
     participant: String(msg.participant),
     message: `task ${task.task_id} (${task.model_id})`,
   });
+  // A finished task says so after the Welcome: ask first, so that nothing
+  // is downloaded for it (the model is 90 MB), as `fedsb join` does. A tab
+  // that has every file cached loads them (no download) and shows what it
+  // spent, until the task's own TaskFinished ends the join.
+  const finished = await finishedRounds();
+  if (finished !== null && !(await allCached(task))) {
+    ended = true;
+    post({ phase: "finished", message: `the task has finished after ${finished} rounds; nothing to train` });
+    ws.close(1000, "finished");
+    return;
+  }
+  post({ phase: "downloading" });
   const federated = !task.files.some((x) => x.name === "adapter.safetensors");
   const bytes = {};
   for (const name of MODEL_FILES) {
@@ -534,11 +576,19 @@ function describeAdapter(wgpuName) {
 async function onRoundOpen(frame, msg) {
   const round = Number(msg.round);
   latestRound = round;
-  for (const r of [...unacked.keys()]) {
-    if (r < round) {
-      unacked.delete(r);
-      post({ message: `our update of round ${r} was lost with the connection; round ${r} closed without it` });
+  for (const [r, e] of [...unacked]) {
+    if (r >= round) continue;
+    if (e.conn === connId) {
+      // Sent on this connection and not answered: it reached the round
+      // after its quorum had committed it; the aggregator's refusal
+      // (stale_round) is on its way and answers this entry.
+      if (!e.late) post({ message: `round ${r} closed before our update arrived (other participants were faster): it does not count` });
+      e.late = true;
+      continue;
     }
+    unacked.delete(r);
+    markCounted(r, false, "lost with the connection");
+    post({ message: `our update of round ${r} was lost with the connection; round ${r} closed without it` });
   }
   const pending = unacked.get(round);
   if (pending) {
@@ -609,6 +659,16 @@ async function onRoundOpen(frame, msg) {
       (r.epsilonSpent != null ? `, privacy spent ε = ${r.epsilonSpent.toFixed(3)} of ${r.epsilonBudget}` : ""),
   });
   r.free();
+}
+
+// Records in the loss list whether the aggregator counted this round's
+// update (`why`: the reason it did not).
+function markCounted(round, counted, why) {
+  const i = status.losses.findIndex((l) => l.round === round);
+  if (i < 0) return;
+  const losses = status.losses.slice();
+  losses[i] = { ...losses[i], counted, notCounted: counted ? null : why };
+  post({ losses });
 }
 
 function sameBytes(a, b) {
@@ -720,6 +780,7 @@ async function handle(frame) {
     case "update_accepted": {
       const round = Number(msg.round);
       unacked.delete(round);
+      markCounted(round, true);
       if (submitted.has(round)) {
         post({ error: null, message: `update of round ${round} accepted` });
       } else {
@@ -757,11 +818,19 @@ async function handle(frame) {
       }
       // Errors answer our messages in order: this one is about the oldest
       // update sent on this connection that is not answered yet, if any.
+      let answered = null;
       for (const [r, e] of unacked) {
         if (e.conn === connId) {
           unacked.delete(r);
+          answered = { round: r, late: e.late };
           break;
         }
+      }
+      if (answered) markCounted(answered.round, false, msg.code);
+      if (answered?.late && msg.code === "stale_round") {
+        // Said already at the next round's opening: not an error.
+        post({ message: `the aggregator did not count our update of round ${answered.round}: ${msg.message}` });
+        return;
       }
       if (msg.code === "invalid_privacy_report") {
         // Our DP training does not fit the task (the aggregator accounts

@@ -62,6 +62,11 @@ function showError(message) {
 
 function setJoinEnabled() {
   joinButton.disabled = !gpuOk || !file || joined || !$("join-preview").dataset.ok;
+  // The data of a join cannot change while it trains; a browser that
+  // cannot train takes no demo shard.
+  fileInput.disabled = joined;
+  $("join-demo").disabled = joined || !gpuOk;
+  for (const id of ["join-text-col", "join-pair-col", "join-label-col"]) $(id).disabled = joined;
 }
 
 function ensureWorker() {
@@ -89,15 +94,63 @@ function ensureWorker() {
 
 // The lines of `text` that are not blank, from the start, one at a time
 // (without splitting a large file whole).
+// Lines end with \n, \r\n or a bare \r, as the reader takes them.
 function* nonBlankLines(text) {
+  const ends = /\r\n|\r|\n/g;
   let at = 0;
   while (at < text.length) {
-    let end = text.indexOf("\n", at);
-    if (end < 0) end = text.length;
-    const line = text.slice(at, end).replace(/\r$/, "");
+    ends.lastIndex = at;
+    const m = ends.exec(text);
+    const end = m ? m.index : text.length;
+    const line = text.slice(at, end);
     if (line.trim() !== "") yield { line, at };
-    at = end + 1;
+    at = m ? m.index + m[0].length : text.length;
   }
+}
+
+// The text of a chosen file, which must be UTF-8 (as `fedsb join` reads
+// it): a file in another encoding (Latin-1, Windows-1252, UTF-16) is
+// refused naming its first bad byte, instead of being read with
+// replacement characters and trained on garbled.
+async function readUtf8(f) {
+  const bytes = new Uint8Array(await f.arrayBuffer());
+  if (bytes.length >= 2 && ((bytes[0] === 0xff && bytes[1] === 0xfe) || (bytes[0] === 0xfe && bytes[1] === 0xff))) {
+    throw new Error(`${f.name}: the file is UTF-16; save it as UTF-8`);
+  }
+  try {
+    return new TextDecoder("utf-8", { fatal: true }).decode(bytes);
+  } catch {
+    const bad = firstInvalidUtf8(bytes);
+    let line = 1;
+    for (let i = 0; i < bad; i++) if (bytes[i] === 0x0a) line++;
+    const hex = bytes[bad].toString(16).padStart(2, "0");
+    throw new Error(`${f.name}:${line}: not valid UTF-8 (byte 0x${hex} at offset ${bad}); save the file as UTF-8`);
+  }
+}
+
+// The offset of the first byte that does not belong to a valid UTF-8
+// sequence (bytes.length if all do).
+function firstInvalidUtf8(bytes) {
+  let i = 0;
+  while (i < bytes.length) {
+    const b = bytes[i];
+    let n; // continuation bytes
+    let min; // smallest code point of this length (no overlong forms)
+    if (b < 0x80) n = 0;
+    else if (b >= 0xc2 && b <= 0xdf) [n, min] = [1, 0x80];
+    else if (b >= 0xe0 && b <= 0xef) [n, min] = [2, 0x800];
+    else if (b >= 0xf0 && b <= 0xf4) [n, min] = [3, 0x10000];
+    else return i;
+    let cp = n === 0 ? b : b & (0x3f >> n);
+    for (let k = 1; k <= n; k++) {
+      const c = bytes[i + k];
+      if (c === undefined || (c & 0xc0) !== 0x80) return i;
+      cp = (cp << 6) | (c & 0x3f);
+    }
+    if (n > 0 && (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))) return i;
+    i += n + 1;
+  }
+  return bytes.length;
 }
 
 // JSON Lines: keys of the first objects (the reader takes the keys of all).
@@ -166,6 +219,12 @@ function fillSelect(select, names) {
   if (names.includes(keep)) select.value = keep;
 }
 
+// No preview, and none that counts (dataset.ok marks a good one).
+function clearPreview() {
+  $("join-preview").replaceChildren();
+  $("join-preview").dataset.ok = "";
+}
+
 function requestPreview() {
   if (!file) return;
   $("join-preview").dataset.ok = "";
@@ -215,8 +274,7 @@ function renderPreview(p) {
 
 function renderLosses(losses) {
   // Most statuses (downloads, messages) bring the same losses: draw once.
-  const last = losses[losses.length - 1];
-  const shown = last ? `${losses.length} ${last.round} ${last.loss}` : "";
+  const shown = JSON.stringify(losses.map((l) => [l.round, l.loss, l.counted ?? null]));
   if (shown === lossesShown) return;
   lossesShown = shown;
   const list = $("join-losses");
@@ -225,11 +283,19 @@ function renderLosses(losses) {
       const li = document.createElement("li");
       li.textContent =
         `round ${l.round}: loss ${l.loss.toFixed(4)}, ${l.samples} samples in ${l.seconds.toFixed(1)} s (${l.samplesPerSecond.toFixed(1)} samples/s)` +
-        (l.epsilonSpent != null ? `, privacy spent ε = ${l.epsilonSpent.toFixed(3)} of ${l.epsilonBudget}` : "");
+        (l.epsilonSpent != null ? `, privacy spent ε = ${l.epsilonSpent.toFixed(3)} of ${l.epsilonBudget}` : "") +
+        (l.counted === true ? " — counted" : l.counted === false ? ` — not counted (${l.notCounted})` : "");
+      if (l.counted === false) li.className = "not-counted";
       return li;
     }),
   );
-  if (typeof uPlot === "undefined" || losses.length === 0) return;
+  if (typeof uPlot === "undefined") return;
+  if (losses.length === 0) {
+    // A new join: the last one's curve goes.
+    if (lossChart) lossChart.destroy();
+    lossChart = null;
+    return;
+  }
   const data = [losses.map((l) => l.round), losses.map((l) => l.loss)];
   if (!lossChart) {
     lossChart = new uPlot(
@@ -251,7 +317,7 @@ function onWorkerMessage(m) {
   if (m.type === "preview") {
     if (m.id !== previewId) return; // a newer preview is on its way
     if (m.error) {
-      $("join-preview").replaceChildren();
+      clearPreview();
       showError(m.error);
     } else {
       showError("");
@@ -283,6 +349,7 @@ function onWorkerMessage(m) {
     ? `${(m.bytesDownloaded / 1048576).toFixed(2)} MiB downloaded${m.filesCached ? `, ${m.filesCached} files from the cache` : ""}`
     : "";
   $("join-phase").textContent = m.phase;
+  $("join-participant").textContent = m.participant ?? "…";
   $("join-round").textContent = m.round ?? "…";
   $("join-adapter").textContent = m.adapter ?? "…";
   if (m.adapterFallback && gpuNote.hidden) {
@@ -321,22 +388,51 @@ function onWorkerMessage(m) {
   }
 }
 
+// Shows which data the preview and a Join use (the file input is cleared
+// after each read, so that choosing the same file again, mended, reads it
+// again).
+function showSource(text) {
+  $("join-source").textContent = text || "";
+  $("join-source").hidden = !text;
+}
+
+// Forgets the chosen data (after a file that cannot be used).
+function clearData(message) {
+  file = null;
+  clearPreview();
+  showSource("");
+  for (const id of ["join-text-col", "join-pair-col", "join-label-col"]) fillSelect($(id), []);
+  showError(message);
+  setJoinEnabled();
+}
+
 fileInput.addEventListener("change", async () => {
   const f = fileInput.files[0];
   const read = ++fileRead;
+  if (!f) return;
+  fileInput.value = "";
   file = null;
-  $("join-preview").replaceChildren();
-  if (!f) return setJoinEnabled();
+  clearPreview();
+  setJoinEnabled();
   if (f.size > MAX_FILE_BYTES) {
-    showError(
+    return clearData(
       `${f.name} is ${(f.size / 1048576).toFixed(0)} MiB: this page reads files of up to ` +
         `${MAX_FILE_BYTES / 1048576} MiB. Use a part of it, or \`fedsb join\` for the whole file.`,
     );
-    return setJoinEnabled();
   }
-  const text = await f.text();
+  let text;
+  try {
+    text = await readUtf8(f);
+  } catch (e) {
+    if (read !== fileRead) return;
+    // Not UTF-8, or not readable (removed, a folder, no permission).
+    return clearData(e.name === "NotFoundError" || e.name === "NotReadableError"
+      ? `${f.name} cannot be read (${e.name}: ${e.message})`
+      : e.message);
+  }
   if (read !== fileRead) return; // another file was chosen meanwhile
   file = { text, fileName: f.name };
+  showSource(`Data: ${f.name} (${(f.size / 1024).toFixed(0)} KiB), read in this tab`);
   const names = headerColumns(file.text, file.fileName);
   for (const id of ["join-text-col", "join-pair-col", "join-label-col"]) fillSelect($(id), names);
   requestPreview();
@@ -357,7 +453,8 @@ fetch("/api/demo", { cache: "no-store" })
   })
   .catch(() => {});
 demoButton.addEventListener("click", async () => {
-  if (joined) return;
+  // Each click takes a shard from the aggregator's rotation.
+  if (joined || !gpuOk) return;
   const read = ++fileRead;
   try {
     const r = await fetch("/api/demo-shard", { cache: "no-store" });
@@ -367,7 +464,8 @@ demoButton.addEventListener("click", async () => {
     if (read !== fileRead) return; // a file was chosen meanwhile
     fileInput.value = "";
     file = { text, fileName: name ? name[1] : "demo-shard.tsv" };
-    $("join-preview").replaceChildren();
+    showSource(`Data: the aggregator's demo shard ${file.fileName} (public example data)`);
+    clearPreview();
     const names = headerColumns(file.text, file.fileName);
     for (const id of ["join-text-col", "join-pair-col", "join-label-col"]) fillSelect($(id), names);
     requestPreview();

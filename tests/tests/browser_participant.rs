@@ -403,18 +403,7 @@ async fn open_url_in(mut c: Chromium, url: &str, shard: &Path) -> anyhow::Result
     )
     .await
     .context("the page did not load")?;
-    let root = c.call("DOM.getDocument", json!({})).await?;
-    let input = c
-        .call(
-            "DOM.querySelector",
-            json!({ "nodeId": root["root"]["nodeId"], "selector": "#join-file" }),
-        )
-        .await?;
-    c.call(
-        "DOM.setFileInputFiles",
-        json!({ "nodeId": input["nodeId"], "files": [shard.display().to_string()] }),
-    )
-    .await?;
+    choose_file(&mut c, shard).await?;
     let summary = c
         .wait_for(
             "document.getElementById('join-preview').dataset.ok === '1' && document.getElementById('join-summary').textContent \
@@ -434,6 +423,23 @@ async fn open_url_in(mut c: Chromium, url: &str, shard: &Path) -> anyhow::Result
         c.call_in(Some(s), "Network.enable", json!({})).await?;
     }
     Ok(c)
+}
+
+/// Chooses `path` in the page's "Data file" input.
+async fn choose_file(c: &mut Chromium, path: &Path) -> anyhow::Result<()> {
+    let root = c.call("DOM.getDocument", json!({})).await?;
+    let input = c
+        .call(
+            "DOM.querySelector",
+            json!({ "nodeId": root["root"]["nodeId"], "selector": "#join-file" }),
+        )
+        .await?;
+    c.call(
+        "DOM.setFileInputFiles",
+        json!({ "nodeId": input["nodeId"], "files": [path.display().to_string()] }),
+    )
+    .await?;
+    Ok(())
 }
 
 /// The CDP session ids of the Web Workers attached to the tab so far
@@ -1117,6 +1123,20 @@ async fn browser_tabs_train_a_dp_task() -> anyhow::Result<()> {
         entry_ids == tab_ids,
         "{entry_ids:?} vs the tabs' {tab_ids:?}"
     );
+    // Each page marks its own row of the privacy table, by that id.
+    for (tab, c) in tabs.iter_mut().enumerate() {
+        let own = c
+            .eval(
+                "JSON.stringify([...document.querySelectorAll('#privacy-rows tr.own td')].map((td) => td.textContent))",
+            )
+            .await?;
+        let own: Vec<String> = serde_json::from_str(own.as_str().context("own row")?)?;
+        let id = statuses[tab]["participant"].as_str().unwrap_or("none");
+        ensure!(
+            own.len() > 2 && own[0].ends_with("(this tab)") && own[1] == id,
+            "tab {tab} ({id}): its row {own:?}"
+        );
+    }
     // Joining again restores the ledger from IndexedDB: the 9 steps taken
     // are still spent (the task is finished, so nothing trains), and the
     // participant key from IndexedDB makes the tab the same participant.
@@ -2012,6 +2032,12 @@ async fn a_tab_that_cannot_cache_the_files_still_trains() -> anyhow::Result<()> 
         "the page's download line: {shown}"
     );
     ensure!(updates == ROUNDS, "the tab sent {updates} updates");
+    // The same task afresh (a finished task downloads nothing), on the same
+    // origin, whose quota is still 1 byte: every file is downloaded again.
+    let port = agg.addr.port();
+    drop(agg);
+    std::fs::remove_dir_all(task.path().join("state"))?;
+    let _agg = Aggregator::start_in_on(task.path(), port)?;
     let again = join_again(&mut c).await?;
     c.close().await;
     ensure!(
@@ -2545,5 +2571,264 @@ async fn a_tab_resumes_a_download_that_is_cut_off() -> anyhow::Result<()> {
         "{rounds}"
     );
     c.close().await;
+    Ok(())
+}
+
+/// A file that is not UTF-8 (Latin-1, as spreadsheets save "CSV" on
+/// Windows) is refused with the line and offset of its first bad byte, as
+/// `fedsb join` refuses it, instead of being read with replacement
+/// characters and trained on; Join stays disabled. Choosing the same file
+/// again, saved as UTF-8, reads it again (the file input is cleared after
+/// each read) and names it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_that_is_not_utf8_is_refused_and_a_mended_one_read_again() -> anyhow::Result<()> {
+    let task = task_dir("")?;
+    let agg = Aggregator::start_in(task.path())?;
+    let mut c = open_tab(&agg, &task.path().join("shard1.tsv")).await?;
+    let path = task.path().join("latin1.tsv");
+    let head = b"sentence\tlabel\nfine\tpositive\n";
+    let mut bytes = head.to_vec();
+    bytes.extend_from_slice(b"caf\xe9 au lait\tnegative\n");
+    std::fs::write(&path, &bytes)?;
+    choose_file(&mut c, &path).await?;
+    let refused = c
+        .wait_for(
+            "document.getElementById('join-error').hidden ? null : \
+             JSON.stringify({ error: document.getElementById('join-error').textContent, \
+               join: document.getElementById('join-button').disabled, \
+               preview: document.getElementById('join-preview').textContent })",
+            Duration::from_millis(200),
+            Duration::from_secs(30),
+        )
+        .await
+        .context("no error for a Latin-1 file")?;
+    let refused: Value = serde_json::from_str(refused.as_str().context("state")?)?;
+    let want = format!(
+        "latin1.tsv:3: not valid UTF-8 (byte 0xe9 at offset {}); save the file as UTF-8",
+        head.len() + 3
+    );
+    ensure!(refused["error"] == want.as_str(), "{refused} (want {want})");
+    ensure!(
+        refused["join"] == true && refused["preview"] == "",
+        "{refused}"
+    );
+    // `fedsb join` says the same of the same file.
+    let native = std::process::Command::new(fedsb_bin())
+        .args(["embed", "--model"])
+        .arg(task.path().join("model"))
+        .arg("--input")
+        .arg(&path)
+        .output()?;
+    let native = String::from_utf8_lossy(&native.stderr);
+    ensure!(native.contains(&want), "fedsb: {native}");
+
+    // Mended and chosen again under the same name.
+    std::fs::write(
+        &path,
+        String::from_utf8_lossy(&bytes).replace('\u{fffd}', "é"),
+    )?;
+    choose_file(&mut c, &path).await?;
+    let read = c
+        .wait_for(
+            "document.getElementById('join-preview').dataset.ok === '1' && \
+             JSON.stringify({ summary: document.getElementById('join-summary').textContent, \
+               source: document.getElementById('join-source').textContent, \
+               error: document.getElementById('join-error').hidden, \
+               join: document.getElementById('join-button').disabled })",
+            Duration::from_millis(200),
+            Duration::from_secs(30),
+        )
+        .await;
+    let read = match read {
+        Ok(r) => r,
+        Err(e) => {
+            let state = c
+                .eval(
+                    "JSON.stringify({ error: document.getElementById('join-error').textContent, \
+                       source: document.getElementById('join-source').textContent, \
+                       preview: document.getElementById('join-preview').textContent })",
+                )
+                .await?;
+            bail!("the mended file was not read again ({e:#}): {state}");
+        }
+    };
+    c.close().await;
+    let read: Value = serde_json::from_str(read.as_str().context("state")?)?;
+    ensure!(
+        read["summary"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("2 rows"))
+            && read["source"]
+                .as_str()
+                .is_some_and(|s| s.contains("latin1.tsv"))
+            && read["error"] == true
+            && read["join"] == false,
+        "{read}"
+    );
+    Ok(())
+}
+
+/// A tab that joins a task which has finished downloads nothing (it asks
+/// `/api/status` after the Welcome, as `fedsb join` does) and says so. The
+/// tab that trained it saw every update counted.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tab_joining_a_finished_task_downloads_nothing() -> anyhow::Result<()> {
+    let task = task_dir_for(1, "")?;
+    let agg = Aggregator::start_in(task.path())?;
+    let mut c = open_tab(&agg, &task.path().join("shard0.tsv")).await?;
+    let s = join_until_ended(&mut c, RUN_TIMEOUT).await?;
+    c.close().await;
+    ensure!(s["phase"] == "finished", "{s}");
+    let losses = s["losses"].as_array().context("losses")?;
+    ensure!(
+        losses.len() == ROUNDS as usize && losses.iter().all(|l| l["counted"] == true),
+        "{s}"
+    );
+
+    let mut c = open_tab(&agg, &task.path().join("shard1.tsv")).await?;
+    let s = join_until_ended(&mut c, Duration::from_secs(60)).await?;
+    let files = c
+        .events
+        .iter()
+        .filter(|e| e["method"] == "Network.requestWillBeSent")
+        .filter_map(|e| e["params"]["request"]["url"].as_str())
+        .filter(|u| u.contains("/files/"))
+        .count();
+    c.close().await;
+    ensure!(s["phase"] == "finished", "{s}");
+    ensure!(
+        s["message"].as_str().is_some_and(
+            |m| m.contains(&format!("finished after {ROUNDS} rounds; nothing to train"))
+        ),
+        "{s}"
+    );
+    ensure!(
+        s["bytesTotal"] == 0 && files == 0,
+        "{files} file requests: {s}"
+    );
+    Ok(())
+}
+
+/// The page on a task without an eval set shows "—" (never evaluated), not
+/// "…" (not yet), in the rounds table's eval columns; and a file whose
+/// lines end with a bare CR (old Mac files, which the reader takes) gets
+/// its header's columns in the selectors.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_page_shows_what_it_reads_and_what_will_never_come() -> anyhow::Result<()> {
+    let task = task_dir_for(1, "")?;
+    let agg = Aggregator::start_in(task.path())?;
+    let mut c = open_tab(&agg, &task.path().join("shard0.tsv")).await?;
+    let s = join_until_ended(&mut c, RUN_TIMEOUT).await?;
+    ensure!(s["phase"] == "finished", "{s}");
+    let cells = c
+        .wait_for(
+            "document.querySelector('#rounds tr[data-round=\"1\"]') && \
+             JSON.stringify([...document.querySelectorAll('#rounds tr[data-round=\"1\"] td')].slice(1, 4).map((td) => td.textContent))",
+            Duration::from_millis(200),
+            Duration::from_secs(30),
+        )
+        .await?;
+    ensure!(cells == r#"["—","—","—"]"#, "{cells}");
+    let cr = task.path().join("old-mac.tsv");
+    std::fs::write(&cr, "sentence\tlabel\rgood\tpositive\rbad\tnegative\r")?;
+    choose_file(&mut c, &cr).await?;
+    let options = c
+        .wait_for(
+            "document.getElementById('join-preview').dataset.ok === '1' && \
+             JSON.stringify([...document.getElementById('join-label-col').options].map((o) => o.value))",
+            Duration::from_millis(200),
+            Duration::from_secs(30),
+        )
+        .await?;
+    c.close().await;
+    ensure!(options == r#"["","sentence","label"]"#, "{options}");
+    Ok(())
+}
+
+/// A tab whose update reaches its round after the round committed without
+/// it (two scripted participants filled it while the tab trained) is told
+/// the update was late and not counted: the page neither blames a lost
+/// connection nor shows the aggregator's `stale_round` refusal as an error,
+/// and its loss list marks that round "not counted" and the later ones
+/// "counted".
+#[tokio::test(flavor = "multi_thread")]
+async fn a_late_update_is_said_to_be_late_and_not_counted() -> anyhow::Result<()> {
+    let task = task_dir_for(2, "")?;
+    let toml = task.path().join("task.toml");
+    let config = std::fs::read_to_string(&toml)?;
+    let changed = config
+        .replacen("min_participants = 2", "min_participants = 1", 1)
+        .replacen("local_steps = 3", "local_steps = 40", 1);
+    ensure!(changed.matches("= 1\n").count() > config.matches("= 1\n").count());
+    std::fs::write(&toml, changed)?;
+    let agg = Aggregator::start_in(task.path())?;
+    let mut c = open_tab(&agg, &task.path().join("shard2.tsv")).await?;
+    c.eval("document.getElementById('join-button').click()")
+        .await?;
+    c.wait_for(
+        "(window.fedsbParticipant.status?.phase === 'training' && window.fedsbParticipant.status.round === 1) || null",
+        Duration::from_millis(50),
+        Duration::from_secs(120),
+    )
+    .await
+    .context("the tab did not start round 1")?;
+    // Two scripted participants fill round 1 (max 2) while the tab trains.
+    let mut fast = Vec::new();
+    for name in ["fast-a", "fast-b"] {
+        let (mut p, _) = Participant::join(agg.addr, name).await?;
+        let state = p.wait_global(RoundId(0)).await?;
+        ensure!(p.wait_round_open().await? == RoundId(1));
+        fast.push((p, state));
+    }
+    for (p, state) in &mut fast {
+        let answer = p
+            .submit(fedsb_e2e::update(RoundId(1), 10, state.clone()))
+            .await?;
+        ensure!(
+            answer == ServerMessage::UpdateAccepted { round: RoundId(1) },
+            "{answer:?}"
+        );
+    }
+    let sent_while_training = c.eval("window.fedsbParticipant.updates.length").await?;
+    ensure!(
+        sent_while_training == 0,
+        "the tab was not still training round 1"
+    );
+    drop(fast);
+    // The tab trains rounds 2 and 3 alone (quorum 1).
+    let s = wait_until_ended(&mut c, RUN_TIMEOUT).await?;
+    let log = c
+        .eval("JSON.stringify(window.fedsbParticipant.log)")
+        .await?;
+    c.close().await;
+    ensure!(s["phase"] == "finished", "{s}");
+    let log: Vec<String> = serde_json::from_str(log.as_str().context("log")?)?;
+    ensure!(
+        log.iter()
+            .any(|m| m.contains("round 1 closed before our update arrived")),
+        "{log:#?}"
+    );
+    ensure!(
+        !log.iter()
+            .any(|m| m.contains("lost with the connection") || m.contains("rejected a message")),
+        "{log:#?}"
+    );
+    let counted: Vec<Value> = s["losses"]
+        .as_array()
+        .context("losses")?
+        .iter()
+        .map(|l| json!([l["round"], l["counted"], l["notCounted"]]))
+        .collect();
+    ensure!(
+        counted
+            == [
+                json!([1, false, "stale_round"]),
+                json!([2, true, null]),
+                json!([3, true, null])
+            ],
+        "{counted:?}"
+    );
+    let rounds = agg.json("/api/rounds").await?;
+    ensure!(rounds[1]["participants"] == 2, "{rounds}");
     Ok(())
 }
