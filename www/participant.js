@@ -260,6 +260,12 @@ function renderPreview(p) {
     ? `; ${p.skipped_rows} rows without a label skipped (first at line ${p.first_skipped_line})`
     : "";
   summary.textContent = `${p.rows} rows (${counts}); columns: ${cols.join(", ")}${skipped}`;
+  // Labels given as class ids: which id is which class.
+  const ids = document.createElement("p");
+  ids.id = "join-class-ids";
+  ids.className = "note";
+  ids.textContent = p.class_ids_note ? `Note: ${p.class_ids_note}.` : "";
+  ids.hidden = !p.class_ids_note;
   const table = document.createElement("table");
   const head = document.createElement("tr");
   for (const h of [p.text_column, p.text_pair_column ?? "", p.label_column ?? ""]) {
@@ -268,7 +274,7 @@ function renderPreview(p) {
     head.append(th);
   }
   table.append(head, ...rows);
-  el.append(summary, table);
+  el.append(summary, ids, table);
   el.dataset.ok = "1";
 }
 

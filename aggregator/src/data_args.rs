@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use fedsb_engine::data::{read_dataset_file, ColumnSpec, Dataset};
+use fedsb_engine::data::{read_dataset_file, ColumnSpec, DataError, Dataset};
 
 /// `--text-column`, `--text-pair-column`, `--label-column`.
 #[derive(Debug, Clone, Args)]
@@ -96,17 +96,32 @@ pub fn read_training_set(
     classes: Option<&HeadClasses>,
 ) -> anyhow::Result<Dataset> {
     let names = classes.map(|c| c.names.clone());
-    let data = read_dataset_file(path, &columns.spec(names)).with_context(|| match classes {
-        Some(c) => format!(
-            "reading {}: its labels must be the classes {:?} of {}",
-            path.display(),
-            c.names,
-            c.source
-        ),
-        None => format!("reading {}", path.display()),
+    let data = read_dataset_file(path, &columns.spec(names)).map_err(|e| {
+        reading_error(
+            e,
+            path,
+            classes.map(|c| {
+                format!(
+                    "its labels must be the classes {:?} of {}",
+                    c.names, c.source
+                )
+            }),
+        )
     })?;
     require_label_column(&data, path)?;
     Ok(data)
+}
+
+/// An error reading the data file `path`, with `label_hint` (what its
+/// labels must be) where a label was wrong; other errors (syntax, columns,
+/// encoding) name the file alone.
+pub fn reading_error(e: DataError, path: &Path, label_hint: Option<String>) -> anyhow::Error {
+    let hint = label_hint.filter(|_| matches!(e, DataError::Label { .. }));
+    let e = anyhow::Error::new(e);
+    match hint {
+        Some(h) => e.context(format!("reading {}: {h}", path.display())),
+        None => e.context(format!("reading {}", path.display())),
+    }
 }
 
 /// Refuses a file read without finding a label column, and says how many

@@ -1066,13 +1066,13 @@ fn load_task_files(task: &TaskInfo, paths: &HashMap<String, PathBuf>) -> anyhow:
 
 fn read_local_data(args: &JoinArgs, task: &TaskInfo) -> anyhow::Result<Dataset> {
     let spec = args.columns.spec(Some(task.labels.clone()));
-    let data = read_dataset_file(&args.data, &spec).with_context(|| {
-        format!(
-            "reading {}: its labels must be the task's classes {:?} (names, or class ids 0 to {})",
-            args.data.display(),
+    let data = read_dataset_file(&args.data, &spec).map_err(|e| {
+        let hint = format!(
+            "its labels must be the task's classes {:?} (names, or class ids 0 to {})",
             task.labels,
             task.labels.len().saturating_sub(1)
-        )
+        );
+        crate::data_args::reading_error(e, &args.data, Some(hint))
     })?;
     require_label_column(&data, &args.data)?;
     if data.label_names != task.labels {

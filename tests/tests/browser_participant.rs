@@ -2740,8 +2740,52 @@ async fn the_page_shows_what_it_reads_and_what_will_never_come() -> anyhow::Resu
             Duration::from_secs(30),
         )
         .await?;
-    c.close().await;
     ensure!(options == r#"["","sentence","label"]"#, "{options}");
+    // Labels given as class ids: the preview says which is which, as
+    // `fedsb join` does.
+    let ids = task.path().join("ids.tsv");
+    std::fs::write(&ids, "sentence\tlabel\ngood\t1\nbad\t0\n")?;
+    choose_file(&mut c, &ids).await?;
+    let note = c
+        .wait_for(
+            "document.getElementById('join-preview').dataset.ok === '1' && \
+             document.getElementById('join-class-ids').textContent",
+            Duration::from_millis(200),
+            Duration::from_secs(30),
+        )
+        .await?;
+    let want = format!(
+        "Note: labels are class ids, read in the order of the classes: 0 = {}, 1 = {}.",
+        LABELS[0], LABELS[1]
+    );
+    ensure!(note == want.as_str(), "{note}");
+    // What labels must be is said where a label is wrong, not after any
+    // error.
+    for (name, text, hint) in [
+        ("quote.csv", "sentence,label\n\"good,positive\n", false),
+        ("labels.tsv", "sentence\tlabel\ngood\tsplendid\n", true),
+    ] {
+        let path = task.path().join(name);
+        std::fs::write(&path, text)?;
+        choose_file(&mut c, &path).await?;
+        let error = c
+            .wait_for(
+                &format!(
+                    "(!document.getElementById('join-error').hidden && \
+                      document.getElementById('join-error').textContent.includes({name:?}) && \
+                      document.getElementById('join-error').textContent) || null"
+                ),
+                Duration::from_millis(200),
+                Duration::from_secs(30),
+            )
+            .await?;
+        let error = error.as_str().unwrap_or("");
+        ensure!(
+            error.contains("labels must be the task's classes") == hint,
+            "{name}: {error}"
+        );
+    }
+    c.close().await;
     Ok(())
 }
 

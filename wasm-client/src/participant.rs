@@ -166,6 +166,9 @@ struct Preview<'a> {
     skipped_rows: usize,
     first_skipped_line: Option<u64>,
     first_rows: Vec<PreviewRow<'a>>,
+    /// Labels read as class ids: which id is which class (as `fedsb join`
+    /// says), or `None`.
+    class_ids_note: Option<String>,
 }
 
 fn read_local(
@@ -200,6 +203,7 @@ fn preview(data: &Dataset) -> Result<JsValue, JsValue> {
             .collect(),
         skipped_rows: data.skipped.count,
         first_skipped_line: data.skipped.first_line,
+        class_ids_note: data.class_ids_note(),
         first_rows: data
             .examples
             .iter()
@@ -217,7 +221,7 @@ fn preview(data: &Dataset) -> Result<JsValue, JsValue> {
 /// Reads local data as [`WasmParticipant::set_data`] will, with the task's
 /// class names `labels` (e.g. from `/api/task`), before joining: `{rows,
 /// text_column, text_pair_column, label_column, label_counts: [[name,
-/// count]], first_rows: [{text, text_pair, label}]}`. Errors name the line
+/// count]], first_rows: [{text, text_pair, label}], class_ids_note}`. Errors name the line
 /// and column.
 #[wasm_bindgen(js_name = previewData)]
 pub fn preview_data(

@@ -1,6 +1,6 @@
 //! A task's files and a participant's data, checked against the task.
 
-use fedsb_engine::data::{read_dataset, ColumnSpec, DataFormat, Dataset};
+use fedsb_engine::data::{read_dataset, ColumnSpec, DataError, DataFormat, Dataset};
 use fedsb_engine::model::{BertTokenizer, BertWeights};
 use fedsb_engine::reference::LoraSbAdapters;
 use fedsb_protocol::TaskInfo;
@@ -111,12 +111,14 @@ pub fn read_task_data(
         skip_rows_without_label: true,
         ..columns
     };
-    let data = read_dataset(bytes, format, &spec, file_name).map_err(|e| {
-        invalid(format!(
+    let data = read_dataset(bytes, format, &spec, file_name).map_err(|e| match e {
+        // What a label must be, where one was wrong.
+        DataError::Label { .. } => invalid(format!(
             "{e} (labels must be the task's classes {:?}: names, or class ids 0 to {})",
             labels,
             labels.len().saturating_sub(1)
-        ))
+        )),
+        e => invalid(e.to_string()),
     })?;
     if data.label_column.is_none() {
         return Err(invalid(format!(

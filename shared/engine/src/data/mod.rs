@@ -235,6 +235,14 @@ pub enum DataError {
         column: String,
         message: String,
     },
+    /// A label that is missing or not one of the classes (names or ids).
+    #[error("{file}:{line}: column `{column}`: {message}")]
+    Label {
+        file: String,
+        line: u64,
+        column: String,
+        message: String,
+    },
     /// A byte that is not UTF-8: the first one, `offset` bytes from the
     /// file's start (a byte order mark included), on line `line`.
     #[error(
@@ -752,7 +760,7 @@ fn build_dataset(
         raw.push((*line, text_value, pair_value, raw_label));
     }
 
-    let label_error = |line: u64, message: String| DataError::Value {
+    let label_error = |line: u64, message: String| DataError::Label {
         file: file.to_owned(),
         line,
         column: label.map(|c| table.columns[c].clone()).unwrap_or_default(),
