@@ -94,9 +94,10 @@ function ensureWorker() {
 
 // The lines of `text` that are not blank, from the start, one at a time
 // (without splitting a large file whole).
-// Lines end with \n, \r\n or a bare \r, as the reader takes them.
+// Lines end with \n or \r\n, or, in a text without any \n, a bare \r (old
+// Mac files), as the reader takes them.
 function* nonBlankLines(text) {
-  const ends = /\r\n|\r|\n/g;
+  const ends = text.includes("\n") ? /\r?\n/g : /\r/g;
   let at = 0;
   while (at < text.length) {
     ends.lastIndex = at;
@@ -438,7 +439,8 @@ fileInput.addEventListener("change", async () => {
   }
   if (read !== fileRead) return; // another file was chosen meanwhile
   file = { text, fileName: f.name };
-  showSource(`Data: ${f.name} (${(f.size / 1024).toFixed(0)} KiB), read in this tab`);
+  const size = f.size < 1048576 ? `${(f.size / 1024).toFixed(1)} KiB` : `${(f.size / 1048576).toFixed(1)} MiB`;
+  showSource(`Data: ${f.name} (${size}), read in this tab`);
   const names = headerColumns(file.text, file.fileName);
   for (const id of ["join-text-col", "join-pair-col", "join-label-col"]) fillSelect($(id), names);
   requestPreview();
