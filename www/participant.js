@@ -3,6 +3,8 @@
 // classes (preview), trains on WebGPU and sends only the updates; the file's
 // text never leaves the tab.
 
+import { gpuAdapterInfo } from "./gpu-adapter.js";
+
 const $ = (id) => document.getElementById(id);
 const fileInput = $("join-file");
 const joinButton = $("join-button");
@@ -20,6 +22,11 @@ let lossChart = null;
 let lossesShown = ""; // what renderLosses last drew (see there)
 let previewId = 0; // the latest preview request: older answers are dropped
 let fileRead = 0; // the latest file read (chosen or demo): older ones are dropped
+
+const FALLBACK_NOTE =
+  "This browser runs WebGPU on a software fallback adapter, that is on the CPU: the tab trains, " +
+  "but many times slower than on a GPU. Enable hardware acceleration or use a browser that " +
+  "exposes the GPU to WebGPU to train faster.";
 
 // Larger files are refused: the tab would hold the text several times over
 // (the page, the worker, the parsed rows), and `fedsb join` suits them better.
@@ -216,7 +223,8 @@ function headerColumns(text, fileName) {
 function fillSelect(select, names) {
   const keep = select.value;
   select.replaceChildren(new Option("(detect)", ""));
-  for (const n of names) select.add(new Option(n, n));
+  // A name the header has twice is one choice (the reader takes the first).
+  for (const n of new Set(names)) select.add(new Option(n, n));
   if (names.includes(keep)) select.value = keep;
 }
 
@@ -260,7 +268,9 @@ function renderPreview(p) {
   const skipped = p.skipped_rows
     ? `; ${p.skipped_rows} rows without a label skipped (first at line ${p.first_skipped_line})`
     : "";
-  summary.textContent = `${p.rows} rows (${counts}); columns: ${cols.join(", ")}${skipped}`;
+  // A column name with a comma in it is quoted, so the list reads right.
+  const named = cols.map((c) => (c.includes(",") ? JSON.stringify(c) : c));
+  summary.textContent = `${p.rows} rows (${counts}); columns: ${named.join(", ")}${skipped}`;
   // Labels given as class ids: which id is which class.
   const ids = document.createElement("p");
   ids.id = "join-class-ids";
@@ -360,10 +370,7 @@ function onWorkerMessage(m) {
   $("join-round").textContent = m.round ?? "…";
   $("join-adapter").textContent = m.adapter ?? "…";
   if (m.adapterFallback && gpuNote.hidden) {
-    gpuNote.textContent =
-      "This browser runs WebGPU on a software fallback adapter, that is on the CPU: the tab trains, " +
-      "but many times slower than on a GPU. Enable hardware acceleration or use a browser that " +
-      "exposes the GPU to WebGPU to train faster.";
+    gpuNote.textContent = FALLBACK_NOTE;
     gpuNote.hidden = false;
   }
   $("join-download").textContent = (dl || "…") + (m.cacheWarning ? ` (not cached: ${m.cacheWarning})` : "");
@@ -376,7 +383,8 @@ function onWorkerMessage(m) {
     : m.task
       ? "no differential privacy"
       : "…";
-  statusEl.textContent = m.message;
+  // An error is shown once, on the error line.
+  statusEl.textContent = m.error && m.message === m.error ? "" : m.message;
   showError(m.error);
   renderLosses(m.losses);
   if (["finished", "left", "disconnected", "error"].includes(m.phase)) {
@@ -493,6 +501,8 @@ joinButton.addEventListener("click", () => {
   setJoinEnabled();
   leaveButton.disabled = false;
   showError("");
+  // Handing a large file to the worker takes a moment: say so at once.
+  $("join-phase").textContent = "starting";
   ensureWorker().postMessage({ type: "join", text: file.text, fileName: file.fileName, columns: columns(), seed });
 });
 
@@ -513,6 +523,11 @@ if (!gpuOk) {
     .requestAdapter({ powerPreference: "high-performance" })
     .catch(() => null)
     .then((adapter) => {
+      if (adapter && gpuOk && gpuAdapterInfo(adapter).fallback && gpuNote.hidden) {
+        // Said before Join, not after the download.
+        gpuNote.textContent = FALLBACK_NOTE;
+        gpuNote.hidden = false;
+      }
       if (!adapter && gpuOk) {
         gpuOk = false;
         gpuNote.textContent =

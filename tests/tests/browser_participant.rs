@@ -2709,7 +2709,8 @@ async fn a_tab_joining_a_finished_task_downloads_nothing() -> anyhow::Result<()>
     Ok(())
 }
 
-/// The page on a task without an eval set shows "—" (never evaluated), not
+/// The page tells a browser whose WebGPU adapter is a software fallback so
+/// before Join. On a task without an eval set it shows "—" (never evaluated), not
 /// "…" (not yet), in the rounds table's eval columns; and a file whose
 /// lines end with a bare CR (old Mac files, which the reader takes) gets
 /// its header's columns in the selectors.
@@ -2718,6 +2719,21 @@ async fn the_page_shows_what_it_reads_and_what_will_never_come() -> anyhow::Resu
     let task = task_dir_for(1, "")?;
     let agg = Aggregator::start_in(task.path())?;
     let mut c = open_tab(&agg, &task.path().join("shard0.tsv")).await?;
+    // SwiftShader is a software fallback adapter: said before Join, not
+    // after the download.
+    let note = c
+        .wait_for(
+            "document.getElementById('join-gpu').hidden ? null : document.getElementById('join-gpu').textContent",
+            Duration::from_millis(200),
+            Duration::from_secs(30),
+        )
+        .await?;
+    ensure!(
+        note.as_str()
+            .is_some_and(|n| n.contains("software fallback adapter"))
+            && c.eval("window.fedsbParticipant.status").await?.is_null(),
+        "{note}"
+    );
     let s = join_until_ended(&mut c, RUN_TIMEOUT).await?;
     ensure!(s["phase"] == "finished", "{s}");
     let cells = c
