@@ -26,6 +26,9 @@ pub struct Metrics {
     pub bytes_sent: Counter,
     pub round_duration: Histogram,
     pub aggregation_duration: Histogram,
+    pub connections_open: Gauge,
+    pub accept_errors: Counter,
+    pub open_files_limit: Gauge,
 }
 
 impl Default for Metrics {
@@ -47,6 +50,9 @@ impl Metrics {
             bytes_sent: Counter::default(),
             round_duration: Histogram::new(exponential_buckets(0.05, 2.0, 16)),
             aggregation_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            connections_open: Gauge::default(),
+            accept_errors: Counter::default(),
+            open_files_limit: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -93,6 +99,21 @@ impl Metrics {
             "aggregation_duration_seconds",
             "Time to average a round's updates and write them to disk",
             m.aggregation_duration.clone(),
+        );
+        registry.register(
+            "connections_open",
+            "TCP connections open (HTTP, event streams and WebSockets)",
+            m.connections_open.clone(),
+        );
+        registry.register(
+            "accept_errors",
+            "Connections the listener failed to accept (out of file descriptors and the like)",
+            m.accept_errors.clone(),
+        );
+        registry.register(
+            "open_files_limit",
+            "The process's soft limit on open files, which bounds the connections it can hold",
+            m.open_files_limit.clone(),
         );
         // Every reason starts at zero, so that an alert on one of them sees
         // a series before the first rejection rather than no metric at all.

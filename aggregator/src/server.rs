@@ -388,6 +388,13 @@ impl Server {
         use hyper_util::rt::{TokioIo, TokioTimer};
         use hyper_util::service::TowerToHyperService;
 
+        let metrics = self.app.metrics.clone();
+        let files_limit = raise_open_files_limit();
+        if let Some(limit) = files_limit {
+            metrics
+                .open_files_limit
+                .set(i64::try_from(limit).unwrap_or(i64::MAX));
+        }
         let header_read = Duration::from_secs(self.app.config.server.header_read_timeout_secs);
         let write_stall = Duration::from_secs(self.app.config.server.write_timeout_secs);
         let mut builder = hyper::server::conn::http1::Builder::new();
@@ -406,7 +413,16 @@ impl Server {
                     Err(e) => {
                         // Out of file descriptors and the like: the
                         // listener stays; accept again after a pause.
-                        warn!(error = %e, "accepting a connection failed; trying again in 1 s");
+                        metrics.accept_errors.inc();
+                        if out_of_files(&e) {
+                            let limit = files_limit.map_or("unknown".into(), |l| l.to_string());
+                            warn!(error = %e, open_files_limit = %limit,
+                                "accepting a connection failed: out of file descriptors, \
+                                 each connection takes one; raise the hard limit on open \
+                                 files (ulimit -Hn, systemd LimitNOFILE=); trying again in 1 s");
+                        } else {
+                            warn!(error = %e, "accepting a connection failed; trying again in 1 s");
+                        }
                         tokio::time::sleep(Duration::from_secs(1)).await;
                         continue;
                     }
@@ -414,6 +430,7 @@ impl Server {
                 () = &mut shutdown => break,
             };
             let _ = stream.set_nodelay(true);
+            let stream = Counted::new(stream, metrics.connections_open.clone());
             let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
             stream.set_write_timeout(Some(write_stall));
             let service = TowerToHyperService::new(self.router.clone());
@@ -448,6 +465,129 @@ impl Server {
             ),
         }
         Ok(())
+    }
+}
+
+/// The most open files `fedsb serve` asks for: Linux's default ceiling
+/// (`fs.nr_open`), far more connections than one aggregator serves.
+const OPEN_FILES_WANTED: u64 = 1 << 20;
+
+/// Raises the soft limit on open files towards the hard one, as servers
+/// do: every connection holds a file descriptor, and shells and many
+/// service managers still start processes with a soft limit of 1,024,
+/// which would cap the aggregator at about a thousand participants while
+/// the hard limit allows far more. Returns the soft limit now in force;
+/// logs it, with a warning when it is low.
+fn raise_open_files_limit() -> Option<u64> {
+    let before = rlimit::getrlimit(rlimit::Resource::NOFILE).ok();
+    match rlimit::increase_nofile_limit(OPEN_FILES_WANTED) {
+        Ok(limit) => {
+            match before {
+                Some((soft, hard)) if soft < limit => info!(
+                    from = soft,
+                    to = limit,
+                    hard,
+                    "raised the limit on open files (each connection takes one)"
+                ),
+                _ => info!(limit, "limit on open files (each connection takes one)"),
+            }
+            if limit < LOW_OPEN_FILES {
+                warn!(
+                    limit,
+                    "the limit on open files is low: at most about that many participants and \
+                     downloads at once; raise the hard limit (ulimit -Hn, systemd LimitNOFILE=)"
+                );
+            }
+            Some(limit)
+        }
+        Err(e) => {
+            warn!(error = %e, soft_and_hard = ?before,
+                "cannot raise the limit on open files; connections beyond it are refused");
+            before.map(|(soft, _)| soft)
+        }
+    }
+}
+
+/// Below this many open files, `fedsb serve` warns at start.
+const LOW_OPEN_FILES: u64 = 4096;
+
+/// Whether `e` says the process or the system is out of file descriptors.
+fn out_of_files(e: &std::io::Error) -> bool {
+    #[cfg(unix)]
+    {
+        matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = e;
+        false
+    }
+}
+
+/// A connection's TCP stream, counted in `fedsb_connections_open` until it
+/// is dropped: after an upgrade the WebSocket holds it, so the gauge counts
+/// WebSockets too.
+struct Counted {
+    stream: tokio::net::TcpStream,
+    open: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Counted {
+    fn new(stream: tokio::net::TcpStream, open: prometheus_client::metrics::gauge::Gauge) -> Self {
+        open.inc();
+        Self { stream, open }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
+impl tokio::io::AsyncRead for Counted {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Counted {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
 

@@ -190,6 +190,17 @@ async fn main() -> anyhow::Result<()> {
             other => bail!("unknown argument {other:?} (--participants LIST, --rounds N)"),
         }
     }
+    // This process holds every participant's connection: a shell's soft
+    // limit of 1,024 open files would stop it near a thousand.
+    let most = participants.iter().copied().max().unwrap_or(0) as u64;
+    let files = rlimit::increase_nofile_limit(1 << 20).context("raising the open-files limit")?;
+    if files < most + 64 {
+        bail!(
+            "{most} participants need about {} open files in this process; the hard limit \
+             allows {files} (raise it: ulimit -Hn)",
+            most + 64
+        );
+    }
     println!(
         "fedsb: {} (set FEDSB_BIN to choose)",
         fedsb_e2e::fedsb_bin().display()

@@ -149,7 +149,29 @@ impl Aggregator {
     /// Like [`Aggregator::start_in`], on `port` (0: a free one), e.g. the
     /// port of a killed aggregator, so that its participants can reconnect.
     pub fn start_in_on(dir: &Path, port: u16) -> anyhow::Result<Self> {
-        let mut child = Command::new(fedsb_bin())
+        Self::spawn(Command::new(fedsb_bin()), dir, port)
+    }
+
+    /// Like [`Aggregator::start`], with the soft limit on open files set to
+    /// `soft` (as `ulimit -Sn` in a shell would) before `fedsb serve` runs.
+    pub fn start_with_open_files(config_toml: &str, soft: u64) -> anyhow::Result<Self> {
+        let tmp = tempfile::tempdir()?;
+        let dir = tmp.path().to_owned();
+        std::fs::write(dir.join("task.toml"), config_toml)?;
+        let mut shell = Command::new("sh");
+        shell
+            .arg("-c")
+            .arg(format!("ulimit -Sn {soft} && exec \"$0\" \"$@\""))
+            .arg(fedsb_bin());
+        let mut a = Self::spawn(shell, &dir, 0)?;
+        a._keep = Some(tmp);
+        Ok(a)
+    }
+
+    /// Runs `command` (`fedsb`, or what execs it) with the arguments of
+    /// `serve` on `dir`, and reads the address it listens on.
+    fn spawn(mut command: Command, dir: &Path, port: u16) -> anyhow::Result<Self> {
+        let mut child = command
             .arg("serve")
             .arg("--config")
             .arg(dir.join("task.toml"))

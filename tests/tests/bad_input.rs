@@ -723,3 +723,107 @@ async fn a_websocket_that_never_says_hello_is_closed() -> anyhow::Result<()> {
     assert!(!joined_closed, "the participant that joined was closed");
     Ok(())
 }
+
+/// Sends `GET path` on `stream`, keeping the connection open, and returns
+/// the response (head and body), or an error after 10 s without one.
+async fn get_keeping_open(
+    stream: &mut tokio::net::TcpStream,
+    path: &str,
+) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await?;
+    let read = async {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut buf).await?;
+            anyhow::ensure!(n > 0, "closed after {} bytes", got.len());
+            got.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&got);
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length: usize = text[..end]
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().to_owned())
+                    })
+                    .context("no content-length")?
+                    .parse()?;
+                if got.len() >= end + 4 + length {
+                    return Ok(text.into_owned());
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .context("no answer in 10 s")?
+}
+
+/// The value of the metric `name` in a `/metrics` response.
+fn metric(text: &str, name: &str) -> anyhow::Result<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .with_context(|| format!("no {name} in {text}"))?
+        .trim()
+        .parse()
+        .with_context(|| name.to_string())
+}
+
+/// Shells and service managers start processes with a soft limit of 1,024
+/// open files; `fedsb serve` raises it to the hard limit, so it is not
+/// capped at about a thousand connections. Started here with a soft limit
+/// of 128, it answers 300 connections held open at once (a server that
+/// kept 128 runs out of file descriptors near the 110th and leaves the
+/// rest unanswered), counts them, and says what its limit is.
+#[tokio::test]
+async fn connections_beyond_a_low_soft_limit_on_open_files_are_served() -> anyhow::Result<()> {
+    const HELD: usize = 300;
+    let hard = Command::new("sh").args(["-c", "ulimit -Hn"]).output()?;
+    let hard = String::from_utf8(hard.stdout)?;
+    let hard = hard.trim();
+    anyhow::ensure!(
+        hard == "unlimited" || hard.parse::<u64>()? >= 512,
+        "this test needs a hard limit of at least 512 open files (ulimit -Hn says {hard})"
+    );
+    let agg = Aggregator::start_with_open_files(&test_config(2, 1, 2, 600, ""), 128)?;
+    let (_p, _) = Participant::join(agg.addr, "counted").await?;
+    let mut held = Vec::new();
+    for i in 0..HELD {
+        let mut c = tokio::net::TcpStream::connect(agg.addr).await?;
+        let answer = get_keeping_open(&mut c, "/api/status")
+            .await
+            .with_context(|| format!("connection {} of {HELD}", i + 1))?;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        held.push(c);
+    }
+    let mut probe = tokio::net::TcpStream::connect(agg.addr).await?;
+    let metrics = get_keeping_open(&mut probe, "/metrics").await?;
+    // The held connections, the WebSocket and the probe.
+    assert_eq!(
+        metric(&metrics, "fedsb_connections_open")?,
+        (HELD + 2) as f64
+    );
+    let limit = metric(&metrics, "fedsb_open_files_limit")?;
+    assert!(limit >= 512.0, "fedsb_open_files_limit {limit}");
+    assert_eq!(metric(&metrics, "fedsb_accept_errors_total")?, 0.0);
+
+    drop(held);
+    let started = std::time::Instant::now();
+    loop {
+        let metrics = get_keeping_open(&mut probe, "/metrics").await?;
+        let open = metric(&metrics, "fedsb_connections_open")?;
+        if open == 2.0 {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(10),
+            "{open} connections still counted 10 s after all but the WebSocket and the probe closed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
