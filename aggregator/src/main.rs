@@ -5,6 +5,8 @@
 mod average_cmd;
 mod checks;
 mod data_args;
+#[cfg(test)]
+mod doc_commands;
 mod dp_training;
 mod embed_cmd;
 mod eval_cmd;
