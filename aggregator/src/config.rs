@@ -1749,4 +1749,86 @@ rank = 4
         let c = load(dir.path(), &MINIMAL.replace("rank = 4", "rank = 5")).unwrap();
         assert_ne!(a.identity_json(), c.identity_json());
     }
+
+    /// The keys of `[section]`, as serde names them when an unknown one is
+    /// given (the sections deny unknown fields).
+    fn keys_of(section: &str) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let text = if MINIMAL.contains(&format!("[{section}]\n")) {
+            MINIMAL.replace(
+                &format!("[{section}]\n"),
+                &format!("[{section}]\nzzz_not_a_key = 1\n"),
+            )
+        } else {
+            format!("{MINIMAL}[{section}]\nzzz_not_a_key = 1\n")
+        };
+        let message = load(dir.path(), &text).unwrap_err().to_string();
+        let expected = message
+            .split_once("expected")
+            .unwrap_or_else(|| panic!("[{section}]: {message}"))
+            .1;
+        let keys: Vec<String> = expected
+            .split('`')
+            .map(str::trim)
+            .filter(|w| {
+                !w.is_empty()
+                    && w.chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            })
+            .filter(|w| !["one", "of", "or", "for", "key"].contains(w) && !w.contains("zzz"))
+            .map(str::to_owned)
+            .collect();
+        assert!(keys.len() >= 2, "[{section}]: no keys in {message}");
+        keys
+    }
+
+    /// `configs/sst2-demo.toml` is the commented reference of every key,
+    /// and the README's Configuration table names every key: a key added
+    /// without its documentation fails here.
+    #[test]
+    fn every_key_is_in_the_demo_configuration_and_the_readme() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let demo = std::fs::read_to_string(root.join("configs/sst2-demo.toml")).unwrap();
+        let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+        let word = |text: &str, key: &str| {
+            text.match_indices(key).any(|(i, _)| {
+                let before = text[..i].chars().next_back();
+                let after = text[i + key.len()..].chars().next();
+                let outside =
+                    |c: Option<char>| !c.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+                outside(before) && outside(after)
+            })
+        };
+        let mut missing = Vec::new();
+        for section in [
+            "task", "model", "adapter", "privacy", "eval", "demo", "server",
+        ] {
+            let header = format!("[{section}]");
+            let start = demo
+                .lines()
+                .position(|l| l.trim() == header)
+                .unwrap_or_else(|| panic!("configs/sst2-demo.toml has no {header}"));
+            let body: Vec<&str> = demo
+                .lines()
+                .skip(start + 1)
+                .take_while(|l| !l.starts_with('['))
+                .collect();
+            let body = body.join("\n");
+            let row = readme
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{header}` |")))
+                .unwrap_or_else(|| panic!("README's Configuration table has no {header} row"));
+            for key in keys_of(section) {
+                if !word(&body, &key) {
+                    missing.push(format!(
+                        "configs/sst2-demo.toml {header} does not name {key}"
+                    ));
+                }
+                if !row.contains(&format!("`{key}`")) {
+                    missing.push(format!("README's {header} row does not name `{key}`"));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "{}", missing.join("\n"));
+    }
 }

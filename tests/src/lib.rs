@@ -88,6 +88,86 @@ pub fn minilm_dir() -> anyhow::Result<PathBuf> {
     Ok(dir.canonicalize()?)
 }
 
+/// The workspace root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the workspace")
+        .to_owned()
+}
+
+/// Writes the demo task's adapter file to `out` as `cargo xtask demo` makes
+/// it (xtask's `demo`): `fedsb init --centre-head` on the first 64 sentences
+/// of SST-2 train (`data/sst2`, `cargo xtask fetch-data`) with `model`.
+pub fn make_demo_adapter(model: &Path, out: &Path) -> anyhow::Result<()> {
+    let train = repo().join("data/sst2/train.tsv");
+    anyhow::ensure!(
+        train.is_file(),
+        "{} not found: run `cargo xtask fetch-data`",
+        train.display()
+    );
+    let done = Command::new(fedsb_bin())
+        .arg("init")
+        .arg("--model")
+        .arg(model)
+        .arg("--train")
+        .arg(&train)
+        .args(["--labels", "negative,positive", "--rank", "32"])
+        .args(["--init-samples", "64", "--lr", "1e-3", "--centre-head"])
+        .arg("--out")
+        .arg(out)
+        .output()
+        .context("running fedsb init")?;
+    anyhow::ensure!(
+        done.status.success(),
+        "fedsb init: {}\n{}",
+        done.status,
+        String::from_utf8_lossy(&done.stderr)
+    );
+    Ok(())
+}
+
+/// `configs/sst2-demo.toml` as `cargo xtask demo` runs it, for a task in
+/// `dir`: the model at `model`, the adapter file at `adapter`, the state in
+/// `dir/state`, its other paths (data, page) made absolute, and each
+/// `(from, to)` of `overrides` replaced (each must occur once). Returns
+/// the text, which [`Aggregator::start_in`] reads as `dir/task.toml`.
+pub fn demo_config(
+    dir: &Path,
+    model: &Path,
+    adapter: &Path,
+    overrides: &[(&str, String)],
+) -> anyhow::Result<String> {
+    let root = repo();
+    let mut config = std::fs::read_to_string(root.join("configs/sst2-demo.toml"))?;
+    let paths = [
+        (
+            "file = \"../state/sst2-demo-adapter.safetensors\"",
+            format!("file = {:?}", adapter.display().to_string()),
+        ),
+        (
+            "dir = \"../models/all-MiniLM-L6-v2\"",
+            format!("dir = {:?}", model.display().to_string()),
+        ),
+        (
+            "state_dir = \"../state\"",
+            format!("state_dir = {:?}", dir.join("state").display().to_string()),
+        ),
+    ];
+    for (from, to) in paths
+        .iter()
+        .map(|(f, t)| (*f, t))
+        .chain(overrides.iter().map(|(f, t)| (*f, t)))
+    {
+        anyhow::ensure!(
+            config.matches(from).count() == 1,
+            "configs/sst2-demo.toml: {from:?} not found once"
+        );
+        config = config.replace(from, to);
+    }
+    Ok(config.replace("\"../", &format!("\"{}/", root.display())))
+}
+
 /// A task config for tests: `layers` × 6 modules of rank `rank`, a 2-class
 /// head on a hidden size of 8, plus `extra` lines appended to `[task]`.
 pub fn test_config(rounds: u64, min: u32, max: u32, deadline_secs: u64, extra: &str) -> String {

@@ -2338,55 +2338,26 @@ async fn two_tabs_train_the_demo_task_on_minilm() -> anyhow::Result<()> {
     // The demo adapter, made as `cargo xtask demo` makes it.
     let adapter = dir.join("sst2-demo-adapter.safetensors");
     let started = Instant::now();
-    let out = Command::new(fedsb_bin())
-        .arg("init")
-        .arg("--model")
-        .arg(&model)
-        .arg("--train")
-        .arg(sst2.join("train.tsv"))
-        .args(["--labels", "negative,positive", "--rank", "32"])
-        .args([
-            "--init-samples",
-            "64",
-            "--lr",
-            "1e-3",
-            "--centre-head",
-            "--out",
-        ])
-        .arg(&adapter)
-        .output()
-        .context("running fedsb init")?;
-    check_success("fedsb init", &out)?;
+    fedsb_e2e::make_demo_adapter(&model, &adapter)?;
     eprintln!("demo adapter made in {:.1?}", started.elapsed());
-    // configs/sst2-demo.toml, its paths made absolute, with the overrides.
-    let mut config = std::fs::read_to_string(root.join("configs/sst2-demo.toml"))?;
-    let mut set = |from: &str, to: String| -> anyhow::Result<()> {
-        ensure!(
-            config.matches(from).count() == 1,
-            "configs/sst2-demo.toml: {from:?} not found once"
-        );
-        config = config.replace(from, &to);
-        Ok(())
-    };
-    set(
-        "file = \"../state/sst2-demo-adapter.safetensors\"",
-        format!("file = {:?}", adapter.display().to_string()),
+    // configs/sst2-demo.toml, with the overrides.
+    let config = fedsb_e2e::demo_config(
+        dir,
+        &model,
+        &adapter,
+        &[
+            ("rounds = 30", format!("rounds = {rounds}")),
+            ("min_participants = 1", "min_participants = 2".into()),
+            (
+                "round_deadline_secs = 120",
+                "round_deadline_secs = 3600".into(),
+            ),
+            (
+                "local_steps = 20\nbatch_size = 32",
+                format!("local_steps = {steps}\nbatch_size = {batch}"),
+            ),
+        ],
     )?;
-    set(
-        "dir = \"../models/all-MiniLM-L6-v2\"",
-        format!("dir = {:?}", model.display().to_string()),
-    )?;
-    set("rounds = 30", format!("rounds = {rounds}"))?;
-    set("min_participants = 1", "min_participants = 2".into())?;
-    set(
-        "round_deadline_secs = 120",
-        "round_deadline_secs = 3600".into(),
-    )?;
-    set(
-        "local_steps = 20\nbatch_size = 32",
-        format!("local_steps = {steps}\nbatch_size = {batch}"),
-    )?;
-    let config = config.replace("\"../", &format!("\"{}/", root.display()));
     std::fs::write(dir.join("task.toml"), config)?;
     let agg = Aggregator::start_in(dir)?;
     let status = agg.json("/api/status").await?;
