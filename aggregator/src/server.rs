@@ -430,10 +430,12 @@ impl Server {
                 () = &mut shutdown => break,
             };
             let _ = stream.set_nodelay(true);
-            let stream = Counted::new(stream, metrics.connections_open.clone());
+            let written = Written::default();
+            let stream = Counted::new(stream, metrics.connections_open.clone(), written.clone());
             let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
             stream.set_write_timeout(Some(write_stall));
-            let service = TowerToHyperService::new(self.router.clone());
+            let in_progress = InProgress::default();
+            let service = TowerToHyperService::new(in_progress.track(self.router.clone()));
             let conn = builder
                 .serve_connection(TokioIo::new(Box::pin(stream)), service)
                 .with_upgrades();
@@ -445,7 +447,25 @@ impl Server {
                     () = async { drop(stopping.wait_for(|s| *s).await) } => {
                         // Finish the request in progress, take no other.
                         conn.as_mut().graceful_shutdown();
-                        conn.await
+                        // hyper waits for a request head begun, however
+                        // slowly it comes. A connection with no request in
+                        // the router and nothing left to write (no write
+                        // waiting for the client, none made for a second)
+                        // is owed nothing: it does not hold the stop.
+                        let mut seen = written.get();
+                        loop {
+                            tokio::select! {
+                                ended = conn.as_mut() => break ended,
+                                () = tokio::time::sleep(STOP_STALL) => {
+                                    let now = written.get();
+                                    if !in_progress.any() && !written.waiting() && now == seen {
+                                        drop(open);
+                                        return;
+                                    }
+                                    seen = now;
+                                }
+                            }
+                        }
                     }
                 };
                 if let Err(e) = ended {
@@ -465,6 +485,87 @@ impl Server {
             ),
         }
         Ok(())
+    }
+}
+
+/// The requests of one connection that have reached the router and whose
+/// response has not been sent in full (its body is dropped once hyper has
+/// written it, or the connection ended).
+#[derive(Clone, Default)]
+struct InProgress(Arc<std::sync::atomic::AtomicUsize>);
+
+impl InProgress {
+    fn any(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst) > 0
+    }
+
+    /// `router`, counting each request from its call to the end of its
+    /// response body.
+    fn track(
+        &self,
+        router: Router,
+    ) -> impl tower::Service<
+        Request<hyper::body::Incoming>,
+        Response = Response,
+        Error = std::convert::Infallible,
+        Future = impl Send,
+    > + Clone {
+        let count = self.clone();
+        tower::service_fn(move |request: Request<hyper::body::Incoming>| {
+            let guard = InProgressGuard::new(&count);
+            let router = router.clone();
+            async move {
+                let response = router.oneshot(request.map(Body::new)).await?;
+                Ok(response.map(|body| {
+                    Body::new(GuardedBody {
+                        body,
+                        _guard: guard,
+                    })
+                }))
+            }
+        })
+    }
+}
+
+/// One request of [`InProgress`], counted until dropped.
+struct InProgressGuard(InProgress);
+
+impl InProgressGuard {
+    fn new(count: &InProgress) -> Self {
+        count.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self(count.clone())
+    }
+}
+
+impl Drop for InProgressGuard {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A response body that holds its request's [`InProgressGuard`].
+struct GuardedBody {
+    body: Body,
+    _guard: InProgressGuard,
+}
+
+impl http_body::Body for GuardedBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -524,18 +625,59 @@ fn out_of_files(e: &std::io::Error) -> bool {
     }
 }
 
+/// How long a stopping server lets a connection with no request in
+/// progress and nothing to write sit before it closes it.
+const STOP_STALL: Duration = Duration::from_secs(1);
+
+/// The bytes written to one connection so far, and whether a write is
+/// waiting for the client to read (the socket's buffer is full).
+#[derive(Clone, Default)]
+struct Written(Arc<(std::sync::atomic::AtomicU64, std::sync::atomic::AtomicBool)>);
+
+impl Written {
+    fn get(&self) -> u64 {
+        self.0 .0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn waiting(&self) -> bool {
+        self.0 .1.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn record<T>(&self, done: &std::task::Poll<std::io::Result<T>>, bytes: impl Fn(&T) -> u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        match done {
+            std::task::Poll::Pending => self.0 .1.store(true, Relaxed),
+            std::task::Poll::Ready(result) => {
+                self.0 .1.store(false, Relaxed);
+                if let Ok(t) = result {
+                    self.0 .0.fetch_add(bytes(t), Relaxed);
+                }
+            }
+        }
+    }
+}
+
 /// A connection's TCP stream, counted in `fedsb_connections_open` until it
-/// is dropped: after an upgrade the WebSocket holds it, so the gauge counts
-/// WebSockets too.
+/// is dropped (after an upgrade the WebSocket holds it, so the gauge counts
+/// WebSockets too), and counting the bytes written to it.
 struct Counted {
     stream: tokio::net::TcpStream,
     open: prometheus_client::metrics::gauge::Gauge,
+    written: Written,
 }
 
 impl Counted {
-    fn new(stream: tokio::net::TcpStream, open: prometheus_client::metrics::gauge::Gauge) -> Self {
+    fn new(
+        stream: tokio::net::TcpStream,
+        open: prometheus_client::metrics::gauge::Gauge,
+        written: Written,
+    ) -> Self {
         open.inc();
-        Self { stream, open }
+        Self {
+            stream,
+            open,
+            written,
+        }
     }
 }
 
@@ -561,7 +703,10 @@ impl tokio::io::AsyncWrite for Counted {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+        let this = self.get_mut();
+        let done = std::pin::Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.written.record(&done, |&n| n as u64);
+        done
     }
 
     fn poll_write_vectored(
@@ -569,7 +714,10 @@ impl tokio::io::AsyncWrite for Counted {
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let done = std::pin::Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.written.record(&done, |&n| n as u64);
+        done
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -580,7 +728,10 @@ impl tokio::io::AsyncWrite for Counted {
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+        let this = self.get_mut();
+        let done = std::pin::Pin::new(&mut this.stream).poll_flush(cx);
+        this.written.record(&done, |_| 0);
+        done
     }
 
     fn poll_shutdown(

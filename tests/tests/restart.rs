@@ -775,39 +775,95 @@ async fn sigterm_stops_the_server_while_a_page_listens_to_its_events() -> anyhow
     Ok(())
 }
 
-/// A request that never completes holds the graceful shutdown up for at
-/// most its grace time (10 s); a second signal exits at once.
+/// A graceful stop waits for a response in progress, here a 24 MB demo
+/// shard that its client reads slowly or not at all, for at most its grace
+/// time (10 s),
+/// and a second signal exits at once. A connection that has sent only
+/// part of a request head is owed nothing: it does not hold the stop (it
+/// held it for the whole grace time before).
 #[tokio::test]
 async fn a_second_signal_exits_at_once_and_the_grace_time_is_bounded() -> anyhow::Result<()> {
-    use tokio::io::AsyncWriteExt as _;
-    let stuck = |agg: &Aggregator| {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let data = tempfile::tempdir()?;
+    let rows = data.path().join("public.tsv");
+    let mut text = String::from("sentence\tlabel\n");
+    for i in 0..200_000 {
+        text.push_str(&format!("{i:0>100}\tpositive\n"));
+    }
+    std::fs::write(&rows, text)?;
+    let config = test_config(3, 1, 1, 60, "")
+        + &format!(
+            "[demo]\ndata = {:?}\nshard_rows = 200000\n",
+            rows.display().to_string()
+        );
+    let half_head = |agg: &Aggregator| {
         let addr = agg.addr;
         async move {
             let mut s = tokio::net::TcpStream::connect(addr).await?;
-            // Headers without their end: the request stays open.
             s.write_all(b"GET /api/status HTTP/1.1\r\nHost: x\r\n")
                 .await?;
             tokio::time::sleep(Duration::from_millis(300)).await;
             anyhow::Ok(s)
         }
     };
-    let mut agg = Aggregator::start(&test_config(3, 1, 1, 60, ""))?;
-    let _open = stuck(&agg).await?;
+    // The demo shard asked for and its first bytes read; then `slowly`
+    // reads 64 KB every 100 ms (about 40 s for the shard), or nothing.
+    let download = |agg: &Aggregator, slowly: bool| {
+        let addr = agg.addr;
+        async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await?;
+            s.write_all(b"GET /api/demo-shard HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await?;
+            let mut head = [0u8; 64];
+            let n = s.read(&mut head).await?;
+            anyhow::ensure!(
+                head[..n].starts_with(b"HTTP/1.1 200"),
+                "{:?}",
+                String::from_utf8_lossy(&head[..n])
+            );
+            let reader = tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    if slowly && !matches!(s.read(&mut buf).await, Ok(n) if n > 0) {
+                        break;
+                    }
+                }
+            });
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            anyhow::Ok(reader)
+        }
+    };
+
+    let mut agg = Aggregator::start(&config)?;
+    let _half = half_head(&agg).await?;
     send_signal(agg.child.id(), "-TERM")?;
-    assert_eq!(exit_within(&mut agg, Duration::from_secs(1)).await?, None);
+    let status = exit_within(&mut agg, Duration::from_secs(4)).await?;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "a half-sent request head held the stop: {status:?}"
+    );
+
+    let mut agg = Aggregator::start(&config)?;
+    let stalled = download(&agg, false).await?;
+    send_signal(agg.child.id(), "-TERM")?;
+    assert_eq!(exit_within(&mut agg, Duration::from_secs(3)).await?, None);
     send_signal(agg.child.id(), "-INT")?;
     let status = exit_within(&mut agg, Duration::from_secs(3)).await?;
+    stalled.abort();
     assert_eq!(
         status.and_then(|s| s.code()),
         Some(130),
         "a second signal (SIGINT) must exit at once: {status:?}"
     );
 
-    let mut agg = Aggregator::start(&test_config(3, 1, 1, 60, ""))?;
-    let _open = stuck(&agg).await?;
+    let mut agg = Aggregator::start(&config)?;
+    let reading = download(&agg, true).await?;
+    let _half = half_head(&agg).await?;
     let started = std::time::Instant::now();
     send_signal(agg.child.id(), "-TERM")?;
     let status = exit_within(&mut agg, Duration::from_secs(20)).await?;
+    reading.abort();
     assert!(
         status.is_some_and(|s| s.success()),
         "no exit within 20 s: {status:?}"
