@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 
 use fedsb_engine::model::AdaptedLinear;
 use fedsb_protocol::{
-    AdapterShape, PolicyField, PrivacyPolicy, MAX_LIST_LEN, MAX_MODULES, MAX_RANK, MAX_STRING_BYTES,
+    AdapterShape, PolicyField, PrivacyPolicy, MAX_FRAME_BYTES, MAX_LIST_LEN, MAX_MODULES, MAX_RANK,
+    MAX_STRING_BYTES,
 };
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
@@ -892,6 +893,20 @@ impl Config {
                 u64::from(layers) * a.modules.len() as u64
             ));
         }
+        // Every round's model travels in one frame: updates, global models.
+        let shape = self.adapter_shape();
+        if shape.max_frame_bytes() > MAX_FRAME_BYTES as u64 {
+            return bad(format!(
+                "the adapter is too large to send: {} modules of rank {} and a {}×{} head take \
+                 up to {} bytes in a frame, above the protocol's {MAX_FRAME_BYTES}-byte frame \
+                 limit; lower adapter.rank or adapt fewer adapter.modules",
+                shape.modules,
+                shape.rank,
+                shape.head_classes,
+                shape.head_hidden,
+                shape.max_frame_bytes()
+            ));
+        }
         if let Some(h) = &self.model.sha256 {
             if h.len() != 64 || !h.chars().all(|c| c.is_ascii_hexdigit()) {
                 return bad(format!("model.sha256 {h:?} is not 64 hex digits"));
@@ -1748,6 +1763,27 @@ rank = 4
         assert_eq!(a.identity_json(), b.identity_json());
         let c = load(dir.path(), &MINIMAL.replace("rank = 4", "rank = 5")).unwrap();
         assert_ne!(a.identity_json(), c.identity_json());
+    }
+
+    /// A task whose model could not travel in one frame is refused at load,
+    /// naming the sizes (BERT-base at rank 384: 42 MB per update).
+    #[test]
+    fn an_adapter_above_the_frame_limit_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let bert = |rank: u32| {
+            MINIMAL
+                .replace("hidden_size = 8", "hidden_size = 768")
+                .replace("num_layers = 2", "num_layers = 12")
+                .replace("rank = 4", &format!("rank = {rank}"))
+        };
+        let e = load(dir.path(), &bert(384)).unwrap_err().to_string();
+        assert!(
+            e.contains("72 modules of rank 384")
+                && e.contains("up to 42474402 bytes")
+                && e.contains("33554432-byte frame limit"),
+            "{e}"
+        );
+        load(dir.path(), &bert(256)).unwrap();
     }
 
     /// The keys of `[section]`, as serde names them when an unknown one is

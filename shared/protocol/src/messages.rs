@@ -84,7 +84,30 @@ impl AdapterShape {
             + self.head_classes as usize * self.head_hidden as usize
             + self.head_classes as usize
     }
+
+    /// The bytes an adapter state of this shape takes in a frame: the
+    /// module count, each tensor's rank and dimensions, 4 bytes per value.
+    pub fn encoded_bytes(&self) -> u64 {
+        let r = u64::from(self.rank);
+        let (classes, hidden) = (u64::from(self.head_classes), u64::from(self.head_hidden));
+        4 + u64::from(self.modules) * (1 + 2 * 4 + r * r * 4)
+            + (1 + 2 * 4 + classes * hidden * 4)
+            + (1 + 4 + classes * 4)
+    }
+
+    /// An upper bound of the largest frame that carries an adapter state of
+    /// this shape (an `Update` with its privacy report, a `GlobalModel`, a
+    /// `CentreRequest`): [`Self::encoded_bytes`] plus
+    /// [`ADAPTER_FRAME_OVERHEAD`]. A task whose bound exceeds
+    /// [`crate::MAX_FRAME_BYTES`] could not send its model.
+    pub fn max_frame_bytes(&self) -> u64 {
+        self.encoded_bytes() + ADAPTER_FRAME_OVERHEAD
+    }
 }
+
+/// What the messages that carry an adapter state add to it: magic, kind,
+/// round, counts, loss and privacy report (75 bytes in the largest today).
+pub const ADAPTER_FRAME_OVERHEAD: u64 = 256;
 
 /// Why an adapter state does not fit a task.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -575,11 +598,11 @@ pub struct TaskInfo {
     /// Local optimizer steps per round.
     pub local_steps: u32,
     pub batch_size: u32,
-    /// The AdamW learning rate of round 1 (each round's is in its
-    /// [`ServerMessage::RoundOpen`]).
+    /// The task's base AdamW learning rate: round 1's without a warm-up
+    /// (each round's is in its [`ServerMessage::RoundOpen`]).
     pub learning_rate: f32,
-    /// The classification head's learning rate in round 1 (version 4); a
-    /// round's head rate is its `RoundOpen` rate times `head_learning_rate /
+    /// The classification head's base learning rate (version 4); a round's
+    /// head rate is its `RoundOpen` rate times `head_learning_rate /
     /// learning_rate`. Equal to `learning_rate` unless the task sets it.
     pub head_learning_rate: f32,
     pub max_seq_len: u32,

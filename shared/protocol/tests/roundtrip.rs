@@ -416,6 +416,68 @@ fn a_minilm_rank_32_update_has_the_documented_size() {
     assert_eq!(u.encode().len(), 150_905);
 }
 
+/// `AdapterShape::encoded_bytes` is the adapter's exact size in a frame,
+/// and `max_frame_bytes` bounds every message that carries one (the
+/// aggregator refuses a task whose bound exceeds the frame limit).
+#[test]
+fn adapter_frame_sizes_are_bounded_by_the_shape() {
+    for (rank, modules, head_classes, head_hidden) in [
+        (32, 36, 2, 384),
+        (1, 1, 1, 1),
+        (7, 5, 3, 11),
+        (64, 72, 3, 768),
+    ] {
+        let shape = AdapterShape {
+            rank,
+            modules,
+            head_classes,
+            head_hidden,
+        };
+        let update = |privacy| {
+            ClientMessage::Update(ClientUpdate {
+                round: RoundId(u64::MAX),
+                num_samples: u64::MAX,
+                train_loss: Some(0.3),
+                privacy,
+                adapter: AdapterState::zeros(&shape),
+            })
+            .encode()
+            .len() as u64
+        };
+        // magic 4, kind 1, round 8, samples 8, loss 1 + 4 (f32), no report 1.
+        assert_eq!(update(None), shape.encoded_bytes() + 27, "{shape:?}");
+        let report = PrivacyReport {
+            noise_multiplier: 1.1,
+            sample_rate: 0.01,
+            steps: u64::MAX,
+            clip_norm: 0.1,
+            delta: 1e-5,
+            epsilon_spent: 2.5,
+        };
+        let frames = [
+            update(Some(report)),
+            ServerMessage::GlobalModel {
+                round: RoundId(u64::MAX),
+                participants: u32::MAX,
+                total_samples: u64::MAX,
+                adapter: AdapterState::zeros(&shape),
+            }
+            .encode()
+            .len() as u64,
+            ServerMessage::CentreRequest {
+                init_samples: u64::MAX,
+                batch_size: u32::MAX,
+                adapter: AdapterState::zeros(&shape),
+            }
+            .encode()
+            .len() as u64,
+        ];
+        for bytes in frames {
+            assert!(bytes <= shape.max_frame_bytes(), "{shape:?}: {bytes}");
+        }
+    }
+}
+
 #[test]
 fn the_largest_minilm_init_gradient_fits_one_frame() {
     // intermediate.dense / output.dense of all-MiniLM-L6-v2: 1536×384 f32.
