@@ -831,7 +831,32 @@ fn router(app: Arc<App>) -> Router {
                 .service(www),
         )
         .with_state(app)
+        // The page may talk to this server only: whatever it ran, it could
+        // not send a volunteer's data to another origin.
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(CONTENT_SECURITY_POLICY),
+        ))
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ))
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        ))
 }
+
+/// The page's Content-Security-Policy, sent with every response (workers
+/// take theirs from their script's): scripts, workers, fetches, event
+/// streams and WebSockets only from this origin (`'self'` covers `ws:` and
+/// `wss:` to it), WebAssembly compiled from there (`'wasm-unsafe-eval'`),
+/// no plugins, no `<base>`, no forms, and not framed by another site.
+/// Styles may be set inline (the chart library sizes its elements so).
+pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; \
+    script-src 'self' 'wasm-unsafe-eval'; style-src 'self' 'unsafe-inline'; \
+    img-src 'self'; connect-src 'self'; worker-src 'self'; object-src 'none'; \
+    base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
 /// An error answered as JSON `{"error": ...}`. Internal causes are logged,
 /// not shown.

@@ -826,6 +826,51 @@ async fn browser_tabs_train_every_round() -> anyhow::Result<()> {
         let shard = std::fs::read_to_string(task.path().join(format!("shard{tab}.tsv")))?;
         assert_nothing_of_the_data_sent(c, &shard).with_context(|| format!("tab {tab}"))?;
     }
+    // And it could not leave for another origin: the page's
+    // Content-Security-Policy refuses a fetch (with a body) and a WebSocket
+    // to a listener on another port, which sees no connection.
+    let elsewhere = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = elsewhere.local_addr()?.port();
+    let tried = tabs[0]
+        .eval(&format!(
+            "(async () => {{
+               const violations = [];
+               document.addEventListener('securitypolicyviolation',
+                 (e) => violations.push(e.effectiveDirective));
+               // Refused at once by the policy; without it the request
+               // leaves and waits for an answer that never comes.
+               let fetched = 'answered';
+               try {{
+                 await fetch('http://127.0.0.1:{port}/take',
+                   {{ method: 'POST', body: 'good film', signal: AbortSignal.timeout(3000) }});
+               }} catch (e) {{ fetched = e.name === 'TimeoutError' ? 'sent' : 'refused'; }}
+               let socket = 'opened';
+               try {{
+                 const ws = new WebSocket('ws://127.0.0.1:{port}/');
+                 socket = await new Promise((done) => {{
+                   ws.onopen = () => done('opened');
+                   ws.onerror = () => done('refused');
+                   setTimeout(() => done('sent'), 3000);
+                 }});
+                 ws.close();
+               }} catch (e) {{ socket = 'refused'; }}
+               await new Promise((done) => setTimeout(done, 200));
+               return JSON.stringify({{ fetched, socket, violations }});
+             }})()"
+        ))
+        .await?;
+    let accepted = tokio::time::timeout(Duration::from_millis(500), elsewhere.accept()).await;
+    ensure!(
+        accepted.is_err(),
+        "the page reached a listener on another origin"
+    );
+    let tried: Value = serde_json::from_str(tried.as_str().context("tried")?)?;
+    ensure!(
+        tried["fetched"] == "refused"
+            && tried["socket"] == "refused"
+            && tried["violations"] == serde_json::json!(["connect-src", "connect-src"]),
+        "{tried}"
+    );
     // A screenshot of the rounds view once every round is evaluated.
     wait_all_evaluated(&agg, sst2::ROUNDS as usize + 1).await?;
     save_screenshot(&mut tabs[0], "browser-participants-rounds-view.png").await?;

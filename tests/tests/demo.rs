@@ -40,6 +40,18 @@ async fn the_demo_task_serves_its_page_and_shards_and_trains_a_round() -> anyhow
     );
     let page = reqwest::get(agg.url("/")).await?;
     ensure!(page.status().is_success(), "GET /: {}", page.status());
+    // The page may talk to its own origin only (tested in a browser in
+    // browser_participant.rs).
+    let policy = page
+        .headers()
+        .get("content-security-policy")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    ensure!(
+        policy.contains("connect-src 'self'")
+            && policy.contains("script-src 'self' 'wasm-unsafe-eval'"),
+        "GET / has the policy {policy:?}"
+    );
     let page = page.text().await?;
     ensure!(
         page.contains("<title>fedsb") && page.contains("id=\"join-button\""),
