@@ -8,8 +8,7 @@ use std::path::{Path, PathBuf};
 
 use fedsb_engine::model::AdaptedLinear;
 use fedsb_protocol::{
-    AdapterShape, PolicyField, PrivacyPolicy, MAX_FRAME_BYTES, MAX_LIST_LEN, MAX_MODULES, MAX_RANK,
-    MAX_STRING_BYTES,
+    AdapterShape, PolicyField, PrivacyPolicy, MAX_LIST_LEN, MAX_MODULES, MAX_RANK, MAX_STRING_BYTES,
 };
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
@@ -894,17 +893,9 @@ impl Config {
             ));
         }
         // Every round's model travels in one frame: updates, global models.
-        let shape = self.adapter_shape();
-        if shape.max_frame_bytes() > MAX_FRAME_BYTES as u64 {
+        if let Some(e) = self.adapter_shape().frame_limit_error() {
             return bad(format!(
-                "the adapter is too large to send: {} modules of rank {} and a {}×{} head take \
-                 up to {} bytes in a frame, above the protocol's {MAX_FRAME_BYTES}-byte frame \
-                 limit; lower adapter.rank or adapt fewer adapter.modules",
-                shape.modules,
-                shape.rank,
-                shape.head_classes,
-                shape.head_hidden,
-                shape.max_frame_bytes()
+                "{e}; lower adapter.rank or adapt fewer adapter.modules"
             ));
         }
         if let Some(h) = &self.model.sha256 {

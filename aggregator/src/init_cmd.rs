@@ -147,6 +147,18 @@ pub fn run(args: InitArgs) -> anyhow::Result<()> {
         .take(args.modules.len())
         .map(|&(_, which)| which)
         .collect();
+    let shape = fedsb_protocol::AdapterShape {
+        rank: args.rank as u32,
+        modules: modules.len() as u32,
+        head_classes: labels.len() as u32,
+        head_hidden: config.hidden_size as u32,
+    };
+    if let Some(e) = shape.frame_limit_error() {
+        eprintln!(
+            "warning: fedsb serve would refuse a task with this adapter ({e}); it can still \
+             start `fedsb train --init`"
+        );
+    }
 
     let ctx = pollster::block_on(GpuContext::new(&GpuOptions {
         adapter: args.adapter.as_deref(),

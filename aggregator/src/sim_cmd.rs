@@ -1153,6 +1153,11 @@ pub fn run(mut args: SimArgs) -> anyhow::Result<()> {
         head_classes: train.num_labels() as u32,
         head_hidden: config.hidden_size as u32,
     };
+    // The simulation sends real frames: refuse before any training what
+    // the protocol could not carry.
+    if let Some(e) = shape.frame_limit_error() {
+        bail!("{e}; lower --rank or adapt fewer --modules");
+    }
 
     let ctx = pollster::block_on(GpuContext::new(&GpuOptions {
         adapter: args.adapter.as_deref(),

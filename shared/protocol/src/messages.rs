@@ -103,6 +103,23 @@ impl AdapterShape {
     pub fn max_frame_bytes(&self) -> u64 {
         self.encoded_bytes() + ADAPTER_FRAME_OVERHEAD
     }
+
+    /// Why an adapter state of this shape cannot travel in one frame, if
+    /// it cannot (see [`Self::max_frame_bytes`]).
+    pub fn frame_limit_error(&self) -> Option<String> {
+        let bytes = self.max_frame_bytes();
+        (bytes > crate::MAX_FRAME_BYTES as u64).then(|| {
+            format!(
+                "the adapter is too large to send: {} modules of rank {} and a {}×{} head take \
+                 up to {bytes} bytes in a frame, above the protocol's {}-byte frame limit",
+                self.modules,
+                self.rank,
+                self.head_classes,
+                self.head_hidden,
+                crate::MAX_FRAME_BYTES
+            )
+        })
+    }
 }
 
 /// What the messages that carry an adapter state add to it: magic, kind,

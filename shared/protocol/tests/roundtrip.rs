@@ -475,7 +475,23 @@ fn adapter_frame_sizes_are_bounded_by_the_shape() {
         for bytes in frames {
             assert!(bytes <= shape.max_frame_bytes(), "{shape:?}: {bytes}");
         }
+        assert_eq!(shape.frame_limit_error(), None, "{shape:?}");
     }
+    // BERT-base (72 modules, hidden 768) fits up to rank 341.
+    let bert = |rank| AdapterShape {
+        rank,
+        modules: 72,
+        head_classes: 2,
+        head_hidden: 768,
+    };
+    assert_eq!(bert(341).frame_limit_error(), None);
+    let e = bert(342)
+        .frame_limit_error()
+        .expect("rank 342 is too large");
+    assert!(
+        e.contains("72 modules of rank 342") && e.contains("33554432-byte frame limit"),
+        "{e}"
+    );
 }
 
 #[test]
