@@ -231,8 +231,10 @@ window.addEventListener("resize", () => {
   }
 });
 
+// Written only when it changes: the line is an alert, which a screen
+// reader would announce again on every status event.
 function showError(message) {
-  $("error").textContent = message;
+  if ($("error").textContent !== (message || "")) $("error").textContent = message || "";
   $("error").hidden = !message;
 }
 

@@ -62,13 +62,17 @@ function columns() {
   };
 }
 
+// The error and status lines are live regions: each is written only when
+// its text changes, or a screen reader would announce it again on every
+// status message (four a second while downloading).
 function showError(message) {
-  errorEl.textContent = message || "";
+  if (errorEl.textContent !== (message || "")) errorEl.textContent = message || "";
   errorEl.hidden = !message;
 }
 
 function setJoinEnabled() {
   joinButton.disabled = !gpuOk || !file || joined || !$("join-preview").dataset.ok;
+  $("join-hint").hidden = !gpuOk || Boolean(file) || joined;
   // The data of a join cannot change while it trains; a browser that
   // cannot train takes no demo shard.
   fileInput.disabled = joined;
@@ -232,6 +236,7 @@ function fillSelect(select, names) {
 function clearPreview() {
   $("join-preview").replaceChildren();
   $("join-preview").dataset.ok = "";
+  $("join-summary").textContent = "";
 }
 
 function requestPreview() {
@@ -263,8 +268,8 @@ function renderPreview(p) {
       return tr;
     });
   el.replaceChildren();
-  const summary = document.createElement("p");
-  summary.id = "join-summary";
+  // A live region outside the preview: a screen reader hears what was read.
+  const summary = $("join-summary");
   const skipped = p.skipped_rows
     ? `; ${p.skipped_rows} rows without a label skipped (first at line ${p.first_skipped_line})`
     : "";
@@ -285,7 +290,7 @@ function renderPreview(p) {
     head.append(th);
   }
   table.append(head, ...rows);
-  el.append(summary, ids, table);
+  el.append(ids, table);
   el.dataset.ok = "1";
 }
 
@@ -384,11 +389,14 @@ function onWorkerMessage(m) {
       ? "no differential privacy"
       : "…";
   // An error is shown once, on the error line.
-  statusEl.textContent = m.error && m.message === m.error ? "" : m.message;
+  const status = (m.error && m.message === m.error ? "" : m.message) || "";
+  if (statusEl.textContent !== status) statusEl.textContent = status;
   showError(m.error);
   renderLosses(m.losses);
   if (["finished", "left", "disconnected", "error"].includes(m.phase)) {
     joined = false;
+    // Focus on a button being disabled would fall to the page's start.
+    if (document.activeElement === leaveButton) statusEl.focus();
     leaveButton.disabled = true;
     // A new WebSocket needs a fresh worker (and WebGPU device).
     worker.terminate();
@@ -500,6 +508,8 @@ joinButton.addEventListener("click", () => {
   joined = true;
   setJoinEnabled();
   leaveButton.disabled = false;
+  // Join is disabled now: keyboard focus moves to Leave, not to the page.
+  leaveButton.focus();
   showError("");
   // Handing a large file to the worker takes a moment: say so at once.
   $("join-phase").textContent = "starting";
@@ -508,6 +518,7 @@ joinButton.addEventListener("click", () => {
 
 leaveButton.addEventListener("click", () => {
   if (worker) worker.postMessage({ type: "leave" });
+  statusEl.focus();
   leaveButton.disabled = true;
 });
 

@@ -1852,8 +1852,21 @@ async fn leave_sends_leave_and_disconnects() -> anyhow::Result<()> {
     let task = task_dir("")?;
     let agg = Aggregator::start_in(task.path())?;
     let mut c = open_tab(&agg, &task.path().join("shard1.tsv")).await?;
+    // Every text the status line (a live region) is given.
+    c.eval(
+        "window.statusTexts = []; \
+         new MutationObserver(() => window.statusTexts.push(document.getElementById('join-status').textContent)) \
+           .observe(document.getElementById('join-status'), { childList: true, characterData: true, subtree: true }); \
+         true",
+    )
+    .await?;
     join_until_first_update(&mut c, "true").await?;
     ensure!(agg.json("/api/status").await?["participants_connected"] == 1);
+    // Keyboard focus follows the buttons: Join is disabled once pressed,
+    // so focus is on Leave; Leave is disabled once pressed, so focus is on
+    // the status line, not lost to the page's start.
+    let focused = c.eval("document.activeElement.id").await?;
+    ensure!(focused == "leave-button", "focus after Join: {focused}");
     c.eval("document.getElementById('leave-button').click()")
         .await?;
     let phase = c
@@ -1864,6 +1877,27 @@ async fn leave_sends_leave_and_disconnects() -> anyhow::Result<()> {
         )
         .await?;
     ensure!(phase == "left");
+    let focused = c.eval("document.activeElement.id").await?;
+    ensure!(focused == "join-status", "focus after Leave: {focused}");
+    // A screen reader announces each write to a live region: the status
+    // line is written only when its text changes (it was rewritten with
+    // every status message, four a second while downloading).
+    let texts = c.eval("JSON.stringify(window.statusTexts)").await?;
+    let texts: Vec<String> = serde_json::from_str(texts.as_str().context("texts")?)?;
+    ensure!(
+        texts.len() >= 3 && texts.windows(2).all(|w| w[0] != w[1]),
+        "the status line's writes: {texts:#?}"
+    );
+    let roles = c
+        .eval(
+            "['join-status', 'join-error', 'join-gpu', 'join-summary', 'error'] \
+               .map((id) => document.getElementById(id).getAttribute('role')).join(' ')",
+        )
+        .await?;
+    ensure!(
+        roles == "status alert alert status alert",
+        "live regions: {roles}"
+    );
     let kinds = c
         .eval("JSON.stringify(window.fedsbParticipant.sent.map((f) => f.kind))")
         .await?;
