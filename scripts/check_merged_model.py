@@ -9,9 +9,15 @@ the head on a labelled TSV/CSV and prints accuracy and mean cross-entropy as
 one JSON line, to compare with `fedsb eval` of the adapter file on the base
 model (README, "The trained model").
 
-Needs: pip install torch transformers safetensors
+`fedsb merge --peft` writes DIR as a PEFT LoRA adapter instead; `--peft DIR`
+loads the base model it names (or `--base`) with `AutoModel`, the adapter
+with `peft.PeftModel.from_pretrained`, and reports how many linears PEFT
+adapted besides the same accuracy and loss.
+
+Needs: pip install torch transformers safetensors (and peft for --peft)
 Usage:
   python3 scripts/check_merged_model.py --merged DIR --eval data/sst2/dev.tsv --limit 200
+  python3 scripts/check_merged_model.py --peft DIR --eval data/sst2/dev.tsv --limit 200
 """
 
 import argparse
@@ -41,19 +47,33 @@ def read_rows(path, labels):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--merged", required=True)
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--merged")
+    which.add_argument("--peft")
+    ap.add_argument("--base", help="--peft: the base model (default: the adapter's base_model_name_or_path)")
     ap.add_argument("--eval", required=True)
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--max-seq-len", type=int, default=128)
     args = ap.parse_args()
 
-    with safe_open(f"{args.merged}/fedsb-head.safetensors", framework="pt") as f:
+    directory = args.merged or args.peft
+    with safe_open(f"{directory}/fedsb-head.safetensors", framework="pt") as f:
         weight = f.get_tensor("classifier.weight").double()
         bias = f.get_tensor("classifier.bias").double()
         labels = json.loads((f.metadata() or {}).get("labels", "[]"))
-    tokenizer = AutoTokenizer.from_pretrained(args.merged)
-    model = AutoModel.from_pretrained(args.merged).float().eval()
+    report = {}
+    if args.merged:
+        tokenizer = AutoTokenizer.from_pretrained(args.merged)
+        model = AutoModel.from_pretrained(args.merged).float().eval()
+    else:
+        from peft import PeftModel
+
+        with open(f"{args.peft}/adapter_config.json", encoding="utf-8") as f:
+            base = args.base or json.load(f)["base_model_name_or_path"]
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        model = PeftModel.from_pretrained(AutoModel.from_pretrained(base).float(), args.peft).eval()
+        report["lora_modules"] = sum(1 for _, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A)
     rows = read_rows(args.eval, labels)
     if args.limit:
         rows = rows[: args.limit]
@@ -70,8 +90,9 @@ def main():
             y = torch.tensor([l for _, l in chunk])
             loss += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
             correct += (logits.argmax(1) == y).sum().item()
-    print(json.dumps({"accuracy": correct / len(rows), "loss": loss / len(rows),
-                      "samples": len(rows), "transformers_model": type(model).__name__}))
+    report.update({"accuracy": correct / len(rows), "loss": loss / len(rows),
+                   "samples": len(rows), "transformers_model": type(model).__name__})
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

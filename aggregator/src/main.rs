@@ -63,7 +63,7 @@ enum Command {
     Export(export_cmd::ExportArgs),
     /// Accuracy and loss of an adapter file on labelled data, on the GPU.
     Eval(eval_cmd::EvalArgs),
-    /// Merge an adapter file into its base model: a plain Hugging Face model directory.
+    /// Merge an adapter file into its base model: a plain Hugging Face model directory (--peft: a PEFT LoRA adapter).
     Merge(merge_cmd::MergeArgs),
     /// The mean of adapter files with the same A and B (checkpoints, rounds).
     Average(average_cmd::AverageArgs),

@@ -29,6 +29,9 @@ use crate::participant::{adapter_file_info, read_adapter_file, read_head};
 /// The merged model's file names.
 const MODEL_FILE: &str = "model.safetensors";
 const HEAD_FILE: &str = "fedsb-head.safetensors";
+/// A PEFT adapter's file names (`fedsb merge --peft`).
+const PEFT_CONFIG_FILE: &str = "adapter_config.json";
+const PEFT_WEIGHTS_FILE: &str = "adapter_model.safetensors";
 
 #[derive(Debug, Args)]
 pub struct MergeArgs {
@@ -46,6 +49,14 @@ pub struct MergeArgs {
     /// which is renamed at the end.
     #[arg(long)]
     out: PathBuf,
+    /// Write a Hugging Face PEFT LoRA adapter instead of a merged model:
+    /// `adapter_config.json` and `adapter_model.safetensors` with
+    /// `lora_A` = R·A and `lora_B` = B for every adapted module and
+    /// `lora_alpha` = r (so PEFT's scale is 1 and `lora_B·lora_A` is
+    /// B·R·A), for the base model as transformers' `AutoModel` loads it;
+    /// the head and a model card beside them.
+    #[arg(long)]
+    peft: bool,
 }
 
 /// Weight files of other formats that a merged directory must not carry
@@ -169,6 +180,243 @@ fn model_card(
     card
 }
 
+/// `fedsb-head.safetensors`: the head, its pooling and class names.
+fn head_file(
+    head: &fedsb_engine::reference::ClassifierHead<f32>,
+    info: &crate::participant::AdapterFileInfo,
+) -> anyhow::Result<Vec<u8>> {
+    let data = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    let (w, b) = (data(&head.weight.data), data(&head.bias));
+    let views = vec![
+        (
+            "classifier.weight",
+            TensorView::new(Dtype::F32, vec![head.weight.rows, head.weight.cols], &w)?,
+        ),
+        (
+            "classifier.bias",
+            TensorView::new(Dtype::F32, vec![head.bias.len()], &b)?,
+        ),
+    ];
+    let mut meta = HashMap::from([
+        ("format".to_owned(), "pt".to_owned()),
+        (
+            "pooling".to_owned(),
+            "attention-masked mean of the last hidden state".to_owned(),
+        ),
+    ]);
+    if let Some(labels) = info.metadata.get("labels") {
+        meta.insert("labels".to_owned(), labels.clone());
+    }
+    Ok(safetensors::tensor::serialize(views, Some(meta))?)
+}
+
+/// Writes `files` (and, with `model`, the base model's configuration and
+/// tokenizer files) into a staging directory beside `out` and renames it
+/// to `out`, so that `out` appears whole or not at all; returns what was
+/// copied from `model`.
+fn write_dir(
+    out: &Path,
+    files: &[(&str, Vec<u8>)],
+    model: Option<&Path>,
+) -> anyhow::Result<Vec<String>> {
+    let staging = staging_dir(out)?;
+    let written = (|| {
+        let copied = match model {
+            Some(model) => copy_model_files(model, &staging)?,
+            None => Vec::new(),
+        };
+        for (name, bytes) in files {
+            write_file(&staging.join(name), bytes)?;
+        }
+        // Onto a new path, or over the empty directory `out`.
+        std::fs::rename(&staging, out).with_context(|| format!("writing {}", out.display()))?;
+        Ok::<_, anyhow::Error>(copied)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    written
+}
+
+/// `fedsb merge --peft`: the adapter as a Hugging Face PEFT LoRA adapter.
+/// LoRA-SB's `B·R·A` is LoRA's `lora_B·lora_A` with `lora_A = R·A` (r × in)
+/// and `lora_B = B` (out × r), at PEFT's scale `lora_alpha / r` = 1. The
+/// keys are those PEFT saves for a `BertModel` (`AutoModel`):
+/// `base_model.model.<module>.lora_A.weight`, and `target_modules` lists
+/// every adapted module by its full name, so that only those are adapted
+/// (PEFT matches a name or a suffix after a dot: `output.dense` alone
+/// would also match `attention.output.dense`).
+fn write_peft(
+    args: &MergeArgs,
+    out: &Path,
+    bytes: &[u8],
+    info: &crate::participant::AdapterFileInfo,
+    adapters: &fedsb_engine::reference::LoraSbAdapters<f32>,
+    hidden: usize,
+) -> anyhow::Result<()> {
+    let file = args.adapter_file.display().to_string();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, &(layer, which)) in info.names.iter().zip(&info.modules) {
+        let m = adapters.layers[layer][which.index()]
+            .as_ref()
+            .with_context(|| format!("adapter file {file}: no module {name}"))?;
+        let (r, ins) = (m.a.rows, m.a.cols);
+        // R·A in f64, written as F32.
+        let mut ra = vec![0f32; r * ins];
+        for i in 0..r {
+            for j in 0..ins {
+                let sum: f64 = (0..r)
+                    .map(|k| f64::from(m.r.data[i * r + k]) * f64::from(m.a.data[k * ins + j]))
+                    .sum();
+                ra[i * ins + j] = sum as f32;
+            }
+        }
+        let le = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        tensors.push((
+            format!("base_model.model.{name}.lora_A.weight"),
+            vec![r, ins],
+            le(&ra),
+        ));
+        tensors.push((
+            format!("base_model.model.{name}.lora_B.weight"),
+            vec![m.b.rows, m.b.cols],
+            le(&m.b.data),
+        ));
+    }
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let views = tensors
+        .iter()
+        .map(|(name, shape, data)| {
+            TensorView::new(Dtype::F32, shape.clone(), data)
+                .map(|v| (name.as_str(), v))
+                .with_context(|| format!("tensor {name}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let weights = safetensors::tensor::serialize(
+        views,
+        Some(HashMap::from([("format".to_owned(), "pt".to_owned())])),
+    )?;
+    let base = args
+        .model
+        .canonicalize()
+        .unwrap_or_else(|_| args.model.clone());
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "FEATURE_EXTRACTION",
+        "base_model_name_or_path": base.display().to_string(),
+        "r": info.rank,
+        "lora_alpha": info.rank,
+        "lora_dropout": 0.0,
+        "target_modules": info.names,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "use_rslora": false,
+        "init_lora_weights": true,
+        "modules_to_save": null,
+    });
+    let head = match info.head_classes {
+        Some(classes) => {
+            read_head(bytes, classes, hidden).with_context(|| format!("adapter file {file}"))?
+        }
+        None => None,
+    };
+    info.labels()
+        .with_context(|| format!("adapter file {file}"))?;
+    let mut files: Vec<(&str, Vec<u8>)> = vec![
+        (PEFT_CONFIG_FILE, serde_json::to_vec_pretty(&config)?),
+        (PEFT_WEIGHTS_FILE, weights),
+    ];
+    if let Some(head) = &head {
+        files.push((HEAD_FILE, head_file(head, info)?));
+    }
+    let card = peft_card(args, info, &base, head.as_ref().map(|h| h.bias.len()));
+    files.push(("README.md", card.into_bytes()));
+    write_dir(out, &files, None)?;
+    eprintln!(
+        "wrote the PEFT LoRA adapter of {} modules of rank {} for {} to {}",
+        info.names.len(),
+        info.rank,
+        base.display(),
+        args.out.display()
+    );
+    println!(
+        "{}",
+        serde_json::json!({
+            "out": args.out.display().to_string(),
+            "format": "peft",
+            "modules": info.names.len(),
+            "rank": info.rank,
+            "tensors": tensors.len(),
+            "head": head.is_some().then_some(HEAD_FILE),
+            "base_model": base.display().to_string(),
+        })
+    );
+    Ok(())
+}
+
+/// The PEFT directory's `README.md`: what it is and how to run it with
+/// transformers and PEFT.
+fn peft_card(
+    args: &MergeArgs,
+    info: &crate::participant::AdapterFileInfo,
+    base: &Path,
+    classes: Option<usize>,
+) -> String {
+    use std::fmt::Write as _;
+    let mut card = String::from(
+        "# A LoRA-SB adapter in PEFT's LoRA format, by fedsb
+
+",
+    );
+    let _ = writeln!(
+        card,
+        "This directory is the LoRA-SB adapter `{}` ({} modules, rank {}) as a \
+         Hugging Face PEFT LoRA adapter for the base model `{}` loaded with \
+         `transformers.AutoModel`, written by `fedsb merge --peft`: \
+         `lora_A` = R·A and `lora_B` = B, with `lora_alpha` = r, so that each \
+         adapted linear adds `B·R·A·x`.\n",
+        args.adapter_file.display(),
+        info.names.len(),
+        info.rank,
+        base.display()
+    );
+    if let Some(classes) = classes {
+        let labels = info
+            .metadata
+            .get("labels")
+            .map_or("(not named)", String::as_str);
+        let _ = writeln!(
+            card,
+            "The classification head is `{HEAD_FILE}` ({classes} classes, in order: \
+             {labels}): `logits = mean · Wᵀ + b`, where `mean` is the \
+             attention-masked mean of the last hidden state.\n"
+        );
+    }
+    let _ = write!(
+        card,
+        "```python\n\
+         import torch\n\
+         from peft import PeftModel\n\
+         from safetensors.torch import load_file\n\
+         from transformers import AutoModel, AutoTokenizer\n\n\
+         BASE = {base:?}\n\
+         DIR = \".\"  # this directory\n\
+         model = PeftModel.from_pretrained(AutoModel.from_pretrained(BASE), DIR).eval()\n\
+         tokenizer = AutoTokenizer.from_pretrained(BASE)\n\
+         head = load_file(f\"{{DIR}}/{HEAD_FILE}\")\n\
+         enc = tokenizer([\"a sentence\"], padding=True, truncation=True, return_tensors=\"pt\")\n\
+         with torch.no_grad():\n\
+         \x20   hidden = model(**enc).last_hidden_state\n\
+         mask = enc[\"attention_mask\"].unsqueeze(-1).float()\n\
+         mean = (hidden * mask).sum(1) / mask.sum(1)\n\
+         logits = mean @ head[\"classifier.weight\"].T + head[\"classifier.bias\"]\n\
+         ```\n",
+        base = base.display().to_string()
+    );
+    card
+}
+
 /// Where the merged directory goes: `out` itself when it is new or an
 /// empty directory (made absolute, so that `.` works); refused when it is a
 /// file or holds anything, so that no file of the user's is ever replaced.
@@ -225,6 +473,9 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
     base_model.check_adapter_file(&args.adapter_file, &info.metadata)?;
     let adapters = read_adapter_file(&bytes, &info.names, &info.modules, config, info.rank)
         .with_context(|| format!("adapter file {file}"))?;
+    if args.peft {
+        return write_peft(&args, &out, &bytes, &info, &adapters, config.hidden_size);
+    }
     let merged = adapters.merged_into(&weights);
 
     // The base checkpoint's tensors, the adapted weights replaced.
@@ -294,53 +545,11 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("adapter file {file}"))?;
     let mut files: Vec<(&str, Vec<u8>)> = vec![(MODEL_FILE, model_bytes)];
     if let Some(head) = &head {
-        let data = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
-        let (w, b) = (data(&head.weight.data), data(&head.bias));
-        let views = vec![
-            (
-                "classifier.weight",
-                TensorView::new(Dtype::F32, vec![head.weight.rows, head.weight.cols], &w)?,
-            ),
-            (
-                "classifier.bias",
-                TensorView::new(Dtype::F32, vec![head.bias.len()], &b)?,
-            ),
-        ];
-        let mut meta = HashMap::from([
-            ("format".to_owned(), "pt".to_owned()),
-            (
-                "pooling".to_owned(),
-                "attention-masked mean of the last hidden state".to_owned(),
-            ),
-        ]);
-        if let Some(labels) = info.metadata.get("labels") {
-            meta.insert("labels".to_owned(), labels.clone());
-        }
-        files.push((
-            HEAD_FILE,
-            safetensors::tensor::serialize(views, Some(meta))?,
-        ));
+        files.push((HEAD_FILE, head_file(head, &info)?));
     }
     let card = model_card(&args, &info, head.as_ref().map(|h| h.bias.len()));
     files.push(("README.md", card.into_bytes()));
-
-    let staging = staging_dir(&out)?;
-    let written = (|| {
-        let copied = copy_model_files(&args.model, &staging)?;
-        for (name, bytes) in &files {
-            write_file(&staging.join(name), bytes)?;
-        }
-        // Onto a new path, or over the empty directory `out`.
-        std::fs::rename(&staging, &out).with_context(|| format!("writing {}", out.display()))?;
-        Ok::<_, anyhow::Error>(copied)
-    })();
-    let copied = match written {
-        Ok(copied) => copied,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&staging);
-            return Err(e);
-        }
-    };
+    let copied = write_dir(&out, &files, Some(&args.model))?;
     eprintln!(
         "merged {} modules of rank {} into {}: {} ({} tensors; copied {})",
         info.names.len(),

@@ -750,6 +750,93 @@ fn a_merged_model_evaluates_like_the_base_model_with_its_adapter() -> anyhow::Re
     Ok(())
 }
 
+/// `fedsb merge --peft` writes the adapter as a Hugging Face PEFT LoRA
+/// adapter: `lora_B·lora_A` (at PEFT's scale `lora_alpha / r` = 1) is
+/// `B·R·A` of every adapted module, under the keys PEFT saves for a
+/// `BertModel`, with exactly those modules as `target_modules`, and the
+/// head beside it. (`scripts/check_merged_model.py --peft` loads such a
+/// directory with PEFT itself; README, "The trained model".)
+#[test]
+fn a_peft_adapter_holds_b_r_a_as_lora_b_times_lora_a() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    write_task(dir)?;
+    let adapter = dir.join("adapter.safetensors");
+    let peft = dir.join("peft");
+    let out = Command::new(fedsb_bin())
+        .args(["merge", "--peft", "--model"])
+        .arg(dir.join("model"))
+        .arg("--adapter-file")
+        .arg(&adapter)
+        .arg("--out")
+        .arg(&peft)
+        .output()?;
+    let report = json_of("fedsb merge --peft", &out)?;
+    let file = tensors_of(&adapter)?;
+    let modules: Vec<&str> = file
+        .keys()
+        .filter_map(|k| k.strip_suffix(".lora_R"))
+        .collect();
+    assert!(!modules.is_empty());
+    assert_eq!(report["modules"], modules.len(), "{report}");
+
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(peft.join("adapter_config.json"))?)?;
+    assert_eq!(config["peft_type"], "LORA", "{config}");
+    assert_eq!(config["r"], RANK, "{config}");
+    assert_eq!(config["lora_alpha"], RANK, "{config}");
+    assert_eq!(config["use_rslora"], false, "{config}");
+    assert_eq!(
+        config["base_model_name_or_path"],
+        dir.join("model").canonicalize()?.display().to_string()
+    );
+    let mut targets: Vec<String> = serde_json::from_value(config["target_modules"].clone())?;
+    targets.sort();
+    assert_eq!(targets, modules, "target_modules");
+
+    let lora = tensors_of(&peft.join("adapter_model.safetensors"))?;
+    assert_eq!(lora.len(), 2 * modules.len(), "{:?}", lora.keys());
+    for module in &modules {
+        let key = |m: &str| format!("base_model.model.{module}.lora_{m}.weight");
+        let (lora_a, lora_b) = (&lora[&key("A")], &lora[&key("B")]);
+        let (a, b, r) = (
+            &file[&format!("{module}.lora_A")],
+            &file[&format!("{module}.lora_B")],
+            &file[&format!("{module}.lora_R")],
+        );
+        assert_eq!(lora_b, b, "{module}: lora_B is B");
+        let (outs, ins) = (b.len() / RANK, a.len() / RANK);
+        assert_eq!(lora_a.len(), RANK * ins, "{module}");
+        for o in 0..outs {
+            for i in 0..ins {
+                let want: f64 = (0..RANK)
+                    .flat_map(|j| (0..RANK).map(move |k| (j, k)))
+                    .map(|(j, k)| {
+                        f64::from(b[o * RANK + j])
+                            * f64::from(r[j * RANK + k])
+                            * f64::from(a[k * ins + i])
+                    })
+                    .sum();
+                let got: f64 = (0..RANK)
+                    .map(|j| f64::from(lora_b[o * RANK + j]) * f64::from(lora_a[j * ins + i]))
+                    .sum();
+                assert!(
+                    (got - want).abs() <= 1e-5 * want.abs().max(1e-3),
+                    "{module}[{o},{i}]: {got} vs {want}"
+                );
+            }
+        }
+    }
+    let head = tensors_of(&peft.join("fedsb-head.safetensors"))?;
+    assert_eq!(head["classifier.weight"], file["classifier.weight"]);
+    assert_eq!(head["classifier.bias"], file["classifier.bias"]);
+    let card = std::fs::read_to_string(peft.join("README.md"))?;
+    assert!(card.contains("PeftModel.from_pretrained"), "{card}");
+    // No copy of the base model: PEFT loads it from where it is.
+    assert!(!peft.join("model.safetensors").exists());
+    Ok(())
+}
+
 /// An adapter file's header metadata.
 fn metadata_of(path: &Path) -> anyhow::Result<std::collections::HashMap<String, String>> {
     let bytes = std::fs::read(path)?;
