@@ -149,16 +149,7 @@ fn model_card(
         card.push('\n');
     }
     if let Some(classes) = classes {
-        let labels = info
-            .metadata
-            .get("labels")
-            .map_or("(not named)", String::as_str);
-        let _ = writeln!(
-            card,
-            "The classification head is `{HEAD_FILE}` ({classes} classes, in order: \
-             {labels}): `logits = mean · Wᵀ + b`, where `mean` is the \
-             attention-masked mean of the last hidden state.\n"
-        );
+        head_paragraph(&mut card, info, classes);
         card.push_str(
             "```python\n\
              import torch\n\
@@ -166,19 +157,38 @@ fn model_card(
              from transformers import AutoModel, AutoTokenizer\n\n\
              DIR = \".\"  # this directory\n\
              model = AutoModel.from_pretrained(DIR).eval()\n\
-             tokenizer = AutoTokenizer.from_pretrained(DIR)\n\
-             head = load_file(f\"{DIR}/fedsb-head.safetensors\")\n\
-             enc = tokenizer([\"a sentence\"], padding=True, truncation=True, return_tensors=\"pt\")\n\
-             with torch.no_grad():\n\
-             \x20   hidden = model(**enc).last_hidden_state\n\
-             mask = enc[\"attention_mask\"].unsqueeze(-1).float()\n\
-             mean = (hidden * mask).sum(1) / mask.sum(1)\n\
-             logits = mean @ head[\"classifier.weight\"].T + head[\"classifier.bias\"]\n\
-             ```\n",
+             tokenizer = AutoTokenizer.from_pretrained(DIR)\n",
         );
+        card.push_str(HEAD_SNIPPET);
     }
     card
 }
+
+/// A model card's paragraph on the head: its file, classes and pooling.
+fn head_paragraph(card: &mut String, info: &crate::participant::AdapterFileInfo, classes: usize) {
+    use std::fmt::Write as _;
+    let labels = info
+        .metadata
+        .get("labels")
+        .map_or("(not named)", String::as_str);
+    let _ = writeln!(
+        card,
+        "The classification head is `{HEAD_FILE}` ({classes} classes, in order: \
+         {labels}): `logits = mean · Wᵀ + b`, where `mean` is the \
+         attention-masked mean of the last hidden state.\n"
+    );
+}
+
+/// The end of the model cards' Python snippets, once `model`, `tokenizer`
+/// and `DIR` are set: the head on the attention-masked mean.
+const HEAD_SNIPPET: &str = "head = load_file(f\"{DIR}/fedsb-head.safetensors\")\n\
+    enc = tokenizer([\"a sentence\"], padding=True, truncation=True, return_tensors=\"pt\")\n\
+    with torch.no_grad():\n\
+    \x20   hidden = model(**enc).last_hidden_state\n\
+    mask = enc[\"attention_mask\"].unsqueeze(-1).float()\n\
+    mean = (hidden * mask).sum(1) / mask.sum(1)\n\
+    logits = mean @ head[\"classifier.weight\"].T + head[\"classifier.bias\"]\n\
+    ```\n";
 
 /// `fedsb-head.safetensors`: the head, its pooling and class names.
 fn head_file(
@@ -364,11 +374,7 @@ fn peft_card(
     classes: Option<usize>,
 ) -> String {
     use std::fmt::Write as _;
-    let mut card = String::from(
-        "# A LoRA-SB adapter in PEFT's LoRA format, by fedsb
-
-",
-    );
+    let mut card = String::from("# A LoRA-SB adapter in PEFT's LoRA format, by fedsb\n\n");
     let _ = writeln!(
         card,
         "This directory is the LoRA-SB adapter `{}` ({} modules, rank {}) as a \
@@ -382,16 +388,7 @@ fn peft_card(
         base.display()
     );
     if let Some(classes) = classes {
-        let labels = info
-            .metadata
-            .get("labels")
-            .map_or("(not named)", String::as_str);
-        let _ = writeln!(
-            card,
-            "The classification head is `{HEAD_FILE}` ({classes} classes, in order: \
-             {labels}): `logits = mean · Wᵀ + b`, where `mean` is the \
-             attention-masked mean of the last hidden state.\n"
-        );
+        head_paragraph(&mut card, info, classes);
     }
     let _ = write!(
         card,
@@ -403,17 +400,19 @@ fn peft_card(
          BASE = {base:?}\n\
          DIR = \".\"  # this directory\n\
          model = PeftModel.from_pretrained(AutoModel.from_pretrained(BASE), DIR).eval()\n\
-         tokenizer = AutoTokenizer.from_pretrained(BASE)\n\
-         head = load_file(f\"{{DIR}}/{HEAD_FILE}\")\n\
-         enc = tokenizer([\"a sentence\"], padding=True, truncation=True, return_tensors=\"pt\")\n\
-         with torch.no_grad():\n\
-         \x20   hidden = model(**enc).last_hidden_state\n\
-         mask = enc[\"attention_mask\"].unsqueeze(-1).float()\n\
-         mean = (hidden * mask).sum(1) / mask.sum(1)\n\
-         logits = mean @ head[\"classifier.weight\"].T + head[\"classifier.bias\"]\n\
-         ```\n",
+         tokenizer = AutoTokenizer.from_pretrained(BASE)\n",
         base = base.display().to_string()
     );
+    card.push_str(match classes {
+        Some(_) => HEAD_SNIPPET,
+        // Without a head: the adapted encoder's last hidden state.
+        None => {
+            "enc = tokenizer([\"a sentence\"], padding=True, truncation=True, return_tensors=\"pt\")\n\
+             with torch.no_grad():\n\
+             \x20   hidden = model(**enc).last_hidden_state\n\
+             ```\n"
+        }
+    });
     card
 }
 

@@ -644,14 +644,7 @@ fn a_merged_model_evaluates_like_the_base_model_with_its_adapter() -> anyhow::Re
         let (outs, ins) = (b.len() / RANK, a.len() / RANK);
         for o in 0..outs {
             for i in 0..ins {
-                let delta: f64 = (0..RANK)
-                    .flat_map(|j| (0..RANK).map(move |k| (j, k)))
-                    .map(|(j, k)| {
-                        f64::from(b[o * RANK + j])
-                            * f64::from(r[j * RANK + k])
-                            * f64::from(a[k * ins + i])
-                    })
-                    .sum();
+                let delta = b_r_a(a, b, r, o, i);
                 let want = f64::from(values[o * ins + i]) + delta;
                 let got = f64::from(out[name][o * ins + i]);
                 assert!(
@@ -809,14 +802,7 @@ fn a_peft_adapter_holds_b_r_a_as_lora_b_times_lora_a() -> anyhow::Result<()> {
         assert_eq!(lora_a.len(), RANK * ins, "{module}");
         for o in 0..outs {
             for i in 0..ins {
-                let want: f64 = (0..RANK)
-                    .flat_map(|j| (0..RANK).map(move |k| (j, k)))
-                    .map(|(j, k)| {
-                        f64::from(b[o * RANK + j])
-                            * f64::from(r[j * RANK + k])
-                            * f64::from(a[k * ins + i])
-                    })
-                    .sum();
+                let want = b_r_a(a, b, r, o, i);
                 let got: f64 = (0..RANK)
                     .map(|j| f64::from(lora_b[o * RANK + j]) * f64::from(lora_a[j * ins + i]))
                     .sum();
@@ -835,6 +821,18 @@ fn a_peft_adapter_holds_b_r_a_as_lora_b_times_lora_a() -> anyhow::Result<()> {
     // No copy of the base model: PEFT loads it from where it is.
     assert!(!peft.join("model.safetensors").exists());
     Ok(())
+}
+
+/// Entry `[o, i]` of `B·R·A` (in f64) for a module's `A` (`RANK × in`),
+/// `B` (`out × RANK`) and `R` (`RANK × RANK`), row-major.
+fn b_r_a(a: &[f32], b: &[f32], r: &[f32], o: usize, i: usize) -> f64 {
+    let ins = a.len() / RANK;
+    (0..RANK)
+        .flat_map(|j| (0..RANK).map(move |k| (j, k)))
+        .map(|(j, k)| {
+            f64::from(b[o * RANK + j]) * f64::from(r[j * RANK + k]) * f64::from(a[k * ins + i])
+        })
+        .sum()
 }
 
 /// An adapter file's header metadata.
