@@ -72,12 +72,7 @@ pub fn fedsb_bin() -> PathBuf {
 pub fn minilm_dir() -> anyhow::Result<PathBuf> {
     let dir = std::env::var_os("FEDSB_MODEL_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .parent()
-                .expect("tests/ lives in the workspace")
-                .join("models/all-MiniLM-L6-v2")
-        });
+        .unwrap_or_else(|| repo().join("models/all-MiniLM-L6-v2"));
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
         anyhow::ensure!(
             dir.join(f).is_file(),

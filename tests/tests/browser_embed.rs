@@ -21,24 +21,17 @@
 
 mod browser;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{ensure, Context};
 use browser::Chromium;
-use fedsb_e2e::Aggregator;
+use fedsb_e2e::{repo, Aggregator};
 use serde_json::Value;
 
 const TOLERANCE: f64 = 1e-4;
 /// Longest the whole page run (fetch, upload, all embeddings) may take on SwiftShader.
 const RUN_TIMEOUT: Duration = Duration::from_secs(600);
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ lives in the workspace")
-        .to_owned()
-}
 
 fn task_toml(model: &Path, www: &Path) -> String {
     format!(

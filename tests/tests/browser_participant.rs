@@ -28,7 +28,7 @@
 
 mod browser;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -37,7 +37,7 @@ use browser::Chromium;
 use fedsb_e2e::process::{check_success, fedsb_init, last_json_line, spawn_join, wait_child};
 use fedsb_e2e::tiny_model::{labelled_tsv, write_tiny_model, LABELS};
 use fedsb_e2e::{
-    fedsb_bin, max_rel_error, product_difference, shaped_tensors, weighted_mean, Aggregator,
+    fedsb_bin, max_rel_error, product_difference, repo, shaped_tensors, weighted_mean, Aggregator,
     Participant,
 };
 use fedsb_protocol::{AdapterState, ClientMessage, ClientUpdate, RoundId, ServerMessage};
@@ -93,13 +93,6 @@ mod sst2 {
     pub const MIN_GAIN: f64 = 0.005;
     /// Longest the tabs may take for all rounds (load included).
     pub const RUN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(480);
-}
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ lives in the workspace")
-        .to_owned()
 }
 
 /// A task directory with `extra` (whole sections) appended to its task.toml.
