@@ -148,6 +148,13 @@ pub struct PreparedEval {
     eval_set: String,
 }
 
+impl PreparedEval {
+    /// How many labelled rows are evaluated (after `[eval] limit`).
+    pub fn rows(&self) -> usize {
+        self.prepared.examples.len()
+    }
+}
+
 /// Reads and checks the eval set of `[eval] file` (columns, labels against
 /// the task's) and loads the model it is evaluated with; `None` when no eval
 /// file is set. Needs no state: `fedsb serve` calls it before it opens the
@@ -251,6 +258,22 @@ fn load_frozen(
     )
     .map_err(|err| EvalError::Model(format!("adapter file {}: {err}", path.display())))?;
     Ok((adapters, modules))
+}
+
+/// The name of the GPU adapter the evaluator would use (`[eval]
+/// gpu_adapter`), with its device requested and released again: for
+/// `fedsb serve --check`.
+pub async fn check_gpu(config: &Config) -> Result<String, EvalError> {
+    let adapter = config.eval.gpu_adapter.clone();
+    tokio::task::spawn_blocking(move || {
+        pollster::block_on(GpuContext::new(&GpuOptions {
+            adapter: adapter.as_deref(),
+        }))
+        .map(|ctx| ctx.adapter_name().to_owned())
+        .map_err(|e| EvalError::Gpu(e.to_string()))
+    })
+    .await
+    .map_err(|_| EvalError::Gpu("requesting the GPU device panicked".into()))?
 }
 
 /// Starts the evaluator with what [`prepare`] read (nothing to start when it

@@ -86,6 +86,14 @@ struct ServeArgs {
     /// Directory of the web page; overrides [server] www_dir.
     #[arg(long)]
     www_dir: Option<PathBuf>,
+    /// Check the configuration and everything a start reads (page, demo
+    /// data, files and their hashes, initial model, eval set, GPU adapter,
+    /// the state read-only and its pinned files, the address), print what
+    /// was found, and exit: 0 when a start would pass these checks, 1 with
+    /// the start's error otherwise. Writes nothing; safe beside a running
+    /// server.
+    #[arg(long)]
+    check: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -174,6 +182,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         None => WwwDir::Given,
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    if args.check {
+        let lines = runtime.block_on(Server::check(config, www))?;
+        let mut out = std::io::stdout().lock();
+        for line in lines {
+            writeln!(out, "{line}")?;
+        }
+        writeln!(out, "configuration OK: {}", args.config.display())?;
+        return Ok(());
+    }
     let mut evaluator = None;
     let served = runtime.block_on(async {
         let server = Server::start(config, www).await?;

@@ -158,27 +158,12 @@ impl Server {
     pub async fn start(config: Config, www: WwwDir) -> Result<Self, ServeError> {
         // Everything that needs no state first: a start refused here writes
         // nothing.
-        check_www_dir(&config.server.www_dir, www)?;
-        let demo = match &config.demo.data {
-            None => None,
-            Some(path) => Some(DemoData::load(
-                path,
-                config.demo.shard_rows.unwrap_or(DEFAULT_DEMO_SHARD_ROWS),
-            )?),
-        };
-        let collected = {
-            let c = config.clone();
-            tokio::task::spawn_blocking(move || collect_files(&c))
-                .await
-                .map_err(|_| FileError::Join)??
-        };
-        let round_zero = match config.adapter.init {
-            AdapterInit::Federated => RoundZero::Federated(
-                InitModules::from_config(&config).map_err(|e| ServeError::Init(e.to_string()))?,
-            ),
-            AdapterInit::File => RoundZero::File(initial_adapter(&config)?),
-        };
-        let eval = crate::evaluator::prepare(&config).await?;
+        let Preflight {
+            demo,
+            collected,
+            round_zero,
+            eval,
+        } = preflight(&config, www).await?;
         let addr = SocketAddr::new(config.server.bind, config.server.port);
         let listener = TcpListener::bind(addr)
             .await
@@ -200,6 +185,135 @@ impl Server {
         started
     }
 
+    /// `fedsb serve --check`: the checks of [`Server::start`] without
+    /// starting. The page, the demo data, the served files (hashed), the
+    /// initial model, the eval set with its model and the evaluator's GPU
+    /// adapter are checked as a start checks them. When the state exists
+    /// it is read read-only, beside a running server too: the task
+    /// identity, the schema and the pinned files. The address is tried (and
+    /// released) only when no server holds the state, since a running one
+    /// listens on it itself. Writes nothing. Returns one line per check.
+    pub async fn check(config: Config, www: WwwDir) -> Result<Vec<String>, ServeError> {
+        let Preflight {
+            demo,
+            collected,
+            round_zero,
+            eval,
+        } = preflight(&config, www).await?;
+        let mut lines = Vec::new();
+        let www_dir = &config.server.www_dir;
+        lines.push(if www_dir.is_dir() {
+            format!("page: {}", www_dir.display())
+        } else {
+            format!("page: none ({} does not exist)", www_dir.display())
+        });
+        if let (Some(d), Some(path)) = (&demo, &config.demo.data) {
+            lines.push(format!(
+                "demo data: {} ({} rows, shards of {})",
+                path.display(),
+                d.rows.len(),
+                d.shard_rows
+            ));
+        }
+        for (f, _) in &collected {
+            lines.push(format!(
+                "file {}: {} ({} bytes, SHA-256 {})",
+                f.name,
+                f.path.display(),
+                f.size,
+                f.sha256
+            ));
+        }
+        lines.push(match (&round_zero, &config.adapter.file) {
+            (RoundZero::Federated(_), _) => format!(
+                "initial model: a federated initialization on {} samples per participant",
+                config.adapter.init_samples
+            ),
+            (RoundZero::File(_), Some(path)) => {
+                format!("initial model: the adapter file {}", path.display())
+            }
+            (RoundZero::File(_), None) => "initial model: R and head at zero".to_owned(),
+        });
+        if let (Some(e), Some(path)) = (&eval, &config.eval.file) {
+            lines.push(format!(
+                "eval set: {} ({} labelled rows), model loaded",
+                path.display(),
+                e.rows()
+            ));
+            let adapter = crate::evaluator::check_gpu(&config).await?;
+            lines.push(format!("eval GPU adapter: {adapter}"));
+        }
+
+        let state_dir = &config.server.state_dir;
+        let database = state_dir.join(format!("{}.sqlite3", config.task.id));
+        if database.is_file() {
+            let store = Store::open_read_only(state_dir, &config.task.id, &config.identity_json())?;
+            let last = store.last_round().await?;
+            let mut files: Vec<ServedFile> = collected.into_iter().map(|(f, _)| f).collect();
+            if config.adapter.init == AdapterInit::Federated && last.is_some() {
+                files.push(
+                    committed_init_file(&config.federated_adapter_path())
+                        .await?
+                        .0,
+                );
+            }
+            let pinned = store.pinned_files().await?;
+            let new = check_pins(&pinned, &files)?;
+            let progress = match &last {
+                Some(l) if l.meta.round >= config.task.rounds => {
+                    format!("finished: all {} rounds committed", config.task.rounds)
+                }
+                Some(l) => format!("round {} of {} committed", l.meta.round, config.task.rounds),
+                None => "federated initialization not committed yet".to_owned(),
+            };
+            lines.push(format!(
+                "state: {} (the same task; {progress})",
+                database.display()
+            ));
+            let names = |files: &[crate::store::PinnedFile]| {
+                files
+                    .iter()
+                    .map(|p| p.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            lines.push(if pinned.is_empty() {
+                "pinned files: none yet".to_owned()
+            } else {
+                format!("pinned files, all as pinned: {}", names(&pinned))
+            });
+            if !new.is_empty() {
+                lines.push(format!(
+                    "not pinned yet (a start pins them): {}",
+                    names(&new)
+                ));
+            }
+        } else {
+            lines.push(format!(
+                "state: {} does not exist yet; a start creates it",
+                database.display()
+            ));
+        }
+        let addr = SocketAddr::new(config.server.bind, config.server.port);
+        match crate::store::state_holder(state_dir, &config.task.id)? {
+            Some(pid) => lines.push(format!(
+                "server: process {pid} holds this state now and listens itself; \
+                 restart it to apply this configuration"
+            )),
+            None => {
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ServeError::Bind { addr, source })?;
+                lines.push(if addr.port() == 0 {
+                    format!("listen: {}, on a free port picked at the start", addr.ip())
+                } else {
+                    format!("listen: {addr} is free")
+                });
+            }
+        }
+        Ok(lines)
+    }
+
     async fn start_with_state(
         mut config: Config,
         store: Store,
@@ -217,19 +331,8 @@ impl Server {
         let init_path = config.federated_adapter_path();
         let federated_init = config.adapter.init == AdapterInit::Federated;
         if federated_init && last.is_some() {
-            if !init_path.is_file() {
-                return Err(ServeError::Init(format!(
-                    "round 0 of the federated initialization is committed but its adapter file {} is missing",
-                    init_path.display()
-                )));
-            }
+            collected.push(committed_init_file(&init_path).await?);
             config.adapter.file = Some(init_path.clone());
-            let p = init_path.clone();
-            collected.push(
-                tokio::task::spawn_blocking(move || served_adapter_file(&p))
-                    .await
-                    .map_err(|_| FileError::Join)??,
-            );
         } else if federated_init {
             store.pin_with_round_zero(ADAPTER_FILE, init_path.clone());
         }
@@ -790,6 +893,63 @@ async fn pin_files(store: &Store, files: &[ServedFile], resumed: bool) -> Result
     }
     store.pin_files(new, now_unix_ms()).await?;
     Ok(())
+}
+
+/// What [`Server::start`] reads and checks before it touches the state.
+struct Preflight {
+    demo: Option<DemoData>,
+    collected: Vec<(ServedFile, FileStamp)>,
+    round_zero: RoundZero,
+    eval: Option<PreparedEval>,
+}
+
+/// The checks that need no state: the page, the demo data, the served
+/// files (hashed), the initial model and the eval set with its model.
+async fn preflight(config: &Config, www: WwwDir) -> Result<Preflight, ServeError> {
+    check_www_dir(&config.server.www_dir, www)?;
+    let demo = match &config.demo.data {
+        None => None,
+        Some(path) => Some(DemoData::load(
+            path,
+            config.demo.shard_rows.unwrap_or(DEFAULT_DEMO_SHARD_ROWS),
+        )?),
+    };
+    let collected = {
+        let c = config.clone();
+        tokio::task::spawn_blocking(move || collect_files(&c))
+            .await
+            .map_err(|_| FileError::Join)??
+    };
+    let round_zero = match config.adapter.init {
+        AdapterInit::Federated => RoundZero::Federated(
+            InitModules::from_config(config).map_err(|e| ServeError::Init(e.to_string()))?,
+        ),
+        AdapterInit::File => RoundZero::File(initial_adapter(config)?),
+    };
+    let eval = crate::evaluator::prepare(config).await?;
+    Ok(Preflight {
+        demo,
+        collected,
+        round_zero,
+        eval,
+    })
+}
+
+/// The adapter file of a federated initialization whose round 0 is
+/// committed, hashed: it must exist.
+async fn committed_init_file(
+    init_path: &std::path::Path,
+) -> Result<(ServedFile, FileStamp), ServeError> {
+    if !init_path.is_file() {
+        return Err(ServeError::Init(format!(
+            "round 0 of the federated initialization is committed but its adapter file {} is missing",
+            init_path.display()
+        )));
+    }
+    let p = init_path.to_owned();
+    Ok(tokio::task::spawn_blocking(move || served_adapter_file(&p))
+        .await
+        .map_err(|_| FileError::Join)??)
 }
 
 /// Removes a database a failed start created (with its write-ahead log and

@@ -476,6 +476,33 @@ fn lock_state(state_dir: &Path, task_id: &str, database: &Path) -> Result<File, 
     Ok(file)
 }
 
+/// The process that holds a task's state now, for `fedsb serve --check`:
+/// the pid its lock file names, or `None` when no process holds the lock
+/// (or there is no lock file). Creates and writes nothing. When no one holds
+/// the lock it takes a shared one for an instant, so a server starting at
+/// that very instant is refused as beside a second server, and can be
+/// started again.
+pub fn state_holder(state_dir: &Path, task_id: &str) -> Result<Option<String>, StoreError> {
+    let path = state_dir.join(format!("{task_id}.lock"));
+    let mut file = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(StoreError::Lock { path, error }),
+    };
+    match file.try_lock_shared() {
+        Ok(()) => Ok(None),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            Ok(Some(match pid.trim() {
+                "" => "unknown".to_owned(),
+                p => p.to_owned(),
+            }))
+        }
+        Err(std::fs::TryLockError::Error(error)) => Err(StoreError::Lock { path, error }),
+    }
+}
+
 /// The schema version this code writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 

@@ -580,6 +580,142 @@ async fn a_failed_start_leaves_no_database() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `fedsb serve --check` on `dir/task.toml` with its state in
+/// `dir/state` and `extra` flags: whether it succeeded, its stdout and its
+/// stderr.
+fn serve_check(dir: &std::path::Path, extra: &[&str]) -> anyhow::Result<(bool, String, String)> {
+    let out = Command::new(fedsb_bin())
+        .args(["serve", "--check", "--config"])
+        .arg(dir.join("task.toml"))
+        .args(["--bind", "127.0.0.1", "--state-dir"])
+        .arg(dir.join("state"))
+        .args(extra)
+        .output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// `fedsb serve --check` passes what a start takes and refuses what a start
+/// refuses, with the start's own message, and writes nothing: before the
+/// first start (no state directory is made), beside a running server (which
+/// goes on), and after the model file changed under the task (the pin), the
+/// task's identity changed, or another program took the port.
+#[tokio::test]
+async fn serve_check_refuses_what_a_start_refuses_and_writes_nothing() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    write_model_dir(d, &[7u8; 1000])?;
+    let config = test_config(3, 1, 1, 60, "")
+        .replace("hidden_size = 8\nnum_layers = 2\n", "dir = \"model\"\n");
+    std::fs::write(d.join("task.toml"), &config)?;
+    let model = d.join("model/model.safetensors");
+    let pinned = sha256sum(&model)?;
+    let state = d.join("state");
+    let db = state.join("e2e.sqlite3");
+
+    // Before the first start.
+    let (ok, out, err) = serve_check(d, &["--port", "0"])?;
+    assert!(ok, "{out}{err}");
+    for part in [
+        format!(
+            "file model.safetensors: {} (1000 bytes, SHA-256 {pinned})",
+            model.display()
+        ),
+        "initial model: R and head at zero".to_owned(),
+        format!("state: {} does not exist yet", db.display()),
+        "listen: 127.0.0.1, on a free port picked at the start".to_owned(),
+        format!("configuration OK: {}", d.join("task.toml").display()),
+    ] {
+        assert!(out.contains(&part), "{part:?} not in:\n{out}");
+    }
+    assert!(!state.exists(), "--check made {}", state.display());
+
+    // Beside a running server, after a committed round.
+    let mut agg = Aggregator::start_in(d)?;
+    let (mut p, _) = Participant::join(agg.addr, "p").await?;
+    run_round(std::slice::from_mut(&mut p), RoundId(1)).await?;
+    let port = agg.addr.port().to_string();
+    let (ok, out, err) = serve_check(d, &["--port", &port])?;
+    assert!(ok, "{out}{err}");
+    for part in [
+        format!(
+            "state: {} (the same task; round 1 of 3 committed)",
+            db.display()
+        ),
+        "pinned files, all as pinned: model.safetensors\n".to_owned(),
+        format!("server: process {} holds this state now", agg.child.id()),
+    ] {
+        assert!(out.contains(&part), "{part:?} not in:\n{out}");
+    }
+    assert!(agg.is_running());
+    assert_eq!(agg.json("/api/status").await?["round"], 2);
+    drop(p);
+    agg.kill9();
+
+    // Another model file than the task started with: the check says what
+    // a start says.
+    std::fs::write(&model, [8u8; 1000])?;
+    let found = sha256sum(&model)?;
+    let want = format!("has SHA-256 {found}, but this task's database pins {pinned}");
+    assert!(serve_fails(d, &["--port", "0"])?.contains(&want));
+    // The database, its write-ahead log and the lock file (by SHA-256), as
+    // that refused start left them; not SQLite's shared-memory index, where
+    // readers note what they read, nor an empty log, which a reader of a
+    // database without one may create and which holds nothing.
+    let durable = || -> anyhow::Result<BTreeMap<PathBuf, String>> {
+        let mut files = BTreeMap::new();
+        for (path, bytes) in files_under(&state)? {
+            if !path.to_string_lossy().ends_with("-shm") && !bytes.is_empty() {
+                files.insert(path, sha256_hex(&bytes)?);
+            }
+        }
+        Ok(files)
+    };
+    let before = durable()?;
+    let (ok, out, err) = serve_check(d, &["--port", "0"])?;
+    assert!(!ok, "{out}");
+    assert!(!out.contains("configuration OK"), "{out}");
+    assert!(err.contains(&want), "{want:?} not in:\n{err}");
+    std::fs::write(&model, [7u8; 1000])?;
+
+    // Another task identity on the same state.
+    std::fs::write(d.join("task.toml"), config.replace("rank = 4", "rank = 5"))?;
+    let (ok, _, err) = serve_check(d, &["--port", "0"])?;
+    assert!(!ok);
+    assert!(err.contains("different configuration"), "{err}");
+    std::fs::write(d.join("task.toml"), &config)?;
+
+    // A port another program listens on.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = taken.local_addr()?.port().to_string();
+    let (ok, _, err) = serve_check(d, &["--port", &port])?;
+    assert!(!ok);
+    assert!(
+        err.contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{err}"
+    );
+    drop(taken);
+
+    let (ok, out, err) = serve_check(d, &["--port", &port])?;
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains(&format!("listen: 127.0.0.1:{port} is free")),
+        "{out}"
+    );
+    assert!(
+        out.contains("pinned files, all as pinned: model.safetensors\n"),
+        "{out}"
+    );
+    // None of the checks wrote to the state.
+    assert_eq!(durable()?, before);
+    let agg = Aggregator::start_in(d)?;
+    assert_eq!(agg.json("/api/status").await?["last_committed_round"], 1);
+    Ok(())
+}
+
 /// Every file under `dir` (recursively) with its bytes, by path relative to
 /// `dir`.
 fn files_under(dir: &std::path::Path) -> anyhow::Result<BTreeMap<PathBuf, Vec<u8>>> {
