@@ -130,7 +130,8 @@ pub fn load_base_model(dir: &Path) -> Result<(BertWeights, BaseModel), ModelLoad
 }
 
 /// Refuses an output file `path` (given as `flag`) that could not be
-/// written (a directory, or one whose directory does not exist), or that
+/// written (a directory, one whose directory does not exist or takes no new
+/// file), or that
 /// is, links resolved, one of the command's `inputs` (`(what, path)`: its
 /// data files, `--init` file, the model's files, its other outputs), which
 /// writing it would destroy. Checked before any work is done.
@@ -154,6 +155,7 @@ pub fn check_output_file<P: AsRef<Path>>(
             );
         }
     }
+    probe_writable(path, flag)?;
     if let Some(out) = resolve_path(path) {
         for (what, input) in inputs {
             let input = input.as_ref();
@@ -167,6 +169,34 @@ pub fn check_output_file<P: AsRef<Path>>(
         }
     }
     Ok(())
+}
+
+/// Whether a file can be made beside `path`, as every output is written (a
+/// file beside it, then renamed over it): a read-only directory, a
+/// filesystem such as /proc or /sys, or a missing permission is found before
+/// the work, not after it. The probe file is removed at once.
+fn probe_writable(path: &Path, flag: &str) -> anyhow::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let probe = dir.join(format!(".{name}.{}.probe", std::process::id()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => bail!(
+            "{flag} {}: cannot write a file in {}: {e}",
+            path.display(),
+            dir.display()
+        ),
+    }
 }
 
 /// Refuses an output directory `dir` (given as `flag`) that a command

@@ -85,6 +85,17 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let labels: Vec<String> = match &args.labels {
         Some(l) => {
             if let Some(theirs) = file_labels.as_ref().filter(|f| *f != l) {
+                let mut same = theirs.clone();
+                let mut given = l.clone();
+                same.sort();
+                given.sort();
+                if same == given {
+                    bail!(
+                        "--labels {l:?} name the classes of {file} ({theirs:?}) in another \
+                         order: its head's rows would be scored as each other's classes; leave \
+                         --labels out, or give them in the file's order"
+                    );
+                }
                 tracing::warn!(
                     "--labels {l:?} differ from the classes {theirs:?} that {file} names: \
                      the head's rows are read as --labels says"

@@ -550,7 +550,8 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
     files.push(("README.md", card.into_bytes()));
     let copied = write_dir(&out, &files, Some(&args.model))?;
     eprintln!(
-        "merged {} modules of rank {} into {}: {} ({} tensors; copied {})",
+        "merged {} modules of rank {} into the weights of {} (left as it was) and wrote them \
+         to {} ({} tensors; copied {})",
         info.names.len(),
         info.rank,
         args.model.display(),

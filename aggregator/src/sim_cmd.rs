@@ -77,7 +77,7 @@ use fedsb_engine::data::{Dataset, Example};
 use fedsb_engine::gpu::adamw::AdamW;
 use fedsb_engine::gpu::encoder::{GpuEncoder, GradientMode};
 use fedsb_engine::gpu::{GpuContext, GpuOptions};
-use fedsb_engine::model::{BertTokenizer, BertWeights};
+use fedsb_engine::model::{AdaptedLinear, BertTokenizer, BertWeights};
 use fedsb_engine::reference::{
     ClassifierHead, LoraSbAdapters, LoraSbInitOptions, Matrix, TrainableGradients,
 };
@@ -100,7 +100,7 @@ use crate::data_args::{head_classes, read_eval_set, read_training_set, DataColum
 use crate::dp_training::DpTraining;
 use crate::participant::{
     engine_to_state, layered_modules, read_adapter_file, read_head, state_to_engine,
-    write_adapter_file, ModuleRef, MAX_SEQ_LEN,
+    write_adapter_file, write_file_atomically, ModuleRef, MAX_SEQ_LEN,
 };
 use crate::privacy_cmd::AccountantArg;
 
@@ -178,9 +178,10 @@ pub struct SimArgs {
     #[arg(long, value_name = "N")]
     max_seq_len: Option<usize>,
     /// Training samples (a seeded choice from all of --train) whose gradients
-    /// initialize A, B and R₀, as `fedsb init` does. Ignored with --init;
-    /// --federated-init gives the clients' own instead.
-    #[arg(long, default_value_t = 256)]
+    /// initialize A, B and R₀, as `fedsb init` does. Not with --init, which
+    /// skips the initialization; --federated-init gives the clients' own
+    /// instead.
+    #[arg(long, default_value_t = 256, conflicts_with = "init")]
     init_samples: usize,
     /// Start from this adapter file (written by `fedsb init`) instead of
     /// initializing: its A, B, R₀ and head. Its head's classes are its
@@ -198,12 +199,11 @@ pub struct SimArgs {
     /// frames. Not with --init or --init-samples (the pooled initialization).
     #[arg(long, value_name = "N", conflicts_with_all = ["init", "init_samples"])]
     federated_init: Option<u64>,
-    /// Adapted linears in each layer, comma-separated; default all six.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "attention.self.query,attention.self.key,attention.self.value,attention.output.dense,intermediate.dense,output.dense"
-    )]
+    /// Adapted linears in each layer, comma-separated (attention.self.query,
+    /// attention.self.key, attention.self.value, attention.output.dense,
+    /// intermediate.dense, output.dense); default: those of the --init file,
+    /// else all six. With --init, they must be the file's.
+    #[arg(long, value_delimiter = ',')]
     modules: Vec<String>,
     /// Class names in head order, comma-separated (the task's `[task]
     /// labels`); default: those of the --init file's head, else the classes
@@ -949,6 +949,55 @@ fn initial_model(
     Ok((adapters, head, None))
 }
 
+/// The adapted linears: `given` (--modules), or those of the --init file,
+/// or all six. A --init file's A and B are those of its own modules, so
+/// --modules that name others are refused rather than read as a part of it.
+fn resolve_modules(
+    given: &[String],
+    init: Option<&InitFile>,
+    num_layers: usize,
+) -> anyhow::Result<Vec<String>> {
+    let Some(file) = init else {
+        return Ok(if given.is_empty() {
+            AdaptedLinear::ALL
+                .map(|w| w.checkpoint_name().to_owned())
+                .to_vec()
+        } else {
+            given.to_vec()
+        });
+    };
+    let mut kinds: Vec<String> = Vec::new();
+    for (_, w) in &file.info.modules {
+        let name = w.checkpoint_name().to_owned();
+        if !kinds.contains(&name) {
+            kinds.push(name);
+        }
+    }
+    if given.is_empty() {
+        return Ok(kinds);
+    }
+    let (_, wanted) = layered_modules(given, num_layers)?;
+    let mut wanted = wanted;
+    let mut have = file.info.modules.clone();
+    wanted.sort_by_key(|&(layer, w)| (layer, w.checkpoint_name()));
+    have.sort_by_key(|&(layer, w)| (layer, w.checkpoint_name()));
+    if wanted != have {
+        bail!(
+            "--modules {} are not the modules of {} (--init), which adapts {} in {} of {} layers; \
+             leave --modules out",
+            given.join(","),
+            file.path,
+            kinds.join(","),
+            have.iter()
+                .map(|&(layer, _)| layer)
+                .collect::<std::collections::BTreeSet<_>>()
+                .len(),
+            num_layers
+        );
+    }
+    Ok(given.to_vec())
+}
+
 pub fn run(mut args: SimArgs) -> anyhow::Result<()> {
     let split: Split = args.split.parse().map_err(|e: String| anyhow::anyhow!(e))?;
     if args.batch == 0 {
@@ -1065,6 +1114,7 @@ pub fn run(mut args: SimArgs) -> anyhow::Result<()> {
             _ => args.rank = Some(file.info.rank),
         }
     }
+    args.modules = resolve_modules(&args.modules, init_file.as_ref(), config.num_hidden_layers)?;
     let (train, eval_examples) = read_data(&args, init_file.as_ref())?;
 
     let labels: Vec<u32> = train
@@ -1302,6 +1352,11 @@ pub fn run(mut args: SimArgs) -> anyhow::Result<()> {
         learning_rate: None,
         eval_confusion: e0.confusion,
     }];
+    // The CSV holds every round so far, so a run stopped early keeps them;
+    // written before the round is reported.
+    if let Some(path) = &args.csv {
+        write_csv(path, &rows)?;
+    }
     report(&bar, &rows[0]);
 
     for n in 1..=args.rounds {
@@ -1446,8 +1501,11 @@ pub fn run(mut args: SimArgs) -> anyhow::Result<()> {
             learning_rate: Some(lr),
             eval_confusion: e.confusion,
         };
-        report(&bar, &row);
         rows.push(row);
+        if let Some(path) = &args.csv {
+            write_csv(path, &rows)?;
+        }
+        report(&bar, &rows[rows.len() - 1]);
     }
     bar.finish_and_clear();
 
@@ -1456,9 +1514,6 @@ pub fn run(mut args: SimArgs) -> anyhow::Result<()> {
         eprint!("{table}");
     } else {
         print!("{table}");
-    }
-    if let Some(path) = &args.csv {
-        write_csv(path, &rows)?;
     }
     if let Some(path) = &args.plot {
         draw_plot(path, &rows)?;
@@ -1714,7 +1769,8 @@ fn write_csv(path: &Path, rows: &[RoundRow]) -> anyhow::Result<()> {
     for r in rows {
         let _ = writeln!(s, "{}", r.csv_cells().join(","));
     }
-    std::fs::write(path, s).with_context(|| format!("writing {}", path.display()))
+    // Replaced whole after each round: a reader never sees half a row.
+    write_file_atomically(path, s.as_bytes()).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Accuracy per round as a PNG, 800×500: the y axis spans 0–1 with a grid

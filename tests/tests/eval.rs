@@ -593,6 +593,23 @@ async fn an_exported_round_evaluates_as_the_aggregator_evaluated_it() -> anyhow:
         stderr.contains("the head has 2 classes but the labels are [\"a\", \"b\", \"c\"]"),
         "{stderr}"
     );
+    // The file's own classes in another order would score each head row as
+    // the other class: refused, not only warned about.
+    let reversed = format!("{},{}", LABELS[1], LABELS[0]);
+    let out = eval(&last, &["--labels", &reversed])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!(
+            "--labels [\"{}\", \"{}\"] name the classes of {} ([\"{}\", \"{}\"]) in another order",
+            LABELS[1],
+            LABELS[0],
+            last.display(),
+            LABELS[0],
+            LABELS[1]
+        )),
+        "{stderr}"
+    );
     // The aggregator, read beside, is untouched.
     assert_eq!(agg.json("/api/rounds").await?, list);
     Ok(())

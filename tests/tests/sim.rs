@@ -124,8 +124,12 @@ impl Task {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         // The pooled initialization's examples, unless the clients
-        // initialize federatedly (the two flags conflict).
-        if !extra.contains(&"--federated-init") {
+        // initialize federatedly or the run starts from a file (the flags
+        // conflict).
+        if !extra
+            .iter()
+            .any(|f| ["--federated-init", "--init"].contains(f))
+        {
             c.args(["--init-samples", "32"]);
         }
         c
@@ -664,6 +668,106 @@ fn an_init_files_labels_fix_the_heads_classes() -> anyhow::Result<()> {
 /// rounds × local steps), its update carries a privacy report that the
 /// aggregator's policy check accepts, and each round reports the ε spent,
 /// rising to at most the target.
+/// A `--init` file's modules are the run's: without `--modules` the run
+/// adapts the file's (a file of the query linears alone trains), and
+/// `--modules` naming others are refused instead of reading part of the
+/// file and starting from another model than it holds.
+#[test]
+fn an_init_files_modules_are_the_runs_modules() -> anyhow::Result<()> {
+    let task = Task::new()?;
+    let dir = task.path();
+    let s = |p: &Path| p.to_str().context("path").map(str::to_owned);
+    let mut init = task.init(0.01, "query.safetensors");
+    init.args(["--modules", "attention.self.query"]);
+    check_success("fedsb init --modules attention.self.query", &run(init)?)?;
+    let query = dir.join("query.safetensors");
+    let out = run(task.sim(1, &["--init", &s(&query)?, "--json"]))?;
+    check_success("fedsb sim --init query.safetensors", &out)?;
+    let lines = json_lines(&out)?;
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[1]["participants"], CLIENTS);
+    // Updates of the 2 query modules, not of all 12 (`frame_sizes`).
+    let (update, _) = frame_sizes();
+    let r = RANK as u64;
+    let query_only = update - 10 * (1 + 8 + 4 * r * r);
+    assert_eq!(lines[1]["bytes_up"], CLIENTS as u64 * query_only);
+    assert_evaluated_alike(&task.eval(&query)?, &lines[0]);
+
+    check_success("fedsb init", &run(task.init(0.01, "all.safetensors"))?)?;
+    let all = dir.join("all.safetensors");
+    for (file, modules) in [
+        (&all, "attention.self.query"),
+        (&query, "attention.self.query,attention.self.key"),
+    ] {
+        let out = run(task.sim(1, &["--init", &s(file)?, "--modules", modules]))?;
+        assert!(!out.status.success(), "--modules {modules} with {file:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let want = format!(
+            "--modules {modules} are not the modules of {} (--init)",
+            file.display()
+        );
+        assert!(stderr.contains(&want), "{want:?} not in {stderr}");
+    }
+    // The file's own modules, named in another order, are its modules.
+    let out = run(task.sim(
+        1,
+        &[
+            "--init",
+            &s(&all)?,
+            "--modules",
+            "output.dense,intermediate.dense,attention.output.dense,attention.self.value,\
+             attention.self.key,attention.self.query",
+        ],
+    ))?;
+    check_success(
+        "fedsb sim --init all.safetensors --modules (reordered)",
+        &out,
+    )?;
+    Ok(())
+}
+
+/// The `--csv` file holds every round so far while the run goes on (each
+/// round's row is written before the round is reported), so a run stopped
+/// early keeps its rounds; it is replaced whole, never left half written.
+#[test]
+fn the_csv_holds_the_rounds_so_far_while_the_run_goes_on() -> anyhow::Result<()> {
+    use std::io::BufRead as _;
+    let task = Task::new()?;
+    let csv = task.path().join("rounds.csv");
+    let rounds = 40;
+    let mut c = task.sim(rounds, &["--json", "--csv", csv.to_str().context("path")?]);
+    let mut child = c.stderr(Stdio::null()).spawn()?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let reported = loop {
+        let line = lines.next().context("the run ended before round 1")??;
+        let v: serde_json::Value = serde_json::from_str(&line)?;
+        if v["round"] == 1 {
+            break v;
+        }
+    };
+    child.kill()?;
+    child.wait()?;
+    let text = std::fs::read_to_string(&csv).context("no --csv file after round 1")?;
+    let mut rows = text.lines();
+    let header: Vec<&str> = rows.next().context("no header")?.split(',').collect();
+    let rows: Vec<Vec<&str>> = rows.map(|r| r.split(',').collect()).collect();
+    assert!(
+        rows.len() >= 2 && rows.len() < rounds as usize + 1,
+        "{} rows after round 1 of {rounds} (a run that finished before it was stopped shows \
+         nothing):\n{text}",
+        rows.len()
+    );
+    for (i, row) in rows.iter().enumerate() {
+        assert_eq!(row.len(), header.len(), "row {i}: {row:?}");
+        assert_eq!(row[0], i.to_string(), "{text}");
+    }
+    let column = |name: &str| header.iter().position(|h| *h == name).context("column");
+    let accuracy: f64 = rows[1][column("eval_accuracy")?].parse()?;
+    assert_eq!(serde_json::json!(accuracy), reported["eval_accuracy"]);
+    Ok(())
+}
+
 #[test]
 fn dp_clients_train_with_dp_sgd_and_epsilon_rises_to_the_target() -> anyhow::Result<()> {
     const ROUNDS: u64 = 3;
@@ -792,7 +896,7 @@ fn without_json_rounds_go_to_stderr_and_the_table_to_stdout() -> anyhow::Result<
 #[test]
 fn sim_refuses_bad_input_clearly() -> anyhow::Result<()> {
     let task = Task::new()?;
-    let cases: [(usize, &[&str], &str); 26] = [
+    let cases: [(usize, &[&str], &str); 28] = [
         (CLIENTS, &["--split", "shards"], "unknown --split"),
         (CLIENTS, &["--split", "dirichlet:0"], "positive"),
         (CLIENTS, &["--split", "dirichlet:-2"], "positive"),
@@ -890,6 +994,18 @@ fn sim_refuses_bad_input_clearly() -> anyhow::Result<()> {
             CLIENTS,
             &["--federated-init", "4", "--dp-epsilon", "3", "--clip", "1"],
             "must not read the private training data",
+        ),
+        (
+            CLIENTS,
+            &["--init", "adapter.safetensors", "--init-samples", "8"],
+            "'--init <INIT>' cannot be used with '--init-samples <INIT_SAMPLES>'",
+        ),
+        // An output the run could not write is found before the run: /proc
+        // takes no new file.
+        (
+            CLIENTS,
+            &["--csv", "/proc/fedsb-sim.csv"],
+            "--csv /proc/fedsb-sim.csv: cannot write a file in /proc",
         ),
     ];
     for (clients, flags, message) in cases {

@@ -659,6 +659,20 @@ fn empty_files_and_mismatched_formats() {
         "x.tsv: no column `text` (columns: text,label); \
          the header looks comma-separated: is this a .csv file?"
     );
+    // A file without a header: its first row is read as the column names.
+    let err = read(
+        "hide new secretions from the parental units\t0\nfunny\t1\n",
+        DataFormat::Tsv,
+        &ColumnSpec::default(),
+        "nohdr.tsv",
+    )
+    .unwrap_err();
+    assert_eq!(
+        err,
+        "nohdr.tsv: cannot tell which column holds the text (columns: hide new secretions \
+         from the parental units, 0); the first line looks like data, not a header: the first \
+         line must name the columns (for instance `sentence` and `label`)"
+    );
     let err = read(
         "{\"text\": \"hi\"}\n",
         DataFormat::Tsv,

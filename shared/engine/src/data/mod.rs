@@ -449,7 +449,16 @@ fn header_hint(columns: &[String]) -> Option<String> {
     let looks = if first.starts_with('{') {
         "like JSON: is this a JSON Lines (.jsonl) file?"
     } else if columns.len() > 1 {
-        return None;
+        // A first line of data read as the header: a number or a sentence
+        // among the column names.
+        let data_like = columns
+            .iter()
+            .any(|c| c.trim().parse::<f64>().is_ok() || c.split_whitespace().count() >= 4);
+        return data_like.then(|| {
+            "the first line looks like data, not a header: the first line must name the \
+             columns (for instance `sentence` and `label`)"
+                .to_owned()
+        });
     } else if first.contains('\t') {
         "tab-separated: is this a .tsv file?"
     } else if first.contains(',') {
