@@ -168,7 +168,7 @@ function renderRounds(rounds) {
       a.href = `/api/rounds/${r.round}/adapter`;
       a.download = `${task.task_id}-round-${r.round}.safetensors`;
       a.textContent = "safetensors";
-      a.title = "A, B, this round's R of every module and the head; fedsb eval measures it";
+      a.setAttribute("aria-describedby", "model-note");
       model.appendChild(a);
     } else {
       model.textContent = "—";

@@ -474,6 +474,7 @@ fetch("/api/demo", { cache: "no-store" })
     if (!d.enabled) return;
     demoButton.textContent = `or use a demo shard (${d.shard_rows} rows)`;
     demoButton.hidden = false;
+    $("join-demo-note").hidden = false;
   })
   .catch(() => {});
 demoButton.addEventListener("click", async () => {

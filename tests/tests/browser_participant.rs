@@ -1891,6 +1891,20 @@ async fn leave_sends_leave_and_disconnects() -> anyhow::Result<()> {
         roles == "status alert alert status alert",
         "live regions: {roles}"
     );
+    // No hint lives only in a `title` tooltip, which keyboard and touch
+    // users never see; every description an element names exists.
+    let hidden_hints = c
+        .eval(
+            "JSON.stringify({ titles: [...document.querySelectorAll('[title]')].map((e) => e.outerHTML), \
+               missing: [...document.querySelectorAll('[aria-describedby]')] \
+                 .flatMap((e) => e.getAttribute('aria-describedby').split(/\\s+/)) \
+                 .filter((id) => !document.getElementById(id)) })",
+        )
+        .await?;
+    ensure!(
+        hidden_hints.as_str() == Some(r#"{"titles":[],"missing":[]}"#),
+        "hints: {hidden_hints}"
+    );
     let kinds = c
         .eval("JSON.stringify(window.fedsbParticipant.sent.map((f) => f.kind))")
         .await?;
@@ -1920,6 +1934,22 @@ async fn a_demo_shard_from_the_aggregator_is_previewed_and_trained_on() -> anyho
     )
     .await
     .context("the demo button did not appear")?;
+    // What the button is for is shown beside it, not in a tooltip that
+    // keyboard and touch users never see.
+    let described = c
+        .eval(
+            "(() => { const b = document.getElementById('join-demo'); \
+                      const note = document.getElementById(b.getAttribute('aria-describedby')); \
+                      return note && !note.hidden && note.offsetParent !== null \
+                        && b.title === '' && note.textContent; })()",
+        )
+        .await?;
+    ensure!(
+        described
+            .as_str()
+            .is_some_and(|t| t.contains("public example data")),
+        "the demo button's description: {described}"
+    );
     c.eval("document.getElementById('join-demo').click()")
         .await?;
     let summary = c
