@@ -456,16 +456,10 @@ fn lock_state(state_dir: &Path, task_id: &str, database: &Path) -> Result<File, 
     match file.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
-            let mut pid = String::new();
-            let _ = file.read_to_string(&mut pid);
-            let pid = match pid.trim() {
-                "" => "unknown".to_owned(),
-                p => p.to_owned(),
-            };
             return Err(StoreError::Locked {
                 path: database.to_owned(),
                 lock: path,
-                pid,
+                pid: holder_pid(&mut file),
             });
         }
         Err(std::fs::TryLockError::Error(e)) => return Err(lock_err(e)),
@@ -474,6 +468,16 @@ fn lock_state(state_dir: &Path, task_id: &str, database: &Path) -> Result<File, 
         .and_then(|()| writeln!(file, "{}", std::process::id()))
         .map_err(lock_err)?;
     Ok(file)
+}
+
+/// The pid the holder of a lock wrote into its file ("unknown" if none).
+fn holder_pid(file: &mut File) -> String {
+    let mut pid = String::new();
+    let _ = file.read_to_string(&mut pid);
+    match pid.trim() {
+        "" => "unknown".to_owned(),
+        p => p.to_owned(),
+    }
 }
 
 /// The process that holds a task's state now, for `fedsb serve --check`:
@@ -491,14 +495,7 @@ pub fn state_holder(state_dir: &Path, task_id: &str) -> Result<Option<String>, S
     };
     match file.try_lock_shared() {
         Ok(()) => Ok(None),
-        Err(std::fs::TryLockError::WouldBlock) => {
-            let mut pid = String::new();
-            let _ = file.read_to_string(&mut pid);
-            Ok(Some(match pid.trim() {
-                "" => "unknown".to_owned(),
-                p => p.to_owned(),
-            }))
-        }
+        Err(std::fs::TryLockError::WouldBlock) => Ok(Some(holder_pid(&mut file))),
         Err(std::fs::TryLockError::Error(error)) => Err(StoreError::Lock { path, error }),
     }
 }
