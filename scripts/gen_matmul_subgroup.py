@@ -1,18 +1,24 @@
 #!/usr/bin/env python3
-"""Generates shared/engine/src/gpu/matmul_subgroup.wgsl (32x4 per lane, 8 lanes).
+"""Generates shared/engine/src/gpu/matmul_subgroup.wgsl (32x4 per lane, 8
+lanes) and matmul_subgroup16.wgsl (the same for subgroups of 16 lanes).
 
 The kernel's K loop is fully unrolled (32 rows of A broadcast lane by lane),
 which is too repetitive to keep by hand: edit this script, run
 `python3 scripts/gen_matmul_subgroup.py` from the repository root, and commit
-both. The product does not need Python; only this generator does.
+its outputs. The product does not need Python; only this generator does.
 """
 import pathlib
 
 from matmul_wgsl import COMP as comp, accumulators, broadcast_fma, stores, transpose
 
 TM, TN = 32, 4
-L = []
-L.append("""// enable subgroups;
+
+
+def header(lanes):
+    tile_n = TN * lanes
+    per = TM // lanes
+    g = lanes // 4
+    return f"""// enable subgroups;
 // prelude: gelu_common.wgsl
 // prelude: matmul_common.wgsl
 //
@@ -31,7 +37,7 @@ L.append("""// enable subgroups;
 // compiler requires it.)
 //
 // Subgroup variant of the matrix multiply in `matmul.wgsl` (same parameters,
-// same result):
+// same result), for subgroups of {lanes} lanes:
 //
 //     C[M, N] = alpha * op(A)[M, K] · op(B)[K, N]  (+ bias[N])  (+ C if accumulate)
 //
@@ -43,101 +49,112 @@ L.append("""// enable subgroups;
 // A separate module because subgroup built-ins make the whole module need
 // wgpu::Features::SUBGROUP (wgpu validates a module as a whole). The launcher
 // (`matmul.rs`, Variant::Subgroup) only compiles it when the device has that
-// feature and a fixed subgroup size of 8 (min = max = 8; lavapipe/llvmpipe: the
-// 8-lane SIMD vector): the workgroup of 8 invocations must be one whole
-// subgroup, or the broadcasts would read lanes that do not exist.
+// feature and a fixed subgroup size of {lanes} (min = max = {lanes}; llvmpipe: the
+// SIMD vector of {32 * lanes} bits): the workgroup of {lanes} invocations must be one
+// whole subgroup, or the broadcasts would read lanes that do not exist.
 //
 // Preconditions (as for `main_direct`, checked by Gemm::vec4_aligned): K, the
 // stored row lengths of A and B, lda, ldb, the offsets and batch strides of A
 // and B are multiples of 4, so A and B are read as vec4 along their stored rows.
 //
-// One workgroup = one subgroup of 8 lanes computes a 32×32 tile of C; lane l
-// owns its 32 rows × columns 4l .. 4l+3 (32 vec4 accumulators). Per 4 k the 32
-// rows of op(A) are loaded once per subgroup, each lane loading 4 of the 32
-// vec4 pieces (instead of all 32 as every lane would alone), and handed to all
+// One workgroup = one subgroup of {lanes} lanes computes a {TM}×{tile_n} tile of C; lane l
+// owns its {TM} rows × columns 4l .. 4l+3 ({TM} vec4 accumulators). Per 4 k the {TM}
+// rows of op(A) are loaded once per subgroup, each lane loading {per} of the {TM}
+// vec4 pieces (instead of all {TM} as every lane would alone), and handed to all
 // lanes with subgroupBroadcast (a register shuffle on llvmpipe, whose storage
-// loads are per-lane scalar loops); B is read per lane (4 vec4 loads). So 8
-// vec4 loads feed 512 FMAs per lane, against 24 for 576 in `main_direct`.
+// loads are per-lane scalar loops); B is read per lane (4 vec4 loads). So
+// {per + 4} vec4 loads feed 512 FMAs per lane, against 24 for 576 in `main_direct`.
 // Edge rows and columns are clamped (not masked) in the K loop and skipped when
 // storing; the K loop branches only on the override constants, so the
 // broadcasts are in uniform control flow.
 //
-// Fully unrolled (32 rows × 4 columns per lane): the lanes' loads, broadcasts
+// Fully unrolled ({TM} rows × 4 columns per lane): the lanes' loads, broadcasts
 // and accumulators are named values, never arrays (llvmpipe lowers array
 // locals to memory).
 
 @group(0) @binding(1) var<storage, read> a4: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> b4: array<vec4<f32>>;
-""")
-T8 = TM // 8
-L.append("@compute @workgroup_size(8, 1, 1)")
-L.append("fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) l: u32) {")
-L.append("    let outer_b = wid.z / p.batch_inner;")
-L.append("    let inner_b = wid.z % p.batch_inner;")
-L.append("    // A and B indices in vec4 units.")
-L.append("    let a_base = (p.a_off + outer_b * p.a_bs0 + inner_b * p.a_bs1) / 4u;")
-L.append("    let b_base = (p.b_off + outer_b * p.b_bs0 + inner_b * p.b_bs1) / 4u;")
-L.append("    let c_base = p.c_off + outer_b * p.c_bs0 + inner_b * p.c_bs1;")
-L.append("    let lda4 = p.lda / 4u;")
-L.append("    let ldb4 = p.ldb / 4u;")
-L.append(f"    let m0 = wid.y * {TM}u; // first row of the tile")
-L.append(f"    let c0 = wid.x * {8*TN}u + l * {TN}u; // first column of this lane")
-L.append("")
-L.append("    // What this lane loads of A per 4 k (clamped), in vec4 units:")
-L.append("    // ra_t: row m0 + l + 8t of the stored A at k = 4kq .. 4kq+3 (row i of the tile");
-L.append("    //       is lane i % 8's ra_{i / 8});")
-L.append("    // ca_t (TRANS_A): rows m0 + 4(l/4 + 2t) .. +3 of op(A) at k = 4kq + l % 4 (quad Q")
-L.append("    //       of the tile at k = 4kq + kk is lane kk + 4(Q % 2)'s ca_{Q / 2}).")
-for t in range(T8):
-    L.append(f"    let ra{t} = a_base + min(m0 + l + {8*t}u, p.m - 1u) * lda4;")
-for t in range(T8):
-    L.append(f"    let ca{t} = a_base + (l % 4u) * lda4 + min(m0 / 4u + l / 4u + {2*t}u, p.m / 4u - 1u);")
-L.append("    // B: this lane's columns c0 .. c0+3 as one n-quad, or (TRANS_B) stored rows.")
-for j in range(TN):
-    L.append(f"    let rb{j} = b_base + min(c0 + {j}u, p.n - 1u) * ldb4;")
-L.append("    let cb0 = b_base + min(c0 / 4u, p.n / 4u - 1u);")
-L.append("")
-L.append("    // accI = row I, columns c0 .. c0+3.")
-L += accumulators(TM)
-L.append("    for (var kq = 0u; kq < p.k / 4u; kq++) {")
-for t in range(T8):
-    L.append(f"        var av{t}: vec4<f32>;")
-L.append("        if TRANS_A {")
-L.append("            let k0 = 4u * kq * lda4;")
-for t in range(T8):
-    L.append(f"            av{t} = a4[ca{t} + k0];")
-L.append("        } else {")
-for t in range(T8):
-    L.append(f"            av{t} = a4[ra{t} + kq];")
-L.append("        }")
-L.append("        // bK = row 4kq + K of op(B), columns c0 .. c0+3.")
-for kk in range(4):
-    L.append(f"        var b{kk}: vec4<f32>;")
-L.append("        if TRANS_B {")
-for j in range(TN):
-    L.append(f"            let y{j} = b4[rb{j} + kq];")
-L += transpose([f"y{t}" for t in range(4)], "b", 12)
-L.append("        } else {")
-L.append("            let k0 = 4u * kq * ldb4;")
-for kk in range(4):
-    off = f" + {kk}u * ldb4" if kk else ""
-    L.append(f"            b{kk} = b4[cb0 + k0{off}];")
-L.append("        }")
-L.append("        if TRANS_A {")
-L.append("            // sK_Q = rows 4Q .. 4Q+3 of the tile at k = 4kq + K.")
-for kk in range(4):
-    for Q in range(TM // 4):
-        L.append(f"            let s{kk}_{Q} = subgroupBroadcast(av{Q//2}, {kk + 4*(Q%2)}u);")
-        for r in range(4):
-            i = 4*Q + r
-            L.append(f"            acc{i} = fma(vec4<f32>(s{kk}_{Q}.{comp[r]}), b{kk}, acc{i});")
-L.append("        } else {")
-L.append("            // sI = row I of the tile at k = 4kq .. 4kq+3.")
-L += broadcast_fma(TM, 12)
-L.append("        }")
-L.append("    }")
-L.append("")
-L += stores("c_base", TM, whole_quads=False)
-L.append("}")
-OUT = pathlib.Path(__file__).resolve().parent.parent / "shared/engine/src/gpu/matmul_subgroup.wgsl"
-OUT.write_text("\n".join(L) + "\n")
+"""
+
+
+def generate(lanes):
+    """The kernel for subgroups of `lanes` (8 or 16) lanes, as WGSL text."""
+    per = TM // lanes  # rows of A (or quads of op(A)) each lane loads per 4 k
+    g = lanes // 4  # TRANS_A: lanes per k, each loading one quad of rows
+    L = [header(lanes)]
+    L.append(f"@compute @workgroup_size({lanes}, 1, 1)")
+    L.append("fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) l: u32) {")
+    L.append("    let outer_b = wid.z / p.batch_inner;")
+    L.append("    let inner_b = wid.z % p.batch_inner;")
+    L.append("    // A and B indices in vec4 units.")
+    L.append("    let a_base = (p.a_off + outer_b * p.a_bs0 + inner_b * p.a_bs1) / 4u;")
+    L.append("    let b_base = (p.b_off + outer_b * p.b_bs0 + inner_b * p.b_bs1) / 4u;")
+    L.append("    let c_base = p.c_off + outer_b * p.c_bs0 + inner_b * p.c_bs1;")
+    L.append("    let lda4 = p.lda / 4u;")
+    L.append("    let ldb4 = p.ldb / 4u;")
+    L.append(f"    let m0 = wid.y * {TM}u; // first row of the tile")
+    L.append(f"    let c0 = wid.x * {lanes * TN}u + l * {TN}u; // first column of this lane")
+    L.append("")
+    L.append("    // What this lane loads of A per 4 k (clamped), in vec4 units:")
+    L.append(f"    // ra_t: row m0 + l + {lanes}t of the stored A at k = 4kq .. 4kq+3 (row i of the tile")
+    L.append(f"    //       is lane i % {lanes}'s ra_{{i / {lanes}}});")
+    L.append(f"    // ca_t (TRANS_A): rows m0 + 4(l/4 + {g}t) .. +3 of op(A) at k = 4kq + l % 4 (quad Q")
+    L.append(f"    //       of the tile at k = 4kq + kk is lane kk + 4(Q % {g})'s ca_{{Q / {g}}}).")
+    for t in range(per):
+        L.append(f"    let ra{t} = a_base + min(m0 + l + {lanes * t}u, p.m - 1u) * lda4;")
+    for t in range(per):
+        L.append(f"    let ca{t} = a_base + (l % 4u) * lda4 + min(m0 / 4u + l / 4u + {g * t}u, p.m / 4u - 1u);")
+    L.append("    // B: this lane's columns c0 .. c0+3 as one n-quad, or (TRANS_B) stored rows.")
+    for j in range(TN):
+        L.append(f"    let rb{j} = b_base + min(c0 + {j}u, p.n - 1u) * ldb4;")
+    L.append("    let cb0 = b_base + min(c0 / 4u, p.n / 4u - 1u);")
+    L.append("")
+    L.append("    // accI = row I, columns c0 .. c0+3.")
+    L += accumulators(TM)
+    L.append("    for (var kq = 0u; kq < p.k / 4u; kq++) {")
+    for t in range(per):
+        L.append(f"        var av{t}: vec4<f32>;")
+    L.append("        if TRANS_A {")
+    L.append("            let k0 = 4u * kq * lda4;")
+    for t in range(per):
+        L.append(f"            av{t} = a4[ca{t} + k0];")
+    L.append("        } else {")
+    for t in range(per):
+        L.append(f"            av{t} = a4[ra{t} + kq];")
+    L.append("        }")
+    L.append("        // bK = row 4kq + K of op(B), columns c0 .. c0+3.")
+    for kk in range(4):
+        L.append(f"        var b{kk}: vec4<f32>;")
+    L.append("        if TRANS_B {")
+    for j in range(TN):
+        L.append(f"            let y{j} = b4[rb{j} + kq];")
+    L += transpose([f"y{t}" for t in range(4)], "b", 12)
+    L.append("        } else {")
+    L.append("            let k0 = 4u * kq * ldb4;")
+    for kk in range(4):
+        off = f" + {kk}u * ldb4" if kk else ""
+        L.append(f"            b{kk} = b4[cb0 + k0{off}];")
+    L.append("        }")
+    L.append("        if TRANS_A {")
+    L.append("            // sK_Q = rows 4Q .. 4Q+3 of the tile at k = 4kq + K.")
+    for kk in range(4):
+        for Q in range(TM // 4):
+            L.append(f"            let s{kk}_{Q} = subgroupBroadcast(av{Q // g}, {kk + 4 * (Q % g)}u);")
+            for r in range(4):
+                i = 4 * Q + r
+                L.append(f"            acc{i} = fma(vec4<f32>(s{kk}_{Q}.{comp[r]}), b{kk}, acc{i});")
+    L.append("        } else {")
+    L.append("            // sI = row I of the tile at k = 4kq .. 4kq+3.")
+    L += broadcast_fma(TM, 12, lanes)
+    L.append("        }")
+    L.append("    }")
+    L.append("")
+    L += stores("c_base", TM, whole_quads=False)
+    L.append("}")
+    return "\n".join(L) + "\n"
+
+
+GPU = pathlib.Path(__file__).resolve().parent.parent / "shared/engine/src/gpu"
+for lanes, name in [(8, "matmul_subgroup.wgsl"), (16, "matmul_subgroup16.wgsl")]:
+    (GPU / name).write_text(generate(lanes))
+    print(f"wrote {GPU / name}")

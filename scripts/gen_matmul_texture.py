@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""Generates shared/engine/src/gpu/matmul_texture.wgsl (32x4 per lane, 8 lanes).
+"""Generates shared/engine/src/gpu/matmul_texture.wgsl (32x4 per lane, 8
+lanes) and matmul_texture16.wgsl (the same for subgroups of 16 lanes).
 
 Like gen_matmul_subgroup.py, the kernel's K step is fully unrolled (32 rows of
 A broadcast lane by lane), too repetitive to keep by hand: edit this script,
 run `python3 scripts/gen_matmul_texture.py` from the repository root, and
-commit both. The product does not need Python; only this generator does.
+commit its outputs. The product does not need Python; only this generator does.
 """
 import pathlib
 
@@ -14,25 +15,32 @@ from matmul_wgsl import accumulators, broadcast_fma, stores, transpose
 def load(out, flag, tex, tmp, transposed, plain):
     """`out`0..3 from texture `tex`: under override `flag` the 4 texels at
     `transposed` coordinates, transposed in registers (through `tmp`0..3),
-    otherwise the 4 texels at `plain` coordinates as they are."""
+    otherwise the texels at `plain` coordinates (4, or 2 for 16 lanes, the
+    rest left unused) as they are."""
     lines = [f"        var {out}{j}: vec4<f32>;" for j in range(4)]
     lines.append(f"        if {flag} {{")
     lines += [f"            let {tmp}{j} = textureLoad({tex}, vec2<i32>({transposed[j]}));" for j in range(4)]
     lines += transpose([f"{tmp}{j}" for j in range(4)], out, 12)
     lines.append("        } else {")
-    lines += [f"            {out}{j} = textureLoad({tex}, vec2<i32>({plain[j]}));" for j in range(4)]
+    lines += [f"            {out}{j} = textureLoad({tex}, vec2<i32>({c}));" for j, c in enumerate(plain)]
     lines.append("        }")
     return lines
 
 
 # Rows per tile (every lane holds all of them, 4 columns each). Must equal
-# TEXTURE_TILE[0] in matmul.rs. 32 because TRANS_A gives each of the 8 lanes 4
+# subgroup_tile()[0] in matmul.rs. 32 because TRANS_A gives each of the 8 lanes 4
 # consecutive rows (one texel); before TRANS_A, tiles of 24 or 40 rows were
 # measured no faster.
 TM = 32
 
-L = []
-L.append("""// enable subgroups;
+
+def header(lanes):
+    tile_n = 4 * lanes
+    per = TM // lanes
+    rows = ", ".join(f"l+{lanes * t}" if t else "l" for t in range(per))
+    lane = "lane l" if lanes == 8 else "lane l < 8"
+    rest = "" if lanes == 8 else "\n// (Lane l >= 8 loads what lane l - 8 loads and is never broadcast.)"
+    return f"""// enable subgroups;
 // prelude: gelu_common.wgsl
 // prelude: matmul_common.wgsl
 //
@@ -49,9 +57,10 @@ L.append("""// enable subgroups;
 //
 //     C[M, N] = alpha * A[M, K] · op(B)[K, N]  (+ bias[N])  (+ C if accumulate)
 //
-// the same product and tile as `matmul_subgroup.wgsl` (one workgroup = one
-// subgroup of 8 lanes computes a 32×32 tile of C; lane l owns its 32 rows ×
-// columns 4l .. 4l+3; the 32 rows of A are loaded once per subgroup and shared
+// the same product and tile as `matmul_subgroup.wgsl` for subgroups of {lanes}
+// lanes (one workgroup = one subgroup of {lanes} lanes computes a {TM}×{tile_n} tile
+// of C; lane l owns its {TM} rows × columns 4l .. 4l+3; the {TM} rows of A are
+// loaded once per subgroup and shared
 // with subgroupBroadcast), but A and B are read from rgba32float read-only
 // storage textures with textureLoad instead of from storage buffers. The
 // launcher copies the stored A and B into the textures
@@ -76,51 +85,61 @@ L.append("""// enable subgroups;
 // product are clamped, never read past.
 //
 // Which lane holds which row of the tile: with A as stored, lane l loads
-// rows l, l+8, l+16 and l+24 (one texel of 4 k each: `av0` .. `av3`), and
-// row I is broadcast from lane I % 8's `av{I / 8}`. With TRANS_A a texel
-// holds 4 consecutive rows at one k, so lane l loads the texels of rows
-// 4l .. 4l+3 at the 4 k and transposes them in place (`avT` = row 4l+T at
-// the 4 k), and row I is broadcast from lane I / 4's `av{I % 4}`. Either way
-// a lane loads 4 texels of A per 4 k and each row is broadcast once.
+// rows {rows} (one texel of 4 k each: `av0` .. `av{per - 1}`), and
+// row I is broadcast from lane I % {lanes}'s `av{{I / {lanes}}}`. With TRANS_A a texel
+// holds 4 consecutive rows at one k, so {lane} loads the texels of rows
+// 4l .. 4l+3 at the 4 k and transposes them in place (`avT` = row
+// 4l+T at the 4 k), and row I is broadcast from lane I / 4's `av{{I % 4}}`.
+// Each row is broadcast once.{rest}
 
 @group(0) @binding(1) var at: texture_storage_2d<rgba32float, read>;
 @group(0) @binding(2) var bt: texture_storage_2d<rgba32float, read>;
-""")
-T8 = TM // 8
-L.append("@compute @workgroup_size(8, 1, 1)")
-L.append("fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) l: u32) {")
-L.append(f"    let m0 = wid.y * {TM}u; // first row of the tile")
-L.append("    let c0 = wid.x * 32u + l * 4u; // first column of this lane")
-L.append("    let c_base = p.c_off;")
-L.append("    let mlast = p.m - 1u;")
-L.append("    let nlast = p.n - 1u;")
-L.append(f"    // The rows of A this lane loads (clamped): {T8} of the tile's {TM}.")
-for t in range(T8):
-    L.append(f"    let ar{t} = i32(min(m0 + {8 * t}u + l, mlast));")
-L.append("    // TRANS_A: the texel column of rows m0 + 4l .. m0 + 4l + 3 (M is a")
-L.append("    // multiple of 4, so a clamped texel holds 4 real rows).")
-L.append("    let ax = i32(min(m0 + 4u * l, p.m - 4u) / 4u);")
-L.append("    // B as stored K×N: the texel column of this lane's 4 columns (N is a")
-L.append("    // multiple of 4, so a clamped texel holds 4 real columns).")
-L.append("    let bx = i32(min(c0, p.n - 4u) / 4u);")
-L.append("    // B as stored N×K (TRANS_B): the rows of this lane's 4 columns, clamped.")
-for i in range(4):
-    L.append(f"    let br{i} = i32(min(c0 + {i}u, nlast));")
-L += accumulators(TM)
-# One step of 4 k per loop iteration: unrolling two (half of llvmpipe's
-# per-iteration accumulator blends with the loop's execution mask) made A·Bᵀ
-# 2-8 % faster but A·B with a wide B 16-26 % slower (BENCHMARKS.md).
-L.append("    let nk = i32(p.k / 4u);")
-L.append("    for (var kq = 0; kq < nk; kq++) {")
-L.append("        // This lane's share of A at k = 4·kq .. 4·kq+3.")
-L += load("av", "TRANS_A", "at", "u", [f"ax, 4 * kq + {j}" for j in range(4)], [f"kq, ar{t}" for t in range(T8)])
-L.append("        // bJ = row 4·kq+J of op(B) at this lane's 4 columns.")
-L += load("b", "TRANS_B", "bt", "t", [f"kq, br{i}" for i in range(4)], [f"bx, 4 * kq + {j}" for j in range(4)])
-L.append("        // sI = row I of the tile at k = 4·kq .. 4·kq+3.")
-L += broadcast_fma(TM, 8, trans_a=True)
-L.append("    }")
-L += stores("c_base", TM, whole_quads=True)
-L.append("}")
-out = pathlib.Path(__file__).resolve().parent.parent / "shared/engine/src/gpu/matmul_texture.wgsl"
-out.write_text("\n".join(L) + "\n")
-print(f"wrote {out}")
+"""
+
+
+def generate(lanes):
+    """The kernel for subgroups of `lanes` (8 or 16) lanes, as WGSL text."""
+    per = TM // lanes
+    L = [header(lanes)]
+    L.append(f"@compute @workgroup_size({lanes}, 1, 1)")
+    L.append("fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) l: u32) {")
+    L.append(f"    let m0 = wid.y * {TM}u; // first row of the tile")
+    L.append(f"    let c0 = wid.x * {4 * lanes}u + l * 4u; // first column of this lane")
+    L.append("    let c_base = p.c_off;")
+    L.append("    let mlast = p.m - 1u;")
+    L.append("    let nlast = p.n - 1u;")
+    L.append(f"    // The rows of A this lane loads (clamped): {per} of the tile's {TM}.")
+    for t in range(per):
+        L.append(f"    let ar{t} = i32(min(m0 + {lanes * t}u + l, mlast));")
+    L.append("    // TRANS_A: the texel column of rows m0 + 4l .. m0 + 4l + 3 (M is a")
+    L.append("    // multiple of 4, so a clamped texel holds 4 real rows).")
+    lane8 = "l" if lanes == 8 else "(l % 8u)"
+    L.append(f"    let ax = i32(min(m0 + 4u * {lane8}, p.m - 4u) / 4u);")
+    L.append("    // B as stored K×N: the texel column of this lane's 4 columns (N is a")
+    L.append("    // multiple of 4, so a clamped texel holds 4 real columns).")
+    L.append("    let bx = i32(min(c0, p.n - 4u) / 4u);")
+    L.append("    // B as stored N×K (TRANS_B): the rows of this lane's 4 columns, clamped.")
+    for i in range(4):
+        L.append(f"    let br{i} = i32(min(c0 + {i}u, nlast));")
+    L += accumulators(TM)
+    # One step of 4 k per loop iteration: unrolling two (half of llvmpipe's
+    # per-iteration accumulator blends with the loop's execution mask) made A·Bᵀ
+    # 2-8 % faster but A·B with a wide B 16-26 % slower (BENCHMARKS.md).
+    L.append("    let nk = i32(p.k / 4u);")
+    L.append("    for (var kq = 0; kq < nk; kq++) {")
+    L.append("        // This lane's share of A at k = 4·kq .. 4·kq+3.")
+    L += load("av", "TRANS_A", "at", "u", [f"ax, 4 * kq + {j}" for j in range(4)], [f"kq, ar{t}" for t in range(per)])
+    L.append("        // bJ = row 4·kq+J of op(B) at this lane's 4 columns.")
+    L += load("b", "TRANS_B", "bt", "t", [f"kq, br{i}" for i in range(4)], [f"bx, 4 * kq + {j}" for j in range(4)])
+    L.append("        // sI = row I of the tile at k = 4·kq .. 4·kq+3.")
+    L += broadcast_fma(TM, 8, lanes, trans_a=True)
+    L.append("    }")
+    L += stores("c_base", TM, whole_quads=True)
+    L.append("}")
+    return "\n".join(L) + "\n"
+
+
+GPU = pathlib.Path(__file__).resolve().parent.parent / "shared/engine/src/gpu"
+for lanes, name in [(8, "matmul_texture.wgsl"), (16, "matmul_texture16.wgsl")]:
+    (GPU / name).write_text(generate(lanes))
+    print(f"wrote {GPU / name}")

@@ -1,6 +1,6 @@
 """WGSL pieces shared by the matmul generators (gen_matmul_subgroup.py and
-gen_matmul_texture.py): both kernels give each of the 8 lanes of a subgroup
-TM rows x 4 columns of a tile, share the rows of A with subgroupBroadcast and
+gen_matmul_texture.py): both kernels give each of the 8 or 16 lanes of a
+subgroup TM rows x 4 columns of a tile, share the rows of A with subgroupBroadcast and
 keep everything in named values (llvmpipe lowers array locals to memory).
 Each function returns lines of WGSL, indented by `indent` spaces.
 """
@@ -27,11 +27,11 @@ def transpose(rows, out, indent):
     ]
 
 
-def broadcast_fma(tm, indent, trans_a=False):
-    """acc += A·B over 4 k: row I of the tile at k = 4kq .. 4kq+3 is lane I % 8's
-    `av{I / 8}`, broadcast to all lanes, times b0..b3. `trans_a` (texture
-    kernel, tm = 32): under the TRANS_A override row I is lane I / 4's
-    `av{I % 4}` instead."""
+def broadcast_fma(tm, indent, lanes, trans_a=False):
+    """acc += A·B over 4 k: row I of the tile at k = 4kq .. 4kq+3 is lane
+    I % lanes's `av{I / lanes}`, broadcast to all lanes, times b0..b3.
+    `trans_a` (texture kernel, tm = 32): under the TRANS_A override row I is
+    lane I / 4's `av{I % 4}` instead (lanes 0..7 whatever the lane count)."""
     pad = " " * indent
     lines = []
     for i in range(tm):
@@ -39,10 +39,10 @@ def broadcast_fma(tm, indent, trans_a=False):
             lines += [
                 f"{pad}var s{i}: vec4<f32>;",
                 f"{pad}if TRANS_A {{ s{i} = subgroupBroadcast(av{i % 4}, {i // 4}u); }}"
-                f" else {{ s{i} = subgroupBroadcast(av{i // 8}, {i % 8}u); }}",
+                f" else {{ s{i} = subgroupBroadcast(av{i // lanes}, {i % lanes}u); }}",
             ]
         else:
-            lines.append(f"{pad}let s{i} = subgroupBroadcast(av{i // 8}, {i % 8}u);")
+            lines.append(f"{pad}let s{i} = subgroupBroadcast(av{i // lanes}, {i % lanes}u);")
         for kk in range(4):
             lines.append(f"{pad}acc{i} = fma(vec4<f32>(s{i}.{COMP[kk]}), b{kk}, acc{i});")
     return lines

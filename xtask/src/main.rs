@@ -92,11 +92,16 @@ fn run(cmd: &mut Command) -> Result<()> {
 }
 
 fn display(cmd: &Command) -> String {
-    std::iter::once(cmd.get_program())
-        .chain(cmd.get_args())
-        .map(|s| s.to_string_lossy().into_owned())
-        .collect::<Vec<_>>()
-        .join(" ")
+    let envs = cmd
+        .get_envs()
+        .filter_map(|(k, v)| v.map(|v| format!("{}={}", k.to_string_lossy(), v.to_string_lossy())));
+    envs.chain(
+        std::iter::once(cmd.get_program())
+            .chain(cmd.get_args())
+            .map(|s| s.to_string_lossy().into_owned()),
+    )
+    .collect::<Vec<_>>()
+    .join(" ")
 }
 
 fn cargo() -> Command {
@@ -142,6 +147,20 @@ fn test(root: &Path) -> Result<()> {
     run(cargo()
         .args(["test", "--workspace", "--all-features", "--no-fail-fast"])
         .env("FEDSB_MODEL_DIR", root.join("models/all-MiniLM-L6-v2")))?;
+    // The subgroup and texture matmul kernels have a second, 16-lane form for
+    // llvmpipe's 512-bit vectors (subgroups of 16), which lavapipe uses only
+    // when asked: the engine's GPU tests again at that width (the matmul test
+    // asserts that the 16-lane kernels ran).
+    run(cargo()
+        .args([
+            "test",
+            "-p",
+            "fedsb-engine",
+            "--all-features",
+            "--no-fail-fast",
+        ])
+        .args(["--lib", "--test", "gpu_kernels", "--test", "encoder_gpu"])
+        .env("LP_NATIVE_VECTOR_WIDTH", "512"))?;
     eprintln!("\nxtask test: all checks passed");
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! Matrix multiply launcher (`matmul.wgsl`, `matmul_subgroup.wgsl`,
-//! `matmul_texture.wgsl`, each after `gelu_common.wgsl` and
-//! `matmul_common.wgsl`): `C = epilogue(alpha·op(A)·op(B) (+ bias) (+ C))`.
+//! `matmul_texture.wgsl` and the last two's 16-lane forms
+//! `matmul_subgroup16.wgsl` and `matmul_texture16.wgsl`, each after
+//! `gelu_common.wgsl` and `matmul_common.wgsl`):
+//! `C = epilogue(alpha·op(A)·op(B) (+ bias) (+ C))`.
 //!
 //! [`Gemm`] describes one (optionally batched, strided) product; [`gemm`] records
 //! it with the [`Variant`] that suits the adapter ([`Variant::for_gemm`]);
@@ -47,20 +49,53 @@ const SUBGROUP_SOURCE_WEB: &str = concat!(
     include_str!("matmul_common.wgsl"),
     include_str!("matmul_subgroup.wgsl")
 );
+/// [`SUBGROUP_SOURCE`] for subgroups of 16 lanes (llvmpipe with 512-bit
+/// vectors: `LP_NATIVE_VECTOR_WIDTH=512`).
+const SUBGROUP16_SOURCE: &str = concat!(
+    include_str!("gelu_common.wgsl"),
+    include_str!("matmul_common.wgsl"),
+    include_str!("matmul_subgroup16.wgsl")
+);
+/// [`SUBGROUP_SOURCE_WEB`] for subgroups of 16 lanes.
+const SUBGROUP16_SOURCE_WEB: &str = concat!(
+    "enable subgroups;\n",
+    include_str!("gelu_common.wgsl"),
+    include_str!("matmul_common.wgsl"),
+    include_str!("matmul_subgroup16.wgsl")
+);
+/// [`TEXTURE_SOURCE`] for subgroups of 16 lanes.
+const TEXTURE16_SOURCE: &str = concat!(
+    include_str!("gelu_common.wgsl"),
+    include_str!("matmul_common.wgsl"),
+    include_str!("matmul_texture16.wgsl")
+);
 /// Output tile edge of one workgroup of the tiled variant (rows and columns).
 pub const TILE: usize = 64;
 /// Output tile of one workgroup of the direct variant: rows, columns.
 pub const DIRECT_TILE: [usize; 2] = [12, 96];
-/// Output tile of one workgroup (one subgroup) of the subgroup variant: rows, columns.
-pub const SUBGROUP_TILE: [usize; 2] = [32, 32];
-/// Output tile of one workgroup (one subgroup) of the texture variant: rows, columns.
-pub const TEXTURE_TILE: [usize; 2] = [32, 32];
+/// Output tile of one workgroup (one subgroup) of the subgroup and texture
+/// variants, rows and columns, on subgroups of `lanes` lanes: 32 rows, 4
+/// columns per lane.
+pub const fn subgroup_tile(lanes: u32) -> [usize; 2] {
+    [32, 4 * lanes as usize]
+}
 /// Largest texture edge (texels) [`Variant::Texture`] relies on: WebGPU's
 /// default `max_texture_dimension_2d`, which [`GpuContext::new`] requests.
 pub const TEXTURE_MAX_DIM: usize = 8192;
-/// The only subgroup size the subgroup variant is written for: its workgroup
-/// of 8 invocations must be exactly one subgroup.
-pub const SUBGROUP_SIZE: u32 = 8;
+/// The subgroup sizes the subgroup and texture variants are written for (one
+/// module each): a workgroup of that many invocations must be exactly one
+/// subgroup. llvmpipe's subgroup is its SIMD vector: 8 lanes at 256 bits, 16
+/// at 512.
+pub const SUBGROUP_SIZES: [u32; 2] = [8, 16];
+
+/// The lane count the subgroup and texture variants run at on this device:
+/// a size of [`SUBGROUP_SIZES`] where the device has subgroups
+/// ([`GpuContext::has_subgroups`]) of that one fixed size (min = max,
+/// [`GpuContext::subgroup_sizes`]); `None` elsewhere.
+pub fn subgroup_lanes(ctx: &GpuContext) -> Option<u32> {
+    let [min, max] = ctx.subgroup_sizes();
+    (ctx.has_subgroups() && min == max && SUBGROUP_SIZES.contains(&min)).then_some(min)
+}
 
 /// Which kernel (of `matmul.wgsl` or `matmul_subgroup.wgsl`) computes a product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,10 +110,11 @@ pub enum Variant {
     Direct,
     /// `matmul_subgroup.wgsl`: like `Direct`, but a workgroup is one subgroup of
     /// 8 lanes computing a 32×32 tile, each lane loading an eighth of the A
-    /// block and sharing it with `subgroupBroadcast`. Needs
-    /// [`Gemm::vec4_aligned`] and a device with `wgpu::Features::SUBGROUP` whose
-    /// subgroup size is fixed at [`SUBGROUP_SIZE`] ([`Variant::available`]);
-    /// about 2× `Direct` on lavapipe.
+    /// block and sharing it with `subgroupBroadcast` (`matmul_subgroup16.wgsl`:
+    /// 16 lanes, 32×64). Needs [`Gemm::vec4_aligned`] and a device with
+    /// `wgpu::Features::SUBGROUP` whose subgroup size is fixed at one of
+    /// [`SUBGROUP_SIZES`] ([`Variant::available`]); about 2× `Direct` on
+    /// lavapipe.
     Subgroup,
     /// `matmul_texture.wgsl`: the `Subgroup` kernel's tile and broadcasts with
     /// A and B read from rgba32float read-only storage textures
@@ -121,16 +157,13 @@ impl Variant {
             .unwrap_or(Self::Tiled)
     }
 
-    /// Whether the device can run this variant at all: `Subgroup` needs
-    /// `wgpu::Features::SUBGROUP` ([`GpuContext::has_subgroups`]) and a subgroup
-    /// size fixed at [`SUBGROUP_SIZE`] (min = max, [`GpuContext::subgroup_sizes`]),
-    /// since its broadcasts assume one 8-lane subgroup per workgroup.
+    /// Whether the device can run this variant at all: `Subgroup` and
+    /// `Texture` need a lane count of [`SUBGROUP_SIZES`] ([`subgroup_lanes`]),
+    /// since their broadcasts assume one whole subgroup per workgroup.
     pub fn available(self, ctx: &GpuContext) -> bool {
         match self {
             Self::Tiled | Self::Direct => true,
-            Self::Subgroup | Self::Texture => {
-                ctx.has_subgroups() && ctx.subgroup_sizes() == [SUBGROUP_SIZE, SUBGROUP_SIZE]
-            }
+            Self::Subgroup | Self::Texture => subgroup_lanes(ctx).is_some(),
         }
     }
 
@@ -167,9 +200,9 @@ impl Variant {
                     && g.n.div_ceil(DIRECT_TILE[1]) <= 65_535
             }
             Self::Subgroup => {
-                g.vec4_aligned()
-                    && g.m.div_ceil(SUBGROUP_TILE[0]) <= 65_535
-                    && g.n.div_ceil(SUBGROUP_TILE[1]) <= 65_535
+                // (The tile of 8 lanes, the smaller one, bounds the grid.)
+                let [rows, cols] = subgroup_tile(SUBGROUP_SIZES[0]);
+                g.vec4_aligned() && g.m.div_ceil(rows) <= 65_535 && g.n.div_ceil(cols) <= 65_535
             }
             Self::Texture => {
                 let (a_rows, a_cols) = g.stored_a();
@@ -522,8 +555,8 @@ pub fn gemm_variant_epilogue(
     }
     if !variant.available(ctx) {
         return Err(GpuError::Device(format!(
-            "the {variant:?} matmul kernel needs wgpu::Features::SUBGROUP with subgroup size \
-             {SUBGROUP_SIZE}; this device: {}, sizes {:?}",
+            "the {variant:?} matmul kernel needs wgpu::Features::SUBGROUP with a fixed subgroup \
+             size of {SUBGROUP_SIZES:?}; this device: {}, sizes {:?}",
             if ctx.has_subgroups() {
                 "subgroups"
             } else {
@@ -541,14 +574,18 @@ pub fn gemm_variant_epilogue(
     if g.m == 0 || g.n == 0 || g.batch[0] * g.batch[1] == 0 {
         return Ok(());
     }
-    let (source, entry, name) = match variant {
-        Variant::Tiled => (SOURCE, "main", "matmul"),
-        Variant::Direct => (SOURCE, "main_direct", "matmul-direct"),
-        Variant::Subgroup if ctx.adapter_info().backend == wgpu::Backend::BrowserWebGpu => {
-            (SUBGROUP_SOURCE_WEB, "main", "matmul-subgroup")
-        }
-        Variant::Subgroup => (SUBGROUP_SOURCE, "main", "matmul-subgroup"),
-        Variant::Texture => (TEXTURE_SOURCE, "main", "matmul-texture"),
+    // The subgroup kernels' lane count (available: one of SUBGROUP_SIZES).
+    let lanes = subgroup_lanes(ctx).unwrap_or(SUBGROUP_SIZES[0]);
+    let web = ctx.adapter_info().backend == wgpu::Backend::BrowserWebGpu;
+    let (source, entry, name) = match (variant, lanes == 16) {
+        (Variant::Tiled, _) => (SOURCE, "main", "matmul"),
+        (Variant::Direct, _) => (SOURCE, "main_direct", "matmul-direct"),
+        (Variant::Subgroup, false) if web => (SUBGROUP_SOURCE_WEB, "main", "matmul-subgroup"),
+        (Variant::Subgroup, true) if web => (SUBGROUP16_SOURCE_WEB, "main", "matmul-subgroup16"),
+        (Variant::Subgroup, false) => (SUBGROUP_SOURCE, "main", "matmul-subgroup"),
+        (Variant::Subgroup, true) => (SUBGROUP16_SOURCE, "main", "matmul-subgroup16"),
+        (Variant::Texture, false) => (TEXTURE_SOURCE, "main", "matmul-texture"),
+        (Variant::Texture, true) => (TEXTURE16_SOURCE, "main", "matmul-texture16"),
     };
     let has_bias = bias.is_some();
     let id = format!(
@@ -617,7 +654,7 @@ pub fn gemm_variant_epilogue(
                 let [rows, cols] = if variant == Variant::Tiled {
                     [TILE, TILE]
                 } else {
-                    SUBGROUP_TILE
+                    subgroup_tile(lanes)
                 };
                 [
                     g.n.div_ceil(cols) as u32,
@@ -660,11 +697,10 @@ pub fn gemm_variant_epilogue(
                     (4, c.binding()),
                     (7, aux.binding()),
                 ],
-                [
-                    g.n.div_ceil(TEXTURE_TILE[1]) as u32,
-                    g.m.div_ceil(TEXTURE_TILE[0]) as u32,
-                    1,
-                ],
+                {
+                    let [rows, cols] = subgroup_tile(lanes);
+                    [g.n.div_ceil(cols) as u32, g.m.div_ceil(rows) as u32, 1]
+                },
             )
         }
         // A and B as array<vec4<f32>> at bindings 5 and 6.
@@ -834,8 +870,8 @@ mod tests {
 
     /// All four orientations with and without bias/alpha/accumulate.
     fn check_aligned_shapes(variant: Variant) {
-        // (m, k, n): edges inside every tile (12×96 direct, 32×32 subgroup, 64×64
-        // tiled), K tails of 4, single rows and columns where the orientation
+        // (m, k, n): edges inside every tile (12×96 direct, 32×32 or 32×64
+        // subgroup, 64×64 tiled), K tails of 4, single rows and columns where the orientation
         // allows them, several tiles in both directions.
         let shapes = [
             (40, 60, 52),
@@ -928,12 +964,22 @@ mod tests {
     fn matmul_subgroup_matches_reference() {
         let ctx = ctx();
         // The context must request subgroups wherever the adapter offers them, and
-        // Subgroup runs exactly where that gives a fixed subgroup size of 8.
+        // Subgroup runs exactly where that gives a fixed subgroup size of 8 or 16.
         let offered = ctx.adapter.features().contains(wgpu::Features::SUBGROUP);
         assert_eq!(ctx.has_subgroups(), offered);
         let info = ctx.adapter_info();
-        let fixed_8 = [info.subgroup_min_size, info.subgroup_max_size] == [8, 8];
-        assert_eq!(Variant::Subgroup.available(ctx), offered && fixed_8);
+        let fixed = info.subgroup_min_size == info.subgroup_max_size
+            && [8, 16].contains(&info.subgroup_min_size);
+        assert_eq!(Variant::Subgroup.available(ctx), offered && fixed);
+        eprintln!("{}: subgroups of {:?}", info.name, subgroup_lanes(ctx));
+        // llvmpipe's subgroup is its vector: with its width set (as CI's second
+        // run of these tests sets it to 512 bits) the 16-lane kernels must run.
+        if let Ok(bits) = std::env::var("LP_NATIVE_VECTOR_WIDTH") {
+            if info.name.starts_with("llvmpipe") {
+                let lanes = bits.parse::<u32>().expect("LP_NATIVE_VECTOR_WIDTH in bits") / 32;
+                assert_eq!(subgroup_lanes(ctx), Some(lanes), "{}", info.name);
+            }
+        }
         if !Variant::Subgroup.available(ctx) {
             eprintln!(
                 "skipped: {} has subgroups={offered}, sizes {:?}",
@@ -1080,7 +1126,7 @@ mod tests {
         let ctx = ctx();
         if !Variant::Texture.available(ctx) {
             eprintln!(
-                "skipped: {} has no fixed subgroup size of 8 ({:?})",
+                "skipped: {} has no fixed subgroup size of 8 or 16 ({:?})",
                 ctx.adapter_info().name,
                 ctx.subgroup_sizes()
             );
@@ -1090,7 +1136,8 @@ mod tests {
             );
             return;
         }
-        // Shapes that are not multiples of the 32×32 tile, both orientations
+        // Shapes that are not multiples of the 32×32 tile (8 lanes) or the
+        // 32×64 one (16 lanes), both orientations
         // of A and B, dense and strided (lda, ldb multiples of 64 above the
         // row length), with offsets, bias, alpha and accumulate. A stored
         // transposed (K×M) needs M a multiple of 4, and dense, of 64.
@@ -1103,6 +1150,8 @@ mod tests {
             (4, 4, 4, true),
             (128, 36, 100, true),
             (100, 128, 192, true),
+            (70, 100, 128, false),
+            (36, 132, 64, true),
         ];
         for (m, n, k, trans_a) in shapes {
             for trans_b in [false, true] {

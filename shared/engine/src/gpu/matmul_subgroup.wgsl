@@ -17,7 +17,7 @@
 // compiler requires it.)
 //
 // Subgroup variant of the matrix multiply in `matmul.wgsl` (same parameters,
-// same result):
+// same result), for subgroups of 8 lanes:
 //
 //     C[M, N] = alpha * op(A)[M, K] · op(B)[K, N]  (+ bias[N])  (+ C if accumulate)
 //
@@ -29,9 +29,9 @@
 // A separate module because subgroup built-ins make the whole module need
 // wgpu::Features::SUBGROUP (wgpu validates a module as a whole). The launcher
 // (`matmul.rs`, Variant::Subgroup) only compiles it when the device has that
-// feature and a fixed subgroup size of 8 (min = max = 8; lavapipe/llvmpipe: the
-// 8-lane SIMD vector): the workgroup of 8 invocations must be one whole
-// subgroup, or the broadcasts would read lanes that do not exist.
+// feature and a fixed subgroup size of 8 (min = max = 8; llvmpipe: the
+// SIMD vector of 256 bits): the workgroup of 8 invocations must be one
+// whole subgroup, or the broadcasts would read lanes that do not exist.
 //
 // Preconditions (as for `main_direct`, checked by Gemm::vec4_aligned): K, the
 // stored row lengths of A and B, lda, ldb, the offsets and batch strides of A
@@ -42,8 +42,8 @@
 // rows of op(A) are loaded once per subgroup, each lane loading 4 of the 32
 // vec4 pieces (instead of all 32 as every lane would alone), and handed to all
 // lanes with subgroupBroadcast (a register shuffle on llvmpipe, whose storage
-// loads are per-lane scalar loops); B is read per lane (4 vec4 loads). So 8
-// vec4 loads feed 512 FMAs per lane, against 24 for 576 in `main_direct`.
+// loads are per-lane scalar loops); B is read per lane (4 vec4 loads). So
+// 8 vec4 loads feed 512 FMAs per lane, against 24 for 576 in `main_direct`.
 // Edge rows and columns are clamped (not masked) in the K loop and skipped when
 // storing; the K loop branches only on the override constants, so the
 // broadcasts are in uniform control flow.

@@ -15,9 +15,10 @@
 //
 //     C[M, N] = alpha * A[M, K] · op(B)[K, N]  (+ bias[N])  (+ C if accumulate)
 //
-// the same product and tile as `matmul_subgroup.wgsl` (one workgroup = one
-// subgroup of 8 lanes computes a 32×32 tile of C; lane l owns its 32 rows ×
-// columns 4l .. 4l+3; the 32 rows of A are loaded once per subgroup and shared
+// the same product and tile as `matmul_subgroup.wgsl` for subgroups of 8
+// lanes (one workgroup = one subgroup of 8 lanes computes a 32×32 tile
+// of C; lane l owns its 32 rows × columns 4l .. 4l+3; the 32 rows of A are
+// loaded once per subgroup and shared
 // with subgroupBroadcast), but A and B are read from rgba32float read-only
 // storage textures with textureLoad instead of from storage buffers. The
 // launcher copies the stored A and B into the textures
@@ -42,12 +43,12 @@
 // product are clamped, never read past.
 //
 // Which lane holds which row of the tile: with A as stored, lane l loads
-// rows l, l+8, l+16 and l+24 (one texel of 4 k each: `av0` .. `av3`), and
+// rows l, l+8, l+16, l+24 (one texel of 4 k each: `av0` .. `av3`), and
 // row I is broadcast from lane I % 8's `av{I / 8}`. With TRANS_A a texel
 // holds 4 consecutive rows at one k, so lane l loads the texels of rows
-// 4l .. 4l+3 at the 4 k and transposes them in place (`avT` = row 4l+T at
-// the 4 k), and row I is broadcast from lane I / 4's `av{I % 4}`. Either way
-// a lane loads 4 texels of A per 4 k and each row is broadcast once.
+// 4l .. 4l+3 at the 4 k and transposes them in place (`avT` = row
+// 4l+T at the 4 k), and row I is broadcast from lane I / 4's `av{I % 4}`.
+// Each row is broadcast once.
 
 @group(0) @binding(1) var at: texture_storage_2d<rgba32float, read>;
 @group(0) @binding(2) var bt: texture_storage_2d<rgba32float, read>;

@@ -10,7 +10,9 @@
 //!   register blocking, or on CPU adapters barrier-free with 12×12 register
 //!   blocks read straight from storage, or (with subgroups of 8) 32×4 per lane
 //!   sharing A through `subgroupBroadcast` (`matmul_subgroup.wgsl`), or the
-//!   same reading A and B from storage textures (`matmul_texture.wgsl`);
+//!   same reading A and B from storage textures (`matmul_texture.wgsl`), each
+//!   also in a 16-lane form for llvmpipe's 512-bit vectors
+//!   (`matmul_subgroup16.wgsl`, `matmul_texture16.wgsl`);
 //!   transposes for `X·Wᵀ + b`, `dY·W`, `dYᵀ·X`; batched and strided
 //!   (attention heads). Every module starts with `gelu_common.wgsl` and
 //!   `matmul_common.wgsl` (parameters, shared bindings, the epilogue: GELU
@@ -71,7 +73,7 @@
 //! about 16×12 accumulators per invocation (see the sweep below).
 //!
 //! Four variants, picked by [`matmul::Variant::for_gemm`] (on CPU adapters
-//! `Texture` for the linear layers' products where subgroups of 8 are
+//! `Texture` for the linear layers' products where subgroups of 8 or 16 are
 //! available, `Subgroup` for the other vec4-aligned products there, else
 //! `Direct`; `Tiled` otherwise and on real GPUs):
 //! - `Tiled` (`main`, any shape; real GPUs): 64×64 workgroup tiles staged in
@@ -97,8 +99,10 @@
 //!   offers it ([`GpuContext::has_subgroups`]); the kernel is a separate module
 //!   (wgpu validates a whole module against the device's features) and runs
 //!   only where the subgroup size is fixed at 8 ([`GpuContext::subgroup_sizes`],
-//!   min = max), since it assumes one whole subgroup per workgroup; elsewhere
-//!   `Direct`/`Tiled` run. In the browser wgpu 30 does not pass WebGPU's
+//!   min = max), since it assumes one whole subgroup per workgroup, or at 16
+//!   (`matmul_subgroup16.wgsl`: 2 rows per lane, a 32×64 tile; llvmpipe with
+//!   `LP_NATIVE_VECTOR_WIDTH=512`, which lavapipe honours but never picks
+//!   itself); elsewhere `Direct`/`Tiled` run. In the browser wgpu 30 does not pass WebGPU's
 //!   `"subgroups"` feature through yet, so there it is never used.
 //!   Measured (`bench_matmul`, all three in alternation, two runs at load
 //!   average 5–8, BENCHMARKS.md): 1.4–2.7× `Direct` (mostly 1.6–2.0×) and
