@@ -1352,11 +1352,9 @@ pub fn run(mut args: SimArgs) -> anyhow::Result<()> {
         learning_rate: None,
         eval_confusion: e0.confusion,
     }];
-    // The CSV holds every round so far, so a run stopped early keeps them;
-    // written before the round is reported.
-    if let Some(path) = &args.csv {
-        write_csv(path, &rows)?;
-    }
+    // The CSV and the plot hold every round so far, so a run stopped early
+    // keeps them; written before the round is reported.
+    write_progress(&args, &rows)?;
     report(&bar, &rows[0]);
 
     for n in 1..=args.rounds {
@@ -1502,9 +1500,7 @@ pub fn run(mut args: SimArgs) -> anyhow::Result<()> {
             eval_confusion: e.confusion,
         };
         rows.push(row);
-        if let Some(path) = &args.csv {
-            write_csv(path, &rows)?;
-        }
+        write_progress(&args, &rows)?;
         report(&bar, &rows[rows.len() - 1]);
     }
     bar.finish_and_clear();
@@ -1514,9 +1510,6 @@ pub fn run(mut args: SimArgs) -> anyhow::Result<()> {
         eprint!("{table}");
     } else {
         print!("{table}");
-    }
-    if let Some(path) = &args.plot {
-        draw_plot(path, &rows)?;
     }
     if let Some(path) = &args.output {
         let (adapters, head) = state_to_engine(&frozen, &modules, &global)?;
@@ -1763,6 +1756,17 @@ impl RoundRow {
     }
 }
 
+/// `--csv` and `--plot` with the rounds so far (each replaced whole).
+fn write_progress(args: &SimArgs, rows: &[RoundRow]) -> anyhow::Result<()> {
+    if let Some(path) = &args.csv {
+        write_csv(path, rows)?;
+    }
+    if let Some(path) = &args.plot {
+        draw_plot(path, rows, args.rounds)?;
+    }
+    Ok(())
+}
+
 fn write_csv(path: &Path, rows: &[RoundRow]) -> anyhow::Result<()> {
     let mut s = RoundRow::CSV_COLUMNS.join(",");
     s.push('\n');
@@ -1774,17 +1778,46 @@ fn write_csv(path: &Path, rows: &[RoundRow]) -> anyhow::Result<()> {
 }
 
 /// Accuracy per round as a PNG, 800×500: the y axis spans 0–1 with a grid
-/// line every 0.1 (darker at 0.5), the x axis rounds 0…R with a tick per
-/// round; the curve is blue with a dot per round. There is no text (the
-/// plotting crate is built without a font backend so that it needs no system
-/// fonts); the CSV has the numbers.
-fn draw_plot(path: &Path, rows: &[RoundRow]) -> anyhow::Result<()> {
+/// line every 0.1 (darker at 0.5), the x axis rounds 0…`rounds` (the whole
+/// run, so a plot drawn part way shows how far it is) with a tick per
+/// round; the curve is blue with a dot per round so far. There is no text
+/// (the plotting crate is built without a font backend so that it needs no
+/// system fonts); the CSV has the numbers. Drawn in memory, encoded and
+/// written atomically, so a viewer never finds half a picture.
+fn draw_plot(path: &Path, rows: &[RoundRow], rounds: u64) -> anyhow::Result<()> {
+    const SIZE: (u32, u32) = (800, 500);
+    let mut rgb = vec![0u8; SIZE.0 as usize * SIZE.1 as usize * 3];
+    draw_accuracy(&mut rgb, SIZE, rows, rounds)
+        .map_err(|e| anyhow::anyhow!("drawing {}: {e}", path.display()))?;
+    let mut png_bytes = Vec::new();
+    {
+        let mut encoder = png::Encoder::new(&mut png_bytes, SIZE.0, SIZE.1);
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        let writer = encoder
+            .write_header()
+            .and_then(|mut w| w.write_image_data(&rgb).map(|()| w))
+            .with_context(|| format!("encoding {}", path.display()))?;
+        writer
+            .finish()
+            .with_context(|| format!("encoding {}", path.display()))?;
+    }
+    write_file_atomically(path, &png_bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+/// [`draw_plot`]'s picture into an RGB buffer of `size`.
+fn draw_accuracy(
+    rgb: &mut [u8],
+    size: (u32, u32),
+    rows: &[RoundRow],
+    rounds: u64,
+) -> Result<(), String> {
     use plotters::prelude::*;
-    let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("drawing {}: {e}", path.display());
-    let root = BitMapBackend::new(path, (800, 500)).into_drawing_area();
+    let err = |e: &dyn std::fmt::Display| e.to_string();
+    let root = BitMapBackend::with_buffer(rgb, size).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let area = root.margin(20, 20, 20, 20);
-    let last = rows.last().map_or(1, |r| r.round.max(1)) as f64;
+    let last = rows.last().map_or(rounds, |r| r.round.max(rounds)).max(1) as f64;
     let mut chart = ChartBuilder::on(&area)
         .build_cartesian_2d(0f64..last, 0f64..1f64)
         .map_err(|e| err(&e))?;

@@ -395,8 +395,18 @@ fn sim_reports_every_round_with_real_frame_sizes_iid_and_dirichlet() -> anyhow::
             }
         }
         assert!(lines[1]["learning_rate"].as_f64().is_some());
-        let png = std::fs::read(&png)?;
-        assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
+        // The finished run's curve reaches the right end of its x axis.
+        let (width, pixels) = png_rgb(&png)?;
+        let blue_right = pixels
+            .chunks_exact(3)
+            .enumerate()
+            .filter(|(_, p)| p == &[0, 0, 255])
+            .map(|(i, _)| i % width)
+            .max();
+        assert!(
+            blue_right > Some(width * 3 / 4),
+            "{blue_right:?} of {width}"
+        );
 
         // The shards partition the training data; every client has some.
         let manifest: serde_json::Value =
@@ -730,12 +740,22 @@ fn an_init_files_modules_are_the_runs_modules() -> anyhow::Result<()> {
 /// round's row is written before the round is reported), so a run stopped
 /// early keeps its rounds; it is replaced whole, never left half written.
 #[test]
-fn the_csv_holds_the_rounds_so_far_while_the_run_goes_on() -> anyhow::Result<()> {
+fn the_csv_and_plot_hold_the_rounds_so_far_while_the_run_goes_on() -> anyhow::Result<()> {
     use std::io::BufRead as _;
     let task = Task::new()?;
     let csv = task.path().join("rounds.csv");
+    let plot = task.path().join("rounds.png");
     let rounds = 40;
-    let mut c = task.sim(rounds, &["--json", "--csv", csv.to_str().context("path")?]);
+    let mut c = task.sim(
+        rounds,
+        &[
+            "--json",
+            "--csv",
+            csv.to_str().context("path")?,
+            "--plot",
+            plot.to_str().context("path")?,
+        ],
+    );
     let mut child = c.stderr(Stdio::null()).spawn()?;
     let stdout = child.stdout.take().context("stdout")?;
     let mut lines = std::io::BufReader::new(stdout).lines();
@@ -765,7 +785,39 @@ fn the_csv_holds_the_rounds_so_far_while_the_run_goes_on() -> anyhow::Result<()>
     let column = |name: &str| header.iter().position(|h| *h == name).context("column");
     let accuracy: f64 = rows[1][column("eval_accuracy")?].parse()?;
     assert_eq!(serde_json::json!(accuracy), reported["eval_accuracy"]);
+
+    // The plot: a whole PNG whose x axis spans the run's 40 rounds, so the
+    // few rounds done so far sit at its left edge (blue: the curve and dots).
+    let (width, pixels) = png_rgb(&plot).context("no complete --plot file after round 1")?;
+    let blue_x = pixels
+        .chunks_exact(3)
+        .enumerate()
+        .filter(|(_, p)| p == &[0, 0, 255])
+        .map(|(i, _)| i % width)
+        .collect::<Vec<_>>();
+    let (first, last) = (blue_x.iter().min(), blue_x.iter().max());
+    assert!(
+        first.is_some() && last < Some(&(width / 8)),
+        "blue pixels at x = {first:?}..{last:?} of {width} after {} of {rounds} rounds",
+        rows.len() - 1
+    );
     Ok(())
+}
+
+/// A PNG's width and its pixels as RGB bytes.
+fn png_rgb(path: &std::path::Path) -> anyhow::Result<(usize, Vec<u8>)> {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path)?));
+    let mut reader = decoder.read_info()?;
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf)?;
+    anyhow::ensure!(
+        info.color_type == png::ColorType::Rgb && info.bit_depth == png::BitDepth::Eight,
+        "{:?} {:?}",
+        info.color_type,
+        info.bit_depth
+    );
+    buf.truncate(info.buffer_size());
+    Ok((info.width as usize, buf))
 }
 
 #[test]
