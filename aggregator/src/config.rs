@@ -43,7 +43,19 @@ pub fn describe_figment_error(error: &figment::Error) -> String {
     use std::fmt::Write as _;
     let mut parts = Vec::new();
     for e in error.clone() {
-        let mut s = e.kind.to_string();
+        let mut s = match &e.kind {
+            // (figment's own wording quotes the list as a whole, inside
+            // backticks of its own: "expected `one of `a`, `b``".)
+            figment::error::Kind::UnknownField(found, expected) => format!(
+                "unknown field: found `{found}`, expected one of {}",
+                expected
+                    .iter()
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            kind => kind.to_string(),
+        };
         let from_env = e
             .metadata
             .as_ref()
@@ -52,7 +64,10 @@ pub fn describe_figment_error(error: &figment::Error) -> String {
             let _ = write!(s, " for key {}", e.path.join("."));
             if from_env {
                 let var: Vec<String> = e.path.iter().map(|k| k.to_ascii_uppercase()).collect();
-                let _ = write!(s, " (environment variable FEDSB_{})", var.join("__"));
+                // Every override has a section and a key: a path of one is an
+                // unknown section, whose variable went on past it.
+                let more = if e.path.len() == 1 { "__…" } else { "" };
+                let _ = write!(s, " (environment variable FEDSB_{}{more})", var.join("__"));
             }
         } else if from_env {
             s.push_str(" in a FEDSB_<SECTION>__<KEY> environment variable");
@@ -268,8 +283,9 @@ fn default_init_samples() -> u64 {
     256
 }
 
-/// `[privacy]`: sample-level DP-SGD at each participant.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+/// `[privacy]`: sample-level DP-SGD at each participant. An absent section
+/// is the documented defaults: off, ε 3, δ 1e-5, C 0.1.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PrivacySection {
     #[serde(default)]
@@ -479,6 +495,54 @@ fn default_modules() -> Vec<String> {
     .map(String::from)
     .to_vec()
 }
+impl Default for PrivacySection {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            epsilon: default_epsilon(),
+            delta: default_delta(),
+            clip_norm: default_clip(),
+        }
+    }
+}
+
+impl PrivacySection {
+    /// The section in the task's identity: with DP off its ε, δ and C do
+    /// nothing, so they are left out (as zeros: what an absent section was
+    /// stored as before this rule, so those states still resume), and an
+    /// absent section, `enabled = false` alone and `enabled = false` with
+    /// any values are one task.
+    fn identity(&self) -> serde_json::Value {
+        if self.enabled {
+            serde_json::json!(self)
+        } else {
+            PRIVACY_OFF_IDENTITY.clone()
+        }
+    }
+}
+
+/// [`PrivacySection::identity`] of every task with DP off.
+static PRIVACY_OFF_IDENTITY: std::sync::LazyLock<serde_json::Value> = std::sync::LazyLock::new(
+    || serde_json::json!({"enabled": false, "epsilon": 0.0, "delta": 0.0, "clip_norm": 0.0}),
+);
+
+/// A stored identity (`Config::identity_json` of the task's first start) as
+/// this version writes it: an identity stored with DP off and the section's
+/// values in it (before DP-off values were left out) has them replaced as
+/// [`PrivacySection::identity`] replaces them. Anything that does not parse
+/// is returned as it is.
+pub fn canonical_identity(stored: &str) -> String {
+    let Ok(mut v) = serde_json::from_str::<serde_json::Value>(stored) else {
+        return stored.to_owned();
+    };
+    if let Some(privacy) = v.get_mut("privacy") {
+        if privacy.get("enabled") == Some(&serde_json::Value::Bool(false)) {
+            *privacy = PRIVACY_OFF_IDENTITY.clone();
+        }
+    }
+    v.to_string()
+}
+
 fn default_epsilon() -> f64 {
     3.0
 }
@@ -1073,7 +1137,7 @@ impl Config {
                 "num_layers": self.model.num_layers,
             },
             "adapter": self.adapter_identity(),
-            "privacy": self.privacy,
+            "privacy": self.privacy.identity(),
         })
         .to_string()
     }
@@ -1140,6 +1204,61 @@ rank = 4
         );
         assert_eq!(c.task.weighting, Weighting::Samples);
         assert_eq!(c.server.state_dir, dir.path().join("state"));
+    }
+
+    #[test]
+    fn privacy_settings_are_part_of_the_identity_only_with_dp_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let absent = load(dir.path(), MINIMAL).unwrap();
+        // An absent section is the documented defaults.
+        assert!(!absent.privacy.enabled);
+        assert_eq!(
+            (
+                absent.privacy.epsilon,
+                absent.privacy.delta,
+                absent.privacy.clip_norm
+            ),
+            (3.0, 1e-5, 0.1)
+        );
+        let with = |section: &str| load(dir.path(), &format!("{MINIMAL}[privacy]\n{section}\n"));
+        // With DP off the values do nothing: one task however it is written.
+        for off in [
+            "enabled = false",
+            "enabled = false\nepsilon = 3.0\ndelta = 1e-5\nclip_norm = 0.1",
+            "epsilon = 8.0\nclip_norm = 1.0",
+        ] {
+            assert_eq!(
+                with(off).unwrap().identity_json(),
+                absent.identity_json(),
+                "{off}"
+            );
+        }
+        // With DP on they are the task's.
+        let on = with("enabled = true").unwrap().identity_json();
+        assert_ne!(on, absent.identity_json());
+        assert_ne!(
+            on,
+            with("enabled = true\nepsilon = 5.0")
+                .unwrap()
+                .identity_json()
+        );
+        // Identities stored before DP-off values were left out: an absent
+        // section's zeros and an explicit one's values both compare equal
+        // to this version's; a DP-on one is left as it was.
+        let now: serde_json::Value = serde_json::from_str(&absent.identity_json()).unwrap();
+        for stored_privacy in [
+            serde_json::json!({"enabled": false, "epsilon": 0.0, "delta": 0.0, "clip_norm": 0.0}),
+            serde_json::json!({"enabled": false, "epsilon": 3.0, "delta": 1e-5, "clip_norm": 0.1}),
+        ] {
+            let mut stored = now.clone();
+            stored["privacy"] = stored_privacy;
+            assert_eq!(
+                canonical_identity(&stored.to_string()),
+                absent.identity_json()
+            );
+        }
+        assert_eq!(canonical_identity(&on), on);
+        assert_eq!(canonical_identity("not json"), "not json");
     }
 
     #[test]
@@ -1377,6 +1496,17 @@ rank = 4
                 msg.contains("for key task.rounds")
                     && msg.contains("environment variable FEDSB_TASK__ROUNDS")
                     && !msg.contains("default."),
+                "{msg}"
+            );
+            jail.set_env("FEDSB_TASK__ROUNDS", "3");
+            // An unknown section: its variable goes on past the name shown.
+            jail.set_env("FEDSB_TASKS__ROUNDS", "3");
+            let msg = Config::load(&jail.directory().join("task.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                msg.contains("found `tasks`")
+                    && msg.contains("(environment variable FEDSB_TASKS__…)"),
                 "{msg}"
             );
             Ok(())
@@ -1725,7 +1855,9 @@ rank = 4
         let shown = e.to_string();
         assert!(!shown.contains("default."), "{shown}");
         assert!(
-            shown.contains("unknown field: found `min_participant`") && shown.contains("task"),
+            shown.contains("unknown field: found `min_participant`, expected one of `id`, ")
+                && shown.contains("task")
+                && !shown.contains("``"),
             "{shown}"
         );
         // As the binary prints it: the error and its chain.

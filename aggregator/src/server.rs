@@ -176,6 +176,12 @@ impl Server {
             now_unix_ms(),
         )?;
         let (created, path) = (store.created(), store.path().to_owned());
+        // Only `--check` beside this server reads it: not worth a refusal.
+        match listener.local_addr().map(|a| store.record_listener(a)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("could not record the address in the lock file: {e}"),
+            Err(e) => tracing::warn!("could not read the listener's address: {e}"),
+        }
         let started =
             Self::start_with_state(config, store, listener, collected, demo, round_zero, eval)
                 .await;
@@ -190,9 +196,11 @@ impl Server {
     /// initial model, the eval set with its model and the evaluator's GPU
     /// adapter are checked as a start checks them. When the state exists
     /// it is read read-only, beside a running server too: the task
-    /// identity, the schema and the pinned files. The address is tried (and
-    /// released) only when no server holds the state, since a running one
-    /// listens on it itself. Writes nothing. Returns one line per check.
+    /// identity, the schema and the pinned files. The state directory must
+    /// be one a start could create and write (a probe directory is made and
+    /// removed). The address is tried (and released) unless a server holds
+    /// the state and listens on its port itself, which its restart frees.
+    /// Writes nothing else. Returns one line per check.
     pub async fn check(config: Config, www: WwwDir) -> Result<Vec<String>, ServeError> {
         let Preflight {
             demo,
@@ -294,13 +302,32 @@ impl Server {
                 database.display()
             ));
         }
+        crate::store::check_state_dir(state_dir)?;
         let addr = SocketAddr::new(config.server.bind, config.server.port);
-        match crate::store::state_holder(state_dir, &config.task.id)? {
-            Some(pid) => lines.push(format!(
-                "server: process {pid} holds this state now and listens itself; \
-                 restart it to apply this configuration"
+        let holder = crate::store::state_holder(state_dir, &config.task.id)?;
+        // The running server's own port, which its restart frees: not tried.
+        // (A holder that recorded no address, from before it did, is taken
+        // to listen on this one.)
+        let own_port = holder
+            .as_ref()
+            .is_some_and(|h| h.listen.is_none_or(|l| l.port() == addr.port()));
+        match &holder {
+            Some(h) if own_port => lines.push(format!(
+                "server: process {} holds this state now and listens on {}; \
+                 restart it to apply this configuration",
+                h.pid,
+                h.listen
+                    .map_or_else(|| "this port".to_owned(), |l| l.to_string())
             )),
-            None => {
+            _ => {
+                if let Some(h) = &holder {
+                    lines.push(format!(
+                        "server: process {} holds this state now, listening on {}; \
+                         restart it to apply this configuration",
+                        h.pid,
+                        h.listen.map_or_else(|| "?".to_owned(), |l| l.to_string())
+                    ));
+                }
                 TcpListener::bind(addr)
                     .await
                     .map_err(|source| ServeError::Bind { addr, source })?;

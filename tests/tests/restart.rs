@@ -584,13 +584,14 @@ async fn a_failed_start_leaves_no_database() -> anyhow::Result<()> {
 /// `dir/state` and `extra` flags: whether it succeeded, its stdout and its
 /// stderr.
 fn serve_check(dir: &std::path::Path, extra: &[&str]) -> anyhow::Result<(bool, String, String)> {
-    let out = Command::new(fedsb_bin())
-        .args(["serve", "--check", "--config"])
+    let mut c = Command::new(fedsb_bin());
+    c.args(["serve", "--check", "--config"])
         .arg(dir.join("task.toml"))
-        .args(["--bind", "127.0.0.1", "--state-dir"])
-        .arg(dir.join("state"))
-        .args(extra)
-        .output()?;
+        .args(["--bind", "127.0.0.1"]);
+    if !extra.contains(&"--state-dir") {
+        c.arg("--state-dir").arg(dir.join("state"));
+    }
+    let out = c.args(extra).output()?;
     Ok((
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -600,9 +601,11 @@ fn serve_check(dir: &std::path::Path, extra: &[&str]) -> anyhow::Result<(bool, S
 
 /// `fedsb serve --check` passes what a start takes and refuses what a start
 /// refuses, with the start's own message, and writes nothing: before the
-/// first start (no state directory is made), beside a running server (which
-/// goes on), and after the model file changed under the task (the pin), the
-/// task's identity changed, or another program took the port.
+/// first start (no state directory is made; one that cannot be made is
+/// refused), beside a running server (which goes on; its own port is not
+/// tried, another one is), and after the model file changed under the task
+/// (the pin), the task's identity changed, or another program took the
+/// port.
 #[tokio::test]
 async fn serve_check_refuses_what_a_start_refuses_and_writes_nothing() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -632,6 +635,26 @@ async fn serve_check_refuses_what_a_start_refuses_and_writes_nothing() -> anyhow
         assert!(out.contains(&part), "{part:?} not in:\n{out}");
     }
     assert!(!state.exists(), "--check made {}", state.display());
+    // A state directory a start could not create is refused as the start
+    // refuses it: under a file, under /proc.
+    for bad in [
+        d.join("task.toml/state"),
+        PathBuf::from("/proc/fedsb-check"),
+    ] {
+        let (ok, out, err) =
+            serve_check(d, &["--port", "0", "--state-dir", bad.to_str().unwrap()])?;
+        assert!(!ok, "{out}");
+        assert!(
+            err.contains(&format!("cannot create state directory {}", bad.display())),
+            "{err}"
+        );
+        assert!(!bad.exists());
+    }
+    assert_eq!(
+        std::fs::read_dir(d)?.count(),
+        2,
+        "the probe was left behind"
+    );
 
     // Beside a running server, after a committed round.
     let mut agg = Aggregator::start_in(d)?;
@@ -646,7 +669,33 @@ async fn serve_check_refuses_what_a_start_refuses_and_writes_nothing() -> anyhow
             db.display()
         ),
         "pinned files, all as pinned: model.safetensors\n".to_owned(),
-        format!("server: process {} holds this state now", agg.child.id()),
+        format!(
+            "server: process {} holds this state now and listens on {}",
+            agg.child.id(),
+            agg.addr
+        ),
+    ] {
+        assert!(out.contains(&part), "{part:?} not in:\n{out}");
+    }
+    // Another port beside it is tried: the restart would need it.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let other = taken.local_addr()?.port().to_string();
+    let (ok, out, err) = serve_check(d, &["--port", &other])?;
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains(&format!("cannot listen on 127.0.0.1:{other}")),
+        "{out}{err}"
+    );
+    drop(taken);
+    let (ok, out, err) = serve_check(d, &["--port", &other])?;
+    assert!(ok, "{out}{err}");
+    for part in [
+        format!(
+            "server: process {} holds this state now, listening on {}",
+            agg.child.id(),
+            agg.addr
+        ),
+        format!("listen: 127.0.0.1:{other} is free"),
     ] {
         assert!(out.contains(&part), "{part:?} not in:\n{out}");
     }
