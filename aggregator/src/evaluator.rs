@@ -43,6 +43,7 @@ use crate::adapter_file::{
 };
 use crate::config::{AdapterInit, Config};
 use crate::coordinator::{now_unix_ms, Status};
+use crate::metrics::Metrics;
 use crate::store::{RoundEval, Store};
 
 /// Why the evaluator could not start.
@@ -284,6 +285,7 @@ pub async fn spawn(
     prepared: Option<PreparedEval>,
     store: Store,
     mut status: watch::Receiver<Status>,
+    metrics: Arc<Metrics>,
 ) -> Result<Option<EvalHandle>, EvalError> {
     let Some(PreparedEval {
         mut prepared,
@@ -292,6 +294,15 @@ pub async fn spawn(
     else {
         return Ok(None);
     };
+    // The gauges start at the newest evaluation stored before this start.
+    if let Some(e) = store
+        .round_summaries(Some(eval_set.clone()))
+        .await
+        .ok()
+        .and_then(|rounds| rounds.into_iter().rev().find_map(|r| r.eval))
+    {
+        metrics.evaluated(e.round, e.accuracy, e.loss);
+    }
     // The adapter file of a federated initialization whose round 0 is
     // committed: the server sets it in `config` once it has read the state,
     // after `prepare`.
@@ -361,7 +372,10 @@ pub async fn spawn(
                 if let (None, Some(path), false) = (&prepared.frozen, &init_file, initializing) {
                     match load_frozen(&load_cfg, &prepared.weights, path) {
                         Ok(f) => prepared.frozen = Some(f),
-                        Err(e) => error!(error = %e, "the federated initialization's adapter file"),
+                        Err(e) => {
+                            metrics.eval_failures.inc();
+                            error!(error = %e, "the federated initialization's adapter file")
+                        }
                     }
                 }
                 if let Err(e) = runtime.block_on(catch_up(
@@ -372,7 +386,9 @@ pub async fn spawn(
                     &handle_events,
                     &stop,
                     &mut unevaluable,
+                    &metrics,
                 )) {
+                    metrics.eval_failures.inc();
                     error!(error = %e, "evaluation failed; retrying after the next commit");
                 }
                 if finished || stop.load(Ordering::Relaxed) {
@@ -413,6 +429,7 @@ pub async fn spawn(
 /// Evaluates every committed round without an evaluation on `key`, in
 /// order, except the `unevaluable` ones; a round whose loss is not finite
 /// joins them and the later rounds are still evaluated.
+#[allow(clippy::too_many_arguments)]
 async fn catch_up(
     ctx: &GpuContext,
     p: &Prepared,
@@ -421,6 +438,7 @@ async fn catch_up(
     events: &broadcast::Sender<RoundEval>,
     stop: &AtomicBool,
     unevaluable: &mut std::collections::BTreeSet<u64>,
+    metrics: &Metrics,
 ) -> Result<(), String> {
     let pending = store
         .rounds_without_eval(key.to_owned())
@@ -479,6 +497,7 @@ async fn catch_up(
                  (the next start tries it again)"
             );
             unevaluable.insert(round);
+            metrics.eval_failures.inc();
             continue;
         }
         let eval = RoundEval {
@@ -494,6 +513,7 @@ async fn catch_up(
             .put_eval(key.to_owned(), eval.clone())
             .await
             .map_err(|e| e.to_string())?;
+        metrics.evaluated(round, eval.accuracy, eval.loss);
         info!(
             round,
             accuracy = eval.accuracy,

@@ -7,6 +7,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
@@ -29,6 +30,13 @@ pub struct Metrics {
     pub connections_open: Gauge,
     pub accept_errors: Counter,
     pub open_files_limit: Gauge,
+    /// The newest round with an evaluation on the eval set (-1: none yet).
+    pub eval_round: Gauge,
+    /// That evaluation's accuracy and loss (NaN until there is one).
+    pub eval_accuracy: Gauge<f64, AtomicU64>,
+    pub eval_loss: Gauge<f64, AtomicU64>,
+    pub eval_failures: Counter,
+    pub file_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -53,8 +61,16 @@ impl Metrics {
             connections_open: Gauge::default(),
             accept_errors: Counter::default(),
             open_files_limit: Gauge::default(),
+            eval_round: Gauge::default(),
+            eval_accuracy: Gauge::default(),
+            eval_loss: Gauge::default(),
+            eval_failures: Counter::default(),
+            file_errors: Counter::default(),
             registry: Registry::default(),
         };
+        m.eval_round.set(-1);
+        m.eval_accuracy.set(f64::NAN);
+        m.eval_loss.set(f64::NAN);
         registry.register(
             "participants_connected",
             "Participants connected and past the handshake",
@@ -115,6 +131,31 @@ impl Metrics {
             "The process's soft limit on open files, which bounds the connections it can hold",
             m.open_files_limit.clone(),
         );
+        registry.register(
+            "eval_round",
+            "Newest round evaluated on the task's eval set (-1: none yet, or no [eval])",
+            m.eval_round.clone(),
+        );
+        registry.register(
+            "eval_accuracy",
+            "Accuracy of the newest evaluated round's global model (NaN: none yet)",
+            m.eval_accuracy.clone(),
+        );
+        registry.register(
+            "eval_loss",
+            "Mean cross-entropy of the newest evaluated round's global model (NaN: none yet)",
+            m.eval_loss.clone(),
+        );
+        registry.register(
+            "eval_failures",
+            "Evaluations that failed (an error, or a loss that is not finite); retried later",
+            m.eval_failures.clone(),
+        );
+        registry.register(
+            "file_errors",
+            "Requests for a served file answered 500: it changed on disk or cannot be read",
+            m.file_errors.clone(),
+        );
         // Every reason starts at zero, so that an alert on one of them sees
         // a series before the first rejection rather than no metric at all.
         for code in (1..=u16::MAX).map(ErrorCode::from_code) {
@@ -126,6 +167,15 @@ impl Metrics {
             });
         }
         Self { registry, ..m }
+    }
+
+    /// Records an evaluation: the gauges follow the newest round evaluated.
+    pub fn evaluated(&self, round: u64, accuracy: f64, loss: f64) {
+        if round as i64 >= self.eval_round.get() {
+            self.eval_round.set(round as i64);
+            self.eval_accuracy.set(accuracy);
+            self.eval_loss.set(loss);
+        }
     }
 
     /// Counts one rejected message.

@@ -471,8 +471,14 @@ impl Server {
             privacy,
             pending,
         );
-        let eval =
-            crate::evaluator::spawn(config.clone(), eval, store.clone(), status.clone()).await?;
+        let eval = crate::evaluator::spawn(
+            config.clone(),
+            eval,
+            store.clone(),
+            status.clone(),
+            metrics.clone(),
+        )
+        .await?;
         let app = Arc::new(App {
             demo,
             config: config.clone(),
@@ -1533,6 +1539,7 @@ async fn check_unchanged(app: &App, f: &ServedFile) -> Result<(), ApiError> {
     if right {
         return Ok(());
     }
+    app.metrics.file_errors.inc();
     Err(ApiError(
         StatusCode::INTERNAL_SERVER_ERROR,
         format!(

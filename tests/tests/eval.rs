@@ -239,6 +239,40 @@ async fn every_committed_round_is_evaluated_like_the_reference() -> anyhow::Resu
     }
     // The perturbations change the model, so the losses differ by round.
     assert_ne!(accuracies[0]["loss"], accuracies[2]["loss"]);
+    // /metrics follows the newest evaluation.
+    let newest = |agg: &Aggregator| {
+        let url = agg.url("/metrics");
+        async move {
+            let text = reqwest::get(url).await?.text().await?;
+            let value = |name: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .with_context(|| format!("no {name} in {text}"))
+            };
+            anyhow::Ok([
+                value("fedsb_eval_round")?,
+                value("fedsb_eval_accuracy")?,
+                value("fedsb_eval_loss")?,
+                value("fedsb_eval_failures_total")?,
+            ])
+        }
+    };
+    // (The exposition's decimal digits round-trip to within an ulp.)
+    let close = |got: [f64; 4], want: [f64; 4]| {
+        let near = got
+            .iter()
+            .zip(&want)
+            .all(|(g, w)| (g - w).abs() <= 1e-12 * w.abs().max(1.0));
+        assert!(near, "/metrics {got:?}, /api/rounds {want:?}");
+    };
+    let want = [
+        2.0,
+        accuracies[2]["accuracy"].as_f64().context("accuracy")?,
+        accuracies[2]["loss"].as_f64().context("loss")?,
+        0.0,
+    ];
+    close(newest(&agg).await?, want);
 
     // An `eval` event was announced on the stream.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -259,6 +293,8 @@ async fn every_committed_round_is_evaluated_like_the_reference() -> anyhow::Resu
     for (before, after) in accuracies.iter().zip(again.as_array().unwrap()) {
         assert_eq!(before, &after["eval"]);
     }
+    // The gauges start from the stored evaluations.
+    close(newest(&agg).await?, want);
     Ok(())
 }
 
@@ -1287,5 +1323,8 @@ async fn a_round_that_evaluates_to_nan_does_not_stop_the_later_ones() -> anyhow:
         let loss = r["eval"]["loss"].as_f64().context("loss")?;
         assert!(loss.is_finite(), "{r}");
     }
+    // Round 0's failure is counted for an alert, once.
+    assert_eq!(agg.metric("fedsb_eval_failures_total").await?, 1.0);
+    assert_eq!(agg.metric("fedsb_eval_round").await?, 2.0);
     Ok(())
 }

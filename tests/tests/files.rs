@@ -201,6 +201,8 @@ async fn a_file_changed_on_disk_is_not_served_under_its_old_hash() -> anyhow::Re
         "{body}"
     );
     assert_eq!(reqwest::get(url("model.safetensors")).await?.status(), 500);
+    // Each refusal is counted for an alert.
+    assert_eq!(agg.metric("fedsb_file_errors_total").await?, 2.0);
     // The files that did not change are still served.
     assert_eq!(reqwest::get(url("tokenizer.json")).await?.status(), 200);
     // Restored (with a new modification time), it is served again.

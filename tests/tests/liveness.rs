@@ -115,6 +115,10 @@ async fn http_endpoints_answer() -> anyhow::Result<()> {
         "fedsb_bytes_received_total",
         "fedsb_bytes_sent_total",
         "fedsb_round_duration_seconds",
+        "fedsb_eval_round -1\n",
+        "fedsb_eval_accuracy NaN\n",
+        "fedsb_eval_failures_total 0\n",
+        "fedsb_file_errors_total 0\n",
     ] {
         assert!(
             metrics.contains(name),
