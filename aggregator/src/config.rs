@@ -495,6 +495,7 @@ fn default_modules() -> Vec<String> {
     .map(String::from)
     .to_vec()
 }
+
 impl Default for PrivacySection {
     fn default() -> Self {
         Self {
