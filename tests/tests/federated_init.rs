@@ -853,13 +853,24 @@ async fn gradients_beyond_max_participants_wait_for_the_rounds() -> anyhow::Resu
         bail!("expected InitRequest after Welcome");
     };
     first.send(&gradient(0)).await?;
+    // The first holds the place once the coordinator has taken that
+    // gradient. A second copy is refused only after it (one connection's
+    // messages are handled in order), so waiting for that refusal puts the
+    // second participant's gradient after the first's: without it, on a
+    // loaded machine the second's could arrive first, take the place and
+    // leave this test waiting for a refusal that never comes.
+    first.send(&gradient(0)).await?;
+    first.expect_error(ErrorCode::DuplicateUpdate).await?;
 
     let (mut second, _) = Participant::join(agg.addr, "second").await?;
     let ServerMessage::InitRequest { .. } = second.recv().await? else {
         bail!("expected InitRequest after Welcome");
     };
     second.send(&gradient(0)).await?;
-    let m = second.expect_error(ErrorCode::RoundFull).await?;
+    // (The server's pings keep `recv` from timing out: bounded here.)
+    let m = tokio::time::timeout(STEP_TIMEOUT, second.expect_error(ErrorCode::RoundFull))
+        .await
+        .context("the second participant's gradient was not turned away")??;
     assert!(m.contains("max_participants"), "{m}");
     drop(second);
 
